@@ -1,0 +1,111 @@
+"""Pre-training losses of X-VLM / EfficientVLM, kept apart from the models (open_clip's `loss.py` style).
+
+They live in the model package (not in `trainers/`) because `EfficientVLMForPreTraining.forward` computes
+them, and a model saved for remote code must carry every file its forward needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def same_image_targets(image_ids: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Boolean (batch, batch) matrix: True where image i and text j show the same image.
+
+    Without `image_ids`, each image matches only its own text (the diagonal).
+    """
+    if image_ids is None:
+        return torch.eye(batch_size, dtype=torch.bool, device=device)
+    image_ids = image_ids.view(-1, 1)
+    return image_ids == image_ids.t()
+
+
+class ImageTextContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE over image and text embeddings (ITC).
+
+    Texts of the same image (equal `image_ids`) all count as positives, with the target mass shared
+    between them, as in X-VLM's retrieval fine-tuning.
+    """
+
+    def get_logits(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, temperature: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`image_embeds`, `text_embeds`: (batch, embed_dim), L2-normalised. Returns (i2t, t2i) logits."""
+        logits_per_image = image_embeds @ text_embeds.t() / temperature
+        return logits_per_image, logits_per_image.t()
+
+    def get_ground_truth(self, image_ids: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
+        targets = same_image_targets(image_ids, batch_size, device).float()
+        return targets / targets.sum(dim=1, keepdim=True)
+
+    def forward(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        temperature: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        logits_per_image, logits_per_text = self.get_logits(image_embeds, text_embeds, temperature)
+        targets = self.get_ground_truth(image_ids, image_embeds.shape[0], image_embeds.device)
+        loss_i2t = -(F.log_softmax(logits_per_image, dim=1) * targets).sum(dim=1).mean()
+        loss_t2i = -(F.log_softmax(logits_per_text, dim=1) * targets).sum(dim=1).mean()
+        return (loss_i2t + loss_t2i) / 2
+
+
+@torch.no_grad()
+def sample_hard_negatives(
+    logits_per_image: torch.Tensor, image_ids: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples one hard negative text per image and one hard negative image per text.
+
+    Negatives are drawn in proportion to the softmax of the ITC similarities, never from the same image.
+
+    Args:
+        logits_per_image: (batch, batch) image-to-text ITC logits.
+        image_ids: (batch,) optional ids; texts of the same image are never negatives.
+
+    Returns:
+        `(negative_text_index, negative_image_index)`, each (batch,): for image i the index of its negative
+        text, and for text j the index of its negative image.
+    """
+    batch_size = logits_per_image.shape[0]
+    positives = same_image_targets(image_ids, batch_size, logits_per_image.device)
+    if bool(positives.all(dim=1).any()):
+        raise ValueError(
+            "Image-text matching needs at least two different images in a batch to sample hard negatives; "
+            f"got a batch of {batch_size} pairs that all show the same image."
+        )
+    weights_i2t = F.softmax(logits_per_image.float(), dim=1) + 1e-5
+    weights_t2i = F.softmax(logits_per_image.t().float(), dim=1) + 1e-5
+    weights_i2t = weights_i2t.masked_fill(positives, 0)
+    weights_t2i = weights_t2i.masked_fill(positives, 0)
+    negative_text_index = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
+    negative_image_index = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+    return negative_text_index, negative_image_index
+
+
+def masked_language_modeling_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over masked positions. `logits`: (batch, seq, vocab); `labels`: (batch, seq), -100 ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def _cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def box_regression_loss(predicted: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """X-VLM's grounding loss: L1 and generalised IoU between (batch, 4) boxes given as normalised
+    (center x, center y, width, height). Returns `(l1, giou)` means."""
+    loss_l1 = F.l1_loss(predicted, target, reduction="none").sum(dim=1).mean()
+    pred, true = _cxcywh_to_xyxy(predicted), _cxcywh_to_xyxy(target)
+    area_pred = (pred[:, 2:] - pred[:, :2]).clamp(min=0).prod(dim=1)
+    area_true = (true[:, 2:] - true[:, :2]).clamp(min=0).prod(dim=1)
+    inter = (torch.min(pred[:, 2:], true[:, 2:]) - torch.max(pred[:, :2], true[:, :2])).clamp(min=0).prod(dim=1)
+    union = area_pred + area_true - inter
+    iou = inter / union.clamp(min=1e-6)
+    hull = (torch.max(pred[:, 2:], true[:, 2:]) - torch.min(pred[:, :2], true[:, :2])).clamp(min=0).prod(dim=1)
+    giou = iou - (hull - union) / hull.clamp(min=1e-6)
+    return loss_l1, (1 - giou).mean()

@@ -1,0 +1,1194 @@
+"""EfficientVLM / X-VLM encoders and the pre-training model.
+
+Vision: a CLIP ViT (pre-LN). Text: a BERT stack whose first `num_hidden_layers` layers encode the text
+and whose last `num_fusion_layers` layers also cross-attend to the image (post-LN). Every layer takes
+its own head count and FFN width from the config, so a physically pruned checkpoint rebuilds exactly,
+and every encoder accepts structure masks (per-head, per-FFN-neuron) for pruning with L0 masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_efficientvlm import EfficientVLMConfig, EfficientVLMTextConfig, EfficientVLMVisionConfig
+from .loss_efficientvlm import (
+    ImageTextContrastiveLoss,
+    box_regression_loss,
+    masked_language_modeling_loss,
+    sample_hard_negatives,
+)
+
+# Keys of a structure-mask dict: one list per key with one tensor per layer, shaped (heads,) or (neurons,).
+# `text_*` index the text layers, `fusion_*` the fusion layers of the BERT stack.
+MASK_KEYS = ("vision_heads", "vision_ffn", "text_heads", "text_ffn", "fusion_heads", "fusion_cross_heads", "fusion_ffn")
+StructureMasks = dict[str, list[torch.Tensor | None]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention, MLP and their empty stand-ins
+# --------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q/k/v: (batch, heads, seq, head_dim). Returns the context (batch, seq, heads, head_dim) and the
+    attention probabilities (batch, heads, q_len, k_len)."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def _keep_rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None)
+    new.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[index])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias[index])
+    return new
+
+
+def _keep_columns(linear: nn.Linear, index: torch.Tensor, scale: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None)
+    new.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[:, index] * scale.to(linear.weight.dtype))
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias)
+    return new
+
+
+def _kept(mask: torch.Tensor, expected: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the non-zero entries of a 1-D mask and their values."""
+    mask = mask.detach()
+    if mask.dim() != 1 or mask.numel() != expected:
+        raise ValueError(f"The mask for {what} has shape {tuple(mask.shape)}; expected ({expected},).")
+    index = torch.nonzero(mask, as_tuple=False).flatten()
+    return index, mask[index]
+
+
+def attention_head_parameters(head_dim: int, hidden_size: int, kv_hidden_size: int) -> int:
+    """Parameters of one head: its rows of Q (from `hidden_size`), K and V (from `kv_hidden_size`) with
+    biases, and its columns of the output projection."""
+    return head_dim * (hidden_size + 1) + 2 * head_dim * (kv_hidden_size + 1) + head_dim * hidden_size
+
+
+def ffn_neuron_parameters(hidden_size: int) -> int:
+    """Parameters of one FFN neuron: its row of `fc1` with bias and its column of `fc2`."""
+    return 2 * hidden_size + 1
+
+
+class EfficientVLMAttention(nn.Module):
+    """Multi-head attention with any number of heads of a fixed width.
+
+    Self-attention when `encoder_hidden_states` is None, cross-attention otherwise (keys and values are
+    read from states of width `kv_hidden_size`).
+    """
+
+    def __init__(
+        self,
+        config: EfficientVLMVisionConfig | EfficientVLMTextConfig,
+        num_heads: int,
+        kv_hidden_size: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.dropout = dropout
+        self.is_causal = False  # causal decoding passes its own additive mask
+        inner = num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner)
+        self.k_proj = nn.Linear(kv_hidden_size, inner)
+        self.v_proj = nn.Linear(kv_hidden_size, inner)
+        self.out_proj = nn.Linear(inner, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states: (batch, q_len, hidden); attention_mask: additive, (batch, 1, q_len | 1, k_len);
+        head_mask: (heads,) or (batch, heads), multiplied into each head's context.
+        Returns the output (batch, q_len, hidden) and, with `output_attentions`, (batch, heads, q_len, k_len)."""
+        kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, q_len = hidden_states.shape[:2]
+        query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(kv_states).view(batch, kv_states.shape[1], -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(kv_states).view(batch, kv_states.shape[1], -1, self.head_dim).transpose(1, 2)
+
+        attention_interface: Callable = eager_attention_forward
+        if not output_attentions:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        context, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scale,
+            dropout=self.dropout if self.training else 0.0,
+        )
+        if head_mask is not None:
+            context = context * head_mask.to(context.dtype).view(-1, 1, self.num_heads, 1)
+        output = self.out_proj(context.reshape(batch, q_len, -1))
+        return output, (attn_weights if output_attentions else None)
+
+    def prune(self, mask: torch.Tensor) -> nn.Module:
+        """Keeps the heads with a non-zero mask and folds the mask values into `out_proj`.
+
+        Returns the pruned module, or an [`EfficientVLMEmptyAttention`] when no head survives.
+        """
+        index, values = _kept(mask, self.num_heads, "attention heads")
+        if len(index) == 0:
+            return EfficientVLMEmptyAttention(self.out_proj.bias.detach().clone())
+        rows = (index[:, None] * self.head_dim + torch.arange(self.head_dim, device=index.device)).flatten()
+        pruned = EfficientVLMAttention(self.config, len(index), self.k_proj.in_features, self.dropout)
+        pruned.q_proj = _keep_rows(self.q_proj, rows)
+        pruned.k_proj = _keep_rows(self.k_proj, rows)
+        pruned.v_proj = _keep_rows(self.v_proj, rows)
+        pruned.out_proj = _keep_columns(self.out_proj, rows, values.repeat_interleave(self.head_dim))
+        return pruned
+
+
+class EfficientVLMEmptyAttention(nn.Module):
+    """An attention block with no head left: its output is the output projection's bias, so the model
+    computes exactly what the fully masked attention computed."""
+
+    num_heads = 0
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(bias)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        return self.bias.expand_as(hidden_states), None
+
+
+class EfficientVLMMLP(nn.Module):
+    """Two-layer FFN; an optional (neurons,) mask multiplies the activations."""
+
+    def __init__(self, config: EfficientVLMVisionConfig | EfficientVLMTextConfig, intermediate_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, config.hidden_size)
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.fc1.out_features
+
+    def forward(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        if ffn_mask is not None:
+            hidden_states = hidden_states * ffn_mask.to(hidden_states.dtype)
+        return self.fc2(hidden_states)
+
+    def prune(self, mask: torch.Tensor) -> nn.Module:
+        """Keeps neurons with a non-zero mask, folding the mask values into `fc2`."""
+        index, values = _kept(mask, self.intermediate_size, "FFN neurons")
+        if len(index) == 0:
+            return EfficientVLMEmptyMLP(self.fc2.bias.detach().clone())
+        pruned = EfficientVLMMLP(self.config, len(index))
+        pruned.fc1 = _keep_rows(self.fc1, index)
+        pruned.fc2 = _keep_columns(self.fc2, index, values)
+        return pruned
+
+
+class EfficientVLMEmptyMLP(nn.Module):
+    """An FFN with no neuron left: outputs `fc2`'s bias, as the fully masked FFN did."""
+
+    intermediate_size = 0
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(bias)
+
+    def forward(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.bias.expand_as(hidden_states)
+
+
+def build_attention(config, num_heads: int, kv_hidden_size: int, dropout: float) -> nn.Module:
+    if num_heads == 0:
+        return EfficientVLMEmptyAttention(torch.zeros(config.hidden_size))
+    return EfficientVLMAttention(config, num_heads, kv_hidden_size, dropout)
+
+
+def build_mlp(config, intermediate_size: int) -> nn.Module:
+    if intermediate_size == 0:
+        return EfficientVLMEmptyMLP(torch.zeros(config.hidden_size))
+    return EfficientVLMMLP(config, intermediate_size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vision transformer
+# --------------------------------------------------------------------------------------------------------------
+
+
+class EfficientVLMVisionEmbeddings(nn.Module):
+    """Patch embedding + class token + learned positions (interpolated for other image sizes)."""
+
+    def __init__(self, config: EfficientVLMVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.class_embedding = nn.Parameter(torch.zeros(config.hidden_size))
+        self.patch_embed = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size, bias=False
+        )
+        self.num_patches = (config.image_size // config.patch_size) ** 2
+        self.pos_embed = nn.Embedding(self.num_patches + 1, config.hidden_size)
+        self.register_buffer("position_ids", torch.arange(self.num_patches + 1).unsqueeze(0), persistent=False)
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Position embeddings (1, 1 + patches, hidden) for an image of `height` x `width` pixels."""
+        position = self.pos_embed.weight.unsqueeze(0)
+        new_h, new_w = height // self.config.patch_size, width // self.config.patch_size
+        if new_h * new_w == self.num_patches and new_h == new_w:
+            return position
+        side = int(self.num_patches**0.5)
+        grid = position[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(new_h, new_w), mode="bicubic", align_corners=False).to(position.dtype)
+        return torch.cat([position[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, -1)], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """pixel_values: (batch, channels, height, width) -> (batch, 1 + patches, hidden)."""
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, channels, height, width); got {tuple(pixel_values.shape)}."
+            )
+        batch, channels, height, width = pixel_values.shape
+        if channels != self.config.num_channels:
+            raise ValueError(
+                f"`pixel_values` has {channels} channels but the model expects {self.config.num_channels}."
+            )
+        if height % self.config.patch_size or width % self.config.patch_size:
+            raise ValueError(
+                f"Image size {height}x{width} is not a multiple of the patch size {self.config.patch_size}."
+            )
+        if not interpolate_pos_encoding and (height, width) != (self.config.image_size,) * 2:
+            raise ValueError(
+                f"Input image size ({height}x{width}) does not match the model ({self.config.image_size}x"
+                f"{self.config.image_size}); pass `interpolate_pos_encoding=True` to use another size."
+            )
+        patches = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        class_token = self.class_embedding.expand(batch, 1, -1).to(patches.dtype)
+        embeddings = torch.cat([class_token, patches], dim=1)
+        return embeddings + self.interpolate_pos_encoding(height, width)
+
+
+class EfficientVLMVisionLayer(GradientCheckpointingLayer):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: EfficientVLMVisionConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = build_attention(
+            config, config.layer_heads(layer_index), config.hidden_size, config.attention_dropout
+        )
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = build_mlp(config, config.layer_intermediate_size(layer_index))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        head_mask: torch.Tensor | None = None,
+        ffn_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.self_attn(
+            self.layer_norm1(hidden_states), head_mask=head_mask, output_attentions=output_attentions
+        )
+        hidden_states = hidden_states + attn_output
+        hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states), ffn_mask)
+        return hidden_states, attn_weights
+
+
+@dataclass
+class EncoderOutput(ModelOutput):
+    """
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        Output of the last layer.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        The input of the first layer and the output of each layer, each `(batch_size, sequence_length, hidden_size)`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Self-attention probabilities of each layer, each `(batch_size, num_heads, sequence_length, sequence_length)`
+        (`None` for a layer whose heads were all pruned).
+    cross_attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Cross-attention probabilities of each fusion layer, each
+        `(batch_size, num_heads, sequence_length, image_length)`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor | None, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor | None, ...] | None = None
+
+
+def _layer_mask(masks: list[torch.Tensor | None] | None, index: int, name: str, num_layers: int):
+    if masks is None:
+        return None
+    if len(masks) != num_layers:
+        raise ValueError(f"`{name}` has {len(masks)} entries but there are {num_layers} layers.")
+    return masks[index]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Text + fusion BERT stack
+# --------------------------------------------------------------------------------------------------------------
+
+
+class EfficientVLMTextEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm and dropout (BERT)."""
+
+    def __init__(self, config: EfficientVLMTextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.register_buffer(
+            "position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0), persistent=False
+        )
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (batch, seq) -> (batch, seq, hidden)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch, sequence); got {tuple(input_ids.shape)}.")
+        seq_len = input_ids.shape[1]
+        if seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"The text has {seq_len} tokens but the model's position table holds "
+                f"{self.config.max_position_embeddings}; truncate it (e.g. the processor's `max_length`)."
+            )
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        embeddings = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(self.position_ids[:, :seq_len])
+            + self.token_type_embeddings(token_type_ids)
+        )
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class EfficientVLMTextLayer(GradientCheckpointingLayer):
+    """Post-LN BERT layer; fusion layers add cross-attention to the image between self-attention and FFN."""
+
+    def __init__(self, config: EfficientVLMTextConfig, layer_index: int, has_cross_attention: bool) -> None:
+        super().__init__()
+        self.attention = build_attention(
+            config, config.layer_heads(layer_index), config.hidden_size, config.attention_probs_dropout_prob
+        )
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.has_cross_attention = has_cross_attention
+        if has_cross_attention:
+            self.crossattention = build_attention(
+                config,
+                config.layer_cross_heads(layer_index),
+                config.encoder_hidden_size,
+                config.attention_probs_dropout_prob,
+            )
+            self.crossattention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = build_mlp(config, config.layer_intermediate_size(layer_index))
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        cross_head_mask: torch.Tensor | None = None,
+        ffn_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        attn_output, self_weights = self.attention(
+            hidden_states, attention_mask, head_mask=head_mask, output_attentions=output_attentions
+        )
+        hidden_states = self.attention_norm(hidden_states + self.dropout(attn_output))
+        cross_weights = None
+        if self.has_cross_attention:
+            if encoder_hidden_states is None:
+                raise ValueError("A fusion layer needs `encoder_hidden_states` (the image tokens) to cross-attend to.")
+            cross_output, cross_weights = self.crossattention(
+                hidden_states,
+                encoder_attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                head_mask=cross_head_mask,
+                output_attentions=output_attentions,
+            )
+            hidden_states = self.crossattention_norm(hidden_states + self.dropout(cross_output))
+        hidden_states = self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states, ffn_mask)))
+        return hidden_states, self_weights, cross_weights
+
+
+def extended_attention_mask(
+    attention_mask: torch.Tensor | None, dtype: torch.dtype, causal: bool = False, query_length: int | None = None
+) -> torch.Tensor | None:
+    """(batch, k_len) 1/0 padding mask -> additive (batch, 1, q_len | 1, k_len) mask; `causal` adds a
+    lower-triangular constraint (q_len == k_len)."""
+    if attention_mask is None and not causal:
+        return None
+    min_value = torch.finfo(dtype).min
+    if attention_mask is None:
+        additive = None
+    else:
+        additive = (1.0 - attention_mask[:, None, None, :].to(dtype)) * min_value
+    if causal:
+        length = query_length if query_length is not None else attention_mask.shape[1]
+        device = attention_mask.device if attention_mask is not None else None
+        future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+        causal_mask = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(future, min_value)
+        additive = causal_mask[None, None] if additive is None else (additive + causal_mask).clamp(min=min_value)
+    return additive
+
+
+class EfficientVLMTextEncoder(nn.Module):
+    """The BERT layers: `num_hidden_layers` text layers, then `num_fusion_layers` fusion layers."""
+
+    def __init__(self, config: EfficientVLMTextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList(
+            EfficientVLMTextLayer(config, i, has_cross_attention=i >= config.num_hidden_layers)
+            for i in range(config.num_total_layers)
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        layers: range | None = None,
+        head_mask: list[torch.Tensor | None] | None = None,
+        cross_head_mask: list[torch.Tensor | None] | None = None,
+        ffn_mask: list[torch.Tensor | None] | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> EncoderOutput:
+        """Runs the layers in `layers` (default: all). Masks are indexed by absolute layer position for
+        `head_mask` / `ffn_mask` (length: all layers) and by fusion-layer position for `cross_head_mask`."""
+        layers = range(len(self.layer)) if layers is None else layers
+        num_layers, num_text = len(self.layer), self.config.num_hidden_layers
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attn = () if output_attentions else None
+        all_cross = () if output_attentions and layers.stop > num_text else None
+        for i in layers:
+            hidden_states, self_weights, cross_weights = self.layer[i](
+                hidden_states,
+                attention_mask=attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                head_mask=_layer_mask(head_mask, i, "text/fusion head masks", num_layers),
+                cross_head_mask=(
+                    _layer_mask(cross_head_mask, i - num_text, "fusion_cross_heads", num_layers - num_text)
+                    if i >= num_text
+                    else None
+                ),
+                ffn_mask=_layer_mask(ffn_mask, i, "text/fusion FFN masks", num_layers),
+                output_attentions=output_attentions,
+            )
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if output_attentions:
+                all_attn += (self_weights,)
+                if i >= num_text:
+                    all_cross += (cross_weights,)
+        return EncoderOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn, cross_attentions=all_cross
+        )
+
+    def prune(
+        self,
+        head_masks: list[torch.Tensor | None] | None,
+        cross_head_masks: list[torch.Tensor | None] | None,
+        ffn_masks: list[torch.Tensor | None] | None,
+    ) -> None:
+        """Physically removes masked heads/neurons (masks indexed as in `forward`) and updates the config."""
+        num_text = self.config.num_hidden_layers
+        for i, layer in enumerate(self.layer):
+            if head_masks is not None and head_masks[i] is not None:
+                layer.attention = layer.attention.prune(head_masks[i])
+            if ffn_masks is not None and ffn_masks[i] is not None:
+                layer.mlp = layer.mlp.prune(ffn_masks[i])
+            if i >= num_text and cross_head_masks is not None and cross_head_masks[i - num_text] is not None:
+                layer.crossattention = layer.crossattention.prune(cross_head_masks[i - num_text])
+        self.config.num_attention_heads_per_layer = [layer.attention.num_heads for layer in self.layer]
+        self.config.intermediate_size_per_layer = [layer.mlp.intermediate_size for layer in self.layer]
+        self.config.num_cross_attention_heads_per_layer = [
+            layer.crossattention.num_heads for layer in self.layer[num_text:]
+        ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pre-trained model base and public models
+# --------------------------------------------------------------------------------------------------------------
+
+
+class EfficientVLMPreTrainedModel(PreTrainedModel):
+    config_class = EfficientVLMConfig
+    base_model_prefix = "efficientvlm"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _no_split_modules = ["EfficientVLMVisionLayer", "EfficientVLMTextLayer"]
+    # Our losses are means over the batch: let Trainer scale them under gradient accumulation.
+    accepts_loss_kwargs = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, EfficientVLMVisionEmbeddings):
+            nn.init.normal_(module.class_embedding, mean=0.0, std=std)
+        elif isinstance(module, (EfficientVLMEmptyAttention, EfficientVLMEmptyMLP)):
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, EfficientVLMModel):
+            module.temp.fill_(self.config.temperature)
+
+    # Structured pruning. Task models hold an `EfficientVLMModel` as `self.efficientvlm` and delegate to it;
+    # a task model with more prunable structures (e.g. NLVR2's second cross-attention) overrides these.
+    def structure_sizes(self) -> dict[str, list[int]]:
+        """Per-layer number of heads / FFN neurons for each key of `MASK_KEYS`."""
+        return self.efficientvlm.structure_sizes()
+
+    def structure_unit_parameters(self) -> dict[str, list[int]]:
+        """Per-layer number of parameters one head / FFN neuron carries, for each key of `MASK_KEYS`:
+        removing `n` units of layer `i` of `key` removes exactly `n * result[key][i]` parameters."""
+        return self.efficientvlm.structure_unit_parameters()
+
+    def prune(self, structure_masks: StructureMasks) -> None:
+        """Physically removes every head / FFN neuron whose mask is zero; see [`EfficientVLMModel.prune`]."""
+        self.efficientvlm.prune(structure_masks)
+
+
+def _split_masks(masks: StructureMasks | None, text_config: EfficientVLMTextConfig):
+    """Structure-mask dict -> (vision heads, vision ffn, stack heads, stack cross heads, stack ffn) lists."""
+    if masks is None:
+        return None, None, None, None, None
+    unknown = set(masks) - set(MASK_KEYS)
+    if unknown:
+        raise ValueError(f"Unknown structure-mask keys {sorted(unknown)}; expected some of {list(MASK_KEYS)}.")
+
+    def stack(text_key: str, fusion_key: str) -> list | None:
+        text, fusion = masks.get(text_key), masks.get(fusion_key)
+        if text is None and fusion is None:
+            return None
+        text = list(text) if text is not None else [None] * text_config.num_hidden_layers
+        fusion = list(fusion) if fusion is not None else [None] * text_config.num_fusion_layers
+        return text + fusion
+
+    return (
+        masks.get("vision_heads"),
+        masks.get("vision_ffn"),
+        stack("text_heads", "fusion_heads"),
+        masks.get("fusion_cross_heads"),
+        stack("text_ffn", "fusion_ffn"),
+    )
+
+
+class EfficientVLMVisionModel(EfficientVLMPreTrainedModel):
+    """The CLIP vision tower: embeddings, pre-LayerNorm, the layers and the post-LayerNorm."""
+
+    config_class = EfficientVLMVisionConfig
+    input_modalities = ("image",)
+
+    def __init__(self, config: EfficientVLMVisionConfig) -> None:
+        super().__init__(config)
+        self.embeddings = EfficientVLMVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layers = nn.ModuleList(EfficientVLMVisionLayer(config, i) for i in range(config.num_hidden_layers))
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        head_mask: list[torch.Tensor | None] | None = None,
+        ffn_mask: list[torch.Tensor | None] | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> EncoderOutput:
+        """pixel_values: (batch, channels, height, width). head_mask / ffn_mask: one tensor (or None) per layer."""
+        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attn = () if output_attentions else None
+        num_layers = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            hidden_states, attn = layer(
+                hidden_states,
+                head_mask=_layer_mask(head_mask, i, "vision_heads", num_layers),
+                ffn_mask=_layer_mask(ffn_mask, i, "vision_ffn", num_layers),
+                output_attentions=output_attentions,
+            )
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if output_attentions:
+                all_attn += (attn,)
+        return EncoderOutput(
+            last_hidden_state=self.post_layernorm(hidden_states), hidden_states=all_hidden, attentions=all_attn
+        )
+
+    def prune(self, head_masks: list[torch.Tensor | None] | None, ffn_masks: list[torch.Tensor | None] | None) -> None:
+        """Physically removes masked heads/neurons and records the new per-layer sizes in the config."""
+        for i, layer in enumerate(self.layers):
+            if head_masks is not None and head_masks[i] is not None:
+                layer.self_attn = layer.self_attn.prune(head_masks[i])
+            if ffn_masks is not None and ffn_masks[i] is not None:
+                layer.mlp = layer.mlp.prune(ffn_masks[i])
+        self.config.num_attention_heads_per_layer = [layer.self_attn.num_heads for layer in self.layers]
+        self.config.intermediate_size_per_layer = [layer.mlp.intermediate_size for layer in self.layers]
+
+
+class EfficientVLMTextModel(EfficientVLMPreTrainedModel):
+    """The BERT stack alone. `mode="text"` runs the text layers, `"fusion"` the fusion layers on given
+    text states, `"multimodal"` both (fusion needs `encoder_hidden_states`)."""
+
+    config_class = EfficientVLMTextConfig
+    main_input_name = "input_ids"
+    input_modalities = ("text",)
+
+    def __init__(self, config: EfficientVLMTextConfig) -> None:
+        super().__init__(config)
+        self.embeddings = EfficientVLMTextEmbeddings(config)
+        self.encoder = EfficientVLMTextEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        mode: str = "text",
+        is_causal: bool = False,
+        head_mask: list[torch.Tensor | None] | None = None,
+        cross_head_mask: list[torch.Tensor | None] | None = None,
+        ffn_mask: list[torch.Tensor | None] | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> EncoderOutput:
+        """input_ids: (batch, seq); in `fusion` mode `inputs_embeds` (batch, seq, hidden) are the text
+        encoder's output; encoder_hidden_states: (batch, image_len, encoder_hidden_size);
+        attention_mask / encoder_attention_mask: 1 for tokens to attend to, 0 for padding."""
+        num_text = self.config.num_hidden_layers
+        layers = {
+            "text": range(0, num_text),
+            "fusion": range(num_text, self.config.num_total_layers),
+            "multimodal": range(0, self.config.num_total_layers),
+        }.get(mode)
+        if layers is None:
+            raise ValueError(f"`mode` must be 'text', 'fusion' or 'multimodal'; got {mode!r}.")
+        if mode == "fusion":
+            if inputs_embeds is None:
+                raise ValueError("`mode='fusion'` needs the text encoder's output as `inputs_embeds`.")
+            hidden_states = inputs_embeds
+        else:
+            if input_ids is None:
+                raise ValueError(f"`mode={mode!r}` needs `input_ids`.")
+            hidden_states = self.embeddings(input_ids, token_type_ids)
+        if attention_mask is not None and attention_mask.shape != hidden_states.shape[:2]:
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)} but the text has shape "
+                f"{tuple(hidden_states.shape[:2])}."
+            )
+        if encoder_hidden_states is not None and encoder_hidden_states.shape[0] != hidden_states.shape[0]:
+            raise ValueError(
+                f"Batch sizes differ: {hidden_states.shape[0]} texts but {encoder_hidden_states.shape[0]} images."
+            )
+        dtype = hidden_states.dtype
+        return self.encoder(
+            hidden_states,
+            extended_attention_mask(attention_mask, dtype, causal=is_causal, query_length=hidden_states.shape[1]),
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=extended_attention_mask(encoder_attention_mask, dtype),
+            layers=layers,
+            head_mask=head_mask,
+            cross_head_mask=cross_head_mask,
+            ffn_mask=ffn_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+
+
+@dataclass
+class EfficientVLMModelOutput(ModelOutput):
+    """
+    image_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
+        L2-normalised ITC embedding of each image (projected [CLS] token).
+    text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
+        L2-normalised ITC embedding of each text.
+    logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
+        Image-to-text ITC similarities divided by the temperature.
+    logits_per_text (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
+        The transpose of `logits_per_image`.
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        Fused text states (output of the last fusion layer).
+    vision_output, text_output, fusion_output ([`EncoderOutput`]):
+        Each encoder's output with its optional hidden states and attentions.
+    """
+
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    vision_output: EncoderOutput | None = None
+    text_output: EncoderOutput | None = None
+    fusion_output: EncoderOutput | None = None
+
+
+class EfficientVLMModel(EfficientVLMPreTrainedModel):
+    """Vision transformer, text/fusion BERT stack, ITC projections and temperature."""
+
+    def __init__(self, config: EfficientVLMConfig) -> None:
+        super().__init__(config)
+        self.vision_model = EfficientVLMVisionModel(config.vision_config)
+        self.text_model = EfficientVLMTextModel(config.text_config)
+        self.vision_proj = nn.Linear(config.vision_config.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(config.text_config.hidden_size, config.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(config.temperature))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.text_model.set_input_embeddings(value)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        # Clamped as in X-VLM so the learnable temperature cannot collapse or explode.
+        return self.temp.clamp(0.001, 0.5)
+
+    # -- the three building blocks every task model composes ------------------------------------------------
+    def encode_image(
+        self,
+        pixel_values: torch.Tensor,
+        structure_masks: StructureMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> EncoderOutput:
+        """pixel_values: (batch, channels, height, width) -> image tokens (batch, 1 + patches, vision_hidden)."""
+        vision_heads, vision_ffn, *_ = _split_masks(structure_masks, self.config.text_config)
+        return self.vision_model(
+            pixel_values, vision_heads, vision_ffn, output_attentions, output_hidden_states, interpolate_pos_encoding
+        )
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        structure_masks: StructureMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> EncoderOutput:
+        """input_ids: (batch, seq) -> text states (batch, seq, text_hidden) from the text layers."""
+        _, _, heads, _, ffn = _split_masks(structure_masks, self.config.text_config)
+        return self.text_model(
+            input_ids,
+            attention_mask,
+            mode="text",
+            head_mask=heads,
+            ffn_mask=ffn,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+
+    def fuse(
+        self,
+        text_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_states: torch.Tensor,
+        image_attention_mask: torch.Tensor | None = None,
+        structure_masks: StructureMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> EncoderOutput:
+        """Runs the fusion layers: text_states (batch, seq, hidden) cross-attend to image_states
+        (batch, image_len, vision_hidden)."""
+        _, _, heads, cross_heads, ffn = _split_masks(structure_masks, self.config.text_config)
+        return self.text_model(
+            attention_mask=attention_mask,
+            inputs_embeds=text_states,
+            encoder_hidden_states=image_states,
+            encoder_attention_mask=image_attention_mask,
+            mode="fusion",
+            head_mask=heads,
+            cross_head_mask=cross_heads,
+            ffn_mask=ffn,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """(batch, channels, height, width) -> L2-normalised ITC image embeddings (batch, embed_dim)."""
+        image_states = self.encode_image(pixel_values, **kwargs).last_hidden_state
+        return F.normalize(self.vision_proj(image_states[:, 0]), dim=-1)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """(batch, seq) -> L2-normalised ITC text embeddings (batch, embed_dim)."""
+        text_states = self.encode_text(input_ids, attention_mask, **kwargs).last_hidden_state
+        return F.normalize(self.text_proj(text_states[:, 0]), dim=-1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        structure_masks: StructureMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> EfficientVLMModelOutput:
+        """Encodes images (batch, channels, height, width) and their texts (batch, seq), returns ITC
+        embeddings/similarities and the fused text states."""
+        if pixel_values.dim() == 4 and input_ids.dim() == 2 and pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"Batch sizes differ: {pixel_values.shape[0]} images but {input_ids.shape[0]} texts.")
+        flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        vision = self.encode_image(
+            pixel_values, structure_masks, interpolate_pos_encoding=interpolate_pos_encoding, **flags
+        )
+        text = self.encode_text(input_ids, attention_mask, structure_masks, **flags)
+        image_embeds = F.normalize(self.vision_proj(vision.last_hidden_state[:, 0]), dim=-1)
+        text_embeds = F.normalize(self.text_proj(text.last_hidden_state[:, 0]), dim=-1)
+        logits_per_image = image_embeds @ text_embeds.t() / self.temperature
+        fusion = self.fuse(
+            text.last_hidden_state, attention_mask, vision.last_hidden_state, None, structure_masks, **flags
+        )
+        return EfficientVLMModelOutput(
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            last_hidden_state=fusion.last_hidden_state,
+            vision_output=vision,
+            text_output=text,
+            fusion_output=fusion,
+        )
+
+    # -- structured pruning -------------------------------------------------------------------------------
+    def structure_sizes(self) -> dict[str, list[int]]:
+        """Current per-layer number of heads / FFN neurons for each key of [`MASK_KEYS`]."""
+        vision, text_cfg = self.vision_model.layers, self.config.text_config
+        stack = self.text_model.encoder.layer
+        num_text = text_cfg.num_hidden_layers
+        return {
+            "vision_heads": [layer.self_attn.num_heads for layer in vision],
+            "vision_ffn": [layer.mlp.intermediate_size for layer in vision],
+            "text_heads": [layer.attention.num_heads for layer in stack[:num_text]],
+            "text_ffn": [layer.mlp.intermediate_size for layer in stack[:num_text]],
+            "fusion_heads": [layer.attention.num_heads for layer in stack[num_text:]],
+            "fusion_cross_heads": [layer.crossattention.num_heads for layer in stack[num_text:]],
+            "fusion_ffn": [layer.mlp.intermediate_size for layer in stack[num_text:]],
+        }
+
+    def structure_unit_parameters(self) -> dict[str, list[int]]:
+        vision, text = self.config.vision_config, self.config.text_config
+        return {
+            "vision_heads": [attention_head_parameters(vision.head_dim, vision.hidden_size, vision.hidden_size)]
+            * vision.num_hidden_layers,
+            "vision_ffn": [ffn_neuron_parameters(vision.hidden_size)] * vision.num_hidden_layers,
+            "text_heads": [attention_head_parameters(text.head_dim, text.hidden_size, text.hidden_size)]
+            * text.num_hidden_layers,
+            "text_ffn": [ffn_neuron_parameters(text.hidden_size)] * text.num_hidden_layers,
+            "fusion_heads": [attention_head_parameters(text.head_dim, text.hidden_size, text.hidden_size)]
+            * text.num_fusion_layers,
+            "fusion_cross_heads": [attention_head_parameters(text.head_dim, text.hidden_size, text.encoder_hidden_size)]
+            * text.num_fusion_layers,
+            "fusion_ffn": [ffn_neuron_parameters(text.hidden_size)] * text.num_fusion_layers,
+        }
+
+    def prune(self, structure_masks: StructureMasks) -> None:
+        """Removes every head / FFN neuron whose mask is zero, folds the surviving mask values into the
+        weights (the outputs are unchanged) and records the new per-layer sizes in the config, so
+        `save_pretrained` / `from_pretrained` rebuild the smaller model."""
+        sizes = self.structure_sizes()
+        for key, masks in structure_masks.items():
+            if key not in sizes:
+                raise ValueError(f"Unknown structure-mask key {key!r}; expected some of {list(MASK_KEYS)}.")
+            if masks is not None and len(masks) != len(sizes[key]):
+                raise ValueError(f"`{key}` has {len(masks)} masks but the model has {len(sizes[key])} such layers.")
+        vision_heads, vision_ffn, heads, cross_heads, ffn = _split_masks(structure_masks, self.config.text_config)
+        self.vision_model.prune(vision_heads, vision_ffn)
+        self.text_model.encoder.prune(heads, cross_heads, ffn)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Heads and the pre-training model
+# --------------------------------------------------------------------------------------------------------------
+
+
+class EfficientVLMITMHead(nn.Sequential):
+    """X-VLM's matching head: Linear(hidden, 2 hidden) -> LayerNorm -> GELU -> Linear(2 hidden, 2)."""
+
+    def __init__(self, hidden_size: int, num_outputs: int = 2) -> None:
+        super().__init__(
+            nn.Linear(hidden_size, hidden_size * 2),
+            nn.LayerNorm(hidden_size * 2),
+            nn.GELU(),
+            nn.Linear(hidden_size * 2, num_outputs),
+        )
+
+
+class EfficientVLMLMHead(nn.Module):
+    """BERT's LM prediction head: dense -> activation -> LayerNorm -> decoder tied to the word embeddings."""
+
+    def __init__(self, config: EfficientVLMTextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, hidden) -> (batch, seq, vocab) logits."""
+        return self.decoder(self.LayerNorm(self.activation(self.dense(hidden_states))))
+
+
+@dataclass
+class EfficientVLMForPreTrainingOutput(ModelOutput):
+    """
+    loss (`torch.FloatTensor` of shape `()`):
+        Sum of the terms whose inputs were given.
+    loss_itc, loss_itm, loss_mlm (`torch.FloatTensor` of shape `()`):
+        Image-text contrastive, image-text matching and masked language modelling losses.
+    loss_bbox, loss_giou (`torch.FloatTensor` of shape `()`):
+        Grounding losses (L1 and generalised IoU), when `target_bbox` is given.
+    logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
+        ITC similarities divided by the temperature.
+    itm_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`):
+        Matching logits of the positive pairs, then (image, hard negative text), then (hard negative image, text).
+    itm_labels (`torch.LongTensor` of shape `(3 * batch_size,)`):
+        1 for the positive pairs, 0 for the negatives.
+    negative_text_index, negative_image_index (`torch.LongTensor` of shape `(batch_size,)`):
+        The sampled hard negatives; pass them back as `itm_negatives` to reuse them (e.g. for a teacher).
+    mlm_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        Predictions on the masked text.
+    image_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
+        L2-normalised ITC embeddings.
+    vision_output, text_output ([`EncoderOutput`]): encoders on the images and the clean texts.
+    itm_fusion_output ([`EncoderOutput`]): fusion layers on the 3 * batch_size ITM pairs.
+    mlm_text_output, mlm_fusion_output ([`EncoderOutput`]): text and fusion layers on the masked texts.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_itc: torch.FloatTensor | None = None
+    loss_itm: torch.FloatTensor | None = None
+    loss_mlm: torch.FloatTensor | None = None
+    loss_bbox: torch.FloatTensor | None = None
+    loss_giou: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    itm_labels: torch.LongTensor | None = None
+    negative_text_index: torch.LongTensor | None = None
+    negative_image_index: torch.LongTensor | None = None
+    mlm_logits: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    vision_output: EncoderOutput | None = None
+    text_output: EncoderOutput | None = None
+    itm_fusion_output: EncoderOutput | None = None
+    mlm_text_output: EncoderOutput | None = None
+    mlm_fusion_output: EncoderOutput | None = None
+
+
+class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
+    """X-VLM pre-training: ITC, ITM with hard negatives and MLM on the fused text."""
+
+    _tied_weights_keys = {"mlm_head.decoder.weight": "efficientvlm.text_model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: EfficientVLMConfig) -> None:
+        super().__init__(config)
+        self.efficientvlm = EfficientVLMModel(config)
+        self.itm_head = EfficientVLMITMHead(config.text_config.hidden_size)
+        self.mlm_head = EfficientVLMLMHead(config.text_config)
+        # X-VLM's grounding head: a box (cx, cy, w, h) for the region a text describes.
+        self.bbox_head = EfficientVLMITMHead(config.text_config.hidden_size, num_outputs=4)
+        self.itc_loss = ImageTextContrastiveLoss()
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.mlm_head.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.mlm_head.decoder = value
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        mlm_input_ids: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+        target_bbox: torch.Tensor | None = None,
+        structure_masks: StructureMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> EfficientVLMForPreTrainingOutput:
+        """
+        pixel_values: (batch, channels, height, width); input_ids / attention_mask: (batch, seq) clean texts;
+        mlm_input_ids / mlm_labels: (batch, seq) masked texts and their targets (-100 elsewhere), for MLM;
+        image_ids: (batch,) optional, texts of the same image are positives for ITC and never negatives;
+        itm_negatives: optional `(negative_text_index, negative_image_index)` to reuse instead of sampling;
+        target_bbox: (batch, 4) optional normalised (cx, cy, w, h) box each text describes, for grounding.
+        """
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"Batch sizes differ: {pixel_values.shape[0]} images but {input_ids.shape[0]} texts.")
+        model = self.efficientvlm
+        flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        vision = model.encode_image(
+            pixel_values, structure_masks, interpolate_pos_encoding=interpolate_pos_encoding, **flags
+        )
+        text = model.encode_text(input_ids, attention_mask, structure_masks, **flags)
+        image_states, text_states = vision.last_hidden_state, text.last_hidden_state
+
+        # ITC
+        image_embeds = F.normalize(model.vision_proj(image_states[:, 0]), dim=-1)
+        text_embeds = F.normalize(model.text_proj(text_states[:, 0]), dim=-1)
+        temperature = model.temperature
+        loss_itc = self.itc_loss(image_embeds, text_embeds, temperature, image_ids)
+        logits_per_image = image_embeds @ text_embeds.t() / temperature
+
+        # ITM: positives, then each image with a hard negative text, then each text with a hard negative image
+        if itm_negatives is None:
+            itm_negatives = sample_hard_negatives(logits_per_image, image_ids)
+        negative_text_index, negative_image_index = itm_negatives
+        batch = input_ids.shape[0]
+        itm_fusion = model.fuse(
+            torch.cat([text_states, text_states[negative_text_index], text_states]),
+            torch.cat([attention_mask, attention_mask[negative_text_index], attention_mask]),
+            torch.cat([image_states, image_states, image_states[negative_image_index]]),
+            structure_masks=structure_masks,
+            **flags,
+        )
+        itm_logits = self.itm_head(itm_fusion.last_hidden_state[:, 0])
+        itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(itm_logits.device)
+        loss_itm = F.cross_entropy(itm_logits, itm_labels)
+
+        # MLM on the masked text, fused with its image
+        loss_mlm = mlm_logits = mlm_text = mlm_fusion = None
+        if mlm_input_ids is not None:
+            mlm_text = model.encode_text(mlm_input_ids, attention_mask, structure_masks, **flags)
+            mlm_fusion = model.fuse(
+                mlm_text.last_hidden_state, attention_mask, image_states, structure_masks=structure_masks, **flags
+            )
+            mlm_logits = self.mlm_head(mlm_fusion.last_hidden_state)
+            if mlm_labels is not None:
+                loss_mlm = masked_language_modeling_loss(mlm_logits, mlm_labels)
+
+        # Grounding: the positive pairs' fused [CLS] regresses the described box
+        loss_bbox = loss_giou = None
+        if target_bbox is not None:
+            predicted_bbox = self.bbox_head(itm_fusion.last_hidden_state[:batch, 0]).sigmoid()
+            loss_bbox, loss_giou = box_regression_loss(predicted_bbox, target_bbox.to(predicted_bbox.dtype))
+
+        loss = loss_itc + loss_itm
+        for term in (loss_mlm, loss_bbox, loss_giou):
+            if term is not None:
+                loss = loss + term
+        return EfficientVLMForPreTrainingOutput(
+            loss=loss,
+            loss_itc=loss_itc,
+            loss_itm=loss_itm,
+            loss_mlm=loss_mlm,
+            loss_bbox=loss_bbox,
+            loss_giou=loss_giou,
+            logits_per_image=logits_per_image,
+            itm_logits=itm_logits,
+            itm_labels=itm_labels,
+            negative_text_index=negative_text_index,
+            negative_image_index=negative_image_index,
+            mlm_logits=mlm_logits,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            vision_output=vision,
+            text_output=text,
+            itm_fusion_output=itm_fusion,
+            mlm_text_output=mlm_text,
+            mlm_fusion_output=mlm_fusion,
+        )
+
+
+__all__ = [
+    "MASK_KEYS",
+    "attention_head_parameters",
+    "ffn_neuron_parameters",
+    "EfficientVLMAttention",
+    "EfficientVLMForPreTraining",
+    "EfficientVLMForPreTrainingOutput",
+    "EfficientVLMITMHead",
+    "EfficientVLMLMHead",
+    "EfficientVLMModel",
+    "EfficientVLMModelOutput",
+    "EfficientVLMPreTrainedModel",
+    "EfficientVLMTextModel",
+    "EfficientVLMVisionModel",
+    "EncoderOutput",
+    "StructureMasks",
+]

@@ -1,0 +1,41 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="efficientvlm",
+    version="0.1.0",
+    description=(
+        "EfficientVLM: compress X-VLM-style vision-language models with knowledge distillation and "
+        "modal-adaptive pruning, as Hugging Face Transformers models."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["modeling_efficientvlm", "trainers", "trainers.*"]),
+    # Metric folders are loadable with `evaluate.load(<folder>)`, so their scripts ship as files too.
+    package_data={"trainers": ["metrics/*/*.py", "metrics/*/README.md"]},
+    # Lower bounds only: pins that stop installing are a bug we promised our users not to ship.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "evaluate>=0.4.3",
+        "huggingface_hub>=1.0",
+        "pycocoevalcap>=1.2",
+        "pillow>=10.0",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8.0",
+            "pytest-timeout>=2.3",
+            "ruff>=0.6",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+        ],
+    },
+    entry_points={"console_scripts": ["efficientvlm=trainers.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""Trainers, losses, data and metrics for distilling and pruning EfficientVLM models."""
