@@ -170,14 +170,14 @@ class EfficientVLMAttention(nn.Module):
         """
         index, values = _kept(mask, self.num_heads, "attention heads")
         if len(index) == 0:
-            return EfficientVLMEmptyAttention(self.out_proj.bias.detach().clone())
+            return EfficientVLMEmptyAttention(self.out_proj.bias.detach().clone()).train(self.training)
         rows = (index[:, None] * self.head_dim + torch.arange(self.head_dim, device=index.device)).flatten()
         pruned = EfficientVLMAttention(self.config, len(index), self.k_proj.in_features, self.dropout)
         pruned.q_proj = _keep_rows(self.q_proj, rows)
         pruned.k_proj = _keep_rows(self.k_proj, rows)
         pruned.v_proj = _keep_rows(self.v_proj, rows)
         pruned.out_proj = _keep_columns(self.out_proj, rows, values.repeat_interleave(self.head_dim))
-        return pruned
+        return pruned.train(self.training)
 
 
 class EfficientVLMEmptyAttention(nn.Module):
@@ -218,11 +218,11 @@ class EfficientVLMMLP(nn.Module):
         """Keeps neurons with a non-zero mask, folding the mask values into `fc2`."""
         index, values = _kept(mask, self.intermediate_size, "FFN neurons")
         if len(index) == 0:
-            return EfficientVLMEmptyMLP(self.fc2.bias.detach().clone())
+            return EfficientVLMEmptyMLP(self.fc2.bias.detach().clone()).train(self.training)
         pruned = EfficientVLMMLP(self.config, len(index))
         pruned.fc1 = _keep_rows(self.fc1, index)
         pruned.fc2 = _keep_columns(self.fc2, index, values)
-        return pruned
+        return pruned.train(self.training)
 
 
 class EfficientVLMEmptyMLP(nn.Module):
@@ -587,6 +587,10 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, EfficientVLMVisionEmbeddings):
             nn.init.normal_(module.class_embedding, mean=0.0, std=std)
+            # Non-persistent buffers are not in checkpoints: `from_pretrained` rebuilds them here.
+            module.position_ids.copy_(torch.arange(module.position_ids.shape[-1]).unsqueeze(0))
+        elif isinstance(module, EfficientVLMTextEmbeddings):
+            module.position_ids.copy_(torch.arange(module.position_ids.shape[-1]).unsqueeze(0))
         elif isinstance(module, (EfficientVLMEmptyAttention, EfficientVLMEmptyMLP)):
             nn.init.zeros_(module.bias)
         elif isinstance(module, EfficientVLMModel):

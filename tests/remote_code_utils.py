@@ -1,0 +1,76 @@
+"""Load a saved folder with `trust_remote_code=True` in a fresh interpreter that cannot see this repository."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    repo = {repo!r}
+    sys.path[:] = [p for p in sys.path if p and not p.startswith(repo)]
+
+    class _Blocked(importlib.abc.MetaPathFinder):
+        # An editable install would still find the package: make sure the copied code is what runs.
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("modeling_efficientvlm", "trainers"):
+                raise ImportError(f"{{name}} must not be importable here")
+            return None
+
+    sys.meta_path.insert(0, _Blocked())
+    import torch, transformers
+    payload = torch.load({inputs!r})
+    model = getattr(transformers, {auto_class!r}).from_pretrained({folder!r}, trust_remote_code=True).eval()
+    result = {{"class": type(model).__name__, "module": type(model).__module__}}
+    with torch.no_grad():
+        if payload["method"] == "forward":
+            output = model(**payload["inputs"])
+            for name in payload["outputs"]:
+                result[name] = getattr(output, name)
+        else:
+            result["output"] = getattr(model, payload["method"])(**payload["inputs"])
+    torch.save(result, {result!r})
+    """
+)
+
+
+def load_in_clean_subprocess(
+    folder: str | Path,
+    auto_class: str,
+    inputs: dict,
+    outputs: list[str] | None = None,
+    method: str = "forward",
+) -> dict:
+    """Loads `folder` with `transformers.<auto_class>.from_pretrained(..., trust_remote_code=True)` in a new
+    Python process whose `sys.path` excludes this repository and that cannot import its packages, calls
+    `model(**inputs)` (or `model.<method>(**inputs)`) and returns the requested output fields, plus the
+    loaded `class` name and its `module` (a `transformers_modules...` module for remote code).
+    """
+    folder = Path(folder).resolve()
+    work = folder.parent / f"{folder.name}_remote_check"
+    work.mkdir(exist_ok=True)
+    torch.save({"inputs": inputs, "outputs": outputs or [], "method": method}, work / "inputs.pt")
+    script = _SCRIPT.format(
+        repo=str(REPO),
+        inputs=str(work / "inputs.pt"),
+        auto_class=auto_class,
+        folder=str(folder),
+        result=str(work / "result.pt"),
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_MODULES_CACHE"] = str(work / "modules")
+    completed = subprocess.run(
+        [sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=300
+    )
+    if completed.returncode != 0:
+        raise AssertionError(f"remote-code load failed:\n{completed.stderr[-4000:]}")
+    return torch.load(work / "result.pt")

@@ -1,0 +1,322 @@
+"""Model core: presets, encoders, attention backends, structure masks, physical pruning, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from modeling_efficientvlm import (
+    MASK_KEYS,
+    EfficientVLMConfig,
+    EfficientVLMForPreTraining,
+    EfficientVLMModel,
+    EfficientVLMVisionModel,
+)
+from modeling_efficientvlm.loss_efficientvlm import sample_hard_negatives
+
+from .conftest import make_inputs
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _fused(model: EfficientVLMModel, inputs: dict, **kwargs) -> dict[str, torch.Tensor]:
+    out = model(**inputs, **kwargs)
+    return {"fused": out.last_hidden_state, "image": out.image_embeds, "text": out.text_embeds}
+
+
+def _assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def _random_masks(model, seed: int = 0, zero_layer: bool = True) -> dict[str, list[torch.Tensor]]:
+    """Soft masks with some zeros; with `zero_layer`, the first layer of every key is masked entirely."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = {}
+    for key, sizes in model.structure_sizes().items():
+        masks[key] = []
+        for i, size in enumerate(sizes):
+            values = torch.rand(size, generator=generator) + 0.5
+            values[torch.rand(size, generator=generator) < 0.4] = 0
+            if zero_layer and i == 0:
+                values.zero_()
+            masks[key].append(values)
+    return masks
+
+
+@pytest.mark.parametrize(
+    ("preset", "official_millions"),
+    [("xvlm-base", 212.3), ("efficientvlm-small", 120.1)],
+)
+def test_preset_parameter_counts_match_official_checkpoints(preset: str, official_millions: float) -> None:
+    with torch.device("meta"):
+        model = EfficientVLMForPreTraining(EfficientVLMConfig.from_preset(preset))
+    # The MLM decoder is tied to the word embeddings and counted once, as in the official figures.
+    millions = _count(model) / 1e6
+    print(f"{preset}: {millions:.2f}M parameters (official {official_millions}M)")
+    assert abs(millions - official_millions) / official_millions < 0.01
+
+
+def test_student_preset_halves_every_stack() -> None:
+    teacher = EfficientVLMConfig.from_preset("xvlm-base")
+    student = EfficientVLMConfig.from_preset("efficientvlm-small")
+    assert (teacher.vision_config.num_hidden_layers, student.vision_config.num_hidden_layers) == (12, 6)
+    assert (teacher.text_config.num_hidden_layers, student.text_config.num_hidden_layers) == (6, 3)
+    assert (teacher.text_config.num_fusion_layers, student.text_config.num_fusion_layers) == (6, 3)
+    assert student.vision_config.hidden_act == "quick_gelu"
+
+
+def test_output_shapes(tiny_config, tiny_inputs) -> None:
+    model = EfficientVLMModel(tiny_config).eval()
+    out = model(**tiny_inputs, output_hidden_states=True, output_attentions=True)
+    batch, seq = tiny_inputs["input_ids"].shape
+    patches = (tiny_config.vision_config.image_size // tiny_config.vision_config.patch_size) ** 2
+    assert out.image_embeds.shape == (batch, tiny_config.embed_dim)
+    assert out.logits_per_image.shape == (batch, batch)
+    assert out.last_hidden_state.shape == (batch, seq, tiny_config.text_config.hidden_size)
+    assert len(out.vision_output.hidden_states) == tiny_config.vision_config.num_hidden_layers + 1
+    assert out.vision_output.attentions[0].shape == (batch, 4, patches + 1, patches + 1)
+    assert len(out.text_output.attentions) == tiny_config.text_config.num_hidden_layers
+    assert len(out.fusion_output.cross_attentions) == tiny_config.text_config.num_fusion_layers
+    assert out.fusion_output.cross_attentions[0].shape == (batch, 4, seq, patches + 1)
+    # Attention probabilities: rows sum to one and padded keys get no mass.
+    probs = out.text_output.attentions[0]
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+    assert probs[-1, :, :, -2:].abs().max() < 1e-6
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(batch))
+
+
+def test_sdpa_matches_eager(tiny_config, tiny_inputs) -> None:
+    torch.manual_seed(0)
+    sdpa = EfficientVLMModel._from_config(tiny_config, attn_implementation="sdpa").eval()
+    eager = EfficientVLMModel._from_config(copy.deepcopy(tiny_config), attn_implementation="eager").eval()
+    eager.load_state_dict(sdpa.state_dict())
+    assert sdpa.config.vision_config._attn_implementation == "sdpa"
+    assert eager.config.text_config._attn_implementation == "eager"
+    with torch.no_grad():
+        _assert_close(_fused(sdpa, tiny_inputs), _fused(eager, tiny_inputs))
+
+
+def test_masks_of_ones_change_nothing(tiny_config, tiny_inputs) -> None:
+    model = EfficientVLMModel(tiny_config).eval()
+    ones = {key: [torch.ones(n) for n in sizes] for key, sizes in model.structure_sizes().items()}
+    assert set(ones) == set(MASK_KEYS)
+    with torch.no_grad():
+        _assert_close(_fused(model, tiny_inputs), _fused(model, tiny_inputs, structure_masks=ones), atol=0)
+
+
+@pytest.mark.parametrize(
+    ("key", "path"),
+    [
+        ("vision_heads", "vision_model.layers.1.self_attn"),
+        ("text_heads", "text_model.encoder.layer.0.attention"),
+        ("fusion_heads", "text_model.encoder.layer.3.attention"),
+        ("fusion_cross_heads", "text_model.encoder.layer.2.crossattention"),
+    ],
+)
+def test_masking_a_head_equals_zeroing_its_output_columns(tiny_config, tiny_inputs, key: str, path: str) -> None:
+    model = EfficientVLMModel(tiny_config).eval()
+    layer_index = {"vision_heads": 1, "text_heads": 0, "fusion_heads": 1, "fusion_cross_heads": 0}[key]
+    head, head_dim = 2, tiny_config.text_config.head_dim
+    masks = {key: [None] * len(model.structure_sizes()[key])}
+    masks[key][layer_index] = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    with torch.no_grad():
+        masked = _fused(model, tiny_inputs, structure_masks=masks)
+        model.get_submodule(path).out_proj.weight[:, head * head_dim : (head + 1) * head_dim] = 0
+        zeroed = _fused(model, tiny_inputs)
+    _assert_close(masked, zeroed)
+
+
+def test_ffn_mask_multiplies_activations(tiny_config, tiny_inputs) -> None:
+    model = EfficientVLMModel(tiny_config).eval()
+    masks = {"fusion_ffn": [torch.zeros(64), None]}
+    masks["fusion_ffn"][0][::2] = 1
+    with torch.no_grad():
+        masked = _fused(model, tiny_inputs, structure_masks=masks)
+        model.text_model.encoder.layer[2].mlp.fc2.weight[:, 1::2] = 0
+        zeroed = _fused(model, tiny_inputs)
+    _assert_close(masked, zeroed)
+
+
+def test_physical_pruning_matches_masked_model_and_accounting(tiny_config, tiny_inputs, tmp_path) -> None:
+    model = EfficientVLMForPreTraining(tiny_config).eval()
+    masks = _random_masks(model)
+    inputs = {**tiny_inputs, "itm_negatives": (torch.tensor([1, 2, 3, 0]), torch.tensor([3, 0, 1, 2]))}
+    with torch.no_grad():
+        masked = model(**inputs, structure_masks=masks)
+    before, unit_parameters, sizes = _count(model), model.structure_unit_parameters(), model.structure_sizes()
+    removed = sum(
+        (sizes[key][i] - int((mask != 0).sum())) * unit_parameters[key][i]
+        for key, layer_masks in masks.items()
+        for i, mask in enumerate(layer_masks)
+    )
+    model.prune(masks)
+    assert _count(model) == before - removed
+    # The first layer of every key lost every unit: the model still runs, the sub-block keeps its bias.
+    assert model.config.vision_config.num_attention_heads_per_layer[0] == 0
+    assert model.config.text_config.intermediate_size_per_layer[0] == 0
+    with torch.no_grad():
+        pruned = model(**inputs)
+    for name in ("itm_logits", "logits_per_image", "image_embeds", "text_embeds"):
+        torch.testing.assert_close(getattr(pruned, name), getattr(masked, name), atol=1e-5, rtol=0)
+
+    # The uneven per-layer sizes are in the config: the checkpoint reloads with `from_pretrained`.
+    model.save_pretrained(tmp_path)
+    reloaded = EfficientVLMForPreTraining.from_pretrained(tmp_path).eval()
+    assert reloaded.structure_sizes() == model.structure_sizes()
+    with torch.no_grad():
+        again = reloaded(**inputs)
+    torch.testing.assert_close(again.itm_logits, pruned.itm_logits, atol=1e-6, rtol=0)
+
+
+def test_non_uniform_config_round_trips(tmp_path, tiny_inputs) -> None:
+    config = EfficientVLMConfig.from_preset(
+        "tiny",
+        vision_config={"num_attention_heads_per_layer": [4, 0], "intermediate_size_per_layer": [17, 64]},
+        text_config={
+            "num_attention_heads_per_layer": [1, 4, 0, 3],
+            "num_cross_attention_heads_per_layer": [2, 0],
+            "intermediate_size_per_layer": [0, 5, 64, 9],
+        },
+    )
+    model = EfficientVLMModel(config).eval()
+    assert model.structure_sizes()["text_heads"] == [1, 4]
+    assert model.structure_sizes()["fusion_cross_heads"] == [2, 0]
+    model.save_pretrained(tmp_path)
+    reloaded = EfficientVLMModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config.text_config.intermediate_size_per_layer == [0, 5, 64, 9]
+    with torch.no_grad():
+        _assert_close(_fused(model, tiny_inputs), _fused(reloaded, tiny_inputs), atol=0)
+
+
+def test_other_image_sizes_interpolate_positions(tiny_config) -> None:
+    model = EfficientVLMVisionModel(tiny_config.vision_config).eval()
+    pixel_values = torch.randn(2, 3, 48, 48)
+    out = model(pixel_values, interpolate_pos_encoding=True)
+    assert out.last_hidden_state.shape == (2, 1 + 36, 32)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        model(pixel_values)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_config, tiny_inputs) -> None:
+    tiny_config.text_config.hidden_dropout_prob = 0.0
+    tiny_config.text_config.attention_probs_dropout_prob = 0.0
+    torch.manual_seed(0)
+    model = EfficientVLMForPreTraining(tiny_config)
+    inputs = {**tiny_inputs, "itm_negatives": (torch.tensor([1, 2, 3, 0]), torch.tensor([3, 0, 1, 2]))}
+    model.train()
+    model(**inputs).loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.efficientvlm.vision_model.layers)
+    model(**inputs).loss.backward()
+    for name, grad in reference.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5)
+
+
+def test_every_parameter_gets_a_gradient(tiny_config, tiny_inputs) -> None:
+    model = EfficientVLMForPreTraining(tiny_config).train()
+    out = model(
+        **tiny_inputs,
+        mlm_input_ids=tiny_inputs["input_ids"],
+        mlm_labels=tiny_inputs["input_ids"],
+        target_bbox=torch.full((4, 4), 0.3),
+    )
+    out.loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_pretraining_losses_are_finite_and_decrease(tiny_config) -> None:
+    torch.manual_seed(0)
+    model = EfficientVLMForPreTraining(tiny_config).train()
+    inputs = make_inputs(tiny_config, batch_size=8, seq_len=8, seed=1)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    mlm_input_ids = inputs["input_ids"].clone()
+    labels[:, 2] = mlm_input_ids[:, 2]
+    mlm_input_ids[:, 2] = 4  # [MASK]
+    batch = {**inputs, "mlm_input_ids": mlm_input_ids, "mlm_labels": labels}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history = []
+    for _ in range(25):
+        out = model(**batch)
+        history.append([out.loss_itc.item(), out.loss_itm.item(), out.loss_mlm.item()])
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    first, last = torch.tensor(history[:3]).mean(0), torch.tensor(history[-3:]).mean(0)
+    assert torch.isfinite(torch.tensor(history)).all()
+    assert (last < first).all(), f"losses did not all decrease: {first.tolist()} -> {last.tolist()}"
+
+
+def test_hard_negatives_never_come_from_the_same_image() -> None:
+    logits = torch.randn(6, 6) * 5
+    image_ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    for seed in range(20):
+        negative_text, negative_image = sample_hard_negatives(
+            logits, image_ids, generator=torch.Generator().manual_seed(seed)
+        )
+        assert (image_ids[negative_text] != image_ids).all()
+        assert (image_ids[negative_image] != image_ids).all()
+    with pytest.raises(ValueError, match="two different images"):
+        sample_hard_negatives(torch.randn(3, 3), torch.tensor([7, 7, 7]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Errors that name the problem
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_wrong_pixel_values_raise(tiny_config, tiny_inputs) -> None:
+    model = EfficientVLMModel(tiny_config).eval()
+    with pytest.raises(ValueError, match="channels"):
+        model(**{**tiny_inputs, "pixel_values": torch.randn(4, 1, 32, 32)})
+    with pytest.raises(ValueError, match=r"\(batch, channels, height, width\)"):
+        model(**{**tiny_inputs, "pixel_values": torch.randn(3, 32, 32)})
+    with pytest.raises(ValueError, match="does not match the model"):
+        model(**{**tiny_inputs, "pixel_values": torch.randn(4, 3, 40, 40)})
+
+
+def test_text_longer_than_position_table_raises(tiny_config, tiny_inputs) -> None:
+    model = EfficientVLMModel(tiny_config).eval()
+    long_ids = torch.ones(4, tiny_config.text_config.max_position_embeddings + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="position table"):
+        model(pixel_values=tiny_inputs["pixel_values"], input_ids=long_ids)
+
+
+def test_mismatched_batch_sizes_raise(tiny_config, tiny_inputs) -> None:
+    with pytest.raises(ValueError, match="Batch sizes differ"):
+        EfficientVLMModel(tiny_config)(**{**tiny_inputs, "pixel_values": tiny_inputs["pixel_values"][:3]})
+    with pytest.raises(ValueError, match="Batch sizes differ"):
+        EfficientVLMForPreTraining(tiny_config)(**{**tiny_inputs, "pixel_values": tiny_inputs["pixel_values"][:3]})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"vision_config": {"num_attention_heads_per_layer": [4]}}, "1 entries but the encoder has 2 layers"),
+        ({"text_config": {"intermediate_size_per_layer": [1, 2, 3]}}, "3 entries but the encoder has 4 layers"),
+        ({"text_config": {"num_cross_attention_heads_per_layer": [4, 4, 4]}}, "3 entries but the encoder has 2"),
+        ({"text_config": {"num_attention_heads_per_layer": [4, 4, 9, 4]}}, "between 0 and 4"),
+    ],
+)
+def test_per_layer_sizes_of_the_wrong_length_raise(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EfficientVLMConfig.from_preset("tiny", **overrides)
+
+
+def test_bad_masks_raise(tiny_config, tiny_inputs) -> None:
+    model = EfficientVLMModel(tiny_config).eval()
+    with pytest.raises(ValueError, match="Unknown structure-mask key"):
+        model(**tiny_inputs, structure_masks={"vision_head": [None, None]})
+    with pytest.raises(ValueError, match="3 entries but there are 2 layers"):
+        model(**tiny_inputs, structure_masks={"vision_heads": [None, None, None]})
+    with pytest.raises(ValueError, match=r"expected \(4,\)"):
+        model.prune({"vision_heads": [torch.ones(5), None]})
+    with pytest.raises(ValueError, match="Unknown preset"):
+        EfficientVLMConfig.from_preset("huge")
