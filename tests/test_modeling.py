@@ -212,7 +212,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config, tiny_input
     model(**inputs).loss.backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in model.efficientvlm.vision_model.layers)
     model(**inputs).loss.backward()
     for name, grad in reference.items():
