@@ -1,0 +1,158 @@
+"""Image processor for EfficientVLM: square bicubic resize, RGB, rescale to [0, 1], CLIP normalisation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers import AutoImageProcessor
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_base import BatchFeature
+from transformers.image_transforms import convert_to_rgb
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling
+
+from .configuration_efficientvlm import EfficientVLMConfig
+
+
+# The PIL backend (not the torchvision one) because torchvision is not a dependency of this project; the
+# pipeline is a handful of per-image operations, so the batched torchvision path would gain little on CPU.
+class EfficientVLMImageProcessor(PilBackend):
+    r"""
+    Turns images into the `pixel_values` the EfficientVLM vision encoder reads (the X-VLM / CLIP recipe):
+    convert to RGB (transparency composited on white), resize to a square `size` with bicubic resampling,
+    rescale by 1/255 and normalise with the OpenAI CLIP mean and standard deviation.
+
+    Accepted inputs (a single image or a list of them):
+    - `PIL.Image.Image` of any mode;
+    - `np.ndarray` in (H, W), (H, W, C) with C in {1, 3, 4}, or a batch (B, H, W, C);
+    - `torch.Tensor` in (H, W), (C, H, W) with C in {1, 3, 4}, or a batch (B, C, H, W);
+    - a list of equal-length lists/tuples of the above (e.g. NLVR2 image pairs), giving
+      `pixel_values` of shape (B, K, 3, H, W).
+    Pass `input_data_format="channels_first"` / `"channels_last"` to override the default layout
+    (channels last for NumPy, channels first for torch).
+
+    Integer images must hold values in [0, 255]. Floating-point images with every value in [0, 1] are taken
+    as already scaled (e.g. the output of `torchvision.transforms.ToTensor`) and multiplied by 255; other
+    floating-point images must lie in [0, 255]. Images are quantised to uint8 before resizing, as PIL does.
+
+    Returns a `BatchFeature` with `pixel_values` of shape (B, 3, size, size) (or (B, K, 3, size, size)).
+    """
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = OPENAI_CLIP_MEAN
+    image_std = OPENAI_CLIP_STD
+    size = {"height": 224, "width": 224}
+    default_to_square = True
+    do_resize = True
+    do_center_crop = False
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    model_input_names = ["pixel_values"]
+
+    def _preprocess_image_like_inputs(self, images: Any, *args: Any, **kwargs: Any) -> BatchFeature:
+        # Overridden so the flattening, validation and RGB conversion are ours: the generic path guesses the
+        # channel axis, which is ambiguous for tiny images (e.g. 3x3x3), and silently accepts odd shapes.
+        return_tensors = kwargs.pop("return_tensors", None)
+        input_data_format = kwargs.pop("input_data_format", None)
+        flat, group_size = _flatten_images(images)
+        prepared = [self._to_rgb_chw_uint8(image, index, input_data_format) for index, image in enumerate(flat)]
+        processed = self._preprocess(prepared, *args, return_tensors=None, **kwargs)["pixel_values"]
+        pixel_values = np.stack(processed).astype(np.float32)  # (N, 3, H, W)
+        if group_size is not None:
+            pixel_values = pixel_values.reshape(len(flat) // group_size, group_size, *pixel_values.shape[1:])
+        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+    @staticmethod
+    def _to_rgb_chw_uint8(image: Any, index: int, input_data_format: str | ChannelDimension | None) -> np.ndarray:
+        """Converts one image to a (3, H, W) uint8 array; `index` is its position in the flattened batch."""
+        if isinstance(image, PIL.Image.Image):
+            return np.ascontiguousarray(convert_to_rgb(image, return_numpy=True).transpose(2, 0, 1))
+        if isinstance(image, torch.Tensor):
+            array = image.detach().cpu().numpy()
+            channels_first = True
+        elif isinstance(image, np.ndarray):
+            array = image
+            channels_first = False
+        else:
+            raise ValueError(
+                f"Image {index} has unsupported type {type(image).__name__}; expected a PIL.Image.Image, a numpy "
+                "array or a torch tensor (load files or URLs with PIL first)."
+            )
+        if input_data_format is not None:
+            channels_first = ChannelDimension(input_data_format) == ChannelDimension.FIRST
+        if array.ndim == 2:
+            array = array[:, :, None]
+        elif array.ndim == 3:
+            if channels_first:
+                array = array.transpose(1, 2, 0)
+        else:
+            raise ValueError(
+                f"Image {index} has shape {tuple(array.shape)}; expected 2 (H, W) or 3 dimensions "
+                f"({'(C, H, W)' if channels_first else '(H, W, C)'})."
+            )
+        if array.shape[-1] not in (1, 3, 4):
+            layout = "(C, H, W)" if channels_first else "(H, W, C)"
+            raise ValueError(
+                f"Image {index} has shape {tuple(image.shape)} read as {layout} with {array.shape[-1]} channels; "
+                "expected 1, 3 or 4 channels. Use `input_data_format` if the channel axis is elsewhere."
+            )
+        if array.shape[0] == 0 or array.shape[1] == 0:
+            raise ValueError(f"Image {index} is empty (shape {tuple(image.shape)}).")
+        array = _to_uint8(array, index)
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[-1]]
+        pil_image = PIL.Image.fromarray(array[:, :, 0] if mode == "L" else array, mode=mode)
+        return np.ascontiguousarray(convert_to_rgb(pil_image, return_numpy=True).transpose(2, 0, 1))
+
+
+def _to_uint8(array: np.ndarray, index: int) -> np.ndarray:
+    """Maps an (H, W, C) array to uint8 following the value-range rules of the class docstring."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"Image {index} has dtype {array.dtype}; expected an integer or floating-point array.")
+    if not np.isfinite(array).all():
+        raise ValueError(f"Image {index} contains NaN or infinite values.")
+    low, high = float(array.min()), float(array.max())
+    if np.issubdtype(array.dtype, np.floating) and low >= 0.0 and high <= 1.0:
+        array = array * 255.0
+    elif low < 0.0 or high > 255.0:
+        raise ValueError(
+            f"Image {index} has values in [{low:g}, {high:g}]; expected [0, 255] (or [0, 1] for float images)."
+        )
+    return np.round(array).astype(np.uint8)
+
+
+def _flatten_images(images: Any) -> tuple[list[Any], int | None]:
+    """
+    Flattens the accepted input structures into a list of single images.
+
+    Returns the list and, for a list of groups (e.g. image pairs), the common group size (else `None`).
+    """
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images), None  # a batch (B, H, W, C) or (B, C, H, W)
+    if not isinstance(images, (list, tuple)):
+        return [images], None
+    if len(images) == 0:
+        raise ValueError("No images were given (empty list).")
+    nested = [isinstance(item, (list, tuple)) for item in images]
+    if not any(nested):
+        return list(images), None
+    if not all(nested):
+        raise ValueError("Mixed nesting: pass a list of images or a list of image groups (e.g. pairs), not both.")
+    sizes = {len(group) for group in images}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"Every image group must hold the same, non-zero number of images; got sizes {sorted(sizes)}.")
+    return [image for group in images for image in group], sizes.pop()
+
+
+# Registration: `AutoImageProcessor` resolves an `EfficientVLMConfig` folder to this class, and `save_pretrained`
+# writes `auto_map` so the saved folder loads with `trust_remote_code=True` without this package.
+AutoImageProcessor.register(
+    EfficientVLMConfig, image_processor_classes={"pil": EfficientVLMImageProcessor}, exist_ok=True
+)
+EfficientVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = ["EfficientVLMImageProcessor"]

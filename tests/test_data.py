@@ -1,0 +1,288 @@
+"""Datasets (X-VLM JSON and `datasets.Dataset`) and the task collators: contents, shapes, masking, errors."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from trainers.data import (
+    CaptioningCollator,
+    ImageTextCollator,
+    ImageTextDataset,
+    NLVR2Collator,
+    NLVR2Dataset,
+    PretrainingCollator,
+    VQACollator,
+    VQADataset,
+)
+
+from .data_utils import (
+    CLS_ID,
+    COLOURS,
+    MASK_ID,
+    PAD_ID,
+    SEP_ID,
+    make_image,
+    make_processor,
+    save_image,
+    write_image_text_json,
+    write_nlvr2_json,
+    write_vqa_json,
+)
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory: pytest.TempPathFactory):
+    return make_processor(tmp_path_factory.mktemp("processor"), image_size=16, max_length=16)
+
+
+@pytest.fixture(scope="module")
+def image_text(tmp_path_factory: pytest.TempPathFactory) -> ImageTextDataset:
+    path, root = write_image_text_json(tmp_path_factory.mktemp("image_text"), n=3, captions_per_image=2)
+    return ImageTextDataset(path, root)
+
+
+# ----------------------------------------------------------------------------------------------------- datasets
+
+
+def test_image_text_dataset_expands_captions(image_text: ImageTextDataset) -> None:
+    assert len(image_text) == 6 and image_text.num_images == 3
+    assert image_text.text_to_image == [0, 0, 1, 1, 2, 2]
+    assert image_text.image_to_texts == [[0, 1], [2, 3], [4, 5]]
+    item = image_text[3]
+    assert item["text"] == "a picture of a green circle" and item["image_id"] == 1
+    assert item["image"].mode == "RGB" and item["image"].size == (41, 31)
+    assert item["image"].getpixel((0, 0)) == (0, 128, 0)  # PIL's "green"
+    assert image_text.get_image(2).getpixel((3, 3)) == (0, 0, 255)
+    assert [x["image_id"] for x in image_text.image_view()] == [0, 1, 2]
+    assert image_text.text_view()[5] == {"text": "a picture of a blue circle", "image_id": 2}
+
+
+def test_image_ids_follow_paths_and_explicit_ids(tmp_path) -> None:
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        save_image(tmp_path / name, colour)
+    records = [
+        {"image": "a.png", "caption": "a red square"},
+        {"image": "b.png", "caption": ["a blue square", "a blue box"]},
+        {"image": "a.png", "caption": "a red box"},  # same path: same image id
+        {"image": "b.png", "caption": "a blue ball", "image_id": "other"},  # explicit id wins
+    ]
+    dataset = ImageTextDataset(records, image_root=tmp_path)
+    assert dataset.text_to_image == [0, 1, 1, 0, 2]
+    assert dataset.image_to_texts == [[0, 3], [1, 2], [4]]
+
+
+def test_missing_and_unreadable_images_name_the_record(tmp_path) -> None:
+    save_image(tmp_path / "ok.png", "red")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    records = [{"image": "ok.png", "caption": "a"}, {"image": "gone.png", "caption": "b"}]
+    with pytest.raises(FileNotFoundError, match=r"Record 1: image file .*gone\.png not found"):
+        ImageTextDataset(records, image_root=tmp_path)
+    lazy = ImageTextDataset(records, image_root=tmp_path, check_files=False)
+    with pytest.raises(FileNotFoundError, match=r"Record 1: .*gone\.png"):
+        lazy[1]
+    broken = ImageTextDataset([{"image": "broken.png", "caption": "c"}], image_root=tmp_path)
+    with pytest.raises(ValueError, match=r"Record 0: cannot read image .*broken\.png"):
+        broken[0]
+    with pytest.raises(ValueError, match="Record 0 has no `image` field"):
+        ImageTextDataset([{"caption": "a"}])
+    with pytest.raises(ValueError, match=r"Record 0 has none of the fields \['caption', 'text'\]"):
+        ImageTextDataset([{"image": "ok.png"}], image_root=tmp_path)
+
+
+def test_too_long_captions_are_reported(tmp_path, processor) -> None:
+    save_image(tmp_path / "a.png")
+    long_caption = " ".join(["red"] * 20)
+    records = [{"image": "a.png", "caption": [long_caption, "a red square", long_caption]}]
+    with pytest.warns(UserWarning, match=r"2 of 3 captions are longer than max_length=16 tokens .*longest: 22"):
+        dataset = ImageTextDataset(records, image_root=tmp_path, processor=processor)
+    assert dataset.num_truncated == 2
+    with pytest.warns(UserWarning, match="1 of 3 texts were longer than max_length=16"):
+        batch = ImageTextCollator(processor)([dataset[0], dataset[1], dataset[1]])
+    assert batch["input_ids"].shape == (3, 16)
+
+
+def test_hf_dataset_with_image_feature(processor) -> None:
+    hf = datasets.Dataset.from_dict(
+        {"image": [make_image("red"), make_image("blue")], "caption": [["a red square", "a red box"], ["a blue ball"]]}
+    )
+    dataset = ImageTextDataset(hf)
+    assert dataset.lazy_image_column and dataset.text_to_image == [0, 0, 1]
+    assert dataset[2]["image"].getpixel((0, 0)) == (0, 0, 255)
+    nlvr2 = NLVR2Dataset(
+        datasets.Dataset.from_dict(
+            {
+                "images": [[make_image("red"), make_image("blue")]],
+                "sentence": ["the left image is red"],
+                "label": [True],
+            }
+        )
+    )
+    item = nlvr2[0]
+    assert item["label"] == 1 and [im.getpixel((0, 0)) for im in item["images"]] == [(255, 0, 0), (0, 0, 255)]
+    vqa = VQADataset(
+        datasets.Dataset.from_dict({"image": [make_image("red")], "question": ["what color ?"], "answer": [["red"]]})
+    )
+    assert vqa[0]["answers"] == ["red"] and vqa[0]["answer_weights"] == [1.0] and vqa[0]["question_id"] == 0
+    with pytest.raises(ValueError, match="no `image` column"):
+        ImageTextDataset(datasets.Dataset.from_dict({"caption": ["a"]}))
+    with pytest.raises(ValueError, match="Record 0: the image is missing"):
+        ImageTextDataset(hf.cast_column("image", datasets.Image()).map(lambda _: {"image": None}))[0]
+
+
+def test_vqa_dataset_weights(tmp_path) -> None:
+    path, root = write_vqa_json(tmp_path, n=3)
+    dataset = VQADataset(path, root)
+    item = dataset[0]  # colour red: 7 + 2 "red", 1 "blue"
+    assert item["question"] == "what color is the square ?" and item["question_id"] == 100
+    assert item["answers"] == ["red", "blue"]
+    assert item["answer_weights"] == pytest.approx([0.9, 0.1])
+    assert dataset[1]["answers"] == ["green", "red", "blue"]
+    assert dataset[1]["answer_weights"] == pytest.approx([0.7, 0.2, 0.1])
+    assert dataset.references[1] == ["green"] * 7 + ["red", "red", "blue"]
+    save_image(tmp_path / "x.png")
+    explicit = VQADataset(
+        [{"image": "x.png", "question": "q", "answer": ["a", "b", "a"], "answer_weight": [0.5, 0.3, 0.2]}], tmp_path
+    )
+    assert explicit[0]["answers"] == ["a", "b"] and explicit[0]["answer_weights"] == pytest.approx([0.7, 0.3])
+    test_split = VQADataset([{"image": "x.png", "question": "q"}], tmp_path)
+    assert test_split[0]["answers"] == [] and test_split[0]["answer_weights"] == []
+    with pytest.raises(ValueError, match="Record 0: 1 answer weights for 2 answers"):
+        VQADataset([{"image": "x.png", "question": "q", "answer": ["a", "b"], "answer_weight": [1.0]}], tmp_path)
+
+
+def test_nlvr2_dataset_labels(tmp_path) -> None:
+    path, root = write_nlvr2_json(tmp_path, n=4)
+    dataset = NLVR2Dataset(path, root)
+    assert dataset.labels == [1, 0, 1, 0]
+    item = dataset[1]
+    assert item["text"] == "the left image is green"
+    assert [image.getpixel((0, 0)) for image in item["images"]] == [(0, 128, 0), (0, 0, 255)]
+    records = json.loads(path.read_text())
+    with pytest.raises(ValueError, match=r"Record 0: label 'maybe'"):
+        NLVR2Dataset([{**records[0], "label": "maybe"}], root)
+    with pytest.raises(ValueError, match=r"Record 0: label 2"):
+        NLVR2Dataset([{**records[0], "label": 2}], root)
+    with pytest.raises(ValueError, match="Record 0: `images` must hold exactly 2 images"):
+        NLVR2Dataset([{**records[0], "images": records[0]["images"][:1]}], root)
+
+
+# ---------------------------------------------------------------------------------------------------- collators
+
+
+def test_image_text_collator(image_text: ImageTextDataset, processor) -> None:
+    loader = DataLoader(image_text, batch_size=4, collate_fn=ImageTextCollator(processor))
+    batch = next(iter(loader))
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "image_ids"}
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
+    assert batch["input_ids"].shape == (4, 8) and batch["input_ids"].dtype == torch.long
+    assert batch["image_ids"].tolist() == [0, 0, 1, 1] and batch["image_ids"].dtype == torch.long
+    images_only = ImageTextCollator(processor)([image_text.image_view()[i] for i in range(3)])
+    assert set(images_only) == {"pixel_values", "image_ids"} and images_only["image_ids"].tolist() == [0, 1, 2]
+    texts_only = ImageTextCollator(processor)([image_text.text_view()[i] for i in range(2)])
+    assert set(texts_only) == {"input_ids", "attention_mask", "image_ids"}
+    with pytest.raises(ValueError, match=r"item 1 has no 'image_id' field"):
+        ImageTextCollator(processor)([image_text[0], {"image": make_image(), "text": "a"}])
+    with pytest.raises(ValueError, match="empty batch"):
+        ImageTextCollator(processor)([])
+
+
+def _text_items(texts: list[str]) -> list[dict]:
+    return [{"image": make_image(), "text": text, "image_id": i} for i, text in enumerate(texts)]
+
+
+def test_pretraining_collator_masks_like_xvlm(processor) -> None:
+    texts = ["a picture of a red square", "two dog", "the left image is blue and the right image is red", "a"]
+    collator = PretrainingCollator(processor, seed=0)
+    batch = collator(_text_items(texts))
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "image_ids", "mlm_input_ids", "mlm_labels"}
+    ids, mlm_ids, labels = batch["input_ids"], batch["mlm_input_ids"], batch["mlm_labels"]
+    assert mlm_ids.shape == labels.shape == ids.shape
+    masked = labels != -100
+    # Labels hold the original ids exactly where masked; elsewhere the input is unchanged.
+    assert torch.equal(labels[masked], ids[masked])
+    assert torch.equal(mlm_ids[~masked], ids[~masked])
+    # Never special tokens or padding.
+    assert not masked[(ids == CLS_ID) | (ids == SEP_ID) | (ids == PAD_ID)].any()
+    maskable = ((ids != CLS_ID) & (ids != SEP_ID) & (ids != PAD_ID)).sum(1)
+    expected = torch.clamp((maskable.float() * 0.25).round(), min=1, max=8)  # whole words here are 1 token
+    assert masked.sum(1).tolist() == expected.long().tolist()
+    # Seedable.
+    again = PretrainingCollator(processor, seed=0)(_text_items(texts))
+    assert torch.equal(again["mlm_input_ids"], mlm_ids) and torch.equal(again["mlm_labels"], labels)
+
+
+def test_pretraining_collator_caps_and_whole_words(processor) -> None:
+    long_text = " ".join(COLOURS[:12])  # 11 single-token words (+ "red" again)
+    capped = PretrainingCollator(processor, mlm_probability=1.0, max_masks=8, seed=1)(_text_items([long_text]))
+    assert (capped["mlm_labels"] != -100).sum().item() == 8
+    # "reds" = "red ##s": a whole word is masked together even when the target is one token.
+    whole = PretrainingCollator(processor, seed=2)(_text_items(["reds"] * 16))
+    assert ((whole["mlm_labels"][:, 1:3] != -100).sum(1) == 2).all()
+    pieces = PretrainingCollator(processor, whole_word_mask=False, seed=2)(_text_items(["reds"] * 16))
+    assert ((pieces["mlm_labels"] != -100).sum(1) == 1).all()
+
+
+def test_pretraining_collator_80_10_10(processor) -> None:
+    collator = PretrainingCollator(processor, mlm_probability=1.0, max_masks=8, seed=3)
+    batch = collator(_text_items([" ".join(COLOURS[:8])] * 500))
+    labels, mlm_ids = batch["mlm_labels"], batch["mlm_input_ids"]
+    masked = labels != -100
+    total = masked.sum().item()
+    assert total == 500 * 8
+    as_mask = (mlm_ids[masked] == MASK_ID).float().mean().item()
+    unchanged = (mlm_ids[masked] == labels[masked]).float().mean().item()
+    assert abs(as_mask - 0.8) < 0.03 and abs(unchanged - 0.1) < 0.03
+    random_ids = mlm_ids[masked & (mlm_ids != MASK_ID) & (mlm_ids != labels)]
+    assert not torch.isin(random_ids, torch.tensor(processor.tokenizer.all_special_ids)).any()
+
+
+def test_captioning_collator_labels(processor) -> None:
+    items = [{"image": make_image(), "text": "a red square"}, {"image": make_image(), "text": "two big blue balls"}]
+    batch = CaptioningCollator(processor, prompt="a picture of ")(items)
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels"}
+    tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    assert tokens[:8] == ["[CLS]", "a", "picture", "of", "a", "red", "square", "[SEP]"]
+    labels = batch["labels"]
+    assert labels[:, :4].eq(-100).all()  # [CLS] + 3 prompt tokens
+    assert labels[0, 4:8].tolist() == batch["input_ids"][0, 4:8].tolist()  # caption + [SEP]
+    assert labels[0, 8:].eq(-100).all() and batch["attention_mask"][0, 8:].eq(0).all()
+    assert labels[1, 4:].ne(-100).sum().item() == 6  # two big blue ball ##s [SEP]
+    with pytest.raises(ValueError, match="does not tokenise to the same ids"):
+        CaptioningCollator(processor, prompt="a pict")([{"image": make_image(), "text": "ure of a dog"}])
+    with pytest.raises(ValueError, match="leaves no room"):
+        CaptioningCollator(processor, prompt="a picture of ", max_length=5)
+
+
+def test_vqa_collator(tmp_path, processor) -> None:
+    path, root = write_vqa_json(tmp_path, n=3)
+    dataset = VQADataset(path, root)
+    batch = VQACollator(processor)([dataset[i] for i in range(3)])
+    expected_keys = {"pixel_values", "input_ids", "attention_mask", "answer_input_ids", "answer_attention_mask"}
+    assert set(batch) == expected_keys | {"answer_weights", "answer_counts"}
+    assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["input_ids"].shape == (3, 8)
+    assert batch["answer_counts"].tolist() == [2, 3, 2] and batch["answer_counts"].dtype == torch.long
+    assert batch["answer_input_ids"].shape == (7, 3) and batch["answer_attention_mask"].shape == (7, 3)
+    assert batch["answer_weights"].tolist() == pytest.approx([0.9, 0.1, 0.7, 0.2, 0.1, 0.8, 0.2])
+    tokens = processor.tokenizer.convert_ids_to_tokens(batch["answer_input_ids"][2].tolist())
+    assert tokens == ["[CLS]", "green", "[SEP]"]
+    empty = VQACollator(processor)([{"image": make_image(), "question": "q", "answers": [], "answer_weights": []}])
+    assert empty["answer_input_ids"].shape == (0, 0) and empty["answer_counts"].tolist() == [0]
+    with pytest.raises(ValueError, match="item 0 has 1 answers but 2 answer weights"):
+        VQACollator(processor)([{"image": make_image(), "question": "q", "answers": ["a"], "answer_weights": [1, 2]}])
+
+
+def test_nlvr2_collator(tmp_path, processor) -> None:
+    path, root = write_nlvr2_json(tmp_path, n=4)
+    batch = NLVR2Collator(processor)([NLVR2Dataset(path, root)[i] for i in range(4)])
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels"}
+    assert batch["pixel_values"].shape == (4, 2, 3, 16, 16)
+    assert batch["labels"].tolist() == [1, 0, 1, 0] and batch["labels"].dtype == torch.long
+    # Pair order is kept: item 0 is red (left) then green (right).
+    assert batch["pixel_values"][0, 0, 0, 0, 0] > 1.5 and batch["pixel_values"][0, 1, 0, 0, 0] < -1.5
+    with pytest.raises(ValueError, match="exactly 2 images"):
+        NLVR2Collator(processor)([{"images": [make_image()], "text": "a", "label": 1}])

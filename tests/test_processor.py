@@ -1,0 +1,239 @@
+"""Image processor and processor: values, shapes, input checks, truncation reporting, save/load, remote code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import AutoImageProcessor, AutoProcessor
+
+from modeling_efficientvlm.image_processing_efficientvlm import EfficientVLMImageProcessor
+from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
+
+from .data_utils import CLS_ID, PAD_ID, SEP_ID, make_image, make_image_processor, make_processor
+
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
+
+
+def _expected(rgb: tuple[int, int, int]) -> torch.Tensor:
+    return (torch.tensor(rgb, dtype=torch.float) / 255 - CLIP_MEAN) / CLIP_STD
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory: pytest.TempPathFactory) -> EfficientVLMProcessor:
+    return make_processor(tmp_path_factory.mktemp("processor"), image_size=32, max_length=12)
+
+
+# ---------------------------------------------------------------------------------------------- image processor
+
+
+def test_defaults_are_the_clip_recipe() -> None:
+    image_processor = EfficientVLMImageProcessor()
+    assert (image_processor.size.height, image_processor.size.width) == (224, 224)
+    assert image_processor.resample == PIL.Image.Resampling.BICUBIC
+    assert image_processor.do_center_crop is False
+    assert torch.allclose(torch.tensor(image_processor.image_mean), CLIP_MEAN)
+    assert torch.allclose(torch.tensor(image_processor.image_std), CLIP_STD)
+    pixel_values = image_processor(make_image("red", (50, 30)), return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (1, 3, 224, 224) and pixel_values.dtype == torch.float32
+
+
+def test_solid_colour_is_rescaled_and_normalised() -> None:
+    pixel_values = make_image_processor(32)(make_image((255, 128, 0), (50, 40)), return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (1, 3, 32, 32)
+    expected = _expected((255, 128, 0))[:, None, None].expand(3, 32, 32)
+    torch.testing.assert_close(pixel_values[0], expected, atol=1e-5, rtol=0)
+
+
+def test_numpy_torch_and_pil_inputs_agree() -> None:
+    image_processor = make_image_processor(16)
+    rng = np.random.default_rng(0)
+    hwc = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    reference = image_processor(PIL.Image.fromarray(hwc), return_tensors="pt")["pixel_values"]
+    variants = {
+        "numpy uint8 HWC": hwc,
+        "numpy float [0, 1]": hwc.astype(np.float32) / 255,
+        "numpy float [0, 255]": hwc.astype(np.float64),
+        "torch uint8 CHW": torch.from_numpy(hwc).permute(2, 0, 1),
+        "torch float CHW [0, 1]": torch.from_numpy(hwc).permute(2, 0, 1).float() / 255,
+        "numpy CHW with input_data_format": hwc.transpose(2, 0, 1),
+    }
+    for name, image in variants.items():
+        kwargs = {"input_data_format": "channels_first"} if "input_data_format" in name else {}
+        out = image_processor(image, return_tensors="pt", **kwargs)["pixel_values"]
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=0, msg=name)
+
+
+def test_grayscale_and_rgba_become_rgb() -> None:
+    image_processor = make_image_processor(8)
+    gray = image_processor(np.full((10, 10), 200, dtype=np.uint8), return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(gray, _expected((200, 200, 200))[:, None, None].expand(3, 8, 8), atol=1e-5, rtol=0)
+    # Fully transparent pixels are composited on white.
+    rgba = np.zeros((10, 10, 4), dtype=np.uint8)
+    out = image_processor(rgba, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(out, _expected((255, 255, 255))[:, None, None].expand(3, 8, 8), atol=1e-5, rtol=0)
+
+
+def test_batches_lists_and_groups() -> None:
+    image_processor = make_image_processor(8)
+    images = [make_image("red", 10), make_image("blue", (12, 7)), np.zeros((5, 6, 3), np.uint8)]
+    assert image_processor(images, return_tensors="pt")["pixel_values"].shape == (3, 3, 8, 8)
+    assert image_processor(torch.zeros(4, 3, 9, 9), return_tensors="pt")["pixel_values"].shape == (4, 3, 8, 8)
+    pairs = [[make_image("red"), make_image("blue")], (make_image("green"), make_image("white"))]
+    grouped = image_processor(pairs, return_tensors="pt")["pixel_values"]
+    assert grouped.shape == (2, 2, 3, 8, 8)
+    # Group order is kept: pair 0, image 1 is blue.
+    torch.testing.assert_close(grouped[0, 1, :, 0, 0], _expected((0, 0, 255)), atol=1e-5, rtol=0)
+    assert isinstance(image_processor(images, return_tensors="np")["pixel_values"], np.ndarray)
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (np.zeros((1, 2, 3, 4, 5), np.uint8), "Image 0 has shape"),
+        (np.zeros((8, 8, 2), np.uint8), "2 channels"),
+        (torch.zeros(5, 8, 8), "5 channels"),
+        ("picture.jpg", "unsupported type str"),
+        ([], "No images"),
+        ([[make_image()], [make_image(), make_image()]], "same, non-zero number"),
+        ([make_image(), [make_image()]], "Mixed nesting"),
+        (np.full((4, 4, 3), 300.0), r"values in \[300, 300\]"),
+        (np.full((4, 4, 3), np.nan), "NaN"),
+        (np.zeros((0, 4, 3), np.uint8), "empty"),
+    ],
+)
+def test_bad_images_raise_clear_errors(images: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_image_processor(8)(images, return_tensors="pt")
+
+
+def test_image_processor_save_load_round_trip(tmp_path) -> None:
+    image_processor = make_image_processor(24)
+    image_processor.save_pretrained(tmp_path)
+    for loaded in (EfficientVLMImageProcessor.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path)):
+        assert type(loaded) is EfficientVLMImageProcessor
+        assert (loaded.size.height, loaded.size.width) == (24, 24)
+        assert loaded.resample == PIL.Image.Resampling.BICUBIC
+        image = make_image("purple", (30, 20))
+        torch.testing.assert_close(
+            loaded(image, return_tensors="pt")["pixel_values"],
+            image_processor(image, return_tensors="pt")["pixel_values"],
+        )
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["auto_map"] == {
+        "AutoImageProcessor": "image_processing_efficientvlm.EfficientVLMImageProcessor"
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- processor
+
+
+def test_processor_outputs(processor: EfficientVLMProcessor) -> None:
+    batch = processor(
+        images=[make_image("red"), make_image("blue")], text=["a red square", "a big blue ball and a box"]
+    )
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask"}
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    assert tokens == ["[CLS]", "a", "red", "square", "[SEP]", "[PAD]", "[PAD]", "[PAD]", "[PAD]"]
+    # Padding to the longest text of the batch (9 tokens), not to max_length.
+    assert batch["input_ids"].shape == (2, 9)
+    assert batch["attention_mask"][0].tolist() == [1] * 5 + [0] * 4
+    assert batch["input_ids"][1].tolist()[0] == CLS_ID and batch["input_ids"][1].tolist()[-1] == SEP_ID
+    assert processor.batch_decode(batch["input_ids"], skip_special_tokens=True) == [
+        "a red square",
+        "a big blue ball and a box",
+    ]
+    assert processor.decode(batch["input_ids"][0], skip_special_tokens=True) == "a red square"
+    text_only = processor(text="what color is the star ?")
+    assert set(text_only) == {"input_ids", "attention_mask"} and text_only["input_ids"].shape == (1, 8)
+
+
+def test_processor_truncation_is_counted_and_warned(processor: EfficientVLMProcessor) -> None:
+    long_text = " ".join(["red"] * 20)
+    seen, truncated = processor.num_texts_seen, processor.num_texts_truncated
+    with pytest.warns(UserWarning, match="1 of 2 texts were longer than max_length=12"):
+        batch = processor(text=[long_text, "a red square"])
+    assert batch["input_ids"].shape == (2, 12)
+    assert batch["input_ids"][0, -1].item() == SEP_ID
+    assert batch["input_ids"][1, 5:].tolist() == [PAD_ID] * 7
+    assert (processor.num_texts_seen - seen, processor.num_texts_truncated - truncated) == (2, 1)
+    with pytest.warns(UserWarning, match="max_length=4"):
+        assert processor(text="a red square", max_length=4)["input_ids"].shape == (1, 4)
+    with pytest.raises(ValueError, match="longer than max_length=12"):
+        processor(text=long_text, truncation=False)
+
+
+def test_processor_pairs_and_bad_calls(processor: EfficientVLMProcessor) -> None:
+    pairs = [[make_image("red"), make_image("blue")], [make_image("green"), make_image("white")]]
+    batch = processor(images=pairs, text=["the left image is red", "the right image is white"])
+    assert batch["pixel_values"].shape == (2, 2, 3, 32, 32) and batch["input_ids"].shape[0] == 2
+    with pytest.raises(ValueError, match="2 images .* but 1 texts"):
+        processor(images=[make_image(), make_image()], text=["a red square"])
+    with pytest.raises(ValueError, match="Give `images`, `text` or both"):
+        processor()
+    with pytest.raises(ValueError, match="list of strings"):
+        processor(text=[1, 2])
+    with pytest.raises(ValueError, match="at least 2"):
+        EfficientVLMProcessor(processor.image_processor, processor.tokenizer, max_length=1)
+
+
+def test_processor_save_and_auto_load(processor: EfficientVLMProcessor, tmp_path) -> None:
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["auto_map"] == {"AutoProcessor": "processing_efficientvlm.EfficientVLMProcessor"}
+    assert saved["max_length"] == 12
+    # The remote-code files are copied flat next to the configs.
+    for name in ("processing_efficientvlm.py", "image_processing_efficientvlm.py", "configuration_efficientvlm.py"):
+        assert (tmp_path / name).is_file()
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is EfficientVLMProcessor and loaded.max_length == 12
+    inputs = {"images": [make_image("red"), make_image("pink")], "text": ["a red square", "a pink star"]}
+    expected, actual = processor(**inputs), loaded(**inputs)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key])
+
+
+def test_processor_loads_as_remote_code_without_the_package(processor: EfficientVLMProcessor, tmp_path) -> None:
+    save_dir = tmp_path / "saved"
+    processor.save_pretrained(save_dir)
+    inputs = {"images": [make_image("red"), make_image("pink")], "text": ["a red square", "a pink star"]}
+    expected = processor(**inputs)
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import PIL.Image
+        from transformers import AutoProcessor
+        try:
+            import modeling_efficientvlm  # noqa: F401
+            sys.exit("the package is importable; the test would prove nothing")
+        except ImportError:
+            pass
+        processor = AutoProcessor.from_pretrained({str(save_dir)!r}, trust_remote_code=True)
+        images = [PIL.Image.new("RGB", (32, 32), "red"), PIL.Image.new("RGB", (32, 32), "pink")]
+        out = processor(images=images, text=["a red square", "a pink star"])
+        print(json.dumps({{
+            "module": type(processor).__module__,
+            "image_module": type(processor.image_processor).__module__,
+            "input_ids": out["input_ids"].tolist(),
+            "pixel_values": out["pixel_values"].flatten().tolist(),
+        }}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["module"].startswith("transformers_modules.") and out["image_module"].startswith("transformers_modules.")
+    assert out["input_ids"] == expected["input_ids"].tolist()
+    torch.testing.assert_close(torch.tensor(out["pixel_values"]), expected["pixel_values"].flatten())
