@@ -1,0 +1,375 @@
+"""Tests for the built-in demo corpus (`trainers.demo_data`): format, determinism, ground truth, balance, vocab."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import pytest
+from transformers import BertTokenizer
+
+from trainers.demo_data import (
+    COLORS,
+    QUESTION_TYPES,
+    SHAPES,
+    DemoDataPaths,
+    demo_vocabulary,
+    generate_demo_data,
+    write_demo_vocab,
+)
+
+YES_NO_TYPES = ("position_yes_no", "existence")
+RELATION = {
+    "above": lambda a, b: a["row"] < b["row"],
+    "below": lambda a, b: a["row"] > b["row"],
+    "to the left of": lambda a, b: a["col"] < b["col"],
+    "to the right of": lambda a, b: a["col"] > b["col"],
+}
+REL = "above|below|to the left of|to the right of"
+REF = r"the \w+(?: shape)?"
+
+
+def load(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> DemoDataPaths:
+    return generate_demo_data(tmp_path_factory.mktemp("quick"), quick=True)
+
+
+@pytest.fixture(scope="module")
+def scenes(quick: DemoDataPaths) -> dict[str, dict[str, Any]]:
+    return {s["image"]: s for s in load(quick.scenes)}
+
+
+# ---- an independent re-derivation of the ground truth from scenes.json --------------------------------------
+
+
+def resolve(scene: dict[str, Any], reference: str) -> dict[str, Any]:
+    """The one object "the circle" / "the red shape" names; fails if the reference is ambiguous."""
+    words = reference.split()
+    if words[-1] == "shape":
+        matches = [o for o in scene["objects"] if o["color"] == words[1]]
+    else:
+        matches = [o for o in scene["objects"] if o["shape"] == words[1]]
+    assert len(matches) == 1, (reference, scene)
+    return matches[0]
+
+
+def derive_vqa(scene: dict[str, Any], question: str) -> tuple[str, str]:
+    """(question type, answer) of a demo question, from the scene."""
+    objects = scene["objects"]
+    if m := re.fullmatch(r"what color is the (\w+) \?", question):
+        return "color", resolve(scene, f"the {m[1]}")["color"]
+    if m := re.fullmatch(r"what shape is the (\w+) object \?", question):
+        return "shape", resolve(scene, f"the {m[1]} shape")["shape"]
+    if question == "how many shapes are there ?":
+        return "count", str(len(objects))
+    if m := re.fullmatch(rf"what is ({REL}) ({REF}) \?", question):
+        anchor = resolve(scene, m[2])
+        targets = [o for o in objects if o is not anchor and RELATION[m[1]](o, anchor)]
+        assert len(targets) == 1, (question, scene)
+        return "position_what", targets[0]["shape"]
+    if m := re.fullmatch(rf"is ({REF}) ({REL}) ({REF}) \?", question):
+        a, b = resolve(scene, m[1]), resolve(scene, m[3])
+        assert a is not b
+        axis = "row" if m[2] in ("above", "below") else "col"
+        assert a[axis] != b[axis], "a 'no' must mean the reverse relation"
+        return "position_yes_no", "yes" if RELATION[m[2]](a, b) else "no"
+    if m := re.fullmatch(r"is there an? (\w+) (\w+) \?", question):
+        present = any(o["color"] == m[1] and o["shape"] == m[2] for o in objects)
+        return "existence", "yes" if present else "no"
+    raise AssertionError(f"unknown question template: {question!r}")
+
+
+def possible_answers(qtype: str, question: str, max_objects: int = 4) -> set[str]:
+    if qtype == "color":
+        return set(COLORS)
+    if qtype == "count":
+        return {str(i) for i in range(1, max_objects + 1)}
+    if qtype in YES_NO_TYPES:
+        return {"yes", "no"}
+    named = re.fullmatch(rf"what is (?:{REL}) the (\w+) \?", question)
+    return set(SHAPES) - {named[1]} if named else set(SHAPES)
+
+
+NUMBERS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())}
+
+
+def derive_nlvr2(left: dict[str, Any], right: dict[str, Any], sentence: str) -> bool:
+    sides = {"left": left["objects"], "right": right["objects"]}
+    n_left, n_right = len(sides["left"]), len(sides["right"])
+
+    def has(objects: list[dict[str, Any]], thing: str) -> bool:  # "a red shape" / "an orange shape" / "a circle"
+        words = thing.split()
+        if words[-1] == "shape":
+            return any(o["color"] == words[1] for o in objects)
+        return any(o["shape"] == words[1] for o in objects)
+
+    if sentence == "the left image contains more shapes than the right image":
+        return n_left > n_right
+    if sentence == "the right image contains more shapes than the left image":
+        return n_right > n_left
+    if sentence == "both images contain the same number of shapes":
+        return n_left == n_right
+    if m := re.fullmatch(r"there are (\w+) shapes in total", sentence):
+        return n_left + n_right == NUMBERS[m[1]]
+    if m := re.fullmatch(r"both images contain (an? \w+(?: shape)?)", sentence):
+        return has(sides["left"], m[1]) and has(sides["right"], m[1])
+    if m := re.fullmatch(r"exactly one image contains (an? \w+(?: shape)?)", sentence):
+        return has(sides["left"], m[1]) != has(sides["right"], m[1])
+    if m := re.fullmatch(r"there is an? (\w+) (\w+) in the (left|right) image", sentence):
+        return any(o["color"] == m[1] and o["shape"] == m[2] for o in sides[m[3]])
+    if m := re.fullmatch(rf"the (left|right) image has a (\w+) ({REL}) a (\w+)", sentence):
+        objects = sides[m[1]]
+        return any(
+            a["shape"] == m[2] and b["shape"] == m[4] and RELATION[m[3]](a, b)
+            for a in objects
+            for b in objects
+            if a is not b
+        )
+    raise AssertionError(f"unknown NLVR2 template: {sentence!r}")
+
+
+def all_texts(paths: DemoDataPaths) -> list[str]:
+    texts = [
+        c
+        for name in ("pretrain", "retrieval_train", "retrieval_test")
+        for r in load(getattr(paths, name))
+        for c in r["caption"]
+    ]
+    texts += [
+        t
+        for name in ("vqa_train", "vqa_test")
+        for r in load(getattr(paths, name))
+        for t in [r["question"], *r["answer"]]
+    ]
+    texts += [r["sentence"] for name in ("nlvr2_train", "nlvr2_test") for r in load(getattr(paths, name))]
+    return texts + load(paths.answer_list)
+
+
+# ---- tests --------------------------------------------------------------------------------------------------
+
+
+def test_files_and_quick_sizes(quick: DemoDataPaths) -> None:
+    written = sorted(p.name for p in quick.root.iterdir())
+    expected = sorted([p.name for p in quick.json_files()] + ["images", "vocab.txt"])
+    assert written == expected
+    assert DemoDataPaths.in_directory(quick.root) == quick
+    stats = load(quick.stats)
+    assert stats["num_images"] == {"train": 200, "test": 60}
+    assert len(list(quick.images_dir.glob("*.png"))) == 260
+    assert len(load(quick.pretrain)) == len(load(quick.retrieval_train)) == 200
+    assert len(load(quick.retrieval_test)) == 60
+    assert len(load(quick.nlvr2_train)) == 400 and len(load(quick.nlvr2_test)) == 120
+    # Nearly every image gets its 3 questions (the balance rule may skip a few).
+    assert 0.85 * 600 <= len(load(quick.vqa_train)) <= 600 and 0.85 * 180 <= len(load(quick.vqa_test)) <= 180
+    for record in load(quick.pretrain):
+        assert set(record) == {"image", "caption", "image_id"} and 2 <= len(record["caption"]) <= 3
+    question_ids = [r["question_id"] for name in ("vqa_train", "vqa_test") for r in load(getattr(quick, name))]
+    assert len(set(question_ids)) == len(question_ids)
+
+
+def test_deterministic_per_seed(tmp_path: Path) -> None:
+    kwargs = dict(num_train_images=30, num_eval_images=12, image_size=32)
+    first, second = generate_demo_data(tmp_path / "a", **kwargs), generate_demo_data(tmp_path / "b", **kwargs)
+    other = generate_demo_data(tmp_path / "c", seed=1, **kwargs)
+
+    def contents(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    a, b, c = contents(first.root), contents(second.root), contents(other.root)
+    assert a == b
+    assert a.keys() == c.keys()
+    differing = [name for name in a if a[name] != c[name]]
+    assert all(p.name in differing for p in first.json_files() if p.name not in ("answer_list.json",))
+    assert sum(name.startswith("images/") for name in differing) >= 40  # (almost) every image differs
+
+
+def test_images_exist_with_the_right_size_and_match_the_scenes(tmp_path: Path, quick: DemoDataPaths) -> None:
+    small = generate_demo_data(tmp_path, num_train_images=20, num_eval_images=8, image_size=40)
+    for paths, size in ((quick, 64), (small, 40)):
+        referenced = set()
+        for name in ("pretrain", "retrieval_train", "retrieval_test", "vqa_train", "vqa_test"):
+            referenced |= {r["image"] for r in load(getattr(paths, name))}
+        for name in ("nlvr2_train", "nlvr2_test"):
+            for record in load(getattr(paths, name)):
+                assert len(record["images"]) == 2 and record["images"][0] != record["images"][1]
+                referenced |= set(record["images"])
+        scenes = {s["image"]: s for s in load(paths.scenes)}
+        assert referenced == set(scenes)
+        for image_path, scene in scenes.items():
+            assert not Path(image_path).is_absolute()
+            with PIL.Image.open(paths.root / image_path) as image:
+                assert image.size == (size, size) and image.mode == "RGB"
+                # Every object's centre pixel has the object's colour; the corner is background.
+                for obj in scene["objects"]:
+                    x0, y0, x1, y1 = obj["bbox"]
+                    assert 0 <= x0 < x1 < size and 0 <= y0 < y1 < size
+                    assert list(image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2))) == obj["rgb"]
+                assert list(image.getpixel((0, 0))) == scene["background"]
+
+
+def test_vqa_answers_follow_from_the_scene(quick: DemoDataPaths, scenes: dict[str, dict[str, Any]]) -> None:
+    answer_list = set(load(quick.answer_list))
+    assert answer_list == set(COLORS) | set(SHAPES) | {"yes", "no", "1", "2", "3", "4"}
+    for split in ("vqa_train", "vqa_test"):
+        records = load(getattr(quick, split))
+        assert {r["question_type"] for r in records} == set(QUESTION_TYPES)
+        for record in records:
+            qtype, answer = derive_vqa(scenes[record["image"]], record["question"])
+            assert record["question_type"] == qtype
+            assert len(record["answer"]) == 10 and set(record["answer"]) <= answer_list
+            counts = Counter(record["answer"])
+            assert counts[answer] >= 7, record  # at most 3 noisy annotators
+            assert set(counts) <= possible_answers(qtype, record["question"]), record
+        # A little label noise, not none.
+        assert 0.02 < sum(a != Counter(r["answer"]).most_common(1)[0][0] for r in records for a in r["answer"]) / (
+            10 * len(records)
+        )
+
+
+def test_vqa_needs_the_image(quick: DemoDataPaths) -> None:
+    stats = load(quick.stats)["vqa"]
+    for split in ("vqa_train", "vqa_test"):
+        truth = defaultdict(list)  # question text -> true answers
+        per_type = defaultdict(list)
+        for record in load(getattr(quick, split)):
+            answer = Counter(record["answer"]).most_common(1)[0][0]
+            truth[record["question"], record["question_type"]].append(answer)
+            per_type[record["question_type"]].append(answer)
+        # No question text predicts its answer: its possible answers' counts differ by at most 2.
+        for (question, qtype), answers in truth.items():
+            counts = Counter(answers)
+            spread = max(counts.values()) - min(counts[a] for a in possible_answers(qtype, question))
+            assert spread <= 2, (question, counts)
+        for qtype, answers in per_type.items():
+            share = Counter(answers).most_common(1)[0][1] / len(answers)
+            assert share <= (0.53 if qtype in YES_NO_TYPES else 0.35), (split, qtype, share)
+    # The stored baselines (train majority evaluated on test) agree: chance level per type.
+    for qtype in QUESTION_TYPES:
+        entry = stats["per_type"][qtype]
+        limit = 0.6 if qtype in YES_NO_TYPES else 0.45
+        assert entry["majority_baseline"] < limit and entry["text_only_baseline"] < limit, (qtype, entry)
+        assert abs(sum(entry["answer_distribution"].values()) - 1) < 1e-3
+    assert stats["majority_baseline"] < 0.3
+    train = load(quick.vqa_train)
+    majority = Counter(Counter(r["answer"]).most_common(1)[0][0] for r in train).most_common(1)[0][0]
+    test = load(quick.vqa_test)
+    expected = sum(Counter(r["answer"]).most_common(1)[0][0] == majority for r in test) / len(test)
+    assert stats["majority_baseline"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_nlvr2_balanced_and_consistent(quick: DemoDataPaths, scenes: dict[str, dict[str, Any]]) -> None:
+    for split, prefix in (("nlvr2_train", "images/train_"), ("nlvr2_test", "images/test_")):
+        records = load(getattr(quick, split))
+        labels = [r["label"] for r in records]
+        assert all(isinstance(label, bool) for label in labels)
+        assert abs(sum(labels) / len(labels) - 0.5) <= 0.1
+        by_type = defaultdict(list)
+        for record in records:
+            left, right = (scenes[image] for image in record["images"])
+            assert all(image.startswith(prefix) for image in record["images"])
+            assert derive_nlvr2(left, right, record["sentence"]) == record["label"], record
+            by_type[record["sentence_type"]].append(record["label"])
+        assert len(by_type) == 6
+        for kind, kind_labels in by_type.items():
+            assert abs(sum(kind_labels) / len(kind_labels) - 0.5) <= 0.2, kind
+    stats = load(quick.stats)["nlvr2"]
+    assert stats["true_fraction"] == {"train": 0.5, "test": 0.5}
+    assert stats["text_only_baseline"] < 0.6
+
+
+def test_retrieval_test_captions_identify_one_image(quick: DemoDataPaths, scenes: dict[str, dict[str, Any]]) -> None:
+    records = load(quick.retrieval_test)
+    captions = [c for r in records for c in r["caption"]]
+    assert len(set(captions)) == len(captions) == 2 * len(records)
+    for record in records:
+        scene = scenes[record["image"]]
+        for caption in record["caption"]:  # every object is named with its cell
+            for obj in scene["objects"]:
+                article = "an" if obj["color"] == "orange" else "a"
+                assert f"{article} {obj['color']} {obj['shape']} in the {obj['position']}" in caption
+            assert caption.count(" in the ") == len(scene["objects"])
+    # Test scenes are distinct; train scenes with 2+ objects never repeat a test scene.
+    signature = lambda s: tuple((o["row"], o["col"], o["color"], o["shape"]) for o in s["objects"])  # noqa: E731
+    test = [signature(s) for s in scenes.values() if s["split"] == "test"]
+    train = [signature(s) for s in scenes.values() if s["split"] == "train" and len(s["objects"]) > 1]
+    assert len(set(test)) == len(test) and not set(test) & set(train)
+    assert load(quick.stats)["retrieval"]["test_captions_unique"] is True
+
+
+def test_vocabulary_covers_every_text(tmp_path: Path, quick: DemoDataPaths) -> None:
+    grid3 = generate_demo_data(tmp_path / "grid3", num_train_images=40, num_eval_images=15, grid_size=3, max_objects=6)
+    vocab_path = write_demo_vocab(tmp_path / "vocab.txt")
+    tokens = vocab_path.read_text(encoding="utf-8").splitlines()
+    assert tokens[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and len(tokens) == len(set(tokens))
+    assert quick.vocab.read_text(encoding="utf-8") == vocab_path.read_text(encoding="utf-8")
+    tokenizer = BertTokenizer(vocab=str(vocab_path), do_lower_case=True)
+    for paths in (quick, grid3):
+        words = demo_vocabulary(paths)
+        assert words == sorted(set(words)) and set(words) <= set(tokens)
+        assert {"?", ":", ",", "circle", "purple", "above", "yes", "4"} <= set(words)
+        for text in set(all_texts(paths)):
+            assert tokenizer.tokenize(text) == text.split(), text  # one token per word, never [UNK]
+    assert demo_vocabulary(quick.root) == demo_vocabulary(quick)
+    # Unseen lowercase words fall back to characters, not [UNK].
+    assert "[UNK]" not in tokenizer.tokenize("a zebra-striped hexagon 42 !")
+    custom = write_demo_vocab(tmp_path / "custom.txt", ["a", "red"])
+    assert custom.read_text(encoding="utf-8").splitlines()[5:7] == ["a", "red"]
+    with pytest.raises(ValueError, match="without spaces"):
+        write_demo_vocab(tmp_path / "bad.txt", ["red circle"])
+
+
+def test_grid3_answers_follow_from_the_scene(tmp_path: Path) -> None:
+    paths = generate_demo_data(tmp_path, num_train_images=40, num_eval_images=15, grid_size=3, max_objects=5)
+    scenes = {s["image"]: s for s in load(paths.scenes)}
+    assert {len(s["objects"]) for s in scenes.values()} <= {1, 2, 3, 4, 5}
+    assert "center" in {o["position"] for s in scenes.values() for o in s["objects"]}
+    for record in load(paths.vqa_train) + load(paths.vqa_test):
+        qtype, answer = derive_vqa(scenes[record["image"]], record["question"])
+        assert Counter(record["answer"]).most_common(1)[0][0] == answer and qtype == record["question_type"]
+    for record in load(paths.nlvr2_train) + load(paths.nlvr2_test):
+        left, right = (scenes[image] for image in record["images"])
+        assert derive_nlvr2(left, right, record["sentence"]) == record["label"]
+
+
+def test_files_load_with_the_project_datasets(quick: DemoDataPaths) -> None:
+    data = pytest.importorskip("trainers.data")
+    retrieval = data.ImageTextDataset(quick.retrieval_test, image_root=quick.root)
+    assert retrieval.num_images == 60 and len(retrieval) == 120
+    vqa = data.VQADataset(quick.vqa_test, image_root=quick.root)
+    item = vqa[0]
+    assert item["image"].size == (64, 64) and abs(sum(item["answer_weights"]) - 1) < 1e-6
+    nlvr2 = data.NLVR2Dataset(quick.nlvr2_test, image_root=quick.root)
+    assert len(nlvr2) == 120 and sum(nlvr2.labels) == 60
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seed=-1), "seed"),
+        (dict(seed=1.5), "seed"),
+        (dict(image_size=16), "image_size"),
+        (dict(num_train_images=1), "num_train_images"),
+        (dict(num_eval_images=True), "num_eval_images"),
+        (dict(grid_size=4), "grid_size"),
+        (dict(max_objects=1), "max_objects"),
+        (dict(grid_size=2, max_objects=5), "max_objects"),
+        (dict(questions_per_image=7), "questions_per_image"),
+        (dict(statements_per_image=0), "statements_per_image"),
+        (dict(answer_noise=0.5), "answer_noise"),
+        (dict(quick="yes"), "quick"),
+    ],
+)
+def test_bad_arguments(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        generate_demo_data(tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()  # validated before writing anything
+    with pytest.raises(ValueError, match="output_dir"):
+        generate_demo_data("")

@@ -1,0 +1,881 @@
+"""
+Built-in, download-free demo corpus for the EfficientVLM main job (`efficientvlm demo`).
+
+`generate_demo_data(output_dir)` draws small synthetic scenes (coloured shapes on a grid, plain background) with
+numpy + PIL and writes them in the same X-VLM JSON + image-folder format real users bring, so the demo exercises
+the real data path (`trainers.data`) end to end. Same seed -> byte-identical files. No network, no downloads.
+
+Scenes
+    Each image is a `grid_size` x `grid_size` grid (2x2 or 3x3) on a plain light-gray background; 1 to
+    `max_objects` cells hold one shape each. Object attributes, all uniform at random:
+    colour in {red, orange, yellow, green, blue, purple}, shape in {circle, square, triangle, diamond},
+    size in {small, large}; position jitter and colour jitter add variety. Cell names: "top left", "top right",
+    "bottom left", "bottom right" (3x3 adds "top center", "middle left", "center", "middle right",
+    "bottom center"). Relations between objects a and b: "a above b" (a's row is higher), "below",
+    "to the left of" (a's column is further left), "to the right of"; diagonal cells satisfy two relations.
+    Test scenes are unique (no two test images have the same objects in the same cells), and train scenes avoid
+    test scenes wherever the grid allows it (one-object scenes can repeat: there are only 4 x 24 of them on 2x2).
+
+Files (under `output_dir`; every `image` path is relative to `output_dir`, the image root)
+    images/train_00000.png ...       RGB PNGs, `image_size` x `image_size`; images/test_00000.png ... held out.
+    pretrain.json                    [{"image", "caption": [2-3 captions], "image_id"}], train images.
+    retrieval_train.json             [{"image", "caption": [3 captions], "image_id"}], train images.
+    retrieval_test.json              [{"image", "caption": [2 captions], "image_id"}], test images; every test
+                                     caption lists all objects with their cells, so it matches exactly one image.
+    vqa_train.json, vqa_test.json    [{"image", "question", "answer": [10 annotator answers], "question_id",
+                                     "question_type"}]; each annotator answers correctly with probability
+                                     1 - `answer_noise`, else with another answer the question allows (at most 3
+                                     noisy answers per question, so the right answer is always the majority).
+    answer_list.json                 every candidate answer (sorted), for answer-list ranking.
+    nlvr2_train.json, nlvr2_test.json  [{"images": [left, right], "sentence", "label": bool, "sentence_type"}].
+    scenes.json                      [{"image", "split", "image_id", "background", "objects": [{"row", "col",
+                                     "position", "color", "shape", "size", "rgb", "bbox": [x0, y0, x1, y1]}]}]
+                                     (bbox in pixels, inclusive): the ground truth every text is derived from.
+    stats.json                       counts, longest texts, answer distributions and text-only baselines.
+    vocab.txt                        a BERT WordPiece vocabulary covering every demo text (`write_demo_vocab`).
+
+Caption templates (pre-training / retrieval; {obj} = "a {color} {shape}", sizes only where shown)
+    "{obj} in the {position} , {obj} in the {position} and {obj} in the {position}"   (all objects)
+    "there are {number} shapes : {obj} in the {position} and ..."                    (all objects, other order)
+    "there are {number} shapes : {obj} , {obj} and {obj}" / "there is one shape : {obj}"
+    "a {size} {color} {shape} {relation} a {size} {color} {shape}"
+    "a {size} {color} {shape} in the {position}"
+    "a picture of {number} shapes" / "a picture of one shape"
+
+VQA question templates ({ref} = "the {shape}" if that shape is unique in the image, or "the {color} shape" if
+that colour is unique)
+    color            "what color is the {shape} ?"             -> a colour
+    shape            "what shape is the {color} object ?"      -> a shape
+    count            "how many shapes are there ?"             -> "1" ... str(max_objects)
+    position_what    "what is {relation} {ref} ?"              -> the shape of the one object in that relation
+    position_yes_no  "is {ref} {relation} {ref} ?"             -> yes / no (asked only when rows, resp. columns,
+                                                                 differ: "no" means the reverse relation holds)
+    existence        "is there a {color} {shape} ?"            -> yes / no
+    Answers need the image: questions are chosen greedily so that, within a split, the counts of the possible
+    answers of every question text (and of every question type) differ by at most 2. A text-only model is
+    therefore at chance level: stats.json stores, per question type, the answer distribution and the test
+    accuracy of the train-majority answer of the type ("majority_baseline") and of the exact question text
+    ("text_only_baseline"), as exact match and as VQA accuracy min(#annotators who gave it / 3, 1) ("_vqa").
+
+NLVR2 statement templates (label balanced 50/50 exactly; the pair is drawn after the sentence and its label)
+    count_compare    "the left image contains more shapes than the right image" / "the right image contains more
+                     shapes than the left image" / "both images contain the same number of shapes"
+    count_total      "there are {number} shapes in total"
+    both_contain     "both images contain a {color} shape" / "both images contain a {shape}"
+    exactly_one      "exactly one image contains a {color} shape" / "exactly one image contains a {shape}"
+    side_contains    "there is a {color} {shape} in the {side} image"
+    side_relation    "the {side} image has a {shape} {relation} a {shape}"
+
+Texts are lowercase words and the punctuation tokens "?", ":" and ",", separated by spaces; "a" reads "an"
+before a vowel ("an orange circle"); counts in answers are digits, numbers in sentences are words.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "orange": (245, 135, 20),
+    "yellow": (235, 205, 25),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 225),
+    "purple": (145, 60, 195),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+SIZES: dict[str, float] = {"small": 0.45, "large": 0.8}  # side of the shape as a fraction of the cell side
+ROW_WORDS = {2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
+COLUMN_WORDS = {2: ("left", "right"), 3: ("left", "center", "right")}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven")
+NUMBER_WORDS += ("twelve",)
+MAX_OBJECTS_LIMIT = 6  # keeps count_total numbers within NUMBER_WORDS and captions short
+RELATIONS: dict[str, Callable[[dict[str, Any], dict[str, Any]], bool]] = {  # phrase -> "a <phrase> b" holds
+    "above": lambda a, b: a["row"] < b["row"],
+    "below": lambda a, b: a["row"] > b["row"],
+    "to the left of": lambda a, b: a["col"] < b["col"],
+    "to the right of": lambda a, b: a["col"] > b["col"],
+}
+VERTICAL_RELATIONS = ("above", "below")
+SIDES = ("left", "right")
+
+VQA_TEMPLATES = {
+    "color": "what color is the {shape} ?",
+    "shape": "what shape is the {color} object ?",
+    "count": "how many shapes are there ?",
+    "position_what": "what is {relation} {ref} ?",
+    "position_yes_no": "is {ref} {relation} {ref2} ?",
+    "existence": "is there a {color} {shape} ?",
+}
+QUESTION_TYPES = tuple(VQA_TEMPLATES)
+REFERENCE_TEMPLATES = ("the {shape}", "the {color} shape")
+CAPTION_TEMPLATES = (
+    "a {color} {shape} in the {position}",
+    "{a} , {b} and {c}",
+    "there are {number} shapes : {objects}",
+    "there is one shape : {objects}",
+    "a {size} {color} {shape} {relation} a {size2} {color2} {shape2}",
+    "a {size} {color} {shape} in the {position}",
+    "a picture of {number} shapes",
+    "a picture of one shape",
+)
+NLVR2_TEMPLATES = {
+    "count_compare": (
+        "the left image contains more shapes than the right image",
+        "the right image contains more shapes than the left image",
+        "both images contain the same number of shapes",
+    ),
+    "count_total": ("there are {number} shapes in total",),
+    "both_contain": ("both images contain a {color} shape", "both images contain a {shape}"),
+    "exactly_one": ("exactly one image contains a {color} shape", "exactly one image contains a {shape}"),
+    "side_contains": ("there is a {color} {shape} in the {side} image",),
+    "side_relation": ("the {side} image has a {shape} {relation} a {shape2}",),
+}
+NLVR2_TYPES = tuple(NLVR2_TEMPLATES)
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+DEFAULT_SIZES = {False: (1500, 300), True: (200, 60)}  # quick -> (train images, eval images)
+NUM_ANNOTATORS = 10
+MAX_NOISY_ANSWERS = 3  # keeps the right answer the clear majority of the 10
+BALANCE_SLACK = 1  # a question is asked only if its answer leads the text's rarest answer by <= this
+_WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
+
+
+@dataclass(frozen=True)
+class DemoDataPaths:
+    """Paths of every file `generate_demo_data` writes; `root` is also the image root of every JSON file."""
+
+    root: Path
+    images_dir: Path
+    pretrain: Path
+    retrieval_train: Path
+    retrieval_test: Path
+    vqa_train: Path
+    vqa_test: Path
+    answer_list: Path
+    nlvr2_train: Path
+    nlvr2_test: Path
+    scenes: Path
+    stats: Path
+    vocab: Path
+
+    @property
+    def image_root(self) -> Path:
+        return self.root
+
+    def json_files(self) -> list[Path]:
+        """Every JSON file written (all `Path` fields except the image folder and the vocabulary)."""
+        skip = {"root", "images_dir", "vocab"}
+        return [getattr(self, f.name) for f in fields(self) if f.name not in skip]
+
+    @classmethod
+    def in_directory(cls, output_dir: str | os.PathLike) -> DemoDataPaths:
+        """The paths `generate_demo_data(output_dir)` writes (for reading an already generated corpus)."""
+        root = Path(output_dir)
+        names = {f.name: root / f"{f.name}.json" for f in fields(cls) if f.name not in ("root", "images_dir")}
+        names["vocab"] = root / "vocab.txt"
+        return cls(root=root, images_dir=root / "images", **names)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vocabulary
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _words(text: str) -> list[str]:
+    """BERT basic tokenisation for our texts: lowercase, split on spaces and around punctuation."""
+    return _WORD_PATTERN.findall(text.lower())
+
+
+def _static_words() -> set[str]:
+    """Every word any template can produce, for any grid size and object count the generator accepts."""
+    templates = [*VQA_TEMPLATES.values(), *REFERENCE_TEMPLATES, *CAPTION_TEMPLATES]
+    templates += [t for group in NLVR2_TEMPLATES.values() for t in group]
+    words = {w for t in templates for w in _words(re.sub(r"\{\w+\}", " ", t))}
+    fillers = [*COLORS, *SHAPES, *SIZES, *NUMBER_WORDS, *RELATIONS, *SIDES, "yes", "no", "an"]
+    fillers += [w for g in (*ROW_WORDS.values(), *COLUMN_WORDS.values()) for w in g]
+    fillers += [str(i) for i in range(MAX_OBJECTS_LIMIT + 1)]
+    return words | {w for f in fillers for w in _words(f)}
+
+
+def demo_vocabulary(paths: DemoDataPaths | str | os.PathLike) -> list[str]:
+    """Every lowercase word and punctuation token used in the texts (captions, questions, answers, sentences)
+    of a generated corpus (`paths` or its output directory), sorted."""
+    if not isinstance(paths, DemoDataPaths):
+        paths = DemoDataPaths.in_directory(paths)
+    texts: list[str] = []
+    for path in (paths.pretrain, paths.retrieval_train, paths.retrieval_test):
+        texts += [c for r in _read_json(path) for c in r["caption"]]
+    for path in (paths.vqa_train, paths.vqa_test):
+        texts += [t for r in _read_json(path) for t in [r["question"], *r["answer"]]]
+    texts += _read_json(paths.answer_list)
+    for path in (paths.nlvr2_train, paths.nlvr2_test):
+        texts += [r["sentence"] for r in _read_json(path)]
+    return sorted({w for t in texts for w in _words(t)})
+
+
+def write_demo_vocab(path: str | os.PathLike, words: Iterable[str] | None = None) -> Path:
+    """
+    Writes a BERT (uncased) WordPiece vocabulary file and returns its path: the special tokens [PAD], [UNK],
+    [CLS], [SEP], [MASK] first (ids 0-4), then `words` (default: every word any demo text can contain), then
+    every single letter, digit and ASCII punctuation mark and their "##" continuations, so WordPiece never emits
+    [UNK] for demo text (nor for any other lowercase ASCII text). Load it with `BertTokenizer(vocab=str(path))`
+    (in transformers 5, `vocab_file=` is silently ignored).
+    """
+    words = sorted(_static_words()) if words is None else list(words)
+    for word in words:
+        if not isinstance(word, str) or not word or word != word.strip() or " " in word:
+            raise ValueError(f"Vocabulary entries must be non-empty strings without spaces, got {word!r}.")
+    characters = [*"abcdefghijklmnopqrstuvwxyz0123456789", *"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"]
+    tokens = [*SPECIAL_TOKENS, *words, *characters, *(f"##{c}" for c in characters if c.isalnum())]
+    tokens = list(dict.fromkeys(tokens))  # drop repeats, keep the first position
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scenes and images
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _position_name(row: int, col: int, grid_size: int) -> str:
+    name = f"{ROW_WORDS[grid_size][row]} {COLUMN_WORDS[grid_size][col]}"
+    return "center" if name == "middle center" else name
+
+
+def _sample_layout(rng: np.random.Generator, grid_size: int, num_objects: int) -> list[tuple[int, int, str, str, str]]:
+    """(row, col, color, shape, size) per object, in reading order."""
+    cells = sorted(rng.permutation(grid_size * grid_size)[:num_objects].tolist())
+    colors, shapes, sizes = list(COLORS), list(SHAPES), list(SIZES)
+    attributes = rng.integers((len(colors), len(shapes), len(sizes)), size=(num_objects, 3)).tolist()
+    return [
+        (cell // grid_size, cell % grid_size, colors[c], shapes[s], sizes[z])
+        for cell, (c, s, z) in zip(cells, attributes)
+    ]
+
+
+def _signature(layout: list[tuple[int, int, str, str, str]]) -> tuple:
+    """What the exhaustive captions say about a scene (sizes are not part of them)."""
+    return tuple((row, col, color, shape) for row, col, color, shape, _ in layout)
+
+
+def _place(
+    rng: np.random.Generator, layout: list[tuple[int, int, str, str, str]], grid_size: int, image_size: int
+) -> dict[str, Any]:
+    """Adds the drawing geometry: background, per-object RGB and pixel bounding box."""
+    cell = image_size / grid_size
+    background = int(rng.integers(205, 246))
+    objects = []
+    for row, col, color, shape, size in layout:
+        side = max(3, int(round(SIZES[size] * cell * rng.uniform(0.92, 1.06))))
+        room = max(0.0, (cell - side) / 2 - 1) * 0.8  # jitter that keeps the shape inside its cell
+        cx = (col + 0.5) * cell + rng.uniform(-room, room)
+        cy = (row + 0.5) * cell + rng.uniform(-room, room)
+        x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+        rgb = np.clip(np.array(COLORS[color]) + rng.integers(-12, 13, size=3), 0, 255)
+        objects.append(
+            {
+                "row": row,
+                "col": col,
+                "position": _position_name(row, col, grid_size),
+                "color": color,
+                "shape": shape,
+                "size": size,
+                "rgb": [int(v) for v in rgb],
+                "bbox": [x0, y0, x0 + side - 1, y0 + side - 1],
+            }
+        )
+    return {"background": [background] * 3, "objects": objects}
+
+
+def _render(scene: dict[str, Any], image_size: int) -> PIL.Image.Image:
+    image = PIL.Image.new("RGB", (image_size, image_size), tuple(scene["background"]))
+    draw = PIL.ImageDraw.Draw(image)
+    for obj in scene["objects"]:
+        x0, y0, x1, y1 = obj["bbox"]
+        cx, cy, fill = (x0 + x1) / 2, (y0 + y1) / 2, tuple(obj["rgb"])
+        if obj["shape"] == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif obj["shape"] == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        elif obj["shape"] == "triangle":
+            draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:  # diamond
+            draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    return image
+
+
+def _generate_scenes(
+    rng: np.random.Generator,
+    split: str,
+    count: int,
+    grid_size: int,
+    max_objects: int,
+    image_size: int,
+    taken: set[tuple],
+    strict: bool,
+) -> list[dict[str, Any]]:
+    """
+    `count` scenes (1 to `max_objects` objects, uniform) whose signatures avoid `taken` and each other. `strict`
+    makes that a must (test split: retrieval needs every exhaustive caption to match one image): after 100 misses
+    the object count is redrawn. Otherwise a repeat is accepted after 100 misses, keeping the object count, so that
+    count answers stay uniform (there are few one-object scenes).
+    """
+    # Number of distinct signatures with n objects, and how many of them are taken: no search once all are.
+    possible = [math.comb(grid_size * grid_size, n) * (len(COLORS) * len(SHAPES)) ** n for n in range(max_objects + 1)]
+    num_taken = Counter(len(signature) for signature in taken)
+    scenes = []
+    for index in range(count):
+        num_objects = int(rng.integers(1, max_objects + 1))
+        for attempt in range(10_000):
+            if strict and attempt and attempt % 100 == 0:
+                num_objects = int(rng.integers(1, max_objects + 1))
+            layout = _sample_layout(rng, grid_size, num_objects)
+            if _signature(layout) not in taken:
+                break
+            if not strict and (attempt >= 100 or num_taken[num_objects] >= possible[num_objects]):
+                break
+        else:
+            raise ValueError(
+                f"Cannot draw {count} distinct {split} scenes on a {grid_size}x{grid_size} grid with at most "
+                f"{max_objects} objects; lower num_eval_images or raise grid_size / max_objects."
+            )
+        if _signature(layout) not in taken:
+            taken.add(_signature(layout))
+            num_taken[num_objects] += 1
+        name = f"{split}_{index:05d}"
+        scene = {"image": f"images/{name}.png", "split": split, "image_id": name}
+        scene.update(_place(rng, layout, grid_size, image_size))
+        scenes.append(scene)
+    return scenes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Captions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _article(words: str) -> str:
+    """ "a red circle", "an orange circle"."""
+    return f"an {words}" if words[0] in "aeiou" else f"a {words}"
+
+
+def _object_phrase(obj: dict[str, Any], with_size: bool = False, with_position: bool = False) -> str:
+    words = f"{obj['size']} {obj['color']} {obj['shape']}" if with_size else f"{obj['color']} {obj['shape']}"
+    phrase = _article(words)
+    return f"{phrase} in the {obj['position']}" if with_position else phrase
+
+
+def _join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else " , ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def _count_intro(n: int) -> str:
+    return "there is one shape :" if n == 1 else f"there are {NUMBER_WORDS[n]} shapes :"
+
+
+def _exhaustive_captions(scene: dict[str, Any]) -> list[str]:
+    """Two captions naming every object and its cell (reading order, then reversed with a count)."""
+    objects = scene["objects"]
+    forward = _join([_object_phrase(o, with_position=True) for o in objects])
+    backward = _join([_object_phrase(o, with_position=True) for o in reversed(objects)])
+    return [forward, f"{_count_intro(len(objects))} {backward}"]
+
+
+def _partial_captions(rng: np.random.Generator, scene: dict[str, Any]) -> list[str]:
+    """One caption of each partial kind (list without cells, relation, one object, count), shuffled."""
+    objects = scene["objects"]
+    n = len(objects)
+    order = [objects[int(i)] for i in rng.permutation(n)]
+    captions = [
+        f"{_count_intro(n)} {_join([_object_phrase(o) for o in order])}",
+        _object_phrase(order[0], with_size=True, with_position=True),
+        "a picture of one shape" if n == 1 else f"a picture of {NUMBER_WORDS[n]} shapes",
+    ]
+    pairs = [
+        (a, b, rel) for a in objects for b in objects if a is not b for rel, holds in RELATIONS.items() if holds(a, b)
+    ]
+    if pairs:
+        a, b, relation = pairs[int(rng.integers(len(pairs)))]
+        captions.append(f"{_object_phrase(a, with_size=True)} {relation} {_object_phrase(b, with_size=True)}")
+    return [captions[int(i)] for i in rng.permutation(len(captions))]
+
+
+def _pretrain_record(rng: np.random.Generator, scene: dict[str, Any]) -> dict[str, Any]:
+    exhaustive = _exhaustive_captions(scene)[int(rng.integers(2))]
+    pool = [exhaustive, *_partial_captions(rng, scene)]
+    pool = [pool[int(i)] for i in rng.permutation(len(pool))]
+    return {"image": scene["image"], "caption": pool[: int(rng.integers(2, 4))], "image_id": scene["image_id"]}
+
+
+def _retrieval_train_record(rng: np.random.Generator, scene: dict[str, Any]) -> dict[str, Any]:
+    # One exhaustive caption (the test-time kind) and two partial ones.
+    captions = [_exhaustive_captions(scene)[int(rng.integers(2))], *_partial_captions(rng, scene)[:2]]
+    return {"image": scene["image"], "caption": captions, "image_id": scene["image_id"]}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# VQA
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _references(scene: dict[str, Any]) -> list[tuple[dict[str, Any], str, str | None]]:
+    """(object, referring phrase, shape the phrase names or None) for every object that can be named uniquely."""
+    objects = scene["objects"]
+    shapes, colors = Counter(o["shape"] for o in objects), Counter(o["color"] for o in objects)
+    references = []
+    for obj in objects:
+        if shapes[obj["shape"]] == 1:
+            references.append((obj, f"the {obj['shape']}", obj["shape"]))
+        if colors[obj["color"]] == 1:
+            references.append((obj, f"the {obj['color']} shape", None))
+    return references
+
+
+def _vqa_candidates(scene: dict[str, Any], max_objects: int) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """Every well-defined (question type, question, answer, possible answers of that question) for a scene."""
+    objects = scene["objects"]
+    colors, shapes, yes_no = tuple(COLORS), SHAPES, ("yes", "no")
+    references = _references(scene)
+    candidates = []
+    for obj, _, named_shape in references:
+        if named_shape is not None:
+            candidates.append(("color", f"what color is the {obj['shape']} ?", obj["color"], colors))
+        else:
+            candidates.append(("shape", f"what shape is the {obj['color']} object ?", obj["shape"], shapes))
+    counts = tuple(str(i) for i in range(1, max_objects + 1))
+    candidates.append(("count", VQA_TEMPLATES["count"], str(len(objects)), counts))
+    for ref_obj, ref, named_shape in references:
+        possible = tuple(s for s in shapes if s != named_shape)
+        for relation, holds in RELATIONS.items():
+            targets = [o for o in objects if o is not ref_obj and holds(o, ref_obj)]
+            if len(targets) == 1:
+                candidates.append(("position_what", f"what is {relation} {ref} ?", targets[0]["shape"], possible))
+    for a, ref_a, _ in references:
+        for b, ref_b, _ in references:
+            if a is b:
+                continue
+            for relation, holds in RELATIONS.items():
+                axis = "row" if relation in VERTICAL_RELATIONS else "col"
+                if a[axis] != b[axis]:  # same row (column): neither answer would be a clean "no"
+                    answer = "yes" if holds(a, b) else "no"
+                    candidates.append(("position_yes_no", f"is {ref_a} {relation} {ref_b} ?", answer, yes_no))
+    present = {(o["color"], o["shape"]) for o in objects}
+    for color in colors:
+        for shape in shapes:
+            answer = "yes" if (color, shape) in present else "no"
+            candidates.append(("existence", f"is there {_article(f'{color} {shape}')} ?", answer, yes_no))
+    return candidates
+
+
+def _annotator_answers(rng: np.random.Generator, answer: str, possible: tuple[str, ...], noise: float) -> list[str]:
+    others = [a for a in possible if a != answer]
+    noisy = min(int((rng.random(NUM_ANNOTATORS) < noise).sum()), MAX_NOISY_ANSWERS) if others else 0
+    answers = [answer] * (NUM_ANNOTATORS - noisy) + [others[int(rng.integers(len(others)))] for _ in range(noisy)]
+    return [answers[int(i)] for i in rng.permutation(NUM_ANNOTATORS)]
+
+
+def _vqa_records(
+    rng: np.random.Generator,
+    scenes: list[dict[str, Any]],
+    questions_per_image: int,
+    max_objects: int,
+    noise: float,
+    first_id: int,
+) -> list[dict[str, Any]]:
+    """
+    Up to `questions_per_image` questions of different types per image. Types are taken least-asked first; within
+    a type, a question is allowed only while its answer leads the rarest possible answer of the same question
+    text by at most BALANCE_SLACK, and the least over-represented one is taken: so no question text predicts its
+    answer, and a model has to look at the image.
+    """
+    type_counts: Counter[str] = Counter()
+    answer_counts: dict[str, Counter[str]] = defaultdict(Counter)  # per type: few texts repeat in a small split
+    text_counts: dict[str, Counter[str]] = defaultdict(Counter)
+    records = []
+    for scene in scenes:
+        by_type: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = defaultdict(list)
+        for candidate in _vqa_candidates(scene, max_objects):
+            by_type[candidate[0]].append(candidate)
+        tie_break = rng.permutation(len(QUESTION_TYPES))
+        order = sorted(range(len(QUESTION_TYPES)), key=lambda i: (type_counts[QUESTION_TYPES[i]], tie_break[i]))
+        asked = 0
+        for type_index in order:
+            if asked == questions_per_image:
+                break
+            qtype = QUESTION_TYPES[type_index]
+            scored = []
+            for _, question, answer, possible in by_type[qtype]:
+                counts, type_answers = text_counts[question], answer_counts[qtype]
+                excess = counts[answer] - min(counts[a] for a in possible)
+                type_excess = type_answers[answer] - min(type_answers[a] for a in possible)
+                if excess <= BALANCE_SLACK and type_excess <= BALANCE_SLACK:
+                    scored.append(((type_excess, excess), question, answer, possible))
+            if not scored:
+                continue
+            best = min(s[0] for s in scored)
+            scored = [s for s in scored if s[0] == best]
+            _, question, answer, possible = scored[int(rng.integers(len(scored)))]
+            text_counts[question][answer] += 1
+            answer_counts[qtype][answer] += 1
+            type_counts[qtype] += 1
+            asked += 1
+            records.append(
+                {
+                    "image": scene["image"],
+                    "question": question,
+                    "answer": _annotator_answers(rng, answer, possible, noise),
+                    "question_id": first_id + len(records),
+                    "question_type": qtype,
+                }
+            )
+    return records
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NLVR2
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _scene_facts(scene: dict[str, Any]) -> dict[str, Any]:
+    objects = scene["objects"]
+    relations = {
+        (a["shape"], relation, b["shape"])
+        for a in objects
+        for b in objects
+        if a is not b
+        for relation, holds in RELATIONS.items()
+        if holds(a, b)
+    }
+    return {
+        "count": len(objects),
+        "colors": {o["color"] for o in objects},
+        "shapes": {o["shape"] for o in objects},
+        "objects": {(o["color"], o["shape"]) for o in objects},
+        "relations": relations,
+    }
+
+
+def _nlvr2_statement(rng: np.random.Generator, kind: str, max_objects: int) -> tuple[str, Callable]:
+    """A sentence of type `kind` with random fillers, and its truth as a function of (left facts, right facts)."""
+
+    def pick(options: Iterable[str]) -> str:
+        options = list(options)
+        return options[int(rng.integers(len(options)))]
+
+    def contains(facts: dict[str, Any], attribute: str, value: str) -> bool:
+        return value in facts["colors" if attribute == "color" else "shapes"]
+
+    if kind == "count_compare":
+        index = int(rng.integers(3))
+        truth = [lambda a, b: a["count"] > b["count"], lambda a, b: a["count"] < b["count"]]
+        truth.append(lambda a, b: a["count"] == b["count"])
+        return NLVR2_TEMPLATES[kind][index], truth[index]
+    if kind == "count_total":
+        number = int(rng.integers(2, 2 * max_objects + 1))
+        return f"there are {NUMBER_WORDS[number]} shapes in total", lambda a, b: a["count"] + b["count"] == number
+    if kind in ("both_contain", "exactly_one"):
+        attribute = pick(("color", "shape"))
+        value = pick(COLORS if attribute == "color" else SHAPES)
+        thing = _article(f"{value} shape" if attribute == "color" else value)
+        if kind == "both_contain":
+            return (
+                f"both images contain {thing}",
+                lambda a, b: contains(a, attribute, value) and contains(b, attribute, value),
+            )
+        return (
+            f"exactly one image contains {thing}",
+            lambda a, b: contains(a, attribute, value) != contains(b, attribute, value),
+        )
+    side = int(rng.integers(2))
+    if kind == "side_contains":
+        color, shape = pick(COLORS), pick(SHAPES)
+        sentence = f"there is {_article(f'{color} {shape}')} in the {SIDES[side]} image"
+        return sentence, lambda a, b: (color, shape) in (a, b)[side]["objects"]
+    if kind == "side_relation":
+        first = pick(SHAPES)
+        second = pick(s for s in SHAPES if s != first)
+        relation = pick(RELATIONS)
+        sentence = f"the {SIDES[side]} image has a {first} {relation} a {second}"
+        return sentence, lambda a, b: (first, relation, second) in (a, b)[side]["relations"]
+    raise ValueError(f"Unknown NLVR2 statement type {kind!r}.")
+
+
+def _nlvr2_records(
+    rng: np.random.Generator, scenes: list[dict[str, Any]], count: int, max_objects: int
+) -> list[dict[str, Any]]:
+    """`count` statements, types in equal shares and labels exactly 50/50; each sentence and label are fixed
+    before its image pair is searched, so the sentence alone does not predict the label."""
+    facts = [_scene_facts(s) for s in scenes]
+    labels = [i % 2 == 0 for i in range(count)]
+    kinds = [NLVR2_TYPES[i % len(NLVR2_TYPES)] for i in range(count)]
+    labels = [labels[int(i)] for i in rng.permutation(count)]
+    kinds = [kinds[int(i)] for i in rng.permutation(count)]
+    records = []
+    for kind, label in zip(kinds, labels):
+        pair = None
+        for _ in range(100):  # a fresh sentence only if no pair fits (e.g. "eight shapes in total" on few images)
+            sentence, truth = _nlvr2_statement(rng, kind, max_objects)
+            for left, right in rng.integers(len(scenes), size=(2000, 2)):
+                if left != right and truth(facts[left], facts[right]) == label:
+                    pair = (int(left), int(right))
+                    break
+            if pair is not None:
+                break
+        if pair is None:
+            raise ValueError(f"No image pair makes a {kind!r} statement {label}; use more images.")
+        records.append(
+            {
+                "images": [scenes[pair[0]]["image"], scenes[pair[1]]["image"]],
+                "sentence": sentence,
+                "label": label,
+                "sentence_type": kind,
+            }
+        )
+    return records
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _vqa_score(prediction: str, answers: list[str]) -> float:
+    """VQA accuracy of one prediction: min(#annotators who gave it / 3, 1)."""
+    return min(answers.count(prediction) / 3.0, 1.0)
+
+
+def _true_answer(record: dict[str, Any]) -> str:
+    return Counter(record["answer"]).most_common(1)[0][0]
+
+
+def _majority(values: Iterable[str]) -> str:
+    counts = Counter(values)
+    return min(counts, key=lambda v: (-counts[v], v))  # ties broken alphabetically, deterministically
+
+
+def _baselines(train: list[dict[str, Any]], test: list[dict[str, Any]]) -> dict[str, float]:
+    """Test accuracy (exact and VQA) of the train-majority answer, and of the train-majority answer per exact
+    question text (a text-only model's best; unseen texts fall back to the majority answer)."""
+    result: dict[str, float] = {}
+    if not train or not test:
+        return result
+    overall = _majority(_true_answer(r) for r in train)
+    per_text: dict[str, list[str]] = defaultdict(list)
+    for r in train:
+        per_text[r["question"]].append(_true_answer(r))
+    text_majority = {q: _majority(a) for q, a in per_text.items()}
+    for name, predict in (
+        ("majority", lambda r: overall),
+        ("text_only", lambda r: text_majority.get(r["question"], overall)),
+    ):
+        result[f"{name}_baseline"] = _rounded(np.mean([predict(r) == _true_answer(r) for r in test]))
+        result[f"{name}_baseline_vqa"] = _rounded(np.mean([_vqa_score(predict(r), r["answer"]) for r in test]))
+    return result
+
+
+def _rounded(value: float) -> float:
+    return round(float(value), 4)
+
+
+def _distribution(values: list[str]) -> dict[str, float]:
+    counts = Counter(values)
+    return {k: _rounded(counts[k] / len(values)) for k in sorted(counts)}
+
+
+def _max_words(texts: Iterable[str]) -> int:
+    return max((len(_words(t)) for t in texts), default=0)
+
+
+def _statistics(
+    settings: dict[str, Any], records: dict[str, list[dict[str, Any]]], scenes: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    vqa_train, vqa_test = records["vqa_train"], records["vqa_test"]
+    per_type = {}
+    for qtype in QUESTION_TYPES:
+        train = [r for r in vqa_train if r["question_type"] == qtype]
+        test = [r for r in vqa_test if r["question_type"] == qtype]
+        per_type[qtype] = {
+            "train": len(train),
+            "test": len(test),
+            "answer_distribution": _distribution([_true_answer(r) for r in train]) if train else {},
+            "majority_answer": _majority(_true_answer(r) for r in train) if train else None,
+            **_baselines(train, test),
+        }
+    nlvr2: dict[str, Any] = {"true_fraction": {}, "per_type": {}}
+    for split in ("train", "test"):
+        labels = [r["label"] for r in records[f"nlvr2_{split}"]]
+        nlvr2["true_fraction"][split] = _rounded(np.mean(labels)) if labels else None
+    for kind in NLVR2_TYPES:
+        train = [r for r in records["nlvr2_train"] if r["sentence_type"] == kind]
+        nlvr2["per_type"][kind] = {
+            "train": len(train),
+            "test": sum(r["sentence_type"] == kind for r in records["nlvr2_test"]),
+            "true_fraction_train": _rounded(np.mean([r["label"] for r in train])) if train else None,
+        }
+    as_vqa = {
+        s: [{"question": r["sentence"], "answer": [str(r["label"])]} for r in records[f"nlvr2_{s}"]]
+        for s in ("train", "test")
+    }
+    nlvr2.update({k: v for k, v in _baselines(as_vqa["train"], as_vqa["test"]).items() if not k.endswith("_vqa")})
+    test_captions = [c for r in records["retrieval_test"] for c in r["caption"]]
+    texts = {
+        "pretrain": [c for r in records["pretrain"] for c in r["caption"]],
+        "retrieval_train": [c for r in records["retrieval_train"] for c in r["caption"]],
+        "retrieval_test": test_captions,
+        "vqa": [r["question"] for r in vqa_train + vqa_test],
+        "nlvr2": [r["sentence"] for r in records["nlvr2_train"] + records["nlvr2_test"]],
+    }
+    return {
+        **settings,
+        "num_images": {split: len(s) for split, s in scenes.items()},
+        "num_records": {name: len(r) for name, r in records.items()},
+        "max_words": {name: _max_words(t) for name, t in texts.items()},
+        "objects_per_image": {
+            split: _distribution([str(len(s["objects"])) for s in split_scenes])
+            for split, split_scenes in scenes.items()
+        },
+        "vqa": {
+            "num_answers": len(records["answer_list"]),
+            "majority_answer": _majority(_true_answer(r) for r in vqa_train) if vqa_train else None,
+            **_baselines(vqa_train, vqa_test),
+            "per_type": per_type,
+        },
+        "nlvr2": nlvr2,
+        "retrieval": {
+            "test_images": len(records["retrieval_test"]),
+            "test_captions": len(test_captions),
+            "test_captions_unique": len(set(test_captions)) == len(test_captions),
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"`{name}` must be an integer, got {value!r}.")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"`{name}` must be {bound}, got {value}.")
+    return int(value)
+
+
+def _read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, ensure_ascii=True) + "\n", encoding="utf-8")
+
+
+def generate_demo_data(
+    output_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    num_train_images: int | None = None,
+    num_eval_images: int | None = None,
+    quick: bool = False,
+    grid_size: int = 2,
+    max_objects: int = 4,
+    questions_per_image: int = 3,
+    statements_per_image: int = 2,
+    answer_noise: float = 0.1,
+) -> DemoDataPaths:
+    """
+    Writes the demo corpus (see the module docstring) under `output_dir` and returns the paths written.
+
+    Args:
+        output_dir: folder to write into (created if needed; files of an earlier run are overwritten).
+        seed: the same seed and arguments give byte-identical files.
+        image_size: side of the square PNG images in pixels (>= 16 per grid cell).
+        num_train_images: training images (default 1500, or 200 with `quick`).
+        num_eval_images: held-out images for every test file (default 300, or 60 with `quick`).
+        quick: smaller defaults for the 2-minute demo.
+        grid_size: 2 or 3 cells per side.
+        max_objects: most shapes in one image (2 to min(grid_size ** 2, 6)); images have 1 to max_objects.
+        questions_per_image: VQA questions per image, each of a different type (1 to 6).
+        statements_per_image: NLVR2 statements per image of the split (1 to 10).
+        answer_noise: probability that one of the 10 VQA annotators gives a wrong answer (0 <= noise < 0.5).
+    """
+    if not isinstance(output_dir, (str, os.PathLike)) or str(output_dir) == "":
+        raise ValueError(f"`output_dir` must be a non-empty path, got {output_dir!r}.")
+    if not isinstance(quick, bool):
+        raise ValueError(f"`quick` must be a bool, got {quick!r}.")
+    seed = _check_int("seed", seed, 0)
+    grid_size = _check_int("grid_size", grid_size, 2, 3)
+    image_size = _check_int("image_size", image_size, 16 * grid_size, 1024)
+    max_objects = _check_int("max_objects", max_objects, 2, min(grid_size * grid_size, MAX_OBJECTS_LIMIT))
+    default_train, default_eval = DEFAULT_SIZES[quick]
+    num_train_images = _check_int(
+        "num_train_images", default_train if num_train_images is None else num_train_images, 2
+    )
+    num_eval_images = _check_int("num_eval_images", default_eval if num_eval_images is None else num_eval_images, 2)
+    questions_per_image = _check_int("questions_per_image", questions_per_image, 1, len(QUESTION_TYPES))
+    statements_per_image = _check_int("statements_per_image", statements_per_image, 1, 10)
+    if isinstance(answer_noise, bool) or not isinstance(answer_noise, (int, float)) or not 0 <= answer_noise < 0.5:
+        raise ValueError(f"`answer_noise` must be a number in [0, 0.5), got {answer_noise!r}.")
+
+    paths = DemoDataPaths.in_directory(output_dir)
+    paths.images_dir.mkdir(parents=True, exist_ok=True)
+    # One independent stream per stage, so e.g. changing the question count leaves the images unchanged.
+    streams = np.random.SeedSequence(seed).spawn(8)
+    scene_rng, pretrain_rng, retrieval_rng, vqa_rng, nlvr2_rng = (np.random.default_rng(s) for s in streams[:5])
+
+    # Test scenes first: they must be unique; train scenes then avoid them (see _generate_scenes).
+    taken: set[tuple] = set()
+    test_scenes = _generate_scenes(scene_rng, "test", num_eval_images, grid_size, max_objects, image_size, taken, True)
+    train_scenes = _generate_scenes(
+        scene_rng, "train", num_train_images, grid_size, max_objects, image_size, taken, False
+    )
+    for scene in test_scenes + train_scenes:
+        _render(scene, image_size).save(paths.root / scene["image"], format="PNG", compress_level=1)  # fast
+
+    answers = sorted({*COLORS, *SHAPES, "yes", "no", *(str(i) for i in range(1, max_objects + 1))})
+    vqa_train = _vqa_records(vqa_rng, train_scenes, questions_per_image, max_objects, answer_noise, 0)
+    records: dict[str, list[Any]] = {
+        "pretrain": [_pretrain_record(pretrain_rng, s) for s in train_scenes],
+        "retrieval_train": [_retrieval_train_record(retrieval_rng, s) for s in train_scenes],
+        "retrieval_test": [
+            {"image": s["image"], "caption": _exhaustive_captions(s), "image_id": s["image_id"]} for s in test_scenes
+        ],
+        "vqa_train": vqa_train,
+        "vqa_test": _vqa_records(vqa_rng, test_scenes, questions_per_image, max_objects, answer_noise, len(vqa_train)),
+        "answer_list": answers,
+        "nlvr2_train": _nlvr2_records(nlvr2_rng, train_scenes, statements_per_image * num_train_images, max_objects),
+        "nlvr2_test": _nlvr2_records(nlvr2_rng, test_scenes, statements_per_image * num_eval_images, max_objects),
+    }
+    for name, value in records.items():
+        _write_json(getattr(paths, name), value)
+    _write_json(paths.scenes, train_scenes + test_scenes)
+    settings = {
+        "seed": seed,
+        "image_size": image_size,
+        "grid_size": grid_size,
+        "max_objects": max_objects,
+        "quick": quick,
+        "questions_per_image": questions_per_image,
+        "statements_per_image": statements_per_image,
+        "answer_noise": answer_noise,
+    }
+    _write_json(paths.stats, _statistics(settings, records, {"train": train_scenes, "test": test_scenes}))
+    write_demo_vocab(paths.vocab)
+    return paths
