@@ -74,6 +74,11 @@ def _rename_vision(name: str) -> str:
     return name.replace("vision_model.encoder.layers.", "vision_model.layers.")
 
 
+# The official captioning and VQA models drop X-VLM's contrastive projections; ours keep them (freshly
+# initialised), so the same backbone class serves every task.
+_NOT_IN_GENERATIVE_CHECKPOINTS = ("efficientvlm.vision_proj.", "efficientvlm.text_proj.", "efficientvlm.temp")
+
+
 def _text_stack_prefix(task: str) -> dict[str, str]:
     """Official prefix of each BERT stack -> our module prefix."""
     if task == "pretraining":
@@ -220,10 +225,22 @@ def model_from_official_state_dict(
         if expected[name] != tensor.shape:
             raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(expected[name])}")
     missing = set(expected) - set(converted) - set(getattr(model_class, "_tied_weights_keys", None) or {})
-    if missing:
-        raise ValueError(f"Model parameters the checkpoint does not provide: {sorted(missing)[:10]}")
-    with no_init_weights():  # every weight is overwritten below
-        model = model_class(config)
+    fresh = (
+        {name for name in missing if name.startswith(_NOT_IN_GENERATIVE_CHECKPOINTS)}
+        if task
+        in (
+            "captioning",
+            "vqa",
+        )
+        else set()
+    )
+    if missing - fresh:
+        raise ValueError(f"Model parameters the checkpoint does not provide: {sorted(missing - fresh)[:10]}")
+    if fresh:
+        model = model_class(config)  # the official captioning / VQA models have no ITC projections
+    else:
+        with no_init_weights():  # every weight is overwritten below
+            model = model_class(config)
     model.load_state_dict(converted, strict=False)
     model.tie_weights()
     return model

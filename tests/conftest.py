@@ -14,6 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from modeling_efficientvlm import EfficientVLMConfig  # noqa: E402
 
+# Tiny models: one thread avoids oversubscribing the 2-core CI machine (a tiny step is ~20x slower under load).
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def tiny_config() -> EfficientVLMConfig:

@@ -1,0 +1,177 @@
+"""Shared pieces of EfficientVLM's causal text decoders (VQA answer decoder, captioning decoder).
+
+- `answer_decoder_config`: the text config of X-VLM's VQA answer decoder, derived deterministically from the
+  main config (so `save_pretrained` / `from_pretrained` rebuild it without storing anything extra).
+- `causal_lm_labels`, `causal_lm_loss`, `sequence_log_likelihood`: next-token targets and losses of a BERT
+  stack run causally (logits at position t predict the token at t + 1).
+- `EfficientVLMDecoderGenerationMixin`: lets `GenerationMixin.generate()` drive a decoder conditioned on
+  states computed once from the image (and question): the model encodes in `_encode_for_generation`, the
+  encoded states travel in `model_kwargs` and are expanded for beams like any other tensor. No KV cache: the
+  decoder recomputes the whole prefix at every step (correct, and cheap for captions/answers of a few tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, GenerationMixin
+
+from .configuration_efficientvlm import EfficientVLMConfig, EfficientVLMTextConfig
+
+# Fields of the text config an answer decoder shares with the backbone's text stack. Per-layer sizes are not
+# among them: structured pruning touches the backbone only, the answer decoder keeps its full width.
+_SHARED_TEXT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "initializer_range",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+
+
+def answer_decoder_config(config: EfficientVLMConfig) -> EfficientVLMTextConfig:
+    """Text config of X-VLM's answer decoder: `num_answer_decoder_layers` (default: the number of fusion layers)
+    layers that all carry cross-attention, reading the fused question states (width = text hidden size)."""
+    text = config.text_config
+    num_layers = config.num_answer_decoder_layers
+    if num_layers is None:
+        num_layers = text.num_fusion_layers
+    if num_layers < 1:
+        raise ValueError(f"`num_answer_decoder_layers` must be at least 1, got {num_layers}.")
+    decoder_config = EfficientVLMTextConfig(
+        **{name: getattr(text, name) for name in _SHARED_TEXT_FIELDS},
+        num_hidden_layers=0,
+        num_fusion_layers=num_layers,
+        encoder_hidden_size=text.hidden_size,
+    )
+    # Not a registered sub-config, so `from_pretrained(attn_implementation=...)` would not reach it otherwise.
+    decoder_config._attn_implementation = text._attn_implementation
+    return decoder_config
+
+
+def causal_lm_labels(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None
+) -> torch.Tensor:
+    """Targets for a causal pass over `input_ids` (batch, seq): the ids with -100 on padding (where
+    `attention_mask` is 0, or, without a mask, where the id is `pad_token_id`) and on the first position, which
+    no logit predicts."""
+    labels = input_ids.clone()
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask == 0, -100)
+    elif pad_token_id is not None:
+        labels = labels.masked_fill(input_ids == pad_token_id, -100)
+    labels[:, 0] = -100
+    return labels
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"`labels` has shape {tuple(labels.shape)} but the logits cover {tuple(logits.shape[:2])} positions."
+        )
+    return logits[:, :-1].float(), labels[:, 1:]
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy: `logits[:, t]` (batch, seq, vocab) predicts `labels[:, t + 1]` (-100 = ignored).
+
+    `reduction="mean"`: mean over the counted tokens (a scalar); `"sum"`: one sum per sequence (batch,), as
+    X-VLM's `reduction='none'` answer loss."""
+    shifted_logits, shifted_labels = _shifted(logits, labels)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
+    token_loss = F.cross_entropy(
+        shifted_logits.transpose(1, 2),
+        shifted_labels,
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+        reduction="none",
+    )
+    if reduction == "sum":
+        return token_loss.sum(dim=1)
+    counted = (shifted_labels != -100).sum()
+    return token_loss.sum() / counted.clamp(min=1)
+
+
+def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each sequence's targets under the causal logits: (batch, seq, vocab) -> (batch,)."""
+    return -causal_lm_loss(logits, labels, reduction="sum")
+
+
+class TextDecoderGenerationConfig(GenerationConfig):
+    """Builds a model's default generation config from its text config alone: [CLS] starts, [SEP] ends,
+    [PAD] pads, no cache. (The generic builder would also copy the top-level config's ITC `temperature` as a
+    sampling temperature.)"""
+
+    @classmethod
+    def from_model_config(cls, model_config: EfficientVLMConfig) -> GenerationConfig:
+        text = model_config.text_config
+        return GenerationConfig(
+            bos_token_id=text.bos_token_id,
+            eos_token_id=text.eos_token_id,
+            pad_token_id=text.pad_token_id,
+            use_cache=False,
+        )
+
+
+class EfficientVLMDecoderGenerationMixin(GenerationMixin):
+    """`generate()` for a causal BERT decoder conditioned on states computed once per input.
+
+    The model's main input is `pixel_values`; `generate` hands it to `_encode_for_generation` (through the
+    hook transformers calls before expanding inputs for beams / returned sequences), which stores the encoded
+    states in `model_kwargs` and the decoder's start ids as `model_kwargs["input_ids"]`. Subclasses implement
+    `_encode_for_generation` and `prepare_inputs_for_generation`, and set `generation_config_class =
+    TextDecoderGenerationConfig` (on the model class: `PreTrainedModel` comes first in the MRO).
+    """
+
+    # No KV cache: every step recomputes the prefix, so generation never slices `input_ids` (see the module doc).
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def _start_ids(self, batch_size: int, device: torch.device, generation_config: GenerationConfig) -> torch.Tensor:
+        bos = generation_config.bos_token_id
+        if bos is None:
+            bos = self.config.text_config.bos_token_id
+        if bos is None:
+            raise ValueError("Generation needs a start token: set `bos_token_id` in the generation or text config.")
+        return torch.full((batch_size, 1), int(bos), dtype=torch.long, device=device)
+
+    def _encode_for_generation(
+        self, pixel_values: torch.Tensor, model_kwargs: dict[str, Any], generation_config: GenerationConfig
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _maybe_prepare_encoder_kwargs_for_generation(
+        self,
+        inputs_tensor: torch.Tensor,
+        model_kwargs: dict[str, Any],
+        model_input_name: str | None,
+        generation_config: GenerationConfig,
+    ) -> dict[str, Any]:
+        if model_input_name != "pixel_values" or inputs_tensor.dim() != 4:
+            raise ValueError(f"{type(self).__name__}.generate() needs `pixel_values` (batch, channels, height, width).")
+        return self._encode_for_generation(inputs_tensor, model_kwargs, generation_config)
+
+
+__all__ = [
+    "EfficientVLMDecoderGenerationMixin",
+    "TextDecoderGenerationConfig",
+    "answer_decoder_config",
+    "causal_lm_labels",
+    "causal_lm_loss",
+    "sequence_log_likelihood",
+]

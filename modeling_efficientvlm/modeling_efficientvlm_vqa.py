@@ -1,0 +1,405 @@
+"""EfficientVLM / X-VLM visual question answering: an encoder fuses image and question, an answer decoder
+generates (or ranks) answers.
+
+The answer decoder is X-VLM's: a BERT stack of `num_answer_decoder_layers` layers (default: as many as the
+fusion layers) that all run causal self-attention, cross-attention to the fused question states and an FFN,
+with its own embeddings and an LM head tied to them. It is an [`EfficientVLMTextModel`] built from a text
+config derived from the main config (see `answer_decoder_config`), so checkpoints need nothing extra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig
+from transformers.utils import ModelOutput
+
+from .configuration_efficientvlm import EfficientVLMConfig
+from .modeling_efficientvlm import (
+    EfficientVLMLMHead,
+    EfficientVLMModel,
+    EfficientVLMPreTrainedModel,
+    EfficientVLMTextModel,
+    EncoderOutput,
+    StructureMasks,
+)
+from .modeling_efficientvlm_decoder import (
+    EfficientVLMDecoderGenerationMixin,
+    TextDecoderGenerationConfig,
+    answer_decoder_config,
+    causal_lm_labels,
+    causal_lm_loss,
+    sequence_log_likelihood,
+)
+
+
+@dataclass
+class EfficientVLMQuestionAnsweringOutput(ModelOutput):
+    """
+    loss (`torch.FloatTensor` of shape `()`):
+        X-VLM's weighted answer loss: for each answer the sum of its token cross-entropies times its weight,
+        summed over all answers and divided by the number of questions. Given when answers are.
+    logits (`torch.FloatTensor` of shape `(num_answers, answer_length, vocab_size)`):
+        Answer-decoder predictions; position t predicts answer token t + 1.
+    vision_output, text_output, fusion_output ([`EncoderOutput`]):
+        The encoders on the images and questions (`None` when `question_states` were passed in).
+    decoder_output ([`EncoderOutput`]):
+        The answer decoder's output (its `cross_attentions` read the fused question states).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    vision_output: EncoderOutput | None = None
+    text_output: EncoderOutput | None = None
+    fusion_output: EncoderOutput | None = None
+    decoder_output: EncoderOutput | None = None
+
+
+@dataclass
+class EfficientVLMAnswerRankingOutput(ModelOutput):
+    """
+    answer_index (`torch.LongTensor` of shape `(batch_size,)`):
+        Index (into the candidate list) of the best answer to each question.
+    topk_indices (`torch.LongTensor` of shape `(batch_size, k)`):
+        The k candidates kept by their first-token probability, re-ranked best first.
+    topk_scores (`torch.FloatTensor` of shape `(batch_size, k)`):
+        Their scores: the log-likelihood of the whole answer sequence (see `rank_answers`).
+    topk_probs (`torch.FloatTensor` of shape `(batch_size, k)`):
+        Softmax of the scores over the k candidates (X-VLM's `topk_probs`).
+    """
+
+    answer_index: torch.LongTensor | None = None
+    topk_indices: torch.LongTensor | None = None
+    topk_scores: torch.FloatTensor | None = None
+    topk_probs: torch.FloatTensor | None = None
+
+
+class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLMDecoderGenerationMixin):
+    """X-VLM VQA: encoder (vision, text and fusion layers, prunable) + answer decoder (not pruned).
+
+    Training: answers are decoded from the fused question states with the weighted loss of X-VLM.
+    Inference: `rank_answers` (X-VLM's k-test ranking over a fixed answer list) or free generation with
+    `generate(pixel_values=..., input_ids=question_ids, attention_mask=question_mask, max_new_tokens=...)`,
+    which returns answer ids starting with the start token ([CLS]).
+    """
+
+    generation_config_class = TextDecoderGenerationConfig
+    _tied_weights_keys = {"answer_head.decoder.weight": "answer_decoder.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: EfficientVLMConfig) -> None:
+        super().__init__(config)
+        self.efficientvlm = EfficientVLMModel(config)
+        # Derived from `config` every time, so save / load rebuild it; pruning never changes it.
+        self.answer_decoder = EfficientVLMTextModel(answer_decoder_config(config))
+        self.answer_head = EfficientVLMLMHead(self.answer_decoder.config)
+        self.post_init()
+        self.generation_config.max_new_tokens = 10  # answers are a few words
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.answer_head.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.answer_head.decoder = value
+
+    @torch.no_grad()
+    def init_answer_decoder_from_fusion(self, mlm_head: EfficientVLMLMHead | None = None) -> list[str]:
+        """Initialises the answer decoder as X-VLM does: embeddings from the text embeddings, decoder layer i
+        from fusion layer i (self-attention, cross-attention, FFN, LayerNorms), and the LM head from a
+        pre-trained `mlm_head` when given.
+
+        A sub-module (a Linear's weight and bias, a LayerNorm) is copied only when the source has one with the
+        same names and shapes. Fusion cross-attention keys/values read the vision width, the decoder's read the
+        text width: when the two differ (as X-VLM, which then skips them), or a fusion layer was pruned, or the
+        decoder has more layers than there are fusion layers, those decoder tensors keep their fresh
+        initialisation. Returns the names of the tensors not copied.
+        """
+        text_model = self.efficientvlm.text_model
+        fusion_layers = list(text_model.encoder.layer[text_model.config.num_hidden_layers :])
+        pairs: list[tuple[str, nn.Module, nn.Module | None]] = [
+            ("answer_decoder.embeddings.", self.answer_decoder.embeddings, text_model.embeddings)
+        ]
+        for i, layer in enumerate(self.answer_decoder.encoder.layer):
+            source = fusion_layers[i] if i < len(fusion_layers) else None
+            pairs.append((f"answer_decoder.encoder.layer.{i}.", layer, source))
+        if mlm_head is not None:
+            pairs.append(("answer_head.", self.answer_head, mlm_head))
+
+        not_copied = []
+        for prefix, target, source in pairs:
+            source_state = source.state_dict() if source is not None else {}
+            # Whole sub-modules (a Linear's weight and bias together), as X-VLM drops both for key/value.
+            groups: dict[str, list[str]] = {}
+            for name in target.state_dict():
+                groups.setdefault(name.rpartition(".")[0], []).append(name)
+            target_state = target.state_dict()
+            for names in groups.values():
+                fits = all(
+                    name in source_state and source_state[name].shape == target_state[name].shape for name in names
+                )
+                for name in names:
+                    if fits:
+                        target_state[name].copy_(source_state[name])
+                    else:
+                        not_copied.append(prefix + name)
+        return not_copied
+
+    # -- building blocks --------------------------------------------------------------------------------------
+    def encode_question(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        structure_masks: StructureMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> tuple[EncoderOutput, EncoderOutput, EncoderOutput, torch.Tensor]:
+        """Images (batch, channels, height, width) and questions (batch, seq) -> vision, text and fusion
+        outputs and the question attention mask (all ones when none was given)."""
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"Batch sizes differ: {pixel_values.shape[0]} images but {input_ids.shape[0]} questions.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        model = self.efficientvlm
+        flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        vision = model.encode_image(
+            pixel_values, structure_masks, interpolate_pos_encoding=interpolate_pos_encoding, **flags
+        )
+        text = model.encode_text(input_ids, attention_mask, structure_masks, **flags)
+        fusion = model.fuse(
+            text.last_hidden_state, attention_mask, vision.last_hidden_state, None, structure_masks, **flags
+        )
+        return vision, text, fusion, attention_mask
+
+    def decode(
+        self,
+        answer_input_ids: torch.Tensor,
+        answer_attention_mask: torch.Tensor | None,
+        question_states: torch.Tensor,
+        question_attention_mask: torch.Tensor | None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, EncoderOutput]:
+        """Runs the answer decoder causally over answers (num_answers, length) cross-attending to their
+        question's fused states (num_answers, question_length, hidden). Returns logits and the decoder output."""
+        decoder = self.answer_decoder(
+            answer_input_ids,
+            answer_attention_mask,
+            encoder_hidden_states=question_states,
+            encoder_attention_mask=question_attention_mask,
+            mode="multimodal",
+            is_causal=True,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        return self.answer_head(decoder.last_hidden_state), decoder
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        answer_input_ids: torch.Tensor | None = None,
+        answer_attention_mask: torch.Tensor | None = None,
+        answer_weights: torch.Tensor | None = None,
+        answer_counts: torch.Tensor | None = None,
+        question_states: torch.Tensor | None = None,
+        question_attention_mask: torch.Tensor | None = None,
+        structure_masks: StructureMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+        return_loss: bool = True,
+        **kwargs,
+    ) -> EfficientVLMQuestionAnsweringOutput:
+        """
+        pixel_values: (batch, channels, height, width); input_ids / attention_mask: (batch, seq) questions.
+        answer_input_ids / answer_attention_mask: (num_answers, answer_length), "[CLS] answer [SEP]" + padding;
+        the answers of question 0 first, then those of question 1, ...
+        answer_counts: (batch,) answers per question (default: one each); answer_weights: (num_answers,)
+        (default: ones). question_states / question_attention_mask: pre-computed fused question states
+        (batch, seq, hidden) used instead of encoding (generation passes them).
+        structure_masks: masks of the encoder (vision, text, fusion); the answer decoder is not pruned.
+        """
+        vision = text = fusion = None
+        if question_states is None:
+            if pixel_values is None or input_ids is None:
+                raise ValueError("Pass `pixel_values` and the question's `input_ids` (or `question_states`).")
+            vision, text, fusion, question_attention_mask = self.encode_question(
+                pixel_values,
+                input_ids,
+                attention_mask,
+                structure_masks,
+                output_attentions,
+                output_hidden_states,
+                interpolate_pos_encoding,
+            )
+            question_states = fusion.last_hidden_state
+        if answer_input_ids is None:
+            return EfficientVLMQuestionAnsweringOutput(vision_output=vision, text_output=text, fusion_output=fusion)
+
+        num_questions, num_answers = question_states.shape[0], answer_input_ids.shape[0]
+        if answer_counts is None:
+            if num_answers != num_questions:
+                raise ValueError(
+                    f"{num_answers} answers for {num_questions} questions: pass `answer_counts` (answers per question)."
+                )
+            answer_counts = torch.ones(num_questions, dtype=torch.long, device=answer_input_ids.device)
+        answer_counts = torch.as_tensor(answer_counts, device=question_states.device)
+        if answer_counts.shape != (num_questions,) or int(answer_counts.sum()) != num_answers:
+            raise ValueError(
+                f"`answer_counts` {answer_counts.tolist()} must give one count per question ({num_questions}) "
+                f"summing to the number of answers ({num_answers})."
+            )
+        # Each answer cross-attends to its own question's fused states.
+        expanded_states = question_states.repeat_interleave(answer_counts, dim=0)
+        expanded_mask = None
+        if question_attention_mask is not None:
+            expanded_mask = question_attention_mask.repeat_interleave(answer_counts, dim=0)
+        logits, decoder = self.decode(
+            answer_input_ids,
+            answer_attention_mask,
+            expanded_states,
+            expanded_mask,
+            output_attentions,
+            output_hidden_states,
+        )
+
+        loss = None
+        if return_loss:
+            labels = causal_lm_labels(answer_input_ids, answer_attention_mask, self.config.text_config.pad_token_id)
+            per_answer = causal_lm_loss(logits, labels, reduction="sum")
+            if answer_weights is None:
+                answer_weights = torch.ones_like(per_answer)
+            if answer_weights.shape != per_answer.shape:
+                raise ValueError(
+                    f"`answer_weights` has shape {tuple(answer_weights.shape)}; expected ({num_answers},)."
+                )
+            loss = (answer_weights.to(per_answer.dtype) * per_answer).sum() / num_questions
+        return EfficientVLMQuestionAnsweringOutput(
+            loss=loss,
+            logits=logits,
+            vision_output=vision,
+            text_output=text,
+            fusion_output=fusion,
+            decoder_output=decoder,
+        )
+
+    # -- inference --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rank_answers(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        answer_candidates_ids: torch.Tensor,
+        answer_candidates_mask: torch.Tensor | None = None,
+        k: int = 128,
+        structure_masks: StructureMasks | None = None,
+        xvlm_scoring: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> EfficientVLMAnswerRankingOutput:
+        """X-VLM's k-test: picks each question's answer from a fixed candidate list.
+
+        The probability of every candidate's first token after the start token selects the top `k` candidates
+        (all of them when there are fewer); each of those is then scored by the log-likelihood of its whole
+        sequence (every token after the start, [SEP] included), and the best one wins.
+
+        answer_candidates_ids / answer_candidates_mask: (num_candidates, length), each "[CLS] answer [SEP]"
+        + padding. `xvlm_scoring=True` reproduces the official code exactly: it adds the first token's
+        log-probability once more (the official score counts it twice); the default is the plain likelihood.
+        Call it in eval mode (dropout off), as X-VLM does.
+        """
+        if answer_candidates_ids.dim() != 2 or answer_candidates_ids.shape[1] < 2:
+            raise ValueError(
+                "`answer_candidates_ids` must have shape (num_candidates, length >= 2) with a start token then "
+                f"the answer; got {tuple(answer_candidates_ids.shape)}."
+            )
+        if (answer_candidates_ids[:, 0] != answer_candidates_ids[0, 0]).any():
+            raise ValueError("Every answer candidate must begin with the same start token (e.g. [CLS]).")
+        if k < 1:
+            raise ValueError(f"`k` must be at least 1, got {k}.")
+        if answer_candidates_mask is None:
+            answer_candidates_mask = (answer_candidates_ids != self.config.text_config.pad_token_id).long()
+        _, _, fusion, question_mask = self.encode_question(
+            pixel_values,
+            input_ids,
+            attention_mask,
+            structure_masks,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        states = fusion.last_hidden_state
+        batch = states.shape[0]
+
+        # First answer token, for every candidate at once.
+        start = answer_candidates_ids[:1, :1].expand(batch, 1)
+        start_logits, _ = self.decode(start, None, states, question_mask)
+        first_log_probs = F.log_softmax(start_logits[:, 0].float(), dim=-1)[:, answer_candidates_ids[:, 1]]
+        k = min(k, answer_candidates_ids.shape[0])
+        topk_first, topk_indices = first_log_probs.topk(k, dim=1)
+
+        # Full-sequence likelihood of the k survivors of each question.
+        sequences = answer_candidates_ids[topk_indices].flatten(0, 1)
+        sequence_mask = answer_candidates_mask[topk_indices].flatten(0, 1)
+        logits, _ = self.decode(
+            sequences,
+            sequence_mask,
+            states.repeat_interleave(k, dim=0),
+            question_mask.repeat_interleave(k, dim=0),
+        )
+        scores = sequence_log_likelihood(logits, causal_lm_labels(sequences, sequence_mask)).view(batch, k)
+        if xvlm_scoring:
+            scores = scores + topk_first
+        scores, order = scores.sort(dim=1, descending=True)
+        topk_indices = topk_indices.gather(1, order)
+        return EfficientVLMAnswerRankingOutput(
+            answer_index=topk_indices[:, 0],
+            topk_indices=topk_indices,
+            topk_scores=scores,
+            topk_probs=scores.softmax(dim=1),
+        )
+
+    def _encode_for_generation(
+        self, pixel_values: torch.Tensor, model_kwargs: dict[str, Any], generation_config: GenerationConfig
+    ) -> dict[str, Any]:
+        input_ids = model_kwargs.pop("input_ids", None)
+        if input_ids is None:
+            raise ValueError("Answer generation needs the question as `input_ids` (and its `attention_mask`).")
+        _, _, fusion, question_mask = self.encode_question(
+            pixel_values,
+            input_ids,
+            model_kwargs.pop("attention_mask", None),
+            model_kwargs.pop("structure_masks", None),
+            interpolate_pos_encoding=model_kwargs.pop("interpolate_pos_encoding", False),
+        )
+        model_kwargs["question_states"] = fusion.last_hidden_state
+        model_kwargs["question_attention_mask"] = question_mask
+        # The sequence `generate` extends is the answer, which starts with the start token.
+        model_kwargs["input_ids"] = self._start_ids(input_ids.shape[0], input_ids.device, generation_config)
+        return model_kwargs
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        question_states: torch.Tensor | None = None,
+        question_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict[str, Any]:
+        # The whole answer so far (no cache); the fused question states were computed once before decoding.
+        return {
+            "answer_input_ids": input_ids,
+            "question_states": question_states,
+            "question_attention_mask": question_attention_mask,
+            "return_loss": False,
+        }
+
+
+__all__ = [
+    "EfficientVLMAnswerRankingOutput",
+    "EfficientVLMForQuestionAnswering",
+    "EfficientVLMQuestionAnsweringOutput",
+]
