@@ -1,0 +1,386 @@
+"""`efficientvlm demo`: the whole EfficientVLM method, end to end, on built-in data, on a CPU.
+
+1. write the demo corpus (shapes in a grid; captions, VQA, NLVR2) in the X-VLM JSON + image-folder format;
+2. pre-train a small X-VLM-style teacher (ITC + ITM + MLM), fine-tune it on each task;
+3. distil a student of half the depth from the pre-trained teacher (general distillation);
+4. per task: fine-tune the student with task distillation from the fine-tuned teacher, then prune it with
+   modal-adaptive pruning (L0 masks over heads and FFN neurons of every modality, one global target) and
+   remove the pruned structures for real;
+5. evaluate teacher / student / pruned on the same held-out split and benchmark them side by side;
+6. write every model (hub-ready, with processor and model card), `report.md` and plots.
+
+Every stage goes through the same code a user runs on real data (`trainers.tasks`, the Trainers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+from transformers.utils import logging as hf_logging
+
+DEMO_TASKS = ("vqa", "nlvr2")
+
+
+@dataclass
+class DemoSettings:
+    """Sizes and schedule of a demo run (the defaults fit in about 15 minutes on 2 CPU cores)."""
+
+    num_train_images: int = 1500
+    num_eval_images: int = 300
+    image_size: int = 64
+    hidden_size: int = 128
+    num_heads: int = 4
+    intermediate_size: int = 512
+    teacher_layers: tuple[int, int, int] = (4, 2, 2)  # vision, text, fusion
+    student_layers: tuple[int, int, int] = (2, 1, 1)
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+    pretrain_epochs: float = 6.0
+    finetune_epochs: dict[str, float] | None = None
+    distill_epochs: float = 4.0
+    student_finetune_epochs: dict[str, float] | None = None
+    prune_epochs: dict[str, float] | None = None
+    target_sparsity: float = 0.5
+    mask_learning_rate: float = 0.05
+    benchmark_batch_size: int = 32
+    benchmark_repeats: int = 10
+
+    def __post_init__(self) -> None:
+        self.finetune_epochs = self.finetune_epochs or {"vqa": 6.0, "nlvr2": 4.0}
+        self.student_finetune_epochs = self.student_finetune_epochs or {"vqa": 4.0, "nlvr2": 3.0}
+        self.prune_epochs = self.prune_epochs or {"vqa": 3.0, "nlvr2": 2.0}
+        if not 0 <= self.target_sparsity < 1:
+            raise ValueError(f"`target_sparsity` must be in [0, 1); got {self.target_sparsity}.")
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        """A smoke run of about two minutes: tiny data and few steps (the metrics mean little)."""
+        return cls(
+            num_train_images=200,
+            num_eval_images=60,
+            hidden_size=64,
+            intermediate_size=128,
+            pretrain_epochs=1.0,
+            finetune_epochs={"vqa": 1.0, "nlvr2": 1.0},
+            distill_epochs=1.0,
+            student_finetune_epochs={"vqa": 1.0, "nlvr2": 1.0},
+            prune_epochs={"vqa": 1.0, "nlvr2": 1.0},
+            benchmark_batch_size=8,
+            benchmark_repeats=3,
+        )
+
+
+def _say(message: str) -> None:
+    print(f"[efficientvlm demo] {message}", flush=True)
+
+
+def teacher_config(settings: DemoSettings, vocab_size: int):
+    from modeling_efficientvlm import EfficientVLMConfig
+
+    vision_layers, text_layers, fusion_layers = settings.teacher_layers
+    width = dict(
+        hidden_size=settings.hidden_size,
+        num_attention_heads=settings.num_heads,
+        intermediate_size=settings.intermediate_size,
+    )
+    return EfficientVLMConfig(
+        vision_config=dict(**width, num_hidden_layers=vision_layers, image_size=settings.image_size, patch_size=8),
+        text_config=dict(
+            **width,
+            vocab_size=vocab_size,
+            num_hidden_layers=text_layers,
+            num_fusion_layers=fusion_layers,
+            max_position_embeddings=64,
+        ),
+        embed_dim=64,
+        max_text_length=40,
+    )
+
+
+def _training_args(
+    output_dir: Path, settings: DemoSettings, epochs: float, seed: int, **overrides
+) -> TrainingArguments:
+    values = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        weight_decay=0.01,
+        warmup_steps=0.05,
+        lr_scheduler_type="linear",
+        num_train_epochs=epochs,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=seed,
+        disable_tqdm=False,
+        remove_unused_columns=False,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def _losses(trainer: Any) -> list[dict[str, float]]:
+    return [entry for entry in trainer.state.log_history if "loss" in entry or "train_loss" in entry]
+
+
+class DemoRun:
+    """One demo run: holds the settings, the output folder and what each stage produced."""
+
+    def __init__(self, output_dir: Path, settings: DemoSettings, seed: int = 0, tasks: tuple[str, ...] = DEMO_TASKS):
+        unknown = set(tasks) - set(DEMO_TASKS)
+        if unknown:
+            raise ValueError(f"Unknown demo task(s) {sorted(unknown)}; choose from {DEMO_TASKS}.")
+        self.output_dir = Path(output_dir)
+        self.settings = settings
+        self.seed = seed
+        self.tasks = tasks
+        self.histories: dict[str, list[dict[str, float]]] = {}
+        self.timings: dict[str, float] = {}
+        self.metrics: dict[str, dict[str, dict[str, float]]] = {}
+        self.pruning_reports: dict[str, dict[str, Any]] = {}
+        self.benchmarks: dict[str, list[dict[str, Any]]] = {}
+
+    # -- stages -------------------------------------------------------------------------------------------
+    def make_data(self) -> None:
+        from transformers import BertTokenizer
+
+        from modeling_efficientvlm import EfficientVLMImageProcessor, EfficientVLMProcessor
+        from trainers.demo_data import generate_demo_data, write_demo_vocab
+
+        s = self.settings
+        self.data = generate_demo_data(
+            self.output_dir / "data",
+            seed=self.seed,
+            image_size=s.image_size,
+            num_train_images=s.num_train_images,
+            num_eval_images=s.num_eval_images,
+        )
+        vocab = write_demo_vocab(self.output_dir / "data" / "vocab.txt")
+        tokenizer = BertTokenizer(vocab=str(vocab), do_lower_case=True)
+        self.processor = EfficientVLMProcessor(
+            EfficientVLMImageProcessor(size={"height": s.image_size, "width": s.image_size}), tokenizer, max_length=40
+        )
+        self.answer_list = json.loads(Path(self.data.answer_list).read_text())
+        self.stats = json.loads(Path(self.data.stats).read_text())
+
+    def _dataset(self, task: str, split: str):
+        from trainers.tasks import build_dataset
+
+        files = {
+            ("pretraining", "train"): self.data.pretrain,
+            ("vqa", "train"): self.data.vqa_train,
+            ("vqa", "test"): self.data.vqa_test,
+            ("nlvr2", "train"): self.data.nlvr2_train,
+            ("nlvr2", "test"): self.data.nlvr2_test,
+        }
+        return build_dataset(task, files[(task, split)], self.data.image_root, self.processor)
+
+    def _train(self, name: str, task: str, model: Any, epochs: float, trainer_class=None, **kwargs) -> Any:
+        from transformers import Trainer
+
+        from trainers.run_train import train
+
+        start = time.perf_counter()
+        args = _training_args(self.output_dir / "runs" / name, self.settings, epochs, self.seed)
+        trainer = train(
+            task, model, self.processor, self._dataset(task, "train"), args, trainer_class or Trainer, **kwargs
+        )
+        self.timings[name] = time.perf_counter() - start
+        self.histories[name] = _losses(trainer)
+        final = next((e["train_loss"] for e in reversed(trainer.state.log_history) if "train_loss" in e), float("nan"))
+        _say(f"{name}: {trainer.state.global_step} steps in {self.timings[name]:.0f}s, mean train loss {final:.3f}")
+        return trainer
+
+    def pretrain_teacher(self) -> None:
+        from modeling_efficientvlm import EfficientVLMForPreTraining
+
+        torch.manual_seed(self.seed)
+        config = teacher_config(self.settings, len(self.processor.tokenizer))
+        self.teacher_pretrained = EfficientVLMForPreTraining(config)
+        self._train("teacher_pretrain", "pretraining", self.teacher_pretrained, self.settings.pretrain_epochs)
+
+    def finetune_teachers(self) -> None:
+        from trainers.tasks import task_model_from
+
+        self.teachers = {}
+        for task in self.tasks:
+            torch.manual_seed(self.seed)
+            model = task_model_from(task, self.teacher_pretrained)
+            self._train(f"teacher_{task}", task, model, self.settings.finetune_epochs[task])
+            self.teachers[task] = model.eval()
+
+    def distill_student(self) -> None:
+        from trainers.distillation import DistillationTrainer
+        from trainers.student_init import build_student
+
+        torch.manual_seed(self.seed)
+        self.student_pretrained = build_student(self.teacher_pretrained, *self.settings.student_layers)
+        self._train(
+            "student_distill",
+            "pretraining",
+            self.student_pretrained,
+            self.settings.distill_epochs,
+            DistillationTrainer,
+            teacher_model=self.teacher_pretrained,
+        )
+
+    def finetune_and_prune_students(self) -> None:
+        from trainers.distillation import DistillationConfig, DistillationTrainer
+        from trainers.pruning import ModalAdaptivePruningTrainer, PruningConfig
+        from trainers.tasks import task_model_from
+
+        self.students, self.pruned = {}, {}
+        for task in self.tasks:
+            teacher = self.teachers[task]
+            torch.manual_seed(self.seed)
+            student = task_model_from(task, self.student_pretrained)
+            # Task-stage KD on logits and hidden states; attention maps would force the slow eager path.
+            kd = DistillationConfig(text_attn=0.0, vision_attn=0.0, fusion_attn=0.0)
+            self._train(
+                f"student_{task}",
+                task,
+                student,
+                self.settings.student_finetune_epochs[task],
+                DistillationTrainer,
+                teacher_model=teacher,
+                distillation_config=kd,
+            )
+            self.students[task] = student.eval()
+
+            pruned = copy.deepcopy(student).train()
+            trainer = self._train(
+                f"pruned_{task}",
+                task,
+                pruned,
+                self.settings.prune_epochs[task],
+                ModalAdaptivePruningTrainer,
+                teacher_model=teacher,
+                distillation_config=kd,
+                pruning_config=PruningConfig(
+                    target_sparsity=self.settings.target_sparsity,
+                    mask_learning_rate=self.settings.mask_learning_rate,
+                ),
+            )
+            self.pruning_reports[task] = trainer.finalize_pruning()
+            self.pruned[task] = trainer.accelerator.unwrap_model(trainer.model).eval()
+            report = self.pruning_reports[task]
+            split = ", ".join(f"{m} {v:.2f}" for m, v in report["sparsity_per_modality"].items())
+            _say(f"pruned_{task}: sparsity {report['sparsity']:.3f} (target {self.settings.target_sparsity}); {split}")
+
+    def evaluate(self) -> None:
+        from trainers.tasks import evaluate_task
+
+        for task in self.tasks:
+            dataset = self._dataset(task, "test")
+            self.metrics[task] = {}
+            for role, model in (
+                ("teacher", self.teachers[task]),
+                ("student", self.students[task]),
+                ("pruned", self.pruned[task]),
+            ):
+                result = evaluate_task(task, model, dataset, self.processor, answer_list=self.answer_list)
+                self.metrics[task][role] = result.metrics
+            line = ", ".join(f"{role} {next(iter(m.values())):.3f}" for role, m in self.metrics[task].items())
+            _say(f"{task} on the held-out split: {line}")
+
+    def benchmark(self) -> None:
+        from trainers.benchmarking import benchmark_inputs, compare_models
+
+        s = self.settings
+        for task in self.tasks:
+            models = {"teacher": self.teachers[task], "student": self.students[task], "pruned": self.pruned[task]}
+            inputs = benchmark_inputs(self.teachers[task].config, s.benchmark_batch_size, text_length=16)
+            rows = compare_models(models, inputs, repeats=s.benchmark_repeats)
+            self.benchmarks[task] = [row.as_dict() for row in rows]
+            _say(f"{task} speed: " + ", ".join(f"{r.name} {r.median_ms:.1f} ms ({r.speedup:.2f}x)" for r in rows))
+
+    # -- outputs ------------------------------------------------------------------------------------------
+    def save_models(self) -> None:
+        from trainers.model_card import write_model_card
+        from trainers.tasks import save_with_processor
+
+        self.model_dirs = {}
+        for task in self.tasks:
+            for role, model in (
+                ("teacher", self.teachers[task]),
+                ("student", self.students[task]),
+                ("pruned", self.pruned[task]),
+            ):
+                folder = save_with_processor(model, self.processor, self.output_dir / "models" / f"{role}_{task}")
+                write_model_card(
+                    folder,
+                    task=task,
+                    role=role,
+                    metrics=self.metrics[task][role],
+                    benchmark=next(r for r in self.benchmarks[task] if r["name"] == role),
+                    pruning_report=self.pruning_reports[task] if role == "pruned" else None,
+                )
+                self.model_dirs[f"{role}_{task}"] = folder
+
+    def write_report(self) -> Path:
+        from trainers.demo_report import write_plots, write_report
+
+        plots = write_plots(self.output_dir, self.histories, self.pruning_reports)
+        return write_report(self, plots)
+
+    def run(self) -> Path:
+        start = time.perf_counter()
+        stages = [
+            ("data", self.make_data),
+            ("pre-train teacher", self.pretrain_teacher),
+            ("fine-tune teachers", self.finetune_teachers),
+            ("distil student", self.distill_student),
+            ("fine-tune + prune students", self.finetune_and_prune_students),
+            ("evaluate", self.evaluate),
+            ("benchmark", self.benchmark),
+            ("save models", self.save_models),
+        ]
+        for name, stage in stages:
+            stage_start = time.perf_counter()
+            stage()
+            self.timings[f"stage: {name}"] = time.perf_counter() - stage_start
+        self.timings["total"] = time.perf_counter() - start
+        report = self.write_report()
+        _say(f"done in {self.timings['total'] / 60:.1f} min; report: {report}")
+        return report
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="efficientvlm demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--output_dir", default="efficientvlm_demo", help="where everything is written")
+    parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run (tiny data, few steps)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target_sparsity", type=float, default=None, help="global pruning target (default 0.5)")
+    parser.add_argument("--tasks", default=",".join(DEMO_TASKS), help=f"comma-separated, from {DEMO_TASKS}")
+    parser.add_argument("--push_to_hub", action="store_true", help="push every model with `push_to_hub`")
+    parser.add_argument("--hub_prefix", default=None, help="repo prefix for --push_to_hub, e.g. `user/evlm-demo`")
+    args = parser.parse_args(argv)
+    if args.push_to_hub and not args.hub_prefix:
+        parser.error("--push_to_hub needs --hub_prefix (e.g. your-user/efficientvlm-demo)")
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    if args.target_sparsity is not None:
+        settings = replace(settings, target_sparsity=args.target_sparsity)
+    hf_logging.set_verbosity_warning()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    run = DemoRun(Path(args.output_dir), settings, seed=args.seed, tasks=tuple(args.tasks.split(",")))
+    report = run.run()
+    (run.output_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+    if args.push_to_hub:
+        from trainers.model_card import push_models
+
+        push_models(run.model_dirs, args.hub_prefix)
+    return report
