@@ -24,7 +24,7 @@ from .modeling_efficientvlm import (
     StructureMasks,
 )
 from .modeling_efficientvlm_captioning import EfficientVLMForConditionalGeneration
-from .modeling_efficientvlm_nlvr2 import EfficientVLMForVisualReasoning
+from .modeling_efficientvlm_nlvr2 import EfficientVLMForVisualReasoning, init_nlvr2_from_pretraining, twin_fusion_config
 from .modeling_efficientvlm_retrieval import EfficientVLMForImageTextRetrieval
 from .modeling_efficientvlm_vqa import EfficientVLMForQuestionAnswering
 from .processing_efficientvlm import EfficientVLMProcessor
@@ -59,4 +59,6 @@ __all__ = [
     "EfficientVLMVisionConfig",
     "EfficientVLMVisionModel",
     "StructureMasks",
+    "init_nlvr2_from_pretraining",
+    "twin_fusion_config",
 ]

@@ -220,6 +220,9 @@ class EfficientVLMConfig(PreTrainedConfig):
         temperature: initial value of the learnable ITC temperature.
         max_text_length: longest text (in tokens) the processor produces by default.
         num_answer_decoder_layers: layers of the VQA answer decoder (defaults to the number of fusion layers).
+        label_smoothing: label smoothing of the captioning loss (X-VLM fine-tunes with 0.1).
+        twin_fusion_layers: NLVR2 layout: fusion layers come in pairs, the first attending to the left image,
+            the second to the right (set by [`EfficientVLMForVisualReasoning`]).
 
     Example:
 
@@ -239,6 +242,8 @@ class EfficientVLMConfig(PreTrainedConfig):
     temperature: float = 0.07
     max_text_length: int = 40
     num_answer_decoder_layers: int | None = None
+    label_smoothing: float = 0.0
+    twin_fusion_layers: bool = False
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
 

@@ -612,7 +612,7 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
         self.efficientvlm.prune(structure_masks)
 
 
-def _split_masks(masks: StructureMasks | None, text_config: EfficientVLMTextConfig):
+def split_structure_masks(masks: StructureMasks | None, text_config: EfficientVLMTextConfig):
     """Structure-mask dict -> (vision heads, vision ffn, stack heads, stack cross heads, stack ffn) lists."""
     if masks is None:
         return None, None, None, None, None
@@ -832,7 +832,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         interpolate_pos_encoding: bool = False,
     ) -> EncoderOutput:
         """pixel_values: (batch, channels, height, width) -> image tokens (batch, 1 + patches, vision_hidden)."""
-        vision_heads, vision_ffn, *_ = _split_masks(structure_masks, self.config.text_config)
+        vision_heads, vision_ffn, *_ = split_structure_masks(structure_masks, self.config.text_config)
         return self.vision_model(
             pixel_values, vision_heads, vision_ffn, output_attentions, output_hidden_states, interpolate_pos_encoding
         )
@@ -846,7 +846,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         output_hidden_states: bool = False,
     ) -> EncoderOutput:
         """input_ids: (batch, seq) -> text states (batch, seq, text_hidden) from the text layers."""
-        _, _, heads, _, ffn = _split_masks(structure_masks, self.config.text_config)
+        _, _, heads, _, ffn = split_structure_masks(structure_masks, self.config.text_config)
         return self.text_model(
             input_ids,
             attention_mask,
@@ -869,7 +869,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
     ) -> EncoderOutput:
         """Runs the fusion layers: text_states (batch, seq, hidden) cross-attend to image_states
         (batch, image_len, vision_hidden)."""
-        _, _, heads, cross_heads, ffn = _split_masks(structure_masks, self.config.text_config)
+        _, _, heads, cross_heads, ffn = split_structure_masks(structure_masks, self.config.text_config)
         return self.text_model(
             attention_mask=attention_mask,
             inputs_embeds=text_states,
@@ -886,12 +886,12 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """(batch, channels, height, width) -> L2-normalised ITC image embeddings (batch, embed_dim)."""
         image_states = self.encode_image(pixel_values, **kwargs).last_hidden_state
-        return F.normalize(self.vision_proj(image_states[:, 0]), dim=-1)
+        return itc_embedding(self.vision_proj, image_states)
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """(batch, seq) -> L2-normalised ITC text embeddings (batch, embed_dim)."""
         text_states = self.encode_text(input_ids, attention_mask, **kwargs).last_hidden_state
-        return F.normalize(self.text_proj(text_states[:, 0]), dim=-1)
+        return itc_embedding(self.text_proj, text_states)
 
     def forward(
         self,
@@ -913,8 +913,8 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
             pixel_values, structure_masks, interpolate_pos_encoding=interpolate_pos_encoding, **flags
         )
         text = self.encode_text(input_ids, attention_mask, structure_masks, **flags)
-        image_embeds = F.normalize(self.vision_proj(vision.last_hidden_state[:, 0]), dim=-1)
-        text_embeds = F.normalize(self.text_proj(text.last_hidden_state[:, 0]), dim=-1)
+        image_embeds = itc_embedding(self.vision_proj, vision.last_hidden_state)
+        text_embeds = itc_embedding(self.text_proj, text.last_hidden_state)
         logits_per_image = image_embeds @ text_embeds.t() / self.temperature
         fusion = self.fuse(
             text.last_hidden_state, attention_mask, vision.last_hidden_state, None, structure_masks, **flags
@@ -972,7 +972,9 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
                 raise ValueError(f"Unknown structure-mask key {key!r}; expected some of {list(MASK_KEYS)}.")
             if masks is not None and len(masks) != len(sizes[key]):
                 raise ValueError(f"`{key}` has {len(masks)} masks but the model has {len(sizes[key])} such layers.")
-        vision_heads, vision_ffn, heads, cross_heads, ffn = _split_masks(structure_masks, self.config.text_config)
+        vision_heads, vision_ffn, heads, cross_heads, ffn = split_structure_masks(
+            structure_masks, self.config.text_config
+        )
         self.vision_model.prune(vision_heads, vision_ffn)
         self.text_model.encoder.prune(heads, cross_heads, ffn)
 
@@ -1007,6 +1009,127 @@ class EfficientVLMLMHead(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(batch, seq, hidden) -> (batch, seq, vocab) logits."""
         return self.decoder(self.LayerNorm(self.activation(self.dense(hidden_states))))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ITC + ITM, shared by every model that trains image-text matching (pre-training, retrieval)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EfficientVLMContrastiveMatchingOutput(ModelOutput):
+    """
+    loss_itc, loss_itm (`torch.FloatTensor` of shape `()`):
+        Image-text contrastive and image-text matching losses (`None` when not computed).
+    logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
+        ITC similarities divided by the temperature.
+    itm_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`):
+        Matching logits of the positive pairs, then (image, hard negative text), then (hard negative image, text).
+    itm_labels (`torch.LongTensor` of shape `(3 * batch_size,)`):
+        1 for the positive pairs, 0 for the negatives.
+    negative_text_index, negative_image_index (`torch.LongTensor` of shape `(batch_size,)`):
+        The hard negatives: for image i the index of its negative text, for text j that of its negative image.
+    image_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
+        L2-normalised ITC embeddings.
+    itm_fusion_output ([`EncoderOutput`]): fusion layers on the 3 * batch_size ITM pairs.
+    """
+
+    loss_itc: torch.FloatTensor | None = None
+    loss_itm: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    itm_labels: torch.LongTensor | None = None
+    negative_text_index: torch.LongTensor | None = None
+    negative_image_index: torch.LongTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    itm_fusion_output: EncoderOutput | None = None
+
+
+def itc_embedding(projection: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """L2-normalised ITC embedding (batch, embed_dim) of the [CLS] token of `states` (batch, seq, hidden)."""
+    return F.normalize(projection(states[:, 0]), dim=-1)
+
+
+def image_text_matching_logits(
+    backbone: EfficientVLMModel,
+    itm_head: nn.Module,
+    text_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_states: torch.Tensor,
+    structure_masks: StructureMasks | None = None,
+    output_attentions: bool = False,
+    output_hidden_states: bool = False,
+) -> tuple[torch.Tensor, EncoderOutput]:
+    """Fuses each text (batch, seq, hidden) with its image (batch, image_len, vision_hidden) and applies the
+    ITM head to the fused [CLS]. Returns the logits (batch, 2) and the fusion layers' output."""
+    fusion = backbone.fuse(
+        text_states,
+        attention_mask,
+        image_states,
+        structure_masks=structure_masks,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
+    )
+    return itm_head(fusion.last_hidden_state[:, 0]), fusion
+
+
+def image_text_contrastive_matching(
+    backbone: EfficientVLMModel,
+    itm_head: nn.Module,
+    itc_loss: ImageTextContrastiveLoss,
+    image_states: torch.Tensor,
+    text_states: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_ids: torch.Tensor | None = None,
+    itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+    structure_masks: StructureMasks | None = None,
+    output_attentions: bool = False,
+    output_hidden_states: bool = False,
+    compute_loss: bool = True,
+) -> EfficientVLMContrastiveMatchingOutput:
+    """X-VLM's ITC and ITM with hard negatives on encoded images (batch, image_len, vision_hidden) and texts
+    (batch, seq, hidden).
+
+    `image_ids` (batch,) make texts of the same image positives for ITC and never negatives for ITM;
+    `itm_negatives = (negative_text_index, negative_image_index)` are reused instead of sampled (e.g. a
+    teacher scoring the student's negatives).
+    """
+    image_embeds = itc_embedding(backbone.vision_proj, image_states)
+    text_embeds = itc_embedding(backbone.text_proj, text_states)
+    temperature = backbone.temperature
+    logits_per_image = image_embeds @ text_embeds.t() / temperature
+    loss_itc = itc_loss(image_embeds, text_embeds, temperature, image_ids) if compute_loss else None
+
+    # ITM: positives, then each image with a hard negative text, then each text with a hard negative image
+    if itm_negatives is None:
+        itm_negatives = sample_hard_negatives(logits_per_image, image_ids)
+    negative_text_index, negative_image_index = itm_negatives
+    batch = text_states.shape[0]
+    itm_logits, itm_fusion = image_text_matching_logits(
+        backbone,
+        itm_head,
+        torch.cat([text_states, text_states[negative_text_index], text_states]),
+        torch.cat([attention_mask, attention_mask[negative_text_index], attention_mask]),
+        torch.cat([image_states, image_states, image_states[negative_image_index]]),
+        structure_masks,
+        output_attentions,
+        output_hidden_states,
+    )
+    itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(itm_logits.device)
+    loss_itm = F.cross_entropy(itm_logits, itm_labels) if compute_loss else None
+    return EfficientVLMContrastiveMatchingOutput(
+        loss_itc=loss_itc,
+        loss_itm=loss_itm,
+        logits_per_image=logits_per_image,
+        itm_logits=itm_logits,
+        itm_labels=itm_labels,
+        negative_text_index=negative_text_index,
+        negative_image_index=negative_image_index,
+        image_embeds=image_embeds,
+        text_embeds=text_embeds,
+        itm_fusion_output=itm_fusion,
+    )
 
 
 @dataclass
@@ -1112,28 +1235,19 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
         text = model.encode_text(input_ids, attention_mask, structure_masks, **flags)
         image_states, text_states = vision.last_hidden_state, text.last_hidden_state
 
-        # ITC
-        image_embeds = F.normalize(model.vision_proj(image_states[:, 0]), dim=-1)
-        text_embeds = F.normalize(model.text_proj(text_states[:, 0]), dim=-1)
-        temperature = model.temperature
-        loss_itc = self.itc_loss(image_embeds, text_embeds, temperature, image_ids)
-        logits_per_image = image_embeds @ text_embeds.t() / temperature
-
-        # ITM: positives, then each image with a hard negative text, then each text with a hard negative image
-        if itm_negatives is None:
-            itm_negatives = sample_hard_negatives(logits_per_image, image_ids)
-        negative_text_index, negative_image_index = itm_negatives
-        batch = input_ids.shape[0]
-        itm_fusion = model.fuse(
-            torch.cat([text_states, text_states[negative_text_index], text_states]),
-            torch.cat([attention_mask, attention_mask[negative_text_index], attention_mask]),
-            torch.cat([image_states, image_states, image_states[negative_image_index]]),
+        matching = image_text_contrastive_matching(
+            model,
+            self.itm_head,
+            self.itc_loss,
+            image_states,
+            text_states,
+            attention_mask,
+            image_ids=image_ids,
+            itm_negatives=itm_negatives,
             structure_masks=structure_masks,
             **flags,
         )
-        itm_logits = self.itm_head(itm_fusion.last_hidden_state[:, 0])
-        itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(itm_logits.device)
-        loss_itm = F.cross_entropy(itm_logits, itm_labels)
+        itm_fusion, batch = matching.itm_fusion_output, input_ids.shape[0]
 
         # MLM on the masked text, fused with its image
         loss_mlm = mlm_logits = mlm_text = mlm_fusion = None
@@ -1152,25 +1266,25 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
             predicted_bbox = self.bbox_head(itm_fusion.last_hidden_state[:batch, 0]).sigmoid()
             loss_bbox, loss_giou = box_regression_loss(predicted_bbox, target_bbox.to(predicted_bbox.dtype))
 
-        loss = loss_itc + loss_itm
+        loss = matching.loss_itc + matching.loss_itm
         for term in (loss_mlm, loss_bbox, loss_giou):
             if term is not None:
                 loss = loss + term
         return EfficientVLMForPreTrainingOutput(
             loss=loss,
-            loss_itc=loss_itc,
-            loss_itm=loss_itm,
+            loss_itc=matching.loss_itc,
+            loss_itm=matching.loss_itm,
             loss_mlm=loss_mlm,
             loss_bbox=loss_bbox,
             loss_giou=loss_giou,
-            logits_per_image=logits_per_image,
-            itm_logits=itm_logits,
-            itm_labels=itm_labels,
-            negative_text_index=negative_text_index,
-            negative_image_index=negative_image_index,
+            logits_per_image=matching.logits_per_image,
+            itm_logits=matching.itm_logits,
+            itm_labels=matching.itm_labels,
+            negative_text_index=matching.negative_text_index,
+            negative_image_index=matching.negative_image_index,
             mlm_logits=mlm_logits,
-            image_embeds=image_embeds,
-            text_embeds=text_embeds,
+            image_embeds=matching.image_embeds,
+            text_embeds=matching.text_embeds,
             vision_output=vision,
             text_output=text,
             itm_fusion_output=itm_fusion,
@@ -1181,6 +1295,11 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
 
 __all__ = [
     "MASK_KEYS",
+    "EfficientVLMContrastiveMatchingOutput",
+    "image_text_contrastive_matching",
+    "image_text_matching_logits",
+    "itc_embedding",
+    "split_structure_masks",
     "attention_head_parameters",
     "ffn_neuron_parameters",
     "EfficientVLMAttention",

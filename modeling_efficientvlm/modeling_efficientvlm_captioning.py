@@ -23,7 +23,7 @@ from .modeling_efficientvlm import (
     EfficientVLMPreTrainedModel,
     EncoderOutput,
     StructureMasks,
-    _split_masks,
+    split_structure_masks,
 )
 from .modeling_efficientvlm_decoder import (
     EfficientVLMDecoderGenerationMixin,
@@ -111,7 +111,7 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
                 interpolate_pos_encoding=interpolate_pos_encoding,
             )
             image_embeds = vision.last_hidden_state
-        _, _, heads, cross_heads, ffn = _split_masks(structure_masks, self.config.text_config)
+        _, _, heads, cross_heads, ffn = split_structure_masks(structure_masks, self.config.text_config)
         text = self.efficientvlm.text_model(
             input_ids,
             attention_mask,

@@ -1,0 +1,276 @@
+"""Image-text retrieval (X-VLM / EfficientVLM): ITC embeddings find candidates, ITM re-ranks the top k.
+
+Training is X-VLM's retrieval fine-tuning: the ITC loss (texts of the same image are all positives) plus
+ITM with hard negatives sampled from the ITC similarities. Evaluation embeds every image and text once,
+keeps the top `k` candidates of every query by ITC similarity and scores them with the ITM head
+(`itm_rerank_scores`); recall@K is computed by `trainers.retrieval_eval.retrieval_evaluate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForZeroShotImageClassification
+from transformers.utils import ModelOutput
+
+from .configuration_efficientvlm import EfficientVLMConfig
+from .loss_efficientvlm import ImageTextContrastiveLoss
+from .modeling_efficientvlm import (
+    EfficientVLMContrastiveMatchingOutput,
+    EfficientVLMITMHead,
+    EfficientVLMModel,
+    EfficientVLMPreTrainedModel,
+    EncoderOutput,
+    StructureMasks,
+    image_text_contrastive_matching,
+    image_text_matching_logits,
+    itc_embedding,
+)
+
+# Score of an (image, text) pair that is not among the top-k ITC candidates of its query (as in X-VLM).
+NOT_RERANKED_SCORE = -100.0
+ITM_SCORES = ("probability", "logit")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The retrieval model
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EfficientVLMImageTextRetrievalOutput(ModelOutput):
+    """
+    loss (`torch.FloatTensor` of shape `()`):
+        `loss_itc + loss_itm` (with `return_loss=True`).
+    logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`):
+        The ITM logits (`itm_logits`), the task prediction a distiller matches.
+    loss_itc, loss_itm (`torch.FloatTensor` of shape `()`):
+        Image-text contrastive and image-text matching losses.
+    logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
+        ITC similarities divided by the temperature.
+    itm_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`):
+        Matching logits of the positive pairs, then (image, hard negative text), then (hard negative image, text).
+    itm_labels (`torch.LongTensor` of shape `(3 * batch_size,)`):
+        1 for the positive pairs, 0 for the negatives.
+    negative_text_index, negative_image_index (`torch.LongTensor` of shape `(batch_size,)`):
+        The sampled hard negatives; pass them back as `itm_negatives` to reuse them (e.g. for a teacher).
+    image_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
+        L2-normalised ITC embeddings.
+    vision_output, text_output ([`EncoderOutput`]): the encoders on the images and the texts.
+    fusion_output ([`EncoderOutput`]): the fusion layers on the 3 * batch_size ITM pairs.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    loss_itc: torch.FloatTensor | None = None
+    loss_itm: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    itm_labels: torch.LongTensor | None = None
+    negative_text_index: torch.LongTensor | None = None
+    negative_image_index: torch.LongTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    vision_output: EncoderOutput | None = None
+    text_output: EncoderOutput | None = None
+    fusion_output: EncoderOutput | None = None
+
+
+class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
+    """X-VLM retrieval: ITC + ITM with hard negatives for training, ITC top-k + ITM re-ranking for search.
+
+    Parameter names are those of [`EfficientVLMForPreTraining`], so a pre-training checkpoint loads with
+    `from_pretrained` (its MLM and box heads are dropped).
+    """
+
+    # A pre-training checkpoint carries heads retrieval does not use.
+    _keys_to_ignore_on_load_unexpected = [r"^mlm_head\.", r"^bbox_head\."]
+
+    def __init__(self, config: EfficientVLMConfig) -> None:
+        super().__init__(config)
+        self.efficientvlm = EfficientVLMModel(config)
+        self.itm_head = EfficientVLMITMHead(config.text_config.hidden_size)
+        self.itc_loss = ImageTextContrastiveLoss()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+        structure_masks: StructureMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_loss: bool = True,
+        interpolate_pos_encoding: bool = False,
+    ) -> EfficientVLMImageTextRetrievalOutput:
+        """
+        pixel_values: (batch, channels, height, width); input_ids / attention_mask: (batch, seq), text i
+        describes image i; image_ids: (batch,) optional, texts of the same image are positives for ITC and
+        never ITM negatives; itm_negatives: optional `(negative_text_index, negative_image_index)` to reuse
+        instead of sampling; return_loss: compute `loss` (Trainer evaluates it when True).
+        """
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"Batch sizes differ: {pixel_values.shape[0]} images but {input_ids.shape[0]} texts.")
+        if image_ids is not None and image_ids.shape != (input_ids.shape[0],):
+            raise ValueError(f"`image_ids` must have shape ({input_ids.shape[0]},); got {tuple(image_ids.shape)}.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        model = self.efficientvlm
+        vision = model.encode_image(
+            pixel_values, structure_masks, interpolate_pos_encoding=interpolate_pos_encoding, **flags
+        )
+        text = model.encode_text(input_ids, attention_mask, structure_masks, **flags)
+        matching = image_text_contrastive_matching(
+            model,
+            self.itm_head,
+            self.itc_loss,
+            vision.last_hidden_state,
+            text.last_hidden_state,
+            attention_mask,
+            image_ids=image_ids,
+            itm_negatives=itm_negatives,
+            structure_masks=structure_masks,
+            compute_loss=return_loss,
+            **flags,
+        )
+        return EfficientVLMImageTextRetrievalOutput(
+            loss=matching.loss_itc + matching.loss_itm if return_loss else None,
+            logits=matching.itm_logits,
+            loss_itc=matching.loss_itc,
+            loss_itm=matching.loss_itm,
+            logits_per_image=matching.logits_per_image,
+            itm_logits=matching.itm_logits,
+            itm_labels=matching.itm_labels,
+            negative_text_index=matching.negative_text_index,
+            negative_image_index=matching.negative_image_index,
+            image_embeds=matching.image_embeds,
+            text_embeds=matching.text_embeds,
+            vision_output=vision,
+            text_output=text,
+            fusion_output=matching.itm_fusion_output,
+        )
+
+    # -- retrieval scoring: embed once, ITC for candidates, ITM to re-rank ----------------------------------
+    def embed_images(
+        self,
+        pixel_values: torch.Tensor,
+        structure_masks: StructureMasks | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, channels, height, width) -> image tokens (batch, image_len, vision_hidden) for ITM and
+        L2-normalised ITC embeddings (batch, embed_dim)."""
+        states = self.efficientvlm.encode_image(
+            pixel_values, structure_masks, interpolate_pos_encoding=interpolate_pos_encoding
+        ).last_hidden_state
+        return states, itc_embedding(self.efficientvlm.vision_proj, states)
+
+    def embed_texts(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        structure_masks: StructureMasks | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, seq) -> text states (batch, seq, hidden) for ITM and L2-normalised ITC embeddings
+        (batch, embed_dim)."""
+        states = self.efficientvlm.encode_text(input_ids, attention_mask, structure_masks).last_hidden_state
+        return states, itc_embedding(self.efficientvlm.text_proj, states)
+
+    @staticmethod
+    def itc_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity (num_images, num_texts) of L2-normalised ITC embeddings."""
+        return image_embeds @ text_embeds.t()
+
+    def itm_scores(
+        self,
+        image_states: torch.Tensor,
+        text_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        structure_masks: StructureMasks | None = None,
+        score: str = "probability",
+    ) -> torch.Tensor:
+        """Matching score (pairs,) of each (image, text) pair: the ITM head's probability that they match
+        (`score="probability"`) or its raw "match" logit (`"logit"`, what X-VLM ranks by)."""
+        if score not in ITM_SCORES:
+            raise ValueError(f"`score` must be one of {ITM_SCORES}; got {score!r}.")
+        logits, _ = image_text_matching_logits(
+            self.efficientvlm, self.itm_head, text_states, attention_mask, image_states, structure_masks
+        )
+        return logits.float().softmax(dim=-1)[:, 1] if score == "probability" else logits[:, 1].float()
+
+    @torch.no_grad()
+    def itm_rerank_scores(
+        self,
+        image_states: torch.Tensor,
+        text_states: torch.Tensor,
+        text_attention_mask: torch.Tensor | None,
+        itc_scores: torch.Tensor,
+        k: int = 128,
+        batch_size: int = 128,
+        structure_masks: StructureMasks | None = None,
+        score: str = "probability",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """X-VLM's re-ranking: the top-`k` texts of every image and the top-`k` images of every text by ITC
+        similarity are scored by ITM, every other pair gets `NOT_RERANKED_SCORE` (-100).
+
+        Args:
+            image_states: (num_images, image_len, vision_hidden), from [`embed_images`].
+            text_states: (num_texts, seq, hidden) and text_attention_mask (num_texts, seq), from [`embed_texts`].
+            itc_scores: (num_images, num_texts) ITC similarities, from [`itc_scores`].
+            batch_size: (image, text) pairs per fusion pass.
+
+        Returns:
+            `(scores_i2t, scores_t2i)`: (num_images, num_texts) and (num_texts, num_images).
+        """
+        num_images, num_texts = image_states.shape[0], text_states.shape[0]
+        if itc_scores.shape != (num_images, num_texts):
+            raise ValueError(f"`itc_scores` has shape {tuple(itc_scores.shape)}; expected ({num_images}, {num_texts}).")
+        if k < 1 or batch_size < 1:
+            raise ValueError(f"`k` and `batch_size` must be positive; got k={k}, batch_size={batch_size}.")
+        if text_attention_mask is None:
+            text_attention_mask = torch.ones(text_states.shape[:2], dtype=torch.long, device=text_states.device)
+
+        def score_pairs(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+            scores = [
+                self.itm_scores(
+                    image_states[image_index[start : start + batch_size]],
+                    text_states[text_index[start : start + batch_size]],
+                    text_attention_mask[text_index[start : start + batch_size]],
+                    structure_masks,
+                    score,
+                )
+                for start in range(0, len(image_index), batch_size)
+            ]
+            return torch.cat(scores)
+
+        # Image -> text: the top-k texts of each image
+        top_texts = itc_scores.topk(min(k, num_texts), dim=1).indices
+        image_index = torch.arange(num_images, device=top_texts.device).repeat_interleave(top_texts.shape[1])
+        scores_i2t = itc_scores.new_full((num_images, num_texts), NOT_RERANKED_SCORE, dtype=torch.float)
+        scores_i2t[image_index, top_texts.flatten()] = score_pairs(image_index, top_texts.flatten())
+
+        # Text -> image: the top-k images of each text
+        top_images = itc_scores.t().topk(min(k, num_images), dim=1).indices
+        text_index = torch.arange(num_texts, device=top_images.device).repeat_interleave(top_images.shape[1])
+        scores_t2i = itc_scores.new_full((num_texts, num_images), NOT_RERANKED_SCORE, dtype=torch.float)
+        scores_t2i[text_index, top_images.flatten()] = score_pairs(top_images.flatten(), text_index)
+        return scores_i2t, scores_t2i
+
+
+# Transformers files BLIP-2's retrieval model under zero-shot image classification; no retrieval auto class exists.
+AutoModelForZeroShotImageClassification.register(EfficientVLMConfig, EfficientVLMForImageTextRetrieval, exist_ok=True)
+EfficientVLMForImageTextRetrieval.register_for_auto_class("AutoModelForZeroShotImageClassification")
+
+__all__ = [
+    "NOT_RERANKED_SCORE",
+    "EfficientVLMContrastiveMatchingOutput",
+    "EfficientVLMForImageTextRetrieval",
+    "EfficientVLMImageTextRetrievalOutput",
+    "image_text_contrastive_matching",
+    "image_text_matching_logits",
+    "itc_embedding",
+]

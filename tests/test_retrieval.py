@@ -1,0 +1,277 @@
+"""Image-text retrieval: ITC + ITM training, pre-training checkpoints, X-VLM re-ranking and recall@K."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+from transformers import AutoModelForZeroShotImageClassification, Trainer, TrainingArguments
+
+from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining
+from modeling_efficientvlm.modeling_efficientvlm_retrieval import (
+    NOT_RERANKED_SCORE,
+    EfficientVLMForImageTextRetrieval,
+    image_text_matching_logits,
+)
+from trainers.retrieval_eval import retrieval_evaluate
+
+from .conftest import make_inputs
+from .remote_code_utils import load_in_clean_subprocess
+
+NEGATIVES = (torch.tensor([1, 2, 3, 0]), torch.tensor([3, 0, 1, 2]))
+RECALL_KEYS = {"txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean"}
+
+
+def _model(config: EfficientVLMConfig, seed: int = 0) -> EfficientVLMForImageTextRetrieval:
+    torch.manual_seed(seed)
+    return EfficientVLMForImageTextRetrieval(config).eval()
+
+
+def test_forward_shapes_and_losses(tiny_config, tiny_inputs) -> None:
+    model = _model(tiny_config)
+    with torch.no_grad():
+        out = model(**tiny_inputs, output_hidden_states=True)
+    batch, seq = tiny_inputs["input_ids"].shape
+    assert out.logits_per_image.shape == (batch, batch)
+    assert out.itm_logits.shape == (3 * batch, 2) and out.logits is out.itm_logits
+    assert out.itm_labels.tolist() == [1] * batch + [0] * (2 * batch)
+    assert out.image_embeds.shape == out.text_embeds.shape == (batch, tiny_config.embed_dim)
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(batch))
+    # Without image ids every image matches only its own text, so no pair is its own negative.
+    assert (out.negative_text_index != torch.arange(batch)).all()
+    assert (out.negative_image_index != torch.arange(batch)).all()
+    assert out.vision_output.last_hidden_state.shape == (batch, 17, 32)
+    assert out.text_output.last_hidden_state.shape == (batch, seq, 32)
+    assert out.fusion_output.last_hidden_state.shape == (3 * batch, seq, 32)
+    assert len(out.fusion_output.hidden_states) == tiny_config.text_config.num_fusion_layers + 1
+    torch.testing.assert_close(out.loss, out.loss_itc + out.loss_itm)
+
+    with torch.no_grad():
+        no_loss = model(**tiny_inputs, itm_negatives=NEGATIVES, return_loss=False)
+        with_loss = model(**tiny_inputs, itm_negatives=NEGATIVES)
+    assert no_loss.loss is None and no_loss.loss_itc is None and no_loss.loss_itm is None
+    torch.testing.assert_close(no_loss.itm_logits, with_loss.itm_logits)
+
+
+def test_same_image_texts_are_positives_never_negatives(tiny_config, tiny_inputs) -> None:
+    model = _model(tiny_config)
+    image_ids = torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        for seed in range(10):
+            torch.manual_seed(seed)
+            out = model(**tiny_inputs, image_ids=image_ids)
+            assert (image_ids[out.negative_text_index] != image_ids).all()
+            assert (image_ids[out.negative_image_index] != image_ids).all()
+        plain = model(**tiny_inputs, itm_negatives=NEGATIVES)
+    # ITC targets: half the mass on each of the two texts of an image.
+    logits = out.logits_per_image
+    targets = (image_ids[:, None] == image_ids[None]).float() / 2
+    expected = -(
+        (logits.log_softmax(dim=1) * targets).sum(1).mean() + (logits.t().log_softmax(dim=1) * targets).sum(1).mean()
+    )
+    torch.testing.assert_close(out.loss_itc, expected / 2)
+    assert not torch.isclose(plain.loss_itc, out.loss_itc)
+
+
+def test_loads_a_pretraining_checkpoint_and_computes_its_itc_and_itm(tiny_config, tiny_inputs, tmp_path) -> None:
+    torch.manual_seed(0)
+    pretraining = EfficientVLMForPreTraining(tiny_config).eval()
+    pretraining.save_pretrained(tmp_path)
+    model, info = EfficientVLMForImageTextRetrieval.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # MLM / box heads are ignored by design
+    image_ids = torch.tensor([0, 1, 2, 2])
+    negatives = (torch.tensor([2, 0, 1, 0]), torch.tensor([1, 2, 0, 1]))
+    with torch.no_grad():
+        expected = pretraining(**tiny_inputs, image_ids=image_ids, itm_negatives=negatives)
+        out = model.eval()(**tiny_inputs, image_ids=image_ids, itm_negatives=negatives)
+    for name in ("logits_per_image", "itm_logits", "loss_itc", "loss_itm", "image_embeds", "text_embeds"):
+        torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=0, atol=0)
+
+
+class _PairDataset(Dataset):
+    """Image-text pairs; pair i shows image i // texts_per_image."""
+
+    def __init__(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, texts_per_image: int = 1) -> None:
+        self.pixel_values, self.input_ids, self.texts_per_image = pixel_values, input_ids, texts_per_image
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = index // self.texts_per_image
+        return {"pixel_values": self.pixel_values[image], "input_ids": self.input_ids[index], "image_ids": image}
+
+
+def _collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    input_ids = torch.stack([item["input_ids"] for item in items])
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "image_ids": torch.tensor([item["image_ids"] for item in items]),
+    }
+
+
+def test_trainer_reduces_the_retrieval_loss(tiny_config, tmp_path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    dataset = _PairDataset(torch.randn(4, 3, 32, 32, generator=generator), torch.randint(5, 128, (8, 6)), 2)
+    model = _model(tiny_config).train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=15,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=_collate)
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 15
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3
+
+
+def test_rerank_scores_follow_xvlm(tiny_config) -> None:
+    model = _model(tiny_config)
+    inputs = make_inputs(tiny_config, batch_size=5, seed=1)
+    with torch.no_grad():
+        image_states, image_embeds = model.embed_images(inputs["pixel_values"][:3])
+        text_states, text_embeds = model.embed_texts(inputs["input_ids"], inputs["attention_mask"])
+        itc = model.itc_scores(image_embeds, text_embeds)
+        scores_i2t, scores_t2i = model.itm_rerank_scores(
+            image_states, text_states, inputs["attention_mask"], itc, k=2, batch_size=3
+        )
+        logits_i2t, _ = model.itm_rerank_scores(
+            image_states, text_states, inputs["attention_mask"], itc, k=2, batch_size=100, score="logit"
+        )
+    assert scores_i2t.shape == (3, 5) and scores_t2i.shape == (5, 3)
+    torch.testing.assert_close(itc, image_embeds @ text_embeds.t())
+    for image in range(3):
+        kept = set(itc[image].topk(2).indices.tolist())
+        for text in range(5):
+            if text not in kept:
+                assert scores_i2t[image, text] == NOT_RERANKED_SCORE
+                continue
+            # The re-ranked score is the ITM head's match probability for this very pair.
+            with torch.no_grad():
+                logits, _ = image_text_matching_logits(
+                    model.efficientvlm,
+                    model.itm_head,
+                    text_states[text : text + 1],
+                    inputs["attention_mask"][text : text + 1],
+                    image_states[image : image + 1],
+                )
+            torch.testing.assert_close(scores_i2t[image, text], logits.softmax(-1)[0, 1])
+            torch.testing.assert_close(logits_i2t[image, text], logits[0, 1])
+    for text in range(5):
+        kept = set(itc[:, text].topk(2).indices.tolist())
+        assert {i for i in range(3) if scores_t2i[text, i] != NOT_RERANKED_SCORE} == kept
+        assert ((scores_t2i[text] >= 0) & (scores_t2i[text] <= 1) | (scores_t2i[text] == NOT_RERANKED_SCORE)).all()
+
+
+def test_retrieval_evaluate_returns_recalls_and_scores(tiny_config) -> None:
+    model = _model(tiny_config).train()
+    inputs = make_inputs(tiny_config, batch_size=6, seed=2)
+    pixel_values = inputs["pixel_values"][:3]
+    text_to_image = [0, 0, 1, 1, 2, 2]
+    result = retrieval_evaluate(
+        model, pixel_values, inputs["input_ids"], inputs["attention_mask"], text_to_image=text_to_image, k=4
+    )
+    assert model.training  # the mode is restored
+    assert set(result.metrics) == RECALL_KEYS
+    assert all(0.0 <= value <= 1.0 for value in result.metrics.values())
+    assert result.metrics["txt_r5"] == result.metrics["img_r5"] == 1.0  # 3 images, 6 texts: all within top 5
+    assert result.scores_i2t.shape == result.itc_scores.shape == (3, 6) and result.scores_t2i.shape == (6, 3)
+    assert ((result.scores_i2t != NOT_RERANKED_SCORE).sum(dim=1) == 4).all()
+
+    # Image batches from an iterable (e.g. a DataLoader of dicts) and image_to_texts give the same result.
+    batches = [{"pixel_values": pixel_values[:2]}, {"pixel_values": pixel_values[2:]}]
+    again = retrieval_evaluate(
+        model,
+        batches,
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        image_to_texts=[[0, 1], [2, 3], [4, 5]],
+        k=4,
+        batch_size=4,
+    )
+    assert again.metrics == result.metrics
+    torch.testing.assert_close(again.scores_i2t, result.scores_i2t)
+    torch.testing.assert_close(again.scores_t2i, result.scores_t2i)
+
+
+def test_retrieval_evaluate_is_perfect_on_separable_toy() -> None:
+    # Four solid colours, each with its own one-word caption: separable after a few steps (a wider
+    # initialisation and no dropout make the tiny model learn fast).
+    init = dict(initializer_range=0.1)
+    config = EfficientVLMConfig.from_preset(
+        "tiny",
+        **init,
+        vision_config=init,
+        text_config={**init, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+    )
+    colours = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, 1]])
+    pixel_values = colours[:, :, None, None].expand(4, 3, 32, 32).contiguous()
+    input_ids = torch.tensor([[2, 10 + i, 3] for i in range(4)])
+    model = _model(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    before = retrieval_evaluate(model, pixel_values, input_ids, text_to_image=[0, 1, 2, 3], k=1).metrics
+    for _ in range(20):
+        loss = model(pixel_values=pixel_values, input_ids=input_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    # k=1: each query's ITC favourite is the only ITM-scored candidate, the rest score -100.
+    result = retrieval_evaluate(model, pixel_values, input_ids, text_to_image=[0, 1, 2, 3], k=1, batch_size=3)
+    assert before["r_mean"] < 1.0
+    assert result.metrics["txt_r1"] == result.metrics["img_r1"] == result.metrics["r_mean"] == 1.0
+
+
+def test_bad_inputs_raise(tiny_config, tiny_inputs) -> None:
+    model = _model(tiny_config)
+    with pytest.raises(ValueError, match="Batch sizes differ"):
+        model(pixel_values=tiny_inputs["pixel_values"][:3], input_ids=tiny_inputs["input_ids"])
+    with pytest.raises(ValueError, match="image_ids"):
+        model(**tiny_inputs, image_ids=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="at least two different images"):
+        model(**tiny_inputs, image_ids=torch.zeros(4, dtype=torch.long))
+    states = torch.zeros(2, 17, 32)
+    with pytest.raises(ValueError, match="itc_scores"):
+        model.itm_rerank_scores(states, torch.zeros(3, 5, 32), None, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="score"):
+        model.itm_scores(states, torch.zeros(2, 5, 32), None, score="rank")
+    with pytest.raises(ValueError, match="ground truth"):
+        retrieval_evaluate(model, tiny_inputs["pixel_values"], tiny_inputs["input_ids"])
+    with pytest.raises(ValueError, match="different ground truths"):
+        retrieval_evaluate(
+            model,
+            tiny_inputs["pixel_values"][:2],
+            tiny_inputs["input_ids"],
+            text_to_image=[0, 0, 1, 1],
+            image_to_texts=[[0, 1, 2], [3]],
+        )
+
+
+def test_auto_classes_and_trust_remote_code(tiny_config, tiny_inputs, tmp_path) -> None:
+    model = _model(tiny_config)
+    model.save_pretrained(tmp_path)
+    assert model.config.auto_map["AutoModelForZeroShotImageClassification"] == (
+        "modeling_efficientvlm_retrieval.EfficientVLMForImageTextRetrieval"
+    )
+    assert (tmp_path / "modeling_efficientvlm_retrieval.py").exists()
+    assert type(AutoModelForZeroShotImageClassification.from_pretrained(tmp_path)) is EfficientVLMForImageTextRetrieval
+
+    with torch.no_grad():
+        expected = model(**tiny_inputs, itm_negatives=NEGATIVES)
+    names = ["loss", "logits_per_image", "itm_logits", "image_embeds"]
+    remote = load_in_clean_subprocess(
+        tmp_path, "AutoModelForZeroShotImageClassification", {**tiny_inputs, "itm_negatives": NEGATIVES}, names
+    )
+    assert remote["class"] == "EfficientVLMForImageTextRetrieval"
+    assert "transformers_modules" in remote["module"]
+    for name in names:  # another process may split float reductions differently: allow last-bit differences
+        torch.testing.assert_close(remote[name], getattr(expected, name), rtol=1e-5, atol=1e-6)
