@@ -1,0 +1,232 @@
+"""
+General distillation: build a shallow student from a pre-trained teacher and train it on image-text pairs with
+ITC + ITM + MLM plus knowledge distillation from the teacher, then save the student and the processor.
+
+    efficientvlm distill --teacher_model_name_or_path TEACHER --train_file pairs.json --image_root IMAGES \
+        --output_dir student --student_layers 6,3,3 --per_device_train_batch_size 32 --learning_rate 1e-4
+
+Any `TrainingArguments` option works (`--max_steps`, `--save_steps`, `--resume_from_checkpoint`, `--bf16`, ...);
+`main(["config.json"])` reads all arguments from a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class DistillArguments:
+    """Teacher, student shape, data and distillation weights of `efficientvlm distill`."""
+
+    teacher_model_name_or_path: str = field(
+        metadata={"help": "Folder (or Hub id) of the teacher, an EfficientVLMForPreTraining checkpoint."}
+    )
+    student_layers: str = field(
+        default="6,3,3",
+        metadata={"help": "Student depth as 'vision,text,fusion' layer counts (the paper's student: 6,3,3)."},
+    )
+    num_vision_layers: int | None = field(
+        default=None, metadata={"help": "Student vision layers (overrides the first number of --student_layers)."}
+    )
+    num_text_layers: int | None = field(
+        default=None, metadata={"help": "Student text layers (overrides the second number of --student_layers)."}
+    )
+    num_fusion_layers: int | None = field(
+        default=None, metadata={"help": "Student fusion layers (overrides the third number of --student_layers)."}
+    )
+    layer_mapping: str | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher layer (0-based, within its stack) of each student layer, as JSON or a JSON file, e.g. "
+            '\'{"vision": [1,3,5,7,9,11], "text": [1,3,5], "fusion": [1,3,5]}\'. Used to initialise the student and '
+            "to pair layers in the KD losses. Default: the last layer of each block (2i+1 for a 2x shrink)."
+        },
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "X-VLM image-text JSON: a list of {'image': path, 'caption': str or [str], 'image_id'?}."},
+    )
+    image_root: str | None = field(default=None, metadata={"help": "Folder the image paths of --train_file are in."})
+    dataset_path: str | None = field(
+        default=None,
+        metadata={"help": "A `datasets` dataset saved with save_to_disk, with 'image' and 'caption' (or 'text')."},
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A `datasets` Hub dataset with 'image' and 'caption' (or 'text') columns."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of --dataset_name / --dataset_path."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
+    processor_name_or_path: str | None = field(
+        default=None, metadata={"help": "Folder of the EfficientVLMProcessor (default: the teacher's folder)."}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Longest text in tokens (default: the processor's max_length)."}
+    )
+    mlm_probability: float = field(default=0.25, metadata={"help": "Fraction of tokens masked for MLM."})
+    max_masks: int = field(default=8, metadata={"help": "At most this many masked tokens per text."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the logit KD terms."})
+    task_weight: float = field(default=0.6, metadata={"help": "Weight of the student's ITC + ITM + MLM loss."})
+    kd_weight: float = field(default=0.4, metadata={"help": "Weight of the sum of the weighted KD terms."})
+    kd_term_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSON overrides of DistillationConfig fields, e.g. \'{"vision_hidden": 0.1, "itc": 1.0}\' '
+            "(terms: itm_logit, mlm_logit, itc, text_attn, text_hidden, vision_attn, vision_hidden, fusion_attn, "
+            "fusion_hidden, fusion_cross_attn)."
+        },
+    )
+
+
+def _parse_layers(args: DistillArguments) -> tuple[int, int, int]:
+    value = args.student_layers
+    parts = [p.strip() for p in value.replace(" ", ",").split(",") if p.strip()]
+    try:
+        layers = [int(p) for p in parts]
+    except ValueError:
+        layers = []
+    if len(layers) != 3:
+        raise ValueError(f"--student_layers must be three positive integers 'vision,text,fusion'; got {value!r}.")
+    for position, name in enumerate(("num_vision_layers", "num_text_layers", "num_fusion_layers")):
+        if getattr(args, name) is not None:
+            layers[position] = getattr(args, name)
+    if min(layers) < 1:
+        raise ValueError(f"The student needs at least one layer per stack; got vision, text, fusion = {layers}.")
+    return tuple(layers)
+
+
+def _parse_json(value: str | None, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    text = value
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--{name} is neither valid JSON nor a JSON file: {error}") from error
+    if not isinstance(parsed, dict):
+        raise ValueError(f"--{name} must be a JSON object; got {type(parsed).__name__}.")
+    return parsed
+
+
+def _check_data_source(args: DistillArguments) -> None:
+    sources = [name for name in ("train_file", "dataset_path", "dataset_name") if getattr(args, name)]
+    if len(sources) != 1:
+        raise ValueError(f"Give exactly one of --train_file, --dataset_path, --dataset_name (got {sources or 'none'}).")
+
+
+def _train_dataset(args: DistillArguments, processor: Any) -> Any:
+    import datasets
+    from torch.utils.data import Subset
+
+    from .data import ImageTextDataset
+
+    _check_data_source(args)
+    if args.train_file:
+        data: Any = args.train_file
+    elif args.dataset_path:
+        data = datasets.load_from_disk(args.dataset_path)
+        if isinstance(data, datasets.DatasetDict):
+            if args.dataset_split not in data:
+                raise ValueError(f"{args.dataset_path} has no split {args.dataset_split!r} (splits: {list(data)}).")
+            data = data[args.dataset_split]
+    else:
+        data = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split)
+    dataset = ImageTextDataset(data, image_root=args.image_root, processor=processor, max_length=args.max_length)
+    if args.max_train_samples is not None:
+        dataset = Subset(dataset, range(min(args.max_train_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError("The training set is empty.")
+    return dataset
+
+
+def run(args: DistillArguments, training_args: TrainingArguments) -> None:
+    """Builds the student, trains it with [`DistillationTrainer`] and saves it with the processor."""
+    from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMForPreTraining
+    from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
+
+    from .data import PretrainingCollator
+    from .distillation import DistillationTrainer
+    from .distillation_losses import DistillationConfig
+    from .student_init import build_student
+
+    # Argument errors first, before any model is loaded.
+    _check_data_source(args)
+    layers = _parse_layers(args)
+    layer_mapping = _parse_json(args.layer_mapping, "layer_mapping")
+    distillation_config = DistillationConfig.from_dict(
+        {
+            "temperature": args.temperature,
+            "task_weight": args.task_weight,
+            "kd_weight": args.kd_weight,
+            **{f"{stack}_layer_mapping": mapping for stack, mapping in layer_mapping.items()},
+            **_parse_json(args.kd_term_weights, "kd_term_weights"),
+        }
+    )
+    # The collator gets raw items (PIL images, strings): Trainer must not drop their columns.
+    training_args.remove_unused_columns = False
+    set_seed(training_args.seed)
+
+    teacher = EfficientVLMForPreTraining.from_pretrained(args.teacher_model_name_or_path)
+    processor = EfficientVLMProcessor.from_pretrained(args.processor_name_or_path or args.teacher_model_name_or_path)
+    student = build_student(teacher, *layers, layer_mapping=layer_mapping or None)
+    teacher_size = sum(p.numel() for p in teacher.parameters())
+    student_size = sum(p.numel() for p in student.parameters())
+    logger.warning(
+        f"Student {layers} has {student_size / 1e6:.2f}M parameters ({100 * student_size / teacher_size:.1f}% of the "
+        f"teacher's {teacher_size / 1e6:.2f}M)."
+    )
+
+    dataset = _train_dataset(args, processor)
+    collator = PretrainingCollator(
+        processor, mlm_probability=args.mlm_probability, max_masks=args.max_masks, max_length=args.max_length
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        teacher_model=teacher,
+        distillation_config=distillation_config,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)  # the student and (as processing_class) the processor
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`efficientvlm distill`: parses `argv` (default: `sys.argv[1:]`) and runs general distillation."""
+    parser = HfArgumentParser(
+        (DistillArguments, TrainingArguments),
+        prog="efficientvlm distill",
+        description=(
+            "General distillation (EfficientVLM, arXiv 2210.07795): initialise a student with fewer layers from "
+            "the teacher's alternate layers and train it with 0.6 * (ITC + ITM + MLM) + 0.4 * KD (logits, "
+            "hidden states and attention maps of every modality). Saves the student and the processor to "
+            "--output_dir."
+        ),
+    )
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        distill_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
+    else:
+        distill_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    run(distill_args, training_args)
+
+
+if __name__ == "__main__":
+    main()
