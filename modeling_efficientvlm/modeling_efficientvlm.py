@@ -193,6 +193,10 @@ class EfficientVLMEmptyAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
         return self.bias.expand_as(hidden_states), None
 
+    def prune(self, mask: torch.Tensor) -> nn.Module:
+        _kept(mask, 0, "attention heads")  # nothing left to remove: only an empty mask fits
+        return self
+
 
 class EfficientVLMMLP(nn.Module):
     """Two-layer FFN; an optional (neurons,) mask multiplies the activations."""
@@ -236,6 +240,10 @@ class EfficientVLMEmptyMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.bias.expand_as(hidden_states)
+
+    def prune(self, mask: torch.Tensor) -> nn.Module:
+        _kept(mask, 0, "FFN neurons")
+        return self
 
 
 def build_attention(config, num_heads: int, kv_hidden_size: int, dropout: float) -> nn.Module:

@@ -1,0 +1,380 @@
+"""ModalAdaptivePruningTrainer: masks trained with the model under a Lagrangian, checkpoints, physical pruning."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from transformers import TrainingArguments
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining, EfficientVLMModel
+from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMPreTrainedModel
+from trainers.l0_masks import StructureMasker
+from trainers.pruning import MASKER_STATE_NAME, PRUNING_REPORT_NAME, ModalAdaptivePruningTrainer, PruningConfig
+
+from .conftest import make_inputs
+
+
+class TinyImageTextClassifier(EfficientVLMPreTrainedModel):
+    """A two-tower classifier (ITC style): a linear head on the image [CLS] and the text [CLS]. An image-only
+    label needs the vision layers to carry patch information to the [CLS]; a text-only label the text layers."""
+
+    def __init__(self, config: EfficientVLMConfig) -> None:
+        super().__init__(config)
+        self.efficientvlm = EfficientVLMModel(config)
+        self.head = nn.Linear(config.vision_config.hidden_size + config.text_config.hidden_size, 2)
+        self.post_init()
+
+    def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, structure_masks=None, **kwargs):
+        model = self.efficientvlm
+        image = model.encode_image(pixel_values, structure_masks).last_hidden_state
+        text = model.encode_text(input_ids, attention_mask, structure_masks).last_hidden_state
+        logits = self.head(torch.cat([image[:, 0], text[:, 0]], dim=-1))
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class ModalityTask(torch.utils.data.Dataset):
+    """Binary labels carried only by the image (global brightness) or only by the text (token range)."""
+
+    def __init__(self, modality: str, size: int = 256, seed: int = 0, with_labels: bool = True) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, 2, (size,), generator=generator)
+        self.pixel_values = torch.randn(size, 3, 32, 32, generator=generator)
+        self.input_ids = torch.randint(5, 128, (size, 8), generator=generator)
+        self.input_ids[:, 0] = 2
+        if modality == "image":
+            self.pixel_values += (self.labels.float() * 2 - 1).view(-1, 1, 1, 1)
+        else:
+            high = torch.randint(70, 128, (size, 7), generator=generator)
+            low = torch.randint(5, 64, (size, 7), generator=generator)
+            self.input_ids[:, 1:] = torch.where(self.labels.bool().view(-1, 1), high, low)
+        self.with_labels = with_labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = {
+            "pixel_values": self.pixel_values[index],
+            "input_ids": self.input_ids[index],
+            "attention_mask": torch.ones(8, dtype=torch.long),
+        }
+        if self.with_labels:
+            item["labels"] = self.labels[index]
+        return item
+
+
+def _args(output_dir, **overrides) -> TrainingArguments:
+    values = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=2e-3,
+        lr_scheduler_type="constant",
+        max_steps=10,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def _trainer(output_dir, modality="text", preset="tiny-student", pruning=None, args=None, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = TinyImageTextClassifier(EfficientVLMConfig.from_preset(preset))
+    pruning = pruning or PruningConfig(target_sparsity=0.5, sparsity_warmup_steps=5, mask_learning_rate=0.3)
+    return ModalAdaptivePruningTrainer(
+        model=model,
+        args=args or _args(output_dir),
+        train_dataset=ModalityTask(modality),
+        pruning_config=pruning,
+        **kwargs,
+    )
+
+
+# -- what pruning learns ---------------------------------------------------------------------------------------
+
+
+def test_pruning_reaches_the_target_and_spares_the_modality_the_task_needs(tmp_path) -> None:
+    """One global target, two tasks: each reaches the target, and each prunes the modality it does not need
+    more than the one it needs (the split is learned, not given)."""
+    pruning = PruningConfig(target_sparsity=0.5, sparsity_warmup_steps=100, mask_learning_rate=0.3)
+    split = {}
+    for modality in ("text", "image"):
+        trainer = _trainer(tmp_path / modality, modality, pruning=pruning, args=_args(tmp_path, max_steps=240))
+        trainer.train()
+        masker = trainer.masker
+        assert abs(masker.expected_sparsity().item() - 0.5) < 0.02
+        split[modality] = {m: masker.expected_sparsity(m).item() for m in ("vision", "text")}
+        logged = trainer.state.log_history[-2]
+        assert {
+            "expected_sparsity",
+            "expected_sparsity_vision",
+            "target_sparsity",
+            "lambda_1",
+            "loss_lagrangian",
+        } <= set(logged)
+        assert logged["target_sparsity"] == 0.5 and logged["loss_task"] < 0.2  # the task was learned
+    assert split["text"]["vision"] > split["text"]["text"] + 0.1
+    assert split["image"]["text"] > split["image"]["vision"] + 0.1
+
+
+# -- optimisation details --------------------------------------------------------------------------------------
+
+
+def test_masks_and_multipliers_have_their_own_constant_learning_rate(tmp_path) -> None:
+    pruning = PruningConfig(
+        target_sparsity=0.3, sparsity_warmup_steps=2, mask_learning_rate=0.05, lagrangian_learning_rate=0.2
+    )
+    args = _args(tmp_path, lr_scheduler_type="linear", warmup_steps=2, max_steps=6, weight_decay=0.1)
+    trainer = _trainer(tmp_path, pruning=pruning, args=args)
+    trainer.train()
+    groups = {group.get("name"): group for group in trainer.optimizer.param_groups}
+    masks, multipliers = groups["structure_masks"], groups["lagrange_multipliers"]
+    assert masks["lr"] == 0.05 and multipliers["lr"] == 0.2  # not decayed with the model's schedule
+    assert masks["weight_decay"] == multipliers["weight_decay"] == 0.0
+    assert {id(p) for p in masks["params"]} == {id(p) for p in trainer.masker.parameters()}
+    assert trainer.optimizer.param_groups[0]["lr"] < 2e-3  # the model's learning rate did decay
+    # The masker is not part of the model: nothing of it in the model's parameters or state dict.
+    model_parameters = {id(p) for p in trainer.model.parameters()}
+    assert not model_parameters & {id(p) for p in trainer._pruning_parameters()}
+    assert not [name for name in trainer.model.state_dict() if "log_alpha" in name or "lambda" in name]
+    # Log-alphas were clamped into CoFi's range after each step; gradients were cleared.
+    values = torch.cat([p.detach() for _, _, p in trainer.masker.layers()])
+    assert values.max() <= 4.6052 and all(p.grad is None for p in trainer._pruning_parameters())
+    # Multipliers ascend: with the expected sparsity below its target, lambda_1 went negative.
+    assert trainer.lagrangian.lambda_1["overall"].item() < 0 < trainer.lagrangian.lambda_2["overall"].item()
+
+
+def test_evaluation_uses_the_deterministic_masks(tmp_path) -> None:
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    masks = trainer.masker.deterministic_masks()
+    batch = torch.utils.data.default_collate([ModalityTask("text")[i] for i in range(16)])
+    model = trainer.model.eval()
+    with torch.no_grad():
+        expected = model(**batch, structure_masks=masks)
+    for with_labels in (True, False):  # with labels through compute_loss, without through a plain forward
+        dataset = torch.utils.data.Subset(ModalityTask("text", with_labels=with_labels), range(16))
+        predictions = trainer.predict(dataset)
+        torch.testing.assert_close(torch.as_tensor(predictions.predictions), expected.logits, atol=1e-5, rtol=0)
+    metrics = trainer.evaluate(torch.utils.data.Subset(ModalityTask("text"), range(16)))
+    assert metrics["eval_loss"] == pytest.approx(expected.loss.item(), abs=1e-5)
+
+
+def test_distillation_from_a_teacher_with_masks_on_the_student_only(tmp_path) -> None:
+    torch.manual_seed(0)
+    student = EfficientVLMForPreTraining(EfficientVLMConfig.from_preset("tiny-student"))
+    teacher = EfficientVLMForPreTraining(EfficientVLMConfig.from_preset("tiny"))  # other depths: masks would fail
+    inputs = make_inputs(student.config, batch_size=4)
+    inputs["mlm_labels"] = torch.full_like(inputs["input_ids"], -100)
+    inputs["mlm_labels"][:, 1] = inputs["input_ids"][:, 1]
+    inputs["mlm_input_ids"] = inputs["input_ids"].clone()
+    inputs["mlm_input_ids"][:, 1] = 4
+    dataset = [{key: value[i] for key, value in inputs.items()} for i in range(4)] * 2
+    teacher_state = {name: value.clone() for name, value in teacher.state_dict().items()}
+    trainer = ModalAdaptivePruningTrainer(
+        model=student,
+        args=_args(tmp_path, max_steps=2, logging_steps=1, per_device_train_batch_size=4),
+        train_dataset=dataset,
+        teacher_model=teacher,
+        pruning_config=PruningConfig(target_sparsity=0.4, sparsity_warmup_steps=1),
+    )
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert {"loss_task", "loss_kd", "kd_itm_logit", "expected_sparsity", "loss_lagrangian"} <= set(logged)
+    for name, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, teacher_state[name])
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------
+
+
+def _pruning_state(trainer) -> dict[str, torch.Tensor]:
+    return {**trainer.masker.state_dict(), **trainer.lagrangian.state_dict()}
+
+
+def test_resuming_from_a_checkpoint_continues_exactly(tmp_path) -> None:
+    pruning = PruningConfig(target_sparsity=0.5, sparsity_warmup_steps=4, mask_learning_rate=0.1)
+    full = _trainer(
+        tmp_path, pruning=pruning, args=_args(tmp_path / "full", max_steps=8, save_strategy="steps", save_steps=4)
+    )
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    assert (checkpoint / MASKER_STATE_NAME).is_file()
+    saved = load_file(checkpoint / "model.safetensors")
+    assert not [name for name in saved if "log_alpha" in name or "lambda" in name]
+
+    resumed = _trainer(tmp_path, pruning=pruning, args=_args(tmp_path / "resumed", max_steps=8), seed=123)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for name, value in _pruning_state(full).items():
+        torch.testing.assert_close(_pruning_state(resumed)[name], value, rtol=0, atol=1e-6)
+    full_masks, resumed_masks = full.masker.deterministic_masks(), resumed.masker.deterministic_masks()
+    for key in full_masks:
+        for a, b in zip(full_masks[key], resumed_masks[key]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+    # A checkpoint without the mask state cannot resume a pruning run.
+    os.remove(checkpoint / MASKER_STATE_NAME)
+    with pytest.raises(ValueError, match="masker.pt"):
+        _trainer(tmp_path, pruning=pruning, args=_args(tmp_path / "again", max_steps=8)).train(
+            resume_from_checkpoint=str(checkpoint)
+        )
+
+
+def test_pruning_state_that_does_not_fit_raises(tmp_path) -> None:
+    trainer = _trainer(tmp_path)
+    state = trainer.pruning_state_dict()
+    other = _trainer(tmp_path, preset="tiny")
+    with pytest.raises(ValueError, match="structure sizes"):
+        other.load_pruning_state_dict(state)
+    with pytest.raises(ValueError, match="does not fit"):
+        other.load_pruning_state_dict({**state, "structure_sizes": None})
+    per_modality = _trainer(
+        tmp_path, pruning=PruningConfig(target_sparsity=0.5, target_sparsity_per_modality={"vision": 0.3})
+    )
+    with pytest.raises(ValueError, match="multipliers"):
+        per_modality.load_pruning_state_dict(state)
+    with pytest.raises(ValueError, match="masker"):
+        trainer.load_pruning_state_dict({"log_alpha": 1})
+    with pytest.raises(ValueError, match="do not fit"):
+        _trainer(tmp_path, masker=StructureMasker.from_model(other.model))
+
+
+# -- the end: a physically smaller model -----------------------------------------------------------------------
+
+
+def test_prune_and_save_writes_the_smaller_model_and_its_report(tmp_path) -> None:
+    trainer = _trainer(tmp_path, args=_args(tmp_path, max_steps=20))
+    trainer.train()
+    masker, model = trainer.masker, trainer.model.eval()
+    masks = masker.deterministic_masks()
+    batch = torch.utils.data.default_collate([ModalityTask("text")[i] for i in range(8)])
+    with torch.no_grad():
+        masked = model(**batch, structure_masks=masks).logits
+    report = trainer.prune_and_save(tmp_path / "pruned")
+
+    removed = masker.total_parameters() - masker.remaining_parameters(masks)
+    assert report["parameters_before"] - report["parameters_after"] == removed
+    assert report["sparsity"] == masker.sparsity_of(masks) == removed / masker.total_parameters()
+    assert set(report["sparsity_per_modality"]) == {"vision", "text", "fusion"}
+    assert report["structures_kept"] == model.structure_sizes() == masker.kept_structures(masks)
+    assert report["kept_per_modality"]["vision"] == {
+        "vision_heads": report["structures_kept"]["vision_heads"],
+        "vision_ffn": report["structures_kept"]["vision_ffn"],
+    }
+    assert json.loads((tmp_path / "pruned" / PRUNING_REPORT_NAME).read_text()) == json.loads(json.dumps(report))
+
+    reloaded = TinyImageTextClassifier.from_pretrained(tmp_path / "pruned").eval()
+    assert reloaded.structure_sizes() == report["structures_kept"]
+    assert sum(p.numel() for p in reloaded.parameters()) == report["parameters_after"]
+    assert not [name for name in reloaded.state_dict() if "log_alpha" in name]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, masked, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="already pruned"):
+        trainer.finalize_pruning()
+
+
+# -- bad settings ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "target_sparsity"),
+        ({"target_sparsity": 1.0}, r"\[0, 1\)"),
+        ({"target_sparsity": 0.5, "sparsity_warmup_steps": -1}, "sparsity_warmup_steps"),
+        ({"target_sparsity": 0.5, "mask_learning_rate": 0.0}, "mask_learning_rate"),
+        ({"target_sparsity_per_modality": {"audio": 0.5}}, "Unknown modality"),
+    ],
+)
+def test_bad_pruning_configs_raise(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        PruningConfig(**kwargs)
+
+
+def test_bad_trainer_arguments_raise(tmp_path) -> None:
+    with pytest.raises(ValueError, match="PruningConfig"):
+        _trainer(tmp_path, pruning={"target_sparsity": 0.5})
+    with pytest.raises(ValueError, match="teacher_model"):
+        _trainer(tmp_path, distillation_config={"kd_weight": 0.4})
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+
+
+def test_prune_command_distils_prunes_and_saves(tmp_path) -> None:
+    from modeling_efficientvlm import EfficientVLMForVisualReasoning
+    from trainers import cli
+
+    from .data_utils import write_nlvr2_json, write_vocab
+
+    train_file, image_root = write_nlvr2_json(tmp_path, n=8)
+    torch.manual_seed(0)
+    EfficientVLMForVisualReasoning(EfficientVLMConfig.from_preset("tiny")).save_pretrained(tmp_path / "teacher")
+    output_dir = tmp_path / "pruned"
+    argv = [
+        "prune",
+        "--task", "nlvr2",
+        "--preset", "tiny-student",
+        "--vocab_file", str(write_vocab(tmp_path)),
+        "--teacher_model_name_or_path", str(tmp_path / "teacher"),
+        "--train_file", str(train_file),
+        "--image_root", str(image_root),
+        "--target_sparsity", "0.4",
+        "--sparsity_warmup_steps", "2",
+        "--mask_learning_rate", "0.5",
+        "--kd_term_weights", '{"vision_attn": 0.0}',
+        "--output_dir", str(output_dir),
+        "--max_steps", "4",
+        "--per_device_train_batch_size", "4",
+        "--report_to", "none",
+        "--use_cpu",
+        "--save_strategy", "no",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    report = json.loads((output_dir / PRUNING_REPORT_NAME).read_text())
+    assert 0 < report["sparsity"] < 1 and report["parameters_after"] < report["parameters_before"]
+    assert (output_dir / "vocab.txt").is_file() or (output_dir / "tokenizer.json").is_file()  # the processor
+    pruned = EfficientVLMForVisualReasoning.from_pretrained(output_dir)
+    assert pruned.structure_sizes() == report["structures_kept"]
+    assert sum(p.numel() for p in pruned.parameters()) == report["parameters_after"]
+    out = str(tmp_path / "unused")
+    with pytest.raises(ValueError, match="--task"):
+        cli.main(
+            ["prune", "--task", "pretraining", "--preset", "tiny", "--target_sparsity", "0.3", "--output_dir", out]
+        )
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        cli.main(["prune", "--task", "vqa", "--preset", "tiny", "--target_sparsity", "1.5", "--output_dir", out])
+
+
+def test_benchmark_script_smoke_run(capsys) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_pruning.py"
+    spec = importlib.util.spec_from_file_location("benchmark_pruning", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        rows = module.main(["--tiny", "--num_threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [row.name for row in rows] == ["unpruned", "pruned 0.35", "pruned 0.5"]
+    assert rows[0].parameters > rows[1].parameters > rows[2].parameters
+    assert rows[0].gflops > rows[1].gflops > rows[2].gflops
+    assert "sparsity 0.35" in capsys.readouterr().out

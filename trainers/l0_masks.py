@@ -1,0 +1,430 @@
+"""Hard-concrete (L0) structure masks, exact parameter accounting and the sparsity Lagrangian.
+
+One implementation serves every modality: a [`StructureMasker`] is built from any model exposing
+`structure_sizes()` and `structure_unit_parameters()` (every EfficientVLM model), holds one log-alpha per
+head / FFN neuron of every layer, samples stretched hard-concrete masks while training (Louizos et al.,
+2018) and gives deterministic masks for evaluation and physical pruning, following CoFi
+(princeton-nlp/CoFiPruning `models/l0_module.py`) and the official EfficientVLM `xvlm_l0_module.py`:
+
+- stretch limits (-0.1, 1.1), temperature 2/3;
+- FFN log-alphas start at log(1 - p) - log(p) + N(0, 0.01) with drop rate p = 0.5, head log-alphas at
+  10 + N(0, 0.01) (heads start "on");
+- after every optimizer step log-alphas are clamped to [log 1e-2, log 1e2] (CoFi's `constrain_parameters`);
+- deterministic masks: the `round(units - E[non-zeros])` units with the lowest score
+  sigmoid(log_alpha / temperature * 0.8) are zeroed, the others keep that score (CoFi; the value is folded
+  into the weights by `prune`), or 1 with `binary=True` (the official EfficientVLM code).
+
+[`SparsityLagrangian`] adds lambda_1 (s - t) + lambda_2 (s - t)^2 for one global target t (warmed up
+linearly from 0) on the expected sparsity s of all prunable parameters, and optionally one such term per
+modality. Its multipliers are maximised: their gradient is reversed in the forward pass, so a plain
+(descent) optimizer step on them is gradient ascent, exactly as CoFi's negative learning rate (which
+`torch.optim.AdamW` rejects).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from modeling_efficientvlm.modeling_efficientvlm import StructureMasks
+
+LIMIT_LEFT, LIMIT_RIGHT = -0.1, 1.1
+TEMPERATURE = 2.0 / 3.0
+EPSILON = 1e-6
+DROPRATE_INIT = 0.5
+HEAD_LOG_ALPHA_INIT = 10.0
+# Wang et al. (2020) / CoFi: scales log_alpha when ranking units for the deterministic mask.
+MAGICAL_NUMBER = 0.8
+LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))
+MODALITIES = ("vision", "text", "fusion")
+
+
+def modality_of(key: str) -> str:
+    """`vision_heads` -> `vision`: the modality of a structure-mask key is its first word."""
+    return key.split("_", 1)[0]
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward, negated gradient backward: descending on the output ascends on the input."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
+class StructureMasker(nn.Module):
+    """Learnable hard-concrete masks over the heads and FFN neurons of a model.
+
+    Args:
+        structure_sizes: units (heads / neurons) per layer for each key, as `model.structure_sizes()`.
+        unit_parameters: parameters carried by one unit per layer for each key, as
+            `model.structure_unit_parameters()`.
+        droprate_init: initial drop probability of the FFN neurons.
+        head_log_alpha_init: initial log-alpha of the attention heads (high: heads start kept).
+        temperature: the hard-concrete temperature (beta).
+
+    Use [`StructureMasker.from_model`] to build one for a model. Calling the masker returns a sampled
+    [`StructureMasks`] dict in training mode (`masker.train()`) and the deterministic one in eval mode.
+    """
+
+    def __init__(
+        self,
+        structure_sizes: Mapping[str, list[int]],
+        unit_parameters: Mapping[str, list[int]],
+        droprate_init: float = DROPRATE_INIT,
+        head_log_alpha_init: float = HEAD_LOG_ALPHA_INIT,
+        temperature: float = TEMPERATURE,
+    ) -> None:
+        super().__init__()
+        if set(structure_sizes) != set(unit_parameters):
+            raise ValueError(
+                f"`structure_sizes` keys {sorted(structure_sizes)} differ from `unit_parameters` keys "
+                f"{sorted(unit_parameters)}."
+            )
+        if not 0.0 < droprate_init < 1.0:
+            raise ValueError(f"`droprate_init` must be in (0, 1); got {droprate_init}.")
+        if temperature <= 0:
+            raise ValueError(f"`temperature` must be positive; got {temperature}.")
+        self.structure_sizes = {key: [int(n) for n in sizes] for key, sizes in structure_sizes.items()}
+        self.unit_parameters = {key: [int(n) for n in unit_parameters[key]] for key in structure_sizes}
+        for key, sizes in self.structure_sizes.items():
+            if len(sizes) != len(self.unit_parameters[key]):
+                raise ValueError(
+                    f"`{key}` has {len(sizes)} layer sizes but {len(self.unit_parameters[key])} unit parameter counts."
+                )
+            if any(n < 0 for n in sizes) or any(n <= 0 for n in self.unit_parameters[key]):
+                raise ValueError(f"`{key}` has a negative size or a non-positive parameter count per unit.")
+        self.temperature = temperature
+        self.droprate_init = droprate_init
+        self.head_log_alpha_init = head_log_alpha_init
+        # log_alpha[key][str(layer)]: one parameter per layer that still has units.
+        self.log_alpha = nn.ModuleDict()
+        for key, sizes in self.structure_sizes.items():
+            per_layer = nn.ParameterDict()
+            for layer, units in enumerate(sizes):
+                if units > 0:
+                    per_layer[str(layer)] = nn.Parameter(torch.empty(units))
+            self.log_alpha[key] = per_layer
+        self.reset_parameters()
+
+    @classmethod
+    def from_model(cls, model: nn.Module, **kwargs) -> StructureMasker:
+        """A masker over every prunable structure of `model` (see [`StructureMasker`] for `kwargs`)."""
+        for name in ("structure_sizes", "structure_unit_parameters"):
+            if not callable(getattr(model, name, None)):
+                raise ValueError(f"{type(model).__name__} has no `{name}()`; it cannot be pruned with masks.")
+        return cls(model.structure_sizes(), model.structure_unit_parameters(), **kwargs)
+
+    def reset_parameters(self) -> None:
+        """CoFi's initialisation: FFN log-alphas from the drop rate, heads high; both with N(0, 0.01) noise."""
+        ffn_mean = math.log(1 - self.droprate_init) - math.log(self.droprate_init)
+        with torch.no_grad():
+            for key, per_layer in self.log_alpha.items():
+                mean = self.head_log_alpha_init if key.endswith("heads") else ffn_mean
+                for log_alpha in per_layer.values():
+                    log_alpha.normal_(mean, 1e-2)
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------
+    def layers(self) -> list[tuple[str, int, nn.Parameter]]:
+        """(key, layer, log_alpha) for every masked layer."""
+        return [(key, int(layer), p) for key, per_layer in self.log_alpha.items() for layer, p in per_layer.items()]
+
+    @property
+    def modalities(self) -> list[str]:
+        """Modalities that have prunable units, in key order."""
+        seen: list[str] = []
+        for key, sizes in self.structure_sizes.items():
+            if sum(sizes) and modality_of(key) not in seen:
+                seen.append(modality_of(key))
+        return seen
+
+    def _keys(self, modality: str | None) -> list[str]:
+        if modality is None:
+            return list(self.structure_sizes)
+        keys = [key for key in self.structure_sizes if modality_of(key) == modality]
+        if not keys:
+            known = sorted({modality_of(key) for key in self.structure_sizes})
+            raise ValueError(f"Unknown modality {modality!r}; this masker has {known}.")
+        return keys
+
+    def total_parameters(self, modality: str | None = None) -> int:
+        """Prunable parameters of the unpruned model (all of them, or one modality's)."""
+        return sum(
+            units * per_unit
+            for key in self._keys(modality)
+            for units, per_unit in zip(self.structure_sizes[key], self.unit_parameters[key])
+        )
+
+    def check_fits(self, model: nn.Module) -> None:
+        """Raises a ValueError unless `model` has exactly the structures this masker was built for."""
+        sizes, unit_parameters = model.structure_sizes(), model.structure_unit_parameters()
+        if sizes != self.structure_sizes:
+            raise ValueError(
+                f"The masks do not fit the model: the masker was built for structure sizes {self.structure_sizes} "
+                f"but the model has {sizes}."
+            )
+        if unit_parameters != self.unit_parameters:
+            raise ValueError(
+                f"The masks do not fit the model: parameters per unit {self.unit_parameters} (masker) vs "
+                f"{unit_parameters} (model)."
+            )
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """Loads log-alphas, with a ValueError naming the problem when the state does not fit this masker."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"The mask state does not fit this model's structures: missing {missing}, unexpected {unexpected}."
+            )
+        for name, tensor in own.items():
+            if tuple(state_dict[name].shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"The mask state does not fit this model's structures: `{name}` has shape "
+                    f"{tuple(state_dict[name].shape)}, the model has {tuple(tensor.shape)} units there."
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Clamps every log-alpha into [log 1e-2, log 1e2], as CoFi does after each optimizer step."""
+        for _, _, log_alpha in self.layers():
+            log_alpha.clamp_(*LOG_ALPHA_RANGE)
+
+    # -- the hard-concrete distribution ---------------------------------------------------------------------
+    def probability_of_zero(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """Q(z = 0 | log_alpha): the CDF at 0 of the stretched concrete (CoFi's `cdf_qz(0, ...)`)."""
+        x = (0.0 - LIMIT_LEFT) / (LIMIT_RIGHT - LIMIT_LEFT)
+        logit = math.log(x) - math.log(1 - x)
+        return torch.sigmoid(logit * self.temperature - log_alpha).clamp(EPSILON, 1 - EPSILON)
+
+    def sample_mask(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """A differentiable hard-concrete sample in [0, 1], one per unit."""
+        u = torch.rand_like(log_alpha).clamp(EPSILON, 1 - EPSILON)
+        s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + log_alpha) / self.temperature)
+        return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def deterministic_mask(self, log_alpha: torch.Tensor, binary: bool = False) -> torch.Tensor:
+        """Zeroes the round(units - E[non-zeros]) lowest-scoring units; survivors keep their score
+        sigmoid(log_alpha / temperature * 0.8) (CoFi), or 1 with `binary`."""
+        expected_zeros = log_alpha.numel() - (1 - self.probability_of_zero(log_alpha)).sum().item()
+        num_zeros = round(expected_zeros)
+        mask = torch.sigmoid(log_alpha / self.temperature * MAGICAL_NUMBER)
+        if binary:
+            mask = torch.ones_like(mask)
+        if num_zeros > 0:
+            # Ranked by log_alpha: the same order as the score, without ties where the sigmoid saturates.
+            mask[torch.topk(log_alpha, k=num_zeros, largest=False).indices] = 0.0
+        return mask
+
+    def _masks(self, make) -> StructureMasks:
+        masks: StructureMasks = {key: [None] * len(sizes) for key, sizes in self.structure_sizes.items()}
+        for key, layer, log_alpha in self.layers():
+            masks[key][layer] = make(log_alpha)
+        return masks
+
+    def sample(self) -> StructureMasks:
+        """Sampled masks (differentiable w.r.t. the log-alphas), one draw per unit shared by the batch."""
+        return self._masks(self.sample_mask)
+
+    def deterministic_masks(self, binary: bool = False) -> StructureMasks:
+        """The masks to evaluate with and to prune with (`model.prune(masker.deterministic_masks())`)."""
+        return self._masks(lambda log_alpha: self.deterministic_mask(log_alpha.detach(), binary=binary))
+
+    def forward(self) -> StructureMasks:
+        return self.sample() if self.training else self.deterministic_masks()
+
+    # -- exact accounting ---------------------------------------------------------------------------------
+    def expected_remaining_parameters(self, modality: str | None = None) -> torch.Tensor:
+        """Differentiable E[kept prunable parameters] = sum of unit parameters x P(z != 0) over units."""
+        keys = set(self._keys(modality))
+        total = None
+        for key, layer, log_alpha in self.layers():
+            if key in keys:
+                term = (1 - self.probability_of_zero(log_alpha)).sum() * self.unit_parameters[key][layer]
+                total = term if total is None else total + term
+        if total is None:  # nothing left to prune in this modality
+            device = next(iter(self.parameters()), torch.zeros(())).device
+            return torch.zeros((), device=device)
+        return total
+
+    def expected_sparsity(self, modality: str | None = None) -> torch.Tensor:
+        """1 - E[kept] / prunable parameters of the full model (or of one modality)."""
+        total = self.total_parameters(modality)
+        if total == 0:
+            return self.expected_remaining_parameters(modality) * 0
+        return 1 - self.expected_remaining_parameters(modality) / total
+
+    def _check_masks(self, masks: Mapping[str, list[torch.Tensor | None] | None]) -> None:
+        unknown = sorted(set(masks) - set(self.structure_sizes))
+        if unknown:
+            raise ValueError(f"Unknown structure-mask keys {unknown}; expected some of {list(self.structure_sizes)}.")
+        for key, layer_masks in masks.items():
+            if layer_masks is None:
+                continue
+            sizes = self.structure_sizes[key]
+            if len(layer_masks) != len(sizes):
+                raise ValueError(f"`{key}` has {len(layer_masks)} masks but the model has {len(sizes)} such layers.")
+            for layer, (mask, units) in enumerate(zip(layer_masks, sizes)):
+                if mask is not None and tuple(mask.shape) != (units,):
+                    raise ValueError(
+                        f"The mask for `{key}` layer {layer} has shape {tuple(mask.shape)}; expected ({units},)."
+                    )
+
+    def remaining_parameters(self, masks: StructureMasks, modality: str | None = None) -> int:
+        """Prunable parameters a model keeps after `prune(masks)`; a missing mask keeps its layer whole."""
+        self._check_masks(masks)
+        remaining = 0
+        for key in self._keys(modality):
+            layer_masks = masks.get(key) or [None] * len(self.structure_sizes[key])
+            for mask, units, per_unit in zip(layer_masks, self.structure_sizes[key], self.unit_parameters[key]):
+                kept = units if mask is None else int(torch.count_nonzero(mask).item())
+                remaining += kept * per_unit
+        return remaining
+
+    def sparsity_of(self, masks: StructureMasks, modality: str | None = None) -> float:
+        """Fraction of the prunable parameters (all, or one modality's) that `prune(masks)` removes."""
+        total = self.total_parameters(modality)
+        return 0.0 if total == 0 else (total - self.remaining_parameters(masks, modality)) / total
+
+    def kept_structures(self, masks: StructureMasks) -> dict[str, list[int]]:
+        """Units kept per layer for each key after `prune(masks)`."""
+        self._check_masks(masks)
+        kept = {}
+        for key, sizes in self.structure_sizes.items():
+            layer_masks = masks.get(key) or [None] * len(sizes)
+            kept[key] = [
+                units if mask is None else int(torch.count_nonzero(mask).item())
+                for mask, units in zip(layer_masks, sizes)
+            ]
+        return kept
+
+    def extra_repr(self) -> str:
+        units = sum(sum(sizes) for sizes in self.structure_sizes.values())
+        return f"units={units}, prunable_parameters={self.total_parameters()}, temperature={self.temperature:.4g}"
+
+
+class SparsityLagrangian(nn.Module):
+    """lambda_1 (s - t) + lambda_2 (s - t)^2 for the expected sparsity s of a [`StructureMasker`].
+
+    Args:
+        target_sparsity: the global target t over all prunable parameters (None: no global constraint).
+        warmup_steps: the target grows linearly from 0 to its value over this many optimizer steps.
+        target_sparsity_per_modality: optional targets for `vision`, `text` and / or `fusion`, each with
+            its own multipliers, on that modality's expected sparsity.
+
+    The multipliers start at 0 and are trained by gradient ascent: [`forward`] reverses their gradient, so
+    give them to an ordinary optimizer (weight decay 0) and it maximises the term over them while the
+    masks minimise it.
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float | None = None,
+        warmup_steps: int = 0,
+        target_sparsity_per_modality: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        targets: dict[str, float] = {}
+        if target_sparsity is not None:
+            targets["overall"] = target_sparsity
+        for modality, value in (target_sparsity_per_modality or {}).items():
+            if modality not in MODALITIES:
+                raise ValueError(f"Unknown modality {modality!r} in `target_sparsity_per_modality`; use {MODALITIES}.")
+            targets[modality] = value
+        if not targets:
+            raise ValueError("Give a `target_sparsity` and / or `target_sparsity_per_modality`.")
+        for name, value in targets.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                what = "target_sparsity" if name == "overall" else f"target_sparsity_per_modality[{name!r}]"
+                raise ValueError(f"`{what}` must be a number in [0, 1); got {value!r}.")
+        if warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0; got {warmup_steps}.")
+        self.targets = {name: float(value) for name, value in targets.items()}
+        self.warmup_steps = int(warmup_steps)
+        self.lambda_1 = nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in self.targets})
+        self.lambda_2 = nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in self.targets})
+
+    def target(self, step: int, name: str = "overall") -> float:
+        """The target of constraint `name` (`overall` or a modality) at optimizer step `step`."""
+        if name not in self.targets:
+            raise ValueError(f"No constraint {name!r}; this Lagrangian has {list(self.targets)}.")
+        if self.warmup_steps == 0:
+            return self.targets[name]
+        return self.targets[name] * min(1.0, step / self.warmup_steps)
+
+    def forward(self, masker: StructureMasker, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Returns the Lagrangian term and the values to log: expected sparsities, targets, multipliers (0-d
+        tensors, detached, so that logging every step does not wait for the device)."""
+        logs: dict[str, torch.Tensor | float] = {}
+        loss = None
+        for name in self.targets:
+            modality = None if name == "overall" else name
+            suffix = "" if name == "overall" else f"_{name}"
+            sparsity = masker.expected_sparsity(modality)
+            gap = sparsity - self.target(step, name)
+            lambda_1 = _ReverseGradient.apply(self.lambda_1[name])
+            lambda_2 = _ReverseGradient.apply(self.lambda_2[name])
+            term = lambda_1 * gap + lambda_2 * gap**2
+            loss = term if loss is None else loss + term
+            logs[f"target_sparsity{suffix}"] = self.target(step, name)
+            logs[f"lambda_1{suffix}"] = self.lambda_1[name].detach().clone()
+            logs[f"lambda_2{suffix}"] = self.lambda_2[name].detach().clone()
+        with torch.no_grad():
+            logs["expected_sparsity"] = masker.expected_sparsity()
+            for modality in masker.modalities:
+                logs[f"expected_sparsity_{modality}"] = masker.expected_sparsity(modality)
+        logs["loss_lagrangian"] = loss.detach()
+        return loss, logs
+
+    def extra_repr(self) -> str:
+        return f"targets={self.targets}, warmup_steps={self.warmup_steps}"
+
+
+def random_structure_masks(
+    model: nn.Module, target_sparsity: float, generator: torch.Generator | None = None
+) -> StructureMasks:
+    """Random 0/1 masks removing the smallest set of randomly ordered units whose parameters reach
+    `target_sparsity` of the prunable parameters (for benchmarks and tests)."""
+    if not 0.0 <= target_sparsity < 1.0:
+        raise ValueError(f"`target_sparsity` must be in [0, 1); got {target_sparsity}.")
+    sizes, unit_parameters = model.structure_sizes(), model.structure_unit_parameters()
+    units = [
+        (key, layer, index)
+        for key, per_layer in sizes.items()
+        for layer, n in enumerate(per_layer)
+        for index in range(n)
+    ]
+    total = sum(unit_parameters[key][layer] for key, layer, _ in units)
+    masks: StructureMasks = {key: [torch.ones(n) if n else None for n in per_layer] for key, per_layer in sizes.items()}
+    removed = 0
+    for position in torch.randperm(len(units), generator=generator).tolist():
+        if removed >= target_sparsity * total:
+            break
+        key, layer, index = units[position]
+        masks[key][layer][index] = 0.0
+        removed += unit_parameters[key][layer]
+    return masks
+
+
+__all__ = [
+    "LIMIT_LEFT",
+    "LIMIT_RIGHT",
+    "LOG_ALPHA_RANGE",
+    "MODALITIES",
+    "TEMPERATURE",
+    "SparsityLagrangian",
+    "StructureMasker",
+    "StructureMasks",
+    "modality_of",
+    "random_structure_masks",
+]

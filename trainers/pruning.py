@@ -1,0 +1,386 @@
+"""Modal-adaptive pruning: task fine-tuning with distillation, hard-concrete masks and a sparsity Lagrangian.
+
+[`ModalAdaptivePruningTrainer`] trains the student, a [`StructureMasker`] over the heads and FFN neurons of
+every modality and the Lagrange multipliers of a [`SparsityLagrangian`] together:
+
+    loss = task_weight x task loss + kd_weight x KD   (from `DistillationTrainer`)
+         + lambda_1 (s - t) + lambda_2 (s - t)^2       (s: expected sparsity of all prunable parameters)
+
+One global target t (warmed up linearly) leaves the split between vision, text and fusion to the task.
+The masker and the multipliers live on the trainer, not in the model, so checkpoints of the student hold
+no mask weights; they get their own optimizer groups (constant learning rate, no weight decay; the
+multipliers ascend through a reversed gradient) and are saved as `masker.pt` in every Trainer checkpoint,
+so `resume_from_checkpoint` continues exactly. After training, [`prune_and_save`] removes the masked
+structures for real and writes the smaller model with `save_pretrained` and a `pruning_report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from .distillation import DistillationTrainer
+from .distillation_losses import DistillationConfig
+from .l0_masks import DROPRATE_INIT, HEAD_LOG_ALPHA_INIT, TEMPERATURE, SparsityLagrangian, StructureMasker
+
+logger = logging.get_logger(__name__)
+
+MASKER_STATE_NAME = "masker.pt"
+PRUNING_REPORT_NAME = "pruning_report.json"
+_MASK_GROUP, _LAGRANGIAN_GROUP = "structure_masks", "lagrange_multipliers"
+
+
+@dataclass
+class PruningConfig:
+    """Settings of modal-adaptive pruning.
+
+    Args:
+        target_sparsity: fraction of all prunable parameters (heads and FFN neurons of every modality) to
+            remove; the paper uses 0.35 for VQA. `None` only with `target_sparsity_per_modality`.
+        sparsity_warmup_steps: optimizer steps over which the target grows linearly from 0; `None` means
+            one epoch (the paper's choice).
+        target_sparsity_per_modality: optional extra targets, e.g. `{"vision": 0.5}`, each enforced by its
+            own pair of multipliers on that modality's expected sparsity.
+        mask_learning_rate: learning rate of the mask log-alphas (official EfficientVLM: 0.01).
+        lagrangian_learning_rate: learning rate of the multipliers (ascent); `None` means `mask_learning_rate`.
+        droprate_init: initial drop probability of FFN neurons (log-alpha = log(1 - p) - log(p)).
+        head_log_alpha_init: initial log-alpha of attention heads (official: 10, heads start kept).
+        temperature: hard-concrete temperature.
+        binary_masks: keep surviving units at 1 when pruning (official EfficientVLM) instead of folding
+            their deterministic score into the weights (CoFi).
+    """
+
+    target_sparsity: float | None = None
+    sparsity_warmup_steps: int | None = None
+    target_sparsity_per_modality: dict[str, float] | None = None
+    mask_learning_rate: float = 0.01
+    lagrangian_learning_rate: float | None = None
+    droprate_init: float = DROPRATE_INIT
+    head_log_alpha_init: float = HEAD_LOG_ALPHA_INIT
+    temperature: float = TEMPERATURE
+    binary_masks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.target_sparsity is None and not self.target_sparsity_per_modality:
+            raise ValueError("Pruning needs a `target_sparsity` (or `target_sparsity_per_modality`).")
+        if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:
+            raise ValueError(f"`sparsity_warmup_steps` must be >= 0; got {self.sparsity_warmup_steps}.")
+        for name in ("mask_learning_rate", "lagrangian_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"`{name}` must be positive; got {value}.")
+        # Validates the targets (each in [0, 1), known modalities) with the same messages as training.
+        SparsityLagrangian(self.target_sparsity, 0, self.target_sparsity_per_modality)
+
+
+class _NoTeacher(nn.Module):
+    """Placeholder teacher when pruning without distillation: `kd_weight=0` means it is never run."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("No teacher model was given; distillation is disabled.")
+
+
+def _constant_learning_rate(step: int) -> float:
+    return 1.0
+
+
+class _MaskOptimizationCallback(TrainerCallback):
+    """Keeps the masks and multipliers in step with the Trainer's optimizer loop."""
+
+    def __init__(self, trainer: ModalAdaptivePruningTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        # The paper warms the target up over one epoch.
+        if self.trainer.pruning_config.sparsity_warmup_steps is None:
+            steps = state.max_steps
+            if train_dataloader is not None and hasattr(train_dataloader, "__len__"):
+                steps = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+            self.trainer.lagrangian.warmup_steps = max(1, min(steps, state.max_steps))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # The masker is not inside the (DDP-wrapped) model: average its gradients across processes ourselves.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world_size = torch.distributed.get_world_size()
+            if world_size > 1:
+                for parameter in self.trainer._pruning_parameters():
+                    if parameter.grad is None:
+                        parameter.grad = torch.zeros_like(parameter)
+                    torch.distributed.all_reduce(parameter.grad)
+                    parameter.grad.div_(world_size)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # The Trainer only zeroes the model's gradients; CoFi clamps log-alphas after every step.
+        self.trainer.masker.constrain_()
+        for parameter in self.trainer._pruning_parameters():
+            parameter.grad = None
+
+
+class ModalAdaptivePruningTrainer(DistillationTrainer):
+    """`DistillationTrainer` + hard-concrete structure masks over all modalities + a sparsity Lagrangian.
+
+    Args:
+        pruning_config: the [`PruningConfig`] (target sparsity, warm-up, mask learning rate, ...).
+        teacher_model: a frozen task-fine-tuned teacher for knowledge distillation, or `None` for the task
+            loss alone.
+        distillation_config: passed to `DistillationTrainer` (loss weights, terms, layer mappings); only
+            with a teacher.
+        masker: an existing [`StructureMasker`] to continue from (it must fit the model); by default a new
+            one is built with `StructureMasker.from_model(model)`.
+        *args, **kwargs: the usual `Trainer` arguments (`model`, `args`, datasets, collator, ...).
+
+    While training, every student forward gets sampled `structure_masks`; evaluation uses the deterministic
+    masks, so it measures the model that [`finalize_pruning`] will produce. The logs add the expected
+    sparsity overall and per modality, the target(s), the multipliers and the Lagrangian term.
+    """
+
+    def __init__(
+        self,
+        *args,
+        pruning_config: PruningConfig,
+        teacher_model: nn.Module | None = None,
+        distillation_config: Any = None,
+        masker: StructureMasker | None = None,
+        **kwargs,
+    ) -> None:
+        if not isinstance(pruning_config, PruningConfig):
+            raise ValueError(f"`pruning_config` must be a PruningConfig; got {type(pruning_config).__name__}.")
+        if teacher_model is None:
+            # Task loss alone: a KD weight of 0 means the (placeholder) teacher is never run.
+            if distillation_config is not None:
+                raise ValueError("`distillation_config` was given without a `teacher_model` to distil from.")
+            teacher_model, distillation_config = _NoTeacher(), DistillationConfig(task_weight=1.0, kd_weight=0.0)
+        super().__init__(*args, teacher_model=teacher_model, distillation_config=distillation_config, **kwargs)
+        self.pruning_config = pruning_config
+        if masker is None:
+            masker = StructureMasker.from_model(
+                self.model,
+                droprate_init=pruning_config.droprate_init,
+                head_log_alpha_init=pruning_config.head_log_alpha_init,
+                temperature=pruning_config.temperature,
+            )
+        else:
+            masker.check_fits(self.model)
+        self.masker = masker.to(self.args.device)
+        self.lagrangian = SparsityLagrangian(
+            pruning_config.target_sparsity,
+            pruning_config.sparsity_warmup_steps or 0,
+            pruning_config.target_sparsity_per_modality,
+        ).to(self.args.device)
+        for modality in self.lagrangian.targets:
+            if modality != "overall" and modality not in self.masker.modalities:
+                raise ValueError(
+                    f"`target_sparsity_per_modality` names {modality!r}, but the model has no prunable "
+                    f"{modality} structures (it has {self.masker.modalities})."
+                )
+        self.pruned = False
+        self.add_callback(_MaskOptimizationCallback(self))
+
+    # -- masks in the forward passes ----------------------------------------------------------------------
+    def _pruning_parameters(self) -> list[nn.Parameter]:
+        return [*self.masker.parameters(), *self.lagrangian.parameters()]
+
+    def student_forward_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        kwargs = dict(super().student_forward_kwargs(inputs))
+        if not self.pruned:
+            # Sampled masks while training, deterministic ones for evaluation.
+            self.masker.train(self.model.training)
+            kwargs["structure_masks"] = self.masker()
+        return kwargs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if not model.training or self.pruned:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        lagrangian, logs = self.lagrangian(self.masker, self.state.global_step)
+        self.log_loss_terms(logs)
+        loss = loss + lagrangian.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    @contextmanager
+    def _deterministic_masks_in_forward(self) -> Iterator[None]:
+        """Gives the student the deterministic masks in forwards that the Trainer makes itself (evaluation
+        of models without labels calls `model(**inputs)` directly)."""
+        if self.pruned:
+            yield
+            return
+        masks = self.masker.deterministic_masks()
+
+        def add_masks(module, args, kwargs):
+            if kwargs.get("structure_masks") is None:
+                kwargs["structure_masks"] = masks
+            return args, kwargs
+
+        handle = self.model.register_forward_pre_hook(add_masks, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with self._deterministic_masks_in_forward():
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    # -- optimizer: the masks and multipliers get their own groups ------------------------------------------
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        present = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in present for p in self.masker.parameters()):
+            mask_lr = self.pruning_config.mask_learning_rate
+            lagrangian_lr = self.pruning_config.lagrangian_learning_rate or mask_lr
+            optimizer.add_param_group(
+                {"params": list(self.masker.parameters()), "lr": mask_lr, "weight_decay": 0.0, "name": _MASK_GROUP}
+            )
+            optimizer.add_param_group(
+                {
+                    "params": list(self.lagrangian.parameters()),
+                    "lr": lagrangian_lr,
+                    "weight_decay": 0.0,
+                    "name": _LAGRANGIAN_GROUP,
+                }
+            )
+        return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        # As in CoFi / EfficientVLM the mask and multiplier learning rates stay constant: the model's schedule
+        # (warm-up, decay to 0) would stop enforcing the target at the end of training.
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            groups = scheduler.optimizer.param_groups
+            for index, group in enumerate(groups):
+                if group.get("name") in (_MASK_GROUP, _LAGRANGIAN_GROUP):
+                    scheduler.lr_lambdas[index] = _constant_learning_rate
+                    group["lr"] = group["initial_lr"]
+            scheduler._last_lr = [group["lr"] for group in groups]
+        else:
+            logger.warning(
+                f"{type(scheduler).__name__} is not a LambdaLR: the mask learning rate follows the model's schedule."
+            )
+        return scheduler
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def pruning_state_dict(self) -> dict[str, Any]:
+        """What `masker.pt` holds: the log-alphas, the multipliers and the settings they belong to."""
+        return {
+            "masker": self.masker.state_dict(),
+            "lagrangian": self.lagrangian.state_dict(),
+            "structure_sizes": self.masker.structure_sizes,
+            "targets": self.lagrangian.targets,
+            "warmup_steps": self.lagrangian.warmup_steps,
+        }
+
+    def load_pruning_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores [`pruning_state_dict`]; a state for other structures or constraints raises a ValueError."""
+        if not isinstance(state, dict) or "masker" not in state or "lagrangian" not in state:
+            raise ValueError("The pruning state must be a dict with `masker` and `lagrangian` entries.")
+        sizes = state.get("structure_sizes")
+        if sizes is not None and sizes != self.masker.structure_sizes:
+            raise ValueError(
+                f"The mask state was saved for structure sizes {sizes}, but this model has "
+                f"{self.masker.structure_sizes}."
+            )
+        self.masker.load_state_dict(state["masker"])
+        own = set(self.lagrangian.state_dict())
+        if set(state["lagrangian"]) != own:
+            raise ValueError(
+                f"The saved multipliers {sorted(state['lagrangian'])} do not match this run's constraints "
+                f"{sorted(own)}."
+            )
+        self.lagrangian.load_state_dict(state["lagrangian"])
+        if "warmup_steps" in state:
+            self.lagrangian.warmup_steps = int(state["warmup_steps"])
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Written before the rest of the checkpoint so a checkpoint pushed to the Hub includes it.
+        if self.args.should_save and not self.pruned:
+            run_dir = self._get_output_dir(trial=trial)
+            output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save(self.pruning_state_dict(), os.path.join(output_dir, MASKER_STATE_NAME))
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, MASKER_STATE_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"{resume_from_checkpoint} has no {MASKER_STATE_NAME}: it is not a checkpoint of a pruning run, "
+                "so the masks and multipliers cannot be resumed."
+            )
+        self.load_pruning_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        # The best checkpoint's masks belong with its weights.
+        path = os.path.join(self.state.best_model_checkpoint, MASKER_STATE_NAME)
+        if os.path.isfile(path):
+            self.load_pruning_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+
+    # -- the end: physical pruning ------------------------------------------------------------------------
+    def finalize_pruning(self) -> dict[str, Any]:
+        """Prunes the student in place with the deterministic masks and returns the pruning report.
+
+        The trainer is done afterwards: fine-tune the pruned model further with a new Trainer.
+        """
+        if self.pruned:
+            raise ValueError("The model is already pruned.")
+        model = self.accelerator.unwrap_model(self.model)
+        self.masker.check_fits(model)
+        masker = self.masker
+        masks = masker.deterministic_masks(binary=self.pruning_config.binary_masks)
+        parameters_before = sum(p.numel() for p in model.parameters())
+        report: dict[str, Any] = {
+            "target_sparsity": self.pruning_config.target_sparsity,
+            "target_sparsity_per_modality": self.pruning_config.target_sparsity_per_modality,
+            "sparsity": masker.sparsity_of(masks),
+            "sparsity_per_modality": {m: masker.sparsity_of(masks, m) for m in masker.modalities},
+            "expected_sparsity": masker.expected_sparsity().item(),
+            "prunable_parameters": masker.total_parameters(),
+            "remaining_prunable_parameters": masker.remaining_parameters(masks),
+            "prunable_parameters_per_modality": {m: masker.total_parameters(m) for m in masker.modalities},
+            "parameters_before": parameters_before,
+        }
+        kept = masker.kept_structures(masks)
+        report["structures_before"] = masker.structure_sizes
+        report["structures_kept"] = kept
+        report["kept_per_modality"] = {
+            modality: {key: sizes for key, sizes in kept.items() if key.startswith(f"{modality}_")}
+            for modality in masker.modalities
+        }
+        model.prune(masks)
+        report["parameters_after"] = sum(p.numel() for p in model.parameters())
+        report["pruning_config"] = asdict(self.pruning_config)
+        self.pruned = True
+        return report
+
+    def prune_and_save(self, output_dir: str | None = None) -> dict[str, Any]:
+        """[`finalize_pruning`], then `save_model` (the smaller model via `save_pretrained`, and the processor)
+        and `pruning_report.json` in `output_dir` (default: `args.output_dir`). Returns the report."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        report = self.finalize_pruning()
+        self.save_model(output_dir)
+        if self.args.should_save:
+            with open(os.path.join(output_dir, PRUNING_REPORT_NAME), "w", encoding="utf-8") as file:
+                json.dump(report, file, indent=2)
+        logger.info(
+            f"Pruned to sparsity {report['sparsity']:.4f} ({report['parameters_before']:,} -> "
+            f"{report['parameters_after']:,} parameters); saved to {output_dir}."
+        )
+        return report
+
+
+__all__ = ["MASKER_STATE_NAME", "PRUNING_REPORT_NAME", "ModalAdaptivePruningTrainer", "PruningConfig"]

@@ -1,0 +1,196 @@
+"""
+`efficientvlm prune`: modal-adaptive pruning of a task model with task distillation, then physical pruning.
+
+    efficientvlm prune --task vqa --model_name_or_path student_vqa --teacher_model_name_or_path teacher_vqa \
+        --train_file vqa_train.json --image_root images --target_sparsity 0.35 --mask_learning_rate 0.01 \
+        --output_dir pruned_vqa --num_train_epochs 20 --learning_rate 5e-5
+
+The student is fine-tuned on its task (0.6 x task loss + 0.4 x KD from the teacher; without a teacher, the
+task loss alone) while hard-concrete masks over the heads and FFN neurons of every modality learn which
+structures to drop under one global target sparsity (warmed up over `--sparsity_warmup_steps`, default one
+epoch). The output folder holds the physically pruned model (`save_pretrained`), its processor and
+`pruning_report.json`. Any `TrainingArguments` option works (`--resume_from_checkpoint` resumes masks too);
+`main(["config.json"])` reads all arguments from a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+PRUNABLE_TASKS = ("retrieval", "vqa", "nlvr2", "captioning")
+
+
+@dataclass
+class PruneArguments:
+    """Task, teacher, sparsity targets and distillation weights of `efficientvlm prune`."""
+
+    task: str = field(metadata={"help": f"The downstream task: one of {PRUNABLE_TASKS}."})
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Task-fine-tuned teacher for distillation (a saved folder); none: the task loss alone."},
+    )
+    target_sparsity: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of the prunable parameters (heads + FFN neurons of all modalities) to remove."},
+    )
+    sparsity_warmup_steps: int | None = field(
+        default=None, metadata={"help": "Steps over which the target grows from 0 (default: one epoch)."}
+    )
+    target_sparsity_per_modality: str | None = field(
+        default=None,
+        metadata={"help": 'Optional extra targets as JSON (or a JSON file), e.g. \'{"vision": 0.5, "text": 0.3}\'.'},
+    )
+    mask_learning_rate: float = field(default=0.01, metadata={"help": "Learning rate of the mask log-alphas."})
+    lagrangian_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the Lagrange multipliers (default: --mask_learning_rate)."}
+    )
+    droprate_init: float = field(default=0.5, metadata={"help": "Initial drop probability of FFN neurons."})
+    binary_masks: bool = field(
+        default=False,
+        metadata={"help": "Keep surviving units at weight 1 instead of folding their mask score into the weights."},
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the logit KD terms."})
+    task_weight: float = field(default=0.6, metadata={"help": "Weight of the student's task loss."})
+    kd_weight: float = field(default=0.4, metadata={"help": "Weight of the sum of the weighted KD terms."})
+    kd_term_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON (or a JSON file) overriding DistillationConfig fields, e.g. '{\"vision_attn\": 0.0}' "
+            "(attention terms force the slower eager attention)."
+        },
+    )
+
+
+def _parse_json(value: str | None, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    text = Path(value).read_text(encoding="utf-8") if os.path.isfile(value) else value
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--{name} is neither valid JSON nor a JSON file: {error}") from error
+    if not isinstance(parsed, dict):
+        raise ValueError(f"--{name} must be a JSON object; got {type(parsed).__name__}.")
+    return parsed
+
+
+def pruning_config_from(args: PruneArguments):
+    """The [`PruningConfig`] the arguments describe (raises a ValueError for bad targets)."""
+    from trainers.pruning import PruningConfig
+
+    return PruningConfig(
+        target_sparsity=args.target_sparsity,
+        sparsity_warmup_steps=args.sparsity_warmup_steps,
+        target_sparsity_per_modality=_parse_json(args.target_sparsity_per_modality, "target_sparsity_per_modality")
+        or None,
+        mask_learning_rate=args.mask_learning_rate,
+        lagrangian_learning_rate=args.lagrangian_learning_rate,
+        droprate_init=args.droprate_init,
+        binary_masks=args.binary_masks,
+    )
+
+
+def distillation_config_from(args: PruneArguments):
+    """The [`DistillationConfig`] of the task-distillation terms, or None without a teacher."""
+    from trainers.distillation_losses import DistillationConfig
+
+    if args.teacher_model_name_or_path is None:
+        if args.kd_term_weights is not None:
+            raise ValueError("--kd_term_weights needs a --teacher_model_name_or_path to distil from.")
+        return None
+    return DistillationConfig.from_dict(
+        {
+            "temperature": args.temperature,
+            "task_weight": args.task_weight,
+            "kd_weight": args.kd_weight,
+            **_parse_json(args.kd_term_weights, "kd_term_weights"),
+        }
+    )
+
+
+def run(prune_args: PruneArguments, model_args: Any, data_args: Any, training_args: TrainingArguments) -> dict:
+    """Prunes the student, saves the pruned model, its processor and report; returns the report (with the
+    evaluation metrics under `eval` when `--eval_file` is given)."""
+    from trainers.pruning import ModalAdaptivePruningTrainer
+    from trainers.run_train import build_model, load_data, load_processor, train
+    from trainers.tasks import evaluate_task, task_model_from
+
+    if prune_args.task not in PRUNABLE_TASKS:
+        raise ValueError(f"--task must be one of {PRUNABLE_TASKS}; got {prune_args.task!r}.")
+    # Argument errors first, before any model is loaded.
+    pruning_config = pruning_config_from(prune_args)
+    distillation_config = distillation_config_from(prune_args)
+    set_seed(training_args.seed)
+
+    task = prune_args.task
+    model = build_model(task, model_args)
+    processor = load_processor(model_args, model.config, data_args.max_text_length)
+    teacher = None
+    if prune_args.teacher_model_name_or_path is not None:
+        teacher = task_model_from(task, prune_args.teacher_model_name_or_path)
+    trainer = train(
+        task,
+        model,
+        processor,
+        load_data(task, data_args, processor),
+        training_args,
+        ModalAdaptivePruningTrainer,
+        teacher_model=teacher,
+        distillation_config=distillation_config,
+        pruning_config=pruning_config,
+    )
+    report = trainer.prune_and_save(training_args.output_dir)
+    if training_args.should_save and processor is not None:
+        processor.save_pretrained(training_args.output_dir)
+    logger.warning(
+        f"Pruned {task} model: sparsity {report['sparsity']:.4f} of the prunable parameters (per modality "
+        f"{ {m: round(v, 4) for m, v in report['sparsity_per_modality'].items()} }), "
+        f"{report['parameters_before']:,} -> {report['parameters_after']:,} parameters; saved to "
+        f"{training_args.output_dir}."
+    )
+    if data_args.eval_file is not None:
+        answer_list = json.loads(Path(data_args.answer_list).read_text()) if data_args.answer_list else None
+        pruned = trainer.accelerator.unwrap_model(trainer.model)
+        result = evaluate_task(
+            task, pruned, load_data(task, data_args, processor, "eval"), processor, answer_list=answer_list
+        )
+        report = {**report, "eval": result.metrics}
+        if training_args.should_save:
+            Path(training_args.output_dir, "eval_results.json").write_text(json.dumps(result.metrics, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`efficientvlm prune`: parses `argv` (default: `sys.argv[1:]`), prunes and saves; returns the report."""
+    from trainers.run_train import DataArguments, ModelArguments
+
+    parser = HfArgumentParser(
+        (PruneArguments, ModelArguments, DataArguments, TrainingArguments),
+        prog="efficientvlm prune",
+        description=(
+            "Modal-adaptive pruning (EfficientVLM, arXiv 2210.07795): fine-tune a student on its task with "
+            "distillation from a task teacher while L0 masks over the attention heads and FFN neurons of the "
+            "vision, text and fusion encoders learn, under one global target sparsity, which structures to "
+            "remove; then remove them for real. The student is --model_name_or_path (or --preset)."
+        ),
+    )
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        parsed = parser.parse_json_file(os.path.abspath(argv[0]))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    return run(*parsed)
+
+
+if __name__ == "__main__":
+    main()
