@@ -191,7 +191,8 @@ class EfficientVLMEmptyAttention(nn.Module):
         self.bias = nn.Parameter(bias)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        return self.bias.expand_as(hidden_states), None
+        # A new tensor, not a view of the parameter: views of leaves trip autograd hooks (e.g. FLOP counting).
+        return torch.zeros_like(hidden_states) + self.bias, None
 
     def prune(self, mask: torch.Tensor) -> nn.Module:
         _kept(mask, 0, "attention heads")  # nothing left to remove: only an empty mask fits
@@ -239,7 +240,7 @@ class EfficientVLMEmptyMLP(nn.Module):
         self.bias = nn.Parameter(bias)
 
     def forward(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.bias.expand_as(hidden_states)
+        return torch.zeros_like(hidden_states) + self.bias
 
     def prune(self, mask: torch.Tensor) -> nn.Module:
         _kept(mask, 0, "FFN neurons")

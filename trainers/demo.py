@@ -26,7 +26,8 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging as hf_logging
 
-DEMO_TASKS = ("vqa", "nlvr2")
+DEMO_TASKS = ("vqa", "retrieval", "nlvr2")
+DEFAULT_TASKS = ("vqa", "retrieval")
 
 
 @dataclass
@@ -36,27 +37,34 @@ class DemoSettings:
     num_train_images: int = 1500
     num_eval_images: int = 300
     image_size: int = 64
+    # One patch per grid cell: each shape lands in one image token, which a small model learns quickly.
+    patch_size: int = 32
     hidden_size: int = 128
     num_heads: int = 4
     intermediate_size: int = 512
     teacher_layers: tuple[int, int, int] = (4, 2, 2)  # vision, text, fusion
     student_layers: tuple[int, int, int] = (2, 1, 1)
+    # From scratch, BERT's 0.02 leaves the [CLS] tokens and cross-attention nearly blind to the image, and
+    # a small model settles on the answer prior of each question type before it learns to look.
+    initializer_range: float = 0.1
     batch_size: int = 32
-    learning_rate: float = 3e-4
-    pretrain_epochs: float = 6.0
-    finetune_epochs: dict[str, float] | None = None
-    distill_epochs: float = 4.0
-    student_finetune_epochs: dict[str, float] | None = None
-    prune_epochs: dict[str, float] | None = None
+    learning_rate: float = 5e-4
+    pretrain_steps: int = 150
+    finetune_steps: dict[str, int] | None = None
+    distill_steps: int = 150
+    student_finetune_steps: dict[str, int] | None = None
+    prune_steps: dict[str, int] | None = None
+    prune_warmup_fraction: float = 0.3
     target_sparsity: float = 0.5
-    mask_learning_rate: float = 0.05
+    mask_learning_rate: float = 0.1
+    retrieval_k: int = 16  # ITC candidates re-ranked by ITM per query
     benchmark_batch_size: int = 32
     benchmark_repeats: int = 10
 
     def __post_init__(self) -> None:
-        self.finetune_epochs = self.finetune_epochs or {"vqa": 6.0, "nlvr2": 4.0}
-        self.student_finetune_epochs = self.student_finetune_epochs or {"vqa": 4.0, "nlvr2": 3.0}
-        self.prune_epochs = self.prune_epochs or {"vqa": 3.0, "nlvr2": 2.0}
+        self.finetune_steps = self.finetune_steps or {"vqa": 700, "retrieval": 180, "nlvr2": 400}
+        self.student_finetune_steps = self.student_finetune_steps or {"vqa": 500, "retrieval": 120, "nlvr2": 300}
+        self.prune_steps = self.prune_steps or {"vqa": 450, "retrieval": 250, "nlvr2": 300}
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"`target_sparsity` must be in [0, 1); got {self.target_sparsity}.")
 
@@ -64,15 +72,16 @@ class DemoSettings:
     def quick(cls) -> DemoSettings:
         """A smoke run of about two minutes: tiny data and few steps (the metrics mean little)."""
         return cls(
-            num_train_images=200,
-            num_eval_images=60,
+            num_train_images=120,
+            num_eval_images=40,
             hidden_size=64,
             intermediate_size=128,
-            pretrain_epochs=1.0,
-            finetune_epochs={"vqa": 1.0, "nlvr2": 1.0},
-            distill_epochs=1.0,
-            student_finetune_epochs={"vqa": 1.0, "nlvr2": 1.0},
-            prune_epochs={"vqa": 1.0, "nlvr2": 1.0},
+            batch_size=16,
+            pretrain_steps=6,
+            finetune_steps={"vqa": 6, "retrieval": 6, "nlvr2": 6},
+            distill_steps=6,
+            student_finetune_steps={"vqa": 6, "retrieval": 6, "nlvr2": 6},
+            prune_steps={"vqa": 10, "retrieval": 10, "nlvr2": 10},
             benchmark_batch_size=8,
             benchmark_repeats=3,
         )
@@ -92,22 +101,28 @@ def teacher_config(settings: DemoSettings, vocab_size: int):
         intermediate_size=settings.intermediate_size,
     )
     return EfficientVLMConfig(
-        vision_config=dict(**width, num_hidden_layers=vision_layers, image_size=settings.image_size, patch_size=8),
+        vision_config=dict(
+            **width,
+            num_hidden_layers=vision_layers,
+            image_size=settings.image_size,
+            patch_size=settings.patch_size,
+            initializer_range=settings.initializer_range,
+        ),
         text_config=dict(
             **width,
             vocab_size=vocab_size,
             num_hidden_layers=text_layers,
             num_fusion_layers=fusion_layers,
             max_position_embeddings=64,
+            initializer_range=settings.initializer_range,
         ),
         embed_dim=64,
         max_text_length=40,
+        initializer_range=settings.initializer_range,
     )
 
 
-def _training_args(
-    output_dir: Path, settings: DemoSettings, epochs: float, seed: int, **overrides
-) -> TrainingArguments:
+def _training_args(output_dir: Path, settings: DemoSettings, steps: int, seed: int, **overrides) -> TrainingArguments:
     values = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=settings.batch_size,
@@ -115,7 +130,7 @@ def _training_args(
         weight_decay=0.01,
         warmup_steps=0.05,
         lr_scheduler_type="linear",
-        num_train_epochs=epochs,
+        max_steps=steps,
         logging_steps=10,
         save_strategy="no",
         report_to=[],
@@ -136,7 +151,7 @@ def _losses(trainer: Any) -> list[dict[str, float]]:
 class DemoRun:
     """One demo run: holds the settings, the output folder and what each stage produced."""
 
-    def __init__(self, output_dir: Path, settings: DemoSettings, seed: int = 0, tasks: tuple[str, ...] = DEMO_TASKS):
+    def __init__(self, output_dir: Path, settings: DemoSettings, seed: int = 0, tasks: tuple[str, ...] = DEFAULT_TASKS):
         unknown = set(tasks) - set(DEMO_TASKS)
         if unknown:
             raise ValueError(f"Unknown demo task(s) {sorted(unknown)}; choose from {DEMO_TASKS}.")
@@ -180,18 +195,20 @@ class DemoRun:
             ("pretraining", "train"): self.data.pretrain,
             ("vqa", "train"): self.data.vqa_train,
             ("vqa", "test"): self.data.vqa_test,
+            ("retrieval", "train"): self.data.retrieval_train,
+            ("retrieval", "test"): self.data.retrieval_test,
             ("nlvr2", "train"): self.data.nlvr2_train,
             ("nlvr2", "test"): self.data.nlvr2_test,
         }
         return build_dataset(task, files[(task, split)], self.data.image_root, self.processor)
 
-    def _train(self, name: str, task: str, model: Any, epochs: float, trainer_class=None, **kwargs) -> Any:
+    def _train(self, name: str, task: str, model: Any, steps: int, trainer_class=None, **kwargs) -> Any:
         from transformers import Trainer
 
         from trainers.run_train import train
 
         start = time.perf_counter()
-        args = _training_args(self.output_dir / "runs" / name, self.settings, epochs, self.seed)
+        args = _training_args(self.output_dir / "runs" / name, self.settings, steps, self.seed)
         trainer = train(
             task, model, self.processor, self._dataset(task, "train"), args, trainer_class or Trainer, **kwargs
         )
@@ -207,7 +224,7 @@ class DemoRun:
         torch.manual_seed(self.seed)
         config = teacher_config(self.settings, len(self.processor.tokenizer))
         self.teacher_pretrained = EfficientVLMForPreTraining(config)
-        self._train("teacher_pretrain", "pretraining", self.teacher_pretrained, self.settings.pretrain_epochs)
+        self._train("teacher_pretrain", "pretraining", self.teacher_pretrained, self.settings.pretrain_steps)
 
     def finetune_teachers(self) -> None:
         from trainers.tasks import task_model_from
@@ -216,7 +233,7 @@ class DemoRun:
         for task in self.tasks:
             torch.manual_seed(self.seed)
             model = task_model_from(task, self.teacher_pretrained)
-            self._train(f"teacher_{task}", task, model, self.settings.finetune_epochs[task])
+            self._train(f"teacher_{task}", task, model, self.settings.finetune_steps[task])
             self.teachers[task] = model.eval()
 
     def distill_student(self) -> None:
@@ -229,7 +246,7 @@ class DemoRun:
             "student_distill",
             "pretraining",
             self.student_pretrained,
-            self.settings.distill_epochs,
+            self.settings.distill_steps,
             DistillationTrainer,
             teacher_model=self.teacher_pretrained,
         )
@@ -250,7 +267,7 @@ class DemoRun:
                 f"student_{task}",
                 task,
                 student,
-                self.settings.student_finetune_epochs[task],
+                self.settings.student_finetune_steps[task],
                 DistillationTrainer,
                 teacher_model=teacher,
                 distillation_config=kd,
@@ -262,12 +279,13 @@ class DemoRun:
                 f"pruned_{task}",
                 task,
                 pruned,
-                self.settings.prune_epochs[task],
+                self.settings.prune_steps[task],
                 ModalAdaptivePruningTrainer,
                 teacher_model=teacher,
                 distillation_config=kd,
                 pruning_config=PruningConfig(
                     target_sparsity=self.settings.target_sparsity,
+                    sparsity_warmup_steps=int(self.settings.prune_steps[task] * self.settings.prune_warmup_fraction),
                     mask_learning_rate=self.settings.mask_learning_rate,
                 ),
             )
@@ -288,7 +306,9 @@ class DemoRun:
                 ("student", self.students[task]),
                 ("pruned", self.pruned[task]),
             ):
-                result = evaluate_task(task, model, dataset, self.processor, answer_list=self.answer_list)
+                result = evaluate_task(
+                    task, model, dataset, self.processor, answer_list=self.answer_list, k=self.settings.retrieval_k
+                )
                 self.metrics[task][role] = result.metrics
             line = ", ".join(f"{role} {next(iter(m.values())):.3f}" for role, m in self.metrics[task].items())
             _say(f"{task} on the held-out split: {line}")
@@ -365,7 +385,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run (tiny data, few steps)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target_sparsity", type=float, default=None, help="global pruning target (default 0.5)")
-    parser.add_argument("--tasks", default=",".join(DEMO_TASKS), help=f"comma-separated, from {DEMO_TASKS}")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, from {DEMO_TASKS}")
+    parser.add_argument(
+        "--num_threads",
+        type=int,
+        default=1,
+        help="torch threads; the demo's models are small, and one thread is fastest on a busy 2-core machine",
+    )
     parser.add_argument("--push_to_hub", action="store_true", help="push every model with `push_to_hub`")
     parser.add_argument("--hub_prefix", default=None, help="repo prefix for --push_to_hub, e.g. `user/evlm-demo`")
     args = parser.parse_args(argv)
@@ -375,7 +401,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.target_sparsity is not None:
         settings = replace(settings, target_sparsity=args.target_sparsity)
     hf_logging.set_verbosity_warning()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.num_threads)
     run = DemoRun(Path(args.output_dir), settings, seed=args.seed, tasks=tuple(args.tasks.split(",")))
     report = run.run()
     (run.output_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2))

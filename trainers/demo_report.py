@@ -130,6 +130,9 @@ def write_report(run: Any, plots: dict[str, Path]) -> Path:
                 f"The teacher's {teacher:.4f} is {teacher / vqa['majority_baseline_vqa']:.1f}x the majority baseline.",
                 "",
             ]
+        if task == "retrieval":
+            images = run.settings.num_eval_images
+            lines += [f"Chance recall@1 is {1 / images:.4f} for text retrieval ({images} test images).", ""]
         if task == "nlvr2":
             lines += ["Majority baseline: 0.5 (labels are balanced).", ""]
         report = run.pruning_reports[task]
