@@ -8,6 +8,13 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 PAPER = "https://arxiv.org/abs/2210.07795"
+AUTO_CLASS = {
+    "pretraining": "AutoModelForPreTraining",
+    "retrieval": "AutoModelForZeroShotImageClassification",
+    "vqa": "AutoModelForVisualQuestionAnswering",
+    "nlvr2": "AutoModelForSequenceClassification",
+    "captioning": "AutoModelForImageTextToText",
+}
 
 
 def _sparsity_lines(report: dict[str, Any]) -> list[str]:
@@ -47,10 +54,9 @@ def write_model_card(
         f"[EfficientVLM]({PAPER}): knowledge distillation and modal-adaptive pruning.",
         "",
         "```python",
-        "from transformers import AutoProcessor, AutoConfig",
-        "from transformers.dynamic_module_utils import get_class_from_dynamic_module",
+        f"from transformers import AutoProcessor, {AUTO_CLASS[task]}",
         "",
-        'config = AutoConfig.from_pretrained("<this repo>", trust_remote_code=True)',
+        f'model = {AUTO_CLASS[task]}.from_pretrained("<this repo>", trust_remote_code=True)',
         'processor = AutoProcessor.from_pretrained("<this repo>", trust_remote_code=True)',
         "```",
         "",
