@@ -27,8 +27,10 @@ _SCRIPT = textwrap.dedent(
 
     sys.meta_path.insert(0, _Blocked())
     import torch, transformers
-    payload = torch.load({inputs!r})
-    model = getattr(transformers, {auto_class!r}).from_pretrained({folder!r}, trust_remote_code=True).eval()
+    payload = torch.load({inputs!r}, weights_only=False)  # our own file: PIL images and tuples
+    model = getattr(transformers, {auto_class!r}).from_pretrained({folder!r}, trust_remote_code=True)
+    if hasattr(model, "eval"):
+        model.eval()
     result = {{"class": type(model).__name__, "module": type(model).__module__}}
     with torch.no_grad():
         if payload["method"] == "forward":
@@ -36,7 +38,11 @@ _SCRIPT = textwrap.dedent(
             for name in payload["outputs"]:
                 result[name] = getattr(output, name)
         else:
-            result["output"] = getattr(model, payload["method"])(**payload["inputs"])
+            output = getattr(model, payload["method"])(**payload["inputs"])
+            result["output"] = dict(output) if hasattr(output, "keys") else output
+            for name in payload["outputs"]:
+                result[name] = getattr(model, name)
+                result[name] = {{"class": type(result[name]).__name__, "module": type(result[name]).__module__}}
     torch.save(result, {result!r})
     """
 )
@@ -51,8 +57,10 @@ def load_in_clean_subprocess(
 ) -> dict:
     """Loads `folder` with `transformers.<auto_class>.from_pretrained(..., trust_remote_code=True)` in a new
     Python process whose `sys.path` excludes this repository and that cannot import its packages, calls
-    `model(**inputs)` (or `model.<method>(**inputs)`) and returns the requested output fields, plus the
-    loaded `class` name and its `module` (a `transformers_modules...` module for remote code).
+    `model(**inputs)` and returns the requested output fields, plus the loaded `class` name and its `module`
+    (a `transformers_modules...` module for remote code). With another `method` (e.g. `generate`, or
+    `__call__` for a processor) its result is returned as `output`, and `outputs` name attributes of the
+    loaded object whose class and module are reported.
     """
     folder = Path(folder).resolve()
     work = folder.parent / f"{folder.name}_remote_check"

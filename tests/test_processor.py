@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import PIL.Image
@@ -18,6 +14,7 @@ from modeling_efficientvlm.image_processing_efficientvlm import EfficientVLMImag
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
 from .data_utils import CLS_ID, PAD_ID, SEP_ID, make_image, make_image_processor, make_processor
+from .remote_code_utils import load_in_clean_subprocess
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
@@ -206,34 +203,8 @@ def test_processor_loads_as_remote_code_without_the_package(processor: Efficient
     processor.save_pretrained(save_dir)
     inputs = {"images": [make_image("red"), make_image("pink")], "text": ["a red square", "a pink star"]}
     expected = processor(**inputs)
-    script = textwrap.dedent(
-        f"""
-        import json, sys
-        import PIL.Image
-        from transformers import AutoProcessor
-        try:
-            import modeling_efficientvlm  # noqa: F401
-            sys.exit("the package is importable; the test would prove nothing")
-        except ImportError:
-            pass
-        processor = AutoProcessor.from_pretrained({str(save_dir)!r}, trust_remote_code=True)
-        images = [PIL.Image.new("RGB", (32, 32), "red"), PIL.Image.new("RGB", (32, 32), "pink")]
-        out = processor(images=images, text=["a red square", "a pink star"])
-        print(json.dumps({{
-            "module": type(processor).__module__,
-            "image_module": type(processor.image_processor).__module__,
-            "input_ids": out["input_ids"].tolist(),
-            "pixel_values": out["pixel_values"].flatten().tolist(),
-        }}))
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["module"].startswith("transformers_modules.") and out["image_module"].startswith("transformers_modules.")
-    assert out["input_ids"] == expected["input_ids"].tolist()
-    torch.testing.assert_close(torch.tensor(out["pixel_values"]), expected["pixel_values"].flatten())
+    out = load_in_clean_subprocess(save_dir, "AutoProcessor", inputs, outputs=["image_processor"], method="__call__")
+    assert out["module"].startswith("transformers_modules.")
+    assert out["image_processor"]["module"].startswith("transformers_modules.")
+    assert out["output"]["input_ids"].tolist() == expected["input_ids"].tolist()
+    torch.testing.assert_close(out["output"]["pixel_values"], expected["pixel_values"])
