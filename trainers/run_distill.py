@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,11 +219,9 @@ def main(argv: list[str] | None = None) -> None:
             "--output_dir."
         ),
     )
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        distill_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
-    else:
-        distill_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    from trainers.run_train import parse_arguments
+
+    distill_args, training_args = parse_arguments(parser, argv)
     run(distill_args, training_args)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,7 +171,7 @@ def run(prune_args: PruneArguments, model_args: Any, data_args: Any, training_ar
 
 def main(argv: list[str] | None = None) -> dict:
     """`efficientvlm prune`: parses `argv` (default: `sys.argv[1:]`), prunes and saves; returns the report."""
-    from trainers.run_train import DataArguments, ModelArguments
+    from trainers.run_train import DataArguments, ModelArguments, parse_arguments
 
     parser = HfArgumentParser(
         (PruneArguments, ModelArguments, DataArguments, TrainingArguments),
@@ -184,12 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
             "remove; then remove them for real. The student is --model_name_or_path (or --preset)."
         ),
     )
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        parsed = parser.parse_json_file(os.path.abspath(argv[0]))
-    else:
-        parsed = parser.parse_args_into_dataclasses(args=argv)
-    return run(*parsed)
+    return run(*parse_arguments(parser, argv))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ task heads as X-VLM does). Every `TrainingArguments` option works (`--help` list
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +51,17 @@ class DataArguments:
     max_text_length: int | None = field(default=None, metadata={"help": "Token limit of texts (default: model's)."})
 
 
+def parse_arguments(parser: HfArgumentParser, argv: list[str] | None) -> tuple:
+    """Parses `argv` (default `sys.argv[1:]`), or the JSON file it names alone, into the parser's dataclasses."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
 def parse(argv: list[str] | None, description: str, extra: tuple = ()) -> tuple:
     parser = HfArgumentParser((*extra, ModelArguments, DataArguments, TrainingArguments), description=description)
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_arguments(parser, argv)
 
 
 def load_processor(model_args: ModelArguments, config: Any, max_text_length: int | None = None):
