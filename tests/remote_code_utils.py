@@ -43,6 +43,9 @@ _SCRIPT = textwrap.dedent(
             for name in payload["outputs"]:
                 result[name] = getattr(model, name)
                 result[name] = {{"class": type(result[name]).__name__, "module": type(result[name]).__module__}}
+        for name, (method, kwargs) in payload["calls"].items():
+            output = getattr(model, method)(**kwargs)
+            result[name] = dict(output) if hasattr(output, "keys") else output
     torch.save(result, {result!r})
     """
 )
@@ -54,18 +57,21 @@ def load_in_clean_subprocess(
     inputs: dict,
     outputs: list[str] | None = None,
     method: str = "forward",
+    calls: dict[str, tuple[str, dict]] | None = None,
 ) -> dict:
     """Loads `folder` with `transformers.<auto_class>.from_pretrained(..., trust_remote_code=True)` in a new
     Python process whose `sys.path` excludes this repository and that cannot import its packages, calls
     `model(**inputs)` and returns the requested output fields, plus the loaded `class` name and its `module`
     (a `transformers_modules...` module for remote code). With another `method` (e.g. `generate`, or
     `__call__` for a processor) its result is returned as `output`, and `outputs` name attributes of the
-    loaded object whose class and module are reported.
+    loaded object whose class and module are reported. `calls` maps result names to further
+    `(method, kwargs)` calls on the same loaded model (one load, several checks).
     """
     folder = Path(folder).resolve()
     work = folder.parent / f"{folder.name}_remote_check"
     work.mkdir(exist_ok=True)
-    torch.save({"inputs": inputs, "outputs": outputs or [], "method": method}, work / "inputs.pt")
+    payload = {"inputs": inputs, "outputs": outputs or [], "method": method, "calls": calls or {}}
+    torch.save(payload, work / "inputs.pt")
     script = _SCRIPT.format(
         repo=str(REPO),
         inputs=str(work / "inputs.pt"),
@@ -76,6 +82,7 @@ def load_in_clean_subprocess(
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     env["HF_MODULES_CACHE"] = str(work / "modules")
+    env["OMP_NUM_THREADS"] = "1"
     completed = subprocess.run(
         [sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=300
     )

@@ -3,12 +3,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +12,7 @@ from transformers import Trainer, TrainingArguments
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining
 from modeling_efficientvlm.modeling_efficientvlm_captioning import EfficientVLMForConditionalGeneration
 
+from .remote_code_utils import load_in_clean_subprocess
 from .test_modeling import _count, _random_masks
 
 # A tiny vocabulary where [PAD]=0, [CLS]=2, [SEP]=3 (as tests/data_utils.py), not BERT's 101/102: generation
@@ -254,55 +249,24 @@ def test_masked_equals_pruned(tmp_path) -> None:
         torch.testing.assert_close(reloaded(**batch).logits, pruned.logits, atol=1e-6, rtol=0)
 
 
-_REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-
-    class _NoLocalPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] in ("modeling_efficientvlm", "trainers"):
-                raise ImportError(f"{name} must come from the checkpoint's remote code")
-            return None
-
-    sys.meta_path.insert(0, _NoLocalPackage())
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    inputs = torch.load(sys.argv[2])
-    greedy = model.generate(**inputs, max_new_tokens=6)
-    beams = model.generate(**inputs, max_new_tokens=6, num_beams=3, num_return_sequences=2)
-    print(json.dumps({"module": type(model).__module__, "class": type(model).__name__,
-                      "greedy": greedy.tolist(), "beams": beams.tolist()}))
-    """
-)
-
-
 def test_remote_code_reload_in_a_clean_interpreter_generates_the_same_tokens(trained, tmp_path) -> None:
     model, _, _ = trained
     EfficientVLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     model.save_pretrained(tmp_path / "model")
     pixel_values, prompt = _prompt_batch()
     inputs = {"pixel_values": pixel_values, "input_ids": prompt}
-    torch.save(inputs, tmp_path / "inputs.pt")
-    (tmp_path / "reload.py").write_text(_REMOTE_SCRIPT)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-I", "reload.py", str(tmp_path / "model"), str(tmp_path / "inputs.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    beam_kwargs = {**inputs, "max_new_tokens": 6, "num_beams": 3, "num_return_sequences": 2}
+    reloaded = load_in_clean_subprocess(
+        tmp_path / "model",
+        "AutoModelForImageTextToText",
+        {**inputs, "max_new_tokens": 6},
+        method="generate",
+        calls={"beams": ("generate", beam_kwargs)},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    reloaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert reloaded["module"].startswith("transformers_modules")
     assert reloaded["class"] == "EfficientVLMForConditionalGeneration"
-    assert reloaded["greedy"] == model.generate(**inputs, max_new_tokens=6).tolist()
-    beams = model.generate(**inputs, max_new_tokens=6, num_beams=3, num_return_sequences=2)
-    assert reloaded["beams"] == beams.tolist()
+    assert reloaded["output"].tolist() == model.generate(**inputs, max_new_tokens=6).tolist()
+    assert reloaded["beams"].tolist() == model.generate(**beam_kwargs).tolist()
 
 
 def test_bad_generation_inputs_raise() -> None:

@@ -3,12 +3,6 @@ a brute-force likelihood, generate(), masked == pruned, remote-code reload in a 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +12,7 @@ from transformers import Trainer, TrainingArguments
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining
 from modeling_efficientvlm.modeling_efficientvlm_vqa import EfficientVLMForQuestionAnswering
 
+from .remote_code_utils import load_in_clean_subprocess
 from .test_modeling import _count, _random_masks
 
 PAD, CLS, SEP = 0, 2, 3  # as tests/data_utils.py: generation must read them from the config
@@ -331,56 +326,25 @@ def test_masked_equals_pruned_and_the_decoder_is_untouched(tmp_path) -> None:
         torch.testing.assert_close(reloaded(**batch).logits, pruned.logits, atol=1e-6, rtol=0)
 
 
-_REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-
-    class _NoLocalPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] in ("modeling_efficientvlm", "trainers"):
-                raise ImportError(f"{name} must come from the checkpoint's remote code")
-            return None
-
-    sys.meta_path.insert(0, _NoLocalPackage())
-    import torch
-    from transformers import AutoModelForVisualQuestionAnswering
-
-    model = AutoModelForVisualQuestionAnswering.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    inputs = torch.load(sys.argv[2])
-    questions = {key: inputs[key] for key in ("pixel_values", "input_ids", "attention_mask")}
-    tokens = model.generate(**questions, max_new_tokens=4)
-    ranking = model.rank_answers(**questions, answer_candidates_ids=inputs["candidates"], k=3)
-    print(json.dumps({"module": type(model).__module__, "class": type(model).__name__, "tokens": tokens.tolist(),
-                      "ranking": ranking.topk_indices.tolist()}))
-    """
-)
-
-
 def test_remote_code_reload_in_a_clean_interpreter(trained, tmp_path) -> None:
     model, _, _ = trained
     EfficientVLMForQuestionAnswering.register_for_auto_class("AutoModelForVisualQuestionAnswering")
     model.save_pretrained(tmp_path / "model")
     questions = _questions()
     candidates, _ = _candidates()
-    torch.save({**questions, "candidates": candidates}, tmp_path / "inputs.pt")
-    (tmp_path / "reload.py").write_text(_REMOTE_SCRIPT)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-I", "reload.py", str(tmp_path / "model"), str(tmp_path / "inputs.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    rank_kwargs = {**questions, "answer_candidates_ids": candidates, "k": 3}
+    reloaded = load_in_clean_subprocess(
+        tmp_path / "model",
+        "AutoModelForVisualQuestionAnswering",
+        {**questions, "max_new_tokens": 4},
+        method="generate",
+        calls={"ranking": ("rank_answers", rank_kwargs)},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    reloaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert reloaded["module"].startswith("transformers_modules")
     assert reloaded["class"] == "EfficientVLMForQuestionAnswering"
-    assert reloaded["tokens"] == model.generate(**questions, max_new_tokens=4).tolist()
-    expected = model.rank_answers(**questions, answer_candidates_ids=candidates, k=3).topk_indices
-    assert reloaded["ranking"] == expected.tolist()
+    assert reloaded["output"].tolist() == model.generate(**questions, max_new_tokens=4).tolist()
+    expected = model.rank_answers(**rank_kwargs).topk_indices
+    assert reloaded["ranking"]["topk_indices"].tolist() == expected.tolist()
 
 
 def test_bad_inputs_raise() -> None:
