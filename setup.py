@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_efficientvlm", "trainers", "trainers.*"]),
     # Metric folders are loadable with `evaluate.load(<folder>)`, so their scripts ship as files too.
-    package_data={"trainers": ["metrics/*/*.py", "metrics/*/README.md"]},
+    package_data={"trainers": ["evaluation/metrics/*/*.py", "evaluation/metrics/*/README.md"]},
     # Lower bounds only: pins that stop installing are a bug we promised our users not to ship.
     install_requires=[
         "torch>=2.4",
@@ -37,5 +37,5 @@ setup(
             "ipykernel>=6.29",
         ],
     },
-    entry_points={"console_scripts": ["efficientvlm=trainers.cli:main"]},
+    entry_points={"console_scripts": ["efficientvlm=trainers.commands:main"]},
 )

@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval  # noqa: E402
-from trainers.benchmarking import BenchmarkRow, benchmark_inputs, compare_models, format_table  # noqa: E402
-from trainers.l0_masks import StructureMasker, random_structure_masks  # noqa: E402
+from trainers.evaluation.benchmarking import BenchmarkRow, benchmark_inputs, compare_models, format_table  # noqa: E402
+from trainers.pruning.hard_concrete import StructureMasker, random_structure_masks  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

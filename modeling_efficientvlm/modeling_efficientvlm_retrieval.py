@@ -3,7 +3,7 @@
 Training is X-VLM's retrieval fine-tuning: the ITC loss (texts of the same image are all positives) plus
 ITM with hard negatives sampled from the ITC similarities. Evaluation embeds every image and text once,
 keeps the top `k` candidates of every query by ITC similarity and scores them with the ITM head
-(`itm_rerank_scores`); recall@K is computed by `trainers.retrieval_eval.retrieval_evaluate`.
+(`itm_rerank_scores`); recall@K is computed by `trainers.evaluation.retrieval.retrieval_evaluate`.
 """
 
 from __future__ import annotations

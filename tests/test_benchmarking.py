@@ -7,7 +7,13 @@ import copy
 import torch
 
 from modeling_efficientvlm import EfficientVLMForPreTraining
-from trainers.benchmarking import benchmark_inputs, compare_models, count_flops, count_parameters, format_table
+from trainers.evaluation.benchmarking import (
+    benchmark_inputs,
+    compare_models,
+    count_flops,
+    count_parameters,
+    format_table,
+)
 
 
 def test_pruned_model_has_fewer_flops_and_the_table_reports_ratios(tiny_config) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
-import sys
 
 import pytest
 
-from trainers import cli
-from trainers.demo_data import generate_demo_data, write_demo_vocab
+from trainers import commands as cli
+from trainers.demo.corpus import generate_demo_data, write_demo_vocab
 
 
 def test_top_level_help_lists_every_stage(capsys) -> None:
@@ -41,10 +41,10 @@ def test_each_subcommand_has_useful_help(command: str, expected: str, capsys) ->
 
 
 def test_console_script_is_installed() -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "trainers.cli", "--help"], capture_output=True, text=True, timeout=120
-    )
-    assert completed.returncode == 0 and "efficientvlm" in completed.stdout
+    script = shutil.which("efficientvlm")
+    assert script is not None, "the `efficientvlm` console script is not on PATH: install the package (README)"
+    completed = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0 and "usage: efficientvlm" in completed.stdout
 
 
 def test_pretrain_finetune_evaluate_benchmark_on_files(tmp_path, capsys) -> None:

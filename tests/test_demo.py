@@ -11,7 +11,7 @@ from huggingface_hub import HfApi
 from PIL import Image
 
 from modeling_efficientvlm import EfficientVLMProcessor
-from trainers.demo import main as demo_main
+from trainers.demo.run import main as demo_main
 from trainers.tasks import task_model_class
 
 from .remote_code_utils import load_in_clean_subprocess

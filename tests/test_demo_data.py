@@ -1,4 +1,4 @@
-"""Tests for the built-in demo corpus (`trainers.demo_data`): format, determinism, ground truth, balance, vocab."""
+"""Tests for the built-in demo corpus (`trainers.demo.corpus`): format, determinism, ground truth, balance, vocab."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 from transformers import BertTokenizer
 
-from trainers.demo_data import (
+from trainers.demo.corpus import (
     COLORS,
     QUESTION_TYPES,
     SHAPES,

@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining, EfficientVLMModel
 from trainers.distillation import DistillationTrainer
-from trainers.distillation_losses import (
+from trainers.distillation.losses import (
     DistillationConfig,
     DistillationLoss,
     attention_mse,
@@ -22,7 +22,7 @@ from trainers.distillation_losses import (
     itc_distillation,
     soft_cross_entropy,
 )
-from trainers.student_init import build_student, init_student_from_teacher, make_student_config
+from trainers.distillation.student_init import build_student, init_student_from_teacher, make_student_config
 
 from .conftest import make_inputs
 
@@ -579,7 +579,7 @@ def test_run_distill_end_to_end(tmp_path) -> None:
     import datasets
 
     from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
-    from trainers.run_distill import main
+    from trainers.commands.distill import main
 
     from .data_utils import COLOURS, make_image, make_processor, write_image_text_json
 

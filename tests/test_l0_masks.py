@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMModel
-from trainers.l0_masks import (
+from trainers.pruning.hard_concrete import (
     LIMIT_LEFT,
     LIMIT_RIGHT,
     LOG_ALPHA_RANGE,

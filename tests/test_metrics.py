@@ -9,7 +9,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from transformers import EvalPrediction
 
-from trainers.metrics import (
+from trainers.evaluation.metrics import (
     METRIC_NAMES,
     caption_scores,
     make_caption_compute_metrics,

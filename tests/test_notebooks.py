@@ -77,7 +77,7 @@ def test_quickstart_loads_saved_models_and_runs_every_task(tmp_path: Path) -> No
         EfficientVLMImageProcessor,
         EfficientVLMProcessor,
     )
-    from trainers.demo_data import write_demo_vocab
+    from trainers.demo.corpus import write_demo_vocab
     from trainers.tasks import save_with_processor
 
     # "Your own" VQA checkpoint, distinguishable from the notebook's stand-ins (one answer-decoder layer, 48 px).

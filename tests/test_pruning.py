@@ -15,8 +15,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining, EfficientVLMModel
 from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMPreTrainedModel
-from trainers.l0_masks import StructureMasker
-from trainers.pruning import MASKER_STATE_NAME, PRUNING_REPORT_NAME, ModalAdaptivePruningTrainer, PruningConfig
+from trainers.pruning.hard_concrete import StructureMasker
+from trainers.pruning.trainer import MASKER_STATE_NAME, PRUNING_REPORT_NAME, ModalAdaptivePruningTrainer, PruningConfig
 
 from .conftest import make_inputs
 
@@ -318,7 +318,7 @@ def test_bad_trainer_arguments_raise(tmp_path) -> None:
 
 def test_prune_command_distils_prunes_and_saves(tmp_path) -> None:
     from modeling_efficientvlm import EfficientVLMForVisualReasoning
-    from trainers import cli
+    from trainers import commands as cli
 
     from .data_utils import write_nlvr2_json, write_vocab
 

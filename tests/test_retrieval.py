@@ -13,7 +13,7 @@ from modeling_efficientvlm.modeling_efficientvlm_retrieval import (
     EfficientVLMForImageTextRetrieval,
     image_text_matching_logits,
 )
-from trainers.retrieval_eval import retrieval_evaluate
+from trainers.evaluation.retrieval import retrieval_evaluate
 
 from .conftest import make_inputs
 from .remote_code_utils import load_in_clean_subprocess

@@ -131,7 +131,7 @@ def evaluate_task(
     - captioning: greedy captions, BLEU-4 and CIDEr.
     """
     _check_task(task)
-    from trainers import metrics
+    from trainers.evaluation import metrics
 
     model.eval()
     device = _device_of(model)
@@ -176,7 +176,7 @@ def evaluate_task(
         )
 
     if task == "retrieval":
-        from trainers.retrieval_eval import retrieval_evaluate
+        from trainers.evaluation.retrieval import retrieval_evaluate
 
         images = processor.image_processor(
             [dataset.get_image(i) for i in range(dataset.num_images)], return_tensors="pt"

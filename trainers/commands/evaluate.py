@@ -59,7 +59,7 @@ def benchmark_main(argv: list[str] | None = None) -> list:
     from transformers import AutoModel
 
     import modeling_efficientvlm  # noqa: F401  (registers the Auto classes)
-    from trainers.benchmarking import benchmark_inputs, compare_models, format_table
+    from trainers.evaluation.benchmarking import benchmark_inputs, compare_models, format_table
 
     (args,) = HfArgumentParser(
         BenchmarkArguments, description="Benchmark the encoders (vision, text, fusion) of saved models."

@@ -7,13 +7,13 @@ import sys
 
 # subcommand -> (module, function, one-line description)
 COMMANDS = {
-    "pretrain": ("trainers.run_train", "pretrain_main", "pre-train a teacher or student with ITC, ITM and MLM"),
-    "finetune": ("trainers.run_train", "finetune_main", "fine-tune on vqa, nlvr2, retrieval or captioning"),
-    "distill": ("trainers.run_distill", "main", "general distillation of a student from a teacher"),
-    "prune": ("trainers.run_prune", "main", "modal-adaptive pruning of a task model with task distillation"),
-    "evaluate": ("trainers.run_evaluate", "evaluate_main", "a task's metrics on a held-out split"),
-    "benchmark": ("trainers.run_evaluate", "benchmark_main", "parameters, FLOPs and CPU latency of saved models"),
-    "demo": ("trainers.demo", "main", "the whole method end to end on built-in data (no downloads)"),
+    "pretrain": ("trainers.commands.train", "pretrain_main", "pre-train a teacher or student with ITC, ITM and MLM"),
+    "finetune": ("trainers.commands.train", "finetune_main", "fine-tune on vqa, nlvr2, retrieval or captioning"),
+    "distill": ("trainers.commands.distill", "main", "general distillation of a student from a teacher"),
+    "prune": ("trainers.commands.prune", "main", "modal-adaptive pruning of a task model with task distillation"),
+    "evaluate": ("trainers.commands.evaluate", "evaluate_main", "a task's metrics on a held-out split"),
+    "benchmark": ("trainers.commands.evaluate", "benchmark_main", "parameters, FLOPs and CPU latency of saved models"),
+    "demo": ("trainers.demo.run", "main", "the whole method end to end on built-in data (no downloads)"),
 }
 
 

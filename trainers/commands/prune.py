@@ -101,7 +101,7 @@ def pruning_config_from(args: PruneArguments):
 
 def distillation_config_from(args: PruneArguments):
     """The [`DistillationConfig`] of the task-distillation terms, or None without a teacher."""
-    from trainers.distillation_losses import DistillationConfig
+    from trainers.distillation.losses import DistillationConfig
 
     if args.teacher_model_name_or_path is None:
         if args.kd_term_weights is not None:
@@ -120,8 +120,8 @@ def distillation_config_from(args: PruneArguments):
 def run(prune_args: PruneArguments, model_args: Any, data_args: Any, training_args: TrainingArguments) -> dict:
     """Prunes the student, saves the pruned model, its processor and report; returns the report (with the
     evaluation metrics under `eval` when `--eval_file` is given)."""
+    from trainers.commands.train import build_model, load_data, load_processor, train
     from trainers.pruning import ModalAdaptivePruningTrainer
-    from trainers.run_train import build_model, load_data, load_processor, train
     from trainers.tasks import evaluate_task, task_model_from
 
     if prune_args.task not in PRUNABLE_TASKS:
@@ -171,7 +171,7 @@ def run(prune_args: PruneArguments, model_args: Any, data_args: Any, training_ar
 
 def main(argv: list[str] | None = None) -> dict:
     """`efficientvlm prune`: parses `argv` (default: `sys.argv[1:]`), prunes and saves; returns the report."""
-    from trainers.run_train import DataArguments, ModelArguments, parse_arguments
+    from trainers.commands.train import DataArguments, ModelArguments, parse_arguments
 
     parser = HfArgumentParser(
         (PruneArguments, ModelArguments, DataArguments, TrainingArguments),

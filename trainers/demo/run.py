@@ -170,7 +170,7 @@ class DemoRun:
         from transformers import BertTokenizer
 
         from modeling_efficientvlm import EfficientVLMImageProcessor, EfficientVLMProcessor
-        from trainers.demo_data import generate_demo_data, write_demo_vocab
+        from trainers.demo.corpus import generate_demo_data, write_demo_vocab
 
         s = self.settings
         self.data = generate_demo_data(
@@ -205,7 +205,7 @@ class DemoRun:
     def _train(self, name: str, task: str, model: Any, steps: int, trainer_class=None, **kwargs) -> Any:
         from transformers import Trainer
 
-        from trainers.run_train import train
+        from trainers.commands.train import train
 
         start = time.perf_counter()
         args = _training_args(self.output_dir / "runs" / name, self.settings, steps, self.seed)
@@ -238,7 +238,7 @@ class DemoRun:
 
     def distill_student(self) -> None:
         from trainers.distillation import DistillationTrainer
-        from trainers.student_init import build_student
+        from trainers.distillation.student_init import build_student
 
         torch.manual_seed(self.seed)
         self.student_pretrained = build_student(self.teacher_pretrained, *self.settings.student_layers)
@@ -314,7 +314,7 @@ class DemoRun:
             _say(f"{task} on the held-out split: {line}")
 
     def benchmark(self) -> None:
-        from trainers.benchmarking import benchmark_inputs, compare_models
+        from trainers.evaluation.benchmarking import benchmark_inputs, compare_models
 
         s = self.settings
         for task in self.tasks:
@@ -348,7 +348,7 @@ class DemoRun:
                 self.model_dirs[f"{role}_{task}"] = folder
 
     def write_report(self) -> Path:
-        from trainers.demo_report import write_plots, write_report
+        from trainers.demo.report import write_plots, write_report
 
         plots = write_plots(self.output_dir, self.histories, self.pruning_reports)
         return write_report(self, plots)

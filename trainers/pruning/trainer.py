@@ -30,9 +30,9 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .distillation import DistillationTrainer
-from .distillation_losses import DistillationConfig
-from .l0_masks import DROPRATE_INIT, HEAD_LOG_ALPHA_INIT, TEMPERATURE, SparsityLagrangian, StructureMasker
+from ..distillation.losses import DistillationConfig
+from ..distillation.trainer import DistillationTrainer
+from .hard_concrete import DROPRATE_INIT, HEAD_LOG_ALPHA_INIT, TEMPERATURE, SparsityLagrangian, StructureMasker
 
 logger = logging.get_logger(__name__)
 

@@ -129,7 +129,7 @@ def _train_dataset(args: DistillArguments, processor: Any) -> Any:
     import datasets
     from torch.utils.data import Subset
 
-    from .data import ImageTextDataset
+    from ..data import ImageTextDataset
 
     _check_data_source(args)
     if args.train_file:
@@ -155,10 +155,10 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMForPreTraining
     from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
-    from .data import PretrainingCollator
-    from .distillation import DistillationTrainer
-    from .distillation_losses import DistillationConfig
-    from .student_init import build_student
+    from ..data import PretrainingCollator
+    from ..distillation.losses import DistillationConfig
+    from ..distillation.student_init import build_student
+    from ..distillation.trainer import DistillationTrainer
 
     # Argument errors first, before any model is loaded.
     _check_data_source(args)
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             "--output_dir."
         ),
     )
-    from trainers.run_train import parse_arguments
+    from trainers.commands.train import parse_arguments
 
     distill_args, training_args = parse_arguments(parser, argv)
     run(distill_args, training_args)

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils import logging
 
-from .distillation_losses import DistillationConfig, DistillationLoss
+from .losses import DistillationConfig, DistillationLoss
 
 logger = logging.get_logger(__name__)
 

@@ -1,0 +1,1 @@
+"""Evaluation: task metrics (`metrics/`, loadable with `evaluate.load`), retrieval recall, benchmarking."""

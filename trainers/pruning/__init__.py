@@ -1,0 +1,12 @@
+"""Modal-adaptive pruning: hard-concrete masks, the sparsity Lagrangian, `ModalAdaptivePruningTrainer`."""
+
+from .hard_concrete import SparsityLagrangian, StructureMasker, random_structure_masks
+from .trainer import ModalAdaptivePruningTrainer, PruningConfig
+
+__all__ = [
+    "ModalAdaptivePruningTrainer",
+    "PruningConfig",
+    "SparsityLagrangian",
+    "StructureMasker",
+    "random_structure_masks",
+]
