@@ -15,6 +15,7 @@ Records (fields) -> items (keys):
 
 from __future__ import annotations
 
+import abc
 import io
 import json
 import os
@@ -72,15 +73,23 @@ def _resolve(path: str | os.PathLike, image_root: Path | None) -> Path:
     return path if image_root is None or path.is_absolute() else image_root / path
 
 
-class _RecordDataset(Dataset):
+class _RecordDataset(Dataset, abc.ABC):
     """
     Shared reading logic: `self.records` holds the non-image fields of every record (image paths included
     when they are strings); decoded `datasets.Image` columns are read lazily from `self.hf_dataset`.
     """
 
     image_column: str = "image"
+    text_kind: str = "texts"  # what the texts are called in warnings
 
-    def __init__(self, data: DataSource, image_root: str | os.PathLike | None = None, check_files: bool = True):
+    def __init__(
+        self,
+        data: DataSource,
+        image_root: str | os.PathLike | None = None,
+        processor: Any = None,
+        max_length: int | None = None,
+        check_files: bool = True,
+    ):
         self.image_root = Path(image_root) if image_root is not None else None
         self.hf_dataset: datasets.Dataset | None = None
         self.lazy_image_column = False
@@ -108,6 +117,11 @@ class _RecordDataset(Dataset):
                 raise ValueError(f"Record {index} has no `{self.image_column}` field (fields: {sorted(record)}).")
         if check_files and not self.lazy_image_column:
             self._check_files()
+        self.num_truncated = _report_long_texts(processor, self._parse_records(), max_length, self.text_kind)
+
+    @abc.abstractmethod
+    def _parse_records(self) -> list[str]:
+        """Validates `self.records` and fills the dataset's fields; returns the texts the collator tokenises."""
 
     def _image_values(self, index: int) -> list[Any]:
         value = self.records[index][self.image_column]
@@ -205,15 +219,9 @@ class ImageTextDataset(_RecordDataset):
         check_files: check at construction that every image file exists (FileNotFoundError names the record).
     """
 
-    def __init__(
-        self,
-        data: DataSource,
-        image_root: str | os.PathLike | None = None,
-        processor: Any = None,
-        max_length: int | None = None,
-        check_files: bool = True,
-    ):
-        super().__init__(data, image_root, check_files)
+    text_kind = "captions"
+
+    def _parse_records(self) -> list[str]:
         self.texts: list[str] = []
         self.text_to_image: list[int] = []
         self.image_to_texts: list[list[int]] = []
@@ -236,7 +244,7 @@ class ImageTextDataset(_RecordDataset):
                 self.text_to_image.append(image_id)
                 self._text_record.append(index)
                 self.texts.append(caption.strip())
-        self.num_truncated = _report_long_texts(processor, self.texts, max_length, "captions")
+        return self.texts
 
     def _image_key(self, record: dict[str, Any], index: int) -> Any:
         if record.get("image_id") is not None:
@@ -288,15 +296,9 @@ class VQADataset(_RecordDataset):
     "answer_weights": list[float], "question_id": record's question_id or the index}`.
     """
 
-    def __init__(
-        self,
-        data: DataSource,
-        image_root: str | os.PathLike | None = None,
-        processor: Any = None,
-        max_length: int | None = None,
-        check_files: bool = True,
-    ):
-        super().__init__(data, image_root, check_files)
+    text_kind = "questions"
+
+    def _parse_records(self) -> list[str]:
         self.questions: list[str] = []
         self.answers: list[list[str]] = []
         self.answer_weights: list[list[float]] = []
@@ -325,7 +327,7 @@ class VQADataset(_RecordDataset):
             self.references.append(raw)
             self.answers.append(list(merged))
             self.answer_weights.append(list(merged.values()))
-        self.num_truncated = _report_long_texts(processor, self.questions, max_length, "questions")
+        return self.questions
 
     def __len__(self) -> int:
         return len(self.records)
@@ -359,16 +361,9 @@ class NLVR2Dataset(_RecordDataset):
     """
 
     image_column = "images"
+    text_kind = "sentences"
 
-    def __init__(
-        self,
-        data: DataSource,
-        image_root: str | os.PathLike | None = None,
-        processor: Any = None,
-        max_length: int | None = None,
-        check_files: bool = True,
-    ):
-        super().__init__(data, image_root, check_files)
+    def _parse_records(self) -> list[str]:
         self.sentences: list[str] = []
         self.labels: list[int] = []
         for index, record in enumerate(self.records):
@@ -379,7 +374,7 @@ class NLVR2Dataset(_RecordDataset):
                 raise ValueError(f"Record {index}: `sentence` must be a string.")
             self.sentences.append(sentence.strip())
             self.labels.append(_parse_label(_text_field(record, ("label",), index), index))
-        self.num_truncated = _report_long_texts(processor, self.sentences, max_length, "sentences")
+        return self.sentences
 
     def __len__(self) -> int:
         return len(self.records)
