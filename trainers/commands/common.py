@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 
 @dataclass
@@ -87,7 +87,9 @@ def processor_options(model_args: ModelArguments, data_args: DataArguments) -> d
     }
 
 
-def train_task(task: str, model_args: ModelArguments, data_args: DataArguments, training_args: Any) -> dict:
+def train_task(
+    task: str, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> dict[str, float]:
     """`trainers.training.train_task_model` with the command's arguments; prints the metrics, if any."""
     from trainers.training import train_task_model
 
