@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -37,14 +40,73 @@ def test_each_subcommand_has_useful_help(command: str, expected: str, capsys) ->
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
     assert exit_info.value.code == 0
-    assert expected in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: efficientvlm {command} ")
+    assert expected in out
+
+
+def test_library_modules_never_import_the_command_line() -> None:
+    """Arrows point one way: commands -> stages (distillation, pruning, training) -> data / evaluation -> model."""
+    package = Path(__file__).resolve().parents[1] / "trainers"
+    imports_commands = re.compile(
+        r"^\s*((from|import)\s+(trainers|\.+)\.?commands\b|from\s+(trainers|\.+)\s+import\s+.*\bcommands\b)",
+        re.MULTILINE,
+    )
+    offenders = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if "commands" not in path.relative_to(package).parts and imports_commands.search(path.read_text())
+    ]
+    assert offenders == []
+
+
+def _console_script(*argv: str) -> subprocess.CompletedProcess:
+    """Runs the installed `efficientvlm` script on this checkout's code (PYTHONPATH kept, the checkout first)."""
+    script = shutil.which("efficientvlm")
+    assert script is not None, "the `efficientvlm` console script is not on PATH: install the package (README)"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([script, *argv], capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_console_script_is_installed() -> None:
-    script = shutil.which("efficientvlm")
-    assert script is not None, "the `efficientvlm` console script is not on PATH: install the package (README)"
-    completed = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    completed = _console_script("--help")
     assert completed.returncode == 0 and "usage: efficientvlm" in completed.stdout
+
+
+def test_benchmark_preset_against_randomly_pruned_copies(capsys) -> None:
+    import torch
+
+    from trainers.commands import benchmark
+
+    fast = ["--batch_size", "2", "--text_length", "8", "--warmup", "1", "--repeats", "1", "--rounds", "1"]
+    threads = torch.get_num_threads()
+    try:
+        rows = benchmark.main(["--preset", "tiny", "--random_prune", "0.35,0.5", "--num_threads", "1", *fast])
+    finally:
+        torch.set_num_threads(threads)
+    assert [row.name for row in rows] == ["unpruned", "pruned 0.35", "pruned 0.5"]
+    assert rows[0].parameters > rows[1].parameters > rows[2].parameters
+    assert rows[0].gflops > rows[1].gflops > rows[2].gflops
+    out = capsys.readouterr().out
+    assert "| pruned 0.35 |" in out and "pruned 0.5: sparsity 0.5" in out
+    for bad, message in [
+        ([], "exactly one of --models and --preset"),
+        (["--preset", "tiny", "--random_prune", "0.5,1.2"], r"\[0, 1\)"),
+        (["--models", "a", "--random_prune", "0.5"], "--preset"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            benchmark.main(bad)
+
+
+def test_console_script_runs_the_benchmark_of_randomly_pruned_copies() -> None:
+    fast = ["--batch_size", "1", "--text_length", "8", "--warmup", "0", "--repeats", "1", "--rounds", "1"]
+    completed = _console_script("benchmark", "--preset", "tiny", "--random_prune", "0.5", "--num_threads", "1", *fast)
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert lines[0].startswith("tiny, backbone forward on 1 images")
+    assert any(line.startswith("| unpruned | ") for line in lines)
+    assert any(line.startswith("| pruned 0.5 | ") for line in lines)
 
 
 def test_pretrain_finetune_evaluate_benchmark_on_files(tmp_path, capsys) -> None:

@@ -359,22 +359,3 @@ def test_prune_command_distils_prunes_and_saves(tmp_path) -> None:
         )
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         cli.main(["prune", "--task", "vqa", "--preset", "tiny", "--target_sparsity", "1.5", "--output_dir", out])
-
-
-def test_benchmark_script_smoke_run(capsys) -> None:
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_pruning.py"
-    spec = importlib.util.spec_from_file_location("benchmark_pruning", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    try:
-        rows = module.main(["--tiny", "--num_threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
-    assert [row.name for row in rows] == ["unpruned", "pruned 0.35", "pruned 0.5"]
-    assert rows[0].parameters > rows[1].parameters > rows[2].parameters
-    assert rows[0].gflops > rows[1].gflops > rows[2].gflops
-    assert "sparsity 0.35" in capsys.readouterr().out

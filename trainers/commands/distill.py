@@ -11,13 +11,14 @@ Any `TrainingArguments` option works (`--max_steps`, `--save_steps`, `--resume_f
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 from transformers.utils import logging
+
+from trainers.commands.common import parse_arguments
+from trainers.commands.common import parse_json_option as _parse_json
 
 logger = logging.get_logger(__name__)
 
@@ -101,22 +102,6 @@ def _parse_layers(args: DistillArguments) -> tuple[int, int, int]:
     if min(layers) < 1:
         raise ValueError(f"The student needs at least one layer per stack; got vision, text, fusion = {layers}.")
     return tuple(layers)
-
-
-def _parse_json(value: str | None, name: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    text = value
-    if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            text = f.read()
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--{name} is neither valid JSON nor a JSON file: {error}") from error
-    if not isinstance(parsed, dict):
-        raise ValueError(f"--{name} must be a JSON object; got {type(parsed).__name__}.")
-    return parsed
 
 
 def _check_data_source(args: DistillArguments) -> None:
@@ -209,19 +194,15 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`efficientvlm distill`: parses `argv` (default: `sys.argv[1:]`) and runs general distillation."""
-    parser = HfArgumentParser(
+    distill_args, training_args = parse_arguments(
+        "distill",
         (DistillArguments, TrainingArguments),
-        prog="efficientvlm distill",
-        description=(
-            "General distillation (EfficientVLM, arXiv 2210.07795): initialise a student with fewer layers from "
-            "the teacher's alternate layers and train it with 0.6 * (ITC + ITM + MLM) + 0.4 * KD (logits, "
-            "hidden states and attention maps of every modality). Saves the student and the processor to "
-            "--output_dir."
-        ),
+        argv,
+        "General distillation (EfficientVLM, arXiv 2210.07795): initialise a student with fewer layers from "
+        "the teacher's alternate layers and train it with 0.6 * (ITC + ITM + MLM) + 0.4 * KD (logits, "
+        "hidden states and attention maps of every modality). Saves the student and the processor to "
+        "--output_dir.",
     )
-    from trainers.commands.train import parse_arguments
-
-    distill_args, training_args = parse_arguments(parser, argv)
     run(distill_args, training_args)
 
 

@@ -1,4 +1,5 @@
-"""`efficientvlm evaluate` and `efficientvlm benchmark`."""
+"""`efficientvlm evaluate`: a saved task model's metrics on a held-out split (VQA accuracy, NLVR2 accuracy,
+recall@K, BLEU-4 / CIDEr)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
+from trainers.commands.common import parse_arguments
 from trainers.tasks import TASKS, build_dataset, evaluate_task, task_model_class
 
 
@@ -23,13 +23,11 @@ class EvaluateArguments:
     output_file: str | None = field(default=None, metadata={"help": "Write the metrics here as JSON."})
 
 
-def evaluate_main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict[str, float]:
     """Evaluates a saved task model on a JSON split and prints its metrics."""
     from modeling_efficientvlm import EfficientVLMProcessor
 
-    (args,) = HfArgumentParser(EvaluateArguments, description="Evaluate a task model.").parse_args_into_dataclasses(
-        args=argv
-    )
+    (args,) = parse_arguments("evaluate", (EvaluateArguments,), argv, "Evaluate a task model.")
     model = task_model_class(args.task).from_pretrained(args.model_name_or_path)
     processor = EfficientVLMProcessor.from_pretrained(args.model_name_or_path)
     dataset = build_dataset(args.task, args.eval_file, args.image_root, processor)
@@ -43,31 +41,5 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
-@dataclass
-class BenchmarkArguments:
-    models: list[str] = field(metadata={"help": "Saved model folders; ratios are against the first."})
-    batch_size: int = field(default=8)
-    text_length: int = field(default=30)
-    warmup: int = field(default=3)
-    repeats: int = field(default=10)
-    num_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads for the run."})
-
-
-def benchmark_main(argv: list[str] | None = None) -> list:
-    """Parameters, FLOPs and median CPU latency of saved models, side by side on the same inputs."""
-    import torch
-    from transformers import AutoModel
-
-    import modeling_efficientvlm  # noqa: F401  (registers the Auto classes)
-    from trainers.evaluation.benchmarking import benchmark_inputs, compare_models, format_table
-
-    (args,) = HfArgumentParser(
-        BenchmarkArguments, description="Benchmark the encoders (vision, text, fusion) of saved models."
-    ).parse_args_into_dataclasses(args=argv)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    models = {path: AutoModel.from_pretrained(path) for path in args.models}
-    inputs = benchmark_inputs(next(iter(models.values())).config, args.batch_size, args.text_length)
-    rows = compare_models(models, inputs, warmup=args.warmup, repeats=args.repeats)
-    print(format_table(rows))
-    return rows
+if __name__ == "__main__":
+    main()

@@ -15,14 +15,19 @@ epoch). The output folder holds the physically pruned model (`save_pretrained`),
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 from transformers.utils import logging
+
+from trainers.commands.common import (
+    DataArguments,
+    ModelArguments,
+    model_options,
+    parse_arguments,
+    processor_options,
+)
+from trainers.commands.common import parse_json_option as _parse_json
 
 logger = logging.get_logger(__name__)
 
@@ -70,19 +75,6 @@ class PruneArguments:
     )
 
 
-def _parse_json(value: str | None, name: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    text = Path(value).read_text(encoding="utf-8") if os.path.isfile(value) else value
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--{name} is neither valid JSON nor a JSON file: {error}") from error
-    if not isinstance(parsed, dict):
-        raise ValueError(f"--{name} must be a JSON object; got {type(parsed).__name__}.")
-    return parsed
-
-
 def pruning_config_from(args: PruneArguments):
     """The [`PruningConfig`] the arguments describe (raises a ValueError for bad targets)."""
     from trainers.pruning import PruningConfig
@@ -117,12 +109,14 @@ def distillation_config_from(args: PruneArguments):
     )
 
 
-def run(prune_args: PruneArguments, model_args: Any, data_args: Any, training_args: TrainingArguments) -> dict:
+def run(
+    prune_args: PruneArguments, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> dict:
     """Prunes the student, saves the pruned model, its processor and report; returns the report (with the
     evaluation metrics under `eval` when `--eval_file` is given)."""
-    from trainers.commands.train import build_model, load_data, load_processor, train
     from trainers.pruning import ModalAdaptivePruningTrainer
-    from trainers.tasks import evaluate_task, task_model_from
+    from trainers.tasks import task_model_from
+    from trainers.training import build_task_model, evaluate_and_save, load_processor, task_dataset, train
 
     if prune_args.task not in PRUNABLE_TASKS:
         raise ValueError(f"--task must be one of {PRUNABLE_TASKS}; got {prune_args.task!r}.")
@@ -132,8 +126,8 @@ def run(prune_args: PruneArguments, model_args: Any, data_args: Any, training_ar
     set_seed(training_args.seed)
 
     task = prune_args.task
-    model = build_model(task, model_args)
-    processor = load_processor(model_args, model.config, data_args.max_text_length)
+    model = build_task_model(task, **model_options(model_args))
+    processor = load_processor(model.config, **processor_options(model_args, data_args))
     teacher = None
     if prune_args.teacher_model_name_or_path is not None:
         teacher = task_model_from(task, prune_args.teacher_model_name_or_path)
@@ -141,7 +135,7 @@ def run(prune_args: PruneArguments, model_args: Any, data_args: Any, training_ar
         task,
         model,
         processor,
-        load_data(task, data_args, processor),
+        task_dataset(task, data_args.train_file, data_args.image_root, processor, data_args.dataset_path),
         training_args,
         ModalAdaptivePruningTrainer,
         teacher_model=teacher,
@@ -158,32 +152,28 @@ def run(prune_args: PruneArguments, model_args: Any, data_args: Any, training_ar
         f"{training_args.output_dir}."
     )
     if data_args.eval_file is not None:
-        answer_list = json.loads(Path(data_args.answer_list).read_text()) if data_args.answer_list else None
         pruned = trainer.accelerator.unwrap_model(trainer.model)
-        result = evaluate_task(
-            task, pruned, load_data(task, data_args, processor, "eval"), processor, answer_list=answer_list
+        eval_dataset = task_dataset(
+            task, data_args.eval_file, data_args.image_root, processor, data_args.dataset_path, split="eval"
         )
-        report = {**report, "eval": result.metrics}
-        if training_args.should_save:
-            Path(training_args.output_dir, "eval_results.json").write_text(json.dumps(result.metrics, indent=2))
+        output_dir = training_args.output_dir if training_args.should_save else None
+        metrics = evaluate_and_save(task, pruned, processor, eval_dataset, output_dir, data_args.answer_list)
+        report = {**report, "eval": metrics}
     return report
 
 
 def main(argv: list[str] | None = None) -> dict:
     """`efficientvlm prune`: parses `argv` (default: `sys.argv[1:]`), prunes and saves; returns the report."""
-    from trainers.commands.train import DataArguments, ModelArguments, parse_arguments
-
-    parser = HfArgumentParser(
+    arguments = parse_arguments(
+        "prune",
         (PruneArguments, ModelArguments, DataArguments, TrainingArguments),
-        prog="efficientvlm prune",
-        description=(
-            "Modal-adaptive pruning (EfficientVLM, arXiv 2210.07795): fine-tune a student on its task with "
-            "distillation from a task teacher while L0 masks over the attention heads and FFN neurons of the "
-            "vision, text and fusion encoders learn, under one global target sparsity, which structures to "
-            "remove; then remove them for real. The student is --model_name_or_path (or --preset)."
-        ),
+        argv,
+        "Modal-adaptive pruning (EfficientVLM, arXiv 2210.07795): fine-tune a student on its task with "
+        "distillation from a task teacher while L0 masks over the attention heads and FFN neurons of the "
+        "vision, text and fusion encoders learn, under one global target sparsity, which structures to "
+        "remove; then remove them for real. The student is --model_name_or_path (or --preset).",
     )
-    return run(*parse_arguments(parser, argv))
+    return run(*arguments)
 
 
 if __name__ == "__main__":

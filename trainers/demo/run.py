@@ -205,7 +205,7 @@ class DemoRun:
     def _train(self, name: str, task: str, model: Any, steps: int, trainer_class=None, **kwargs) -> Any:
         from transformers import Trainer
 
-        from trainers.commands.train import train
+        from trainers.training import train
 
         start = time.perf_counter()
         args = _training_args(self.output_dir / "runs" / name, self.settings, steps, self.seed)

@@ -1,0 +1,106 @@
+"""What the subcommands share: the model and data arguments of the training commands, the parser that reads
+them from the command line or a JSON file, and the JSON-option reader."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser, TrainingArguments
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Saved EfficientVLM folder (or Hub id) to start from."}
+    )
+    preset: str | None = field(
+        default=None, metadata={"help": "Start from random weights of a preset: xvlm-base, efficientvlm-small, tiny."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": 'JSON of config fields for --preset, e.g. \'{"vision_config": {"image_size": 64}}\'.'},
+    )
+    processor_name_or_path: str | None = field(
+        default=None, metadata={"help": "Processor folder; defaults to --model_name_or_path."}
+    )
+    vocab_file: str | None = field(
+        default=None, metadata={"help": "WordPiece vocab to build a processor when the model has none."}
+    )
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(default=None, metadata={"help": "X-VLM JSON file of training records."})
+    eval_file: str | None = field(default=None, metadata={"help": "X-VLM JSON file evaluated after training."})
+    image_root: str | None = field(default=None, metadata={"help": "Folder the records' image paths start from."})
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "A `datasets` folder (save_to_disk) instead of --train_file."}
+    )
+    answer_list: str | None = field(default=None, metadata={"help": "VQA: JSON list of candidate answers."})
+    max_text_length: int | None = field(default=None, metadata={"help": "Token limit of texts (default: model's)."})
+
+
+def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None, description: str) -> tuple:
+    """Parses `argv` (default `sys.argv[1:]`), or the JSON file it names alone, into `dataclass_types` with the
+    parser of `efficientvlm <command>` (so its usage line names the subcommand)."""
+    parser = HfArgumentParser(dataclass_types, prog=f"efficientvlm {command}", description=description)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def parse_json_option(value: str | None, name: str) -> dict[str, Any]:
+    """The JSON object given inline or as a file to `--<name>` ({} when not given)."""
+    if value is None:
+        return {}
+    text = Path(value).read_text(encoding="utf-8") if os.path.isfile(value) else value
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--{name} is neither valid JSON nor a JSON file: {error}") from error
+    if not isinstance(parsed, dict):
+        raise ValueError(f"--{name} must be a JSON object; got {type(parsed).__name__}.")
+    return parsed
+
+
+def model_options(model_args: ModelArguments) -> dict[str, Any]:
+    """`ModelArguments` as the keyword arguments of `trainers.training.build_task_model`."""
+    return {
+        "model_name_or_path": model_args.model_name_or_path,
+        "preset": model_args.preset,
+        "config_overrides": parse_json_option(model_args.config_overrides, "config_overrides"),
+    }
+
+
+def processor_options(model_args: ModelArguments, data_args: DataArguments) -> dict[str, Any]:
+    """The keyword arguments of `trainers.training.load_processor` (after the config)."""
+    return {
+        "processor_name_or_path": model_args.processor_name_or_path or model_args.model_name_or_path,
+        "vocab_file": model_args.vocab_file,
+        "max_text_length": data_args.max_text_length,
+    }
+
+
+def train_task(
+    task: str, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> dict[str, float]:
+    """`trainers.training.train_task_model` with the command's arguments; prints the metrics, if any."""
+    from trainers.training import train_task_model
+
+    metrics = train_task_model(
+        task,
+        training_args,
+        **model_options(model_args),
+        processor_name_or_path=model_args.processor_name_or_path,
+        vocab_file=model_args.vocab_file,
+        **asdict(data_args),
+    )
+    if metrics:
+        print(json.dumps(metrics, indent=2))
+    return metrics

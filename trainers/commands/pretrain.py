@@ -1,0 +1,26 @@
+"""`efficientvlm pretrain`: ITC + ITM + MLM pre-training with the stock `transformers.Trainer`.
+
+Starts from a preset (`--preset xvlm-base`, `efficientvlm-small`, `tiny`) or a saved model; every
+`TrainingArguments` option works (`--help` lists them); `main(["config.json"])` reads all arguments from a JSON file.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainingArguments
+
+from trainers.commands.common import DataArguments, ModelArguments, parse_arguments, train_task
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """`efficientvlm pretrain`: parses `argv` (default: `sys.argv[1:]`), pre-trains and saves the model."""
+    model_args, data_args, training_args = parse_arguments(
+        "pretrain",
+        (ModelArguments, DataArguments, TrainingArguments),
+        argv,
+        "Pre-train an EfficientVLM / X-VLM model: ITC, ITM, MLM.",
+    )
+    return train_task("pretraining", model_args, data_args, training_args)
+
+
+if __name__ == "__main__":
+    main()

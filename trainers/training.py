@@ -1,0 +1,157 @@
+"""Training a task model with the stock `transformers.Trainer` (or a subclass): the loop every stage shares.
+
+The command line (`efficientvlm pretrain / finetune / prune`) and the demo call these functions; they take plain
+parameters, never argument dataclasses, so a script uses them just as well:
+
+    model = build_task_model("vqa", preset="tiny")
+    processor = load_processor(model.config, vocab_file="vocab.txt")
+    train("vqa", model, processor, task_dataset("vqa", "vqa_train.json", "images/", processor), training_args)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainingArguments
+
+from trainers.tasks import build_collator, build_dataset, evaluate_task, save_with_processor, task_model_from
+
+
+def build_task_model(
+    task: str,
+    model_name_or_path: str | os.PathLike | None = None,
+    preset: str | None = None,
+    config_overrides: dict[str, Any] | None = None,
+) -> Any:
+    """A `task` model from a saved folder (or Hub id), or with random weights from a preset (whose config fields
+    `config_overrides` replaces); exactly one of the two."""
+    from modeling_efficientvlm import EfficientVLMConfig
+    from trainers.tasks import task_model_class
+
+    if (model_name_or_path is None) == (preset is None):
+        raise ValueError("Give exactly one of --model_name_or_path and --preset.")
+    if preset is not None:
+        return task_model_class(task)(EfficientVLMConfig.from_preset(preset, **(config_overrides or {})))
+    return task_model_from(task, model_name_or_path)
+
+
+def load_processor(
+    config: Any,
+    processor_name_or_path: str | os.PathLike | None = None,
+    vocab_file: str | os.PathLike | None = None,
+    max_text_length: int | None = None,
+) -> Any:
+    """The processor saved at `processor_name_or_path`, or one built from a WordPiece `vocab_file` for the image
+    size of `config`."""
+    from transformers import BertTokenizer
+
+    from modeling_efficientvlm import EfficientVLMImageProcessor, EfficientVLMProcessor
+
+    if vocab_file is None:
+        if processor_name_or_path is None:
+            raise ValueError("No processor: give --processor_name_or_path or --vocab_file.")
+        processor = EfficientVLMProcessor.from_pretrained(processor_name_or_path)
+    else:
+        size = config.vision_config.image_size
+        processor = EfficientVLMProcessor(
+            EfficientVLMImageProcessor(size={"height": size, "width": size}),
+            BertTokenizer(vocab=str(vocab_file), do_lower_case=True),
+            max_length=max_text_length or config.max_text_length,
+        )
+    if max_text_length is not None:
+        processor.max_length = max_text_length
+    return processor
+
+
+def task_dataset(
+    task: str,
+    data: Any,
+    image_root: str | os.PathLike | None,
+    processor: Any,
+    dataset_path: str | os.PathLike | None = None,
+    split: str = "train",
+) -> Any:
+    """The `task` dataset over `data` (an X-VLM JSON file or records), or over the `split` of the `datasets`
+    folder `dataset_path` (saved with `save_to_disk`) when one is given."""
+    if dataset_path is not None:
+        import datasets
+
+        data = datasets.load_from_disk(dataset_path)
+        data = data[split] if isinstance(data, datasets.DatasetDict) else data
+    elif data is None:
+        raise ValueError(f"Give --{split}_file (or --dataset_path) for the {task} data.")
+    return build_dataset(task, data, image_root, processor)
+
+
+def train(
+    task: str,
+    model: Any,
+    processor: Any,
+    train_dataset: Any,
+    training_args: TrainingArguments,
+    trainer_class: type[Trainer] = Trainer,
+    **trainer_kwargs: Any,
+) -> Trainer:
+    """Trains `model` on `train_dataset` with the task's collator; our datasets yield raw items, so columns
+    are never dropped."""
+    training_args.remove_unused_columns = False
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=build_collator(task, processor),
+        **trainer_kwargs,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    return trainer
+
+
+def evaluate_and_save(
+    task: str,
+    model: Any,
+    processor: Any,
+    eval_dataset: Any,
+    output_dir: str | os.PathLike | None,
+    answer_list: str | os.PathLike | None = None,
+) -> dict[str, float]:
+    """The task metrics of `model` on `eval_dataset`, also written to `output_dir/eval_results.json` (unless
+    `output_dir` is None); `answer_list` is a VQA JSON list of candidate answers."""
+    answers = json.loads(Path(answer_list).read_text()) if answer_list else None
+    metrics = evaluate_task(task, model, eval_dataset, processor, answer_list=answers).metrics
+    if output_dir is not None:
+        Path(output_dir, "eval_results.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def train_task_model(
+    task: str,
+    training_args: TrainingArguments,
+    *,
+    model_name_or_path: str | os.PathLike | None = None,
+    preset: str | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    processor_name_or_path: str | os.PathLike | None = None,
+    vocab_file: str | os.PathLike | None = None,
+    train_file: Any = None,
+    eval_file: Any = None,
+    image_root: str | os.PathLike | None = None,
+    dataset_path: str | os.PathLike | None = None,
+    answer_list: str | os.PathLike | None = None,
+    max_text_length: int | None = None,
+) -> dict[str, float]:
+    """Builds, trains and saves a `task` model with its processor (the model's own unless
+    `processor_name_or_path` or `vocab_file` says otherwise) to `training_args.output_dir`; evaluates it on
+    `eval_file` when one is given (not for pre-training) and returns the metrics (empty without)."""
+    model = build_task_model(task, model_name_or_path, preset, config_overrides)
+    processor = load_processor(
+        model.config, processor_name_or_path or model_name_or_path, vocab_file, max_text_length=max_text_length
+    )
+    train(task, model, processor, task_dataset(task, train_file, image_root, processor, dataset_path), training_args)
+    save_with_processor(model, processor, training_args.output_dir)
+    if eval_file is None or task == "pretraining":
+        return {}
+    eval_dataset = task_dataset(task, eval_file, image_root, processor, dataset_path, split="eval")
+    return evaluate_and_save(task, model, processor, eval_dataset, training_args.output_dir, answer_list)
