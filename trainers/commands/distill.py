@@ -73,7 +73,7 @@ class DistillArguments:
     )
     mlm_probability: float = field(default=0.25, metadata={"help": "Fraction of tokens masked for MLM."})
     max_masks: int = field(default=8, metadata={"help": "At most this many masked tokens per text."})
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the logit KD terms."})
+    kd_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the logit KD terms."})
     task_weight: float = field(default=0.6, metadata={"help": "Weight of the student's ITC + ITM + MLM loss."})
     kd_weight: float = field(default=0.4, metadata={"help": "Weight of the sum of the weighted KD terms."})
     kd_term_weights: str | None = field(
@@ -156,7 +156,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
     from ..data import PretrainingCollator
-    from ..distillation.losses import DistillationConfig
+    from ..distillation.objective import DistillationConfig
     from ..distillation.student_init import build_student
     from ..distillation.trainer import DistillationTrainer
 
@@ -166,7 +166,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     layer_mapping = _parse_json(args.layer_mapping, "layer_mapping")
     distillation_config = DistillationConfig.from_dict(
         {
-            "temperature": args.temperature,
+            "kd_temperature": args.kd_temperature,
             "task_weight": args.task_weight,
             "kd_weight": args.kd_weight,
             **{f"{stack}_layer_mapping": mapping for stack, mapping in layer_mapping.items()},

@@ -24,9 +24,9 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.utils import logging
 
-logger = logging.get_logger(__name__)
+from trainers.tasks import PRUNABLE_TASKS
 
-PRUNABLE_TASKS = ("retrieval", "vqa", "nlvr2", "captioning")
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -58,7 +58,7 @@ class PruneArguments:
         default=False,
         metadata={"help": "Keep surviving units at weight 1 instead of folding their mask score into the weights."},
     )
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the logit KD terms."})
+    kd_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the logit KD terms."})
     task_weight: float = field(default=0.6, metadata={"help": "Weight of the student's task loss."})
     kd_weight: float = field(default=0.4, metadata={"help": "Weight of the sum of the weighted KD terms."})
     kd_term_weights: str | None = field(
@@ -101,7 +101,7 @@ def pruning_config_from(args: PruneArguments):
 
 def distillation_config_from(args: PruneArguments):
     """The [`DistillationConfig`] of the task-distillation terms, or None without a teacher."""
-    from trainers.distillation.losses import DistillationConfig
+    from trainers.distillation.objective import DistillationConfig
 
     if args.teacher_model_name_or_path is None:
         if args.kd_term_weights is not None:
@@ -109,7 +109,7 @@ def distillation_config_from(args: PruneArguments):
         return None
     return DistillationConfig.from_dict(
         {
-            "temperature": args.temperature,
+            "kd_temperature": args.kd_temperature,
             "task_weight": args.task_weight,
             "kd_weight": args.kd_weight,
             **_parse_json(args.kd_term_weights, "kd_term_weights"),
