@@ -416,31 +416,6 @@ class DistillationLoss(nn.Module):
             )
             _add(terms, "kd_fusion_cross_attn", value)
 
-    def _encoder_pass(
-        self,
-        terms: dict[str, torch.Tensor],
-        kd: EncoderKD,
-        student_outputs: Any,
-        teacher_outputs: Any,
-        attention_mask: torch.Tensor | None,
-    ) -> None:
-        student, teacher = getattr(student_outputs, kd.field, None), getattr(teacher_outputs, kd.field, None)
-        if student is None or teacher is None:
-            return
-        if kd.mask is None:
-            self._encoder_terms(terms, kd, student, teacher, None)
-        elif kd.mask == "text":
-            self._encoder_terms(terms, kd, student, teacher, attention_mask)
-        else:
-            itm_mask = _itm_attention_mask(attention_mask, student_outputs, student)
-            if itm_mask is None:
-                self._encoder_terms(terms, kd, student, teacher, _text_mask(attention_mask, student))
-                return
-            # ITM pairs: the positives and the negatives are two terms each, as in the official code.
-            batch = attention_mask.shape[0]
-            for rows in (slice(0, batch), slice(batch, None)):
-                self._encoder_terms(terms, kd, student, teacher, itm_mask, rows=rows)
-
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -472,12 +447,32 @@ class DistillationLoss(nn.Module):
             if student is not None and teacher is not None:
                 terms["kd_itc"] = self.itc_loss(student, teacher)
         for kd in spec.encoders:
-            self._encoder_pass(terms, kd, student_outputs, teacher_outputs, attention_mask)
+            student, teacher = getattr(student_outputs, kd.field, None), getattr(teacher_outputs, kd.field, None)
+            if student is None or teacher is None:
+                continue
+            for mask, rows in _pass_masks(kd, attention_mask, student_outputs, student):
+                self._encoder_terms(terms, kd, student, teacher, mask, rows)
         return terms
 
 
 def _add(terms: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
     terms[name] = value if name not in terms else terms[name] + value
+
+
+def _pass_masks(
+    kd: EncoderKD, attention_mask: torch.Tensor | None, outputs: Any, encoder_output: Any
+) -> list[tuple[torch.Tensor | None, slice | None]]:
+    """(padding mask, rows) of each term of an encoder pass; ITM pairs give a positive and a negative term,
+    as in the official code."""
+    if kd.mask is None:
+        return [(None, None)]
+    if kd.mask == "text":
+        return [(attention_mask, None)]
+    itm_mask = _itm_attention_mask(attention_mask, outputs, encoder_output)
+    if itm_mask is None:
+        return [(_text_mask(attention_mask, encoder_output), None)]
+    batch = attention_mask.shape[0]
+    return [(itm_mask, slice(0, batch)), (itm_mask, slice(batch, None))]
 
 
 def _text_mask(attention_mask: torch.Tensor | None, encoder_output: Any) -> torch.Tensor | None:
