@@ -47,7 +47,7 @@ def write_model_card(
         "",
         f"# EfficientVLM {role} for {task}",
         "",
-        f"An X-VLM-style vision-language model ({role}) fine-tuned for **{task}** ({spec.card_description}), "
+        f"An X-VLM-style vision-language model ({role}) for **{task}** ({spec.card_description}), "
         f"made with [EfficientVLM]({PAPER}): knowledge distillation and modal-adaptive pruning.",
         "",
         "```python",

@@ -26,7 +26,15 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from trainers.tasks import DEFAULT_DEMO_TASKS, DEMO_TASKS, task_spec
+from trainers.tasks import (
+    DEFAULT_DEMO_TASKS,
+    DEMO_TASKS,
+    build_dataset,
+    evaluate_task,
+    save_with_processor,
+    task_model_from,
+    task_spec,
+)
 
 
 @dataclass
@@ -196,8 +204,6 @@ class DemoRun:
         self.stats = json.loads(Path(self.data.stats).read_text())
 
     def _dataset(self, task: str, split: str):
-        from trainers.tasks import build_dataset
-
         # The corpus writes `pretrain` and `<task>_<split>` for every demo task.
         data = self.data.pretrain if task == "pretraining" else getattr(self.data, f"{task}_{split}")
         return build_dataset(task, data, self.data.image_root, self.processor)
@@ -227,8 +233,6 @@ class DemoRun:
         self._train("teacher_pretrain", "pretraining", self.teacher_pretrained, self.settings.pretrain_steps)
 
     def finetune_teachers(self) -> None:
-        from trainers.tasks import task_model_from
-
         self.teachers = {}
         for task in self.tasks:
             torch.manual_seed(self.seed)
@@ -254,7 +258,6 @@ class DemoRun:
     def finetune_and_prune_students(self) -> None:
         from trainers.distillation import DistillationConfig, DistillationTrainer
         from trainers.pruning import ModalAdaptivePruningTrainer, PruningConfig
-        from trainers.tasks import task_model_from
 
         self.students, self.pruned = {}, {}
         for task in self.tasks:
@@ -296,8 +299,6 @@ class DemoRun:
             _say(f"pruned_{task}: sparsity {report['sparsity']:.3f} (target {self.settings.target_sparsity}); {split}")
 
     def evaluate(self) -> None:
-        from trainers.tasks import evaluate_task
-
         for task in self.tasks:
             dataset = self._dataset(task, "test")
             self.metrics[task] = {}
@@ -329,7 +330,6 @@ class DemoRun:
     # -- outputs ------------------------------------------------------------------------------------------
     def save_models(self) -> None:
         from trainers.model_card import write_model_card
-        from trainers.tasks import save_with_processor
 
         self.model_dirs = {}
         for task in self.tasks:
