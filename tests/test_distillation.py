@@ -653,3 +653,5 @@ def test_run_distill_end_to_end(tmp_path) -> None:
         main([*bad, *json_data, "--student_layers", "1,1,1", "--num_text_layers", "0"])
     with pytest.raises(ValueError, match="exactly one of --train_file, --dataset_path"):
         main([*bad, *json_data, "--dataset_path", str(tmp_path / "hf")])
+    with pytest.raises(ValueError, match="`kd_temperature` must be positive"):
+        main([*bad, *json_data, "--kd_temperature", "0"])
