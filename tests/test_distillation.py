@@ -13,15 +13,9 @@ from transformers import TrainingArguments
 
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining, EfficientVLMModel
 from trainers.distillation import DistillationTrainer
-from trainers.distillation.losses import (
-    DistillationConfig,
-    DistillationLoss,
-    attention_mse,
-    default_layer_mapping,
-    hidden_state_mse,
-    itc_distillation,
-    soft_cross_entropy,
-)
+from trainers.distillation.layer_mapping import default_layer_mapping
+from trainers.distillation.losses import attention_mse, hidden_state_mse, itc_distillation, soft_cross_entropy
+from trainers.distillation.objective import DistillationConfig, DistillationLoss, LogitKD
 from trainers.distillation.student_init import build_student, init_student_from_teacher, make_student_config
 
 from .conftest import make_inputs
@@ -361,6 +355,41 @@ def test_kd_terms_are_zero_for_the_teacher_itself_and_positive_for_a_student() -
     torch.testing.assert_close(combined, manual)
 
 
+def test_an_output_field_the_kd_spec_does_not_declare_raises() -> None:
+    from trainers.distillation.objective import KDSpec
+    from trainers.tasks import task_spec
+
+    teacher = _teacher()
+    inputs = _mlm_inputs(teacher.config)
+    with torch.no_grad():
+        outputs = teacher(**inputs)
+    spec = task_spec("pretraining").kd
+    # The pre-training spec without its MLM-logit term: the MLM logits would silently go undistilled.
+    partial = KDSpec(
+        logits=tuple(kd for kd in spec.logits if kd.field != "mlm_logits"),
+        similarity=spec.similarity,
+        encoders=spec.encoders,
+        not_distilled=spec.not_distilled,
+    )
+    loss = DistillationLoss(DistillationConfig(), spec=partial)
+    with pytest.raises(ValueError, match=r"EfficientVLMForPreTrainingOutput has field\(s\) \['mlm_logits'\]"):
+        loss(outputs, outputs, inputs["attention_mask"], inputs["mlm_labels"])
+    with pytest.raises(ValueError, match="`term` must be one of"):
+        LogitKD("logits", "answer_logit")
+
+
+def test_every_task_spec_resolves_and_a_model_of_no_task_gets_no_kd(tmp_path) -> None:
+    from trainers.tasks import TASK_SPECS, task_of_model
+
+    for name, spec in TASK_SPECS.items():
+        assert spec.model_class.__name__ == spec.model_class_name and spec.dataset_class and spec.collator_class
+        assert (spec.evaluate is None) == (name == "pretraining") == (spec.primary_metric is None)
+    assert task_of_model(_teacher()).name == "pretraining"
+    bare = EfficientVLMModel(_config())
+    with pytest.raises(ValueError, match="EfficientVLMModel is the model of no registered task"):
+        DistillationTrainer(model=bare, args=_args(tmp_path), teacher_model=EfficientVLMModel(_config()))
+
+
 def _task_case(name: str, config: EfficientVLMConfig):
     """(model class, inputs) of a task model, or a skip when that model is not there."""
     import importlib
@@ -624,3 +653,5 @@ def test_run_distill_end_to_end(tmp_path) -> None:
         main([*bad, *json_data, "--student_layers", "1,1,1", "--num_text_layers", "0"])
     with pytest.raises(ValueError, match="exactly one of --train_file, --dataset_path"):
         main([*bad, *json_data, "--dataset_path", str(tmp_path / "hf")])
+    with pytest.raises(ValueError, match="`kd_temperature` must be positive"):
+        main([*bad, *json_data, "--kd_temperature", "0"])

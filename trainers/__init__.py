@@ -20,7 +20,7 @@ from typing import Any
 
 _LAZY = {
     "DistillationTrainer": "trainers.distillation.trainer",
-    "DistillationConfig": "trainers.distillation.losses",
+    "DistillationConfig": "trainers.distillation.objective",
     "build_student": "trainers.distillation.student_init",
     "ModalAdaptivePruningTrainer": "trainers.pruning.trainer",
     "PruningConfig": "trainers.pruning.trainer",

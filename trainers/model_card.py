@@ -7,14 +7,9 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from trainers.tasks import task_spec
+
 PAPER = "https://arxiv.org/abs/2210.07795"
-AUTO_CLASS = {
-    "pretraining": "AutoModelForPreTraining",
-    "retrieval": "AutoModelForZeroShotImageClassification",
-    "vqa": "AutoModelForVisualQuestionAnswering",
-    "nlvr2": "AutoModelForSequenceClassification",
-    "captioning": "AutoModelForImageTextToText",
-}
 
 
 def _sparsity_lines(report: dict[str, Any]) -> list[str]:
@@ -37,11 +32,13 @@ def write_model_card(
     pruning_report: dict[str, Any] | None = None,
 ) -> ModelCard:
     """Writes `README.md` in `folder`: what the model is, its metrics, size and speed, and (for a pruned
-    model) the sparsity the method chose for each modality."""
+    model) the sparsity the method chose for each modality. The task's facts (Auto class, pipeline tag,
+    wording) come from the task registry."""
+    spec = task_spec(task)
     data = ModelCardData(
         library_name="transformers",
         tags=["efficientvlm", "vision-language", "knowledge-distillation", "pruning", task],
-        pipeline_tag="visual-question-answering" if task == "vqa" else None,
+        pipeline_tag=spec.pipeline_tag,
     )
     lines = [
         "---",
@@ -50,13 +47,13 @@ def write_model_card(
         "",
         f"# EfficientVLM {role} for {task}",
         "",
-        f"An X-VLM-style vision-language model ({role}) fine-tuned for **{task}**, made with "
-        f"[EfficientVLM]({PAPER}): knowledge distillation and modal-adaptive pruning.",
+        f"An X-VLM-style vision-language model ({role}) for **{task}** ({spec.card_description}), "
+        f"made with [EfficientVLM]({PAPER}): knowledge distillation and modal-adaptive pruning.",
         "",
         "```python",
-        f"from transformers import AutoProcessor, {AUTO_CLASS[task]}",
+        f"from transformers import AutoProcessor, {spec.auto_class}",
         "",
-        f'model = {AUTO_CLASS[task]}.from_pretrained("<this repo>", trust_remote_code=True)',
+        f'model = {spec.auto_class}.from_pretrained("<this repo>", trust_remote_code=True)',
         'processor = AutoProcessor.from_pretrained("<this repo>", trust_remote_code=True)',
         "```",
         "",

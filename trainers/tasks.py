@@ -1,39 +1,262 @@
-"""One place that knows, for each task, its model class, dataset, collator and evaluation routine.
+"""The task registry: one [`TaskSpec`] per task holds every fact about it (model, dataset, collator,
+evaluation routine, primary metric, model-card facts, whether it is prunable, demo defaults, and what
+distillation does with its model's outputs).
 
-The command-line stages (`finetune`, `prune`, `evaluate`, `demo`) all go through this table, so a task
-behaves the same whichever stage runs it.
+Every stage (`finetune`, `distill`, `prune`, `evaluate`, `demo`, the Trainers, model cards) reads these facts
+from here, so a task behaves the same whichever stage runs it, and a new task is one new entry.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-TASKS = ("pretraining", "retrieval", "vqa", "nlvr2", "captioning")
+from trainers.distillation.objective import EncoderKD, KDSpec, LogitKD
+from trainers.evaluation.tasks import (
+    EvaluationOptions,
+    EvaluationResult,
+    evaluate_captioning,
+    evaluate_nlvr2,
+    evaluate_retrieval,
+    evaluate_vqa,
+)
 
 
-def _check_task(task: str) -> None:
-    if task not in TASKS:
+@dataclass(frozen=True)
+class DemoDefaults:
+    """How `efficientvlm demo` runs a task: optimizer steps per stage, and whether a default run includes it."""
+
+    finetune_steps: int
+    student_finetune_steps: int
+    prune_steps: int
+    in_default_run: bool = True
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """
+    Everything the stages need to know about one task.
+
+    Args:
+        name: the task's name on the command line.
+        model_class_name: its `PreTrainedModel` class in `modeling_efficientvlm` (resolved lazily).
+        dataset_class_name, collator_class_name: its dataset and collator classes in `trainers.data`.
+        evaluate: its evaluation routine (`trainers.evaluation.tasks`), or None (no evaluation).
+        primary_metric, primary_metric_label: the metric key the demo and reports compare, and how to say it.
+        auto_class: the `transformers` Auto class that loads a saved model (for model cards).
+        pipeline_tag: the Hub pipeline tag of its model cards, or None.
+        card_description: what the model does, in a model card's words.
+        prunable: whether `efficientvlm prune` accepts it.
+        demo: its demo defaults, or None when the demo does not run it.
+        kd: what distillation does with each field of its model's outputs ([`KDSpec`]).
+    """
+
+    name: str
+    model_class_name: str
+    dataset_class_name: str
+    collator_class_name: str
+    evaluate: Callable[..., EvaluationResult] | None
+    primary_metric: str | None
+    primary_metric_label: str | None
+    auto_class: str
+    pipeline_tag: str | None
+    card_description: str
+    prunable: bool
+    kd: KDSpec
+    demo: DemoDefaults | None = None
+
+    @property
+    def model_class(self) -> type:
+        import modeling_efficientvlm
+
+        return getattr(modeling_efficientvlm, self.model_class_name)
+
+    @property
+    def dataset_class(self) -> type:
+        from trainers import data
+
+        return getattr(data, self.dataset_class_name)
+
+    @property
+    def collator_class(self) -> type:
+        from trainers import data
+
+        return getattr(data, self.collator_class_name)
+
+
+# -- what distillation reads from each task model's outputs -----------------------------------------------------
+VISION_KD = EncoderKD("vision_output", group="vision", stack="vision")
+TEXT_KD = EncoderKD("text_output", group="text", stack="text", mask="text")
+# Fields that are never distilled: the losses, ITM labels and sampled negatives, the ITC embeddings (their
+# similarities are).
+MATCHING_FIELDS = (
+    "loss_itc",
+    "loss_itm",
+    "itm_labels",
+    "negative_text_index",
+    "negative_image_index",
+    "image_embeds",
+    "text_embeds",
+)
+
+PRETRAINING_KD = KDSpec(
+    logits=(LogitKD("itm_logits", "itm_logit"), LogitKD("mlm_logits", "mlm_logit", rows="mlm_labels")),
+    similarity="logits_per_image",
+    encoders=(
+        VISION_KD,
+        TEXT_KD,
+        # The ITM passes: positives and negatives, two terms each, as officially.
+        EncoderKD("itm_fusion_output", group="fusion", stack="fusion", mask="itm_pairs"),
+        # The MLM pass: the text layers on the masked text, then the fusion layers (whose input, the last
+        # text state, the text pass already matches).
+        EncoderKD("mlm_text_output", group="text", stack="text", mask="text"),
+        EncoderKD("mlm_fusion_output", group="fusion", stack="fusion", mask="text", match_input=False),
+    ),
+    not_distilled=("loss", "loss_mlm", "loss_bbox", "loss_giou", *MATCHING_FIELDS),
+)
+RETRIEVAL_KD = KDSpec(
+    logits=(LogitKD("itm_logits", "itm_logit"),),
+    similarity="logits_per_image",
+    encoders=(VISION_KD, TEXT_KD, EncoderKD("fusion_output", group="fusion", stack="fusion", mask="itm_pairs")),
+    # `logits` are the ITM logits again: distilled once, as `itm_logits`.
+    not_distilled=("loss", "logits", *MATCHING_FIELDS),
+)
+FUSION_KD = EncoderKD("fusion_output", group="fusion", stack="fusion", mask="text")
+VQA_KD = KDSpec(
+    # The answer decoder's logits on the given answers (all positions, as the official task KD).
+    logits=(LogitKD("logits", "task_logit"),),
+    encoders=(VISION_KD, TEXT_KD, FUSION_KD),
+    # The answer decoder's states: its logits carry its KD.
+    not_distilled=("loss", "decoder_output"),
+)
+NLVR2_KD = KDSpec(
+    logits=(LogitKD("logits", "task_logit", rows="labels"),),
+    # Twin fusion layers (one per image) map pair to pair.
+    encoders=(VISION_KD, TEXT_KD, FUSION_KD),
+    not_distilled=("loss",),
+)
+CAPTIONING_KD = KDSpec(
+    logits=(LogitKD("logits", "task_logit", rows="next_token_labels"),),
+    # Captioning runs the whole BERT stack (text, then fusion layers) causally as its `text_output`.
+    encoders=(VISION_KD, EncoderKD("text_output", group="text", stack="multimodal", mask="text")),
+    not_distilled=("loss",),
+)
+
+# -- the registry (order: pre-training, then the downstream tasks in the demo's order) ----------------------------
+TASK_SPECS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec(
+            name="pretraining",
+            model_class_name="EfficientVLMForPreTraining",
+            dataset_class_name="ImageTextDataset",
+            collator_class_name="PretrainingCollator",
+            evaluate=None,
+            primary_metric=None,
+            primary_metric_label=None,
+            auto_class="AutoModelForPreTraining",
+            pipeline_tag=None,
+            card_description="vision-language pre-training: image-text contrast (ITC), matching (ITM) and masked "
+            "language modelling (MLM)",
+            prunable=False,
+            kd=PRETRAINING_KD,
+        ),
+        TaskSpec(
+            name="vqa",
+            model_class_name="EfficientVLMForQuestionAnswering",
+            dataset_class_name="VQADataset",
+            collator_class_name="VQACollator",
+            evaluate=evaluate_vqa,
+            primary_metric="vqa_accuracy",
+            primary_metric_label="VQA accuracy",
+            auto_class="AutoModelForVisualQuestionAnswering",
+            pipeline_tag="visual-question-answering",
+            card_description="visual question answering: an answer decoder ranks the candidate answers",
+            prunable=True,
+            kd=VQA_KD,
+            demo=DemoDefaults(finetune_steps=700, student_finetune_steps=500, prune_steps=450),
+        ),
+        TaskSpec(
+            name="retrieval",
+            model_class_name="EfficientVLMForImageTextRetrieval",
+            dataset_class_name="ImageTextDataset",
+            collator_class_name="ImageTextCollator",
+            evaluate=evaluate_retrieval,
+            primary_metric="r_mean",
+            primary_metric_label="mean recall (text and image retrieval, R@1/5/10)",
+            auto_class="AutoModelForZeroShotImageClassification",
+            pipeline_tag=None,
+            card_description="image-text retrieval: contrastive candidates re-ranked by image-text matching",
+            prunable=True,
+            kd=RETRIEVAL_KD,
+            demo=DemoDefaults(finetune_steps=180, student_finetune_steps=120, prune_steps=250),
+        ),
+        TaskSpec(
+            name="nlvr2",
+            model_class_name="EfficientVLMForVisualReasoning",
+            dataset_class_name="NLVR2Dataset",
+            collator_class_name="NLVR2Collator",
+            evaluate=evaluate_nlvr2,
+            primary_metric="nlvr2_accuracy",
+            primary_metric_label="NLVR2 accuracy",
+            auto_class="AutoModelForSequenceClassification",
+            pipeline_tag=None,
+            card_description="visual reasoning (NLVR2): whether a sentence is true of a pair of images",
+            prunable=True,
+            kd=NLVR2_KD,
+            demo=DemoDefaults(finetune_steps=400, student_finetune_steps=300, prune_steps=300, in_default_run=False),
+        ),
+        TaskSpec(
+            name="captioning",
+            model_class_name="EfficientVLMForConditionalGeneration",
+            dataset_class_name="ImageTextDataset",
+            collator_class_name="CaptioningCollator",
+            evaluate=evaluate_captioning,
+            primary_metric="CIDEr",
+            primary_metric_label="CIDEr",
+            auto_class="AutoModelForImageTextToText",
+            pipeline_tag=None,
+            card_description="image captioning",
+            prunable=True,
+            kd=CAPTIONING_KD,
+        ),
+    )
+}
+
+TASKS = tuple(TASK_SPECS)
+PRUNABLE_TASKS = tuple(name for name, spec in TASK_SPECS.items() if spec.prunable)
+DEMO_TASKS = tuple(name for name, spec in TASK_SPECS.items() if spec.demo is not None)
+DEFAULT_DEMO_TASKS = tuple(name for name in DEMO_TASKS if TASK_SPECS[name].demo.in_default_run)
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The [`TaskSpec`] of `task` (a `ValueError` naming the tasks for an unknown one)."""
+    if task not in TASK_SPECS:
         raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}.")
+    return TASK_SPECS[task]
+
+
+def task_of_model(model: Any) -> TaskSpec:
+    """The [`TaskSpec`] whose model class `model` is (by class name, so remote-code classes match too)."""
+    for cls in type(model).__mro__:
+        for spec in TASK_SPECS.values():
+            if spec.model_class_name == cls.__name__:
+                return spec
+    known = [spec.model_class_name for spec in TASK_SPECS.values()]
+    raise ValueError(
+        f"{type(model).__name__} is the model of no registered task (known: {known}); add a `TaskSpec` with its "
+        "KD spec to trainers/tasks.py to distil it."
+    )
 
 
 def task_model_class(task: str) -> type:
     """The `PreTrainedModel` class of `task`."""
-    _check_task(task)
-    import modeling_efficientvlm as mv
-
-    return {
-        "pretraining": mv.EfficientVLMForPreTraining,
-        "retrieval": mv.EfficientVLMForImageTextRetrieval,
-        "vqa": mv.EfficientVLMForQuestionAnswering,
-        "nlvr2": mv.EfficientVLMForVisualReasoning,
-        "captioning": mv.EfficientVLMForConditionalGeneration,
-    }[task]
+    return task_spec(task).model_class
 
 
 def task_model_from(task: str, source: Any) -> Any:
@@ -75,40 +298,12 @@ def task_model_from(task: str, source: Any) -> Any:
 
 def build_dataset(task: str, data: Any, image_root: str | os.PathLike | None, processor: Any = None):
     """The dataset of `task` over an X-VLM JSON file, a list of records or a `datasets.Dataset`."""
-    _check_task(task)
-    from trainers.data import ImageTextDataset, NLVR2Dataset, VQADataset
-
-    dataset_class = {"vqa": VQADataset, "nlvr2": NLVR2Dataset}.get(task, ImageTextDataset)
-    return dataset_class(data, image_root=image_root, processor=processor)
+    return task_spec(task).dataset_class(data, image_root=image_root, processor=processor)
 
 
 def build_collator(task: str, processor: Any, **kwargs: Any):
     """The collator turning dataset items of `task` into model inputs."""
-    _check_task(task)
-    from trainers import data
-
-    collator_class = {
-        "pretraining": data.PretrainingCollator,
-        "retrieval": data.ImageTextCollator,
-        "vqa": data.VQACollator,
-        "nlvr2": data.NLVR2Collator,
-        "captioning": data.CaptioningCollator,
-    }[task]
-    return collator_class(processor, **kwargs)
-
-
-@dataclass
-class EvaluationResult:
-    metrics: dict[str, float]
-    predictions: list[Any]
-
-
-def _batches(dataset: Any, collate: Any, batch_size: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return task_spec(task).collator_class(processor, **kwargs)
 
 
 @torch.no_grad()
@@ -123,99 +318,14 @@ def evaluate_task(
     structure_masks: dict | None = None,
     max_new_tokens: int = 20,
 ) -> EvaluationResult:
-    """Runs `task`'s evaluation routine and returns its metrics (and per-example predictions).
-
-    - vqa: answers ranked from `answer_list` (X-VLM's k-test), VQA accuracy.
-    - nlvr2: accuracy of the true/false prediction.
-    - retrieval: ITC candidates re-ranked by ITM, TR/IR recall@1/5/10.
-    - captioning: greedy captions, BLEU-4 and CIDEr.
-    """
-    _check_task(task)
-    from trainers.evaluation import metrics
-
+    """Runs `task`'s evaluation routine (see `trainers.evaluation.tasks`) and returns its metrics (and
+    per-example predictions)."""
+    spec = task_spec(task)
+    if spec.evaluate is None:
+        raise ValueError(f"The {task} task has no evaluation routine here; evaluate a downstream task instead.")
     model.eval()
-    device = _device_of(model)
-    masks = {"structure_masks": structure_masks} if structure_masks is not None else {}
-
-    if task == "vqa":
-        if not answer_list:
-            raise ValueError("VQA evaluation ranks a list of candidate answers: give `answer_list`.")
-        candidates = processor.tokenizer(answer_list, padding="longest", return_tensors="pt")
-        predictions, references = [], []
-        for start in range(0, len(dataset), batch_size):
-            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            inputs = processor(images=[item["image"] for item in items], text=[item["question"] for item in items])
-            ranked = model.rank_answers(
-                inputs["pixel_values"].to(device),
-                inputs["input_ids"].to(device),
-                inputs["attention_mask"].to(device),
-                candidates["input_ids"].to(device),
-                candidates["attention_mask"].to(device),
-                k=min(k, len(answer_list)),
-                **masks,
-            )
-            predictions += [answer_list[i] for i in ranked.answer_index.tolist()]
-        references = [dataset.references[i] for i in range(len(dataset))]
-        accuracy = metrics.vqa_accuracy_score(predictions, references)
-        return EvaluationResult({"vqa_accuracy": float(accuracy)}, predictions)
-
-    if task == "nlvr2":
-        predictions, labels = [], []
-        for batch in _batches(dataset, build_collator("nlvr2", processor), batch_size):
-            batch = {key: value.to(device) for key, value in batch.items()}
-            logits = model(
-                pixel_values=batch["pixel_values"],
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                **masks,
-            ).logits
-            predictions += logits.argmax(-1).tolist()
-            labels += batch["labels"].tolist()
-        return EvaluationResult(
-            {"nlvr2_accuracy": float(metrics.nlvr2_accuracy_score(predictions, labels))}, predictions
-        )
-
-    if task == "retrieval":
-        from trainers.evaluation.retrieval import retrieval_evaluate
-
-        images = processor.image_processor(
-            [dataset.get_image(i) for i in range(dataset.num_images)], return_tensors="pt"
-        )["pixel_values"]
-        texts = processor.tokenizer(dataset.texts, padding="longest", truncation=True, return_tensors="pt")
-        result = retrieval_evaluate(
-            model,
-            images.to(device),
-            texts["input_ids"].to(device),
-            texts["attention_mask"].to(device),
-            text_to_image=dataset.text_to_image,
-            image_to_texts=dataset.image_to_texts,
-            k=k,
-            batch_size=batch_size,
-            structure_masks=structure_masks,
-        )
-        return EvaluationResult(dict(result.metrics), [])
-
-    if task == "captioning":
-        predictions, references = [], []
-        for image_id in range(dataset.num_images):
-            references.append([dataset.texts[t] for t in dataset.image_to_texts[image_id]])
-        prompt = getattr(processor, "caption_prompt", "a picture of ")
-        for start in range(0, dataset.num_images, batch_size):
-            ids = range(start, min(start + batch_size, dataset.num_images))
-            pixel_values = processor.image_processor([dataset.get_image(i) for i in ids], return_tensors="pt")
-            prompt_ids = processor.tokenizer([prompt] * len(ids), return_tensors="pt")["input_ids"][:, :-1]
-            generated = model.generate(
-                pixel_values=pixel_values["pixel_values"].to(device),
-                input_ids=prompt_ids.to(device),
-                max_new_tokens=max_new_tokens,
-                **masks,
-            )
-            texts = processor.tokenizer.batch_decode(generated[:, prompt_ids.shape[1] :], skip_special_tokens=True)
-            predictions += [text.strip() for text in texts]
-        scores = metrics.caption_scores(predictions, references)
-        return EvaluationResult({key: float(value) for key, value in scores.items()}, predictions)
-
-    raise ValueError("Pre-training has no evaluation routine here; evaluate a downstream task instead.")
+    options = EvaluationOptions(batch_size, answer_list, k, structure_masks, max_new_tokens)
+    return spec.evaluate(model, dataset, processor, options)
 
 
 def save_with_processor(model: Any, processor: Any, output_dir: str | os.PathLike) -> Path:

@@ -45,6 +45,35 @@ class DataArguments:
     max_text_length: int | None = field(default=None, metadata={"help": "Token limit of texts (default: model's)."})
 
 
+@dataclass(kw_only=True)
+class KDArguments:
+    """The distillation weights shared by `distill` and `prune` (the fields of [`DistillationConfig`])."""
+
+    kd_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the logit KD terms."})
+    task_weight: float = field(
+        default=0.6, metadata={"help": "Weight of the student's own loss (ITC + ITM + MLM, or the task loss)."}
+    )
+    kd_weight: float = field(default=0.4, metadata={"help": "Weight of the sum of the weighted KD terms."})
+    kd_term_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON (or a JSON file) overriding DistillationConfig fields, e.g. '{\"vision_hidden\": 0.1}' "
+            "(terms: itm_logit, mlm_logit, task_logit, itc, text_attn, text_hidden, vision_attn, vision_hidden, "
+            "fusion_attn, fusion_hidden, fusion_cross_attn; attention terms force the slower eager attention)."
+        },
+    )
+
+    def distillation_config_values(self, **extra: Any) -> dict[str, Any]:
+        """The `DistillationConfig.from_dict` values these flags give (`kd_term_weights` overrides `extra`)."""
+        return {
+            "kd_temperature": self.kd_temperature,
+            "task_weight": self.task_weight,
+            "kd_weight": self.kd_weight,
+            **extra,
+            **parse_json_option(self.kd_term_weights, "kd_term_weights"),
+        }
+
+
 def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None, description: str) -> tuple:
     """Parses `argv` (default `sys.argv[1:]`), or the JSON file it names alone, into `dataclass_types` with the
     parser of `efficientvlm <command>` (so its usage line names the subcommand)."""

@@ -17,14 +17,13 @@ from typing import Any
 from transformers import TrainingArguments, set_seed
 from transformers.utils import logging
 
-from trainers.commands.common import parse_arguments
-from trainers.commands.common import parse_json_option as _parse_json
+from trainers.commands.common import KDArguments, parse_arguments, parse_json_option
 
 logger = logging.get_logger(__name__)
 
 
 @dataclass
-class DistillArguments:
+class DistillArguments(KDArguments):
     """Teacher, student shape, data and distillation weights of `efficientvlm distill`."""
 
     teacher_model_name_or_path: str = field(
@@ -74,17 +73,6 @@ class DistillArguments:
     )
     mlm_probability: float = field(default=0.25, metadata={"help": "Fraction of tokens masked for MLM."})
     max_masks: int = field(default=8, metadata={"help": "At most this many masked tokens per text."})
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the logit KD terms."})
-    task_weight: float = field(default=0.6, metadata={"help": "Weight of the student's ITC + ITM + MLM loss."})
-    kd_weight: float = field(default=0.4, metadata={"help": "Weight of the sum of the weighted KD terms."})
-    kd_term_weights: str | None = field(
-        default=None,
-        metadata={
-            "help": 'JSON overrides of DistillationConfig fields, e.g. \'{"vision_hidden": 0.1, "itc": 1.0}\' '
-            "(terms: itm_logit, mlm_logit, itc, text_attn, text_hidden, vision_attn, vision_hidden, fusion_attn, "
-            "fusion_hidden, fusion_cross_attn)."
-        },
-    )
 
 
 def _parse_layers(args: DistillArguments) -> tuple[int, int, int]:
@@ -141,22 +129,18 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
 
     from ..data import PretrainingCollator
-    from ..distillation.losses import DistillationConfig
+    from ..distillation.objective import DistillationConfig
     from ..distillation.student_init import build_student
     from ..distillation.trainer import DistillationTrainer
 
     # Argument errors first, before any model is loaded.
     _check_data_source(args)
     layers = _parse_layers(args)
-    layer_mapping = _parse_json(args.layer_mapping, "layer_mapping")
+    layer_mapping = parse_json_option(args.layer_mapping, "layer_mapping")
     distillation_config = DistillationConfig.from_dict(
-        {
-            "temperature": args.temperature,
-            "task_weight": args.task_weight,
-            "kd_weight": args.kd_weight,
-            **{f"{stack}_layer_mapping": mapping for stack, mapping in layer_mapping.items()},
-            **_parse_json(args.kd_term_weights, "kd_term_weights"),
-        }
+        args.distillation_config_values(
+            **{f"{stack}_layer_mapping": mapping for stack, mapping in layer_mapping.items()}
+        )
     )
     # The collator gets raw items (PIL images, strings): Trainer must not drop their columns.
     training_args.remove_unused_columns = False

@@ -22,20 +22,20 @@ from transformers.utils import logging
 
 from trainers.commands.common import (
     DataArguments,
+    KDArguments,
     ModelArguments,
     model_options,
     parse_arguments,
+    parse_json_option,
     processor_options,
 )
-from trainers.commands.common import parse_json_option as _parse_json
+from trainers.tasks import PRUNABLE_TASKS
 
 logger = logging.get_logger(__name__)
 
-PRUNABLE_TASKS = ("retrieval", "vqa", "nlvr2", "captioning")
-
 
 @dataclass
-class PruneArguments:
+class PruneArguments(KDArguments):
     """Task, teacher, sparsity targets and distillation weights of `efficientvlm prune`."""
 
     task: str = field(metadata={"help": f"The downstream task: one of {PRUNABLE_TASKS}."})
@@ -63,16 +63,6 @@ class PruneArguments:
         default=False,
         metadata={"help": "Keep surviving units at weight 1 instead of folding their mask score into the weights."},
     )
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the logit KD terms."})
-    task_weight: float = field(default=0.6, metadata={"help": "Weight of the student's task loss."})
-    kd_weight: float = field(default=0.4, metadata={"help": "Weight of the sum of the weighted KD terms."})
-    kd_term_weights: str | None = field(
-        default=None,
-        metadata={
-            "help": "JSON (or a JSON file) overriding DistillationConfig fields, e.g. '{\"vision_attn\": 0.0}' "
-            "(attention terms force the slower eager attention)."
-        },
-    )
 
 
 def pruning_config_from(args: PruneArguments):
@@ -82,7 +72,9 @@ def pruning_config_from(args: PruneArguments):
     return PruningConfig(
         target_sparsity=args.target_sparsity,
         sparsity_warmup_steps=args.sparsity_warmup_steps,
-        target_sparsity_per_modality=_parse_json(args.target_sparsity_per_modality, "target_sparsity_per_modality")
+        target_sparsity_per_modality=parse_json_option(
+            args.target_sparsity_per_modality, "target_sparsity_per_modality"
+        )
         or None,
         mask_learning_rate=args.mask_learning_rate,
         lagrangian_learning_rate=args.lagrangian_learning_rate,
@@ -93,20 +85,13 @@ def pruning_config_from(args: PruneArguments):
 
 def distillation_config_from(args: PruneArguments):
     """The [`DistillationConfig`] of the task-distillation terms, or None without a teacher."""
-    from trainers.distillation.losses import DistillationConfig
+    from trainers.distillation.objective import DistillationConfig
 
     if args.teacher_model_name_or_path is None:
         if args.kd_term_weights is not None:
             raise ValueError("--kd_term_weights needs a --teacher_model_name_or_path to distil from.")
         return None
-    return DistillationConfig.from_dict(
-        {
-            "temperature": args.temperature,
-            "task_weight": args.task_weight,
-            "kd_weight": args.kd_weight,
-            **_parse_json(args.kd_term_weights, "kd_term_weights"),
-        }
-    )
+    return DistillationConfig.from_dict(args.distillation_config_values())
 
 
 def run(

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-METRIC_OF_TASK = {"vqa": "vqa_accuracy", "nlvr2": "nlvr2_accuracy", "retrieval": "r_mean", "captioning": "CIDEr"}
+from trainers.tasks import task_spec  # noqa: E402
 
 
 def plot_losses(histories: dict[str, list[dict[str, float]]], path: Path) -> Path:
@@ -89,8 +89,8 @@ def write_plots(
 
 
 def results_table(task: str, metrics: dict[str, dict[str, float]], benchmark: list[dict[str, Any]]) -> str:
-    """Markdown table teacher | student | pruned for one task."""
-    metric = METRIC_OF_TASK[task]
+    """Markdown table teacher | student | pruned for one task, on its primary metric (task registry)."""
+    metric = task_spec(task).primary_metric
     teacher_score = metrics["teacher"][metric]
     lines = [
         f"| {task} | params (M) | GFLOPs | median latency (ms) | speedup | {metric} | % of teacher |",

@@ -26,8 +26,15 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging as hf_logging
 
-DEMO_TASKS = ("vqa", "retrieval", "nlvr2")
-DEFAULT_TASKS = ("vqa", "retrieval")
+from trainers.tasks import (
+    DEFAULT_DEMO_TASKS,
+    DEMO_TASKS,
+    build_dataset,
+    evaluate_task,
+    save_with_processor,
+    task_model_from,
+    task_spec,
+)
 
 
 @dataclass
@@ -62,9 +69,10 @@ class DemoSettings:
     benchmark_repeats: int = 10
 
     def __post_init__(self) -> None:
-        self.finetune_steps = self.finetune_steps or {"vqa": 700, "retrieval": 180, "nlvr2": 400}
-        self.student_finetune_steps = self.student_finetune_steps or {"vqa": 500, "retrieval": 120, "nlvr2": 300}
-        self.prune_steps = self.prune_steps or {"vqa": 450, "retrieval": 250, "nlvr2": 300}
+        # Per-task step counts default to each task's demo defaults in the task registry.
+        self.finetune_steps = self.finetune_steps or _demo_steps("finetune_steps")
+        self.student_finetune_steps = self.student_finetune_steps or _demo_steps("student_finetune_steps")
+        self.prune_steps = self.prune_steps or _demo_steps("prune_steps")
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"`target_sparsity` must be in [0, 1); got {self.target_sparsity}.")
 
@@ -78,13 +86,18 @@ class DemoSettings:
             intermediate_size=128,
             batch_size=16,
             pretrain_steps=6,
-            finetune_steps={"vqa": 6, "retrieval": 6, "nlvr2": 6},
+            finetune_steps=dict.fromkeys(DEMO_TASKS, 6),
             distill_steps=6,
-            student_finetune_steps={"vqa": 6, "retrieval": 6, "nlvr2": 6},
-            prune_steps={"vqa": 10, "retrieval": 10, "nlvr2": 10},
+            student_finetune_steps=dict.fromkeys(DEMO_TASKS, 6),
+            prune_steps=dict.fromkeys(DEMO_TASKS, 10),
             benchmark_batch_size=8,
             benchmark_repeats=3,
         )
+
+
+def _demo_steps(stage: str) -> dict[str, int]:
+    """Steps of `stage` (a `DemoDefaults` field) for every demo task."""
+    return {task: getattr(task_spec(task).demo, stage) for task in DEMO_TASKS}
 
 
 def _say(message: str) -> None:
@@ -151,7 +164,9 @@ def _losses(trainer: Any) -> list[dict[str, float]]:
 class DemoRun:
     """One demo run: holds the settings, the output folder and what each stage produced."""
 
-    def __init__(self, output_dir: Path, settings: DemoSettings, seed: int = 0, tasks: tuple[str, ...] = DEFAULT_TASKS):
+    def __init__(
+        self, output_dir: Path, settings: DemoSettings, seed: int = 0, tasks: tuple[str, ...] = DEFAULT_DEMO_TASKS
+    ):
         unknown = set(tasks) - set(DEMO_TASKS)
         if unknown:
             raise ValueError(f"Unknown demo task(s) {sorted(unknown)}; choose from {DEMO_TASKS}.")
@@ -189,18 +204,9 @@ class DemoRun:
         self.stats = json.loads(Path(self.data.stats).read_text())
 
     def _dataset(self, task: str, split: str):
-        from trainers.tasks import build_dataset
-
-        files = {
-            ("pretraining", "train"): self.data.pretrain,
-            ("vqa", "train"): self.data.vqa_train,
-            ("vqa", "test"): self.data.vqa_test,
-            ("retrieval", "train"): self.data.retrieval_train,
-            ("retrieval", "test"): self.data.retrieval_test,
-            ("nlvr2", "train"): self.data.nlvr2_train,
-            ("nlvr2", "test"): self.data.nlvr2_test,
-        }
-        return build_dataset(task, files[(task, split)], self.data.image_root, self.processor)
+        # The corpus writes `pretrain` and `<task>_<split>` for every demo task.
+        data = self.data.pretrain if task == "pretraining" else getattr(self.data, f"{task}_{split}")
+        return build_dataset(task, data, self.data.image_root, self.processor)
 
     def _train(self, name: str, task: str, model: Any, steps: int, trainer_class=None, **kwargs) -> Any:
         from transformers import Trainer
@@ -227,8 +233,6 @@ class DemoRun:
         self._train("teacher_pretrain", "pretraining", self.teacher_pretrained, self.settings.pretrain_steps)
 
     def finetune_teachers(self) -> None:
-        from trainers.tasks import task_model_from
-
         self.teachers = {}
         for task in self.tasks:
             torch.manual_seed(self.seed)
@@ -254,7 +258,6 @@ class DemoRun:
     def finetune_and_prune_students(self) -> None:
         from trainers.distillation import DistillationConfig, DistillationTrainer
         from trainers.pruning import ModalAdaptivePruningTrainer, PruningConfig
-        from trainers.tasks import task_model_from
 
         self.students, self.pruned = {}, {}
         for task in self.tasks:
@@ -296,8 +299,6 @@ class DemoRun:
             _say(f"pruned_{task}: sparsity {report['sparsity']:.3f} (target {self.settings.target_sparsity}); {split}")
 
     def evaluate(self) -> None:
-        from trainers.tasks import evaluate_task
-
         for task in self.tasks:
             dataset = self._dataset(task, "test")
             self.metrics[task] = {}
@@ -310,7 +311,9 @@ class DemoRun:
                     task, model, dataset, self.processor, answer_list=self.answer_list, k=self.settings.retrieval_k
                 )
                 self.metrics[task][role] = result.metrics
-            line = ", ".join(f"{role} {next(iter(m.values())):.3f}" for role, m in self.metrics[task].items())
+            spec = task_spec(task)
+            scores = ", ".join(f"{role} {m[spec.primary_metric]:.3f}" for role, m in self.metrics[task].items())
+            line = f"{spec.primary_metric_label}: {scores}"
             _say(f"{task} on the held-out split: {line}")
 
     def benchmark(self) -> None:
@@ -327,7 +330,6 @@ class DemoRun:
     # -- outputs ------------------------------------------------------------------------------------------
     def save_models(self) -> None:
         from trainers.model_card import write_model_card
-        from trainers.tasks import save_with_processor
 
         self.model_dirs = {}
         for task in self.tasks:
@@ -385,7 +387,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run (tiny data, few steps)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target_sparsity", type=float, default=None, help="global pruning target (default 0.5)")
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, from {DEMO_TASKS}")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_DEMO_TASKS), help=f"comma-separated, from {DEMO_TASKS}")
     parser.add_argument(
         "--num_threads",
         type=int,

@@ -23,7 +23,7 @@ from transformers.utils import logging
 from modeling_efficientvlm.configuration_efficientvlm import EfficientVLMConfig
 from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMModel, EfficientVLMPreTrainedModel
 
-from .losses import (
+from .layer_mapping import (
     LAYER_STACKS,
     default_layer_mapping,
     expand_twin_mapping,

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils import logging
 
-from .losses import DistillationConfig, DistillationLoss
+from .objective import DistillationConfig, DistillationLoss, KDSpec
 
 logger = logging.get_logger(__name__)
 
@@ -42,9 +42,9 @@ class DistillationTrainer(Trainer):
         distillation_config: a [`DistillationConfig`] (or a dict of its fields); default: the official
             general-distillation recipe.
 
-    Works with any student/teacher pair whose outputs carry a `loss` and the fields [`DistillationLoss`]
-    reads (pre-training outputs, or task outputs with `logits` and `vision_output` / `text_output` /
-    `fusion_output`). For pre-training, the teacher reuses the student's hard ITM negatives.
+    Works with any student/teacher pair of a task in the registry (`trainers.tasks`): the student's outputs
+    carry a `loss`, and the task's KD spec says which of their fields are distilled and how. For pre-training,
+    the teacher reuses the student's hard ITM negatives.
     """
 
     # compute_loss returns a per-batch mean: Trainer divides it by the gradient-accumulation steps.
@@ -73,10 +73,19 @@ class DistillationTrainer(Trainer):
                 f"`distillation_config` must be a DistillationConfig or a dict; got {type(distillation_config)}."
             )
         self.distillation_config = distillation_config
+        # What the student's outputs distil is its task's KD spec, from the task registry; a model of no task
+        # can only be trained without KD.
+        if distillation_config.kd_weight > 0:
+            from trainers.tasks import task_of_model
+
+            spec = task_of_model(student).kd
+        else:
+            spec = KDSpec()
         self.distillation_loss = DistillationLoss(
             distillation_config,
             student_config=getattr(student, "config", None),
             teacher_config=getattr(teacher_model, "config", None),
+            spec=spec,
         )
         teacher_model.requires_grad_(False)
         teacher_model.eval()

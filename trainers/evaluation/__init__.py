@@ -1,1 +1,2 @@
-"""Evaluation: task metrics (`metrics/`, loadable with `evaluate.load`), retrieval recall, benchmarking."""
+"""Evaluation: the evaluation routine of each task (`tasks`), task metrics (`metrics/`, loadable with
+`evaluate.load`), retrieval recall, benchmarking."""

@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from ..distillation.losses import DistillationConfig
+from ..distillation.objective import DistillationConfig
 from ..distillation.trainer import DistillationTrainer
 from .hard_concrete import DROPRATE_INIT, HEAD_LOG_ALPHA_INIT, TEMPERATURE, SparsityLagrangian, StructureMasker
 

@@ -1,0 +1,505 @@
+"""
+The distillation objective: [`DistillationConfig`] (which terms, with which weights) and [`DistillationLoss`],
+which computes the KD terms each task declares in its [`KDSpec`] (in the task registry, `trainers.tasks`).
+
+A [`KDSpec`] names, for one task model's output class, every field that is distilled and how:
+- [`LogitKD`]: soft cross-entropy on a logits field (`itm_logit`, `mlm_logit` or `task_logit` weight), on all
+  rows, on the masked MLM positions, on the rows with a label, or on the rows whose next token has a label;
+- `similarity`: the ITC similarity field (`logits_per_image`), distilled both ways (`itc` weight);
+- [`EncoderKD`]: one encoder pass (an `EncoderOutput` field): its hidden states and attention maps (and, in the
+  fusion group, cross-attention maps), weighted by `<group>_hidden` / `<group>_attn`, over the layer mapping of
+  its `stack` (`"multimodal"`: a pass through the whole BERT stack, text layers then fusion layers);
+- `not_distilled`: fields deliberately left out (losses, labels, sampled indices, ...).
+A student output with a field the spec does not name raises a `ValueError`, so no output silently goes without
+its KD term.
+
+The official general-distillation objective is
+`0.6 * (ITC + ITM + MLM) + 0.4 * KD` with
+`KD = ITM-logit + MLM-logit + text (attn + hidden) + vision (attn + 0.1 * hidden) + fusion (attn + hidden)`, the
+fusion terms summed over the ITM positive pass, the ITM negative pass and the MLM pass; [`DistillationConfig`]'s
+defaults and the pre-training spec reproduce it. The official vision hidden term leaves out the student's last
+layer (`vision_skip_last_hidden`). (The MLM pass's text layers are logged here under the text terms; the
+official code counts them with the fusion terms. With both weights at 1 the total is the same.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layer_mapping import (
+    LAYER_STACKS,
+    expand_twin_mapping,
+    has_twin_fusion_layers,
+    resolve_layer_mapping,
+    stack_depths,
+)
+from .losses import (
+    HEAD_MISMATCH_MODES,
+    AttentionMSELoss,
+    ITCDistillationLoss,
+    SoftCrossEntropyLoss,
+    check_kd_temperature,
+    hidden_state_mse,
+)
+
+# --------------------------------------------------------------------------------------------------------------
+# What a task distils
+# --------------------------------------------------------------------------------------------------------------
+
+LOGIT_TERMS = ("itm_logit", "mlm_logit", "task_logit")
+# Rows of a logits tensor a `LogitKD` compares: all; the masked MLM positions (`mlm_labels != -100`); the rows
+# whose label (`labels`, shaped like the logits without classes) is not -100; the rows whose next token's label
+# is not -100 (causal LM logits: row t predicts label t + 1).
+LOGIT_ROWS = ("all", "mlm_labels", "labels", "next_token_labels")
+ENCODER_GROUPS = ("vision", "text", "fusion")
+MAPPING_STACKS = (*LAYER_STACKS, "multimodal")
+# Padding mask of an encoder pass: none (image patches); the text's `attention_mask`; or ITM pairs (positives,
+# negative texts, negative images: 3 * batch rows, distilled as a positive and a negative term, as officially;
+# a pass without such pairs uses the text mask when it fits).
+ENCODER_MASKS = (None, "text", "itm_pairs")
+
+
+def _check_choice(value: Any, choices: Sequence[Any], name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {tuple(choices)}; got {value!r}.")
+
+
+@dataclass(frozen=True)
+class LogitKD:
+    """Soft cross-entropy between the student's and the teacher's `field` logits, as the term `kd_<term>`."""
+
+    field: str
+    term: str
+    rows: str = "all"
+
+    def __post_init__(self) -> None:
+        _check_choice(self.term, LOGIT_TERMS, "term")
+        _check_choice(self.rows, LOGIT_ROWS, "rows")
+
+
+@dataclass(frozen=True)
+class EncoderKD:
+    """Hidden-state and attention terms (`kd_<group>_hidden`, `kd_<group>_attn`, and `kd_fusion_cross_attn`
+    in the fusion group) of the encoder pass in `field`, over the layer mapping of `stack`. `match_input`:
+    whether the pass's input may be matched too (with `hidden_include_input`); off when another pass already
+    matches it."""
+
+    field: str
+    group: str
+    stack: str
+    mask: str | None = None
+    match_input: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice(self.group, ENCODER_GROUPS, "group")
+        _check_choice(self.stack, MAPPING_STACKS, "stack")
+        _check_choice(self.mask, ENCODER_MASKS, "mask")
+
+
+@dataclass(frozen=True)
+class KDSpec:
+    """Every output field of a task model and what distillation does with it (see the module docstring)."""
+
+    logits: tuple[LogitKD, ...] = ()
+    similarity: str | None = None
+    encoders: tuple[EncoderKD, ...] = ()
+    not_distilled: tuple[str, ...] = ()
+
+    @property
+    def declared_fields(self) -> set[str]:
+        distilled = [kd.field for kd in (*self.logits, *self.encoders)]
+        return {*distilled, *([self.similarity] if self.similarity else []), *self.not_distilled}
+
+    def check_outputs(self, outputs: Any) -> None:
+        """Raises a `ValueError` naming every field of `outputs` (a `ModelOutput`) the spec does not declare."""
+        if not isinstance(outputs, Mapping):
+            return
+        undeclared = sorted(set(outputs.keys()) - self.declared_fields)
+        if undeclared:
+            raise ValueError(
+                f"{type(outputs).__name__} has field(s) {undeclared} that its task's KD spec does not declare; "
+                "declare each in the task's `KDSpec` (trainers/tasks.py): as a KD term, or in `not_distilled`."
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------
+
+
+# Per-term weights of `DistillationConfig`; the term `kd_<name>` is weighted by `config.<name>`.
+KD_TERMS = (
+    "itm_logit",
+    "mlm_logit",
+    "task_logit",
+    "itc",
+    "text_attn",
+    "text_hidden",
+    "vision_attn",
+    "vision_hidden",
+    "fusion_attn",
+    "fusion_hidden",
+    "fusion_cross_attn",
+)
+
+
+@dataclass
+class DistillationConfig:
+    """
+    What to distil and how to weight it. Defaults are the official general-distillation recipe:
+    `total = 0.6 * task loss + 0.4 * KD`,
+    `KD = itm_logit + mlm_logit + text_attn + text_hidden + vision_attn + 0.1 * vision_hidden + fusion_attn +
+    fusion_hidden`.
+
+    Args:
+        vision_layer_mapping, text_layer_mapping, fusion_layer_mapping: teacher layer (0-based, within that
+            stack) for each student layer; None = [`default_layer_mapping`] (last layer of each block).
+        kd_temperature: softmax temperature of the logit and ITC terms (official: 1.0).
+        task_weight, kd_weight: weights of the student's own task loss and of the weighted sum of KD terms.
+        itm_logit, mlm_logit, task_logit, itc, text_attn, text_hidden, vision_attn, vision_hidden, fusion_attn,
+            fusion_hidden, fusion_cross_attn: per-term weights (a term with weight 0 is not computed).
+            `task_logit` distils a task model's `logits`; `fusion_cross_attn` the fusion layers'
+            cross-attention maps (used by the official task-specific stage, not by general distillation).
+        hidden_include_input: also match the inputs of the stacks (official: yes).
+        vision_skip_last_hidden: leave the student's last vision layer out of the hidden-state term (official).
+        exclude_padding: leave padding tokens out of the hidden-state and attention terms.
+        head_mismatch: `"mean"` or `"error"`, see [`attention_mse`].
+    """
+
+    vision_layer_mapping: list[int] | None = None
+    text_layer_mapping: list[int] | None = None
+    fusion_layer_mapping: list[int] | None = None
+    kd_temperature: float = 1.0
+    task_weight: float = 0.6
+    kd_weight: float = 0.4
+    itm_logit: float = 1.0
+    mlm_logit: float = 1.0
+    task_logit: float = 1.0
+    itc: float = 0.0
+    text_attn: float = 1.0
+    text_hidden: float = 1.0
+    vision_attn: float = 1.0
+    vision_hidden: float = 0.1
+    fusion_attn: float = 1.0
+    fusion_hidden: float = 1.0
+    fusion_cross_attn: float = 0.0
+    hidden_include_input: bool = True
+    vision_skip_last_hidden: bool = True
+    exclude_padding: bool = True
+    head_mismatch: str = "mean"
+
+    def __post_init__(self) -> None:
+        check_kd_temperature(self.kd_temperature)
+        for name in ("task_weight", "kd_weight", *KD_TERMS):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"The weight `{name}` must be a non-negative number; got {value!r}.")
+        if self.head_mismatch not in HEAD_MISMATCH_MODES:
+            raise ValueError(f"`head_mismatch` must be one of {HEAD_MISMATCH_MODES}; got {self.head_mismatch!r}.")
+        for stack in LAYER_STACKS:
+            mapping = getattr(self, f"{stack}_layer_mapping")
+            if mapping is None:
+                continue
+            # Lengths and upper bounds are checked against the models once their depths are known.
+            if isinstance(mapping, (str, bytes)) or not isinstance(mapping, Sequence):
+                raise ValueError(f"`{stack}_layer_mapping` must be a list of teacher layer indices; got {mapping!r}.")
+            for j, index in enumerate(mapping):
+                if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                    raise ValueError(
+                        f"`{stack}_layer_mapping[{j}]` is {index!r}; teacher layer indices are integers >= 0."
+                    )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DistillationConfig:
+        """Builds a config from a dict, naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown distillation settings {unknown}; expected some of {sorted(known)}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def weight(self, term: str) -> float:
+        """Weight of a KD term, named `kd_<name>` or `<name>` (see `KD_TERMS`)."""
+        name = term[3:] if term.startswith("kd_") else term
+        if name not in KD_TERMS:
+            raise ValueError(f"Unknown KD term {term!r}; expected one of {['kd_' + t for t in KD_TERMS]}.")
+        return float(getattr(self, name))
+
+    def layer_mapping(self, stack: str) -> list[int] | None:
+        if stack not in LAYER_STACKS:
+            raise ValueError(f"Unknown layer stack {stack!r}; expected one of {LAYER_STACKS}.")
+        return getattr(self, f"{stack}_layer_mapping")
+
+    @property
+    def needs_attentions(self) -> bool:
+        """Whether any active term reads attention maps (forcing the eager attention path)."""
+        return self.kd_weight > 0 and any(
+            getattr(self, name) > 0 for name in ("text_attn", "vision_attn", "fusion_attn", "fusion_cross_attn")
+        )
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        """Whether any active term reads hidden states."""
+        return self.kd_weight > 0 and any(
+            getattr(self, name) > 0 for name in ("text_hidden", "vision_hidden", "fusion_hidden")
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The combined loss
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _num_layers(encoder_output: Any) -> int | None:
+    hidden = getattr(encoder_output, "hidden_states", None)
+    if hidden is not None:
+        return len(hidden) - 1
+    attentions = getattr(encoder_output, "attentions", None)
+    return None if attentions is None else len(attentions)
+
+
+class DistillationLoss(nn.Module):
+    """
+    The KD terms a task's [`KDSpec`] declares, between a student's and a teacher's outputs, as a dict of
+    *unweighted* named terms (`kd_itm_logit`, `kd_mlm_logit`, `kd_task_logit`, `kd_itc`,
+    `kd_{text,vision,fusion}_{attn,hidden}`, `kd_fusion_cross_attn`); [`DistillationLoss.combine`] weights and
+    sums them. A term with weight 0, or whose inputs are missing in either output, is left out.
+
+    Args:
+        config: the [`DistillationConfig`].
+        student_config, teacher_config: the models' `EfficientVLMConfig`s (optional). With them, the layer
+            mappings are checked at construction, a `"multimodal"` pass (captioning's `text_output`) uses the
+            text mapping followed by the fusion mapping, and twin fusion layers (NLVR2) map pair to pair:
+            student layer `2i + b` learns from teacher layer `2 * fusion_mapping[i] + b`. Without them, each
+            mapping is resolved from the number of layers an output holds.
+        spec: the task's [`KDSpec`]; default: the pre-training one (general distillation). The trainers take it
+            from the task registry (`trainers.tasks.task_of_model`).
+    """
+
+    def __init__(
+        self,
+        config: DistillationConfig | None = None,
+        student_config: Any = None,
+        teacher_config: Any = None,
+        spec: KDSpec | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config if config is not None else DistillationConfig()
+        if spec is None:
+            from trainers.tasks import task_spec
+
+            spec = task_spec("pretraining").kd
+        self.spec = spec
+        self.logit_loss = SoftCrossEntropyLoss(self.config.kd_temperature)
+        self.itc_loss = ITCDistillationLoss(self.config.kd_temperature)
+        self.attention_loss = AttentionMSELoss(self.config.head_mismatch)
+        self.layer_mappings: dict[str, list[int]] | None = None
+        student_depths, teacher_depths = stack_depths(student_config), stack_depths(teacher_config)
+        if student_depths is not None and teacher_depths is not None:
+            twin = has_twin_fusion_layers(student_config)
+            if twin != has_twin_fusion_layers(teacher_config):
+                raise ValueError("The student and the teacher must both have twin fusion layers (NLVR2) or neither.")
+            self.layer_mappings = {
+                stack: resolve_layer_mapping(
+                    self.config.layer_mapping(stack),
+                    student_depths[stack],
+                    teacher_depths[stack],
+                    f"{stack}_layer_mapping",
+                )
+                for stack in LAYER_STACKS
+            }
+            fusion = self.layer_mappings["fusion"]
+            fusion = expand_twin_mapping(fusion) if twin else fusion
+            self.layer_mappings["fusion"] = fusion
+            # A pass through the whole BERT stack (text layers, then fusion layers).
+            self.layer_mappings["multimodal"] = self.layer_mappings["text"] + [
+                teacher_depths["text"] + index for index in fusion
+            ]
+
+    def combine(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Weighted sum of KD terms (without `kd_weight`)."""
+        total = None
+        for name, value in terms.items():
+            term = self.config.weight(name) * value
+            total = term if total is None else total + term
+        return total if total is not None else torch.zeros(())
+
+    # -- per-field terms --------------------------------------------------------------------------------------
+    def _mapping(self, stack: str, student: Any, teacher: Any) -> list[int] | None:
+        num_student, num_teacher = _num_layers(student), _num_layers(teacher)
+        if num_student is None or num_teacher is None:
+            return None
+        if self.layer_mappings is None:
+            config_stack = "text" if stack == "multimodal" else stack
+            return resolve_layer_mapping(
+                self.config.layer_mapping(config_stack), num_student, num_teacher, f"{config_stack}_layer_mapping"
+            )
+        mapping = self.layer_mappings[stack]
+        if len(mapping) != num_student or (mapping and max(mapping) >= num_teacher):
+            raise ValueError(
+                f"A {stack} pass of the student has {num_student} layers and the teacher's has {num_teacher}, which "
+                f"the {stack} layer mapping {mapping} does not fit."
+            )
+        return mapping
+
+    def _logit_rows(
+        self, kd: LogitKD, logits: torch.Tensor, mlm_labels: torch.Tensor | None, labels: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Boolean mask of the rows of `logits` that `kd` compares (None: all rows)."""
+        if kd.rows == "all":
+            return None
+        if kd.rows == "mlm_labels":
+            return None if mlm_labels is None else mlm_labels != -100
+        if not isinstance(labels, torch.Tensor):
+            return None
+        if labels.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"`labels` of shape {tuple(labels.shape)} cannot select the rows of `{kd.field}` of shape "
+                f"{tuple(logits.shape)}: they must have the logits' shape without the class dimension."
+            )
+        mask = labels != -100
+        if kd.rows == "next_token_labels":  # row t predicts label t + 1
+            mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+        return mask
+
+    def _encoder_terms(
+        self,
+        terms: dict[str, torch.Tensor],
+        kd: EncoderKD,
+        student: Any,
+        teacher: Any,
+        attention_mask: torch.Tensor | None,
+        rows: slice | None = None,
+    ) -> None:
+        """Adds the hidden/attention terms of one encoder pass to `terms[kd_<group>_*]`."""
+        config, group = self.config, kd.group
+        mapping = self._mapping(kd.stack, student, teacher)
+        if mapping is None:
+            return
+        mask = attention_mask if config.exclude_padding else None
+        if rows is not None and mask is not None:
+            mask = mask[rows]
+
+        def pick(states):
+            return tuple(s if (s is None or rows is None) else s[rows] for s in states)
+
+        include_input = config.hidden_include_input and kd.match_input
+        skip_last = group == "vision" and config.vision_skip_last_hidden
+        if (
+            getattr(config, f"{group}_hidden") > 0
+            and student.hidden_states is not None
+            and teacher.hidden_states is not None
+        ):
+            value = hidden_state_mse(
+                pick(student.hidden_states), pick(teacher.hidden_states), mapping, mask, include_input, skip_last
+            )
+            _add(terms, f"kd_{group}_hidden", value)
+        if getattr(config, f"{group}_attn") > 0 and student.attentions is not None and teacher.attentions is not None:
+            value = self.attention_loss(pick(student.attentions), pick(teacher.attentions), mapping, mask)
+            _add(terms, f"kd_{group}_attn", value)
+        if (
+            group == "fusion"
+            and config.fusion_cross_attn > 0
+            and getattr(student, "cross_attentions", None) is not None
+            and getattr(teacher, "cross_attentions", None) is not None
+        ):
+            value = self.attention_loss(
+                pick(student.cross_attentions), pick(teacher.cross_attentions), mapping, mask, is_cross_attention=True
+            )
+            _add(terms, "kd_fusion_cross_attn", value)
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        student_outputs: Any,
+        teacher_outputs: Any,
+        attention_mask: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            student_outputs, teacher_outputs: model outputs of the same inputs (same ITM negatives).
+            attention_mask: (batch, seq) padding mask of the (clean and masked) texts.
+            mlm_labels: (batch, seq) MLM targets, -100 where not masked: selects the `"mlm_labels"` rows.
+            labels: task labels, shaped like the logits without the class dimension: select the `"labels"` and
+                `"next_token_labels"` rows.
+        """
+        config, spec = self.config, self.spec
+        spec.check_outputs(student_outputs)
+        terms: dict[str, torch.Tensor] = {}
+        for kd in spec.logits:
+            student, teacher = getattr(student_outputs, kd.field, None), getattr(teacher_outputs, kd.field, None)
+            if getattr(config, kd.term) > 0 and student is not None and teacher is not None:
+                rows = self._logit_rows(kd, student, mlm_labels, labels)
+                terms[f"kd_{kd.term}"] = self.logit_loss(student, teacher, rows)
+        if spec.similarity is not None and config.itc > 0:
+            student = getattr(student_outputs, spec.similarity, None)
+            teacher = getattr(teacher_outputs, spec.similarity, None)
+            if student is not None and teacher is not None:
+                terms["kd_itc"] = self.itc_loss(student, teacher)
+        for kd in spec.encoders:
+            student, teacher = getattr(student_outputs, kd.field, None), getattr(teacher_outputs, kd.field, None)
+            if student is None or teacher is None:
+                continue
+            for mask, rows in _pass_masks(kd, attention_mask, student_outputs, student):
+                self._encoder_terms(terms, kd, student, teacher, mask, rows)
+        return terms
+
+
+def _add(terms: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    terms[name] = value if name not in terms else terms[name] + value
+
+
+def _pass_masks(
+    kd: EncoderKD, attention_mask: torch.Tensor | None, outputs: Any, encoder_output: Any
+) -> list[tuple[torch.Tensor | None, slice | None]]:
+    """(padding mask, rows) of each term of an encoder pass; ITM pairs give a positive and a negative term,
+    as in the official code."""
+    if kd.mask is None:
+        return [(None, None)]
+    if kd.mask == "text":
+        return [(attention_mask, None)]
+    itm_mask = _itm_attention_mask(attention_mask, outputs, encoder_output)
+    if itm_mask is None:
+        return [(_text_mask(attention_mask, encoder_output), None)]
+    batch = attention_mask.shape[0]
+    return [(itm_mask, slice(0, batch)), (itm_mask, slice(batch, None))]
+
+
+def _text_mask(attention_mask: torch.Tensor | None, encoder_output: Any) -> torch.Tensor | None:
+    """The text padding mask, when the encoder output has the text's batch size and length."""
+    states = getattr(encoder_output, "last_hidden_state", None)
+    if attention_mask is None or states is None:
+        return None
+    return attention_mask if tuple(states.shape[:2]) == tuple(attention_mask.shape) else None
+
+
+def _itm_attention_mask(attention_mask: torch.Tensor | None, outputs: Any, encoder_output: Any) -> torch.Tensor | None:
+    """Padding mask of the 3 * batch ITM pairs (positives, negative texts, negative images), when the encoder
+    output holds such pairs; else None."""
+    negative_text_index = getattr(outputs, "negative_text_index", None)
+    states = getattr(encoder_output, "last_hidden_state", None)
+    if attention_mask is None or negative_text_index is None or states is None:
+        return None
+    if states.shape[0] != 3 * attention_mask.shape[0]:
+        return None
+    return torch.cat([attention_mask, attention_mask[negative_text_index], attention_mask])
+
+
+__all__ = [
+    "KD_TERMS",
+    "DistillationConfig",
+    "DistillationLoss",
+    "EncoderKD",
+    "KDSpec",
+    "LogitKD",
+]

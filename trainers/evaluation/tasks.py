@@ -1,0 +1,157 @@
+"""The evaluation routine of each task, one function per task; the task registry (`trainers.tasks`) names which
+one a task runs, and `trainers.tasks.evaluate_task` runs it.
+
+- vqa: answers ranked from `answer_list` (X-VLM's k-test), VQA accuracy.
+- nlvr2: accuracy of the true/false prediction.
+- retrieval: ITC candidates re-ranked by ITM, TR/IR recall@1/5/10.
+- captioning: greedy captions, BLEU-4 and CIDEr.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict[str, float]
+    predictions: list[Any]
+
+
+@dataclass
+class EvaluationOptions:
+    """Settings of an evaluation run; each routine reads the ones it needs.
+
+    Args:
+        batch_size: examples (or images) per forward.
+        answer_list: VQA's candidate answers.
+        k: VQA answers re-ranked per question; retrieval candidates re-ranked by ITM per query.
+        structure_masks: optional structure masks passed to every forward (a model being pruned).
+        max_new_tokens: longest generated caption.
+    """
+
+    batch_size: int = 32
+    answer_list: list[str] | None = None
+    k: int = 128
+    structure_masks: dict | None = None
+    max_new_tokens: int = 20
+
+    @property
+    def mask_kwargs(self) -> dict[str, Any]:
+        return {"structure_masks": self.structure_masks} if self.structure_masks is not None else {}
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def evaluate_vqa(model: Any, dataset: Any, processor: Any, options: EvaluationOptions) -> EvaluationResult:
+    """Ranks `options.answer_list` for each question (X-VLM's k-test); VQA accuracy."""
+    from trainers.evaluation import metrics
+
+    answer_list, batch_size, device = options.answer_list, options.batch_size, _device_of(model)
+    if not answer_list:
+        raise ValueError("VQA evaluation ranks a list of candidate answers: give `answer_list`.")
+    candidates = processor.tokenizer(answer_list, padding="longest", return_tensors="pt")
+    predictions = []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        inputs = processor(images=[item["image"] for item in items], text=[item["question"] for item in items])
+        ranked = model.rank_answers(
+            inputs["pixel_values"].to(device),
+            inputs["input_ids"].to(device),
+            inputs["attention_mask"].to(device),
+            candidates["input_ids"].to(device),
+            candidates["attention_mask"].to(device),
+            k=min(options.k, len(answer_list)),
+            **options.mask_kwargs,
+        )
+        predictions += [answer_list[i] for i in ranked.answer_index.tolist()]
+    references = [dataset.references[i] for i in range(len(dataset))]
+    accuracy = metrics.vqa_accuracy_score(predictions, references)
+    return EvaluationResult({"vqa_accuracy": float(accuracy)}, predictions)
+
+
+def evaluate_nlvr2(model: Any, dataset: Any, processor: Any, options: EvaluationOptions) -> EvaluationResult:
+    """Accuracy of the true/false prediction for each pair of images."""
+    from trainers.evaluation import metrics
+    from trainers.tasks import build_collator
+
+    device = _device_of(model)
+    predictions, labels = [], []
+    batches = DataLoader(
+        dataset, batch_size=options.batch_size, shuffle=False, collate_fn=build_collator("nlvr2", processor)
+    )
+    for batch in batches:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        logits = model(
+            pixel_values=batch["pixel_values"],
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            **options.mask_kwargs,
+        ).logits
+        predictions += logits.argmax(-1).tolist()
+        labels += batch["labels"].tolist()
+    return EvaluationResult({"nlvr2_accuracy": float(metrics.nlvr2_accuracy_score(predictions, labels))}, predictions)
+
+
+def evaluate_retrieval(model: Any, dataset: Any, processor: Any, options: EvaluationOptions) -> EvaluationResult:
+    """ITC candidates re-ranked by ITM, both directions; TR/IR recall@1/5/10 and their mean."""
+    from trainers.evaluation.retrieval import retrieval_evaluate
+
+    device = _device_of(model)
+    images = processor.image_processor([dataset.get_image(i) for i in range(dataset.num_images)], return_tensors="pt")[
+        "pixel_values"
+    ]
+    texts = processor.tokenizer(dataset.texts, padding="longest", truncation=True, return_tensors="pt")
+    result = retrieval_evaluate(
+        model,
+        images.to(device),
+        texts["input_ids"].to(device),
+        texts["attention_mask"].to(device),
+        text_to_image=dataset.text_to_image,
+        image_to_texts=dataset.image_to_texts,
+        k=options.k,
+        batch_size=options.batch_size,
+        structure_masks=options.structure_masks,
+    )
+    return EvaluationResult(dict(result.metrics), [])
+
+
+def evaluate_captioning(model: Any, dataset: Any, processor: Any, options: EvaluationOptions) -> EvaluationResult:
+    """Greedy captions after the processor's caption prompt; BLEU-4 and CIDEr."""
+    from trainers.evaluation import metrics
+
+    batch_size, device = options.batch_size, _device_of(model)
+    predictions, references = [], []
+    for image_id in range(dataset.num_images):
+        references.append([dataset.texts[t] for t in dataset.image_to_texts[image_id]])
+    prompt = getattr(processor, "caption_prompt", "a picture of ")
+    for start in range(0, dataset.num_images, batch_size):
+        ids = range(start, min(start + batch_size, dataset.num_images))
+        pixel_values = processor.image_processor([dataset.get_image(i) for i in ids], return_tensors="pt")
+        prompt_ids = processor.tokenizer([prompt] * len(ids), return_tensors="pt")["input_ids"][:, :-1]
+        generated = model.generate(
+            pixel_values=pixel_values["pixel_values"].to(device),
+            input_ids=prompt_ids.to(device),
+            max_new_tokens=options.max_new_tokens,
+            **options.mask_kwargs,
+        )
+        texts = processor.tokenizer.batch_decode(generated[:, prompt_ids.shape[1] :], skip_special_tokens=True)
+        predictions += [text.strip() for text in texts]
+    scores = metrics.caption_scores(predictions, references)
+    return EvaluationResult({key: float(value) for key, value in scores.items()}, predictions)
+
+
+__all__ = [
+    "EvaluationOptions",
+    "EvaluationResult",
+    "evaluate_captioning",
+    "evaluate_nlvr2",
+    "evaluate_retrieval",
+    "evaluate_vqa",
+]
