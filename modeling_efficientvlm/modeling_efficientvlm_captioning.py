@@ -23,7 +23,6 @@ from .modeling_efficientvlm import (
     EfficientVLMPreTrainedModel,
     EncoderOutput,
     StructureMasks,
-    split_structure_masks,
 )
 from .modeling_efficientvlm_decoder import (
     EfficientVLMDecoderGenerationMixin,
@@ -111,16 +110,14 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
                 interpolate_pos_encoding=interpolate_pos_encoding,
             )
             image_embeds = vision.last_hidden_state
-        _, _, heads, cross_heads, ffn = split_structure_masks(structure_masks, self.config.text_config)
-        text = self.efficientvlm.text_model(
+        text_model = self.efficientvlm.text_model
+        text = text_model(
             input_ids,
             attention_mask,
             encoder_hidden_states=image_embeds,
             mode="multimodal",
             is_causal=True,
-            head_mask=heads,
-            cross_head_mask=cross_heads,
-            ffn_mask=ffn,
+            **text_model.layer_masks(structure_masks),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )

@@ -23,6 +23,7 @@ from .modeling_efficientvlm import (
     EfficientVLMLMHead,
     EfficientVLMModel,
     EfficientVLMPreTrainedModel,
+    EfficientVLMTaskOutput,
     EfficientVLMTextModel,
     EncoderOutput,
     StructureMasks,
@@ -38,8 +39,10 @@ from .modeling_efficientvlm_decoder import (
 
 
 @dataclass
-class EfficientVLMQuestionAnsweringOutput(ModelOutput):
+class EfficientVLMQuestionAnsweringOutput(EfficientVLMTaskOutput):
     """
+    The fields of [`EfficientVLMTaskOutput`], and `decoder_output`:
+
     loss (`torch.FloatTensor` of shape `()`):
         X-VLM's weighted answer loss: for each answer the sum of its token cross-entropies times its weight,
         summed over all answers and divided by the number of questions. Given when answers are.
@@ -51,11 +54,6 @@ class EfficientVLMQuestionAnsweringOutput(ModelOutput):
         The answer decoder's output (its `cross_attentions` read the fused question states).
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    vision_output: EncoderOutput | None = None
-    text_output: EncoderOutput | None = None
-    fusion_output: EncoderOutput | None = None
     decoder_output: EncoderOutput | None = None
 
 
@@ -118,7 +116,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         initialisation. Returns the names of the tensors not copied.
         """
         text_model = self.efficientvlm.text_model
-        fusion_layers = list(text_model.encoder.layer[text_model.config.num_hidden_layers :])
+        fusion_layers = [text_model.encoder.layer[i] for i in text_model.config.layout.fusion_layers]
         pairs: list[tuple[str, nn.Module, nn.Module | None]] = [
             ("answer_decoder.embeddings.", self.answer_decoder.embeddings, text_model.embeddings)
         ]
@@ -160,16 +158,16 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
     ) -> tuple[EncoderOutput, EncoderOutput, EncoderOutput, torch.Tensor]:
         """Images (batch, channels, height, width) and questions (batch, seq) -> vision, text and fusion
         outputs and the question attention mask (all ones when none was given)."""
-        if pixel_values.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"Batch sizes differ: {pixel_values.shape[0]} images but {input_ids.shape[0]} questions.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         model = self.efficientvlm
         flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        vision = model.encode_image(
-            pixel_values, structure_masks, interpolate_pos_encoding=interpolate_pos_encoding, **flags
+        vision, text, attention_mask = model.encode_image_text(
+            pixel_values,
+            input_ids,
+            attention_mask,
+            structure_masks,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            **flags,
         )
-        text = model.encode_text(input_ids, attention_mask, structure_masks, **flags)
         fusion = model.fuse(
             text.last_hidden_state, attention_mask, vision.last_hidden_state, None, structure_masks, **flags
         )
