@@ -16,8 +16,8 @@ from modeling_efficientvlm import (
     EfficientVLMVisionModel,
 )
 from modeling_efficientvlm.configuration_efficientvlm import TextStackLayout, has_twin_fusion_layers, stack_depths
-from modeling_efficientvlm.modeling_efficientvlm import TEXT_MASK_KEYS, VISION_MASK_KEYS
 from modeling_efficientvlm.loss_efficientvlm import sample_hard_negatives
+from modeling_efficientvlm.modeling_efficientvlm import TEXT_MASK_KEYS, VISION_MASK_KEYS
 
 from .conftest import make_inputs
 
