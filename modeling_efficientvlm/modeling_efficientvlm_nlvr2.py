@@ -72,7 +72,7 @@ def twin_fusion_config(config: EfficientVLMConfig) -> EfficientVLMConfig:
 def _check_twin_config(config: EfficientVLMConfig) -> None:
     layout = config.layout  # raises for an odd number of fusion layers
     cross = [config.text_config.layer_cross_heads(i) for i in layout.fusion_layers]
-    if cross[0::2] != cross[1::2]:
+    if layout.layer_values(layout.unit_values(cross)) != cross:  # both twins of a pair alike
         raise ValueError(f"Twin fusion layers must keep the same cross-attention heads; got per-layer counts {cross}.")
 
 

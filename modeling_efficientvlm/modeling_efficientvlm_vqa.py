@@ -152,24 +152,23 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         structure_masks: StructureMasks | None = None,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        interpolate_pos_encoding: bool = False,
+        **flags: bool,
     ) -> tuple[EncoderOutput, EncoderOutput, EncoderOutput, torch.Tensor]:
         """Images (batch, channels, height, width) and questions (batch, seq) -> vision, text and fusion
-        outputs and the question attention mask (all ones when none was given)."""
+        outputs and the question attention mask (all ones when none was given). `flags`
+        (`output_attentions`, `output_hidden_states`, `interpolate_pos_encoding`) as in
+        [`EfficientVLMModel.encode_image_text`]."""
         model = self.efficientvlm
-        flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         vision, text, attention_mask = model.encode_image_text(
-            pixel_values,
-            input_ids,
-            attention_mask,
-            structure_masks,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            **flags,
+            pixel_values, input_ids, attention_mask, structure_masks, **flags
         )
         fusion = model.fuse(
-            text.last_hidden_state, attention_mask, vision.last_hidden_state, None, structure_masks, **flags
+            text.last_hidden_state,
+            attention_mask,
+            vision.last_hidden_state,
+            structure_masks=structure_masks,
+            output_attentions=flags.get("output_attentions", False),
+            output_hidden_states=flags.get("output_hidden_states", False),
         )
         return vision, text, fusion, attention_mask
 
@@ -232,9 +231,9 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
                 input_ids,
                 attention_mask,
                 structure_masks,
-                output_attentions,
-                output_hidden_states,
-                interpolate_pos_encoding,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                interpolate_pos_encoding=interpolate_pos_encoding,
             )
             question_states = fusion.last_hidden_state
         if answer_input_ids is None:
