@@ -600,6 +600,16 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EfficientVLMVisionLayer", "EfficientVLMTextLayer"]
     # Our losses are means over the batch: let Trainer scale them under gradient accumulation.
     accepts_loss_kwargs = False
+    # Attribute name of a task model's LM head ([`EfficientVLMLMHead`]), whose decoder is the output embeddings.
+    lm_head_name: str | None = None
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        return None if self.lm_head_name is None else getattr(self, self.lm_head_name).decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        if self.lm_head_name is None:
+            raise AttributeError(f"{type(self).__name__} has no LM head.")
+        getattr(self, self.lm_head_name).decoder = value
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -1274,6 +1284,7 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
     """X-VLM pre-training: ITC, ITM with hard negatives and MLM on the fused text."""
 
     _tied_weights_keys = {"mlm_head.decoder.weight": "efficientvlm.text_model.embeddings.word_embeddings.weight"}
+    lm_head_name = "mlm_head"
 
     def __init__(self, config: EfficientVLMConfig) -> None:
         super().__init__(config)
@@ -1284,12 +1295,6 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
         self.bbox_head = EfficientVLMITMHead(config.text_config.hidden_size, num_outputs=4)
         self.itc_loss = ImageTextContrastiveLoss()
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.mlm_head.decoder
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.mlm_head.decoder = value
 
     def forward(
         self,

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
@@ -63,6 +62,7 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
 
     generation_config_class = TextDecoderGenerationConfig
     _tied_weights_keys = {"lm_head.decoder.weight": "efficientvlm.text_model.embeddings.word_embeddings.weight"}
+    lm_head_name = "lm_head"
 
     def __init__(self, config: EfficientVLMConfig) -> None:
         super().__init__(config)
@@ -70,12 +70,6 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
         self.lm_head = EfficientVLMLMHead(config.text_config)
         self.post_init()
         self.generation_config.max_new_tokens = config.max_text_length
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head.decoder = value
 
     def forward(
         self,

@@ -87,6 +87,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
 
     generation_config_class = TextDecoderGenerationConfig
     _tied_weights_keys = {"answer_head.decoder.weight": "answer_decoder.embeddings.word_embeddings.weight"}
+    lm_head_name = "answer_head"
 
     def __init__(self, config: EfficientVLMConfig) -> None:
         super().__init__(config)
@@ -96,12 +97,6 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         self.answer_head = EfficientVLMLMHead(self.answer_decoder.config)
         self.post_init()
         self.generation_config.max_new_tokens = 10  # answers are a few words
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.answer_head.decoder
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.answer_head.decoder = value
 
     @torch.no_grad()
     def init_answer_decoder_from_fusion(self, mlm_head: EfficientVLMLMHead | None = None) -> list[str]:

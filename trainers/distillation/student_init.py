@@ -1,7 +1,7 @@
 """
 Building an EfficientVLM student from its teacher: a shallower config, then the teacher's weights.
 
-Everything outside the layer stacks (embeddings, LayerNorms, projections, temperature, task heads) is copied
+Everything outside the layer stacks (embeddings, LayerNorms, projections, ITC temperature, task heads) is copied
 under the same name; student layer `j` of each stack (vision, text, fusion) is copied from teacher layer
 `mapping[j]` of the same stack. The default mapping is the official one, the last layer of each block of
 `T / S` teacher layers (`2j + 1` for a 2x shrink: vision 12 -> 6 takes `[1, 3, 5, 7, 9, 11]`, text and fusion
