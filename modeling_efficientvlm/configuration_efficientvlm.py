@@ -3,10 +3,129 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TextStackLayout:
+    r"""
+    Which layer of the BERT stack does what: the one place that knows it.
+
+    The stack (`text_model.encoder.layer`) holds `num_text_layers` text layers (self-attention, FFN) followed by
+    `num_fusion_layers` fusion layers (self-attention, cross-attention to the image, FFN). A *stack index* is a
+    position in the whole stack, a *fusion index* a position among the fusion layers. With
+    `twin_fusion_layers` (NLVR2) the fusion layers come in (left image, right image) twin pairs, fusion layers
+    `2p` and `2p + 1` forming pair `p`; distillation and cross-attention pruning count a pair as one *fusion
+    unit*. Without twins a fusion unit is a fusion layer.
+
+    Get it from a config: `config.layout` (an [`EfficientVLMConfig`], knows about twins) or
+    `text_config.layout` (the BERT stack alone, which never has twins).
+    """
+
+    num_text_layers: int
+    num_fusion_layers: int
+    twin_fusion_layers: bool = False
+
+    def __post_init__(self) -> None:
+        if self.twin_fusion_layers and self.num_fusion_layers % 2:
+            raise ValueError(
+                "A config with `twin_fusion_layers=True` needs an even number of fusion layers; "
+                f"got {self.num_fusion_layers}."
+            )
+
+    @classmethod
+    def of(cls, config: Any) -> TextStackLayout:
+        """The layout of an [`EfficientVLMConfig`] (twins included) or of an [`EfficientVLMTextConfig`]."""
+        text = getattr(config, "text_config", config)
+        return cls(text.num_hidden_layers, text.num_fusion_layers, has_twin_fusion_layers(config))
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_text_layers + self.num_fusion_layers
+
+    @property
+    def text_layers(self) -> range:
+        """Stack indices of the text layers."""
+        return range(0, self.num_text_layers)
+
+    @property
+    def fusion_layers(self) -> range:
+        """Stack indices of the fusion layers."""
+        return range(self.num_text_layers, self.num_layers)
+
+    def is_fusion(self, index: int) -> bool:
+        """Whether stack layer `index` is a fusion layer (it has cross-attention)."""
+        return index >= self.num_text_layers
+
+    def fusion_index(self, index: int) -> int:
+        """Stack index of a fusion layer -> its fusion index."""
+        if not self.is_fusion(index):
+            raise ValueError(f"Layer {index} of the stack is a text layer, not a fusion layer.")
+        return index - self.num_text_layers
+
+    def stack_index(self, fusion_index: int) -> int:
+        """Fusion index -> stack index."""
+        return self.num_text_layers + fusion_index
+
+    def split(self, values: Sequence[T]) -> tuple[list[T], list[T]]:
+        """One value per stack layer -> (the text layers' values, the fusion layers' values)."""
+        values = list(values)
+        return values[: self.num_text_layers], values[self.num_text_layers :]
+
+    @property
+    def num_fusion_units(self) -> int:
+        """Fusion layers, twin pairs counted once: the fusion depth distillation and pruning see."""
+        return self.num_fusion_layers // 2 if self.twin_fusion_layers else self.num_fusion_layers
+
+    @property
+    def twin_pairs(self) -> list[tuple[int, int]]:
+        """Stack indices of each (left image, right image) twin pair; empty without twins."""
+        if not self.twin_fusion_layers:
+            return []
+        return [(i, i + 1) for i in range(self.num_text_layers, self.num_layers, 2)]
+
+    def unit_values(self, values: Sequence[T]) -> list[T]:
+        """One value per fusion layer -> one per fusion unit (a twin pair keeps its left layer's)."""
+        return list(values)[0::2] if self.twin_fusion_layers else list(values)
+
+    def layer_values(self, values: Sequence[T]) -> list[T]:
+        """One value per fusion unit -> one per fusion layer (a twin pair's value for both twins)."""
+        return [value for value in values for _ in range(2)] if self.twin_fusion_layers else list(values)
+
+    def fusion_layer_mapping(self, unit_mapping: Sequence[int]) -> list[int]:
+        """Teacher fusion index of each student fusion layer from a mapping between fusion units: with twins,
+        student layer `2i + b` (b = 0 left, 1 right) maps to teacher layer `2 * unit_mapping[i] + b`."""
+        if not self.twin_fusion_layers:
+            return list(unit_mapping)
+        return [2 * unit + side for unit in unit_mapping for side in (0, 1)]
+
+    def stack_mapping(self, text_mapping: Sequence[int], fusion_unit_mapping: Sequence[int]) -> list[int]:
+        """Stack index in this (teacher) layout of each layer of a student's whole stack, from the student's
+        text mapping and fusion-unit mapping (both into this layout's text layers / fusion units)."""
+        fusion = self.fusion_layer_mapping(fusion_unit_mapping)
+        return list(text_mapping) + [self.stack_index(index) for index in fusion]
+
+
+def has_twin_fusion_layers(config: Any) -> bool:
+    """Whether the config's fusion layers come in (left image, right image) twin pairs (NLVR2)."""
+    return bool(getattr(config, "twin_fusion_layers", False))
+
+
+def stack_depths(config: Any) -> dict[str, int] | None:
+    """Layers per stack (`{"vision": ..., "text": ..., "fusion": ...}`) of an [`EfficientVLMConfig`]; fusion
+    layers that come in twin pairs (NLVR2) count once per pair. None for another kind of config."""
+    vision, text = getattr(config, "vision_config", None), getattr(config, "text_config", None)
+    if vision is None or text is None:
+        return None
+    layout = TextStackLayout.of(config)
+    return {"vision": vision.num_hidden_layers, "text": layout.num_text_layers, "fusion": layout.num_fusion_units}
 
 
 def _check_per_layer(name: str, values: list[int] | None, num_layers: int, maximum: int) -> None:
@@ -19,8 +138,35 @@ def _check_per_layer(name: str, values: list[int] | None, num_layers: int, maxim
             raise ValueError(f"`{name}[{index}]` is {value}; it must be between 0 and {maximum}.")
 
 
+class _PerLayerSizes:
+    """Per-layer sizes shared by the vision and the text configs (`None` lists mean "every layer full")."""
+
+    def _check_head_width(self, name: str) -> None:
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"The {name} hidden size ({self.hidden_size}) is not a multiple of the number of attention heads "
+                f"({self.num_attention_heads})."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def layer_heads(self, index: int) -> int:
+        """Self-attention heads of layer `index`."""
+        if self.num_attention_heads_per_layer is None:
+            return self.num_attention_heads
+        return self.num_attention_heads_per_layer[index]
+
+    def layer_intermediate_size(self, index: int) -> int:
+        """FFN neurons of layer `index`."""
+        if self.intermediate_size_per_layer is None:
+            return self.intermediate_size
+        return self.intermediate_size_per_layer[index]
+
+
 @strict
-class EfficientVLMVisionConfig(PreTrainedConfig):
+class EfficientVLMVisionConfig(_PerLayerSizes, PreTrainedConfig):
     r"""
     Configuration of the vision transformer (CLIP ViT style, pre-LN).
 
@@ -47,11 +193,7 @@ class EfficientVLMVisionConfig(PreTrainedConfig):
     intermediate_size_per_layer: list[int] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"The vision hidden size ({self.hidden_size}) is not a multiple of the number of attention heads "
-                f"({self.num_attention_heads})."
-            )
+        self._check_head_width("vision")
         if self.image_size % self.patch_size != 0:
             raise ValueError(
                 f"The image size ({self.image_size}) is not a multiple of the patch size ({self.patch_size})."
@@ -70,25 +212,9 @@ class EfficientVLMVisionConfig(PreTrainedConfig):
         )
         super().__post_init__(**kwargs)
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def layer_heads(self, index: int) -> int:
-        """Number of self-attention heads of layer `index`."""
-        if self.num_attention_heads_per_layer is None:
-            return self.num_attention_heads
-        return self.num_attention_heads_per_layer[index]
-
-    def layer_intermediate_size(self, index: int) -> int:
-        """Number of FFN neurons of layer `index`."""
-        if self.intermediate_size_per_layer is None:
-            return self.intermediate_size
-        return self.intermediate_size_per_layer[index]
-
 
 @strict
-class EfficientVLMTextConfig(PreTrainedConfig):
+class EfficientVLMTextConfig(_PerLayerSizes, PreTrainedConfig):
     r"""
     Configuration of the BERT stack: `num_hidden_layers` text-only layers followed by `num_fusion_layers`
     fusion layers (self-attention, cross-attention to the image, FFN).
@@ -124,11 +250,7 @@ class EfficientVLMTextConfig(PreTrainedConfig):
     intermediate_size_per_layer: list[int] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"The text hidden size ({self.hidden_size}) is not a multiple of the number of attention heads "
-                f"({self.num_attention_heads})."
-            )
+        self._check_head_width("text")
         total = self.num_hidden_layers + self.num_fusion_layers
         _check_per_layer(
             "text_config.num_attention_heads_per_layer",
@@ -146,32 +268,22 @@ class EfficientVLMTextConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def layout(self) -> TextStackLayout:
+        """Which stack layer is a text or a fusion layer (a text config alone never has twin layers)."""
+        return TextStackLayout(self.num_hidden_layers, self.num_fusion_layers)
 
     @property
     def num_total_layers(self) -> int:
-        return self.num_hidden_layers + self.num_fusion_layers
-
-    def layer_heads(self, index: int) -> int:
-        """Self-attention heads of layer `index` of the whole stack."""
-        if self.num_attention_heads_per_layer is None:
-            return self.num_attention_heads
-        return self.num_attention_heads_per_layer[index]
+        return self.layout.num_layers
 
     def layer_cross_heads(self, index: int) -> int:
         """Cross-attention heads of layer `index` of the whole stack (0 for text-only layers)."""
-        if index < self.num_hidden_layers:
+        layout = self.layout
+        if not layout.is_fusion(index):
             return 0
         if self.num_cross_attention_heads_per_layer is None:
             return self.num_attention_heads
-        return self.num_cross_attention_heads_per_layer[index - self.num_hidden_layers]
-
-    def layer_intermediate_size(self, index: int) -> int:
-        """FFN neurons of layer `index` of the whole stack."""
-        if self.intermediate_size_per_layer is None:
-            return self.intermediate_size
-        return self.intermediate_size_per_layer[index]
+        return self.num_cross_attention_heads_per_layer[layout.fusion_index(index)]
 
 
 _TINY_VISION = dict(
@@ -217,7 +329,8 @@ class EfficientVLMConfig(PreTrainedConfig):
         vision_config: the vision transformer ([`EfficientVLMVisionConfig`] or a dict).
         text_config: the text + fusion BERT stack ([`EfficientVLMTextConfig`] or a dict).
         embed_dim: width of the contrastive (ITC) embedding space.
-        temperature: initial value of the learnable ITC temperature.
+        itc_temperature: initial value of the learnable temperature of the image-text contrastive (ITC) loss
+            (called `temperature` before; a saved config with that key still loads).
         max_text_length: longest text (in tokens) the processor produces by default.
         num_answer_decoder_layers: layers of the VQA answer decoder (defaults to the number of fusion layers).
         label_smoothing: label smoothing of the captioning loss (X-VLM fine-tunes with 0.1).
@@ -239,7 +352,7 @@ class EfficientVLMConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     embed_dim: int = 256
-    temperature: float = 0.07
+    itc_temperature: float = 0.07
     max_text_length: int = 40
     num_answer_decoder_layers: int | None = None
     label_smoothing: float = 0.0
@@ -248,16 +361,26 @@ class EfficientVLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
+        # Configs saved before the rename call the ITC temperature `temperature`.
+        legacy_temperature = kwargs.pop("temperature", None)
+        if legacy_temperature is not None:
+            self.itc_temperature = legacy_temperature
         super().__post_init__(**kwargs)
         if self.text_config.encoder_hidden_size != self.vision_config.hidden_size:
             self.text_config.encoder_hidden_size = self.vision_config.hidden_size
-        if not 0 < self.temperature:
-            raise ValueError(f"`temperature` must be positive, got {self.temperature}.")
+        if not 0 < self.itc_temperature:
+            raise ValueError(f"`itc_temperature` must be positive, got {self.itc_temperature}.")
+        TextStackLayout.of(self)  # raises for twin fusion layers of an odd number
         if self.max_text_length > self.text_config.max_position_embeddings:
             raise ValueError(
                 f"`max_text_length` ({self.max_text_length}) exceeds the position table "
                 f"({self.text_config.max_position_embeddings})."
             )
+
+    @property
+    def layout(self) -> TextStackLayout:
+        """Which stack layer is a text or a fusion layer, and the NLVR2 twin pairs (see [`TextStackLayout`])."""
+        return TextStackLayout.of(self)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> EfficientVLMConfig:
@@ -276,4 +399,12 @@ class EfficientVLMConfig(PreTrainedConfig):
         return cls(**kwargs)
 
 
-__all__ = ["EfficientVLMConfig", "EfficientVLMTextConfig", "EfficientVLMVisionConfig", "PRESETS"]
+__all__ = [
+    "PRESETS",
+    "EfficientVLMConfig",
+    "EfficientVLMTextConfig",
+    "EfficientVLMVisionConfig",
+    "TextStackLayout",
+    "has_twin_fusion_layers",
+    "stack_depths",
+]

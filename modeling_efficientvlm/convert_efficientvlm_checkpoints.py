@@ -105,7 +105,7 @@ def convert_official_state_dict(state_dict: dict[str, torch.Tensor], task: str) 
             continue  # a buffer we rebuild
         if name.startswith("vision_encoder."):
             new = _rename_vision(name)
-        elif name == "temp" or name.startswith(("vision_proj.", "text_proj.")):
+        elif name == "temp" or name.startswith(("vision_proj.", "text_proj.")):  # `temp`: the ITC temperature
             new = f"efficientvlm.{name}"
         elif name.startswith(("itm_head.", "bbox_head.")):
             new = name

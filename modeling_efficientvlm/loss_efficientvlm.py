@@ -30,10 +30,10 @@ class ImageTextContrastiveLoss(nn.Module):
     """
 
     def get_logits(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, temperature: torch.Tensor
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, itc_temperature: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`image_embeds`, `text_embeds`: (batch, embed_dim), L2-normalised. Returns (i2t, t2i) logits."""
-        logits_per_image = image_embeds @ text_embeds.t() / temperature
+        logits_per_image = image_embeds @ text_embeds.t() / itc_temperature
         return logits_per_image, logits_per_image.t()
 
     def get_ground_truth(self, image_ids: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -44,10 +44,10 @@ class ImageTextContrastiveLoss(nn.Module):
         self,
         image_embeds: torch.Tensor,
         text_embeds: torch.Tensor,
-        temperature: torch.Tensor,
+        itc_temperature: torch.Tensor,
         image_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        logits_per_image, logits_per_text = self.get_logits(image_embeds, text_embeds, temperature)
+        logits_per_image, logits_per_text = self.get_logits(image_embeds, text_embeds, itc_temperature)
         targets = self.get_ground_truth(image_ids, image_embeds.shape[0], image_embeds.device)
         loss_i2t = -(F.log_softmax(logits_per_image, dim=1) * targets).sum(dim=1).mean()
         loss_t2i = -(F.log_softmax(logits_per_text, dim=1) * targets).sum(dim=1).mean()

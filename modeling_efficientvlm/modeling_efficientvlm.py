@@ -29,9 +29,28 @@ from .loss_efficientvlm import (
 )
 
 # Keys of a structure-mask dict: one list per key with one tensor per layer, shaped (heads,) or (neurons,).
-# `text_*` index the text layers, `fusion_*` the fusion layers of the BERT stack.
-MASK_KEYS = ("vision_heads", "vision_ffn", "text_heads", "text_ffn", "fusion_heads", "fusion_cross_heads", "fusion_ffn")
+# `text_*` index the text layers, `fusion_*` the fusion layers of the BERT stack. Each model takes the keys
+# of the stacks it has: the vision model `VISION_MASK_KEYS`, the text model `TEXT_MASK_KEYS`, the others all.
+VISION_MASK_KEYS = ("vision_heads", "vision_ffn")
+TEXT_MASK_KEYS = ("text_heads", "text_ffn", "fusion_heads", "fusion_cross_heads", "fusion_ffn")
+MASK_KEYS = VISION_MASK_KEYS + TEXT_MASK_KEYS
 StructureMasks = dict[str, list[torch.Tensor | None]]
+
+
+def _check_mask_keys(structure_masks: StructureMasks | None) -> None:
+    unknown = sorted(set(structure_masks or {}) - set(MASK_KEYS))
+    if unknown:
+        raise ValueError(f"Unknown structure-mask keys {unknown}; expected some of {list(MASK_KEYS)}.")
+
+
+def _check_prunable(structure_masks: StructureMasks, sizes: dict[str, list[int]], model_name: str) -> None:
+    """Every key of `structure_masks` names a stack of the model (`sizes`) and has one mask per layer."""
+    _check_mask_keys(structure_masks)
+    for key, masks in structure_masks.items():
+        if key not in sizes:
+            raise ValueError(f"{model_name} has no layers for the structure-mask key {key!r}; it takes {list(sizes)}.")
+        if masks is not None and len(masks) != len(sizes[key]):
+            raise ValueError(f"`{key}` has {len(masks)} masks but the model has {len(sizes[key])} such layers.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -492,7 +511,7 @@ class EfficientVLMTextEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.layer = nn.ModuleList(
-            EfficientVLMTextLayer(config, i, has_cross_attention=i >= config.num_hidden_layers)
+            EfficientVLMTextLayer(config, i, has_cross_attention=config.layout.is_fusion(i))
             for i in range(config.num_total_layers)
         )
 
@@ -511,31 +530,32 @@ class EfficientVLMTextEncoder(nn.Module):
     ) -> EncoderOutput:
         """Runs the layers in `layers` (default: all). Masks are indexed by absolute layer position for
         `head_mask` / `ffn_mask` (length: all layers) and by fusion-layer position for `cross_head_mask`."""
-        layers = range(len(self.layer)) if layers is None else layers
-        num_layers, num_text = len(self.layer), self.config.num_hidden_layers
+        layout = self.config.layout
+        layers = range(layout.num_layers) if layers is None else layers
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn = () if output_attentions else None
-        all_cross = () if output_attentions and layers.stop > num_text else None
+        all_cross = () if output_attentions and any(layout.is_fusion(i) for i in layers) else None
         for i in layers:
+            is_fusion = layout.is_fusion(i)
             hidden_states, self_weights, cross_weights = self.layer[i](
                 hidden_states,
                 attention_mask=attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
                 encoder_attention_mask=encoder_attention_mask,
-                head_mask=_layer_mask(head_mask, i, "text/fusion head masks", num_layers),
+                head_mask=_layer_mask(head_mask, i, "text/fusion head masks", layout.num_layers),
                 cross_head_mask=(
-                    _layer_mask(cross_head_mask, i - num_text, "fusion_cross_heads", num_layers - num_text)
-                    if i >= num_text
+                    _layer_mask(cross_head_mask, layout.fusion_index(i), "fusion_cross_heads", layout.num_fusion_layers)
+                    if is_fusion
                     else None
                 ),
-                ffn_mask=_layer_mask(ffn_mask, i, "text/fusion FFN masks", num_layers),
+                ffn_mask=_layer_mask(ffn_mask, i, "text/fusion FFN masks", layout.num_layers),
                 output_attentions=output_attentions,
             )
             if output_hidden_states:
                 all_hidden += (hidden_states,)
             if output_attentions:
                 all_attn += (self_weights,)
-                if i >= num_text:
+                if is_fusion:
                     all_cross += (cross_weights,)
         return EncoderOutput(
             last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn, cross_attentions=all_cross
@@ -543,24 +563,25 @@ class EfficientVLMTextEncoder(nn.Module):
 
     def prune(
         self,
-        head_masks: list[torch.Tensor | None] | None,
-        cross_head_masks: list[torch.Tensor | None] | None,
-        ffn_masks: list[torch.Tensor | None] | None,
+        head_mask: list[torch.Tensor | None] | None,
+        cross_head_mask: list[torch.Tensor | None] | None,
+        ffn_mask: list[torch.Tensor | None] | None,
     ) -> None:
         """Physically removes masked heads/neurons (masks indexed as in `forward`) and updates the config."""
-        num_text = self.config.num_hidden_layers
+        layout = self.config.layout
         for i, layer in enumerate(self.layer):
-            if head_masks is not None and head_masks[i] is not None:
-                layer.attention = layer.attention.prune(head_masks[i])
-            if ffn_masks is not None and ffn_masks[i] is not None:
-                layer.mlp = layer.mlp.prune(ffn_masks[i])
-            if i >= num_text and cross_head_masks is not None and cross_head_masks[i - num_text] is not None:
-                layer.crossattention = layer.crossattention.prune(cross_head_masks[i - num_text])
+            if head_mask is not None and head_mask[i] is not None:
+                layer.attention = layer.attention.prune(head_mask[i])
+            if ffn_mask is not None and ffn_mask[i] is not None:
+                layer.mlp = layer.mlp.prune(ffn_mask[i])
+            if layout.is_fusion(i) and cross_head_mask is not None:
+                mask = cross_head_mask[layout.fusion_index(i)]
+                if mask is not None:
+                    layer.crossattention = layer.crossattention.prune(mask)
+        fusion_layers = [self.layer[i] for i in layout.fusion_layers]
         self.config.num_attention_heads_per_layer = [layer.attention.num_heads for layer in self.layer]
         self.config.intermediate_size_per_layer = [layer.mlp.intermediate_size for layer in self.layer]
-        self.config.num_cross_attention_heads_per_layer = [
-            layer.crossattention.num_heads for layer in self.layer[num_text:]
-        ]
+        self.config.num_cross_attention_heads_per_layer = [layer.crossattention.num_heads for layer in fusion_layers]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -579,6 +600,16 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EfficientVLMVisionLayer", "EfficientVLMTextLayer"]
     # Our losses are means over the batch: let Trainer scale them under gradient accumulation.
     accepts_loss_kwargs = False
+    # Attribute name of a task model's LM head ([`EfficientVLMLMHead`]), whose decoder is the output embeddings.
+    lm_head_name: str | None = None
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        return None if self.lm_head_name is None else getattr(self, self.lm_head_name).decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        if self.lm_head_name is None:
+            raise AttributeError(f"{type(self).__name__} has no LM head.")
+        getattr(self, self.lm_head_name).decoder = value
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -603,47 +634,29 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (EfficientVLMEmptyAttention, EfficientVLMEmptyMLP)):
             nn.init.zeros_(module.bias)
         elif isinstance(module, EfficientVLMModel):
-            module.temp.fill_(self.config.temperature)
+            module.temp.fill_(self.config.itc_temperature)
 
-    # Structured pruning. Task models hold an `EfficientVLMModel` as `self.efficientvlm` and delegate to it;
-    # a task model with more prunable structures (e.g. NLVR2's second cross-attention) overrides these.
+    # Structured pruning, one signature on every model. The encoders implement it; task models hold an
+    # `EfficientVLMModel` as `self.efficientvlm` and delegate to it; a task model with more prunable
+    # structures (e.g. NLVR2's shared cross-attention) overrides these.
     def structure_sizes(self) -> dict[str, list[int]]:
-        """Per-layer number of heads / FFN neurons for each key of `MASK_KEYS`."""
+        """Per-layer number of heads / FFN neurons for each structure-mask key of the model's stacks (the
+        vision model: `VISION_MASK_KEYS`, the text model: `TEXT_MASK_KEYS`, the others: `MASK_KEYS`)."""
         return self.efficientvlm.structure_sizes()
 
     def structure_unit_parameters(self) -> dict[str, list[int]]:
-        """Per-layer number of parameters one head / FFN neuron carries, for each key of `MASK_KEYS`:
+        """Per-layer number of parameters one head / FFN neuron carries, for each key of `structure_sizes()`:
         removing `n` units of layer `i` of `key` removes exactly `n * result[key][i]` parameters."""
         return self.efficientvlm.structure_unit_parameters()
 
     def prune(self, structure_masks: StructureMasks) -> None:
-        """Physically removes every head / FFN neuron whose mask is zero; see [`EfficientVLMModel.prune`]."""
+        """Removes every head / FFN neuron whose mask is zero, folds the surviving mask values into the
+        weights (the outputs are unchanged) and records the new per-layer sizes in the config, so
+        `save_pretrained` / `from_pretrained` rebuild the smaller model.
+
+        `structure_masks` maps keys of `structure_sizes()` to one mask (or None) per layer; a key of a stack
+        the model does not have raises."""
         self.efficientvlm.prune(structure_masks)
-
-
-def split_structure_masks(masks: StructureMasks | None, text_config: EfficientVLMTextConfig):
-    """Structure-mask dict -> (vision heads, vision ffn, stack heads, stack cross heads, stack ffn) lists."""
-    if masks is None:
-        return None, None, None, None, None
-    unknown = set(masks) - set(MASK_KEYS)
-    if unknown:
-        raise ValueError(f"Unknown structure-mask keys {sorted(unknown)}; expected some of {list(MASK_KEYS)}.")
-
-    def stack(text_key: str, fusion_key: str) -> list | None:
-        text, fusion = masks.get(text_key), masks.get(fusion_key)
-        if text is None and fusion is None:
-            return None
-        text = list(text) if text is not None else [None] * text_config.num_hidden_layers
-        fusion = list(fusion) if fusion is not None else [None] * text_config.num_fusion_layers
-        return text + fusion
-
-    return (
-        masks.get("vision_heads"),
-        masks.get("vision_ffn"),
-        stack("text_heads", "fusion_heads"),
-        masks.get("fusion_cross_heads"),
-        stack("text_ffn", "fusion_ffn"),
-    )
 
 
 class EfficientVLMVisionModel(EfficientVLMPreTrainedModel):
@@ -690,8 +703,31 @@ class EfficientVLMVisionModel(EfficientVLMPreTrainedModel):
             last_hidden_state=self.post_layernorm(hidden_states), hidden_states=all_hidden, attentions=all_attn
         )
 
-    def prune(self, head_masks: list[torch.Tensor | None] | None, ffn_masks: list[torch.Tensor | None] | None) -> None:
-        """Physically removes masked heads/neurons and records the new per-layer sizes in the config."""
+    def layer_masks(self, structure_masks: StructureMasks | None) -> dict[str, list[torch.Tensor | None] | None]:
+        """The `head_mask` / `ffn_mask` arguments of `forward` from a structure-mask dict (keys of the other
+        stacks are ignored, so one dict serves every encoder)."""
+        _check_mask_keys(structure_masks)
+        masks = structure_masks or {}
+        return {"head_mask": masks.get("vision_heads"), "ffn_mask": masks.get("vision_ffn")}
+
+    def structure_sizes(self) -> dict[str, list[int]]:
+        return {
+            "vision_heads": [layer.self_attn.num_heads for layer in self.layers],
+            "vision_ffn": [layer.mlp.intermediate_size for layer in self.layers],
+        }
+
+    def structure_unit_parameters(self) -> dict[str, list[int]]:
+        config, depth = self.config, len(self.layers)
+        return {
+            "vision_heads": [attention_head_parameters(config.head_dim, config.hidden_size, config.hidden_size)]
+            * depth,
+            "vision_ffn": [ffn_neuron_parameters(config.hidden_size)] * depth,
+        }
+
+    def prune(self, structure_masks: StructureMasks) -> None:
+        _check_prunable(structure_masks, self.structure_sizes(), type(self).__name__)
+        masks = self.layer_masks(structure_masks)
+        head_masks, ffn_masks = masks["head_mask"], masks["ffn_mask"]
         for i, layer in enumerate(self.layers):
             if head_masks is not None and head_masks[i] is not None:
                 layer.self_attn = layer.self_attn.prune(head_masks[i])
@@ -703,7 +739,7 @@ class EfficientVLMVisionModel(EfficientVLMPreTrainedModel):
 
 class EfficientVLMTextModel(EfficientVLMPreTrainedModel):
     """The BERT stack alone. `mode="text"` runs the text layers, `"fusion"` the fusion layers on given
-    text states, `"multimodal"` both (fusion needs `encoder_hidden_states`)."""
+    text states (`text_hidden_states`), `"multimodal"` both (fusion needs `encoder_hidden_states`)."""
 
     config_class = EfficientVLMTextConfig
     main_input_name = "input_ids"
@@ -726,7 +762,7 @@ class EfficientVLMTextModel(EfficientVLMPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
+        text_hidden_states: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         mode: str = "text",
@@ -738,21 +774,21 @@ class EfficientVLMTextModel(EfficientVLMPreTrainedModel):
         output_hidden_states: bool = False,
         **kwargs,
     ) -> EncoderOutput:
-        """input_ids: (batch, seq); in `fusion` mode `inputs_embeds` (batch, seq, hidden) are the text
-        encoder's output; encoder_hidden_states: (batch, image_len, encoder_hidden_size);
+        """input_ids: (batch, seq); in `fusion` mode `text_hidden_states` (batch, seq, hidden) are the text
+        layers' output; encoder_hidden_states: (batch, image_len, encoder_hidden_size);
         attention_mask / encoder_attention_mask: 1 for tokens to attend to, 0 for padding."""
-        num_text = self.config.num_hidden_layers
+        layout = self.config.layout
         layers = {
-            "text": range(0, num_text),
-            "fusion": range(num_text, self.config.num_total_layers),
-            "multimodal": range(0, self.config.num_total_layers),
+            "text": layout.text_layers,
+            "fusion": layout.fusion_layers,
+            "multimodal": range(layout.num_layers),
         }.get(mode)
         if layers is None:
             raise ValueError(f"`mode` must be 'text', 'fusion' or 'multimodal'; got {mode!r}.")
         if mode == "fusion":
-            if inputs_embeds is None:
-                raise ValueError("`mode='fusion'` needs the text encoder's output as `inputs_embeds`.")
-            hidden_states = inputs_embeds
+            if text_hidden_states is None:
+                raise ValueError("`mode='fusion'` needs the text layers' output as `text_hidden_states`.")
+            hidden_states = text_hidden_states
         else:
             if input_ids is None:
                 raise ValueError(f"`mode={mode!r}` needs `input_ids`.")
@@ -780,6 +816,53 @@ class EfficientVLMTextModel(EfficientVLMPreTrainedModel):
             output_hidden_states=output_hidden_states,
         )
 
+    def layer_masks(self, structure_masks: StructureMasks | None) -> dict[str, list[torch.Tensor | None] | None]:
+        """The `head_mask` / `cross_head_mask` / `ffn_mask` arguments of `forward` (lists over the whole stack,
+        over the fusion layers for `cross_head_mask`) from a structure-mask dict (other stacks' keys ignored)."""
+        _check_mask_keys(structure_masks)
+        masks, layout = structure_masks or {}, self.config.layout
+
+        def whole_stack(text_key: str, fusion_key: str) -> list[torch.Tensor | None] | None:
+            text, fusion = masks.get(text_key), masks.get(fusion_key)
+            if text is None and fusion is None:
+                return None
+            text = list(text) if text is not None else [None] * layout.num_text_layers
+            return text + (list(fusion) if fusion is not None else [None] * layout.num_fusion_layers)
+
+        return {
+            "head_mask": whole_stack("text_heads", "fusion_heads"),
+            "cross_head_mask": masks.get("fusion_cross_heads"),
+            "ffn_mask": whole_stack("text_ffn", "fusion_ffn"),
+        }
+
+    def structure_sizes(self) -> dict[str, list[int]]:
+        layout, stack = self.config.layout, self.encoder.layer
+        text, fusion = layout.split(stack)
+        return {
+            "text_heads": [layer.attention.num_heads for layer in text],
+            "text_ffn": [layer.mlp.intermediate_size for layer in text],
+            "fusion_heads": [layer.attention.num_heads for layer in fusion],
+            "fusion_cross_heads": [layer.crossattention.num_heads for layer in fusion],
+            "fusion_ffn": [layer.mlp.intermediate_size for layer in fusion],
+        }
+
+    def structure_unit_parameters(self) -> dict[str, list[int]]:
+        config, layout = self.config, self.config.layout
+        head = attention_head_parameters(config.head_dim, config.hidden_size, config.hidden_size)
+        cross_head = attention_head_parameters(config.head_dim, config.hidden_size, config.encoder_hidden_size)
+        neuron = ffn_neuron_parameters(config.hidden_size)
+        return {
+            "text_heads": [head] * layout.num_text_layers,
+            "text_ffn": [neuron] * layout.num_text_layers,
+            "fusion_heads": [head] * layout.num_fusion_layers,
+            "fusion_cross_heads": [cross_head] * layout.num_fusion_layers,
+            "fusion_ffn": [neuron] * layout.num_fusion_layers,
+        }
+
+    def prune(self, structure_masks: StructureMasks) -> None:
+        _check_prunable(structure_masks, self.structure_sizes(), type(self).__name__)
+        self.encoder.prune(**self.layer_masks(structure_masks))
+
 
 @dataclass
 class EfficientVLMModelOutput(ModelOutput):
@@ -789,7 +872,7 @@ class EfficientVLMModelOutput(ModelOutput):
     text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
         L2-normalised ITC embedding of each text.
     logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
-        Image-to-text ITC similarities divided by the temperature.
+        Image-to-text ITC similarities divided by the ITC temperature.
     logits_per_text (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
         The transpose of `logits_per_image`.
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
@@ -809,7 +892,7 @@ class EfficientVLMModelOutput(ModelOutput):
 
 
 class EfficientVLMModel(EfficientVLMPreTrainedModel):
-    """Vision transformer, text/fusion BERT stack, ITC projections and temperature."""
+    """Vision transformer, text/fusion BERT stack, ITC projections and ITC temperature."""
 
     def __init__(self, config: EfficientVLMConfig) -> None:
         super().__init__(config)
@@ -817,7 +900,8 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         self.text_model = EfficientVLMTextModel(config.text_config)
         self.vision_proj = nn.Linear(config.vision_config.hidden_size, config.embed_dim)
         self.text_proj = nn.Linear(config.text_config.hidden_size, config.embed_dim)
-        self.temp = nn.Parameter(torch.tensor(config.temperature))
+        # `temp` is the official checkpoints' name of the learnable ITC temperature.
+        self.temp = nn.Parameter(torch.tensor(config.itc_temperature))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -827,8 +911,8 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         self.text_model.set_input_embeddings(value)
 
     @property
-    def temperature(self) -> torch.Tensor:
-        # Clamped as in X-VLM so the learnable temperature cannot collapse or explode.
+    def itc_temperature(self) -> torch.Tensor:
+        """The learnable ITC temperature, clamped as in X-VLM so it cannot collapse or explode."""
         return self.temp.clamp(0.001, 0.5)
 
     # -- the three building blocks every task model composes ------------------------------------------------
@@ -841,9 +925,12 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         interpolate_pos_encoding: bool = False,
     ) -> EncoderOutput:
         """pixel_values: (batch, channels, height, width) -> image tokens (batch, 1 + patches, vision_hidden)."""
-        vision_heads, vision_ffn, *_ = split_structure_masks(structure_masks, self.config.text_config)
         return self.vision_model(
-            pixel_values, vision_heads, vision_ffn, output_attentions, output_hidden_states, interpolate_pos_encoding
+            pixel_values,
+            **self.vision_model.layer_masks(structure_masks),
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
         )
 
     def encode_text(
@@ -855,13 +942,11 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         output_hidden_states: bool = False,
     ) -> EncoderOutput:
         """input_ids: (batch, seq) -> text states (batch, seq, text_hidden) from the text layers."""
-        _, _, heads, _, ffn = split_structure_masks(structure_masks, self.config.text_config)
         return self.text_model(
             input_ids,
             attention_mask,
             mode="text",
-            head_mask=heads,
-            ffn_mask=ffn,
+            **self.text_model.layer_masks(structure_masks),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
@@ -878,19 +963,45 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
     ) -> EncoderOutput:
         """Runs the fusion layers: text_states (batch, seq, hidden) cross-attend to image_states
         (batch, image_len, vision_hidden)."""
-        _, _, heads, cross_heads, ffn = split_structure_masks(structure_masks, self.config.text_config)
         return self.text_model(
             attention_mask=attention_mask,
-            inputs_embeds=text_states,
+            text_hidden_states=text_states,
             encoder_hidden_states=image_states,
             encoder_attention_mask=image_attention_mask,
             mode="fusion",
-            head_mask=heads,
-            cross_head_mask=cross_heads,
-            ffn_mask=ffn,
+            **self.text_model.layer_masks(structure_masks),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
+
+    def encode_image_text(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        structure_masks: StructureMasks | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+        images_per_text: int = 1,
+    ) -> tuple[EncoderOutput, EncoderOutput, torch.Tensor]:
+        """The prologue of every image-text task: images (images_per_text * batch, channels, height, width) and
+        texts (batch, seq) -> their encoder outputs and the text attention mask (all ones when none is given).
+
+        With `images_per_text > 1` (NLVR2), image `k * batch + i` belongs to text `i`."""
+        if pixel_values.dim() == 4 and input_ids.dim() == 2:  # other shapes get the encoders' own errors
+            num_images, num_texts = pixel_values.shape[0], input_ids.shape[0]
+            if num_images != images_per_text * num_texts:
+                per_text = f" ({images_per_text} per text)" if images_per_text > 1 else ""
+                raise ValueError(f"Batch sizes differ: {num_images} images{per_text} but {num_texts} texts.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        vision = self.encode_image(
+            pixel_values, structure_masks, interpolate_pos_encoding=interpolate_pos_encoding, **flags
+        )
+        text = self.encode_text(input_ids, attention_mask, structure_masks, **flags)
+        return vision, text, attention_mask
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """(batch, channels, height, width) -> L2-normalised ITC image embeddings (batch, embed_dim)."""
@@ -915,16 +1026,18 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
     ) -> EfficientVLMModelOutput:
         """Encodes images (batch, channels, height, width) and their texts (batch, seq), returns ITC
         embeddings/similarities and the fused text states."""
-        if pixel_values.dim() == 4 and input_ids.dim() == 2 and pixel_values.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"Batch sizes differ: {pixel_values.shape[0]} images but {input_ids.shape[0]} texts.")
         flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        vision = self.encode_image(
-            pixel_values, structure_masks, interpolate_pos_encoding=interpolate_pos_encoding, **flags
+        vision, text, attention_mask = self.encode_image_text(
+            pixel_values,
+            input_ids,
+            attention_mask,
+            structure_masks,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            **flags,
         )
-        text = self.encode_text(input_ids, attention_mask, structure_masks, **flags)
         image_embeds = itc_embedding(self.vision_proj, vision.last_hidden_state)
         text_embeds = itc_embedding(self.text_proj, text.last_hidden_state)
-        logits_per_image = image_embeds @ text_embeds.t() / self.temperature
+        logits_per_image = image_embeds @ text_embeds.t() / self.itc_temperature
         fusion = self.fuse(
             text.last_hidden_state, attention_mask, vision.last_hidden_state, None, structure_masks, **flags
         )
@@ -939,53 +1052,17 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
             fusion_output=fusion,
         )
 
-    # -- structured pruning -------------------------------------------------------------------------------
+    # -- structured pruning: each encoder owns its stacks' keys -----------------------------------------------
     def structure_sizes(self) -> dict[str, list[int]]:
-        """Current per-layer number of heads / FFN neurons for each key of [`MASK_KEYS`]."""
-        vision, text_cfg = self.vision_model.layers, self.config.text_config
-        stack = self.text_model.encoder.layer
-        num_text = text_cfg.num_hidden_layers
-        return {
-            "vision_heads": [layer.self_attn.num_heads for layer in vision],
-            "vision_ffn": [layer.mlp.intermediate_size for layer in vision],
-            "text_heads": [layer.attention.num_heads for layer in stack[:num_text]],
-            "text_ffn": [layer.mlp.intermediate_size for layer in stack[:num_text]],
-            "fusion_heads": [layer.attention.num_heads for layer in stack[num_text:]],
-            "fusion_cross_heads": [layer.crossattention.num_heads for layer in stack[num_text:]],
-            "fusion_ffn": [layer.mlp.intermediate_size for layer in stack[num_text:]],
-        }
+        return {**self.vision_model.structure_sizes(), **self.text_model.structure_sizes()}
 
     def structure_unit_parameters(self) -> dict[str, list[int]]:
-        vision, text = self.config.vision_config, self.config.text_config
-        return {
-            "vision_heads": [attention_head_parameters(vision.head_dim, vision.hidden_size, vision.hidden_size)]
-            * vision.num_hidden_layers,
-            "vision_ffn": [ffn_neuron_parameters(vision.hidden_size)] * vision.num_hidden_layers,
-            "text_heads": [attention_head_parameters(text.head_dim, text.hidden_size, text.hidden_size)]
-            * text.num_hidden_layers,
-            "text_ffn": [ffn_neuron_parameters(text.hidden_size)] * text.num_hidden_layers,
-            "fusion_heads": [attention_head_parameters(text.head_dim, text.hidden_size, text.hidden_size)]
-            * text.num_fusion_layers,
-            "fusion_cross_heads": [attention_head_parameters(text.head_dim, text.hidden_size, text.encoder_hidden_size)]
-            * text.num_fusion_layers,
-            "fusion_ffn": [ffn_neuron_parameters(text.hidden_size)] * text.num_fusion_layers,
-        }
+        return {**self.vision_model.structure_unit_parameters(), **self.text_model.structure_unit_parameters()}
 
     def prune(self, structure_masks: StructureMasks) -> None:
-        """Removes every head / FFN neuron whose mask is zero, folds the surviving mask values into the
-        weights (the outputs are unchanged) and records the new per-layer sizes in the config, so
-        `save_pretrained` / `from_pretrained` rebuild the smaller model."""
-        sizes = self.structure_sizes()
-        for key, masks in structure_masks.items():
-            if key not in sizes:
-                raise ValueError(f"Unknown structure-mask key {key!r}; expected some of {list(MASK_KEYS)}.")
-            if masks is not None and len(masks) != len(sizes[key]):
-                raise ValueError(f"`{key}` has {len(masks)} masks but the model has {len(sizes[key])} such layers.")
-        vision_heads, vision_ffn, heads, cross_heads, ffn = split_structure_masks(
-            structure_masks, self.config.text_config
-        )
-        self.vision_model.prune(vision_heads, vision_ffn)
-        self.text_model.encoder.prune(heads, cross_heads, ffn)
+        _check_prunable(structure_masks, self.structure_sizes(), type(self).__name__)
+        for encoder, keys in ((self.vision_model, VISION_MASK_KEYS), (self.text_model, TEXT_MASK_KEYS)):
+            encoder.prune({key: masks for key, masks in structure_masks.items() if key in keys})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1026,23 +1103,48 @@ class EfficientVLMLMHead(nn.Module):
 
 
 @dataclass
-class EfficientVLMContrastiveMatchingOutput(ModelOutput):
+class EfficientVLMTaskOutput(ModelOutput):
     """
+    The fields every task model's output starts with.
+
+    loss (`torch.FloatTensor` of shape `()`):
+        The task loss, when computed.
+    logits (`torch.FloatTensor`):
+        The task prediction (its shape is documented by each task's output).
+    vision_output, text_output ([`EncoderOutput`]): the vision encoder on the images, the text layers on the texts.
+    fusion_output ([`EncoderOutput`]): the fusion layers.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    vision_output: EncoderOutput | None = None
+    text_output: EncoderOutput | None = None
+    fusion_output: EncoderOutput | None = None
+
+
+@dataclass
+class EfficientVLMImageTextMatchingOutput(ModelOutput):
+    """
+    The fields of X-VLM's ITC + ITM with hard negatives, shared by the outputs of every model that trains them.
+
+    loss (`torch.FloatTensor` of shape `()`):
+        The model's loss: `loss_itc + loss_itm`, plus any other term the model computes.
     loss_itc, loss_itm (`torch.FloatTensor` of shape `()`):
         Image-text contrastive and image-text matching losses (`None` when not computed).
     logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
-        ITC similarities divided by the temperature.
+        ITC similarities divided by the ITC temperature.
     itm_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`):
         Matching logits of the positive pairs, then (image, hard negative text), then (hard negative image, text).
     itm_labels (`torch.LongTensor` of shape `(3 * batch_size,)`):
         1 for the positive pairs, 0 for the negatives.
     negative_text_index, negative_image_index (`torch.LongTensor` of shape `(batch_size,)`):
-        The hard negatives: for image i the index of its negative text, for text j that of its negative image.
+        The hard negatives: for image i the index of its negative text, for text j that of its negative image;
+        pass them back as `itm_negatives` to reuse them (e.g. for a teacher).
     image_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
         L2-normalised ITC embeddings.
-    itm_fusion_output ([`EncoderOutput`]): fusion layers on the 3 * batch_size ITM pairs.
     """
 
+    loss: torch.FloatTensor | None = None
     loss_itc: torch.FloatTensor | None = None
     loss_itm: torch.FloatTensor | None = None
     logits_per_image: torch.FloatTensor | None = None
@@ -1052,6 +1154,16 @@ class EfficientVLMContrastiveMatchingOutput(ModelOutput):
     negative_image_index: torch.LongTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class EfficientVLMContrastiveMatchingOutput(EfficientVLMImageTextMatchingOutput):
+    """
+    The fields of [`EfficientVLMImageTextMatchingOutput`], and:
+
+    itm_fusion_output ([`EncoderOutput`]): fusion layers on the 3 * batch_size ITM pairs.
+    """
+
     itm_fusion_output: EncoderOutput | None = None
 
 
@@ -1106,9 +1218,9 @@ def image_text_contrastive_matching(
     """
     image_embeds = itc_embedding(backbone.vision_proj, image_states)
     text_embeds = itc_embedding(backbone.text_proj, text_states)
-    temperature = backbone.temperature
-    logits_per_image = image_embeds @ text_embeds.t() / temperature
-    loss_itc = itc_loss(image_embeds, text_embeds, temperature, image_ids) if compute_loss else None
+    itc_temperature = backbone.itc_temperature
+    logits_per_image = image_embeds @ text_embeds.t() / itc_temperature
+    loss_itc = itc_loss(image_embeds, text_embeds, itc_temperature, image_ids) if compute_loss else None
 
     # ITM: positives, then each image with a hard negative text, then each text with a hard negative image
     if itm_negatives is None:
@@ -1128,6 +1240,7 @@ def image_text_contrastive_matching(
     itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(itm_logits.device)
     loss_itm = F.cross_entropy(itm_logits, itm_labels) if compute_loss else None
     return EfficientVLMContrastiveMatchingOutput(
+        loss=loss_itc + loss_itm if compute_loss else None,
         loss_itc=loss_itc,
         loss_itm=loss_itm,
         logits_per_image=logits_per_image,
@@ -1142,48 +1255,27 @@ def image_text_contrastive_matching(
 
 
 @dataclass
-class EfficientVLMForPreTrainingOutput(ModelOutput):
+class EfficientVLMForPreTrainingOutput(EfficientVLMContrastiveMatchingOutput):
     """
-    loss (`torch.FloatTensor` of shape `()`):
-        Sum of the terms whose inputs were given.
-    loss_itc, loss_itm, loss_mlm (`torch.FloatTensor` of shape `()`):
-        Image-text contrastive, image-text matching and masked language modelling losses.
+    The fields of [`EfficientVLMContrastiveMatchingOutput`] (`loss` sums every term whose inputs were given),
+    and:
+
+    loss_mlm (`torch.FloatTensor` of shape `()`):
+        Masked language modelling loss.
     loss_bbox, loss_giou (`torch.FloatTensor` of shape `()`):
         Grounding losses (L1 and generalised IoU), when `target_bbox` is given.
-    logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
-        ITC similarities divided by the temperature.
-    itm_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`):
-        Matching logits of the positive pairs, then (image, hard negative text), then (hard negative image, text).
-    itm_labels (`torch.LongTensor` of shape `(3 * batch_size,)`):
-        1 for the positive pairs, 0 for the negatives.
-    negative_text_index, negative_image_index (`torch.LongTensor` of shape `(batch_size,)`):
-        The sampled hard negatives; pass them back as `itm_negatives` to reuse them (e.g. for a teacher).
     mlm_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
         Predictions on the masked text.
-    image_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
-        L2-normalised ITC embeddings.
     vision_output, text_output ([`EncoderOutput`]): encoders on the images and the clean texts.
-    itm_fusion_output ([`EncoderOutput`]): fusion layers on the 3 * batch_size ITM pairs.
     mlm_text_output, mlm_fusion_output ([`EncoderOutput`]): text and fusion layers on the masked texts.
     """
 
-    loss: torch.FloatTensor | None = None
-    loss_itc: torch.FloatTensor | None = None
-    loss_itm: torch.FloatTensor | None = None
     loss_mlm: torch.FloatTensor | None = None
     loss_bbox: torch.FloatTensor | None = None
     loss_giou: torch.FloatTensor | None = None
-    logits_per_image: torch.FloatTensor | None = None
-    itm_logits: torch.FloatTensor | None = None
-    itm_labels: torch.LongTensor | None = None
-    negative_text_index: torch.LongTensor | None = None
-    negative_image_index: torch.LongTensor | None = None
     mlm_logits: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
-    text_embeds: torch.FloatTensor | None = None
     vision_output: EncoderOutput | None = None
     text_output: EncoderOutput | None = None
-    itm_fusion_output: EncoderOutput | None = None
     mlm_text_output: EncoderOutput | None = None
     mlm_fusion_output: EncoderOutput | None = None
 
@@ -1192,6 +1284,7 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
     """X-VLM pre-training: ITC, ITM with hard negatives and MLM on the fused text."""
 
     _tied_weights_keys = {"mlm_head.decoder.weight": "efficientvlm.text_model.embeddings.word_embeddings.weight"}
+    lm_head_name = "mlm_head"
 
     def __init__(self, config: EfficientVLMConfig) -> None:
         super().__init__(config)
@@ -1202,12 +1295,6 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
         self.bbox_head = EfficientVLMITMHead(config.text_config.hidden_size, num_outputs=4)
         self.itc_loss = ImageTextContrastiveLoss()
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.mlm_head.decoder
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.mlm_head.decoder = value
 
     def forward(
         self,
@@ -1232,16 +1319,16 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
         itm_negatives: optional `(negative_text_index, negative_image_index)` to reuse instead of sampling;
         target_bbox: (batch, 4) optional normalised (cx, cy, w, h) box each text describes, for grounding.
         """
-        if pixel_values.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"Batch sizes differ: {pixel_values.shape[0]} images but {input_ids.shape[0]} texts.")
         model = self.efficientvlm
         flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        vision = model.encode_image(
-            pixel_values, structure_masks, interpolate_pos_encoding=interpolate_pos_encoding, **flags
+        vision, text, attention_mask = model.encode_image_text(
+            pixel_values,
+            input_ids,
+            attention_mask,
+            structure_masks,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            **flags,
         )
-        text = model.encode_text(input_ids, attention_mask, structure_masks, **flags)
         image_states, text_states = vision.last_hidden_state, text.last_hidden_state
 
         matching = image_text_contrastive_matching(
@@ -1275,28 +1362,18 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
             predicted_bbox = self.bbox_head(itm_fusion.last_hidden_state[:batch, 0]).sigmoid()
             loss_bbox, loss_giou = box_regression_loss(predicted_bbox, target_bbox.to(predicted_bbox.dtype))
 
-        loss = matching.loss_itc + matching.loss_itm
+        loss = matching.loss
         for term in (loss_mlm, loss_bbox, loss_giou):
             if term is not None:
                 loss = loss + term
         return EfficientVLMForPreTrainingOutput(
-            loss=loss,
-            loss_itc=matching.loss_itc,
-            loss_itm=matching.loss_itm,
+            **{**matching, "loss": loss},
             loss_mlm=loss_mlm,
             loss_bbox=loss_bbox,
             loss_giou=loss_giou,
-            logits_per_image=matching.logits_per_image,
-            itm_logits=matching.itm_logits,
-            itm_labels=matching.itm_labels,
-            negative_text_index=matching.negative_text_index,
-            negative_image_index=matching.negative_image_index,
             mlm_logits=mlm_logits,
-            image_embeds=matching.image_embeds,
-            text_embeds=matching.text_embeds,
             vision_output=vision,
             text_output=text,
-            itm_fusion_output=itm_fusion,
             mlm_text_output=mlm_text,
             mlm_fusion_output=mlm_fusion,
         )
@@ -1304,11 +1381,14 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
 
 __all__ = [
     "MASK_KEYS",
+    "TEXT_MASK_KEYS",
+    "VISION_MASK_KEYS",
     "EfficientVLMContrastiveMatchingOutput",
+    "EfficientVLMImageTextMatchingOutput",
+    "EfficientVLMTaskOutput",
     "image_text_contrastive_matching",
     "image_text_matching_logits",
     "itc_embedding",
-    "split_structure_masks",
     "attention_head_parameters",
     "ffn_neuron_parameters",
     "EfficientVLMAttention",

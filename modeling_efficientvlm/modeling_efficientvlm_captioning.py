@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
@@ -23,7 +22,6 @@ from .modeling_efficientvlm import (
     EfficientVLMPreTrainedModel,
     EncoderOutput,
     StructureMasks,
-    split_structure_masks,
 )
 from .modeling_efficientvlm_decoder import (
     EfficientVLMDecoderGenerationMixin,
@@ -64,6 +62,7 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
 
     generation_config_class = TextDecoderGenerationConfig
     _tied_weights_keys = {"lm_head.decoder.weight": "efficientvlm.text_model.embeddings.word_embeddings.weight"}
+    lm_head_name = "lm_head"
 
     def __init__(self, config: EfficientVLMConfig) -> None:
         super().__init__(config)
@@ -71,12 +70,6 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
         self.lm_head = EfficientVLMLMHead(config.text_config)
         self.post_init()
         self.generation_config.max_new_tokens = config.max_text_length
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head.decoder = value
 
     def forward(
         self,
@@ -111,16 +104,14 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
                 interpolate_pos_encoding=interpolate_pos_encoding,
             )
             image_embeds = vision.last_hidden_state
-        _, _, heads, cross_heads, ffn = split_structure_masks(structure_masks, self.config.text_config)
-        text = self.efficientvlm.text_model(
+        text_model = self.efficientvlm.text_model
+        text = text_model(
             input_ids,
             attention_mask,
             encoder_hidden_states=image_embeds,
             mode="multimodal",
             is_causal=True,
-            head_mask=heads,
-            cross_head_mask=cross_heads,
-            ffn_mask=ffn,
+            **text_model.layer_masks(structure_masks),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )

@@ -113,8 +113,7 @@ def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 class TextDecoderGenerationConfig(GenerationConfig):
     """Builds a model's default generation config from its text config alone: [CLS] starts, [SEP] ends,
-    [PAD] pads, no cache. (The generic builder would also copy the top-level config's ITC `temperature` as a
-    sampling temperature.)"""
+    [PAD] pads, no cache."""
 
     @classmethod
     def from_model_config(cls, model_config: EfficientVLMConfig) -> GenerationConfig:

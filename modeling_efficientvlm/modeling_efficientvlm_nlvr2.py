@@ -9,8 +9,9 @@ reads the fused [CLS]. Following that code keeps official NLVR2 checkpoints conv
 setup reproducible.
 
 In this package the twin stack is an ordinary `EfficientVLMModel` whose config has `2 * F` fusion layers
-and `twin_fusion_layers = True`; [`twin_fusion_config`] derives it from a single-image config, so
-`EfficientVLMForVisualReasoning(pretraining_config)` and `from_pretrained(pretraining_folder)` both work.
+and `twin_fusion_layers = True` (its `config.layout` knows the pairs); [`twin_fusion_config`] derives it from a
+single-image config, so `EfficientVLMForVisualReasoning(pretraining_config)` and
+`from_pretrained(pretraining_folder)` both work.
 
 Structured pruning: the self-attention heads and FFN neurons of every fusion layer are masked one layer at
 a time (`fusion_heads` / `fusion_ffn`: one mask per layer, 2 * F). A cross-attention head owns key/value rows
@@ -28,63 +29,50 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
-from transformers.utils import ModelOutput
 
-from .configuration_efficientvlm import EfficientVLMConfig
+from .configuration_efficientvlm import EfficientVLMConfig, TextStackLayout, has_twin_fusion_layers
 from .modeling_efficientvlm import (
     EfficientVLMAttention,
     EfficientVLMITMHead,
     EfficientVLMModel,
     EfficientVLMPreTrainedModel,
+    EfficientVLMTaskOutput,
     EncoderOutput,
     StructureMasks,
     extended_attention_mask,
-    split_structure_masks,
 )
 
-# Set on an `EfficientVLMConfig` whose fusion layers are twin pairs (layer 2i: left image, 2i + 1: right image).
-TWIN_FUSION_ATTRIBUTE = "twin_fusion_layers"
 _TWIN_SHARED_PARAMETERS = ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")
 # `from_pretrained` keyword arguments that locate a checkpoint's config.
 _CONFIG_LOCATION_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
-def _twice(values: list[int]) -> list[int]:
-    return [value for value in values for _ in range(2)]
-
-
 def twin_fusion_config(config: EfficientVLMConfig) -> EfficientVLMConfig:
     """The NLVR2 config of a single-image `config`: every fusion layer i becomes twin layers 2i and 2i + 1
     with its sizes, and `twin_fusion_layers` is set. Returns a new config; `config` is unchanged."""
-    if getattr(config, TWIN_FUSION_ATTRIBUTE, False):
+    if has_twin_fusion_layers(config):
         raise ValueError("This config already has twin fusion layers (`twin_fusion_layers=True`).")
     config = copy.deepcopy(config)
     text = config.text_config
-    num_text = text.num_hidden_layers
-    if text.num_attention_heads_per_layer is not None:
-        heads = text.num_attention_heads_per_layer
-        text.num_attention_heads_per_layer = heads[:num_text] + _twice(heads[num_text:])
-    if text.intermediate_size_per_layer is not None:
-        sizes = text.intermediate_size_per_layer
-        text.intermediate_size_per_layer = sizes[:num_text] + _twice(sizes[num_text:])
+    single = text.layout
+    twin = TextStackLayout(single.num_text_layers, 2 * single.num_fusion_layers, twin_fusion_layers=True)
+    for name in ("num_attention_heads_per_layer", "intermediate_size_per_layer"):
+        if getattr(text, name) is not None:
+            text_values, fusion_values = single.split(getattr(text, name))
+            setattr(text, name, text_values + twin.layer_values(fusion_values))
     if text.num_cross_attention_heads_per_layer is not None:
-        text.num_cross_attention_heads_per_layer = _twice(text.num_cross_attention_heads_per_layer)
-    text.num_fusion_layers = 2 * text.num_fusion_layers
-    setattr(config, TWIN_FUSION_ATTRIBUTE, True)
+        text.num_cross_attention_heads_per_layer = twin.layer_values(text.num_cross_attention_heads_per_layer)
+    text.num_fusion_layers = twin.num_fusion_layers
+    config.twin_fusion_layers = True
     # The source checkpoint's auto classes and architecture name another task's model.
     config.auto_map, config.architectures = None, None
     return config
 
 
 def _check_twin_config(config: EfficientVLMConfig) -> None:
-    text = config.text_config
-    if text.num_fusion_layers % 2:
-        raise ValueError(
-            f"A config with `twin_fusion_layers=True` needs an even number of fusion layers; "
-            f"got {text.num_fusion_layers}."
-        )
-    cross = [text.layer_cross_heads(i) for i in range(text.num_hidden_layers, text.num_total_layers)]
-    if cross[0::2] != cross[1::2]:
+    layout = config.layout  # raises for an odd number of fusion layers
+    cross = [config.text_config.layer_cross_heads(i) for i in layout.fusion_layers]
+    if layout.layer_values(layout.unit_values(cross)) != cross:  # both twins of a pair alike
         raise ValueError(f"Twin fusion layers must keep the same cross-attention heads; got per-layer counts {cross}.")
 
 
@@ -94,7 +82,7 @@ def _backbone_of(source: EfficientVLMPreTrainedModel) -> EfficientVLMModel:
         raise ValueError(
             f"Expected an `EfficientVLMModel` or a model holding one as `.efficientvlm`; got {type(source).__name__}."
         )
-    if getattr(backbone.config, TWIN_FUSION_ATTRIBUTE, False):
+    if has_twin_fusion_layers(backbone.config):
         raise ValueError("The source model already has twin fusion layers; load it with `from_pretrained` instead.")
     return backbone
 
@@ -106,24 +94,24 @@ def init_nlvr2_from_pretraining(
     one) into `model`: fusion layer i fills both twin layers 2i and 2i + 1, everything else is copied as is
     (X-VLM's `load_pretrained` for NLVR). The classifier keeps its fresh initialisation. Returns `model`."""
     backbone = _backbone_of(source)
-    text, source_text = model.config.text_config, backbone.config.text_config
-    if (text.num_hidden_layers, text.num_fusion_layers) != (
-        source_text.num_hidden_layers,
-        2 * source_text.num_fusion_layers,
+    layout, source_layout = model.config.layout, backbone.config.layout
+    if (layout.num_text_layers, layout.num_fusion_units) != (
+        source_layout.num_text_layers,
+        source_layout.num_fusion_layers,
     ):
         raise ValueError(
-            f"The source has {source_text.num_hidden_layers} text and {source_text.num_fusion_layers} fusion layers; "
-            f"the NLVR2 model needs {text.num_hidden_layers} text layers and half of its {text.num_fusion_layers} "
-            "fusion layers."
+            f"The source has {source_layout.num_text_layers} text and {source_layout.num_fusion_layers} fusion "
+            f"layers; the NLVR2 model needs {layout.num_text_layers} text layers and half of its "
+            f"{layout.num_fusion_layers} fusion layers."
         )
-    prefix, num_text = "text_model.encoder.layer.", text.num_hidden_layers
+    prefix = "text_model.encoder.layer."
     state = {}
     for name, tensor in backbone.state_dict().items():
         if name.startswith(prefix):
             index, rest = name[len(prefix) :].split(".", 1)
-            if int(index) >= num_text:
-                first = num_text + 2 * (int(index) - num_text)
-                state[f"{prefix}{first}.{rest}"] = state[f"{prefix}{first + 1}.{rest}"] = tensor
+            if source_layout.is_fusion(int(index)):
+                left, right = layout.twin_pairs[source_layout.fusion_index(int(index))]
+                state[f"{prefix}{left}.{rest}"] = state[f"{prefix}{right}.{rest}"] = tensor
                 continue
         state[name] = tensor
     target = model.efficientvlm.state_dict()
@@ -139,8 +127,10 @@ def init_nlvr2_from_pretraining(
 
 
 @dataclass
-class EfficientVLMVisualReasoningOutput(ModelOutput):
+class EfficientVLMVisualReasoningOutput(EfficientVLMTaskOutput):
     """
+    The fields of [`EfficientVLMTaskOutput`]:
+
     loss (`torch.FloatTensor` of shape `()`):
         Cross-entropy of `logits` against `labels`, when `labels` are given.
     logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
@@ -152,12 +142,6 @@ class EfficientVLMVisualReasoningOutput(ModelOutput):
         The `2 * F` twin fusion layers (even layers cross-attend to the left image, odd ones to the right).
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    vision_output: EncoderOutput | None = None
-    text_output: EncoderOutput | None = None
-    fusion_output: EncoderOutput | None = None
-
 
 class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
     """NLVR2: one sentence, two images, a true/false classifier on the fused [CLS] (X-VLM's twin fusion layers).
@@ -168,7 +152,7 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
     """
 
     def __init__(self, config: EfficientVLMConfig) -> None:
-        if not getattr(config, TWIN_FUSION_ATTRIBUTE, False):
+        if not has_twin_fusion_layers(config):
             config = twin_fusion_config(config)
         _check_twin_config(config)
         super().__init__(config)
@@ -180,8 +164,7 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
     # -- twin bookkeeping ------------------------------------------------------------------------------------
     def twin_pairs(self) -> list[tuple[int, int]]:
         """Indices in the text stack (`efficientvlm.text_model.encoder.layer`) of each (left, right) twin pair."""
-        text = self.config.text_config
-        return [(i, i + 1) for i in range(text.num_hidden_layers, text.num_total_layers, 2)]
+        return self.config.layout.twin_pairs
 
     def _share_twin_key_values(self) -> None:
         """Makes the right twin use the left twin's key/value projection modules (X-VLM's shared K/V)."""
@@ -216,7 +199,7 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
                 f"`fusion_cross_heads` has {len(masks)} masks but the model has {len(self.twin_pairs())} twin pairs "
                 "of fusion layers; NLVR2 takes one cross-attention mask per pair."
             )
-        return _twice(list(masks))
+        return self.config.layout.layer_values(masks)
 
     # -- loading from a single-image checkpoint ----------------------------------------------------------------
     @classmethod
@@ -242,7 +225,7 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
         if config is None or isinstance(config, (str, os.PathLike)):
             location = {key: kwargs[key] for key in _CONFIG_LOCATION_KWARGS if key in kwargs}
             config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **location)
-        if getattr(config, TWIN_FUSION_ATTRIBUTE, False):
+        if has_twin_fusion_layers(config):
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         output_loading_info = kwargs.pop("output_loading_info", False)
         backbone, info = EfficientVLMModel.from_pretrained(
@@ -264,25 +247,27 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
     ) -> EncoderOutput:
         """Runs the twin fusion layers on text_states (batch, seq, hidden): layer 2i cross-attends to the left
         image tokens, layer 2i + 1 to the right ones (each (batch, image_len, vision_hidden))."""
-        text = self.config.text_config
-        encoder = self.efficientvlm.text_model.encoder
-        _, _, heads, cross_heads, ffn = split_structure_masks(structure_masks, text)
-        cross_heads = self._per_layer_cross_masks(cross_heads)
+        text_model = self.efficientvlm.text_model
+        masks = text_model.layer_masks(structure_masks)
+        masks["cross_head_mask"] = self._per_layer_cross_masks(masks["cross_head_mask"])
         additive_mask = extended_attention_mask(attention_mask, text_states.dtype)
         hidden_states = text_states
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn = () if output_attentions else None
         all_cross = () if output_attentions else None
-        for offset, index in enumerate(range(text.num_hidden_layers, text.num_total_layers)):
+        twin_layers = [
+            (index, image_states)
+            for pair in self.twin_pairs()
+            for index, image_states in zip(pair, (left_image_states, right_image_states))
+        ]
+        for index, image_states in twin_layers:
             # One layer at a time through the shared encoder, which indexes and checks the masks.
-            layer_output = encoder(
+            layer_output = text_model.encoder(
                 hidden_states,
                 additive_mask,
-                encoder_hidden_states=right_image_states if offset % 2 else left_image_states,
+                encoder_hidden_states=image_states,
                 layers=range(index, index + 1),
-                head_mask=heads,
-                cross_head_mask=cross_heads,
-                ffn_mask=ffn,
+                **masks,
                 output_attentions=output_attentions,
             )
             hidden_states = layer_output.last_hidden_state
@@ -316,24 +301,21 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
                 "`pixel_values` must have shape (batch, 2, channels, height, width), two images per sentence; "
                 f"got {tuple(pixel_values.shape)}."
             )
-        batch = pixel_values.shape[0]
-        if input_ids.shape[0] != batch:
-            raise ValueError(f"Batch sizes differ: {batch} image pairs but {input_ids.shape[0]} sentences.")
+        batch = input_ids.shape[0]
         if labels is not None and labels.shape != (batch,):
             raise ValueError(f"`labels` must have shape ({batch},); got {tuple(labels.shape)}.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        model = self.efficientvlm
         # One vision pass over all 2 * batch images, left images first (X-VLM's layout).
-        vision = model.encode_image(
+        vision, text, attention_mask = self.efficientvlm.encode_image_text(
             pixel_values.transpose(0, 1).flatten(0, 1),
+            input_ids,
+            attention_mask,
             structure_masks,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            images_per_text=2,
             **flags,
         )
         left_image_states, right_image_states = vision.last_hidden_state.split(batch)
-        text = model.encode_text(input_ids, attention_mask, structure_masks, **flags)
         fusion = self.fuse_image_pair(
             text.last_hidden_state, attention_mask, left_image_states, right_image_states, structure_masks, **flags
         )
@@ -347,7 +329,7 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
     def structure_sizes(self) -> dict[str, list[int]]:
         """As the backbone's, except `fusion_cross_heads`: one entry per twin pair."""
         sizes = super().structure_sizes()
-        sizes["fusion_cross_heads"] = sizes["fusion_cross_heads"][0::2]
+        sizes["fusion_cross_heads"] = self.config.layout.unit_values(sizes["fusion_cross_heads"])
         return sizes
 
     def structure_unit_parameters(self) -> dict[str, list[int]]:
@@ -356,7 +338,8 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
         units = super().structure_unit_parameters()
         text = self.config.text_config
         shared_key_value = 2 * text.head_dim * (text.encoder_hidden_size + 1)
-        units["fusion_cross_heads"] = [2 * unit - shared_key_value for unit in units["fusion_cross_heads"][0::2]]
+        pair_units = self.config.layout.unit_values(units["fusion_cross_heads"])
+        units["fusion_cross_heads"] = [2 * unit - shared_key_value for unit in pair_units]
         return units
 
     def prune(self, structure_masks: StructureMasks) -> None:
@@ -373,7 +356,6 @@ AutoModelForSequenceClassification.register(EfficientVLMConfig, EfficientVLMForV
 EfficientVLMForVisualReasoning.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
-    "TWIN_FUSION_ATTRIBUTE",
     "EfficientVLMForVisualReasoning",
     "EfficientVLMVisualReasoningOutput",
     "init_nlvr2_from_pretraining",

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForZeroShotImageClassification
-from transformers.utils import ModelOutput
 
 from .configuration_efficientvlm import EfficientVLMConfig
 from .loss_efficientvlm import ImageTextContrastiveLoss
 from .modeling_efficientvlm import (
     EfficientVLMContrastiveMatchingOutput,
+    EfficientVLMImageTextMatchingOutput,
     EfficientVLMITMHead,
     EfficientVLMModel,
     EfficientVLMPreTrainedModel,
-    EncoderOutput,
+    EfficientVLMTaskOutput,
     StructureMasks,
     image_text_contrastive_matching,
     image_text_matching_logits,
@@ -39,42 +39,16 @@ ITM_SCORES = ("probability", "logit")
 
 
 @dataclass
-class EfficientVLMImageTextRetrievalOutput(ModelOutput):
+class EfficientVLMImageTextRetrievalOutput(EfficientVLMImageTextMatchingOutput, EfficientVLMTaskOutput):
     """
+    The fields of [`EfficientVLMTaskOutput`] and [`EfficientVLMImageTextMatchingOutput`]:
+
     loss (`torch.FloatTensor` of shape `()`):
         `loss_itc + loss_itm` (with `return_loss=True`).
     logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`):
         The ITM logits (`itm_logits`), the task prediction a distiller matches.
-    loss_itc, loss_itm (`torch.FloatTensor` of shape `()`):
-        Image-text contrastive and image-text matching losses.
-    logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
-        ITC similarities divided by the temperature.
-    itm_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`):
-        Matching logits of the positive pairs, then (image, hard negative text), then (hard negative image, text).
-    itm_labels (`torch.LongTensor` of shape `(3 * batch_size,)`):
-        1 for the positive pairs, 0 for the negatives.
-    negative_text_index, negative_image_index (`torch.LongTensor` of shape `(batch_size,)`):
-        The sampled hard negatives; pass them back as `itm_negatives` to reuse them (e.g. for a teacher).
-    image_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
-        L2-normalised ITC embeddings.
-    vision_output, text_output ([`EncoderOutput`]): the encoders on the images and the texts.
     fusion_output ([`EncoderOutput`]): the fusion layers on the 3 * batch_size ITM pairs.
     """
-
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    loss_itc: torch.FloatTensor | None = None
-    loss_itm: torch.FloatTensor | None = None
-    logits_per_image: torch.FloatTensor | None = None
-    itm_logits: torch.FloatTensor | None = None
-    itm_labels: torch.LongTensor | None = None
-    negative_text_index: torch.LongTensor | None = None
-    negative_image_index: torch.LongTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
-    text_embeds: torch.FloatTensor | None = None
-    vision_output: EncoderOutput | None = None
-    text_output: EncoderOutput | None = None
-    fusion_output: EncoderOutput | None = None
 
 
 class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
@@ -113,18 +87,18 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         never ITM negatives; itm_negatives: optional `(negative_text_index, negative_image_index)` to reuse
         instead of sampling; return_loss: compute `loss` (Trainer evaluates it when True).
         """
-        if pixel_values.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"Batch sizes differ: {pixel_values.shape[0]} images but {input_ids.shape[0]} texts.")
         if image_ids is not None and image_ids.shape != (input_ids.shape[0],):
             raise ValueError(f"`image_ids` must have shape ({input_ids.shape[0]},); got {tuple(image_ids.shape)}.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         model = self.efficientvlm
-        vision = model.encode_image(
-            pixel_values, structure_masks, interpolate_pos_encoding=interpolate_pos_encoding, **flags
+        vision, text, attention_mask = model.encode_image_text(
+            pixel_values,
+            input_ids,
+            attention_mask,
+            structure_masks,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            **flags,
         )
-        text = model.encode_text(input_ids, attention_mask, structure_masks, **flags)
         matching = image_text_contrastive_matching(
             model,
             self.itm_head,
@@ -138,21 +112,11 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
             compute_loss=return_loss,
             **flags,
         )
+        fields = dict(matching)
+        # The fusion pass over the ITM pairs is this task's `fusion_output`.
+        fusion = fields.pop("itm_fusion_output")
         return EfficientVLMImageTextRetrievalOutput(
-            loss=matching.loss_itc + matching.loss_itm if return_loss else None,
-            logits=matching.itm_logits,
-            loss_itc=matching.loss_itc,
-            loss_itm=matching.loss_itm,
-            logits_per_image=matching.logits_per_image,
-            itm_logits=matching.itm_logits,
-            itm_labels=matching.itm_labels,
-            negative_text_index=matching.negative_text_index,
-            negative_image_index=matching.negative_image_index,
-            image_embeds=matching.image_embeds,
-            text_embeds=matching.text_embeds,
-            vision_output=vision,
-            text_output=text,
-            fusion_output=matching.itm_fusion_output,
+            **fields, logits=matching.itm_logits, vision_output=vision, text_output=text, fusion_output=fusion
         )
 
     # -- retrieval scoring: embed once, ITC for candidates, ITM to re-rank ----------------------------------

@@ -23,6 +23,7 @@ from .modeling_efficientvlm import (
     EfficientVLMLMHead,
     EfficientVLMModel,
     EfficientVLMPreTrainedModel,
+    EfficientVLMTaskOutput,
     EfficientVLMTextModel,
     EncoderOutput,
     StructureMasks,
@@ -38,8 +39,10 @@ from .modeling_efficientvlm_decoder import (
 
 
 @dataclass
-class EfficientVLMQuestionAnsweringOutput(ModelOutput):
+class EfficientVLMQuestionAnsweringOutput(EfficientVLMTaskOutput):
     """
+    The fields of [`EfficientVLMTaskOutput`], and `decoder_output`:
+
     loss (`torch.FloatTensor` of shape `()`):
         X-VLM's weighted answer loss: for each answer the sum of its token cross-entropies times its weight,
         summed over all answers and divided by the number of questions. Given when answers are.
@@ -51,11 +54,6 @@ class EfficientVLMQuestionAnsweringOutput(ModelOutput):
         The answer decoder's output (its `cross_attentions` read the fused question states).
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    vision_output: EncoderOutput | None = None
-    text_output: EncoderOutput | None = None
-    fusion_output: EncoderOutput | None = None
     decoder_output: EncoderOutput | None = None
 
 
@@ -89,6 +87,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
 
     generation_config_class = TextDecoderGenerationConfig
     _tied_weights_keys = {"answer_head.decoder.weight": "answer_decoder.embeddings.word_embeddings.weight"}
+    lm_head_name = "answer_head"
 
     def __init__(self, config: EfficientVLMConfig) -> None:
         super().__init__(config)
@@ -98,12 +97,6 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         self.answer_head = EfficientVLMLMHead(self.answer_decoder.config)
         self.post_init()
         self.generation_config.max_new_tokens = 10  # answers are a few words
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.answer_head.decoder
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.answer_head.decoder = value
 
     @torch.no_grad()
     def init_answer_decoder_from_fusion(self, mlm_head: EfficientVLMLMHead | None = None) -> list[str]:
@@ -118,7 +111,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         initialisation. Returns the names of the tensors not copied.
         """
         text_model = self.efficientvlm.text_model
-        fusion_layers = list(text_model.encoder.layer[text_model.config.num_hidden_layers :])
+        fusion_layers = [text_model.encoder.layer[i] for i in text_model.config.layout.fusion_layers]
         pairs: list[tuple[str, nn.Module, nn.Module | None]] = [
             ("answer_decoder.embeddings.", self.answer_decoder.embeddings, text_model.embeddings)
         ]
@@ -154,24 +147,23 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         structure_masks: StructureMasks | None = None,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        interpolate_pos_encoding: bool = False,
+        **flags: bool,
     ) -> tuple[EncoderOutput, EncoderOutput, EncoderOutput, torch.Tensor]:
         """Images (batch, channels, height, width) and questions (batch, seq) -> vision, text and fusion
-        outputs and the question attention mask (all ones when none was given)."""
-        if pixel_values.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"Batch sizes differ: {pixel_values.shape[0]} images but {input_ids.shape[0]} questions.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        outputs and the question attention mask (all ones when none was given). `flags`
+        (`output_attentions`, `output_hidden_states`, `interpolate_pos_encoding`) as in
+        [`EfficientVLMModel.encode_image_text`]."""
         model = self.efficientvlm
-        flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        vision = model.encode_image(
-            pixel_values, structure_masks, interpolate_pos_encoding=interpolate_pos_encoding, **flags
+        vision, text, attention_mask = model.encode_image_text(
+            pixel_values, input_ids, attention_mask, structure_masks, **flags
         )
-        text = model.encode_text(input_ids, attention_mask, structure_masks, **flags)
         fusion = model.fuse(
-            text.last_hidden_state, attention_mask, vision.last_hidden_state, None, structure_masks, **flags
+            text.last_hidden_state,
+            attention_mask,
+            vision.last_hidden_state,
+            structure_masks=structure_masks,
+            output_attentions=flags.get("output_attentions", False),
+            output_hidden_states=flags.get("output_hidden_states", False),
         )
         return vision, text, fusion, attention_mask
 
@@ -234,9 +226,9 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
                 input_ids,
                 attention_mask,
                 structure_masks,
-                output_attentions,
-                output_hidden_states,
-                interpolate_pos_encoding,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                interpolate_pos_encoding=interpolate_pos_encoding,
             )
             question_states = fusion.last_hidden_state
         if answer_input_ids is None:

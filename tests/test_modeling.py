@@ -12,9 +12,12 @@ from modeling_efficientvlm import (
     EfficientVLMConfig,
     EfficientVLMForPreTraining,
     EfficientVLMModel,
+    EfficientVLMTextModel,
     EfficientVLMVisionModel,
 )
+from modeling_efficientvlm.configuration_efficientvlm import TextStackLayout, has_twin_fusion_layers, stack_depths
 from modeling_efficientvlm.loss_efficientvlm import sample_hard_negatives
+from modeling_efficientvlm.modeling_efficientvlm import TEXT_MASK_KEYS, VISION_MASK_KEYS
 
 from .conftest import make_inputs
 
@@ -171,6 +174,109 @@ def test_physical_pruning_matches_masked_model_and_accounting(tiny_config, tiny_
     with torch.no_grad():
         again = reloaded(**inputs)
     torch.testing.assert_close(again.itm_logits, pruned.itm_logits, atol=1e-6, rtol=0)
+
+
+def _vision_outputs(model: EfficientVLMVisionModel, pixel_values: torch.Tensor, masks=None) -> dict:
+    masks = model.layer_masks(masks)
+    return {"image": model(pixel_values, **masks).last_hidden_state}
+
+
+def _text_outputs(model: EfficientVLMTextModel, inputs: dict, image_states: torch.Tensor, masks=None) -> dict:
+    masks = model.layer_masks(masks)
+    text = model(inputs["input_ids"], inputs["attention_mask"], mode="text", **masks)
+    fused = model(
+        attention_mask=inputs["attention_mask"],
+        text_hidden_states=text.last_hidden_state,
+        encoder_hidden_states=image_states,
+        mode="fusion",
+        **masks,
+    )
+    return {"text": text.last_hidden_state, "fused": fused.last_hidden_state}
+
+
+@pytest.mark.parametrize("encoder", ["vision", "text"])
+def test_single_encoder_models_prune_like_the_others(tiny_config, tiny_inputs, tmp_path, encoder: str) -> None:
+    """The vision-only and text-only models share `prune(structure_masks)` and the structure accounting."""
+    torch.manual_seed(0)
+    image_states = torch.randn(4, 17, tiny_config.vision_config.hidden_size)
+    if encoder == "vision":
+        model_class, model = EfficientVLMVisionModel, EfficientVLMVisionModel(tiny_config.vision_config).eval()
+        keys, run = VISION_MASK_KEYS, lambda m, masks=None: _vision_outputs(m, tiny_inputs["pixel_values"], masks)
+    else:
+        model_class, model = EfficientVLMTextModel, EfficientVLMTextModel(tiny_config.text_config).eval()
+        keys, run = TEXT_MASK_KEYS, lambda m, masks=None: _text_outputs(m, tiny_inputs, image_states, masks)
+    assert set(model.structure_sizes()) == set(model.structure_unit_parameters()) == set(keys)
+    masks = _random_masks(model)
+    with torch.no_grad():
+        masked = run(model, masks)
+    before, unit_parameters, sizes = _count(model), model.structure_unit_parameters(), model.structure_sizes()
+    removed = sum(
+        (sizes[key][i] - int((mask != 0).sum())) * unit_parameters[key][i]
+        for key, layer_masks in masks.items()
+        for i, mask in enumerate(layer_masks)
+    )
+    model.prune(masks)
+    assert _count(model) == before - removed
+    kept = {key: [int((mask != 0).sum()) for mask in layer_masks] for key, layer_masks in masks.items()}
+    assert model.structure_sizes() == kept
+    assert model.config.num_attention_heads_per_layer[0] == 0  # the first layer of every key lost every unit
+    with torch.no_grad():
+        _assert_close(run(model), masked)
+
+    # Uneven per-layer sizes are in the config: the checkpoint reloads with `from_pretrained`.
+    model.save_pretrained(tmp_path)
+    reloaded = model_class.from_pretrained(tmp_path).eval()
+    assert reloaded.structure_sizes() == kept
+    with torch.no_grad():
+        _assert_close(run(reloaded), masked)
+
+
+def test_prune_rejects_keys_of_other_stacks(tiny_config) -> None:
+    vision = EfficientVLMVisionModel(tiny_config.vision_config)
+    text = EfficientVLMTextModel(tiny_config.text_config)
+    with pytest.raises(
+        ValueError, match="EfficientVLMVisionModel has no layers for the structure-mask key 'text_heads'"
+    ):
+        vision.prune({"text_heads": [None, None]})
+    with pytest.raises(ValueError, match="EfficientVLMTextModel has no layers for the structure-mask key 'vision_ffn'"):
+        text.prune({"vision_ffn": [None, None]})
+    with pytest.raises(ValueError, match="Unknown structure-mask key"):
+        text.prune({"fusion_cross_head": [None, None]})
+    with pytest.raises(ValueError, match="`text_ffn` has 3 masks but the model has 2 such layers"):
+        text.prune({"text_ffn": [None, None, None]})
+
+
+def test_text_stack_layout_is_the_one_place_for_layer_roles(tiny_config) -> None:
+    layout = tiny_config.layout
+    assert layout == tiny_config.text_config.layout == TextStackLayout(2, 2)
+    assert (layout.text_layers, layout.fusion_layers) == (range(0, 2), range(2, 4))
+    assert [layout.is_fusion(i) for i in range(4)] == [False, False, True, True]
+    assert (layout.fusion_index(3), layout.stack_index(1)) == (1, 3)
+    assert layout.split(["t0", "t1", "f0", "f1"]) == (["t0", "t1"], ["f0", "f1"])
+    with pytest.raises(ValueError, match="text layer"):
+        layout.fusion_index(1)
+    assert stack_depths(tiny_config) == {"vision": 2, "text": 2, "fusion": 2}
+    assert stack_depths(tiny_config.text_config) is None
+
+    # NLVR2's twin pairs count as one fusion unit.
+    twin = EfficientVLMConfig.from_preset("tiny", text_config={"num_fusion_layers": 4}, twin_fusion_layers=True)
+    assert has_twin_fusion_layers(twin) and not has_twin_fusion_layers(tiny_config)
+    assert twin.layout.twin_pairs == [(2, 3), (4, 5)] and twin.layout.num_fusion_units == 2
+    assert stack_depths(twin) == {"vision": 2, "text": 2, "fusion": 2}
+    assert twin.layout.unit_values([7, 7, 5, 5]) == [7, 5] and twin.layout.layer_values([7, 5]) == [7, 7, 5, 5]
+    assert twin.layout.fusion_layer_mapping([1]) == [2, 3]
+    assert twin.layout.stack_mapping([1], [1]) == [1, 4, 5]  # text layer 1, then fusion pair 1 = stack 4, 5
+    with pytest.raises(ValueError, match="even number of fusion layers"):
+        EfficientVLMConfig.from_preset("tiny", text_config={"num_fusion_layers": 3}, twin_fusion_layers=True)
+
+
+def test_itc_temperature_initialises_the_parameter_and_old_configs_load(tmp_path) -> None:
+    config = EfficientVLMConfig.from_preset("tiny", itc_temperature=0.2)
+    model = EfficientVLMModel(config)
+    torch.testing.assert_close(model.itc_temperature, torch.tensor(0.2))
+    # Configs saved before the rename call it `temperature`.
+    legacy = EfficientVLMConfig.from_dict({**EfficientVLMConfig.from_preset("tiny").to_dict(), "temperature": 0.3})
+    assert legacy.itc_temperature == 0.3 and "temperature" not in legacy.to_dict()
 
 
 def test_non_uniform_config_round_trips(tmp_path, tiny_inputs) -> None:

@@ -3,13 +3,14 @@ Layer mappings of distillation: which teacher layer each student layer learns fr
 
 Student layer `j` (0-based) learns from teacher layer `mapping[j]`; the default is the last layer of each block
 of `T / S` teacher layers, `(j + 1) * T // S - 1` (1, 3, 5, ... for a 2x shrink), the layers the student was
-initialised from ([`default_layer_mapping`]). Twin fusion layers (NLVR2) map pair to pair ([`expand_twin_mapping`]).
+initialised from ([`default_layer_mapping`]).
+Which layers are text or fusion layers, and how NLVR2's twin fusion layers pair up, is the model's
+`TextStackLayout`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 LAYER_STACKS = ("vision", "text", "fusion")
 
@@ -53,27 +54,6 @@ def validate_layer_mapping(
     return mapping
 
 
-def stack_depths(config: Any) -> dict[str, int] | None:
-    """Layers per stack ("vision", "text", "fusion") of an `EfficientVLMConfig`; fusion layers that come in
-    twin pairs (NLVR2's `twin_fusion_layers`) count once per pair. None for another kind of config."""
-    vision, text = getattr(config, "vision_config", None), getattr(config, "text_config", None)
-    if vision is None or text is None:
-        return None
-    fusion = text.num_fusion_layers // 2 if has_twin_fusion_layers(config) else text.num_fusion_layers
-    return {"vision": vision.num_hidden_layers, "text": text.num_hidden_layers, "fusion": fusion}
-
-
-def has_twin_fusion_layers(config: Any) -> bool:
-    """Whether the fusion layers come in (left image, right image) twin pairs (NLVR2)."""
-    return bool(getattr(config, "twin_fusion_layers", False))
-
-
-def expand_twin_mapping(pair_mapping: Sequence[int]) -> list[int]:
-    """Per-layer mapping of twin fusion layers from a per-pair mapping: student layer `2i + b` (b = 0 left,
-    1 right) learns from teacher layer `2 * pair_mapping[i] + b`."""
-    return [2 * pair + side for pair in pair_mapping for side in (0, 1)]
-
-
 def resolve_layer_mapping(
     mapping: Sequence[int] | None, num_student_layers: int, num_teacher_layers: int, name: str = "layer mapping"
 ) -> list[int]:
@@ -86,9 +66,6 @@ def resolve_layer_mapping(
 __all__ = [
     "LAYER_STACKS",
     "default_layer_mapping",
-    "expand_twin_mapping",
-    "has_twin_fusion_layers",
     "resolve_layer_mapping",
-    "stack_depths",
     "validate_layer_mapping",
 ]

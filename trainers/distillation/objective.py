@@ -31,13 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer_mapping import (
-    LAYER_STACKS,
-    expand_twin_mapping,
-    has_twin_fusion_layers,
-    resolve_layer_mapping,
-    stack_depths,
-)
+from modeling_efficientvlm.configuration_efficientvlm import TextStackLayout, has_twin_fusion_layers, stack_depths
+
+from .layer_mapping import LAYER_STACKS, resolve_layer_mapping
 from .losses import (
     HEAD_MISMATCH_MODES,
     AttentionMSELoss,
@@ -316,13 +312,11 @@ class DistillationLoss(nn.Module):
                 )
                 for stack in LAYER_STACKS
             }
-            fusion = self.layer_mappings["fusion"]
-            fusion = expand_twin_mapping(fusion) if twin else fusion
-            self.layer_mappings["fusion"] = fusion
+            teacher_layout = TextStackLayout.of(teacher_config)
+            fusion_units = self.layer_mappings["fusion"]
+            self.layer_mappings["fusion"] = teacher_layout.fusion_layer_mapping(fusion_units)
             # A pass through the whole BERT stack (text layers, then fusion layers).
-            self.layer_mappings["multimodal"] = self.layer_mappings["text"] + [
-                teacher_depths["text"] + index for index in fusion
-            ]
+            self.layer_mappings["multimodal"] = teacher_layout.stack_mapping(self.layer_mappings["text"], fusion_units)
 
     def combine(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Weighted sum of KD terms (without `kd_weight`)."""

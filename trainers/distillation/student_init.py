@@ -1,7 +1,7 @@
 """
 Building an EfficientVLM student from its teacher: a shallower config, then the teacher's weights.
 
-Everything outside the layer stacks (embeddings, LayerNorms, projections, temperature, task heads) is copied
+Everything outside the layer stacks (embeddings, LayerNorms, projections, ITC temperature, task heads) is copied
 under the same name; student layer `j` of each stack (vision, text, fusion) is copied from teacher layer
 `mapping[j]` of the same stack. The default mapping is the official one, the last layer of each block of
 `T / S` teacher layers (`2j + 1` for a 2x shrink: vision 12 -> 6 takes `[1, 3, 5, 7, 9, 11]`, text and fusion
@@ -20,17 +20,15 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from modeling_efficientvlm.configuration_efficientvlm import EfficientVLMConfig
-from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMModel, EfficientVLMPreTrainedModel
-
-from .layer_mapping import (
-    LAYER_STACKS,
-    default_layer_mapping,
-    expand_twin_mapping,
+from modeling_efficientvlm.configuration_efficientvlm import (
+    EfficientVLMConfig,
+    TextStackLayout,
     has_twin_fusion_layers,
-    resolve_layer_mapping,
     stack_depths,
 )
+from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMModel, EfficientVLMPreTrainedModel
+
+from .layer_mapping import LAYER_STACKS, default_layer_mapping, resolve_layer_mapping
 
 logger = logging.get_logger(__name__)
 
@@ -83,13 +81,13 @@ def make_student_config(
     for key in ("_name_or_path", "architectures", "transformers_version"):
         values.pop(key, None)
     vision, text = values["vision_config"], values["text_config"]
-    twin = has_twin_fusion_layers(teacher_config)
-    fusion_layers = expand_twin_mapping(mappings["fusion"]) if twin else mappings["fusion"]
+    teacher_layout = TextStackLayout.of(teacher_config)
+    fusion_layers = teacher_layout.fusion_layer_mapping(mappings["fusion"])
     vision["num_hidden_layers"] = num_vision_layers
     text["num_hidden_layers"] = num_text_layers
     text["num_fusion_layers"] = len(fusion_layers)
     # Per-layer sizes of the chosen teacher layers (lists over the whole BERT stack: text layers first).
-    stack_index = mappings["text"] + [teacher_depths["text"] + i for i in fusion_layers]
+    stack_index = teacher_layout.stack_mapping(mappings["text"], mappings["fusion"])
     for key in ("num_attention_heads_per_layer", "intermediate_size_per_layer"):
         if vision.get(key) is not None:
             vision[key] = [vision[key][i] for i in mappings["vision"]]
@@ -167,13 +165,10 @@ def init_student_from_teacher(
     teacher_config, student_config = _model_config(teacher), _model_config(student)
     if has_twin_fusion_layers(teacher_config) != has_twin_fusion_layers(student_config):
         raise ValueError("The teacher and the student must both have twin fusion layers (NLVR2) or neither.")
-    teacher_depths = stack_depths(teacher_config)
-    mappings = resolve_layer_mappings(stack_depths(student_config), teacher_depths, layer_mapping)
-    fusion_layers = mappings["fusion"]
-    if has_twin_fusion_layers(student_config):
-        fusion_layers = expand_twin_mapping(fusion_layers)
+    mappings = resolve_layer_mappings(stack_depths(student_config), stack_depths(teacher_config), layer_mapping)
+    # Teacher stack index of each layer of the student's whole BERT stack (text layers, then fusion layers).
+    stack_index = TextStackLayout.of(teacher_config).stack_mapping(mappings["text"], mappings["fusion"])
     vision_stack, text_stack = f"{prefix}vision_model.layers", f"{prefix}text_model.encoder.layer"
-    num_student_text = student_config.text_config.num_hidden_layers
 
     teacher_state, student_state = teacher.state_dict(), student.state_dict()
     skip = (vision_stack, text_stack)
@@ -194,10 +189,7 @@ def init_student_from_teacher(
         if stack == vision_stack:
             source = mappings["vision"][index]
         elif stack == text_stack:
-            if index < num_student_text:
-                source = mappings["text"][index]
-            else:
-                source = teacher_depths["text"] + fusion_layers[index - num_student_text]
+            source = stack_index[index]
         elif stack in other_mappings:
             source = other_mappings[stack][index]
         else:
