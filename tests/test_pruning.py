@@ -148,11 +148,11 @@ def test_masks_and_multipliers_have_their_own_constant_learning_rate(tmp_path) -
     assert trainer.optimizer.param_groups[0]["lr"] < 2e-3  # the model's learning rate did decay
     # The masker is not part of the model: nothing of it in the model's parameters or state dict.
     model_parameters = {id(p) for p in trainer.model.parameters()}
-    assert not model_parameters & {id(p) for p in trainer._pruning_parameters()}
+    assert not model_parameters & {id(p) for p in trainer.pruning_parameters()}
     assert not [name for name in trainer.model.state_dict() if "log_alpha" in name or "lambda" in name]
     # Log-alphas were clamped into CoFi's range after each step; gradients were cleared.
     values = torch.cat([p.detach() for _, _, p in trainer.masker.layers()])
-    assert values.max() <= 4.6052 and all(p.grad is None for p in trainer._pruning_parameters())
+    assert values.max() <= 4.6052 and all(p.grad is None for p in trainer.pruning_parameters())
     # Multipliers ascend: with the expected sparsity below its target, lambda_1 went negative.
     assert trainer.lagrangian.lambda_1["overall"].item() < 0 < trainer.lagrangian.lambda_2["overall"].item()
 
