@@ -16,7 +16,7 @@ setup(
     # Lower bounds only: pins that stop installing are a bug we promised our users not to ship.
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0",
+        "transformers>=5.23.0",  # tested with 5.23.0 and 5.25.0 (older: no create_subconfig / activation_checkpointing)
         "accelerate>=1.0",
         "datasets>=3.0",
         "evaluate>=0.4.3",

@@ -10,14 +10,14 @@ import torch
 
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMModel
 from trainers.pruning.hard_concrete import (
+    HARD_CONCRETE_TEMPERATURE,
     LIMIT_LEFT,
     LIMIT_RIGHT,
     LOG_ALPHA_RANGE,
-    TEMPERATURE,
-    SparsityLagrangian,
     StructureMasker,
     random_structure_masks,
 )
+from trainers.pruning.lagrangian import SparsityLagrangian
 
 from .conftest import make_inputs
 
@@ -96,7 +96,7 @@ def test_samples_are_stretched_hard_concrete(backbone) -> None:
     assert samples.min() == 0 and samples.max() == 1  # exact zeros and ones: the stretch and clamp
     # The empirical P(z = 0) is CoFi's closed form Q(0 | log_alpha) = sigmoid(beta * log(-l / r) - log_alpha).
     empirical = (samples == 0).float().mean(0)
-    closed_form = torch.sigmoid(TEMPERATURE * math.log(-LIMIT_LEFT / LIMIT_RIGHT) - log_alpha.detach())
+    closed_form = torch.sigmoid(HARD_CONCRETE_TEMPERATURE * math.log(-LIMIT_LEFT / LIMIT_RIGHT) - log_alpha.detach())
     torch.testing.assert_close(empirical, closed_form, atol=0.015, rtol=0)
     torch.testing.assert_close(masker.probability_of_zero(log_alpha.detach()), closed_form)
     # Samples are differentiable with respect to the log-alphas.
@@ -122,7 +122,7 @@ def test_deterministic_masks_follow_cofi() -> None:
     assert expected_zeros == 2
     mask = masker.deterministic_masks()["text_ffn"][0]
     # The expected number of zeros goes to the lowest log-alphas; survivors keep sigmoid(log_alpha / beta * 0.8).
-    expected = torch.sigmoid(values / TEMPERATURE * 0.8)
+    expected = torch.sigmoid(values / HARD_CONCRETE_TEMPERATURE * 0.8)
     expected[[1, 5]] = 0
     torch.testing.assert_close(mask, expected)
     torch.testing.assert_close(masker.deterministic_masks(binary=True)["text_ffn"][0], (expected > 0).float())

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining, EfficientVLMModel
@@ -148,11 +148,11 @@ def test_masks_and_multipliers_have_their_own_constant_learning_rate(tmp_path) -
     assert trainer.optimizer.param_groups[0]["lr"] < 2e-3  # the model's learning rate did decay
     # The masker is not part of the model: nothing of it in the model's parameters or state dict.
     model_parameters = {id(p) for p in trainer.model.parameters()}
-    assert not model_parameters & {id(p) for p in trainer._pruning_parameters()}
+    assert not model_parameters & {id(p) for p in trainer.pruning_parameters()}
     assert not [name for name in trainer.model.state_dict() if "log_alpha" in name or "lambda" in name]
     # Log-alphas were clamped into CoFi's range after each step; gradients were cleared.
     values = torch.cat([p.detach() for _, _, p in trainer.masker.layers()])
-    assert values.max() <= 4.6052 and all(p.grad is None for p in trainer._pruning_parameters())
+    assert values.max() <= 4.6052 and all(p.grad is None for p in trainer.pruning_parameters())
     # Multipliers ascend: with the expected sparsity below its target, lambda_1 went negative.
     assert trainer.lagrangian.lambda_1["overall"].item() < 0 < trainer.lagrangian.lambda_2["overall"].item()
 
@@ -235,6 +235,53 @@ def test_resuming_from_a_checkpoint_continues_exactly(tmp_path) -> None:
         )
 
 
+def test_last_and_best_checkpoints_restore_their_own_masks(tmp_path) -> None:
+    """`resume_from_checkpoint=True` takes the last checkpoint's masks; `load_best_model_at_end` the best one's."""
+    evaluations = []
+
+    def first_evaluation_is_best(_) -> dict[str, float]:
+        evaluations.append(len(evaluations))
+        return {"score": -float(len(evaluations))}
+
+    args = _args(
+        tmp_path / "run",
+        max_steps=8,
+        save_strategy="steps",
+        save_steps=4,
+        eval_strategy="steps",
+        eval_steps=4,
+        load_best_model_at_end=True,
+        metric_for_best_model="score",
+        greater_is_better=True,
+    )
+    trainer = _trainer(
+        tmp_path,
+        args=args,
+        eval_dataset=torch.utils.data.Subset(ModalityTask("text"), range(16)),
+        compute_metrics=first_evaluation_is_best,
+    )
+    trainer.train()
+    best, last = (torch.load(tmp_path / "run" / f"checkpoint-{step}" / MASKER_STATE_NAME) for step in (4, 8))
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
+    assert not torch.equal(best["masker"]["log_alpha.vision_ffn.0"], last["masker"]["log_alpha.vision_ffn.0"])
+    for name, value in trainer.masker.state_dict().items():
+        torch.testing.assert_close(value, best["masker"][name], rtol=0, atol=0)
+
+    class RecordPruningState(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.state = {name: value.clone() for name, value in _pruning_state(resumed).items()}
+
+    resumed = _trainer(tmp_path, args=_args(tmp_path / "run", max_steps=12), seed=123)
+    resumed.add_callback(record := RecordPruningState())
+    resumed.train(resume_from_checkpoint=True)
+    for name, value in record.state.items():
+        torch.testing.assert_close(value, {**last["masker"], **last["lagrangian"]}[name], rtol=0, atol=0)
+
+    # `save_model` keeps the masks next to the unpruned weights; the pruned model has none to keep.
+    resumed.save_model(tmp_path / "unpruned")
+    assert (tmp_path / "unpruned" / MASKER_STATE_NAME).is_file()
+
+
 def test_pruning_state_that_does_not_fit_raises(tmp_path) -> None:
     trainer = _trainer(tmp_path)
     state = trainer.pruning_state_dict()
@@ -277,6 +324,7 @@ def test_prune_and_save_writes_the_smaller_model_and_its_report(tmp_path) -> Non
         "vision_ffn": report["structures_kept"]["vision_ffn"],
     }
     assert json.loads((tmp_path / "pruned" / PRUNING_REPORT_NAME).read_text()) == json.loads(json.dumps(report))
+    assert not (tmp_path / "pruned" / MASKER_STATE_NAME).exists()
 
     reloaded = TinyImageTextClassifier.from_pretrained(tmp_path / "pruned").eval()
     assert reloaded.structure_sizes() == report["structures_kept"]
@@ -311,6 +359,10 @@ def test_bad_trainer_arguments_raise(tmp_path) -> None:
         _trainer(tmp_path, pruning={"target_sparsity": 0.5})
     with pytest.raises(ValueError, match="teacher_model"):
         _trainer(tmp_path, distillation_config={"kd_weight": 0.4})
+    with pytest.raises(ValueError, match="hard_concrete_temperature"):
+        _trainer(tmp_path, pruning=PruningConfig(target_sparsity=0.5, hard_concrete_temperature=0.0))
+    masker = _trainer(tmp_path, pruning=PruningConfig(target_sparsity=0.5, hard_concrete_temperature=0.5)).masker
+    assert masker.hard_concrete_temperature == 0.5
 
 
 # -- the command line ------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Modal-adaptive pruning: hard-concrete masks, the sparsity Lagrangian, `ModalAdaptivePruningTrainer`."""
 
-from .hard_concrete import SparsityLagrangian, StructureMasker, random_structure_masks
+from .hard_concrete import StructureMasker, random_structure_masks
+from .lagrangian import SparsityLagrangian
 from .trainer import ModalAdaptivePruningTrainer, PruningConfig
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Hard-concrete (L0) structure masks, exact parameter accounting and the sparsity Lagrangian.
+"""Hard-concrete (L0) structure masks and exact parameter accounting.
 
 One implementation serves every modality: a [`StructureMasker`] is built from any model exposing
 `structure_sizes()` and `structure_unit_parameters()` (every EfficientVLM model), holds one log-alpha per
@@ -6,19 +6,15 @@ head / FFN neuron of every layer, samples stretched hard-concrete masks while tr
 2018) and gives deterministic masks for evaluation and physical pruning, following CoFi
 (princeton-nlp/CoFiPruning `models/l0_module.py`) and the official EfficientVLM `xvlm_l0_module.py`:
 
-- stretch limits (-0.1, 1.1), temperature 2/3;
+- stretch limits (-0.1, 1.1), hard-concrete temperature (beta) 2/3;
 - FFN log-alphas start at log(1 - p) - log(p) + N(0, 0.01) with drop rate p = 0.5, head log-alphas at
   10 + N(0, 0.01) (heads start "on");
 - after every optimizer step log-alphas are clamped to [log 1e-2, log 1e2] (CoFi's `constrain_parameters`);
 - deterministic masks: the `round(units - E[non-zeros])` units with the lowest score
-  sigmoid(log_alpha / temperature * 0.8) are zeroed, the others keep that score (CoFi; the value is folded
-  into the weights by `prune`), or 1 with `binary=True` (the official EfficientVLM code).
+  sigmoid(log_alpha / hard_concrete_temperature * 0.8) are zeroed, the others keep that score (CoFi; the
+  value is folded into the weights by `prune`), or 1 with `binary=True` (the official EfficientVLM code).
 
-[`SparsityLagrangian`] adds lambda_1 (s - t) + lambda_2 (s - t)^2 for one global target t (warmed up
-linearly from 0) on the expected sparsity s of all prunable parameters, and optionally one such term per
-modality. Its multipliers are maximised: their gradient is reversed in the forward pass, so a plain
-(descent) optimizer step on them is gradient ascent, exactly as CoFi's negative learning rate (which
-`torch.optim.AdamW` rejects).
+The sparsity constraint on these masks is [`SparsityLagrangian`] in `lagrangian.py`.
 """
 
 from __future__ import annotations
@@ -32,7 +28,8 @@ from torch import nn
 from modeling_efficientvlm.modeling_efficientvlm import StructureMasks
 
 LIMIT_LEFT, LIMIT_RIGHT = -0.1, 1.1
-TEMPERATURE = 2.0 / 3.0
+# beta of the hard-concrete distribution (not a softmax temperature).
+HARD_CONCRETE_TEMPERATURE = 2.0 / 3.0
 EPSILON = 1e-6
 DROPRATE_INIT = 0.5
 HEAD_LOG_ALPHA_INIT = 10.0
@@ -47,18 +44,6 @@ def modality_of(key: str) -> str:
     return key.split("_", 1)[0]
 
 
-class _ReverseGradient(torch.autograd.Function):
-    """Identity forward, negated gradient backward: descending on the output ascends on the input."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return -grad
-
-
 class StructureMasker(nn.Module):
     """Learnable hard-concrete masks over the heads and FFN neurons of a model.
 
@@ -68,7 +53,7 @@ class StructureMasker(nn.Module):
             `model.structure_unit_parameters()`.
         droprate_init: initial drop probability of the FFN neurons.
         head_log_alpha_init: initial log-alpha of the attention heads (high: heads start kept).
-        temperature: the hard-concrete temperature (beta).
+        hard_concrete_temperature: the temperature (beta) of the hard-concrete distribution.
 
     Use [`StructureMasker.from_model`] to build one for a model. Calling the masker returns a sampled
     [`StructureMasks`] dict in training mode (`masker.train()`) and the deterministic one in eval mode.
@@ -80,7 +65,7 @@ class StructureMasker(nn.Module):
         unit_parameters: Mapping[str, list[int]],
         droprate_init: float = DROPRATE_INIT,
         head_log_alpha_init: float = HEAD_LOG_ALPHA_INIT,
-        temperature: float = TEMPERATURE,
+        hard_concrete_temperature: float = HARD_CONCRETE_TEMPERATURE,
     ) -> None:
         super().__init__()
         if set(structure_sizes) != set(unit_parameters):
@@ -90,8 +75,8 @@ class StructureMasker(nn.Module):
             )
         if not 0.0 < droprate_init < 1.0:
             raise ValueError(f"`droprate_init` must be in (0, 1); got {droprate_init}.")
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be positive; got {temperature}.")
+        if hard_concrete_temperature <= 0:
+            raise ValueError(f"`hard_concrete_temperature` must be positive; got {hard_concrete_temperature}.")
         self.structure_sizes = {key: [int(n) for n in sizes] for key, sizes in structure_sizes.items()}
         self.unit_parameters = {key: [int(n) for n in unit_parameters[key]] for key in structure_sizes}
         for key, sizes in self.structure_sizes.items():
@@ -101,7 +86,7 @@ class StructureMasker(nn.Module):
                 )
             if any(n < 0 for n in sizes) or any(n <= 0 for n in self.unit_parameters[key]):
                 raise ValueError(f"`{key}` has a negative size or a non-positive parameter count per unit.")
-        self.temperature = temperature
+        self.hard_concrete_temperature = hard_concrete_temperature
         self.droprate_init = droprate_init
         self.head_log_alpha_init = head_log_alpha_init
         # log_alpha[key][str(layer)]: one parameter per layer that still has units.
@@ -204,21 +189,21 @@ class StructureMasker(nn.Module):
         """Q(z = 0 | log_alpha): the CDF at 0 of the stretched concrete (CoFi's `cdf_qz(0, ...)`)."""
         x = (0.0 - LIMIT_LEFT) / (LIMIT_RIGHT - LIMIT_LEFT)
         logit = math.log(x) - math.log(1 - x)
-        return torch.sigmoid(logit * self.temperature - log_alpha).clamp(EPSILON, 1 - EPSILON)
+        return torch.sigmoid(logit * self.hard_concrete_temperature - log_alpha).clamp(EPSILON, 1 - EPSILON)
 
     def sample_mask(self, log_alpha: torch.Tensor) -> torch.Tensor:
         """A differentiable hard-concrete sample in [0, 1], one per unit."""
         u = torch.rand_like(log_alpha).clamp(EPSILON, 1 - EPSILON)
-        s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + log_alpha) / self.temperature)
+        s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + log_alpha) / self.hard_concrete_temperature)
         return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def deterministic_mask(self, log_alpha: torch.Tensor, binary: bool = False) -> torch.Tensor:
         """Zeroes the round(units - E[non-zeros]) lowest-scoring units; survivors keep their score
-        sigmoid(log_alpha / temperature * 0.8) (CoFi), or 1 with `binary`."""
+        sigmoid(log_alpha / hard_concrete_temperature * 0.8) (CoFi), or 1 with `binary`."""
         expected_zeros = log_alpha.numel() - (1 - self.probability_of_zero(log_alpha)).sum().item()
         num_zeros = round(expected_zeros)
-        mask = torch.sigmoid(log_alpha / self.temperature * MAGICAL_NUMBER)
+        mask = torch.sigmoid(log_alpha / self.hard_concrete_temperature * MAGICAL_NUMBER)
         if binary:
             mask = torch.ones_like(mask)
         if num_zeros > 0:
@@ -310,84 +295,10 @@ class StructureMasker(nn.Module):
 
     def extra_repr(self) -> str:
         units = sum(sum(sizes) for sizes in self.structure_sizes.values())
-        return f"units={units}, prunable_parameters={self.total_parameters()}, temperature={self.temperature:.4g}"
-
-
-class SparsityLagrangian(nn.Module):
-    """lambda_1 (s - t) + lambda_2 (s - t)^2 for the expected sparsity s of a [`StructureMasker`].
-
-    Args:
-        target_sparsity: the global target t over all prunable parameters (None: no global constraint).
-        warmup_steps: the target grows linearly from 0 to its value over this many optimizer steps.
-        target_sparsity_per_modality: optional targets for `vision`, `text` and / or `fusion`, each with
-            its own multipliers, on that modality's expected sparsity.
-
-    The multipliers start at 0 and are trained by gradient ascent: [`forward`] reverses their gradient, so
-    give them to an ordinary optimizer (weight decay 0) and it maximises the term over them while the
-    masks minimise it.
-    """
-
-    def __init__(
-        self,
-        target_sparsity: float | None = None,
-        warmup_steps: int = 0,
-        target_sparsity_per_modality: Mapping[str, float] | None = None,
-    ) -> None:
-        super().__init__()
-        targets: dict[str, float] = {}
-        if target_sparsity is not None:
-            targets["overall"] = target_sparsity
-        for modality, value in (target_sparsity_per_modality or {}).items():
-            if modality not in MODALITIES:
-                raise ValueError(f"Unknown modality {modality!r} in `target_sparsity_per_modality`; use {MODALITIES}.")
-            targets[modality] = value
-        if not targets:
-            raise ValueError("Give a `target_sparsity` and / or `target_sparsity_per_modality`.")
-        for name, value in targets.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                what = "target_sparsity" if name == "overall" else f"target_sparsity_per_modality[{name!r}]"
-                raise ValueError(f"`{what}` must be a number in [0, 1); got {value!r}.")
-        if warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be >= 0; got {warmup_steps}.")
-        self.targets = {name: float(value) for name, value in targets.items()}
-        self.warmup_steps = int(warmup_steps)
-        self.lambda_1 = nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in self.targets})
-        self.lambda_2 = nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in self.targets})
-
-    def target(self, step: int, name: str = "overall") -> float:
-        """The target of constraint `name` (`overall` or a modality) at optimizer step `step`."""
-        if name not in self.targets:
-            raise ValueError(f"No constraint {name!r}; this Lagrangian has {list(self.targets)}.")
-        if self.warmup_steps == 0:
-            return self.targets[name]
-        return self.targets[name] * min(1.0, step / self.warmup_steps)
-
-    def forward(self, masker: StructureMasker, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        """Returns the Lagrangian term and the values to log: expected sparsities, targets, multipliers (0-d
-        tensors, detached, so that logging every step does not wait for the device)."""
-        logs: dict[str, torch.Tensor | float] = {}
-        loss = None
-        for name in self.targets:
-            modality = None if name == "overall" else name
-            suffix = "" if name == "overall" else f"_{name}"
-            sparsity = masker.expected_sparsity(modality)
-            gap = sparsity - self.target(step, name)
-            lambda_1 = _ReverseGradient.apply(self.lambda_1[name])
-            lambda_2 = _ReverseGradient.apply(self.lambda_2[name])
-            term = lambda_1 * gap + lambda_2 * gap**2
-            loss = term if loss is None else loss + term
-            logs[f"target_sparsity{suffix}"] = self.target(step, name)
-            logs[f"lambda_1{suffix}"] = self.lambda_1[name].detach().clone()
-            logs[f"lambda_2{suffix}"] = self.lambda_2[name].detach().clone()
-        with torch.no_grad():
-            logs["expected_sparsity"] = masker.expected_sparsity()
-            for modality in masker.modalities:
-                logs[f"expected_sparsity_{modality}"] = masker.expected_sparsity(modality)
-        logs["loss_lagrangian"] = loss.detach()
-        return loss, logs
-
-    def extra_repr(self) -> str:
-        return f"targets={self.targets}, warmup_steps={self.warmup_steps}"
+        return (
+            f"units={units}, prunable_parameters={self.total_parameters()}, "
+            f"hard_concrete_temperature={self.hard_concrete_temperature:.4g}"
+        )
 
 
 def random_structure_masks(
@@ -417,12 +328,11 @@ def random_structure_masks(
 
 
 __all__ = [
+    "HARD_CONCRETE_TEMPERATURE",
     "LIMIT_LEFT",
     "LIMIT_RIGHT",
     "LOG_ALPHA_RANGE",
     "MODALITIES",
-    "TEMPERATURE",
-    "SparsityLagrangian",
     "StructureMasker",
     "StructureMasks",
     "modality_of",

@@ -9,15 +9,19 @@ every modality and the Lagrange multipliers of a [`SparsityLagrangian`] together
 One global target t (warmed up linearly) leaves the split between vision, text and fusion to the task.
 The masker and the multipliers live on the trainer, not in the model, so checkpoints of the student hold
 no mask weights; they get their own optimizer groups (constant learning rate, no weight decay; the
-multipliers ascend through a reversed gradient) and are saved as `masker.pt` in every Trainer checkpoint,
-so `resume_from_checkpoint` continues exactly. After training, [`prune_and_save`] removes the masked
-structures for real and writes the smaller model with `save_pretrained` and a `pruning_report.json`.
+multipliers ascend through a reversed gradient) and are saved as `masker.pt` next to the weights by
+`save_model` (so in every Trainer checkpoint), so `resume_from_checkpoint` continues exactly. After
+training, [`prune_and_save`] removes the masked structures for real and writes the smaller model with
+`save_pretrained` and a `pruning_report.json`.
+
+Only public `Trainer` hooks are used: a `TrainerCallback` (warm-up, gradient averaging, clamping, the best
+checkpoint's masks), `create_optimizer`, `create_scheduler`, `save_model`, `train`, `compute_loss` and
+`prediction_step`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,12 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from ..distillation.objective import DistillationConfig
-from ..distillation.trainer import DistillationTrainer
-from .hard_concrete import DROPRATE_INIT, HEAD_LOG_ALPHA_INIT, TEMPERATURE, SparsityLagrangian, StructureMasker
+from ..distillation import DistillationConfig, DistillationTrainer
+from .hard_concrete import DROPRATE_INIT, HARD_CONCRETE_TEMPERATURE, HEAD_LOG_ALPHA_INIT, StructureMasker
+from .lagrangian import SparsityLagrangian, one_epoch_warmup_steps
 
 logger = logging.get_logger(__name__)
 
@@ -56,7 +60,7 @@ class PruningConfig:
         lagrangian_learning_rate: learning rate of the multipliers (ascent); `None` means `mask_learning_rate`.
         droprate_init: initial drop probability of FFN neurons (log-alpha = log(1 - p) - log(p)).
         head_log_alpha_init: initial log-alpha of attention heads (official: 10, heads start kept).
-        temperature: hard-concrete temperature.
+        hard_concrete_temperature: temperature (beta) of the hard-concrete distribution of the masks.
         binary_masks: keep surviving units at 1 when pruning (official EfficientVLM) instead of folding
             their deterministic score into the weights (CoFi).
     """
@@ -68,7 +72,7 @@ class PruningConfig:
     lagrangian_learning_rate: float | None = None
     droprate_init: float = DROPRATE_INIT
     head_log_alpha_init: float = HEAD_LOG_ALPHA_INIT
-    temperature: float = TEMPERATURE
+    hard_concrete_temperature: float = HARD_CONCRETE_TEMPERATURE
     binary_masks: bool = False
 
     def __post_init__(self) -> None:
@@ -104,17 +108,17 @@ class _MaskOptimizationCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         # The paper warms the target up over one epoch.
         if self.trainer.pruning_config.sparsity_warmup_steps is None:
-            steps = state.max_steps
-            if train_dataloader is not None and hasattr(train_dataloader, "__len__"):
-                steps = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-            self.trainer.lagrangian.warmup_steps = max(1, min(steps, state.max_steps))
+            batches = len(train_dataloader) if hasattr(train_dataloader, "__len__") else None
+            self.trainer.lagrangian.warmup_steps = one_epoch_warmup_steps(
+                batches, args.gradient_accumulation_steps, state.max_steps
+            )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # The masker is not inside the (DDP-wrapped) model: average its gradients across processes ourselves.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world_size = torch.distributed.get_world_size()
             if world_size > 1:
-                for parameter in self.trainer._pruning_parameters():
+                for parameter in self.trainer.pruning_parameters():
                     if parameter.grad is None:
                         parameter.grad = torch.zeros_like(parameter)
                     torch.distributed.all_reduce(parameter.grad)
@@ -123,8 +127,13 @@ class _MaskOptimizationCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         # The Trainer only zeroes the model's gradients; CoFi clamps log-alphas after every step.
         self.trainer.masker.constrain_()
-        for parameter in self.trainer._pruning_parameters():
+        for parameter in self.trainer.pruning_parameters():
             parameter.grad = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # `load_best_model_at_end` has just loaded the best checkpoint's weights: its masks belong with them.
+        if args.load_best_model_at_end and state.best_model_checkpoint is not None:
+            self.trainer.load_pruning_checkpoint(state.best_model_checkpoint, required=False)
 
 
 class ModalAdaptivePruningTrainer(DistillationTrainer):
@@ -168,7 +177,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
                 self.model,
                 droprate_init=pruning_config.droprate_init,
                 head_log_alpha_init=pruning_config.head_log_alpha_init,
-                temperature=pruning_config.temperature,
+                hard_concrete_temperature=pruning_config.hard_concrete_temperature,
             )
         else:
             masker.check_fits(self.model)
@@ -188,7 +197,8 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         self.add_callback(_MaskOptimizationCallback(self))
 
     # -- masks in the forward passes ----------------------------------------------------------------------
-    def _pruning_parameters(self) -> list[nn.Parameter]:
+    def pruning_parameters(self) -> list[nn.Parameter]:
+        """The mask log-alphas and the Lagrange multipliers: trained by this trainer, not part of the model."""
         return [*self.masker.parameters(), *self.lagrangian.parameters()]
 
     def student_forward_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -258,19 +268,20 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         # As in CoFi / EfficientVLM the mask and multiplier learning rates stay constant: the model's schedule
-        # (warm-up, decay to 0) would stop enforcing the target at the end of training.
-        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            groups = scheduler.optimizer.param_groups
-            for index, group in enumerate(groups):
-                if group.get("name") in (_MASK_GROUP, _LAGRANGIAN_GROUP):
-                    scheduler.lr_lambdas[index] = _constant_learning_rate
-                    group["lr"] = group["initial_lr"]
-            scheduler._last_lr = [group["lr"] for group in groups]
-        else:
+        # (warm-up, decay to 0) would stop enforcing the target at the end of training. The model's groups
+        # keep the Trainer's schedule; a new LambdaLR gives the pruning groups a constant factor instead.
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             logger.warning(
                 f"{type(scheduler).__name__} is not a LambdaLR: the mask learning rate follows the model's schedule."
             )
-        return scheduler
+            return scheduler
+        groups = scheduler.optimizer.param_groups
+        factors = [
+            _constant_learning_rate if group.get("name") in (_MASK_GROUP, _LAGRANGIAN_GROUP) else model_factor
+            for group, model_factor in zip(groups, scheduler.lr_lambdas)
+        ]
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(scheduler.optimizer, factors)
+        return self.lr_scheduler
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def pruning_state_dict(self) -> dict[str, Any]:
@@ -304,31 +315,37 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         if "warmup_steps" in state:
             self.lagrangian.warmup_steps = int(state["warmup_steps"])
 
-    def _save_checkpoint(self, model, trial) -> None:
-        # Written before the rest of the checkpoint so a checkpoint pushed to the Hub includes it.
-        if self.args.should_save and not self.pruned:
-            run_dir = self._get_output_dir(trial=trial)
-            output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            os.makedirs(output_dir, exist_ok=True)
-            torch.save(self.pruning_state_dict(), os.path.join(output_dir, MASKER_STATE_NAME))
-        super()._save_checkpoint(model, trial)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, MASKER_STATE_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"{resume_from_checkpoint} has no {MASKER_STATE_NAME}: it is not a checkpoint of a pruning run, "
-                "so the masks and multipliers cannot be resumed."
-            )
-        self.load_pruning_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
-
-    def _load_best_model(self) -> None:
-        super()._load_best_model()
-        # The best checkpoint's masks belong with its weights.
-        path = os.path.join(self.state.best_model_checkpoint, MASKER_STATE_NAME)
+    def load_pruning_checkpoint(self, checkpoint: str, required: bool = True) -> None:
+        """Restores the masks and multipliers saved in `checkpoint`; a missing `masker.pt` raises a ValueError
+        unless `required=False`."""
+        path = os.path.join(checkpoint, MASKER_STATE_NAME)
         if os.path.isfile(path):
             self.load_pruning_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+        elif required:
+            raise ValueError(
+                f"{checkpoint} has no {MASKER_STATE_NAME}: it is not a checkpoint of a pruning run, "
+                "so the masks and multipliers cannot be resumed."
+            )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, plus `masker.pt` next to the weights while the model is not pruned yet (the
+        Trainer saves every checkpoint through here, so each one holds the masks that go with its weights)."""
+        if self.args.should_save and not self.pruned:
+            # Written first, so that a save pushed to the Hub includes it.
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save(self.pruning_state_dict(), os.path.join(output_dir, MASKER_STATE_NAME))
+        super().save_model(output_dir, _internal_call=_internal_call)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; resuming from a checkpoint also restores its masks and multipliers (`masker.pt`)."""
+        if resume_from_checkpoint is True:
+            # Resolved as `Trainer.train` does; without a checkpoint it raises its own error.
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)) and os.path.isdir(resume_from_checkpoint):
+            # Before the Trainer loads the rest: the optimizer state it restores refers to these same tensors.
+            self.load_pruning_checkpoint(str(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # -- the end: physical pruning ------------------------------------------------------------------------
     def finalize_pruning(self) -> dict[str, Any]:

@@ -1,0 +1,119 @@
+"""The sparsity Lagrangian: one global target sparsity, warmed up, enforced by trained multipliers.
+
+[`SparsityLagrangian`] adds lambda_1 (s - t) + lambda_2 (s - t)^2 for one global target t on the expected
+sparsity s of all prunable parameters of a [`StructureMasker`], and optionally one such term per modality.
+The target warms up linearly from 0 over `warmup_steps` optimizer steps ([`SparsityLagrangian.target`]);
+the paper warms up over one epoch ([`one_epoch_warmup_steps`]).
+The multipliers are maximised: their gradient is reversed in the forward pass, so a plain (descent)
+optimizer step on them is gradient ascent, exactly as CoFi's negative learning rate (which
+`torch.optim.AdamW` rejects).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .hard_concrete import MODALITIES, StructureMasker
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward, negated gradient backward: descending on the output ascends on the input."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
+class SparsityLagrangian(nn.Module):
+    """lambda_1 (s - t) + lambda_2 (s - t)^2 for the expected sparsity s of a [`StructureMasker`].
+
+    Args:
+        target_sparsity: the global target t over all prunable parameters (None: no global constraint).
+        warmup_steps: the target grows linearly from 0 to its value over this many optimizer steps.
+        target_sparsity_per_modality: optional targets for `vision`, `text` and / or `fusion`, each with
+            its own multipliers, on that modality's expected sparsity.
+
+    The multipliers start at 0 and are trained by gradient ascent: [`forward`] reverses their gradient, so
+    give them to an ordinary optimizer (weight decay 0) and it maximises the term over them while the
+    masks minimise it.
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float | None = None,
+        warmup_steps: int = 0,
+        target_sparsity_per_modality: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        targets: dict[str, float] = {}
+        if target_sparsity is not None:
+            targets["overall"] = target_sparsity
+        for modality, value in (target_sparsity_per_modality or {}).items():
+            if modality not in MODALITIES:
+                raise ValueError(f"Unknown modality {modality!r} in `target_sparsity_per_modality`; use {MODALITIES}.")
+            targets[modality] = value
+        if not targets:
+            raise ValueError("Give a `target_sparsity` and / or `target_sparsity_per_modality`.")
+        for name, value in targets.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                what = "target_sparsity" if name == "overall" else f"target_sparsity_per_modality[{name!r}]"
+                raise ValueError(f"`{what}` must be a number in [0, 1); got {value!r}.")
+        if warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0; got {warmup_steps}.")
+        self.targets = {name: float(value) for name, value in targets.items()}
+        self.warmup_steps = int(warmup_steps)
+        self.lambda_1 = nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in self.targets})
+        self.lambda_2 = nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in self.targets})
+
+    def target(self, step: int, name: str = "overall") -> float:
+        """The target of constraint `name` (`overall` or a modality) at optimizer step `step`."""
+        if name not in self.targets:
+            raise ValueError(f"No constraint {name!r}; this Lagrangian has {list(self.targets)}.")
+        if self.warmup_steps == 0:
+            return self.targets[name]
+        return self.targets[name] * min(1.0, step / self.warmup_steps)
+
+    def forward(self, masker: StructureMasker, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Returns the Lagrangian term and the values to log: expected sparsities, targets, multipliers (0-d
+        tensors, detached, so that logging every step does not wait for the device)."""
+        logs: dict[str, torch.Tensor | float] = {}
+        loss = None
+        for name in self.targets:
+            modality = None if name == "overall" else name
+            suffix = "" if name == "overall" else f"_{name}"
+            sparsity = masker.expected_sparsity(modality)
+            gap = sparsity - self.target(step, name)
+            lambda_1 = _ReverseGradient.apply(self.lambda_1[name])
+            lambda_2 = _ReverseGradient.apply(self.lambda_2[name])
+            term = lambda_1 * gap + lambda_2 * gap**2
+            loss = term if loss is None else loss + term
+            logs[f"target_sparsity{suffix}"] = self.target(step, name)
+            logs[f"lambda_1{suffix}"] = self.lambda_1[name].detach().clone()
+            logs[f"lambda_2{suffix}"] = self.lambda_2[name].detach().clone()
+        with torch.no_grad():
+            logs["expected_sparsity"] = masker.expected_sparsity()
+            for modality in masker.modalities:
+                logs[f"expected_sparsity_{modality}"] = masker.expected_sparsity(modality)
+        logs["loss_lagrangian"] = loss.detach()
+        return loss, logs
+
+    def extra_repr(self) -> str:
+        return f"targets={self.targets}, warmup_steps={self.warmup_steps}"
+
+
+def one_epoch_warmup_steps(batches_per_epoch: int | None, gradient_accumulation_steps: int, max_steps: int) -> int:
+    """The paper's warm-up of the target: the optimizer steps of one epoch (all `max_steps` when the epoch
+    length is unknown), at least 1 and at most `max_steps`."""
+    steps = max_steps if batches_per_epoch is None else math.ceil(batches_per_epoch / gradient_accumulation_steps)
+    return max(1, min(steps, max_steps))
+
+
+__all__ = ["SparsityLagrangian", "one_epoch_warmup_steps"]
