@@ -46,6 +46,21 @@ def _split(eval_pred: Any) -> tuple[Any, Any]:
     return predictions, references
 
 
+def _predictions_and_references(
+    eval_pred: Any, references: Sequence[Sequence[str]] | None, task: str, what: str
+) -> tuple[Any, Sequence[Sequence[str]]]:
+    """Predictions and references of a text task: a dict's own references, else the builder's."""
+    predictions, refs = _split(eval_pred)
+    refs = references if refs is None or not isinstance(eval_pred, dict) else refs
+    if refs is None:
+        raise ValueError(f"{task} needs the {what}: pass `references` to the builder or in the dict.")
+    return _first(predictions), refs
+
+
+def _are_strings(predictions: Any) -> bool:
+    return isinstance(predictions, Sequence) and bool(predictions) and isinstance(predictions[0], str)
+
+
 def make_vqa_compute_metrics(
     answer_list: Sequence[str] | None = None, references: Sequence[Sequence[str]] | None = None
 ) -> ComputeMetrics:
@@ -59,12 +74,8 @@ def make_vqa_compute_metrics(
     """
 
     def compute_metrics(eval_pred: Any) -> dict[str, float]:
-        predictions, refs = _split(eval_pred)
-        refs = references if refs is None or not isinstance(eval_pred, dict) else refs
-        if refs is None:
-            raise ValueError("VQA needs the reference answers: pass `references` to the builder or in the dict.")
-        predictions = _first(predictions)
-        if not (isinstance(predictions, Sequence) and predictions and isinstance(predictions[0], str)):
+        predictions, refs = _predictions_and_references(eval_pred, references, "VQA", "reference answers")
+        if not _are_strings(predictions):
             array = np.asarray(predictions)
             if array.dtype.kind in "US":
                 predictions = array.tolist()
@@ -137,12 +148,8 @@ def make_caption_compute_metrics(
     """
 
     def compute_metrics(eval_pred: Any) -> dict[str, float]:
-        predictions, refs = _split(eval_pred)
-        refs = references if refs is None or not isinstance(eval_pred, dict) else refs
-        if refs is None:
-            raise ValueError("Captioning needs reference captions: pass `references` to the builder or in the dict.")
-        predictions = _first(predictions)
-        if not (isinstance(predictions, Sequence) and predictions and isinstance(predictions[0], str)):
+        predictions, refs = _predictions_and_references(eval_pred, references, "Captioning", "reference captions")
+        if not _are_strings(predictions):
             if tokenizer is None:
                 raise ValueError("Predictions are token ids: pass `tokenizer` to the builder.")
             ids = np.asarray(predictions)
