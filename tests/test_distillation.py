@@ -15,8 +15,9 @@ from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining
 from trainers.distillation import DistillationTrainer
 from trainers.distillation.layer_mapping import default_layer_mapping
 from trainers.distillation.losses import attention_mse, hidden_state_mse, itc_distillation, soft_cross_entropy
-from trainers.distillation.objective import DistillationConfig, DistillationLoss, LogitKD
+from trainers.distillation.objective import DistillationConfig, DistillationLoss
 from trainers.distillation.student_init import build_student, init_student_from_teacher, make_student_config
+from trainers.tasks import LogitKD
 
 from .conftest import make_inputs
 
@@ -356,8 +357,7 @@ def test_kd_terms_are_zero_for_the_teacher_itself_and_positive_for_a_student() -
 
 
 def test_an_output_field_the_kd_spec_does_not_declare_raises() -> None:
-    from trainers.distillation.objective import KDSpec
-    from trainers.tasks import task_spec
+    from trainers.tasks import KDSpec, task_spec
 
     teacher = _teacher()
     inputs = _mlm_inputs(teacher.config)

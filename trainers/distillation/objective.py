@@ -33,6 +33,7 @@ from torch import nn
 
 from modeling_efficientvlm.configuration_efficientvlm import TextStackLayout, has_twin_fusion_layers, stack_depths
 
+from ..tasks import EncoderKD, KDSpec, LogitKD
 from .layer_mapping import LAYER_STACKS, resolve_layer_mapping
 from .losses import (
     HEAD_MISMATCH_MODES,
@@ -42,86 +43,6 @@ from .losses import (
     check_kd_temperature,
     hidden_state_mse,
 )
-
-# --------------------------------------------------------------------------------------------------------------
-# What a task distils
-# --------------------------------------------------------------------------------------------------------------
-
-LOGIT_TERMS = ("itm_logit", "mlm_logit", "task_logit")
-# Rows of a logits tensor a `LogitKD` compares: all; the masked MLM positions (`mlm_labels != -100`); the rows
-# whose label (`labels`, shaped like the logits without classes) is not -100; the rows whose next token's label
-# is not -100 (causal LM logits: row t predicts label t + 1).
-LOGIT_ROWS = ("all", "mlm_labels", "labels", "next_token_labels")
-ENCODER_GROUPS = ("vision", "text", "fusion")
-MAPPING_STACKS = (*LAYER_STACKS, "multimodal")
-# Padding mask of an encoder pass: none (image patches); the text's `attention_mask`; or ITM pairs (positives,
-# negative texts, negative images: 3 * batch rows, distilled as a positive and a negative term, as officially;
-# a pass without such pairs uses the text mask when it fits).
-ENCODER_MASKS = (None, "text", "itm_pairs")
-
-
-def _check_choice(value: Any, choices: Sequence[Any], name: str) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {tuple(choices)}; got {value!r}.")
-
-
-@dataclass(frozen=True)
-class LogitKD:
-    """Soft cross-entropy between the student's and the teacher's `field` logits, as the term `kd_<term>`."""
-
-    field: str
-    term: str
-    rows: str = "all"
-
-    def __post_init__(self) -> None:
-        _check_choice(self.term, LOGIT_TERMS, "term")
-        _check_choice(self.rows, LOGIT_ROWS, "rows")
-
-
-@dataclass(frozen=True)
-class EncoderKD:
-    """Hidden-state and attention terms (`kd_<group>_hidden`, `kd_<group>_attn`, and `kd_fusion_cross_attn`
-    in the fusion group) of the encoder pass in `field`, over the layer mapping of `stack`. `match_input`:
-    whether the pass's input may be matched too (with `hidden_include_input`); off when another pass already
-    matches it."""
-
-    field: str
-    group: str
-    stack: str
-    mask: str | None = None
-    match_input: bool = True
-
-    def __post_init__(self) -> None:
-        _check_choice(self.group, ENCODER_GROUPS, "group")
-        _check_choice(self.stack, MAPPING_STACKS, "stack")
-        _check_choice(self.mask, ENCODER_MASKS, "mask")
-
-
-@dataclass(frozen=True)
-class KDSpec:
-    """Every output field of a task model and what distillation does with it (see the module docstring)."""
-
-    logits: tuple[LogitKD, ...] = ()
-    similarity: str | None = None
-    encoders: tuple[EncoderKD, ...] = ()
-    not_distilled: tuple[str, ...] = ()
-
-    @property
-    def declared_fields(self) -> set[str]:
-        distilled = [kd.field for kd in (*self.logits, *self.encoders)]
-        return {*distilled, *([self.similarity] if self.similarity else []), *self.not_distilled}
-
-    def check_outputs(self, outputs: Any) -> None:
-        """Raises a `ValueError` naming every field of `outputs` (a `ModelOutput`) the spec does not declare."""
-        if not isinstance(outputs, Mapping):
-            return
-        undeclared = sorted(set(outputs.keys()) - self.declared_fields)
-        if undeclared:
-            raise ValueError(
-                f"{type(outputs).__name__} has field(s) {undeclared} that its task's KD spec does not declare; "
-                "declare each in the task's `KDSpec` (trainers/tasks.py): as a KD term, or in `not_distilled`."
-            )
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -493,7 +414,4 @@ __all__ = [
     "KD_TERMS",
     "DistillationConfig",
     "DistillationLoss",
-    "EncoderKD",
-    "KDSpec",
-    "LogitKD",
 ]

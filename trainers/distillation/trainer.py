@@ -27,7 +27,8 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils import logging
 
-from .objective import DistillationConfig, DistillationLoss, KDSpec
+from ..tasks import KDSpec
+from .objective import DistillationConfig, DistillationLoss
 
 logger = logging.get_logger(__name__)
 

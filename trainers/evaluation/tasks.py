@@ -78,14 +78,12 @@ def evaluate_vqa(model: Any, dataset: Any, processor: Any, options: EvaluationOp
 
 def evaluate_nlvr2(model: Any, dataset: Any, processor: Any, options: EvaluationOptions) -> EvaluationResult:
     """Accuracy of the true/false prediction for each pair of images."""
+    from trainers.data import NLVR2Collator
     from trainers.evaluation import metrics
-    from trainers.tasks import build_collator
 
     device = _device_of(model)
     predictions, labels = [], []
-    batches = DataLoader(
-        dataset, batch_size=options.batch_size, shuffle=False, collate_fn=build_collator("nlvr2", processor)
-    )
+    batches = DataLoader(dataset, batch_size=options.batch_size, shuffle=False, collate_fn=NLVR2Collator(processor))
     for batch in batches:
         batch = {key: value.to(device) for key, value in batch.items()}
         logits = model(
