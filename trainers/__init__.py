@@ -1,14 +1,14 @@
 """Trainers, losses, data and metrics for distilling and pruning EfficientVLM models.
 
-The stages of the method, one subpackage each (arrows point one way: commands -> stages -> data/evaluation
--> model):
-- `trainers.commands`: the `efficientvlm` command line, one module per subcommand;
+Arrows point one way: commands -> stages -> task registry -> data / evaluation -> model.
+- `trainers.commands`, `trainers.demo`: the `efficientvlm` command line and the built-in end-to-end demo;
+- `trainers.training`: build, train and save a task model (the loop every stage shares);
 - `trainers.distillation`: student built from teacher layers, KD losses, `DistillationTrainer`;
 - `trainers.pruning`: hard-concrete masks, the sparsity Lagrangian, `ModalAdaptivePruningTrainer`;
+- `trainers.model_card`: model cards and pushing to the Hub;
+- `trainers.tasks`: the task registry every stage reads (classes, evaluation, metric, card facts, KD spec);
 - `trainers.data`: X-VLM JSON / `datasets` datasets and the collators of every task;
-- `trainers.evaluation`: metrics (`evaluate` modules), retrieval recall, benchmarking;
-- `trainers.demo`: the built-in corpus and the end-to-end demo;
-- `trainers.tasks`: the task registry every stage reads.
+- `trainers.evaluation`: one evaluation routine per task, retrieval recall, metrics, benchmarking.
 
 The names below import lazily, so `import trainers` stays cheap.
 """
