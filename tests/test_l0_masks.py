@@ -386,3 +386,47 @@ def test_per_modality_targets_are_enforced(backbone) -> None:
     assert abs(history[-1]["expected_sparsity"] - 0.5) < 0.02
     assert abs(history[-1]["expected_sparsity_vision"] - 0.8) < 0.02
     assert {"lambda_1_vision", "lambda_2_vision", "target_sparsity_vision"} <= set(history[-1])
+
+
+# -- the hard-concrete arithmetic, pinned to hand-computed values --------------------------------------------------
+# With stretch limits (l, r) = (-0.1, 1.1) and beta = 2/3 (Louizos et al. 2018; CoFi; official EfficientVLM):
+#   P(z = 0)       = sigmoid(beta * log(-l / r) - log_alpha),  beta * log(0.1 / 1.1) = -1.5985968
+#   E[kept units]  = sum of (1 - P(z = 0))
+#   score          = sigmoid(log_alpha / beta * 0.8) = sigmoid(1.2 * log_alpha)
+#   sample         = clamp(sigmoid((log u - log(1 - u) + log_alpha) / beta) * (r - l) + l, 0, 1)
+# Values below were computed from these formulas by hand (to 6 digits), not with the code under test, so a
+# change of the limits or of beta (e.g. (-0.2, 1.1) or 1/2) fails here.
+HAND_LOG_ALPHA = torch.tensor([-3.0, -1.0, 0.0, 2.0])
+HAND_P_ZERO = [0.802406, 0.354665, 0.168178, 0.026633]  # sum 1.351882: E[kept] = 2.648118, round(zeros) = 1
+HAND_SCORE = [0.026597, 0.231475, 0.5, 0.916827]
+
+
+def _single_layer_masker() -> StructureMasker:
+    return StructureMasker({"text_ffn": [4]}, {"text_ffn": [1]})
+
+
+def test_probability_of_zero_and_expected_kept_units_match_the_formulas() -> None:
+    masker = _single_layer_masker()
+    p_zero = masker.probability_of_zero(HAND_LOG_ALPHA)
+    assert p_zero.tolist() == pytest.approx(HAND_P_ZERO, abs=1e-6)
+    with torch.no_grad():
+        masker.log_alpha["text_ffn"]["0"].copy_(HAND_LOG_ALPHA)
+    assert masker.expected_remaining_parameters().item() == pytest.approx(2.648118, abs=1e-5)
+    assert masker.expected_sparsity().item() == pytest.approx(1.351882 / 4, abs=1e-5)
+
+
+def test_deterministic_mask_matches_the_formulas() -> None:
+    masker = _single_layer_masker()
+    # round(1.351882) = 1 unit is zeroed: the lowest log-alpha; the others keep their score (CoFi) or 1.
+    assert masker.deterministic_mask(HAND_LOG_ALPHA).tolist() == pytest.approx([0.0, *HAND_SCORE[1:]], abs=1e-6)
+    assert masker.deterministic_mask(HAND_LOG_ALPHA, binary=True).tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_stretched_sample_for_fixed_noise_matches_the_formulas(monkeypatch) -> None:
+    masker = _single_layer_masker()
+    noise = torch.tensor([0.25, 0.9, 0.1, 0.5])
+    log_alpha = torch.tensor([1.0, 2.0, -2.0, 0.0])
+    monkeypatch.setattr(torch, "rand_like", lambda tensor: noise.clone())
+    # u=0.25, la=1: sigmoid(-0.147918) = 0.463088 -> 0.455705; u=0.9, la=2: 1.097791 -> clamped to 1;
+    # u=0.1, la=-2: -0.097791 -> clamped to 0; u=0.5, la=0: 0.5 -> 0.5.
+    assert masker.sample_mask(log_alpha).tolist() == pytest.approx([0.455705, 1.0, 0.0, 0.5], abs=1e-6)
