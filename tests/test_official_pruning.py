@@ -1,0 +1,164 @@
+"""Official EfficientVLM pruning-stage checkpoints (`l0_module.*` log-alphas) -> physically pruned models.
+
+The state dicts are synthetic: the official parameter names and layouts (tests/reference/), at a reduced width
+(768 -> 128, 12 heads -> 2) so the test is fast. Expected masks are computed here from the official formulas,
+independently of the masker under test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForQuestionAnswering
+from modeling_efficientvlm.convert_efficientvlm_checkpoints import model_from_official_state_dict
+from trainers.pruning.official import load_official_pruning_checkpoint, prune_official_state_dict
+
+REFERENCE = Path(__file__).resolve().parent / "reference"
+SHRINK = {768: 128, 1536: 256, 3072: 256, 30522: 120, 12: 2}  # width, ITM hidden, FFN, vocab, heads
+L0_LISTING = {"retrieval": "retrieval (", "vqa": "vqa and captioning ("}
+WEIGHTS_LISTING = {"retrieval": "ref_student_retrieval_keys.json", "vqa": "ref_student_vqa_keys.json"}
+BETA, LEFT, RIGHT = 2 / 3, -0.1, 1.1
+
+
+def _official_state(task: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = json.loads((REFERENCE / WEIGHTS_LISTING[task]).read_text())
+    l0_listings = json.loads((REFERENCE / "ref_student_pruning_l0_keys.json").read_text())
+    l0_shapes = next(v for k, v in l0_listings.items() if k.startswith(L0_LISTING[task]))
+    state = {}
+    for name, shape in {**shapes, **l0_shapes}.items():
+        shape = [SHRINK.get(n, n) for n in shape]
+        if name.endswith("position_ids"):
+            state[name] = torch.arange(shape[-1]).unsqueeze(0)
+        elif "loga" in name:
+            state[name] = torch.randn(shape, generator=generator) * 3.0
+        else:
+            state[name] = torch.randn(shape, generator=generator) * 0.05
+    decoder = "text_decoder.cls.predictions.decoder.weight"
+    if decoder in state:  # tied to the decoder's word embeddings, as officially
+        state[decoder] = state["text_decoder.bert.embeddings.word_embeddings.weight"]
+        state["text_decoder.cls.predictions.decoder.bias"] = state["text_decoder.cls.predictions.bias"]
+    # Fusion layer 0: every self-attention head kept (row 0), every cross-attention head dropped (row 1);
+    # vision layer 2's whole FFN dropped.
+    state["l0_module.cross_head_loga"][0] = 10.0
+    state["l0_module.cross_head_loga"][1] = -10.0
+    state["l0_module.vision_int_loga"][2] = -10.0
+    return state
+
+
+def _official_mask(log_alpha: torch.Tensor) -> torch.Tensor:
+    """The official deterministic mask: keep the round(n - sum P(z=0)) units with the highest log-alpha, at 1."""
+    shift = BETA * math.log(-LEFT / RIGHT)
+    p_zero = torch.sigmoid(shift - log_alpha.double())
+    kept = log_alpha.numel() - round(p_zero.sum().item())
+    mask = torch.zeros(log_alpha.numel())
+    if kept > 0:
+        mask[torch.topk(log_alpha, kept).indices] = 1.0
+    return mask
+
+
+def _official_masks(state: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    rows = {name[len("l0_module.") :]: tensor for name, tensor in state.items() if name.endswith("_loga")}
+    masks = {
+        "vision_heads": rows["vision_head_loga"],
+        "vision_ffn": rows["vision_int_loga"],
+        "text_heads": rows["text_head_loga"],
+        "text_ffn": rows["text_int_loga"],
+        "fusion_heads": rows["cross_head_loga"][0::2],
+        "fusion_cross_heads": rows["cross_head_loga"][1::2],
+        "fusion_ffn": rows["cross_int_loga"],
+    }
+    return {key: [_official_mask(row) for row in value] for key, value in masks.items()}
+
+
+def _inputs(config) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    size = config.vision_config.image_size
+    input_ids = torch.randint(5, config.text_config.vocab_size, (2, 9), generator=generator)
+    return {
+        "pixel_values": torch.randn(2, 3, size, size, generator=generator),
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+    }
+
+
+@pytest.mark.parametrize("task", ["retrieval", "vqa"])
+def test_pruning_stage_checkpoint_prunes_as_the_official_masks_say(task: str, tmp_path: Path) -> None:
+    state = _official_state(task)
+    torch.save({"model": state}, tmp_path / "pruning_stage.pth")
+    pruned, report = load_official_pruning_checkpoint(str(tmp_path / "pruning_stage.pth"), task)
+    expected = _official_masks(state)
+
+    kept = {key: [int(mask.sum()) for mask in masks] for key, masks in expected.items()}
+    assert report["kept_structures"] == kept
+    assert pruned.structure_sizes() == kept
+    assert kept["fusion_heads"][0] == 2 and kept["fusion_cross_heads"][0] == 0 and kept["vision_ffn"][2] == 0
+    assert 0 < report["sparsity"] < 1 and set(report["sparsity_per_modality"]) == {"vision", "text", "fusion"}
+    assert set(report["lagrange_multipliers"]) == {"lambda_1", "lambda_2"}
+
+    # The pruned model computes what the unpruned one computes under the official masks.
+    weights = {name: tensor for name, tensor in state.items() if not name.startswith("l0_module.")}
+    unpruned = model_from_official_state_dict(weights, task).eval()
+    if task == "vqa":
+        # The answer decoder is masked in place; apply the same official masks to the reference's decoder.
+        decoder_rows = {n: state[f"l0_module.decoder_{n}_loga"] for n in ("head", "int")}
+        decoder_masks = {
+            "fusion_heads": [_official_mask(r) for r in decoder_rows["head"][0::2]],
+            "fusion_cross_heads": [_official_mask(r) for r in decoder_rows["head"][1::2]],
+            "fusion_ffn": [_official_mask(r) for r in decoder_rows["int"]],
+        }
+        assert report["decoder_units_zeroed"] == {
+            key: [int((mask == 0).sum()) for mask in masks] for key, masks in decoder_masks.items()
+        }
+    inputs = _inputs(pruned.config)
+    pruned.eval()
+    with torch.no_grad():
+        ours = pruned.efficientvlm(**inputs)
+        reference = unpruned.efficientvlm(**inputs, structure_masks=expected)
+    torch.testing.assert_close(ours.last_hidden_state, reference.last_hidden_state, atol=1e-5, rtol=1e-5)
+    # (Not the ITC embeddings: generative checkpoints have no ITC projections, so VQA's are freshly initialised.)
+    for name in ("vision_output", "text_output"):
+        torch.testing.assert_close(
+            getattr(ours, name).last_hidden_state, getattr(reference, name).last_hidden_state, atol=1e-5, rtol=1e-5
+        )
+    if task == "vqa":
+        question_states = torch.randn(2, 9, pruned.config.text_config.hidden_size)
+        answer = dict(
+            input_ids=inputs["input_ids"][:, :4],
+            encoder_hidden_states=question_states,
+            mode="multimodal",
+            is_causal=True,
+        )
+        with torch.no_grad():
+            masked = unpruned.answer_decoder(**answer, **unpruned.answer_decoder.layer_masks(decoder_masks))
+            zeroed = pruned.answer_decoder(**answer)
+        torch.testing.assert_close(zeroed.last_hidden_state, masked.last_hidden_state, atol=1e-5, rtol=1e-5)
+
+    # The folder reloads at its uneven sizes with `from_pretrained`.
+    pruned.save_pretrained(tmp_path / "pruned")
+    model_class = {"retrieval": EfficientVLMForImageTextRetrieval, "vqa": EfficientVLMForQuestionAnswering}[task]
+    reloaded = model_class.from_pretrained(tmp_path / "pruned").eval()
+    with torch.no_grad():
+        again = reloaded.efficientvlm(**inputs)
+    torch.testing.assert_close(again.last_hidden_state, ours.last_hidden_state)
+
+
+def test_non_pruning_checkpoints_and_mismatched_log_alphas_raise() -> None:
+    state = _official_state("retrieval")
+    weights = {name: tensor for name, tensor in state.items() if not name.startswith("l0_module.")}
+    with pytest.raises(ValueError, match="not a pruning-stage checkpoint"):
+        prune_official_state_dict(weights, "retrieval")
+    bad = dict(state)
+    bad["l0_module.cross_head_loga"] = bad["l0_module.cross_head_loga"][:3]  # 3 rows for 3 fusion layers x 2
+    with pytest.raises(ValueError, match=r"l0_module\.cross_head_loga.*6 rows"):
+        prune_official_state_dict(bad, "retrieval")
+    unknown = {**state, "l0_module.mystery_loga": torch.zeros(1)}
+    with pytest.raises(ValueError, match="mystery_loga"):
+        prune_official_state_dict(unknown, "retrieval")
+    with pytest.raises(ValueError, match="convert for"):
+        prune_official_state_dict(state, "nlvr2")

@@ -1,0 +1,166 @@
+"""Official EfficientVLM pruning-stage checkpoints -> physically pruned models.
+
+The official pruning scripts save the whole model's `state_dict()`: the task model's tensors plus the
+hard-concrete log-alphas and Lagrange multipliers under `l0_module.*`. This turns the log-alphas into the
+official deterministic masks (the `round(n - sum P(z = 0))` highest-scoring units of each layer kept, at 1) with
+the same [`StructureMasker`] arithmetic the pruning trainer uses, and removes the masked heads and neurons.
+
+Official layout (one row per layer, one column per unit):
+- `vision_head_loga`, `text_head_loga`: heads; `vision_int_loga`, `text_int_loga`, `cross_int_loga`: FFN neurons;
+- `cross_head_loga`: two rows per fusion layer, row 2k the self-attention heads and row 2k + 1 the
+  cross-attention heads of fusion layer k;
+- `decoder_head_loga` (two rows per decoder layer, as above), `decoder_int_loga`: the VQA answer decoder. Its
+  masks are applied exactly by zeroing the masked units' output weights, but its units are not removed (the
+  answer decoder has no per-layer sizes in the config yet); the report says so.
+- `lambda_1`, `lambda_2`: the Lagrange multipliers, used only while training; reported, not converted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from modeling_efficientvlm.convert_efficientvlm_checkpoints import model_from_official_state_dict
+from modeling_efficientvlm.modeling_efficientvlm import StructureMasks
+
+from .hard_concrete import HARD_CONCRETE_TEMPERATURE, StructureMasker
+
+L0_PREFIX = "l0_module."
+# Official log-alpha tensor -> our structure-mask keys; with two keys, rows alternate between them.
+ENCODER_LOG_ALPHAS = {
+    "vision_head_loga": ("vision_heads",),
+    "vision_int_loga": ("vision_ffn",),
+    "text_head_loga": ("text_heads",),
+    "text_int_loga": ("text_ffn",),
+    "cross_head_loga": ("fusion_heads", "fusion_cross_heads"),
+    "cross_int_loga": ("fusion_ffn",),
+}
+DECODER_LOG_ALPHAS = {
+    "decoder_head_loga": ("fusion_heads", "fusion_cross_heads"),
+    "decoder_int_loga": ("fusion_ffn",),
+}
+MULTIPLIERS = ("lambda_1", "lambda_2")
+PRUNING_STAGE_TASKS = ("retrieval", "vqa")
+
+
+def split_pruning_state(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(model tensors, `l0_module` tensors without their prefix) of an official pruning-stage state dict."""
+    weights = {name: tensor for name, tensor in state_dict.items() if not name.startswith(L0_PREFIX)}
+    l0 = {name[len(L0_PREFIX) :]: tensor for name, tensor in state_dict.items() if name.startswith(L0_PREFIX)}
+    if not l0:
+        raise ValueError(
+            "This state dict has no `l0_module.*` tensors: it is not a pruning-stage checkpoint (convert it with "
+            "`python -m modeling_efficientvlm.convert_efficientvlm_checkpoints xvlm` instead)."
+        )
+    known = {*ENCODER_LOG_ALPHAS, *DECODER_LOG_ALPHAS, *MULTIPLIERS}
+    unknown = sorted(set(l0) - known)
+    if unknown:
+        raise ValueError(f"Unknown `l0_module` tensors {[L0_PREFIX + n for n in unknown]}; expected {sorted(known)}.")
+    return weights, l0
+
+
+def _per_layer(
+    l0: Mapping[str, torch.Tensor], table: Mapping[str, tuple[str, ...]], sizes: Mapping[str, list[int]]
+) -> dict[str, list[torch.Tensor]]:
+    """Official log-alpha rows -> one log-alpha vector per layer for each of our keys, shapes checked."""
+    per_key: dict[str, list[torch.Tensor]] = {}
+    for name, keys in table.items():
+        if name not in l0:
+            continue
+        rows = l0[name]
+        expected_rows = sum(len(sizes[key]) for key in keys)
+        if rows.dim() != 2 or rows.shape[0] != expected_rows:
+            raise ValueError(
+                f"`{L0_PREFIX}{name}` has shape {tuple(rows.shape)}; the model needs {expected_rows} rows "
+                f"({' / '.join(keys)}: {[len(sizes[key]) for key in keys]} layers)."
+            )
+        for offset, key in enumerate(keys):
+            layers = rows[offset :: len(keys)]
+            for layer, (row, units) in enumerate(zip(layers, sizes[key])):
+                if row.numel() != units:
+                    raise ValueError(
+                        f"`{L0_PREFIX}{name}` row {layer * len(keys) + offset} ({key} layer {layer}) has "
+                        f"{row.numel()} units; the model has {units}."
+                    )
+            per_key[key] = [row.float() for row in layers]
+    return per_key
+
+
+def _masks(masker: StructureMasker, log_alphas: Mapping[str, list[torch.Tensor]], binary: bool) -> StructureMasks:
+    return {
+        key: [masker.deterministic_mask(log_alpha, binary=binary) if log_alpha.numel() else None for log_alpha in rows]
+        for key, rows in log_alphas.items()
+    }
+
+
+@torch.no_grad()
+def _zero_masked_units(decoder: torch.nn.Module, masks: StructureMasks) -> dict[str, list[int]]:
+    """Applies decoder masks exactly without removing units: a masked head's columns of the output projection
+    and a masked neuron's column of `fc2` become zero. Returns the units zeroed per layer for each key."""
+    zeroed: dict[str, list[int]] = {}
+    for key, attribute in (("fusion_heads", "attention"), ("fusion_cross_heads", "crossattention")):
+        zeroed[key] = []
+        for layer, mask in zip(decoder.encoder.layer, masks.get(key, [])):
+            attention = getattr(layer, attribute)
+            columns = attention.out_proj.weight.view(attention.out_proj.out_features, attention.num_heads, -1)
+            columns.mul_(mask.view(1, -1, 1).to(columns.dtype))
+            zeroed[key].append(int((mask == 0).sum()))
+    zeroed["fusion_ffn"] = []
+    for layer, mask in zip(decoder.encoder.layer, masks.get("fusion_ffn", [])):
+        layer.mlp.fc2.weight.mul_(mask.view(1, -1).to(layer.mlp.fc2.weight.dtype))
+        zeroed["fusion_ffn"].append(int((mask == 0).sum()))
+    return zeroed
+
+
+def prune_official_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    task: str,
+    binary: bool = True,
+    hard_concrete_temperature: float = HARD_CONCRETE_TEMPERATURE,
+) -> tuple[Any, dict[str, Any]]:
+    """An official pruning-stage state dict -> (physically pruned task model, report).
+
+    `binary=True` keeps survivors at 1, as the official evaluation does; `False` folds the survivors' scores
+    into the weights (CoFi). The report gives the sparsity per modality, the units kept per layer and, for VQA,
+    the answer-decoder units zeroed in place.
+    """
+    if task not in PRUNING_STAGE_TASKS:
+        raise ValueError(f"Pruning-stage checkpoints convert for {PRUNING_STAGE_TASKS}; got task {task!r}.")
+    weights, l0 = split_pruning_state(state_dict)
+    model = model_from_official_state_dict(weights, task)
+    masker = StructureMasker.from_model(model, hard_concrete_temperature=hard_concrete_temperature)
+    encoder_log_alphas = _per_layer(l0, ENCODER_LOG_ALPHAS, masker.structure_sizes)
+    missing = sorted(set(masker.structure_sizes) - set(encoder_log_alphas))
+    if missing:
+        raise ValueError(f"The checkpoint's `l0_module` has no log-alphas for {missing}.")
+    masks = _masks(masker, encoder_log_alphas, binary)
+    report: dict[str, Any] = {
+        "task": task,
+        "binary_masks": binary,
+        "sparsity": masker.sparsity_of(masks),
+        "sparsity_per_modality": {modality: masker.sparsity_of(masks, modality) for modality in masker.modalities},
+        "kept_structures": masker.kept_structures(masks),
+        "lagrange_multipliers": {name: float(l0[name]) for name in MULTIPLIERS if name in l0},
+    }
+    decoder = getattr(model, "answer_decoder", None)
+    if any(name in l0 for name in DECODER_LOG_ALPHAS):
+        if decoder is None:
+            raise ValueError(f"The checkpoint masks an answer decoder, which the {task} model does not have.")
+        decoder_sizes = decoder.structure_sizes()
+        decoder_log_alphas = _per_layer(l0, DECODER_LOG_ALPHAS, decoder_sizes)
+        report["decoder_units_zeroed"] = _zero_masked_units(decoder, _masks(masker, decoder_log_alphas, binary))
+        report["decoder_note"] = "answer-decoder masks applied by zeroing weights; its units are not removed"
+    model.prune(masks)
+    return model, report
+
+
+def load_official_pruning_checkpoint(path: str, task: str, binary: bool = True) -> tuple[Any, dict[str, Any]]:
+    """[`prune_official_state_dict`] for a `.pth` file (a state dict, or a dict holding it under `model`)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    return prune_official_state_dict(state_dict, task, binary=binary)
+
+
+__all__ = ["load_official_pruning_checkpoint", "prune_official_state_dict", "split_pruning_state"]
