@@ -336,6 +336,65 @@ def test_prune_and_save_writes_the_smaller_model_and_its_report(tmp_path) -> Non
         trainer.finalize_pruning()
 
 
+@pytest.mark.parametrize("binary_masks", [False, True])
+def test_the_evaluated_model_is_the_saved_model(tmp_path, binary_masks: bool) -> None:
+    pruning = PruningConfig(
+        target_sparsity=0.5, sparsity_warmup_steps=5, mask_learning_rate=0.3, binary_masks=binary_masks
+    )
+    trainer = _trainer(tmp_path, pruning=pruning, args=_args(tmp_path, max_steps=20))
+    trainer.train()
+    dataset = torch.utils.data.Subset(ModalityTask("text", with_labels=False), range(16))
+    evaluated = torch.as_tensor(trainer.predict(dataset).predictions)
+    trainer.prune_and_save(tmp_path / "pruned")
+    saved = TinyImageTextClassifier.from_pretrained(tmp_path / "pruned").eval()
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(16)])
+    with torch.no_grad():
+        torch.testing.assert_close(saved(**batch).logits, evaluated, atol=1e-5, rtol=0)
+
+
+def test_fixed_mask_phase_trains_the_model_with_its_final_masks(tmp_path) -> None:
+    pruning = PruningConfig(
+        target_sparsity=0.5, sparsity_warmup_steps=4, mask_learning_rate=0.3, mask_freeze_fraction=0.4
+    )
+    trainer = _trainer(tmp_path, pruning=pruning, args=_args(tmp_path, max_steps=10))
+    snapshots: dict[int, dict] = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots[state.global_step] = {
+                "log_alpha": {k: v.detach().clone() for k, v in trainer.masker.state_dict().items()},
+                "lagrangian": {k: v.detach().clone() for k, v in trainer.lagrangian.state_dict().items()},
+                "model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+            }
+
+    masks_seen: list[tuple[int, dict]] = []
+
+    def record(module, args, kwargs):
+        if module.training:
+            masks_seen.append((trainer.state.global_step, kwargs["structure_masks"]))
+
+    trainer.add_callback(Snapshot())
+    trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer.train()
+
+    assert trainer.mask_freeze_step == 6  # the last 4 of 10 steps
+    for step in range(7, 11):  # no mask or multiplier moves once frozen, while the model keeps training
+        for part in ("log_alpha", "lagrangian"):
+            for name, value in snapshots[step][part].items():
+                torch.testing.assert_close(value, snapshots[6][part][name], rtol=0, atol=0)
+    assert any(not torch.equal(snapshots[10]["model"][k], v) for k, v in snapshots[6]["model"].items())
+    assert any(not torch.equal(snapshots[6]["log_alpha"][k], v) for k, v in snapshots[1]["log_alpha"].items())
+    # Frozen steps see exactly the masks the model is pruned with; learning steps see samples.
+    final = trainer.final_masks()
+    for step, masks in masks_seen:
+        same = all(
+            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+            for key in final
+            for a, b in zip(masks[key], final[key])
+        )
+        assert same == (step >= 6), f"step {step}"
+
+
 # -- bad settings ----------------------------------------------------------------------------------------------
 
 
@@ -347,6 +406,7 @@ def test_prune_and_save_writes_the_smaller_model_and_its_report(tmp_path) -> Non
         ({"target_sparsity": 0.5, "sparsity_warmup_steps": -1}, "sparsity_warmup_steps"),
         ({"target_sparsity": 0.5, "mask_learning_rate": 0.0}, "mask_learning_rate"),
         ({"target_sparsity_per_modality": {"audio": 0.5}}, "Unknown modality"),
+        ({"target_sparsity": 0.5, "mask_freeze_fraction": 1.0}, "mask_freeze_fraction"),
     ],
 )
 def test_bad_pruning_configs_raise(kwargs, message) -> None:
@@ -390,6 +450,7 @@ def test_prune_command_distils_prunes_and_saves(tmp_path) -> None:
         "--sparsity_warmup_steps", "2",
         "--mask_learning_rate", "0.5",
         "--kd_term_weights", '{"vision_attn": 0.0}',
+        "--mask_freeze_fraction", "0.25",
         "--output_dir", str(output_dir),
         "--max_steps", "4",
         "--per_device_train_batch_size", "4",
@@ -400,6 +461,7 @@ def test_prune_command_distils_prunes_and_saves(tmp_path) -> None:
     assert cli.main(argv) == 0
     report = json.loads((output_dir / PRUNING_REPORT_NAME).read_text())
     assert 0 < report["sparsity"] < 1 and report["parameters_after"] < report["parameters_before"]
+    assert report["pruning_config"]["mask_freeze_fraction"] == 0.25
     assert (output_dir / "vocab.txt").is_file() or (output_dir / "tokenizer.json").is_file()  # the processor
     pruned = EfficientVLMForVisualReasoning.from_pretrained(output_dir)
     assert pruned.structure_sizes() == report["structures_kept"]

@@ -63,6 +63,13 @@ class PruneArguments(KDArguments):
         default=False,
         metadata={"help": "Keep surviving units at weight 1 instead of folding their mask score into the weights."},
     )
+    mask_freeze_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of the steps, at the end, with the masks fixed: the model trains with the exact masks "
+            "it is pruned with (the official VQA recipe fixes them for the last half). 0: masks learn to the end."
+        },
+    )
 
 
 def pruning_config_from(args: PruneArguments):
@@ -80,6 +87,7 @@ def pruning_config_from(args: PruneArguments):
         lagrangian_learning_rate=args.lagrangian_learning_rate,
         droprate_init=args.droprate_init,
         binary_masks=args.binary_masks,
+        mask_freeze_fraction=args.mask_freeze_fraction,
     )
 
 

@@ -34,6 +34,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from modeling_efficientvlm.modeling_efficientvlm import StructureMasks
+
 from ..distillation import DistillationConfig, DistillationTrainer
 from .hard_concrete import DROPRATE_INIT, HARD_CONCRETE_TEMPERATURE, HEAD_LOG_ALPHA_INIT, StructureMasker
 from .lagrangian import SparsityLagrangian, one_epoch_warmup_steps
@@ -62,7 +64,11 @@ class PruningConfig:
         head_log_alpha_init: initial log-alpha of attention heads (official: 10, heads start kept).
         hard_concrete_temperature: temperature (beta) of the hard-concrete distribution of the masks.
         binary_masks: keep surviving units at 1 when pruning (official EfficientVLM) instead of folding
-            their deterministic score into the weights (CoFi).
+            their deterministic score into the weights (CoFi). Evaluation during and after pruning uses the
+            same masks, so what is evaluated is what is saved.
+        mask_freeze_fraction: fraction of the training steps, at the end, in which the masks are fixed (the
+            official `stop_prune_epoch`: VQA learns masks for 10 of 20 epochs): the model then trains with the
+            exact deterministic masks it will be pruned with, and the Lagrangian is off. 0: masks learn to the end.
     """
 
     target_sparsity: float | None = None
@@ -74,8 +80,11 @@ class PruningConfig:
     head_log_alpha_init: float = HEAD_LOG_ALPHA_INIT
     hard_concrete_temperature: float = HARD_CONCRETE_TEMPERATURE
     binary_masks: bool = False
+    mask_freeze_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.mask_freeze_fraction < 1.0:
+            raise ValueError(f"`mask_freeze_fraction` must be in [0, 1); got {self.mask_freeze_fraction}.")
         if self.target_sparsity is None and not self.target_sparsity_per_modality:
             raise ValueError("Pruning needs a `target_sparsity` (or `target_sparsity_per_modality`).")
         if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:
@@ -106,6 +115,8 @@ class _MaskOptimizationCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        fraction = self.trainer.pruning_config.mask_freeze_fraction
+        self.trainer.mask_freeze_step = state.max_steps - int(round(fraction * state.max_steps))
         # The paper warms the target up over one epoch.
         if self.trainer.pruning_config.sparsity_warmup_steps is None:
             batches = len(train_dataloader) if hasattr(train_dataloader, "__len__") else None
@@ -114,6 +125,8 @@ class _MaskOptimizationCallback(TrainerCallback):
             )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.masks_frozen:
+            return  # no mask gradients: the masks and multipliers keep their values (no momentum steps either)
         # The masker is not inside the (DDP-wrapped) model: average its gradients across processes ourselves.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world_size = torch.distributed.get_world_size()
@@ -194,6 +207,8 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
                     f"{modality} structures (it has {self.masker.modalities})."
                 )
         self.pruned = False
+        # First step of the fixed-mask phase (set when training starts; None: masks learn throughout).
+        self.mask_freeze_step: int | None = None
         self.add_callback(_MaskOptimizationCallback(self))
 
     # -- masks in the forward passes ----------------------------------------------------------------------
@@ -201,19 +216,28 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         """The mask log-alphas and the Lagrange multipliers: trained by this trainer, not part of the model."""
         return [*self.masker.parameters(), *self.lagrangian.parameters()]
 
+    @property
+    def masks_frozen(self) -> bool:
+        """Whether training is in the fixed-mask phase ([`PruningConfig.mask_freeze_fraction`])."""
+        return self.mask_freeze_step is not None and self.state.global_step >= self.mask_freeze_step
+
+    def final_masks(self) -> StructureMasks:
+        """The deterministic masks the model will be pruned with (and is evaluated with)."""
+        return self.masker.deterministic_masks(binary=self.pruning_config.binary_masks)
+
     def student_forward_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         kwargs = dict(super().student_forward_kwargs(inputs))
         if not self.pruned:
-            # Sampled masks while training, deterministic ones for evaluation.
-            self.masker.train(self.model.training)
-            kwargs["structure_masks"] = self.masker()
+            # Sampled masks while learning them; the final masks for evaluation and in the fixed-mask phase.
+            learning = self.model.training and not self.masks_frozen
+            kwargs["structure_masks"] = self.masker.sample() if learning else self.final_masks()
         return kwargs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
-        if not model.training or self.pruned:
+        if not model.training or self.pruned or self.masks_frozen:
             return result
         loss, outputs = result if return_outputs else (result, None)
         lagrangian, logs = self.lagrangian(self.masker, self.state.global_step)
@@ -228,7 +252,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         if self.pruned:
             yield
             return
-        masks = self.masker.deterministic_masks()
+        masks = self.final_masks()
 
         def add_masks(module, args, kwargs):
             if kwargs.get("structure_masks") is None:
@@ -358,7 +382,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         model = self.accelerator.unwrap_model(self.model)
         self.masker.check_fits(model)
         masker = self.masker
-        masks = masker.deterministic_masks(binary=self.pruning_config.binary_masks)
+        masks = self.final_masks()
         parameters_before = sum(p.numel() for p in model.parameters())
         report: dict[str, Any] = {
             "target_sparsity": self.pruning_config.target_sparsity,
