@@ -344,7 +344,9 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         unless `required=False`."""
         path = os.path.join(checkpoint, MASKER_STATE_NAME)
         if os.path.isfile(path):
-            self.load_pruning_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+            # Loaded on the CPU and copied into the parameters: under torchrun `args.device` can read `cpu:0`,
+            # which torch.load cannot restore storages to.
+            self.load_pruning_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         elif required:
             raise ValueError(
                 f"{checkpoint} has no {MASKER_STATE_NAME}: it is not a checkpoint of a pruning run, "
