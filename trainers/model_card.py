@@ -66,7 +66,8 @@ class ModelCardInfo:
         datasets: Hub ids (or local names) of the training data.
         training_data: a sentence on what it was trained on (default: the `datasets`).
         synthetic_data: trained on the demo's synthetic shapes (the card says so, and not for real use).
-        metrics: evaluation metrics (become `eval_results`); `eval_dataset` names the split they come from.
+        metrics: evaluation metrics (become `eval_results`); `eval_dataset` names the data they come from (default:
+            the first of `datasets`), `eval_split` its split.
         benchmark: size and speed measured side by side: `parameters`, `gflops`, `median_ms`, `speedup`
             (against `benchmark_reference`, default the teacher).
         hardware: what the benchmark ran on (default: this machine's CPU).
@@ -83,6 +84,7 @@ class ModelCardInfo:
     synthetic_data: bool = False
     metrics: dict[str, float] | None = None
     eval_dataset: str | None = None
+    eval_split: str = "eval"
     benchmark: dict[str, Any] | None = None
     benchmark_reference: str = "the teacher"
     hardware: str | None = None
@@ -245,14 +247,14 @@ def card_data(info: ModelCardInfo, model_name: str) -> ModelCardData:
     metrics = _numeric(info.metrics)
     eval_results = None
     if metrics:
-        dataset = info.eval_dataset or (info.datasets[0] if info.datasets else "held-out split")
+        dataset = info.eval_dataset or (info.datasets[0] if info.datasets else "held-out-split")
         eval_results = [
             EvalResult(
                 task_type=spec.pipeline_tag or info.task,
                 task_name=spec.primary_metric_label or info.task,
                 dataset_type=dataset,
                 dataset_name=dataset,
-                dataset_split="eval",
+                dataset_split=info.eval_split,
                 metric_type=name,
                 metric_name=name,
                 metric_value=round(value, 6),
@@ -340,7 +342,7 @@ def build_model_card(
     """The card of a model saved as `repo` (a Hub id or a folder's name)."""
     spec = task_spec(info.task)
     data = card_data(info, model_name=repo.split("/")[-1])
-    title = f"EfficientVLM {info.role or STAGE_DESCRIPTIONS.get(info.stage, info.stage)} for {info.task}"
+    title = f"EfficientVLM: {info.description}"
     origin = []
     if info.base_model:
         origin.append(f"It comes from `{info.base_model}`")
@@ -349,8 +351,9 @@ def build_model_card(
     lines = [
         f"# {title}",
         "",
-        f"An X-VLM-style vision-language model, {info.description}, for **{info.task}** ({spec.card_description}), "
-        f"made with [EfficientVLM]({PAPER}): knowledge distillation and modal-adaptive pruning.",
+        f"An X-VLM-style vision-language model for **{info.task}** ({spec.card_description}), made with "
+        f"[EfficientVLM]({PAPER}): knowledge distillation and modal-adaptive pruning. This one is the "
+        f"{info.description}.",
     ]
     if origin:
         lines += ["", " ".join(origin) + "."]
@@ -373,7 +376,7 @@ def build_model_card(
         ]
     metrics = _numeric(info.metrics)
     if metrics:
-        where = f" on `{info.eval_dataset}`" if info.eval_dataset else " on a held-out split"
+        where = f" on the {info.eval_split} split of `{info.eval_dataset or (info.datasets or ['its data'])[0]}`"
         lines += ["", "## Evaluation", "", f"Metrics{where}:", "", "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {value:.4f} |" for name, value in metrics.items()]
     lines += ["", "## Size and speed", "", *_size_lines(info, model, pruning_report)]

@@ -362,7 +362,7 @@ class DemoRun:
                     teacher_model=origins[role][1],
                     synthetic_data=True,
                     metrics=self.metrics[task][role],
-                    eval_dataset="efficientvlm demo held-out split",
+                    eval_split="test",
                     benchmark=next(r for r in self.benchmarks[task] if r["name"] == role),
                     hardware=hardware,
                     answer_candidates_source="the answer list of the demo corpus" if task == "vqa" else None,
