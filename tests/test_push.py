@@ -149,3 +149,59 @@ def test_a_bare_hub_model_id_goes_to_the_tokens_user_and_the_card_says_so(tmp_pa
     assert hub.uploads[0]["repo_id"] == "me/my-retrieval"
     assert hub.uploads[0]["commit_message"] == "efficientvlm finetune: fine-tuned retrieval model"
     assert '"me/my-retrieval"' in (folder / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["pretrain", "--preset", "tiny"], "efficientvlm pretrain: pre-trained pretraining model"),
+        (["finetune", "--task", "captioning", "--model_name_or_path"], "efficientvlm finetune: fine-tuned captioning"),
+        (["distill", "--student_layers", "1,1,1", "--teacher_model_name_or_path"], "efficientvlm distill: student"),
+    ],
+)
+def test_every_training_command_pushes_its_model_folder_only(tmp_path, monkeypatch, command, message) -> None:
+    from .data_utils import write_image_text_json, write_vocab
+
+    config = EfficientVLMConfig.from_preset("tiny")
+    processor = make_processor(tmp_path, image_size=config.vision_config.image_size)
+    teacher = save_model_folder(task_model_class("pretraining")(config), processor, tmp_path / "teacher")
+    records, image_root = write_image_text_json(tmp_path, n=4)
+    source = ["--vocab_file", str(write_vocab(tmp_path))] if command[0] == "pretrain" else [str(teacher)]
+    hub = HubRecorder(monkeypatch)
+    output = tmp_path / "out"
+    cli.main(
+        [
+            *command,
+            *source,
+            "--train_file",
+            str(records),
+            "--image_root",
+            str(image_root),
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "2",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "2",
+            "--report_to",
+            "none",
+            "--use_cpu",
+            "--push_to_hub",
+        ]
+    )
+    assert hub.repos == ["out"]  # the output folder's name, under the token's user
+    [upload] = hub.uploads
+    assert upload["repo_id"] == "me/out" and upload["commit_message"].startswith(message)
+    assert upload["files"] == [name for name in upload["files"] if "/" not in name]  # no runs/, no checkpoint-*
+    assert {"model.safetensors", "config.json", "README.md", "processor_config.json"} <= set(upload["files"])
+    assert not {"training_args.bin", "trainer_state.json", "all_results.json", "train_results.json"} & set(
+        upload["files"]
+    )
+    card = ModelCard.load(output / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.datasets == [records.name]
+    assert card.data.base_model == (None if command[0] == "pretrain" else "teacher")
+    assert '"me/out", trust_remote_code=True' in card.text
