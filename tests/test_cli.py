@@ -169,3 +169,48 @@ def test_pretrain_finetune_evaluate_benchmark_on_files(tmp_path, capsys) -> None
     cli.main(["benchmark", "--models", str(tmp_path / "pretrained"), str(tmp_path / "nlvr2"), "--repeats", "2"])
     table = capsys.readouterr().out
     assert "| model |" in table and "1.00x" in table
+
+
+def test_prune_writes_a_complete_folder_that_evaluate_reads(tmp_path) -> None:
+    from .data_utils import COLOURS, write_vocab, write_vqa_json
+
+    records, image_root = write_vqa_json(tmp_path, n=6)
+    answer_list = tmp_path / "answer_list.json"
+    answer_list.write_text(json.dumps(COLOURS))
+    output = tmp_path / "pruned"
+    data = ["--train_file", str(records), "--image_root", str(image_root), "--answer_list", str(answer_list)]
+    cli.main(
+        [
+            "prune",
+            "--task",
+            "vqa",
+            "--preset",
+            "tiny",
+            "--vocab_file",
+            str(write_vocab(tmp_path)),
+            *data,
+            "--target_sparsity",
+            "0.3",
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "3",
+            "--report_to",
+            "none",
+            "--use_cpu",
+            "--save_strategy",
+            "no",
+        ]
+    )
+    for name in ("model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "pruning_report.json"):
+        assert (output / name).is_file(), name
+    card = (output / "README.md").read_text()
+    assert "license: apache-2.0" in card and "## Modal-adaptive pruning" in card and "<" not in card
+
+    # `efficientvlm evaluate` needs the processor in the folder.
+    results = tmp_path / "results.json"
+    evaluate_args = ["--model_name_or_path", str(output), "--eval_file", *data[1:], "--output_file", str(results)]
+    cli.main(["evaluate", "--task", "vqa", *evaluate_args])
+    assert 0 <= json.loads(results.read_text())["vqa_accuracy"] <= 1

@@ -19,6 +19,7 @@ from trainers.pruning.hard_concrete import StructureMasker
 from trainers.pruning.trainer import MASKER_STATE_NAME, PRUNING_REPORT_NAME, ModalAdaptivePruningTrainer, PruningConfig
 
 from .conftest import make_inputs
+from .data_utils import make_processor
 
 
 class TinyImageTextClassifier(EfficientVLMPreTrainedModel):
@@ -312,7 +313,12 @@ def test_prune_and_save_writes_the_smaller_model_and_its_report(tmp_path) -> Non
     batch = torch.utils.data.default_collate([ModalityTask("text")[i] for i in range(8)])
     with torch.no_grad():
         masked = model(**batch, structure_masks=masks).logits
-    report = trainer.prune_and_save(tmp_path / "pruned")
+    with pytest.raises(ValueError, match="processor"):
+        trainer.prune_and_save(tmp_path / "pruned")  # a folder without its processor cannot be used
+    processor = make_processor(tmp_path)
+    report = trainer.prune_and_save(tmp_path / "pruned", processor=processor)
+    assert (tmp_path / "pruned" / "processor_config.json").is_file()
+    assert (tmp_path / "pruned" / "tokenizer.json").is_file()
 
     removed = masker.total_parameters() - masker.remaining_parameters(masks)
     assert report["parameters_before"] - report["parameters_after"] == removed
@@ -345,7 +351,7 @@ def test_the_evaluated_model_is_the_saved_model(tmp_path, binary_masks: bool) ->
     trainer.train()
     dataset = torch.utils.data.Subset(ModalityTask("text", with_labels=False), range(16))
     evaluated = torch.as_tensor(trainer.predict(dataset).predictions)
-    trainer.prune_and_save(tmp_path / "pruned")
+    trainer.prune_and_save(tmp_path / "pruned", processor=make_processor(tmp_path))
     saved = TinyImageTextClassifier.from_pretrained(tmp_path / "pruned").eval()
     batch = torch.utils.data.default_collate([dataset[i] for i in range(16)])
     with torch.no_grad():
@@ -393,6 +399,42 @@ def test_fixed_mask_phase_trains_the_model_with_its_final_masks(tmp_path) -> Non
             for a, b in zip(masks[key], final[key])
         )
         assert same == (step >= 6), f"step {step}"
+
+
+def test_prune_and_save_of_a_task_model_writes_a_complete_carded_folder(tmp_path) -> None:
+    """With the processor as the Trainer's `processing_class`, the folder has everything `from_pretrained`,
+    `efficientvlm evaluate` and the Hub need: weights, config with `auto_map`, code, processor, report, card."""
+    from huggingface_hub import ModelCard
+
+    from trainers.tasks import build_dataset, task_model_class
+    from trainers.training import train
+
+    from .data_utils import write_vqa_json
+
+    config = EfficientVLMConfig.from_preset("tiny")
+    processor = make_processor(tmp_path, image_size=config.vision_config.image_size)
+    records, image_root = write_vqa_json(tmp_path, n=4)
+    trainer = train(
+        "vqa",
+        task_model_class("vqa")(config),
+        processor,
+        build_dataset("vqa", records, image_root, processor),
+        _args(tmp_path / "run", max_steps=2, per_device_train_batch_size=2),
+        ModalAdaptivePruningTrainer,
+        processing_class=processor,
+        pruning_config=PruningConfig(target_sparsity=0.3),
+    )
+    report = trainer.prune_and_save(tmp_path / "pruned")
+    folder = tmp_path / "pruned"
+    for name in ("model.safetensors", "config.json", "modeling_efficientvlm_vqa.py", "processor_config.json"):
+        assert (folder / name).is_file(), name
+    assert not (folder / "training_args.bin").exists()
+    assert json.loads((folder / "config.json").read_text())["auto_map"]
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "apache-2.0" and "pruning" in card.data.tags
+    assert f"**{report['sparsity']:.3f}**" in card.text
+    reloaded = task_model_class("vqa").from_pretrained(folder)
+    assert sum(p.numel() for p in reloaded.parameters()) == report["parameters_after"]
 
 
 # -- bad settings ----------------------------------------------------------------------------------------------

@@ -128,7 +128,8 @@ class TaskSpec:
         evaluate: its evaluation routine (`trainers.evaluation.tasks`), or None (no evaluation).
         primary_metric, primary_metric_label: the metric key the demo and reports compare, and how to say it.
         auto_class: the `transformers` Auto class that loads a saved model (for model cards).
-        pipeline_tag: the Hub pipeline tag of its model cards, or None.
+        pipeline_tag: the Hub pipeline tag of its model cards (the `transformers` pipeline that runs it), or None
+            (NLVR2: no pipeline takes two images).
         card_description: what the model does, in a model card's words.
         prunable: whether `efficientvlm prune` accepts it.
         demo: its demo defaults, or None when the demo does not run it.
@@ -239,7 +240,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
             primary_metric=None,
             primary_metric_label=None,
             auto_class="AutoModelForPreTraining",
-            pipeline_tag=None,
+            pipeline_tag="image-feature-extraction",
             card_description="vision-language pre-training: image-text contrast (ITC), matching (ITM) and masked "
             "language modelling (MLM)",
             prunable=False,
@@ -254,7 +255,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
             primary_metric="vqa_accuracy",
             primary_metric_label="VQA accuracy",
             auto_class="AutoModelForVisualQuestionAnswering",
-            pipeline_tag="visual-question-answering",
+            pipeline_tag="image-text-to-text",
             card_description="visual question answering: an answer decoder ranks the candidate answers",
             prunable=True,
             kd=VQA_KD,
@@ -269,7 +270,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
             primary_metric="r_mean",
             primary_metric_label="mean recall (text and image retrieval, R@1/5/10)",
             auto_class="AutoModelForZeroShotImageClassification",
-            pipeline_tag=None,
+            pipeline_tag="zero-shot-image-classification",
             card_description="image-text retrieval: contrastive candidates re-ranked by image-text matching",
             prunable=True,
             kd=RETRIEVAL_KD,
@@ -299,7 +300,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
             primary_metric="CIDEr",
             primary_metric_label="CIDEr",
             auto_class="AutoModelForImageTextToText",
-            pipeline_tag=None,
+            pipeline_tag="image-text-to-text",
             card_description="image captioning",
             prunable=True,
             kd=CAPTIONING_KD,

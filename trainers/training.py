@@ -6,6 +6,9 @@ parameters, never argument dataclasses, so a script uses them just as well:
     model = build_task_model("vqa", preset="tiny")
     processor = load_processor(model.config, vocab_file="vocab.txt")
     train("vqa", model, processor, task_dataset("vqa", "vqa_train.json", "images/", processor), training_args)
+
+Every folder is written by `trainers.saving.save_model_folder` (weights, config, code, processor, model card) and
+pushed by it with `--push_to_hub` (the model's files only, never the Trainer's `runs/` or checkpoints).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
-from trainers.tasks import build_collator, build_dataset, evaluate_task, save_with_processor, task_model_from
+from trainers.model_card import ModelCardInfo, local_name
+from trainers.saving import hub_target_from, save_model_folder
+from trainers.tasks import build_collator, build_dataset, evaluate_task, task_model_from
 
 
 def build_task_model(
@@ -119,11 +124,25 @@ def evaluate_and_save(
 ) -> dict[str, float]:
     """The task metrics of `model` on `eval_dataset`, also written to `output_dir/eval_results.json` (unless
     `output_dir` is None); `answer_list` is a VQA JSON list of candidate answers."""
-    answers = json.loads(Path(answer_list).read_text()) if answer_list else None
-    metrics = evaluate_task(task, model, eval_dataset, processor, answer_list=answers).metrics
+    metrics = evaluate_task(task, model, eval_dataset, processor, answer_list=read_answer_list(answer_list)).metrics
     if output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
         Path(output_dir, "eval_results.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def read_answer_list(answer_list: str | os.PathLike | None) -> list[str] | None:
+    """The VQA answer candidates in the JSON list file `answer_list` (None without one)."""
+    return json.loads(Path(answer_list).read_text(encoding="utf-8")) if answer_list else None
+
+
+def data_names(*sources: Any) -> list[str]:
+    """The names of the data files / folders in `sources` for a model card's `datasets` (None skipped)."""
+    return [
+        Path(source).name if os.path.exists(source) else str(source)
+        for source in sources
+        if isinstance(source, (str, os.PathLike))
+    ]
 
 
 def train_task_model(
@@ -143,15 +162,29 @@ def train_task_model(
     max_text_length: int | None = None,
 ) -> dict[str, float]:
     """Builds, trains and saves a `task` model with its processor (the model's own unless
-    `processor_name_or_path` or `vocab_file` says otherwise) to `training_args.output_dir`; evaluates it on
-    `eval_file` when one is given (not for pre-training) and returns the metrics (empty without)."""
+    `processor_name_or_path` or `vocab_file` says otherwise) to `training_args.output_dir`, with a model card;
+    evaluates it on `eval_file` when one is given (not for pre-training) and returns the metrics (empty without).
+    With `training_args.push_to_hub`, the saved folder (and nothing else) goes to `training_args.hub_model_id`."""
+    hub = hub_target_from(training_args)
     model = build_task_model(task, model_name_or_path, preset, config_overrides)
     processor = load_processor(
         model.config, processor_name_or_path or model_name_or_path, vocab_file, max_text_length=max_text_length
     )
     train(task, model, processor, task_dataset(task, train_file, image_root, processor, dataset_path), training_args)
-    save_with_processor(model, processor, training_args.output_dir)
-    if eval_file is None or task == "pretraining":
-        return {}
-    eval_dataset = task_dataset(task, eval_file, image_root, processor, dataset_path, split="eval")
-    return evaluate_and_save(task, model, processor, eval_dataset, training_args.output_dir, answer_list)
+    metrics: dict[str, float] = {}
+    output_dir = training_args.output_dir if training_args.should_save else None
+    if eval_file is not None and task != "pretraining":
+        eval_dataset = task_dataset(task, eval_file, image_root, processor, dataset_path, split="eval")
+        metrics = evaluate_and_save(task, model, processor, eval_dataset, output_dir, answer_list)
+    if output_dir is not None:
+        card = ModelCardInfo(
+            task=task,
+            stage="pretrain" if task == "pretraining" else "finetune",
+            base_model=local_name(model_name_or_path),
+            datasets=data_names(dataset_path or train_file),
+            metrics=metrics,
+            eval_dataset=data_names(eval_file)[0] if eval_file and metrics else None,
+        )
+        answers = read_answer_list(answer_list) if task == "vqa" else None
+        save_model_folder(model, processor, output_dir, card, answer_candidates=answers, push=hub)
+    return metrics

@@ -5,13 +5,16 @@ ITC + ITM + MLM plus knowledge distillation from the teacher, then save the stud
     efficientvlm distill --teacher_model_name_or_path TEACHER --train_file pairs.json --image_root IMAGES \
         --output_dir student --student_layers 6,3,3 --per_device_train_batch_size 32 --learning_rate 1e-4
 
-Any `TrainingArguments` option works (`--max_steps`, `--save_steps`, `--resume_from_checkpoint`, `--bf16`, ...);
+The output folder holds the student, its processor and a model card; `--push_to_hub` (`--hub_model_id`) uploads
+these files and nothing else of it. Any `TrainingArguments` option works (`--max_steps`, `--save_steps`,
+`--resume_from_checkpoint`, `--bf16`, ...);
 `main(["config.json"])` reads all arguments from a JSON file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments, set_seed
@@ -124,9 +127,12 @@ def _train_dataset(args: DistillArguments, processor: Any) -> Any:
 
 
 def run(args: DistillArguments, training_args: TrainingArguments) -> None:
-    """Builds the student, trains it with [`DistillationTrainer`] and saves it with the processor."""
+    """Builds the student, trains it with [`DistillationTrainer`] and saves it with the processor and a model
+    card (pushed with `--push_to_hub`)."""
     from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMForPreTraining
     from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
+    from trainers.model_card import ModelCardInfo, local_name
+    from trainers.saving import hub_target_from, save_model_folder
 
     from ..data import PretrainingCollator
     from ..distillation.objective import DistillationConfig
@@ -144,6 +150,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     )
     # The collator gets raw items (PIL images, strings): Trainer must not drop their columns.
     training_args.remove_unused_columns = False
+    hub = hub_target_from(training_args)  # the Trainer never pushes: only the student's folder goes up
     set_seed(training_args.seed)
 
     teacher = EfficientVLMForPreTraining.from_pretrained(args.teacher_model_name_or_path)
@@ -170,7 +177,17 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
         distillation_config=distillation_config,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)  # the student and (as processing_class) the processor
+    if training_args.should_save:
+        teacher_name = local_name(args.teacher_model_name_or_path)
+        card = ModelCardInfo(
+            task="pretraining",
+            stage="distill",
+            base_model=teacher_name,
+            teacher_model=teacher_name,
+            datasets=[args.dataset_name or Path(args.dataset_path or args.train_file).name],
+        )
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        save_model_folder(student, processor, training_args.output_dir, card, push=hub)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()

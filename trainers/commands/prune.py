@@ -8,8 +8,9 @@
 The student is fine-tuned on its task (0.6 x task loss + 0.4 x KD from the teacher; without a teacher, the
 task loss alone) while hard-concrete masks over the heads and FFN neurons of every modality learn which
 structures to drop under one global target sparsity (warmed up over `--sparsity_warmup_steps`, default one
-epoch). The output folder holds the physically pruned model (`save_pretrained`), its processor and
-`pruning_report.json`. Any `TrainingArguments` option works (`--resume_from_checkpoint` resumes masks too);
+epoch). The output folder holds the physically pruned model (`save_pretrained`), its processor,
+`pruning_report.json` and a model card; `--push_to_hub` (`--hub_model_id`) uploads these files and nothing else
+of the output folder. Any `TrainingArguments` option works (`--resume_from_checkpoint` resumes masks too);
 `main(["config.json"])` reads all arguments from a JSON file.
 """
 
@@ -105,17 +106,29 @@ def distillation_config_from(args: PruneArguments):
 def run(
     prune_args: PruneArguments, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
 ) -> dict:
-    """Prunes the student, saves the pruned model, its processor and report; returns the report (with the
-    evaluation metrics under `eval` when `--eval_file` is given)."""
+    """Prunes the student, evaluates it on `--eval_file` (when given) and saves the pruned model as a complete
+    folder (weights, processor, `pruning_report.json`, model card; pushed with `--push_to_hub`); returns the
+    report (with the evaluation metrics under `eval`)."""
+    from trainers.model_card import ModelCardInfo, local_name
     from trainers.pruning import ModalAdaptivePruningTrainer
+    from trainers.saving import hub_target_from, save_model_folder
     from trainers.tasks import task_model_from
-    from trainers.training import build_task_model, evaluate_and_save, load_processor, task_dataset, train
+    from trainers.training import (
+        build_task_model,
+        data_names,
+        evaluate_and_save,
+        load_processor,
+        read_answer_list,
+        task_dataset,
+        train,
+    )
 
     if prune_args.task not in PRUNABLE_TASKS:
         raise ValueError(f"--task must be one of {PRUNABLE_TASKS}; got {prune_args.task!r}.")
     # Argument errors first, before any model is loaded.
     pruning_config = pruning_config_from(prune_args)
     distillation_config = distillation_config_from(prune_args)
+    hub = hub_target_from(training_args)  # the Trainer never pushes: only the pruned folder goes up
     set_seed(training_args.seed)
 
     task = prune_args.task
@@ -131,28 +144,41 @@ def run(
         task_dataset(task, data_args.train_file, data_args.image_root, processor, data_args.dataset_path),
         training_args,
         ModalAdaptivePruningTrainer,
+        processing_class=processor,
         teacher_model=teacher,
         distillation_config=distillation_config,
         pruning_config=pruning_config,
     )
-    report = trainer.prune_and_save(training_args.output_dir)
-    if training_args.should_save and processor is not None:
-        processor.save_pretrained(training_args.output_dir)
+    report = trainer.finalize_pruning()
+    pruned = trainer.accelerator.unwrap_model(trainer.model)
+    output_dir = training_args.output_dir if training_args.should_save else None
+    metrics: dict = {}
+    if data_args.eval_file is not None:
+        eval_dataset = task_dataset(
+            task, data_args.eval_file, data_args.image_root, processor, data_args.dataset_path, split="eval"
+        )
+        metrics = evaluate_and_save(task, pruned, processor, eval_dataset, output_dir, data_args.answer_list)
+    if output_dir is not None:
+        card = ModelCardInfo(
+            task=task,
+            stage="prune",
+            base_model=local_name(model_args.model_name_or_path),
+            teacher_model=local_name(prune_args.teacher_model_name_or_path),
+            datasets=data_names(data_args.dataset_path or data_args.train_file),
+            metrics=metrics,
+            eval_dataset=data_names(data_args.eval_file)[0] if metrics else None,
+        )
+        answers = read_answer_list(data_args.answer_list) if task == "vqa" else None
+        save_model_folder(
+            pruned, processor, output_dir, card, pruning_report=report, answer_candidates=answers, push=hub
+        )
     logger.warning(
         f"Pruned {task} model: sparsity {report['sparsity']:.4f} of the prunable parameters (per modality "
         f"{ {m: round(v, 4) for m, v in report['sparsity_per_modality'].items()} }), "
         f"{report['parameters_before']:,} -> {report['parameters_after']:,} parameters; saved to "
         f"{training_args.output_dir}."
     )
-    if data_args.eval_file is not None:
-        pruned = trainer.accelerator.unwrap_model(trainer.model)
-        eval_dataset = task_dataset(
-            task, data_args.eval_file, data_args.image_root, processor, data_args.dataset_path, split="eval"
-        )
-        output_dir = training_args.output_dir if training_args.should_save else None
-        metrics = evaluate_and_save(task, pruned, processor, eval_dataset, output_dir, data_args.answer_list)
-        report = {**report, "eval": metrics}
-    return report
+    return {**report, "eval": metrics} if metrics else report
 
 
 def main(argv: list[str] | None = None) -> dict:

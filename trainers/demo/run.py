@@ -31,7 +31,6 @@ from trainers.tasks import (
     DEMO_TASKS,
     build_dataset,
     evaluate_task,
-    save_with_processor,
     task_model_from,
     task_spec,
 )
@@ -165,7 +164,12 @@ class DemoRun:
     """One demo run: holds the settings, the output folder and what each stage produced."""
 
     def __init__(
-        self, output_dir: Path, settings: DemoSettings, seed: int = 0, tasks: tuple[str, ...] = DEFAULT_DEMO_TASKS
+        self,
+        output_dir: Path,
+        settings: DemoSettings,
+        seed: int = 0,
+        tasks: tuple[str, ...] = DEFAULT_DEMO_TASKS,
+        hub_prefix: str | None = None,
     ):
         unknown = set(tasks) - set(DEMO_TASKS)
         if unknown:
@@ -174,6 +178,7 @@ class DemoRun:
         self.settings = settings
         self.seed = seed
         self.tasks = tasks
+        self.hub_prefix = hub_prefix  # push every model folder to `<hub_prefix>-<role>_<task>` as it is saved
         self.histories: dict[str, list[dict[str, float]]] = {}
         self.timings: dict[str, float] = {}
         self.metrics: dict[str, dict[str, dict[str, float]]] = {}
@@ -329,25 +334,48 @@ class DemoRun:
 
     # -- outputs ------------------------------------------------------------------------------------------
     def save_models(self) -> None:
-        from trainers.model_card import write_model_card
+        from trainers.model_card import ModelCardInfo, describe_hardware
+        from trainers.saving import HubTarget, save_model_folder
+
+        def name(role: str, task: str) -> str:
+            # The Hub id when pushing (`--hub_prefix`), otherwise the folder's name.
+            return f"{self.hub_prefix}-{role}_{task}" if self.hub_prefix else f"{role}_{task}"
 
         self.model_dirs = {}
+        hardware = describe_hardware()
         for task in self.tasks:
+            origins = {
+                "teacher": (None, None),
+                "student": (name("teacher", task), name("teacher", task)),
+                "pruned": (name("student", task), name("teacher", task)),
+            }
             for role, model in (
                 ("teacher", self.teachers[task]),
                 ("student", self.students[task]),
                 ("pruned", self.pruned[task]),
             ):
-                folder = save_with_processor(model, self.processor, self.output_dir / "models" / f"{role}_{task}")
-                write_model_card(
-                    folder,
+                card = ModelCardInfo(
                     task=task,
+                    stage="demo",
                     role=role,
+                    base_model=origins[role][0],
+                    teacher_model=origins[role][1],
+                    synthetic_data=True,
                     metrics=self.metrics[task][role],
+                    eval_split="test",
                     benchmark=next(r for r in self.benchmarks[task] if r["name"] == role),
-                    pruning_report=self.pruning_reports[task] if role == "pruned" else None,
+                    hardware=hardware,
+                    answer_candidates_source="the answer list of the demo corpus" if task == "vqa" else None,
                 )
-                self.model_dirs[f"{role}_{task}"] = folder
+                self.model_dirs[f"{role}_{task}"] = save_model_folder(
+                    model,
+                    self.processor,
+                    self.output_dir / "models" / f"{role}_{task}",
+                    card,
+                    pruning_report=self.pruning_reports[task] if role == "pruned" else None,
+                    answer_candidates=self.answer_list if task == "vqa" else None,
+                    push=HubTarget(name(role, task)) if self.hub_prefix else None,
+                )
 
     def write_report(self) -> Path:
         from trainers.demo.report import write_plots, write_report
@@ -394,8 +422,14 @@ def main(argv: list[str] | None = None) -> Path:
         default=1,
         help="torch threads; the demo's models are small, and one thread is fastest on a busy 2-core machine",
     )
-    parser.add_argument("--push_to_hub", action="store_true", help="push every model with `push_to_hub`")
-    parser.add_argument("--hub_prefix", default=None, help="repo prefix for --push_to_hub, e.g. `user/evlm-demo`")
+    parser.add_argument("--push_to_hub", action="store_true", help="push every model folder (its files only)")
+    parser.add_argument(
+        "--hub_prefix",
+        "--hub_model_id",
+        dest="hub_prefix",
+        default=None,
+        help="repo prefix for --push_to_hub: `user/evlm-demo` pushes `user/evlm-demo-pruned_vqa`, ...",
+    )
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_prefix:
         parser.error("--push_to_hub needs --hub_prefix (e.g. your-user/efficientvlm-demo)")
@@ -404,11 +438,10 @@ def main(argv: list[str] | None = None) -> Path:
         settings = replace(settings, target_sparsity=args.target_sparsity)
     hf_logging.set_verbosity_warning()
     torch.set_num_threads(args.num_threads)
-    run = DemoRun(Path(args.output_dir), settings, seed=args.seed, tasks=tuple(args.tasks.split(",")))
+    hub_prefix = args.hub_prefix if args.push_to_hub else None
+    run = DemoRun(
+        Path(args.output_dir), settings, seed=args.seed, tasks=tuple(args.tasks.split(",")), hub_prefix=hub_prefix
+    )
     report = run.run()
     (run.output_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
-    if args.push_to_hub:
-        from trainers.model_card import push_models
-
-        push_models(run.model_dirs, args.hub_prefix)
     return report

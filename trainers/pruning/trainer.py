@@ -11,8 +11,8 @@ The masker and the multipliers live on the trainer, not in the model, so checkpo
 no mask weights; they get their own optimizer groups (constant learning rate, no weight decay; the
 multipliers ascend through a reversed gradient) and are saved as `masker.pt` next to the weights by
 `save_model` (so in every Trainer checkpoint), so `resume_from_checkpoint` continues exactly. After
-training, [`prune_and_save`] removes the masked structures for real and writes the smaller model with
-`save_pretrained` and a `pruning_report.json`.
+training, [`prune_and_save`] removes the masked structures for real and writes the smaller model as a complete
+folder (weights, processor, `pruning_report.json`, model card) with `trainers.saving.save_model_folder`.
 
 Only public `Trainer` hooks are used: a `TrainerCallback` (warm-up, gradient averaging, clamping, the best
 checkpoint's masks), `create_optimizer`, `create_scheduler`, `save_model`, `train`, `compute_loss` and
@@ -21,7 +21,6 @@ checkpoint's masks), `create_optimizer`, `create_scheduler`, `save_model`, `trai
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -410,15 +409,41 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         self.pruned = True
         return report
 
-    def prune_and_save(self, output_dir: str | None = None) -> dict[str, Any]:
-        """[`finalize_pruning`], then `save_model` (the smaller model via `save_pretrained`, and the processor)
-        and `pruning_report.json` in `output_dir` (default: `args.output_dir`). Returns the report."""
+    def prune_and_save(
+        self,
+        output_dir: str | os.PathLike | None = None,
+        processor: Any = None,
+        card: Any = None,
+        *,
+        answer_candidates: list[str] | None = None,
+        push: Any = None,
+    ) -> dict[str, Any]:
+        """[`finalize_pruning`], then writes the smaller model as a complete folder in `output_dir` (default:
+        `args.output_dir`) with `trainers.saving.save_model_folder`: weights, config with `auto_map`, code,
+        `processor` (default: the trainer's `processing_class`), `pruning_report.json` and a model card
+        (`card`, a `ModelCardInfo`; by default one for the model's task). `answer_candidates` (VQA) are saved
+        in the config; `push` (a `HubTarget`) uploads the folder. Returns the report."""
+        from trainers.saving import default_card, save_model_folder
+
+        processor = processor if processor is not None else self.processing_class
+        if processor is None:
+            raise ValueError(
+                "prune_and_save needs the processor to save with the model (so the folder can be evaluated and "
+                "used): pass `processing_class=` to the trainer or `processor=` here."
+            )
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         report = self.finalize_pruning()
-        self.save_model(output_dir)
         if self.args.should_save:
-            with open(os.path.join(output_dir, PRUNING_REPORT_NAME), "w", encoding="utf-8") as file:
-                json.dump(report, file, indent=2)
+            model = self.accelerator.unwrap_model(self.model)
+            save_model_folder(
+                model,
+                processor,
+                output_dir,
+                card if card is not None else default_card(model, stage="prune"),
+                pruning_report=report,
+                answer_candidates=answer_candidates,
+                push=push,
+            )
         logger.info(
             f"Pruned to sparsity {report['sparsity']:.4f} ({report['parameters_before']:,} -> "
             f"{report['parameters_after']:,} parameters); saved to {output_dir}."

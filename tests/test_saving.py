@@ -1,0 +1,92 @@
+"""`trainers.saving.save_model_folder`: special tokens from the saved tokenizer, the text limit, a complete folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import BertTokenizer
+
+from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMProcessor
+from trainers.saving import model_folder_files, save_model_folder, special_token_ids
+from trainers.tasks import task_model_class
+
+from .data_utils import CLS_ID, PAD_ID, SEP_ID, make_image, make_processor
+
+
+def _captioner_that_always_says_sep(config: EfficientVLMConfig):
+    torch.manual_seed(0)
+    model = task_model_class("captioning")(config).eval()
+    with torch.no_grad():
+        model.lm_head.decoder.bias.zero_()
+        model.lm_head.decoder.bias[SEP_ID] = 100.0  # [SEP] wins every step
+    return model
+
+
+def test_generate_stops_at_the_saved_vocabularys_own_sep(tmp_path) -> None:
+    # A vocabulary that is not BERT's: [CLS] = 2, [SEP] = 3 (the config's defaults are BERT's 101 / 102).
+    config = EfficientVLMConfig.from_preset("tiny")
+    assert (config.text_config.bos_token_id, config.text_config.eos_token_id) == (101, 102)
+    processor = make_processor(tmp_path, image_size=config.vision_config.image_size)
+    assert (processor.tokenizer.cls_token_id, processor.tokenizer.sep_token_id) == (CLS_ID, SEP_ID)
+    pixel_values = processor(images=[make_image("red"), make_image("blue")])["pixel_values"]
+    max_new_tokens = 8
+
+    # Without the tokenizer's ids the model never stops: 102 is not its [SEP].
+    unsynced = _captioner_that_always_says_sep(config)
+    with torch.no_grad():
+        endless = unsynced.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens)
+    assert endless.shape[1] == 1 + max_new_tokens
+
+    folder = save_model_folder(_captioner_that_always_says_sep(config), processor, tmp_path / "captioner")
+    saved = json.loads((folder / "config.json").read_text())["text_config"]
+    generation = json.loads((folder / "generation_config.json").read_text())
+    for values in (saved, generation):
+        assert values["bos_token_id"] == CLS_ID
+        assert values["eos_token_id"] == SEP_ID == processor.tokenizer.sep_token_id
+        assert values["pad_token_id"] == PAD_ID
+
+    model = task_model_class("captioning").from_pretrained(folder).eval()
+    reloaded = EfficientVLMProcessor.from_pretrained(folder)
+    assert model.generation_config.eos_token_id == reloaded.tokenizer.sep_token_id == SEP_ID
+    assert reloaded.tokenizer.model_max_length == model.config.max_text_length == 32
+    with torch.no_grad():
+        caption = model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens)
+    # It starts from its own [CLS] and stops at its own [SEP], long before max_new_tokens.
+    assert caption.shape[1] < 1 + max_new_tokens
+    assert caption[:, 0].tolist() == [CLS_ID, CLS_ID]
+    assert caption[:, 1].tolist() == [SEP_ID, SEP_ID]
+    assert reloaded.batch_decode(caption, skip_special_tokens=True) == ["", ""]
+
+
+def test_special_token_ids_fall_back_from_bos_eos_to_cls_sep(tmp_path) -> None:
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[UNK]", "[SEP]", "[PAD]", "[MASK]", "[CLS]", "red"]) + "\n")
+    tokenizer = BertTokenizer(vocab=str(vocab))
+    assert special_token_ids(tokenizer) == {"bos_token_id": 4, "eos_token_id": 1, "pad_token_id": 2, "sep_token_id": 1}
+
+
+def test_saved_folder_is_complete_and_the_callers_processor_is_untouched(tmp_path) -> None:
+    config = EfficientVLMConfig.from_preset("tiny")
+    processor = make_processor(tmp_path, image_size=config.vision_config.image_size)
+    before = processor.tokenizer.model_max_length
+    folder = save_model_folder(task_model_class("vqa")(config), processor, tmp_path / "vqa")
+    assert processor.tokenizer.model_max_length == before
+    # Training leftovers in the same output folder are not part of the model.
+    for junk in ("training_args.bin", "trainer_state.json", "all_results.json", "masker.pt", "train.log"):
+        (folder / junk).write_text("x")
+    (folder / "runs").mkdir()
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2" / "model.safetensors").write_text("x")
+    files = model_folder_files(folder)
+    assert {"model.safetensors", "config.json", "generation_config.json", "README.md"} <= set(files)
+    assert {"processor_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    assert {"configuration_efficientvlm.py", "modeling_efficientvlm_vqa.py"} <= set(files)
+    assert not {"training_args.bin", "trainer_state.json", "all_results.json", "masker.pt", "train.log"} & set(files)
+    assert json.loads((folder / "config.json").read_text())["auto_map"]
+
+
+def test_save_needs_the_processor(tmp_path) -> None:
+    with pytest.raises(ValueError, match="processor"):
+        save_model_folder(task_model_class("vqa")(EfficientVLMConfig.from_preset("tiny")), None, tmp_path / "x")
