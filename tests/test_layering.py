@@ -19,6 +19,7 @@ LAYERS = {
     "trainers.distillation": 3,
     "trainers.pruning": 3,
     "trainers.model_card": 3,
+    "trainers.saving": 3,
     "trainers.tasks": 2,
     "trainers.data": 1,
     "trainers.evaluation": 1,

@@ -78,7 +78,7 @@ def test_quickstart_loads_saved_models_and_runs_every_task(tmp_path: Path) -> No
         EfficientVLMProcessor,
     )
     from trainers.demo.corpus import write_demo_vocab
-    from trainers.tasks import save_with_processor
+    from trainers.saving import save_model_folder
 
     # "Your own" VQA checkpoint, distinguishable from the notebook's stand-ins (one answer-decoder layer, 48 px).
     torch.manual_seed(0)
@@ -87,7 +87,7 @@ def test_quickstart_loads_saved_models_and_runs_every_task(tmp_path: Path) -> No
     config = EfficientVLMConfig.from_preset("tiny", num_answer_decoder_layers=1, **sizes)
     own_vqa = EfficientVLMForQuestionAnswering(config)
     processor = EfficientVLMProcessor(EfficientVLMImageProcessor(size={"height": 48, "width": 48}), tokenizer)
-    save_with_processor(own_vqa, processor, tmp_path / "my_vqa")
+    save_model_folder(own_vqa, processor, tmp_path / "my_vqa")
 
     notebook = _execute(
         "quickstart.ipynb", tmp_path, f"VQA_DIR = {str(tmp_path / 'my_vqa')!r}\nNUM_THREADS = 1\nMAX_NEW_TOKENS = 4"

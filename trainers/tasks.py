@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -406,12 +405,3 @@ def evaluate_task(
     model.eval()
     options = EvaluationOptions(batch_size, answer_list, k, structure_masks, max_new_tokens)
     return spec.evaluate(model, dataset, processor, options)
-
-
-def save_with_processor(model: Any, processor: Any, output_dir: str | os.PathLike) -> Path:
-    """Saves a model and its processor side by side, so the folder is complete for `from_pretrained`."""
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    if processor is not None:
-        processor.save_pretrained(output_dir)
-    return output_dir
