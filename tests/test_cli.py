@@ -17,7 +17,7 @@ from trainers.demo.corpus import generate_demo_data, write_demo_vocab
 def test_top_level_help_lists_every_stage(capsys) -> None:
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("pretrain", "finetune", "distill", "prune", "evaluate", "benchmark", "demo"):
+    for command in ("pretrain", "finetune", "distill", "prune", "evaluate", "benchmark", "convert", "demo"):
         assert command in out
     assert cli.main(["compress"]) == 2
     assert "unknown command" in capsys.readouterr().err
@@ -32,6 +32,7 @@ def test_top_level_help_lists_every_stage(capsys) -> None:
         ("prune", "--target_sparsity"),
         ("evaluate", "--eval_file"),
         ("benchmark", "--models"),
+        ("convert", "--checkpoint"),
         ("demo", "--quick"),
     ],
 )

@@ -95,10 +95,11 @@ def test_pruning_stage_checkpoint_prunes_as_the_official_masks_say(task: str, tm
     expected = _official_masks(state)
 
     kept = {key: [int(mask.sum()) for mask in masks] for key, masks in expected.items()}
-    assert report["kept_structures"] == kept
+    assert report["structures_kept"] == kept
     assert pruned.structure_sizes() == kept
     assert kept["fusion_heads"][0] == 2 and kept["fusion_cross_heads"][0] == 0 and kept["vision_ffn"][2] == 0
     assert 0 < report["sparsity"] < 1 and set(report["sparsity_per_modality"]) == {"vision", "text", "fusion"}
+    assert report["parameters_after"] == sum(p.numel() for p in pruned.parameters()) < report["parameters_before"]
     assert set(report["lagrange_multipliers"]) == {"lambda_1", "lambda_2"}
 
     # The pruned model computes what the unpruned one computes under the official masks.
@@ -162,3 +163,24 @@ def test_non_pruning_checkpoints_and_mismatched_log_alphas_raise() -> None:
         prune_official_state_dict(unknown, "retrieval")
     with pytest.raises(ValueError, match="convert for"):
         prune_official_state_dict(state, "nlvr2")
+
+
+def test_convert_command_writes_a_pruned_carded_folder(tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    from trainers import commands as cli
+
+    from .data_utils import write_vocab
+
+    torch.save(_official_state("retrieval"), tmp_path / "pruning_stage.pth")
+    output_dir = tmp_path / "converted"
+    argv = ["convert", "--checkpoint", str(tmp_path / "pruning_stage.pth"), "--task", "retrieval"]
+    with pytest.raises(ValueError, match="no tokenizer"):
+        cli.main([*argv, "--output_dir", str(output_dir)])
+    assert cli.main([*argv, "--output_dir", str(output_dir), "--vocab_file", str(write_vocab(tmp_path))]) == 0
+    report = json.loads((output_dir / "pruning_report.json").read_text())
+    reloaded = EfficientVLMForImageTextRetrieval.from_pretrained(output_dir)
+    assert reloaded.structure_sizes() == report["structures_kept"]
+    assert (output_dir / "tokenizer.json").is_file() or (output_dir / "vocab.txt").is_file()
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.license == "apache-2.0" and "converted" in card.text

@@ -49,6 +49,7 @@ STAGE_DESCRIPTIONS = {
     "student": "distilled student",
     "pruned": "pruned",
     "save": "saved",
+    "convert": "converted from an official X-VLM / EfficientVLM checkpoint",
 }
 
 

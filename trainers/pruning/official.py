@@ -123,8 +123,8 @@ def prune_official_state_dict(
     """An official pruning-stage state dict -> (physically pruned task model, report).
 
     `binary=True` keeps survivors at 1, as the official evaluation does; `False` folds the survivors' scores
-    into the weights (CoFi). The report gives the sparsity per modality, the units kept per layer and, for VQA,
-    the answer-decoder units zeroed in place.
+    into the weights (CoFi). The report has the pruning trainer's keys (sparsity overall and per modality,
+    units kept per layer, parameters before and after) and, for VQA, the answer-decoder units zeroed in place.
     """
     if task not in PRUNING_STAGE_TASKS:
         raise ValueError(f"Pruning-stage checkpoints convert for {PRUNING_STAGE_TASKS}; got task {task!r}.")
@@ -141,7 +141,11 @@ def prune_official_state_dict(
         "binary_masks": binary,
         "sparsity": masker.sparsity_of(masks),
         "sparsity_per_modality": {modality: masker.sparsity_of(masks, modality) for modality in masker.modalities},
-        "kept_structures": masker.kept_structures(masks),
+        "structures_before": masker.structure_sizes,
+        "structures_kept": masker.kept_structures(masks),
+        "prunable_parameters": masker.total_parameters(),
+        "remaining_prunable_parameters": masker.remaining_parameters(masks),
+        "parameters_before": sum(p.numel() for p in model.parameters()),
         "lagrange_multipliers": {name: float(l0[name]) for name in MULTIPLIERS if name in l0},
     }
     decoder = getattr(model, "answer_decoder", None)
@@ -153,6 +157,7 @@ def prune_official_state_dict(
         report["decoder_units_zeroed"] = _zero_masked_units(decoder, _masks(masker, decoder_log_alphas, binary))
         report["decoder_note"] = "answer-decoder masks applied by zeroing weights; its units are not removed"
     model.prune(masks)
+    report["parameters_after"] = sum(p.numel() for p in model.parameters())
     return model, report
 
 

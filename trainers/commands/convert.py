@@ -1,0 +1,61 @@
+"""`efficientvlm convert`: an official X-VLM / EfficientVLM `.pth` checkpoint -> a complete model folder.
+
+    efficientvlm convert --checkpoint vqa_pruning_stage.pth --task vqa --vocab_file bert-base-uncased-vocab.txt \
+        --output_dir pruned_vqa
+
+A pruning-stage checkpoint (one with `l0_module.*` log-alphas) is pruned with the official deterministic masks
+and its `pruning_report.json` written beside it; any other checkpoint converts as it is. Official checkpoints
+carry no tokenizer: give the processor (`--processor_name_or_path`) or the BERT WordPiece vocabulary the model
+was trained with (`--vocab_file`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from trainers.commands.common import parse_arguments
+
+
+@dataclass
+class ConvertArguments:
+    checkpoint: str = field(metadata={"help": "The official .pth file (a state dict, or a dict with `model`)."})
+    task: str = field(metadata={"help": "pretraining, retrieval, captioning or vqa (pruning-stage: retrieval, vqa)."})
+    output_dir: str = field(metadata={"help": "Folder to write the model, its processor and its card to."})
+    processor_name_or_path: str | None = field(default=None, metadata={"help": "A saved processor to ship."})
+    vocab_file: str | None = field(default=None, metadata={"help": "Or a WordPiece vocab to build it from."})
+    binary_masks: bool = field(
+        default=True,
+        metadata={"help": "Pruning-stage: survivors at 1 as the official evaluation does (else scores folded in)."},
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Converts, writes the folder and returns its report (the pruning report, or the model's class)."""
+    import torch
+
+    from modeling_efficientvlm.convert_efficientvlm_checkpoints import model_from_official_state_dict
+    from trainers.model_card import ModelCardInfo
+    from trainers.pruning.official import L0_PREFIX, prune_official_state_dict
+    from trainers.saving import save_model_folder
+    from trainers.training import load_processor
+
+    (args,) = parse_arguments("convert", (ConvertArguments,), argv, "Convert an official checkpoint.")
+    if args.processor_name_or_path is None and args.vocab_file is None:
+        raise ValueError("Official checkpoints carry no tokenizer: give --processor_name_or_path or --vocab_file.")
+    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    if any(name.startswith(L0_PREFIX) for name in state_dict):
+        model, report = prune_official_state_dict(state_dict, args.task, binary=args.binary_masks)
+    else:
+        model, report = model_from_official_state_dict(state_dict, args.task), None
+    processor = load_processor(model.config, args.processor_name_or_path, args.vocab_file)
+    card = ModelCardInfo(task=args.task, stage="convert", base_model=args.checkpoint)
+    save_model_folder(model, processor, args.output_dir, card=card, pruning_report=report)
+    summary = report or {"task": args.task, "model": type(model).__name__}
+    print(json.dumps({key: summary[key] for key in ("task", "sparsity", "model") if key in summary}, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
