@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification
 
 from .configuration_efficientvlm import EfficientVLMConfig, TextStackLayout, has_twin_fusion_layers
 from .modeling_efficientvlm import (
@@ -351,9 +350,6 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
         self._share_twin_key_values()
         self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
 
-
-AutoModelForSequenceClassification.register(EfficientVLMConfig, EfficientVLMForVisualReasoning, exist_ok=True)
-EfficientVLMForVisualReasoning.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
     "EfficientVLMForVisualReasoning",

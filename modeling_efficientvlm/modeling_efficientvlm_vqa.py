@@ -88,6 +88,8 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
     generation_config_class = TextDecoderGenerationConfig
     _tied_weights_keys = {"answer_head.decoder.weight": "answer_decoder.embeddings.word_embeddings.weight"}
     lm_head_name = "answer_head"
+    # The `image-text-to-text` pipeline loads it through `AutoModelForImageTextToText`.
+    extra_auto_classes = ("AutoModelForImageTextToText",)
 
     def __init__(self, config: EfficientVLMConfig) -> None:
         super().__init__(config)

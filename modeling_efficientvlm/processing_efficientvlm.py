@@ -5,12 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from transformers import AutoProcessor, BatchFeature, ProcessorMixin
-
-from .configuration_efficientvlm import EfficientVLMConfig
-
-# Imported for its side effect: registering the image processor (and so copying its file on save).
-from .image_processing_efficientvlm import EfficientVLMImageProcessor  # noqa: F401
+from transformers import BatchFeature, ProcessorMixin
 
 
 class EfficientVLMProcessor(ProcessorMixin):
@@ -120,11 +115,5 @@ class EfficientVLMProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["pixel_values", "input_ids", "attention_mask"]
 
-
-# Registration: lets `AutoProcessor` resolve a folder whose config is an `EfficientVLMConfig`, and makes
-# `save_pretrained` write `auto_map` so the folder loads with `trust_remote_code=True` without this package
-# installed (the image processor registers itself in its own module).
-AutoProcessor.register(EfficientVLMConfig, EfficientVLMProcessor, exist_ok=True)
-EfficientVLMProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = ["EfficientVLMProcessor"]
