@@ -90,6 +90,9 @@ class EfficientVLMProcessor(ProcessorMixin):
         if len(texts) == 0:
             raise ValueError("`text` is an empty list.")
         kwargs.setdefault("return_token_type_ids", False)
+        # Positions are absolute (BERT): padding goes on the right even when a caller (the image-text-to-text
+        # pipeline does, for decoder-only models) set the tokenizer's `padding_side` to "left".
+        kwargs.setdefault("padding_side", "right")
         # Always truncate inside the tokenizer so the overflow is recorded per text; then report it.
         encoding = self.tokenizer(
             texts, padding=padding, truncation=True, max_length=max_length, return_tensors=return_tensors, **kwargs
