@@ -85,13 +85,15 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
         token_type_ids: torch.Tensor | None = None,
+        return_loss: bool = True,
         **kwargs,
     ) -> EfficientVLMCaptioningOutput:
         """
         pixel_values: (batch, channels, height, width), or `image_embeds` (batch, image_length, vision_hidden)
         already encoded; input_ids / attention_mask / token_type_ids: (batch, seq) "[CLS] (prompt) caption
         [SEP]" + padding; labels: (batch, seq) the ids with -100 on padding and on the prompt (position t + 1 is
-        predicted from position t, so labels[:, 0] is never used); the loss is computed only when given.
+        predicted from position t, so labels[:, 0] is never used); the loss is computed only when they are given
+        and `return_loss` is True.
         """
         if input_ids is None:
             raise ValueError("Captioning needs `input_ids` (at least the start token).")
@@ -122,7 +124,7 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
         logits = self.lm_head(text.last_hidden_state)
 
         loss = None
-        if labels is not None:
+        if labels is not None and return_loss:
             loss = causal_lm_loss(logits, labels, label_smoothing=getattr(self.config, "label_smoothing", 0.0))
         return EfficientVLMCaptioningOutput(loss=loss, logits=logits, vision_output=vision, text_output=text)
 

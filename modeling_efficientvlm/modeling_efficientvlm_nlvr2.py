@@ -296,11 +296,13 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
         token_type_ids: torch.Tensor | None = None,
+        return_loss: bool = True,
     ) -> EfficientVLMVisualReasoningOutput:
         """
         pixel_values: (batch, 2, channels, height, width), the left and right image of each example;
         input_ids / attention_mask / token_type_ids: (batch, seq) sentences; labels: (batch,) class indices
-        (NLVR2: 1 = true), the loss is computed only when given (without them: inference, deterministic).
+        (NLVR2: 1 = true), the loss is computed only when given and `return_loss` (otherwise: inference,
+        deterministic).
         structure_masks: as [`MASK_KEYS`], with `fusion_cross_heads` holding one mask per twin pair.
         """
         if pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
@@ -328,7 +330,7 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
             text.last_hidden_state, attention_mask, left_image_states, right_image_states, structure_masks, **flags
         )
         logits = self.cls_head(fusion.last_hidden_state[:, 0])
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        loss = F.cross_entropy(logits, labels) if labels is not None and return_loss else None
         return EfficientVLMVisualReasoningOutput(
             loss=loss, logits=logits, vision_output=vision, text_output=text, fusion_output=fusion
         )
