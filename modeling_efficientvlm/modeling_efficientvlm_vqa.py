@@ -422,8 +422,9 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         """Answers each question (batch, seq) about its image: with saved answer candidates (and
         `use_answer_candidates` not False) the best of them by [`rank_answers`] (`k` from the keyword, default
         128), returned as its ids "[CLS] answer [SEP]" padded with [PAD] (batch, length), or the top
-        `num_return_sequences` candidates per question (batch * n, length), best first; otherwise free
-        decoding with `GenerationMixin.generate` (all its options)."""
+        `num_return_sequences` candidates per question (batch * n, length), best first (other generation
+        options do not apply to ranking); otherwise free decoding with `GenerationMixin.generate` (all its
+        options)."""
         if use_answer_candidates is None:
             use_answer_candidates = self.config.answer_candidates_ids is not None
         if not use_answer_candidates:

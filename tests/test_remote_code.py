@@ -19,6 +19,21 @@ def test_saved_folder_carries_code_and_auto_map(tiny_config, tmp_path) -> None:
     assert config.auto_map["AutoModelForPreTraining"] == "modeling_efficientvlm.EfficientVLMForPreTraining"
 
 
+def test_shipped_files_define_classes_only(tiny_config, tmp_path) -> None:
+    """Registration with the Auto classes happens in the installed package, never in the files a folder ships."""
+    from modeling_efficientvlm import EfficientVLMForQuestionAnswering
+
+    from .data_utils import make_processor
+
+    EfficientVLMForQuestionAnswering(tiny_config).save_pretrained(tmp_path)
+    make_processor(tmp_path / "vocab").save_pretrained(tmp_path)
+    shipped = sorted(tmp_path.glob("*.py"))
+    assert {path.name for path in shipped} >= {"processing_efficientvlm.py", "modeling_efficientvlm_vqa.py"}
+    for path in shipped:
+        text = path.read_text()
+        assert ".register(" not in text and "register_for_auto_class(" not in text, path.name
+
+
 def test_trust_remote_code_load_gives_identical_outputs(tiny_config, tmp_path) -> None:
     torch.manual_seed(0)
     inputs = make_inputs(tiny_config)
