@@ -145,3 +145,28 @@ def test_inference_forwards_are_deterministic_and_take_token_type_ids(tiny_confi
         if field == "fusion_output":
             value, again = value.last_hidden_state, again.last_hidden_state
         assert torch.equal(value, again), task
+
+
+def test_auto_classes_pick_each_task_model_in_process(tiny_config, tmp_path) -> None:
+    """With the package installed one config class serves every task: `config.architectures` picks the class for
+    the auto classes that load several tasks (`AutoModel`, `AutoModelForImageTextToText`)."""
+    from transformers import AutoModel, AutoModelForImageTextToText
+
+    for model_class in (EfficientVLMForQuestionAnswering, EfficientVLMForConditionalGeneration):
+        model_class(tiny_config).save_pretrained(tmp_path / model_class.__name__)
+        assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / model_class.__name__)) is model_class
+        assert type(AutoModel.from_pretrained(tmp_path / model_class.__name__)) is model_class
+    saved = EfficientVLMConfig.from_pretrained(tmp_path / "EfficientVLMForQuestionAnswering")
+    assert set(saved.auto_map) == {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForVisualQuestionAnswering",
+        "AutoModelForImageTextToText",
+    }
+    # A config copied from another task's folder does not keep that task's auto_map entries on save.
+    EfficientVLMForImageTextRetrieval(saved).save_pretrained(tmp_path / "retrieval")
+    assert set(EfficientVLMConfig.from_pretrained(tmp_path / "retrieval").auto_map) == {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForZeroShotImageClassification",
+    }
