@@ -267,6 +267,18 @@ class EfficientVLMTextConfig(_PerLayerSizes, PreTrainedConfig):
         _check_per_layer("text_config.intermediate_size_per_layer", self.intermediate_size_per_layer, total, 1 << 30)
         super().__post_init__(**kwargs)
 
+    def _check_answer_candidates(self) -> None:
+        answers, ids = self.answer_candidates, self.answer_candidates_ids
+        if answers is None and ids is None:
+            return
+        if answers is None or ids is None or len(answers) != len(ids) or not answers:
+            raise ValueError(
+                "`answer_candidates` and `answer_candidates_ids` go together: one non-empty list of answers and one "
+                "list of token ids per answer (use `EfficientVLMForQuestionAnswering.set_answer_candidates`)."
+            )
+        if any(len(sequence) < 2 or sequence[0] != ids[0][0] for sequence in ids):
+            raise ValueError("Every entry of `answer_candidates_ids` must be a start token, then the answer's tokens.")
+
     @property
     def layout(self) -> TextStackLayout:
         """Which stack layer is a text or a fusion layer (a text config alone never has twin layers)."""
@@ -336,6 +348,11 @@ class EfficientVLMConfig(PreTrainedConfig):
         label_smoothing: label smoothing of the captioning loss (X-VLM fine-tunes with 0.1).
         twin_fusion_layers: NLVR2 layout: fusion layers come in pairs, the first attending to the left image,
             the second to the right (set by [`EfficientVLMForVisualReasoning`]).
+        answer_candidates: VQA: the answer list the model ranks (X-VLM's k-test), saved with the checkpoint so
+            `rank_answers` and `generate` need no other file; set with
+            [`EfficientVLMForQuestionAnswering.set_answer_candidates`].
+        answer_candidates_ids: their token ids, one list per answer, "[CLS] answer [SEP]" of the tokenizer saved
+            with the model (so ranking needs no tokenizer).
 
     Example:
 
@@ -357,6 +374,8 @@ class EfficientVLMConfig(PreTrainedConfig):
     num_answer_decoder_layers: int | None = None
     label_smoothing: float = 0.0
     twin_fusion_layers: bool = False
+    answer_candidates: list[str] | None = None
+    answer_candidates_ids: list[list[int]] | None = None
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
 
@@ -371,11 +390,24 @@ class EfficientVLMConfig(PreTrainedConfig):
         if not 0 < self.itc_temperature:
             raise ValueError(f"`itc_temperature` must be positive, got {self.itc_temperature}.")
         TextStackLayout.of(self)  # raises for twin fusion layers of an odd number
+        self._check_answer_candidates()
         if self.max_text_length > self.text_config.max_position_embeddings:
             raise ValueError(
                 f"`max_text_length` ({self.max_text_length}) exceeds the position table "
                 f"({self.text_config.max_position_embeddings})."
             )
+
+    def _check_answer_candidates(self) -> None:
+        answers, ids = self.answer_candidates, self.answer_candidates_ids
+        if answers is None and ids is None:
+            return
+        if answers is None or ids is None or len(answers) != len(ids) or not answers:
+            raise ValueError(
+                "`answer_candidates` and `answer_candidates_ids` go together: one non-empty list of answers and one "
+                "list of token ids per answer (use `EfficientVLMForQuestionAnswering.set_answer_candidates`)."
+            )
+        if any(len(sequence) < 2 or sequence[0] != ids[0][0] for sequence in ids):
+            raise ValueError("Every entry of `answer_candidates_ids` must be a start token, then the answer's tokens.")
 
     @property
     def layout(self) -> TextStackLayout:

@@ -7,13 +7,10 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from transformers import AutoImageProcessor
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_base import BatchFeature
 from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling
-
-from .configuration_efficientvlm import EfficientVLMConfig
 
 
 # The PIL backend (not the torchvision one) because torchvision is not a dependency of this project; the
@@ -147,12 +144,5 @@ def _flatten_images(images: Any) -> tuple[list[Any], int | None]:
         raise ValueError(f"Every image group must hold the same, non-zero number of images; got sizes {sorted(sizes)}.")
     return [image for group in images for image in group], sizes.pop()
 
-
-# Registration: `AutoImageProcessor` resolves an `EfficientVLMConfig` folder to this class, and `save_pretrained`
-# writes `auto_map` so the saved folder loads with `trust_remote_code=True` without this package.
-AutoImageProcessor.register(
-    EfficientVLMConfig, image_processor_classes={"pil": EfficientVLMImageProcessor}, exist_ok=True
-)
-EfficientVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = ["EfficientVLMImageProcessor"]

@@ -8,6 +8,7 @@ and every encoder accepts structure masks (per-head, per-FFN-neuron) for pruning
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -602,6 +603,40 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
     # Attribute name of a task model's LM head ([`EfficientVLMLMHead`]), whose decoder is the output embeddings.
     lm_head_name: str | None = None
+    # Auto classes that load this class from a saved folder besides the one `register_for_auto_class` named
+    # (`_auto_class`) and `AutoModel`, which every saved model answers to; see `save_pretrained`.
+    extra_auto_classes: tuple[str, ...] = ()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`; a class registered for an auto class (all task models) first sets
+        `config.auto_map` to its own entries: its auto class, `AutoModel` and `extra_auto_classes` all name this
+        class, entries of other auto classes' models are dropped (a config copied from another task's folder
+        would name a class whose file is not saved), those of configs and processors are kept."""
+        if self._auto_class is not None:
+            name = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+            kept = {
+                key: value
+                for key, value in (getattr(self.config, "auto_map", None) or {}).items()
+                if not key.startswith("AutoModel")
+            }
+            auto_classes = ("AutoModel", self._auto_class, *self.extra_auto_classes)
+            self.config.auto_map = {**kept, **dict.fromkeys(auto_classes, name)}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """(batch, channels, height, width) -> L2-normalised ITC image embeddings (batch, embed_dim), as CLIP's
+        (the backbone's contrastive projection; trained by pre-training and retrieval)."""
+        return self.efficientvlm.get_image_features(pixel_values, **kwargs)
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """(batch, seq) -> L2-normalised ITC text embeddings (batch, embed_dim), as CLIP's."""
+        return self.efficientvlm.get_text_features(input_ids, attention_mask, token_type_ids, **kwargs)
 
     def get_output_embeddings(self) -> nn.Linear | None:
         return None if self.lm_head_name is None else getattr(self, self.lm_head_name).decoder
@@ -940,11 +975,14 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         structure_masks: StructureMasks | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        token_type_ids: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        """input_ids: (batch, seq) -> text states (batch, seq, text_hidden) from the text layers."""
+        """input_ids: (batch, seq) -> text states (batch, seq, text_hidden) from the text layers.
+        `token_type_ids` (batch, seq), as BERT tokenizers emit them (all 0 for one sentence), default 0."""
         return self.text_model(
             input_ids,
             attention_mask,
+            token_type_ids=token_type_ids,
             mode="text",
             **self.text_model.layer_masks(structure_masks),
             output_attentions=output_attentions,
@@ -984,6 +1022,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
         images_per_text: int = 1,
+        token_type_ids: torch.Tensor | None = None,
     ) -> tuple[EncoderOutput, EncoderOutput, torch.Tensor]:
         """The prologue of every image-text task: images (images_per_text * batch, channels, height, width) and
         texts (batch, seq) -> their encoder outputs and the text attention mask (all ones when none is given).
@@ -1000,7 +1039,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         vision = self.encode_image(
             pixel_values, structure_masks, interpolate_pos_encoding=interpolate_pos_encoding, **flags
         )
-        text = self.encode_text(input_ids, attention_mask, structure_masks, **flags)
+        text = self.encode_text(input_ids, attention_mask, structure_masks, token_type_ids=token_type_ids, **flags)
         return vision, text, attention_mask
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -1008,9 +1047,17 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         image_states = self.encode_image(pixel_values, **kwargs).last_hidden_state
         return itc_embedding(self.vision_proj, image_states)
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """(batch, seq) -> L2-normalised ITC text embeddings (batch, embed_dim)."""
-        text_states = self.encode_text(input_ids, attention_mask, **kwargs).last_hidden_state
+        text_states = self.encode_text(
+            input_ids, attention_mask, token_type_ids=token_type_ids, **kwargs
+        ).last_hidden_state
         return itc_embedding(self.text_proj, text_states)
 
     def forward(
@@ -1022,6 +1069,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
+        token_type_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> EfficientVLMModelOutput:
         """Encodes images (batch, channels, height, width) and their texts (batch, seq), returns ITC
@@ -1033,6 +1081,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
             attention_mask,
             structure_masks,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            token_type_ids=token_type_ids,
             **flags,
         )
         image_embeds = itc_embedding(self.vision_proj, vision.last_hidden_state)

@@ -54,7 +54,9 @@ class EfficientVLMCaptioningOutput(ModelOutput):
 class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, EfficientVLMDecoderGenerationMixin):
     """X-VLM captioning: the whole text stack decodes causally, conditioned on the image through the fusion
     layers' cross-attention. Works with `generate()` (greedy, beam search, sampling): the image is encoded
-    once and expanded for beams; without a KV cache the text is recomputed at every step.
+    once and expanded for beams; without a KV cache the text is recomputed at every step. A prompt may come
+    straight from the processor (`generate(**processor(images=image, text="a picture of"))`): its final [SEP]
+    is dropped and the caption continues the prompt (as in `pipeline("image-text-to-text", ...)`).
 
     Label smoothing comes from `config.label_smoothing` (default 0; X-VLM fine-tunes with 0.1). It is not a
     `forward` argument: Trainer treats every argument whose name contains "label" as a label column.
@@ -82,13 +84,16 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
+        token_type_ids: torch.Tensor | None = None,
+        return_loss: bool = True,
         **kwargs,
     ) -> EfficientVLMCaptioningOutput:
         """
         pixel_values: (batch, channels, height, width), or `image_embeds` (batch, image_length, vision_hidden)
-        already encoded; input_ids / attention_mask: (batch, seq) "[CLS] (prompt) caption [SEP]" + padding;
-        labels: (batch, seq) the ids with -100 on padding and on the prompt (position t + 1 is predicted from
-        position t, so labels[:, 0] is never used).
+        already encoded; input_ids / attention_mask / token_type_ids: (batch, seq) "[CLS] (prompt) caption
+        [SEP]" + padding; labels: (batch, seq) the ids with -100 on padding and on the prompt (position t + 1 is
+        predicted from position t, so labels[:, 0] is never used); the loss is computed only when they are given
+        and `return_loss` is True.
         """
         if input_ids is None:
             raise ValueError("Captioning needs `input_ids` (at least the start token).")
@@ -108,6 +113,7 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
         text = text_model(
             input_ids,
             attention_mask,
+            token_type_ids=token_type_ids,
             encoder_hidden_states=image_embeds,
             mode="multimodal",
             is_causal=True,
@@ -118,7 +124,7 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
         logits = self.lm_head(text.last_hidden_state)
 
         loss = None
-        if labels is not None:
+        if labels is not None and return_loss:
             loss = causal_lm_loss(logits, labels, label_smoothing=getattr(self.config, "label_smoothing", 0.0))
         return EfficientVLMCaptioningOutput(loss=loss, logits=logits, vision_output=vision, text_output=text)
 
@@ -134,9 +140,17 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
         )
         model_kwargs["image_embeds"] = vision.last_hidden_state
         input_ids, attention_mask = model_kwargs.get("input_ids"), model_kwargs.get("attention_mask")
+        model_kwargs.pop("token_type_ids", None)  # a prompt is one sentence: type 0, as the default
         if input_ids is None:
             input_ids = self._start_ids(batch, pixel_values.device, generation_config)
         else:
+            eos = generation_config.eos_token_id
+            eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+            if eos is not None and input_ids.shape[1] > 1 and bool((input_ids[:, -1] == eos).all()):
+                # A prompt straight from the processor ("[CLS] a picture of [SEP]"): continue before its [SEP].
+                input_ids = input_ids[:, :-1]
+                if attention_mask is not None and attention_mask.shape[1] == input_ids.shape[1] + 1:
+                    attention_mask = attention_mask[:, :-1]
             if attention_mask is not None and attention_mask.shape == input_ids.shape and (attention_mask == 0).any():
                 # BERT positions are absolute: a padded prompt would put the caption at the wrong positions.
                 raise ValueError("Prompts must not be padded: give every image the same prompt (e.g. 'a picture of').")

@@ -25,10 +25,10 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification
 
 from .configuration_efficientvlm import EfficientVLMConfig, TextStackLayout, has_twin_fusion_layers
 from .modeling_efficientvlm import (
@@ -42,6 +42,8 @@ from .modeling_efficientvlm import (
     extended_attention_mask,
 )
 
+# NLVR2's classes: index 1 = the sentence is true of the image pair.
+NLVR2_LABELS = ("False", "True")
 _TWIN_SHARED_PARAMETERS = ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")
 # `from_pretrained` keyword arguments that locate a checkpoint's config.
 _CONFIG_LOCATION_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
@@ -155,6 +157,9 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
         if not has_twin_fusion_layers(config):
             config = twin_fusion_config(config)
         _check_twin_config(config)
+        if config.id2label == {0: "LABEL_0", 1: "LABEL_1"}:  # the default names: say what the classes mean
+            config.id2label = dict(enumerate(NLVR2_LABELS))
+            config.label2id = {label: index for index, label in config.id2label.items()}
         super().__init__(config)
         self.efficientvlm = EfficientVLMModel(config)
         self.cls_head = EfficientVLMITMHead(config.text_config.hidden_size, config.num_labels)
@@ -290,10 +295,14 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
+        token_type_ids: torch.Tensor | None = None,
+        return_loss: bool = True,
     ) -> EfficientVLMVisualReasoningOutput:
         """
         pixel_values: (batch, 2, channels, height, width), the left and right image of each example;
-        input_ids / attention_mask: (batch, seq) sentences; labels: (batch,) class indices (NLVR2: 1 = true).
+        input_ids / attention_mask / token_type_ids: (batch, seq) sentences; labels: (batch,) class indices
+        (NLVR2: 1 = true), the loss is computed only when given and `return_loss` (otherwise: inference,
+        deterministic).
         structure_masks: as [`MASK_KEYS`], with `fusion_cross_heads` holding one mask per twin pair.
         """
         if pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
@@ -313,6 +322,7 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
             structure_masks,
             interpolate_pos_encoding=interpolate_pos_encoding,
             images_per_text=2,
+            token_type_ids=token_type_ids,
             **flags,
         )
         left_image_states, right_image_states = vision.last_hidden_state.split(batch)
@@ -320,10 +330,40 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
             text.last_hidden_state, attention_mask, left_image_states, right_image_states, structure_masks, **flags
         )
         logits = self.cls_head(fusion.last_hidden_state[:, 0])
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        loss = F.cross_entropy(logits, labels) if labels is not None and return_loss else None
         return EfficientVLMVisualReasoningOutput(
             loss=loss, logits=logits, vision_output=vision, text_output=text, fusion_output=fusion
         )
+
+    @torch.no_grad()
+    def predict(self, left_images: Any, right_images: Any, sentences: str | list[str], processor: Any) -> list[dict]:
+        """One call from images and sentences to answers: is each sentence true of its (left, right) image pair?
+
+        left_images / right_images: one image each or two equal-length lists (PIL, numpy HWC, torch CHW);
+        sentences: one string or one per pair; processor: the checkpoint's processor (`AutoProcessor`).
+        Returns one dict per pair: `{"label": True or False, "probabilities": {"False": p, "True": 1 - p}}`.
+        """
+        single = isinstance(sentences, str)
+        sentences = [sentences] if single else list(sentences)
+        lefts = left_images if isinstance(left_images, (list, tuple)) else [left_images]
+        rights = right_images if isinstance(right_images, (list, tuple)) else [right_images]
+        if not len(lefts) == len(rights) == len(sentences):
+            raise ValueError(
+                f"Got {len(lefts)} left images, {len(rights)} right images and {len(sentences)} sentences; "
+                "give one (left, right) pair per sentence."
+            )
+        inputs = processor(images=[[left, right] for left, right in zip(lefts, rights)], text=sentences)
+        inputs = {key: value.to(self.device) for key, value in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        probabilities = self(**inputs).logits.float().softmax(dim=-1).cpu()
+        names = [self.config.id2label[index] for index in range(probabilities.shape[1])]
+        return [
+            {
+                "label": bool(row.argmax().item() == NLVR2_LABELS.index("True")),
+                "probabilities": dict(zip(names, row.tolist())),
+            }
+            for row in probabilities
+        ]
 
     # -- structured pruning ----------------------------------------------------------------------------------
     def structure_sizes(self) -> dict[str, list[int]]:
@@ -352,10 +392,8 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
         self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
 
 
-AutoModelForSequenceClassification.register(EfficientVLMConfig, EfficientVLMForVisualReasoning, exist_ok=True)
-EfficientVLMForVisualReasoning.register_for_auto_class("AutoModelForSequenceClassification")
-
 __all__ = [
+    "NLVR2_LABELS",
     "EfficientVLMForVisualReasoning",
     "EfficientVLMVisualReasoningOutput",
     "init_nlvr2_from_pretraining",

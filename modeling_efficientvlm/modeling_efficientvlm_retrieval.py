@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForZeroShotImageClassification
 
 from .configuration_efficientvlm import EfficientVLMConfig
 from .loss_efficientvlm import ImageTextContrastiveLoss
@@ -41,18 +40,34 @@ ITM_SCORES = ("probability", "logit")
 @dataclass
 class EfficientVLMImageTextRetrievalOutput(EfficientVLMImageTextMatchingOutput, EfficientVLMTaskOutput):
     """
-    The fields of [`EfficientVLMTaskOutput`] and [`EfficientVLMImageTextMatchingOutput`]:
+    The fields of [`EfficientVLMTaskOutput`] and [`EfficientVLMImageTextMatchingOutput`], and `logits_per_text`.
 
-    loss (`torch.FloatTensor` of shape `()`):
-        `loss_itc + loss_itm` (with `return_loss=True`).
+    Always (training and inference):
+    logits_per_image (`torch.FloatTensor` of shape `(num_images, num_texts)`):
+        ITC cosine similarities divided by the ITC temperature (CLIP's scaling; softmax over texts gives
+        zero-shot probabilities).
+    logits_per_text (`torch.FloatTensor` of shape `(num_texts, num_images)`): its transpose.
+    image_embeds (`(num_images, embed_dim)`), text_embeds (`(num_texts, embed_dim)`): L2-normalised ITC embeddings.
+    vision_output, text_output ([`EncoderOutput`]): the encoders on the images and the texts.
+
+    Training only (`return_loss=True` on a paired batch, see `forward`):
+    loss (`torch.FloatTensor` of shape `()`): `loss_itc + loss_itm`.
     logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`):
         The ITM logits (`itm_logits`), the task prediction a distiller matches.
+    itm_logits, itm_labels, negative_text_index, negative_image_index: the ITM pairs with sampled hard negatives.
     fusion_output ([`EncoderOutput`]): the fusion layers on the 3 * batch_size ITM pairs.
     """
+
+    logits_per_text: torch.FloatTensor | None = None
 
 
 class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
     """X-VLM retrieval: ITC + ITM with hard negatives for training, ITC top-k + ITM re-ranking for search.
+
+    Inference, as CLIP: `get_image_features` / `get_text_features` (L2-normalised ITC embeddings),
+    `model(pixel_values, input_ids, attention_mask, return_loss=False)` scores M images against N texts
+    (`logits_per_image` (M, N)); `itm_rerank_scores` re-ranks the top-k with the ITM head (X-VLM's search).
+    Loaded with `pipeline("zero-shot-image-classification", ...)`, the ITC scores rank the candidate labels.
 
     Parameter names are those of [`EfficientVLMForPreTraining`], so a pre-training checkpoint loads with
     `from_pretrained` (its MLM and box heads are dropped).
@@ -73,6 +88,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
         itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
         structure_masks: StructureMasks | None = None,
@@ -82,21 +98,53 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         interpolate_pos_encoding: bool = False,
     ) -> EfficientVLMImageTextRetrievalOutput:
         """
-        pixel_values: (batch, channels, height, width); input_ids / attention_mask: (batch, seq), text i
-        describes image i; image_ids: (batch,) optional, texts of the same image are positives for ITC and
-        never ITM negatives; itm_negatives: optional `(negative_text_index, negative_image_index)` to reuse
-        instead of sampling; return_loss: compute `loss` (Trainer evaluates it when True).
+        pixel_values: (num_images, channels, height, width); input_ids / attention_mask / token_type_ids:
+        (num_texts, seq).
+
+        Training (`return_loss=True`, the default, which Trainer relies on to evaluate the loss) needs a paired
+        batch: as many texts as images, text i describing image i. It adds ITC + ITM losses with hard negatives
+        sampled from the ITC similarities (`loss`, `itm_logits`, ...). image_ids: (batch,) optional, texts of the
+        same image are positives for ITC and never ITM negatives; itm_negatives: optional
+        `(negative_text_index, negative_image_index)` to reuse instead of sampling.
+
+        Inference (`return_loss=False`, or images and texts in different numbers, as the zero-shot pipeline
+        passes one image and N candidate texts): scores every image against every text with ITC only
+        (`logits_per_image` (M, N), `logits_per_text` (N, M)); deterministic, no fusion pass, no sampling.
         """
-        if image_ids is not None and image_ids.shape != (input_ids.shape[0],):
-            raise ValueError(f"`image_ids` must have shape ({input_ids.shape[0]},); got {tuple(image_ids.shape)}.")
+        num_images, num_texts = pixel_values.shape[0], input_ids.shape[0]
+        training = return_loss and num_images == num_texts
+        if not training and itm_negatives is not None:
+            raise ValueError(
+                "`itm_negatives` are training inputs: they need `return_loss=True` and one text per image; got "
+                f"return_loss={return_loss}, {num_images} images and {num_texts} texts."
+            )
+        if training and image_ids is not None and image_ids.shape != (num_texts,):
+            raise ValueError(f"`image_ids` must have shape ({num_texts},); got {tuple(image_ids.shape)}.")
         flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         model = self.efficientvlm
+        if not training:
+            vision = model.encode_image(
+                pixel_values, structure_masks, interpolate_pos_encoding=interpolate_pos_encoding, **flags
+            )
+            text = model.encode_text(input_ids, attention_mask, structure_masks, token_type_ids=token_type_ids, **flags)
+            image_embeds = itc_embedding(model.vision_proj, vision.last_hidden_state)
+            text_embeds = itc_embedding(model.text_proj, text.last_hidden_state)
+            logits_per_image = image_embeds @ text_embeds.t() / model.itc_temperature
+            return EfficientVLMImageTextRetrievalOutput(
+                logits_per_image=logits_per_image,
+                logits_per_text=logits_per_image.t(),
+                image_embeds=image_embeds,
+                text_embeds=text_embeds,
+                vision_output=vision,
+                text_output=text,
+            )
         vision, text, attention_mask = model.encode_image_text(
             pixel_values,
             input_ids,
             attention_mask,
             structure_masks,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            token_type_ids=token_type_ids,
             **flags,
         )
         matching = image_text_contrastive_matching(
@@ -109,14 +157,18 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
             image_ids=image_ids,
             itm_negatives=itm_negatives,
             structure_masks=structure_masks,
-            compute_loss=return_loss,
             **flags,
         )
         fields = dict(matching)
         # The fusion pass over the ITM pairs is this task's `fusion_output`.
         fusion = fields.pop("itm_fusion_output")
         return EfficientVLMImageTextRetrievalOutput(
-            **fields, logits=matching.itm_logits, vision_output=vision, text_output=text, fusion_output=fusion
+            **fields,
+            logits=matching.itm_logits,
+            logits_per_text=matching.logits_per_image.t(),
+            vision_output=vision,
+            text_output=text,
+            fusion_output=fusion,
         )
 
     # -- retrieval scoring: embed once, ITC for candidates, ITM to re-rank ----------------------------------
@@ -224,10 +276,6 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         scores_t2i[text_index, top_images.flatten()] = score_pairs(top_images.flatten(), text_index)
         return scores_i2t, scores_t2i
 
-
-# Transformers files BLIP-2's retrieval model under zero-shot image classification; no retrieval auto class exists.
-AutoModelForZeroShotImageClassification.register(EfficientVLMConfig, EfficientVLMForImageTextRetrieval, exist_ok=True)
-EfficientVLMForImageTextRetrieval.register_for_auto_class("AutoModelForZeroShotImageClassification")
 
 __all__ = [
     "NOT_RERANKED_SCORE",

@@ -68,26 +68,35 @@ class EfficientVLMAnswerRankingOutput(ModelOutput):
         Their scores: the log-likelihood of the whole answer sequence (see `rank_answers`).
     topk_probs (`torch.FloatTensor` of shape `(batch_size, k)`):
         Softmax of the scores over the k candidates (X-VLM's `topk_probs`).
+    answers (`list[str]` of length `batch_size`):
+        The best answer to each question, when ranking the saved `config.answer_candidates`.
     """
 
     answer_index: torch.LongTensor | None = None
     topk_indices: torch.LongTensor | None = None
     topk_scores: torch.FloatTensor | None = None
     topk_probs: torch.FloatTensor | None = None
+    answers: list[str] | None = None
 
 
 class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLMDecoderGenerationMixin):
     """X-VLM VQA: encoder (vision, text and fusion layers, prunable) + answer decoder (not pruned).
 
     Training: answers are decoded from the fused question states with the weighted loss of X-VLM.
-    Inference: `rank_answers` (X-VLM's k-test ranking over a fixed answer list) or free generation with
-    `generate(pixel_values=..., input_ids=question_ids, attention_mask=question_mask, max_new_tokens=...)`,
-    which returns answer ids starting with the start token ([CLS]).
+
+    Inference: `rank_answers` (X-VLM's k-test ranking over a fixed answer list) or `generate(pixel_values=...,
+    input_ids=question_ids, attention_mask=question_mask)`, which returns answer ids starting with the start
+    token ([CLS]). A checkpoint carries its answer list when `set_answer_candidates` was called before saving
+    (`config.answer_candidates`): then `rank_answers` ranks it by default and `generate` returns the best
+    candidate (so `pipeline("image-text-to-text", ...)` answers from the list); without one, or with
+    `use_answer_candidates=False`, `generate` decodes freely.
     """
 
     generation_config_class = TextDecoderGenerationConfig
     _tied_weights_keys = {"answer_head.decoder.weight": "answer_decoder.embeddings.word_embeddings.weight"}
     lm_head_name = "answer_head"
+    # The `image-text-to-text` pipeline loads it through `AutoModelForImageTextToText`.
+    extra_auto_classes = ("AutoModelForImageTextToText",)
 
     def __init__(self, config: EfficientVLMConfig) -> None:
         super().__init__(config)
@@ -206,6 +215,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
         return_loss: bool = True,
+        token_type_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> EfficientVLMQuestionAnsweringOutput:
         """
@@ -216,6 +226,9 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         (default: ones). question_states / question_attention_mask: pre-computed fused question states
         (batch, seq, hidden) used instead of encoding (generation passes them).
         structure_masks: masks of the encoder (vision, text, fusion); the answer decoder is not pruned.
+        return_loss: compute the answer loss when answers are given; without answers (or with
+        `return_loss=False`) nothing is trained or sampled: the encoders (and the decoder on given answers) only.
+        token_type_ids: (batch, seq) of the questions, as BERT tokenizers emit them (default all 0).
         """
         vision = text = fusion = None
         if question_states is None:
@@ -229,6 +242,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
                 interpolate_pos_encoding=interpolate_pos_encoding,
+                token_type_ids=token_type_ids,
             )
             question_states = fusion.last_hidden_state
         if answer_input_ids is None:
@@ -282,18 +296,53 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         )
 
     # -- inference --------------------------------------------------------------------------------------------
+    def set_answer_candidates(self, answers: list[str], tokenizer: Any) -> None:
+        """Saves the answer list this model ranks in its config (`answer_candidates`, and their token ids
+        "[CLS] answer [SEP]" from `tokenizer` as `answer_candidates_ids`), so `save_pretrained` ships it and
+        `rank_answers` / `generate` use it with no other file. `tokenizer`: the model's tokenizer, or a
+        processor holding one (`.tokenizer`). An answer longer than the decoder's position table raises."""
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        answers = list(answers)
+        if not answers or not all(isinstance(answer, str) and answer.strip() for answer in answers):
+            raise ValueError("`answers` must be a non-empty list of non-empty strings.")
+        ids = [list(sequence) for sequence in tokenizer(answers, add_special_tokens=True)["input_ids"]]
+        limit = self.answer_decoder.config.max_position_embeddings
+        too_long = [answer for answer, sequence in zip(answers, ids) if len(sequence) > limit]
+        if too_long:
+            raise ValueError(f"{len(too_long)} answers are longer than {limit} tokens (first: {too_long[0]!r}).")
+        self.config.answer_candidates, self.config.answer_candidates_ids = answers, ids
+        self.config._check_answer_candidates()
+
+    def answer_candidate_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The saved candidates as `(ids, mask)`, each (num_candidates, longest), padded with [PAD]."""
+        ids = self.config.answer_candidates_ids
+        if ids is None:
+            raise ValueError(
+                "This model has no saved answer candidates: pass `answer_candidates_ids`, or call "
+                "`set_answer_candidates(answers, tokenizer)` (then `save_pretrained` keeps them)."
+            )
+        device, longest = self.device, max(len(sequence) for sequence in ids)
+        pad = self.config.text_config.pad_token_id or 0
+        padded = torch.full((len(ids), longest), pad, dtype=torch.long, device=device)
+        mask = torch.zeros_like(padded)
+        for row, sequence in enumerate(ids):
+            padded[row, : len(sequence)] = torch.tensor(sequence, device=device)
+            mask[row, : len(sequence)] = 1
+        return padded, mask
+
     @torch.no_grad()
     def rank_answers(
         self,
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        answer_candidates_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        answer_candidates_ids: torch.Tensor | None = None,
         answer_candidates_mask: torch.Tensor | None = None,
         k: int = 128,
         structure_masks: StructureMasks | None = None,
         xvlm_scoring: bool = False,
         interpolate_pos_encoding: bool = False,
+        token_type_ids: torch.Tensor | None = None,
     ) -> EfficientVLMAnswerRankingOutput:
         """X-VLM's k-test: picks each question's answer from a fixed candidate list.
 
@@ -302,10 +351,14 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         sequence (every token after the start, [SEP] included), and the best one wins.
 
         answer_candidates_ids / answer_candidates_mask: (num_candidates, length), each "[CLS] answer [SEP]"
-        + padding. `xvlm_scoring=True` reproduces the official code exactly: it adds the first token's
-        log-probability once more (the official score counts it twice); the default is the plain likelihood.
-        Call it in eval mode (dropout off), as X-VLM does.
+        + padding; by default the checkpoint's saved `config.answer_candidates` (then the output's `answers`
+        holds the winning strings). `xvlm_scoring=True` reproduces the official code exactly: it adds the
+        first token's log-probability once more (the official score counts it twice); the default is the
+        plain likelihood. Call it in eval mode (dropout off), as X-VLM does.
         """
+        saved = answer_candidates_ids is None
+        if saved:
+            answer_candidates_ids, answer_candidates_mask = self.answer_candidate_tensors()
         if answer_candidates_ids.dim() != 2 or answer_candidates_ids.shape[1] < 2:
             raise ValueError(
                 "`answer_candidates_ids` must have shape (num_candidates, length >= 2) with a start token then "
@@ -323,6 +376,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
             attention_mask,
             structure_masks,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            token_type_ids=token_type_ids,
         )
         states = fusion.last_hidden_state
         batch = states.shape[0]
@@ -353,7 +407,46 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
             topk_indices=topk_indices,
             topk_scores=scores,
             topk_probs=scores.softmax(dim=1),
+            answers=[self.config.answer_candidates[i] for i in topk_indices[:, 0].tolist()] if saved else None,
         )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_answer_candidates: bool | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """Answers each question (batch, seq) about its image: with saved answer candidates (and
+        `use_answer_candidates` not False) the best of them by [`rank_answers`] (`k` from the keyword, default
+        128), returned as its ids "[CLS] answer [SEP]" padded with [PAD] (batch, length), or the top
+        `num_return_sequences` candidates per question (batch * n, length), best first (other generation
+        options do not apply to ranking); otherwise free decoding with `GenerationMixin.generate` (all its
+        options)."""
+        if use_answer_candidates is None:
+            use_answer_candidates = self.config.answer_candidates_ids is not None
+        if not use_answer_candidates:
+            given = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+            return super().generate(**{key: value for key, value in given.items() if value is not None}, **kwargs)
+        generation_config = kwargs.get("generation_config")
+        count = kwargs.get("num_return_sequences") or getattr(generation_config, "num_return_sequences", None) or 1
+        ranking = self.rank_answers(
+            pixel_values,
+            input_ids,
+            attention_mask,
+            k=max(kwargs.get("k", 128), count),
+            structure_masks=kwargs.get("structure_masks"),
+            interpolate_pos_encoding=kwargs.get("interpolate_pos_encoding", False),
+            token_type_ids=kwargs.get("token_type_ids"),
+        )
+        if count > ranking.topk_indices.shape[1]:
+            raise ValueError(
+                f"{count} return sequences asked for, but only {ranking.topk_indices.shape[1]} candidates."
+            )
+        ids, _ = self.answer_candidate_tensors()
+        return ids[ranking.topk_indices[:, :count].flatten()]
 
     def _encode_for_generation(
         self, pixel_values: torch.Tensor, model_kwargs: dict[str, Any], generation_config: GenerationConfig
@@ -367,6 +460,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
             model_kwargs.pop("attention_mask", None),
             model_kwargs.pop("structure_masks", None),
             interpolate_pos_encoding=model_kwargs.pop("interpolate_pos_encoding", False),
+            token_type_ids=model_kwargs.pop("token_type_ids", None),
         )
         model_kwargs["question_states"] = fusion.last_hidden_state
         model_kwargs["question_attention_mask"] = question_mask

@@ -5,12 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from transformers import AutoProcessor, BatchFeature, ProcessorMixin
-
-from .configuration_efficientvlm import EfficientVLMConfig
-
-# Imported for its side effect: registering the image processor (and so copying its file on save).
-from .image_processing_efficientvlm import EfficientVLMImageProcessor  # noqa: F401
+from transformers import BatchFeature, ProcessorMixin
 
 
 class EfficientVLMProcessor(ProcessorMixin):
@@ -95,6 +90,9 @@ class EfficientVLMProcessor(ProcessorMixin):
         if len(texts) == 0:
             raise ValueError("`text` is an empty list.")
         kwargs.setdefault("return_token_type_ids", False)
+        # Positions are absolute (BERT): padding goes on the right even when a caller (the image-text-to-text
+        # pipeline does, for decoder-only models) set the tokenizer's `padding_side` to "left".
+        kwargs.setdefault("padding_side", "right")
         # Always truncate inside the tokenizer so the overflow is recorded per text; then report it.
         encoding = self.tokenizer(
             texts, padding=padding, truncation=True, max_length=max_length, return_tensors=return_tensors, **kwargs
@@ -120,11 +118,5 @@ class EfficientVLMProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["pixel_values", "input_ids", "attention_mask"]
 
-
-# Registration: lets `AutoProcessor` resolve a folder whose config is an `EfficientVLMConfig`, and makes
-# `save_pretrained` write `auto_map` so the folder loads with `trust_remote_code=True` without this package
-# installed (the image processor registers itself in its own module).
-AutoProcessor.register(EfficientVLMConfig, EfficientVLMProcessor, exist_ok=True)
-EfficientVLMProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = ["EfficientVLMProcessor"]

@@ -12,20 +12,23 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-_SCRIPT = textwrap.dedent(
+_PROLOGUE = """
+import importlib.abc, sys
+repo = {repo!r}
+sys.path[:] = [p for p in sys.path if p and not p.startswith(repo)]
+
+class _Blocked(importlib.abc.MetaPathFinder):
+    # An editable install would still find the package: make sure the copied code is what runs.
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("modeling_efficientvlm", "trainers"):
+            raise ImportError(f"{{name}} must not be importable here")
+        return None
+
+sys.meta_path.insert(0, _Blocked())
+"""
+
+_SCRIPT = _PROLOGUE + textwrap.dedent(
     """
-    import importlib.abc, sys
-    repo = {repo!r}
-    sys.path[:] = [p for p in sys.path if p and not p.startswith(repo)]
-
-    class _Blocked(importlib.abc.MetaPathFinder):
-        # An editable install would still find the package: make sure the copied code is what runs.
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_efficientvlm", "trainers"):
-                raise ImportError(f"{{name}} must not be importable here")
-            return None
-
-    sys.meta_path.insert(0, _Blocked())
     import torch, transformers
     payload = torch.load({inputs!r}, weights_only=False)  # our own file: PIL images and tuples
     model = getattr(transformers, {auto_class!r}).from_pretrained({folder!r}, trust_remote_code=True)
@@ -79,6 +82,11 @@ def load_in_clean_subprocess(
         folder=str(folder),
         result=str(work / "result.pt"),
     )
+    _run(script, work)
+    return torch.load(work / "result.pt")
+
+
+def _run(script: str, work: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     env["HF_MODULES_CACHE"] = str(work / "modules")
@@ -88,4 +96,22 @@ def load_in_clean_subprocess(
     )
     if completed.returncode != 0:
         raise AssertionError(f"remote-code load failed:\n{completed.stderr[-4000:]}")
-    return torch.load(work / "result.pt")
+
+
+def run_in_clean_subprocess(code: str, work: str | Path, payload: dict | None = None) -> dict:
+    """Runs `code` in a new Python process that cannot import this repository (as `load_in_clean_subprocess`),
+    with `work` as its working directory. `code` sees `payload` (loaded with `torch.load`) as `payload` and fills
+    the dict `result`, which is returned (it must hold only what `torch.save` can store)."""
+    work = Path(work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save(payload or {}, work / "payload.pt")
+    script = (
+        _PROLOGUE.format(repo=str(REPO))
+        + "import torch\n"
+        + f"payload = torch.load({str(work / 'payload.pt')!r}, weights_only=False)\n"
+        + "result = {}\n"
+        + textwrap.dedent(code)
+        + f"\ntorch.save(result, {str(work / 'result.pt')!r})\n"
+    )
+    _run(script, work)
+    return torch.load(work / "result.pt", weights_only=False)

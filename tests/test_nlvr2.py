@@ -193,8 +193,10 @@ def test_pruning_matches_the_masked_model_and_round_trips(tiny_config, tmp_path)
     # trust_remote_code in a process that cannot import this repository gives identical logits.
     assert reloaded.config.auto_map == {
         "AutoConfig": "configuration_efficientvlm.EfficientVLMConfig",
+        "AutoModel": "modeling_efficientvlm_nlvr2.EfficientVLMForVisualReasoning",
         "AutoModelForSequenceClassification": "modeling_efficientvlm_nlvr2.EfficientVLMForVisualReasoning",
     }
+    assert reloaded.config.id2label == {0: "False", 1: "True"} and reloaded.config.label2id == {"False": 0, "True": 1}
     remote = load_in_clean_subprocess(tmp_path, "AutoModelForSequenceClassification", inputs, ["logits"])
     assert remote["class"] == "EfficientVLMForVisualReasoning" and "transformers_modules" in remote["module"]
     # Another process may split float reductions differently: allow last-bit differences.

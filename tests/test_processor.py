@@ -188,7 +188,7 @@ def test_processor_save_and_auto_load(processor: EfficientVLMProcessor, tmp_path
     assert saved["auto_map"] == {"AutoProcessor": "processing_efficientvlm.EfficientVLMProcessor"}
     assert saved["max_length"] == 12
     # The remote-code files are copied flat next to the configs.
-    for name in ("processing_efficientvlm.py", "image_processing_efficientvlm.py", "configuration_efficientvlm.py"):
+    for name in ("processing_efficientvlm.py", "image_processing_efficientvlm.py"):
         assert (tmp_path / name).is_file()
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded) is EfficientVLMProcessor and loaded.max_length == 12

@@ -7,7 +7,7 @@ import torch
 from modeling_efficientvlm import EfficientVLMForPreTraining, EfficientVLMModel
 
 from .conftest import make_inputs
-from .remote_code_utils import load_in_clean_subprocess
+from .remote_code_utils import load_in_clean_subprocess, run_in_clean_subprocess
 
 
 def test_saved_folder_carries_code_and_auto_map(tiny_config, tmp_path) -> None:
@@ -17,6 +17,21 @@ def test_saved_folder_carries_code_and_auto_map(tiny_config, tmp_path) -> None:
     assert "loss_efficientvlm.py" in names  # reached through `from .loss_efficientvlm import ...`
     config = tiny_config.from_pretrained(tmp_path)
     assert config.auto_map["AutoModelForPreTraining"] == "modeling_efficientvlm.EfficientVLMForPreTraining"
+
+
+def test_shipped_files_define_classes_only(tiny_config, tmp_path) -> None:
+    """Registration with the Auto classes happens in the installed package, never in the files a folder ships."""
+    from modeling_efficientvlm import EfficientVLMForQuestionAnswering
+
+    from .data_utils import make_processor
+
+    EfficientVLMForQuestionAnswering(tiny_config).save_pretrained(tmp_path)
+    make_processor(tmp_path / "vocab").save_pretrained(tmp_path)
+    shipped = sorted(tmp_path.glob("*.py"))
+    assert {path.name for path in shipped} >= {"processing_efficientvlm.py", "modeling_efficientvlm_vqa.py"}
+    for path in shipped:
+        text = path.read_text()
+        assert ".register(" not in text and "register_for_auto_class(" not in text, path.name
 
 
 def test_trust_remote_code_load_gives_identical_outputs(tiny_config, tmp_path) -> None:
@@ -47,3 +62,48 @@ def test_trust_remote_code_load_gives_identical_outputs(tiny_config, tmp_path) -
     remote = load_in_clean_subprocess(tmp_path / "backbone", "AutoModel", inputs, outputs=["last_hidden_state"])
     assert remote["class"] == "EfficientVLMModel"
     torch.testing.assert_close(remote["last_hidden_state"], expected.last_hidden_state, atol=1e-6, rtol=0)
+
+
+def test_two_folders_with_different_code_each_load_their_own_classes(tiny_config, tmp_path) -> None:
+    """The shipped files only define classes (registration lives in the installed package), so a second folder
+    loaded in the same process gets its own processor and model classes, not the first folder's."""
+    from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
+
+    from .data_utils import make_processor
+
+    processor = make_processor(tmp_path, image_size=tiny_config.vision_config.image_size)
+    model = EfficientVLMForImageTextRetrieval(tiny_config)
+    for name in ("first", "second"):
+        model.save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+    for file, marker in (
+        ("processing_efficientvlm.py", "class EfficientVLMProcessor(ProcessorMixin):"),
+        ("modeling_efficientvlm_retrieval.py", "class EfficientVLMForImageTextRetrieval("),
+    ):
+        for name in ("first", "second"):
+            path = tmp_path / name / file
+            text = path.read_text()
+            assert marker in text
+            line_end = text.index("\n", text.index(marker)) + 1
+            path.write_text(text[:line_end] + f"    MARKER = {name!r}\n" + text[line_end:])
+    code = """
+    import transformers
+    for name in ("first", "second"):
+        folder = payload["root"] + "/" + name
+        processor = transformers.AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        image_processor = transformers.AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        model = transformers.AutoModel.from_pretrained(folder, trust_remote_code=True)
+        zero_shot = transformers.AutoModelForZeroShotImageClassification.from_pretrained(folder, trust_remote_code=True)
+        result[name] = {
+            "processor": getattr(type(processor), "MARKER", None),
+            "model": getattr(type(model), "MARKER", None),
+            "zero_shot": getattr(type(zero_shot), "MARKER", None),
+            "image_processor_module": type(image_processor).__module__,
+            "processor_image_processor_module": type(processor.image_processor).__module__,
+        }
+    """
+    result = run_in_clean_subprocess(code, tmp_path / "work", {"root": str(tmp_path)})
+    for name in ("first", "second"):
+        assert result[name]["processor"] == result[name]["model"] == result[name]["zero_shot"] == name
+        assert name in result[name]["image_processor_module"]
+        assert result[name]["processor_image_processor_module"] == result[name]["image_processor_module"]

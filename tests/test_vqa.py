@@ -365,3 +365,42 @@ def test_bad_inputs_raise() -> None:
         model.generate(pixel_values=batch["pixel_values"])
     with pytest.raises(ValueError, match="num_answer_decoder_layers"):
         EfficientVLMForQuestionAnswering(_config(num_answer_decoder_layers=0))
+
+
+def test_saved_answer_candidates_are_ranked_and_generated_by_default(tmp_path) -> None:
+    from .data_utils import make_tokenizer
+
+    tokenizer = make_tokenizer(tmp_path)
+    answers = ["red", "blue square", "two", "yes", "green"]
+    torch.manual_seed(2)
+    model = EfficientVLMForQuestionAnswering(_config()).eval()
+    model.set_answer_candidates(answers, tokenizer)
+    assert model.config.answer_candidates == answers
+    assert model.config.answer_candidates_ids == tokenizer(answers)["input_ids"]
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = EfficientVLMForQuestionAnswering.from_pretrained(tmp_path / "saved").eval()
+    assert reloaded.config.answer_candidates == answers
+
+    questions = _questions()
+    ids, mask = _pad(tokenizer(answers)["input_ids"])
+    explicit = model.rank_answers(**questions, answer_candidates_ids=ids, answer_candidates_mask=mask)
+    saved = reloaded.rank_answers(**questions)  # k=128 capped at the 5 candidates
+    assert saved.topk_indices.shape == (3, len(answers)) and explicit.answers is None
+    assert saved.topk_indices.tolist() == explicit.topk_indices.tolist()
+    assert saved.answers == [answers[i] for i in explicit.answer_index.tolist()]
+
+    # generate answers from the saved list (the image-text-to-text pipeline's path), free decoding on request.
+    generated = reloaded.generate(**questions)
+    assert generated.tolist() == ids[explicit.answer_index].tolist()
+    assert tokenizer.batch_decode(generated, skip_special_tokens=True) == saved.answers
+    top2 = reloaded.generate(**questions, num_return_sequences=2)
+    assert top2.tolist() == ids[explicit.topk_indices[:, :2].flatten()].tolist()
+    free = reloaded.generate(**questions, use_answer_candidates=False, max_new_tokens=3)
+    assert free.shape[0] == 3 and free[:, 0].tolist() == [CLS] * 3
+
+    with pytest.raises(ValueError, match="no saved answer candidates"):
+        EfficientVLMForQuestionAnswering(_config()).rank_answers(**questions)
+    with pytest.raises(ValueError, match="non-empty"):
+        model.set_answer_candidates([], tokenizer)
+    with pytest.raises(ValueError, match="go together"):
+        _config(answer_candidates=["red"])

@@ -202,8 +202,9 @@ RETRIEVAL_KD = KDSpec(
     logits=(LogitKD("itm_logits", "itm_logit"),),
     similarity="logits_per_image",
     encoders=(VISION_KD, TEXT_KD, EncoderKD("fusion_output", group="fusion", stack="fusion", mask="itm_pairs")),
-    # `logits` are the ITM logits again: distilled once, as `itm_logits`.
-    not_distilled=("loss", "logits", *MATCHING_FIELDS),
+    # `logits` are the ITM logits again: distilled once, as `itm_logits`; `logits_per_text` is the transpose of
+    # `logits_per_image`, distilled as the similarity.
+    not_distilled=("loss", "logits", "logits_per_text", *MATCHING_FIELDS),
 )
 FUSION_KD = EncoderKD("fusion_output", group="fusion", stack="fusion", mask="text")
 VQA_KD = KDSpec(
