@@ -23,6 +23,7 @@ from trainers.data import (
     VQACollator,
     VQADataset,
 )
+from trainers.tasks import build_dataset
 
 from .data_utils import (
     CLS_ID,
@@ -431,6 +432,10 @@ def test_empty_data_has_no_records(tmp_path) -> None:
         _expect(ValueError, message, path, dataset_class, path, tmp_path)
     with pytest.raises(ValueError, match="^The list of records has no records"):
         VQADataset([], tmp_path)
+    # What `finetune` and `prune` build from --train_file: the error comes before any training.
+    for task in ("vqa", "retrieval", "nlvr2", "captioning"):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} has no records"):
+            build_dataset(task, path, tmp_path)
     empty_hf = datasets.Dataset.from_dict({"image": [], "caption": []})
     with pytest.raises(ValueError, match=r"^The `datasets.Dataset` has no records \(0 rows\)"):
         ImageTextDataset(empty_hf)
@@ -480,8 +485,12 @@ def test_decompression_bomb_names_the_record(tmp_path, monkeypatch) -> None:
     )
     with pytest.raises(PIL.Image.DecompressionBombError, match=pattern):
         dataset[0]
+    # The same from a `datasets.Image` column, which `datasets` decodes.
+    lazy = ImageTextDataset(datasets.Dataset.from_dict({"image": [make_image()], "caption": ["a"]}))
+    with pytest.raises(PIL.Image.DecompressionBombError, match=r"^Record 0: image is too large to open safely"):
+        lazy[0]
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 4096)  # the hint works
-    assert dataset[0]["image"].size == (32, 32)
+    assert dataset[0]["image"].size == (32, 32) and lazy[0]["image"].size == (32, 32)
 
 
 def test_vqa_batch_without_any_answers(processor) -> None:

@@ -83,7 +83,7 @@ def _bomb_error(error: Exception, where: str, shown: str) -> PIL.Image.Decompres
     """PIL's decompression-bomb error with the record and a hint (same type, so callers catching it still do)."""
     return PIL.Image.DecompressionBombError(
         f"{where}: image{shown} is too large to open safely: {error} If you trust this image, raise Pillow's "
-        "limit before building the dataset: `PIL.Image.MAX_IMAGE_PIXELS = <pixels>` (or None for no limit)."
+        "limit before the images are read: `PIL.Image.MAX_IMAGE_PIXELS = <pixels>` (or None for no limit)."
     )
 
 
