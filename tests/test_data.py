@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 
 import datasets
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -19,6 +23,7 @@ from trainers.data import (
     VQACollator,
     VQADataset,
 )
+from trainers.tasks import build_dataset
 
 from .data_utils import (
     CLS_ID,
@@ -270,7 +275,8 @@ def test_vqa_collator(tmp_path, processor) -> None:
     assert batch["answer_weights"].tolist() == pytest.approx([0.9, 0.1, 0.7, 0.2, 0.1, 0.8, 0.2])
     tokens = processor.tokenizer.convert_ids_to_tokens(batch["answer_input_ids"][2].tolist())
     assert tokens == ["[CLS]", "green", "[SEP]"]
-    empty = VQACollator(processor)([{"image": make_image(), "question": "q", "answers": [], "answer_weights": []}])
+    unanswered = {"image": make_image(), "question": "q", "answers": [], "answer_weights": []}
+    empty = VQACollator(processor, require_answers=False)([unanswered])
     assert empty["answer_input_ids"].shape == (0, 0) and empty["answer_counts"].tolist() == [0]
     with pytest.raises(ValueError, match="item 0 has 1 answers but 2 answer weights"):
         VQACollator(processor)([{"image": make_image(), "question": "q", "answers": ["a"], "answer_weights": [1, 2]}])
@@ -286,3 +292,252 @@ def test_nlvr2_collator(tmp_path, processor) -> None:
     assert batch["pixel_values"][0, 0, 0, 0, 0] > 1.5 and batch["pixel_values"][0, 1, 0, 0, 0] < -1.5
     with pytest.raises(ValueError, match="exactly 2 images"):
         NLVR2Collator(processor)([{"images": [make_image()], "text": "a", "label": 1}])
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def _write_bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path, data
+
+
+def test_invalid_json_names_file_line_and_column(tmp_path) -> None:
+    save_image(tmp_path / "a.png")
+    path, data = _write_bytes(
+        tmp_path / "train.json", b'[{"image": "a.png", "caption": "a"},\n {"image": "a.png" "caption"}]'
+    )
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(path))} is not valid JSON: Expecting ',' delimiter at line 2, column 20"
+    ):
+        ImageTextDataset(path, tmp_path)
+    jsonl, _ = _write_bytes(
+        tmp_path / "train.jsonl", b'{"image": "a.png", "caption": "a"}\n{"image": "a.png", "caption": "b"}\n'
+    )
+    with pytest.raises(
+        ValueError, match=r"train\.jsonl is not valid JSON: Extra data at line 2, column 1 \(a JSON Lines"
+    ):
+        ImageTextDataset(jsonl, tmp_path)
+    latin1, _ = _write_bytes(tmp_path / "latin1.json", '[{"image": "a.png", "caption": "café"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.json is not UTF-8 text"):
+        ImageTextDataset(latin1, tmp_path)
+    assert path.read_bytes() == data  # nothing rewritten
+
+
+def test_utf8_bom_is_read(tmp_path) -> None:
+    save_image(tmp_path / "a.png")
+    records = [{"image": "a.png", "caption": ["un café rouge", "a red square"]}]
+    path, data = _write_bytes(tmp_path / "bom.json", codecs.BOM_UTF8 + json.dumps(records, ensure_ascii=False).encode())
+    dataset = ImageTextDataset(path, tmp_path)
+    assert dataset.texts == ["un café rouge", "a red square"] and len(dataset) == 2
+    assert path.read_bytes() == data
+
+
+def _expect(error: type[Exception], pattern: str, path, build, *args) -> None:
+    """`build(*args)` raises `error` matching `pattern` and leaves the file at `path` as it was."""
+    before = path.read_bytes()
+    with pytest.raises(error, match=pattern):
+        build(*args)
+    assert path.read_bytes() == before
+
+
+def test_wrong_value_types_name_file_record_and_field(tmp_path) -> None:
+    save_image(tmp_path / "a.png")
+    good = {"image": "a.png", "caption": "a red square"}
+    cases = [  # (dataset class, bad record, expected message after "Record 1 in <file>: ")
+        (
+            ImageTextDataset,
+            {"image": "a.png", "caption": 5},
+            "`caption` must be a string or a non-empty list of strings, got int 5",
+        ),
+        (
+            ImageTextDataset,
+            {"image": "a.png", "text": ["ok", 3]},
+            "`text` must be a string or a non-empty list of strings; item 1 is int 3",
+        ),
+        (
+            ImageTextDataset,
+            {"image": "a.png", "caption": []},
+            "`caption` must be a string or a non-empty list of strings, got list",
+        ),
+        (ImageTextDataset, {"image": 7, "caption": "a"}, "`image` must be an image path \\(a string\\), got int 7"),
+        (
+            ImageTextDataset,
+            {"image": "a.png", "caption": "a", "image_id": [1]},
+            "`image_id` must be a string or a number, got list",
+        ),
+    ]
+    vqa_good = {"image": "a.png", "question": "what color ?", "answer": ["red"]}
+    cases += [
+        (
+            VQADataset,
+            {**vqa_good, "answer": ["2", None]},
+            "`answer` must be a string or a list of strings; item 1 is NoneType None",
+        ),
+        (
+            VQADataset,
+            {**vqa_good, "answer": ["2", 2]},
+            "`answer` must be a string or a list of strings; item 1 is int 2 \\(write numbers as strings",
+        ),
+        (
+            VQADataset,
+            {**vqa_good, "answers": 2, "answer": None},
+            "`answers` must be a string or a list of strings, got int 2",
+        ),
+        (VQADataset, {**vqa_good, "question": 7}, "`question` must be a string, got int 7"),
+        (
+            VQADataset,
+            {**vqa_good, "answer_weight": ["heavy"]},
+            "`answer_weight` must be a finite number or a list of them; item 0 is str 'heavy'",
+        ),
+        (
+            VQADataset,
+            {**vqa_good, "answer_weight": "1.0"},
+            "`answer_weight` must be a finite number or a list of them; it is str '1.0'",
+        ),
+    ]
+    nlvr2_good = {"images": ["a.png", "a.png"], "sentence": "both are red", "label": True}
+    cases += [
+        (NLVR2Dataset, {**nlvr2_good, "label": "yes"}, "label 'yes' is not a boolean, 'True'/'False' or 0/1"),
+        (NLVR2Dataset, {**nlvr2_good, "sentence": ["both"]}, "`sentence` must be a string, got list \\['both'\\]"),
+    ]
+    for number, (dataset_class, bad, message) in enumerate(cases):
+        first = {ImageTextDataset: good, VQADataset: vqa_good, NLVR2Dataset: nlvr2_good}[dataset_class]
+        path = tmp_path / f"bad{number}.json"
+        path.write_text(json.dumps([first, bad]))
+        pattern = rf"^Record 1 in {re.escape(str(path))}: {message}"
+        _expect(ValueError, pattern, path, dataset_class, path, tmp_path)
+        # The same records in memory: no file to name.
+        with pytest.raises(ValueError, match=rf"^Record 1: {message}"):
+            dataset_class([first, bad], tmp_path)
+    # A good file reads the numbers it is given, unchanged.
+    fine = VQADataset([{**vqa_good, "answer": ["2", "3"], "answer_weight": [1, 0.5]}], tmp_path)
+    assert fine.answers == [["2", "3"]] and fine.answer_weights == [[1.0, 0.5]]
+
+
+def test_missing_image_names_the_file(tmp_path) -> None:
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{"image": "gone.png", "caption": "a"}]))
+    with pytest.raises(
+        FileNotFoundError, match=rf"^Record 0 in {re.escape(str(path))}: image file .*gone\.png not found"
+    ):
+        ImageTextDataset(path, tmp_path)
+
+
+def test_empty_data_has_no_records(tmp_path) -> None:
+    path = tmp_path / "train.json"
+    path.write_text("[]")
+    for dataset_class in (ImageTextDataset, VQADataset, NLVR2Dataset):
+        message = rf"^{re.escape(str(path))} has no records \(an empty JSON list\); a {dataset_class.__name__} needs"
+        _expect(ValueError, message, path, dataset_class, path, tmp_path)
+    with pytest.raises(ValueError, match="^The list of records has no records"):
+        VQADataset([], tmp_path)
+    # What `finetune` and `prune` build from --train_file: the error comes before any training.
+    for task in ("vqa", "retrieval", "nlvr2", "captioning"):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} has no records"):
+            build_dataset(task, path, tmp_path)
+    empty_hf = datasets.Dataset.from_dict({"image": [], "caption": []})
+    with pytest.raises(ValueError, match=r"^The `datasets.Dataset` has no records \(0 rows\)"):
+        ImageTextDataset(empty_hf)
+
+
+def test_16_bit_images_keep_their_gradient(tmp_path) -> None:
+    gradient = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (8, 1))  # (8, 64), left dark
+    PIL.Image.fromarray(gradient).save(tmp_path / "deep.png")
+    assert PIL.Image.open(tmp_path / "deep.png").mode == "I;16"
+    image = ImageTextDataset([{"image": "deep.png", "caption": "a"}], tmp_path)[0]["image"]
+    pixels = np.asarray(image)
+    assert image.mode == "RGB" and pixels.shape == (8, 64, 3)
+    assert (pixels == (gradient >> 8).astype(np.uint8)[..., None]).all()  # value >> 8, in every channel
+    assert pixels[0, 0, 0] == 0 and pixels[0, -1, 0] == 255 and len(np.unique(pixels)) == 64
+    # Mode "I" (how some Pillow versions open 16-bit files) and float images in [0, 1] scale the same way.
+    as_int = PIL.Image.fromarray(gradient.astype(np.int32))
+    as_float = PIL.Image.fromarray((gradient / 65535).astype(np.float32))
+    assert as_int.mode == "I" and as_float.mode == "F"
+    records = [{"image": as_int, "caption": "a"}, {"image": as_float, "caption": "b"}]
+    dataset = ImageTextDataset(records)
+    assert (np.asarray(dataset[0]["image"]) == pixels).all()
+    assert np.abs(np.asarray(dataset[1]["image"]).astype(int) - pixels).max() <= 1
+    # Ranges that cannot be read as 16-bit or [0, 1] raise instead of being guessed.
+    wide = ImageTextDataset([{"image": PIL.Image.fromarray(np.full((4, 4), 70000, dtype=np.int32)), "caption": "a"}])
+    with pytest.raises(
+        ValueError, match=r"Record 0: image is a 32-bit integer image \(mode 'I'\) with values 70000\.\.70000"
+    ):
+        wide[0]
+    bright = ImageTextDataset(
+        [{"image": PIL.Image.fromarray(np.full((4, 4), 200.0, dtype=np.float32)), "caption": "a"}]
+    )
+    with pytest.raises(
+        ValueError, match=r"Record 0: image is a floating-point image \(mode 'F'\) with values 200\.0\.\.200\.0"
+    ):
+        bright[0]
+
+
+def test_decompression_bomb_names_the_record(tmp_path, monkeypatch) -> None:
+    save_image(tmp_path / "big.png", size=32)  # 1024 pixels
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{"image": "big.png", "caption": "a"}]))
+    dataset = ImageTextDataset(path, tmp_path)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # the error comes above 2 x the limit
+    pattern = (
+        rf"^Record 0 in {re.escape(str(path))}: image .*big\.png is too large to open safely: .*"
+        r"raise Pillow's limit .*`PIL\.Image\.MAX_IMAGE_PIXELS = <pixels>`"
+    )
+    with pytest.raises(PIL.Image.DecompressionBombError, match=pattern):
+        dataset[0]
+    # The same from a `datasets.Image` column, which `datasets` decodes.
+    lazy = ImageTextDataset(datasets.Dataset.from_dict({"image": [make_image()], "caption": ["a"]}))
+    with pytest.raises(PIL.Image.DecompressionBombError, match=r"^Record 0: image is too large to open safely"):
+        lazy[0]
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 4096)  # the hint works
+    assert dataset[0]["image"].size == (32, 32) and lazy[0]["image"].size == (32, 32)
+
+
+def test_vqa_batch_without_any_answers(processor) -> None:
+    def item(answers: list[str], question_id: int) -> dict:
+        weights = [1.0 / len(answers)] * len(answers) if answers else []
+        return {
+            "image": make_image(),
+            "question": "q",
+            "answers": answers,
+            "answer_weights": weights,
+            "question_id": question_id,
+        }
+
+    with pytest.raises(
+        ValueError,
+        match=r"^VQACollator: no record in this batch has answers; VQA training needs answers - is this a test split\? "
+        r"\(question ids \[7, 8\]\)",
+    ):
+        VQACollator(processor)([item([], 7), item([], 8)])
+    # Some without answers: they add no answer rows (the model's loss still divides by all B questions).
+    batch = VQACollator(processor)([item([], 7), item(["red", "blue"], 8), item([], 9)])
+    assert batch["answer_counts"].tolist() == [0, 2, 0] and batch["answer_input_ids"].shape[0] == 2
+    assert batch["answer_weights"].tolist() == [0.5, 0.5] and batch["input_ids"].shape[0] == 3
+
+
+def test_pretraining_batch_with_nothing_to_mask(tmp_path, processor) -> None:
+    from modeling_efficientvlm.loss_efficientvlm import masked_language_modeling_loss
+
+    # Why: cross-entropy over no targets is NaN, and it would be summed into the loss.
+    assert torch.isnan(masked_language_modeling_loss(torch.randn(2, 4, 8), torch.full((2, 4), -100)))
+    collator = PretrainingCollator(processor, seed=0)
+    with pytest.raises(
+        ValueError,
+        match=r"^PretrainingCollator: no text in this batch of 2 has a token to mask .* MLM loss would be NaN\. "
+        r"Image ids \[0, 1\], texts: '', ' '",
+    ):
+        collator(_text_items(["", " "]))
+    with pytest.raises(ValueError, match=r"no text in this batch of 1 has a token to mask"):
+        collator(_text_items(["\u2603 \u2603"]))  # only unknown tokens: [UNK] is special, never masked
+    # One maskable text is enough: the MLM loss averages over its targets, the empty text has none.
+    batch = collator(_text_items(["", "a red square"]))
+    assert (batch["mlm_labels"][0] == -100).all() and (batch["mlm_labels"][1] != -100).any()
+    # The dataset warns about empty captions when it is built.
+    save_image(tmp_path / "a.png")
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{"image": "a.png", "caption": ["", "a"]}, {"image": "a.png", "caption": "ok"}]))
+    with pytest.warns(
+        UserWarning, match=rf"1 record\(s\) in {re.escape(str(path))} have an empty caption \(records 0\)"
+    ):
+        ImageTextDataset(path, tmp_path)

@@ -111,6 +111,15 @@ class PretrainingCollator(ImageTextCollator):
         if "input_ids" not in batch:
             raise ValueError("PretrainingCollator needs items with text.")
         batch["mlm_input_ids"], batch["mlm_labels"] = self.mask_tokens(batch["input_ids"], batch["attention_mask"])
+        if not (batch["mlm_labels"] != -100).any():
+            # The MLM cross-entropy would average over no targets: NaN, summed into the loss.
+            texts = [item.get("text", item.get("caption")) for item in items]
+            shown = ", ".join(repr(t) for t in texts[:8]) + (", ..." if len(texts) > 8 else "")
+            raise ValueError(
+                f"PretrainingCollator: no text in this batch of {len(items)} has a token to mask (empty captions, or "
+                f"only special / unknown tokens after tokenisation), so the MLM loss would be NaN. Image ids "
+                f"{batch['image_ids'].tolist()}, texts: {shown}. Remove or fix these captions."
+            )
         return batch
 
     def mask_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,14 +207,26 @@ class VQACollator:
     Returns `pixel_values` (B, 3, H, W), `input_ids` / `attention_mask` (B, L) for the questions, and the
     answers of the whole batch concatenated in item order: `answer_input_ids` / `answer_attention_mask`
     (N, La) tokenised as "[CLS] answer [SEP]", `answer_weights` (N,) float and `answer_counts` (B,) long,
-    the number of answers of each question (`answer_counts.sum() == N`; N may be 0 on a test split, then
-    the answer tensors have shape (0, 0)).
+    the number of answers of each question (`answer_counts.sum() == N`).
+
+    Items without answers (a test split) contribute no answers: in training, the model's loss sums the
+    weighted answer losses of the batch and divides by the number of questions B, so a question without
+    answers adds nothing to the sum but still counts in B. A batch in which no item has answers cannot be
+    trained on and raises a ValueError, unless `require_answers=False` (batches for inference), which gives
+    answer tensors of shape (0, 0).
     """
 
-    def __init__(self, processor: Any, max_length: int | None = None, answer_max_length: int | None = None):
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int | None = None,
+        answer_max_length: int | None = None,
+        require_answers: bool = True,
+    ):
         self.processor = processor
         self.max_length = max_length
         self.answer_max_length = answer_max_length
+        self.require_answers = require_answers
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         name = type(self).__name__
@@ -216,6 +237,13 @@ class VQACollator:
         for index, (a, w) in enumerate(zip(answers, weights)):
             if len(a) != len(w):
                 raise ValueError(f"{name}: item {index} has {len(a)} answers but {len(w)} answer weights.")
+        if self.require_answers and not any(len(a) for a in answers):
+            ids = [item.get("question_id") for item in items]
+            raise ValueError(
+                f"{name}: no record in this batch has answers; VQA training needs answers - is this a test "
+                f"split? (question ids {ids}) Train on records with `answer` lists, or pass "
+                "`require_answers=False` to batch questions without answers for inference."
+            )
         batch = dict(self.processor(images=images, text=questions, max_length=self.max_length, return_tensors="pt"))
         flat = [answer for answer_list in answers for answer in answer_list]
         if flat:
@@ -247,7 +275,10 @@ class NLVR2Collator:
         texts = _column(items, ("text", "sentence"), name)
         batch = dict(self.processor(images=pairs, text=texts, max_length=self.max_length, return_tensors="pt"))
         batch["labels"] = torch.tensor(
-            [_parse_label(label, index) for index, label in enumerate(_column(items, ("label", "labels"), name))],
+            [
+                _parse_label(label, f"{name}: item {index}")
+                for index, label in enumerate(_column(items, ("label", "labels"), name))
+            ],
             dtype=torch.long,
         )
         return batch

@@ -11,6 +11,12 @@ Records (fields) -> items (keys):
 - `VQADataset`: image, question, answer (list, repeats allowed), optional answer_weight and question_id
   -> image, question, answers (unique), answer_weights, question_id.
 - `NLVR2Dataset`: images ([left, right]), sentence, label (bool, "True"/"False" or 0/1) -> images, text, label.
+
+Input checks, at construction unless noted; errors name the record ("Record 3 in train.json") and the field:
+invalid JSON (file, line, column; a UTF-8 byte-order mark is fine), no records, values of the wrong type
+(nothing is converted silently: an answer 2 must be written "2"), missing image files; when an item is read,
+unreadable images and PIL's decompression-bomb error (with how to raise `PIL.Image.MAX_IMAGE_PIXELS`).
+16-bit grayscale images are scaled to 8 bits (value >> 8) instead of clipping to white (see `_to_rgb`).
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ from __future__ import annotations
 import abc
 import io
 import json
+import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import PIL.Image
 from torch.utils.data import Dataset
 
@@ -42,12 +50,13 @@ def _is_image_feature(feature: Any) -> bool:
     return isinstance(feature, datasets.Image) or isinstance(getattr(feature, "feature", None), datasets.Image)
 
 
-def _open_image(value: Any, index: int, image_root: Path | None) -> PIL.Image.Image:
-    """Loads one image (PIL image, path, or `{"bytes", "path"}` dict) as RGB; errors name record `index`."""
+def _open_image(value: Any, where: str, image_root: Path | None) -> PIL.Image.Image:
+    """Loads one image (PIL image, path, or `{"bytes", "path"}` dict) as RGB; errors start with `where` (the
+    record, e.g. "Record 3 in train.json")."""
     if isinstance(value, PIL.Image.Image):
-        return value.convert("RGB")
+        return _to_rgb(value, where, "")
     if value is None:
-        raise ValueError(f"Record {index}: the image is missing (None).")
+        raise ValueError(f"{where}: the image is missing (None).")
     source: Any
     if isinstance(value, dict) and value.get("bytes") is not None:
         source, shown = io.BytesIO(value["bytes"]), f"<{len(value['bytes'])} bytes>"
@@ -58,14 +67,55 @@ def _open_image(value: Any, index: int, image_root: Path | None) -> PIL.Image.Im
         source = _resolve(value, image_root)
         shown = str(source)
     else:
-        raise ValueError(f"Record {index}: unsupported image value of type {type(value).__name__}.")
+        raise ValueError(f"{where}: unsupported image value of type {type(value).__name__}.")
     if isinstance(source, Path) and not source.is_file():
-        raise FileNotFoundError(f"Record {index}: image file {shown} not found.")
+        raise FileNotFoundError(f"{where}: image file {shown} not found.")
     try:
         with PIL.Image.open(source) as image:
-            return image.convert("RGB")  # convert() loads the pixels, so the file can be closed
+            return _to_rgb(image, where, f" {shown}")  # converting loads the pixels, so the file can be closed
+    except PIL.Image.DecompressionBombError as error:
+        raise _bomb_error(error, where, f" {shown}") from error
     except (PIL.UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"Record {index}: cannot read image {shown}: {error}") from error
+        raise ValueError(f"{where}: cannot read image {shown}: {error}") from error
+
+
+def _bomb_error(error: Exception, where: str, shown: str) -> PIL.Image.DecompressionBombError:
+    """PIL's decompression-bomb error with the record and a hint (same type, so callers catching it still do)."""
+    return PIL.Image.DecompressionBombError(
+        f"{where}: image{shown} is too large to open safely: {error} If you trust this image, raise Pillow's "
+        "limit before the images are read: `PIL.Image.MAX_IMAGE_PIXELS = <pixels>` (or None for no limit)."
+    )
+
+
+# Single-channel modes with more than 8 bits per pixel: `convert("RGB")` clips them to 255 (a white image).
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_rgb(image: PIL.Image.Image, where: str, shown: str) -> PIL.Image.Image:
+    """
+    `image` as 8-bit RGB. 16-bit grayscale (Pillow modes "I;16*" and "I", which Pillow uses for 16-bit PNG,
+    TIFF and PGM files) is scaled by the type's range, value >> 8 (0..65535 -> 0..255), not by the image's own
+    range, so a dark image stays dark; "I" values outside 0..65535 raise. Float images ("F") must hold values
+    in [0, 1] (scaled by 255); any other range raises, since its meaning cannot be guessed.
+    """
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        pixels = np.asarray(image).astype(np.int64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise ValueError(
+                f"{where}: image{shown} is a 32-bit integer image (mode {image.mode!r}) with values "
+                f"{pixels.min()}..{pixels.max()}, outside the 16-bit range 0..65535; convert it to 8 bits first."
+            )
+        return PIL.Image.fromarray((pixels >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        if pixels.size and not (np.isfinite(pixels).all() and pixels.min() >= 0.0 and pixels.max() <= 1.0):
+            raise ValueError(
+                f"{where}: image{shown} is a floating-point image (mode 'F') with values "
+                f"{np.nanmin(pixels)}..{np.nanmax(pixels)}; only values in [0, 1] are understood. Convert it to "
+                "8 bits first."
+            )
+        return PIL.Image.fromarray(np.round(pixels * 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
 
 
 def _resolve(path: str | os.PathLike, image_root: Path | None) -> Path:
@@ -77,6 +127,9 @@ class _RecordDataset(Dataset, abc.ABC):
     """
     Shared reading logic: `self.records` holds the non-image fields of every record (image paths included
     when they are strings); decoded `datasets.Image` columns are read lazily from `self.hf_dataset`.
+
+    Errors about a record name it as "Record {index}", followed by " in {file}" when the data came from a
+    JSON file (`self.source`).
     """
 
     image_column: str = "image"
@@ -93,6 +146,7 @@ class _RecordDataset(Dataset, abc.ABC):
         self.image_root = Path(image_root) if image_root is not None else None
         self.hf_dataset: datasets.Dataset | None = None
         self.lazy_image_column = False
+        self.source: str | None = None  # the JSON file the records came from
         if isinstance(data, datasets.Dataset):
             if self.image_column not in data.column_names:
                 raise ValueError(f"The dataset has no `{self.image_column}` column (columns: {data.column_names}).")
@@ -101,23 +155,39 @@ class _RecordDataset(Dataset, abc.ABC):
             # Read only the text-like columns now: decoding every image up front would be slow.
             columns = [c for c in data.column_names if not (self.lazy_image_column and c == self.image_column)]
             self.records = data.select_columns(columns).to_list()
+            empty = "The `datasets.Dataset` has no records (0 rows)"
         elif isinstance(data, (str, os.PathLike)):
-            with open(data, encoding="utf-8") as f:
-                self.records = json.load(f)
-            if not isinstance(self.records, list):
-                raise ValueError(f"{data}: expected a JSON list of records, got {type(self.records).__name__}.")
-        elif isinstance(data, Sequence):
+            self.source = str(data)
+            self.records = _read_json_records(data)
+            empty = f"{data} has no records (an empty JSON list)"
+        elif isinstance(data, Sequence) and not isinstance(data, (bytes, bytearray)):
             self.records = list(data)
+            empty = "The list of records has no records (it is empty)"
         else:
             raise ValueError(f"Unsupported data source of type {type(data).__name__}.")
+        if not self.records:
+            raise ValueError(f"{empty}; a {type(self).__name__} needs at least one.")
         for index, record in enumerate(self.records):
             if not isinstance(record, dict):
-                raise ValueError(f"Record {index} is a {type(record).__name__}, expected a dict.")
-            if not self.lazy_image_column and self.image_column not in record:
-                raise ValueError(f"Record {index} has no `{self.image_column}` field (fields: {sorted(record)}).")
+                raise ValueError(f"{self._where(index)} is a {type(record).__name__}, expected a dict.")
+            if not self.lazy_image_column:
+                if self.image_column not in record:
+                    raise ValueError(
+                        f"{self._where(index)} has no `{self.image_column}` field (fields: {sorted(record)})."
+                    )
+                for value in self._image_values(index):
+                    if not isinstance(value, (str, os.PathLike, dict, PIL.Image.Image)) and value is not None:
+                        raise ValueError(
+                            f"{self._where(index)}: `{self.image_column}` must be an image path (a string), got "
+                            f"{_describe(value)}."
+                        )
         if check_files and not self.lazy_image_column:
             self._check_files()
         self.num_truncated = _report_long_texts(processor, self._parse_records(), max_length, self.text_kind)
+
+    def _where(self, index: int) -> str:
+        """How errors name record `index`: "Record 3", or "Record 3 in data/train.json" for a JSON file."""
+        return f"Record {index}" if self.source is None else f"Record {index} in {self.source}"
 
     @abc.abstractmethod
     def _parse_records(self) -> list[str]:
@@ -132,26 +202,64 @@ class _RecordDataset(Dataset, abc.ABC):
             for value in self._image_values(index):
                 if isinstance(value, (str, os.PathLike)) and not _resolve(value, self.image_root).is_file():
                     raise FileNotFoundError(
-                        f"Record {index}: image file {_resolve(value, self.image_root)} not found "
+                        f"{self._where(index)}: image file {_resolve(value, self.image_root)} not found "
                         f"(image_root={self.image_root})."
                     )
 
     def _load_image(self, index: int) -> Any:
         """The record's image, or list of images, as RGB PIL."""
+        where = self._where(index)
         if self.lazy_image_column:
-            value = self.hf_dataset[index][self.image_column]
+            try:
+                value = self.hf_dataset[index][self.image_column]  # `datasets` decodes the image here
+            except PIL.Image.DecompressionBombError as error:
+                raise _bomb_error(error, where, "") from error
         else:
             value = self.records[index][self.image_column]
         if isinstance(value, (list, tuple)):
-            return [_open_image(v, index, self.image_root) for v in value]
-        return _open_image(value, index, self.image_root)
+            return [_open_image(v, where, self.image_root) for v in value]
+        return _open_image(value, where, self.image_root)
 
 
-def _text_field(record: dict[str, Any], names: Sequence[str], index: int) -> Any:
+def _read_json_records(path: str | os.PathLike) -> list[Any]:
+    """The list of records in an X-VLM JSON file (UTF-8, a leading byte-order mark allowed)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            records = json.load(f)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text: {error}") from error
+    except json.JSONDecodeError as error:
+        hint = ""
+        if error.msg == "Extra data":
+            hint = " (a JSON Lines file? The file must hold one JSON list of records.)"
+        raise ValueError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}{hint}."
+        ) from error
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}.")
+    return records
+
+
+def _describe(value: Any) -> str:
+    """`value`'s type and (shortened) repr, for error messages."""
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 60 else shown[:57] + '...'}"
+
+
+def _text_field(record: dict[str, Any], names: Sequence[str], where: str) -> tuple[str, Any]:
+    """(name, value) of the first of the fields `names` present and not None in `record`."""
     for name in names:
         if name in record and record[name] is not None:
-            return record[name]
-    raise ValueError(f"Record {index} has none of the fields {list(names)} (fields: {sorted(record)}).")
+            return name, record[name]
+    raise ValueError(f"{where} has none of the fields {list(names)} (fields: {sorted(record)}).")
+
+
+def _string_field(record: dict[str, Any], names: Sequence[str], where: str) -> str:
+    """The first of the fields `names`, which must be a string."""
+    name, value = _text_field(record, names, where)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: `{name}` must be a string, got {_describe(value)}.")
+    return value
 
 
 def _tokenizer_of(processor: Any) -> Any:
@@ -228,11 +336,26 @@ class ImageTextDataset(_RecordDataset):
         self._image_record: list[int] = []  # image id -> index of a record holding that image
         self._text_record: list[int] = []  # text index -> record index
         ids: dict[Any, int] = {}
+        empty: list[int] = []  # records with an empty caption
         for index, record in enumerate(self.records):
-            captions = _text_field(record, ("caption", "text"), index)
-            captions = [captions] if isinstance(captions, str) else list(captions)
-            if not captions or not all(isinstance(c, str) for c in captions):
-                raise ValueError(f"Record {index}: `caption` must be a string or a non-empty list of strings.")
+            where = self._where(index)
+            name, captions = _text_field(record, ("caption", "text"), where)
+            if isinstance(captions, str):
+                captions = [captions]
+            elif isinstance(captions, (list, tuple)) and captions:
+                captions = list(captions)
+            else:
+                raise ValueError(
+                    f"{where}: `{name}` must be a string or a non-empty list of strings, got {_describe(captions)}."
+                )
+            for position, caption in enumerate(captions):
+                if not isinstance(caption, str):
+                    raise ValueError(
+                        f"{where}: `{name}` must be a string or a non-empty list of strings; item {position} is "
+                        f"{_describe(caption)}."
+                    )
+            if any(not caption.strip() for caption in captions):
+                empty.append(index)
             key = self._image_key(record, index)
             if key not in ids:
                 ids[key] = len(ids)
@@ -244,10 +367,24 @@ class ImageTextDataset(_RecordDataset):
                 self.text_to_image.append(image_id)
                 self._text_record.append(index)
                 self.texts.append(caption.strip())
+        if empty:
+            shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+            warnings.warn(
+                f"{len(empty)} record(s){'' if self.source is None else ' in ' + self.source} have an empty caption "
+                f"(records {shown}): an empty text gives masked language modelling nothing to mask and retrieval "
+                "an empty query.",
+                UserWarning,
+                stacklevel=3,
+            )
         return self.texts
 
     def _image_key(self, record: dict[str, Any], index: int) -> Any:
         if record.get("image_id") is not None:
+            if not isinstance(record["image_id"], Hashable):
+                raise ValueError(
+                    f"{self._where(index)}: `image_id` must be a string or a number, got "
+                    f"{_describe(record['image_id'])}."
+                )
             return ("id", record["image_id"])
         value = None if self.lazy_image_column else record.get(self.image_column)
         if isinstance(value, (str, os.PathLike)):
@@ -304,26 +441,23 @@ class VQADataset(_RecordDataset):
         self.answer_weights: list[list[float]] = []
         self.references: list[list[str]] = []
         for index, record in enumerate(self.records):
-            question = _text_field(record, ("question", "text"), index)
-            if not isinstance(question, str):
-                raise ValueError(f"Record {index}: `question` must be a string.")
-            self.questions.append(question.strip())
-            raw = record.get("answer", record.get("answers"))
-            raw = [] if raw is None else [raw] if isinstance(raw, str) else list(raw)
-            if not all(isinstance(a, str) for a in raw):
-                raise ValueError(f"Record {index}: `answer` must be a string or a list of strings.")
+            where = self._where(index)
+            self.questions.append(_string_field(record, ("question", "text"), where).strip())
+            name = "answer" if record.get("answer") is not None else "answers"
+            raw = _answers(record.get(name), name, where)
             weights = record.get("answer_weight")
             if weights is None:
                 counts = Counter(raw)
                 merged = {answer: count / len(raw) for answer, count in counts.items()}
             else:
+                weights = _answer_weights(weights, where)
                 if len(weights) != len(raw):
                     raise ValueError(
-                        f"Record {index}: {len(weights)} answer weights for {len(raw)} answers; give one per answer."
+                        f"{where}: {len(weights)} answer weights for {len(raw)} answers; give one per answer."
                     )
                 merged = {}
                 for answer, weight in zip(raw, weights):
-                    merged[answer] = merged.get(answer, 0.0) + float(weight)
+                    merged[answer] = merged.get(answer, 0.0) + weight
             self.references.append(raw)
             self.answers.append(list(merged))
             self.answer_weights.append(list(merged.values()))
@@ -342,7 +476,36 @@ class VQADataset(_RecordDataset):
         }
 
 
-def _parse_label(value: Any, index: int) -> int:
+def _answers(value: Any, name: str, where: str) -> list[str]:
+    """A VQA record's answers as a list of strings (none: an empty list, a test split)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}: `{name}` must be a string or a list of strings, got {_describe(value)}.")
+    for position, answer in enumerate(value):
+        if not isinstance(answer, str):
+            raise ValueError(
+                f"{where}: `{name}` must be a string or a list of strings; item {position} is {_describe(answer)} "
+                '(write numbers as strings, e.g. "2").'
+            )
+    return list(value)
+
+
+def _answer_weights(value: Any, where: str) -> list[float]:
+    """A VQA record's `answer_weight` (one number per answer, or one number for a single answer) as floats."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    for position, weight in enumerate(values):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(
+                f"{where}: `answer_weight` must be a finite number or a list of them; "
+                f"{'item ' + str(position) if isinstance(value, (list, tuple)) else 'it'} is {_describe(weight)}."
+            )
+    return [float(weight) for weight in values]
+
+
+def _parse_label(value: Any, where: str) -> int:
     """NLVR2 label to 0/1: accepts bools, "True"/"False" (any case) and 0/1."""
     if isinstance(value, bool):
         return int(value)
@@ -350,7 +513,7 @@ def _parse_label(value: Any, index: int) -> int:
         return int(value.strip().lower() == "true")
     if isinstance(value, int) and value in (0, 1):
         return value
-    raise ValueError(f"Record {index}: label {value!r} is not a boolean, 'True'/'False' or 0/1.")
+    raise ValueError(f"{where}: label {value!r} is not a boolean, 'True'/'False' or 0/1.")
 
 
 class NLVR2Dataset(_RecordDataset):
@@ -367,13 +530,11 @@ class NLVR2Dataset(_RecordDataset):
         self.sentences: list[str] = []
         self.labels: list[int] = []
         for index, record in enumerate(self.records):
+            where = self._where(index)
             if not self.lazy_image_column and len(self._image_values(index)) != 2:
-                raise ValueError(f"Record {index}: `images` must hold exactly 2 images.")
-            sentence = _text_field(record, ("sentence", "text"), index)
-            if not isinstance(sentence, str):
-                raise ValueError(f"Record {index}: `sentence` must be a string.")
-            self.sentences.append(sentence.strip())
-            self.labels.append(_parse_label(_text_field(record, ("label",), index), index))
+                raise ValueError(f"{where}: `images` must hold exactly 2 images.")
+            self.sentences.append(_string_field(record, ("sentence", "text"), where).strip())
+            self.labels.append(_parse_label(_text_field(record, ("label",), where)[1], where))
         return self.sentences
 
     def __len__(self) -> int:
@@ -382,5 +543,5 @@ class NLVR2Dataset(_RecordDataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         images = self._load_image(index)
         if len(images) != 2:
-            raise ValueError(f"Record {index}: `images` must hold exactly 2 images, got {len(images)}.")
+            raise ValueError(f"{self._where(index)}: `images` must hold exactly 2 images, got {len(images)}.")
         return {"images": images, "text": self.sentences[index], "label": self.labels[index]}
