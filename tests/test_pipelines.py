@@ -13,11 +13,13 @@ from modeling_efficientvlm import (
     EfficientVLMForQuestionAnswering,
     EfficientVLMForVisualReasoning,
 )
+from trainers.saving import save_model_folder
 
-from .data_utils import CLS_ID, PAD_ID, SEP_ID, make_image, make_processor
+from .data_utils import CLS_ID, make_image, make_processor, save_image
 from .remote_code_utils import run_in_clean_subprocess
 
 ANSWERS = ["red", "blue", "green square", "yes"]
+IMAGE_FILES = ("photo.jpg", "left.jpg", "right.jpg")
 LABELS = ["red", "green", "blue"]
 
 _CODE = """
@@ -44,6 +46,20 @@ processor = AutoProcessor.from_pretrained(folders["nlvr2"], trust_remote_code=Tr
 result["nlvr2"] = nlvr2.eval().predict([image, image], [image, image], ["the left image is red", "two"], processor)
 result["nlvr2_id2label"] = dict(nlvr2.config.id2label)
 
+# Every snippet of every folder's model card runs as written (its images stand for photo.jpg / left / right).
+import contextlib, io, re
+result["card_snippets"] = {}
+for task, folder in folders.items():
+    card = open(f"{folder}/README.md", encoding="utf-8").read()
+    blocks = re.findall(r"```python\\n(.*?)```", card, flags=re.S)
+    # The card names the model by its folder name (a Hub id once pushed); run it from the folder's path.
+    for name, path in [*payload["image_files"].items(), (f'"{folder.rsplit("/", 1)[-1]}"', f'"{folder}"')]:
+        blocks = [block.replace(name, path) for block in blocks]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        for block in blocks:
+            exec(block, {})
+    result["card_snippets"][task] = (len(blocks), printed.getvalue())
+
 result["auto_model"] = {}
 for task, folder in folders.items():
     model = AutoModel.from_pretrained(folder, trust_remote_code=True)
@@ -53,15 +69,13 @@ for task, folder in folders.items():
 
 
 def _save(model, processor, folder) -> str:
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    """Saved as every stage saves (`save_model_folder`): weights, config, code, processor, model card."""
+    save_model_folder(model, processor, folder)
     return str(folder)
 
 
 def test_every_task_works_from_a_saved_folder_without_the_package(tmp_path) -> None:
-    config = EfficientVLMConfig.from_preset(
-        "tiny", text_config={"bos_token_id": CLS_ID, "eos_token_id": SEP_ID, "pad_token_id": PAD_ID}
-    )
+    config = EfficientVLMConfig.from_preset("tiny")  # BERT's special-token ids: the save takes the tokenizer's
     processor = make_processor(tmp_path / "vocab", image_size=config.vision_config.image_size)
     torch.manual_seed(0)
     vqa = EfficientVLMForQuestionAnswering(config)
@@ -76,7 +90,8 @@ def test_every_task_works_from_a_saved_folder_without_the_package(tmp_path) -> N
     # The answers travel in config.json: nothing else is needed to rank them.
     assert not any(name.startswith("answer") for name in {p.name for p in (tmp_path / "vqa").iterdir()})
 
-    payload = {"folders": folders, "image": make_image("red", 40), "labels": LABELS}
+    image_files = {name: str(save_image(tmp_path / "images" / name, "red", 40)) for name in IMAGE_FILES}
+    payload = {"folders": folders, "image": make_image("red", 40), "labels": LABELS, "image_files": image_files}
     result = run_in_clean_subprocess(_CODE, tmp_path / "work", payload)
 
     zero_shot = result["zero_shot"]
@@ -104,6 +119,10 @@ def test_every_task_works_from_a_saved_folder_without_the_package(tmp_path) -> N
         assert isinstance(prediction["label"], bool) and set(prediction["probabilities"]) == {"False", "True"}
         assert abs(sum(prediction["probabilities"].values()) - 1) < 1e-5
         assert prediction["label"] == (prediction["probabilities"]["True"] > prediction["probabilities"]["False"])
+
+    for task, (blocks, printed) in result["card_snippets"].items():
+        assert blocks >= 1 and printed.strip(), task
+    assert any(answer in result["card_snippets"]["vqa"][1] for answer in ANSWERS)
 
     for task, (name, module, shape) in result["auto_model"].items():
         assert name == type(models[task]).__name__ and module.startswith("transformers_modules.")

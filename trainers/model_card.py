@@ -138,7 +138,8 @@ def describe_hardware() -> str:
 
 # -- the snippets -----------------------------------------------------------------------------------------------
 def usage_snippet(task: str, repo: str) -> str:
-    """A runnable snippet for a `task` model saved at `repo` (Hub id or folder): the pipeline first."""
+    """A runnable snippet for a `task` model saved at `repo` (Hub id or folder): the pipeline first. (The tests
+    run every snippet against a saved folder of each task, with `photo.jpg`, `left.jpg` and `right.jpg`.)"""
     load = f'"{repo}", trust_remote_code=True'
     processor = f"processor = AutoProcessor.from_pretrained({load})"
     if task == "retrieval":
@@ -151,45 +152,43 @@ print(classifier("photo.jpg", candidate_labels=["a red circle", "a blue square",
 
 The pipeline's scores are the image-text contrastive (ITC) similarities, softmaxed over the labels. For
 retrieval over a collection, embed images and texts once (CLIP-style) and re-rank the best candidates with the
-image-text matching (ITM) head:
+image-text matching (ITM) head (`model.itm_rerank_scores`):
 
 ```python
 from PIL import Image
 from transformers import AutoModelForZeroShotImageClassification, AutoProcessor
 
-model = AutoModelForZeroShotImageClassification.from_pretrained({load})
+model = AutoModelForZeroShotImageClassification.from_pretrained({load}).eval()
 {processor}
 image_features = model.get_image_features(**processor(images=[Image.open("photo.jpg")]))
 text_features = model.get_text_features(**processor(text=["a red circle", "a blue square"]))
-similarity = image_features @ text_features.T
+print(image_features @ text_features.T)  # cosine similarities, (1 image, 2 texts)
 ```"""
     if task == "vqa":
         return f"""```python
 from transformers import pipeline
 
-vqa = pipeline("image-text-to-text", model="{repo}", trust_remote_code=True)
-print(vqa(images="photo.jpg", text="what color is the circle ?"))  # the generated answer only
+vqa = pipeline("image-text-to-text", model="{repo}", trust_remote_code=True, return_full_text=False)
+print(vqa("photo.jpg", text="what color is the circle ?"))  # the answer only
 ```
 
-X-VLM's k-test ranks the answer candidates saved with the model instead of generating freely:
+The answer is ranked from the candidates saved with the model (X-VLM's k-test); directly:
 
 ```python
 from PIL import Image
 from transformers import AutoModelForVisualQuestionAnswering, AutoProcessor
 
-model = AutoModelForVisualQuestionAnswering.from_pretrained({load})
+model = AutoModelForVisualQuestionAnswering.from_pretrained({load}).eval()
 {processor}
 inputs = processor(images=[Image.open("photo.jpg")], text=["what color is the circle ?"])
-ranking = model.rank_answers(**inputs, k=128)  # ranking.answer_index: into the saved candidates
-answer_ids = model.generate(**inputs, max_new_tokens=10)  # or generate the answer
-print(processor.batch_decode(answer_ids, skip_special_tokens=True))
+print(model.rank_answers(**inputs, k=128).answers)  # from `model.config.answer_candidates`
 ```"""
     if task == "captioning":
         return f"""```python
 from transformers import pipeline
 
 captioner = pipeline("image-text-to-text", model="{repo}", trust_remote_code=True)
-print(captioner(images="photo.jpg", text=""))  # the caption only
+print(captioner("photo.jpg", text="a picture of", max_new_tokens=30))  # "a picture of ..."
 ```
 
 or with `generate`:
@@ -198,34 +197,34 @@ or with `generate`:
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-model = AutoModelForImageTextToText.from_pretrained({load})
+model = AutoModelForImageTextToText.from_pretrained({load}).eval()
 {processor}
-caption_ids = model.generate(**processor(images=[Image.open("photo.jpg")]), max_new_tokens=30)
+inputs = processor(images=[Image.open("photo.jpg")], text=["a picture of"])
+caption_ids = model.generate(**inputs, max_new_tokens=30)
 print(processor.batch_decode(caption_ids, skip_special_tokens=True))
 ```"""
     if task == "nlvr2":
-        return f"""NLVR2 judges a sentence against *two* images, which no `transformers` pipeline takes; one forward
-call does it:
+        return f"""NLVR2 judges a sentence against *two* images, which no `transformers` pipeline takes; one call
+does it:
 
 ```python
 from PIL import Image
 from transformers import AutoModelForSequenceClassification, AutoProcessor
 
-model = AutoModelForSequenceClassification.from_pretrained({load})
+model = AutoModelForSequenceClassification.from_pretrained({load}).eval()
 {processor}
-pair = [Image.open("left.jpg"), Image.open("right.jpg")]
-inputs = processor(images=[pair], text=["the left image contains a red circle ."])
-logits = model(**inputs).logits
-print(model.config.id2label[int(logits.argmax(-1))])
+left, right = Image.open("left.jpg"), Image.open("right.jpg")
+print(model.predict(left, right, "the left image contains a red circle .", processor))
+# [{{"label": True, "probabilities": {{"False": ..., "True": ...}}}}]
 ```"""
     return f"""```python
 from PIL import Image
-from transformers import AutoModel, AutoModelForPreTraining, AutoProcessor
+from transformers import AutoModel, AutoProcessor
 
-model = AutoModel.from_pretrained({load})  # the encoders, for features
+model = AutoModel.from_pretrained({load}).eval()  # the pre-training model, with its ITC, ITM and MLM heads
 {processor}
-outputs = model(**processor(images=[Image.open("photo.jpg")], text=["a red circle"]))
-heads = AutoModelForPreTraining.from_pretrained({load})  # with the ITC, ITM and MLM heads
+image_features = model.get_image_features(**processor(images=[Image.open("photo.jpg")]))
+text_features = model.get_text_features(**processor(text=["a red circle"]))
 ```
 
 Start a task model from it with `efficientvlm finetune --task vqa --model_name_or_path {repo} ...`."""
