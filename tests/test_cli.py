@@ -215,3 +215,25 @@ def test_prune_writes_a_complete_folder_that_evaluate_reads(tmp_path) -> None:
     evaluate_args = ["--model_name_or_path", str(output), "--eval_file", *data[1:], "--output_file", str(results)]
     cli.main(["evaluate", "--task", "vqa", *evaluate_args])
     assert 0 <= json.loads(results.read_text())["vqa_accuracy"] <= 1
+
+
+def test_every_command_takes_num_threads_and_cpu_runs_do_not_pin_memory() -> None:
+    import torch
+    from transformers import TrainingArguments
+
+    from trainers.commands.common import DataArguments, ModelArguments, parse_arguments
+
+    threads = torch.get_num_threads()
+    try:
+        model_args, _, training_args = parse_arguments(
+            "finetune",
+            (ModelArguments, DataArguments, TrainingArguments),
+            ["--preset", "tiny", "--output_dir", "unused", "--num_threads", "1", "--use_cpu"],
+            "test",
+        )
+        assert torch.get_num_threads() == 1 and model_args.preset == "tiny"
+        assert training_args.dataloader_pin_memory is torch.cuda.is_available()
+        with pytest.raises(ValueError, match="--num_threads"):
+            parse_arguments("finetune", (ModelArguments,), ["--num_threads", "0"], "test")
+    finally:
+        torch.set_num_threads(threads)

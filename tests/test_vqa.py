@@ -404,3 +404,23 @@ def test_saved_answer_candidates_are_ranked_and_generated_by_default(tmp_path) -
         model.set_answer_candidates([], tokenizer)
     with pytest.raises(ValueError, match="go together"):
         _config(answer_candidates=["red"])
+
+
+def test_evaluation_ranks_the_saved_answer_candidates_by_default(tmp_path) -> None:
+    from trainers.tasks import build_dataset, evaluate_task
+
+    from .data_utils import make_processor, write_vqa_json
+
+    config = EfficientVLMConfig.from_preset("tiny")
+    processor = make_processor(tmp_path, image_size=config.vision_config.image_size)
+    data, image_root = write_vqa_json(tmp_path, n=4)
+    dataset = build_dataset("vqa", data, image_root, processor)
+    torch.manual_seed(0)
+    model = EfficientVLMForQuestionAnswering(config).eval()
+    with pytest.raises(ValueError, match="answer_list"):
+        evaluate_task("vqa", model, dataset, processor)
+    model.set_answer_candidates(["red", "blue"], processor.tokenizer)
+    saved = evaluate_task("vqa", model, dataset, processor)
+    given = evaluate_task("vqa", model, dataset, processor, answer_list=["red", "blue"])
+    assert set(saved.predictions) <= {"red", "blue"} and saved.predictions == given.predictions
+    assert saved.metrics == given.metrics

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +74,42 @@ class KDArguments:
         }
 
 
+@dataclass
+class RuntimeArguments:
+    """Options every command takes."""
+
+    num_threads: int | None = field(
+        default=None, metadata={"help": "CPU threads of torch (torch.set_num_threads); default: torch's choice."}
+    )
+
+
 def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None, description: str) -> tuple:
     """Parses `argv` (default `sys.argv[1:]`), or the JSON file it names alone, into `dataclass_types` with the
-    parser of `efficientvlm <command>` (so its usage line names the subcommand)."""
-    parser = HfArgumentParser(dataclass_types, prog=f"efficientvlm {command}", description=description)
+    parser of `efficientvlm <command>` (so its usage line names the subcommand).
+
+    Every command also takes `--num_threads` (applied here), and on a machine without CUDA the DataLoader does
+    not pin memory (which only warns there)."""
+    import torch
+
+    own_threads = any("num_threads" in {f.name for f in fields(kind)} for kind in dataclass_types)
+    extra = () if own_threads else (RuntimeArguments,)
+    parser = HfArgumentParser((*dataclass_types, *extra), prog=f"efficientvlm {command}", description=description)
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_json_file(os.path.abspath(argv[0]))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    if extra:
+        runtime, parsed = parsed[-1], parsed[:-1]
+        if runtime.num_threads is not None:
+            if runtime.num_threads < 1:
+                raise ValueError(f"--num_threads must be at least 1; got {runtime.num_threads}.")
+            torch.set_num_threads(runtime.num_threads)
+    if not torch.cuda.is_available():
+        for arguments in parsed:
+            if isinstance(arguments, TrainingArguments):
+                arguments.dataloader_pin_memory = False
+    return tuple(parsed)
 
 
 def parse_json_option(value: str | None, name: str) -> dict[str, Any]:

@@ -50,12 +50,17 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def evaluate_vqa(model: Any, dataset: Any, processor: Any, options: EvaluationOptions) -> EvaluationResult:
-    """Ranks `options.answer_list` for each question (X-VLM's k-test); VQA accuracy."""
+    """Ranks `options.answer_list` (default: the candidates saved with the model) for each question (X-VLM's
+    k-test); VQA accuracy."""
     from trainers.evaluation import metrics
 
-    answer_list, batch_size, device = options.answer_list, options.batch_size, _device_of(model)
+    answer_list = options.answer_list or getattr(model.config, "answer_candidates", None)
+    batch_size, device = options.batch_size, _device_of(model)
     if not answer_list:
-        raise ValueError("VQA evaluation ranks a list of candidate answers: give `answer_list`.")
+        raise ValueError(
+            "VQA evaluation ranks candidate answers: the model has none saved (`config.answer_candidates`); "
+            "give `answer_list` (--answer_list)."
+        )
     candidates = processor.tokenizer(answer_list, padding="longest", return_tensors="pt")
     predictions = []
     for start in range(0, len(dataset), batch_size):
