@@ -237,3 +237,20 @@ def test_every_command_takes_num_threads_and_cpu_runs_do_not_pin_memory() -> Non
             parse_arguments("finetune", (ModelArguments,), ["--num_threads", "0"], "test")
     finally:
         torch.set_num_threads(threads)
+
+
+def test_finetune_checks_the_vqa_answer_list_before_training(tmp_path) -> None:
+    from .data_utils import write_vocab, write_vqa_json
+
+    data, image_root = write_vqa_json(tmp_path, n=4)
+    argv = ["finetune", "--task", "vqa", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+    argv += ["--train_file", str(data), "--eval_file", str(data), "--image_root", str(image_root)]
+    argv += ["--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--report_to", "none", "--use_cpu"]
+    with pytest.raises(ValueError, match="--answer_list"):
+        cli.main(argv)
+    (tmp_path / "answers.json").write_text('{"red": 1}')
+    with pytest.raises(ValueError, match="answers.json must hold a non-empty JSON list"):
+        cli.main([*argv, "--answer_list", str(tmp_path / "answers.json")])
+    with pytest.raises(FileNotFoundError, match="--answer_list"):
+        cli.main([*argv, "--answer_list", str(tmp_path / "missing.json")])
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written

@@ -132,8 +132,19 @@ def evaluate_and_save(
 
 
 def read_answer_list(answer_list: str | os.PathLike | None) -> list[str] | None:
-    """The VQA answer candidates in the JSON list file `answer_list` (None without one)."""
-    return json.loads(Path(answer_list).read_text(encoding="utf-8")) if answer_list else None
+    """The VQA answer candidates in the JSON list file `answer_list` (None without one); errors name the file."""
+    if not answer_list:
+        return None
+    path = Path(answer_list)
+    if not path.is_file():
+        raise FileNotFoundError(f"--answer_list {path}: no such file (a JSON list of candidate answers).")
+    try:
+        answers = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--answer_list {path} is not valid JSON: {error}") from error
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f'--answer_list {path} must hold a non-empty JSON list of strings, e.g. ["yes", "no", "2"].')
+    return answers
 
 
 def data_names(*sources: Any) -> list[str]:
@@ -170,11 +181,20 @@ def train_task_model(
     processor = load_processor(
         model.config, processor_name_or_path or model_name_or_path, vocab_file, max_text_length=max_text_length
     )
-    train(task, model, processor, task_dataset(task, train_file, image_root, processor, dataset_path), training_args)
-    metrics: dict[str, float] = {}
-    output_dir = training_args.output_dir if training_args.should_save else None
+    # Every input is checked before the first training step, not after training.
+    train_dataset = task_dataset(task, train_file, image_root, processor, dataset_path)
+    answers = read_answer_list(answer_list) if task == "vqa" else None
+    eval_dataset = None
     if eval_file is not None and task != "pretraining":
         eval_dataset = task_dataset(task, eval_file, image_root, processor, dataset_path, split="eval")
+        if task == "vqa" and not (answers or getattr(model.config, "answer_candidates", None)):
+            raise ValueError(
+                "VQA evaluation ranks candidate answers: give --answer_list (a JSON list of answers) with --eval_file."
+            )
+    train(task, model, processor, train_dataset, training_args)
+    metrics: dict[str, float] = {}
+    output_dir = training_args.output_dir if training_args.should_save else None
+    if eval_dataset is not None:
         metrics = evaluate_and_save(task, model, processor, eval_dataset, output_dir, answer_list)
     if output_dir is not None:
         card = ModelCardInfo(
@@ -185,6 +205,5 @@ def train_task_model(
             metrics=metrics,
             eval_dataset=data_names(eval_file)[0] if eval_file and metrics else None,
         )
-        answers = read_answer_list(answer_list) if task == "vqa" else None
         save_model_folder(model, processor, output_dir, card, answer_candidates=answers, push=hub)
     return metrics
