@@ -114,6 +114,31 @@ def train(
     return trainer
 
 
+def task_inputs(
+    task: str,
+    model: Any,
+    processor: Any,
+    train_file: Any = None,
+    eval_file: Any = None,
+    image_root: str | os.PathLike | None = None,
+    dataset_path: str | os.PathLike | None = None,
+    answer_list: str | os.PathLike | None = None,
+) -> tuple[Any, Any, list[str] | None]:
+    """(train dataset, eval dataset or None, VQA answer list or None), every one checked before the first training
+    step rather than after training: the records and images of both splits, and the answers a VQA evaluation
+    ranks (`answer_list` or the candidates saved with the model)."""
+    train_dataset = task_dataset(task, train_file, image_root, processor, dataset_path)
+    answers = read_answer_list(answer_list) if task == "vqa" else None
+    eval_dataset = None
+    if eval_file is not None and task != "pretraining":
+        eval_dataset = task_dataset(task, eval_file, image_root, processor, dataset_path, split="eval")
+        if task == "vqa" and not (answers or getattr(model.config, "answer_candidates", None)):
+            raise ValueError(
+                "VQA evaluation ranks candidate answers: give --answer_list (a JSON list of answers) with --eval_file."
+            )
+    return train_dataset, eval_dataset, answers
+
+
 def evaluate_and_save(
     task: str,
     model: Any,
@@ -181,16 +206,9 @@ def train_task_model(
     processor = load_processor(
         model.config, processor_name_or_path or model_name_or_path, vocab_file, max_text_length=max_text_length
     )
-    # Every input is checked before the first training step, not after training.
-    train_dataset = task_dataset(task, train_file, image_root, processor, dataset_path)
-    answers = read_answer_list(answer_list) if task == "vqa" else None
-    eval_dataset = None
-    if eval_file is not None and task != "pretraining":
-        eval_dataset = task_dataset(task, eval_file, image_root, processor, dataset_path, split="eval")
-        if task == "vqa" and not (answers or getattr(model.config, "answer_candidates", None)):
-            raise ValueError(
-                "VQA evaluation ranks candidate answers: give --answer_list (a JSON list of answers) with --eval_file."
-            )
+    train_dataset, eval_dataset, answers = task_inputs(
+        task, model, processor, train_file, eval_file, image_root, dataset_path, answer_list
+    )
     train(task, model, processor, train_dataset, training_args)
     metrics: dict[str, float] = {}
     output_dir = training_args.output_dir if training_args.should_save else None

@@ -118,8 +118,7 @@ def run(
         data_names,
         evaluate_and_save,
         load_processor,
-        read_answer_list,
-        task_dataset,
+        task_inputs,
         train,
     )
 
@@ -134,6 +133,10 @@ def run(
     task = prune_args.task
     model = build_task_model(task, **model_options(model_args))
     processor = load_processor(model.config, **processor_options(model_args, data_args))
+    train_dataset, eval_dataset, answers = task_inputs(
+        task, model, processor, data_args.train_file, data_args.eval_file, data_args.image_root,
+        data_args.dataset_path, data_args.answer_list,
+    )  # fmt: skip
     teacher = None
     if prune_args.teacher_model_name_or_path is not None:
         teacher = task_model_from(task, prune_args.teacher_model_name_or_path)
@@ -141,7 +144,7 @@ def run(
         task,
         model,
         processor,
-        task_dataset(task, data_args.train_file, data_args.image_root, processor, data_args.dataset_path),
+        train_dataset,
         training_args,
         ModalAdaptivePruningTrainer,
         processing_class=processor,
@@ -153,10 +156,7 @@ def run(
     pruned = trainer.accelerator.unwrap_model(trainer.model)
     output_dir = training_args.output_dir if training_args.should_save else None
     metrics: dict = {}
-    if data_args.eval_file is not None:
-        eval_dataset = task_dataset(
-            task, data_args.eval_file, data_args.image_root, processor, data_args.dataset_path, split="eval"
-        )
+    if eval_dataset is not None:
         metrics = evaluate_and_save(task, pruned, processor, eval_dataset, output_dir, data_args.answer_list)
     if output_dir is not None:
         card = ModelCardInfo(
@@ -168,7 +168,6 @@ def run(
             metrics=metrics,
             eval_dataset=data_names(data_args.eval_file)[0] if metrics else None,
         )
-        answers = read_answer_list(data_args.answer_list) if task == "vqa" else None
         save_model_folder(
             pruned, processor, output_dir, card, pruning_report=report, answer_candidates=answers, push=hub
         )
