@@ -267,18 +267,6 @@ class EfficientVLMTextConfig(_PerLayerSizes, PreTrainedConfig):
         _check_per_layer("text_config.intermediate_size_per_layer", self.intermediate_size_per_layer, total, 1 << 30)
         super().__post_init__(**kwargs)
 
-    def _check_answer_candidates(self) -> None:
-        answers, ids = self.answer_candidates, self.answer_candidates_ids
-        if answers is None and ids is None:
-            return
-        if answers is None or ids is None or len(answers) != len(ids) or not answers:
-            raise ValueError(
-                "`answer_candidates` and `answer_candidates_ids` go together: one non-empty list of answers and one "
-                "list of token ids per answer (use `EfficientVLMForQuestionAnswering.set_answer_candidates`)."
-            )
-        if any(len(sequence) < 2 or sequence[0] != ids[0][0] for sequence in ids):
-            raise ValueError("Every entry of `answer_candidates_ids` must be a start token, then the answer's tokens.")
-
     @property
     def layout(self) -> TextStackLayout:
         """Which stack layer is a text or a fusion layer (a text config alone never has twin layers)."""
