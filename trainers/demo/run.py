@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
+import os
+import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -35,6 +38,12 @@ from trainers.tasks import (
     task_model_from,
     task_spec,
 )
+
+# The k `efficientvlm evaluate` (and `evaluate_task`) re-ranks with by default; the demo never uses a smaller one.
+EVALUATE_K: int = inspect.signature(evaluate_task).parameters["k"].default
+
+# Names of the ablation rows (beside "pruned") in the report.
+ABLATIONS = {"random": "pruned, random masks", "uniform": "pruned, uniform split"}
 
 
 @dataclass
@@ -64,7 +73,10 @@ class DemoSettings:
     prune_warmup_fraction: float = 0.3
     target_sparsity: float = 0.5
     mask_learning_rate: float = 0.1
-    retrieval_k: int = 16  # ITC candidates re-ranked by ITM per query
+    # ITC candidates re-ranked by ITM per query: the same k as `efficientvlm evaluate` (X-VLM's 128).
+    retrieval_k: int = EVALUATE_K
+    # Also prune the same student to the same sparsity with random masks and with a uniform split.
+    ablations: bool = False
     benchmark_batch_size: int = 32
     benchmark_repeats: int = 10
 
@@ -161,6 +173,60 @@ def _losses(trainer: Any) -> list[dict[str, float]]:
     return [entry for entry in trainer.state.log_history if "loss" in entry or "train_loss" in entry]
 
 
+def machine_description() -> dict[str, Any]:
+    """The CPU model, its core count and the torch thread count a run used (for the report)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def uniform_structure_masks(model: Any, log_alpha: dict[tuple[str, int], torch.Tensor], sparsity: float) -> dict:
+    """0/1 masks cutting the same fraction `sparsity` of every kind of structure in every layer of every
+    modality (the lowest mask scores `log_alpha[(key, layer)]` go first), i.e. no modal-adaptive split."""
+    masks = {key: [torch.ones(n) if n else None for n in sizes] for key, sizes in model.structure_sizes().items()}
+    for key, per_layer in masks.items():
+        for layer, mask in enumerate(per_layer):
+            if mask is None:
+                continue
+            drop = min(int(round(sparsity * mask.numel())), mask.numel() - 1)
+            scores = log_alpha.get((key, layer))
+            order = scores.argsort() if scores is not None else torch.randperm(mask.numel())
+            mask[order[:drop]] = 0.0
+    return masks
+
+
+def retrieval_recalls(model: Any, dataset: Any, processor: Any, k: int) -> dict[str, float]:
+    """Retrieval recall with ITM re-ranking of the top-`k` ITC candidates (`r_mean`, ...), and of ITC alone
+    (`itc_r_mean`, ...) from the same pass, so the report can show what re-ranking adds."""
+    from trainers.evaluation.metrics import retrieval_recall
+    from trainers.evaluation.retrieval import retrieval_evaluate
+
+    model.eval()
+    images = processor.image_processor([dataset.get_image(i) for i in range(dataset.num_images)], return_tensors="pt")
+    texts = processor.tokenizer(dataset.texts, padding="longest", truncation=True, return_tensors="pt")
+    result = retrieval_evaluate(
+        model,
+        images["pixel_values"],
+        texts["input_ids"],
+        texts["attention_mask"],
+        text_to_image=dataset.text_to_image,
+        k=k,
+    )
+    groups = [[] for _ in range(dataset.num_images)]
+    for text, image in enumerate(dataset.text_to_image):
+        groups[int(image)].append(text)
+    itc = result.itc_scores.numpy()
+    itc_only = retrieval_recall(itc, groups, itc.T, [int(i) for i in dataset.text_to_image])
+    return {**result.metrics, **{f"itc_{name}": value for name, value in itc_only.items()}}
+
+
 class DemoRun:
     """One demo run: holds the settings, the output folder and what each stage produced."""
 
@@ -175,10 +241,15 @@ class DemoRun:
         self.seed = seed
         self.tasks = tasks
         self.histories: dict[str, list[dict[str, float]]] = {}
-        self.timings: dict[str, float] = {}
+        self.run_timings: dict[str, float] = {}  # one entry per training run (inside the stages)
+        self.timings: dict[str, float] = {}  # one entry per stage, then "total"
+        self.stage_steps: dict[str, int] = {}
         self.metrics: dict[str, dict[str, dict[str, float]]] = {}
         self.pruning_reports: dict[str, dict[str, Any]] = {}
         self.benchmarks: dict[str, list[dict[str, Any]]] = {}
+        self.model_dirs: dict[str, Path] = {}
+        self.ablation_models: dict[str, dict[str, Any]] = {}
+        self.machine = machine_description()
 
     # -- stages -------------------------------------------------------------------------------------------
     def make_data(self) -> None:
@@ -218,11 +289,20 @@ class DemoRun:
         trainer = train(
             task, model, self.processor, self._dataset(task, "train"), args, trainer_class or Trainer, **kwargs
         )
-        self.timings[name] = time.perf_counter() - start
+        self.run_timings[name] = time.perf_counter() - start
         self.histories[name] = _losses(trainer)
         final = next((e["train_loss"] for e in reversed(trainer.state.log_history) if "train_loss" in e), float("nan"))
-        _say(f"{name}: {trainer.state.global_step} steps in {self.timings[name]:.0f}s, mean train loss {final:.3f}")
+        _say(f"{name}: {trainer.state.global_step} steps in {self.run_timings[name]:.0f}s, mean train loss {final:.3f}")
         return trainer
+
+    def _save(self, name: str, model: Any, task: str, role: str, **card: Any) -> Path:
+        """Saves `model` as a complete folder `models/<name>` (weights, config + auto_map, code, processor, card)."""
+        from trainers.model_card import write_model_card
+
+        folder = save_with_processor(model, self.processor, self.output_dir / "models" / name)
+        write_model_card(folder, task=task, role=role, metrics=card.get("metrics", {}), **card.get("extra", {}))
+        self.model_dirs[name] = folder
+        return folder
 
     def pretrain_teacher(self) -> None:
         from modeling_efficientvlm import EfficientVLMForPreTraining
@@ -231,6 +311,8 @@ class DemoRun:
         config = teacher_config(self.settings, len(self.processor.tokenizer))
         self.teacher_pretrained = EfficientVLMForPreTraining(config)
         self._train("teacher_pretrain", "pretraining", self.teacher_pretrained, self.settings.pretrain_steps)
+        # Saved now, before any later stage starts from it: a user can redo any later stage from this folder.
+        self._save("teacher_pretrained", self.teacher_pretrained, "pretraining", "teacher")
 
     def finetune_teachers(self) -> None:
         self.teachers = {}
@@ -254,6 +336,7 @@ class DemoRun:
             DistillationTrainer,
             teacher_model=self.teacher_pretrained,
         )
+        self._save("student_distilled", self.student_pretrained, "pretraining", "student")
 
     def finetune_and_prune_students(self) -> None:
         from trainers.distillation import DistillationConfig, DistillationTrainer
@@ -292,28 +375,65 @@ class DemoRun:
                     mask_learning_rate=self.settings.mask_learning_rate,
                 ),
             )
+            scores = {(key, layer): p.detach().clone() for key, layer, p in trainer.masker.layers()}
             self.pruning_reports[task] = trainer.finalize_pruning()
             self.pruned[task] = trainer.accelerator.unwrap_model(trainer.model).eval()
             report = self.pruning_reports[task]
             split = ", ".join(f"{m} {v:.2f}" for m, v in report["sparsity_per_modality"].items())
             _say(f"pruned_{task}: sparsity {report['sparsity']:.3f} (target {self.settings.target_sparsity}); {split}")
+            if self.settings.ablations:
+                self._ablations(task, student, teacher, kd, scores, report["sparsity"])
+
+    def _ablations(self, task: str, student: Any, teacher: Any, kd: Any, scores: dict, sparsity: float) -> None:
+        """The same student pruned to the same sparsity with random masks and with a uniform split, each then
+        trained for as many steps as the learned masks, with its masks fixed (removed before training)."""
+        from trainers.distillation import DistillationTrainer
+        from trainers.pruning.hard_concrete import random_structure_masks
+
+        generator = torch.Generator().manual_seed(self.seed)
+        masks = {
+            "random": random_structure_masks(student, sparsity, generator=generator),
+            "uniform": uniform_structure_masks(student, scores, sparsity),
+        }
+        self.ablation_models[task] = {}
+        for kind, kind_masks in masks.items():
+            model = copy.deepcopy(student)
+            model.prune(kind_masks)
+            model.train()
+            torch.manual_seed(self.seed)
+            self._train(
+                f"ablation_{kind}_{task}",
+                task,
+                model,
+                self.settings.prune_steps[task],
+                DistillationTrainer,
+                teacher_model=teacher,
+                distillation_config=kd,
+            )
+            self.ablation_models[task][ABLATIONS[kind]] = model.eval()
+
+    def _roles(self, task: str) -> dict[str, Any]:
+        roles = {"teacher": self.teachers[task], "student": self.students[task], "pruned": self.pruned[task]}
+        return {**roles, **self.ablation_models.get(task, {})}
 
     def evaluate(self) -> None:
         for task in self.tasks:
             dataset = self._dataset(task, "test")
             self.metrics[task] = {}
-            for role, model in (
-                ("teacher", self.teachers[task]),
-                ("student", self.students[task]),
-                ("pruned", self.pruned[task]),
-            ):
-                result = evaluate_task(
-                    task, model, dataset, self.processor, answer_list=self.answer_list, k=self.settings.retrieval_k
-                )
+            for role, model in self._roles(task).items():
+                if task == "retrieval":
+                    k = self.settings.retrieval_k
+                    self.metrics[task][role] = retrieval_recalls(model, dataset, self.processor, k)
+                    continue
+                result = evaluate_task(task, model, dataset, self.processor, answer_list=self.answer_list)
                 self.metrics[task][role] = result.metrics
             spec = task_spec(task)
             scores = ", ".join(f"{role} {m[spec.primary_metric]:.3f}" for role, m in self.metrics[task].items())
             line = f"{spec.primary_metric_label}: {scores}"
+            if task == "retrieval":
+                line += f" (ITM re-ranking of the top {self.settings.retrieval_k}); ITC alone: " + ", ".join(
+                    f"{role} {m['itc_r_mean']:.3f}" for role, m in self.metrics[task].items()
+                )
             _say(f"{task} on the held-out split: {line}")
 
     def benchmark(self) -> None:
@@ -321,39 +441,47 @@ class DemoRun:
 
         s = self.settings
         for task in self.tasks:
-            models = {"teacher": self.teachers[task], "student": self.students[task], "pruned": self.pruned[task]}
             inputs = benchmark_inputs(self.teachers[task].config, s.benchmark_batch_size, text_length=16)
-            rows = compare_models(models, inputs, repeats=s.benchmark_repeats)
+            rows = compare_models(self._roles(task), inputs, repeats=s.benchmark_repeats)
             self.benchmarks[task] = [row.as_dict() for row in rows]
             _say(f"{task} speed: " + ", ".join(f"{r.name} {r.median_ms:.1f} ms ({r.speedup:.2f}x)" for r in rows))
 
     # -- outputs ------------------------------------------------------------------------------------------
     def save_models(self) -> None:
-        from trainers.model_card import write_model_card
+        from trainers.pruning.trainer import PRUNING_REPORT_NAME
 
-        self.model_dirs = {}
         for task in self.tasks:
-            for role, model in (
-                ("teacher", self.teachers[task]),
-                ("student", self.students[task]),
-                ("pruned", self.pruned[task]),
-            ):
-                folder = save_with_processor(model, self.processor, self.output_dir / "models" / f"{role}_{task}")
-                write_model_card(
-                    folder,
-                    task=task,
-                    role=role,
+            for role in ("teacher", "student", "pruned"):
+                model = self._roles(task)[role]
+                report = self.pruning_reports[task] if role == "pruned" else None
+                benchmark = next(r for r in self.benchmarks[task] if r["name"] == role)
+                folder = self._save(
+                    f"{role}_{task}",
+                    model,
+                    task,
+                    role,
                     metrics=self.metrics[task][role],
-                    benchmark=next(r for r in self.benchmarks[task] if r["name"] == role),
-                    pruning_report=self.pruning_reports[task] if role == "pruned" else None,
+                    extra=dict(benchmark=benchmark, pruning_report=report),
                 )
-                self.model_dirs[f"{role}_{task}"] = folder
+                if report is not None:
+                    (folder / PRUNING_REPORT_NAME).write_text(json.dumps(report, indent=2))
 
     def write_report(self) -> Path:
         from trainers.demo.report import write_plots, write_report
 
         plots = write_plots(self.output_dir, self.histories, self.pruning_reports)
         return write_report(self, plots)
+
+    def planned_steps(self) -> dict[str, int]:
+        """Optimizer steps of each training stage (for the progress lines and the ETA)."""
+        s, tasks = self.settings, self.tasks
+        prune = sum(s.prune_steps[t] for t in tasks) * (3 if s.ablations else 1)
+        return {
+            "pre-train teacher": s.pretrain_steps,
+            "fine-tune teachers": sum(s.finetune_steps[t] for t in tasks),
+            "distil student": s.distill_steps,
+            "fine-tune + prune students": sum(s.student_finetune_steps[t] for t in tasks) + prune,
+        }
 
     def run(self) -> Path:
         start = time.perf_counter()
@@ -367,10 +495,29 @@ class DemoRun:
             ("benchmark", self.benchmark),
             ("save models", self.save_models),
         ]
-        for name, stage in stages:
+        planned = self.planned_steps()
+        self.stage_steps = planned
+        total_steps, done_steps, train_seconds = sum(planned.values()), 0, 0.0
+        _say(
+            f"{len(stages)} stages, {total_steps} optimizer steps in all; on {self.machine['cpu']} "
+            f"({self.machine['cores']} cores), {self.machine['torch_threads']} torch thread(s)"
+        )
+        for index, (name, stage) in enumerate(stages, 1):
+            elapsed = time.perf_counter() - start
+            steps = planned.get(name)
+            eta = ""
+            if done_steps:
+                # The pace of the training so far, for the steps still to come (evaluation is extra).
+                left = train_seconds / done_steps * (total_steps - done_steps) / 60
+                eta = f"; ETA of the training still to come {left:.1f} min (+ evaluation)"
+            what = f" ({steps} optimizer steps)" if steps else ""
+            _say(f"stage {index}/{len(stages)}: {name}{what}; {elapsed / 60:.1f} min elapsed{eta}")
             stage_start = time.perf_counter()
             stage()
-            self.timings[f"stage: {name}"] = time.perf_counter() - stage_start
+            self.timings[name] = time.perf_counter() - stage_start
+            if steps:
+                done_steps += steps
+                train_seconds += self.timings[name]
         self.timings["total"] = time.perf_counter() - start
         report = self.write_report()
         _say(f"done in {self.timings['total'] / 60:.1f} min; report: {report}")
@@ -394,6 +541,11 @@ def main(argv: list[str] | None = None) -> Path:
         default=1,
         help="torch threads; the demo's models are small, and one thread is fastest on a busy 2-core machine",
     )
+    parser.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also prune the same student to the same sparsity with random masks and with a uniform split",
+    )
     parser.add_argument("--push_to_hub", action="store_true", help="push every model with `push_to_hub`")
     parser.add_argument("--hub_prefix", default=None, help="repo prefix for --push_to_hub, e.g. `user/evlm-demo`")
     args = parser.parse_args(argv)
@@ -402,6 +554,8 @@ def main(argv: list[str] | None = None) -> Path:
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     if args.target_sparsity is not None:
         settings = replace(settings, target_sparsity=args.target_sparsity)
+    if args.ablations:
+        settings = replace(settings, ablations=True)
     hf_logging.set_verbosity_warning()
     torch.set_num_threads(args.num_threads)
     run = DemoRun(Path(args.output_dir), settings, seed=args.seed, tasks=tuple(args.tasks.split(",")))
