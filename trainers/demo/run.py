@@ -506,7 +506,7 @@ class DemoRun:
             elapsed = time.perf_counter() - start
             steps = planned.get(name)
             eta = ""
-            if done_steps:
+            if done_steps and done_steps < total_steps:
                 # The pace of the training so far, for the steps still to come (evaluation is extra).
                 left = train_seconds / done_steps * (total_steps - done_steps) / 60
                 eta = f"; ETA of the training still to come {left:.1f} min (+ evaluation)"
