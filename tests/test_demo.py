@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from huggingface_hub import HfApi
 from PIL import Image
 
 from modeling_efficientvlm import EfficientVLMProcessor
+from trainers.commands.evaluate import EvaluateArguments
 from trainers.demo.run import main as demo_main
 from trainers.tasks import task_model_class
 
@@ -33,7 +35,9 @@ def demo_dir(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(HfApi, "create_repo", create_repo)
         patch.setattr(HfApi, "upload_folder", upload_folder)
-        demo_main(["--quick", "--output_dir", str(output), "--push_to_hub", "--hub_prefix", "someone/evlm"])
+        demo_main(
+            ["--quick", "--ablations", "--output_dir", str(output), "--push_to_hub", "--hub_prefix", "someone/evlm"]
+        )
     return output
 
 
@@ -53,6 +57,41 @@ def test_demo_writes_every_output(demo_dir: Path) -> None:
             assert image.size[0] > 200
     report = (demo_dir / "report.md").read_text()
     assert "| teacher |" in report and "| pruned |" in report and "majority" in report.lower()
+    # Honest retrieval: the k of `efficientvlm evaluate`, stated, with ITC-only recall beside the re-ranked one.
+    k = next(f.default for f in dataclasses.fields(EvaluateArguments) if f.name == "k")
+    assert f"top {k} ITC candidates" in report and "ITC-only r_mean" in report
+    assert "Machine:" in report and "torch thread" in report and "paper bar" in report
+    # Ablations: random masks and a uniform split beside the learned masks.
+    assert "| pruned, random masks |" in report and "| pruned, uniform split |" in report
+    # Time per stage: every stage once, and a total that is their sum (no training run counted twice).
+    table = report.split("## Time per stage")[1].split("Training runs")[0]
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    seconds = {row[1].strip(): float(row[3]) for row in rows[1:]}
+    assert abs(sum(v for k, v in seconds.items() if k != "**total**") - seconds["**total**"]) <= len(seconds)
+
+
+def test_every_stage_is_saved(demo_dir: Path) -> None:
+    for name in ("teacher_pretrained", "student_distilled"):
+        folder = demo_dir / "models" / name
+        model = task_model_class("pretraining").from_pretrained(folder)
+        assert model.config.architectures == ["EfficientVLMForPreTraining"]
+        assert (folder / "README.md").is_file() and (folder / "processor_config.json").is_file()
+    for task in ("vqa", "retrieval"):
+        report = json.loads((demo_dir / "models" / f"pruned_{task}" / "pruning_report.json").read_text())
+        assert report["parameters_after"] < report["parameters_before"]
+
+
+def test_uniform_masks_cut_every_layer_alike() -> None:
+    from trainers.demo.run import uniform_structure_masks
+
+    class Sizes:
+        def structure_sizes(self):
+            return {"vision_heads": [4, 4], "text_ffn": [10, 0]}
+
+    scores = {("vision_heads", 0): torch.tensor([3.0, -1.0, 2.0, 0.0])}
+    masks = uniform_structure_masks(Sizes(), scores, 0.5)
+    assert masks["vision_heads"][0].tolist() == [1.0, 0.0, 1.0, 0.0]  # the two lowest scores go
+    assert masks["vision_heads"][1].sum() == 2 and masks["text_ffn"][0].sum() == 5 and masks["text_ffn"][1] is None
 
 
 @pytest.mark.parametrize("task", ["vqa", "retrieval"])
@@ -91,9 +130,10 @@ def test_pruned_model_loads_in_a_clean_process(demo_dir: Path) -> None:
 def test_push_to_hub_uploads_complete_folders(demo_dir: Path) -> None:
     assert {upload["repo_id"] for upload in UPLOADS} == {
         f"someone/evlm-{role}_{task}" for role in ("teacher", "student", "pruned") for task in ("vqa", "retrieval")
-    }
+    } | {"someone/evlm-teacher_pretrained", "someone/evlm-student_distilled"}
     for upload in UPLOADS:
         files = set(upload["files"])
         assert {"model.safetensors", "config.json", "README.md", "processor_config.json", "tokenizer.json"} <= files
         assert {"configuration_efficientvlm.py", "modeling_efficientvlm.py"} <= files
-        assert any(name.startswith("modeling_efficientvlm_") for name in files)
+        if not upload["repo_id"].endswith(("_pretrained", "_distilled")):  # pre-training lives in the base file
+            assert any(name.startswith("modeling_efficientvlm_") for name in files)

@@ -19,7 +19,8 @@ Scenes
 Files (under `output_dir`; every `image` path is relative to `output_dir`, the image root)
     images/train_00000.png ...       RGB PNGs, `image_size` x `image_size`; images/test_00000.png ... held out.
     pretrain.json                    [{"image", "caption": [2-3 captions], "image_id"}], train images.
-    retrieval_train.json             [{"image", "caption": [3 captions], "image_id"}], train images.
+    retrieval_train.json             [{"image", "caption": [2 captions], "image_id"}], train images; both
+                                     exhaustive (every object and its cell), the kind the test captions are.
     retrieval_test.json              [{"image", "caption": [2 captions], "image_id"}], test images; every test
                                      caption lists all objects with their cells, so it matches exactly one image.
     vqa_train.json, vqa_test.json    [{"image", "question", "answer": [10 annotator answers], "question_id",
@@ -422,8 +423,12 @@ def _pretrain_record(rng: np.random.Generator, scene: dict[str, Any]) -> dict[st
 
 
 def _retrieval_train_record(rng: np.random.Generator, scene: dict[str, Any]) -> dict[str, Any]:
-    # One exhaustive caption (the test-time kind) and two partial ones.
-    captions = [_exhaustive_captions(scene)[int(rng.integers(2))], *_partial_captions(rng, scene)[:2]]
+    # Both exhaustive captions (the test-time kind, each true of this scene only). Partial captions ("a picture of
+    # three shapes") are true of many images, so the ITM hard negatives drawn for them are often true matches
+    # labelled 0: with them a 180-step teacher's ITM re-ranking made recall much worse (k=128 r_mean 0.045
+    # re-ranked vs 0.273 ITC alone); with these, ITC alone reaches 0.40 and re-ranked 0.21 (k=32).
+    del rng  # kept in the signature: the record stream stays seeded per split
+    captions = _exhaustive_captions(scene)
     return {"image": scene["image"], "caption": captions, "image_id": scene["image_id"]}
 
 

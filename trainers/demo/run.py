@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
+import os
+import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,6 +37,12 @@ from trainers.tasks import (
     task_model_from,
     task_spec,
 )
+
+# The k `efficientvlm evaluate` (and `evaluate_task`) re-ranks with by default; the demo never uses a smaller one.
+EVALUATE_K: int = inspect.signature(evaluate_task).parameters["k"].default
+
+# Names of the ablation rows (beside "pruned") in the report.
+ABLATIONS = {"random": "pruned, random masks", "uniform": "pruned, uniform split"}
 
 
 @dataclass
@@ -63,7 +72,10 @@ class DemoSettings:
     prune_warmup_fraction: float = 0.3
     target_sparsity: float = 0.5
     mask_learning_rate: float = 0.1
-    retrieval_k: int = 16  # ITC candidates re-ranked by ITM per query
+    # ITC candidates re-ranked by ITM per query: the same k as `efficientvlm evaluate` (X-VLM's 128).
+    retrieval_k: int = EVALUATE_K
+    # Also prune the same student to the same sparsity with random masks and with a uniform split.
+    ablations: bool = False
     benchmark_batch_size: int = 32
     benchmark_repeats: int = 10
 
@@ -160,6 +172,60 @@ def _losses(trainer: Any) -> list[dict[str, float]]:
     return [entry for entry in trainer.state.log_history if "loss" in entry or "train_loss" in entry]
 
 
+def machine_description() -> dict[str, Any]:
+    """The CPU model, its core count and the torch thread count a run used (for the report)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def uniform_structure_masks(model: Any, log_alpha: dict[tuple[str, int], torch.Tensor], sparsity: float) -> dict:
+    """0/1 masks cutting the same fraction `sparsity` of every kind of structure in every layer of every
+    modality (the lowest mask scores `log_alpha[(key, layer)]` go first), i.e. no modal-adaptive split."""
+    masks = {key: [torch.ones(n) if n else None for n in sizes] for key, sizes in model.structure_sizes().items()}
+    for key, per_layer in masks.items():
+        for layer, mask in enumerate(per_layer):
+            if mask is None:
+                continue
+            drop = min(int(round(sparsity * mask.numel())), mask.numel() - 1)
+            scores = log_alpha.get((key, layer))
+            order = scores.argsort() if scores is not None else torch.randperm(mask.numel())
+            mask[order[:drop]] = 0.0
+    return masks
+
+
+def retrieval_recalls(model: Any, dataset: Any, processor: Any, k: int) -> dict[str, float]:
+    """Retrieval recall with ITM re-ranking of the top-`k` ITC candidates (`r_mean`, ...), and of ITC alone
+    (`itc_r_mean`, ...) from the same pass, so the report can show what re-ranking adds."""
+    from trainers.evaluation.metrics import retrieval_recall
+    from trainers.evaluation.retrieval import retrieval_evaluate
+
+    model.eval()
+    images = processor.image_processor([dataset.get_image(i) for i in range(dataset.num_images)], return_tensors="pt")
+    texts = processor.tokenizer(dataset.texts, padding="longest", truncation=True, return_tensors="pt")
+    result = retrieval_evaluate(
+        model,
+        images["pixel_values"],
+        texts["input_ids"],
+        texts["attention_mask"],
+        text_to_image=dataset.text_to_image,
+        k=k,
+    )
+    groups = [[] for _ in range(dataset.num_images)]
+    for text, image in enumerate(dataset.text_to_image):
+        groups[int(image)].append(text)
+    itc = result.itc_scores.numpy()
+    itc_only = retrieval_recall(itc, groups, itc.T, [int(i) for i in dataset.text_to_image])
+    return {**result.metrics, **{f"itc_{name}": value for name, value in itc_only.items()}}
+
+
 class DemoRun:
     """One demo run: holds the settings, the output folder and what each stage produced."""
 
@@ -180,10 +246,15 @@ class DemoRun:
         self.tasks = tasks
         self.hub_prefix = hub_prefix  # push every model folder to `<hub_prefix>-<role>_<task>` as it is saved
         self.histories: dict[str, list[dict[str, float]]] = {}
-        self.timings: dict[str, float] = {}
+        self.run_timings: dict[str, float] = {}  # one entry per training run (inside the stages)
+        self.timings: dict[str, float] = {}  # one entry per stage, then "total"
+        self.stage_steps: dict[str, int] = {}
         self.metrics: dict[str, dict[str, dict[str, float]]] = {}
         self.pruning_reports: dict[str, dict[str, Any]] = {}
         self.benchmarks: dict[str, list[dict[str, Any]]] = {}
+        self.model_dirs: dict[str, Path] = {}
+        self.ablation_models: dict[str, dict[str, Any]] = {}
+        self.machine = machine_description()
 
     # -- stages -------------------------------------------------------------------------------------------
     def make_data(self) -> None:
@@ -223,11 +294,47 @@ class DemoRun:
         trainer = train(
             task, model, self.processor, self._dataset(task, "train"), args, trainer_class or Trainer, **kwargs
         )
-        self.timings[name] = time.perf_counter() - start
+        self.run_timings[name] = time.perf_counter() - start
         self.histories[name] = _losses(trainer)
         final = next((e["train_loss"] for e in reversed(trainer.state.log_history) if "train_loss" in e), float("nan"))
-        _say(f"{name}: {trainer.state.global_step} steps in {self.timings[name]:.0f}s, mean train loss {final:.3f}")
+        _say(f"{name}: {trainer.state.global_step} steps in {self.run_timings[name]:.0f}s, mean train loss {final:.3f}")
         return trainer
+
+    def _hub_name(self, name: str) -> str:
+        """The Hub id of folder `name` when pushing (`--hub_prefix`), otherwise the folder's name."""
+        return f"{self.hub_prefix}-{name}" if self.hub_prefix else name
+
+    def _save(self, name: str, model: Any, card: Any, pruning_report: dict | None = None) -> Path:
+        """Saves `model` as a complete folder `models/<name>` (weights, config + auto_map, code, processor, card,
+        the pruning report of a pruned model), pushed to `<hub_prefix>-<name>` with `--push_to_hub`."""
+        from trainers.saving import HubTarget, save_model_folder
+
+        folder = save_model_folder(
+            model,
+            self.processor,
+            self.output_dir / "models" / name,
+            card,
+            pruning_report=pruning_report,
+            answer_candidates=self.answer_list if card.task == "vqa" else None,
+            push=HubTarget(self._hub_name(name)) if self.hub_prefix else None,
+        )
+        self.model_dirs[name] = folder
+        return folder
+
+    def _card(self, task: str, role: str, base: str | None = None, teacher: str | None = None, **facts: Any) -> Any:
+        from trainers.model_card import ModelCardInfo, describe_hardware
+
+        return ModelCardInfo(
+            task=task,
+            stage="demo",
+            role=role,
+            base_model=self._hub_name(base) if base else None,
+            teacher_model=self._hub_name(teacher) if teacher else None,
+            synthetic_data=True,
+            hardware=describe_hardware(),
+            answer_candidates_source="the answer list of the demo corpus" if task == "vqa" else None,
+            **facts,
+        )
 
     def pretrain_teacher(self) -> None:
         from modeling_efficientvlm import EfficientVLMForPreTraining
@@ -236,6 +343,8 @@ class DemoRun:
         config = teacher_config(self.settings, len(self.processor.tokenizer))
         self.teacher_pretrained = EfficientVLMForPreTraining(config)
         self._train("teacher_pretrain", "pretraining", self.teacher_pretrained, self.settings.pretrain_steps)
+        # Saved now, before any later stage starts from it: a user can redo any later stage from this folder.
+        self._save("teacher_pretrained", self.teacher_pretrained, self._card("pretraining", "teacher"))
 
     def finetune_teachers(self) -> None:
         self.teachers = {}
@@ -259,6 +368,8 @@ class DemoRun:
             DistillationTrainer,
             teacher_model=self.teacher_pretrained,
         )
+        card = self._card("pretraining", "student", base="teacher_pretrained", teacher="teacher_pretrained")
+        self._save("student_distilled", self.student_pretrained, card)
 
     def finetune_and_prune_students(self) -> None:
         from trainers.distillation import DistillationConfig, DistillationTrainer
@@ -297,28 +408,65 @@ class DemoRun:
                     mask_learning_rate=self.settings.mask_learning_rate,
                 ),
             )
+            scores = {(key, layer): p.detach().clone() for key, layer, p in trainer.masker.layers()}
             self.pruning_reports[task] = trainer.finalize_pruning()
             self.pruned[task] = trainer.accelerator.unwrap_model(trainer.model).eval()
             report = self.pruning_reports[task]
             split = ", ".join(f"{m} {v:.2f}" for m, v in report["sparsity_per_modality"].items())
             _say(f"pruned_{task}: sparsity {report['sparsity']:.3f} (target {self.settings.target_sparsity}); {split}")
+            if self.settings.ablations:
+                self._ablations(task, student, teacher, kd, scores, report["sparsity"])
+
+    def _ablations(self, task: str, student: Any, teacher: Any, kd: Any, scores: dict, sparsity: float) -> None:
+        """The same student pruned to the same sparsity with random masks and with a uniform split, each then
+        trained for as many steps as the learned masks, with its masks fixed (removed before training)."""
+        from trainers.distillation import DistillationTrainer
+        from trainers.pruning.hard_concrete import random_structure_masks
+
+        generator = torch.Generator().manual_seed(self.seed)
+        masks = {
+            "random": random_structure_masks(student, sparsity, generator=generator),
+            "uniform": uniform_structure_masks(student, scores, sparsity),
+        }
+        self.ablation_models[task] = {}
+        for kind, kind_masks in masks.items():
+            model = copy.deepcopy(student)
+            model.prune(kind_masks)
+            model.train()
+            torch.manual_seed(self.seed)
+            self._train(
+                f"ablation_{kind}_{task}",
+                task,
+                model,
+                self.settings.prune_steps[task],
+                DistillationTrainer,
+                teacher_model=teacher,
+                distillation_config=kd,
+            )
+            self.ablation_models[task][ABLATIONS[kind]] = model.eval()
+
+    def _roles(self, task: str) -> dict[str, Any]:
+        roles = {"teacher": self.teachers[task], "student": self.students[task], "pruned": self.pruned[task]}
+        return {**roles, **self.ablation_models.get(task, {})}
 
     def evaluate(self) -> None:
         for task in self.tasks:
             dataset = self._dataset(task, "test")
             self.metrics[task] = {}
-            for role, model in (
-                ("teacher", self.teachers[task]),
-                ("student", self.students[task]),
-                ("pruned", self.pruned[task]),
-            ):
-                result = evaluate_task(
-                    task, model, dataset, self.processor, answer_list=self.answer_list, k=self.settings.retrieval_k
-                )
+            for role, model in self._roles(task).items():
+                if task == "retrieval":
+                    k = self.settings.retrieval_k
+                    self.metrics[task][role] = retrieval_recalls(model, dataset, self.processor, k)
+                    continue
+                result = evaluate_task(task, model, dataset, self.processor, answer_list=self.answer_list)
                 self.metrics[task][role] = result.metrics
             spec = task_spec(task)
             scores = ", ".join(f"{role} {m[spec.primary_metric]:.3f}" for role, m in self.metrics[task].items())
             line = f"{spec.primary_metric_label}: {scores}"
+            if task == "retrieval":
+                line += f" (ITM re-ranking of the top {self.settings.retrieval_k}); ITC alone: " + ", ".join(
+                    f"{role} {m['itc_r_mean']:.3f}" for role, m in self.metrics[task].items()
+                )
             _say(f"{task} on the held-out split: {line}")
 
     def benchmark(self) -> None:
@@ -326,62 +474,50 @@ class DemoRun:
 
         s = self.settings
         for task in self.tasks:
-            models = {"teacher": self.teachers[task], "student": self.students[task], "pruned": self.pruned[task]}
             inputs = benchmark_inputs(self.teachers[task].config, s.benchmark_batch_size, text_length=16)
-            rows = compare_models(models, inputs, repeats=s.benchmark_repeats)
+            rows = compare_models(self._roles(task), inputs, repeats=s.benchmark_repeats)
             self.benchmarks[task] = [row.as_dict() for row in rows]
             _say(f"{task} speed: " + ", ".join(f"{r.name} {r.median_ms:.1f} ms ({r.speedup:.2f}x)" for r in rows))
 
     # -- outputs ------------------------------------------------------------------------------------------
     def save_models(self) -> None:
-        from trainers.model_card import ModelCardInfo, describe_hardware
-        from trainers.saving import HubTarget, save_model_folder
-
-        def name(role: str, task: str) -> str:
-            # The Hub id when pushing (`--hub_prefix`), otherwise the folder's name.
-            return f"{self.hub_prefix}-{role}_{task}" if self.hub_prefix else f"{role}_{task}"
-
-        self.model_dirs = {}
-        hardware = describe_hardware()
+        origins = {  # (the model it started from, the teacher it learned from)
+            "teacher": ("teacher_pretrained", None),
+            "student": ("student_distilled", "teacher_{task}"),
+            "pruned": ("student_{task}", "teacher_{task}"),
+        }
         for task in self.tasks:
-            origins = {
-                "teacher": (None, None),
-                "student": (name("teacher", task), name("teacher", task)),
-                "pruned": (name("student", task), name("teacher", task)),
-            }
-            for role, model in (
-                ("teacher", self.teachers[task]),
-                ("student", self.students[task]),
-                ("pruned", self.pruned[task]),
-            ):
-                card = ModelCardInfo(
-                    task=task,
-                    stage="demo",
-                    role=role,
-                    base_model=origins[role][0],
-                    teacher_model=origins[role][1],
-                    synthetic_data=True,
+            for role, (base, teacher) in origins.items():
+                model = self._roles(task)[role]
+                base, teacher = (name.format(task=task) if name else None for name in (base, teacher))
+                card = self._card(
+                    task,
+                    role,
+                    base=base,
+                    teacher=teacher,
                     metrics=self.metrics[task][role],
                     eval_split="test",
                     benchmark=next(r for r in self.benchmarks[task] if r["name"] == role),
-                    hardware=hardware,
-                    answer_candidates_source="the answer list of the demo corpus" if task == "vqa" else None,
                 )
-                self.model_dirs[f"{role}_{task}"] = save_model_folder(
-                    model,
-                    self.processor,
-                    self.output_dir / "models" / f"{role}_{task}",
-                    card,
-                    pruning_report=self.pruning_reports[task] if role == "pruned" else None,
-                    answer_candidates=self.answer_list if task == "vqa" else None,
-                    push=HubTarget(name(role, task)) if self.hub_prefix else None,
-                )
+                report = self.pruning_reports[task] if role == "pruned" else None
+                self._save(f"{role}_{task}", model, card, pruning_report=report)
 
     def write_report(self) -> Path:
         from trainers.demo.report import write_plots, write_report
 
         plots = write_plots(self.output_dir, self.histories, self.pruning_reports)
         return write_report(self, plots)
+
+    def planned_steps(self) -> dict[str, int]:
+        """Optimizer steps of each training stage (for the progress lines and the ETA)."""
+        s, tasks = self.settings, self.tasks
+        prune = sum(s.prune_steps[t] for t in tasks) * (3 if s.ablations else 1)
+        return {
+            "pre-train teacher": s.pretrain_steps,
+            "fine-tune teachers": sum(s.finetune_steps[t] for t in tasks),
+            "distil student": s.distill_steps,
+            "fine-tune + prune students": sum(s.student_finetune_steps[t] for t in tasks) + prune,
+        }
 
     def run(self) -> Path:
         start = time.perf_counter()
@@ -395,10 +531,29 @@ class DemoRun:
             ("benchmark", self.benchmark),
             ("save models", self.save_models),
         ]
-        for name, stage in stages:
+        planned = self.planned_steps()
+        self.stage_steps = planned
+        total_steps, done_steps, train_seconds = sum(planned.values()), 0, 0.0
+        _say(
+            f"{len(stages)} stages, {total_steps} optimizer steps in all; on {self.machine['cpu']} "
+            f"({self.machine['cores']} cores), {self.machine['torch_threads']} torch thread(s)"
+        )
+        for index, (name, stage) in enumerate(stages, 1):
+            elapsed = time.perf_counter() - start
+            steps = planned.get(name)
+            eta = ""
+            if done_steps and done_steps < total_steps:
+                # The pace of the training so far, for the steps still to come (evaluation is extra).
+                left = train_seconds / done_steps * (total_steps - done_steps) / 60
+                eta = f"; ETA of the training still to come {left:.1f} min (+ evaluation)"
+            what = f" ({steps} optimizer steps)" if steps else ""
+            _say(f"stage {index}/{len(stages)}: {name}{what}; {elapsed / 60:.1f} min elapsed{eta}")
             stage_start = time.perf_counter()
             stage()
-            self.timings[f"stage: {name}"] = time.perf_counter() - stage_start
+            self.timings[name] = time.perf_counter() - stage_start
+            if steps:
+                done_steps += steps
+                train_seconds += self.timings[name]
         self.timings["total"] = time.perf_counter() - start
         report = self.write_report()
         _say(f"done in {self.timings['total'] / 60:.1f} min; report: {report}")
@@ -422,6 +577,11 @@ def main(argv: list[str] | None = None) -> Path:
         default=1,
         help="torch threads; the demo's models are small, and one thread is fastest on a busy 2-core machine",
     )
+    parser.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also prune the same student to the same sparsity with random masks and with a uniform split",
+    )
     parser.add_argument("--push_to_hub", action="store_true", help="push every model folder (its files only)")
     parser.add_argument(
         "--hub_prefix",
@@ -436,6 +596,8 @@ def main(argv: list[str] | None = None) -> Path:
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     if args.target_sparsity is not None:
         settings = replace(settings, target_sparsity=args.target_sparsity)
+    if args.ablations:
+        settings = replace(settings, ablations=True)
     hf_logging.set_verbosity_warning()
     torch.set_num_threads(args.num_threads)
     hub_prefix = args.hub_prefix if args.push_to_hub else None
