@@ -173,7 +173,9 @@ def train_task_model(
     train(task, model, processor, task_dataset(task, train_file, image_root, processor, dataset_path), training_args)
     metrics: dict[str, float] = {}
     output_dir = training_args.output_dir if training_args.should_save else None
-    if eval_file is not None and task != "pretraining":
+    # Evaluation runs once, in the world's first process (the model is not sharded: no collective is needed);
+    # the other processes return no metrics.
+    if eval_file is not None and task != "pretraining" and training_args.process_index == 0:
         eval_dataset = task_dataset(task, eval_file, image_root, processor, dataset_path, split="eval")
         metrics = evaluate_and_save(task, model, processor, eval_dataset, output_dir, answer_list)
     if output_dir is not None:

@@ -153,7 +153,8 @@ def run(
     pruned = trainer.accelerator.unwrap_model(trainer.model)
     output_dir = training_args.output_dir if training_args.should_save else None
     metrics: dict = {}
-    if data_args.eval_file is not None:
+    # Evaluation runs once, in the world's first process; the others return the report without metrics.
+    if data_args.eval_file is not None and training_args.process_index == 0:
         eval_dataset = task_dataset(
             task, data_args.eval_file, data_args.image_root, processor, data_args.dataset_path, split="eval"
         )
