@@ -105,3 +105,26 @@ def test_only_rank_zero_writes_and_evaluates(workdir) -> None:
         files = [sorted(os.listdir(workdir / f"outputs_{world}" / command)) for world in (1, 2)]
         assert files[0] == files[1]
     assert "eval_results.json" in os.listdir(workdir / "outputs_2" / "prune")
+
+
+def test_mlm_masks_are_seeded_per_sample_and_epoch(tmp_path) -> None:
+    from trainers.data.collators import PretrainingCollator
+
+    from .data_utils import COLOURS, make_image, make_processor
+
+    processor = make_processor(tmp_path, image_size=32, max_length=16)
+    items = [
+        {"image": make_image(), "text": f"a {c} square and a {d} circle", "image_id": i}
+        for i, (c, d) in enumerate(zip(COLOURS[:6], COLOURS[6:12]))
+    ]
+    collator = PretrainingCollator(processor, seed=0)
+    torch.manual_seed(0)
+    whole = collator(items)
+    torch.manual_seed(1)  # the global RNG plays no part
+    halves = [collator(items[:3]), collator(items[3:])]
+    for key in ("mlm_input_ids", "mlm_labels"):
+        assert torch.equal(whole[key], torch.cat([h[key] for h in halves])), key
+        assert torch.equal(PretrainingCollator(processor, seed=0)(items[::-1])[key], whole[key].flip(0)), key
+    collator.set_epoch(1)
+    assert not torch.equal(collator(items)["mlm_labels"], whole["mlm_labels"])
+    assert not torch.equal(PretrainingCollator(processor, seed=1)(items)["mlm_labels"], whole["mlm_labels"])
