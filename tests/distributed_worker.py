@@ -8,6 +8,9 @@ In order, each process:
 2. `distill`: the `efficientvlm distill` command (pre-training collator, tiny teacher and student) for 2 steps.
 3. `prune`: the `efficientvlm prune` command on retrieval (ITC + ITM, with a teacher and the ITC KD term) for 2
    steps, with an evaluation.
+With `resume COMMAND PHASE` after those arguments, it runs only `COMMAND` (`distill` or `prune`) for 4 steps with a
+checkpoint at every step: `full` uninterrupted; `killed` stopping (asleep, for the test to SIGKILL) once
+`checkpoint-3` is written (mid-epoch: 2 steps per epoch); `resumed` from that checkpoint.
 Each process saves, outside the output folders, its weights (and pruning state) after training, the files it
 opened for writing under the output folders, and how many evaluations it ran. `WORKDIR` holds the data and the
 teacher folders, which the test writes first.
@@ -18,16 +21,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from transformers import TrainerCallback
 
 torch.set_num_threads(1)
 
 WORKDIR, GLOBAL_BATCH = Path(sys.argv[1]), int(sys.argv[2])
 RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-RESULTS = WORKDIR / f"results_{WORLD}"
+RESULTS = WORKDIR / (f"results_{WORLD}" if "resume" not in sys.argv else "results_resume")
 OUTPUTS = WORKDIR / f"outputs_{WORLD}"
 WRITES: list[str] = []
 
@@ -94,6 +99,8 @@ def install_trainer_probes() -> None:
     original_train = DistillationTrainer.train
 
     def train(self, *args, **kwargs):
+        if RESUME and RESUME[1] == "killed":
+            self.add_callback(StopAfterCheckpoint())
         result = original_train(self, *args, **kwargs)
         state = {k: v.detach().clone() for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()}
         pruning = self.pruning_state_dict() if isinstance(self, ModalAdaptivePruningTrainer) else None
@@ -110,19 +117,38 @@ def install_trainer_probes() -> None:
     trainers.training.evaluate_task = evaluate_task
 
 
+class StopAfterCheckpoint(TrainerCallback):
+    """Once checkpoint 3 is written, says so (with this process's pid) and waits to be killed."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            dist.barrier()  # every process has written its part of the checkpoint
+            (WORKDIR / f"killable_rank{RANK}").write_text(str(os.getpid()))
+            time.sleep(600)
+
+
+RESUME = sys.argv[3:] if len(sys.argv) > 3 and sys.argv[3] == "resume" else []
+RESUME = RESUME[1:]
 CURRENT: list[str] = [""]
 EVALUATIONS: list[str] = []
 
 
 def common_flags(output_dir: Path) -> list[str]:
+    if RESUME:
+        command, phase = RESUME
+        output_dir = WORKDIR / f"resume_{phase if phase == 'full' else 'killed'}" / command
+        flags = ["--save_strategy", "steps", "--save_steps", "1", "--max_steps", "4"]
+        if phase == "resumed":
+            flags += ["--resume_from_checkpoint", str(output_dir / "checkpoint-3")]
+    else:
+        flags = ["--save_strategy", "no", "--max_steps", "2"]
     return [
+        *flags,
         "--output_dir", str(output_dir),
         "--per_device_train_batch_size", str(GLOBAL_BATCH // WORLD),
-        "--max_steps", "2",
         "--logging_steps", "1",
         "--learning_rate", "1e-3",
         "--seed", "0",
-        "--save_strategy", "no",
         "--report_to", "none",
         "--use_cpu",
         "--disable_tqdm", "true",
@@ -133,7 +159,7 @@ def common_flags(output_dir: Path) -> list[str]:
 def distill() -> None:
     from trainers import commands as cli
 
-    CURRENT[0] = "distill"
+    CURRENT[0] = "distill" if not RESUME else f"distill_{RESUME[1]}"
     argv = [
         "distill",
         "--teacher_model_name_or_path", str(WORKDIR / "pretraining_teacher"),
@@ -149,7 +175,7 @@ def distill() -> None:
 def prune() -> None:
     from trainers import commands as cli
 
-    CURRENT[0] = "prune"
+    CURRENT[0] = "prune" if not RESUME else f"prune_{RESUME[1]}"
     argv = [
         "prune",
         "--task", "retrieval",
@@ -170,6 +196,11 @@ def prune() -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     dist.init_process_group("gloo")
+    if RESUME:
+        install_trainer_probes()
+        {"distill": distill, "prune": prune}[RESUME[0]]()
+        dist.destroy_process_group()
+        sys.exit(0)
     itc_gradients()
     if RANK != 0:
         sys.addaudithook(_record_writes)

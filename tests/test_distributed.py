@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,44 @@ def test_mlm_masks_are_seeded_per_sample_and_epoch(tmp_path) -> None:
     collator.set_epoch(1)
     assert not torch.equal(collator(items)["mlm_labels"], whole["mlm_labels"])
     assert not torch.equal(PretrainingCollator(processor, seed=1)(items)["mlm_labels"], whole["mlm_labels"])
+
+
+def _launch(workdir: Path, *extra: str, wait: bool = True):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(REPO / "tests" / "distributed_worker.py"), str(workdir), str(GLOBAL_BATCH), *extra]
+    if not wait:
+        return subprocess.Popen(command, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{extra} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+@pytest.mark.parametrize("command", ["prune", "distill"])
+def test_a_killed_two_process_run_resumes_exactly(tmp_path, command: str) -> None:
+    """SIGKILL (by pid) both processes and the launcher of a 2-process run once checkpoint 3 of 4 is written
+    (mid-epoch), resume from it: the final weights (and log-alphas and multipliers) equal the uninterrupted run's
+    exactly. For `distill`, the pre-training collator's masks must be the same after the resume."""
+    write_workdir(tmp_path)
+    launcher = _launch(tmp_path, "resume", command, "killed", wait=False)
+    markers = [tmp_path / f"killable_rank{rank}" for rank in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not all(marker.is_file() and marker.read_text() for marker in markers):
+        assert launcher.poll() is None, launcher.stderr.read().decode()[-6000:]
+        assert time.monotonic() < deadline, "checkpoint 3 was never written"
+        time.sleep(0.5)
+    for pid in [int(marker.read_text()) for marker in markers] + [launcher.pid]:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait(timeout=60)
+    assert not (tmp_path / "resume_killed" / command / "checkpoint-4").exists()
+    _launch(tmp_path, "resume", command, "resumed")
+    _launch(tmp_path, "resume", command, "full")
+    for rank in (0, 1):
+        full = torch.load(tmp_path / "results_resume" / f"{command}_full_rank{rank}.pt", weights_only=False)
+        resumed = torch.load(tmp_path / "results_resume" / f"{command}_resumed_rank{rank}.pt", weights_only=False)
+        assert full["weights"].keys() == resumed["weights"].keys()
+        for key, value in full["weights"].items():
+            assert torch.equal(value, resumed["weights"][key]), key
+        if command == "prune":
+            for part in ("masker", "lagrangian"):
+                for key, value in full["pruning"][part].items():
+                    assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["pruning"][part][key])), key
