@@ -173,12 +173,13 @@ def run(
         save_model_folder(
             pruned, processor, output_dir, card, pruning_report=report, answer_candidates=answers, push=hub
         )
-    logger.warning(
-        f"Pruned {task} model: sparsity {report['sparsity']:.4f} of the prunable parameters (per modality "
-        f"{ {m: round(v, 4) for m, v in report['sparsity_per_modality'].items()} }), "
-        f"{report['parameters_before']:,} -> {report['parameters_after']:,} parameters; saved to "
-        f"{training_args.output_dir}."
-    )
+    if output_dir is not None:
+        logger.warning(
+            f"Pruned {task} model: sparsity {report['sparsity']:.4f} of the prunable parameters (per modality "
+            f"{ {m: round(v, 4) for m, v in report['sparsity_per_modality'].items()} }), "
+            f"{report['parameters_before']:,} -> {report['parameters_after']:,} parameters; saved to "
+            f"{training_args.output_dir}."
+        )
     return {**report, "eval": metrics} if metrics else report
 
 

@@ -141,9 +141,15 @@ class DistillationTrainer(Trainer):
         recompute the similarities over the gathered embeddings)."""
         temperatures = None
         if self.model.training and self.args.world_size > 1 and self.distillation_config.itc > 0:
-            student = itc_temperature(self.accelerator.unwrap_model(self.model))
-            teacher = itc_temperature(self.teacher_model)
-            temperatures = (student, teacher) if student is not None and teacher is not None else None
+            if self._parameters_are_sharded():
+                # The student's temperature is read outside its forward, where FSDP / ZeRO-3 hold only a shard.
+                logger.warning_once(
+                    "Under FSDP or DeepSpeed ZeRO-3 the ITC KD term compares the local (per-process) similarities."
+                )
+            else:
+                student = itc_temperature(self.accelerator.unwrap_model(self.model))
+                teacher = itc_temperature(self.teacher_model)
+                temperatures = (student, teacher) if student is not None and teacher is not None else None
         return self.distillation_loss(
             student_outputs,
             teacher_outputs,
@@ -152,6 +158,16 @@ class DistillationTrainer(Trainer):
             labels=inputs.get("labels"),
             itc_temperatures=temperatures,
         )
+
+    def _parameters_are_sharded(self) -> bool:
+        """Whether the student's parameters are sharded across processes (FSDP, DeepSpeed ZeRO-3)."""
+        if getattr(self, "is_fsdp_enabled", False):
+            return True
+        if getattr(self, "is_deepspeed_enabled", False):
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+            return is_deepspeed_zero3_enabled()
+        return False
 
     def log_loss_terms(self, terms: Mapping[str, float | torch.Tensor]) -> None:
         """Accumulates named scalar values; the next training log reports the mean of each since the last log."""
