@@ -87,7 +87,14 @@ def itc_gradients() -> None:
         if parameter.grad is not None:
             dist.all_reduce(parameter.grad)  # what DDP does: the mean over processes
             grads[name] = parameter.grad / WORLD
-    _dump("grad", {"loss_itc": loss.detach(), "grads": grads})
+    # Uneven local batches (3 and 5 rows): gathered in rank order; the backward sums every process's gradient.
+    from modeling_efficientvlm.loss_efficientvlm import gather_batch
+
+    local = torch.arange(2.0 * (3 + 2 * RANK)).view(-1, 2).add(100 * RANK).requires_grad_()
+    gathered = gather_batch(local)
+    (gathered * torch.arange(gathered.numel()).view_as(gathered)).sum().backward()
+    uneven = {"gathered": gathered.detach(), "grad": local.grad}
+    _dump("grad", {"loss_itc": loss.detach(), "grads": grads, "uneven": uneven})
 
 
 def install_trainer_probes() -> None:

@@ -66,6 +66,12 @@ def test_gathered_itc_loss_and_gradients_equal_one_process_on_the_global_batch(w
             assert result["grads"].keys() == grads.keys()
             for name, grad in grads.items():
                 torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # Uneven local batches: rank order kept, padding cut off, each process gets the sum of all gradients.
+    first, second = (_result(workdir, 2, "grad", rank)["uneven"] for rank in (0, 1))
+    expected = torch.cat([torch.arange(6.0).view(3, 2), torch.arange(10.0).view(5, 2) + 100])
+    assert torch.equal(first["gathered"], expected) and torch.equal(second["gathered"], expected)
+    weights = 2 * torch.arange(16.0).view(8, 2)
+    assert torch.equal(first["grad"], weights[:3]) and torch.equal(second["grad"], weights[3:])
     # Without gathering, each process would see only its half: a clearly different loss.
     with torch.no_grad():
         halves = [model(**{k: v[rows] for k, v in batch.items()}).loss_itc for rows in (slice(0, 4), slice(4, 8))]
