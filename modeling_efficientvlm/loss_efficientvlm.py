@@ -6,9 +6,51 @@ them, and a model saved for remote code must carry every file its forward needs.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+
+def distributed_world_size() -> int:
+    """The number of processes of the initialised default process group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenates `tensor` (local_batch, ...) of every process along dim 0, in rank order: (global_batch, ...).
+
+    Differentiable: the backward of `torch.distributed.nn.functional.all_gather` sums, across processes, the
+    gradients every process's loss sends to each slice, so a loss computed identically on every process over
+    the gathered batch, with DDP averaging the gradients, gives the gradients of one process on the global
+    batch. Works under gloo and NCCL; local batches may differ in size (padded for the collective, then cut).
+    Without an initialised process group, or with one process, returns `tensor` itself. Every process must
+    call it (it is a collective).
+    """
+    world_size = distributed_world_size()
+    if world_size == 1:
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = tensor.contiguous()
+    if padded.shape[0] < max(sizes):
+        padding = padded.new_zeros((max(sizes) - padded.shape[0], *padded.shape[1:]))
+        padded = torch.cat([padded, padding])
+    if tensor.requires_grad:
+        from torch.distributed.nn.functional import all_gather
+
+        with warnings.catch_warnings():
+            # Deprecated in favour of the private `_functional_collectives`; still the public autograd gather.
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = all_gather(padded)
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world_size)]
+        dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
 def same_image_targets(image_ids: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -27,6 +69,11 @@ class ImageTextContrastiveLoss(nn.Module):
 
     Texts of the same image (equal `image_ids`) all count as positives, with the target mass shared
     between them, as in X-VLM's retrieval fine-tuning.
+
+    In training mode under `torch.distributed` (DDP, `torchrun`), the embeddings and image ids of every
+    process are gathered first ([`gather_batch`], with gradients), as X-VLM does: the negatives are those of
+    the global batch, and every process computes the same loss over it (without image ids, the positives are
+    the global batch's diagonal). In eval mode, or in one process, only the local batch is used.
     """
 
     def get_logits(
@@ -47,6 +94,9 @@ class ImageTextContrastiveLoss(nn.Module):
         itc_temperature: torch.Tensor,
         image_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.training:
+            image_embeds, text_embeds = gather_batch(image_embeds), gather_batch(text_embeds)
+            image_ids = None if image_ids is None else gather_batch(image_ids)
         logits_per_image, logits_per_text = self.get_logits(image_embeds, text_embeds, itc_temperature)
         targets = self.get_ground_truth(image_ids, image_embeds.shape[0], image_embeds.device)
         loss_i2t = -(F.log_softmax(logits_per_image, dim=1) * targets).sum(dim=1).mean()

@@ -1264,6 +1264,10 @@ def image_text_contrastive_matching(
     `image_ids` (batch,) make texts of the same image positives for ITC and never negatives for ITM;
     `itm_negatives = (negative_text_index, negative_image_index)` are reused instead of sampled (e.g. a
     teacher scoring the student's negatives).
+
+    Under `torch.distributed`, in training mode, `itc_loss` gathers the embeddings and image ids of every process
+    (global negatives, the same loss on every process); `logits_per_image` and the ITM hard negatives stay
+    per-process (the local batch).
     """
     image_embeds = itc_embedding(backbone.vision_proj, image_states)
     text_embeds = itc_embedding(backbone.text_proj, text_states)
@@ -1271,7 +1275,8 @@ def image_text_contrastive_matching(
     logits_per_image = image_embeds @ text_embeds.t() / itc_temperature
     loss_itc = itc_loss(image_embeds, text_embeds, itc_temperature, image_ids) if compute_loss else None
 
-    # ITM: positives, then each image with a hard negative text, then each text with a hard negative image
+    # ITM: positives, then each image with a hard negative text, then each text with a hard negative image.
+    # Hard negatives are sampled per process, from the local batch (the fusion pass needs their states here).
     if itm_negatives is None:
         itm_negatives = sample_hard_negatives(logits_per_image, image_ids)
     negative_text_index, negative_image_index = itm_negatives

@@ -212,7 +212,9 @@ def train_task_model(
     train(task, model, processor, train_dataset, training_args)
     metrics: dict[str, float] = {}
     output_dir = training_args.output_dir if training_args.should_save else None
-    if eval_dataset is not None:
+    # Evaluation runs once, in the world's first process (the model is not sharded: no collective is needed);
+    # the other processes return no metrics.
+    if eval_dataset is not None and training_args.process_index == 0:
         metrics = evaluate_and_save(task, model, processor, eval_dataset, output_dir, answer_list)
     if output_dir is not None:
         card = ModelCardInfo(

@@ -165,7 +165,11 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
 
     dataset = _train_dataset(args, processor)
     collator = PretrainingCollator(
-        processor, mlm_probability=args.mlm_probability, max_masks=args.max_masks, max_length=args.max_length
+        processor,
+        mlm_probability=args.mlm_probability,
+        max_masks=args.max_masks,
+        max_length=args.max_length,
+        seed=training_args.seed,
     )
     trainer = DistillationTrainer(
         model=student,

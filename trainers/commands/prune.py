@@ -156,7 +156,9 @@ def run(
     pruned = trainer.accelerator.unwrap_model(trainer.model)
     output_dir = training_args.output_dir if training_args.should_save else None
     metrics: dict = {}
-    if eval_dataset is not None:
+    # Evaluation runs once, in the world's first process (the model is not sharded: no collective is needed);
+    # the other processes return no metrics.
+    if eval_dataset is not None and training_args.process_index == 0:
         metrics = evaluate_and_save(task, pruned, processor, eval_dataset, output_dir, data_args.answer_list)
     if output_dir is not None:
         card = ModelCardInfo(
@@ -171,12 +173,13 @@ def run(
         save_model_folder(
             pruned, processor, output_dir, card, pruning_report=report, answer_candidates=answers, push=hub
         )
-    logger.warning(
-        f"Pruned {task} model: sparsity {report['sparsity']:.4f} of the prunable parameters (per modality "
-        f"{ {m: round(v, 4) for m, v in report['sparsity_per_modality'].items()} }), "
-        f"{report['parameters_before']:,} -> {report['parameters_after']:,} parameters; saved to "
-        f"{training_args.output_dir}."
-    )
+    if output_dir is not None:
+        logger.warning(
+            f"Pruned {task} model: sparsity {report['sparsity']:.4f} of the prunable parameters (per modality "
+            f"{ {m: round(v, 4) for m, v in report['sparsity_per_modality'].items()} }), "
+            f"{report['parameters_before']:,} -> {report['parameters_after']:,} parameters; saved to "
+            f"{training_args.output_dir}."
+        )
     return {**report, "eval": metrics} if metrics else report
 
 

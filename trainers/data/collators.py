@@ -13,6 +13,7 @@ Collators (output keys):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,8 +76,13 @@ class PretrainingCollator(ImageTextCollator):
     Extra outputs: `mlm_input_ids` (B, L), the masked copy of `input_ids`, and `mlm_labels` (B, L), the
     original ids at masked positions and -100 elsewhere.
 
-    Randomness comes from `generator` (a `torch.Generator`) or, if None, a generator seeded with `seed`,
-    or, if both are None, torch's global RNG (which a `DataLoader` seeds per worker).
+    Randomness is drawn per sample, never from torch's global RNG: each text's masks come from its own
+    `torch.Generator`, seeded with a stable hash (BLAKE2b) of `(seed, epoch, image id, text)` (`seed` defaults
+    to 0; `epoch` is set with [`set_epoch`], which `DistillationTrainer` calls at the start of each epoch). A
+    sample therefore gets the same masks whatever the batch it lands in, the world size, the number of data
+    workers, or a kill and resume; and new masks each epoch. (Two identical (image id, text) items of one epoch
+    get the same masks.) Passing `generator` instead draws every batch from that one stream, in call order
+    (the former behaviour; not reproducible under resume or another world size).
     """
 
     def __init__(
@@ -97,9 +103,9 @@ class PretrainingCollator(ImageTextCollator):
         self.mlm_probability = mlm_probability
         self.max_masks = max_masks
         self.whole_word_mask = whole_word_mask
-        if generator is None and seed is not None:
-            generator = torch.Generator().manual_seed(seed)
         self.generator = generator
+        self.seed = 0 if seed is None else int(seed)
+        self.epoch = 0
         tokenizer = _tokenizer_of(processor)
         self.mask_token_id = tokenizer.mask_token_id
         self.special_ids = set(tokenizer.all_special_ids)
@@ -110,7 +116,15 @@ class PretrainingCollator(ImageTextCollator):
         batch = super().__call__(items)
         if "input_ids" not in batch:
             raise ValueError("PretrainingCollator needs items with text.")
-        batch["mlm_input_ids"], batch["mlm_labels"] = self.mask_tokens(batch["input_ids"], batch["attention_mask"])
+        generators = None
+        if self.generator is None:
+            generators = [
+                self.sample_generator(image_id, item.get("text", item.get("caption")))
+                for image_id, item in zip(batch["image_ids"].tolist(), items)
+            ]
+        batch["mlm_input_ids"], batch["mlm_labels"] = self.mask_tokens(
+            batch["input_ids"], batch["attention_mask"], generators
+        )
         if not (batch["mlm_labels"] != -100).any():
             # The MLM cross-entropy would average over no targets: NaN, summed into the loss.
             texts = [item.get("text", item.get("caption")) for item in items]
@@ -122,24 +136,40 @@ class PretrainingCollator(ImageTextCollator):
             )
         return batch
 
-    def mask_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks (B, L) `input_ids`; returns (mlm_input_ids, mlm_labels), both (B, L)."""
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch that seeds the per-sample masks (see the class docstring)."""
+        self.epoch = int(epoch)
+
+    def sample_generator(self, image_id: Any, text: Any) -> torch.Generator:
+        """The generator of one sample's masks: seeded with a hash of (seed, epoch, image id, text)."""
+        key = f"{self.seed}\0{self.epoch}\0{image_id}\0{text}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little"))
+
+    def mask_tokens(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks (B, L) `input_ids`; returns (mlm_input_ids, mlm_labels), both (B, L). Row `i` draws from
+        `generators[i]` (default: `self.generator` for every row)."""
         masked = input_ids.clone()
         labels = torch.full_like(input_ids, -100)
         for row in range(input_ids.shape[0]):
-            positions = self._choose_positions(input_ids[row].tolist(), attention_mask[row].tolist())
+            generator = self.generator if generators is None else generators[row]
+            positions = self._choose_positions(input_ids[row].tolist(), attention_mask[row].tolist(), generator)
             if not positions:
                 continue
             index = torch.tensor(positions)
             labels[row, index] = input_ids[row, index]
-            draw = torch.rand(len(positions), generator=self.generator)
+            draw = torch.rand(len(positions), generator=generator)
             to_mask, to_random = index[draw < 0.8], index[(draw >= 0.8) & (draw < 0.9)]
             masked[row, to_mask] = self.mask_token_id
-            picks = torch.randint(len(self.random_candidates), (len(to_random),), generator=self.generator)
+            picks = torch.randint(len(self.random_candidates), (len(to_random),), generator=generator)
             masked[row, to_random] = self.random_candidates[picks]
         return masked, labels
 
-    def _choose_positions(self, ids: list[int], mask: list[int]) -> list[int]:
+    def _choose_positions(self, ids: list[int], mask: list[int], generator: torch.Generator | None) -> list[int]:
         tokens = self.tokenizer.convert_ids_to_tokens(ids)
         words: list[list[int]] = []
         for position, (token_id, token, keep) in enumerate(zip(ids, tokens, mask)):
@@ -155,7 +185,7 @@ class PretrainingCollator(ImageTextCollator):
             return []
         target = min(self.max_masks, max(1, round(num_tokens * self.mlm_probability)))
         chosen: list[int] = []
-        for w in torch.randperm(len(words), generator=self.generator).tolist():
+        for w in torch.randperm(len(words), generator=generator).tolist():
             if len(chosen) >= target:
                 break
             if len(chosen) + len(words[w]) <= self.max_masks:

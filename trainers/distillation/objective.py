@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from modeling_efficientvlm.configuration_efficientvlm import TextStackLayout, has_twin_fusion_layers, stack_depths
+from modeling_efficientvlm.loss_efficientvlm import distributed_world_size, gather_batch
 
 from ..tasks import EncoderKD, KDSpec, LogitKD
 from .layer_mapping import LAYER_STACKS, resolve_layer_mapping
@@ -339,6 +340,7 @@ class DistillationLoss(nn.Module):
         attention_mask: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        itc_temperatures: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         Args:
@@ -347,6 +349,11 @@ class DistillationLoss(nn.Module):
             mlm_labels: (batch, seq) MLM targets, -100 where not masked: selects the `"mlm_labels"` rows.
             labels: task labels, shaped like the logits without the class dimension: select the `"labels"` and
                 `"next_token_labels"` rows.
+            itc_temperatures: the student's and the teacher's ITC temperatures. Given (the trainer does, in
+                training) under `torch.distributed`, the ITC similarity term compares the similarities over the
+                global batch: both models' `image_embeds` / `text_embeds` are gathered from every process (with
+                gradients for the student), as the ITC loss does, and every process computes the same term.
+                Otherwise the local `logits_per_image` are compared.
         """
         config, spec = self.config, self.spec
         spec.check_outputs(student_outputs)
@@ -360,6 +367,9 @@ class DistillationLoss(nn.Module):
             student = getattr(student_outputs, spec.similarity, None)
             teacher = getattr(teacher_outputs, spec.similarity, None)
             if student is not None and teacher is not None:
+                if itc_temperatures is not None and distributed_world_size() > 1:
+                    student = _gathered_similarity(student_outputs, itc_temperatures[0], student)
+                    teacher = _gathered_similarity(teacher_outputs, itc_temperatures[1], teacher)
                 terms["kd_itc"] = self.itc_loss(student, teacher)
         for kd in spec.encoders:
             student, teacher = getattr(student_outputs, kd.field, None), getattr(teacher_outputs, kd.field, None)
@@ -368,6 +378,18 @@ class DistillationLoss(nn.Module):
             for mask, rows in _pass_masks(kd, attention_mask, student_outputs, student):
                 self._encoder_terms(terms, kd, student, teacher, mask, rows)
         return terms
+
+
+def _gathered_similarity(outputs: Any, temperature: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """ITC logits (global batch, global batch) over the embeddings of every process (see [`gather_batch`])."""
+    image_embeds, text_embeds = getattr(outputs, "image_embeds", None), getattr(outputs, "text_embeds", None)
+    if image_embeds is None or text_embeds is None:
+        raise ValueError(
+            "Distilling ITC similarities over the global batch needs the outputs' `image_embeds` and `text_embeds`; "
+            f"{type(outputs).__name__} has none."
+        )
+    logits = gather_batch(image_embeds) @ gather_batch(text_embeds).t() / temperature
+    return logits.to(local.dtype)
 
 
 def _add(terms: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:

@@ -19,18 +19,39 @@ Extension points for subclasses (the pruning trainer uses them):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from ..tasks import KDSpec
 from .objective import DistillationConfig, DistillationLoss
 
 logger = logging.get_logger(__name__)
+
+
+class CollatorEpochCallback(TrainerCallback):
+    """Tells a collator with a `set_epoch(epoch)` method (`PretrainingCollator`) the epoch about to start, before
+    the Trainer iterates its data loader (so data workers see it too). On resume mid-epoch, `state.epoch` is
+    that epoch plus a fraction: its floor is the epoch."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(math.floor((state.epoch or 0) + 1e-9))
+
+
+def itc_temperature(model: nn.Module) -> torch.Tensor | None:
+    """The learnable ITC temperature of the first submodule of `model` that has one (None if none does)."""
+    for module in model.modules():
+        if isinstance(getattr(type(module), "itc_temperature", None), property):
+            return module.itc_temperature
+    return None
 
 
 class DistillationTrainer(Trainer):
@@ -93,6 +114,8 @@ class DistillationTrainer(Trainer):
         self.teacher_model = teacher_model.to(self.args.device)
         self._loss_term_sums: dict[str, torch.Tensor] = {}
         self._loss_term_counts: dict[str, int] = {}
+        if hasattr(self.data_collator, "set_epoch"):  # per-sample, per-epoch collator randomness (MLM masks)
+            self.add_callback(CollatorEpochCallback(self.data_collator))
 
     # -- extension points ---------------------------------------------------------------------------------
     def student_forward_kwargs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -112,14 +135,39 @@ class DistillationTrainer(Trainer):
         self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]
     ) -> dict[str, torch.Tensor]:
         """Named, unweighted KD terms (`kd_itm_logit`, `kd_vision_attn`, ...); see [`DistillationLoss`].
-        Weighted with `self.distillation_config.weight(name)` and summed in [`compute_loss`]."""
+        Weighted with `self.distillation_config.weight(name)` and summed in [`compute_loss`].
+
+        In multi-process training the ITC similarity term covers the global batch (the ITC temperatures let it
+        recompute the similarities over the gathered embeddings)."""
+        temperatures = None
+        if self.model.training and self.args.world_size > 1 and self.distillation_config.itc > 0:
+            if self._parameters_are_sharded():
+                # The student's temperature is read outside its forward, where FSDP / ZeRO-3 hold only a shard.
+                logger.warning_once(
+                    "Under FSDP or DeepSpeed ZeRO-3 the ITC KD term compares the local (per-process) similarities."
+                )
+            else:
+                student = itc_temperature(self.accelerator.unwrap_model(self.model))
+                teacher = itc_temperature(self.teacher_model)
+                temperatures = (student, teacher) if student is not None and teacher is not None else None
         return self.distillation_loss(
             student_outputs,
             teacher_outputs,
             attention_mask=inputs.get("attention_mask"),
             mlm_labels=inputs.get("mlm_labels"),
             labels=inputs.get("labels"),
+            itc_temperatures=temperatures,
         )
+
+    def _parameters_are_sharded(self) -> bool:
+        """Whether the student's parameters are sharded across processes (FSDP, DeepSpeed ZeRO-3)."""
+        if getattr(self, "is_fsdp_enabled", False):
+            return True
+        if getattr(self, "is_deepspeed_enabled", False):
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+            return is_deepspeed_zero3_enabled()
+        return False
 
     def log_loss_terms(self, terms: Mapping[str, float | torch.Tensor]) -> None:
         """Accumulates named scalar values; the next training log reports the mean of each since the last log."""

@@ -1,0 +1,179 @@
+"""Multi-process training (`torchrun`, gloo, CPU): 2 processes x 4 against 1 process x 8, same seed and data.
+
+`tests/distributed_worker.py` runs, in each world size: the ITC loss and its DDP-averaged gradients on a fixed
+batch, the `distill` command (pre-training collator) and the `prune` command (retrieval, with evaluation), each
+for 2 steps. What is checked, and why the tolerances:
+- ITC (`loss_itc`, and the ITC KD term `kd_itc`) gathers the features of every process, so each process
+  computes the same loss over the same (8, 8) similarity matrix as 1 process does: they agree to float32
+  rounding (matrix products of other shapes may sum in another order: ~1e-7 relative; 1e-5 allowed).
+- The gradients of the gathered ITC loss, summed across processes by the gather's backward and averaged by
+  DDP, equal those of 1 process on the global batch (same rounding argument).
+- The total loss also holds ITM, whose hard negatives are sampled per process from the local batch (by design,
+  as X-VLM), and per-process means (MLM, KD), averaged over processes: it agrees only to ~1e-4 here (the MLM masks
+  are seeded per sample, so the same tokens are masked; every caption has the same length, so the per-process
+  MLM means average to the global one). 1e-3 allowed.
+- The processes hold identical weights, log-alphas and Lagrange multipliers after training (exactly).
+- Only rank 0 writes into the output folders, and only rank 0 evaluates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .distributed_reference import itc_batch, itc_model, write_workdir
+
+REPO = Path(__file__).resolve().parents[1]
+GLOBAL_BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("distributed")
+    write_workdir(workdir)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for world in (1, 2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+        command += [str(REPO / "tests" / "distributed_worker.py"), str(workdir), str(GLOBAL_BATCH)]
+        done = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{world} process(es) failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return workdir
+
+
+def _result(workdir: Path, world: int, name: str, rank: int = 0):
+    return torch.load(workdir / f"results_{world}" / f"{name}_rank{rank}.pt", weights_only=False)
+
+
+def test_gathered_itc_loss_and_gradients_equal_one_process_on_the_global_batch(workdir) -> None:
+    model = itc_model()
+    batch = itc_batch(model.config, GLOBAL_BATCH)
+    reference = model(**batch).loss_itc
+    reference.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert "efficientvlm.temp" in grads and "efficientvlm.vision_proj.weight" in grads
+    for world in (1, 2):
+        for rank in range(world):
+            result = _result(workdir, world, "grad", rank)
+            torch.testing.assert_close(result["loss_itc"], reference.detach(), rtol=0, atol=1e-5)
+            assert result["grads"].keys() == grads.keys()
+            for name, grad in grads.items():
+                torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # Uneven local batches: rank order kept, padding cut off, each process gets the sum of all gradients.
+    first, second = (_result(workdir, 2, "grad", rank)["uneven"] for rank in (0, 1))
+    expected = torch.cat([torch.arange(6.0).view(3, 2), torch.arange(10.0).view(5, 2) + 100])
+    assert torch.equal(first["gathered"], expected) and torch.equal(second["gathered"], expected)
+    weights = 2 * torch.arange(16.0).view(8, 2)
+    assert torch.equal(first["grad"], weights[:3]) and torch.equal(second["grad"], weights[3:])
+    # Without gathering, each process would see only its half: a clearly different loss.
+    with torch.no_grad():
+        halves = [model(**{k: v[rows] for k, v in batch.items()}).loss_itc for rows in (slice(0, 4), slice(4, 8))]
+    assert abs(float(sum(halves) / 2) - reference.detach().item()) > 0.05
+
+
+@pytest.mark.parametrize("command", ["distill", "prune"])
+def test_step_one_losses_of_two_processes_equal_one_process(workdir, command: str) -> None:
+    one = _result(workdir, 1, command)["log_history"][0]
+    two = _result(workdir, 2, command)["log_history"][0]
+    assert one["loss_itc"] == pytest.approx(two["loss_itc"], abs=1e-5)
+    assert one["kd_itc"] == pytest.approx(two["kd_itc"], abs=1e-5)
+    assert one["loss"] == pytest.approx(two["loss"], abs=1e-3)
+    if command == "distill":
+        assert one["loss_mlm"] == pytest.approx(two["loss_mlm"], abs=1e-5)
+
+
+@pytest.mark.parametrize("command", ["distill", "prune"])
+def test_processes_hold_identical_weights_and_pruning_state(workdir, command: str) -> None:
+    first, second = _result(workdir, 2, command, 0), _result(workdir, 2, command, 1)
+    assert first["weights"].keys() == second["weights"].keys()
+    for key, value in first["weights"].items():
+        assert torch.equal(value, second["weights"][key]), key
+    if command == "prune":
+        pruning, other = first["pruning"], second["pruning"]
+        flat = [(k, v) for k, v in pruning["masker"].items()] + [(k, v) for k, v in pruning["lagrangian"].items()]
+        assert any("log_alpha" in key for key, _ in flat)
+        for key, value in pruning["masker"].items():
+            assert torch.equal(value, other["masker"][key]), key
+        for key, value in pruning["lagrangian"].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(other["lagrangian"][key])), key
+
+
+def test_only_rank_zero_writes_and_evaluates(workdir) -> None:
+    ranks = [json.loads((workdir / "results_2" / f"probes_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[1]["writes"] == []
+    assert ranks[0]["evaluations"] == ["prune"] and ranks[1]["evaluations"] == []
+    for command in ("distill", "prune"):
+        files = [sorted(os.listdir(workdir / f"outputs_{world}" / command)) for world in (1, 2)]
+        assert files[0] == files[1]
+    assert "eval_results.json" in os.listdir(workdir / "outputs_2" / "prune")
+
+
+def test_mlm_masks_are_seeded_per_sample_and_epoch(tmp_path) -> None:
+    from trainers.data.collators import PretrainingCollator
+
+    from .data_utils import COLOURS, make_image, make_processor
+
+    processor = make_processor(tmp_path, image_size=32, max_length=16)
+    items = [
+        {"image": make_image(), "text": f"a {c} square and a {d} circle", "image_id": i}
+        for i, (c, d) in enumerate(zip(COLOURS[:6], COLOURS[6:12]))
+    ]
+    collator = PretrainingCollator(processor, seed=0)
+    torch.manual_seed(0)
+    whole = collator(items)
+    torch.manual_seed(1)  # the global RNG plays no part
+    halves = [collator(items[:3]), collator(items[3:])]
+    for key in ("mlm_input_ids", "mlm_labels"):
+        assert torch.equal(whole[key], torch.cat([h[key] for h in halves])), key
+        assert torch.equal(PretrainingCollator(processor, seed=0)(items[::-1])[key], whole[key].flip(0)), key
+    collator.set_epoch(1)
+    assert not torch.equal(collator(items)["mlm_labels"], whole["mlm_labels"])
+    assert not torch.equal(PretrainingCollator(processor, seed=1)(items)["mlm_labels"], whole["mlm_labels"])
+
+
+def _launch(workdir: Path, *extra: str, wait: bool = True):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(REPO / "tests" / "distributed_worker.py"), str(workdir), str(GLOBAL_BATCH), *extra]
+    if not wait:
+        return subprocess.Popen(command, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{extra} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+@pytest.mark.parametrize("command", ["prune", "distill"])
+def test_a_killed_two_process_run_resumes_exactly(tmp_path, command: str) -> None:
+    """SIGKILL (by pid) both processes and the launcher of a 2-process run once checkpoint 3 of 4 is written
+    (mid-epoch), resume from it: the final weights (and log-alphas and multipliers) equal the uninterrupted run's
+    exactly. For `distill`, the pre-training collator's masks must be the same after the resume."""
+    write_workdir(tmp_path)
+    launcher = _launch(tmp_path, "resume", command, "killed", wait=False)
+    markers = [tmp_path / f"killable_rank{rank}" for rank in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not all(marker.is_file() and marker.read_text() for marker in markers):
+        assert launcher.poll() is None, launcher.stderr.read().decode()[-6000:]
+        assert time.monotonic() < deadline, "checkpoint 3 was never written"
+        time.sleep(0.5)
+    for pid in [int(marker.read_text()) for marker in markers] + [launcher.pid]:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait(timeout=60)
+    assert not (tmp_path / "resume_killed" / command / "checkpoint-4").exists()
+    _launch(tmp_path, "resume", command, "resumed")
+    _launch(tmp_path, "resume", command, "full")
+    for rank in (0, 1):
+        full = torch.load(tmp_path / "results_resume" / f"{command}_full_rank{rank}.pt", weights_only=False)
+        resumed = torch.load(tmp_path / "results_resume" / f"{command}_resumed_rank{rank}.pt", weights_only=False)
+        assert full["weights"].keys() == resumed["weights"].keys()
+        for key, value in full["weights"].items():
+            assert torch.equal(value, resumed["weights"][key]), key
+        if command == "prune":
+            for part in ("masker", "lagrangian"):
+                for key, value in full["pruning"][part].items():
+                    assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["pruning"][part][key])), key
