@@ -13,9 +13,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 _PROLOGUE = """
-import importlib.abc, sys
+import importlib.abc, os, sys
 repo = {repo!r}
-sys.path[:] = [p for p in sys.path if p and not p.startswith(repo)]
+# The repository root leaves the path; folders inside it stay (a virtual environment in `repo/.venv` is common).
+sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) != repo]
 
 class _Blocked(importlib.abc.MetaPathFinder):
     # An editable install would still find the package: make sure the copied code is what runs.
