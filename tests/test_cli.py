@@ -162,9 +162,15 @@ def test_pretrain_finetune_evaluate_benchmark_on_files(tmp_path, capsys) -> None
             str(data.image_root),
             "--output_file",
             str(tmp_path / "again.json"),
+            "--predictions_file",
+            str(tmp_path / "nlvr2_predictions.json"),
         ]
     )
     assert json.loads((tmp_path / "again.json").read_text()) == results
+    items = json.loads((tmp_path / "nlvr2_predictions.json").read_text())
+    assert len(items) == len(json.loads(Path(data.nlvr2_test).read_text()))
+    accuracy = sum(item["prediction"] == item["label"] for item in items) / len(items)
+    assert accuracy == pytest.approx(results["nlvr2_accuracy"])
 
     capsys.readouterr()
     cli.main(["benchmark", "--models", str(tmp_path / "pretrained"), str(tmp_path / "nlvr2"), "--repeats", "2"])
@@ -215,6 +221,17 @@ def test_prune_writes_a_complete_folder_that_evaluate_reads(tmp_path) -> None:
     evaluate_args = ["--model_name_or_path", str(output), "--eval_file", *data[1:], "--output_file", str(results)]
     cli.main(["evaluate", "--task", "vqa", *evaluate_args])
     assert 0 <= json.loads(results.read_text())["vqa_accuracy"] <= 1
+
+    # Per-item predictions; without --answer_list the candidates saved with the pruned model are ranked.
+    predictions = tmp_path / "predictions.json"
+    no_answer_list = [arg for arg in evaluate_args if arg not in ("--answer_list", str(answer_list))]
+    cli.main(["evaluate", "--task", "vqa", *no_answer_list, "--predictions_file", str(predictions)])
+    items = json.loads(predictions.read_text())
+    references = [record["answer"] for record in json.loads(records.read_text())]
+    assert [item["answers"] for item in items] == references
+    assert all(item["prediction"] in COLOURS and 0 <= item["vqa_accuracy"] <= 1 for item in items)
+    mean = sum(item["vqa_accuracy"] for item in items) / len(items)
+    assert mean == pytest.approx(json.loads(results.read_text())["vqa_accuracy"])
 
 
 def test_every_command_takes_num_threads_and_cpu_runs_do_not_pin_memory() -> None:

@@ -300,3 +300,30 @@ def test_auto_classes_and_trust_remote_code(tiny_config, tiny_inputs, tmp_path) 
     assert "transformers_modules" in remote["module"]
     for name in names:  # another process may split float reductions differently: allow last-bit differences
         torch.testing.assert_close(remote[name], getattr(expected, name), rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_items_give_each_query_its_gold_rank_and_warn_on_shared_captions(tiny_config, tmp_path) -> None:
+    import json
+
+    from trainers.tasks import build_dataset, evaluate_task
+
+    from .data_utils import make_processor, write_image_text_json
+
+    processor = make_processor(tmp_path, image_size=tiny_config.vision_config.image_size)
+    data, image_root = write_image_text_json(tmp_path, n=4)
+    dataset = build_dataset("retrieval", data, image_root, processor)
+    torch.manual_seed(0)
+    model = EfficientVLMForImageTextRetrieval(tiny_config).eval()
+    result = evaluate_task("retrieval", model, dataset, processor, k=4)
+    texts = [item for item in result.items if item["query"] == "text"]
+    images = [item for item in result.items if item["query"] == "image"]
+    assert len(texts) == len(dataset.texts) and len(images) == dataset.num_images
+    # Text-retrieval recall@1 is the share of images whose best gold text is ranked first.
+    assert sum(item["rank"] == 1 for item in images) / len(images) == pytest.approx(result.metrics["txt_r1"])
+    assert sum(item["rank"] == 1 for item in texts) / len(texts) == pytest.approx(result.metrics["img_r1"])
+    assert all(item["gold_image"] == dataset.text_to_image[item["text_index"]] for item in texts)
+
+    records = json.loads(data.read_text())
+    records[1]["caption"] = records[0]["caption"]  # two images, the same captions
+    with pytest.warns(UserWarning, match="describe several images"):
+        evaluate_task("retrieval", model, build_dataset("retrieval", records, image_root, processor), processor, k=4)

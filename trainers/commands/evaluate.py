@@ -9,6 +9,7 @@ from pathlib import Path
 
 from trainers.commands.common import parse_arguments
 from trainers.tasks import TASKS, build_dataset, evaluate_task, task_model_class
+from trainers.training import read_answer_list
 
 
 @dataclass
@@ -21,6 +22,13 @@ class EvaluateArguments:
     k: int = field(default=128, metadata={"help": "VQA / retrieval: candidates re-ranked per query."})
     batch_size: int = field(default=32)
     output_file: str | None = field(default=None, metadata={"help": "Write the metrics here as JSON."})
+    predictions_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Write one JSON record per item here (a JSON list): VQA question id, prediction, gold answers; "
+            "NLVR2 prediction and label; retrieval gold and its rank per query; captioning caption and references."
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -31,13 +39,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = task_model_class(args.task).from_pretrained(args.model_name_or_path)
     processor = EfficientVLMProcessor.from_pretrained(args.model_name_or_path)
     dataset = build_dataset(args.task, args.eval_file, args.image_root, processor)
-    answer_list = json.loads(Path(args.answer_list).read_text()) if args.answer_list else None
-    metrics = evaluate_task(
+    answer_list = read_answer_list(args.answer_list)
+    result = evaluate_task(
         args.task, model, dataset, processor, batch_size=args.batch_size, answer_list=answer_list, k=args.k
-    ).metrics
+    )
+    metrics = result.metrics
     print(json.dumps(metrics, indent=2))
     if args.output_file:
         Path(args.output_file).write_text(json.dumps(metrics, indent=2))
+    if args.predictions_file:
+        Path(args.predictions_file).write_text(json.dumps(result.items, indent=1))
     return metrics
 
 

@@ -9,7 +9,8 @@ one a task runs, and `trainers.tasks.evaluate_task` runs it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,8 +19,13 @@ from torch.utils.data import DataLoader
 
 @dataclass
 class EvaluationResult:
+    """`metrics`: the task's scores; `predictions`: the raw prediction of each item (VQA / captioning strings,
+    NLVR2 labels); `items`: one JSON-ready record per item with its prediction and its gold answer(s) or ranks (what
+    `efficientvlm evaluate --predictions_file` writes)."""
+
     metrics: dict[str, float]
     predictions: list[Any]
+    items: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -78,7 +84,17 @@ def evaluate_vqa(model: Any, dataset: Any, processor: Any, options: EvaluationOp
         predictions += [answer_list[i] for i in ranked.answer_index.tolist()]
     references = [dataset.references[i] for i in range(len(dataset))]
     accuracy = metrics.vqa_accuracy_score(predictions, references)
-    return EvaluationResult({"vqa_accuracy": float(accuracy)}, predictions)
+    items = [
+        {
+            "question_id": dataset.records[i].get("question_id", i),
+            "question": dataset.questions[i],
+            "prediction": prediction,
+            "answers": references[i],
+            "vqa_accuracy": metrics.vqa_accuracy_per_question(prediction, references[i]) if references[i] else None,
+        }
+        for i, prediction in enumerate(predictions)
+    ]
+    return EvaluationResult({"vqa_accuracy": float(accuracy)}, predictions, items)
 
 
 def evaluate_nlvr2(model: Any, dataset: Any, processor: Any, options: EvaluationOptions) -> EvaluationResult:
@@ -99,13 +115,19 @@ def evaluate_nlvr2(model: Any, dataset: Any, processor: Any, options: Evaluation
         ).logits
         predictions += logits.argmax(-1).tolist()
         labels += batch["labels"].tolist()
-    return EvaluationResult({"nlvr2_accuracy": float(metrics.nlvr2_accuracy_score(predictions, labels))}, predictions)
+    items = [
+        {"index": i, "sentence": dataset.sentences[i], "prediction": bool(prediction), "label": bool(label)}
+        for i, (prediction, label) in enumerate(zip(predictions, labels))
+    ]
+    accuracy = float(metrics.nlvr2_accuracy_score(predictions, labels))
+    return EvaluationResult({"nlvr2_accuracy": accuracy}, predictions, items)
 
 
 def evaluate_retrieval(model: Any, dataset: Any, processor: Any, options: EvaluationOptions) -> EvaluationResult:
     """ITC candidates re-ranked by ITM, both directions; TR/IR recall@1/5/10 and their mean."""
     from trainers.evaluation.retrieval import retrieval_evaluate
 
+    _warn_on_shared_captions(dataset)
     device = _device_of(model)
     images = processor.image_processor([dataset.get_image(i) for i in range(dataset.num_images)], return_tensors="pt")[
         "pixel_values"
@@ -122,7 +144,44 @@ def evaluate_retrieval(model: Any, dataset: Any, processor: Any, options: Evalua
         batch_size=options.batch_size,
         structure_masks=options.structure_masks,
     )
-    return EvaluationResult(dict(result.metrics), [])
+    return EvaluationResult(dict(result.metrics), [], _retrieval_items(dataset, result))
+
+
+def _warn_on_shared_captions(dataset: Any) -> None:
+    """Standard recall has one gold image per caption: a caption written for several images counts as a miss
+    for all but one of them, whatever the model does."""
+    images_of: dict[str, set[int]] = {}
+    for text, image in zip(dataset.texts, dataset.text_to_image):
+        images_of.setdefault(text.strip().lower(), set()).add(image)
+    shared = {text: images for text, images in images_of.items() if len(images) > 1}
+    if shared:
+        example, images = next(iter(shared.items()))
+        warnings.warn(
+            f"{len(shared)} caption(s) describe several images (e.g. {example!r} for images {sorted(images)[:5]}); "
+            "standard recall counts each as a miss for all but its own image, so recall is a lower bound here.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _retrieval_items(dataset: Any, result: Any, top: int = 5) -> list[dict[str, Any]]:
+    """Per query: the gold, its rank (1 = first) among the re-ranked scores, and the top `top` retrieved."""
+    items = []
+    for t, scores in enumerate(result.scores_t2i):
+        order = scores.argsort(descending=True).tolist()
+        gold = dataset.text_to_image[t]
+        items.append(
+            {"query": "text", "text_index": t, "text": dataset.texts[t], "gold_image": gold,
+             "rank": order.index(gold) + 1, "top_images": order[:top]}
+        )  # fmt: skip
+    for i, scores in enumerate(result.scores_i2t):
+        order = scores.argsort(descending=True).tolist()
+        golds = dataset.image_to_texts[i]
+        items.append(
+            {"query": "image", "image_id": i, "gold_texts": golds,
+             "rank": min(order.index(g) for g in golds) + 1, "top_texts": order[:top]}
+        )  # fmt: skip
+    return items
 
 
 def evaluate_captioning(model: Any, dataset: Any, processor: Any, options: EvaluationOptions) -> EvaluationResult:
@@ -147,7 +206,11 @@ def evaluate_captioning(model: Any, dataset: Any, processor: Any, options: Evalu
         texts = processor.tokenizer.batch_decode(generated[:, prompt_ids.shape[1] :], skip_special_tokens=True)
         predictions += [text.strip() for text in texts]
     scores = metrics.caption_scores(predictions, references)
-    return EvaluationResult({key: float(value) for key, value in scores.items()}, predictions)
+    items = [
+        {"image_id": i, "prediction": prediction, "references": references[i]}
+        for i, prediction in enumerate(predictions)
+    ]
+    return EvaluationResult({key: float(value) for key, value in scores.items()}, predictions, items)
 
 
 __all__ = [
