@@ -271,3 +271,44 @@ def test_finetune_checks_the_vqa_answer_list_before_training(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="--answer_list"):
         cli.main([*argv, "--answer_list", str(tmp_path / "missing.json")])
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_finetune_with_a_teacher_distils_the_task(tmp_path) -> None:
+    from trainers.distillation import DistillationTrainer
+    from trainers.training import train as library_train
+
+    from .data_utils import write_nlvr2_json, write_vocab
+
+    records, image_root = write_nlvr2_json(tmp_path, n=8)
+    vocab = str(write_vocab(tmp_path))
+    common = ["--task", "nlvr2", "--vocab_file", vocab, "--train_file", str(records), "--image_root", str(image_root)]
+    common += ["--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu"]
+    common += ["--save_strategy", "no", "--logging_steps", "1"]
+    cli.main(["finetune", "--preset", "tiny", *common, "--output_dir", str(tmp_path / "teacher")])
+
+    trainers_used = []
+
+    def spy(*args, **kwargs):
+        trainer = library_train(*args, **kwargs)
+        trainers_used.append(trainer)
+        return trainer
+
+    import trainers.training
+
+    original, trainers.training.train = trainers.training.train, spy
+    try:
+        student = ["--preset", "tiny-student", "--teacher_model_name_or_path", str(tmp_path / "teacher")]
+        cli.main(["finetune", *student, *common, "--kd_term_weights", '{"vision_attn": 0}', "--output_dir",
+                  str(tmp_path / "student")])  # fmt: skip
+    finally:
+        trainers.training.train = original
+    [trainer] = trainers_used
+    assert isinstance(trainer, DistillationTrainer) and trainer.distillation_config.vision_attn == 0
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {"kd_task_logit", "kd_vision_hidden"} <= logged  # the NLVR2 spec's terms
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert "teacher" in card
+    with pytest.raises(ValueError, match="teacher_model_name_or_path"):
+        from trainers.training import train_task_model
+
+        train_task_model("nlvr2", None, preset="tiny", distillation_config={"kd_weight": 1.0})

@@ -196,11 +196,17 @@ def train_task_model(
     dataset_path: str | os.PathLike | None = None,
     answer_list: str | os.PathLike | None = None,
     max_text_length: int | None = None,
+    teacher_model_name_or_path: str | os.PathLike | None = None,
+    distillation_config: Any = None,
 ) -> dict[str, float]:
     """Builds, trains and saves a `task` model with its processor (the model's own unless
     `processor_name_or_path` or `vocab_file` says otherwise) to `training_args.output_dir`, with a model card;
     evaluates it on `eval_file` when one is given (not for pre-training) and returns the metrics (empty without).
+    With `teacher_model_name_or_path` (a fine-tuned teacher of the same task) it trains with task distillation:
+    [`DistillationTrainer`] with the KD terms the task registry declares, weighted by `distillation_config`.
     With `training_args.push_to_hub`, the saved folder (and nothing else) goes to `training_args.hub_model_id`."""
+    if distillation_config is not None and teacher_model_name_or_path is None:
+        raise ValueError("Distillation settings were given without a --teacher_model_name_or_path to distil from.")
     hub = hub_target_from(training_args)
     model = build_task_model(task, model_name_or_path, preset, config_overrides)
     processor = load_processor(
@@ -209,7 +215,14 @@ def train_task_model(
     train_dataset, eval_dataset, answers = task_inputs(
         task, model, processor, train_file, eval_file, image_root, dataset_path, answer_list
     )
-    train(task, model, processor, train_dataset, training_args)
+    trainer_class, distillation = Trainer, {}
+    if teacher_model_name_or_path is not None:
+        from trainers.distillation import DistillationTrainer
+
+        trainer_class = DistillationTrainer
+        teacher = task_model_from(task, teacher_model_name_or_path)
+        distillation = {"teacher_model": teacher, "distillation_config": distillation_config}
+    train(task, model, processor, train_dataset, training_args, trainer_class, **distillation)
     metrics: dict[str, float] = {}
     output_dir = training_args.output_dir if training_args.should_save else None
     # Evaluation runs once, in the world's first process (the model is not sharded: no collective is needed);
@@ -221,6 +234,7 @@ def train_task_model(
             task=task,
             stage="pretrain" if task == "pretraining" else "finetune",
             base_model=local_name(model_name_or_path),
+            teacher_model=local_name(teacher_model_name_or_path),
             datasets=data_names(dataset_path or train_file),
             metrics=metrics,
             eval_dataset=data_names(eval_file)[0] if eval_file and metrics else None,

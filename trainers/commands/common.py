@@ -145,11 +145,22 @@ def processor_options(model_args: ModelArguments, data_args: DataArguments) -> d
 
 
 def train_task(
-    task: str, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+    task: str,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    teacher_model_name_or_path: str | None = None,
+    distillation: KDArguments | None = None,
 ) -> dict[str, float]:
-    """`trainers.training.train_task_model` with the command's arguments; prints the metrics, if any."""
+    """`trainers.training.train_task_model` with the command's arguments (task distillation from
+    `teacher_model_name_or_path` with the `distillation` weights); prints the metrics, if any."""
     from trainers.training import train_task_model
 
+    distillation_config = None
+    if teacher_model_name_or_path is not None and distillation is not None:
+        from trainers.distillation import DistillationConfig
+
+        distillation_config = DistillationConfig.from_dict(distillation.distillation_config_values())
     metrics = train_task_model(
         task,
         training_args,
@@ -157,6 +168,8 @@ def train_task(
         processor_name_or_path=model_args.processor_name_or_path,
         vocab_file=model_args.vocab_file,
         **asdict(data_args),
+        teacher_model_name_or_path=teacher_model_name_or_path,
+        distillation_config=distillation_config,
     )
     if metrics:
         print(json.dumps(metrics, indent=2))
