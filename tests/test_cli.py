@@ -312,3 +312,23 @@ def test_finetune_with_a_teacher_distils_the_task(tmp_path) -> None:
         from trainers.training import train_task_model
 
         train_task_model("nlvr2", None, preset="tiny", distillation_config={"kd_weight": 1.0})
+
+
+def test_answer_list_auto_ranks_the_most_frequent_training_answers(tmp_path) -> None:
+    from modeling_efficientvlm import EfficientVLMForQuestionAnswering
+
+    from .data_utils import write_vocab, write_vqa_json
+
+    data, image_root = write_vqa_json(tmp_path, n=4)
+    argv = ["finetune", "--task", "vqa", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+    argv += ["--train_file", str(data), "--eval_file", str(data), "--image_root", str(image_root)]
+    argv += ["--answer_list", "auto", "--output_dir", str(tmp_path / "out"), "--max_steps", "1"]
+    cli.main([*argv, "--report_to", "none", "--use_cpu", "--save_strategy", "no"])
+    counts: dict[str, int] = {}
+    for record in json.loads(data.read_text()):
+        for answer in record["answer"]:
+            counts[answer] = counts.get(answer, 0) + 1
+    expected = sorted(counts, key=lambda answer: -counts[answer])
+    saved = EfficientVLMForQuestionAnswering.from_pretrained(tmp_path / "out").config.answer_candidates
+    assert saved[0] == expected[0] and sorted(saved) == sorted(expected)
+    assert 0 <= json.loads((tmp_path / "out" / "eval_results.json").read_text())["vqa_accuracy"] <= 1

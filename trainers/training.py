@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,10 @@ def task_inputs(
     step rather than after training: the records and images of both splits, and the answers a VQA evaluation
     ranks (`answer_list` or the candidates saved with the model)."""
     train_dataset = task_dataset(task, train_file, image_root, processor, dataset_path)
-    answers = read_answer_list(answer_list) if task == "vqa" else None
+    answers = None
+    if task == "vqa":
+        auto = str(answer_list) == ANSWER_LIST_AUTO
+        answers = training_answer_list(train_dataset) if auto else read_answer_list(answer_list)
     eval_dataset = None
     if eval_file is not None and task != "pretraining":
         eval_dataset = task_dataset(task, eval_file, image_root, processor, dataset_path, split="eval")
@@ -145,15 +149,32 @@ def evaluate_and_save(
     processor: Any,
     eval_dataset: Any,
     output_dir: str | os.PathLike | None,
-    answer_list: str | os.PathLike | None = None,
+    answers: list[str] | None = None,
 ) -> dict[str, float]:
     """The task metrics of `model` on `eval_dataset`, also written to `output_dir/eval_results.json` (unless
-    `output_dir` is None); `answer_list` is a VQA JSON list of candidate answers."""
-    metrics = evaluate_task(task, model, eval_dataset, processor, answer_list=read_answer_list(answer_list)).metrics
+    `output_dir` is None); `answers`: the VQA candidate answers (default: those saved with the model)."""
+    metrics = evaluate_task(task, model, eval_dataset, processor, answer_list=answers).metrics
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         Path(output_dir, "eval_results.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+# `--answer_list auto`: the most frequent training answers, at most VQAv2's standard answer-vocabulary size.
+ANSWER_LIST_AUTO = "auto"
+MAX_AUTO_ANSWERS = 3129
+
+
+def training_answer_list(dataset: Any, limit: int = MAX_AUTO_ANSWERS) -> list[str]:
+    """The `limit` most frequent answers of a VQA training set (every annotator's answer counts once), in the
+    official normalisation, most frequent first (ties: first seen first)."""
+    from trainers.evaluation.metrics import normalize_answer
+
+    counts = Counter(normalize_answer(answer) for answers in dataset.references for answer in answers)
+    counts.pop("", None)
+    if not counts:
+        raise ValueError("--answer_list auto: the training records have no answers to build candidates from.")
+    return [answer for answer, _ in counts.most_common(limit)]
 
 
 def read_answer_list(answer_list: str | os.PathLike | None) -> list[str] | None:
@@ -228,7 +249,7 @@ def train_task_model(
     # Evaluation runs once, in the world's first process (the model is not sharded: no collective is needed);
     # the other processes return no metrics.
     if eval_dataset is not None and training_args.process_index == 0:
-        metrics = evaluate_and_save(task, model, processor, eval_dataset, output_dir, answer_list)
+        metrics = evaluate_and_save(task, model, processor, eval_dataset, output_dir, answers)
     if output_dir is not None:
         card = ModelCardInfo(
             task=task,

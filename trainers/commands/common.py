@@ -41,7 +41,13 @@ class DataArguments:
     dataset_path: str | None = field(
         default=None, metadata={"help": "A `datasets` folder (save_to_disk) instead of --train_file."}
     )
-    answer_list: str | None = field(default=None, metadata={"help": "VQA: JSON list of candidate answers."})
+    answer_list: str | None = field(
+        default=None,
+        metadata={
+            "help": 'VQA: the candidate answers the model ranks, a JSON list file (e.g. ["yes", "no", "2"]), or '
+            "`auto`: the 3,129 most frequent training answers (official normalisation). Saved with the model."
+        },
+    )
     max_text_length: int | None = field(default=None, metadata={"help": "Token limit of texts (default: model's)."})
 
 

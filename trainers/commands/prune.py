@@ -159,7 +159,7 @@ def run(
     # Evaluation runs once, in the world's first process (the model is not sharded: no collective is needed);
     # the other processes return no metrics.
     if eval_dataset is not None and training_args.process_index == 0:
-        metrics = evaluate_and_save(task, pruned, processor, eval_dataset, output_dir, data_args.answer_list)
+        metrics = evaluate_and_save(task, pruned, processor, eval_dataset, output_dir, answers)
     if output_dir is not None:
         card = ModelCardInfo(
             task=task,
