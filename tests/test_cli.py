@@ -175,7 +175,8 @@ def test_pretrain_finetune_evaluate_benchmark_on_files(tmp_path, capsys) -> None
     capsys.readouterr()
     cli.main(["benchmark", "--models", str(tmp_path / "pretrained"), str(tmp_path / "nlvr2"), "--repeats", "2"])
     table = capsys.readouterr().out
-    assert "| model |" in table and "1.00x" in table
+    assert "| model | whole-model params (M) | encoder params (M) |" in table and "1.00x" in table
+    assert "UNEXPECTED" not in table and "Loading weights" not in table
 
 
 def test_prune_writes_a_complete_folder_that_evaluate_reads(tmp_path) -> None:

@@ -106,10 +106,16 @@ def main(argv: list[str] | None = None) -> list:
         models, notes = randomly_pruned_models(args.preset, sparsities, args.seed)
     else:
         from transformers import AutoModel
+        from transformers.utils import logging
 
         import modeling_efficientvlm  # noqa: F401  (registers the Auto classes)
 
-        models, notes = {path: AutoModel.from_pretrained(path) for path in args.models}, []
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # AutoModel loads each folder's task model: no load report to read
+        try:
+            models, notes = {path: AutoModel.from_pretrained(path) for path in args.models}, []
+        finally:
+            logging.set_verbosity(verbosity)
     config = next(iter(models.values())).config
     inputs = benchmark_inputs(config, args.batch_size, args.text_length, args.seed)
     rows = compare_models(models, inputs, warmup=args.warmup, repeats=args.repeats, rounds=args.rounds)

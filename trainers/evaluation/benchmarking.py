@@ -126,10 +126,11 @@ def compare_models(
 
 
 def format_table(rows: list[BenchmarkRow]) -> str:
-    """A Markdown table of benchmark rows."""
+    """A Markdown table of benchmark rows: parameters of the whole model (heads included) and of its encoders
+    (vision, text, fusion: what is timed and what pruning shrinks), FLOPs and latency of the encoders."""
     lines = [
-        "| model | params (M) | backbone params (M) | GFLOPs | median latency (ms) | speedup | FLOPs reduction "
-        "| speedup / FLOPs reduction |",
+        "| model | whole-model params (M) | encoder params (M) | GFLOPs | median latency (ms) | speedup "
+        "| FLOPs reduction | speedup / FLOPs reduction |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
