@@ -17,7 +17,8 @@ from trainers.demo.corpus import generate_demo_data, write_demo_vocab
 def test_top_level_help_lists_every_stage(capsys) -> None:
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("pretrain", "finetune", "distill", "prune", "evaluate", "benchmark", "convert", "demo"):
+    stages = ("processor", "pretrain", "finetune", "distill", "prune", "evaluate", "benchmark", "convert", "demo")
+    for command in stages:
         assert command in out
     assert cli.main(["compress"]) == 2
     assert "unknown command" in capsys.readouterr().err
@@ -26,6 +27,7 @@ def test_top_level_help_lists_every_stage(capsys) -> None:
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
+        ("processor", "--train_files"),
         ("pretrain", "--preset"),
         ("finetune", "--task"),
         ("distill", "--teacher_model_name_or_path"),

@@ -3,8 +3,7 @@
 The command line (`efficientvlm pretrain / finetune / prune`) and the demo call these functions; they take plain
 parameters, never argument dataclasses, so a script uses them just as well:
 
-    model = build_task_model("vqa", preset="tiny")
-    processor = load_processor(model.config, vocab_file="vocab.txt")
+    model, processor = build_model_and_processor("vqa", preset="tiny", vocab_file="vocab.txt")
     train("vqa", model, processor, task_dataset("vqa", "vqa_train.json", "images/", processor), training_args)
 
 Every folder is written by `trainers.saving.save_model_folder` (weights, config, code, processor, model card) and
@@ -13,6 +12,7 @@ pushed by it with `--push_to_hub` (the model's files only, never the Trainer's `
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections import Counter
@@ -31,17 +31,94 @@ def build_task_model(
     model_name_or_path: str | os.PathLike | None = None,
     preset: str | None = None,
     config_overrides: dict[str, Any] | None = None,
+    tokenizer: Any = None,
 ) -> Any:
     """A `task` model from a saved folder (or Hub id), or with random weights from a preset (whose config fields
-    `config_overrides` replaces); exactly one of the two."""
+    `config_overrides` replaces); exactly one of the two.
+
+    With a `tokenizer`, a preset model takes its `vocab_size` (`len(tokenizer)`; an explicit
+    `text_config.vocab_size` override wins only when at least that) and its [PAD] / [CLS] / [SEP] ids from it; a
+    saved model whose vocabulary is smaller than the tokenizer's is a `ValueError` before any weight is loaded."""
     from modeling_efficientvlm import EfficientVLMConfig
     from trainers.tasks import task_model_class
 
     if (model_name_or_path is None) == (preset is None):
         raise ValueError("Give exactly one of --model_name_or_path and --preset.")
     if preset is not None:
-        return task_model_class(task)(EfficientVLMConfig.from_preset(preset, **(config_overrides or {})))
+        overrides = copy.deepcopy(config_overrides or {})
+        if tokenizer is not None:
+            overrides["text_config"] = vocabulary_overrides(tokenizer, overrides.get("text_config"))
+        return task_model_class(task)(EfficientVLMConfig.from_preset(preset, **overrides))
+    if tokenizer is not None:
+        saved = EfficientVLMConfig.from_pretrained(model_name_or_path)
+        check_vocabulary(tokenizer, saved.text_config.vocab_size, f"--model_name_or_path {model_name_or_path}")
     return task_model_from(task, model_name_or_path)
+
+
+def check_vocabulary(tokenizer: Any, vocab_size: int, source: str, fix: str | None = None) -> None:
+    """Raises a `ValueError` naming `source` when `tokenizer` has more tokens than the embedding table's
+    `vocab_size` rows (its last ids would index past the table mid-training)."""
+    size = len(tokenizer)
+    if size > vocab_size:
+        fix = fix or (
+            "use the model's own processor (leave --processor_name_or_path / --vocab_file out), a tokenizer of at "
+            f"most {vocab_size} tokens, or start from --preset, whose vocab_size follows the tokenizer"
+        )
+        raise ValueError(
+            f"the tokenizer has {size} tokens but the model's vocab_size is {vocab_size} ({source}); token ids "
+            f"from {vocab_size} up would index past its embedding table: {fix}."
+        )
+
+
+def vocabulary_overrides(tokenizer: Any, text_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `text_config` overrides of a preset built for `tokenizer`: `vocab_size` = `len(tokenizer)` (an explicit
+    `vocab_size` in `text_overrides` is kept when at least that, else a `ValueError`) and the tokenizer's pad /
+    bos ([CLS]) / eos ([SEP]) ids."""
+    from trainers.saving import special_token_ids
+
+    text_overrides = dict(text_overrides or {})
+    explicit = text_overrides.get("vocab_size")
+    if explicit is not None:
+        check_vocabulary(
+            tokenizer,
+            int(explicit),
+            "--config_overrides text_config.vocab_size",
+            f"drop the override (the preset then takes the tokenizer's size) or give at least {len(tokenizer)}",
+        )
+    text_overrides["vocab_size"] = len(tokenizer) if explicit is None else int(explicit)
+    ids = special_token_ids(tokenizer)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if ids[name] is not None:
+            text_overrides[name] = ids[name]
+    return text_overrides
+
+
+def build_model_and_processor(
+    task: str,
+    model_name_or_path: str | os.PathLike | None = None,
+    preset: str | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    processor_name_or_path: str | os.PathLike | None = None,
+    vocab_file: str | os.PathLike | None = None,
+    max_text_length: int | None = None,
+) -> tuple[Any, Any]:
+    """(model, processor): the processor first (`processor_name_or_path`, else `vocab_file`, else the model's own),
+    then the model built for its tokenizer (see [`build_task_model`]), so a preset's embedding table fits the
+    vocabulary and a saved model too small for it fails before any weight is loaded."""
+    from modeling_efficientvlm import EfficientVLMConfig
+
+    if (model_name_or_path is None) == (preset is None):
+        raise ValueError("Give exactly one of --model_name_or_path and --preset.")
+    if preset is not None:
+        config = EfficientVLMConfig.from_preset(preset, **copy.deepcopy(config_overrides or {}))
+    else:
+        config = EfficientVLMConfig.from_pretrained(model_name_or_path)
+    processor = load_processor(
+        config, processor_name_or_path or model_name_or_path, vocab_file, max_text_length=max_text_length
+    )
+    tokenizer = getattr(processor, "tokenizer", None)
+    model = build_task_model(task, model_name_or_path, preset, config_overrides, tokenizer=tokenizer)
+    return model, processor
 
 
 def load_processor(
@@ -229,9 +306,8 @@ def train_task_model(
     if distillation_config is not None and teacher_model_name_or_path is None:
         raise ValueError("Distillation settings were given without a --teacher_model_name_or_path to distil from.")
     hub = hub_target_from(training_args)
-    model = build_task_model(task, model_name_or_path, preset, config_overrides)
-    processor = load_processor(
-        model.config, processor_name_or_path or model_name_or_path, vocab_file, max_text_length=max_text_length
+    model, processor = build_model_and_processor(
+        task, model_name_or_path, preset, config_overrides, processor_name_or_path, vocab_file, max_text_length
     )
     train_dataset, eval_dataset, answers = task_inputs(
         task, model, processor, train_file, eval_file, image_root, dataset_path, answer_list

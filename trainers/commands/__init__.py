@@ -8,6 +8,7 @@ import sys
 
 # subcommand (its module in this package) -> one-line description
 COMMANDS = {
+    "processor": "a processor for your own data: a WordPiece vocabulary trained on its texts, or a BERT tokenizer",
     "pretrain": "pre-train a teacher or student with ITC, ITM and MLM",
     "finetune": "fine-tune on vqa, nlvr2, retrieval or captioning",
     "distill": "general distillation of a student from a teacher",

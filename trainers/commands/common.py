@@ -26,10 +26,15 @@ class ModelArguments:
         metadata={"help": 'JSON of config fields for --preset, e.g. \'{"vision_config": {"image_size": 64}}\'.'},
     )
     processor_name_or_path: str | None = field(
-        default=None, metadata={"help": "Processor folder; defaults to --model_name_or_path."}
+        default=None,
+        metadata={
+            "help": "Processor folder (`efficientvlm processor` writes one); defaults to --model_name_or_path. A "
+            "--preset model takes its vocab_size and [PAD] / [CLS] / [SEP] ids from the processor's tokenizer."
+        },
     )
     vocab_file: str | None = field(
-        default=None, metadata={"help": "WordPiece vocab to build a processor when the model has none."}
+        default=None,
+        metadata={"help": "Or a WordPiece vocab.txt to build the processor from (the vocab_size follows it too)."},
     )
 
 

@@ -114,10 +114,9 @@ def run(
     from trainers.saving import hub_target_from, save_model_folder
     from trainers.tasks import task_model_from
     from trainers.training import (
-        build_task_model,
+        build_model_and_processor,
         data_names,
         evaluate_and_save,
-        load_processor,
         task_inputs,
         train,
     )
@@ -131,8 +130,9 @@ def run(
     set_seed(training_args.seed)
 
     task = prune_args.task
-    model = build_task_model(task, **model_options(model_args))
-    processor = load_processor(model.config, **processor_options(model_args, data_args))
+    model, processor = build_model_and_processor(
+        task, **model_options(model_args), **processor_options(model_args, data_args)
+    )
     train_dataset, eval_dataset, answers = task_inputs(
         task, model, processor, data_args.train_file, data_args.eval_file, data_args.image_root,
         data_args.dataset_path, data_args.answer_list,

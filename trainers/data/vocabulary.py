@@ -1,0 +1,161 @@
+"""A processor for your own data: the texts of X-VLM JSON files, a BERT WordPiece vocabulary trained on them with
+the `tokenizers` library, and the `EfficientVLMProcessor` (image processor + tokenizer) that `efficientvlm
+processor` writes and every training command reads with `--processor_name_or_path`.
+
+    texts = texts_from_files(["pretrain.json", "vqa_train.json"])
+    processor = train_wordpiece_processor(texts, vocab_size=8000, image_size=224)
+    processor.save_pretrained("my_processor")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from trainers.data.datasets import _describe, _read_json_records
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+# record field -> what it holds; a field may be a string or a list of strings (captions, answers)
+TEXT_FIELDS = ("caption", "text", "question", "answer", "answers", "sentence")
+
+
+def record_texts(record: Any, where: str) -> Iterator[str]:
+    """The texts of one X-VLM record: its captions (`caption` / `text`, a string or a list), `question`, answers
+    (`answer` / `answers`, a string or a list) and NLVR2 `sentence`. A record that is a plain string (an answer
+    list file) is its own text; errors name `where` and the field."""
+    if isinstance(record, str):
+        yield record
+        return
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object (or a string), got {_describe(record)}.")
+    for name in TEXT_FIELDS:
+        value = record.get(name)
+        if value is None:
+            continue
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, (list, tuple)):
+            raise ValueError(f"{where}: `{name}` must be a string or a list of strings, got {_describe(value)}.")
+        for position, text in enumerate(values):
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"{where}: `{name}` must be a string or a list of strings; item {position} is {_describe(text)} "
+                    '(write numbers as strings, e.g. "2").'
+                )
+            yield text
+
+
+def texts_from_files(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Every non-empty text of the X-VLM JSON files `paths` (pre-training / retrieval / captioning captions, VQA
+    questions and answers, NLVR2 sentences; an answer-list file, a JSON list of strings, counts too).
+    A file without any text is an error naming it."""
+    texts: list[str] = []
+    for path in paths:
+        found = 0
+        for index, record in enumerate(_read_json_records(path)):
+            for text in record_texts(record, f"{path}, record {index}"):
+                if text.strip():
+                    texts.append(text.strip())
+                    found += 1
+        if not found:
+            raise ValueError(
+                f"{path} holds no text: expected X-VLM records with `caption`, `question`, `answer` or `sentence`."
+            )
+    return texts
+
+
+def train_wordpiece_tokenizer(
+    texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2, model_max_length: int = 40
+) -> Any:
+    """A lowercasing BERT WordPiece tokenizer (transformers' fast `BertTokenizer`) whose vocabulary is trained on
+    `texts` with the `tokenizers` library: the special tokens [PAD] [UNK] [CLS] [SEP] [MASK] first (ids 0-4),
+    every character of the texts (alone and as a `##` continuation, whatever `min_frequency` says), then the most
+    frequent merges up to `vocab_size` tokens."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizer
+
+    if vocab_size < len(SPECIAL_TOKENS) + 1:
+        raise ValueError(f"--vocab_size must be more than the {len(SPECIAL_TOKENS)} special tokens; got {vocab_size}.")
+    if min_frequency < 1:
+        raise ValueError(f"--min_frequency must be at least 1; got {min_frequency}.")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("No texts to train a vocabulary on.")
+    # The same normalisation and pre-tokenisation as BertTokenizer(do_lower_case=True), so the trained pieces are
+    # the ones the tokenizer looks up.
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    vocab = tokenizer.get_vocab()
+    bert = BertTokenizer(vocab=vocab, do_lower_case=True)
+    bert.model_max_length = model_max_length
+    bert.init_kwargs["model_max_length"] = model_max_length
+    return bert
+
+
+def load_bert_tokenizer(name_or_path: str | os.PathLike, model_max_length: int = 40) -> Any:
+    """A BERT WordPiece tokenizer from a folder or Hub id (a saved tokenizer or processor), or from a `vocab.txt`
+    file; it must have the BERT special tokens the models use."""
+    from transformers import BertTokenizer
+
+    if os.path.isfile(name_or_path):
+        tokenizer = BertTokenizer(vocab=str(name_or_path), do_lower_case=True)
+    else:
+        tokenizer = BertTokenizer.from_pretrained(str(name_or_path))
+    missing = [name for name in ("pad", "unk", "cls", "sep", "mask") if getattr(tokenizer, f"{name}_token_id") is None]
+    if missing:
+        raise ValueError(
+            f"--tokenizer {name_or_path}: no {', '.join(f'[{name.upper()}]' for name in missing)} token; a BERT "
+            "WordPiece vocabulary with [PAD] [UNK] [CLS] [SEP] [MASK] is needed."
+        )
+    tokenizer.model_max_length = model_max_length
+    tokenizer.init_kwargs["model_max_length"] = model_max_length
+    return tokenizer
+
+
+def processor_with_tokenizer(tokenizer: Any, image_size: int = 224, max_text_length: int = 40) -> Any:
+    """An `EfficientVLMProcessor`: the image processor at `image_size` x `image_size` and `tokenizer`, texts cut
+    at `max_text_length` tokens ([CLS] and [SEP] included)."""
+    from modeling_efficientvlm import EfficientVLMImageProcessor, EfficientVLMProcessor
+
+    if image_size < 1:
+        raise ValueError(f"--image_size must be positive; got {image_size}.")
+    tokenizer.model_max_length = max_text_length
+    tokenizer.init_kwargs["model_max_length"] = max_text_length
+    image_processor = EfficientVLMImageProcessor(size={"height": image_size, "width": image_size})
+    return EfficientVLMProcessor(image_processor, tokenizer, max_length=max_text_length)
+
+
+def train_wordpiece_processor(
+    texts: Iterable[str],
+    vocab_size: int = 8000,
+    min_frequency: int = 2,
+    image_size: int = 224,
+    max_text_length: int = 40,
+) -> Any:
+    """An `EfficientVLMProcessor` whose WordPiece vocabulary is trained on `texts` (see
+    [`train_wordpiece_tokenizer`])."""
+    tokenizer = train_wordpiece_tokenizer(texts, vocab_size, min_frequency, max_text_length)
+    return processor_with_tokenizer(tokenizer, image_size, max_text_length)
+
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "load_bert_tokenizer",
+    "processor_with_tokenizer",
+    "record_texts",
+    "texts_from_files",
+    "train_wordpiece_processor",
+    "train_wordpiece_tokenizer",
+]
