@@ -444,7 +444,7 @@ class VQADataset(_RecordDataset):
             where = self._where(index)
             self.questions.append(_string_field(record, ("question", "text"), where).strip())
             name = "answer" if record.get("answer") is not None else "answers"
-            raw = _answers(record.get(name), name, where)
+            raw = _strings(record.get(name), name, where)
             weights = record.get("answer_weight")
             if weights is None:
                 counts = Counter(raw)
@@ -476,8 +476,9 @@ class VQADataset(_RecordDataset):
         }
 
 
-def _answers(value: Any, name: str, where: str) -> list[str]:
-    """A VQA record's answers as a list of strings (none: an empty list, a test split)."""
+def _strings(value: Any, name: str, where: str) -> list[str]:
+    """A field that holds a string or a list of strings (VQA answers, any text of a record) as a list of strings;
+    none is an empty list (a test split's answers). Errors name `where`, the field and the offending item."""
     if value is None:
         return []
     if isinstance(value, str):

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from trainers.data.datasets import _describe, _read_json_records
+from trainers.data.datasets import _describe, _read_json_records, _strings
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -31,19 +31,7 @@ def record_texts(record: Any, where: str) -> Iterator[str]:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object (or a string), got {_describe(record)}.")
     for name in TEXT_FIELDS:
-        value = record.get(name)
-        if value is None:
-            continue
-        values = [value] if isinstance(value, str) else value
-        if not isinstance(values, (list, tuple)):
-            raise ValueError(f"{where}: `{name}` must be a string or a list of strings, got {_describe(value)}.")
-        for position, text in enumerate(values):
-            if not isinstance(text, str):
-                raise ValueError(
-                    f"{where}: `{name}` must be a string or a list of strings; item {position} is {_describe(text)} "
-                    '(write numbers as strings, e.g. "2").'
-                )
-            yield text
+        yield from _strings(record.get(name), name, where)
 
 
 def texts_from_files(paths: Sequence[str | os.PathLike]) -> list[str]:
