@@ -152,7 +152,10 @@ class EfficientVLMDecoderGenerationMixin(GenerationMixin):
     def _encode_for_generation(
         self, pixel_values: torch.Tensor, model_kwargs: dict[str, Any], generation_config: GenerationConfig
     ) -> dict[str, Any]:
-        raise NotImplementedError
+        """Encodes the image (and question) once; each model using this mixin defines it."""
+        raise TypeError(
+            f"{type(self).__name__} uses the decoder generation mixin but defines no `_encode_for_generation`."
+        )
 
     def _maybe_prepare_encoder_kwargs_for_generation(
         self,
