@@ -107,12 +107,15 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         same image are positives for ITC and never ITM negatives; itm_negatives: optional
         `(negative_text_index, negative_image_index)` to reuse instead of sampling.
 
-        Inference (`return_loss=False`, or images and texts in different numbers, as the zero-shot pipeline
-        passes one image and N candidate texts): scores every image against every text with ITC only
-        (`logits_per_image` (M, N), `logits_per_text` (N, M)); deterministic, no fusion pass, no sampling.
+        Inference (`return_loss=False`, images and texts in different numbers, as the zero-shot pipeline
+        passes one image and N candidate texts, or a single pair in eval mode): scores every image against every
+        text with ITC only (`logits_per_image` (M, N), `logits_per_text` (N, M)); deterministic, no fusion pass,
+        no sampling.
         """
         num_images, num_texts = pixel_values.shape[0], input_ids.shape[0]
-        training = return_loss and num_images == num_texts
+        # One pair in eval mode is a query (the zero-shot pipeline with a single label), not a training batch:
+        # ITM needs a second image to sample a negative from.
+        training = return_loss and num_images == num_texts and (self.training or num_images > 1)
         if not training and itm_negatives is not None:
             raise ValueError(
                 "`itm_negatives` are training inputs: they need `return_loss=True` and one text per image; got "

@@ -31,6 +31,7 @@ folders, image = payload["folders"], payload["image"]
 
 classify = pipeline("zero-shot-image-classification", model=folders["retrieval"], trust_remote_code=True)
 result["zero_shot"] = classify(image, candidate_labels=payload["labels"])
+result["zero_shot_single"] = classify(image, candidate_labels=payload["labels"][:1])
 
 answer = pipeline("image-text-to-text", model=folders["vqa"], trust_remote_code=True, return_full_text=False)
 result["vqa"] = answer(image, text="what color is the square ?")
@@ -98,6 +99,8 @@ def test_every_task_works_from_a_saved_folder_without_the_package(tmp_path) -> N
     assert sorted(item["label"] for item in zero_shot) == sorted(LABELS)
     assert abs(sum(item["score"] for item in zero_shot) - 1) < 1e-5
     assert [item["score"] for item in zero_shot] == sorted((item["score"] for item in zero_shot), reverse=True)
+    # One label is a query too, not a one-pair training batch.
+    assert [(item["label"], round(item["score"], 6)) for item in result["zero_shot_single"]] == [(LABELS[0], 1.0)]
 
     [vqa_answer] = result["vqa"]
     assert vqa_answer["input_text"] == "what color is the square ?"
