@@ -128,11 +128,13 @@ def stack_depths(config: Any) -> dict[str, int] | None:
     return {"vision": vision.num_hidden_layers, "text": layout.num_text_layers, "fusion": layout.num_fusion_units}
 
 
-def _check_per_layer(name: str, values: list[int] | None, num_layers: int, maximum: int) -> None:
+def _check_per_layer(
+    name: str, values: list[int] | None, num_layers: int, maximum: int, stack: str = "the encoder"
+) -> None:
     if values is None:
         return
     if len(values) != num_layers:
-        raise ValueError(f"`{name}` has {len(values)} entries but the encoder has {num_layers} layers.")
+        raise ValueError(f"`{name}` has {len(values)} entries but {stack} has {num_layers} layers.")
     for index, value in enumerate(values):
         if not 0 <= value <= maximum:
             raise ValueError(f"`{name}[{index}]` is {value}; it must be between 0 and {maximum}.")
@@ -333,6 +335,9 @@ class EfficientVLMConfig(PreTrainedConfig):
             (called `temperature` before; a saved config with that key still loads).
         max_text_length: longest text (in tokens) the processor produces by default.
         num_answer_decoder_layers: layers of the VQA answer decoder (defaults to the number of fusion layers).
+        answer_decoder_num_attention_heads_per_layer, answer_decoder_num_cross_attention_heads_per_layer,
+        answer_decoder_intermediate_size_per_layer: the VQA answer decoder's self-attention heads, cross-attention
+            heads and FFN neurons per layer after structured pruning (`prune_decoder`); `None`: every layer full.
         label_smoothing: label smoothing of the captioning loss (X-VLM fine-tunes with 0.1).
         twin_fusion_layers: NLVR2 layout: fusion layers come in pairs, the first attending to the left image,
             the second to the right (set by [`EfficientVLMForVisualReasoning`]).
@@ -360,6 +365,9 @@ class EfficientVLMConfig(PreTrainedConfig):
     itc_temperature: float = 0.07
     max_text_length: int = 40
     num_answer_decoder_layers: int | None = None
+    answer_decoder_num_attention_heads_per_layer: list[int] | None = None
+    answer_decoder_num_cross_attention_heads_per_layer: list[int] | None = None
+    answer_decoder_intermediate_size_per_layer: list[int] | None = None
     label_smoothing: float = 0.0
     twin_fusion_layers: bool = False
     answer_candidates: list[str] | None = None
@@ -379,6 +387,7 @@ class EfficientVLMConfig(PreTrainedConfig):
             raise ValueError(f"`itc_temperature` must be positive, got {self.itc_temperature}.")
         TextStackLayout.of(self)  # raises for twin fusion layers of an odd number
         self._check_answer_candidates()
+        self._check_answer_decoder_sizes()
         if self.max_text_length > self.text_config.max_position_embeddings:
             raise ValueError(
                 f"`max_text_length` ({self.max_text_length}) exceeds the position table "
@@ -396,6 +405,22 @@ class EfficientVLMConfig(PreTrainedConfig):
             )
         if any(len(sequence) < 2 or sequence[0] != ids[0][0] for sequence in ids):
             raise ValueError("Every entry of `answer_candidates_ids` must be a start token, then the answer's tokens.")
+
+    @property
+    def answer_decoder_depth(self) -> int:
+        """Layers of the VQA answer decoder: `num_answer_decoder_layers`, by default the number of fusion layers."""
+        if self.num_answer_decoder_layers is None:
+            return self.text_config.num_fusion_layers
+        return self.num_answer_decoder_layers
+
+    def _check_answer_decoder_sizes(self) -> None:
+        text = self.text_config
+        for name, maximum in (
+            ("answer_decoder_num_attention_heads_per_layer", text.num_attention_heads),
+            ("answer_decoder_num_cross_attention_heads_per_layer", text.num_attention_heads),
+            ("answer_decoder_intermediate_size_per_layer", 1 << 30),
+        ):
+            _check_per_layer(name, getattr(self, name), self.answer_decoder_depth, maximum, "the answer decoder")
 
     @property
     def layout(self) -> TextStackLayout:

@@ -30,18 +30,36 @@ from .loss_efficientvlm import (
 )
 
 # Keys of a structure-mask dict: one list per key with one tensor per layer, shaped (heads,) or (neurons,).
-# `text_*` index the text layers, `fusion_*` the fusion layers of the BERT stack. Each model takes the keys
-# of the stacks it has: the vision model `VISION_MASK_KEYS`, the text model `TEXT_MASK_KEYS`, the others all.
+# `text_*` index the text layers, `fusion_*` the fusion layers of the BERT stack, `decoder_*` the layers of a
+# separate decoder (VQA's answer decoder). Each model takes the keys of the stacks it has: the vision model
+# `VISION_MASK_KEYS`, the text model `TEXT_MASK_KEYS`, the others both (`MASK_KEYS`), and a model with an
+# answer decoder also `DECODER_MASK_KEYS` (when asked for: `structure_sizes(include_decoder=True)`).
 VISION_MASK_KEYS = ("vision_heads", "vision_ffn")
 TEXT_MASK_KEYS = ("text_heads", "text_ffn", "fusion_heads", "fusion_cross_heads", "fusion_ffn")
 MASK_KEYS = VISION_MASK_KEYS + TEXT_MASK_KEYS
+DECODER_MASK_KEYS = ("decoder_heads", "decoder_cross_heads", "decoder_ffn")
 StructureMasks = dict[str, list[torch.Tensor | None]]
+# A decoder is a BERT stack of fusion layers only (self-attention, cross-attention, FFN): its stack's
+# `fusion_*` structures are the model's `decoder_*` ones.
+_DECODER_STACK_KEYS = dict(zip(DECODER_MASK_KEYS, ("fusion_heads", "fusion_cross_heads", "fusion_ffn")))
+
+
+def decoder_stack_masks(structure_masks: StructureMasks | None) -> StructureMasks:
+    """The `decoder_*` entries of a structure-mask dict as the decoder stack's own (`fusion_*`) keys."""
+    masks = structure_masks or {}
+    return {stack_key: masks[key] for key, stack_key in _DECODER_STACK_KEYS.items() if key in masks}
+
+
+def decoder_structures(stack_structures: dict[str, list[int]]) -> dict[str, list[int]]:
+    """A decoder stack's `structure_sizes()` / `structure_unit_parameters()` under the model's `decoder_*` keys."""
+    return {key: list(stack_structures[stack_key]) for key, stack_key in _DECODER_STACK_KEYS.items()}
 
 
 def _check_mask_keys(structure_masks: StructureMasks | None) -> None:
-    unknown = sorted(set(structure_masks or {}) - set(MASK_KEYS))
+    known = MASK_KEYS + DECODER_MASK_KEYS
+    unknown = sorted(set(structure_masks or {}) - set(known))
     if unknown:
-        raise ValueError(f"Unknown structure-mask keys {unknown}; expected some of {list(MASK_KEYS)}.")
+        raise ValueError(f"Unknown structure-mask keys {unknown}; expected some of {list(known)}.")
 
 
 def _check_prunable(structure_masks: StructureMasks, sizes: dict[str, list[int]], model_name: str) -> None:
@@ -673,16 +691,26 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
 
     # Structured pruning, one signature on every model. The encoders implement it; task models hold an
     # `EfficientVLMModel` as `self.efficientvlm` and delegate to it; a task model with more prunable
-    # structures (e.g. NLVR2's shared cross-attention) overrides these.
-    def structure_sizes(self) -> dict[str, list[int]]:
+    # structures (NLVR2's shared cross-attention, VQA's answer decoder) overrides these.
+    def structure_sizes(self, include_decoder: bool = False) -> dict[str, list[int]]:
         """Per-layer number of heads / FFN neurons for each structure-mask key of the model's stacks (the
-        vision model: `VISION_MASK_KEYS`, the text model: `TEXT_MASK_KEYS`, the others: `MASK_KEYS`)."""
+        vision model: `VISION_MASK_KEYS`, the text model: `TEXT_MASK_KEYS`, task models: both). With
+        `include_decoder`, also the `DECODER_MASK_KEYS` of a model with an answer decoder (others raise)."""
+        self._check_has_decoder(include_decoder)
         return self.efficientvlm.structure_sizes()
 
-    def structure_unit_parameters(self) -> dict[str, list[int]]:
+    def structure_unit_parameters(self, include_decoder: bool = False) -> dict[str, list[int]]:
         """Per-layer number of parameters one head / FFN neuron carries, for each key of `structure_sizes()`:
         removing `n` units of layer `i` of `key` removes exactly `n * result[key][i]` parameters."""
+        self._check_has_decoder(include_decoder)
         return self.efficientvlm.structure_unit_parameters()
+
+    def _check_has_decoder(self, include_decoder: bool) -> None:
+        if include_decoder:
+            raise ValueError(
+                f"{type(self).__name__} has no separate decoder to prune (only VQA's answer decoder is one; a "
+                "captioning model decodes with its text stack, pruned as `text` and `fusion`)."
+            )
 
     def prune(self, structure_masks: StructureMasks) -> None:
         """Removes every head / FFN neuron whose mask is zero, folds the surviving mask values into the
@@ -1434,6 +1462,7 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
 
 
 __all__ = [
+    "DECODER_MASK_KEYS",
     "MASK_KEYS",
     "TEXT_MASK_KEYS",
     "VISION_MASK_KEYS",
@@ -1444,6 +1473,8 @@ __all__ = [
     "image_text_matching_logits",
     "itc_embedding",
     "attention_head_parameters",
+    "decoder_stack_masks",
+    "decoder_structures",
     "ffn_neuron_parameters",
     "EfficientVLMAttention",
     "EfficientVLMForPreTraining",

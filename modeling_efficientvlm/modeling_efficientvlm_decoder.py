@@ -21,7 +21,7 @@ from transformers import GenerationConfig, GenerationMixin
 from .configuration_efficientvlm import EfficientVLMConfig, EfficientVLMTextConfig
 
 # Fields of the text config an answer decoder shares with the backbone's text stack. Per-layer sizes are not
-# among them: structured pruning touches the backbone only, the answer decoder keeps its full width.
+# among them: the answer decoder has its own (`answer_decoder_*_per_layer` in the main config).
 _SHARED_TEXT_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -42,18 +42,21 @@ _SHARED_TEXT_FIELDS = (
 
 def answer_decoder_config(config: EfficientVLMConfig) -> EfficientVLMTextConfig:
     """Text config of X-VLM's answer decoder: `num_answer_decoder_layers` (default: the number of fusion layers)
-    layers that all carry cross-attention, reading the fused question states (width = text hidden size)."""
+    layers that all carry cross-attention, reading the fused question states (width = text hidden size), each
+    with the sizes `answer_decoder_*_per_layer` of the main config (full by default; set by pruning)."""
     text = config.text_config
-    num_layers = config.num_answer_decoder_layers
-    if num_layers is None:
-        num_layers = text.num_fusion_layers
+    num_layers = config.answer_decoder_depth
     if num_layers < 1:
         raise ValueError(f"`num_answer_decoder_layers` must be at least 1, got {num_layers}.")
+    # Every decoder layer is a fusion layer, so each per-layer list covers the whole stack.
     decoder_config = EfficientVLMTextConfig(
         **{name: getattr(text, name) for name in _SHARED_TEXT_FIELDS},
         num_hidden_layers=0,
         num_fusion_layers=num_layers,
         encoder_hidden_size=text.hidden_size,
+        num_attention_heads_per_layer=config.answer_decoder_num_attention_heads_per_layer,
+        num_cross_attention_heads_per_layer=config.answer_decoder_num_cross_attention_heads_per_layer,
+        intermediate_size_per_layer=config.answer_decoder_intermediate_size_per_layer,
     )
     # Not a registered sub-config, so `from_pretrained(attn_implementation=...)` would not reach it otherwise.
     decoder_config._attn_implementation = text._attn_implementation

@@ -366,16 +366,16 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
         ]
 
     # -- structured pruning ----------------------------------------------------------------------------------
-    def structure_sizes(self) -> dict[str, list[int]]:
+    def structure_sizes(self, include_decoder: bool = False) -> dict[str, list[int]]:
         """As the backbone's, except `fusion_cross_heads`: one entry per twin pair."""
-        sizes = super().structure_sizes()
+        sizes = super().structure_sizes(include_decoder)
         sizes["fusion_cross_heads"] = self.config.layout.unit_values(sizes["fusion_cross_heads"])
         return sizes
 
-    def structure_unit_parameters(self) -> dict[str, list[int]]:
+    def structure_unit_parameters(self, include_decoder: bool = False) -> dict[str, list[int]]:
         """As the backbone's, except that a `fusion_cross_heads` unit is a head of both twins: two query
         rows and output columns, and the key/value rows they share counted once."""
-        units = super().structure_unit_parameters()
+        units = super().structure_unit_parameters(include_decoder)
         text = self.config.text_config
         shared_key_value = 2 * text.head_dim * (text.encoder_hidden_size + 1)
         pair_units = self.config.layout.unit_values(units["fusion_cross_heads"])

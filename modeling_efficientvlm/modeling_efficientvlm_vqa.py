@@ -4,7 +4,9 @@ generates (or ranks) answers.
 The answer decoder is X-VLM's: a BERT stack of `num_answer_decoder_layers` layers (default: as many as the
 fusion layers) that all run causal self-attention, cross-attention to the fused question states and an FFN,
 with its own embeddings and an LM head tied to them. It is an [`EfficientVLMTextModel`] built from a text
-config derived from the main config (see `answer_decoder_config`), so checkpoints need nothing extra.
+config derived from the main config (see `answer_decoder_config`), so checkpoints need nothing extra. Like the
+encoders it can be pruned (the `decoder_*` structure-mask keys, asked for with `include_decoder=True`); its
+per-layer sizes are then kept in the main config (`answer_decoder_*_per_layer`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_efficientvlm import EfficientVLMConfig
 from .modeling_efficientvlm import (
+    DECODER_MASK_KEYS,
     EfficientVLMLMHead,
     EfficientVLMModel,
     EfficientVLMPreTrainedModel,
@@ -27,6 +30,9 @@ from .modeling_efficientvlm import (
     EfficientVLMTextModel,
     EncoderOutput,
     StructureMasks,
+    _check_prunable,
+    decoder_stack_masks,
+    decoder_structures,
 )
 from .modeling_efficientvlm_decoder import (
     EfficientVLMDecoderGenerationMixin,
@@ -80,7 +86,8 @@ class EfficientVLMAnswerRankingOutput(ModelOutput):
 
 
 class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLMDecoderGenerationMixin):
-    """X-VLM VQA: encoder (vision, text and fusion layers, prunable) + answer decoder (not pruned).
+    """X-VLM VQA: encoder (vision, text and fusion layers, prunable) + answer decoder (prunable on request:
+    `structure_sizes(include_decoder=True)` adds its `decoder_*` structures).
 
     Training: answers are decoded from the fused question states with the weighted loss of X-VLM.
 
@@ -101,7 +108,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
     def __init__(self, config: EfficientVLMConfig) -> None:
         super().__init__(config)
         self.efficientvlm = EfficientVLMModel(config)
-        # Derived from `config` every time, so save / load rebuild it; pruning never changes it.
+        # Derived from `config` every time (its pruned sizes included), so save / load rebuild it.
         self.answer_decoder = EfficientVLMTextModel(answer_decoder_config(config))
         self.answer_head = EfficientVLMLMHead(self.answer_decoder.config)
         self.post_init()
@@ -184,9 +191,11 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         question_attention_mask: torch.Tensor | None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        structure_masks: StructureMasks | None = None,
     ) -> tuple[torch.Tensor, EncoderOutput]:
         """Runs the answer decoder causally over answers (num_answers, length) cross-attending to their
-        question's fused states (num_answers, question_length, hidden). Returns logits and the decoder output."""
+        question's fused states (num_answers, question_length, hidden), with the `decoder_*` entries of
+        `structure_masks` (other keys are the encoders'). Returns logits and the decoder output."""
         decoder = self.answer_decoder(
             answer_input_ids,
             answer_attention_mask,
@@ -194,6 +203,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
             encoder_attention_mask=question_attention_mask,
             mode="multimodal",
             is_causal=True,
+            **self.answer_decoder.layer_masks(decoder_stack_masks(structure_masks)),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
@@ -225,7 +235,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         answer_counts: (batch,) answers per question (default: one each); answer_weights: (num_answers,)
         (default: ones). question_states / question_attention_mask: pre-computed fused question states
         (batch, seq, hidden) used instead of encoding (generation passes them).
-        structure_masks: masks of the encoder (vision, text, fusion); the answer decoder is not pruned.
+        structure_masks: masks of the encoders (vision, text, fusion) and of the answer decoder (`decoder_*`).
         return_loss: compute the answer loss when answers are given; without answers (or with
         `return_loss=False`) nothing is trained or sampled: the encoders (and the decoder on given answers) only.
         token_type_ids: (batch, seq) of the questions, as BERT tokenizers emit them (default all 0).
@@ -273,6 +283,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
             expanded_mask,
             output_attentions,
             output_hidden_states,
+            structure_masks,
         )
 
         loss = None
@@ -383,7 +394,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
 
         # First answer token, for every candidate at once.
         start = answer_candidates_ids[:1, :1].expand(batch, 1)
-        start_logits, _ = self.decode(start, None, states, question_mask)
+        start_logits, _ = self.decode(start, None, states, question_mask, structure_masks=structure_masks)
         first_log_probs = F.log_softmax(start_logits[:, 0].float(), dim=-1)[:, answer_candidates_ids[:, 1]]
         k = min(k, answer_candidates_ids.shape[0])
         topk_first, topk_indices = first_log_probs.topk(k, dim=1)
@@ -396,6 +407,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
             sequence_mask,
             states.repeat_interleave(k, dim=0),
             question_mask.repeat_interleave(k, dim=0),
+            structure_masks=structure_masks,
         )
         scores = sequence_log_likelihood(logits, causal_lm_labels(sequences, sequence_mask)).view(batch, k)
         if xvlm_scoring:
@@ -458,7 +470,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
             pixel_values,
             input_ids,
             model_kwargs.pop("attention_mask", None),
-            model_kwargs.pop("structure_masks", None),
+            model_kwargs.get("structure_masks"),  # kept: the decoder's masks apply at every step
             interpolate_pos_encoding=model_kwargs.pop("interpolate_pos_encoding", False),
             token_type_ids=model_kwargs.pop("token_type_ids", None),
         )
@@ -473,6 +485,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         input_ids: torch.Tensor,
         question_states: torch.Tensor | None = None,
         question_attention_mask: torch.Tensor | None = None,
+        structure_masks: StructureMasks | None = None,
         **kwargs,
     ) -> dict[str, Any]:
         # The whole answer so far (no cache); the fused question states were computed once before decoding.
@@ -480,8 +493,38 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
             "answer_input_ids": input_ids,
             "question_states": question_states,
             "question_attention_mask": question_attention_mask,
+            "structure_masks": structure_masks,
             "return_loss": False,
         }
+
+    # -- structured pruning: the encoders' structures, and the answer decoder's on request -------------------
+    def structure_sizes(self, include_decoder: bool = False) -> dict[str, list[int]]:
+        """The encoders' structures; with `include_decoder`, also the answer decoder's (`DECODER_MASK_KEYS`)."""
+        sizes = self.efficientvlm.structure_sizes()
+        if include_decoder:
+            sizes.update(decoder_structures(self.answer_decoder.structure_sizes()))
+        return sizes
+
+    def structure_unit_parameters(self, include_decoder: bool = False) -> dict[str, list[int]]:
+        units = self.efficientvlm.structure_unit_parameters()
+        if include_decoder:
+            units.update(decoder_structures(self.answer_decoder.structure_unit_parameters()))
+        return units
+
+    def prune(self, structure_masks: StructureMasks) -> None:
+        """Prunes the encoders (see [`EfficientVLMModel.prune`]) and, with `decoder_*` masks, the answer decoder
+        the same way, recording its new per-layer sizes in `config.answer_decoder_*_per_layer`."""
+        _check_prunable(structure_masks, self.structure_sizes(include_decoder=True), type(self).__name__)
+        decoder_masks = decoder_stack_masks(structure_masks)
+        if decoder_masks:
+            self.answer_decoder.prune(decoder_masks)
+            decoder = self.answer_decoder.config
+            self.config.answer_decoder_num_attention_heads_per_layer = list(decoder.num_attention_heads_per_layer)
+            self.config.answer_decoder_num_cross_attention_heads_per_layer = list(
+                decoder.num_cross_attention_heads_per_layer
+            )
+            self.config.answer_decoder_intermediate_size_per_layer = list(decoder.intermediate_size_per_layer)
+        self.efficientvlm.prune({key: masks for key, masks in structure_masks.items() if key not in DECODER_MASK_KEYS})
 
 
 __all__ = [

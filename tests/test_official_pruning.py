@@ -48,6 +48,10 @@ def _official_state(task: str, seed: int = 0) -> dict[str, torch.Tensor]:
     state["l0_module.cross_head_loga"][0] = 10.0
     state["l0_module.cross_head_loga"][1] = -10.0
     state["l0_module.vision_int_loga"][2] = -10.0
+    if "l0_module.decoder_head_loga" in state:
+        # Answer-decoder layer 0: every cross-attention head dropped (row 1) and its whole FFN.
+        state["l0_module.decoder_head_loga"][1] = -10.0
+        state["l0_module.decoder_int_loga"][0] = -10.0
     return state
 
 
@@ -73,6 +77,10 @@ def _official_masks(state: dict[str, torch.Tensor]) -> dict[str, list[torch.Tens
         "fusion_cross_heads": rows["cross_head_loga"][1::2],
         "fusion_ffn": rows["cross_int_loga"],
     }
+    if "decoder_head_loga" in rows:
+        masks["decoder_heads"] = rows["decoder_head_loga"][0::2]
+        masks["decoder_cross_heads"] = rows["decoder_head_loga"][1::2]
+        masks["decoder_ffn"] = rows["decoder_int_loga"]
     return {key: [_official_mask(row) for row in value] for key, value in masks.items()}
 
 
@@ -96,26 +104,20 @@ def test_pruning_stage_checkpoint_prunes_as_the_official_masks_say(task: str, tm
 
     kept = {key: [int(mask.sum()) for mask in masks] for key, masks in expected.items()}
     assert report["structures_kept"] == kept
-    assert pruned.structure_sizes() == kept
+    assert pruned.structure_sizes(include_decoder=task == "vqa") == kept
     assert kept["fusion_heads"][0] == 2 and kept["fusion_cross_heads"][0] == 0 and kept["vision_ffn"][2] == 0
-    assert 0 < report["sparsity"] < 1 and set(report["sparsity_per_modality"]) == {"vision", "text", "fusion"}
+    modalities = {"vision", "text", "fusion"} | ({"decoder"} if task == "vqa" else set())
+    assert 0 < report["sparsity"] < 1 and set(report["sparsity_per_modality"]) == modalities
+    if task == "vqa":  # the answer decoder is physically pruned, a layer of it to nothing
+        assert kept["decoder_cross_heads"][0] == 0 and kept["decoder_ffn"][0] == 0
+        assert pruned.config.answer_decoder_intermediate_size_per_layer == kept["decoder_ffn"]
+        assert 0 < report["sparsity_per_modality"]["decoder"] < 1
     assert report["parameters_after"] == sum(p.numel() for p in pruned.parameters()) < report["parameters_before"]
     assert set(report["lagrange_multipliers"]) == {"lambda_1", "lambda_2"}
 
     # The pruned model computes what the unpruned one computes under the official masks.
     weights = {name: tensor for name, tensor in state.items() if not name.startswith("l0_module.")}
     unpruned = model_from_official_state_dict(weights, task).eval()
-    if task == "vqa":
-        # The answer decoder is masked in place; apply the same official masks to the reference's decoder.
-        decoder_rows = {n: state[f"l0_module.decoder_{n}_loga"] for n in ("head", "int")}
-        decoder_masks = {
-            "fusion_heads": [_official_mask(r) for r in decoder_rows["head"][0::2]],
-            "fusion_cross_heads": [_official_mask(r) for r in decoder_rows["head"][1::2]],
-            "fusion_ffn": [_official_mask(r) for r in decoder_rows["int"]],
-        }
-        assert report["decoder_units_zeroed"] == {
-            key: [int((mask == 0).sum()) for mask in masks] for key, masks in decoder_masks.items()
-        }
     inputs = _inputs(pruned.config)
     pruned.eval()
     with torch.no_grad():
@@ -129,16 +131,11 @@ def test_pruning_stage_checkpoint_prunes_as_the_official_masks_say(task: str, tm
         )
     if task == "vqa":
         question_states = torch.randn(2, 9, pruned.config.text_config.hidden_size)
-        answer = dict(
-            input_ids=inputs["input_ids"][:, :4],
-            encoder_hidden_states=question_states,
-            mode="multimodal",
-            is_causal=True,
-        )
+        answer = (inputs["input_ids"][:, :4], None, question_states, None)
         with torch.no_grad():
-            masked = unpruned.answer_decoder(**answer, **unpruned.answer_decoder.layer_masks(decoder_masks))
-            zeroed = pruned.answer_decoder(**answer)
-        torch.testing.assert_close(zeroed.last_hidden_state, masked.last_hidden_state, atol=1e-5, rtol=1e-5)
+            masked, _ = unpruned.decode(*answer, structure_masks=expected)
+            decoded, _ = pruned.decode(*answer)
+        torch.testing.assert_close(decoded, masked, atol=1e-5, rtol=1e-5)
 
     # The folder reloads at its uneven sizes with `from_pretrained`.
     pruned.save_pretrained(tmp_path / "pruned")
@@ -147,6 +144,10 @@ def test_pruning_stage_checkpoint_prunes_as_the_official_masks_say(task: str, tm
     with torch.no_grad():
         again = reloaded.efficientvlm(**inputs)
     torch.testing.assert_close(again.last_hidden_state, ours.last_hidden_state)
+    if task == "vqa":
+        assert reloaded.structure_sizes(include_decoder=True) == kept
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded.decode(*answer)[0], decoded)
 
 
 def test_non_pruning_checkpoints_and_mismatched_log_alphas_raise() -> None:

@@ -8,7 +8,8 @@
 The student is fine-tuned on its task (0.6 x task loss + 0.4 x KD from the teacher; without a teacher, the
 task loss alone) while hard-concrete masks over the heads and FFN neurons of every modality learn which
 structures to drop under one global target sparsity (warmed up over `--sparsity_warmup_steps`, default one
-epoch). The output folder holds the physically pruned model (`save_pretrained`), its processor,
+epoch); for VQA, `--prune_decoder` masks the answer decoder too (the official VQA pruning), reported as the
+`decoder` modality. The output folder holds the physically pruned model (`save_pretrained`), its processor,
 `pruning_report.json` and a model card; `--push_to_hub` (`--hub_model_id`) uploads these files and nothing else
 of the output folder. Any `TrainingArguments` option works (`--resume_from_checkpoint` resumes masks too);
 `main(["config.json"])` reads all arguments from a JSON file.
@@ -71,6 +72,13 @@ class PruneArguments(KDArguments):
             "it is pruned with (the official VQA recipe fixes them for the last half). 0: masks learn to the end."
         },
     )
+    prune_decoder: bool = field(
+        default=False,
+        metadata={
+            "help": "VQA: also prune the answer decoder's heads and FFN neurons (reported as the 'decoder' modality; "
+            "its parameters count in --target_sparsity), as the official VQA pruning does."
+        },
+    )
 
 
 def pruning_config_from(args: PruneArguments):
@@ -89,6 +97,7 @@ def pruning_config_from(args: PruneArguments):
         droprate_init=args.droprate_init,
         binary_masks=args.binary_masks,
         mask_freeze_fraction=args.mask_freeze_fraction,
+        prune_decoder=args.prune_decoder,
     )
 
 

@@ -1,7 +1,8 @@
 """Hard-concrete (L0) structure masks and exact parameter accounting.
 
 One implementation serves every modality: a [`StructureMasker`] is built from any model exposing
-`structure_sizes()` and `structure_unit_parameters()` (every EfficientVLM model), holds one log-alpha per
+`structure_sizes()` and `structure_unit_parameters()` (every EfficientVLM model; VQA's answer decoder joins as
+the `decoder` modality with `include_decoder=True`, as the official VQA pruning does), holds one log-alpha per
 head / FFN neuron of every layer, samples stretched hard-concrete masks while training (Louizos et al.,
 2018) and gives deterministic masks for evaluation and physical pruning, following CoFi
 (princeton-nlp/CoFiPruning `models/l0_module.py`) and the official EfficientVLM `xvlm_l0_module.py`:
@@ -19,6 +20,7 @@ The sparsity constraint on these masks is [`SparsityLagrangian`] in `lagrangian.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 
@@ -36,7 +38,7 @@ HEAD_LOG_ALPHA_INIT = 10.0
 # Wang et al. (2020) / CoFi: scales log_alpha when ranking units for the deterministic mask.
 MAGICAL_NUMBER = 0.8
 LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))
-MODALITIES = ("vision", "text", "fusion")
+MODALITIES = ("vision", "text", "fusion", "decoder")
 
 
 def modality_of(key: str) -> str:
@@ -100,12 +102,15 @@ class StructureMasker(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def from_model(cls, model: nn.Module, **kwargs) -> StructureMasker:
-        """A masker over every prunable structure of `model` (see [`StructureMasker`] for `kwargs`)."""
-        for name in ("structure_sizes", "structure_unit_parameters"):
-            if not callable(getattr(model, name, None)):
-                raise ValueError(f"{type(model).__name__} has no `{name}()`; it cannot be pruned with masks.")
-        return cls(model.structure_sizes(), model.structure_unit_parameters(), **kwargs)
+    def from_model(cls, model: nn.Module, include_decoder: bool = False, **kwargs) -> StructureMasker:
+        """A masker over every prunable structure of `model` (see [`StructureMasker`] for `kwargs`); with
+        `include_decoder`, also over the answer decoder of a VQA model (the `decoder` modality)."""
+        return cls(*model_structures(model, include_decoder), **kwargs)
+
+    @property
+    def includes_decoder(self) -> bool:
+        """Whether the masks cover a decoder (`decoder_*` keys)."""
+        return any(modality_of(key) == "decoder" for key in self.structure_sizes)
 
     def reset_parameters(self) -> None:
         """CoFi's initialisation: FFN log-alphas from the drop rate, heads high; both with N(0, 0.01) noise."""
@@ -149,7 +154,7 @@ class StructureMasker(nn.Module):
 
     def check_fits(self, model: nn.Module) -> None:
         """Raises a ValueError unless `model` has exactly the structures this masker was built for."""
-        sizes, unit_parameters = model.structure_sizes(), model.structure_unit_parameters()
+        sizes, unit_parameters = model_structures(model, self.includes_decoder)
         if sizes != self.structure_sizes:
             raise ValueError(
                 f"The masks do not fit the model: the masker was built for structure sizes {self.structure_sizes} "
@@ -301,6 +306,19 @@ class StructureMasker(nn.Module):
         )
 
 
+def model_structures(model: nn.Module, include_decoder: bool = False) -> tuple[dict, dict]:
+    """`(model.structure_sizes(), model.structure_unit_parameters())`, the decoder's included on request; a model
+    that cannot be pruned with masks (or has no decoder to include) raises a ValueError naming it."""
+    for name in ("structure_sizes", "structure_unit_parameters"):
+        if not callable(getattr(model, name, None)):
+            raise ValueError(f"{type(model).__name__} has no `{name}()`; it cannot be pruned with masks.")
+    if not include_decoder:
+        return model.structure_sizes(), model.structure_unit_parameters()
+    if "include_decoder" not in inspect.signature(model.structure_sizes).parameters:  # a bare encoder
+        raise ValueError(f"{type(model).__name__} has no decoder to prune.")
+    return model.structure_sizes(include_decoder=True), model.structure_unit_parameters(include_decoder=True)
+
+
 def random_structure_masks(
     model: nn.Module, target_sparsity: float, generator: torch.Generator | None = None
 ) -> StructureMasks:
@@ -336,5 +354,6 @@ __all__ = [
     "StructureMasker",
     "StructureMasks",
     "modality_of",
+    "model_structures",
     "random_structure_masks",
 ]

@@ -38,8 +38,9 @@ class SparsityLagrangian(nn.Module):
     Args:
         target_sparsity: the global target t over all prunable parameters (None: no global constraint).
         warmup_steps: the target grows linearly from 0 to its value over this many optimizer steps.
-        target_sparsity_per_modality: optional targets for `vision`, `text` and / or `fusion`, each with
-            its own multipliers, on that modality's expected sparsity.
+        target_sparsity_per_modality: optional targets for `vision`, `text`, `fusion` and / or `decoder` (VQA's
+            answer decoder, when the masker covers it), each with its own multipliers, on that modality's
+            expected sparsity.
 
     The multipliers start at 0 and are trained by gradient ascent: [`forward`] reverses their gradient, so
     give them to an ordinary optimizer (weight decay 0) and it maximises the term over them while the

@@ -9,9 +9,8 @@ Official layout (one row per layer, one column per unit):
 - `vision_head_loga`, `text_head_loga`: heads; `vision_int_loga`, `text_int_loga`, `cross_int_loga`: FFN neurons;
 - `cross_head_loga`: two rows per fusion layer, row 2k the self-attention heads and row 2k + 1 the
   cross-attention heads of fusion layer k;
-- `decoder_head_loga` (two rows per decoder layer, as above), `decoder_int_loga`: the VQA answer decoder. Its
-  masks are applied exactly by zeroing the masked units' output weights, but its units are not removed (the
-  answer decoder has no per-layer sizes in the config yet); the report says so.
+- `decoder_head_loga` (two rows per decoder layer, as above), `decoder_int_loga`: the VQA answer decoder, pruned
+  like the encoders (the `decoder` modality; its per-layer sizes go to `config.answer_decoder_*_per_layer`).
 - `lambda_1`, `lambda_2`: the Lagrange multipliers, used only while training; reported, not converted.
 """
 
@@ -38,8 +37,8 @@ ENCODER_LOG_ALPHAS = {
     "cross_int_loga": ("fusion_ffn",),
 }
 DECODER_LOG_ALPHAS = {
-    "decoder_head_loga": ("fusion_heads", "fusion_cross_heads"),
-    "decoder_int_loga": ("fusion_ffn",),
+    "decoder_head_loga": ("decoder_heads", "decoder_cross_heads"),
+    "decoder_int_loga": ("decoder_ffn",),
 }
 MULTIPLIERS = ("lambda_1", "lambda_2")
 PRUNING_STAGE_TASKS = ("retrieval", "vqa")
@@ -95,25 +94,6 @@ def _masks(masker: StructureMasker, log_alphas: Mapping[str, list[torch.Tensor]]
     }
 
 
-@torch.no_grad()
-def _zero_masked_units(decoder: torch.nn.Module, masks: StructureMasks) -> dict[str, list[int]]:
-    """Applies decoder masks exactly without removing units: a masked head's columns of the output projection
-    and a masked neuron's column of `fc2` become zero. Returns the units zeroed per layer for each key."""
-    zeroed: dict[str, list[int]] = {}
-    for key, attribute in (("fusion_heads", "attention"), ("fusion_cross_heads", "crossattention")):
-        zeroed[key] = []
-        for layer, mask in zip(decoder.encoder.layer, masks.get(key, [])):
-            attention = getattr(layer, attribute)
-            columns = attention.out_proj.weight.view(attention.out_proj.out_features, attention.num_heads, -1)
-            columns.mul_(mask.view(1, -1, 1).to(columns.dtype))
-            zeroed[key].append(int((mask == 0).sum()))
-    zeroed["fusion_ffn"] = []
-    for layer, mask in zip(decoder.encoder.layer, masks.get("fusion_ffn", [])):
-        layer.mlp.fc2.weight.mul_(mask.view(1, -1).to(layer.mlp.fc2.weight.dtype))
-        zeroed["fusion_ffn"].append(int((mask == 0).sum()))
-    return zeroed
-
-
 def prune_official_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     task: str,
@@ -124,18 +104,25 @@ def prune_official_state_dict(
 
     `binary=True` keeps survivors at 1, as the official evaluation does; `False` folds the survivors' scores
     into the weights (CoFi). The report has the pruning trainer's keys (sparsity overall and per modality,
-    units kept per layer, parameters before and after) and, for VQA, the answer-decoder units zeroed in place.
+    units kept per layer, parameters before and after); a VQA checkpoint that masks its answer decoder has it
+    pruned too, reported as the `decoder` modality.
     """
     if task not in PRUNING_STAGE_TASKS:
         raise ValueError(f"Pruning-stage checkpoints convert for {PRUNING_STAGE_TASKS}; got task {task!r}.")
     weights, l0 = split_pruning_state(state_dict)
     model = model_from_official_state_dict(weights, task)
-    masker = StructureMasker.from_model(model, hard_concrete_temperature=hard_concrete_temperature)
-    encoder_log_alphas = _per_layer(l0, ENCODER_LOG_ALPHAS, masker.structure_sizes)
-    missing = sorted(set(masker.structure_sizes) - set(encoder_log_alphas))
+    masks_decoder = any(name in l0 for name in DECODER_LOG_ALPHAS)
+    if masks_decoder and getattr(model, "answer_decoder", None) is None:
+        raise ValueError(f"The checkpoint masks an answer decoder, which the {task} model does not have.")
+    masker = StructureMasker.from_model(
+        model, include_decoder=masks_decoder, hard_concrete_temperature=hard_concrete_temperature
+    )
+    tables = {**ENCODER_LOG_ALPHAS, **(DECODER_LOG_ALPHAS if masks_decoder else {})}
+    log_alphas = _per_layer(l0, tables, masker.structure_sizes)
+    missing = sorted(set(masker.structure_sizes) - set(log_alphas))
     if missing:
         raise ValueError(f"The checkpoint's `l0_module` has no log-alphas for {missing}.")
-    masks = _masks(masker, encoder_log_alphas, binary)
+    masks = _masks(masker, log_alphas, binary)
     report: dict[str, Any] = {
         "task": task,
         "binary_masks": binary,
@@ -148,14 +135,6 @@ def prune_official_state_dict(
         "parameters_before": sum(p.numel() for p in model.parameters()),
         "lagrange_multipliers": {name: float(l0[name]) for name in MULTIPLIERS if name in l0},
     }
-    decoder = getattr(model, "answer_decoder", None)
-    if any(name in l0 for name in DECODER_LOG_ALPHAS):
-        if decoder is None:
-            raise ValueError(f"The checkpoint masks an answer decoder, which the {task} model does not have.")
-        decoder_sizes = decoder.structure_sizes()
-        decoder_log_alphas = _per_layer(l0, DECODER_LOG_ALPHAS, decoder_sizes)
-        report["decoder_units_zeroed"] = _zero_masked_units(decoder, _masks(masker, decoder_log_alphas, binary))
-        report["decoder_note"] = "answer-decoder masks applied by zeroing weights; its units are not removed"
     model.prune(masks)
     report["parameters_after"] = sum(p.numel() for p in model.parameters())
     return model, report

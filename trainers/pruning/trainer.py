@@ -68,6 +68,9 @@ class PruningConfig:
         mask_freeze_fraction: fraction of the training steps, at the end, in which the masks are fixed (the
             official `stop_prune_epoch`: VQA learns masks for 10 of 20 epochs): the model then trains with the
             exact deterministic masks it will be pruned with, and the Lagrangian is off. 0: masks learn to the end.
+        prune_decoder: also mask and prune the heads and FFN neurons of VQA's answer decoder (the `decoder`
+            modality), as the official VQA pruning does: its parameters count in the global target and it is
+            reported per modality as `decoder`. Only for models with an answer decoder.
     """
 
     target_sparsity: float | None = None
@@ -80,6 +83,7 @@ class PruningConfig:
     hard_concrete_temperature: float = HARD_CONCRETE_TEMPERATURE
     binary_masks: bool = False
     mask_freeze_fraction: float = 0.0
+    prune_decoder: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mask_freeze_fraction < 1.0:
@@ -187,11 +191,17 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         if masker is None:
             masker = StructureMasker.from_model(
                 self.model,
+                include_decoder=pruning_config.prune_decoder,
                 droprate_init=pruning_config.droprate_init,
                 head_log_alpha_init=pruning_config.head_log_alpha_init,
                 hard_concrete_temperature=pruning_config.hard_concrete_temperature,
             )
         else:
+            if masker.includes_decoder != pruning_config.prune_decoder:
+                raise ValueError(
+                    f"The given masker {'covers' if masker.includes_decoder else 'does not cover'} the answer "
+                    f"decoder but `prune_decoder` is {pruning_config.prune_decoder}."
+                )
             masker.check_fits(self.model)
         self.masker = masker.to(self.args.device)
         self.lagrangian = SparsityLagrangian(
