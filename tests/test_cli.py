@@ -18,6 +18,7 @@ def test_top_level_help_lists_every_stage(capsys) -> None:
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     stages = ("processor", "pretrain", "finetune", "distill", "prune", "evaluate", "benchmark", "convert", "demo")
+    stages += ("recipes",)
     for command in stages:
         assert command in out
     assert cli.main(["compress"]) == 2
@@ -36,6 +37,7 @@ def test_top_level_help_lists_every_stage(capsys) -> None:
         ("benchmark", "--models"),
         ("convert", "--checkpoint"),
         ("demo", "--quick"),
+        ("recipes", "name"),
     ],
 )
 def test_each_subcommand_has_useful_help(command: str, expected: str, capsys) -> None:
