@@ -207,3 +207,19 @@ def test_sparsity_warmup_fraction_warms_the_target_up_over_that_share_of_the_ste
         PruningConfig(target_sparsity=0.5, sparsity_warmup_steps=10, sparsity_warmup_fraction=0.3)
     with pytest.raises(ValueError, match=r"sparsity_warmup_fraction.*\[0, 1\]"):
         PruningConfig(target_sparsity=0.5, sparsity_warmup_fraction=1.5)
+
+
+def test_prune_runs_from_the_command_line_with_a_recipe_and_an_override(tmp_path) -> None:
+    from trainers.commands import prune
+
+    from .data_utils import write_image_text_json, write_vocab
+
+    data, image_root = write_image_text_json(tmp_path, n=4)
+    report = prune.main(
+        ["--recipe", "small-cpu", "--task", "retrieval", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+        + ["--train_file", str(data), "--image_root", str(image_root), "--output_dir", str(tmp_path / "out")]
+        + ["--max_steps", "2", "--per_device_train_batch_size", "8", "--target_sparsity", "0.3"]
+        + ["--report_to", "none", "--save_strategy", "no"]
+    )  # no teacher: the recipe's KD weights go unused
+    assert report["target_sparsity"] == 0.3  # the flag, not the recipe's 0.5
+    assert json.loads((tmp_path / "out" / "pruning_report.json").read_text())["target_sparsity"] == 0.3
