@@ -223,3 +223,25 @@ def test_prune_runs_from_the_command_line_with_a_recipe_and_an_override(tmp_path
     )  # no teacher: the recipe's KD weights go unused
     assert report["target_sparsity"] == 0.3  # the flag, not the recipe's 0.5
     assert json.loads((tmp_path / "out" / "pruning_report.json").read_text())["target_sparsity"] == 0.3
+
+
+def test_config_overrides_shape_a_preset_and_a_recipes_do_not_apply_to_a_saved_model() -> None:
+    from trainers.commands.common import model_options
+
+    model_args, *_ = _parse("pretrain", "--recipe", "small-cpu")  # with --preset xvlm-base
+    assert model_options(model_args)["config_overrides"]["vision_config"]["patch_size"] == 32
+    model_args, *_ = parse_arguments(
+        "pretrain",
+        _dataclasses("pretrain"),
+        ["--recipe", "small-cpu", "--model_name_or_path", "saved", "--output_dir", "unused"],
+        "test",
+    )
+    assert model_options(model_args)["config_overrides"] == {}
+    model_args, *_ = parse_arguments(
+        "pretrain",
+        _dataclasses("pretrain"),
+        ["--model_name_or_path", "saved", "--config_overrides", '{"embed_dim": 64}', "--output_dir", "unused"],
+        "test",
+    )
+    with pytest.raises(ValueError, match="--config_overrides sets the config of a --preset"):
+        model_options(model_args)

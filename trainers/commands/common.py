@@ -245,11 +245,20 @@ def parse_json_option(value: str | None, name: str) -> dict[str, Any]:
 
 
 def model_options(model_args: ModelArguments) -> dict[str, Any]:
-    """`ModelArguments` as the keyword arguments of `trainers.training.build_task_model`."""
+    """`ModelArguments` as the keyword arguments of `trainers.training.build_task_model`. `--config_overrides`
+    shapes a `--preset`; with a saved model it is an error, unless a recipe gave it (then it does not apply)."""
+    overrides = parse_json_option(model_args.config_overrides, "config_overrides")
+    if overrides and model_args.model_name_or_path is not None:
+        if "config_overrides" not in recipe_fields(model_args):
+            raise ValueError(
+                "--config_overrides sets the config of a --preset; a saved model (--model_name_or_path "
+                f"{model_args.model_name_or_path}) keeps the config it was saved with."
+            )
+        overrides = {}
     return {
         "model_name_or_path": model_args.model_name_or_path,
         "preset": model_args.preset,
-        "config_overrides": parse_json_option(model_args.config_overrides, "config_overrides"),
+        "config_overrides": overrides,
     }
 
 
