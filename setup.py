@@ -11,8 +11,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_efficientvlm", "trainers", "trainers.*"]),
-    # Metric folders are loadable with `evaluate.load(<folder>)`, so their scripts ship as files too.
-    package_data={"trainers": ["evaluation/metrics/*/*.py", "evaluation/metrics/*/README.md"]},
+    # Metric folders are loadable with `evaluate.load(<folder>)`, so their scripts ship as files too; the
+    # `--recipe` files ship with the package so a non-editable install has them.
+    package_data={
+        "trainers": ["evaluation/metrics/*/*.py", "evaluation/metrics/*/README.md"],
+        "trainers.recipes": ["*.json"],
+    },
     # Lower bounds only: pins that stop installing are a bug we promised our users not to ship.
     install_requires=[
         "torch>=2.4",

@@ -18,6 +18,7 @@ def test_top_level_help_lists_every_stage(capsys) -> None:
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     stages = ("processor", "pretrain", "finetune", "distill", "prune", "evaluate", "benchmark", "convert", "demo")
+    stages += ("recipes",)
     for command in stages:
         assert command in out
     assert cli.main(["compress"]) == 2
@@ -36,6 +37,7 @@ def test_top_level_help_lists_every_stage(capsys) -> None:
         ("benchmark", "--models"),
         ("convert", "--checkpoint"),
         ("demo", "--quick"),
+        ("recipes", "name"),
     ],
 )
 def test_each_subcommand_has_useful_help(command: str, expected: str, capsys) -> None:
@@ -335,3 +337,26 @@ def test_answer_list_auto_ranks_the_most_frequent_training_answers(tmp_path) -> 
     saved = EfficientVLMForQuestionAnswering.from_pretrained(tmp_path / "out").config.answer_candidates
     assert saved[0] == expected[0] and sorted(saved) == sorted(expected)
     assert 0 <= json.loads((tmp_path / "out" / "eval_results.json").read_text())["vqa_accuracy"] <= 1
+
+
+def test_a_processor_for_another_image_size_is_a_named_error_before_training(tmp_path) -> None:
+    from .data_utils import make_processor, write_image_text_json
+
+    processor_dir = tmp_path / "processor64"
+    make_processor(tmp_path, image_size=64).save_pretrained(processor_dir)
+    data, image_root = write_image_text_json(tmp_path, n=2)
+    argv = ["finetune", "--task", "retrieval", "--preset", "tiny", "--processor_name_or_path", str(processor_dir)]
+    argv += ["--train_file", str(data), "--image_root", str(image_root), "--output_dir", str(tmp_path / "out")]
+    argv += ["--max_steps", "1", "--report_to", "none", "--use_cpu"]
+    # The tiny preset's images are 32x32.
+    with pytest.raises(ValueError, match=r"64x64 but the model's vision_config\.image_size is 32.*--config_overrides"):
+        cli.main(argv)
+    assert not (tmp_path / "out").exists()
+    from trainers.training import check_image_size
+
+    with pytest.raises(ValueError, match=r"64x64 but .* is 384: give a processor for 384x384 .*--processor_name_or"):
+        check_image_size(make_processor(tmp_path, image_size=64), 384)  # a saved model's message
+    check_image_size(make_processor(tmp_path, image_size=64), 64)
+    # With the model's size set to the processor's, it trains.
+    cli.main([*argv, "--config_overrides", '{"vision_config": {"image_size": 64}}', "--save_strategy", "no"])
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -327,3 +328,56 @@ def test_evaluation_items_give_each_query_its_gold_rank_and_warn_on_shared_capti
     records[1]["caption"] = records[0]["caption"]  # two images, the same captions
     with pytest.warns(UserWarning, match="describe several images"):
         evaluate_task("retrieval", model, build_dataset("retrieval", records, image_root, processor), processor, k=4)
+
+
+def test_caption_level_recall_counts_any_image_with_an_identical_caption() -> None:
+    from trainers.evaluation.metrics import caption_level_golds, caption_level_recall, retrieval_recall
+
+    # Images 0 and 1 share the caption "a red square" (texts 0 and 1); image 2 has "a blue circle".
+    texts = ["a red square", "A red  square", "a blue circle"]
+    text_to_image = [0, 1, 2]
+    # Text 0 retrieves image 1 first; image 0 retrieves text 1 first: misses for standard recall@1, hits at
+    # caption level. Everything else is ranked first.
+    scores_t2i = np.array([[0.5, 0.9, 0.1], [0.2, 0.9, 0.1], [0.1, 0.2, 0.9]])
+    scores_i2t = np.array([[0.5, 0.9, 0.1], [0.2, 0.9, 0.1], [0.1, 0.2, 0.9]])
+    image_to_texts, text_to_images = caption_level_golds(texts, text_to_image, 3)
+    assert image_to_texts == [[0, 1], [0, 1], [2]] and text_to_images == [[0, 1], [0, 1], [2]]
+
+    standard = retrieval_recall(scores_i2t, [[0], [1], [2]], scores_t2i, text_to_image)
+    caption = caption_level_recall(scores_i2t, texts, text_to_image, scores_t2i)
+    assert standard["img_r1"] == pytest.approx(2 / 3) and caption["img_r1_caption"] == 1.0
+    assert standard["txt_r1"] == pytest.approx(2 / 3) and caption["txt_r1_caption"] == 1.0
+    assert standard["img_r5"] == caption["img_r5_caption"] == 1.0
+    # Only R@1 moves, by 1/3 in each direction: each mean over R@1/5/10 moves by 1/9, and so does r_mean.
+    assert caption["r_mean_caption"] - standard["r_mean"] == pytest.approx(1 / 9)
+    # Without shared captions the two agree.
+    distinct = ["a red square", "a green square", "a blue circle"]
+    assert caption_level_recall(scores_i2t, distinct, text_to_image, scores_t2i) == {
+        f"{name}_caption": value for name, value in standard.items()
+    }
+
+
+def test_evaluate_reports_caption_level_recall_on_request(tiny_config, tmp_path) -> None:
+    import json
+
+    from trainers.tasks import build_dataset, evaluate_task
+
+    from .data_utils import make_processor, write_image_text_json
+
+    processor = make_processor(tmp_path, image_size=tiny_config.vision_config.image_size)
+    data, image_root = write_image_text_json(tmp_path, n=4)
+    records = json.loads(data.read_text())
+    records[1]["caption"] = records[0]["caption"]
+    dataset = build_dataset("retrieval", records, image_root, processor)
+    torch.manual_seed(0)
+    model = EfficientVLMForImageTextRetrieval(tiny_config).eval()
+    with pytest.warns(UserWarning, match="--caption_level_recall"):
+        plain = evaluate_task("retrieval", model, dataset, processor, k=4).metrics
+    with pytest.warns(UserWarning):
+        both = evaluate_task("retrieval", model, dataset, processor, k=4, caption_level_recall=True).metrics
+    assert {name: both[name] for name in plain} == plain
+    assert set(both) - set(plain) == {f"{name}_caption" for name in plain}
+    for name in plain:  # a caption-level hit includes every standard hit
+        assert both[f"{name}_caption"] >= plain[name]
+    with pytest.raises(ValueError, match="--caption_level_recall"):
+        evaluate_task("nlvr2", model, dataset, processor, caption_level_recall=True)

@@ -7,6 +7,7 @@ Arrows point one way: commands -> stages -> task registry -> data / evaluation -
 - `trainers.pruning`: hard-concrete masks, the sparsity Lagrangian, `ModalAdaptivePruningTrainer`;
 - `trainers.model_card`: model cards and pushing to the Hub;
 - `trainers.tasks`: the task registry every stage reads (classes, evaluation, metric, card facts, KD spec);
+- `trainers.recipes`: the named settings of `--recipe` (JSON files shipped with the package; the demo's too);
 - `trainers.data`: X-VLM JSON / `datasets` datasets and the collators of every task;
 - `trainers.evaluation`: one evaluation routine per task, retrieval recall, metrics, benchmarking.
 

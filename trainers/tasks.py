@@ -397,12 +397,16 @@ def evaluate_task(
     k: int = 128,
     structure_masks: dict | None = None,
     max_new_tokens: int = 20,
+    caption_level_recall: bool = False,
 ) -> EvaluationResult:
     """Runs `task`'s evaluation routine (see `trainers.evaluation.tasks`) and returns its metrics (and
-    per-example predictions)."""
+    per-example predictions); retrieval with `caption_level_recall` also reports recall with identical captions
+    counted as one (keys ending in `_caption`)."""
     spec = task_spec(task)
     if spec.evaluate is None:
         raise ValueError(f"The {task} task has no evaluation routine here; evaluate a downstream task instead.")
     model.eval()
-    options = EvaluationOptions(batch_size, answer_list, k, structure_masks, max_new_tokens)
+    if caption_level_recall and task != "retrieval":
+        raise ValueError(f"Caption-level recall (--caption_level_recall) is a retrieval metric, not one of {task}.")
+    options = EvaluationOptions(batch_size, answer_list, k, structure_masks, max_new_tokens, caption_level_recall)
     return spec.evaluate(model, dataset, processor, options)

@@ -116,9 +116,30 @@ def build_model_and_processor(
     processor = load_processor(
         config, processor_name_or_path or model_name_or_path, vocab_file, max_text_length=max_text_length
     )
+    check_image_size(processor, config.vision_config.image_size, preset is not None)
     tokenizer = getattr(processor, "tokenizer", None)
     model = build_task_model(task, model_name_or_path, preset, config_overrides, tokenizer=tokenizer)
     return model, processor
+
+
+def check_image_size(processor: Any, image_size: int, from_preset: bool = False) -> None:
+    """Raises a `ValueError` naming both sizes when `processor` resizes images to another size than the model's
+    `vision_config.image_size` (the model would refuse every batch at the first training step)."""
+    size = getattr(getattr(processor, "image_processor", None), "size", None) or {}
+    height, width = size.get("height"), size.get("width")
+    if height is None or width is None or (height, width) == (image_size, image_size):
+        return
+    fix = (
+        f'set the model\'s size with --config_overrides \'{{"vision_config": {{"image_size": {height}}}}}\' '
+        f"or give a processor for {image_size}x{image_size} images"
+        if from_preset
+        else f"give a processor for {image_size}x{image_size} images (--processor_name_or_path) or leave "
+        "--processor_name_or_path / --vocab_file out to use the model's own"
+    )
+    raise ValueError(
+        f"The processor resizes images to {height}x{width} but the model's vision_config.image_size is "
+        f"{image_size}: {fix}."
+    )
 
 
 def load_processor(

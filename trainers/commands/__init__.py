@@ -17,6 +17,7 @@ COMMANDS = {
     "benchmark": "parameters, FLOPs and CPU latency of saved models, or of a preset vs randomly pruned copies",
     "convert": "an official X-VLM / EfficientVLM .pth checkpoint (pruning-stage ones pruned) -> a model folder",
     "demo": "the whole method end to end on built-in data (no downloads)",
+    "recipes": "the named settings of --recipe (paper-vqa, paper-retrieval, ..., small-cpu), one line each",
 }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,33 +94,140 @@ class RuntimeArguments:
     )
 
 
+@dataclass
+class RecipeArguments:
+    """`--recipe` of the training commands (read before the other flags: it sets their defaults)."""
+
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "A named recipe shipped with the package (`efficientvlm recipes` lists them: paper-vqa, "
+            "small-cpu, ...) or a recipe JSON file: it fills the options it names; flags given here win. "
+            "`--recipe list` lists the recipes."
+        },
+    )
+
+
 def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None, description: str) -> tuple:
     """Parses `argv` (default `sys.argv[1:]`), or the JSON file it names alone, into `dataclass_types` with the
     parser of `efficientvlm <command>` (so its usage line names the subcommand).
 
     Every command also takes `--num_threads` (applied here), and on a machine without CUDA the DataLoader does
-    not pin memory (which only warns there)."""
+    not pin memory (which only warns there). The training commands take `--recipe`: its options become the
+    parser's defaults, so a flag given on the command line overrides them; the names of the options a parsed
+    dataclass took from the recipe are in [`recipe_fields`]."""
     import torch
 
     own_threads = any("num_threads" in {f.name for f in fields(kind)} for kind in dataclass_types)
     extra = () if own_threads else (RuntimeArguments,)
-    parser = HfArgumentParser((*dataclass_types, *extra), prog=f"efficientvlm {command}", description=description)
+    takes_recipe = command in _recipe_commands()
+    if takes_recipe:
+        extra = (*extra, RecipeArguments)
     argv = sys.argv[1:] if argv is None else list(argv)
+
+    def build_parser() -> HfArgumentParser:
+        return HfArgumentParser((*dataclass_types, *extra), prog=f"efficientvlm {command}", description=description)
+
+    parser = build_parser()
+    recipe_values: dict[str, Any] = {}
     if len(argv) == 1 and argv[0].endswith(".json"):
         parsed = parser.parse_json_file(os.path.abspath(argv[0]))
+        if takes_recipe and parsed[-1].recipe is not None:
+            raise ValueError(
+                f"{argv[0]}: 'recipe' is not applied in a JSON arguments file; give --recipe on the command line "
+                "(with the other flags), or write the recipe's options into the file."
+            )
     else:
+        recipe = _recipe_flag(argv) if takes_recipe else None
+        if recipe is not None:
+            recipe_values = _apply_recipe(parser, command, recipe, argv, build_parser())
         parsed = parser.parse_args_into_dataclasses(args=argv)
-    if extra:
+    if takes_recipe:
+        parsed = parsed[:-1]  # the RecipeArguments, applied above
+    if not own_threads:
         runtime, parsed = parsed[-1], parsed[:-1]
         if runtime.num_threads is not None:
             if runtime.num_threads < 1:
                 raise ValueError(f"--num_threads must be at least 1; got {runtime.num_threads}.")
             torch.set_num_threads(runtime.num_threads)
+    for arguments in parsed:
+        names = {f.name for f in fields(arguments)} if is_dataclass(arguments) else set()
+        object.__setattr__(arguments, _RECIPE_FIELDS, frozenset(names & set(recipe_values)))
     if not torch.cuda.is_available():
         for arguments in parsed:
             if isinstance(arguments, TrainingArguments):
                 arguments.dataloader_pin_memory = False
     return tuple(parsed)
+
+
+_RECIPE_FIELDS = "_recipe_fields"
+
+
+def recipe_fields(arguments: Any) -> frozenset[str]:
+    """The fields of a dataclass from [`parse_arguments`] whose value came from `--recipe` (not given as flags)."""
+    return getattr(arguments, _RECIPE_FIELDS, frozenset())
+
+
+def _recipe_commands() -> tuple[str, ...]:
+    from trainers.recipes import RECIPE_COMMANDS
+
+    return RECIPE_COMMANDS
+
+
+def _recipe_flag(argv: list[str]) -> str | None:
+    """The value of `--recipe` in `argv` (None without one); `--recipe list` prints the recipes and exits."""
+    import argparse
+
+    from trainers.recipes import describe_recipes
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--recipe")
+    known, _ = pre.parse_known_args(argv)
+    if known.recipe == "list":
+        print(describe_recipes())
+        raise SystemExit(0)
+    return known.recipe
+
+
+def _apply_recipe(
+    parser: HfArgumentParser, command: str, name: str, argv: list[str], probe: HfArgumentParser
+) -> dict[str, Any]:
+    """Sets the options recipe `name` gives `command` as the defaults of `parser` (so flags in `argv` win) and
+    returns those the command line did not give. An option the command does not take is a `ValueError` naming
+    the recipe file and the key."""
+    import argparse
+
+    from transformers.utils import logging
+
+    from trainers.recipes import load_recipe
+
+    recipe = load_recipe(name)
+    values = recipe.arguments(command)
+    actions = {action.dest: action for action in parser._actions}
+    for key in values:
+        if key not in actions or key in ("help", "recipe"):
+            raise ValueError(
+                f"Recipe {recipe.name!r} ({recipe.path}): unknown key {key!r}: `efficientvlm {command}` has no "
+                f"--{key} option."
+            )
+    # JSON options are strings on the command line; a recipe may write them as objects.
+    values = {key: json.dumps(value) if isinstance(value, (dict, list)) else value for key, value in values.items()}
+    parser.set_defaults(**values)
+    for key in values:
+        actions[key].required = False
+    # The flags given explicitly: parse once with every default suppressed (and nothing required), so only what
+    # the command line says lands in the namespace.
+    for action in probe._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    explicit = set(vars(probe.parse_known_args(argv)[0]))
+    taken = {key: value for key, value in values.items() if key not in explicit}
+    overridden = sorted(set(values) & explicit)
+    logging.get_logger(__name__).warning(
+        f"Recipe {recipe.name} ({recipe.path.name}): "
+        + ", ".join(f"{key}={value}" for key, value in taken.items())
+        + (f"; given on the command line instead: {', '.join(overridden)}" if overridden else "")
+    )
+    return taken
 
 
 def parse_json_option(value: str | None, name: str) -> dict[str, Any]:
@@ -138,11 +245,20 @@ def parse_json_option(value: str | None, name: str) -> dict[str, Any]:
 
 
 def model_options(model_args: ModelArguments) -> dict[str, Any]:
-    """`ModelArguments` as the keyword arguments of `trainers.training.build_task_model`."""
+    """`ModelArguments` as the keyword arguments of `trainers.training.build_task_model`. `--config_overrides`
+    shapes a `--preset`; with a saved model it is an error, unless a recipe gave it (then it does not apply)."""
+    overrides = parse_json_option(model_args.config_overrides, "config_overrides")
+    if overrides and model_args.model_name_or_path is not None:
+        if "config_overrides" not in recipe_fields(model_args):
+            raise ValueError(
+                "--config_overrides sets the config of a --preset; a saved model (--model_name_or_path "
+                f"{model_args.model_name_or_path}) keeps the config it was saved with."
+            )
+        overrides = {}
     return {
         "model_name_or_path": model_args.model_name_or_path,
         "preset": model_args.preset,
-        "config_overrides": parse_json_option(model_args.config_overrides, "config_overrides"),
+        "config_overrides": overrides,
     }
 
 

@@ -133,6 +133,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
     from trainers.model_card import ModelCardInfo, local_name
     from trainers.saving import hub_target_from, save_model_folder
+    from trainers.training import check_image_size
 
     from ..data import PretrainingCollator
     from ..distillation.objective import DistillationConfig
@@ -155,6 +156,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
 
     teacher = EfficientVLMForPreTraining.from_pretrained(args.teacher_model_name_or_path)
     processor = EfficientVLMProcessor.from_pretrained(args.processor_name_or_path or args.teacher_model_name_or_path)
+    check_image_size(processor, teacher.config.vision_config.image_size)
     student = build_student(teacher, *layers, layer_mapping=layer_mapping or None)
     teacher_size = sum(p.numel() for p in teacher.parameters())
     student_size = sum(p.numel() for p in student.parameters())

@@ -21,6 +21,13 @@ class EvaluateArguments:
     answer_list: str | None = field(default=None, metadata={"help": "VQA: JSON list of candidate answers."})
     k: int = field(default=128, metadata={"help": "VQA / retrieval: candidates re-ranked per query."})
     batch_size: int = field(default=32)
+    caption_level_recall: bool = field(
+        default=False,
+        metadata={
+            "help": "Retrieval: also report recall with identical captions counted as one (txt_r1_caption, ..., "
+            "r_mean_caption): a text query hits if any image with that caption is retrieved."
+        },
+    )
     output_file: str | None = field(default=None, metadata={"help": "Write the metrics here as JSON."})
     predictions_file: str | None = field(
         default=None,
@@ -41,7 +48,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     dataset = build_dataset(args.task, args.eval_file, args.image_root, processor)
     answer_list = read_answer_list(args.answer_list)
     result = evaluate_task(
-        args.task, model, dataset, processor, batch_size=args.batch_size, answer_list=answer_list, k=args.k
+        args.task,
+        model,
+        dataset,
+        processor,
+        batch_size=args.batch_size,
+        answer_list=answer_list,
+        k=args.k,
+        caption_level_recall=args.caption_level_recall,
     )
     metrics = result.metrics
     print(json.dumps(metrics, indent=2))

@@ -30,6 +30,7 @@ from trainers.commands.common import (
     parse_arguments,
     parse_json_option,
     processor_options,
+    recipe_fields,
 )
 from trainers.tasks import PRUNABLE_TASKS
 
@@ -51,6 +52,10 @@ class PruneArguments(KDArguments):
     )
     sparsity_warmup_steps: int | None = field(
         default=None, metadata={"help": "Steps over which the target grows from 0 (default: one epoch)."}
+    )
+    sparsity_warmup_fraction: float | None = field(
+        default=None,
+        metadata={"help": "Or the fraction of the training steps over which the target grows from 0 (e.g. 0.3)."},
     )
     target_sparsity_per_modality: str | None = field(
         default=None,
@@ -88,6 +93,7 @@ def pruning_config_from(args: PruneArguments):
     return PruningConfig(
         target_sparsity=args.target_sparsity,
         sparsity_warmup_steps=args.sparsity_warmup_steps,
+        sparsity_warmup_fraction=args.sparsity_warmup_fraction,
         target_sparsity_per_modality=parse_json_option(
             args.target_sparsity_per_modality, "target_sparsity_per_modality"
         )
@@ -106,7 +112,8 @@ def distillation_config_from(args: PruneArguments):
     from trainers.distillation.objective import DistillationConfig
 
     if args.teacher_model_name_or_path is None:
-        if args.kd_term_weights is not None:
+        # A recipe's KD weights simply go unused without a teacher; a flag given for nothing is a mistake.
+        if args.kd_term_weights is not None and "kd_term_weights" not in recipe_fields(args):
             raise ValueError("--kd_term_weights needs a --teacher_model_name_or_path to distil from.")
         return None
     return DistillationConfig.from_dict(args.distillation_config_values())

@@ -29,6 +29,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging as hf_logging
 
+from trainers.recipes import load_recipe
 from trainers.tasks import (
     DEFAULT_DEMO_TASKS,
     DEMO_TASKS,
@@ -41,6 +42,14 @@ from trainers.tasks import (
 # The k `efficientvlm evaluate` (and `evaluate_task`) re-ranks with by default; the demo never uses a smaller one.
 EVALUATE_K: int = inspect.signature(evaluate_task).parameters["k"].default
 
+# The demo's model, training and pruning settings are the `small-cpu` recipe's (`--recipe small-cpu` on the
+# commands gives the same): one source of truth.
+SMALL_CPU = load_recipe("small-cpu")
+_TRAINING = SMALL_CPU.shared
+_MODEL = SMALL_CPU.commands["pretrain"]["config_overrides"]
+_PRUNING = SMALL_CPU.commands["prune"]
+_STUDENT_LAYERS = tuple(int(n) for n in SMALL_CPU.commands["distill"]["student_layers"].split(","))
+
 # Names of the ablation rows (beside "pruned") in the report.
 ABLATIONS = {"random": "pruned, random masks", "uniform": "pruned, uniform split"}
 
@@ -51,27 +60,31 @@ class DemoSettings:
 
     num_train_images: int = 1500
     num_eval_images: int = 300
-    image_size: int = 64
+    image_size: int = _MODEL["vision_config"]["image_size"]
     # One patch per grid cell: each shape lands in one image token, which a small model learns quickly.
-    patch_size: int = 32
-    hidden_size: int = 128
-    num_heads: int = 4
-    intermediate_size: int = 512
-    teacher_layers: tuple[int, int, int] = (4, 2, 2)  # vision, text, fusion
-    student_layers: tuple[int, int, int] = (2, 1, 1)
+    patch_size: int = _MODEL["vision_config"]["patch_size"]
+    hidden_size: int = _MODEL["vision_config"]["hidden_size"]
+    num_heads: int = _MODEL["vision_config"]["num_attention_heads"]
+    intermediate_size: int = _MODEL["vision_config"]["intermediate_size"]
+    teacher_layers: tuple[int, int, int] = (  # vision, text, fusion
+        _MODEL["vision_config"]["num_hidden_layers"],
+        _MODEL["text_config"]["num_hidden_layers"],
+        _MODEL["text_config"]["num_fusion_layers"],
+    )
+    student_layers: tuple[int, int, int] = _STUDENT_LAYERS
     # From scratch, BERT's 0.02 leaves the [CLS] tokens and cross-attention nearly blind to the image, and
     # a small model settles on the answer prior of each question type before it learns to look.
-    initializer_range: float = 0.1
-    batch_size: int = 32
-    learning_rate: float = 5e-4
+    initializer_range: float = _MODEL["initializer_range"]
+    batch_size: int = _TRAINING["per_device_train_batch_size"]
+    learning_rate: float = _TRAINING["learning_rate"]
     pretrain_steps: int = 150
     finetune_steps: dict[str, int] | None = None
     distill_steps: int = 150
     student_finetune_steps: dict[str, int] | None = None
     prune_steps: dict[str, int] | None = None
-    prune_warmup_fraction: float = 0.3
-    target_sparsity: float = 0.5
-    mask_learning_rate: float = 0.1
+    prune_warmup_fraction: float = _PRUNING["sparsity_warmup_fraction"]
+    target_sparsity: float = _PRUNING["target_sparsity"]
+    mask_learning_rate: float = _PRUNING["mask_learning_rate"]
     # ITC candidates re-ranked by ITM per query: the same k as `efficientvlm evaluate` (X-VLM's 128).
     retrieval_k: int = EVALUATE_K
     # Also prune the same student to the same sparsity with random masks and with a uniform split.
@@ -137,11 +150,11 @@ def teacher_config(settings: DemoSettings, vocab_size: int):
             vocab_size=vocab_size,
             num_hidden_layers=text_layers,
             num_fusion_layers=fusion_layers,
-            max_position_embeddings=64,
+            max_position_embeddings=_MODEL["text_config"]["max_position_embeddings"],
             initializer_range=settings.initializer_range,
         ),
-        embed_dim=64,
-        max_text_length=40,
+        embed_dim=_MODEL["embed_dim"],
+        max_text_length=_MODEL["max_text_length"],
         initializer_range=settings.initializer_range,
     )
 
@@ -151,15 +164,15 @@ def _training_args(output_dir: Path, settings: DemoSettings, steps: int, seed: i
         output_dir=str(output_dir),
         per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
-        weight_decay=0.01,
-        warmup_steps=0.05,
-        lr_scheduler_type="linear",
+        weight_decay=_TRAINING["weight_decay"],
+        warmup_steps=_TRAINING["warmup_steps"],
+        lr_scheduler_type=_TRAINING["lr_scheduler_type"],
         max_steps=steps,
         logging_steps=10,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
+        use_cpu=_TRAINING["use_cpu"],
+        dataloader_num_workers=_TRAINING["dataloader_num_workers"],
         seed=seed,
         disable_tqdm=False,
         remove_unused_columns=False,
@@ -381,7 +394,8 @@ class DemoRun:
             torch.manual_seed(self.seed)
             student = task_model_from(task, self.student_pretrained)
             # Task-stage KD on logits and hidden states; attention maps would force the slow eager path.
-            kd = DistillationConfig(text_attn=0.0, vision_attn=0.0, fusion_attn=0.0)
+            kd = DistillationConfig(**SMALL_CPU.commands["finetune"]["kd_term_weights"])
+            prune_kd = DistillationConfig(**_PRUNING["kd_term_weights"])
             self._train(
                 f"student_{task}",
                 task,
@@ -401,7 +415,7 @@ class DemoRun:
                 self.settings.prune_steps[task],
                 ModalAdaptivePruningTrainer,
                 teacher_model=teacher,
-                distillation_config=kd,
+                distillation_config=prune_kd,
                 pruning_config=PruningConfig(
                     target_sparsity=self.settings.target_sparsity,
                     sparsity_warmup_steps=int(self.settings.prune_steps[task] * self.settings.prune_warmup_fraction),

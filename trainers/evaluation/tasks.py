@@ -38,6 +38,8 @@ class EvaluationOptions:
         k: VQA answers re-ranked per question; retrieval candidates re-ranked by ITM per query.
         structure_masks: optional structure masks passed to every forward (a model being pruned).
         max_new_tokens: longest generated caption.
+        caption_level_recall: retrieval: also report recall with identical captions counted as one
+            (`txt_r1_caption`, ..., `r_mean_caption`; see `caption_level_recall`).
     """
 
     batch_size: int = 32
@@ -45,6 +47,7 @@ class EvaluationOptions:
     k: int = 128
     structure_masks: dict | None = None
     max_new_tokens: int = 20
+    caption_level_recall: bool = False
 
     @property
     def mask_kwargs(self) -> dict[str, Any]:
@@ -144,21 +147,33 @@ def evaluate_retrieval(model: Any, dataset: Any, processor: Any, options: Evalua
         batch_size=options.batch_size,
         structure_masks=options.structure_masks,
     )
-    return EvaluationResult(dict(result.metrics), [], _retrieval_items(dataset, result))
+    metrics = dict(result.metrics)
+    if options.caption_level_recall:
+        from trainers.evaluation.metrics import caption_level_recall
+
+        metrics.update(
+            caption_level_recall(
+                result.scores_i2t.numpy(), dataset.texts, dataset.text_to_image, result.scores_t2i.numpy()
+            )
+        )
+    return EvaluationResult(metrics, [], _retrieval_items(dataset, result))
 
 
 def _warn_on_shared_captions(dataset: Any) -> None:
     """Standard recall has one gold image per caption: a caption written for several images counts as a miss
     for all but one of them, whatever the model does."""
+    from trainers.evaluation.metrics import normalize_caption
+
     images_of: dict[str, set[int]] = {}
     for text, image in zip(dataset.texts, dataset.text_to_image):
-        images_of.setdefault(text.strip().lower(), set()).add(image)
+        images_of.setdefault(normalize_caption(text), set()).add(image)
     shared = {text: images for text, images in images_of.items() if len(images) > 1}
     if shared:
         example, images = next(iter(shared.items()))
         warnings.warn(
             f"{len(shared)} caption(s) describe several images (e.g. {example!r} for images {sorted(images)[:5]}); "
-            "standard recall counts each as a miss for all but its own image, so recall is a lower bound here.",
+            "standard recall counts each as a miss for all but its own image, so recall is a lower bound here "
+            "(`efficientvlm evaluate --caption_level_recall` also reports recall with identical captions as one).",
             UserWarning,
             stacklevel=3,
         )

@@ -55,6 +55,8 @@ class PruningConfig:
             remove; the paper uses 0.35 for VQA. `None` only with `target_sparsity_per_modality`.
         sparsity_warmup_steps: optimizer steps over which the target grows linearly from 0; `None` means
             one epoch (the paper's choice).
+        sparsity_warmup_fraction: or the fraction of the training's optimizer steps over which it grows
+            (`int(fraction * max_steps)`; the demo warms up over 30%); not with `sparsity_warmup_steps`.
         target_sparsity_per_modality: optional extra targets, e.g. `{"vision": 0.5}`, each enforced by its
             own pair of multipliers on that modality's expected sparsity.
         mask_learning_rate: learning rate of the mask log-alphas (official EfficientVLM: 0.01).
@@ -75,6 +77,7 @@ class PruningConfig:
 
     target_sparsity: float | None = None
     sparsity_warmup_steps: int | None = None
+    sparsity_warmup_fraction: float | None = None
     target_sparsity_per_modality: dict[str, float] | None = None
     mask_learning_rate: float = 0.01
     lagrangian_learning_rate: float | None = None
@@ -92,6 +95,11 @@ class PruningConfig:
             raise ValueError("Pruning needs a `target_sparsity` (or `target_sparsity_per_modality`).")
         if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:
             raise ValueError(f"`sparsity_warmup_steps` must be >= 0; got {self.sparsity_warmup_steps}.")
+        if self.sparsity_warmup_fraction is not None:
+            if self.sparsity_warmup_steps is not None:
+                raise ValueError("Give one of `sparsity_warmup_steps` and `sparsity_warmup_fraction`, not both.")
+            if not 0.0 <= self.sparsity_warmup_fraction <= 1.0:
+                raise ValueError(f"`sparsity_warmup_fraction` must be in [0, 1]; got {self.sparsity_warmup_fraction}.")
         for name in ("mask_learning_rate", "lagrangian_learning_rate"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -118,10 +126,12 @@ class _MaskOptimizationCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        fraction = self.trainer.pruning_config.mask_freeze_fraction
-        self.trainer.mask_freeze_step = state.max_steps - int(round(fraction * state.max_steps))
+        config = self.trainer.pruning_config
+        self.trainer.mask_freeze_step = state.max_steps - int(round(config.mask_freeze_fraction * state.max_steps))
+        if config.sparsity_warmup_fraction is not None:
+            self.trainer.lagrangian.warmup_steps = int(config.sparsity_warmup_fraction * state.max_steps)
         # The paper warms the target up over one epoch.
-        if self.trainer.pruning_config.sparsity_warmup_steps is None:
+        elif config.sparsity_warmup_steps is None:
             batches = len(train_dataloader) if hasattr(train_dataloader, "__len__") else None
             self.trainer.lagrangian.warmup_steps = one_epoch_warmup_steps(
                 batches, args.gradient_accumulation_steps, state.max_steps

@@ -17,7 +17,13 @@ import numpy as np
 
 from .caption_scores.caption_scores import CaptionScores, caption_scores, tokenize_caption
 from .nlvr2_accuracy.nlvr2_accuracy import NLVR2Accuracy, nlvr2_accuracy_score
-from .retrieval_recall.retrieval_recall import RetrievalRecall, retrieval_recall
+from .retrieval_recall.retrieval_recall import (
+    RetrievalRecall,
+    caption_level_golds,
+    caption_level_recall,
+    normalize_caption,
+    retrieval_recall,
+)
 from .vqa_accuracy.vqa_accuracy import VQAAccuracy, normalize_answer, vqa_accuracy_per_question, vqa_accuracy_score
 
 METRIC_NAMES = ("vqa_accuracy", "nlvr2_accuracy", "retrieval_recall", "caption_scores")
@@ -173,6 +179,8 @@ __all__ = [
     "NLVR2Accuracy",
     "RetrievalRecall",
     "VQAAccuracy",
+    "caption_level_golds",
+    "caption_level_recall",
     "caption_scores",
     "make_caption_compute_metrics",
     "make_nlvr2_compute_metrics",
@@ -181,6 +189,7 @@ __all__ = [
     "metric_path",
     "nlvr2_accuracy_score",
     "normalize_answer",
+    "normalize_caption",
     "retrieval_recall",
     "tokenize_caption",
     "vqa_accuracy_per_question",

@@ -17,6 +17,11 @@ Recall@K for image-text retrieval, as X-VLM's `itm_eval` reports it, but as frac
 
 Ties count against the query: the rank is the number of wrong candidates scoring at least as high as the
 correct one, so constant scores give recall@1 = 0, not 1.
+
+Caption-level recall (`caption_level_recall`, keys ending in `_caption`): when several images share an identical
+caption, standard recall has one gold image per caption and counts the others as misses; at caption level a
+text query is a hit if any image with that caption is retrieved, and an image query if any text identical to
+one of its captions is.
 """
 
 _CITATION = """
@@ -35,6 +40,7 @@ Args:
     scores_t2i (`array`, *optional*): a separate text x image matrix (T, I) for image retrieval (e.g.
         after ITM re-ranking); defaults to the transpose of `predictions`.
     text_to_image (`list[int]`, *optional*): the image of each caption; derived from `references` if absent.
+    text_to_images (`list[list[int]]`, *optional*): several gold images per caption (caption-level recall).
 Returns:
     txt_r1, txt_r5, txt_r10, txt_r_mean, img_r1, img_r5, img_r10, img_r_mean, r_mean (`float`s in [0, 1]).
 Examples:
@@ -50,6 +56,7 @@ def retrieval_recall(
     scores_t2i: np.ndarray | None = None,
     text_to_image: Sequence[int] | None = None,
     ks: Sequence[int] = (1, 5, 10),
+    text_to_images: Sequence[Sequence[int]] | None = None,
 ) -> dict:
     """
     Recall@K of text retrieval (`txt_r{k}`) and image retrieval (`img_r{k}`) plus their means.
@@ -59,6 +66,8 @@ def retrieval_recall(
         image_to_texts: for each of the I images, the indices of its texts.
         scores_t2i: (T, I) scores for image retrieval; defaults to `scores_i2t.T`.
         text_to_image: (T,) image of each text; derived from `image_to_texts` when None.
+        text_to_images: optional gold images of each text when a text has several (its best-scored one counts,
+            as for text retrieval); image retrieval then uses these instead of `text_to_image`.
     """
     scores_i2t = np.asarray(scores_i2t, dtype=np.float64)
     if scores_i2t.ndim != 2:
@@ -94,9 +103,21 @@ def retrieval_recall(
         correct[list(texts)] = True
         best = scores_i2t[image, correct].max()
         text_ranks[image] = np.count_nonzero((scores_i2t[image] >= best) & ~correct)
-    # Image retrieval: other images scoring >= the text's image.
-    gold = scores_t2i[np.arange(num_texts), text_to_image]
-    image_ranks = np.count_nonzero(scores_t2i >= gold[:, None], axis=1) - 1
+    # Image retrieval: other images scoring >= the text's image (its best-scored one, with several).
+    if text_to_images is None:
+        gold = scores_t2i[np.arange(num_texts), text_to_image]
+        image_ranks = np.count_nonzero(scores_t2i >= gold[:, None], axis=1) - 1
+    else:
+        if len(text_to_images) != num_texts:
+            raise ValueError(f"{len(text_to_images)} text_to_images entries for {num_texts} texts.")
+        image_ranks = np.empty(num_texts)
+        for text, images in enumerate(text_to_images):
+            if len(images) == 0 or not all(0 <= image < num_images for image in images):
+                raise ValueError(f"Text {text} needs gold images in [0, {num_images}); got {list(images)}.")
+            correct = np.zeros(num_images, dtype=bool)
+            correct[list(images)] = True
+            best = scores_t2i[text, correct].max()
+            image_ranks[text] = np.count_nonzero((scores_t2i[text] >= best) & ~correct)
 
     result = {}
     for prefix, ranks in (("txt", text_ranks), ("img", image_ranks)):
@@ -105,6 +126,49 @@ def retrieval_recall(
         result[f"{prefix}_r_mean"] = float(np.mean(recalls))
     result["r_mean"] = (result["txt_r_mean"] + result["img_r_mean"]) / 2
     return result
+
+
+def normalize_caption(text: str) -> str:
+    """The form in which two captions count as identical: lower case, runs of white space as one space."""
+    return " ".join(text.lower().split())
+
+
+def caption_level_golds(
+    texts: Sequence[str], text_to_image: Sequence[int], num_images: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(image_to_texts, text_to_images) with identical captions ([`normalize_caption`]) as one: an image's gold
+    texts are every text identical to one of its captions; a text's gold images, every image with that caption."""
+    images_of: dict[str, set[int]] = {}
+    texts_of: dict[str, set[int]] = {}
+    for text, (caption, image) in enumerate(zip(texts, text_to_image)):
+        key = normalize_caption(caption)
+        images_of.setdefault(key, set()).add(int(image))
+        texts_of.setdefault(key, set()).add(text)
+    image_to_texts: list[set[int]] = [set() for _ in range(num_images)]
+    for key, images in images_of.items():
+        for image in images:
+            image_to_texts[image] |= texts_of[key]
+    text_to_images = [sorted(images_of[normalize_caption(caption)]) for caption in texts]
+    return [sorted(group) for group in image_to_texts], text_to_images
+
+
+def caption_level_recall(
+    scores_i2t: np.ndarray,
+    texts: Sequence[str],
+    text_to_image: Sequence[int],
+    scores_t2i: np.ndarray | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict:
+    """Recall@K as [`retrieval_recall`] with identical captions counted as one ([`caption_level_golds`]); the
+    keys end in `_caption` (`txt_r1_caption`, ..., `r_mean_caption`)."""
+    scores_i2t = np.asarray(scores_i2t, dtype=np.float64)
+    if len(texts) != scores_i2t.shape[1] or len(text_to_image) != len(texts):
+        raise ValueError(
+            f"{len(texts)} texts and {len(text_to_image)} text_to_image entries for {scores_i2t.shape[1]} scored texts."
+        )
+    image_to_texts, text_to_images = caption_level_golds(texts, text_to_image, scores_i2t.shape[0])
+    recalls = retrieval_recall(scores_i2t, image_to_texts, scores_t2i, text_to_image, ks, text_to_images)
+    return {f"{name}_caption": value for name, value in recalls.items()}
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
