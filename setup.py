@@ -39,7 +39,12 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            # The app's browser test (tests/test_app.py) drives Debian's chromium + chromium-driver (.ci/run).
+            "gradio>=6.0",
+            "selenium>=4.20",
         ],
+        # `efficientvlm app` and space/app.py: models side by side in a browser (tested with gradio 6.31).
+        "app": ["gradio>=6.0"],
     },
     entry_points={"console_scripts": ["efficientvlm=trainers.commands:main"]},
 )

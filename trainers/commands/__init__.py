@@ -18,6 +18,7 @@ COMMANDS = {
     "convert": "an official X-VLM / EfficientVLM .pth checkpoint (pruning-stage ones pruned) -> a model folder",
     "demo": "the whole method end to end on built-in data (no downloads)",
     "recipes": "the named settings of --recipe (paper-vqa, paper-retrieval, ..., small-cpu), one line each",
+    "app": "try saved models side by side in a browser: image + question, captions or a second image",
 }
 
 

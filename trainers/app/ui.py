@@ -1,0 +1,81 @@
+"""The Gradio page: one image (the left one for a pair), three tabs (ask a question, rank captions, judge a statement
+about two images) and one table with every model's answer, task, size and latency side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .inference import RESULT_COLUMNS, AppInputError, AppModel, predict
+
+TITLE = "EfficientVLM: compare models on your image"
+INTRO = (
+    "Upload an image, then ask a question (VQA models), type candidate captions (retrieval models: ranking by ITC, "
+    "with ITM match probabilities) or add a second image and a statement (NLVR2 models). Every model answers side "
+    "by side with its size and latency; a model that does not take the input shows n/a."
+)
+
+
+def run_request(
+    models: Sequence[AppModel], kind: str, image: Any, text: Any, second_image: Any = None
+) -> tuple[list[list[Any]], str]:
+    """What one click shows: `(rows, status)`; a missing input gives no rows and a status that says what is
+    missing, instead of an exception."""
+    try:
+        rows = predict(models, kind, image, text, second_image)
+    except AppInputError as error:
+        return [], f"**Missing input:** {error}"
+    answered = sum(row[3] != "n/a" for row in rows)
+    return rows, f"{answered} of {len(rows)} models answered this input kind."
+
+
+def build_app(models: Sequence[AppModel], title: str = TITLE) -> Any:
+    """The `gradio.Blocks` page for `models` (loaded with `load_app_models`); call `.launch()` on it."""
+    import gradio as gr
+
+    if not models:
+        raise ValueError("The app needs at least one model.")
+    models = list(models)
+    size_lines = ", ".join(f"{m.name} ({m.task}, {m.parameters_m:.2f}M params)" for m in models)
+
+    def respond(kind: str):
+        return lambda image, text, second_image=None: run_request(models, kind, image, text, second_image)
+
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"# {title}\n{INTRO}\n\nModels: {size_lines}")
+        with gr.Row():
+            image = gr.Image(type="pil", label="Image (the left one for a pair)", elem_id="image", height=260)
+            with gr.Column():
+                with gr.Tab("Ask a question"):
+                    question = gr.Textbox(
+                        label="Question", placeholder="what color is the circle ?", elem_id="question"
+                    )
+                    ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                with gr.Tab("Rank captions"):
+                    captions = gr.Textbox(
+                        label="Candidate captions, one per line",
+                        lines=4,
+                        elem_id="captions",
+                        placeholder="a red circle\na blue square",
+                    )
+                    rank = gr.Button("Rank", variant="primary", elem_id="rank")
+                with gr.Tab("Two images + a statement"):
+                    right_image = gr.Image(type="pil", label="Right image", elem_id="right_image", height=160)
+                    statement = gr.Textbox(label="Statement", elem_id="statement", placeholder="both images are red")
+                    judge = gr.Button("Judge", variant="primary", elem_id="judge")
+        status = gr.Markdown("", elem_id="status")
+        results = gr.Dataframe(
+            headers=list(RESULT_COLUMNS),
+            datatype="str",
+            interactive=False,
+            wrap=True,
+            elem_id="results",
+            label="Answers, side by side",
+        )
+        outputs = [results, status]
+        for trigger in (ask.click, question.submit):
+            trigger(respond("question"), inputs=[image, question], outputs=outputs)
+        rank.click(respond("captions"), inputs=[image, captions], outputs=outputs)
+        for trigger in (judge.click, statement.submit):
+            trigger(respond("pair"), inputs=[image, statement, right_image], outputs=outputs)
+    return demo

@@ -1,0 +1,48 @@
+"""`efficientvlm app`: try saved models side by side in a browser (a Gradio page on this machine).
+
+    efficientvlm app --models pruned_vqa teacher_vqa pruned_retrieval --port 7860
+    efficientvlm app --models you/evlm-demo-pruned_vqa --share yes     # Hub ids too; a public gradio.live link
+
+Upload an image; ask a question (VQA models), type candidate captions (retrieval models) or add a second image
+and a statement (NLVR2 models); every model answers with its latency and size. `space/` holds the same page as a
+Hugging Face Space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainers.commands.common import parse_arguments
+
+
+@dataclass
+class AppArguments:
+    models: list[str] = field(
+        default_factory=list, metadata={"help": "Saved model folders or Hub ids (any task), shown side by side."}
+    )
+    port: int | None = field(default=None, metadata={"help": "Port of the page (default: Gradio's, 7860 or next)."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to serve on (0.0.0.0: every interface)."})
+    share: bool = field(default=False, metadata={"help": "Also open a public gradio.live link (needs internet)."})
+
+
+def main(argv: list[str] | None = None, block: bool = True) -> Any:
+    """Loads the models, launches the page and (with `block`) serves until interrupted; returns the app."""
+    (args,) = parse_arguments(
+        "app", (AppArguments,), argv, "Try saved models side by side in a browser (a Gradio page)."
+    )
+    if not args.models:
+        raise ValueError("Give --models: one or more saved model folders or Hub ids.")
+    try:
+        import gradio  # noqa: F401
+    except ImportError as error:
+        raise ImportError('`efficientvlm app` needs Gradio: pip install -e ".[app]"') from error
+    from trainers.app import build_app, load_app_models
+
+    demo = build_app(load_app_models(args.models))
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=not block)
+    return demo
+
+
+if __name__ == "__main__":
+    main()
