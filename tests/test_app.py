@@ -149,6 +149,7 @@ def test_a_broken_model_shows_its_error_and_the_others_still_answer(app_models) 
     broken = AppModel(name="broken", model=app_models[0].model, processor=None)  # no processor to call
     rows = _rows_by_model(predict([broken, *app_models[:2]], "question", make_image(), "what color ?"))
     assert rows["broken"]["answer"].startswith("error: TypeError")
+    assert rows["broken"]["latency (ms)"] == NOT_APPLICABLE
     assert all(rows[name]["answer"].split(" (")[0] in ANSWERS for name in VQA_FOLDERS)
 
 
@@ -157,6 +158,8 @@ def test_models_come_from_the_env_variable_else_the_default(monkeypatch) -> None
     assert models_from_env(["x"]) == ["you/a", "you/b", "./c"]
     monkeypatch.setenv("EFFICIENTVLM_MODELS", "  ")
     assert models_from_env(["x"]) == ["x"]
+    with pytest.raises(ValueError, match="`repeats` must be at least 1"):
+        predict([], "question", make_image(), "what color ?", repeats=0)
     with pytest.raises(ValueError, match="at least one model"):
         load_app_models([])
     with pytest.raises(ValueError, match="Could not load an EfficientVLM model and processor from '.*nowhere'"):

@@ -2,6 +2,7 @@
 
 Arrows point one way: commands -> stages -> task registry -> data / evaluation -> model.
 - `trainers.commands`, `trainers.demo`: the `efficientvlm` command line and the built-in end-to-end demo;
+- `trainers.app`: a Gradio page to try saved models side by side (`efficientvlm app`, `space/app.py`);
 - `trainers.training`: build, train and save a task model (the loop every stage shares);
 - `trainers.distillation`: student built from teacher layers, KD losses, `DistillationTrainer`;
 - `trainers.pruning`: hard-concrete masks, the sparsity Lagrangian, `ModalAdaptivePruningTrainer`;

@@ -18,6 +18,7 @@ A model that does not take an input kind answers "n/a" for it.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,7 +41,10 @@ TASK_OF_CLASS = {
     "EfficientVLMForPreTraining": "pretraining",
 }
 NOT_APPLICABLE = "n/a"
-RESULT_COLUMNS = ("model", "task", "params (M)", "answer", "latency (ms)")
+# Latency before the answer: a long answer (a caption ranking) must not push it out of view.
+RESULT_COLUMNS = ("model", "task", "params (M)", "latency (ms)", "answer")
+# Timed runs per answer; the latency shown is their median (the first call of a model pays one-off costs).
+LATENCY_REPEATS = 3
 # Environment variable the Space reads its models from (whitespace- or comma-separated folders / Hub ids).
 MODELS_ENV = "EFFICIENTVLM_MODELS"
 
@@ -145,7 +149,8 @@ def answer_question(app_model: AppModel, image: Any, question: str) -> str:
     inputs = processor(images=[_rgb(image)], text=[question])
     if model.config.answer_candidates_ids is None:
         ids = model.generate(**inputs, use_answer_candidates=False, max_new_tokens=10)
-        return processor.tokenizer.decode(ids[0], skip_special_tokens=True).strip()
+        # The sequence starts with the start token, whatever its id: the answer is what follows it.
+        return processor.tokenizer.decode(ids[0, 1:], skip_special_tokens=True).strip()
     ranking = model.rank_answers(**inputs)
     return f"{ranking.answers[0]} ({ranking.topk_probs[0, 0].item():.2f})"
 
@@ -163,7 +168,7 @@ def score_captions(app_model: AppModel, image: Any, captions: list[str]) -> str:
     itc = (model.itc_scores(image_embeds, text_embeds)[0] / temperature).softmax(dim=-1)
     itm = model.itm_scores(image_states.expand(len(captions), -1, -1), text_states, texts["attention_mask"])
     order = itc.argsort(descending=True).tolist()
-    return "; ".join(f"{rank}. {captions[i]} (ITC {itc[i]:.2f}, ITM {itm[i]:.2f})" for rank, i in enumerate(order, 1))
+    return "\n".join(f"{rank}. {captions[i]} (ITC {itc[i]:.2f}, ITM {itm[i]:.2f})" for rank, i in enumerate(order, 1))
 
 
 @torch.no_grad()
@@ -199,33 +204,51 @@ def check_inputs(
     return image, _parse_captions(text), None
 
 
+def _row(latency: Any, answer: str, **facts: Any) -> list[Any]:
+    values = {**facts, "latency (ms)": latency, "answer": answer}
+    return [values[column] for column in RESULT_COLUMNS]
+
+
+def _answer(app_model: AppModel, kind: str, image: Any, text: Any, second_image: Any) -> str:
+    if kind == "question":
+        return answer_question(app_model, image, text)
+    if kind == "captions":
+        return score_captions(app_model, image, text)
+    return judge_pair(app_model, image, second_image, text)
+
+
 def predict(
-    models: Sequence[AppModel], kind: str, image: Any, text: str | Sequence[str] | None, second_image: Any = None
+    models: Sequence[AppModel],
+    kind: str,
+    image: Any,
+    text: str | Sequence[str] | None,
+    second_image: Any = None,
+    repeats: int = LATENCY_REPEATS,
 ) -> list[list[Any]]:
     """Every model's answer to one input, side by side: one row per model with `RESULT_COLUMNS` (name, task,
-    parameters in millions, answer, latency in ms; "n/a" for both where the model does not take `kind`).
+    parameters in millions, latency in ms, answer; "n/a" for both where the model does not take `kind`).
 
     kind: "question" (`text` is the question), "captions" (`text` holds candidate captions, one per line or a
     list) or "pair" (`image` left, `second_image` right, `text` the statement). Missing inputs raise an
     `AppInputError` naming them; an error inside one model becomes that model's answer ("error: ...").
-    Latency is the wall-clock time of the model's whole answer (preprocessing included), in milliseconds."""
+    Latency: the median wall-clock time of `repeats` runs of the model's whole answer (preprocessing included)."""
+    if repeats < 1:
+        raise ValueError(f"`repeats` must be at least 1; got {repeats}.")
     image, text, second_image = check_inputs(kind, image, text, second_image)
     rows = []
     for app_model in models:
-        size = round(app_model.parameters_m, 2)
+        facts = {"model": app_model.name, "task": app_model.task, "params (M)": round(app_model.parameters_m, 2)}
         if app_model.kind != kind:
-            rows.append([app_model.name, app_model.task, size, NOT_APPLICABLE, NOT_APPLICABLE])
+            rows.append(_row(**facts, latency=NOT_APPLICABLE, answer=NOT_APPLICABLE))
             continue
-        start = time.perf_counter()
+        times = []
         try:
-            if kind == "question":
-                answer = answer_question(app_model, image, text)
-            elif kind == "captions":
-                answer = score_captions(app_model, image, text)
-            else:
-                answer = judge_pair(app_model, image, second_image, text)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                answer = _answer(app_model, kind, image, text, second_image)
+                times.append((time.perf_counter() - start) * 1000)
+            latency = round(statistics.median(times), 1)
         except Exception as error:  # one broken model must not hide the others' answers
-            answer = f"error: {type(error).__name__}: {error}"
-        latency = round((time.perf_counter() - start) * 1000, 1)
-        rows.append([app_model.name, app_model.task, size, answer, latency])
+            answer, latency = f"error: {type(error).__name__}: {error}", NOT_APPLICABLE
+        rows.append(_row(**facts, latency=latency, answer=answer))
     return rows

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .inference import RESULT_COLUMNS, AppInputError, AppModel, predict
+from .inference import LATENCY_REPEATS, NOT_APPLICABLE, RESULT_COLUMNS, AppInputError, AppModel, predict
 
 TITLE = "EfficientVLM: compare models on your image"
 INTRO = (
@@ -17,20 +17,26 @@ INTRO = (
 
 
 def run_request(
-    models: Sequence[AppModel], kind: str, image: Any, text: Any, second_image: Any = None
+    models: Sequence[AppModel],
+    kind: str,
+    image: Any,
+    text: Any,
+    second_image: Any = None,
+    repeats: int = LATENCY_REPEATS,
 ) -> tuple[list[list[Any]], str]:
     """What one click shows: `(rows, status)`; a missing input gives no rows and a status that says what is
     missing, instead of an exception."""
     try:
-        rows = predict(models, kind, image, text, second_image)
+        rows = predict(models, kind, image, text, second_image, repeats=repeats)
     except AppInputError as error:
         return [], f"**Missing input:** {error}"
-    answered = sum(row[3] != "n/a" for row in rows)
+    answered = sum(row[RESULT_COLUMNS.index("answer")] != NOT_APPLICABLE for row in rows)
     return rows, f"{answered} of {len(rows)} models answered this input kind."
 
 
-def build_app(models: Sequence[AppModel], title: str = TITLE) -> Any:
-    """The `gradio.Blocks` page for `models` (loaded with `load_app_models`); call `.launch()` on it."""
+def build_app(models: Sequence[AppModel], title: str = TITLE, repeats: int = LATENCY_REPEATS) -> Any:
+    """The `gradio.Blocks` page for `models` (loaded with `load_app_models`); call `.launch()` on it. Latency is
+    the median of `repeats` runs of each answer."""
     import gradio as gr
 
     if not models:
@@ -39,10 +45,11 @@ def build_app(models: Sequence[AppModel], title: str = TITLE) -> Any:
     size_lines = ", ".join(f"{m.name} ({m.task}, {m.parameters_m:.2f}M params)" for m in models)
 
     def respond(kind: str):
-        return lambda image, text, second_image=None: run_request(models, kind, image, text, second_image)
+        return lambda image, text, second_image=None: run_request(models, kind, image, text, second_image, repeats)
 
     with gr.Blocks(title=title) as demo:
-        gr.Markdown(f"# {title}\n{INTRO}\n\nModels: {size_lines}")
+        timing = f"Latency: median of {repeats} runs of the whole answer (preprocessing included), on this machine."
+        gr.Markdown(f"# {title}\n{INTRO} {timing}\n\nModels: {size_lines}")
         with gr.Row():
             image = gr.Image(type="pil", label="Image (the left one for a pair)", elem_id="image", height=260)
             with gr.Column():
@@ -66,9 +73,12 @@ def build_app(models: Sequence[AppModel], title: str = TITLE) -> Any:
         status = gr.Markdown("", elem_id="status")
         results = gr.Dataframe(
             headers=list(RESULT_COLUMNS),
-            datatype="str",
+            # The answer as Markdown: a caption ranking keeps one caption per line.
+            datatype=["str", "str", "str", "str", "markdown"],
+            line_breaks=True,
             interactive=False,
             wrap=True,
+            column_widths=["15%", "9%", "9%", "10%", "57%"],
             elem_id="results",
             label="Answers, side by side",
         )

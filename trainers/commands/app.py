@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainers.app.inference import LATENCY_REPEATS
 from trainers.commands.common import parse_arguments
 
 
@@ -23,6 +24,9 @@ class AppArguments:
     )
     port: int | None = field(default=None, metadata={"help": "Port of the page (default: Gradio's, 7860 or next)."})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to serve on (0.0.0.0: every interface)."})
+    latency_repeats: int = field(
+        default=LATENCY_REPEATS, metadata={"help": "Timed runs of each answer; the page shows their median latency."}
+    )
     share: bool = field(default=False, metadata={"help": "Also open a public gradio.live link (needs internet)."})
 
 
@@ -39,7 +43,9 @@ def main(argv: list[str] | None = None, block: bool = True) -> Any:
         raise ImportError('`efficientvlm app` needs Gradio: pip install -e ".[app]"') from error
     from trainers.app import build_app, load_app_models
 
-    demo = build_app(load_app_models(args.models))
+    if args.latency_repeats < 1:
+        raise ValueError(f"--latency_repeats must be at least 1; got {args.latency_repeats}.")
+    demo = build_app(load_app_models(args.models), repeats=args.latency_repeats)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=not block)
     return demo
 
