@@ -127,6 +127,20 @@ def test_every_model_answers_the_input_kinds_it_takes_and_says_na_to_the_others(
             assert rows["nlvr2"]["answer"] == f"{label} ({expected['probabilities'][label]:.2f})"
 
 
+def test_a_vqa_model_without_saved_answers_decodes_its_answer(app_models) -> None:
+    vqa = app_models[0]
+    config = EfficientVLMConfig.from_dict(vqa.model.config.to_dict())
+    config.answer_candidates = config.answer_candidates_ids = None
+    free = EfficientVLMForQuestionAnswering(config).eval()
+    free.load_state_dict(vqa.model.state_dict())
+    image, question = make_image("red", 40), "what color is the square ?"
+    [row] = predict([AppModel("free", free, vqa.processor)], "question", image, question)
+    inputs = vqa.processor(images=[image], text=[question])
+    ids = free.generate(**inputs, use_answer_candidates=False, max_new_tokens=10)[0]
+    assert ids[0] == free.generation_config.bos_token_id  # the start token, which the answer leaves out
+    assert row[RESULT_COLUMNS.index("answer")] == vqa.processor.tokenizer.decode(ids[1:], skip_special_tokens=True)
+
+
 @pytest.mark.parametrize(
     ("kind", "image", "text", "second_image", "message"),
     [
