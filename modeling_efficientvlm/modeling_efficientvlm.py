@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
@@ -22,6 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_efficientvlm import EfficientVLMConfig, EfficientVLMTextConfig, EfficientVLMVisionConfig
+from .loading_efficientvlm import check_loaded_weights, corrupt_checkpoint_error
 from .loss_efficientvlm import (
     ImageTextContrastiveLoss,
     box_regression_loss,
@@ -55,6 +57,16 @@ def decoder_structures(stack_structures: dict[str, list[int]]) -> dict[str, list
     return {key: list(stack_structures[stack_key]) for key, stack_key in _DECODER_STACK_KEYS.items()}
 
 
+# Pruning is two-phase so that it is atomic: every pruned module is built first, as (parent, attribute, new
+# module), then all are swapped in at once; an error while building leaves the model untouched.
+PrunePlan = list[tuple[nn.Module, str, nn.Module]]
+
+
+def commit_prune_plan(plan: PrunePlan) -> None:
+    for parent, name, module in plan:
+        setattr(parent, name, module)
+
+
 def _check_mask_keys(structure_masks: StructureMasks | None) -> None:
     known = MASK_KEYS + DECODER_MASK_KEYS
     unknown = sorted(set(structure_masks or {}) - set(known))
@@ -62,14 +74,54 @@ def _check_mask_keys(structure_masks: StructureMasks | None) -> None:
         raise ValueError(f"Unknown structure-mask keys {unknown}; expected some of {list(known)}.")
 
 
-def _check_prunable(structure_masks: StructureMasks, sizes: dict[str, list[int]], model_name: str) -> None:
-    """Every key of `structure_masks` names a stack of the model (`sizes`) and has one mask per layer."""
+def check_finite_masks(structure_masks: StructureMasks | None, keys: tuple[str, ...]) -> None:
+    """Raises a ValueError naming the key and layer of the first mask (among `keys`) holding NaN or inf: such a
+    mask would silently turn every output into NaN. One device sync for all masks; skipped while compiling."""
+    if not structure_masks or torch.compiler.is_compiling():
+        return
+    masks = [
+        (key, layer, mask)
+        for key in keys
+        for layer, mask in enumerate(structure_masks.get(key) or [])
+        if isinstance(mask, torch.Tensor) and mask.is_floating_point()
+    ]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, _, mask in masks:
+        by_device.setdefault(mask.device, []).append(mask.detach().reshape(-1))
+    if all(torch.isfinite(torch.cat(group)).all() for group in by_device.values()):
+        return
+    for key, layer, mask in masks:
+        bad = (~torch.isfinite(mask.detach().reshape(-1))).nonzero().flatten()
+        if len(bad):
+            raise ValueError(
+                f"The mask for `{key}` layer {layer} has {len(bad)} NaN or inf value(s) (units {bad[:8].tolist()}); "
+                "masks must be finite."
+            )
+
+
+def check_prunable_masks(structure_masks: StructureMasks, sizes: dict[str, list[int]], model_name: str) -> None:
+    """Every key of `structure_masks` names a stack of the model (`sizes`), has one mask per layer, and each mask
+    is a finite 1-D tensor with one value per unit of its layer. `prune` calls this before changing anything,
+    so a bad mask leaves the model as it was."""
     _check_mask_keys(structure_masks)
     for key, masks in structure_masks.items():
         if key not in sizes:
             raise ValueError(f"{model_name} has no layers for the structure-mask key {key!r}; it takes {list(sizes)}.")
-        if masks is not None and len(masks) != len(sizes[key]):
+        if masks is None:
+            continue
+        if len(masks) != len(sizes[key]):
             raise ValueError(f"`{key}` has {len(masks)} masks but the model has {len(sizes[key])} such layers.")
+        for layer, (mask, units) in enumerate(zip(masks, sizes[key])):
+            if mask is None:
+                continue
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"The mask for `{key}` layer {layer} is a {type(mask).__name__}, not a tensor.")
+            if tuple(mask.shape) != (units,):
+                raise ValueError(
+                    f"The mask for `{key}` layer {layer} has shape {tuple(mask.shape)}; expected ({units},) "
+                    f"({units} units in that layer of {model_name})."
+                )
+    check_finite_masks(structure_masks, tuple(structure_masks))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -342,6 +394,10 @@ class EfficientVLMVisionEmbeddings(nn.Module):
             raise ValueError(
                 f"Image size {height}x{width} is not a multiple of the patch size {self.config.patch_size}."
             )
+        # One pass and one device sync: NaN/inf pixels would otherwise turn every output into NaN silently.
+        if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
+            bad = (~torch.isfinite(pixel_values)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+            raise ValueError(f"`pixel_values` contains NaN or inf values (images {bad[:8]} of the batch of {batch}).")
         if not interpolate_pos_encoding and (height, width) != (self.config.image_size,) * 2:
             raise ValueError(
                 f"Input image size ({height}x{width}) does not match the model ({self.config.image_size}x"
@@ -580,24 +636,28 @@ class EfficientVLMTextEncoder(nn.Module):
             last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=all_attn, cross_attentions=all_cross
         )
 
-    def prune(
+    def prune_plan(
         self,
         head_mask: list[torch.Tensor | None] | None,
         cross_head_mask: list[torch.Tensor | None] | None,
         ffn_mask: list[torch.Tensor | None] | None,
-    ) -> None:
-        """Physically removes masked heads/neurons (masks indexed as in `forward`) and updates the config."""
-        layout = self.config.layout
+    ) -> PrunePlan:
+        """The pruned replacement of every masked module (masks indexed as in `forward`); changes nothing."""
+        layout, plan = self.config.layout, []
         for i, layer in enumerate(self.layer):
             if head_mask is not None and head_mask[i] is not None:
-                layer.attention = layer.attention.prune(head_mask[i])
+                plan.append((layer, "attention", layer.attention.prune(head_mask[i])))
             if ffn_mask is not None and ffn_mask[i] is not None:
-                layer.mlp = layer.mlp.prune(ffn_mask[i])
+                plan.append((layer, "mlp", layer.mlp.prune(ffn_mask[i])))
             if layout.is_fusion(i) and cross_head_mask is not None:
                 mask = cross_head_mask[layout.fusion_index(i)]
                 if mask is not None:
-                    layer.crossattention = layer.crossattention.prune(mask)
-        fusion_layers = [self.layer[i] for i in layout.fusion_layers]
+                    plan.append((layer, "crossattention", layer.crossattention.prune(mask)))
+        return plan
+
+    def record_sizes(self) -> None:
+        """Writes the layers' current head counts and FFN widths into the config."""
+        fusion_layers = [self.layer[i] for i in self.config.layout.fusion_layers]
         self.config.num_attention_heads_per_layer = [layer.attention.num_heads for layer in self.layer]
         self.config.intermediate_size_per_layer = [layer.mlp.intermediate_size for layer in self.layer]
         self.config.num_cross_attention_heads_per_layer = [layer.crossattention.num_heads for layer in fusion_layers]
@@ -624,6 +684,37 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
     # Auto classes that load this class from a saved folder besides the one `register_for_auto_class` named
     # (`_auto_class`) and `AutoModel`, which every saved model answers to; see `save_pretrained`.
     extra_auto_classes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with two named errors where transformers would re-initialise layers
+        and log a report: a [`CheckpointMismatchError`] when the weights do not fit the config (a pruned checkpoint
+        with an unpruned config or the reverse, a missing layer; see `check_loaded_weights` for what may be
+        missing), and a [`CorruptCheckpointError`] naming an unreadable (truncated, garbled) weights file."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        try:
+            # Mismatched shapes are reported through the loading info (and raised below), not as transformers'
+            # RuntimeError that only points at its report.
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **kwargs,
+            )
+        except SafetensorError as error:
+            raise corrupt_checkpoint_error(
+                error, pretrained_model_name_or_path, kwargs.get("subfolder") or ""
+            ) from error
+        check_loaded_weights(
+            model,
+            info,
+            pretrained_model_name_or_path,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+            config_given=not isinstance(kwargs.get("config"), (type(None), str, os.PathLike)),
+        )
+        return (model, info) if output_loading_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`; a class registered for an auto class (all task models) first sets
@@ -718,7 +809,9 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
         `save_pretrained` / `from_pretrained` rebuild the smaller model.
 
         `structure_masks` maps keys of `structure_sizes()` to one mask (or None) per layer; a key of a stack
-        the model does not have raises."""
+        the model does not have raises. Every mask is checked (keys, one per layer, shape, finite values) and
+        every pruned module built before any is swapped in: a bad mask raises and leaves the model as it was."""
+        check_prunable_masks(structure_masks, self.structure_sizes(), type(self).__name__)
         self.efficientvlm.prune(structure_masks)
 
 
@@ -770,6 +863,7 @@ class EfficientVLMVisionModel(EfficientVLMPreTrainedModel):
         """The `head_mask` / `ffn_mask` arguments of `forward` from a structure-mask dict (keys of the other
         stacks are ignored, so one dict serves every encoder)."""
         _check_mask_keys(structure_masks)
+        check_finite_masks(structure_masks, VISION_MASK_KEYS)
         masks = structure_masks or {}
         return {"head_mask": masks.get("vision_heads"), "ffn_mask": masks.get("vision_ffn")}
 
@@ -787,17 +881,26 @@ class EfficientVLMVisionModel(EfficientVLMPreTrainedModel):
             "vision_ffn": [ffn_neuron_parameters(config.hidden_size)] * depth,
         }
 
-    def prune(self, structure_masks: StructureMasks) -> None:
-        _check_prunable(structure_masks, self.structure_sizes(), type(self).__name__)
-        masks = self.layer_masks(structure_masks)
+    def prune_plan(self, structure_masks: StructureMasks) -> PrunePlan:
+        """The pruned replacement of every masked module; changes nothing (see `prune`)."""
+        masks, plan = self.layer_masks(structure_masks), []
         head_masks, ffn_masks = masks["head_mask"], masks["ffn_mask"]
         for i, layer in enumerate(self.layers):
             if head_masks is not None and head_masks[i] is not None:
-                layer.self_attn = layer.self_attn.prune(head_masks[i])
+                plan.append((layer, "self_attn", layer.self_attn.prune(head_masks[i])))
             if ffn_masks is not None and ffn_masks[i] is not None:
-                layer.mlp = layer.mlp.prune(ffn_masks[i])
+                plan.append((layer, "mlp", layer.mlp.prune(ffn_masks[i])))
+        return plan
+
+    def record_sizes(self) -> None:
+        """Writes the layers' current head counts and FFN widths into the config."""
         self.config.num_attention_heads_per_layer = [layer.self_attn.num_heads for layer in self.layers]
         self.config.intermediate_size_per_layer = [layer.mlp.intermediate_size for layer in self.layers]
+
+    def prune(self, structure_masks: StructureMasks) -> None:
+        check_prunable_masks(structure_masks, self.structure_sizes(), type(self).__name__)
+        commit_prune_plan(self.prune_plan(structure_masks))
+        self.record_sizes()
 
 
 class EfficientVLMTextModel(EfficientVLMPreTrainedModel):
@@ -883,6 +986,7 @@ class EfficientVLMTextModel(EfficientVLMPreTrainedModel):
         """The `head_mask` / `cross_head_mask` / `ffn_mask` arguments of `forward` (lists over the whole stack,
         over the fusion layers for `cross_head_mask`) from a structure-mask dict (other stacks' keys ignored)."""
         _check_mask_keys(structure_masks)
+        check_finite_masks(structure_masks, TEXT_MASK_KEYS)
         masks, layout = structure_masks or {}, self.config.layout
 
         def whole_stack(text_key: str, fusion_key: str) -> list[torch.Tensor | None] | None:
@@ -922,9 +1026,17 @@ class EfficientVLMTextModel(EfficientVLMPreTrainedModel):
             "fusion_ffn": [neuron] * layout.num_fusion_layers,
         }
 
+    def prune_plan(self, structure_masks: StructureMasks) -> PrunePlan:
+        """The pruned replacement of every masked module; changes nothing (see `prune`)."""
+        return self.encoder.prune_plan(**self.layer_masks(structure_masks))
+
+    def record_sizes(self) -> None:
+        self.encoder.record_sizes()
+
     def prune(self, structure_masks: StructureMasks) -> None:
-        _check_prunable(structure_masks, self.structure_sizes(), type(self).__name__)
-        self.encoder.prune(**self.layer_masks(structure_masks))
+        check_prunable_masks(structure_masks, self.structure_sizes(), type(self).__name__)
+        commit_prune_plan(self.prune_plan(structure_masks))
+        self.record_sizes()
 
 
 @dataclass
@@ -1136,10 +1248,18 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
     def structure_unit_parameters(self) -> dict[str, list[int]]:
         return {**self.vision_model.structure_unit_parameters(), **self.text_model.structure_unit_parameters()}
 
+    def prune_plan(self, structure_masks: StructureMasks) -> PrunePlan:
+        """The pruned replacement of every masked module of both encoders; changes nothing (see `prune`)."""
+        return self.vision_model.prune_plan(structure_masks) + self.text_model.prune_plan(structure_masks)
+
+    def record_sizes(self) -> None:
+        self.vision_model.record_sizes()
+        self.text_model.record_sizes()
+
     def prune(self, structure_masks: StructureMasks) -> None:
-        _check_prunable(structure_masks, self.structure_sizes(), type(self).__name__)
-        for encoder, keys in ((self.vision_model, VISION_MASK_KEYS), (self.text_model, TEXT_MASK_KEYS)):
-            encoder.prune({key: masks for key, masks in structure_masks.items() if key in keys})
+        check_prunable_masks(structure_masks, self.structure_sizes(), type(self).__name__)
+        commit_prune_plan(self.prune_plan(structure_masks))
+        self.record_sizes()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1436,6 +1556,13 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
             )
             mlm_logits = self.mlm_head(mlm_fusion.last_hidden_state)
             if mlm_labels is not None:
+                # Cross-entropy over no target is NaN, and Trainer's NaN filter would log the step's loss as 0.
+                if not torch.compiler.is_compiling() and not (mlm_labels != -100).any():
+                    raise ValueError(
+                        f"`mlm_labels` has no masked position (all -100) in this batch of {batch}: the MLM loss "
+                        "would be NaN. Each batch needs at least one text with a token to mask (are all captions "
+                        "empty?)."
+                    )
                 loss_mlm = masked_language_modeling_loss(mlm_logits, mlm_labels)
 
         # Grounding: the positive pairs' fused [CLS] regresses the described box
@@ -1473,8 +1600,11 @@ __all__ = [
     "image_text_matching_logits",
     "itc_embedding",
     "attention_head_parameters",
+    "commit_prune_plan",
     "decoder_stack_masks",
     "decoder_structures",
+    "check_finite_masks",
+    "check_prunable_masks",
     "ffn_neuron_parameters",
     "EfficientVLMAttention",
     "EfficientVLMForPreTraining",

@@ -39,6 +39,7 @@ from .modeling_efficientvlm import (
     EfficientVLMTaskOutput,
     EncoderOutput,
     StructureMasks,
+    check_prunable_masks,
     extended_attention_mask,
 )
 
@@ -384,7 +385,9 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
 
     def prune(self, structure_masks: StructureMasks) -> None:
         """Physically removes every zero-masked head / neuron (see [`EfficientVLMModel.prune`]); a
-        `fusion_cross_heads` mask prunes both twins of its pair, which keep sharing their keys and values."""
+        `fusion_cross_heads` mask prunes both twins of its pair, which keep sharing their keys and values.
+        A bad mask raises before anything changes."""
+        check_prunable_masks(structure_masks, self.structure_sizes(), type(self).__name__)
         masks = dict(structure_masks)
         masks["fusion_cross_heads"] = self._per_layer_cross_masks(masks.get("fusion_cross_heads"))
         self.efficientvlm.prune(masks)

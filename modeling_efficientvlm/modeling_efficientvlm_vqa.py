@@ -30,7 +30,9 @@ from .modeling_efficientvlm import (
     EfficientVLMTextModel,
     EncoderOutput,
     StructureMasks,
-    _check_prunable,
+    check_finite_masks,
+    check_prunable_masks,
+    commit_prune_plan,
     decoder_stack_masks,
     decoder_structures,
 )
@@ -196,6 +198,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         """Runs the answer decoder causally over answers (num_answers, length) cross-attending to their
         question's fused states (num_answers, question_length, hidden), with the `decoder_*` entries of
         `structure_masks` (other keys are the encoders'). Returns logits and the decoder output."""
+        check_finite_masks(structure_masks, DECODER_MASK_KEYS)  # under the model's names, not the stack's
         decoder = self.answer_decoder(
             answer_input_ids,
             answer_attention_mask,
@@ -514,17 +517,23 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
     def prune(self, structure_masks: StructureMasks) -> None:
         """Prunes the encoders (see [`EfficientVLMModel.prune`]) and, with `decoder_*` masks, the answer decoder
         the same way, recording its new per-layer sizes in `config.answer_decoder_*_per_layer`."""
-        _check_prunable(structure_masks, self.structure_sizes(include_decoder=True), type(self).__name__)
+        check_prunable_masks(structure_masks, self.structure_sizes(include_decoder=True), type(self).__name__)
         decoder_masks = decoder_stack_masks(structure_masks)
+        encoder_masks = {key: masks for key, masks in structure_masks.items() if key not in DECODER_MASK_KEYS}
+        # Every pruned module (encoders and decoder) is built before any is swapped in: an error leaves the model whole.
+        plan = self.efficientvlm.prune_plan(encoder_masks)
         if decoder_masks:
-            self.answer_decoder.prune(decoder_masks)
+            plan += self.answer_decoder.prune_plan(decoder_masks)
+        commit_prune_plan(plan)
+        self.efficientvlm.record_sizes()
+        if decoder_masks:
+            self.answer_decoder.record_sizes()
             decoder = self.answer_decoder.config
             self.config.answer_decoder_num_attention_heads_per_layer = list(decoder.num_attention_heads_per_layer)
             self.config.answer_decoder_num_cross_attention_heads_per_layer = list(
                 decoder.num_cross_attention_heads_per_layer
             )
             self.config.answer_decoder_intermediate_size_per_layer = list(decoder.intermediate_size_per_layer)
-        self.efficientvlm.prune({key: masks for key, masks in structure_masks.items() if key not in DECODER_MASK_KEYS})
 
 
 __all__ = [

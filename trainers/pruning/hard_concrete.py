@@ -181,6 +181,8 @@ class StructureMasker(nn.Module):
                     f"The mask state does not fit this model's structures: `{name}` has shape "
                     f"{tuple(state_dict[name].shape)}, the model has {tuple(tensor.shape)} units there."
                 )
+            if not torch.isfinite(state_dict[name]).all():
+                raise ValueError(f"The mask state has NaN or inf log-alphas in `{name}`; nothing was loaded.")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @torch.no_grad()
@@ -216,7 +218,25 @@ class StructureMasker(nn.Module):
             mask[torch.topk(log_alpha, k=num_zeros, largest=False).indices] = 0.0
         return mask
 
+    def check_finite(self) -> None:
+        """Raises a ValueError naming the mask key, its modality and the layer of the first log-alpha that is NaN or
+        inf (a diverged run: NaN gradients reached the masks). One device sync for all log-alphas."""
+        layers = self.layers()
+        if not layers:
+            return
+        if torch.isfinite(torch.cat([log_alpha.detach().reshape(-1) for _, _, log_alpha in layers])).all():
+            return
+        for key, layer, log_alpha in layers:
+            bad = (~torch.isfinite(log_alpha.detach())).nonzero().flatten()
+            if len(bad):
+                raise ValueError(
+                    f"The log-alphas of `{key}` ({modality_of(key)} modality) layer {layer} have {len(bad)} NaN or inf "
+                    f"value(s) (units {bad[:8].tolist()}): the mask training diverged (NaN gradients or loss); lower "
+                    "the masks' or the Lagrangian's learning rate, or resume from an earlier checkpoint."
+                )
+
     def _masks(self, make) -> StructureMasks:
+        self.check_finite()
         masks: StructureMasks = {key: [None] * len(sizes) for key, sizes in self.structure_sizes.items()}
         for key, layer, log_alpha in self.layers():
             masks[key][layer] = make(log_alpha)

@@ -1,0 +1,135 @@
+"""Checks on what `from_pretrained` loaded, so that a checkpoint which does not fit its config fails loudly.
+
+Transformers re-initialises a parameter missing from the checkpoint and only logs a load report, and a shape
+mismatch raises a RuntimeError pointing at that report. For EfficientVLM, whose per-layer head counts and FFN
+widths live in `config.json`, both usually mean a pruned checkpoint paired with an unpruned config (or the
+reverse) or a damaged checkpoint: [`check_loaded_weights`] turns them into a [`CheckpointMismatchError`] naming
+the parameters, their shapes and the folder. An unreadable weights file becomes a [`CorruptCheckpointError`]
+naming the file.
+
+What may legitimately be missing is left alone: tied weights and non-persistent buffers (transformers never
+reports them), and the task heads of a model loaded from another task's checkpoint (a VQA model from a
+pre-training checkpoint gets a fresh answer decoder). The backbone (`model.efficientvlm`, or the whole model
+for the encoders themselves) must always be complete, and a checkpoint saved by the same class must fit fully.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+# At most this many parameter names per kind of problem in an error message.
+_SHOWN = 8
+
+
+class CheckpointMismatchError(ValueError):
+    """The weights of a checkpoint do not fit the model its config describes (shapes or keys)."""
+
+
+class CorruptCheckpointError(OSError):
+    """A weights file of a checkpoint cannot be read (truncated, or not a safetensors file)."""
+
+
+def _backbone_scope(model: nn.Module) -> tuple[tuple[str, ...], frozenset[str]]:
+    """(prefixes, exact names) of the state-dict keys that belong to the backbone: the `base_model_prefix`
+    submodule of a task model, or every submodule and direct parameter / buffer of a model that is its own
+    backbone (the key of a head of another task's checkpoint then matches neither)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    if isinstance(backbone, nn.Module) and backbone is not model:
+        return (f"{prefix}.",), frozenset()
+    prefixes = tuple(f"{name}." for name, _ in model.named_children())
+    names = frozenset(name for name, _ in model.named_parameters(recurse=False))
+    return prefixes, names | frozenset(name for name, _ in model.named_buffers(recurse=False))
+
+
+def _listed(items: list[str], separator: str = ", ") -> str:
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return separator.join(items[:_SHOWN]) + more
+
+
+def check_loaded_weights(
+    model: nn.Module,
+    loading_info: dict[str, Any],
+    location: str | os.PathLike | None,
+    ignore_mismatched_sizes: bool = False,
+    config_given: bool = False,
+) -> None:
+    """Raises a [`CheckpointMismatchError`] when `loading_info` (the `output_loading_info` dict of
+    `from_pretrained`) shows that the checkpoint at `location` does not fit the model built from its config:
+    a parameter of another shape (unless `ignore_mismatched_sizes`), a backbone parameter missing from the
+    checkpoint or a checkpoint parameter the backbone has no place for, or, for a checkpoint saved by the same
+    class (`config.architectures`), any missing or unexpected parameter."""
+    prefixes, names = _backbone_scope(model)
+    same_class = type(model).__name__ in (getattr(model.config, "architectures", None) or [])
+
+    def strict(key: str) -> bool:
+        return same_class or key in names or key.startswith(prefixes)
+
+    problems = []
+    mismatched = sorted(loading_info.get("mismatched_keys") or ())
+    if mismatched and not ignore_mismatched_sizes:
+        shapes = [f"{key}: {tuple(found)} in the checkpoint, {tuple(want)} expected" for key, found, want in mismatched]
+        problems.append(f"{len(mismatched)} parameter(s) of another shape: {_listed(shapes, '; ')}")
+    missing = sorted(key for key in loading_info.get("missing_keys") or () if strict(key))
+    if missing:
+        problems.append(f"{len(missing)} parameter(s) missing from the checkpoint: {_listed(missing)}")
+    unexpected = sorted(key for key in loading_info.get("unexpected_keys") or () if strict(key))
+    if unexpected:
+        problems.append(f"{len(unexpected)} checkpoint parameter(s) the model has no place for: {_listed(unexpected)}")
+    if not problems:
+        return
+    where = f"the weights in {location}" if location is not None else "the given state dict"
+    config = "the `config` given" if config_given or location is None else f"{Path(location) / 'config.json'}"
+    raise CheckpointMismatchError(
+        f"{type(model).__name__}: {where} do not fit the model described by {config}.\n- "
+        + "\n- ".join(problems)
+        + "\nA pruned checkpoint loads only with the config.json saved with it (its per-layer head counts and FFN "
+        "widths); an unpruned one only with an unpruned config. Pass `ignore_mismatched_sizes=True` to re-initialise "
+        "parameters of another shape on purpose."
+    )
+
+
+def unreadable_weight_files(location: str | os.PathLike, subfolder: str = "") -> list[tuple[str, str]]:
+    """(path, error) of every `.safetensors` file in the local folder `location` (/ `subfolder`) that safetensors
+    cannot open; [] for a folder that does not exist (a Hub id)."""
+    from safetensors import safe_open
+
+    folder = Path(location) / subfolder
+    if not folder.is_dir():
+        return []
+    unreadable = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # any failure to read is what we report
+            unreadable.append((str(path), str(error)))
+    return unreadable
+
+
+def corrupt_checkpoint_error(
+    error: Exception, location: str | os.PathLike | None, subfolder: str = ""
+) -> CorruptCheckpointError:
+    """The error to raise for `error`, which reading the weights of `location` raised: it names the file(s)."""
+    files = unreadable_weight_files(location, subfolder) if location is not None else []
+    if files:
+        named = "; ".join(f"{path} ({message})" for path, message in files)
+    else:
+        named = f"a weights file of {location} ({error})"
+    return CorruptCheckpointError(
+        f"Cannot read the weights: {named}. The file is truncated or not a safetensors file; copy or download it "
+        "again, or save the model again."
+    )
+
+
+__all__ = [
+    "CheckpointMismatchError",
+    "CorruptCheckpointError",
+    "check_loaded_weights",
+    "corrupt_checkpoint_error",
+    "unreadable_weight_files",
+]
