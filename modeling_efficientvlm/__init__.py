@@ -25,6 +25,7 @@ from transformers import (
 
 from .configuration_efficientvlm import EfficientVLMConfig, EfficientVLMTextConfig, EfficientVLMVisionConfig
 from .image_processing_efficientvlm import EfficientVLMImageProcessor
+from .loading_efficientvlm import CheckpointMismatchError, CorruptCheckpointError
 from .modeling_efficientvlm import (
     MASK_KEYS,
     EfficientVLMForPreTraining,
@@ -82,6 +83,8 @@ del _auto_class, _model_classes
 
 __all__ = [
     "MASK_KEYS",
+    "CheckpointMismatchError",
+    "CorruptCheckpointError",
     "EfficientVLMConfig",
     "EfficientVLMForConditionalGeneration",
     "EfficientVLMForImageTextRetrieval",

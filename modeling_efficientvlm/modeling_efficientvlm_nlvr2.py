@@ -387,9 +387,9 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
         """Physically removes every zero-masked head / neuron (see [`EfficientVLMModel.prune`]); a
         `fusion_cross_heads` mask prunes both twins of its pair, which keep sharing their keys and values.
         A bad mask raises before anything changes."""
+        cross_head_masks = self._per_layer_cross_masks(structure_masks.get("fusion_cross_heads"))
         check_prunable_masks(structure_masks, self.structure_sizes(), type(self).__name__)
-        masks = dict(structure_masks)
-        masks["fusion_cross_heads"] = self._per_layer_cross_masks(masks.get("fusion_cross_heads"))
+        masks = {**structure_masks, "fusion_cross_heads": cross_head_masks}
         self.efficientvlm.prune(masks)
         self._share_twin_key_values()
         self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)

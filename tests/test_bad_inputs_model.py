@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling_efficientvlm import (
+    CheckpointMismatchError,
+    CorruptCheckpointError,
     EfficientVLMConfig,
     EfficientVLMForConditionalGeneration,
     EfficientVLMForImageTextRetrieval,
@@ -27,7 +29,6 @@ from modeling_efficientvlm import (
     EfficientVLMTextModel,
     EfficientVLMVisionModel,
 )
-from modeling_efficientvlm.loading_efficientvlm import CheckpointMismatchError, CorruptCheckpointError
 from trainers.pruning.hard_concrete import StructureMasker
 
 from .conftest import make_inputs
@@ -132,7 +133,7 @@ def test_prune_with_a_bad_mask_changes_nothing(tiny_config, bad: dict, error: ty
         (
             lambda config: EfficientVLMForVisualReasoning(config),
             {"fusion_ffn": [_keep_first(64, 3), None, None, None], "fusion_cross_heads": [torch.ones(4)] * 3},
-            "`fusion_cross_heads` has 3 masks but the model has 2 such layers",
+            "`fusion_cross_heads` has 3 masks but the model has 2 twin pairs",
         ),
         (
             lambda config: EfficientVLMForQuestionAnswering(config),
