@@ -140,8 +140,14 @@ def test_prune_with_a_bad_mask_changes_nothing(tiny_config, bad: dict, error: ty
             {"text_heads": [_keep_first(4, 1), None], "vision_ffn": [None, None, None]},
             "`vision_ffn` has 3 masks but the model has 2 such layers",
         ),
+        (
+            lambda config: EfficientVLMForQuestionAnswering(config),
+            {"vision_ffn": [_keep_first(64, 2), None], "decoder_heads": [_keep_first(4, 1), None]}
+            | {"decoder_ffn": [None, _nan_at(64, 5)]},
+            r"`decoder_ffn` layer 1 has 1 NaN or inf value\(s\) \(units \[5\]\)",
+        ),
     ],
-    ids=["vision-shape", "vision-other-modality", "text-nan", "nlvr2-pairs", "vqa-extra-layer"],
+    ids=["vision-shape", "vision-other-modality", "text-nan", "nlvr2-pairs", "vqa-extra-layer", "vqa-decoder-nan"],
 )
 def test_every_model_prunes_atomically(tiny_config, build, bad: dict, message: str) -> None:
     model = build(tiny_config)
@@ -151,18 +157,24 @@ def test_every_model_prunes_atomically(tiny_config, build, bad: dict, message: s
     _assert_unchanged(model, before)
 
 
-def test_an_error_while_building_the_pruned_modules_changes_nothing(tiny_config, monkeypatch) -> None:
+@pytest.mark.parametrize("task_model", [EfficientVLMModel, EfficientVLMForQuestionAnswering])
+def test_an_error_while_building_the_pruned_modules_changes_nothing(tiny_config, monkeypatch, task_model) -> None:
     """Masks that pass the checks but fail while the smaller modules are built (say, out of memory) still leave
-    the model whole: every pruned module is built before any is swapped in."""
-    model = EfficientVLMModel(tiny_config)
+    the model whole: every pruned module is built before any is swapped in (VQA: encoders and answer decoder)."""
+    model = task_model(tiny_config)
     before = _snapshot(model)
-    last_mlp = model.text_model.encoder.layer[-1].mlp
+    if task_model is EfficientVLMModel:
+        last_mlp = model.text_model.encoder.layer[-1].mlp
+        sizes = model.structure_sizes()
+    else:
+        last_mlp = model.answer_decoder.encoder.layer[-1].mlp
+        sizes = model.structure_sizes(include_decoder=True)
 
     def fail(mask: torch.Tensor) -> None:
         raise RuntimeError("out of memory (simulated)")
 
     monkeypatch.setattr(last_mlp, "prune", fail)
-    masks = {key: [_keep_first(n, n // 2) for n in sizes] for key, sizes in model.structure_sizes().items()}
+    masks = {key: [_keep_first(n, n // 2) for n in per_layer] for key, per_layer in sizes.items()}
     with pytest.raises(RuntimeError, match="simulated"):
         model.prune(masks)
     _assert_unchanged(model, before)
@@ -200,6 +212,13 @@ def test_non_finite_masks_in_forward_raise(tiny_config) -> None:
         ValueError, match=r"The mask for `vision_heads` layer 0 has 1 NaN or inf value\(s\) \(units \[1\]\)"
     ):
         model(**inputs, structure_masks={"vision_heads": heads})
+    # VQA's answer decoder: its masks are named as the model's `decoder_*` keys.
+    vqa = EfficientVLMForQuestionAnswering(tiny_config).eval()
+    answers = torch.full((4, 3), 7)
+    answers[:, 0] = tiny_config.text_config.bos_token_id
+    vqa_inputs = {**inputs, "answer_input_ids": answers, "answer_attention_mask": torch.ones_like(answers)}
+    with pytest.raises(ValueError, match=r"The mask for `decoder_ffn` layer 0 has 1 NaN or inf value\(s\)"):
+        vqa(**vqa_inputs, structure_masks={"decoder_ffn": [_nan_at(64, 0), None]})
     # Finite masks, including ones that require grad (sampled while training), pass.
     masks = {"fusion_ffn": [torch.ones(64, requires_grad=True), None], "vision_heads": [torch.ones(4), None]}
     assert torch.isfinite(model(**inputs, structure_masks=masks).itm_logits).all()
