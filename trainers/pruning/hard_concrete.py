@@ -224,8 +224,8 @@ class StructureMasker(nn.Module):
         layers = self.layers()
         if not layers:
             return
-        if torch.isfinite(torch.cat([log_alpha.detach().reshape(-1) for _, _, log_alpha in layers])).all():
-            return
+        if torch.isfinite(torch.cat([log_alpha.detach().reshape(-1) for _, _, log_alpha in layers]).sum()):
+            return  # a sum carries any NaN / inf; the layers are then checked one by one
         for key, layer, log_alpha in layers:
             bad = (~torch.isfinite(log_alpha.detach())).nonzero().flatten()
             if len(bad):
