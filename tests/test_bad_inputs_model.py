@@ -99,7 +99,11 @@ BAD_MASKS = [
 ]
 
 
-@pytest.mark.parametrize(("bad", "error", "message"), BAD_MASKS)
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    BAD_MASKS,
+    ids=["wrong-shape", "2d-mask", "layer-that-does-not-exist", "unknown-key", "nan", "inf", "not-a-tensor"],
+)
 def test_prune_with_a_bad_mask_changes_nothing(tiny_config, bad: dict, error: type, message: str) -> None:
     model = EfficientVLMForPreTraining(tiny_config)
     before = _snapshot(model)
