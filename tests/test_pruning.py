@@ -148,6 +148,7 @@ def test_masks_and_multipliers_have_their_own_constant_learning_rate(tmp_path) -
     assert {id(p) for p in masks["params"]} == {id(p) for p in trainer.masker.parameters()}
     assert {id(p) for p in multipliers["params"]} == {id(p) for p in trainer.lagrangian.parameters()}
     assert all(trainer.pruning_optimizer.state[p]["step"] == 6 for p in masks["params"])  # one step per model step
+    assert trainer.pruning_optimizer.defaults["fused"]  # as the Trainer's AdamW (`adamw_torch_fused`)
     assert trainer.optimizer.param_groups[0]["lr"] < 2e-3  # the model's learning rate did decay
     # Nothing of them in the Trainer's optimizer, which DeepSpeed / FSDP wrap (a ZeRO optimizer refuses them).
     in_trainer_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}

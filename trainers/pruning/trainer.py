@@ -304,9 +304,9 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
 
     # -- optimizer: the masks and multipliers get their own ------------------------------------------------
     def create_pruning_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over the log-alphas and the multipliers (the Trainer's betas and epsilon, no weight decay),
-        each with its own constant learning rate: the model's schedule (warm-up, decay to 0) would stop
-        enforcing the target at the end of training (CoFi / EfficientVLM keep them constant too)."""
+        """AdamW over the log-alphas and the multipliers (the Trainer's betas and epsilon, fused when the Trainer's
+        AdamW is, no weight decay), each with its own constant learning rate: the model's schedule (warm-up, decay
+        to 0) would stop enforcing the target at the end of training (CoFi / EfficientVLM keep them constant too)."""
         mask_lr = self.pruning_config.mask_learning_rate
         lagrangian_lr = self.pruning_config.lagrangian_learning_rate or mask_lr
         groups = [
@@ -314,7 +314,9 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             {"params": list(self.lagrangian.parameters()), "lr": lagrangian_lr, "name": _LAGRANGIAN_GROUP},
         ]
         betas = (self.args.adam_beta1, self.args.adam_beta2)
-        return torch.optim.AdamW(groups, betas=betas, eps=self.args.adam_epsilon, weight_decay=0.0)
+        optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args)
+        fused = optimizer_kwargs.get("fused") if optimizer_class is torch.optim.AdamW else None
+        return torch.optim.AdamW(groups, betas=betas, eps=self.args.adam_epsilon, weight_decay=0.0, fused=fused)
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def pruning_state_dict(self) -> dict[str, Any]:
