@@ -203,8 +203,9 @@ def test_a_deepspeed_zero2_pruning_run_resumes_exactly(tmp_path) -> None:
     its checkpoint 3: the weights, log-alphas, multipliers and the masks' optimizer moments equal the uninterrupted
     run's exactly. The masks have their own optimizer (a ZeRO optimizer refuses parameters that are not the
     model's) and are saved in `masker.pt` of every checkpoint, beside DeepSpeed's own files; the scalar ITC
-    temperature trains as a (1,) tensor (DeepSpeed cannot broadcast 0-d ones) and is saved as a scalar. Slow (about
-    a minute per launch, and DeepSpeed builds a CPU extension once), so it runs only where DeepSpeed is installed."""
+    temperature trains as a (1,) tensor (DeepSpeed cannot broadcast 0-d ones) and is saved as a scalar. About 30 s per
+    launch on 2 cores (DeepSpeed builds a CPU extension the first time, a few minutes); DeepSpeed is not a
+    dependency, so it runs only where it is installed."""
     write_workdir(tmp_path)
     (tmp_path / "zero2.json").write_text(json.dumps(ZERO_2))
     env = {"DS_ACCELERATOR": "cpu", "WORKER_TRAINER_FLAGS": f"--deepspeed {tmp_path / 'zero2.json'}"}
