@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def weights_are_sharded(trainer: Any) -> bool:
@@ -53,7 +54,8 @@ def _scalars_in_state_dict(names: list[str]):
     def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
         for name in names:
             value = state_dict.get(prefix + name)
-            if value is not None and value.dim() == 1 and value.numel() == 1:
+            # FSDP2's entries are shards (DTensors), which cannot lose their sharded dimension: left as they are.
+            if value is not None and not isinstance(value, DTensor) and value.dim() == 1 and value.numel() == 1:
                 state_dict[prefix + name] = value.reshape(())
 
     return hook
