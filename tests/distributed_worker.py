@@ -11,6 +11,7 @@ In order, each process:
 With `resume COMMAND PHASE` after those arguments, it runs only `COMMAND` (`distill` or `prune`) for 4 steps with a
 checkpoint at every step: `full` uninterrupted; `killed` stopping (asleep, for the test to SIGKILL) once
 `checkpoint-3` is written (mid-epoch: 2 steps per epoch); `resumed` from that checkpoint.
+`WORKER_TRAINER_FLAGS` (environment) adds Trainer flags to every command, e.g. `--deepspeed ds.json`.
 Each process saves, outside the output folders, its weights (and pruning state) after training, the files it
 opened for writing under the output folders, and how many evaluations it ran. `WORKDIR` holds the data and the
 teacher folders, which the test writes first.
@@ -136,6 +137,8 @@ class StopAfterCheckpoint(TrainerCallback):
 
 RESUME = sys.argv[3:] if len(sys.argv) > 3 and sys.argv[3] == "resume" else []
 RESUME = RESUME[1:]
+# Extra Trainer flags for every command, e.g. `--deepspeed ds.json` (space-separated; no spaces inside a flag).
+ENGINE_FLAGS = os.environ.get("WORKER_TRAINER_FLAGS", "").split()
 CURRENT: list[str] = [""]
 EVALUATIONS: list[str] = []
 
@@ -160,6 +163,7 @@ def common_flags(output_dir: Path) -> list[str]:
         "--use_cpu",
         "--disable_tqdm", "true",
         "--dataloader_num_workers", "0",
+        *ENGINE_FLAGS,
     ]  # fmt: skip
 
 

@@ -21,6 +21,7 @@ LAYERS = {
     "trainers.model_card": 3,
     "trainers.saving": 3,
     "trainers.app": 3,
+    "trainers.sharding": 3,
     "trainers.tasks": 2,
     "trainers.recipes": 2,
     "trainers.data": 1,

@@ -141,12 +141,18 @@ def test_masks_and_multipliers_have_their_own_constant_learning_rate(tmp_path) -
     args = _args(tmp_path, lr_scheduler_type="linear", warmup_steps=2, max_steps=6, weight_decay=0.1)
     trainer = _trainer(tmp_path, pruning=pruning, args=args)
     trainer.train()
-    groups = {group.get("name"): group for group in trainer.optimizer.param_groups}
+    groups = {group.get("name"): group for group in trainer.pruning_optimizer.param_groups}
     masks, multipliers = groups["structure_masks"], groups["lagrange_multipliers"]
     assert masks["lr"] == 0.05 and multipliers["lr"] == 0.2  # not decayed with the model's schedule
     assert masks["weight_decay"] == multipliers["weight_decay"] == 0.0
     assert {id(p) for p in masks["params"]} == {id(p) for p in trainer.masker.parameters()}
+    assert {id(p) for p in multipliers["params"]} == {id(p) for p in trainer.lagrangian.parameters()}
+    assert all(trainer.pruning_optimizer.state[p]["step"] == 6 for p in masks["params"])  # one step per model step
+    assert trainer.pruning_optimizer.defaults["fused"]  # as the Trainer's AdamW (`adamw_torch_fused`)
     assert trainer.optimizer.param_groups[0]["lr"] < 2e-3  # the model's learning rate did decay
+    # Nothing of them in the Trainer's optimizer, which DeepSpeed / FSDP wrap (a ZeRO optimizer refuses them).
+    in_trainer_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not in_trainer_optimizer & {id(p) for p in trainer.pruning_parameters()}
     # The masker is not part of the model: nothing of it in the model's parameters or state dict.
     model_parameters = {id(p) for p in trainer.model.parameters()}
     assert not model_parameters & {id(p) for p in trainer.pruning_parameters()}

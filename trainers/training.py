@@ -23,6 +23,7 @@ from transformers import Trainer, TrainingArguments
 
 from trainers.model_card import ModelCardInfo, local_name
 from trainers.saving import hub_target_from, save_model_folder
+from trainers.sharding import check_whole_model_in_process, prepare_model_for_engine
 from trainers.tasks import build_collator, build_dataset, evaluate_task, task_model_from
 
 
@@ -200,7 +201,8 @@ def train(
     **trainer_kwargs: Any,
 ) -> Trainer:
     """Trains `model` on `train_dataset` with the task's collator; our datasets yield raw items, so columns
-    are never dropped."""
+    are never dropped. Under DeepSpeed or FSDP the model is made wrappable first (`trainers.sharding`); sharded
+    weights (FSDP, ZeRO-3) are refused, since the caller uses the whole trained model in process 0."""
     training_args.remove_unused_columns = False
     trainer = trainer_class(
         model=model,
@@ -209,6 +211,8 @@ def train(
         data_collator=build_collator(task, processor),
         **trainer_kwargs,
     )
+    check_whole_model_in_process(trainer)
+    prepare_model_for_engine(trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     return trainer
 

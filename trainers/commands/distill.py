@@ -133,6 +133,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
     from trainers.model_card import ModelCardInfo, local_name
     from trainers.saving import hub_target_from, save_model_folder
+    from trainers.sharding import check_whole_model_in_process
     from trainers.training import check_image_size
 
     from ..data import PretrainingCollator
@@ -182,6 +183,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
         teacher_model=teacher,
         distillation_config=distillation_config,
     )
+    check_whole_model_in_process(trainer)  # the student is saved whole from process 0
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if training_args.should_save:
         teacher_name = local_name(args.teacher_model_name_or_path)

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
+from ..sharding import prepare_model_for_engine, weights_are_sharded
 from ..tasks import KDSpec
 from .objective import DistillationConfig, DistillationLoss
 
@@ -112,6 +113,7 @@ class DistillationTrainer(Trainer):
         teacher_model.requires_grad_(False)
         teacher_model.eval()
         self.teacher_model = teacher_model.to(self.args.device)
+        prepare_model_for_engine(self)  # the student, under DeepSpeed / FSDP (the teacher is not wrapped)
         self._loss_term_sums: dict[str, torch.Tensor] = {}
         self._loss_term_counts: dict[str, int] = {}
         if hasattr(self.data_collator, "set_epoch"):  # per-sample, per-epoch collator randomness (MLM masks)
@@ -141,7 +143,7 @@ class DistillationTrainer(Trainer):
         recompute the similarities over the gathered embeddings)."""
         temperatures = None
         if self.model.training and self.args.world_size > 1 and self.distillation_config.itc > 0:
-            if self._parameters_are_sharded():
+            if weights_are_sharded(self):
                 # The student's temperature is read outside its forward, where FSDP / ZeRO-3 hold only a shard.
                 logger.warning_once(
                     "Under FSDP or DeepSpeed ZeRO-3 the ITC KD term compares the local (per-process) similarities."
@@ -158,16 +160,6 @@ class DistillationTrainer(Trainer):
             labels=inputs.get("labels"),
             itc_temperatures=temperatures,
         )
-
-    def _parameters_are_sharded(self) -> bool:
-        """Whether the student's parameters are sharded across processes (FSDP, DeepSpeed ZeRO-3)."""
-        if getattr(self, "is_fsdp_enabled", False):
-            return True
-        if getattr(self, "is_deepspeed_enabled", False):
-            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-            return is_deepspeed_zero3_enabled()
-        return False
 
     def log_loss_terms(self, terms: Mapping[str, float | torch.Tensor]) -> None:
         """Accumulates named scalar values; the next training log reports the mean of each since the last log."""

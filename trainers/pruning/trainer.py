@@ -8,15 +8,17 @@ every modality and the Lagrange multipliers of a [`SparsityLagrangian`] together
 
 One global target t (warmed up linearly) leaves the split between vision, text and fusion to the task.
 The masker and the multipliers live on the trainer, not in the model, so checkpoints of the student hold
-no mask weights; they get their own optimizer groups (constant learning rate, no weight decay; the
-multipliers ascend through a reversed gradient) and are saved as `masker.pt` next to the weights by
-`save_model` (so in every Trainer checkpoint), so `resume_from_checkpoint` continues exactly. After
+no mask weights. They have their own AdamW optimizer (as in CoFi: constant learning rates, no weight decay; the
+multipliers ascend through a reversed gradient), stepped right after the Trainer's. Keeping them out of the
+Trainer's optimizer keeps them out of DeepSpeed's and FSDP's optimizer wrappers (a ZeRO optimizer refuses
+parameters that are not the model's). Their values and optimizer state are saved as `masker.pt` next to the
+weights by `save_model` (so in every Trainer checkpoint, under DDP, DeepSpeed or FSDP alike) and restored by
+`train(resume_from_checkpoint=...)` before the Trainer loads the rest, so a resume continues exactly. After
 training, [`prune_and_save`] removes the masked structures for real and writes the smaller model as a complete
 folder (weights, processor, `pruning_report.json`, model card) with `trainers.saving.save_model_folder`.
 
-Only public `Trainer` hooks are used: a `TrainerCallback` (warm-up, gradient averaging, clamping, the best
-checkpoint's masks), `create_optimizer`, `create_scheduler`, `save_model`, `train`, `compute_loss` and
-`prediction_step`.
+Only public `Trainer` hooks are used: a `TrainerCallback` (warm-up, gradient averaging, the masks' optimizer
+step, clamping, the best checkpoint's masks), `save_model`, `train`, `compute_loss` and `prediction_step`.
 """
 
 from __future__ import annotations
@@ -115,10 +117,6 @@ class _NoTeacher(nn.Module):
         raise RuntimeError("No teacher model was given; distillation is disabled.")
 
 
-def _constant_learning_rate(step: int) -> float:
-    return 1.0
-
-
 class _MaskOptimizationCallback(TrainerCallback):
     """Keeps the masks and multipliers in step with the Trainer's optimizer loop."""
 
@@ -140,7 +138,8 @@ class _MaskOptimizationCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.trainer.masks_frozen:
             return  # no mask gradients: the masks and multipliers keep their values (no momentum steps either)
-        # The masker is not inside the (DDP-wrapped) model: average its gradients across processes ourselves.
+        # The masker is not inside the (DDP / FSDP / DeepSpeed-wrapped) model: average its gradients across
+        # processes ourselves.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world_size = torch.distributed.get_world_size()
             if world_size > 1:
@@ -149,11 +148,20 @@ class _MaskOptimizationCallback(TrainerCallback):
                         parameter.grad = torch.zeros_like(parameter)
                     torch.distributed.all_reduce(parameter.grad)
                     parameter.grad.div_(world_size)
+        # Under fp16 autocast the loss was scaled: unscale with the scale the model's step uses (before it
+        # updates the scale).
+        scaler = getattr(self.trainer.accelerator, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(self.trainer.pruning_optimizer)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        # The Trainer only zeroes the model's gradients; CoFi clamps log-alphas after every step.
-        self.trainer.masker.constrain_()
-        for parameter in self.trainer.pruning_parameters():
+        trainer = self.trainer
+        # Skipped with the model's step (fp16 overflow), and in the fixed-mask phase (no gradients).
+        if not trainer.masks_frozen and not trainer.accelerator.optimizer_step_was_skipped:
+            trainer.pruning_optimizer.step()
+        # CoFi clamps log-alphas after every step.
+        trainer.masker.constrain_()
+        for parameter in trainer.pruning_parameters():
             parameter.grad = None
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -225,6 +233,12 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
                     f"`target_sparsity_per_modality` names {modality!r}, but the model has no prunable "
                     f"{modality} structures (it has {self.masker.modalities})."
                 )
+        if self.is_deepspeed_enabled and self.args.fp16:
+            raise ValueError(
+                "Pruning under DeepSpeed with --fp16 is not supported: DeepSpeed's loss scale would reach the mask "
+                "gradients, which it does not unscale. Use --bf16 (or fp32)."
+            )
+        self.pruning_optimizer = self.create_pruning_optimizer()
         self.pruned = False
         # First step of the fixed-mask phase (set when training starts; None: masks learn throughout).
         self.mask_freeze_step: int | None = None
@@ -288,50 +302,30 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         with self._deterministic_masks_in_forward():
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
-    # -- optimizer: the masks and multipliers get their own groups ------------------------------------------
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        present = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if not any(id(p) in present for p in self.masker.parameters()):
-            mask_lr = self.pruning_config.mask_learning_rate
-            lagrangian_lr = self.pruning_config.lagrangian_learning_rate or mask_lr
-            optimizer.add_param_group(
-                {"params": list(self.masker.parameters()), "lr": mask_lr, "weight_decay": 0.0, "name": _MASK_GROUP}
-            )
-            optimizer.add_param_group(
-                {
-                    "params": list(self.lagrangian.parameters()),
-                    "lr": lagrangian_lr,
-                    "weight_decay": 0.0,
-                    "name": _LAGRANGIAN_GROUP,
-                }
-            )
-        return optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        # As in CoFi / EfficientVLM the mask and multiplier learning rates stay constant: the model's schedule
-        # (warm-up, decay to 0) would stop enforcing the target at the end of training. The model's groups
-        # keep the Trainer's schedule; a new LambdaLR gives the pruning groups a constant factor instead.
-        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            logger.warning(
-                f"{type(scheduler).__name__} is not a LambdaLR: the mask learning rate follows the model's schedule."
-            )
-            return scheduler
-        groups = scheduler.optimizer.param_groups
-        factors = [
-            _constant_learning_rate if group.get("name") in (_MASK_GROUP, _LAGRANGIAN_GROUP) else model_factor
-            for group, model_factor in zip(groups, scheduler.lr_lambdas)
+    # -- optimizer: the masks and multipliers get their own ------------------------------------------------
+    def create_pruning_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the log-alphas and the multipliers (the Trainer's betas and epsilon, fused when the Trainer's
+        AdamW is, no weight decay), each with its own constant learning rate: the model's schedule (warm-up, decay
+        to 0) would stop enforcing the target at the end of training (CoFi / EfficientVLM keep them constant too)."""
+        mask_lr = self.pruning_config.mask_learning_rate
+        lagrangian_lr = self.pruning_config.lagrangian_learning_rate or mask_lr
+        groups = [
+            {"params": list(self.masker.parameters()), "lr": mask_lr, "name": _MASK_GROUP},
+            {"params": list(self.lagrangian.parameters()), "lr": lagrangian_lr, "name": _LAGRANGIAN_GROUP},
         ]
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(scheduler.optimizer, factors)
-        return self.lr_scheduler
+        betas = (self.args.adam_beta1, self.args.adam_beta2)
+        optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args)
+        fused = optimizer_kwargs.get("fused") if optimizer_class is torch.optim.AdamW else None
+        return torch.optim.AdamW(groups, betas=betas, eps=self.args.adam_epsilon, weight_decay=0.0, fused=fused)
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def pruning_state_dict(self) -> dict[str, Any]:
-        """What `masker.pt` holds: the log-alphas, the multipliers and the settings they belong to."""
+        """What `masker.pt` holds: the log-alphas, the multipliers, their optimizer state and the settings they
+        belong to."""
         return {
             "masker": self.masker.state_dict(),
             "lagrangian": self.lagrangian.state_dict(),
+            "optimizer": self.pruning_optimizer.state_dict(),
             "structure_sizes": self.masker.structure_sizes,
             "targets": self.lagrangian.targets,
             "warmup_steps": self.lagrangian.warmup_steps,
@@ -357,6 +351,8 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         self.lagrangian.load_state_dict(state["lagrangian"])
         if "warmup_steps" in state:
             self.lagrangian.warmup_steps = int(state["warmup_steps"])
+        if state.get("optimizer") is not None:  # the optimizer's moments: a resume continues exactly
+            self.pruning_optimizer.load_state_dict(state["optimizer"])
 
     def load_pruning_checkpoint(self, checkpoint: str, required: bool = True) -> None:
         """Restores the masks and multipliers saved in `checkpoint`; a missing `masker.pt` raises a ValueError
