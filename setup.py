@@ -42,6 +42,9 @@ setup(
             # The app's browser test (tests/test_app.py) drives Debian's chromium + chromium-driver (.ci/run).
             "gradio>=6.0",
             "selenium>=4.20",
+            # The ZeRO-2 resume test (tests/test_distributed.py) runs DeepSpeed's CPU accelerator; its first run
+            # on a machine builds a small CPU extension (cached under ~/.cache/torch_extensions).
+            "deepspeed>=0.17",
         ],
         # `efficientvlm app` and space/app.py: models side by side in a browser (tested with gradio 6.31).
         "app": ["gradio>=6.0"],
