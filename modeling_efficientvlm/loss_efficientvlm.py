@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .checks_efficientvlm import check_tensor
+
 
 def distributed_world_size() -> int:
     """The number of processes of the initialised default process group (1 without one)."""
@@ -122,11 +124,11 @@ def sample_hard_negatives(
     """
     batch_size = logits_per_image.shape[0]
     positives = same_image_targets(image_ids, batch_size, logits_per_image.device)
-    if bool(positives.all(dim=1).any()):
-        raise ValueError(
-            "Image-text matching needs at least two different images in a batch to sample hard negatives; "
-            f"got a batch of {batch_size} pairs that all show the same image."
-        )
+    check_tensor(
+        ~positives.all(dim=1).any(),
+        "Image-text matching needs at least two different images in a batch to sample hard negatives; "
+        f"got a batch of {batch_size} pairs that all show the same image.",
+    )
     weights_i2t = F.softmax(logits_per_image.float(), dim=1) + 1e-5
     weights_t2i = F.softmax(logits_per_image.t().float(), dim=1) + 1e-5
     weights_i2t = weights_i2t.masked_fill(positives, 0)

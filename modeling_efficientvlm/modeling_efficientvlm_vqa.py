@@ -18,6 +18,7 @@ from torch import nn
 from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
+from .checks_efficientvlm import check_tensor
 from .configuration_efficientvlm import EfficientVLMConfig
 from .modeling_efficientvlm import (
     EfficientVLMLMHead,
@@ -364,8 +365,10 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
                 "`answer_candidates_ids` must have shape (num_candidates, length >= 2) with a start token then "
                 f"the answer; got {tuple(answer_candidates_ids.shape)}."
             )
-        if (answer_candidates_ids[:, 0] != answer_candidates_ids[0, 0]).any():
-            raise ValueError("Every answer candidate must begin with the same start token (e.g. [CLS]).")
+        check_tensor(
+            (answer_candidates_ids[:, 0] == answer_candidates_ids[0, 0]).all(),
+            "Every answer candidate must begin with the same start token (e.g. [CLS]).",
+        )
         if k < 1:
             raise ValueError(f"`k` must be at least 1, got {k}.")
         if answer_candidates_mask is None:

@@ -20,6 +20,7 @@ LAYERS = {
     "trainers.pruning": 3,
     "trainers.model_card": 3,
     "trainers.saving": 3,
+    "trainers.deployment": 3,
     "trainers.tasks": 2,
     "trainers.data": 1,
     "trainers.evaluation": 1,
