@@ -5,5 +5,15 @@ PyTorch (`torch_int8`)."""
 
 from trainers.deployment.onnx_export import ExportResult, OnnxParityError, export_onnx, read_manifest
 from trainers.deployment.onnx_models import load_onnx_model
+from trainers.deployment.torch_int8 import load_torch_int8, quantize_torch_int8, save_torch_int8
 
-__all__ = ["ExportResult", "OnnxParityError", "export_onnx", "load_onnx_model", "read_manifest"]
+__all__ = [
+    "ExportResult",
+    "OnnxParityError",
+    "export_onnx",
+    "load_onnx_model",
+    "load_torch_int8",
+    "quantize_torch_int8",
+    "read_manifest",
+    "save_torch_int8",
+]
