@@ -71,7 +71,9 @@ def load_torch_int8(folder: str | os.PathLike) -> nn.Module:
     if model_class is None:
         raise ValueError(f"{info_path} names an unknown model class {info['model_class']!r}.")
     model = quantize_torch_int8(model_class(EfficientVLMConfig.from_pretrained(folder)))
-    state = torch.load(folder / INT8_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # raised inside torch.load
+        state = torch.load(folder / INT8_WEIGHTS_NAME, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()
 
