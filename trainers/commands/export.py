@@ -1,6 +1,6 @@
 """`efficientvlm export`: a saved task model -> ONNX graphs of its inference path (dynamic batch and sequence
-axes), checked against PyTorch right after export, optionally int8, with PyTorch / ONNX fp32 / ONNX int8 latency
-side by side and, given an evaluation file, the task metric of each.
+axes), checked against PyTorch right after export, optionally int8, with the latency of PyTorch, ONNX fp32 and (with
+--int8) PyTorch int8 and ONNX int8 side by side and, given an evaluation file, the task metric of each.
 
     efficientvlm export --model_name_or_path pruned_vqa --output_dir pruned_vqa_onnx --int8 \\
         --eval_file vqa_val.json --image_root images
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from trainers.deployment.comparison import compare_accuracy, compare_latency, format_accuracy, format_latency
     from trainers.deployment.onnx_export import export_onnx
     from trainers.deployment.onnx_models import load_onnx_model
+    from trainers.deployment.torch_int8 import quantize_torch_int8
     from trainers.tasks import build_dataset
 
     (args,) = parse_arguments(
@@ -88,7 +89,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["latency"] = [row.__dict__ for row in rows]
     if args.eval_file:
         dataset = build_dataset(task, args.eval_file, args.image_root, processor)
-        backends = {"PyTorch": model, "ONNX fp32": load_onnx_model(result.output_dir)}
+        backends = {"PyTorch": model}
+        if args.int8:
+            backends["PyTorch int8"] = quantize_torch_int8(model)
+        backends["ONNX fp32"] = load_onnx_model(result.output_dir)
         if args.int8:
             backends["ONNX int8"] = load_onnx_model(result.output_dir, int8=True)
         metrics = compare_accuracy(task, backends, dataset, processor, batch_size=args.eval_batch_size, k=args.k)

@@ -1,6 +1,6 @@
-"""PyTorch, ONNX fp32 and ONNX int8 side by side in one run: the latency of every exported graph on the same inputs
-(interleaved rounds, ratios against PyTorch), the largest output difference from PyTorch, and a task metric on an
-evaluation file through the task's own evaluation routine."""
+"""PyTorch (fp32, int8), ONNX fp32 and ONNX int8 side by side in one run: the latency of every exported graph on the
+same inputs (interleaved rounds, ratios against PyTorch), the largest output difference from PyTorch, and a task
+metric on an evaluation file through the task's own evaluation routine."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from trainers.deployment.graphs import task_graphs
 from trainers.deployment.onnx_export import ort_session, read_manifest, session_feed
+from trainers.deployment.torch_int8 import quantize_torch_int8
 from trainers.tasks import evaluate_task, task_spec
 
 
@@ -30,6 +31,10 @@ class LatencyRow:
     speedup: float = 1.0
     max_abs_difference: float = 0.0
     graph_speedups: dict[str, float] = field(default_factory=dict)
+
+
+def _numpy(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    return [t.numpy() for t in (outputs if isinstance(outputs, tuple) else (outputs,))]
 
 
 def _timed(run: Any, warmup: int, repeats: int) -> list[float]:
@@ -55,28 +60,34 @@ def compare_latency(
     rounds: int = 2,
     seed: int = 0,
 ) -> list[LatencyRow]:
-    """Times each graph of the export `folder` in PyTorch, in onnxruntime fp32 and (with `int8`) int8 on the same
-    `(batch_size, sequence_length)` inputs, in interleaved rounds (one machine, one run: only the ratios travel)."""
+    """Times each graph of the export `folder` in PyTorch, in onnxruntime fp32 and, with `int8`, in PyTorch int8
+    ([`quantize_torch_int8`]) and onnxruntime int8, on the same `(batch_size, sequence_length)` inputs, in
+    interleaved rounds (one machine, one run: only the ratios travel). Differences are against PyTorch fp32."""
     manifest = read_manifest(folder)
-    _, graphs = task_graphs(model.eval())
-    backends = ["PyTorch", "ONNX fp32", *(["ONNX int8"] if int8 else [])]
+    torch_graphs = {"PyTorch": task_graphs(model.eval())[1]}
+    if int8:
+        torch_graphs["PyTorch int8"] = task_graphs(quantize_torch_int8(model))[1]
+    graphs = torch_graphs["PyTorch"]
+    backends = [*torch_graphs, "ONNX fp32", *(["ONNX int8"] if int8 else [])]
     timings = {backend: {graph.name: [] for graph in graphs} for backend in backends}
     difference = dict.fromkeys(backends, 0.0)
-    for graph in graphs:
+    for index, graph in enumerate(graphs):
         inputs = graph.example_inputs(batch_size, sequence_length, torch.Generator().manual_seed(seed))
         feed = {spec.name: tensor.numpy() for spec, tensor in zip(graph.inputs, inputs)}
         entry = manifest["graphs"][graph.name]
+        expected = _numpy(graph.module(*inputs))
+        runs = {}
+        for backend, backend_graphs in torch_graphs.items():
+            module = backend_graphs[index].module
+            runs[backend] = lambda module=module, inputs=inputs: _numpy(module(*inputs))
         sessions = {"ONNX fp32": ort_session(os.path.join(folder, entry["file"]))}
         if int8:
             sessions["ONNX int8"] = ort_session(os.path.join(folder, entry["int8_file"]))
-        expected = graph.module(*inputs)
-        expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
-        runs = {"PyTorch": lambda graph=graph, inputs=inputs: graph.module(*inputs)}
         for backend, session in sessions.items():
-            outputs = session.run(None, session_feed(session, feed))
-            error = max(float(np.abs(got - want).max()) for got, want in zip(outputs, expected))
-            difference[backend] = max(difference[backend], error)
             runs[backend] = lambda session=session, feed=feed: session.run(None, session_feed(session, feed))
+        for backend, run in runs.items():
+            error = max(float(np.abs(got - want).max()) for got, want in zip(run(), expected))
+            difference[backend] = max(difference[backend], error)
         for _ in range(rounds):
             for backend in backends:
                 timings[backend][graph.name] += _timed(runs[backend], warmup, repeats)
