@@ -107,7 +107,7 @@ def format_latency(rows: list[LatencyRow]) -> str:
     names = list(rows[0].graph_ms)
     lines = [
         "| backend | " + " | ".join(f"{name} (ms)" for name in names) + " | total (ms) | speedup | max abs diff |",
-        "|---|" + "---|" * (len(names) + 4),
+        "|---|" + "---|" * (len(names) + 3),
     ]
     for row in rows:
         cells = " | ".join(f"{row.graph_ms[name]:.2f}" for name in names)
