@@ -107,5 +107,6 @@ def test_hard_negative_sampling_compiles_and_its_check_still_raises() -> None:
     assert (image_ids[negative_texts] != image_ids).all() and (image_ids[negative_images] != image_ids).all()
     with pytest.raises(RuntimeError, match="at least two different images"):
         compiled(logits, torch.zeros(4, dtype=torch.long))
+    assert torch.is_grad_enabled()  # the failing check ran outside the sampling's no_grad region
     with pytest.raises(ValueError, match="at least two different images"):  # eager: the same message
         sample_hard_negatives(logits, torch.zeros(4, dtype=torch.long))
