@@ -19,8 +19,8 @@ from modeling_efficientvlm import (
 )
 from trainers import commands as cli
 from trainers.deployment import OnnxParityError, export_onnx, load_onnx_model, read_manifest
-from trainers.deployment.graphs import task_graphs
-from trainers.deployment.onnx_export import MANIFEST_NAME, check_parity
+from trainers.deployment.graphs import GraphSpec, TensorSpec, task_graphs
+from trainers.deployment.onnx_export import MANIFEST_NAME, OPSET, _export_graph, check_parity
 
 from .data_utils import CLS_ID, PAD_ID, SEP_ID, make_processor, write_vqa_json
 
@@ -163,3 +163,50 @@ def test_export_command_compares_latency_and_accuracy_of_pytorch_onnx_and_int8(t
     assert "vqa_accuracy" in out and "(change +0.0000)" in out
     # The folder is self-contained: the processor travels with the graphs.
     assert (tmp_path / "onnx" / "tokenizer_config.json").is_file() or (tmp_path / "onnx" / "vocab.txt").is_file()
+
+
+def test_an_input_pruning_cut_off_is_left_out_of_the_graph_and_the_manifest_says_so(tmp_path) -> None:
+    """With every fusion cross-attention head pruned, ITM no longer reads the image: the exporter drops that input,
+    the manifest names it, and the onnxruntime model still scores (it feeds only what the graph takes)."""
+    torch.manual_seed(0)
+    model = EfficientVLMForImageTextRetrieval(_config()).eval()
+    model.prune({"fusion_cross_heads": [torch.zeros(n) for n in model.structure_sizes()["fusion_cross_heads"]]})
+    export_onnx(model, tmp_path)
+    manifest = read_manifest(tmp_path)
+    assert manifest["graphs"]["itm_scores"]["unused_inputs"] == ["image_states"]
+    assert "unused_inputs" not in manifest["graphs"]["image_features"]
+    inputs = _inputs()
+    for got, want in zip(
+        _task_outputs("retrieval", load_onnx_model(tmp_path), inputs), _task_outputs("retrieval", model, inputs)
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_export_command_help(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: efficientvlm export ") and "--int8" in out and "--eval_file" in out
+
+
+def test_a_graph_that_kept_a_traced_size_fails_parity_naming_it(tmp_path) -> None:
+    """A batch size baked in at trace time (as `.split(batch)` did in NLVR2) breaks the graph at other sizes."""
+
+    class BakedBatch(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            first, second = x.split(x.shape[0] // 2)
+            return first + second
+
+    graph = GraphSpec(
+        "halves",
+        BakedBatch(),
+        (TensorSpec("x", "float32", ("batch", 3)),),
+        (TensorSpec("y", "float32", ("batch", 3)),),
+        "sums the two halves of a batch",
+        lambda b, s, g: (torch.randn(2 * b, 3, generator=g),),
+    )
+    _export_graph(graph, tmp_path / "halves.onnx", OPSET)
+    check_parity(graph, tmp_path / "halves.onnx", sizes=((2, 8),))  # the traced size works
+    with pytest.raises(OnnxParityError, match="'halves' fails in onnxruntime at batch 3"):
+        check_parity(graph, tmp_path / "halves.onnx", sizes=((3, 4),))

@@ -146,7 +146,14 @@ def check_parity(
         with torch.no_grad():
             expected = _as_tuple(graph.module(*inputs))
         feed = session_feed(session, {spec.name: tensor.numpy() for spec, tensor in zip(graph.inputs, inputs)})
-        for spec, got, want in zip(graph.outputs, session.run(None, feed), expected):
+        try:
+            outputs = session.run(None, feed)
+        except Exception as error:  # e.g. a size the trace baked in as a constant
+            raise OnnxParityError(
+                f"ONNX graph {graph.name!r} fails in onnxruntime at batch {batch}, sequence {sequence} (PyTorch runs "
+                f"it): {error}"
+            ) from error
+        for spec, got, want in zip(graph.outputs, outputs, expected):
             if got.shape != tuple(want.shape):
                 raise OnnxParityError(
                     f"ONNX graph {graph.name!r}: output {spec.name!r} has shape {got.shape}, PyTorch "
