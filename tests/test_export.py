@@ -19,6 +19,7 @@ from modeling_efficientvlm import (
 )
 from trainers import commands as cli
 from trainers.deployment import OnnxParityError, export_onnx, load_onnx_model, read_manifest
+from trainers.deployment.comparison import format_accuracy
 from trainers.deployment.graphs import GraphSpec, TensorSpec, task_graphs
 from trainers.deployment.onnx_export import MANIFEST_NAME, OPSET, _export_graph, check_parity
 
@@ -210,3 +211,12 @@ def test_a_graph_that_kept_a_traced_size_fails_parity_naming_it(tmp_path) -> Non
     check_parity(graph, tmp_path / "halves.onnx", sizes=((2, 8),))  # the traced size works
     with pytest.raises(OnnxParityError, match="'halves' fails in onnxruntime at batch 3"):
         check_parity(graph, tmp_path / "halves.onnx", sizes=((3, 4),))
+
+
+def test_accuracy_report_gives_each_backends_change_of_the_primary_metric() -> None:
+    metrics = {"PyTorch": {"cider": 0.5, "bleu_4": 0.1}, "ONNX int8": {"cider": 0.375, "bleu_4": 0.125}}
+    lines = format_accuracy("captioning", metrics).splitlines()  # the registry names it "CIDEr"
+    assert lines == [
+        "PyTorch: cider 0.5000 (change +0.0000); bleu_4 0.1000",
+        "ONNX int8: cider 0.3750 (change -0.1250); bleu_4 0.1250",
+    ]
