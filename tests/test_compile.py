@@ -110,3 +110,16 @@ def test_hard_negative_sampling_compiles_and_its_check_still_raises() -> None:
     assert torch.is_grad_enabled()  # the failing check ran outside the sampling's no_grad region
     with pytest.raises(ValueError, match="at least two different images"):  # eager: the same message
         sample_hard_negatives(logits, torch.zeros(4, dtype=torch.long))
+
+
+def test_a_failing_check_of_compiled_answer_ranking_raises_and_leaves_gradients_on() -> None:
+    torch._dynamo.reset()
+    model = _model(EfficientVLMForQuestionAnswering)
+    pixel_values, ids, mask = _inputs()
+    bad = torch.tensor([[CLS, 7, SEP], [SEP, 9, CLS]])
+    with pytest.raises(ValueError, match="same start token"):
+        model.rank_answers(pixel_values, ids, mask, bad, k=1)
+    compiled = torch.compile(model.rank_answers, fullgraph=True, backend="eager")
+    with pytest.raises(RuntimeError, match="same start token"):
+        compiled(pixel_values, ids, mask, bad, k=1)
+    assert torch.is_grad_enabled()
