@@ -1,10 +1,9 @@
 """ONNX export of a task model's inference graphs, checked against PyTorch right after export, with optional int8.
 
-Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`. Both exporters give the same numbers where
-they work, but on these models the dynamo exporter took 5-17 s per tiny graph (the TorchScript one 1-3 s) and
-failed on NLVR2's graph in an onnx_ir pass; the TorchScript one needs neither onnxscript nor a `torch.export`
--able model, and exports every graph with dynamic batch and sequence axes (checked by the parity run below at
-sizes other than the traced ones).
+Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`. Both exporters give the same numbers here,
+but the dynamo exporter took 5-27 s per tiny graph (the TorchScript one 1-3 s) and needs onnxscript; the
+TorchScript one exports every graph with dynamic batch and sequence axes, which the parity run below checks at
+sizes other than the traced ones (a size the trace baked in as a constant fails there).
 
 Output folder: one `<graph>.onnx` per graph (and `<graph>.int8.onnx` with int8), `onnx_manifest.json` (the graphs,
 their inputs and outputs with dtypes and shapes, and how to chain them), the model's `config.json`, and the
