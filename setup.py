@@ -32,7 +32,12 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
+        # `efficientvlm export`: ONNX graphs (torch's TorchScript exporter, so no onnxscript), onnxruntime for the
+        # parity check, int8 (dynamic quantization) and running the graphs.
+        "export": ["onnx>=1.15", "onnxruntime>=1.17"],
         "dev": [
+            "onnx>=1.15",  # the export tests run in CI: the `export` extra's packages
+            "onnxruntime>=1.17",
             "pytest>=8.0",
             "pytest-timeout>=2.3",
             "ruff>=0.6",

@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .checks_efficientvlm import check_tensor
+
 
 def distributed_world_size() -> int:
     """The number of processes of the initialised default process group (1 without one)."""
@@ -104,7 +106,6 @@ class ImageTextContrastiveLoss(nn.Module):
         return (loss_i2t + loss_t2i) / 2
 
 
-@torch.no_grad()
 def sample_hard_negatives(
     logits_per_image: torch.Tensor, image_ids: torch.Tensor | None = None, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,11 +123,20 @@ def sample_hard_negatives(
     """
     batch_size = logits_per_image.shape[0]
     positives = same_image_targets(image_ids, batch_size, logits_per_image.device)
-    if bool(positives.all(dim=1).any()):
-        raise ValueError(
-            "Image-text matching needs at least two different images in a batch to sample hard negatives; "
-            f"got a batch of {batch_size} pairs that all show the same image."
-        )
+    # Checked outside `no_grad`: under torch.compile, a failing in-graph check inside a `no_grad` region leaves
+    # gradients switched off after the error (torch 2.13).
+    check_tensor(
+        ~positives.all(dim=1).any(),
+        "Image-text matching needs at least two different images in a batch to sample hard negatives; "
+        f"got a batch of {batch_size} pairs that all show the same image.",
+    )
+    return _sample_negatives(logits_per_image.detach(), positives, generator)
+
+
+@torch.no_grad()
+def _sample_negatives(
+    logits_per_image: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     weights_i2t = F.softmax(logits_per_image.float(), dim=1) + 1e-5
     weights_t2i = F.softmax(logits_per_image.t().float(), dim=1) + 1e-5
     weights_i2t = weights_i2t.masked_fill(positives, 0)

@@ -724,7 +724,20 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.save_pretrained`; a class registered for an auto class (all task models) first sets
         `config.auto_map` to its own entries: its auto class, `AutoModel` and `extra_auto_classes` all name this
         class, entries of other auto classes' models are dropped (a config copied from another task's folder
-        would name a class whose file is not saved), those of configs and processors are kept."""
+        would name a class whose file is not saved), those of configs and processors are kept.
+
+        A dynamically quantized model (`torch.ao.quantization.quantize_dynamic`) raises: safetensors cannot store its
+        packed int8 weights; the error names the formats that can."""
+        quantized = sorted(
+            {type(m).__qualname__ for m in self.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")}
+        )
+        if quantized:
+            raise ValueError(
+                f"save_pretrained cannot store a dynamically quantized model (it holds {quantized} modules, whose "
+                "packed int8 weights safetensors cannot hold). Save it with "
+                "`trainers.deployment.torch_int8.save_torch_int8(model, folder)` (reload with `load_torch_int8`), "
+                "or save the float model and deploy int8 through ONNX: `efficientvlm export --int8`."
+            )
         if self._auto_class is not None:
             name = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
             kept = {

@@ -326,7 +326,8 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
             token_type_ids=token_type_ids,
             **flags,
         )
-        left_image_states, right_image_states = vision.last_hidden_state.split(batch)
+        # Not `.split(batch)`: an exported graph would keep this batch size as a constant.
+        left_image_states, right_image_states = vision.last_hidden_state.unflatten(0, (2, -1)).unbind(0)
         fusion = self.fuse_image_pair(
             text.last_hidden_state, attention_mask, left_image_states, right_image_states, structure_masks, **flags
         )

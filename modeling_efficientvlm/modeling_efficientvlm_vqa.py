@@ -20,6 +20,7 @@ from torch import nn
 from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
+from .checks_efficientvlm import check_tensor
 from .configuration_efficientvlm import EfficientVLMConfig
 from .modeling_efficientvlm import (
     DECODER_MASK_KEYS,
@@ -344,7 +345,6 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
             mask[row, : len(sequence)] = 1
         return padded, mask
 
-    @torch.no_grad()
     def rank_answers(
         self,
         pixel_values: torch.Tensor,
@@ -378,52 +378,56 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
                 "`answer_candidates_ids` must have shape (num_candidates, length >= 2) with a start token then "
                 f"the answer; got {tuple(answer_candidates_ids.shape)}."
             )
-        if (answer_candidates_ids[:, 0] != answer_candidates_ids[0, 0]).any():
-            raise ValueError("Every answer candidate must begin with the same start token (e.g. [CLS]).")
+        check_tensor(
+            (answer_candidates_ids[:, 0] == answer_candidates_ids[0, 0]).all(),
+            "Every answer candidate must begin with the same start token (e.g. [CLS]).",
+        )
         if k < 1:
             raise ValueError(f"`k` must be at least 1, got {k}.")
         if answer_candidates_mask is None:
             answer_candidates_mask = (answer_candidates_ids != self.config.text_config.pad_token_id).long()
-        _, _, fusion, question_mask = self.encode_question(
-            pixel_values,
-            input_ids,
-            attention_mask,
-            structure_masks,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            token_type_ids=token_type_ids,
-        )
-        states = fusion.last_hidden_state
-        batch = states.shape[0]
+        # Gradients off only here: a check above that fails under torch.compile must not leave them off.
+        with torch.no_grad():
+            _, _, fusion, question_mask = self.encode_question(
+                pixel_values,
+                input_ids,
+                attention_mask,
+                structure_masks,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                token_type_ids=token_type_ids,
+            )
+            states = fusion.last_hidden_state
+            batch = states.shape[0]
 
-        # First answer token, for every candidate at once.
-        start = answer_candidates_ids[:1, :1].expand(batch, 1)
-        start_logits, _ = self.decode(start, None, states, question_mask, structure_masks=structure_masks)
-        first_log_probs = F.log_softmax(start_logits[:, 0].float(), dim=-1)[:, answer_candidates_ids[:, 1]]
-        k = min(k, answer_candidates_ids.shape[0])
-        topk_first, topk_indices = first_log_probs.topk(k, dim=1)
+            # First answer token, for every candidate at once.
+            start = answer_candidates_ids[:1, :1].expand(batch, 1)
+            start_logits, _ = self.decode(start, None, states, question_mask, structure_masks=structure_masks)
+            first_log_probs = F.log_softmax(start_logits[:, 0].float(), dim=-1)[:, answer_candidates_ids[:, 1]]
+            k = min(k, answer_candidates_ids.shape[0])
+            topk_first, topk_indices = first_log_probs.topk(k, dim=1)
 
-        # Full-sequence likelihood of the k survivors of each question.
-        sequences = answer_candidates_ids[topk_indices].flatten(0, 1)
-        sequence_mask = answer_candidates_mask[topk_indices].flatten(0, 1)
-        logits, _ = self.decode(
-            sequences,
-            sequence_mask,
-            states.repeat_interleave(k, dim=0),
-            question_mask.repeat_interleave(k, dim=0),
-            structure_masks=structure_masks,
-        )
-        scores = sequence_log_likelihood(logits, causal_lm_labels(sequences, sequence_mask)).view(batch, k)
-        if xvlm_scoring:
-            scores = scores + topk_first
-        scores, order = scores.sort(dim=1, descending=True)
-        topk_indices = topk_indices.gather(1, order)
-        return EfficientVLMAnswerRankingOutput(
-            answer_index=topk_indices[:, 0],
-            topk_indices=topk_indices,
-            topk_scores=scores,
-            topk_probs=scores.softmax(dim=1),
-            answers=[self.config.answer_candidates[i] for i in topk_indices[:, 0].tolist()] if saved else None,
-        )
+            # Full-sequence likelihood of the k survivors of each question.
+            sequences = answer_candidates_ids[topk_indices].flatten(0, 1)
+            sequence_mask = answer_candidates_mask[topk_indices].flatten(0, 1)
+            logits, _ = self.decode(
+                sequences,
+                sequence_mask,
+                states.repeat_interleave(k, dim=0),
+                question_mask.repeat_interleave(k, dim=0),
+                structure_masks=structure_masks,
+            )
+            scores = sequence_log_likelihood(logits, causal_lm_labels(sequences, sequence_mask)).view(batch, k)
+            if xvlm_scoring:
+                scores = scores + topk_first
+            scores, order = scores.sort(dim=1, descending=True)
+            topk_indices = topk_indices.gather(1, order)
+            return EfficientVLMAnswerRankingOutput(
+                answer_index=topk_indices[:, 0],
+                topk_indices=topk_indices,
+                topk_scores=scores,
+                topk_probs=scores.softmax(dim=1),
+                answers=[self.config.answer_candidates[i] for i in topk_indices[:, 0].tolist()] if saved else None,
+            )
 
     @torch.no_grad()
     def generate(

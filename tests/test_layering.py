@@ -22,6 +22,7 @@ LAYERS = {
     "trainers.saving": 3,
     "trainers.app": 3,
     "trainers.sharding": 3,
+    "trainers.deployment": 3,
     "trainers.tasks": 2,
     "trainers.recipes": 2,
     "trainers.data": 1,

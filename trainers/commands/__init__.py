@@ -15,6 +15,7 @@ COMMANDS = {
     "prune": "modal-adaptive pruning of a task model with task distillation",
     "evaluate": "a task's metrics on a held-out split",
     "benchmark": "parameters, FLOPs and CPU latency of saved models, or of a preset vs randomly pruned copies",
+    "export": "a task model -> ONNX graphs (checked against PyTorch), optionally int8, with speed and accuracy",
     "convert": "an official X-VLM / EfficientVLM .pth checkpoint (pruning-stage ones pruned) -> a model folder",
     "demo": "the whole method end to end on built-in data (no downloads)",
     "recipes": "the named settings of --recipe (paper-vqa, paper-retrieval, ..., small-cpu), one line each",

@@ -72,6 +72,13 @@ def _image_to_texts(
     return groups
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where `model` runs: its `device` (a `PreTrainedModel`, or an onnxruntime-backed model with no parameters),
+    else its parameters' device."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
 @torch.no_grad()
 def retrieval_evaluate(
     model: torch.nn.Module,
@@ -113,7 +120,7 @@ def retrieval_evaluate(
         raise ValueError(f"`batch_size` must be positive; got {batch_size}.")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -158,4 +165,4 @@ def retrieval_evaluate(
     )
 
 
-__all__ = ["RetrievalEvaluation", "retrieval_evaluate"]
+__all__ = ["RetrievalEvaluation", "model_device", "retrieval_evaluate"]

@@ -55,7 +55,9 @@ class EvaluationOptions:
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    from trainers.evaluation.retrieval import model_device
+
+    return model_device(model)
 
 
 def evaluate_vqa(model: Any, dataset: Any, processor: Any, options: EvaluationOptions) -> EvaluationResult:

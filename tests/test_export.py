@@ -1,0 +1,222 @@
+"""ONNX export: every task's inference graphs from pruned tiny models (uneven layers, layers with no head or no FFN
+neuron left) match PyTorch in onnxruntime at other batch / sequence sizes than traced, the onnxruntime-backed models
+give the PyTorch models' task outputs, int8 graphs run, a mismatch raises naming the graph, and the command exports,
+compares latency and scores an eval file for PyTorch, ONNX fp32 and int8."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from modeling_efficientvlm import (
+    EfficientVLMConfig,
+    EfficientVLMForConditionalGeneration,
+    EfficientVLMForImageTextRetrieval,
+    EfficientVLMForQuestionAnswering,
+    EfficientVLMForVisualReasoning,
+)
+from trainers import commands as cli
+from trainers.deployment import OnnxParityError, export_onnx, load_onnx_model, read_manifest
+from trainers.deployment.comparison import format_accuracy
+from trainers.deployment.graphs import GraphSpec, TensorSpec, task_graphs
+from trainers.deployment.onnx_export import MANIFEST_NAME, OPSET, _export_graph, check_parity
+
+from .data_utils import CLS_ID, PAD_ID, SEP_ID, make_processor, write_vqa_json
+
+EXPECTED_GRAPHS = {
+    EfficientVLMForImageTextRetrieval: ("retrieval", ["image_features", "text_features", "itm_scores"]),
+    EfficientVLMForQuestionAnswering: ("vqa", ["vqa_encoder", "vqa_decoder"]),
+    EfficientVLMForVisualReasoning: ("nlvr2", ["nlvr2"]),
+    EfficientVLMForConditionalGeneration: ("captioning", ["caption_image_encoder", "caption_decoder"]),
+}
+
+
+def _config() -> EfficientVLMConfig:
+    text = {"bos_token_id": CLS_ID, "eos_token_id": SEP_ID, "pad_token_id": PAD_ID}
+    return EfficientVLMConfig.from_preset("tiny", text_config=text)
+
+
+def _pruned(model_class: type, seed: int = 0) -> torch.nn.Module:
+    """A tiny model pruned unevenly: the first layer of every stack loses all its heads and FFN neurons (empty
+    blocks), the others lose about half, at random."""
+    torch.manual_seed(seed)
+    model = model_class(_config()).eval()
+    generator = torch.Generator().manual_seed(seed)
+    masks = {
+        key: [
+            torch.zeros(n) if i == 0 else (torch.rand(n, generator=generator) > 0.5).float()
+            for i, n in enumerate(sizes)
+        ]
+        for key, sizes in model.structure_sizes().items()
+    }
+    model.prune(masks)
+    return model
+
+
+def _inputs(batch: int = 3, seq: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (batch, seq), generator=generator)
+    ids[:, 0] = CLS_ID
+    mask = torch.ones_like(ids)
+    mask[-1, seq - 2 :] = 0
+    return {
+        "pixel_values": torch.randn(batch, 3, 32, 32, generator=generator),
+        "input_ids": ids,
+        "attention_mask": mask,
+    }
+
+
+@torch.no_grad()
+def _task_outputs(task: str, model, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The task-level inference of `model` (PyTorch or onnxruntime-backed) through its public inference methods."""
+    if task == "retrieval":
+        image_states, image_embeds = model.embed_images(inputs["pixel_values"])
+        text_states, text_embeds = model.embed_texts(inputs["input_ids"], inputs["attention_mask"])
+        itc = model.itc_scores(image_embeds, text_embeds)
+        return [itc, *model.itm_rerank_scores(image_states, text_states, inputs["attention_mask"], itc, k=2)]
+    if task == "vqa":
+        candidates = torch.tensor([[CLS_ID, 7, SEP_ID, PAD_ID], [CLS_ID, 9, 12, SEP_ID], [CLS_ID, 30, SEP_ID, PAD_ID]])
+        ranking = model.rank_answers(**inputs, answer_candidates_ids=candidates, answer_candidates_mask=None, k=2)
+        return [ranking.topk_indices.float(), ranking.topk_scores]
+    if task == "nlvr2":
+        pixel_values = torch.stack([inputs["pixel_values"], inputs["pixel_values"].flip(0)], dim=1)
+        return [model(pixel_values, inputs["input_ids"], inputs["attention_mask"]).logits]
+    prompt = inputs["input_ids"][:, :3]
+    return [model.generate(pixel_values=inputs["pixel_values"], input_ids=prompt, max_new_tokens=5).float()]
+
+
+@pytest.mark.parametrize("model_class", list(EXPECTED_GRAPHS), ids=lambda cls: EXPECTED_GRAPHS[cls][0])
+def test_pruned_task_model_exports_every_graph_and_matches_pytorch(model_class, tmp_path) -> None:
+    task, names = EXPECTED_GRAPHS[model_class]
+    model = _pruned(model_class)
+    sizes = model.structure_sizes()
+    assert 0 in sizes["vision_heads"] and 0 in sizes["text_ffn"] and len(set(sizes["fusion_heads"])) > 1
+
+    result = export_onnx(model, tmp_path, int8=True)
+
+    manifest = read_manifest(tmp_path)
+    assert manifest["task"] == task and list(manifest["graphs"]) == names
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text()) == manifest
+    for name in names:
+        entry = manifest["graphs"][name]
+        assert (tmp_path / entry["file"]).is_file() and (tmp_path / entry["int8_file"]).is_file()
+        assert entry["inputs"] and entry["outputs"] and all("batch" in spec["shape"] for spec in entry["inputs"])
+        assert result.max_errors[name] <= 1e-4
+    assert manifest["chaining"] and (tmp_path / "config.json").is_file()
+
+    # Task-level inference on the onnxruntime graphs gives PyTorch's results.
+    inputs = _inputs()
+    expected = _task_outputs(task, model, inputs)
+    for got, want in zip(_task_outputs(task, load_onnx_model(tmp_path), inputs), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    # int8 graphs run and give outputs of the same shapes.
+    for got, want in zip(_task_outputs(task, load_onnx_model(tmp_path, int8=True), inputs), expected):
+        assert got.shape == want.shape and torch.isfinite(got).all()
+
+
+def test_a_graph_that_differs_from_pytorch_raises_naming_it(tmp_path) -> None:
+    model = _pruned(EfficientVLMForVisualReasoning)
+    export_onnx(model, tmp_path)
+    _, (graph,) = task_graphs(model)
+    with torch.no_grad():
+        model.cls_head[-1].bias += 0.01  # PyTorch now disagrees with the exported file
+    with pytest.raises(OnnxParityError, match=r"'nlvr2' differs from PyTorch: max \|difference\| 0\.01"):
+        check_parity(graph, tmp_path / "nlvr2.onnx")
+
+
+def test_missing_export_files_are_named_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match="no onnx_manifest.json"):
+        load_onnx_model(tmp_path)
+    export_onnx(_pruned(EfficientVLMForVisualReasoning), tmp_path)
+    with pytest.raises(ValueError, match="no int8 graphs; export with --int8"):
+        load_onnx_model(tmp_path, int8=True)
+    with pytest.raises(ValueError, match="takes no structure masks"):
+        load_onnx_model(tmp_path)(torch.zeros(1, 2, 3, 32, 32), torch.ones(1, 3, dtype=torch.long), structure_masks={})
+
+
+def test_export_command_compares_latency_and_accuracy_of_pytorch_onnx_and_int8(tmp_path, capsys) -> None:
+    processor = make_processor(tmp_path)
+    model = _pruned(EfficientVLMForQuestionAnswering)
+    model.set_answer_candidates(["red", "green", "blue", "yellow"], processor)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    eval_file, image_root = write_vqa_json(tmp_path, n=4)
+
+    exit_code = cli.main(
+        ["export", "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "onnx"), "--int8",
+         "--eval_file", str(eval_file), "--image_root", str(image_root), "--benchmark_batch_size", "2",
+         "--benchmark_text_length", "6", "--repeats", "1", "--rounds", "1"]
+    )  # fmt: skip
+    assert exit_code == 0
+    out = capsys.readouterr().out
+    assert "vqa_encoder: parity with PyTorch OK" in out and "| ONNX int8 |" in out
+    saved = json.loads((tmp_path / "onnx" / "export_report.json").read_text())
+    metrics = saved["metrics"]
+    assert list(metrics) == ["PyTorch", "PyTorch int8", "ONNX fp32", "ONNX int8"]
+    assert metrics["ONNX fp32"]["vqa_accuracy"] == metrics["PyTorch"]["vqa_accuracy"]
+    assert all(0.0 <= metrics[name]["vqa_accuracy"] <= 1.0 for name in ("PyTorch int8", "ONNX int8"))
+    latency = {row["backend"]: row for row in saved["latency"]}
+    assert list(latency) == ["PyTorch", "PyTorch int8", "ONNX fp32", "ONNX int8"]
+    assert latency["PyTorch"]["speedup"] == 1.0 and latency["ONNX fp32"]["max_abs_difference"] <= 1e-4
+    assert 0 < latency["ONNX int8"]["max_abs_difference"] < 1.0  # int8 is close, not equal
+    assert "vqa_accuracy" in out and "(change +0.0000)" in out
+    # The folder is self-contained: the processor travels with the graphs.
+    assert (tmp_path / "onnx" / "tokenizer_config.json").is_file() or (tmp_path / "onnx" / "vocab.txt").is_file()
+
+
+def test_an_input_pruning_cut_off_is_left_out_of_the_graph_and_the_manifest_says_so(tmp_path) -> None:
+    """With every fusion cross-attention head pruned, ITM no longer reads the image: the exporter drops that input,
+    the manifest names it, and the onnxruntime model still scores (it feeds only what the graph takes)."""
+    torch.manual_seed(0)
+    model = EfficientVLMForImageTextRetrieval(_config()).eval()
+    model.prune({"fusion_cross_heads": [torch.zeros(n) for n in model.structure_sizes()["fusion_cross_heads"]]})
+    export_onnx(model, tmp_path)
+    manifest = read_manifest(tmp_path)
+    assert manifest["graphs"]["itm_scores"]["unused_inputs"] == ["image_states"]
+    assert "unused_inputs" not in manifest["graphs"]["image_features"]
+    inputs = _inputs()
+    for got, want in zip(
+        _task_outputs("retrieval", load_onnx_model(tmp_path), inputs), _task_outputs("retrieval", model, inputs)
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_export_command_help(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: efficientvlm export ") and "--int8" in out and "--eval_file" in out
+
+
+def test_a_graph_that_kept_a_traced_size_fails_parity_naming_it(tmp_path) -> None:
+    """A batch size baked in at trace time (as `.split(batch)` did in NLVR2) breaks the graph at other sizes."""
+
+    class BakedBatch(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            first, second = x.split(x.shape[0] // 2)
+            return first + second
+
+    graph = GraphSpec(
+        "halves",
+        BakedBatch(),
+        (TensorSpec("x", "float32", ("batch", 3)),),
+        (TensorSpec("y", "float32", ("batch", 3)),),
+        "sums the two halves of a batch",
+        lambda b, s, g: (torch.randn(2 * b, 3, generator=g),),
+    )
+    _export_graph(graph, tmp_path / "halves.onnx", OPSET)
+    check_parity(graph, tmp_path / "halves.onnx", sizes=((2, 8),))  # the traced size works
+    with pytest.raises(OnnxParityError, match="'halves' fails in onnxruntime at batch 3"):
+        check_parity(graph, tmp_path / "halves.onnx", sizes=((3, 4),))
+
+
+def test_accuracy_report_gives_each_backends_change_of_the_primary_metric() -> None:
+    metrics = {"PyTorch": {"cider": 0.5, "bleu_4": 0.1}, "ONNX int8": {"cider": 0.375, "bleu_4": 0.125}}
+    lines = format_accuracy("captioning", metrics).splitlines()  # the registry names it "CIDEr"
+    assert lines == [
+        "PyTorch: cider 0.5000 (change +0.0000); bleu_4 0.1000",
+        "ONNX int8: cider 0.3750 (change -0.1250); bleu_4 0.1250",
+    ]

@@ -1,0 +1,61 @@
+"""int8 in PyTorch: a dynamically quantized pruned model saves and reloads to the same outputs through
+`save_torch_int8` / `load_torch_int8`; `save_pretrained` of it is a clear error naming that route and ONNX int8."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForVisualReasoning
+from trainers.deployment import load_torch_int8, quantize_torch_int8, save_torch_int8
+from trainers.deployment.torch_int8 import is_torch_int8
+
+
+def _pruned_nlvr2() -> EfficientVLMForVisualReasoning:
+    torch.manual_seed(0)
+    model = EfficientVLMForVisualReasoning(EfficientVLMConfig.from_preset("tiny")).eval()
+    generator = torch.Generator().manual_seed(0)
+    model.prune(
+        {
+            key: [torch.zeros(n) if i == 0 else (torch.rand(n, generator=generator) > 0.5).float() for i, n in
+                  enumerate(sizes)]
+            for key, sizes in model.structure_sizes().items()
+        }
+    )  # fmt: skip
+    return model
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 100, (3, 6), generator=generator)
+    return torch.randn(3, 2, 3, 32, 32, generator=generator), ids, torch.ones_like(ids)
+
+
+def test_quantized_pruned_model_round_trips_to_identical_outputs(tmp_path) -> None:
+    model = _pruned_nlvr2()
+    quantized = quantize_torch_int8(model)
+    assert is_torch_int8(quantized) and not is_torch_int8(model)  # the float model is left alone
+    with torch.no_grad():
+        float_logits, int8_logits = model(*_inputs()).logits, quantized(*_inputs()).logits
+    assert 0 < (float_logits - int8_logits).abs().max() < 0.1  # int8 changes the numbers, a little
+
+    save_torch_int8(quantized, tmp_path)
+    reloaded = load_torch_int8(tmp_path)
+    assert is_torch_int8(reloaded)
+    assert (
+        reloaded.config.text_config.num_attention_heads_per_layer
+        == model.config.text_config.num_attention_heads_per_layer
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(*_inputs()).logits, int8_logits, rtol=0, atol=0)
+
+
+def test_save_pretrained_of_a_quantized_model_names_the_routes(tmp_path) -> None:
+    quantized = quantize_torch_int8(_pruned_nlvr2())
+    with pytest.raises(ValueError, match=r"dynamically quantized model.*save_torch_int8.*efficientvlm export --int8"):
+        quantized.save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+    with pytest.raises(ValueError, match="not quantized"):
+        save_torch_int8(_pruned_nlvr2(), tmp_path / "float")
+    with pytest.raises(ValueError, match="torch_int8.json"):
+        load_torch_int8(tmp_path)

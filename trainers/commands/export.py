@@ -1,0 +1,107 @@
+"""`efficientvlm export`: a saved task model -> ONNX graphs of its inference path (dynamic batch and sequence
+axes), checked against PyTorch right after export, optionally int8, with the latency of PyTorch, ONNX fp32 and (with
+--int8) PyTorch int8 and ONNX int8 side by side and, given an evaluation file, the task metric of each.
+
+    efficientvlm export --model_name_or_path pruned_vqa --output_dir pruned_vqa_onnx --int8 \\
+        --eval_file vqa_val.json --image_root images
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainers.commands.common import parse_arguments
+
+
+@dataclass
+class ExportArguments:
+    model_name_or_path: str = field(metadata={"help": "Saved task model folder (retrieval, vqa, nlvr2, captioning)."})
+    output_dir: str = field(metadata={"help": "Where the .onnx files, onnx_manifest.json and config.json go."})
+    int8: bool = field(
+        default=False, metadata={"help": "Also write <graph>.int8.onnx (onnxruntime dynamic quantization)."}
+    )
+    eval_file: str | None = field(
+        default=None,
+        metadata={"help": "X-VLM JSON file: print the task metric of PyTorch, ONNX fp32 (and int8) on it."},
+    )
+    image_root: str | None = field(default=None, metadata={"help": "Folder the eval records' image paths start from."})
+    eval_batch_size: int = field(default=32)
+    k: int = field(default=128, metadata={"help": "VQA / retrieval: candidates re-ranked per query."})
+    benchmark_batch_size: int = field(default=8, metadata={"help": "Batch of the latency comparison (0: skip it)."})
+    benchmark_text_length: int = field(default=30, metadata={"help": "Text length of the latency comparison."})
+    repeats: int = field(default=10, metadata={"help": "Timed runs per graph and round."})
+    rounds: int = field(default=2, metadata={"help": "Interleaved rounds over the backends."})
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Exports, checks parity (raises on a mismatch), compares; prints and returns what it measured."""
+    import torch
+    from transformers import AutoModel
+    from transformers.utils import logging
+
+    import modeling_efficientvlm  # noqa: F401  (registers the Auto classes)
+    from trainers.deployment.comparison import compare_accuracy, compare_latency, format_accuracy, format_latency
+    from trainers.deployment.onnx_export import export_onnx
+    from trainers.deployment.onnx_models import load_onnx_model
+    from trainers.deployment.torch_int8 import quantize_torch_int8
+    from trainers.tasks import build_dataset
+
+    (args,) = parse_arguments(
+        "export", (ExportArguments,), argv, "Export a task model's inference graphs to ONNX (optionally int8)."
+    )
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        model = AutoModel.from_pretrained(args.model_name_or_path).float().eval()
+    finally:
+        logging.set_verbosity(verbosity)
+    processor = None
+    try:
+        processor = modeling_efficientvlm.EfficientVLMProcessor.from_pretrained(args.model_name_or_path)
+    except (OSError, ValueError, TypeError) as error:
+        if args.eval_file:
+            raise ValueError(
+                f"--eval_file needs the model's processor, but {args.model_name_or_path} has none ({error})."
+            ) from error
+    result = export_onnx(model, args.output_dir, int8=args.int8, processor=processor)
+    task = result.manifest["task"]
+    report: dict[str, Any] = {"task": task, "output_dir": str(result.output_dir), "parity": result.max_errors}
+    print(f"{task}: wrote {len(result.max_errors)} graphs to {result.output_dir}")
+    for name, error in result.max_errors.items():
+        print(f"  {name}: parity with PyTorch OK (max |difference| {error:.2g})")
+    if args.benchmark_batch_size > 0:
+        rows = compare_latency(
+            model,
+            result.output_dir,
+            args.int8,
+            batch_size=args.benchmark_batch_size,
+            sequence_length=args.benchmark_text_length,
+            repeats=args.repeats,
+            rounds=args.rounds,
+        )
+        print(
+            f"\nLatency, batch {args.benchmark_batch_size}, text length {args.benchmark_text_length}, "
+            f"{torch.get_num_threads()} CPU threads, median of {args.rounds} x {args.repeats} runs per graph:"
+        )
+        print(format_latency(rows))
+        report["latency"] = [row.__dict__ for row in rows]
+    if args.eval_file:
+        dataset = build_dataset(task, args.eval_file, args.image_root, processor)
+        backends = {"PyTorch": model}
+        if args.int8:
+            backends["PyTorch int8"] = quantize_torch_int8(model)
+        backends["ONNX fp32"] = load_onnx_model(result.output_dir)
+        if args.int8:
+            backends["ONNX int8"] = load_onnx_model(result.output_dir, int8=True)
+        metrics = compare_accuracy(task, backends, dataset, processor, batch_size=args.eval_batch_size, k=args.k)
+        print(f"\n{task} metrics on {args.eval_file} ({len(dataset)} items):")
+        print(format_accuracy(task, metrics))
+        report["metrics"] = metrics
+    (result.output_dir / "export_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    main()

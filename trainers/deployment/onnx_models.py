@@ -1,0 +1,212 @@
+"""Task models that run an export folder's ONNX graphs with onnxruntime, with the inference methods of the PyTorch
+models (`embed_images` / `itm_rerank_scores`, `rank_answers`, `__call__(...).logits`, `generate`), so the task
+evaluation routines (`trainers.evaluation.tasks`) score them unchanged and a user has a reference of how the graphs
+chain. The ranking and re-ranking logic is the PyTorch model's own method, run on these graphs.
+
+    model = load_onnx_model("onnx_out")              # or int8=True for the quantized graphs
+    logits = model(pixel_values, input_ids, attention_mask).logits   # NLVR2
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modeling_efficientvlm import (
+    EfficientVLMConfig,
+    EfficientVLMForImageTextRetrieval,
+    EfficientVLMForQuestionAnswering,
+)
+from modeling_efficientvlm.modeling_efficientvlm import EncoderOutput
+from modeling_efficientvlm.modeling_efficientvlm_nlvr2 import EfficientVLMVisualReasoningOutput
+from trainers.deployment.onnx_export import ort_session, read_manifest, session_feed
+
+
+class OnnxTaskModel(nn.Module):
+    """The graphs of an export folder in onnxruntime sessions (fp32, or the int8 files with `int8=True`). Runs on
+    the CPU; takes and returns torch tensors. No structure masks: an exported model is already pruned."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, folder: str | os.PathLike, int8: bool = False, num_threads: int | None = None) -> None:
+        super().__init__()
+        folder = Path(folder)
+        self.manifest = read_manifest(folder)
+        self.config = EfficientVLMConfig.from_pretrained(folder)
+        self.int8 = int8
+        self.sessions = {}
+        for name, entry in self.manifest["graphs"].items():
+            if int8 and "int8_file" not in entry:
+                raise ValueError(f"{folder} has no int8 graphs; export with --int8 (efficientvlm export ... --int8).")
+            self.sessions[name] = ort_session(folder / entry["int8_file" if int8 else "file"], num_threads)
+        self.eval()
+
+    def run(self, graph: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Runs `graph` on `tensors` (in the order of its manifest inputs); its outputs as torch tensors."""
+        inputs = self.manifest["graphs"][graph]["inputs"]
+        feed = {}
+        for spec, tensor in zip(inputs, tensors):
+            dtype = np.int64 if spec["dtype"] == "int64" else np.float32
+            feed[spec["name"]] = np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
+        session = self.sessions[graph]
+        return [torch.from_numpy(output) for output in session.run(None, session_feed(session, feed))]
+
+    @staticmethod
+    def _no_masks(structure_masks: Any) -> None:
+        if structure_masks is not None:
+            raise ValueError("An exported model takes no structure masks: prune the model before exporting it.")
+
+
+class OnnxRetrievalModel(OnnxTaskModel):
+    """Retrieval on `image_features`, `text_features` and `itm_scores` (X-VLM's re-ranking as in PyTorch)."""
+
+    itc_scores = staticmethod(EfficientVLMForImageTextRetrieval.itc_scores)
+    itm_rerank_scores = EfficientVLMForImageTextRetrieval.itm_rerank_scores
+
+    def embed_images(
+        self, pixel_values: torch.Tensor, structure_masks: Any = None, interpolate_pos_encoding: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._no_masks(structure_masks)
+        if interpolate_pos_encoding:
+            raise ValueError("The exported image graphs take the model's image size only.")
+        states, embeds = self.run("image_features", pixel_values)
+        return states, embeds
+
+    def embed_texts(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, structure_masks: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._no_masks(structure_masks)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        states, embeds = self.run("text_features", input_ids, mask)
+        return states, embeds
+
+    def itm_scores(
+        self,
+        image_states: torch.Tensor,
+        text_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        structure_masks: Any = None,
+        score: str = "probability",
+    ) -> torch.Tensor:
+        self._no_masks(structure_masks)
+        mask = torch.ones(text_states.shape[:2], dtype=torch.long) if attention_mask is None else attention_mask
+        (logits,) = self.run("itm_scores", image_states, text_states, mask)
+        return logits.float().softmax(dim=-1)[:, 1] if score == "probability" else logits[:, 1].float()
+
+
+class OnnxQuestionAnsweringModel(OnnxTaskModel):
+    """VQA on `vqa_encoder` and `vqa_decoder`: `rank_answers` is X-VLM's k-test ranking, as in PyTorch."""
+
+    rank_answers = EfficientVLMForQuestionAnswering.rank_answers
+    answer_candidate_tensors = EfficientVLMForQuestionAnswering.answer_candidate_tensors
+
+    def encode_question(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        structure_masks: Any = None,
+        **flags: Any,
+    ) -> tuple[None, None, EncoderOutput, torch.Tensor]:
+        self._no_masks(structure_masks)
+        if flags.get("interpolate_pos_encoding") or flags.get("token_type_ids") is not None:
+            raise ValueError("The exported VQA encoder takes the model's image size and no token_type_ids.")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        (states,) = self.run("vqa_encoder", pixel_values, input_ids, mask)
+        return None, None, EncoderOutput(last_hidden_state=states), mask
+
+    def decode(
+        self,
+        answer_input_ids: torch.Tensor,
+        answer_attention_mask: torch.Tensor | None,
+        question_states: torch.Tensor,
+        question_attention_mask: torch.Tensor | None,
+        *flags: Any,
+    ) -> tuple[torch.Tensor, None]:
+        answer_mask = torch.ones_like(answer_input_ids) if answer_attention_mask is None else answer_attention_mask
+        question_mask = question_attention_mask
+        if question_mask is None:
+            question_mask = torch.ones(question_states.shape[:2], dtype=torch.long)
+        (logits,) = self.run("vqa_decoder", answer_input_ids, answer_mask, question_states, question_mask)
+        return logits, None
+
+
+class OnnxVisualReasoningModel(OnnxTaskModel):
+    """NLVR2 on the `nlvr2` graph."""
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        structure_masks: Any = None,
+        **kwargs: Any,
+    ) -> EfficientVLMVisualReasoningOutput:
+        self._no_masks(structure_masks)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        (logits,) = self.run("nlvr2", pixel_values, input_ids, mask)
+        return EfficientVLMVisualReasoningOutput(logits=logits)
+
+
+class OnnxCaptioningModel(OnnxTaskModel):
+    """Captioning on `caption_image_encoder` and `caption_decoder`: greedy decoding."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        max_new_tokens: int = 20,
+        structure_masks: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Greedy captions (batch, prompt + up to `max_new_tokens`) after `input_ids` (default: the start token;
+        a trailing [SEP] from the processor is dropped, as in PyTorch); finished captions are padded with [PAD]."""
+        self._no_masks(structure_masks)
+        text = self.config.text_config
+        batch = pixel_values.shape[0]
+        if input_ids is None:
+            input_ids = torch.full((batch, 1), text.bos_token_id, dtype=torch.long)
+        elif input_ids.shape[1] > 1 and bool((input_ids[:, -1] == text.eos_token_id).all()):
+            input_ids = input_ids[:, :-1]
+        input_ids = input_ids.expand(batch, -1) if input_ids.shape[0] == 1 else input_ids
+        (image_embeds,) = self.run("caption_image_encoder", pixel_values)
+        finished = torch.zeros(batch, dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            (logits,) = self.run("caption_decoder", input_ids, image_embeds)
+            next_token = logits[:, -1].argmax(-1)
+            next_token = next_token.masked_fill(finished, text.pad_token_id)
+            input_ids = torch.cat([input_ids, next_token[:, None]], dim=1)
+            finished |= next_token == text.eos_token_id
+            if bool(finished.all()):
+                break
+        return input_ids
+
+
+_ONNX_MODELS = {
+    "pretraining": OnnxRetrievalModel,
+    "retrieval": OnnxRetrievalModel,
+    "vqa": OnnxQuestionAnsweringModel,
+    "nlvr2": OnnxVisualReasoningModel,
+    "captioning": OnnxCaptioningModel,
+}
+
+
+def load_onnx_model(folder: str | os.PathLike, int8: bool = False, num_threads: int | None = None) -> OnnxTaskModel:
+    """The onnxruntime-backed model of an export folder (its task from the manifest)."""
+    return _ONNX_MODELS[read_manifest(folder)["task"]](folder, int8=int8, num_threads=num_threads)
+
+
+__all__ = [
+    "OnnxCaptioningModel",
+    "OnnxQuestionAnsweringModel",
+    "OnnxRetrievalModel",
+    "OnnxTaskModel",
+    "OnnxVisualReasoningModel",
+    "load_onnx_model",
+]
