@@ -215,7 +215,7 @@ def test_a_graph_that_kept_a_traced_size_fails_parity_naming_it(tmp_path) -> Non
 
 def test_accuracy_report_gives_each_backends_change_of_the_primary_metric() -> None:
     metrics = {"PyTorch": {"cider": 0.5, "bleu_4": 0.1}, "ONNX int8": {"cider": 0.375, "bleu_4": 0.125}}
-    lines = format_accuracy("captioning", metrics).splitlines()  # the registry names it "CIDEr"
+    lines = format_accuracy("captioning", metrics).splitlines()
     assert lines == [
         "PyTorch: cider 0.5000 (change +0.0000); bleu_4 0.1000",
         "ONNX int8: cider 0.3750 (change -0.1250); bleu_4 0.1250",

@@ -138,9 +138,8 @@ def compare_accuracy(
 def format_accuracy(task: str, metrics: dict[str, dict[str, float]]) -> str:
     """The primary metric (and every other) of each backend, with its change from the first backend."""
     reference = next(iter(metrics.values()))
-    # The registry's name of the primary metric, matched case-insensitively (captioning's scores say "cider").
-    named = (task_spec(task).primary_metric or "").lower()
-    primary = next((key for key in reference if key.lower() == named), next(iter(reference)))
+    named = task_spec(task).primary_metric
+    primary = named if named in reference else next(iter(reference))
     lines = []
     for name, values in metrics.items():
         change = values[primary] - reference[primary]

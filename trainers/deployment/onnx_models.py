@@ -127,7 +127,9 @@ class OnnxQuestionAnsweringModel(OnnxTaskModel):
         question_states: torch.Tensor,
         question_attention_mask: torch.Tensor | None,
         *flags: Any,
+        structure_masks: Any = None,
     ) -> tuple[torch.Tensor, None]:
+        self._no_masks(structure_masks)
         answer_mask = torch.ones_like(answer_input_ids) if answer_attention_mask is None else answer_attention_mask
         question_mask = question_attention_mask
         if question_mask is None:
