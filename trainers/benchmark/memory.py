@@ -1,0 +1,71 @@
+"""Peak memory of one model running one workload, measured in a fresh process.
+
+torch's CPU allocator keeps no statistics and `tracemalloc` does not see its buffers, so the honest figure is
+the process's resident-set high-water mark (`resource.getrusage(...).ru_maxrss`) in a process that does
+nothing else: after the imports, after building the model and its inputs, and after running the workload. It
+includes the Python interpreter and the libraries (the first figure), and the allocator's cached blocks.
+
+    python -m trainers.benchmark.memory '{"source": {...}, "workload": "itm", "shape": {...}, "threads": 2}'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .models import ModelSource
+from .workloads import WorkloadShape
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_memory(source: ModelSource, workload: str, shape: WorkloadShape, threads: int) -> dict[str, float]:
+    """`{"imports_mb", "loaded_mb", "peak_mb"}`: the high-water RSS of a fresh process after its imports, after
+    building the model and inputs, and after two calls of the workload (MiB)."""
+    request = json.dumps({"source": source.to_dict(), "workload": workload, "shape": asdict(shape), "threads": threads})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    completed = subprocess.run(
+        [sys.executable, "-m", "trainers.benchmark.memory", request], capture_output=True, text=True, env=env
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"Measuring the memory of {source.spec} ({workload}) failed:\n{completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _measure(request: dict[str, Any]) -> dict[str, float]:
+    import torch
+
+    from .models import BenchmarkModel
+    from .workloads import build_workloads
+
+    torch.set_num_threads(request["threads"])
+    imports = _max_rss_mb()
+    source = ModelSource(**request["source"])
+    entry = BenchmarkModel(source.spec, _kind(source.spec), source)
+    workloads = build_workloads(entry, request["workload"], WorkloadShape(**request["shape"]))
+    loaded = _max_rss_mb()
+    with torch.no_grad():
+        for workload in workloads.values():
+            for _ in range(2):
+                workload()
+    return {"imports_mb": imports, "loaded_mb": loaded, "peak_mb": _max_rss_mb()}
+
+
+def _kind(spec: str) -> str:
+    from .models import PEERS, _peer_kind
+
+    return _peer_kind(spec) if spec in PEERS else "efficientvlm"
+
+
+if __name__ == "__main__":
+    print(json.dumps(_measure(json.loads(sys.argv[1]))))
