@@ -230,6 +230,45 @@ def test_retrieval_evaluate_returns_recalls_and_scores(tiny_config) -> None:
     torch.testing.assert_close(again.scores_t2i, result.scores_t2i)
 
 
+def test_retrieval_evaluate_streams_image_states_one_chunk_at_a_time(tiny_config) -> None:
+    model = _model(tiny_config)
+    inputs = make_inputs(tiny_config, batch_size=10, seed=3)
+    pixel_values, text_to_image = inputs["pixel_values"][:5], [i // 2 for i in range(10)]
+    seen: list[list[int]] = []
+    rerank = model.itm_rerank_scores
+
+    def recording(image_states, *args, **kwargs):
+        chunks = [(0, image_states)] if isinstance(image_states, torch.Tensor) else image_states
+
+        def recorded():
+            for first, states in chunks:
+                seen[-1].append(states.shape[0])
+                yield first, states
+
+        seen.append([])
+        return rerank(recorded(), *args, **kwargs)
+
+    model.itm_rerank_scores = recording
+    args = (model, pixel_values, inputs["input_ids"], inputs["attention_mask"])
+    streamed = retrieval_evaluate(*args, text_to_image=text_to_image, k=3, batch_size=2)
+    kept = retrieval_evaluate(*args, text_to_image=text_to_image, k=3, batch_size=2, stream_image_states=False)
+    one_shot = retrieval_evaluate(
+        model, iter(pixel_values.split(2)), *args[2:], text_to_image=text_to_image, k=3, batch_size=2
+    )
+    # Every way holds at most one batch of image states at a time and re-ranks the same pairs to the same scores.
+    assert seen == [[2, 2, 1]] * 3
+    for other in (kept, one_shot):
+        assert other.metrics == streamed.metrics
+        torch.testing.assert_close(other.scores_i2t, streamed.scores_i2t)
+        torch.testing.assert_close(other.scores_t2i, streamed.scores_t2i)
+    assert ((streamed.scores_t2i != NOT_RERANKED_SCORE).sum(dim=1) == 3).all()
+    with pytest.raises(ValueError, match="cover 4 images"):
+        with torch.no_grad():
+            states, embeds = model.embed_images(pixel_values)
+            texts, text_embeds = model.embed_texts(inputs["input_ids"], inputs["attention_mask"])
+            rerank(iter([(0, states[:4])]), texts, None, model.itc_scores(embeds, text_embeds), k=2)
+
+
 def test_retrieval_evaluate_is_perfect_on_separable_toy() -> None:
     # Four solid colours, each with its own one-word caption: separable after a few steps (a wider
     # initialisation and no dropout make the tiny model learn fast).
