@@ -11,6 +11,7 @@ import torch
 
 from trainers.benchmark import (
     WORKLOADS,
+    BenchmarkReport,
     BenchmarkSettings,
     benchmark_models,
     format_report,
@@ -68,6 +69,7 @@ def test_table_json_and_plot(report, tmp_path) -> None:
     assert sum(line.startswith("| ") for line in table.splitlines()) == len(report.results) + 1  # header + rows
     assert "| itm | tiny pruned 0.5 | 2 | 32 | 1 |" in table and "fp32 matmul peak" in table
     data = json.loads(write_json(report, tmp_path / "bench.json").read_text())
+    assert format_report(BenchmarkReport.from_dict(data)) == table  # a saved run prints again
     assert set(data) == {"settings", "machine", "matmul_peak_gflops", "targets", "results", "notes"}
     assert data["settings"]["batch_sizes"] == [2] and data["matmul_peak_gflops"]["1"] > 0
     assert data["results"][0]["name"] == "tiny" and {"median_ms", "q1_ms", "peak_fraction"} <= set(data["results"][0])
@@ -101,6 +103,31 @@ def test_peers_build_from_configs_without_network(monkeypatch) -> None:
     blip = result.results[1]
     assert 200e6 < blip.parameters and blip.encoder_parameters < blip.parameters
     assert blip.flops_reduction < 0.1  # BLIP-base is far bigger than the tiny preset
+
+
+def test_speed_targets_judge_compressed_models_against_their_base() -> None:
+    from trainers.benchmark import BenchmarkModel, BenchmarkResult
+    from trainers.benchmark.suite import _add_ratios
+
+    def row(name: str, gflops: float, ms: float, base: str | None = None) -> BenchmarkResult:
+        return BenchmarkResult("itm", name, 1, 224, 1, 10, 8, gflops, ms, ms, ms, ms, ms, gflops / ms, 0.85, base=base)
+
+    kinds = {"teacher": "efficientvlm", "peer": "blip", "student": "efficientvlm", "pruned": "efficientvlm"}
+    models = {name: BenchmarkModel(name, kind) for name, kind in kinds.items()}
+    rows = [
+        row("teacher", 8.0, 100.0),
+        row("peer", 4.0, 90.0),
+        row("student", 4.0, 60.0),
+        row("pruned", 2.0, 30.0, "student"),
+    ]
+    _add_ratios(rows, models)
+    teacher, peer, student, pruned = rows
+    assert teacher.speed_target is None and peer.speed_target is None  # the reference; a peer is not ours to judge
+    assert (student.flops_reduction_vs_base, student.speedup_vs_base) == (2.0, pytest.approx(100 / 60))
+    assert student.speed_target == "fail"  # 1.67x < 0.9 x 2
+    assert (pruned.base, pruned.flops_reduction_vs_base, pruned.speedup_vs_base) == ("student", 2.0, 2.0)
+    assert pruned.speed_target == "pass" and pruned.speedup == pytest.approx(100 / 30)  # 2x >= 0.9 x 2
+    assert {r.peak_target for r in rows} == {"pass"}  # 85% of the peak >= 80% for itm
 
 
 def test_settings_are_validated_and_shared_with_the_demo() -> None:
