@@ -1,9 +1,10 @@
 """Peak memory of one model running one workload, measured in a fresh process.
 
 torch's CPU allocator keeps no statistics and `tracemalloc` does not see its buffers, so the honest figure is
-the process's resident-set high-water mark (`resource.getrusage(...).ru_maxrss`) in a process that does
-nothing else: after the imports, after building the model and its inputs, and after running the workload. It
-includes the Python interpreter and the libraries (the first figure), and the allocator's cached blocks.
+the process's resident-set high-water mark (`VmHWM` in `/proc/self/status`) in a process that does nothing
+else: after the imports, after building the model and its inputs, and after running the workload. It includes
+the Python interpreter and the libraries (the first figure), and the allocator's cached blocks.
+(`getrusage`'s `ru_maxrss` would not do: Linux carries the parent's high-water mark over fork and exec.)
 
     python -m trainers.benchmark.memory '{"source": {...}, "workload": "itm", "shape": {...}, "threads": 2}'
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from dataclasses import asdict
@@ -26,7 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident set size so far (MiB), from Linux's `/proc/self/status`."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("No VmHWM in /proc/self/status: peak memory is measured on Linux only.")
 
 
 def peak_memory(source: ModelSource, workload: str, shape: WorkloadShape, threads: int) -> dict[str, float]:
