@@ -72,6 +72,9 @@ def plot_report(report: BenchmarkReport, path: str | Path) -> Path:
         points.sort()
         latency.plot(*zip(*points), marker="o", label=f"{workload}: {name} ({size}px, {threads}t)")
     latency.set(xscale="log", yscale="log", xlabel="batch size", ylabel="median latency (ms)", title="Latency")
+    batch_sizes = sorted({r.batch_size for r in report.results})
+    latency.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+    latency.minorticks_off()
     latency.legend(fontsize=6)
     compressed = [r for r in report.results if r.flops_reduction_vs_base > 1.05]
     top = max([2.0, *(r.flops_reduction_vs_base for r in compressed), *(r.speedup_vs_base for r in compressed)])
