@@ -13,7 +13,7 @@ from modeling_efficientvlm.modeling_efficientvlm_retrieval import (
     EfficientVLMForImageTextRetrieval,
     image_text_matching_logits,
 )
-from trainers.evaluation.retrieval import retrieval_evaluate
+from trainers.evaluation.retrieval import ImageBatches, retrieval_evaluate
 
 from .conftest import make_inputs
 from .remote_code_utils import load_in_clean_subprocess
@@ -361,6 +361,15 @@ def test_evaluation_items_give_each_query_its_gold_rank_and_warn_on_shared_capti
     assert sum(item["rank"] == 1 for item in images) / len(images) == pytest.approx(result.metrics["txt_r1"])
     assert sum(item["rank"] == 1 for item in texts) / len(texts) == pytest.approx(result.metrics["img_r1"])
     assert all(item["gold_image"] == dataset.text_to_image[item["text_index"]] for item in texts)
+    # The task decodes images a batch at a time (ImageBatches): the same metrics as all pixels in one tensor.
+    pixels = processor.image_processor([dataset.get_image(i) for i in range(dataset.num_images)], return_tensors="pt")
+    tokens = processor.tokenizer(dataset.texts, padding="longest", return_tensors="pt")
+    whole = retrieval_evaluate(
+        model, pixels["pixel_values"], tokens["input_ids"], tokens["attention_mask"], dataset.text_to_image, k=4
+    )
+    assert whole.metrics == pytest.approx({k: v for k, v in result.metrics.items() if k in whole.metrics})
+    batches = ImageBatches(dataset.get_image, dataset.num_images, processor.image_processor, batch_size=3)
+    assert len(batches) == 2 and [b.shape[0] for b in batches] == [3, 1] == [b.shape[0] for b in batches]
 
     records = json.loads(data.read_text())
     records[1]["caption"] = records[0]["caption"]  # two images, the same captions

@@ -11,8 +11,9 @@ re-ranked scores with the `retrieval_recall` metric. The scoring itself lives on
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,6 +35,39 @@ class RetrievalEvaluation:
     scores_i2t: torch.Tensor
     scores_t2i: torch.Tensor
     itc_scores: torch.Tensor
+
+
+class ImageBatches:
+    """The images of a dataset as processed `pixel_values` batches, decoded when iterated and again each time
+    (so [`retrieval_evaluate`] can stream them twice without holding every image's pixels).
+
+    Args:
+        get_image: image `i` (e.g. `dataset.get_image`); num_images: how many.
+        image_processor: turns a list of images into `{"pixel_values": (batch, 3, H, W)}`.
+        batch_size: images per batch; device: where the batches go.
+    """
+
+    def __init__(
+        self,
+        get_image: Callable[[int], Any],
+        num_images: int,
+        image_processor: Callable[..., Any],
+        batch_size: int = 32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be positive; got {batch_size}.")
+        self.get_image, self.num_images, self.image_processor = get_image, num_images, image_processor
+        self.batch_size, self.device = batch_size, device
+
+    def __len__(self) -> int:
+        return -(-self.num_images // self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for start in range(0, self.num_images, self.batch_size):
+            images = [self.get_image(i) for i in range(start, min(start + self.batch_size, self.num_images))]
+            pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
+            yield pixel_values if self.device is None else pixel_values.to(self.device)
 
 
 def _image_batches(pixel_values: torch.Tensor | Iterable, batch_size: int) -> Iterable[torch.Tensor]:
@@ -182,4 +216,4 @@ def retrieval_evaluate(
     )
 
 
-__all__ = ["RetrievalEvaluation", "retrieval_evaluate"]
+__all__ = ["ImageBatches", "RetrievalEvaluation", "retrieval_evaluate"]
