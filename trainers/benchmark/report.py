@@ -36,7 +36,8 @@ def format_report(report: BenchmarkReport) -> str:
     peaks = ", ".join(f"{v:.1f} GFLOP/s with {k} thread(s)" for k, v in report.matmul_peak_gflops.items())
     lines += [
         "",
-        f"fp32 matmul peak measured in this run (1024 x 1024 torch.mm, best of 10): {peaks}.",
+        f"fp32 matmul peak measured in this run (1024 x 1024 torch.mm, best of 10 before and after every setting): "
+        f"{peaks}.",
         f"Timing: median of {report.settings.rounds} interleaved rounds x {report.settings.repeats} calls per "
         f"model (after {report.settings.warmup} warm-up calls each round); [IQR] = first–third quartile. "
         "Speedup and FLOPs reduction against the first model; peak RSS: high-water resident memory of a fresh "

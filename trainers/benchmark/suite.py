@@ -172,11 +172,16 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
             for image_size in settings.image_sizes:
                 for workload in settings.workloads:
                     for batch_size in settings.batch_sizes:
-                        results += _measure_setting(
-                            models, workload, settings, batch_size, image_size, threads, peaks[threads]
-                        )
+                        results += _measure_setting(models, workload, settings, batch_size, image_size, threads)
+                        # The peak is re-measured after every setting and the best kept: on a loaded machine one
+                        # sample may fall in a busy moment and make the models look faster than the peak.
+                        peaks[threads] = max(peaks[threads], matmul_peak_gflops(threads))
     finally:
         torch.set_num_threads(previous_threads)
+    for row in results:
+        row.peak_fraction = row.gflops_per_s / peaks[row.threads]
+        if row.workload in PEAK_TARGETS:
+            row.peak_target = "pass" if row.peak_fraction >= PEAK_TARGETS[row.workload] else "fail"
     if settings.memory:
         _add_memory(models, results, settings)
     report = BenchmarkReport(settings, results, peaks, machine=machine_info())
@@ -200,7 +205,6 @@ def _measure_setting(
     batch_size: int,
     image_size: int | None,
     threads: int,
-    peak: float,
 ) -> list[BenchmarkResult]:
     size = image_size or _reference_image_size(models, workload)
     shape = _shape(settings, batch_size, size)
@@ -234,7 +238,7 @@ def _measure_setting(
                 min_ms=spread.min_ms,
                 max_ms=spread.max_ms,
                 gflops_per_s=rate,
-                peak_fraction=rate / peak,
+                peak_fraction=0.0,  # set once the run's matmul peak is known
                 base=entry.base,
             )
         )
@@ -271,8 +275,6 @@ def _add_ratios(rows: list[BenchmarkResult], models: dict[str, BenchmarkModel]) 
             if compressed:  # a smaller EfficientVLM model (not a peer): does its FLOPs cut turn into speed?
                 met = row.speedup_vs_base >= SPEEDUP_PER_FLOPS_TARGET * row.flops_reduction_vs_base
                 row.speed_target = "pass" if met else "fail"
-            if workload in PEAK_TARGETS:
-                row.peak_target = "pass" if row.peak_fraction >= PEAK_TARGETS[workload] else "fail"
 
 
 def _add_memory(models: list[BenchmarkModel], rows: list[BenchmarkResult], settings: BenchmarkSettings) -> None:
