@@ -8,6 +8,7 @@ keeps the top `k` candidates of every query by ITC similarity and scores them wi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -224,7 +225,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
     @torch.no_grad()
     def itm_rerank_scores(
         self,
-        image_states: torch.Tensor,
+        image_states: torch.Tensor | Iterable[tuple[int, torch.Tensor]],
         text_states: torch.Tensor,
         text_attention_mask: torch.Tensor | None,
         itc_scores: torch.Tensor,
@@ -237,7 +238,9 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         similarity are scored by ITM, every other pair gets `NOT_RERANKED_SCORE` (-100).
 
         Args:
-            image_states: (num_images, image_len, vision_hidden), from [`embed_images`].
+            image_states: (num_images, image_len, vision_hidden), from [`embed_images`]; or, to hold only one
+                chunk of images at a time, an iterable of `(first_image_index, states_of_the_chunk)` covering
+                every image once (e.g. a generator that encodes each chunk when asked).
             text_states: (num_texts, seq, hidden) and text_attention_mask (num_texts, seq), from [`embed_texts`].
             itc_scores: (num_images, num_texts) ITC similarities, from [`itc_scores`].
             batch_size: (image, text) pairs per fusion pass.
@@ -245,18 +248,23 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         Returns:
             `(scores_i2t, scores_t2i)`: (num_images, num_texts) and (num_texts, num_images).
         """
-        num_images, num_texts = image_states.shape[0], text_states.shape[0]
-        if itc_scores.shape != (num_images, num_texts):
+        num_images, num_texts = itc_scores.shape[0], text_states.shape[0]
+        chunks = [(0, image_states)] if isinstance(image_states, torch.Tensor) else image_states
+        if isinstance(image_states, torch.Tensor) and image_states.shape[0] != num_images:
+            raise ValueError(
+                f"`itc_scores` has shape {tuple(itc_scores.shape)}; expected ({image_states.shape[0]}, {num_texts})."
+            )
+        if itc_scores.shape[1] != num_texts:
             raise ValueError(f"`itc_scores` has shape {tuple(itc_scores.shape)}; expected ({num_images}, {num_texts}).")
         if k < 1 or batch_size < 1:
             raise ValueError(f"`k` and `batch_size` must be positive; got k={k}, batch_size={batch_size}.")
         if text_attention_mask is None:
             text_attention_mask = torch.ones(text_states.shape[:2], dtype=torch.long, device=text_states.device)
 
-        def score_pairs(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+        def score_pairs(states: torch.Tensor, image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
             scores = [
                 self.itm_scores(
-                    image_states[image_index[start : start + batch_size]],
+                    states[image_index[start : start + batch_size]],
                     text_states[text_index[start : start + batch_size]],
                     text_attention_mask[text_index[start : start + batch_size]],
                     structure_masks,
@@ -264,19 +272,34 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
                 )
                 for start in range(0, len(image_index), batch_size)
             ]
-            return torch.cat(scores)
+            return torch.cat(scores) if scores else itc_scores.new_zeros(0, dtype=torch.float)
 
-        # Image -> text: the top-k texts of each image
+        # Image -> text: the top-k texts of each image; text -> image: the top-k images of each text.
         top_texts = itc_scores.topk(min(k, num_texts), dim=1).indices
-        image_index = torch.arange(num_images, device=top_texts.device).repeat_interleave(top_texts.shape[1])
-        scores_i2t = itc_scores.new_full((num_images, num_texts), NOT_RERANKED_SCORE, dtype=torch.float)
-        scores_i2t[image_index, top_texts.flatten()] = score_pairs(image_index, top_texts.flatten())
-
-        # Text -> image: the top-k images of each text
+        i2t_image = torch.arange(num_images, device=top_texts.device).repeat_interleave(top_texts.shape[1])
+        i2t_text = top_texts.flatten()
         top_images = itc_scores.t().topk(min(k, num_images), dim=1).indices
-        text_index = torch.arange(num_texts, device=top_images.device).repeat_interleave(top_images.shape[1])
+        t2i_text = torch.arange(num_texts, device=top_images.device).repeat_interleave(top_images.shape[1])
+        t2i_image = top_images.flatten()
+        scores_i2t = itc_scores.new_full((num_images, num_texts), NOT_RERANKED_SCORE, dtype=torch.float)
         scores_t2i = itc_scores.new_full((num_texts, num_images), NOT_RERANKED_SCORE, dtype=torch.float)
-        scores_t2i[text_index, top_images.flatten()] = score_pairs(top_images.flatten(), text_index)
+        covered = 0
+        for first, states in chunks:  # every pair is scored while its image's chunk is at hand
+            last = first + states.shape[0]
+            for images, texts, matrix, image_rows in (
+                (i2t_image, i2t_text, scores_i2t, True),
+                (t2i_image, t2i_text, scores_t2i, False),
+            ):
+                inside = (images >= first) & (images < last)
+                pair_images, pair_texts = images[inside], texts[inside]
+                pair_scores = score_pairs(states, pair_images - first, pair_texts)
+                if image_rows:
+                    matrix[pair_images, pair_texts] = pair_scores
+                else:
+                    matrix[pair_texts, pair_images] = pair_scores
+            covered += states.shape[0]
+        if covered != num_images:
+            raise ValueError(f"The image state chunks cover {covered} images; `itc_scores` has {num_images}.")
         return scores_i2t, scores_t2i
 
 

@@ -63,39 +63,47 @@ def test_console_script_is_installed() -> None:
     assert completed.returncode == 0 and "usage: efficientvlm" in completed.stdout
 
 
-def test_benchmark_preset_against_randomly_pruned_copies(capsys) -> None:
+def test_benchmark_preset_against_randomly_pruned_copies(capsys, tmp_path) -> None:
     import torch
 
     from trainers.commands import benchmark
 
-    fast = ["--batch_size", "2", "--text_length", "8", "--warmup", "1", "--repeats", "1", "--rounds", "1"]
+    fast = ["--batch_sizes", "1,2", "--text_length", "8", "--warmup", "1", "--repeats", "1", "--rounds", "1"]
     threads = torch.get_num_threads()
-    try:
-        rows = benchmark.main(["--preset", "tiny", "--random_prune", "0.35,0.5", "--num_threads", "1", *fast])
-    finally:
-        torch.set_num_threads(threads)
-    assert [row.name for row in rows] == ["unpruned", "pruned 0.35", "pruned 0.5"]
+    outputs = ["--output_json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")]
+    report = benchmark.main(["--preset", "tiny", "--random_prune", "0.35,0.5", "--threads", "1", *fast, *outputs])
+    assert torch.get_num_threads() == threads
+    rows = report.rows("encoders")
+    assert [(row.name, row.batch_size) for row in rows] == [
+        (name, batch) for batch in (1, 2) for name in ("tiny", "tiny pruned 0.35", "tiny pruned 0.5")
+    ]
     assert rows[0].parameters > rows[1].parameters > rows[2].parameters
     assert rows[0].gflops > rows[1].gflops > rows[2].gflops
     out = capsys.readouterr().out
-    assert "| pruned 0.35 |" in out and "pruned 0.5: sparsity 0.5" in out
+    assert "| encoders | tiny pruned 0.35 | 1 | 32 | 1 |" in out
+    assert "tiny pruned 0.5: random masks, sparsity 0.5" in out
+    assert len(json.loads((tmp_path / "b.json").read_text())["results"]) == 6 and (tmp_path / "b.png").is_file()
     for bad, message in [
-        ([], "exactly one of --models and --preset"),
+        ([], "Give the models"),
         (["--preset", "tiny", "--random_prune", "0.5,1.2"], r"\[0, 1\)"),
-        (["--models", "a", "--random_prune", "0.5"], "--preset"),
+        (["--models", "clip-b16", "--random_prune", "0.5"], "--random_prune prunes copies of presets"),
+        (["--preset", "tiny", "--batch_sizes", "1,x"], "--batch_sizes"),
+        (["--preset", "tiny", "--workload", "itm,speed"], "Unknown workload"),
     ]:
         with pytest.raises(ValueError, match=message):
             benchmark.main(bad)
 
 
 def test_console_script_runs_the_benchmark_of_randomly_pruned_copies() -> None:
-    fast = ["--batch_size", "1", "--text_length", "8", "--warmup", "0", "--repeats", "1", "--rounds", "1"]
-    completed = _console_script("benchmark", "--preset", "tiny", "--random_prune", "0.5", "--num_threads", "1", *fast)
+    fast = ["--batch_sizes", "1", "--text_length", "8", "--warmup", "0", "--repeats", "1", "--rounds", "1"]
+    completed = _console_script(
+        "benchmark", "--workload", "itm", "--preset", "tiny", "--random_prune", "0.5", "--threads", "1", *fast
+    )
     assert completed.returncode == 0, completed.stderr
     lines = completed.stdout.splitlines()
-    assert lines[0].startswith("tiny, backbone forward on 1 images")
-    assert any(line.startswith("| unpruned | ") for line in lines)
-    assert any(line.startswith("| pruned 0.5 | ") for line in lines)
+    assert lines[0].startswith("| workload | model | batch | image px | threads |")
+    assert any(line.startswith("| itm | tiny | 1 | 32 | 1 | ") for line in lines)
+    assert any(line.startswith("| itm | tiny pruned 0.5 | 1 | 32 | 1 | ") for line in lines)
 
 
 def test_pretrain_finetune_evaluate_benchmark_on_files(tmp_path, capsys) -> None:
@@ -179,7 +187,8 @@ def test_pretrain_finetune_evaluate_benchmark_on_files(tmp_path, capsys) -> None
     capsys.readouterr()
     cli.main(["benchmark", "--models", str(tmp_path / "pretrained"), str(tmp_path / "nlvr2"), "--repeats", "2"])
     table = capsys.readouterr().out
-    assert "| model | whole-model params (M) | encoder params (M) |" in table and "1.00x" in table
+    assert "| workload | model | batch | image px | threads | params (M) | encoder params (M) |" in table
+    assert "1.00x" in table
     assert "UNEXPECTED" not in table and "Loading weights" not in table
 
 

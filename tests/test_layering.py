@@ -18,6 +18,7 @@ LAYERS = {
     "trainers.training": 3,
     "trainers.distillation": 3,
     "trainers.pruning": 3,
+    "trainers.benchmark": 3,
     "trainers.model_card": 3,
     "trainers.saving": 3,
     "trainers.app": 3,

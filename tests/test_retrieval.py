@@ -14,7 +14,7 @@ from modeling_efficientvlm.modeling_efficientvlm_retrieval import (
     EfficientVLMForImageTextRetrieval,
     image_text_matching_logits,
 )
-from trainers.evaluation.retrieval import retrieval_evaluate
+from trainers.evaluation.retrieval import ImageBatches, retrieval_evaluate
 
 from .conftest import make_inputs
 from .remote_code_utils import load_in_clean_subprocess
@@ -231,6 +231,45 @@ def test_retrieval_evaluate_returns_recalls_and_scores(tiny_config) -> None:
     torch.testing.assert_close(again.scores_t2i, result.scores_t2i)
 
 
+def test_retrieval_evaluate_streams_image_states_one_chunk_at_a_time(tiny_config) -> None:
+    model = _model(tiny_config)
+    inputs = make_inputs(tiny_config, batch_size=10, seed=3)
+    pixel_values, text_to_image = inputs["pixel_values"][:5], [i // 2 for i in range(10)]
+    seen: list[list[int]] = []
+    rerank = model.itm_rerank_scores
+
+    def recording(image_states, *args, **kwargs):
+        chunks = [(0, image_states)] if isinstance(image_states, torch.Tensor) else image_states
+
+        def recorded():
+            for first, states in chunks:
+                seen[-1].append(states.shape[0])
+                yield first, states
+
+        seen.append([])
+        return rerank(recorded(), *args, **kwargs)
+
+    model.itm_rerank_scores = recording
+    args = (model, pixel_values, inputs["input_ids"], inputs["attention_mask"])
+    streamed = retrieval_evaluate(*args, text_to_image=text_to_image, k=3, batch_size=2)
+    kept = retrieval_evaluate(*args, text_to_image=text_to_image, k=3, batch_size=2, stream_image_states=False)
+    one_shot = retrieval_evaluate(
+        model, iter(pixel_values.split(2)), *args[2:], text_to_image=text_to_image, k=3, batch_size=2
+    )
+    # Every way holds at most one batch of image states at a time and re-ranks the same pairs to the same scores.
+    assert seen == [[2, 2, 1]] * 3
+    for other in (kept, one_shot):
+        assert other.metrics == streamed.metrics
+        torch.testing.assert_close(other.scores_i2t, streamed.scores_i2t)
+        torch.testing.assert_close(other.scores_t2i, streamed.scores_t2i)
+    assert ((streamed.scores_t2i != NOT_RERANKED_SCORE).sum(dim=1) == 3).all()
+    with pytest.raises(ValueError, match="cover 4 images"):
+        with torch.no_grad():
+            states, embeds = model.embed_images(pixel_values)
+            texts, text_embeds = model.embed_texts(inputs["input_ids"], inputs["attention_mask"])
+            rerank(iter([(0, states[:4])]), texts, None, model.itc_scores(embeds, text_embeds), k=2)
+
+
 def test_retrieval_evaluate_is_perfect_on_separable_toy() -> None:
     # Four solid colours, each with its own one-word caption: separable after a few steps (a wider
     # initialisation and no dropout make the tiny model learn fast).
@@ -323,6 +362,15 @@ def test_evaluation_items_give_each_query_its_gold_rank_and_warn_on_shared_capti
     assert sum(item["rank"] == 1 for item in images) / len(images) == pytest.approx(result.metrics["txt_r1"])
     assert sum(item["rank"] == 1 for item in texts) / len(texts) == pytest.approx(result.metrics["img_r1"])
     assert all(item["gold_image"] == dataset.text_to_image[item["text_index"]] for item in texts)
+    # The task decodes images a batch at a time (ImageBatches): the same metrics as all pixels in one tensor.
+    pixels = processor.image_processor([dataset.get_image(i) for i in range(dataset.num_images)], return_tensors="pt")
+    tokens = processor.tokenizer(dataset.texts, padding="longest", return_tensors="pt")
+    whole = retrieval_evaluate(
+        model, pixels["pixel_values"], tokens["input_ids"], tokens["attention_mask"], dataset.text_to_image, k=4
+    )
+    assert whole.metrics == pytest.approx({k: v for k, v in result.metrics.items() if k in whole.metrics})
+    batches = ImageBatches(dataset.get_image, dataset.num_images, processor.image_processor, batch_size=3)
+    assert len(batches) == 2 and [b.shape[0] for b in batches] == [3, 1] == [b.shape[0] for b in batches]
 
     records = json.loads(data.read_text())
     records[1]["caption"] = records[0]["caption"]  # two images, the same captions

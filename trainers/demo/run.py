@@ -89,6 +89,7 @@ class DemoSettings:
     retrieval_k: int = EVALUATE_K
     # Also prune the same student to the same sparsity with random masks and with a uniform split.
     ablations: bool = False
+    # `efficientvlm benchmark`'s defaults (trainers.benchmark.BenchmarkSettings): encoders at batch 32, 16 tokens.
     benchmark_batch_size: int = 32
     benchmark_repeats: int = 10
 
@@ -484,12 +485,13 @@ class DemoRun:
             _say(f"{task} on the held-out split: {line}")
 
     def benchmark(self) -> None:
-        from trainers.evaluation.benchmarking import benchmark_inputs, compare_models
+        # The same function and defaults as `efficientvlm benchmark`, so both print the same speedups.
+        from trainers.benchmark import BenchmarkSettings, prebuilt_models, run_benchmark
 
         s = self.settings
+        settings = BenchmarkSettings(batch_sizes=(s.benchmark_batch_size,), repeats=s.benchmark_repeats)
         for task in self.tasks:
-            inputs = benchmark_inputs(self.teachers[task].config, s.benchmark_batch_size, text_length=16)
-            rows = compare_models(self._roles(task), inputs, repeats=s.benchmark_repeats)
+            rows = run_benchmark(prebuilt_models(self._roles(task)), settings).results
             self.benchmarks[task] = [row.as_dict() for row in rows]
             _say(f"{task} speed: " + ", ".join(f"{r.name} {r.median_ms:.1f} ms ({r.speedup:.2f}x)" for r in rows))
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,31 +43,93 @@ def benchmark_inputs(config, batch_size: int = 8, text_length: int = 30, seed: i
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, inputs: dict[str, torch.Tensor]) -> int:
-    """FLOPs of one forward pass (`torch.utils.flop_counter`: matmuls and convolutions, 2 per multiply-add)."""
-    model.eval()
+def count_flops(model: nn.Module | Callable[[], Any], inputs: dict[str, torch.Tensor] | None = None) -> int:
+    """FLOPs of one forward pass of `model(**inputs)`, or of one call of a zero-argument `model` (a workload)
+    (`torch.utils.flop_counter`: matmuls, convolutions and SDPA, 2 per multiply-add)."""
+    if isinstance(model, nn.Module):
+        model.eval()
     counter = FlopCounterMode(display=False)
     with counter:
-        model(**inputs)
+        model(**inputs) if inputs is not None else model()
     return int(counter.get_total_flops())
 
 
 @torch.no_grad()
 def measure_latency(
-    model: nn.Module, inputs: dict[str, torch.Tensor], warmup: int = 3, repeats: int = 10
+    model: nn.Module | Callable[[], Any],
+    inputs: dict[str, torch.Tensor] | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
 ) -> list[float]:
-    """Wall-clock seconds of `repeats` forward passes after `warmup` untimed ones."""
+    """Wall-clock seconds of `repeats` calls of `model(**inputs)` (or of a zero-argument callable) after
+    `warmup` untimed ones."""
     if repeats < 1:
         raise ValueError(f"`repeats` must be at least 1, got {repeats}.")
-    model.eval()
+    if isinstance(model, nn.Module):
+        model.eval()
+
+    def call() -> Any:
+        return model(**inputs) if inputs is not None else model()
+
     for _ in range(warmup):
-        model(**inputs)
+        call()
     timings = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(**inputs)
+        call()
         timings.append(time.perf_counter() - start)
     return timings
+
+
+def interleaved_timings(
+    workloads: dict[str, Callable[[], Any]], warmup: int = 3, repeats: int = 10, rounds: int = 2
+) -> dict[str, list[float]]:
+    """Seconds per call of each zero-argument workload, measured in interleaved rounds (A, B, C, A, B, C, ...)
+    so slow drifts of the machine (other jobs, frequency) affect every workload alike."""
+    if rounds < 1:
+        raise ValueError(f"`rounds` must be at least 1, got {rounds}.")
+    timings: dict[str, list[float]] = {name: [] for name in workloads}
+    for _ in range(rounds):
+        for name, workload in workloads.items():
+            timings[name] += measure_latency(workload, warmup=warmup, repeats=repeats)
+    return timings
+
+
+@dataclass
+class Spread:
+    """Median and spread of timings, in milliseconds: interquartile range and extremes."""
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    min_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Spread:
+        if not seconds:
+            raise ValueError("No timings to summarise.")
+        ms = sorted(1e3 * s for s in seconds)
+        quartiles = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
+        return cls(statistics.median(ms), quartiles[0], quartiles[2], ms[0], ms[-1])
+
+
+def matmul_peak_gflops(num_threads: int | None = None, size: int = 1024, repeats: int = 10) -> float:
+    """The fp32 matmul rate of this machine now: the best of `repeats` timed `torch.mm` of two `size` x `size`
+    matrices at `num_threads` (default: the current setting), in GFLOP/s (2 * size^3 per product). Measured in
+    the same run as the models, it is the ceiling their achieved GFLOP/s is compared with."""
+    previous = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        a = torch.randn(size, size, generator=generator)
+        b = torch.randn(size, size, generator=generator)
+        torch.mm(a, b)
+        best = min(measure_latency(lambda: torch.mm(a, b), warmup=1, repeats=repeats))
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * size**3 / best / 1e9
 
 
 @dataclass
@@ -102,10 +166,8 @@ def compare_models(
     if not models:
         raise ValueError("Give at least one model to benchmark.")
     backbones = {name: backbone_of(model).eval() for name, model in models.items()}
-    timings: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, backbone in backbones.items():
-            timings[name] += measure_latency(backbone, inputs, warmup=warmup, repeats=repeats)
+    workloads = {name: (lambda backbone=backbone: backbone(**inputs)) for name, backbone in backbones.items()}
+    timings = interleaved_timings(workloads, warmup=warmup, repeats=repeats, rounds=rounds)
     rows = []
     for name, model in models.items():
         rows.append(

@@ -1,6 +1,8 @@
 """Image-text retrieval evaluation as X-VLM runs it: ITC over all pairs, ITM re-ranking of the top k.
 
-Every image and text is encoded once (batched, without gradients); the ITC similarity matrix picks the
+Every text is encoded once and every image twice by default (batched, without gradients: once for its ITC
+embedding, once more, a chunk at a time, when its ITM pairs are scored, so the image states are never all held
+at once); the ITC similarity matrix picks the
 top-`k` texts of every image and the top-`k` images of every text, the ITM head scores those pairs, and
 recall@1/5/10 of text retrieval (TR, `txt_r*`) and image retrieval (IR, `img_r*`) are computed on the
 re-ranked scores with the `retrieval_recall` metric. The scoring itself lives on the model
@@ -9,8 +11,9 @@ re-ranked scores with the `retrieval_recall` metric. The scoring itself lives on
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,6 +35,39 @@ class RetrievalEvaluation:
     scores_i2t: torch.Tensor
     scores_t2i: torch.Tensor
     itc_scores: torch.Tensor
+
+
+class ImageBatches:
+    """The images of a dataset as processed `pixel_values` batches, decoded when iterated and again each time
+    (so [`retrieval_evaluate`] can stream them twice without holding every image's pixels).
+
+    Args:
+        get_image: image `i` (e.g. `dataset.get_image`); num_images: how many.
+        image_processor: turns a list of images into `{"pixel_values": (batch, 3, H, W)}`.
+        batch_size: images per batch; device: where the batches go.
+    """
+
+    def __init__(
+        self,
+        get_image: Callable[[int], Any],
+        num_images: int,
+        image_processor: Callable[..., Any],
+        batch_size: int = 32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be positive; got {batch_size}.")
+        self.get_image, self.num_images, self.image_processor = get_image, num_images, image_processor
+        self.batch_size, self.device = batch_size, device
+
+    def __len__(self) -> int:
+        return -(-self.num_images // self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for start in range(0, self.num_images, self.batch_size):
+            images = [self.get_image(i) for i in range(start, min(start + self.batch_size, self.num_images))]
+            pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
+            yield pixel_values if self.device is None else pixel_values.to(self.device)
 
 
 def _image_batches(pixel_values: torch.Tensor | Iterable, batch_size: int) -> Iterable[torch.Tensor]:
@@ -92,6 +128,7 @@ def retrieval_evaluate(
     structure_masks: dict | None = None,
     score: str = "probability",
     interpolate_pos_encoding: bool = False,
+    stream_image_states: bool = True,
 ) -> RetrievalEvaluation:
     """
     Evaluates image-text retrieval with ITC candidates re-ranked by ITM (X-VLM's `evaluation` + `itm_eval`).
@@ -107,6 +144,9 @@ def retrieval_evaluate(
         batch_size: images / texts per encoder pass and pairs per fusion pass.
         structure_masks: optional pruning masks applied in every pass.
         score: `"probability"` (ITM match probability) or `"logit"` (the raw match logit X-VLM ranks by).
+        stream_image_states: hold the image states (image_len tokens per image) of one `batch_size` chunk at a
+            time, encoding each chunk a second time to re-rank its pairs (bounded memory; the default), instead
+            of keeping every image's states (one vision pass). A one-shot iterator of images is never re-read.
 
     Returns:
         A [`RetrievalEvaluation`]: recall metrics and the score matrices.
@@ -124,25 +164,43 @@ def retrieval_evaluate(
     was_training = model.training
     model.eval()
     try:
-        image_states, image_embeds = [], []
-        for batch in _image_batches(pixel_values, batch_size):
-            states, embeds = model.embed_images(
-                batch.to(device), structure_masks, interpolate_pos_encoding=interpolate_pos_encoding
-            )
-            image_states.append(states)
-            image_embeds.append(embeds)
-        if not image_states:
-            raise ValueError("No images to evaluate.")
         text_states, text_embeds = [], []
         for ids, mask in zip(input_ids.split(batch_size), attention_mask.split(batch_size)):
             states, embeds = model.embed_texts(ids.to(device), mask.to(device), structure_masks)
             text_states.append(states)
             text_embeds.append(embeds)
-        image_states, image_embeds = torch.cat(image_states), torch.cat(image_embeds)
         text_states, text_embeds = torch.cat(text_states), torch.cat(text_embeds)
+        # Image states (image_len tokens each) are the big tensors: streamed, each chunk is encoded again when
+        # its ITM pairs are scored (the vision pass is cheap next to k fusion passes per image and per text), so
+        # only one chunk is held at a time. A one-shot iterator cannot be read twice: its chunks are kept.
+        stream = stream_image_states and not isinstance(pixel_values, Iterator)
+        image_embeds, kept_states = [], []
+        for batch in _image_batches(pixel_values, batch_size):
+            states, embeds = model.embed_images(
+                batch.to(device), structure_masks, interpolate_pos_encoding=interpolate_pos_encoding
+            )
+            image_embeds.append(embeds)
+            if not stream:
+                kept_states.append(states)
+            del states
+        if not image_embeds:
+            raise ValueError("No images to evaluate.")
+        image_embeds = torch.cat(image_embeds)
+
+        def image_state_chunks() -> Iterator[tuple[int, torch.Tensor]]:
+            first = 0
+            batches = _image_batches(pixel_values, batch_size) if stream else kept_states
+            for chunk in batches:
+                if stream:
+                    chunk, _ = model.embed_images(
+                        chunk.to(device), structure_masks, interpolate_pos_encoding=interpolate_pos_encoding
+                    )
+                yield first, chunk
+                first += chunk.shape[0]
+
         itc_scores = model.itc_scores(image_embeds, text_embeds)
         scores_i2t, scores_t2i = model.itm_rerank_scores(
-            image_states,
+            image_state_chunks(),
             text_states,
             attention_mask.to(device),
             itc_scores,
@@ -153,7 +211,7 @@ def retrieval_evaluate(
         )
     finally:
         model.train(was_training)
-    groups = _image_to_texts(text_to_image, image_to_texts, image_states.shape[0])
+    groups = _image_to_texts(text_to_image, image_to_texts, itc_scores.shape[0])
     metrics = retrieval_recall(
         scores_i2t.cpu().numpy(),
         groups,
@@ -165,4 +223,4 @@ def retrieval_evaluate(
     )
 
 
-__all__ = ["RetrievalEvaluation", "model_device", "retrieval_evaluate"]
+__all__ = ["ImageBatches", "RetrievalEvaluation", "model_device", "retrieval_evaluate"]

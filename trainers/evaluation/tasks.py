@@ -130,17 +130,16 @@ def evaluate_nlvr2(model: Any, dataset: Any, processor: Any, options: Evaluation
 
 def evaluate_retrieval(model: Any, dataset: Any, processor: Any, options: EvaluationOptions) -> EvaluationResult:
     """ITC candidates re-ranked by ITM, both directions; TR/IR recall@1/5/10 and their mean."""
-    from trainers.evaluation.retrieval import retrieval_evaluate
+    from trainers.evaluation.retrieval import ImageBatches, retrieval_evaluate
 
     _warn_on_shared_captions(dataset)
     device = _device_of(model)
-    images = processor.image_processor([dataset.get_image(i) for i in range(dataset.num_images)], return_tensors="pt")[
-        "pixel_values"
-    ]
+    # Decoded a batch at a time (twice: ITC embeddings, then ITM re-ranking), never all pixels at once.
+    images = ImageBatches(dataset.get_image, dataset.num_images, processor.image_processor, options.batch_size, device)
     texts = processor.tokenizer(dataset.texts, padding="longest", truncation=True, return_tensors="pt")
     result = retrieval_evaluate(
         model,
-        images.to(device),
+        images,
         texts["input_ids"].to(device),
         texts["attention_mask"].to(device),
         text_to_image=dataset.text_to_image,

@@ -1,0 +1,148 @@
+"""`trainers.benchmark`: every workload on the tiny preset and a randomly pruned copy, ratios consistent with the
+latencies, the JSON / table / plot outputs, peers built from configs, peak memory in a fresh process. Never timed
+assertions: only relations that hold on any machine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trainers.benchmark import (
+    WORKLOADS,
+    BenchmarkReport,
+    BenchmarkSettings,
+    benchmark_models,
+    format_report,
+    plot_report,
+    run_benchmark,
+    write_json,
+)
+from trainers.benchmark.suite import PEAK_TARGETS, SPEEDUP_PER_FLOPS_TARGET
+
+FAST = dict(text_length=8, warmup=0, repeats=1, rounds=2, vqa_candidates=6, vqa_k=3, retrieval_k=4, threads=(1,))
+
+
+@pytest.fixture(scope="module")
+def report():
+    models, notes = benchmark_models(["tiny"], [0.5])
+    assert [m.name for m in models] == ["tiny", "tiny pruned 0.5"] and "tiny pruned 0.5: random masks" in notes[0]
+    threads = torch.get_num_threads()
+    result = run_benchmark(models, BenchmarkSettings(workloads=WORKLOADS, batch_sizes=(2,), **FAST))
+    assert torch.get_num_threads() == threads  # the thread sweep restores the setting
+    return result
+
+
+def test_every_workload_has_a_row_per_model_with_consistent_ratios(report) -> None:
+    names = {"encoders", "itm", "vqa", "retrieval", "train-step/distillation", "train-step/mask-learning"}
+    assert {r.workload for r in report.results} == names
+    assert len(report.results) == 2 * len(names)
+    peak = report.matmul_peak_gflops[1]
+    assert peak > 0
+    for workload in names:
+        base, pruned = report.rows(workload)
+        assert (base.name, pruned.name, pruned.base) == ("tiny", "tiny pruned 0.5", "tiny")
+        assert base.speedup == 1.0 and base.flops_reduction == 1.0 and base.speed_target is None
+        assert pruned.speedup == pytest.approx(base.median_ms / pruned.median_ms)
+        assert pruned.speedup_vs_base == pruned.speedup  # the base is the reference here
+        # Random masks at sparsity 0.5 remove half the prunable parameters: fewer FLOPs, fewer parameters.
+        assert pruned.gflops / base.gflops < 0.8
+        assert pruned.flops_reduction == pytest.approx(base.gflops / pruned.gflops)
+        assert pruned.parameters < base.parameters and pruned.encoder_parameters < base.encoder_parameters
+        assert pruned.speed_target == (
+            "pass" if pruned.speedup >= SPEEDUP_PER_FLOPS_TARGET * pruned.flops_reduction else "fail"
+        )
+        for row in (base, pruned):
+            assert row.min_ms <= row.q1_ms <= row.median_ms <= row.q3_ms <= row.max_ms
+            assert row.gflops_per_s == pytest.approx(row.gflops / (row.median_ms / 1e3))
+            assert row.peak_fraction == pytest.approx(row.gflops_per_s / peak)
+            if workload in PEAK_TARGETS:
+                assert row.peak_target == ("pass" if row.peak_fraction >= PEAK_TARGETS[workload] else "fail")
+            else:
+                assert row.peak_target is None
+            assert (row.batch_size, row.image_size, row.threads) == (2, 32, 1)
+    # A train step runs forward and backward: more FLOPs than the ITM forward alone.
+    assert report.rows("train-step/distillation")[0].gflops > 2 * report.rows("itm")[0].gflops
+    assert sum("mask-learning step" in note for note in report.notes) == 2
+
+
+def test_table_json_and_plot(report, tmp_path) -> None:
+    table = format_report(report)
+    assert sum(line.startswith("| ") for line in table.splitlines()) == len(report.results) + 1  # header + rows
+    assert "| itm | tiny pruned 0.5 | 2 | 32 | 1 |" in table and "fp32 matmul peak" in table
+    data = json.loads(write_json(report, tmp_path / "bench.json").read_text())
+    assert format_report(BenchmarkReport.from_dict(data)) == table  # a saved run prints again
+    assert set(data) == {"settings", "machine", "matmul_peak_gflops", "targets", "results", "notes"}
+    assert data["settings"]["batch_sizes"] == [2] and data["matmul_peak_gflops"]["1"] > 0
+    assert data["results"][0]["name"] == "tiny" and {"median_ms", "q1_ms", "peak_fraction"} <= set(data["results"][0])
+    png = plot_report(report, tmp_path / "bench.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batch_and_image_size_sweep_and_memory(tmp_path) -> None:
+    models, _ = benchmark_models(["tiny"])
+    settings = BenchmarkSettings(batch_sizes=(1, 2), image_sizes=(32, 64), memory=True, **FAST)
+    result = run_benchmark(models, settings)
+    rows = {(r.batch_size, r.image_size): r for r in result.results}
+    assert set(rows) == {(1, 32), (2, 32), (1, 64), (2, 64)}
+    # Twice the batch, twice the FLOPs; twice the image side, four times the patches.
+    assert rows[(2, 32)].gflops == pytest.approx(2 * rows[(1, 32)].gflops, rel=0.01)
+    assert rows[(1, 64)].gflops > 2 * rows[(1, 32)].gflops
+    # Memory: measured once per model and workload, at the largest setting, in a fresh process.
+    measured = [r for r in result.results if r.peak_rss_mb is not None]
+    assert [(r.batch_size, r.image_size) for r in measured] == [(2, 64)]
+    assert measured[0].peak_rss_mb >= measured[0].loaded_rss_mb > 50
+
+
+def test_peers_build_from_configs_without_network(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models, notes = benchmark_models(["tiny", "blip-base", "clip-b16"])
+    assert [m.kind for m in models] == ["efficientvlm", "blip", "clip-vision"] and len(notes) == 2
+    settings = BenchmarkSettings(workloads=("itm", "vqa"), batch_sizes=(1,), image_sizes=(32,), **FAST)
+    result = run_benchmark(models, settings)
+    # CLIP's vision tower has no ITM head; no peer ranks VQA answers.
+    assert [(r.workload, r.name) for r in result.results] == [("itm", "tiny"), ("itm", "blip-base"), ("vqa", "tiny")]
+    blip = result.results[1]
+    assert 200e6 < blip.parameters and blip.encoder_parameters < blip.parameters
+    assert blip.flops_reduction < 0.1  # BLIP-base is far bigger than the tiny preset
+
+
+def test_speed_targets_judge_compressed_models_against_their_base() -> None:
+    from trainers.benchmark import BenchmarkModel, BenchmarkResult
+    from trainers.benchmark.suite import _add_ratios
+
+    def row(name: str, gflops: float, ms: float, base: str | None = None) -> BenchmarkResult:
+        return BenchmarkResult("itm", name, 1, 224, 1, 10, 8, gflops, ms, ms, ms, ms, ms, gflops / ms, 0.85, base=base)
+
+    kinds = {"teacher": "efficientvlm", "peer": "blip", "student": "efficientvlm", "pruned": "efficientvlm"}
+    models = {name: BenchmarkModel(name, kind) for name, kind in kinds.items()}
+    rows = [
+        row("teacher", 8.0, 100.0),
+        row("peer", 4.0, 90.0),
+        row("student", 4.0, 60.0),
+        row("pruned", 2.0, 30.0, "student"),
+    ]
+    _add_ratios(rows, models)
+    teacher, peer, student, pruned = rows
+    assert teacher.speed_target is None and peer.speed_target is None  # the reference; a peer is not ours to judge
+    assert (student.flops_reduction_vs_base, student.speedup_vs_base) == (2.0, pytest.approx(100 / 60))
+    assert student.speed_target == "fail"  # 1.67x < 0.9 x 2
+    assert (pruned.base, pruned.flops_reduction_vs_base, pruned.speedup_vs_base) == ("student", 2.0, 2.0)
+    assert pruned.speed_target == "pass" and pruned.speedup == pytest.approx(100 / 30)  # 2x >= 0.9 x 2
+
+
+def test_settings_are_validated_and_shared_with_the_demo() -> None:
+    from trainers.demo.run import DemoSettings
+
+    defaults = BenchmarkSettings()
+    assert (DemoSettings().benchmark_batch_size, DemoSettings().benchmark_repeats) == (
+        defaults.batch_sizes[0],
+        defaults.repeats,
+    )
+    with pytest.raises(ValueError, match="Unknown workload"):
+        BenchmarkSettings(workloads=("itm", "nope"))
+    with pytest.raises(ValueError, match="batch_sizes"):
+        BenchmarkSettings(batch_sizes=(0,))
+    with pytest.raises(ValueError, match="--random_prune"):
+        benchmark_models(["blip-base"], [0.5])

@@ -1,0 +1,95 @@
+"""The benchmark's outputs: a Markdown table, JSON and a plot (latency vs batch size; speedup vs FLOPs reduction)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .suite import PEAK_TARGETS, SPEEDUP_PER_FLOPS_TARGET, BenchmarkReport
+
+
+def _target(value: str | None) -> str:
+    return value or "—"
+
+
+def format_report(report: BenchmarkReport) -> str:
+    """The Markdown table (one row per workload, setting and model) with the matmul peaks and notes under it."""
+    peak_header = "≥ " + "/".join(f"{int(100 * v)}%" for v in sorted(set(PEAK_TARGETS.values()), reverse=True))
+    lines = [
+        "| workload | model | batch | image px | threads | params (M) | encoder params (M) | GFLOPs "
+        "| median ms [IQR] | speedup | FLOPs reduction | base | speedup / FLOPs cut vs base "
+        f"| GFLOP/s | % of matmul peak | speed target (≥ {SPEEDUP_PER_FLOPS_TARGET} × FLOPs cut) "
+        f"| peak target ({peak_header}) | peak RSS MB (+ in the workload) |",
+        "|" + "---|" * 18,
+    ]
+    for r in report.results:
+        memory = "—"
+        if r.peak_rss_mb is not None:
+            memory = f"{r.peak_rss_mb:.0f} (+{r.peak_rss_mb - r.loaded_rss_mb:.0f})"
+        lines.append(
+            f"| {r.workload} | {r.name} | {r.batch_size} | {r.image_size} | {r.threads} | {r.parameters / 1e6:.2f} "
+            f"| {r.encoder_parameters / 1e6:.2f} | {r.gflops:.2f} | {r.median_ms:.1f} [{r.q1_ms:.1f}–{r.q3_ms:.1f}] "
+            f"| {r.speedup:.2f}x | {r.flops_reduction:.2f}x | {r.base} "
+            f"| {r.speedup_vs_base:.2f}x / {r.flops_reduction_vs_base:.2f}x | {r.gflops_per_s:.1f} "
+            f"| {100 * r.peak_fraction:.0f}% | {_target(r.speed_target)} | {_target(r.peak_target)} | {memory} |"
+        )
+    peaks = ", ".join(f"{v:.1f} GFLOP/s with {k} thread(s)" for k, v in report.matmul_peak_gflops.items())
+    lines += [
+        "",
+        f"fp32 matmul peak measured in this run (1024 x 1024 torch.mm, best of 10 before and after every setting): "
+        f"{peaks}.",
+        f"Timing: median of {report.settings.rounds} interleaved rounds x {report.settings.repeats} calls per "
+        f"model (after {report.settings.warmup} warm-up calls each round); [IQR] = first–third quartile. "
+        "Speedup and FLOPs reduction against the first model; peak RSS: high-water resident memory of a fresh "
+        "process running the workload at this setting (interpreter, libraries and model included), in brackets "
+        "its rise while the workload runs (over the model and inputs built).",
+        *report.notes,
+    ]
+    return "\n".join(lines)
+
+
+def write_json(report: BenchmarkReport, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    return path
+
+
+def plot_report(report: BenchmarkReport, path: str | Path) -> Path:
+    """Two panels: median latency vs batch size per model and workload (log-log), and every compressed row's
+    speedup vs its FLOPs reduction (against its base) with the y = x line (FLOPs cut fully turned into speed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, (latency, speed) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series: dict[tuple, list] = {}
+    for r in report.results:
+        series.setdefault((r.workload, r.name, r.image_size, r.threads), []).append((r.batch_size, r.median_ms))
+    for (workload, name, size, threads), points in series.items():
+        points.sort()
+        latency.plot(*zip(*points), marker="o", label=f"{workload}: {name} ({size}px, {threads}t)")
+    latency.set(xscale="log", yscale="log", xlabel="batch size", ylabel="median latency (ms)", title="Latency")
+    batch_sizes = sorted({r.batch_size for r in report.results})
+    latency.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+    latency.minorticks_off()
+    latency.legend(fontsize=6)
+    compressed = [r for r in report.results if r.flops_reduction_vs_base > 1.05]
+    top = max([2.0, *(r.flops_reduction_vs_base for r in compressed), *(r.speedup_vs_base for r in compressed)])
+    speed.plot([1, top], [1, top], "k--", label="y = x")
+    speed.plot([1, top], [SPEEDUP_PER_FLOPS_TARGET, SPEEDUP_PER_FLOPS_TARGET * top], "k:", label="target 0.9 x")
+    for r in compressed:
+        speed.scatter(r.flops_reduction_vs_base, r.speedup_vs_base, s=18)
+        speed.annotate(f"{r.name} b{r.batch_size}", (r.flops_reduction_vs_base, r.speedup_vs_base), fontsize=6)
+    speed.set(xlabel="FLOPs reduction vs base", ylabel="speedup vs base", title="Speedup vs FLOPs reduction")
+    speed.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+__all__ = ["format_report", "plot_report", "write_json"]
