@@ -333,6 +333,9 @@ class EfficientVLMConfig(PreTrainedConfig):
         embed_dim: width of the contrastive (ITC) embedding space.
         itc_temperature: initial value of the learnable temperature of the image-text contrastive (ITC) loss
             (called `temperature` before; a saved config with that key still loads).
+        itm_random_negatives: share of the image-text matching (ITM) negatives drawn uniformly from the batch
+            instead of in proportion to the ITC similarities (0, X-VLM's hard negatives only, fits a model with
+            pre-trained encoders; a model trained from scratch needs some random ones for its ITM head to learn).
         max_text_length: longest text (in tokens) the processor produces by default.
         num_answer_decoder_layers: layers of the VQA answer decoder (defaults to the number of fusion layers).
         answer_decoder_num_attention_heads_per_layer, answer_decoder_num_cross_attention_heads_per_layer,
@@ -363,6 +366,7 @@ class EfficientVLMConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     embed_dim: int = 256
     itc_temperature: float = 0.07
+    itm_random_negatives: float = 0.0
     max_text_length: int = 40
     num_answer_decoder_layers: int | None = None
     answer_decoder_num_attention_heads_per_layer: list[int] | None = None
@@ -385,6 +389,8 @@ class EfficientVLMConfig(PreTrainedConfig):
             self.text_config.encoder_hidden_size = self.vision_config.hidden_size
         if not 0 < self.itc_temperature:
             raise ValueError(f"`itc_temperature` must be positive, got {self.itc_temperature}.")
+        if not 0.0 <= self.itm_random_negatives <= 1.0:
+            raise ValueError(f"`itm_random_negatives` must be in [0, 1], got {self.itm_random_negatives}.")
         TextStackLayout.of(self)  # raises for twin fusion layers of an odd number
         self._check_answer_candidates()
         self._check_answer_decoder_sizes()

@@ -107,20 +107,30 @@ class ImageTextContrastiveLoss(nn.Module):
 
 
 def sample_hard_negatives(
-    logits_per_image: torch.Tensor, image_ids: torch.Tensor | None = None, generator: torch.Generator | None = None
+    logits_per_image: torch.Tensor,
+    image_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    random_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples one hard negative text per image and one hard negative image per text.
 
-    Negatives are drawn in proportion to the softmax of the ITC similarities, never from the same image.
+    Negatives are drawn in proportion to the softmax of the ITC similarities (X-VLM), never from the same image.
+    With `random_fraction` f > 0 they are drawn from the mixture (1 - f) * that distribution + f * uniform over
+    the other images' pairs: a model trained from scratch has ITC similarities that single out exactly the pairs
+    its fusion cannot yet tell apart, so with hard negatives alone its ITM head only learns the class prior;
+    the random share teaches it to look at the image first.
 
     Args:
         logits_per_image: (batch, batch) image-to-text ITC logits.
         image_ids: (batch,) optional ids; texts of the same image are never negatives.
+        random_fraction: share of uniformly drawn negatives, in [0, 1] (0: X-VLM's hard negatives only).
 
     Returns:
         `(negative_text_index, negative_image_index)`, each (batch,): for image i the index of its negative
         text, and for text j the index of its negative image.
     """
+    if not 0.0 <= random_fraction <= 1.0:
+        raise ValueError(f"`random_fraction` (ITM random negatives) must be in [0, 1]; got {random_fraction}.")
     batch_size = logits_per_image.shape[0]
     positives = same_image_targets(image_ids, batch_size, logits_per_image.device)
     # Checked outside `no_grad`: under torch.compile, a failing in-graph check inside a `no_grad` region leaves
@@ -130,19 +140,26 @@ def sample_hard_negatives(
         "Image-text matching needs at least two different images in a batch to sample hard negatives; "
         f"got a batch of {batch_size} pairs that all show the same image.",
     )
-    return _sample_negatives(logits_per_image.detach(), positives, generator)
+    return _sample_negatives(logits_per_image.detach(), positives, generator, random_fraction)
 
 
 @torch.no_grad()
 def _sample_negatives(
-    logits_per_image: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None
+    logits_per_image: torch.Tensor,
+    positives: torch.Tensor,
+    generator: torch.Generator | None,
+    random_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    weights_i2t = F.softmax(logits_per_image.float(), dim=1) + 1e-5
-    weights_t2i = F.softmax(logits_per_image.t().float(), dim=1) + 1e-5
-    weights_i2t = weights_i2t.masked_fill(positives, 0)
-    weights_t2i = weights_t2i.masked_fill(positives, 0)
-    negative_text_index = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
-    negative_image_index = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+    def weights(logits: torch.Tensor) -> torch.Tensor:
+        hard = (F.softmax(logits.float(), dim=1) + 1e-5).masked_fill(positives, 0)
+        if random_fraction == 0.0:
+            return hard
+        uniform = (~positives).float()
+        hard, uniform = (w / w.sum(dim=1, keepdim=True) for w in (hard, uniform))
+        return (1.0 - random_fraction) * hard + random_fraction * uniform
+
+    negative_text_index = torch.multinomial(weights(logits_per_image), 1, generator=generator).squeeze(1)
+    negative_image_index = torch.multinomial(weights(logits_per_image.t()), 1, generator=generator).squeeze(1)
     return negative_text_index, negative_image_index
 
 

@@ -1443,7 +1443,9 @@ def image_text_contrastive_matching(
     # ITM: positives, then each image with a hard negative text, then each text with a hard negative image.
     # Hard negatives are sampled per process, from the local batch (the fusion pass needs their states here).
     if itm_negatives is None:
-        itm_negatives = sample_hard_negatives(logits_per_image, image_ids)
+        itm_negatives = sample_hard_negatives(
+            logits_per_image, image_ids, random_fraction=backbone.config.itm_random_negatives
+        )
     negative_text_index, negative_image_index = itm_negatives
     batch = text_states.shape[0]
     itm_logits, itm_fusion = image_text_matching_logits(

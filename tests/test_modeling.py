@@ -373,6 +373,31 @@ def test_hard_negatives_never_come_from_the_same_image() -> None:
         sample_hard_negatives(torch.randn(3, 3), torch.tensor([7, 7, 7]))
 
 
+def test_random_negative_share_mixes_uniform_draws_into_the_hard_ones() -> None:
+    # ITC logits that single out one negative per row: hard sampling always picks it, a random share spreads out.
+    batch = 8
+    logits = torch.zeros(batch, batch)
+    hardest = (torch.arange(batch) + 1) % batch
+    logits[torch.arange(batch), hardest] = 20.0
+    draws = {}
+    for fraction in (0.0, 0.5, 1.0):
+        generator = torch.Generator().manual_seed(0)
+        texts = torch.cat(
+            [sample_hard_negatives(logits, generator=generator, random_fraction=fraction)[0] for _ in range(400)]
+        )
+        rows = torch.arange(batch).repeat(400)
+        assert (texts != rows).all()
+        draws[fraction] = (texts == hardest[rows]).float().mean().item()
+    assert draws[0.0] == 1.0
+    # Uniform over the 7 other texts: the hardest one 1/7 of the time; the mixture (1 - f) + f / 7.
+    assert abs(draws[1.0] - 1 / 7) < 0.03
+    assert abs(draws[0.5] - (0.5 + 0.5 / 7)) < 0.03
+    with pytest.raises(ValueError, match="random_fraction"):
+        sample_hard_negatives(logits, random_fraction=1.5)
+    with pytest.raises(ValueError, match="itm_random_negatives"):
+        EfficientVLMConfig.from_preset("tiny", itm_random_negatives=-0.1)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Errors that name the problem
 # ------------------------------------------------------------------------------------------------------------

@@ -75,6 +75,9 @@ class DemoSettings:
     # From scratch, BERT's 0.02 leaves the [CLS] tokens and cross-attention nearly blind to the image, and
     # a small model settles on the answer prior of each question type before it learns to look.
     initializer_range: float = _MODEL["initializer_range"]
+    # Share of ITM negatives drawn at random rather than by ITC similarity: from scratch, hard negatives alone
+    # leave the ITM head at the class prior (p = 1/3 for every pair), so ITM re-ranking ruins retrieval.
+    itm_random_negatives: float = _MODEL["itm_random_negatives"]
     batch_size: int = _TRAINING["per_device_train_batch_size"]
     learning_rate: float = _TRAINING["learning_rate"]
     pretrain_steps: int = 150
@@ -157,6 +160,7 @@ def teacher_config(settings: DemoSettings, vocab_size: int):
         embed_dim=_MODEL["embed_dim"],
         max_text_length=_MODEL["max_text_length"],
         initializer_range=settings.initializer_range,
+        itm_random_negatives=settings.itm_random_negatives,
     )
 
 
