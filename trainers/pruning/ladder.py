@@ -4,14 +4,17 @@ With `PruningConfig.sparsity_ladder = (0.2, 0.35, 0.5)` the global target of the
 rung by rung (each rung warms up from the previous one: the schedule itself lives in `SparsityLagrangian.target`).
 [`SparsityLadder`], a `TrainerCallback`, decides when a rung is done and saves it:
 
-- a rung has *settled* once its target is fully warmed up and the expected sparsity stays within
-  `ladder_tolerance` (default 0.01) of it for `ladder_patience` (default 3) consecutive optimizer steps;
+- a rung has *settled* once its target is fully warmed up and the sparsity of the deterministic masks (what
+  would be saved: the expected number of units per layer, rounded) stays within `ladder_tolerance` (default
+  0.01) of it for `ladder_patience` (default 3) consecutive optimizer steps. The saved sparsity, not the expected
+  one, is checked: on small models the per-layer rounding can put them a few hundredths apart;
 - a rung that has not settled by the end of its share of the run (rung i of n: step `max_steps * (i + 1) / n`)
   is saved there anyway, marked `"settled_by": "step_budget"` in its report (and a warning is logged).
 
 Saving a rung prunes a copy of the student with the deterministic masks of that moment (which keep the expected
-number of units per layer, so the achieved sparsity matches the expected one up to rounding) and writes it as a
-complete carded folder `OUTPUT/rung_0.20/` with its `pruning_report.json` (`trainers.saving.save_model_folder`);
+number of units per layer) and writes it as a
+complete carded folder `OUTPUT/rung_0.20/` with its `pruning_report.json` (`trainers.saving.save_model_folder`),
+so a settled rung's saved sparsity is within `ladder_tolerance` of the rung;
 the optional evaluation runs on that pruned copy, so the metric is that of the saved model. Training then goes on
 with the unpruned, masked student toward the next rung. [`ladder_table`] benchmarks the rungs against the
 unpruned student (parameters, FLOPs, speedup) and [`write_ladder_table`] writes `ladder.md`, `ladder.json` and
@@ -133,8 +136,9 @@ class SparsityLadder(TrainerCallback):
         if len(self.rungs) > rung:
             return  # the last rung is saved: training goes on to max_steps without another save
         target = self.ladder[rung]
-        expected = self.trainer.masker.expected_sparsity().item()
-        if lagrangian.warmed_up(step) and abs(expected - target) <= self.trainer.pruning_config.ladder_tolerance:
+        masker = self.trainer.masker
+        sparsity = masker.sparsity_of(self.trainer.final_masks())  # what a save now would achieve
+        if lagrangian.warmed_up(step) and abs(sparsity - target) <= self.trainer.pruning_config.ladder_tolerance:
             self._steps_in_tolerance += 1
         else:
             self._steps_in_tolerance = 0
@@ -144,7 +148,8 @@ class SparsityLadder(TrainerCallback):
             settled_by = "step_budget"
             logger.warning(
                 f"Sparsity ladder: rung {target} did not settle within {self.trainer.pruning_config.ladder_tolerance} "
-                f"by step {step} (expected sparsity {expected:.4f}); saving it anyway."
+                f"by step {step} (sparsity {sparsity:.4f}, expected {masker.expected_sparsity().item():.4f}); "
+                "saving it anyway."
             )
         else:
             return

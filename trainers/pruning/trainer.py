@@ -74,10 +74,11 @@ class PruningConfig:
             official `stop_prune_epoch`: VQA learns masks for 10 of 20 epochs): the model then trains with the
             exact deterministic masks it will be pruned with, and the Lagrangian is off. 0: masks learn to the end.
         sparsity_ladder: increasing global targets in (0, 1) (rungs), instead of `target_sparsity`: the target
-            climbs rung by rung in one run, and when the expected sparsity has settled on a rung the trainer saves
+            climbs rung by rung in one run, and when the sparsity has settled on a rung the trainer saves
             a physically pruned copy (see `trainers/pruning/ladder.py`), then trains on toward the next.
-        ladder_tolerance, ladder_patience: a rung has settled once the target is warmed up and the expected
-            sparsity stays within `ladder_tolerance` of it for `ladder_patience` consecutive optimizer steps.
+        ladder_tolerance, ladder_patience: a rung has settled once the target is warmed up and the sparsity of
+            the deterministic masks (what is saved) stays within `ladder_tolerance` of it for `ladder_patience`
+            consecutive optimizer steps; a rung not settled by the end of its share of the steps is saved there.
         prune_decoder: also mask and prune the heads and FFN neurons of VQA's answer decoder (the `decoder`
             modality), as the official VQA pruning does: its parameters count in the global target and it is
             reported per modality as `decoder`. Only for models with an answer decoder.
