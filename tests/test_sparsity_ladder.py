@@ -64,6 +64,26 @@ def test_one_run_saves_every_rung_at_its_own_sparsity(tmp_path) -> None:
     assert paths["png"].stat().st_size > 0
 
 
+def test_resuming_keeps_the_rung_and_the_rungs_already_saved(tmp_path) -> None:
+    def run(resume=None):
+        pruning = PruningConfig(
+            sparsity_ladder=LADDER, sparsity_warmup_steps=3, mask_learning_rate=0.1, lagrangian_learning_rate=0.1
+        )
+        args = _args(tmp_path, max_steps=60, logging_steps=1000, save_strategy="steps", save_steps=30)
+        trainer = _trainer(tmp_path, pruning=pruning, args=args, processing_class=make_processor(tmp_path))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    first = run()
+    saved = [(rung.target, rung.step) for rung in first.ladder.rungs]
+    before_checkpoint = [item for item in saved if item[1] <= 30]
+    assert before_checkpoint and len(saved) > len(before_checkpoint)
+    resumed = run(str(tmp_path / "checkpoint-30"))
+    assert resumed.lagrangian.rung == first.lagrangian.rung
+    assert [(rung.target, rung.step) for rung in resumed.ladder.rungs][: len(before_checkpoint)] == before_checkpoint
+    assert [rung.target for rung in resumed.ladder.rungs] == [rung.target for rung in first.ladder.rungs]
+
+
 def test_the_rung_target_warms_up_from_the_previous_rung() -> None:
     lagrangian = SparsityLagrangian(warmup_steps=4, sparsity_ladder=LADDER)
     assert [lagrangian.target(step) for step in (0, 2, 4, 9)] == [0.0, 0.1, 0.2, 0.2]

@@ -121,10 +121,29 @@ class SparsityLadder(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._max_steps = state.max_steps
+        self._restore_saved_rungs(args.output_dir, state.global_step)
         config = self.trainer.pruning_config
         if config.sparsity_warmup_steps is None and config.sparsity_warmup_fraction is None:
             # One epoch per rung would leave no time to settle: each rung warms up over half its share of steps.
             self.trainer.lagrangian.warmup_steps = max(1, state.max_steps // (2 * len(self.ladder)))
+
+    def _restore_saved_rungs(self, output_dir: str, step: int) -> None:
+        """On a resume (the Lagrangian is back on a later rung), lists the rungs already saved in `output_dir`."""
+        current = self.trainer.lagrangian.rung
+        for index in range(len(self.rungs), len(self.ladder)):
+            folder = os.path.join(output_dir, rung_folder_name(self.ladder[index]))
+            report_path = Path(folder, "pruning_report.json")
+            if not report_path.is_file():
+                break
+            report = json.loads(report_path.read_text())
+            saved_at = report.get("ladder", {}).get("step", step + 1)
+            # The rungs below the current one were saved; the current one only if it is the last and was saved.
+            if index > current or (index == current and (index + 1 < len(self.ladder) or saved_at > step)):
+                break
+            metrics_path = Path(folder, "eval_results.json")
+            metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+            settled_by = report["ladder"]["settled_by"]
+            self.rungs.append(LadderRung(index, self.ladder[index], saved_at, settled_by, folder, report, metrics))
 
     def step_budget(self, rung: int) -> int:
         """The step by which rung `rung` is saved even if it has not settled."""
