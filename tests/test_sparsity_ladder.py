@@ -35,7 +35,8 @@ def test_one_run_saves_every_rung_at_its_own_sparsity(tmp_path) -> None:
     assert [rung.target for rung in rungs] == list(LADDER)
     assert [rung.settled_by for rung in rungs] == ["tolerance"] * 3
     assert rungs[0].step < rungs[1].step < rungs[2].step
-    assert not trainer.pruned  # training went on with the unpruned, masked student
+    assert not trainer.pruned  # training went on with the unpruned, masked student ...
+    assert trainer.state.global_step == rungs[-1].step < 90  # ... and stopped once the last rung was saved
     batch = torch.utils.data.default_collate([ModalityTask("text")[i] for i in range(4)])
     sizes = []
     for rung in rungs:

@@ -16,9 +16,9 @@ number of units per layer) and writes it as a
 complete carded folder `OUTPUT/rung_0.20/` with its `pruning_report.json` (`trainers.saving.save_model_folder`),
 so a settled rung's saved sparsity is within `ladder_tolerance` of the rung;
 the optional evaluation runs on that pruned copy, so the metric is that of the saved model. Training then goes on
-with the unpruned, masked student toward the next rung. [`ladder_table`] benchmarks the rungs against the
-unpruned student (parameters, FLOPs, speedup) and [`write_ladder_table`] writes `ladder.md`, `ladder.json` and
-`ladder.png` (metric, or sparsity without an evaluation set, vs speedup).
+with the unpruned, masked student toward the next rung; it stops once the last rung is saved. [`ladder_table`]
+benchmarks the rungs against the unpruned student (parameters, FLOPs, speedup) and [`write_ladder_table`] writes
+`ladder.md`, `ladder.json` and `ladder.png` (metric, or sparsity without an evaluation set, vs speedup).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class SparsityLadder(TrainerCallback):
         lagrangian = self.trainer.lagrangian
         rung, step = lagrangian.rung, state.global_step
         if len(self.rungs) > rung:
-            return  # the last rung is saved: training goes on to max_steps without another save
+            return  # the last rung is saved (a resumed run that had saved it already)
         target = self.ladder[rung]
         masker = self.trainer.masker
         sparsity = masker.sparsity_of(self.trainer.final_masks())  # what a save now would achieve
@@ -176,6 +176,8 @@ class SparsityLadder(TrainerCallback):
         self._steps_in_tolerance = 0
         if rung + 1 < len(self.ladder):
             lagrangian.advance_rung(step)
+        else:
+            control.should_training_stop = True  # every rung is saved: the steps left would change nothing saved
 
     def save_rung(self, step: int, settled_by: str) -> LadderRung:
         """Prunes a copy of the student with the current deterministic masks, evaluates it (when an `evaluate` was
