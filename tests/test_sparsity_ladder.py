@@ -166,3 +166,6 @@ def test_prune_command_writes_a_folder_per_rung_and_the_table(tmp_path) -> None:
         cli.main([*common, "--sparsity_ladder", "0.2,0.5", "--target_sparsity", "0.3"])
     with pytest.raises(ValueError, match="--sparsity_ladder '0.5,0.2'.*strictly increasing"):
         cli.main([*common, "--sparsity_ladder", "0.5,0.2"])
+    with pytest.raises(ValueError, match=r"--sparsity_ladder '0.2,1.5'.*in \(0, 1\)"):
+        # A recipe's target_sparsity gives way to the ladder: the flag is what gets checked.
+        cli.main([*common, "--recipe", "small-cpu", "--sparsity_ladder", "0.2,1.5"])
