@@ -77,6 +77,20 @@ class PruneArguments(KDArguments):
             "it is pruned with (the official VQA recipe fixes them for the last half). 0: masks learn to the end."
         },
     )
+    sparsity_ladder: str | None = field(
+        default=None,
+        metadata={
+            "help": "Several targets in one run, e.g. 0.2,0.35,0.5 (increasing, each in (0, 1); not with "
+            "--target_sparsity): a pruned model is saved in OUTPUT/rung_0.20/ ... as each rung settles, with a "
+            "table (ladder.md, ladder.json) and a plot (ladder.png) of metric vs speedup."
+        },
+    )
+    ladder_tolerance: float = field(
+        default=0.01, metadata={"help": "A rung has settled when the expected sparsity is this close to it ..."}
+    )
+    ladder_patience: int = field(
+        default=3, metadata={"help": "... for this many consecutive optimizer steps (after its warm-up)."}
+    )
     prune_decoder: bool = field(
         default=False,
         metadata={
@@ -104,6 +118,9 @@ def pruning_config_from(args: PruneArguments):
         binary_masks=args.binary_masks,
         mask_freeze_fraction=args.mask_freeze_fraction,
         prune_decoder=args.prune_decoder,
+        sparsity_ladder=args.sparsity_ladder,
+        ladder_tolerance=args.ladder_tolerance,
+        ladder_patience=args.ladder_patience,
     )
 
 
@@ -140,9 +157,24 @@ def run(
     if prune_args.task not in PRUNABLE_TASKS:
         raise ValueError(f"--task must be one of {PRUNABLE_TASKS}; got {prune_args.task!r}.")
     # Argument errors first, before any model is loaded.
-    pruning_config = pruning_config_from(prune_args)
+    if prune_args.sparsity_ladder is not None and "target_sparsity" in recipe_fields(prune_args):
+        prune_args.target_sparsity = None  # a recipe's single target gives way to the ladder given as a flag
+    if prune_args.sparsity_ladder is not None and prune_args.target_sparsity is not None:
+        raise ValueError(
+            "--sparsity_ladder and --target_sparsity conflict: the ladder's rungs are the targets; give one."
+        )
+    try:
+        pruning_config = pruning_config_from(prune_args)
+    except ValueError as error:
+        if prune_args.sparsity_ladder is not None and "sparsity_ladder" in str(error):
+            raise ValueError(f"--sparsity_ladder {prune_args.sparsity_ladder!r}: {error}") from error
+        raise
     distillation_config = distillation_config_from(prune_args)
     hub = hub_target_from(training_args)  # the Trainer never pushes: only the pruned folder goes up
+    if hub is not None and pruning_config.sparsity_ladder is not None:
+        raise ValueError(
+            "--sparsity_ladder writes one folder per rung; --push_to_hub pushes one folder: push a rung's folder."
+        )
     set_seed(training_args.seed)
 
     task = prune_args.task
@@ -156,6 +188,30 @@ def run(
     teacher = None
     if prune_args.teacher_model_name_or_path is not None:
         teacher = task_model_from(task, prune_args.teacher_model_name_or_path)
+
+    def card_for(metrics: dict) -> ModelCardInfo:
+        return ModelCardInfo(
+            task=task,
+            stage="prune",
+            base_model=local_name(model_args.model_name_or_path),
+            teacher_model=local_name(prune_args.teacher_model_name_or_path),
+            datasets=data_names(data_args.dataset_path or data_args.train_file),
+            metrics=metrics,
+            eval_dataset=data_names(data_args.eval_file)[0] if metrics else None,
+        )
+
+    ladder_kwargs = {}
+    if pruning_config.sparsity_ladder is not None:
+        from trainers.pruning import LadderOutputs
+
+        def evaluate_rung(pruned_copy, rung_dir: str) -> dict:
+            # The pruned copy that is saved is the model evaluated; the first process evaluates it (unsharded).
+            if eval_dataset is None or training_args.process_index != 0:
+                return {}
+            return evaluate_and_save(task, pruned_copy, processor, eval_dataset, rung_dir, answers)
+
+        outputs = LadderOutputs(evaluate=evaluate_rung, card=card_for, processor=processor, answer_candidates=answers)
+        ladder_kwargs["ladder_outputs"] = outputs
     trainer = train(
         task,
         model,
@@ -167,7 +223,10 @@ def run(
         teacher_model=teacher,
         distillation_config=distillation_config,
         pruning_config=pruning_config,
+        **ladder_kwargs,
     )
+    if pruning_config.sparsity_ladder is not None:
+        return _ladder_results(trainer, task, training_args)
     report = trainer.finalize_pruning()
     pruned = trainer.accelerator.unwrap_model(trainer.model)
     output_dir = training_args.output_dir if training_args.should_save else None
@@ -177,17 +236,8 @@ def run(
     if eval_dataset is not None and training_args.process_index == 0:
         metrics = evaluate_and_save(task, pruned, processor, eval_dataset, output_dir, answers)
     if output_dir is not None:
-        card = ModelCardInfo(
-            task=task,
-            stage="prune",
-            base_model=local_name(model_args.model_name_or_path),
-            teacher_model=local_name(prune_args.teacher_model_name_or_path),
-            datasets=data_names(data_args.dataset_path or data_args.train_file),
-            metrics=metrics,
-            eval_dataset=data_names(data_args.eval_file)[0] if metrics else None,
-        )
         save_model_folder(
-            pruned, processor, output_dir, card, pruning_report=report, answer_candidates=answers, push=hub
+            pruned, processor, output_dir, card_for(metrics), pruning_report=report, answer_candidates=answers, push=hub
         )
     if output_dir is not None:
         logger.warning(
@@ -197,6 +247,22 @@ def run(
             f"{training_args.output_dir}."
         )
     return {**report, "eval": metrics} if metrics else report
+
+
+def _ladder_results(trainer, task: str, training_args: TrainingArguments) -> dict:
+    """After a `--sparsity_ladder` run: benchmarks the saved rungs against the unpruned student, writes the table
+    (`ladder.md`, `ladder.json`) and plot (`ladder.png`) to the output folder and returns the rows."""
+    from trainers.pruning.ladder import format_ladder_table, ladder_table, write_ladder_table
+    from trainers.tasks import task_spec
+
+    rungs = trainer.ladder.rungs
+    if not training_args.should_save:
+        return {"rungs": [rung.output_dir for rung in rungs]}
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    rows = ladder_table(student, rungs, metric=task_spec(task).primary_metric)
+    paths = write_ladder_table(rows, training_args.output_dir)
+    logger.warning(f"Sparsity ladder of {len(rungs)} rungs:\n{format_ladder_table(rows)}Written to {paths['md']}.")
+    return {"rows": rows, "table": str(paths["md"]), "json": str(paths["json"]), "plot": str(paths["png"])}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -39,6 +39,7 @@ from modeling_efficientvlm.modeling_efficientvlm import StructureMasks
 
 from ..distillation import DistillationConfig, DistillationTrainer
 from .hard_concrete import DROPRATE_INIT, HARD_CONCRETE_TEMPERATURE, HEAD_LOG_ALPHA_INIT, StructureMasker
+from .ladder import LadderOutputs, SparsityLadder, parse_sparsity_ladder
 from .lagrangian import SparsityLagrangian, one_epoch_warmup_steps
 
 logger = logging.get_logger(__name__)
@@ -72,6 +73,12 @@ class PruningConfig:
         mask_freeze_fraction: fraction of the training steps, at the end, in which the masks are fixed (the
             official `stop_prune_epoch`: VQA learns masks for 10 of 20 epochs): the model then trains with the
             exact deterministic masks it will be pruned with, and the Lagrangian is off. 0: masks learn to the end.
+        sparsity_ladder: increasing global targets in (0, 1) (rungs), instead of `target_sparsity`: the target
+            climbs rung by rung in one run, and when the sparsity has settled on a rung the trainer saves
+            a physically pruned copy (see `trainers/pruning/ladder.py`), then trains on toward the next.
+        ladder_tolerance, ladder_patience: a rung has settled once the target is warmed up and the sparsity of
+            the deterministic masks (what is saved) stays within `ladder_tolerance` of it for `ladder_patience`
+            consecutive optimizer steps; a rung not settled by the end of its share of the steps is saved there.
         prune_decoder: also mask and prune the heads and FFN neurons of VQA's answer decoder (the `decoder`
             modality), as the official VQA pruning does: its parameters count in the global target and it is
             reported per modality as `decoder`. Only for models with an answer decoder.
@@ -89,12 +96,31 @@ class PruningConfig:
     binary_masks: bool = False
     mask_freeze_fraction: float = 0.0
     prune_decoder: bool = False
+    sparsity_ladder: tuple[float, ...] | None = None
+    ladder_tolerance: float = 0.01
+    ladder_patience: int = 3
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mask_freeze_fraction < 1.0:
             raise ValueError(f"`mask_freeze_fraction` must be in [0, 1); got {self.mask_freeze_fraction}.")
-        if self.target_sparsity is None and not self.target_sparsity_per_modality:
-            raise ValueError("Pruning needs a `target_sparsity` (or `target_sparsity_per_modality`).")
+        if self.sparsity_ladder is not None:
+            self.sparsity_ladder = parse_sparsity_ladder(self.sparsity_ladder)
+            if self.target_sparsity is not None:
+                raise ValueError(
+                    "`sparsity_ladder` and `target_sparsity` conflict: the ladder's rungs are the targets; give one."
+                )
+            if self.mask_freeze_fraction > 0:
+                raise ValueError(
+                    "`sparsity_ladder` and `mask_freeze_fraction` conflict: the masks learn on every rung."
+                )
+            if not 0.0 < self.ladder_tolerance < 1.0:
+                raise ValueError(f"`ladder_tolerance` must be in (0, 1); got {self.ladder_tolerance}.")
+            if self.ladder_patience < 1:
+                raise ValueError(f"`ladder_patience` must be >= 1; got {self.ladder_patience}.")
+        if self.target_sparsity is None and not self.target_sparsity_per_modality and self.sparsity_ladder is None:
+            raise ValueError(
+                "Pruning needs a `target_sparsity` (or `sparsity_ladder` or `target_sparsity_per_modality`)."
+            )
         if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:
             raise ValueError(f"`sparsity_warmup_steps` must be >= 0; got {self.sparsity_warmup_steps}.")
         if self.sparsity_warmup_fraction is not None:
@@ -107,7 +133,7 @@ class PruningConfig:
             if value is not None and value <= 0:
                 raise ValueError(f"`{name}` must be positive; got {value}.")
         # Validates the targets (each in [0, 1), known modalities) with the same messages as training.
-        SparsityLagrangian(self.target_sparsity, 0, self.target_sparsity_per_modality)
+        SparsityLagrangian(self.target_sparsity, 0, self.target_sparsity_per_modality, self.sparsity_ladder)
 
 
 class _NoTeacher(nn.Module):
@@ -181,6 +207,8 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             with a teacher.
         masker: an existing [`StructureMasker`] to continue from (it must fit the model); by default a new
             one is built with `StructureMasker.from_model(model)`.
+        ladder_outputs: with `pruning_config.sparsity_ladder`, how each rung's folder is evaluated and carded
+            ([`LadderOutputs`]); by default rungs are saved without evaluation, with a default card.
         *args, **kwargs: the usual `Trainer` arguments (`model`, `args`, datasets, collator, ...).
 
     While training, every student forward gets sampled `structure_masks`; evaluation uses the deterministic
@@ -195,6 +223,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         teacher_model: nn.Module | None = None,
         distillation_config: Any = None,
         masker: StructureMasker | None = None,
+        ladder_outputs: LadderOutputs | None = None,
         **kwargs,
     ) -> None:
         if not isinstance(pruning_config, PruningConfig):
@@ -226,6 +255,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             pruning_config.target_sparsity,
             pruning_config.sparsity_warmup_steps or 0,
             pruning_config.target_sparsity_per_modality,
+            pruning_config.sparsity_ladder,
         ).to(self.args.device)
         for modality in self.lagrangian.targets:
             if modality != "overall" and modality not in self.masker.modalities:
@@ -243,6 +273,16 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         # First step of the fixed-mask phase (set when training starts; None: masks learn throughout).
         self.mask_freeze_step: int | None = None
         self.add_callback(_MaskOptimizationCallback(self))
+        # The rungs saved so far (a `SparsityLadder` adds them; empty without a ladder).
+        self.ladder: SparsityLadder | None = None
+        if pruning_config.sparsity_ladder is not None:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                raise ValueError(
+                    "`sparsity_ladder` is not supported under FSDP or DeepSpeed: each rung prunes a full copy of the "
+                    "model, which a sharded model does not hold. Use one process or DDP."
+                )
+            self.ladder = SparsityLadder(self, ladder_outputs)
+            self.add_callback(self.ladder)
 
     # -- masks in the forward passes ----------------------------------------------------------------------
     def pruning_parameters(self) -> list[nn.Parameter]:
@@ -329,6 +369,8 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             "structure_sizes": self.masker.structure_sizes,
             "targets": self.lagrangian.targets,
             "warmup_steps": self.lagrangian.warmup_steps,
+            "rung": self.lagrangian.rung,
+            "rung_start_step": self.lagrangian.rung_start_step,
         }
 
     def load_pruning_state_dict(self, state: dict[str, Any]) -> None:
@@ -351,6 +393,11 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         self.lagrangian.load_state_dict(state["lagrangian"])
         if "warmup_steps" in state:
             self.lagrangian.warmup_steps = int(state["warmup_steps"])
+        if self.lagrangian.ladder is not None:
+            # The rung the checkpoint was on (the rungs below it were saved before it).
+            for _ in range(int(state.get("rung", 0)) - self.lagrangian.rung):
+                self.lagrangian.advance_rung(0)
+            self.lagrangian.rung_start_step = int(state.get("rung_start_step", 0))
         if state.get("optimizer") is not None:  # the optimizer's moments: a resume continues exactly
             self.pruning_optimizer.load_state_dict(state["optimizer"])
 
@@ -396,13 +443,18 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         """
         if self.pruned:
             raise ValueError("The model is already pruned.")
-        model = self.accelerator.unwrap_model(self.model)
+        report = self.prune_with_final_masks(self.accelerator.unwrap_model(self.model))
+        self.pruned = True
+        return report
+
+    def prune_with_final_masks(self, model: nn.Module) -> dict[str, Any]:
+        """Prunes `model` (the student, or a copy of it) in place with [`final_masks`]; returns the pruning report."""
         self.masker.check_fits(model)
         masker = self.masker
         masks = self.final_masks()
         parameters_before = sum(p.numel() for p in model.parameters())
         report: dict[str, Any] = {
-            "target_sparsity": self.pruning_config.target_sparsity,
+            "target_sparsity": self.lagrangian.targets.get("overall"),
             "target_sparsity_per_modality": self.pruning_config.target_sparsity_per_modality,
             "sparsity": masker.sparsity_of(masks),
             "sparsity_per_modality": {m: masker.sparsity_of(masks, m) for m in masker.modalities},
@@ -422,7 +474,6 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         model.prune(masks)
         report["parameters_after"] = sum(p.numel() for p in model.parameters())
         report["pruning_config"] = asdict(self.pruning_config)
-        self.pruned = True
         return report
 
     def prune_and_save(

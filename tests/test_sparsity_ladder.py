@@ -1,0 +1,171 @@
+"""The sparsity ladder: one pruning run saves a physically pruned, carded model at each rung."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from modeling_efficientvlm import EfficientVLMConfig
+from trainers.pruning import PruningConfig, SparsityLagrangian, parse_sparsity_ladder
+from trainers.pruning.ladder import ladder_table, rung_folder_name, write_ladder_table
+from trainers.pruning.trainer import PRUNING_REPORT_NAME
+
+from .data_utils import make_processor
+from .test_pruning import ModalityTask, TinyImageTextClassifier, _args, _trainer
+
+LADDER = (0.2, 0.35, 0.5)
+
+
+def test_one_run_saves_every_rung_at_its_own_sparsity(tmp_path) -> None:
+    # Fast mask learning on the tiny student: the expected sparsity climbs ~0.01 per step through the rungs.
+    pruning = PruningConfig(
+        sparsity_ladder=LADDER,
+        sparsity_warmup_steps=3,
+        mask_learning_rate=0.1,
+        lagrangian_learning_rate=0.1,
+        ladder_tolerance=0.015,
+        ladder_patience=2,
+    )
+    args = _args(tmp_path, max_steps=90, logging_steps=1000)
+    trainer = _trainer(tmp_path, pruning=pruning, args=args, processing_class=make_processor(tmp_path))
+    trainer.train()
+    rungs = trainer.ladder.rungs
+    assert [rung.target for rung in rungs] == list(LADDER)
+    assert [rung.settled_by for rung in rungs] == ["tolerance"] * 3
+    assert rungs[0].step < rungs[1].step < rungs[2].step
+    assert not trainer.pruned  # training went on with the unpruned, masked student ...
+    assert trainer.state.global_step == rungs[-1].step < 90  # ... and stopped once the last rung was saved
+    batch = torch.utils.data.default_collate([ModalityTask("text")[i] for i in range(4)])
+    sizes = []
+    for rung in rungs:
+        folder = tmp_path / rung_folder_name(rung.target)
+        report = json.loads((folder / PRUNING_REPORT_NAME).read_text())
+        assert report["target_sparsity"] == rung.target
+        assert report["ladder"]["rung"] == rung.rung and report["ladder"]["settled_by"] == "tolerance"
+        assert abs(report["sparsity"] - rung.target) <= 0.015  # the settle tolerance is on the saved sparsity
+        reloaded = TinyImageTextClassifier.from_pretrained(folder).eval()
+        assert reloaded.structure_sizes() == report["structures_kept"]
+        assert sum(p.numel() for p in reloaded.parameters()) == report["parameters_after"]
+        with torch.no_grad():
+            logits = reloaded(**batch).logits
+        assert logits.shape == (4, 2) and torch.isfinite(logits).all()
+        sizes.append(report["parameters_after"])
+    assert sizes[0] > sizes[1] > sizes[2]
+
+    rows = ladder_table(trainer.model, rungs, repeats=1, rounds=1)
+    assert [row["name"] for row in rows] == ["unpruned", *(rung_folder_name(t) for t in LADDER)]
+    assert [row["parameters"] for row in rows[1:]] == sizes
+    assert rows[0]["flops_reduction"] == 1.0 and all(row["flops_reduction"] > 1.0 for row in rows[1:])
+    paths = write_ladder_table(rows, tmp_path)
+    table = paths["md"].read_text()
+    assert all(f"| {rung_folder_name(t)} | {t:.2f} |" in table for t in LADDER)
+    assert [row["target_sparsity"] for row in json.loads(paths["json"].read_text())["rows"]] == [0.0, *LADDER]
+    assert paths["png"].stat().st_size > 0
+
+
+def test_resuming_keeps_the_rung_and_the_rungs_already_saved(tmp_path) -> None:
+    def run(resume=None):
+        pruning = PruningConfig(
+            sparsity_ladder=LADDER, sparsity_warmup_steps=3, mask_learning_rate=0.1, lagrangian_learning_rate=0.1
+        )
+        args = _args(tmp_path, max_steps=60, logging_steps=1000, save_strategy="steps", save_steps=30)
+        trainer = _trainer(tmp_path, pruning=pruning, args=args, processing_class=make_processor(tmp_path))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    first = run()
+    saved = [(rung.target, rung.step) for rung in first.ladder.rungs]
+    before_checkpoint = [item for item in saved if item[1] <= 30]
+    assert before_checkpoint and len(saved) > len(before_checkpoint)
+    resumed = run(str(tmp_path / "checkpoint-30"))
+    assert resumed.lagrangian.rung == first.lagrangian.rung
+    assert [(rung.target, rung.step) for rung in resumed.ladder.rungs][: len(before_checkpoint)] == before_checkpoint
+    assert [rung.target for rung in resumed.ladder.rungs] == [rung.target for rung in first.ladder.rungs]
+
+
+def test_the_rung_target_warms_up_from_the_previous_rung() -> None:
+    lagrangian = SparsityLagrangian(warmup_steps=4, sparsity_ladder=LADDER)
+    assert [lagrangian.target(step) for step in (0, 2, 4, 9)] == [0.0, 0.1, 0.2, 0.2]
+    assert not lagrangian.warmed_up(3) and lagrangian.warmed_up(4)
+    lagrangian.advance_rung(10)
+    assert lagrangian.targets["overall"] == 0.35
+    assert lagrangian.target(10) == 0.2 and lagrangian.target(12) == pytest.approx(0.275)
+    assert lagrangian.target(14) == 0.35 and not lagrangian.warmed_up(13)
+    lagrangian.advance_rung(20)
+    with pytest.raises(ValueError, match="last rung"):
+        lagrangian.advance_rung(30)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0.35,0.2,0.5", "strictly increasing"),
+        ("0.2,0.2,0.5", "strictly increasing"),
+        ("0.2,1.0", r"in \(0, 1\)"),
+        ("0,0.5", r"in \(0, 1\)"),
+        ("0.3", "at least two rungs"),
+        ("0.2,abc", "comma-separated numbers"),
+    ],
+)
+def test_bad_ladders_are_named_errors(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=f"sparsity_ladder.*{message}|{message}.*sparsity_ladder"):
+        parse_sparsity_ladder(value)
+
+
+def test_ladder_conflicts_are_named_errors() -> None:
+    with pytest.raises(ValueError, match="`sparsity_ladder` and `target_sparsity` conflict"):
+        PruningConfig(target_sparsity=0.3, sparsity_ladder=LADDER)
+    with pytest.raises(ValueError, match="`sparsity_ladder` and `mask_freeze_fraction` conflict"):
+        PruningConfig(sparsity_ladder=LADDER, mask_freeze_fraction=0.2)
+    assert PruningConfig(sparsity_ladder="0.2, 0.35,0.5").sparsity_ladder == LADDER
+
+
+def test_prune_command_writes_a_folder_per_rung_and_the_table(tmp_path) -> None:
+    from modeling_efficientvlm import EfficientVLMForVisualReasoning
+    from trainers import commands as cli
+
+    from .data_utils import write_nlvr2_json, write_vocab
+
+    train_file, image_root = write_nlvr2_json(tmp_path, n=4)
+    output_dir = tmp_path / "ladder"
+    common = ["prune", "--task", "nlvr2", "--preset", "tiny-student", "--output_dir", str(output_dir)]
+    argv = [
+        *common,
+        "--vocab_file", str(write_vocab(tmp_path)),
+        "--train_file", str(train_file),
+        "--eval_file", str(train_file),
+        "--image_root", str(image_root),
+        "--sparsity_ladder", "0.2,0.35,0.5",
+        "--mask_learning_rate", "0.5",
+        "--max_steps", "6",
+        "--per_device_train_batch_size", "4",
+        "--report_to", "none",
+        "--use_cpu",
+        "--save_strategy", "no",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    rows = json.loads((output_dir / "ladder.json").read_text())["rows"]
+    assert [row["target_sparsity"] for row in rows] == [0.0, *LADDER]
+    assert all(row["metric"] == "nlvr2_accuracy" and row["metric_value"] is not None for row in rows[1:])
+    assert (output_dir / "ladder.md").is_file() and (output_dir / "ladder.png").is_file()
+    for target in LADDER:
+        folder = output_dir / rung_folder_name(target)
+        report = json.loads((folder / PRUNING_REPORT_NAME).read_text())
+        metrics = json.loads((folder / "eval_results.json").read_text())
+        assert (folder / "README.md").is_file()
+        model = EfficientVLMForVisualReasoning.from_pretrained(folder)
+        assert sum(p.numel() for p in model.parameters()) == report["parameters_after"]
+        assert (
+            model.config.vision_config.hidden_size
+            == EfficientVLMConfig.from_preset("tiny-student").vision_config.hidden_size
+        )
+        assert "nlvr2_accuracy" in metrics
+    with pytest.raises(ValueError, match="--sparsity_ladder and --target_sparsity conflict"):
+        cli.main([*common, "--sparsity_ladder", "0.2,0.5", "--target_sparsity", "0.3"])
+    with pytest.raises(ValueError, match="--sparsity_ladder '0.5,0.2'.*strictly increasing"):
+        cli.main([*common, "--sparsity_ladder", "0.5,0.2"])
+    with pytest.raises(ValueError, match=r"--sparsity_ladder '0.2,1.5'.*in \(0, 1\)"):
+        # A recipe's target_sparsity gives way to the ladder: the flag is what gets checked.
+        cli.main([*common, "--recipe", "small-cpu", "--sparsity_ladder", "0.2,1.5"])
