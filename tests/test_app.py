@@ -278,7 +278,10 @@ def test_a_person_uploads_an_image_asks_a_question_and_sees_every_answer(model_f
         driver.get(f"http://127.0.0.1:{port}/")
         # The page re-renders while it answers: an element read mid-render is read again.
         wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,))
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image input[type=file]"))
+        # Gradio renders its components one by one: wait for every one the person uses (under load the upload
+        # field can be there before the button).
+        for selector in ("#image input[type=file]", "#question textarea", "#ask", "#status"):
+            wait.until(lambda d, selector=selector: d.find_elements(By.CSS_SELECTOR, selector))
 
         # Asking before uploading: a message, no answers.
         driver.find_element(By.CSS_SELECTOR, "#question textarea").send_keys("what color is the square ?")
