@@ -16,22 +16,15 @@ from modeling_efficientvlm import (
 )
 from modeling_efficientvlm.loss_efficientvlm import sample_hard_negatives
 
+from .model_utils import prune_unevenly
+
 CLS, SEP, PAD = 2, 3, 0
 
 
 def _model(model_class: type) -> torch.nn.Module:
     torch.manual_seed(0)
     text = {"bos_token_id": CLS, "eos_token_id": SEP, "pad_token_id": PAD}
-    model = model_class(EfficientVLMConfig.from_preset("tiny", text_config=text)).eval()
-    generator = torch.Generator().manual_seed(0)
-    model.prune(
-        {
-            key: [torch.zeros(n) if i == 0 else (torch.rand(n, generator=generator) > 0.5).float() for i, n in
-                  enumerate(sizes)]
-            for key, sizes in model.structure_sizes().items()
-        }
-    )  # fmt: skip
-    return model
+    return prune_unevenly(model_class(EfficientVLMConfig.from_preset("tiny", text_config=text)).eval())
 
 
 def _inputs(batch: int = 2, seq: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ from trainers.deployment.graphs import GraphSpec, TensorSpec, task_graphs
 from trainers.deployment.onnx_export import MANIFEST_NAME, OPSET, _export_graph, check_parity
 
 from .data_utils import CLS_ID, PAD_ID, SEP_ID, make_processor, write_vqa_json
+from .model_utils import prune_unevenly
 
 EXPECTED_GRAPHS = {
     EfficientVLMForImageTextRetrieval: ("retrieval", ["image_features", "text_features", "itm_scores"]),
@@ -42,17 +43,7 @@ def _pruned(model_class: type, seed: int = 0) -> torch.nn.Module:
     """A tiny model pruned unevenly: the first layer of every stack loses all its heads and FFN neurons (empty
     blocks), the others lose about half, at random."""
     torch.manual_seed(seed)
-    model = model_class(_config()).eval()
-    generator = torch.Generator().manual_seed(seed)
-    masks = {
-        key: [
-            torch.zeros(n) if i == 0 else (torch.rand(n, generator=generator) > 0.5).float()
-            for i, n in enumerate(sizes)
-        ]
-        for key, sizes in model.structure_sizes().items()
-    }
-    model.prune(masks)
-    return model
+    return prune_unevenly(model_class(_config()).eval(), seed)
 
 
 def _inputs(batch: int = 3, seq: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -10,19 +10,12 @@ from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForVisualReaso
 from trainers.deployment import load_torch_int8, quantize_torch_int8, save_torch_int8
 from trainers.deployment.torch_int8 import is_torch_int8
 
+from .model_utils import prune_unevenly
+
 
 def _pruned_nlvr2() -> EfficientVLMForVisualReasoning:
     torch.manual_seed(0)
-    model = EfficientVLMForVisualReasoning(EfficientVLMConfig.from_preset("tiny")).eval()
-    generator = torch.Generator().manual_seed(0)
-    model.prune(
-        {
-            key: [torch.zeros(n) if i == 0 else (torch.rand(n, generator=generator) > 0.5).float() for i, n in
-                  enumerate(sizes)]
-            for key, sizes in model.structure_sizes().items()
-        }
-    )  # fmt: skip
-    return model
+    return prune_unevenly(EfficientVLMForVisualReasoning(EfficientVLMConfig.from_preset("tiny")).eval())
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from modeling_efficientvlm.modeling_efficientvlm import image_text_matching_logits, itc_embedding
 from trainers.tasks import task_of_model
 
 # Names of the dynamic axes: any size at run time.
@@ -66,52 +67,46 @@ class GraphSpec:
 
 
 # -- the graph modules: tensors in, tensors out, the model's own code inside --------------------------------------
-class ImageFeatures(nn.Module):
-    """pixel_values -> image tokens (for ITM) and L2-normalised ITC embeddings."""
+class _ModelGraph(nn.Module):
+    """A graph over `model`: subclasses define `forward` on tensors only."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+
+
+class ImageFeatures(_ModelGraph):
+    """pixel_values -> image tokens (for ITM) and L2-normalised ITC embeddings."""
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         backbone = self.model.efficientvlm
         states = backbone.encode_image(pixel_values).last_hidden_state
-        return states, torch.nn.functional.normalize(backbone.vision_proj(states[:, 0]), dim=-1)
+        return states, itc_embedding(backbone.vision_proj, states)
 
 
-class TextFeatures(nn.Module):
+class TextFeatures(_ModelGraph):
     """input_ids, attention_mask -> text states (for ITM) and L2-normalised ITC embeddings."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         backbone = self.model.efficientvlm
         states = backbone.encode_text(input_ids, attention_mask).last_hidden_state
-        return states, torch.nn.functional.normalize(backbone.text_proj(states[:, 0]), dim=-1)
+        return states, itc_embedding(backbone.text_proj, states)
 
 
-class MatchingScores(nn.Module):
+class MatchingScores(_ModelGraph):
     """(image states, text states, text mask) pairs -> ITM logits (pairs, 2); index 1 = "match"."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(
         self, image_states: torch.Tensor, text_states: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        fusion = self.model.efficientvlm.fuse(text_states, attention_mask, image_states)
-        return self.model.itm_head(fusion.last_hidden_state[:, 0])
+        logits, _ = image_text_matching_logits(
+            self.model.efficientvlm, self.model.itm_head, text_states, attention_mask, image_states
+        )
+        return logits
 
 
-class QuestionEncoder(nn.Module):
+class QuestionEncoder(_ModelGraph):
     """VQA: image and question -> fused question states."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -119,12 +114,8 @@ class QuestionEncoder(nn.Module):
         return self.model.encode_question(pixel_values, input_ids, attention_mask)[2].last_hidden_state
 
 
-class AnswerDecoder(nn.Module):
+class AnswerDecoder(_ModelGraph):
     """VQA: answers (the prefix so far) reading their question's fused states -> next-token logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(
         self,
@@ -136,12 +127,8 @@ class AnswerDecoder(nn.Module):
         return self.model.decode(answer_input_ids, answer_attention_mask, question_states, question_attention_mask)[0]
 
 
-class VisualReasoning(nn.Module):
+class VisualReasoning(_ModelGraph):
     """NLVR2: two images per sentence -> classifier logits (index 1 = true)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -149,23 +136,15 @@ class VisualReasoning(nn.Module):
         return self.model(pixel_values, input_ids, attention_mask, return_loss=False).logits
 
 
-class CaptionImageEncoder(nn.Module):
+class CaptionImageEncoder(_ModelGraph):
     """Captioning: pixel_values -> image tokens the decoder cross-attends to."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.efficientvlm.encode_image(pixel_values).last_hidden_state
 
 
-class CaptionDecoder(nn.Module):
+class CaptionDecoder(_ModelGraph):
     """Captioning: the caption so far (no padding) and the image tokens -> next-token logits at every position."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, image_embeds=image_embeds, return_loss=False).logits
