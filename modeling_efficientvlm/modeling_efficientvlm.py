@@ -738,6 +738,14 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
                 "`trainers.deployment.torch_int8.save_torch_int8(model, folder)` (reload with `load_torch_int8`), "
                 "or save the float model and deploy int8 through ONNX: `efficientvlm export --int8`."
             )
+        state_dict = kwargs.get("state_dict")
+        if state_dict is not None:
+            # A state dict gathered by DeepSpeed ZeRO-3 / FSDP (the Trainer's checkpoints) holds the scalar ITC
+            # temperature in the (1,) shape it trained in (`trainers/sharding.py`): saved as the scalar it is.
+            kwargs["state_dict"] = {
+                key: value.reshape(()) if key.rsplit(".", 1)[-1] == "temp" and value.numel() == 1 else value
+                for key, value in state_dict.items()
+            }
         if self._auto_class is not None:
             name = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
             kept = {
@@ -1356,6 +1364,9 @@ class EfficientVLMImageTextMatchingOutput(ModelOutput):
         pass them back as `itm_negatives` to reuse them (e.g. for a teacher).
     image_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
         L2-normalised ITC embeddings.
+    itc_temperature (`torch.FloatTensor` of shape `()`, or `(1,)` while trained under DeepSpeed / FSDP):
+        The (clamped) ITC temperature that divides the similarities. Read in the forward, where sharded engines
+        hold the whole weight, so a trainer can recompute similarities over gathered embeddings.
     """
 
     loss: torch.FloatTensor | None = None
@@ -1368,6 +1379,7 @@ class EfficientVLMImageTextMatchingOutput(ModelOutput):
     negative_image_index: torch.LongTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
+    itc_temperature: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -1471,6 +1483,7 @@ def image_text_contrastive_matching(
         negative_image_index=negative_image_index,
         image_embeds=image_embeds,
         text_embeds=text_embeds,
+        itc_temperature=itc_temperature,
         itm_fusion_output=itm_fusion,
     )
 

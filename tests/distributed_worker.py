@@ -8,11 +8,12 @@ In order, each process:
 2. `distill`: the `efficientvlm distill` command (pre-training collator, tiny teacher and student) for 2 steps.
 3. `prune`: the `efficientvlm prune` command on retrieval (ITC + ITM, with a teacher and the ITC KD term) for 2
    steps, with an evaluation.
-With `resume COMMAND PHASE` after those arguments, it runs only `COMMAND` (`distill` or `prune`) for 4 steps with a
-checkpoint at every step: `full` uninterrupted; `killed` stopping (asleep, for the test to SIGKILL) once
-`checkpoint-3` is written (mid-epoch: 2 steps per epoch); `resumed` from that checkpoint.
+With `resume COMMAND PHASE` after those arguments, it runs only `COMMAND` (`distill`, `prune`, or both in one launch:
+`distill+prune`) for 4 steps with a checkpoint at every step: `full` uninterrupted; `killed` stopping (asleep, for
+the test to SIGKILL) once `checkpoint-3` is written (mid-epoch: 2 steps per epoch); `resumed` from that checkpoint.
 `WORKER_TRAINER_FLAGS` (environment) adds Trainer flags to every command, e.g. `--deepspeed ds.json`.
-Each process saves, outside the output folders, its weights (and pruning state) after training, the files it
+Each process saves, outside the output folders, its weights (and pruning state) after training (under ZeRO-3 /
+FSDP the whole weights, gathered into rank 0; rank 1 saves None), the files it
 opened for writing under the output folders, and how many evaluations it ran. `WORKDIR` holds the data and the
 teacher folders, which the test writes first.
 """
@@ -103,6 +104,7 @@ def install_trainer_probes() -> None:
     import trainers.training
     from trainers.distillation.trainer import DistillationTrainer
     from trainers.pruning.trainer import ModalAdaptivePruningTrainer
+    from trainers.sharding import whole_model
 
     original_train = DistillationTrainer.train
 
@@ -110,7 +112,9 @@ def install_trainer_probes() -> None:
         if RESUME and RESUME[1] == "killed":
             self.add_callback(StopAfterCheckpoint())
         result = original_train(self, *args, **kwargs)
-        state = {k: v.detach().clone() for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()}
+        # The whole weights (under ZeRO-3 / FSDP gathered into rank 0; None in the others).
+        model = whole_model(self)
+        state = None if model is None else {k: v.detach().clone() for k, v in model.state_dict().items()}
         pruning = self.pruning_state_dict() if isinstance(self, ModalAdaptivePruningTrainer) else None
         _dump(CURRENT[0], {"weights": state, "pruning": pruning, "log_history": self.state.log_history})
         return result
@@ -143,9 +147,9 @@ CURRENT: list[str] = [""]
 EVALUATIONS: list[str] = []
 
 
-def common_flags(output_dir: Path) -> list[str]:
+def common_flags(output_dir: Path, command: str) -> list[str]:
     if RESUME:
-        command, phase = RESUME
+        phase = RESUME[1]
         output_dir = WORKDIR / f"resume_{phase if phase == 'full' else 'killed'}" / command
         flags = ["--save_strategy", "steps", "--save_steps", "1", "--max_steps", "4"]
         if phase == "resumed":
@@ -178,7 +182,7 @@ def distill() -> None:
         "--image_root", str(WORKDIR / "images"),
         "--student_layers", "1,1,1",
         "--kd_term_weights", '{"itc": 1.0}',
-        *common_flags(OUTPUTS / "distill"),
+        *common_flags(OUTPUTS / "distill", "distill"),
     ]  # fmt: skip
     cli.main(argv)
 
@@ -199,17 +203,37 @@ def prune() -> None:
         "--sparsity_warmup_steps", "1",
         "--mask_learning_rate", "0.5",
         "--kd_term_weights", '{"itc": 1.0, "vision_attn": 0.0, "text_attn": 0.0, "fusion_attn": 0.0}',
-        *common_flags(OUTPUTS / "prune"),
+        *common_flags(OUTPUTS / "prune", "prune"),
     ]  # fmt: skip
     cli.main(argv)
+
+
+def force_fsdp_on_cpu() -> None:
+    """accelerate enables FSDP only on accelerators (a CPU run with `--fsdp` trains with DDP): with
+    `WORKER_FSDP_ON_CPU=1` its state takes the FSDP plugin on CPU too, as it does on GPUs."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = __init__
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     dist.init_process_group("gloo")
+    if os.environ.get("WORKER_FSDP_ON_CPU") == "1":
+        force_fsdp_on_cpu()
     if RESUME:
         install_trainer_probes()
-        {"distill": distill, "prune": prune}[RESUME[0]]()
+        for command in RESUME[0].split("+"):
+            {"distill": distill, "prune": prune}[command]()
         dist.destroy_process_group()
         sys.exit(0)
     itc_gradients()

@@ -187,7 +187,8 @@ def test_a_killed_two_process_run_resumes_exactly(tmp_path, command: str) -> Non
                     assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["pruning"][part][key])), key
 
 
-# ZeRO-2: optimizer states and gradients sharded, weights whole in every process (what the commands need).
+# ZeRO-2: optimizer states and gradients sharded, weights whole in every process. ZeRO-3 shards the weights too: the
+# commands gather them into process 0 after training (the flag lets accelerate consolidate them).
 ZERO_2 = {
     "zero_optimization": {"stage": 2},
     "train_micro_batch_size_per_gpu": "auto",
@@ -195,21 +196,42 @@ ZERO_2 = {
     "gradient_accumulation_steps": "auto",
     "gradient_clipping": "auto",
 }
+ZERO_3 = {**ZERO_2, "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
+
+
+def _consolidated_fp32_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a DeepSpeed checkpoint, consolidated from its partitions by DeepSpeed's own
+    `zero_to_fp32` (independent of the gather the commands use)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+
+
+def _assert_trained_weights(weights: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    """`weights` (what the command pruned / saved) are the trained fp32 weights of the run's last checkpoint."""
+    consolidated = _consolidated_fp32_weights(checkpoint)
+    assert weights.keys() == consolidated.keys()
+    for key, value in weights.items():
+        assert torch.equal(value, consolidated[key].reshape(value.shape)), key
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
-def test_a_deepspeed_zero2_pruning_run_resumes_exactly(tmp_path) -> None:
-    """`efficientvlm prune --deepspeed` (ZeRO-2, DeepSpeed's CPU accelerator, gloo) for 4 steps, then again from
-    its checkpoint 3: the weights, log-alphas, multipliers and the masks' optimizer moments equal the uninterrupted
-    run's exactly. The masks have their own optimizer (a ZeRO optimizer refuses parameters that are not the
-    model's) and are saved in `masker.pt` of every checkpoint, beside DeepSpeed's own files; the scalar ITC
-    temperature trains as a (1,) tensor (DeepSpeed cannot broadcast 0-d ones) and is saved as a scalar. About 30 s per
-    launch on 2 cores (DeepSpeed builds a CPU extension the first time, a few minutes); DeepSpeed is not a
-    dependency, so it runs only where it is installed."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_deepspeed_pruning_run_resumes_exactly(tmp_path, stage: int) -> None:
+    """`efficientvlm prune --deepspeed` (ZeRO-2 or ZeRO-3, DeepSpeed's CPU accelerator, gloo) for 4 steps, then
+    again from its checkpoint 3: the weights, log-alphas, multipliers and the masks' optimizer moments equal the
+    uninterrupted run's exactly. The masks have their own optimizer (a ZeRO optimizer refuses parameters that are
+    not the model's) and are saved in `masker.pt` of every checkpoint, beside DeepSpeed's own files; the scalar ITC
+    temperature trains as a (1,) tensor (DeepSpeed cannot broadcast 0-d ones) and is saved as a scalar. The weights
+    the command pruned equal DeepSpeed's own fp32 consolidation of the last checkpoint (under ZeRO-3 they are
+    gathered into process 0 after training; process 1 holds none). With ZeRO-3 the first launch also runs `distill`
+    (its folder loads; its first step's ITC loss and ITC KD term, over the global batch, equal a 1-process run's).
+    About 30-50 s per launch on 2 cores (DeepSpeed builds a CPU extension the first time, a few minutes);
+    DeepSpeed is not a dependency, so it runs only where it is installed."""
     write_workdir(tmp_path)
-    (tmp_path / "zero2.json").write_text(json.dumps(ZERO_2))
-    env = {"DS_ACCELERATOR": "cpu", "WORKER_TRAINER_FLAGS": f"--deepspeed {tmp_path / 'zero2.json'}"}
-    _launch(tmp_path, "resume", "prune", "full", env=env)
+    (tmp_path / "zero.json").write_text(json.dumps(ZERO_3 if stage == 3 else ZERO_2))
+    env = {"DS_ACCELERATOR": "cpu", "WORKER_TRAINER_FLAGS": f"--deepspeed {tmp_path / 'zero.json'}"}
+    _launch(tmp_path, "resume", "distill+prune" if stage == 3 else "prune", "full", env=env)
     full_run = tmp_path / "resume_full" / "prune"
     assert (full_run / "checkpoint-3" / "masker.pt").is_file() and (full_run / "checkpoint-3" / "global_step3").is_dir()
     (tmp_path / "resume_killed" / "prune").mkdir(parents=True)
@@ -218,8 +240,11 @@ def test_a_deepspeed_zero2_pruning_run_resumes_exactly(tmp_path) -> None:
     for rank in (0, 1):
         full = torch.load(tmp_path / "results_resume" / f"prune_full_rank{rank}.pt", weights_only=False)
         resumed = torch.load(tmp_path / "results_resume" / f"prune_resumed_rank{rank}.pt", weights_only=False)
-        for key, value in full["weights"].items():
-            assert torch.equal(value, resumed["weights"][key]), key
+        if stage == 3 and rank == 1:
+            assert full["weights"] is None and resumed["weights"] is None  # gathered into process 0 only
+        else:
+            for key, value in full["weights"].items():
+                assert torch.equal(value, resumed["weights"][key]), key
         for part in ("masker", "lagrangian"):
             for key, value in full["pruning"][part].items():
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["pruning"][part][key])), key
@@ -228,6 +253,8 @@ def test_a_deepspeed_zero2_pruning_run_resumes_exactly(tmp_path) -> None:
         for index, state in moments.items():
             for name, value in state.items():
                 assert torch.equal(value, resumed_moments[index][name]), (index, name)
+    full = torch.load(tmp_path / "results_resume" / "prune_full_rank0.pt", weights_only=False)
+    _assert_trained_weights(full["weights"], full_run / "checkpoint-4")
     # The checkpoint and the pruned folder hold the temperature as a scalar: they load as usual.
     from safetensors.torch import load_file
 
@@ -235,4 +262,42 @@ def test_a_deepspeed_zero2_pruning_run_resumes_exactly(tmp_path) -> None:
 
     for folder in (full_run / "checkpoint-3", full_run):
         assert load_file(folder / "model.safetensors")["efficientvlm.temp"].shape == ()
-    assert EfficientVLMForImageTextRetrieval.from_pretrained(full_run).efficientvlm.temp.shape == ()
+    pruned = EfficientVLMForImageTextRetrieval.from_pretrained(full_run)
+    report = json.loads((full_run / "pruning_report.json").read_text())
+    assert pruned.efficientvlm.temp.shape == ()
+    assert sum(p.numel() for p in pruned.parameters()) == report["parameters_after"] < report["parameters_before"]
+    if stage == 3:
+        _check_zero3_distillation(tmp_path)
+
+
+def _check_zero3_distillation(workdir: Path) -> None:
+    """The ZeRO-3 `distill` run of `test_a_deepspeed_pruning_run_resumes_exactly`: the saved student is the trained
+    one and loads; step 1 (same weights in both runs) equals `distill` in 1 process on the same global batch: the
+    ITC loss and the ITC KD term cover the global batch (the KD term reads each model's temperature from its
+    forward, where ZeRO-3 holds the whole weight)."""
+    from modeling_efficientvlm import EfficientVLMForPreTraining
+    from trainers import commands as cli
+
+    run = workdir / "resume_full" / "distill"
+    zero3 = torch.load(workdir / "results_resume" / "distill_full_rank0.pt", weights_only=False)
+    _assert_trained_weights(zero3["weights"], run / "checkpoint-4")
+    student = EfficientVLMForPreTraining.from_pretrained(run)
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, zero3["weights"][key]), key
+    reference = workdir / "one_process"
+    cli.main([
+        "distill",
+        "--teacher_model_name_or_path", str(workdir / "pretraining_teacher"),
+        "--train_file", str(workdir / "image_text.json"),
+        "--image_root", str(workdir / "images"),
+        "--student_layers", "1,1,1",
+        "--kd_term_weights", '{"itc": 1.0}',
+        "--max_steps", "1", "--save_strategy", "no", "--output_dir", str(reference),
+        "--per_device_train_batch_size", str(GLOBAL_BATCH), "--logging_steps", "1", "--learning_rate", "1e-3",
+        "--seed", "0", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
+    ])  # fmt: skip
+    one = json.loads((reference / "trainer_state.json").read_text())["log_history"][0]
+    two = zero3["log_history"][0]
+    for name in ("loss_itc", "kd_itc", "loss_mlm"):
+        assert one[name] == pytest.approx(two[name], abs=1e-5), name
+    assert one["loss"] == pytest.approx(two["loss"], abs=1e-3)

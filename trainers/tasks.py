@@ -171,8 +171,8 @@ class TaskSpec:
 # -- what distillation reads from each task model's outputs -----------------------------------------------------
 VISION_KD = EncoderKD("vision_output", group="vision", stack="vision")
 TEXT_KD = EncoderKD("text_output", group="text", stack="text", mask="text")
-# Fields that are never distilled: the losses, ITM labels and sampled negatives, the ITC embeddings (their
-# similarities are).
+# Fields that are never distilled: the losses, ITM labels and sampled negatives, the ITC embeddings and
+# temperature (their similarities are).
 MATCHING_FIELDS = (
     "loss_itc",
     "loss_itm",
@@ -181,6 +181,7 @@ MATCHING_FIELDS = (
     "negative_image_index",
     "image_embeds",
     "text_embeds",
+    "itc_temperature",
 )
 
 PRETRAINING_KD = KDSpec(

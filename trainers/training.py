@@ -23,7 +23,7 @@ from transformers import Trainer, TrainingArguments
 
 from trainers.model_card import ModelCardInfo, local_name
 from trainers.saving import hub_target_from, save_model_folder
-from trainers.sharding import check_whole_model_in_process, prepare_model_for_engine
+from trainers.sharding import check_engine, prepare_model_for_engine, whole_model, whole_weights_on_load
 from trainers.tasks import build_collator, build_dataset, evaluate_task, task_model_from
 
 
@@ -201,8 +201,8 @@ def train(
     **trainer_kwargs: Any,
 ) -> Trainer:
     """Trains `model` on `train_dataset` with the task's collator; our datasets yield raw items, so columns
-    are never dropped. Under DeepSpeed or FSDP the model is made wrappable first (`trainers.sharding`); sharded
-    weights (FSDP, ZeRO-3) are refused, since the caller uses the whole trained model in process 0."""
+    are never dropped. Under DeepSpeed or FSDP the model is made wrappable first (`trainers.sharding`); under
+    sharded weights (FSDP, ZeRO-3) the caller gets the whole trained model with `trainers.sharding.whole_model`."""
     training_args.remove_unused_columns = False
     trainer = trainer_class(
         model=model,
@@ -211,7 +211,7 @@ def train(
         data_collator=build_collator(task, processor),
         **trainer_kwargs,
     )
-    check_whole_model_in_process(trainer)
+    check_engine(trainer)
     prepare_model_for_engine(trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     return trainer
@@ -331,24 +331,27 @@ def train_task_model(
     if distillation_config is not None and teacher_model_name_or_path is None:
         raise ValueError("Distillation settings were given without a --teacher_model_name_or_path to distil from.")
     hub = hub_target_from(training_args)
-    model, processor = build_model_and_processor(
-        task, model_name_or_path, preset, config_overrides, processor_name_or_path, vocab_file, max_text_length
-    )
+    with whole_weights_on_load(training_args):  # under ZeRO-3 too: the engine partitions the student later
+        model, processor = build_model_and_processor(
+            task, model_name_or_path, preset, config_overrides, processor_name_or_path, vocab_file, max_text_length
+        )
+        teacher = task_model_from(task, teacher_model_name_or_path) if teacher_model_name_or_path else None
     train_dataset, eval_dataset, answers = task_inputs(
         task, model, processor, train_file, eval_file, image_root, dataset_path, answer_list
     )
     trainer_class, distillation = Trainer, {}
-    if teacher_model_name_or_path is not None:
+    if teacher is not None:
         from trainers.distillation import DistillationTrainer
 
         trainer_class = DistillationTrainer
-        teacher = task_model_from(task, teacher_model_name_or_path)
         distillation = {"teacher_model": teacher, "distillation_config": distillation_config}
-    train(task, model, processor, train_dataset, training_args, trainer_class, **distillation)
+    trainer = train(task, model, processor, train_dataset, training_args, trainer_class, **distillation)
+    # Every process: under FSDP / ZeRO-3 this gathers the weights into process 0 (None in the others).
+    model = whole_model(trainer)
     metrics: dict[str, float] = {}
-    output_dir = training_args.output_dir if training_args.should_save else None
-    # Evaluation runs once, in the world's first process (the model is not sharded: no collective is needed);
-    # the other processes return no metrics.
+    output_dir = training_args.output_dir if training_args.should_save and model is not None else None
+    # Evaluation runs once, in the world's first process, on the whole model (no collective is needed); the other
+    # processes return no metrics.
     if eval_dataset is not None and training_args.process_index == 0:
         metrics = evaluate_and_save(task, model, processor, eval_dataset, output_dir, answers)
     if output_dir is not None:

@@ -133,7 +133,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
     from trainers.model_card import ModelCardInfo, local_name
     from trainers.saving import hub_target_from, save_model_folder
-    from trainers.sharding import check_whole_model_in_process
+    from trainers.sharding import check_engine, whole_model, whole_weights_on_load
     from trainers.training import check_image_size
 
     from ..data import PretrainingCollator
@@ -155,7 +155,8 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     hub = hub_target_from(training_args)  # the Trainer never pushes: only the student's folder goes up
     set_seed(training_args.seed)
 
-    teacher = EfficientVLMForPreTraining.from_pretrained(args.teacher_model_name_or_path)
+    with whole_weights_on_load(training_args):  # the teacher is never partitioned (nor wrapped)
+        teacher = EfficientVLMForPreTraining.from_pretrained(args.teacher_model_name_or_path)
     processor = EfficientVLMProcessor.from_pretrained(args.processor_name_or_path or args.teacher_model_name_or_path)
     check_image_size(processor, teacher.config.vision_config.image_size)
     student = build_student(teacher, *layers, layer_mapping=layer_mapping or None)
@@ -183,9 +184,11 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
         teacher_model=teacher,
         distillation_config=distillation_config,
     )
-    check_whole_model_in_process(trainer)  # the student is saved whole from process 0
+    check_engine(trainer)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    if training_args.should_save:
+    # Every process: under FSDP / ZeRO-3 this gathers the weights into process 0 (None in the others).
+    student = whole_model(trainer)
+    if training_args.should_save and student is not None:
         teacher_name = local_name(args.teacher_model_name_or_path)
         card = ModelCardInfo(
             task="pretraining",
@@ -194,7 +197,6 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
             teacher_model=teacher_name,
             datasets=[args.dataset_name or Path(args.dataset_path or args.train_file).name],
         )
-        student = trainer.accelerator.unwrap_model(trainer.model)
         save_model_folder(student, processor, training_args.output_dir, card, push=hub)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)

@@ -145,6 +145,7 @@ def run(
     from trainers.model_card import ModelCardInfo, local_name
     from trainers.pruning import ModalAdaptivePruningTrainer
     from trainers.saving import hub_target_from, save_model_folder
+    from trainers.sharding import whole_weights_on_load
     from trainers.tasks import task_model_from
     from trainers.training import (
         build_model_and_processor,
@@ -178,16 +179,17 @@ def run(
     set_seed(training_args.seed)
 
     task = prune_args.task
-    model, processor = build_model_and_processor(
-        task, **model_options(model_args), **processor_options(model_args, data_args)
-    )
+    with whole_weights_on_load(training_args):  # under ZeRO-3 too; the engine partitions the student later
+        model, processor = build_model_and_processor(
+            task, **model_options(model_args), **processor_options(model_args, data_args)
+        )
+        teacher = None
+        if prune_args.teacher_model_name_or_path is not None:
+            teacher = task_model_from(task, prune_args.teacher_model_name_or_path)
     train_dataset, eval_dataset, answers = task_inputs(
         task, model, processor, data_args.train_file, data_args.eval_file, data_args.image_root,
         data_args.dataset_path, data_args.answer_list,
     )  # fmt: skip
-    teacher = None
-    if prune_args.teacher_model_name_or_path is not None:
-        teacher = task_model_from(task, prune_args.teacher_model_name_or_path)
 
     def card_for(metrics: dict) -> ModelCardInfo:
         return ModelCardInfo(
@@ -227,11 +229,11 @@ def run(
     )
     if pruning_config.sparsity_ladder is not None:
         return _ladder_results(trainer, task, training_args)
-    report = trainer.finalize_pruning()
-    pruned = trainer.accelerator.unwrap_model(trainer.model)
+    report = trainer.finalize_pruning()  # every process: under FSDP / ZeRO-3 it gathers the weights into process 0
+    pruned = trainer.pruned_model
     output_dir = training_args.output_dir if training_args.should_save else None
     metrics: dict = {}
-    # Evaluation runs once, in the world's first process (the model is not sharded: no collective is needed);
+    # Evaluation runs once, in the world's first process, on the whole pruned model (no collective is needed);
     # the other processes return no metrics.
     if eval_dataset is not None and training_args.process_index == 0:
         metrics = evaluate_and_save(task, pruned, processor, eval_dataset, output_dir, answers)
@@ -253,12 +255,13 @@ def _ladder_results(trainer, task: str, training_args: TrainingArguments) -> dic
     """After a `--sparsity_ladder` run: benchmarks the saved rungs against the unpruned student, writes the table
     (`ladder.md`, `ladder.json`) and plot (`ladder.png`) to the output folder and returns the rows."""
     from trainers.pruning.ladder import format_ladder_table, ladder_table, write_ladder_table
+    from trainers.sharding import whole_model
     from trainers.tasks import task_spec
 
     rungs = trainer.ladder.rungs
+    student = whole_model(trainer)  # every process: under FSDP / ZeRO-3 it gathers the weights into process 0
     if not training_args.should_save:
         return {"rungs": [rung.output_dir for rung in rungs]}
-    student = trainer.accelerator.unwrap_model(trainer.model)
     rows = ladder_table(student, rungs, metric=task_spec(task).primary_metric)
     paths = write_ladder_table(rows, training_args.output_dir)
     logger.warning(f"Sparsity ladder of {len(rungs)} rungs:\n{format_ladder_table(rows)}Written to {paths['md']}.")

@@ -429,7 +429,7 @@ class DemoRun:
             )
             scores = {(key, layer): p.detach().clone() for key, layer, p in trainer.masker.layers()}
             self.pruning_reports[task] = trainer.finalize_pruning()
-            self.pruned[task] = trainer.accelerator.unwrap_model(trainer.model).eval()
+            self.pruned[task] = trainer.pruned_model.eval()
             report = self.pruning_reports[task]
             split = ", ".join(f"{m} {v:.2f}" for m, v in report["sparsity_per_modality"].items())
             _say(f"pruned_{task}: sparsity {report['sparsity']:.3f} (target {self.settings.target_sparsity}); {split}")

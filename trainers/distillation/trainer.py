@@ -28,7 +28,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from ..sharding import prepare_model_for_engine, weights_are_sharded
+from ..sharding import prepare_model_for_engine
 from ..tasks import KDSpec
 from .objective import DistillationConfig, DistillationLoss
 
@@ -45,14 +45,6 @@ class CollatorEpochCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.collator.set_epoch(math.floor((state.epoch or 0) + 1e-9))
-
-
-def itc_temperature(model: nn.Module) -> torch.Tensor | None:
-    """The learnable ITC temperature of the first submodule of `model` that has one (None if none does)."""
-    for module in model.modules():
-        if isinstance(getattr(type(module), "itc_temperature", None), property):
-            return module.itc_temperature
-    return None
 
 
 class DistillationTrainer(Trainer):
@@ -143,15 +135,11 @@ class DistillationTrainer(Trainer):
         recompute the similarities over the gathered embeddings)."""
         temperatures = None
         if self.model.training and self.args.world_size > 1 and self.distillation_config.itc > 0:
-            if weights_are_sharded(self):
-                # The student's temperature is read outside its forward, where FSDP / ZeRO-3 hold only a shard.
-                logger.warning_once(
-                    "Under FSDP or DeepSpeed ZeRO-3 the ITC KD term compares the local (per-process) similarities."
-                )
-            else:
-                student = itc_temperature(self.accelerator.unwrap_model(self.model))
-                teacher = itc_temperature(self.teacher_model)
-                temperatures = (student, teacher) if student is not None and teacher is not None else None
+            # Each model's temperature as its forward read it: under FSDP / ZeRO-3 the student's weight is whole
+            # only inside the forward.
+            student = getattr(student_outputs, "itc_temperature", None)
+            teacher = getattr(teacher_outputs, "itc_temperature", None)
+            temperatures = (student, teacher) if student is not None and teacher is not None else None
         return self.distillation_loss(
             student_outputs,
             teacher_outputs,

@@ -23,7 +23,6 @@ benchmarks the rungs against the unpruned student (parameters, FLOPs, speedup) a
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -183,17 +182,19 @@ class SparsityLadder(TrainerCallback):
         """Prunes a copy of the student with the current deterministic masks, evaluates it (when an `evaluate` was
         given) and saves it as `rung_<target>/` in the output folder."""
         from trainers.saving import default_card, save_model_folder
+        from trainers.sharding import broadcast_from_first_process, whole_model
 
         trainer = self.trainer
         rung, target = trainer.lagrangian.rung, trainer.lagrangian.ladder[trainer.lagrangian.rung]
         output_dir = os.path.join(trainer.args.output_dir, rung_folder_name(target))
-        student = trainer.accelerator.unwrap_model(trainer.model)
-        pruned = copy.deepcopy(student)
-        report = trainer.prune_with_final_masks(pruned)
-        report["ladder"] = {"rung": rung, "rungs": list(self.ladder), "step": step, "settled_by": settled_by}
-        pruned.eval()
-        metrics: dict[str, float] = {}
-        if trainer.args.should_save:
+        # A copy with all the weights (under FSDP / ZeRO-3 gathered into the first process only; None elsewhere).
+        pruned = whole_model(trainer, copy_weights=True)
+        report, metrics = None, {}
+        if pruned is not None:
+            report = trainer.prune_with_final_masks(pruned)
+            report["ladder"] = {"rung": rung, "rungs": list(self.ladder), "step": step, "settled_by": settled_by}
+            pruned.eval()
+        if trainer.args.should_save and pruned is not None:
             if self.outputs.evaluate is not None:
                 metrics = dict(self.outputs.evaluate(pruned, output_dir))
             processor = self.outputs.processor if self.outputs.processor is not None else trainer.processing_class
@@ -211,6 +212,7 @@ class SparsityLadder(TrainerCallback):
                 pruning_report=report,
                 answer_candidates=self.outputs.answer_candidates,
             )
+        report, metrics = broadcast_from_first_process((report, metrics))
         logger.warning(
             f"Sparsity ladder: rung {target} at step {step} ({settled_by}): sparsity {report['sparsity']:.4f}, "
             f"{report['parameters_before']:,} -> {report['parameters_after']:,} parameters; saved to {output_dir}."

@@ -38,6 +38,7 @@ from transformers.utils import logging
 from modeling_efficientvlm.modeling_efficientvlm import StructureMasks
 
 from ..distillation import DistillationConfig, DistillationTrainer
+from ..sharding import broadcast_from_first_process, whole_model
 from .hard_concrete import DROPRATE_INIT, HARD_CONCRETE_TEMPERATURE, HEAD_LOG_ALPHA_INIT, StructureMasker
 from .ladder import LadderOutputs, SparsityLadder, parse_sparsity_ladder
 from .lagrangian import SparsityLagrangian, one_epoch_warmup_steps
@@ -270,17 +271,14 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             )
         self.pruning_optimizer = self.create_pruning_optimizer()
         self.pruned = False
+        # After `finalize_pruning`: the pruned whole model (None in the other processes under FSDP / ZeRO-3).
+        self.pruned_model: nn.Module | None = None
         # First step of the fixed-mask phase (set when training starts; None: masks learn throughout).
         self.mask_freeze_step: int | None = None
         self.add_callback(_MaskOptimizationCallback(self))
         # The rungs saved so far (a `SparsityLadder` adds them; empty without a ladder).
         self.ladder: SparsityLadder | None = None
         if pruning_config.sparsity_ladder is not None:
-            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-                raise ValueError(
-                    "`sparsity_ladder` is not supported under FSDP or DeepSpeed: each rung prunes a full copy of the "
-                    "model, which a sharded model does not hold. Use one process or DDP."
-                )
             self.ladder = SparsityLadder(self, ladder_outputs)
             self.add_callback(self.ladder)
 
@@ -437,15 +435,21 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
 
     # -- the end: physical pruning ------------------------------------------------------------------------
     def finalize_pruning(self) -> dict[str, Any]:
-        """Prunes the student in place with the deterministic masks and returns the pruning report.
+        """Prunes the whole trained student with the deterministic masks, keeps it as `pruned_model` and returns
+        the pruning report (the same in every process).
 
-        The trainer is done afterwards: fine-tune the pruned model further with a new Trainer.
+        Without sharded weights the student is pruned in place. Under FSDP or ZeRO-3 its full weights are gathered
+        into the world's first process and a copy is pruned there (`trainers.sharding.whole_model`); the other
+        processes keep `pruned_model = None`. A collective then: every process calls it. The trainer is done
+        afterwards: fine-tune the pruned model further with a new Trainer.
         """
         if self.pruned:
             raise ValueError("The model is already pruned.")
-        report = self.prune_with_final_masks(self.accelerator.unwrap_model(self.model))
+        model = whole_model(self)
+        report = self.prune_with_final_masks(model) if model is not None else None
+        self.pruned_model = model
         self.pruned = True
-        return report
+        return broadcast_from_first_process(report)
 
     def prune_with_final_masks(self, model: nn.Module) -> dict[str, Any]:
         """Prunes `model` (the student, or a copy of it) in place with [`final_masks`]; returns the pruning report."""
@@ -500,8 +504,8 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             )
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         report = self.finalize_pruning()
-        if self.args.should_save:
-            model = self.accelerator.unwrap_model(self.model)
+        model = self.pruned_model
+        if self.args.should_save and model is not None:
             save_model_folder(
                 model,
                 processor,
