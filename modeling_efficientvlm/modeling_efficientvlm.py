@@ -746,6 +746,15 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
                 key: value.reshape(()) if key.rsplit(".", 1)[-1] == "temp" and value.numel() == 1 else value
                 for key, value in state_dict.items()
             }
+        wrapped_class = type(self)
+        if wrapped_class.__module__.startswith("torch.distributed"):
+            # FSDP2 gives the model a class of its own (FSDP<Model>, defined in torch), and the Trainer saves its
+            # checkpoints through it: saved as the model's class (its code, its `auto_map`), then given back.
+            self.__class__ = next(c for c in wrapped_class.__mro__ if not c.__module__.startswith("torch.distributed"))
+            try:
+                return self.save_pretrained(save_directory, *args, **kwargs)
+            finally:
+                self.__class__ = wrapped_class
         if self._auto_class is not None:
             name = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
             kept = {

@@ -211,7 +211,7 @@ def prune() -> None:
 def force_fsdp_on_cpu() -> None:
     """accelerate enables FSDP only on accelerators (a CPU run with `--fsdp` trains with DDP): with
     `WORKER_FSDP_ON_CPU=1` its state takes the FSDP plugin on CPU too, as it does on GPUs."""
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     original = AcceleratorState.__init__
@@ -219,6 +219,8 @@ def force_fsdp_on_cpu() -> None:
     def __init__(self, *args, fsdp_plugin=None, **kwargs):
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            # Both shared states: a later `AcceleratorState()` takes the type from `PartialState`.
+            PartialState().distributed_type = DistributedType.FSDP
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
 

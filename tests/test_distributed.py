@@ -199,48 +199,66 @@ ZERO_2 = {
 ZERO_3 = {**ZERO_2, "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
 
 
-def _consolidated_fp32_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a DeepSpeed checkpoint, consolidated from its partitions by DeepSpeed's own
-    `zero_to_fp32` (independent of the gather the commands use)."""
+# FSDP2 through the Trainer (`--fsdp`), whole state dicts in checkpoints. accelerate enables FSDP only on accelerators:
+# the worker lifts that gate on CPU (`WORKER_FSDP_ON_CPU`, test only), the rest is the stock Trainer / accelerate path.
+FSDP = {"version": 2, "state_dict_type": "FULL_STATE_DICT", "reshard_after_forward": True}
+NO_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+
+
+def _engine_flags(workdir: Path, engine: str) -> dict[str, str]:
+    if engine == "fsdp":
+        (workdir / "fsdp.json").write_text(json.dumps(FSDP))
+        flags = f"--fsdp full_shard --fsdp_config {workdir / 'fsdp.json'}"
+        return {"WORKER_FSDP_ON_CPU": "1", "WORKER_TRAINER_FLAGS": flags}
+    (workdir / "zero.json").write_text(json.dumps(ZERO_3 if engine == "zero3" else ZERO_2))
+    return {"DS_ACCELERATOR": "cpu", "WORKER_TRAINER_FLAGS": f"--deepspeed {workdir / 'zero.json'}"}
+
+
+def _checkpoint_weights(checkpoint: Path, engine: str) -> dict[str, torch.Tensor]:
+    """The trained weights in a checkpoint, read the engine's own way (not through the gather the commands use):
+    DeepSpeed's `zero_to_fp32` consolidation of its fp32 partitions; FSDP's whole state dict (accelerate)."""
+    if engine == "fsdp":
+        return torch.load(checkpoint / "pytorch_model_fsdp.bin", weights_only=True)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
 
 
-def _assert_trained_weights(weights: dict[str, torch.Tensor], checkpoint: Path) -> None:
-    """`weights` (what the command pruned / saved) are the trained fp32 weights of the run's last checkpoint."""
-    consolidated = _consolidated_fp32_weights(checkpoint)
-    assert weights.keys() == consolidated.keys()
+def _assert_trained_weights(weights: dict[str, torch.Tensor], checkpoint: Path, engine: str) -> None:
+    """`weights` (what the command pruned / saved) are the trained weights of the run's last checkpoint."""
+    saved = _checkpoint_weights(checkpoint, engine)
+    assert weights.keys() == saved.keys()
     for key, value in weights.items():
-        assert torch.equal(value, consolidated[key].reshape(value.shape)), key
+        assert torch.equal(value, saved[key].reshape(value.shape)), key
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
-@pytest.mark.parametrize("stage", [2, 3])
-def test_a_deepspeed_pruning_run_resumes_exactly(tmp_path, stage: int) -> None:
-    """`efficientvlm prune --deepspeed` (ZeRO-2 or ZeRO-3, DeepSpeed's CPU accelerator, gloo) for 4 steps, then
-    again from its checkpoint 3: the weights, log-alphas, multipliers and the masks' optimizer moments equal the
-    uninterrupted run's exactly. The masks have their own optimizer (a ZeRO optimizer refuses parameters that are
-    not the model's) and are saved in `masker.pt` of every checkpoint, beside DeepSpeed's own files; the scalar ITC
-    temperature trains as a (1,) tensor (DeepSpeed cannot broadcast 0-d ones) and is saved as a scalar. The weights
-    the command pruned equal DeepSpeed's own fp32 consolidation of the last checkpoint (under ZeRO-3 they are
-    gathered into process 0 after training; process 1 holds none). With ZeRO-3 the first launch also runs `distill`
-    (its folder loads; its first step's ITC loss and ITC KD term, over the global batch, equal a 1-process run's).
-    About 30-50 s per launch on 2 cores (DeepSpeed builds a CPU extension the first time, a few minutes);
-    DeepSpeed is not a dependency, so it runs only where it is installed."""
+@pytest.mark.parametrize(
+    "engine", [pytest.param("zero2", marks=NO_DEEPSPEED), pytest.param("zero3", marks=NO_DEEPSPEED), "fsdp"]
+)
+def test_a_sharded_pruning_run_resumes_exactly(tmp_path, engine: str) -> None:
+    """`efficientvlm prune` under DeepSpeed ZeRO-2 / ZeRO-3 (DeepSpeed's CPU accelerator, gloo) or FSDP2 for 4
+    steps, then again from its checkpoint 3: the weights, log-alphas, multipliers and the masks' optimizer moments
+    equal the uninterrupted run's exactly. The masks have their own optimizer (a ZeRO optimizer refuses parameters
+    that are not the model's) and are saved in `masker.pt` of every checkpoint, beside the engine's own files; the
+    scalar ITC temperature trains as a (1,) tensor (DeepSpeed and FSDP cannot shard 0-d ones) and is saved as a
+    scalar. The weights the command pruned equal the engine's own reading of the last checkpoint (under ZeRO-3 and
+    FSDP they are gathered into process 0 after training; process 1 holds none). Where the weights are sharded the
+    first launch also runs `distill` (see `_check_sharded_distillation`). About 30-50 s per launch on 2 cores
+    (DeepSpeed builds a CPU extension the first time, a few minutes); DeepSpeed is not a dependency, so its cases
+    run only where it is installed."""
     write_workdir(tmp_path)
-    (tmp_path / "zero.json").write_text(json.dumps(ZERO_3 if stage == 3 else ZERO_2))
-    env = {"DS_ACCELERATOR": "cpu", "WORKER_TRAINER_FLAGS": f"--deepspeed {tmp_path / 'zero.json'}"}
-    _launch(tmp_path, "resume", "distill+prune" if stage == 3 else "prune", "full", env=env)
+    env = _engine_flags(tmp_path, engine)
+    sharded = engine != "zero2"
+    _launch(tmp_path, "resume", "distill+prune" if sharded else "prune", "full", env=env)
     full_run = tmp_path / "resume_full" / "prune"
-    assert (full_run / "checkpoint-3" / "masker.pt").is_file() and (full_run / "checkpoint-3" / "global_step3").is_dir()
+    assert (full_run / "checkpoint-3" / "masker.pt").is_file()
     (tmp_path / "resume_killed" / "prune").mkdir(parents=True)
     shutil.copytree(full_run / "checkpoint-3", tmp_path / "resume_killed" / "prune" / "checkpoint-3")
     _launch(tmp_path, "resume", "prune", "resumed", env=env)
     for rank in (0, 1):
         full = torch.load(tmp_path / "results_resume" / f"prune_full_rank{rank}.pt", weights_only=False)
         resumed = torch.load(tmp_path / "results_resume" / f"prune_resumed_rank{rank}.pt", weights_only=False)
-        if stage == 3 and rank == 1:
+        if sharded and rank == 1:
             assert full["weights"] is None and resumed["weights"] is None  # gathered into process 0 only
         else:
             for key, value in full["weights"].items():
@@ -254,36 +272,40 @@ def test_a_deepspeed_pruning_run_resumes_exactly(tmp_path, stage: int) -> None:
             for name, value in state.items():
                 assert torch.equal(value, resumed_moments[index][name]), (index, name)
     full = torch.load(tmp_path / "results_resume" / "prune_full_rank0.pt", weights_only=False)
-    _assert_trained_weights(full["weights"], full_run / "checkpoint-4")
-    # The checkpoint and the pruned folder hold the temperature as a scalar: they load as usual.
+    _assert_trained_weights(full["weights"], full_run / "checkpoint-4", engine)
+    # The checkpoints and the pruned folder hold the temperature as a scalar and the model's own code: they load as
+    # usual.
     from safetensors.torch import load_file
 
     from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 
     for folder in (full_run / "checkpoint-3", full_run):
         assert load_file(folder / "model.safetensors")["efficientvlm.temp"].shape == ()
+        auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+        assert auto_map["AutoModel"] == "modeling_efficientvlm_retrieval.EfficientVLMForImageTextRetrieval"
+    assert EfficientVLMForImageTextRetrieval.from_pretrained(full_run / "checkpoint-3").efficientvlm.temp.shape == ()
     pruned = EfficientVLMForImageTextRetrieval.from_pretrained(full_run)
     report = json.loads((full_run / "pruning_report.json").read_text())
     assert pruned.efficientvlm.temp.shape == ()
     assert sum(p.numel() for p in pruned.parameters()) == report["parameters_after"] < report["parameters_before"]
-    if stage == 3:
-        _check_zero3_distillation(tmp_path)
+    if sharded:
+        _check_sharded_distillation(tmp_path, engine)
 
 
-def _check_zero3_distillation(workdir: Path) -> None:
-    """The ZeRO-3 `distill` run of `test_a_deepspeed_pruning_run_resumes_exactly`: the saved student is the trained
-    one and loads; step 1 (same weights in both runs) equals `distill` in 1 process on the same global batch: the
-    ITC loss and the ITC KD term cover the global batch (the KD term reads each model's temperature from its
-    forward, where ZeRO-3 holds the whole weight)."""
+def _check_sharded_distillation(workdir: Path, engine: str) -> None:
+    """The `distill` run (ZeRO-3 or FSDP) of `test_a_sharded_pruning_run_resumes_exactly`: the saved student is the
+    trained one and loads; step 1 (same weights in both runs) equals `distill` in 1 process on the same global
+    batch: the ITC loss and the ITC KD term cover the global batch (the KD term reads each model's temperature from its
+    forward, where ZeRO-3 and FSDP hold the whole weight)."""
     from modeling_efficientvlm import EfficientVLMForPreTraining
     from trainers import commands as cli
 
     run = workdir / "resume_full" / "distill"
-    zero3 = torch.load(workdir / "results_resume" / "distill_full_rank0.pt", weights_only=False)
-    _assert_trained_weights(zero3["weights"], run / "checkpoint-4")
+    sharded_run = torch.load(workdir / "results_resume" / "distill_full_rank0.pt", weights_only=False)
+    _assert_trained_weights(sharded_run["weights"], run / "checkpoint-4", engine)
     student = EfficientVLMForPreTraining.from_pretrained(run)
     for key, value in student.state_dict().items():
-        assert torch.equal(value, zero3["weights"][key]), key
+        assert torch.equal(value, sharded_run["weights"][key]), key
     reference = workdir / "one_process"
     cli.main([
         "distill",
@@ -297,7 +319,7 @@ def _check_zero3_distillation(workdir: Path) -> None:
         "--seed", "0", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
     ])  # fmt: skip
     one = json.loads((reference / "trainer_state.json").read_text())["log_history"][0]
-    two = zero3["log_history"][0]
+    two = sharded_run["log_history"][0]
     for name in ("loss_itc", "kd_itc", "loss_mlm"):
         assert one[name] == pytest.approx(two[name], abs=1e-5), name
     assert one["loss"] == pytest.approx(two["loss"], abs=1e-3)

@@ -1,5 +1,6 @@
 """`trainers.sharding`: the models' scalar ITC temperature made wrappable by DeepSpeed / FSDP, saved as a scalar;
-sharded weights refused by the commands. (A 2-process DeepSpeed run is in `tests/test_distributed.py`.)"""
+models loaded whole under a ZeRO-3 config; what a sharded run cannot gather refused before training. (2-process
+ZeRO-2, ZeRO-3 and FSDP runs are in `tests/test_distributed.py`.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
-from trainers.sharding import check_whole_model_in_process, make_scalar_parameters_shardable
+from trainers.sharding import check_engine, make_scalar_parameters_shardable, whole_model, whole_weights_on_load
 
 from .conftest import make_inputs
 from .distributed_reference import tiny_config
@@ -43,7 +44,68 @@ def test_scalar_parameters_train_as_vectors_and_save_as_scalars(tmp_path) -> Non
         assert model.efficientvlm.temp.shape == (1,) and model.efficientvlm.temp.item() == pytest.approx(value.item())
 
 
-def test_commands_refuse_sharded_weights() -> None:
-    check_whole_model_in_process(SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=False))
-    with pytest.raises(ValueError, match="--fsdp and DeepSpeed ZeRO stage 3 shard the weights"):
-        check_whole_model_in_process(SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False))
+def _trainer(fsdp: bool = False, zero: dict | None = None, save_on_each_node: bool = False) -> SimpleNamespace:
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": zero or {}})
+    return SimpleNamespace(
+        is_fsdp_enabled=fsdp,
+        is_deepspeed_enabled=zero is not None,
+        args=SimpleNamespace(save_on_each_node=save_on_each_node),
+        accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
+    )
+
+
+def test_sharded_runs_that_cannot_be_gathered_are_refused_before_training() -> None:
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    check_engine(_trainer(save_on_each_node=True))  # DDP: every process holds the whole model
+    check_engine(_trainer(fsdp=True))
+    with pytest.raises(ValueError, match="--save_on_each_node with --fsdp or DeepSpeed ZeRO-3"):
+        check_engine(_trainer(fsdp=True, save_on_each_node=True))
+    zero3 = {"stage": 3}
+    config = HfDeepSpeedConfig({"zero_optimization": zero3, "train_micro_batch_size_per_gpu": 1})
+    try:
+        with pytest.raises(ValueError, match='"stage3_gather_16bit_weights_on_model_save": true'):
+            check_engine(_trainer(zero=zero3))
+        check_engine(_trainer(zero={**zero3, "stage3_gather_16bit_weights_on_model_save": True}))
+    finally:
+        unset_hf_deepspeed_config()
+    del config
+
+
+def test_models_load_whole_under_a_zero3_config(tmp_path) -> None:
+    """Under a ZeRO-3 config `from_pretrained` would partition a model as it loads (`zero.Init`); inside
+    `whole_weights_on_load` it does not, and the config is in force again afterwards."""
+    from transformers.integrations.deepspeed import (
+        HfDeepSpeedConfig,
+        is_deepspeed_zero3_enabled,
+        unset_hf_deepspeed_config,
+    )
+
+    torch.manual_seed(0)
+    EfficientVLMForImageTextRetrieval(tiny_config()).save_pretrained(tmp_path)
+    args = SimpleNamespace(hf_deepspeed_config=HfDeepSpeedConfig({"zero_optimization": {"stage": 3}}))
+    try:
+        with whole_weights_on_load(args):
+            assert not is_deepspeed_zero3_enabled()
+            model = EfficientVLMForImageTextRetrieval.from_pretrained(tmp_path)
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        unset_hf_deepspeed_config()
+    assert not any(hasattr(p, "ds_id") for p in model.parameters())
+    assert model.efficientvlm.temp.shape == ()
+    with whole_weights_on_load(SimpleNamespace()):  # no DeepSpeed: nothing to lift
+        assert not is_deepspeed_zero3_enabled()
+
+
+def test_whole_model_without_sharding_is_the_trained_model() -> None:
+    model = EfficientVLMForImageTextRetrieval(tiny_config())
+    trainer = SimpleNamespace(
+        model=model,
+        is_fsdp_enabled=False,
+        is_deepspeed_enabled=False,
+        accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+    )
+    assert whole_model(trainer) is model
+    copied = whole_model(trainer, copy_weights=True)
+    assert copied is not model and copied.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in copied.state_dict().items())
