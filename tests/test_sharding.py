@@ -14,6 +14,7 @@ from trainers.sharding import check_engine, make_scalar_parameters_shardable, wh
 
 from .conftest import make_inputs
 from .distributed_reference import tiny_config
+from .model_utils import prune_unevenly
 
 
 def test_scalar_parameters_train_as_vectors_and_save_as_scalars(tmp_path) -> None:
@@ -109,3 +110,35 @@ def test_whole_model_without_sharding_is_the_trained_model() -> None:
     copied = whole_model(trainer, copy_weights=True)
     assert copied is not model and copied.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in copied.state_dict().items())
+
+
+def test_whole_model_under_sharding_is_a_new_model_with_the_gathered_weights() -> None:
+    """The sharded branch with a stand-in for the gather (`Accelerator.get_state_dict`): process 0 gets a new model
+    with the gathered weights (the temperature back to a scalar) and a config of its own, so pruning it leaves the
+    trained model's config alone (a sparsity ladder prunes several copies); the other processes get None."""
+    torch.manual_seed(0)
+    model = EfficientVLMForImageTextRetrieval(tiny_config())
+    make_scalar_parameters_shardable(model)
+    gathered = {key: value.clone() for key, value in model.state_dict(keep_vars=False).items()}
+    gathered["efficientvlm.temp"] = gathered["efficientvlm.temp"].reshape(1)  # as ZeRO-3 consolidates it
+
+    def trainer(rank: int) -> SimpleNamespace:
+        accelerator = SimpleNamespace(unwrap_model=lambda m: m, get_state_dict=lambda m: gathered if rank == 0 else {})
+        return SimpleNamespace(
+            model=model,
+            model_wrapped=model,
+            is_fsdp_enabled=True,
+            is_deepspeed_enabled=False,
+            accelerator=accelerator,
+            args=SimpleNamespace(process_index=rank),
+        )
+
+    assert whole_model(trainer(1)) is None
+    whole = whole_model(trainer(0))
+    assert whole is not model and whole.config is not model.config
+    assert whole.efficientvlm.temp.shape == ()
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, gathered[key].reshape(value.shape)), key
+    sizes = model.config.to_dict()
+    prune_unevenly(whole)
+    assert whole.config.to_dict() != sizes and model.config.to_dict() == sizes

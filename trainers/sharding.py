@@ -141,7 +141,7 @@ def whole_model(trainer: Any, copy_weights: bool = False) -> nn.Module | None:
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if trainer.args.process_index != 0:
         return None
-    whole = type(model)(model.config)
+    whole = type(model)(copy.deepcopy(model.config))  # its own config: pruning the copy rewrites it
     own = whole.state_dict()
     missing = sorted(set(own) - set(state_dict))
     if missing:
