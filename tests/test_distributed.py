@@ -237,8 +237,10 @@ def _assert_trained_weights(weights: dict[str, torch.Tensor], checkpoint: Path, 
 )
 def test_a_sharded_pruning_run_resumes_exactly(tmp_path, engine: str) -> None:
     """`efficientvlm prune` under DeepSpeed ZeRO-2 / ZeRO-3 (DeepSpeed's CPU accelerator, gloo) or FSDP2 for 4
-    steps, then again from its checkpoint 3: the weights, log-alphas, multipliers and the masks' optimizer moments
-    equal the uninterrupted run's exactly. The masks have their own optimizer (a ZeRO optimizer refuses parameters
+    steps, then again from its checkpoint 3 (copied into a fresh output folder: what a killed run leaves, as
+    `test_a_killed_two_process_run_resumes_exactly` shows under DDP with a real SIGKILL; a kill here would cost one
+    more launch): the weights, log-alphas, multipliers and the masks' optimizer moments equal the uninterrupted
+    run's exactly. The masks have their own optimizer (a ZeRO optimizer refuses parameters
     that are not the model's) and are saved in `masker.pt` of every checkpoint, beside the engine's own files; the
     scalar ITC temperature trains as a (1,) tensor (DeepSpeed and FSDP cannot shard 0-d ones) and is saved as a
     scalar. The weights the command pruned equal the engine's own reading of the last checkpoint (under ZeRO-3 and

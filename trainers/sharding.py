@@ -132,9 +132,9 @@ def whole_model(trainer: Any, copy_weights: bool = False) -> nn.Module | None:
 
     Without sharded weights (one process, DDP, ZeRO-1/2): the trainer's own unwrapped model (a deep copy of it with
     `copy_weights=True`), in every process. Under FSDP or ZeRO-3: the full state dict is gathered into the world's
-    first process (`Accelerator.get_state_dict`) and loaded into a new model of the same class and config on the
-    CPU, in that process's dtype of the gathered weights; the other processes get None. There it is a collective:
-    every process must call it at the same point."""
+    first process (`Accelerator.get_state_dict`) and loaded into a new model of the same class and a copy of its
+    config on the CPU, in the dtype of the gathered weights; the other processes get None. There it is a
+    collective: every process must call it at the same point."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if not weights_are_sharded(trainer):
         return copy.deepcopy(model) if copy_weights else model
