@@ -232,11 +232,11 @@ def _assert_trained_weights(weights: dict[str, torch.Tensor], checkpoint: Path, 
         assert torch.equal(value, saved[key].reshape(value.shape)), key
 
 
-@pytest.mark.parametrize(
-    "engine", [pytest.param("zero2", marks=NO_DEEPSPEED), pytest.param("zero3", marks=NO_DEEPSPEED), "fsdp"]
-)
+# ZeRO-2 (tested this way until ZeRO-3 was) is left out to keep the suite short: its masks take the same path as
+# ZeRO-3's (own optimizer, `masker.pt`) and its weights, not sharded, the DDP path of the tests above.
+@pytest.mark.parametrize("engine", [pytest.param("zero3", marks=NO_DEEPSPEED), "fsdp"])
 def test_a_sharded_pruning_run_resumes_exactly(tmp_path, engine: str) -> None:
-    """`efficientvlm prune` under DeepSpeed ZeRO-2 / ZeRO-3 (DeepSpeed's CPU accelerator, gloo) or FSDP2 for 4
+    """`efficientvlm prune` under DeepSpeed ZeRO-3 (DeepSpeed's CPU accelerator, gloo) or FSDP2 for 4
     steps, then again from its checkpoint 3 (copied into a fresh output folder: what a killed run leaves, as
     `test_a_killed_two_process_run_resumes_exactly` shows under DDP with a real SIGKILL; a kill here would cost one
     more launch): the weights, log-alphas, multipliers and the masks' optimizer moments equal the uninterrupted

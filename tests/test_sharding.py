@@ -45,12 +45,14 @@ def test_scalar_parameters_train_as_vectors_and_save_as_scalars(tmp_path) -> Non
         assert model.efficientvlm.temp.shape == (1,) and model.efficientvlm.temp.item() == pytest.approx(value.item())
 
 
-def _trainer(fsdp: bool = False, zero: dict | None = None, save_on_each_node: bool = False) -> SimpleNamespace:
+def _trainer(
+    fsdp: bool = False, zero: dict | None = None, save_on_each_node: bool = False, fsdp_flag: list | None = None
+) -> SimpleNamespace:
     plugin = SimpleNamespace(deepspeed_config={"zero_optimization": zero or {}})
     return SimpleNamespace(
         is_fsdp_enabled=fsdp,
         is_deepspeed_enabled=zero is not None,
-        args=SimpleNamespace(save_on_each_node=save_on_each_node),
+        args=SimpleNamespace(save_on_each_node=save_on_each_node, fsdp=["full_shard"] if fsdp else (fsdp_flag or [])),
         accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
     )
 
@@ -62,6 +64,9 @@ def test_sharded_runs_that_cannot_be_gathered_are_refused_before_training() -> N
     check_engine(_trainer(fsdp=True))
     with pytest.raises(ValueError, match="--save_on_each_node with --fsdp or DeepSpeed ZeRO-3"):
         check_engine(_trainer(fsdp=True, save_on_each_node=True))
+    # --fsdp on a CPU: accelerate leaves FSDP off and the run would quietly be DDP.
+    with pytest.raises(ValueError, match="--fsdp full_shard was given, but accelerate did not enable FSDP"):
+        check_engine(_trainer(fsdp_flag=["full_shard"]))
     zero3 = {"stage": 3}
     config = HfDeepSpeedConfig({"zero_optimization": zero3, "train_micro_batch_size_per_gpu": 1})
     try:

@@ -90,7 +90,14 @@ def prepare_model_for_engine(trainer: Any) -> None:
 def check_engine(trainer: Any) -> None:
     """A ValueError, before training, for sharded runs (FSDP, ZeRO-3) that [`whole_model`] cannot gather: ZeRO-3
     without `stage3_gather_16bit_weights_on_model_save` (accelerate then refuses to consolidate the weights), or
-    `--save_on_each_node` (the whole model is gathered into the world's first process only)."""
+    `--save_on_each_node` (the whole model is gathered into the world's first process only); and `--fsdp` that
+    accelerate did not turn on (it enables FSDP on accelerators only: on CPU the run would quietly be DDP)."""
+    if getattr(trainer.args, "fsdp", None) and not getattr(trainer, "is_fsdp_enabled", False):
+        raise ValueError(
+            f"--fsdp {' '.join(str(getattr(o, 'value', o)) for o in trainer.args.fsdp)} was given, but accelerate did not enable FSDP "
+            "(it does so on GPUs and other accelerators only, not with --use_cpu or on a machine without one): "
+            "the run would train with plain DDP. Run on accelerators, or leave --fsdp out."
+        )
     if not weights_are_sharded(trainer):
         return
     if trainer.args.save_on_each_node:
