@@ -345,8 +345,9 @@ def task_model_from(task: str, source: Any) -> Any:
     (typically a pre-training checkpoint), as X-VLM initialises its fine-tuning.
 
     Backbone weights always carry over; the pre-training MLM head initialises the captioning LM head and the
-    VQA answer decoder's head; the VQA answer decoder starts from the fusion layers; both NLVR2
-    cross-attentions start from the single one; the ITM head carries over to retrieval and NLVR2's classifier.
+    VQA answer decoder's head; the VQA answer decoder starts from the fusion layers; both twins of every NLVR2
+    fusion layer start from the single one; the ITM head carries over to retrieval; NLVR2's classifier starts
+    fresh, as X-VLM's does.
     """
     model_class = task_model_class(task)
     if isinstance(source, (str, os.PathLike)):
