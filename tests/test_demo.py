@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -101,9 +102,11 @@ def test_ablations_are_fair_and_reported(demo_dir: Path) -> None:
         fixed = ablations["tasks"][task]["fixed_mask_steps"]
         rows = ablations["tasks"][task]["rows"]
         seeds = sorted({row["seed"] for row in rows})
-        assert fixed > 0 and seeds == [0, 1]  # --quick repeats the ablations with 2 seeds
-        for seed in seeds:
-            by_kind = {row["kind"]: row for row in rows if row["seed"] == seed}
+        targets = list(dict.fromkeys(row["target"] for row in rows))
+        # --quick repeats the ablations with 2 seeds at the run's target and at 0.8.
+        assert fixed > 0 and seeds == [0, 1] and targets == [0.5, 0.8]
+        for target, seed in itertools.product(targets, seeds):
+            by_kind = {row["kind"]: row for row in rows if row["seed"] == seed and row["target"] == target}
             assert set(by_kind) == {"learned", "random", "uniform"}
             # The same sparsity of the prunable parameters, counted the same way (random masks overshoot by at most
             # one unit; the uniform split rounds per layer), and a similar encoder cost.
@@ -113,13 +116,14 @@ def test_ablations_are_fair_and_reported(demo_dir: Path) -> None:
                 assert abs(by_kind[kind]["gflops"] / learned["gflops"] - 1) < 0.15, (task, seed, kind)
             assert all(0 <= row["after_masking"] <= 1 and 0 <= row["after_training"] <= 1 for row in by_kind.values())
             # The same fixed-mask training for every row, the learned masks' included.
-            names = [f"ablation_{kind}_{task}_seed{seed}" for kind in ("random", "uniform")]
-            learned_name = f"pruned_{task}" if seed == 0 else f"ablation_learned_{task}_seed{seed}"
+            names = [f"ablation_{kind}_{task}_{target:g}_seed{seed}" for kind in ("random", "uniform")]
+            own = seed == 0 and target == 0.5
+            learned_name = f"pruned_{task}" if own else f"ablation_learned_{task}_{target:g}_seed{seed}"
             learned_run = f"{learned_name}_fixed_masks"
             assert [ablations["run_steps"][name] for name in (learned_run, *names)] == [fixed] * 3
         section = report.split(f"## {task}")[1]
         assert f"after {fixed} fixed-mask steps" in section and "| random masks | 0, 1 |" in section
-        assert "the learned masks" in section and "seeds" in section
+        assert f"{task} at target sparsity 0.8: after the same fixed-mask training, the learned masks" in section
 
 
 def test_pruning_schedule_splits_the_pruning_steps() -> None:
@@ -146,7 +150,7 @@ def test_ablation_table_gives_the_lead_of_the_learned_masks_and_its_spread() -> 
         AblationRow("random", 1, 0.51, 0.39, 0.48, 0.53),
         AblationRow("uniform", 1, 0.51, 0.39, 0.53, 0.55),
     ]
-    text = "\n".join(ablation_table("vqa", rows, 150, "vqa_accuracy"))
+    text = "\n".join(ablation_table("vqa at target sparsity 0.5", rows, 150, "vqa_accuracy"))
     random_row = next(line for line in text.splitlines() if line.startswith("| random masks |"))
     # Learned minus random: 0.03 on both seeds (std 0); learned minus uniform: -0.01 and +0.01.
     assert random_row.endswith("| 0.0300 ± 0.0000 (0.0300 to 0.0300) |")

@@ -201,15 +201,15 @@ def _spread(values: list[float]) -> str:
     return f"{mean:.4f} ± {std:.4f} ({min(values):.4f} to {max(values):.4f})"
 
 
-def ablation_table(task: str, rows: list[Any], fixed_steps: int, metric: str) -> list[str]:
-    """Markdown table of the ablation rows (`trainers.demo.run.AblationRow`) of one task: per kind of masks, the
-    seeds, sparsity and GFLOPs, `metric` right after masking and after `fixed_steps` fixed-mask steps, and the
-    learned masks' lead over that row per seed (mean ± std, min to max); then a sentence with the verdict."""
+def ablation_table(title: str, rows: list[Any], fixed_steps: int, metric: str) -> list[str]:
+    """Markdown table of ablation rows (`trainers.demo.run.AblationRow`, one target): per kind of masks, the seeds,
+    sparsity and GFLOPs, `metric` right after masking and after `fixed_steps` fixed-mask steps, and the learned
+    masks' lead over that row per seed (mean ± std, min to max); then a sentence with the verdict."""
     kinds = list(dict.fromkeys(row.kind for row in rows))
     by_kind = {kind: [row for row in rows if row.kind == kind] for kind in kinds}
     learned = {row.seed: row for row in by_kind.get("learned", [])}
     lines = [
-        f"| {task}: masks | seeds | sparsity | GFLOPs | {metric} right after masking | {metric} after "
+        f"| {title}: masks | seeds | sparsity | GFLOPs | {metric} right after masking | {metric} after "
         f"{fixed_steps} fixed-mask steps | learned minus this row (after training) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -235,7 +235,7 @@ def ablation_table(task: str, rows: list[Any], fixed_steps: int, metric: str) ->
             f"| {_spread(masking) if masking else '—'} | {_spread([r.after_training for r in own])} | {lead or '—'} |"
         )
     if verdicts:
-        lines += ["", f"After the same fixed-mask training, the learned masks {'; they '.join(verdicts)}."]
+        lines += ["", f"{title}: after the same fixed-mask training, the learned masks {'; they '.join(verdicts)}."]
     return lines
 
 
@@ -250,18 +250,20 @@ def ablation_lines(run: Any, task: str) -> list[str]:
     _, fixed_steps = run.settings.pruning_schedule(task)
     learn_steps = run.settings.prune_steps[task] - fixed_steps
     lines = [
-        f"Ablations: the same student pruned to the sparsity the learned masks reached with random masks (units "
-        f"drawn at random until that share of the prunable parameters is gone) and with a uniform split (every "
-        f"kind of structure in every layer of every modality cut alike, the lowest learned mask scores first). "
-        f"Every row then trains {fixed_steps} steps with its masks fixed (same schedule, learning rate and "
+        "Ablations, at each target: the same student pruned to the sparsity the learned masks reached with random "
+        "masks (units drawn at random until that share of the prunable parameters is gone) and with a uniform "
+        "split (every kind of structure in every layer of every modality cut alike, lowest learned mask scores "
+        f"first). Every row then trains {fixed_steps} steps with its masks fixed (same schedule, learning rate and "
         f"distillation from the teacher); the learned masks first learned for {learn_steps} steps with the weights, "
-        f"so 'right after masking' is after those steps for them and straight from the student for the others. "
+        "so 'right after masking' is after those steps for them and straight from the student for the others. "
         f"Compared on {compared} of the held-out split"
         + (" (ITM re-ranking of every model at k = 128 would cost about a minute each)" if task == "retrieval" else "")
         + "; mean ± standard deviation (min to max) over the seeds of the pruning stage.",
-        "",
     ]
-    return lines + ablation_table(task, rows, fixed_steps, compared)
+    for target in dict.fromkeys(row.target for row in rows):
+        title = f"{task} at target sparsity {target:g}"
+        lines += ["", *ablation_table(title, [row for row in rows if row.target == target], fixed_steps, compared)]
+    return lines
 
 
 def write_report(run: Any, plots: dict[str, Path]) -> Path:

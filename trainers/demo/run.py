@@ -100,6 +100,9 @@ class DemoSettings:
     # then the next ones), so the report gives the spread of the differences.
     ablations: bool = False
     ablation_seeds: int = 3
+    # Global targets the ablations also run at, beside the run's own: the higher the sparsity, the more it matters
+    # which structures survive (at 0.5 this small model recovers from almost any mask).
+    ablation_sparsities: tuple[float, ...] = (0.8,)
     # `efficientvlm benchmark`'s defaults (trainers.benchmark.BenchmarkSettings): encoders at batch 32, 16 tokens.
     benchmark_batch_size: int = 32
     benchmark_repeats: int = 10
@@ -115,6 +118,14 @@ class DemoSettings:
             raise ValueError(f"`fixed_mask_fraction` must be in [0, 1); got {self.fixed_mask_fraction}.")
         if self.ablation_seeds < 1:
             raise ValueError(f"`ablation_seeds` must be at least 1; got {self.ablation_seeds}.")
+        for sparsity in self.ablation_sparsities:
+            if not 0 < sparsity < 1:
+                raise ValueError(f"Every one of `ablation_sparsities` must be in (0, 1); got {sparsity}.")
+
+    @property
+    def ablation_targets(self) -> tuple[float, ...]:
+        """The global targets the ablations run at: the run's own first."""
+        return tuple(dict.fromkeys((self.target_sparsity, *self.ablation_sparsities)))
 
     def pruning_schedule(self, task: str) -> tuple[int, int]:
         """(steps in which the masks learn, steps trained with the masks fixed) of `task`'s pruning steps."""
@@ -277,6 +288,7 @@ class AblationRow:
     gflops: float
     after_masking: float | None
     after_training: float | None = None
+    target: float | None = None  # the global target the learned masks of this row's comparison were trained to
 
 
 def retrieval_recalls(model: Any, dataset: Any, processor: Any, k: int) -> dict[str, float]:
@@ -483,11 +495,13 @@ class DemoRun:
             if self.settings.ablations:
                 self._ablations(task, student, teacher, learned)
 
-    def _prune_with_learned_masks(self, task: str, student: Any, teacher: Any, seed: int, name: str) -> LearnedPruning:
+    def _prune_with_learned_masks(
+        self, task: str, student: Any, teacher: Any, seed: int, name: str, target: float | None = None
+    ) -> LearnedPruning:
         """Modal-adaptive pruning of a copy of `student`: the masks learn (with the weights) for the first steps of
         the task's pruning steps, the copy is pruned with them, then trains with its masks fixed for the rest
-        ([`_train_with_fixed_masks`], as every ablation row does). With ablations, the primary metric right after
-        pruning (before the fixed-mask steps) is kept."""
+        ([`_train_with_fixed_masks`], as every ablation row does). `target`: the global target (default: the run's).
+        With ablations, the compared metric right after pruning (before the fixed-mask steps) is kept."""
         from trainers.pruning import ModalAdaptivePruningTrainer, PruningConfig
 
         learn_steps, _ = self.settings.pruning_schedule(task)
@@ -502,7 +516,7 @@ class DemoRun:
             teacher_model=teacher,
             distillation_config=DistillationConfig(**_PRUNING["kd_term_weights"]),
             pruning_config=PruningConfig(
-                target_sparsity=self.settings.target_sparsity,
+                target_sparsity=self.settings.target_sparsity if target is None else target,
                 sparsity_warmup_steps=int(learn_steps * self.settings.prune_warmup_fraction),
                 mask_learning_rate=self.settings.mask_learning_rate,
             ),
@@ -545,44 +559,55 @@ class DemoRun:
         return result.metrics[task_spec(task).primary_metric]
 
     def _ablations(self, task: str, student: Any, teacher: Any, learned: LearnedPruning) -> None:
-        """The same student pruned to the same sparsity as the learned masks with random masks and with a uniform
-        split, each then trained for the same fixed-mask steps as the learned masks; every row is measured right
-        after masking and after that training, with `ablation_seeds` seeds of the pruning stage (the first is the
-        run's: its models join the results table)."""
+        """At each of the ablation targets, the same student pruned to the sparsity the learned masks reached with
+        random masks and with a uniform split, each then trained for the same fixed-mask steps as the learned masks;
+        every row is measured right after masking and after that training, with `ablation_seeds` seeds of the
+        pruning stage. The run's own pruned model is the learned row of its target and first seed; the random and
+        uniform models of that target and seed join the results table."""
         from trainers.pruning.hard_concrete import StructureMasker
 
         masker = StructureMasker.from_model(student)  # counts the sparsity of every row the same way
         self.ablation_models[task], self.ablation_results[task] = {}, []
-        for offset in range(self.settings.ablation_seeds):
-            seed = self.seed + offset
-            if offset:
-                learned = self._prune_with_learned_masks(
-                    task, student, teacher, seed, f"ablation_learned_{task}_seed{seed}"
+        for target in self.settings.ablation_targets:
+            own_target = target == self.settings.target_sparsity
+            for offset in range(self.settings.ablation_seeds):
+                seed = self.seed + offset
+                if not (own_target and offset == 0):
+                    name = f"ablation_learned_{task}_{target:g}_seed{seed}"
+                    learned = self._prune_with_learned_masks(task, student, teacher, seed, name, target=target)
+                sparsity = learned.report["sparsity"]
+                generator = torch.Generator().manual_seed(seed)
+                masks = {
+                    "random": random_structure_masks(student, sparsity, generator=generator),
+                    "uniform": uniform_structure_masks(student, learned.scores, sparsity),
+                }
+                first = AblationRow(
+                    "learned", seed, sparsity, encoder_gflops(learned.model), learned.after_masking, target=target
                 )
-            sparsity = learned.report["sparsity"]
-            generator = torch.Generator().manual_seed(seed)
-            masks = {
-                "random": random_structure_masks(student, sparsity, generator=generator),
-                "uniform": uniform_structure_masks(student, learned.scores, sparsity),
-            }
-            rows = [AblationRow("learned", seed, sparsity, encoder_gflops(learned.model), learned.after_masking)]
-            rows[0].after_training = self._ablation_score(task, learned.model)
-            for kind, kind_masks in masks.items():
-                model = copy.deepcopy(student)
-                model.prune(kind_masks)
-                row = AblationRow(
-                    kind, seed, masker.sparsity_of(kind_masks), encoder_gflops(model), self._ablation_score(task, model)
+                first.after_training = self._ablation_score(task, learned.model)
+                rows = [first]
+                for kind, kind_masks in masks.items():
+                    model = copy.deepcopy(student)
+                    model.prune(kind_masks)
+                    row = AblationRow(
+                        kind,
+                        seed,
+                        masker.sparsity_of(kind_masks),
+                        encoder_gflops(model),
+                        self._ablation_score(task, model),
+                        target=target,
+                    )
+                    name = f"ablation_{kind}_{task}_{target:g}_seed{seed}"
+                    self._train_with_fixed_masks(name, task, model, teacher, seed)
+                    row.after_training = self._ablation_score(task, model)
+                    rows.append(row)
+                    if own_target and offset == 0:
+                        self.ablation_models[task][ABLATIONS[kind]] = model.eval()
+                self.ablation_results[task] += rows
+                _say(
+                    f"ablations of {task} at target {target:g}, seed {seed}: "
+                    + ", ".join(f"{r.kind} {r.after_masking:.4f} -> {r.after_training:.4f}" for r in rows)
                 )
-                self._train_with_fixed_masks(f"ablation_{kind}_{task}_seed{seed}", task, model, teacher, seed)
-                row.after_training = self._ablation_score(task, model)
-                rows.append(row)
-                if offset == 0:
-                    self.ablation_models[task][ABLATIONS[kind]] = model.eval()
-            self.ablation_results[task] += rows
-            _say(
-                f"ablations of {task}, seed {seed}: "
-                + ", ".join(f"{r.kind} {r.after_masking:.4f} -> {r.after_training:.4f}" for r in rows)
-            )
 
     def _roles(self, task: str) -> dict[str, Any]:
         roles = {"teacher": self.teachers[task], "student": self.students[task], "pruned": self.pruned[task]}
@@ -670,12 +695,13 @@ class DemoRun:
     def planned_steps(self) -> dict[str, int]:
         """Optimizer steps of each training stage (for the progress lines and the ETA)."""
         s, tasks = self.settings, self.tasks
-        # With ablations, per seed: random and uniform masks train the fixed-mask steps; the seeds after the
-        # first also learn their masks again.
+        # With ablations, per target and seed: random and uniform masks train the fixed-mask steps, and the learned
+        # masks are learned again (all but the run's own pruning).
         fixed = sum(s.pruning_schedule(t)[1] for t in tasks)
         prune = sum(s.prune_steps[t] for t in tasks)
         if s.ablations:
-            prune += s.ablation_seeds * 2 * fixed + (s.ablation_seeds - 1) * prune
+            runs = len(s.ablation_targets) * s.ablation_seeds
+            prune += runs * 2 * fixed + (runs - 1) * prune
         return {
             "pre-train teacher": s.pretrain_steps,
             "fine-tune teachers": sum(s.finetune_steps[t] for t in tasks),
@@ -744,8 +770,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument(
         "--ablations",
         action="store_true",
-        help="also prune the same student to the same sparsity with random masks and with a uniform split",
+        help="also prune the same student to the same sparsity with random masks and with a uniform split, at the "
+        "run's target and at 0.8, each trained for the same fixed-mask steps, over --ablation_seeds seeds",
     )
+    parser.add_argument("--ablation_seeds", type=int, default=None, help="seeds of the ablations (default 3)")
     parser.add_argument("--push_to_hub", action="store_true", help="push every model folder (its files only)")
     parser.add_argument(
         "--hub_prefix",
@@ -760,8 +788,11 @@ def main(argv: list[str] | None = None) -> Path:
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     if args.target_sparsity is not None:
         settings = replace(settings, target_sparsity=args.target_sparsity)
+    if args.ablation_seeds is not None and not args.ablations:
+        parser.error("--ablation_seeds needs --ablations")
     if args.ablations:
-        settings = replace(settings, ablations=True)
+        seeds = settings.ablation_seeds if args.ablation_seeds is None else args.ablation_seeds
+        settings = replace(settings, ablations=True, ablation_seeds=seeds)
     hf_logging.set_verbosity_warning()
     torch.set_num_threads(args.num_threads)
     hub_prefix = args.hub_prefix if args.push_to_hub else None
