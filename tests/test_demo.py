@@ -138,6 +138,12 @@ def test_pruning_schedule_splits_the_pruning_steps() -> None:
         DemoSettings(ablation_seeds=0)
 
 
+def test_ablation_seeds_needs_ablations(capsys) -> None:
+    with pytest.raises(SystemExit):
+        demo_main(["--ablation_seeds", "2"])
+    assert "--ablation_seeds needs --ablations" in capsys.readouterr().err
+
+
 def test_ablation_table_gives_the_lead_of_the_learned_masks_and_its_spread() -> None:
     from trainers.demo.report import ablation_table
     from trainers.demo.run import AblationRow
