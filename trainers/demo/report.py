@@ -101,7 +101,11 @@ def write_plots(
     plots = Path(output_dir) / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     return {
-        "losses": plot_losses(histories, plots / "training_losses.png"),
+        # The ablations' many runs (targets x seeds x rows) would bury the stages' curves.
+        "losses": plot_losses(
+            {name: h for name, h in histories.items() if not name.startswith("ablation_")},
+            plots / "training_losses.png",
+        ),
         "sparsity": plot_sparsity(histories, plots / "expected_sparsity.png"),
         "kept": plot_kept_structures(pruning_reports, plots / "kept_structures.png"),
     }

@@ -468,8 +468,6 @@ class DemoRun:
         self._save("student_distilled", self.student_pretrained, card)
 
     def finetune_and_prune_students(self) -> None:
-        from trainers.distillation import DistillationConfig, DistillationTrainer
-
         self.students, self.pruned = {}, {}
         for task in self.tasks:
             teacher = self.teachers[task]
