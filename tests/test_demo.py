@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -92,6 +93,76 @@ def test_uniform_masks_cut_every_layer_alike() -> None:
     masks = uniform_structure_masks(Sizes(), scores, 0.5)
     assert masks["vision_heads"][0].tolist() == [1.0, 0.0, 1.0, 0.0]  # the two lowest scores go
     assert masks["vision_heads"][1].sum() == 2 and masks["text_ffn"][0].sum() == 5 and masks["text_ffn"][1] is None
+
+
+def test_ablations_are_fair_and_reported(demo_dir: Path) -> None:
+    ablations = json.loads((demo_dir / "ablations.json").read_text())
+    report = (demo_dir / "report.md").read_text()
+    for task in ("vqa", "retrieval"):
+        fixed = ablations["tasks"][task]["fixed_mask_steps"]
+        rows = ablations["tasks"][task]["rows"]
+        seeds = sorted({row["seed"] for row in rows})
+        targets = list(dict.fromkeys(row["target"] for row in rows))
+        # --quick repeats the ablations with 2 seeds at the run's target and at 0.8.
+        assert fixed > 0 and seeds == [0, 1] and targets == [0.5, 0.8]
+        for target, seed in itertools.product(targets, seeds):
+            by_kind = {row["kind"]: row for row in rows if row["seed"] == seed and row["target"] == target}
+            assert set(by_kind) == {"learned", "random", "uniform"}
+            # The same sparsity of the prunable parameters, counted the same way (random masks overshoot by at most
+            # one unit; the uniform split rounds per layer), and a similar encoder cost.
+            learned = by_kind["learned"]
+            for kind in ("random", "uniform"):
+                assert abs(by_kind[kind]["sparsity"] - learned["sparsity"]) < 0.05, (task, seed, kind)
+                assert abs(by_kind[kind]["gflops"] / learned["gflops"] - 1) < 0.15, (task, seed, kind)
+            assert all(0 <= row["after_masking"] <= 1 and 0 <= row["after_training"] <= 1 for row in by_kind.values())
+            # The same fixed-mask training for every row, the learned masks' included.
+            names = [f"ablation_{kind}_{task}_{target:g}_seed{seed}" for kind in ("random", "uniform")]
+            own = seed == 0 and target == 0.5
+            learned_name = f"pruned_{task}" if own else f"ablation_learned_{task}_{target:g}_seed{seed}"
+            learned_run = f"{learned_name}_fixed_masks"
+            assert [ablations["run_steps"][name] for name in (learned_run, *names)] == [fixed] * 3
+        section = report.split(f"## {task}")[1]
+        assert f"after {fixed} fixed-mask steps" in section and "| random masks | 0, 1 |" in section
+        assert f"{task} at target sparsity 0.8: after the same fixed-mask training, the learned masks" in section
+
+
+def test_pruning_schedule_splits_the_pruning_steps() -> None:
+    from trainers.demo.run import DemoSettings
+
+    settings = DemoSettings(prune_steps={"vqa": 450, "retrieval": 250, "nlvr2": 300})
+    assert settings.pruning_schedule("vqa") == (300, 150) and sum(settings.pruning_schedule("retrieval")) == 250
+    assert DemoSettings(fixed_mask_fraction=0.0).pruning_schedule("vqa")[1] == 0
+    with pytest.raises(ValueError, match="fixed_mask_fraction"):
+        DemoSettings(fixed_mask_fraction=1.0)
+    with pytest.raises(ValueError, match="ablation_seeds"):
+        DemoSettings(ablation_seeds=0)
+
+
+def test_ablation_seeds_needs_ablations(capsys) -> None:
+    with pytest.raises(SystemExit):
+        demo_main(["--ablation_seeds", "2"])
+    assert "--ablation_seeds needs --ablations" in capsys.readouterr().err
+
+
+def test_ablation_table_gives_the_lead_of_the_learned_masks_and_its_spread() -> None:
+    from trainers.demo.report import ablation_table
+    from trainers.demo.run import AblationRow
+
+    rows = [
+        AblationRow("learned", 0, 0.50, 0.39, 0.56, 0.57),
+        AblationRow("random", 0, 0.50, 0.39, 0.47, 0.54),
+        AblationRow("uniform", 0, 0.50, 0.39, 0.54, 0.58),
+        AblationRow("learned", 1, 0.51, 0.39, 0.55, 0.56),
+        AblationRow("random", 1, 0.51, 0.39, 0.48, 0.53),
+        AblationRow("uniform", 1, 0.51, 0.39, 0.53, 0.55),
+    ]
+    text = "\n".join(ablation_table("vqa at target sparsity 0.5", rows, 150, "vqa_accuracy"))
+    random_row = next(line for line in text.splitlines() if line.startswith("| random masks |"))
+    # Learned minus random: 0.03 on both seeds (std 0); learned minus uniform: -0.01 and +0.01.
+    assert random_row.endswith("| 0.0300 ± 0.0000 (0.0300 to 0.0300) |")
+    assert "| 0.4750 ± 0.0071 (0.4700 to 0.4800) |" in random_row  # right after masking
+    assert "beat random masks (by +0.0300 on average; ahead in 2 of 2 seeds)" in text
+    assert "do **not** consistently beat uniform split (by +0.0000 on average; ahead in 1 of 2 seeds)" in text
 
 
 @pytest.mark.parametrize("task", ["vqa", "retrieval"])

@@ -29,6 +29,8 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging as hf_logging
 
+from trainers.distillation import DistillationConfig, DistillationTrainer
+from trainers.pruning.hard_concrete import random_structure_masks
 from trainers.recipes import load_recipe
 from trainers.tasks import (
     DEFAULT_DEMO_TASKS,
@@ -50,7 +52,7 @@ _MODEL = SMALL_CPU.commands["pretrain"]["config_overrides"]
 _PRUNING = SMALL_CPU.commands["prune"]
 _STUDENT_LAYERS = tuple(int(n) for n in SMALL_CPU.commands["distill"]["student_layers"].split(","))
 
-# Names of the ablation rows (beside "pruned") in the report.
+# Names of the ablation rows (beside "pruned", the learned masks) in the report.
 ABLATIONS = {"random": "pruned, random masks", "uniform": "pruned, uniform split"}
 
 
@@ -90,8 +92,17 @@ class DemoSettings:
     mask_learning_rate: float = _PRUNING["mask_learning_rate"]
     # ITC candidates re-ranked by ITM per query: the same k as `efficientvlm evaluate` (X-VLM's 128).
     retrieval_k: int = EVALUATE_K
-    # Also prune the same student to the same sparsity with random masks and with a uniform split.
+    # Of each task's pruning steps, the share at the end in which the pruned model trains with its masks fixed
+    # (a fresh schedule, as every ablation row gets): the masks learn in the steps before it.
+    fixed_mask_fraction: float = 1 / 3
+    # Also prune the same student to the same sparsity with random masks and with a uniform split, each trained
+    # for the same fixed-mask steps; repeated with `ablation_seeds` seeds of the pruning stage (the run's seed,
+    # then the next ones), so the report gives the spread of the differences.
     ablations: bool = False
+    ablation_seeds: int = 3
+    # Global targets the ablations also run at, beside the run's own: the higher the sparsity, the more it matters
+    # which structures survive (at 0.5 this small model recovers from almost any mask).
+    ablation_sparsities: tuple[float, ...] = (0.8,)
     # `efficientvlm benchmark`'s defaults (trainers.benchmark.BenchmarkSettings): encoders at batch 32, 16 tokens.
     benchmark_batch_size: int = 32
     benchmark_repeats: int = 10
@@ -103,6 +114,24 @@ class DemoSettings:
         self.prune_steps = self.prune_steps or _demo_steps("prune_steps")
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"`target_sparsity` must be in [0, 1); got {self.target_sparsity}.")
+        if not 0 <= self.fixed_mask_fraction < 1:
+            raise ValueError(f"`fixed_mask_fraction` must be in [0, 1); got {self.fixed_mask_fraction}.")
+        if self.ablation_seeds < 1:
+            raise ValueError(f"`ablation_seeds` must be at least 1; got {self.ablation_seeds}.")
+        for sparsity in self.ablation_sparsities:
+            if not 0 < sparsity < 1:
+                raise ValueError(f"Every one of `ablation_sparsities` must be in (0, 1); got {sparsity}.")
+
+    @property
+    def ablation_targets(self) -> tuple[float, ...]:
+        """The global targets the ablations run at: the run's own first."""
+        return tuple(dict.fromkeys((self.target_sparsity, *self.ablation_sparsities)))
+
+    def pruning_schedule(self, task: str) -> tuple[int, int]:
+        """(steps in which the masks learn, steps trained with the masks fixed) of `task`'s pruning steps."""
+        steps = self.prune_steps[task]
+        fixed = int(round(self.fixed_mask_fraction * steps))
+        return steps - fixed, fixed
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -120,6 +149,7 @@ class DemoSettings:
             prune_steps=dict.fromkeys(DEMO_TASKS, 10),
             benchmark_batch_size=8,
             benchmark_repeats=3,
+            ablation_seeds=2,
         )
 
 
@@ -219,6 +249,48 @@ def uniform_structure_masks(model: Any, log_alpha: dict[tuple[str, int], torch.T
     return masks
 
 
+def encoder_gflops(model: Any) -> float:
+    """GFLOPs of the encoders (vision, text, fusion) on `efficientvlm benchmark`'s default batch (32 images and
+    texts of 16 tokens), the figure the results table reports."""
+    from trainers.benchmark import BenchmarkModel
+    from trainers.benchmark.workloads import WorkloadShape, build_workloads
+    from trainers.evaluation.benchmarking import count_flops
+
+    shape = WorkloadShape(batch_size=32, image_size=model.config.vision_config.image_size)
+    workload = build_workloads(BenchmarkModel("model", "efficientvlm", prebuilt=model), "encoders", shape)
+    was_training = model.training
+    flops = count_flops(workload["encoders"]) / 1e9
+    model.train(was_training)
+    return flops
+
+
+@dataclass
+class LearnedPruning:
+    """What modal-adaptive pruning of one student produced: the pruned model (after its fixed-mask steps), the
+    pruning report, the masks' final log-alphas per (key, layer), and the primary metric right after pruning
+    (None unless measured)."""
+
+    model: Any
+    report: dict[str, Any]
+    scores: dict[tuple[str, int], torch.Tensor]
+    after_masking: float | None
+
+
+@dataclass
+class AblationRow:
+    """One ablation row of one seed: how its masks were chosen (`learned`, `random`, `uniform`), the sparsity of
+    the prunable parameters and the encoders' GFLOPs they leave, and the compared metric right after masking and
+    after the fixed-mask steps."""
+
+    kind: str
+    seed: int
+    sparsity: float
+    gflops: float
+    after_masking: float | None
+    after_training: float | None = None
+    target: float | None = None  # the global target the learned masks of this row's comparison were trained to
+
+
 def retrieval_recalls(model: Any, dataset: Any, processor: Any, k: int) -> dict[str, float]:
     """Retrieval recall with ITM re-ranking of the top-`k` ITC candidates (`r_mean`, ...), and of ITC alone
     (`itc_r_mean`, ...) from the same pass, so the report can show what re-ranking adds."""
@@ -265,6 +337,7 @@ class DemoRun:
         self.hub_prefix = hub_prefix  # push every model folder to `<hub_prefix>-<role>_<task>` as it is saved
         self.histories: dict[str, list[dict[str, float]]] = {}
         self.run_timings: dict[str, float] = {}  # one entry per training run (inside the stages)
+        self.run_steps: dict[str, int] = {}  # optimizer steps each training run took
         self.timings: dict[str, float] = {}  # one entry per stage, then "total"
         self.stage_steps: dict[str, int] = {}
         self.metrics: dict[str, dict[str, dict[str, float]]] = {}
@@ -272,6 +345,7 @@ class DemoRun:
         self.benchmarks: dict[str, list[dict[str, Any]]] = {}
         self.model_dirs: dict[str, Path] = {}
         self.ablation_models: dict[str, dict[str, Any]] = {}
+        self.ablation_results: dict[str, list[AblationRow]] = {}
         self.machine = machine_description()
 
     # -- stages -------------------------------------------------------------------------------------------
@@ -302,17 +376,21 @@ class DemoRun:
         data = self.data.pretrain if task == "pretraining" else getattr(self.data, f"{task}_{split}")
         return build_dataset(task, data, self.data.image_root, self.processor)
 
-    def _train(self, name: str, task: str, model: Any, steps: int, trainer_class=None, **kwargs) -> Any:
+    def _train(
+        self, name: str, task: str, model: Any, steps: int, trainer_class=None, seed: int | None = None, **kwargs
+    ) -> Any:
         from transformers import Trainer
 
         from trainers.training import train
 
         start = time.perf_counter()
-        args = _training_args(self.output_dir / "runs" / name, self.settings, steps, self.seed)
+        seed = self.seed if seed is None else seed
+        args = _training_args(self.output_dir / "runs" / name, self.settings, steps, seed)
         trainer = train(
             task, model, self.processor, self._dataset(task, "train"), args, trainer_class or Trainer, **kwargs
         )
         self.run_timings[name] = time.perf_counter() - start
+        self.run_steps[name] = trainer.state.global_step
         self.histories[name] = _losses(trainer)
         final = next((e["train_loss"] for e in reversed(trainer.state.log_history) if "train_loss" in e), float("nan"))
         _say(f"{name}: {trainer.state.global_step} steps in {self.run_timings[name]:.0f}s, mean train loss {final:.3f}")
@@ -390,9 +468,6 @@ class DemoRun:
         self._save("student_distilled", self.student_pretrained, card)
 
     def finetune_and_prune_students(self) -> None:
-        from trainers.distillation import DistillationConfig, DistillationTrainer
-        from trainers.pruning import ModalAdaptivePruningTrainer, PruningConfig
-
         self.students, self.pruned = {}, {}
         for task in self.tasks:
             teacher = self.teachers[task]
@@ -400,7 +475,6 @@ class DemoRun:
             student = task_model_from(task, self.student_pretrained)
             # Task-stage KD on logits and hidden states; attention maps would force the slow eager path.
             kd = DistillationConfig(**SMALL_CPU.commands["finetune"]["kd_term_weights"])
-            prune_kd = DistillationConfig(**_PRUNING["kd_term_weights"])
             self._train(
                 f"student_{task}",
                 task,
@@ -411,58 +485,127 @@ class DemoRun:
                 distillation_config=kd,
             )
             self.students[task] = student.eval()
-
-            pruned = copy.deepcopy(student).train()
-            trainer = self._train(
-                f"pruned_{task}",
-                task,
-                pruned,
-                self.settings.prune_steps[task],
-                ModalAdaptivePruningTrainer,
-                teacher_model=teacher,
-                distillation_config=prune_kd,
-                pruning_config=PruningConfig(
-                    target_sparsity=self.settings.target_sparsity,
-                    sparsity_warmup_steps=int(self.settings.prune_steps[task] * self.settings.prune_warmup_fraction),
-                    mask_learning_rate=self.settings.mask_learning_rate,
-                ),
-            )
-            scores = {(key, layer): p.detach().clone() for key, layer, p in trainer.masker.layers()}
-            self.pruning_reports[task] = trainer.finalize_pruning()
-            self.pruned[task] = trainer.pruned_model.eval()
-            report = self.pruning_reports[task]
+            learned = self._prune_with_learned_masks(task, student, teacher, self.seed, f"pruned_{task}")
+            self.pruned[task], self.pruning_reports[task] = learned.model, learned.report
+            report = learned.report
             split = ", ".join(f"{m} {v:.2f}" for m, v in report["sparsity_per_modality"].items())
             _say(f"pruned_{task}: sparsity {report['sparsity']:.3f} (target {self.settings.target_sparsity}); {split}")
             if self.settings.ablations:
-                self._ablations(task, student, teacher, kd, scores, report["sparsity"])
+                self._ablations(task, student, teacher, learned)
 
-    def _ablations(self, task: str, student: Any, teacher: Any, kd: Any, scores: dict, sparsity: float) -> None:
-        """The same student pruned to the same sparsity with random masks and with a uniform split, each then
-        trained for as many steps as the learned masks, with its masks fixed (removed before training)."""
-        from trainers.distillation import DistillationTrainer
-        from trainers.pruning.hard_concrete import random_structure_masks
+    def _prune_with_learned_masks(
+        self, task: str, student: Any, teacher: Any, seed: int, name: str, target: float | None = None
+    ) -> LearnedPruning:
+        """Modal-adaptive pruning of a copy of `student`: the masks learn (with the weights) for the first steps of
+        the task's pruning steps, the copy is pruned with them, then trains with its masks fixed for the rest
+        ([`_train_with_fixed_masks`], as every ablation row does). `target`: the global target (default: the run's).
+        With ablations, the compared metric right after pruning (before the fixed-mask steps) is kept."""
+        from trainers.pruning import ModalAdaptivePruningTrainer, PruningConfig
 
-        generator = torch.Generator().manual_seed(self.seed)
-        masks = {
-            "random": random_structure_masks(student, sparsity, generator=generator),
-            "uniform": uniform_structure_masks(student, scores, sparsity),
-        }
-        self.ablation_models[task] = {}
-        for kind, kind_masks in masks.items():
-            model = copy.deepcopy(student)
-            model.prune(kind_masks)
-            model.train()
-            torch.manual_seed(self.seed)
-            self._train(
-                f"ablation_{kind}_{task}",
-                task,
-                model,
-                self.settings.prune_steps[task],
-                DistillationTrainer,
-                teacher_model=teacher,
-                distillation_config=kd,
-            )
-            self.ablation_models[task][ABLATIONS[kind]] = model.eval()
+        learn_steps, _ = self.settings.pruning_schedule(task)
+        torch.manual_seed(seed)
+        trainer = self._train(
+            name,
+            task,
+            copy.deepcopy(student).train(),
+            learn_steps,
+            ModalAdaptivePruningTrainer,
+            seed=seed,
+            teacher_model=teacher,
+            distillation_config=DistillationConfig(**_PRUNING["kd_term_weights"]),
+            pruning_config=PruningConfig(
+                target_sparsity=self.settings.target_sparsity if target is None else target,
+                sparsity_warmup_steps=int(learn_steps * self.settings.prune_warmup_fraction),
+                mask_learning_rate=self.settings.mask_learning_rate,
+            ),
+        )
+        scores = {(key, layer): p.detach().clone() for key, layer, p in trainer.masker.layers()}
+        report = trainer.finalize_pruning()
+        report["fixed_mask_steps_after_pruning"] = self.settings.pruning_schedule(task)[1]
+        model = trainer.pruned_model
+        after_masking = self._ablation_score(task, model) if self.settings.ablations else None
+        self._train_with_fixed_masks(f"{name}_fixed_masks", task, model, teacher, seed)
+        return LearnedPruning(model.eval(), report, scores, after_masking)
+
+    def _train_with_fixed_masks(self, name: str, task: str, model: Any, teacher: Any, seed: int) -> None:
+        """Trains an already pruned `model` (its masks fixed: the structures are gone) for the fixed-mask steps of
+        `task`, distilling from `teacher`: one routine, so the learned masks and every ablation row get the same
+        steps, schedule, learning rate and distillation."""
+        _, fixed_steps = self.settings.pruning_schedule(task)
+        if fixed_steps == 0:
+            return
+        model.train()
+        torch.manual_seed(seed)
+        self._train(
+            name,
+            task,
+            model,
+            fixed_steps,
+            DistillationTrainer,
+            seed=seed,
+            teacher_model=teacher,
+            distillation_config=DistillationConfig(**_PRUNING["kd_term_weights"]),
+        )
+
+    def _ablation_score(self, task: str, model: Any) -> float:
+        """The metric the ablations compare: the task's primary metric; for retrieval, ITC-only mean recall (ITM
+        re-ranking of the top k of every query costs about a minute per model; the results table re-ranks)."""
+        if task == "retrieval":
+            return retrieval_recalls(model, self._dataset(task, "test"), self.processor, k=1)["itc_r_mean"]
+        result = evaluate_task(task, model, self._dataset(task, "test"), self.processor, answer_list=self.answer_list)
+        model.train()
+        return result.metrics[task_spec(task).primary_metric]
+
+    def _ablations(self, task: str, student: Any, teacher: Any, learned: LearnedPruning) -> None:
+        """At each of the ablation targets, the same student pruned to the sparsity the learned masks reached with
+        random masks and with a uniform split, each then trained for the same fixed-mask steps as the learned masks;
+        every row is measured right after masking and after that training, with `ablation_seeds` seeds of the
+        pruning stage. The run's own pruned model is the learned row of its target and first seed; the random and
+        uniform models of that target and seed join the results table."""
+        from trainers.pruning.hard_concrete import StructureMasker
+
+        masker = StructureMasker.from_model(student)  # counts the sparsity of every row the same way
+        self.ablation_models[task], self.ablation_results[task] = {}, []
+        for target in self.settings.ablation_targets:
+            own_target = target == self.settings.target_sparsity
+            for offset in range(self.settings.ablation_seeds):
+                seed = self.seed + offset
+                if not (own_target and offset == 0):
+                    name = f"ablation_learned_{task}_{target:g}_seed{seed}"
+                    learned = self._prune_with_learned_masks(task, student, teacher, seed, name, target=target)
+                sparsity = learned.report["sparsity"]
+                generator = torch.Generator().manual_seed(seed)
+                masks = {
+                    "random": random_structure_masks(student, sparsity, generator=generator),
+                    "uniform": uniform_structure_masks(student, learned.scores, sparsity),
+                }
+                first = AblationRow(
+                    "learned", seed, sparsity, encoder_gflops(learned.model), learned.after_masking, target=target
+                )
+                first.after_training = self._ablation_score(task, learned.model)
+                rows = [first]
+                for kind, kind_masks in masks.items():
+                    model = copy.deepcopy(student)
+                    model.prune(kind_masks)
+                    row = AblationRow(
+                        kind,
+                        seed,
+                        masker.sparsity_of(kind_masks),
+                        encoder_gflops(model),
+                        self._ablation_score(task, model),
+                        target=target,
+                    )
+                    name = f"ablation_{kind}_{task}_{target:g}_seed{seed}"
+                    self._train_with_fixed_masks(name, task, model, teacher, seed)
+                    row.after_training = self._ablation_score(task, model)
+                    rows.append(row)
+                    if own_target and offset == 0:
+                        self.ablation_models[task][ABLATIONS[kind]] = model.eval()
+                self.ablation_results[task] += rows
+                _say(
+                    f"ablations of {task} at target {target:g}, seed {seed}: "
+                    + ", ".join(f"{r.kind} {r.after_masking:.4f} -> {r.after_training:.4f}" for r in rows)
+                )
 
     def _roles(self, task: str) -> dict[str, Any]:
         roles = {"teacher": self.teachers[task], "student": self.students[task], "pruned": self.pruned[task]}
@@ -526,12 +669,37 @@ class DemoRun:
         from trainers.demo.report import write_plots, write_report
 
         plots = write_plots(self.output_dir, self.histories, self.pruning_reports)
+        if self.ablation_results:
+            self.write_ablations()
         return write_report(self, plots)
+
+    def write_ablations(self) -> Path:
+        """`ablations.json`: per task, every ablation row of every seed, and the optimizer steps of every
+        fixed-mask training run (the learned masks' and the ablations')."""
+        fixed_runs = {
+            name: steps for name, steps in self.run_steps.items() if "fixed_masks" in name or "ablation_" in name
+        }
+        data = {
+            task: {
+                "fixed_mask_steps": self.settings.pruning_schedule(task)[1],
+                "rows": [asdict(row) for row in rows],
+            }
+            for task, rows in self.ablation_results.items()
+        }
+        path = self.output_dir / "ablations.json"
+        path.write_text(json.dumps({"tasks": data, "run_steps": fixed_runs}, indent=2))
+        return path
 
     def planned_steps(self) -> dict[str, int]:
         """Optimizer steps of each training stage (for the progress lines and the ETA)."""
         s, tasks = self.settings, self.tasks
-        prune = sum(s.prune_steps[t] for t in tasks) * (3 if s.ablations else 1)
+        # With ablations, per target and seed: random and uniform masks train the fixed-mask steps, and the learned
+        # masks are learned again (all but the run's own pruning).
+        fixed = sum(s.pruning_schedule(t)[1] for t in tasks)
+        prune = sum(s.prune_steps[t] for t in tasks)
+        if s.ablations:
+            runs = len(s.ablation_targets) * s.ablation_seeds
+            prune += runs * 2 * fixed + (runs - 1) * prune
         return {
             "pre-train teacher": s.pretrain_steps,
             "fine-tune teachers": sum(s.finetune_steps[t] for t in tasks),
@@ -600,8 +768,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument(
         "--ablations",
         action="store_true",
-        help="also prune the same student to the same sparsity with random masks and with a uniform split",
+        help="also prune the same student to the same sparsity with random masks and with a uniform split, at the "
+        "run's target and at 0.8, each trained for the same fixed-mask steps, over --ablation_seeds seeds",
     )
+    parser.add_argument("--ablation_seeds", type=int, default=None, help="seeds of the ablations (default 3)")
     parser.add_argument("--push_to_hub", action="store_true", help="push every model folder (its files only)")
     parser.add_argument(
         "--hub_prefix",
@@ -616,8 +786,11 @@ def main(argv: list[str] | None = None) -> Path:
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     if args.target_sparsity is not None:
         settings = replace(settings, target_sparsity=args.target_sparsity)
+    if args.ablation_seeds is not None and not args.ablations:
+        parser.error("--ablation_seeds needs --ablations")
     if args.ablations:
-        settings = replace(settings, ablations=True)
+        seeds = settings.ablation_seeds if args.ablation_seeds is None else args.ablation_seeds
+        settings = replace(settings, ablations=True, ablation_seeds=seeds)
     hf_logging.set_verbosity_warning()
     torch.set_num_threads(args.num_threads)
     hub_prefix = args.hub_prefix if args.push_to_hub else None
