@@ -93,8 +93,9 @@ def check_engine(trainer: Any) -> None:
     `--save_on_each_node` (the whole model is gathered into the world's first process only); and `--fsdp` that
     accelerate did not turn on (it enables FSDP on accelerators only: on CPU the run would quietly be DDP)."""
     if getattr(trainer.args, "fsdp", None) and not getattr(trainer, "is_fsdp_enabled", False):
+        given = " ".join(str(getattr(option, "value", option)) for option in trainer.args.fsdp)
         raise ValueError(
-            f"--fsdp {' '.join(str(getattr(o, 'value', o)) for o in trainer.args.fsdp)} was given, but accelerate did not enable FSDP "
+            f"--fsdp {given} was given, but accelerate did not enable FSDP "
             "(it does so on GPUs and other accelerators only, not with --use_cpu or on a machine without one): "
             "the run would train with plain DDP. Run on accelerators, or leave --fsdp out."
         )
