@@ -336,6 +336,10 @@ class EfficientVLMConfig(PreTrainedConfig):
         itm_random_negatives: share of the image-text matching (ITM) negatives drawn uniformly from the batch
             instead of in proportion to the ITC similarities (0, X-VLM's hard negatives only, fits a model with
             pre-trained encoders; a model trained from scratch needs some random ones for its ITM head to learn).
+        itm_exclude_identical_texts: never draw as image i's ITM negative a text identical (same tokens) to image
+            i's own text: generic captions that repeat across images ("a picture of two shapes") are true of both,
+            and as negatives they teach the ITM head to answer "no match" to true matches (False: X-VLM's rule,
+            only texts of the same image id are excluded).
         max_text_length: longest text (in tokens) the processor produces by default.
         num_answer_decoder_layers: layers of the VQA answer decoder (defaults to the number of fusion layers).
         answer_decoder_num_attention_heads_per_layer, answer_decoder_num_cross_attention_heads_per_layer,
@@ -367,6 +371,7 @@ class EfficientVLMConfig(PreTrainedConfig):
     embed_dim: int = 256
     itc_temperature: float = 0.07
     itm_random_negatives: float = 0.0
+    itm_exclude_identical_texts: bool = False
     max_text_length: int = 40
     num_answer_decoder_layers: int | None = None
     answer_decoder_num_attention_heads_per_layer: list[int] | None = None

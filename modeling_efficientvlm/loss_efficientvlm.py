@@ -106,11 +106,19 @@ class ImageTextContrastiveLoss(nn.Module):
         return (loss_i2t + loss_t2i) / 2
 
 
+def identical_texts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (batch, batch) matrix: True where texts i and j are the same token sequence (padding ignored)."""
+    if attention_mask is not None:
+        input_ids = input_ids.masked_fill(attention_mask == 0, -1)
+    return (input_ids.unsqueeze(1) == input_ids.unsqueeze(0)).all(dim=-1)
+
+
 def sample_hard_negatives(
     logits_per_image: torch.Tensor,
     image_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     random_fraction: float = 0.0,
+    same_text: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples one hard negative text per image and one hard negative image per text.
 
@@ -124,6 +132,11 @@ def sample_hard_negatives(
         logits_per_image: (batch, batch) image-to-text ITC logits.
         image_ids: (batch,) optional ids; texts of the same image are never negatives.
         random_fraction: share of uniformly drawn negatives, in [0, 1] (0: X-VLM's hard negatives only).
+        same_text: (batch, batch) optional, True where texts i and j are identical ([`identical_texts`]): a text
+            identical to image i's own text describes image i too, so it is never image i's negative (and image
+            j is never a negative of a text identical to text j's). Short, generic captions ("a picture of two
+            shapes", "a man riding a horse") repeat across images; drawn as negatives they are true matches
+            labelled "no match". A row whose every other text is identical to its own keeps X-VLM's rule.
 
     Returns:
         `(negative_text_index, negative_image_index)`, each (batch,): for image i the index of its negative
@@ -140,26 +153,39 @@ def sample_hard_negatives(
         "Image-text matching needs at least two different images in a batch to sample hard negatives; "
         f"got a batch of {batch_size} pairs that all show the same image.",
     )
-    return _sample_negatives(logits_per_image.detach(), positives, generator, random_fraction)
+    positives_t2i = positives.t()
+    if same_text is not None:
+        if same_text.shape != positives.shape:
+            raise ValueError(f"`same_text` must have shape {tuple(positives.shape)}; got {tuple(same_text.shape)}.")
+        # Text j identical to image i's own text: (i, j) is a match. A row left without a negative keeps image ids.
+        def widen(matches: torch.Tensor, identical: torch.Tensor) -> torch.Tensor:
+            widened = matches | identical
+            return torch.where(widened.all(dim=1, keepdim=True), matches, widened)
+
+        positives, positives_t2i = widen(positives, same_text), widen(positives_t2i, same_text.t())
+    return _sample_negatives(logits_per_image.detach(), positives, positives_t2i, generator, random_fraction)
 
 
 @torch.no_grad()
 def _sample_negatives(
     logits_per_image: torch.Tensor,
     positives: torch.Tensor,
+    positives_t2i: torch.Tensor,
     generator: torch.Generator | None,
     random_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    def weights(logits: torch.Tensor) -> torch.Tensor:
-        hard = (F.softmax(logits.float(), dim=1) + 1e-5).masked_fill(positives, 0)
+    def weights(logits: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
+        hard = (F.softmax(logits.float(), dim=1) + 1e-5).masked_fill(matches, 0)
         if random_fraction == 0.0:
             return hard
-        uniform = (~positives).float()
+        uniform = (~matches).float()
         hard, uniform = (w / w.sum(dim=1, keepdim=True) for w in (hard, uniform))
         return (1.0 - random_fraction) * hard + random_fraction * uniform
 
-    negative_text_index = torch.multinomial(weights(logits_per_image), 1, generator=generator).squeeze(1)
-    negative_image_index = torch.multinomial(weights(logits_per_image.t()), 1, generator=generator).squeeze(1)
+    negative_text_index = torch.multinomial(weights(logits_per_image, positives), 1, generator=generator).squeeze(1)
+    negative_image_index = torch.multinomial(
+        weights(logits_per_image.t(), positives_t2i), 1, generator=generator
+    ).squeeze(1)
     return negative_text_index, negative_image_index
 
 

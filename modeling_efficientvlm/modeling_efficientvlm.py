@@ -27,6 +27,7 @@ from .loading_efficientvlm import check_loaded_weights, corrupt_checkpoint_error
 from .loss_efficientvlm import (
     ImageTextContrastiveLoss,
     box_regression_loss,
+    identical_texts,
     masked_language_modeling_loss,
     sample_hard_negatives,
 )
@@ -1443,13 +1444,15 @@ def image_text_contrastive_matching(
     output_attentions: bool = False,
     output_hidden_states: bool = False,
     compute_loss: bool = True,
+    input_ids: torch.Tensor | None = None,
 ) -> EfficientVLMContrastiveMatchingOutput:
     """X-VLM's ITC and ITM with hard negatives on encoded images (batch, image_len, vision_hidden) and texts
     (batch, seq, hidden).
 
     `image_ids` (batch,) make texts of the same image positives for ITC and never negatives for ITM;
     `itm_negatives = (negative_text_index, negative_image_index)` are reused instead of sampled (e.g. a
-    teacher scoring the student's negatives).
+    teacher scoring the student's negatives). With `input_ids` (batch, seq) and the config's
+    `itm_exclude_identical_texts`, a text identical to image i's own text is never image i's negative.
 
     Under `torch.distributed`, in training mode, `itc_loss` gathers the embeddings and image ids of every process
     (global negatives, the same loss on every process); `logits_per_image` and the ITM hard negatives stay
@@ -1464,8 +1467,11 @@ def image_text_contrastive_matching(
     # ITM: positives, then each image with a hard negative text, then each text with a hard negative image.
     # Hard negatives are sampled per process, from the local batch (the fusion pass needs their states here).
     if itm_negatives is None:
+        same_text = None
+        if input_ids is not None and backbone.config.itm_exclude_identical_texts:
+            same_text = identical_texts(input_ids, attention_mask)
         itm_negatives = sample_hard_negatives(
-            logits_per_image, image_ids, random_fraction=backbone.config.itm_random_negatives
+            logits_per_image, image_ids, random_fraction=backbone.config.itm_random_negatives, same_text=same_text
         )
     negative_text_index, negative_image_index = itm_negatives
     batch = text_states.shape[0]
@@ -1584,6 +1590,7 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
             image_ids=image_ids,
             itm_negatives=itm_negatives,
             structure_masks=structure_masks,
+            input_ids=input_ids,
             **flags,
         )
         itm_fusion, batch = matching.itm_fusion_output, input_ids.shape[0]

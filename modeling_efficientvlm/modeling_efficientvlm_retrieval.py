@@ -161,6 +161,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
             image_ids=image_ids,
             itm_negatives=itm_negatives,
             structure_masks=structure_masks,
+            input_ids=input_ids,
             **flags,
         )
         fields = dict(matching)

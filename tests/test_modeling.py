@@ -10,13 +10,14 @@ import torch
 from modeling_efficientvlm import (
     MASK_KEYS,
     EfficientVLMConfig,
+    EfficientVLMForImageTextRetrieval,
     EfficientVLMForPreTraining,
     EfficientVLMModel,
     EfficientVLMTextModel,
     EfficientVLMVisionModel,
 )
 from modeling_efficientvlm.configuration_efficientvlm import TextStackLayout, has_twin_fusion_layers, stack_depths
-from modeling_efficientvlm.loss_efficientvlm import sample_hard_negatives
+from modeling_efficientvlm.loss_efficientvlm import identical_texts, sample_hard_negatives
 from modeling_efficientvlm.modeling_efficientvlm import TEXT_MASK_KEYS, VISION_MASK_KEYS
 
 from .conftest import make_inputs
@@ -371,6 +372,54 @@ def test_hard_negatives_never_come_from_the_same_image() -> None:
         assert (image_ids[negative_image] != image_ids).all()
     with pytest.raises(ValueError, match="two different images"):
         sample_hard_negatives(torch.randn(3, 3), torch.tensor([7, 7, 7]))
+
+
+def test_identical_texts_are_never_itm_negatives_of_each_others_images() -> None:
+    # Four images; texts 0 and 2 are the same caption ("a picture of two shapes"), so each is true of images 0 and 2.
+    input_ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0], [2, 7, 8, 3, 0], [2, 10, 11, 12, 3]])
+    attention_mask = (input_ids != 0).long()
+    same_text = identical_texts(input_ids, attention_mask)
+    assert same_text.tolist() == [[i == j or {i, j} == {0, 2} for j in range(4)] for i in range(4)]
+    image_ids = torch.arange(4)
+    logits = torch.zeros(4, 4)
+    logits[0, 2] = logits[2, 0] = 20.0  # ITC singles out the identical caption as the hardest negative
+    for exclude, expected in ((False, True), (True, False)):
+        generator = torch.Generator().manual_seed(0)
+        drawn = [
+            sample_hard_negatives(logits, image_ids, generator, same_text=same_text if exclude else None)
+            for _ in range(50)
+        ]
+        texts, images = torch.stack([d[0] for d in drawn]), torch.stack([d[1] for d in drawn])
+        # X-VLM's rule draws the identical caption (a true match labelled "no match"); the exclusion never does.
+        assert bool((texts[:, 0] == 2).any() and (images[:, 2] == 0).any()) is expected
+        assert bool((texts[:, 2] == 0).any() or (images[:, 0] == 2).any()) is expected
+        assert (texts != image_ids).all() and (images != image_ids).all()
+    # A batch whose captions are all identical keeps the image-id rule rather than having no negative to draw.
+    same = torch.ones(3, 3, dtype=torch.bool)
+    texts, images = sample_hard_negatives(torch.zeros(3, 3), torch.arange(3), same_text=same)
+    assert (texts != torch.arange(3)).all() and (images != torch.arange(3)).all()
+    with pytest.raises(ValueError, match="same_text"):
+        sample_hard_negatives(logits, image_ids, same_text=same)
+
+
+def test_retrieval_and_pretraining_skip_identical_caption_negatives_when_configured(tiny_config) -> None:
+    inputs = make_inputs(tiny_config, batch_size=4)
+    inputs["input_ids"][2] = inputs["input_ids"][0]
+    inputs["attention_mask"][2] = inputs["attention_mask"][0]
+    for model_class in (EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining):
+        seen = {}
+        for exclude in (False, True):
+            config = copy.deepcopy(tiny_config)
+            config.itm_exclude_identical_texts = exclude
+            config.itm_random_negatives = 1.0  # uniform: every allowed negative is drawn now and then
+            torch.manual_seed(0)
+            model = model_class(config).train()
+            with torch.no_grad():
+                draws = [model(**inputs, image_ids=torch.arange(4)) for _ in range(30)]
+            texts = torch.stack([d.negative_text_index for d in draws])
+            images = torch.stack([d.negative_image_index for d in draws])
+            seen[exclude] = bool((texts[:, 0] == 2).any() or (texts[:, 2] == 0).any() or (images[:, 0] == 2).any())
+        assert seen == {False: True, True: False}, model_class.__name__
 
 
 def test_random_negative_share_mixes_uniform_draws_into_the_hard_ones() -> None:

@@ -80,6 +80,9 @@ class DemoSettings:
     # Share of ITM negatives drawn at random rather than by ITC similarity: from scratch, hard negatives alone
     # leave the ITM head at the class prior (p = 1/3 for every pair), so ITM re-ranking ruins retrieval.
     itm_random_negatives: float = _MODEL["itm_random_negatives"]
+    # Pre-training captions such as "a picture of two shapes" repeat across images: never ITM negatives of each
+    # other's images (they are true of both).
+    itm_exclude_identical_texts: bool = _MODEL["itm_exclude_identical_texts"]
     batch_size: int = _TRAINING["per_device_train_batch_size"]
     learning_rate: float = _TRAINING["learning_rate"]
     pretrain_steps: int = 150
@@ -191,6 +194,7 @@ def teacher_config(settings: DemoSettings, vocab_size: int):
         max_text_length=_MODEL["max_text_length"],
         initializer_range=settings.initializer_range,
         itm_random_negatives=settings.itm_random_negatives,
+        itm_exclude_identical_texts=settings.itm_exclude_identical_texts,
     )
 
 
