@@ -169,3 +169,13 @@ def test_prune_command_writes_a_folder_per_rung_and_the_table(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"--sparsity_ladder '0.2,1.5'.*in \(0, 1\)"):
         # A recipe's target_sparsity gives way to the ladder: the flag is what gets checked.
         cli.main([*common, "--recipe", "small-cpu", "--sparsity_ladder", "0.2,1.5"])
+
+
+def test_a_warmup_fraction_is_of_each_rungs_share_of_the_steps(tmp_path) -> None:
+    # Of the whole run, 0.3 of 60 steps (18) would leave the first rung 2 of its 20 steps to settle.
+    pruning = PruningConfig(sparsity_ladder=LADDER, sparsity_warmup_fraction=0.3, mask_learning_rate=0.1)
+    args = _args(tmp_path, max_steps=60, logging_steps=1000)
+    trainer = _trainer(tmp_path, pruning=pruning, args=args, processing_class=make_processor(tmp_path))
+    trainer.train()
+    assert trainer.lagrangian.warmup_steps == 6  # 0.3 of the rung's 20 steps
+    assert len(trainer.ladder.rungs) == 3

@@ -55,7 +55,10 @@ class PruneArguments(KDArguments):
     )
     sparsity_warmup_fraction: float | None = field(
         default=None,
-        metadata={"help": "Or the fraction of the training steps over which the target grows from 0 (e.g. 0.3)."},
+        metadata={
+            "help": "Or the fraction of the training steps over which the target grows from 0 (e.g. 0.3); with "
+            "--sparsity_ladder, of each rung's share of the steps."
+        },
     )
     target_sparsity_per_modality: str | None = field(
         default=None,

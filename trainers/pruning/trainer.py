@@ -60,7 +60,8 @@ class PruningConfig:
         sparsity_warmup_steps: optimizer steps over which the target grows linearly from 0; `None` means
             one epoch (the paper's choice).
         sparsity_warmup_fraction: or the fraction of the training's optimizer steps over which it grows
-            (`int(fraction * max_steps)`; the demo warms up over 30%); not with `sparsity_warmup_steps`.
+            (`int(fraction * max_steps)`; the demo warms up over 30%; with a `sparsity_ladder`, each rung over that
+            fraction of its share, `int(fraction * max_steps / rungs)`); not with `sparsity_warmup_steps`.
         target_sparsity_per_modality: optional extra targets, e.g. `{"vision": 0.5}`, each enforced by its
             own pair of multipliers on that modality's expected sparsity.
         mask_learning_rate: learning rate of the mask log-alphas (official EfficientVLM: 0.01).
@@ -154,7 +155,10 @@ class _MaskOptimizationCallback(TrainerCallback):
         config = self.trainer.pruning_config
         self.trainer.mask_freeze_step = state.max_steps - int(round(config.mask_freeze_fraction * state.max_steps))
         if config.sparsity_warmup_fraction is not None:
-            self.trainer.lagrangian.warmup_steps = int(config.sparsity_warmup_fraction * state.max_steps)
+            # With a ladder every rung warms up, so the fraction is of a rung's share of the steps: of the whole run,
+            # 0.3 would leave 3 rungs 10% of their share to settle (and 4 rungs none).
+            steps = state.max_steps / len(config.sparsity_ladder) if config.sparsity_ladder else state.max_steps
+            self.trainer.lagrangian.warmup_steps = int(config.sparsity_warmup_fraction * steps)
         # The paper warms the target up over one epoch.
         elif config.sparsity_warmup_steps is None:
             batches = len(train_dataloader) if hasattr(train_dataloader, "__len__") else None
