@@ -225,6 +225,12 @@ class EfficientVLMTextConfig(_PerLayerSizes, PreTrainedConfig):
     one entry per layer of the whole stack (text layers first), `num_cross_attention_heads_per_layer` one
     entry per fusion layer. `encoder_hidden_size` is the width of the states the cross-attention reads
     (the vision width for the fusion layers).
+
+    `fusion_zero_init_residual`: at initialisation, zero the weights of the output projection of every
+    residual branch of the fusion layers (self-attention and cross-attention `out_proj`, FFN `fc2`), so each
+    fusion layer starts as the identity (plus its LayerNorm) and the text reaches the fused [CLS] intact.
+    With a large `initializer_range` (from scratch), random fusion layers wash the text out of the fused
+    [CLS], and ITM / NLVR2 heads then see little of the sentence. Only affects freshly initialised weights.
     """
 
     model_type = "efficientvlm_text_model"
@@ -243,6 +249,7 @@ class EfficientVLMTextConfig(_PerLayerSizes, PreTrainedConfig):
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
+    fusion_zero_init_residual: bool = False
     encoder_hidden_size: int = 768
     pad_token_id: int | None = 0
     bos_token_id: int | None = 101

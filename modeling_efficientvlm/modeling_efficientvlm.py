@@ -531,6 +531,13 @@ class EfficientVLMTextLayer(GradientCheckpointingLayer):
         self.mlp = build_mlp(config, config.layer_intermediate_size(layer_index))
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        if has_cross_attention and config.fusion_zero_init_residual:
+            # `_init_weights` zeroes these: the layer starts as the identity (up to its LayerNorms). A fully
+            # pruned branch (`EfficientVLMEmpty*`) has no projection, only its bias.
+            for branch, name in ((self.attention, "out_proj"), (self.crossattention, "out_proj"), (self.mlp, "fc2")):
+                projection = getattr(branch, name, None)
+                if projection is not None:
+                    projection.zero_init = True
 
     def forward(
         self,
@@ -794,7 +801,10 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "zero_init", False):  # see `EfficientVLMTextConfig.fusion_zero_init_residual`
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):

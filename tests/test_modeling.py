@@ -500,3 +500,34 @@ def test_bad_masks_raise(tiny_config, tiny_inputs) -> None:
         model.prune({"vision_heads": [torch.ones(5), None]})
     with pytest.raises(ValueError, match="Unknown preset"):
         EfficientVLMConfig.from_preset("huge")
+
+
+def test_fusion_zero_init_residual_starts_fusion_layers_as_identity(tmp_path, tiny_inputs) -> None:
+    config = EfficientVLMConfig.from_preset(
+        "tiny", text_config={"fusion_zero_init_residual": True, "num_cross_attention_heads_per_layer": [0, 4]}
+    )
+    model = EfficientVLMModel(config).eval()
+    layers = model.text_model.encoder.layer
+    text_layers = config.text_config.num_hidden_layers
+    for index, layer in enumerate(layers):
+        outputs = [layer.attention.out_proj.weight, layer.mlp.fc2.weight]
+        if index >= text_layers and hasattr(layer.crossattention, "out_proj"):
+            outputs.append(layer.crossattention.out_proj.weight)
+        zeroed = [bool((weight == 0).all()) for weight in outputs]
+        assert zeroed == [index >= text_layers] * len(outputs), f"layer {index}: {zeroed}"
+        # The inputs of every branch keep their normal init.
+        std = layer.attention.q_proj.weight.std().item()
+        assert std == pytest.approx(config.text_config.initializer_range, rel=0.3)
+    # The fusion layers start as the identity (up to LayerNorm): the image does not move the fused states yet.
+    with torch.no_grad():
+        fused = model(**tiny_inputs).last_hidden_state
+        other_image = model(**{**tiny_inputs, "pixel_values": tiny_inputs["pixel_values"].flip(0)}).last_hidden_state
+    torch.testing.assert_close(fused, other_image, atol=0, rtol=0)
+    default = EfficientVLMModel(EfficientVLMConfig.from_preset("tiny"))
+    assert not (default.text_model.encoder.layer[-1].mlp.fc2.weight == 0).all()
+    # Only fresh weights: trained (loaded) weights are not zeroed again.
+    with torch.no_grad():
+        layers[-1].mlp.fc2.weight.fill_(0.5)
+    model.save_pretrained(tmp_path)
+    reloaded = EfficientVLMModel.from_pretrained(tmp_path)
+    assert (reloaded.text_model.encoder.layer[-1].mlp.fc2.weight == 0.5).all()

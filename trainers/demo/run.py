@@ -189,6 +189,8 @@ def teacher_config(settings: DemoSettings, vocab_size: int):
             num_fusion_layers=fusion_layers,
             max_position_embeddings=_MODEL["text_config"]["max_position_embeddings"],
             initializer_range=settings.initializer_range,
+            # The fusion layers start as the identity: random ones wash the text out of the fused [CLS].
+            fusion_zero_init_residual=_MODEL["text_config"]["fusion_zero_init_residual"],
         ),
         embed_dim=_MODEL["embed_dim"],
         max_text_length=_MODEL["max_text_length"],
