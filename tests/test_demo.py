@@ -208,3 +208,14 @@ def test_push_to_hub_uploads_complete_folders(demo_dir: Path) -> None:
         assert {"configuration_efficientvlm.py", "modeling_efficientvlm.py"} <= files
         if not upload["repo_id"].endswith(("_pretrained", "_distilled")):  # pre-training lives in the base file
             assert any(name.startswith("modeling_efficientvlm_") for name in files)
+
+
+def test_loss_plot_of_runs_too_short_to_log_says_so_instead_of_an_empty_legend(tmp_path) -> None:
+    import warnings
+
+    from trainers.demo.report import plot_losses
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns on a legend without lines
+        path = plot_losses({"teacher_vqa": [{"step": 1}]}, tmp_path / "losses.png")
+    assert path.stat().st_size > 0

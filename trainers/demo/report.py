@@ -22,7 +22,11 @@ def plot_losses(histories: dict[str, list[dict[str, float]]], path: Path) -> Pat
         if points:
             axis.plot(*zip(*points), label=name)
     axis.set(xlabel="optimizer step", ylabel="training loss", title="Training losses", yscale="log")
-    axis.legend(fontsize=7)
+    if axis.lines:
+        axis.legend(fontsize=7)
+    else:  # every run was shorter than the logging interval (`--quick`)
+        axis.text(0.5, 0.5, "no losses logged: every run was shorter than the logging interval", ha="center",
+                  transform=axis.transAxes)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
