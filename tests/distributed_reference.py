@@ -43,3 +43,15 @@ def write_workdir(workdir: Path) -> None:
     torch.manual_seed(1)
     EfficientVLMForImageTextRetrieval(tiny_config()).save_pretrained(workdir / "retrieval_teacher")
     processor.save_pretrained(workdir / "retrieval_teacher")
+
+
+def distill_flags(workdir: Path) -> list[str]:
+    """The `distill` flags every run of the distributed tests shares (the workers' and the 1-process reference's):
+    the tiny teacher and data `write_workdir` wrote, a 1/1/1 student, the ITC KD term only."""
+    return [
+        "--teacher_model_name_or_path", str(workdir / "pretraining_teacher"),
+        "--train_file", str(workdir / "image_text.json"),
+        "--image_root", str(workdir / "images"),
+        "--student_layers", "1,1,1",
+        "--kd_term_weights", '{"itc": 1.0}',
+    ]  # fmt: skip

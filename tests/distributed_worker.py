@@ -175,15 +175,9 @@ def distill() -> None:
     from trainers import commands as cli
 
     CURRENT[0] = "distill" if not RESUME else f"distill_{RESUME[1]}"
-    argv = [
-        "distill",
-        "--teacher_model_name_or_path", str(WORKDIR / "pretraining_teacher"),
-        "--train_file", str(WORKDIR / "image_text.json"),
-        "--image_root", str(WORKDIR / "images"),
-        "--student_layers", "1,1,1",
-        "--kd_term_weights", '{"itc": 1.0}',
-        *common_flags(OUTPUTS / "distill", "distill"),
-    ]  # fmt: skip
+    from tests.distributed_reference import distill_flags
+
+    argv = ["distill", *distill_flags(WORKDIR), *common_flags(OUTPUTS / "distill", "distill")]
     cli.main(argv)
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .distributed_reference import itc_batch, itc_model, write_workdir
+from .distributed_reference import distill_flags, itc_batch, itc_model, write_workdir
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 8
@@ -310,12 +310,7 @@ def _check_sharded_distillation(workdir: Path, engine: str) -> None:
         assert torch.equal(value, sharded_run["weights"][key]), key
     reference = workdir / "one_process"
     cli.main([
-        "distill",
-        "--teacher_model_name_or_path", str(workdir / "pretraining_teacher"),
-        "--train_file", str(workdir / "image_text.json"),
-        "--image_root", str(workdir / "images"),
-        "--student_layers", "1,1,1",
-        "--kd_term_weights", '{"itc": 1.0}',
+        "distill", *distill_flags(workdir),
         "--max_steps", "1", "--save_strategy", "no", "--output_dir", str(reference),
         "--per_device_train_batch_size", str(GLOBAL_BATCH), "--logging_steps", "1", "--learning_rate", "1e-3",
         "--seed", "0", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
