@@ -25,8 +25,8 @@ def plot_losses(histories: dict[str, list[dict[str, float]]], path: Path) -> Pat
     if axis.lines:
         axis.legend(fontsize=7)
     else:  # every run was shorter than the logging interval (`--quick`)
-        axis.text(0.5, 0.5, "no losses logged: every run was shorter than the logging interval", ha="center",
-                  transform=axis.transAxes)
+        message = "no losses logged: every run was shorter than the logging interval"
+        axis.text(0.5, 0.5, message, ha="center", transform=axis.transAxes)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -508,7 +508,7 @@ class DemoRun:
         With ablations, the compared metric right after pruning (before the fixed-mask steps) is kept."""
         from trainers.pruning import ModalAdaptivePruningTrainer, PruningConfig
 
-        learn_steps, _ = self.settings.pruning_schedule(task)
+        learn_steps, fixed_steps = self.settings.pruning_schedule(task)
         torch.manual_seed(seed)
         trainer = self._train(
             name,
@@ -527,7 +527,7 @@ class DemoRun:
         )
         scores = {(key, layer): p.detach().clone() for key, layer, p in trainer.masker.layers()}
         report = trainer.finalize_pruning()
-        report["fixed_mask_steps_after_pruning"] = self.settings.pruning_schedule(task)[1]
+        report["fixed_mask_steps_after_pruning"] = fixed_steps
         model = trainer.pruned_model
         after_masking = self._ablation_score(task, model) if self.settings.ablations else None
         self._train_with_fixed_masks(f"{name}_fixed_masks", task, model, teacher, seed)
