@@ -1,4 +1,4 @@
-"""Benchmark helpers: parameters, FLOPs and latency side by side, including models with emptied layers."""
+"""The benchmark on models with emptied layers: FLOPs, parameters and ratios side by side."""
 
 from __future__ import annotations
 
@@ -7,13 +7,8 @@ import copy
 import torch
 
 from modeling_efficientvlm import EfficientVLMForPreTraining
-from trainers.evaluation.benchmarking import (
-    benchmark_inputs,
-    compare_models,
-    count_flops,
-    count_parameters,
-    format_table,
-)
+from trainers.benchmark import BenchmarkSettings, format_report, prebuilt_models, run_benchmark
+from trainers.evaluation.benchmarking import count_parameters
 
 
 def test_pruned_model_has_fewer_flops_and_the_table_reports_ratios(tiny_config) -> None:
@@ -26,11 +21,15 @@ def test_pruned_model_has_fewer_flops_and_the_table_reports_ratios(tiny_config) 
         for key, layer in sizes.items()
     }
     pruned.prune(masks)
-    inputs = benchmark_inputs(tiny_config, batch_size=2, text_length=8)
-    assert count_flops(pruned.efficientvlm, inputs) < count_flops(full.efficientvlm, inputs) / 2
-    rows = compare_models({"full": full, "pruned": pruned}, inputs, warmup=1, repeats=2, rounds=1)
-    assert rows[0].speedup == 1.0 and rows[0].flops_reduction == 1.0
-    assert rows[1].parameters == count_parameters(pruned) < count_parameters(full)
-    assert rows[1].flops_reduction > 2
-    table = format_table(rows)
-    assert "| pruned |" in table and "speedup / FLOPs reduction" in table
+    settings = BenchmarkSettings(batch_sizes=(2,), text_length=8, warmup=1, repeats=2, rounds=1)
+    report = run_benchmark(prebuilt_models({"full": full, "pruned": pruned}), settings)
+    reference, smaller = report.results
+    assert (reference.name, smaller.name) == ("full", "pruned")
+    assert reference.speedup == 1.0 and reference.flops_reduction == 1.0
+    assert smaller.parameters == count_parameters(pruned) < count_parameters(full) == reference.parameters
+    assert smaller.encoder_parameters == count_parameters(pruned.efficientvlm)
+    assert smaller.flops_reduction == reference.gflops / smaller.gflops > 2
+    assert smaller.speedup == reference.median_ms / smaller.median_ms
+    assert smaller.speed_target in {"pass", "fail"} and reference.speed_target is None
+    table = format_report(report)
+    assert "| encoders | pruned | 2 |" in table and "speed target" in table

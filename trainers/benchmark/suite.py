@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainers.evaluation.benchmarking import Spread, count_flops, interleaved_timings, matmul_peak_gflops
+from trainers.evaluation.benchmarking import (
+    Spread,
+    count_flops,
+    count_parameters,
+    interleaved_timings,
+    matmul_peak_gflops,
+)
 
 from .models import BenchmarkModel
 from .workloads import WORKLOADS, WorkloadShape, build_workloads, family_of
@@ -229,7 +235,7 @@ def _measure_setting(
                 batch_size=batch_size,
                 image_size=size,
                 threads=threads,
-                parameters=sum(p.numel() for p in model.parameters()),
+                parameters=count_parameters(model),
                 encoder_parameters=encoder_parameters(entry.kind, model),
                 gflops=gflops,
                 median_ms=spread.median_ms,

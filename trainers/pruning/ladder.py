@@ -233,17 +233,18 @@ def ladder_table(
 ) -> list[dict[str, Any]]:
     """One row per rung (and a first one for the unpruned `reference`): target, achieved sparsity, `metric` (when
     the rung was evaluated), parameters, encoder GFLOPs, median latency and speedup against the reference, from
-    `trainers.evaluation.benchmarking.compare_models` (the encoders' forward on random inputs). Each rung's model is
-    reloaded from its folder with `from_pretrained` of the reference's class: the saved models are what is timed."""
-    from trainers.evaluation.benchmarking import benchmark_inputs, compare_models
+    `trainers.benchmark.run_benchmark` (the encoders workload on random inputs, as `efficientvlm benchmark` and
+    the demo time them). Each rung's model is reloaded from its folder with `from_pretrained` of the reference's
+    class: the saved models are what is timed."""
+    from trainers.benchmark import BenchmarkSettings, prebuilt_models, run_benchmark
 
     if not rungs:
         raise ValueError("No rungs were saved: nothing to tabulate.")
     models = {"unpruned": reference}
     for rung in rungs:
         models[rung_folder_name(rung.target)] = type(reference).from_pretrained(rung.output_dir)
-    inputs = benchmark_inputs(reference.config, batch_size=batch_size, text_length=text_length)
-    benchmarks = compare_models(models, inputs, repeats=repeats, rounds=rounds)
+    settings = BenchmarkSettings(batch_sizes=(batch_size,), text_length=text_length, repeats=repeats, rounds=rounds)
+    benchmarks = run_benchmark(prebuilt_models(models), settings).results
     rows = []
     for benchmark, rung in zip(benchmarks, [None, *rungs]):
         row: dict[str, Any] = {
@@ -256,7 +257,7 @@ def ladder_table(
             "metric": metric,
             "metric_value": None if rung is None or metric is None else rung.metrics.get(metric),
             "parameters": benchmark.parameters,
-            "encoder_parameters": benchmark.backbone_parameters,
+            "encoder_parameters": benchmark.encoder_parameters,
             "gflops": benchmark.gflops,
             "median_ms": benchmark.median_ms,
             "flops_reduction": benchmark.flops_reduction,
