@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from .configuration_efficientvlm import EfficientVLMConfig
+from .loading_efficientvlm import read_torch_weights
 
 # Each official task model keeps its modules under different prefixes; ours always name the backbone
 # `efficientvlm` and the heads as in the model classes.
@@ -179,9 +180,17 @@ def load_official_checkpoint(
     Every tensor of the checkpoint must find its place, and every parameter of the model must be filled,
     except those the official model does not have (reported in the error otherwise).
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return model_from_official_state_dict(read_official_state_dict(path), task, model_class, **overrides)
+
+
+def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in an official `.pth` file: the file's own dict, or the one under its `model` key (the
+    official training scripts save the optimizer and config beside it). Errors name the file."""
+    checkpoint = read_torch_weights(path)
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    return model_from_official_state_dict(state_dict, task, model_class, **overrides)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path} holds no state dict (a dict of tensors, or one under the key `model`).")
+    return state_dict
 
 
 def _default_model_class(task: str) -> type[PreTrainedModel]:

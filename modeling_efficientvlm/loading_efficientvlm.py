@@ -16,6 +16,7 @@ for the encoders themselves) must always be complete, and a checkpoint saved by 
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ class CheckpointMismatchError(ValueError):
 
 
 class CorruptCheckpointError(OSError):
-    """A weights file of a checkpoint cannot be read (truncated, or not a safetensors file)."""
+    """A weights file of a checkpoint cannot be read (truncated, or not the format its name says)."""
 
 
 def _backbone_scope(model: nn.Module) -> tuple[tuple[str, ...], frozenset[str]]:
@@ -93,9 +94,41 @@ def check_loaded_weights(
     )
 
 
+def read_torch_weights(path: str | os.PathLike) -> Any:
+    """`torch.load(path, weights_only=True)` onto the CPU, with errors that name the file: a missing file, and a
+    [`CorruptCheckpointError`] for one torch cannot read (truncated, not a `torch.save` file, or holding objects
+    other than tensors and plain containers: weights-only loading runs no code from the file)."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CorruptCheckpointError(
+            f"Cannot read {path} as a checkpoint of tensors ({_first_line(error)}). It is damaged, not a torch.save "
+            "file, or holds objects other than tensors and plain containers: it is read with weights_only=True, "
+            "which runs no code from the file. If you trust the file, torch.load it with weights_only=False and "
+            "give its state dict instead."
+        ) from error
+    except (RuntimeError, EOFError) as error:
+        raise CorruptCheckpointError(
+            f"Cannot read {path} ({_first_line(error)}). The file is truncated or not a torch.save file; copy or "
+            "download it again."
+        ) from error
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def unreadable_weight_files(location: str | os.PathLike, subfolder: str = "") -> list[tuple[str, str]]:
-    """(path, error) of every `.safetensors` file in the local folder `location` (/ `subfolder`) that safetensors
-    cannot open; [] for a folder that does not exist (a Hub id)."""
+    """(path, error) of every weights file (`.safetensors`, `.bin`) in the local folder `location` (/ `subfolder`)
+    that cannot be read; [] for a folder that does not exist (a Hub id)."""
+    import torch
     from safetensors import safe_open
 
     folder = Path(location) / subfolder
@@ -108,6 +141,11 @@ def unreadable_weight_files(location: str | os.PathLike, subfolder: str = "") ->
                 handle.keys()
         except Exception as error:  # any failure to read is what we report
             unreadable.append((str(path), str(error)))
+    for path in sorted(folder.glob("*.bin")):
+        try:  # a zip-format file memory-mapped: its tensors are not read into memory
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except Exception as error:
+            unreadable.append((str(path), _first_line(error)))
     return unreadable
 
 
@@ -121,8 +159,8 @@ def corrupt_checkpoint_error(
     else:
         named = f"a weights file of {location} ({error})"
     return CorruptCheckpointError(
-        f"Cannot read the weights: {named}. The file is truncated or not a safetensors file; copy or download it "
-        "again, or save the model again."
+        f"Cannot read the weights: {named}. The file is truncated or damaged; copy or download it again, or save "
+        "the model again."
     )
 
 
@@ -131,5 +169,6 @@ __all__ = [
     "CorruptCheckpointError",
     "check_loaded_weights",
     "corrupt_checkpoint_error",
+    "read_torch_weights",
     "unreadable_weight_files",
 ]

@@ -157,6 +157,7 @@ def sample_hard_negatives(
     if same_text is not None:
         if same_text.shape != positives.shape:
             raise ValueError(f"`same_text` must have shape {tuple(positives.shape)}; got {tuple(same_text.shape)}.")
+
         # Text j identical to image i's own text: (i, j) is a match. A row left without a negative keeps image ids.
         def widen(matches: torch.Tensor, identical: torch.Tensor) -> torch.Tensor:
             widened = matches | identical

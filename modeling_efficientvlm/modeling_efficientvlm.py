@@ -9,6 +9,7 @@ and every encoder accepts structure masks (per-head, per-FFN-neuron) for pruning
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_efficientvlm import EfficientVLMConfig, EfficientVLMTextConfig, EfficientVLMVisionConfig
-from .loading_efficientvlm import check_loaded_weights, corrupt_checkpoint_error
+from .loading_efficientvlm import check_loaded_weights, corrupt_checkpoint_error, unreadable_weight_files
 from .loss_efficientvlm import (
     ImageTextContrastiveLoss,
     box_regression_loss,
@@ -715,10 +716,16 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
                 ignore_mismatched_sizes=True,
                 **kwargs,
             )
-        except SafetensorError as error:
-            raise corrupt_checkpoint_error(
-                error, pretrained_model_name_or_path, kwargs.get("subfolder") or ""
-            ) from error
+        except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            # torch.load's errors on a damaged `.bin` do not name the file (and suggest weights_only=False).
+            subfolder = kwargs.get("subfolder") or ""
+            damaged = isinstance(error, SafetensorError) or (
+                pretrained_model_name_or_path is not None
+                and unreadable_weight_files(pretrained_model_name_or_path, subfolder)
+            )
+            if not damaged:
+                raise
+            raise corrupt_checkpoint_error(error, pretrained_model_name_or_path, subfolder) from error
         check_loaded_weights(
             model,
             info,

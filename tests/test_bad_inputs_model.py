@@ -409,3 +409,41 @@ def test_a_corrupt_safetensors_file_is_named(checkpoints, tmp_path, damage, reas
         EfficientVLMForPreTraining.from_pretrained(folder)
     with pytest.raises(CorruptCheckpointError, match=re.escape(str(weights))):
         EfficientVLMForVisualReasoning.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [(lambda data: data[: len(data) // 2], "central directory"), (lambda data: b"\x00garbage" * 64, "Weights only")],
+    ids=["truncated", "garbage"],
+)
+def test_a_corrupt_pytorch_bin_file_is_named(checkpoints, tmp_path, damage, reason: str) -> None:
+    # Folders saved by older tools (or FSDP) hold `pytorch_model.bin`; torch.load's own error names no file and
+    # suggests weights_only=False.
+    folder = tmp_path / "bin"
+    shutil.copytree(checkpoints["full"], folder)
+    weights = folder / "pytorch_model.bin"
+    torch.save(load_file(folder / "model.safetensors"), weights)
+    (folder / "model.safetensors").unlink()
+    torch.manual_seed(0)
+    assert EfficientVLMForPreTraining.from_pretrained(folder).config.text_config.num_hidden_layers == 2
+    weights.write_bytes(damage(weights.read_bytes()))
+    message = rf"Cannot read the weights: {re.escape(str(weights))} \(.*{reason}.*\)\. The file is truncated"
+    with pytest.raises(CorruptCheckpointError, match=message):
+        EfficientVLMForPreTraining.from_pretrained(folder)
+
+
+def test_official_checkpoint_files_fail_with_the_file_named(tmp_path) -> None:
+    from modeling_efficientvlm.convert_efficientvlm_checkpoints import read_official_state_dict
+
+    state_dict = {"vision_encoder.cls_token": torch.zeros(1, 1, 4)}
+    torch.save({"model": state_dict, "epoch": 3}, tmp_path / "official.pth")
+    assert read_official_state_dict(tmp_path / "official.pth").keys() == state_dict.keys()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "missing.pth"))):
+        read_official_state_dict(tmp_path / "missing.pth")
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes((tmp_path / "official.pth").read_bytes()[:100])
+    with pytest.raises(CorruptCheckpointError, match=rf"Cannot read {re.escape(str(damaged))} \(.*\)\. The file is"):
+        read_official_state_dict(damaged)
+    torch.save({"model": [1, 2]}, tmp_path / "not_a_state_dict.pth")
+    with pytest.raises(ValueError, match="not_a_state_dict.pth holds no state dict"):
+        read_official_state_dict(tmp_path / "not_a_state_dict.pth")

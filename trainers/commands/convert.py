@@ -32,9 +32,11 @@ class ConvertArguments:
 
 def main(argv: list[str] | None = None) -> dict:
     """Converts, writes the folder and returns its report (the pruning report, or the model's class)."""
-    import torch
 
-    from modeling_efficientvlm.convert_efficientvlm_checkpoints import model_from_official_state_dict
+    from modeling_efficientvlm.convert_efficientvlm_checkpoints import (
+        model_from_official_state_dict,
+        read_official_state_dict,
+    )
     from trainers.model_card import ModelCardInfo
     from trainers.pruning.official import L0_PREFIX, prune_official_state_dict
     from trainers.saving import save_model_folder
@@ -43,8 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_arguments("convert", (ConvertArguments,), argv, "Convert an official checkpoint.")
     if args.processor_name_or_path is None and args.vocab_file is None:
         raise ValueError("Official checkpoints carry no tokenizer: give --processor_name_or_path or --vocab_file.")
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    state_dict = read_official_state_dict(args.checkpoint)
     if any(name.startswith(L0_PREFIX) for name in state_dict):
         model, report = prune_official_state_dict(state_dict, args.task, binary=args.binary_masks)
     else:

@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 
-from modeling_efficientvlm.convert_efficientvlm_checkpoints import model_from_official_state_dict
+from modeling_efficientvlm.convert_efficientvlm_checkpoints import (
+    model_from_official_state_dict,
+    read_official_state_dict,
+)
 from modeling_efficientvlm.modeling_efficientvlm import StructureMasks
 
 from .hard_concrete import HARD_CONCRETE_TEMPERATURE, StructureMasker
@@ -142,9 +145,7 @@ def prune_official_state_dict(
 
 def load_official_pruning_checkpoint(path: str, task: str, binary: bool = True) -> tuple[Any, dict[str, Any]]:
     """[`prune_official_state_dict`] for a `.pth` file (a state dict, or a dict holding it under `model`)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    return prune_official_state_dict(state_dict, task, binary=binary)
+    return prune_official_state_dict(read_official_state_dict(path), task, binary=binary)
 
 
 __all__ = ["load_official_pruning_checkpoint", "prune_official_state_dict", "split_pruning_state"]
