@@ -350,8 +350,6 @@ class EfficientVLMConfig(PreTrainedConfig):
         itm_caption_negatives: when a retrieval batch carries a caption negative per pair (`itm_negative_input_ids`,
             a text false of that image, e.g. its own caption with one attribute changed), the share of images whose
             ITM negative text is that caption negative instead of an in-batch text (0: never, as X-VLM).
-        itm_loss_weight: weight of the image-text matching loss in `loss_itc + itm_loss_weight * loss_itm` (1, as
-            X-VLM, in pre-training and retrieval fine-tuning).
         max_text_length: longest text (in tokens) the processor produces by default.
         num_answer_decoder_layers: layers of the VQA answer decoder (defaults to the number of fusion layers).
         answer_decoder_num_attention_heads_per_layer, answer_decoder_num_cross_attention_heads_per_layer,
@@ -384,7 +382,6 @@ class EfficientVLMConfig(PreTrainedConfig):
     itc_temperature: float = 0.07
     itm_random_negatives: float = 0.0
     itm_exclude_identical_texts: bool = False
-    itm_loss_weight: float = 1.0
     itm_caption_negatives: float = 0.0
     max_text_length: int = 40
     num_answer_decoder_layers: int | None = None
@@ -412,8 +409,6 @@ class EfficientVLMConfig(PreTrainedConfig):
             raise ValueError(f"`itm_random_negatives` must be in [0, 1], got {self.itm_random_negatives}.")
         if not 0.0 <= self.itm_caption_negatives <= 1.0:
             raise ValueError(f"`itm_caption_negatives` must be in [0, 1], got {self.itm_caption_negatives}.")
-        if not self.itm_loss_weight >= 0:
-            raise ValueError(f"`itm_loss_weight` must be non-negative, got {self.itm_loss_weight}.")
         TextStackLayout.of(self)  # raises for twin fusion layers of an odd number
         self._check_answer_candidates()
         self._check_answer_decoder_sizes()

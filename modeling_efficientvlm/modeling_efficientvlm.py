@@ -1370,8 +1370,7 @@ class EfficientVLMImageTextMatchingOutput(ModelOutput):
     The fields of X-VLM's ITC + ITM with hard negatives, shared by the outputs of every model that trains them.
 
     loss (`torch.FloatTensor` of shape `()`):
-        The model's loss: `loss_itc + itm_loss_weight * loss_itm` (the config's weight, 1 by default), plus any
-        other term the model computes.
+        The model's loss: `loss_itc + loss_itm`, plus any other term the model computes.
     loss_itc, loss_itm (`torch.FloatTensor` of shape `()`):
         Image-text contrastive and image-text matching losses (`None` when not computed).
     logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
@@ -1535,7 +1534,7 @@ def image_text_contrastive_matching(
     itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(itm_logits.device)
     loss_itm = F.cross_entropy(itm_logits, itm_labels) if compute_loss else None
     return EfficientVLMContrastiveMatchingOutput(
-        loss=loss_itc + backbone.config.itm_loss_weight * loss_itm if compute_loss else None,
+        loss=loss_itc + loss_itm if compute_loss else None,
         loss_itc=loss_itc,
         loss_itm=loss_itm,
         logits_per_image=logits_per_image,
