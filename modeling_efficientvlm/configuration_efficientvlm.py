@@ -347,6 +347,9 @@ class EfficientVLMConfig(PreTrainedConfig):
             i's own text: generic captions that repeat across images ("a picture of two shapes") are true of both,
             and as negatives they teach the ITM head to answer "no match" to true matches (False: X-VLM's rule,
             only texts of the same image id are excluded).
+        itm_caption_negatives: when a retrieval batch carries a caption negative per pair (`itm_negative_input_ids`,
+            a text false of that image, e.g. its own caption with one attribute changed), the share of images whose
+            ITM negative text is that caption negative instead of an in-batch text (0: never, as X-VLM).
         max_text_length: longest text (in tokens) the processor produces by default.
         num_answer_decoder_layers: layers of the VQA answer decoder (defaults to the number of fusion layers).
         answer_decoder_num_attention_heads_per_layer, answer_decoder_num_cross_attention_heads_per_layer,
@@ -379,6 +382,7 @@ class EfficientVLMConfig(PreTrainedConfig):
     itc_temperature: float = 0.07
     itm_random_negatives: float = 0.0
     itm_exclude_identical_texts: bool = False
+    itm_caption_negatives: float = 0.0
     max_text_length: int = 40
     num_answer_decoder_layers: int | None = None
     answer_decoder_num_attention_heads_per_layer: list[int] | None = None
@@ -403,6 +407,8 @@ class EfficientVLMConfig(PreTrainedConfig):
             raise ValueError(f"`itc_temperature` must be positive, got {self.itc_temperature}.")
         if not 0.0 <= self.itm_random_negatives <= 1.0:
             raise ValueError(f"`itm_random_negatives` must be in [0, 1], got {self.itm_random_negatives}.")
+        if not 0.0 <= self.itm_caption_negatives <= 1.0:
+            raise ValueError(f"`itm_caption_negatives` must be in [0, 1], got {self.itm_caption_negatives}.")
         TextStackLayout.of(self)  # raises for twin fusion layers of an odd number
         self._check_answer_candidates()
         self._check_answer_decoder_sizes()

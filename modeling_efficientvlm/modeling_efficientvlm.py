@@ -1448,6 +1448,17 @@ def image_text_matching_logits(
     return itm_head(fusion.last_hidden_state[:, 0]), fusion
 
 
+def use_caption_negatives(
+    negative_text_index: torch.Tensor, negative_image_index: torch.Tensor, share: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replaces, with probability `share` per image, image i's in-batch negative text by its caption negative
+    (index `batch + i`, see [`image_text_contrastive_matching`])."""
+    batch = negative_text_index.shape[0]
+    chosen = torch.rand(batch, device=negative_text_index.device) < share
+    own = torch.arange(batch, batch * 2, device=negative_text_index.device)
+    return torch.where(chosen, own, negative_text_index), negative_image_index
+
+
 def image_text_contrastive_matching(
     backbone: EfficientVLMModel,
     itm_head: nn.Module,
@@ -1462,6 +1473,8 @@ def image_text_contrastive_matching(
     output_hidden_states: bool = False,
     compute_loss: bool = True,
     input_ids: torch.Tensor | None = None,
+    negative_text_states: torch.Tensor | None = None,
+    negative_attention_mask: torch.Tensor | None = None,
 ) -> EfficientVLMContrastiveMatchingOutput:
     """X-VLM's ITC and ITM with hard negatives on encoded images (batch, image_len, vision_hidden) and texts
     (batch, seq, hidden).
@@ -1470,6 +1483,12 @@ def image_text_contrastive_matching(
     `itm_negatives = (negative_text_index, negative_image_index)` are reused instead of sampled (e.g. a
     teacher scoring the student's negatives). With `input_ids` (batch, seq) and the config's
     `itm_exclude_identical_texts`, a text identical to image i's own text is never image i's negative.
+
+    `negative_text_states` (batch, seq, hidden) with `negative_attention_mask`: a caption negative per pair (a text
+    that is false of image i, e.g. its own caption with one attribute changed). With the config's
+    `itm_caption_negatives` share s > 0, the negative text of each image is its caption negative with probability
+    s (instead of an in-batch text); `negative_text_index` then indexes the texts followed by the caption
+    negatives (`batch + i` is the caption negative of pair i), as `itm_negatives` given back expect.
 
     Under `torch.distributed`, in training mode, `itc_loss` gathers the embeddings and image ids of every process
     (global negatives, the same loss on every process); `logits_per_image` and the ITM hard negatives stay
@@ -1490,13 +1509,30 @@ def image_text_contrastive_matching(
         itm_negatives = sample_hard_negatives(
             logits_per_image, image_ids, random_fraction=backbone.config.itm_random_negatives, same_text=same_text
         )
+        share = backbone.config.itm_caption_negatives
+        if negative_text_states is not None and share > 0:
+            itm_negatives = use_caption_negatives(*itm_negatives, share)
     negative_text_index, negative_image_index = itm_negatives
     batch = text_states.shape[0]
+    texts, masks = text_states, attention_mask
+    if negative_text_states is not None:
+        if negative_text_states.shape != text_states.shape or negative_attention_mask is None:
+            raise ValueError(
+                "Caption negatives need `negative_attention_mask` and states shaped like the texts' "
+                f"{tuple(text_states.shape)}; got {tuple(negative_text_states.shape)}."
+            )
+        texts = torch.cat([text_states, negative_text_states])
+        masks = torch.cat([attention_mask, negative_attention_mask])
+    elif int(negative_text_index.max()) >= batch:
+        raise ValueError(
+            f"`itm_negatives` name caption negatives (text index >= batch size {batch}); pass the caption "
+            "negatives (`itm_negative_input_ids`) they were drawn from."
+        )
     itm_logits, itm_fusion = image_text_matching_logits(
         backbone,
         itm_head,
-        torch.cat([text_states, text_states[negative_text_index], text_states]),
-        torch.cat([attention_mask, attention_mask[negative_text_index], attention_mask]),
+        torch.cat([text_states, texts[negative_text_index], text_states]),
+        torch.cat([attention_mask, masks[negative_text_index], attention_mask]),
         torch.cat([image_states, image_states, image_states[negative_image_index]]),
         structure_masks,
         output_attentions,

@@ -92,6 +92,8 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
         itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+        itm_negative_input_ids: torch.Tensor | None = None,
+        itm_negative_attention_mask: torch.Tensor | None = None,
         structure_masks: StructureMasks | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
@@ -106,7 +108,10 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         batch: as many texts as images, text i describing image i. It adds ITC + ITM losses with hard negatives
         sampled from the ITC similarities (`loss`, `itm_logits`, ...). image_ids: (batch,) optional, texts of the
         same image are positives for ITC and never ITM negatives; itm_negatives: optional
-        `(negative_text_index, negative_image_index)` to reuse instead of sampling.
+        `(negative_text_index, negative_image_index)` to reuse instead of sampling; itm_negative_input_ids /
+        itm_negative_attention_mask: (batch, seq) optional, a caption negative per pair (a text false of image i,
+        padded like `input_ids`), which becomes image i's ITM negative text with probability
+        `config.itm_caption_negatives` (see [`image_text_contrastive_matching`]).
 
         Inference (`return_loss=False`, images and texts in different numbers, as the zero-shot pipeline
         passes one image and N candidate texts, or a single pair in eval mode): scores every image against every
@@ -117,9 +122,10 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         # One pair in eval mode is a query (the zero-shot pipeline with a single label), not a training batch:
         # ITM needs a second image to sample a negative from.
         training = return_loss and num_images == num_texts and (self.training or num_images > 1)
-        if not training and itm_negatives is not None:
+        if not training and (itm_negatives is not None or itm_negative_input_ids is not None):
             raise ValueError(
-                "`itm_negatives` are training inputs: they need `return_loss=True` and one text per image; got "
+                "`itm_negatives` and `itm_negative_input_ids` are training inputs: they need `return_loss=True` and "
+                "one text per image; got "
                 f"return_loss={return_loss}, {num_images} images and {num_texts} texts."
             )
         if training and image_ids is not None and image_ids.shape != (num_texts,):
@@ -151,6 +157,23 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
             token_type_ids=token_type_ids,
             **flags,
         )
+        negative_states = None
+        # Caption negatives are encoded only when they can be drawn (`itm_caption_negatives` > 0) or `itm_negatives`
+        # name some (a teacher scoring its student's pairs): text indices >= batch.
+        named = itm_negatives is not None and int(itm_negatives[0].max()) >= num_texts
+        if itm_negative_input_ids is not None and (
+            named or (itm_negatives is None and self.config.itm_caption_negatives > 0)
+        ):
+            if itm_negative_input_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"`itm_negative_input_ids` must be shaped like `input_ids` {tuple(input_ids.shape)}; got "
+                    f"{tuple(itm_negative_input_ids.shape)}."
+                )
+            if itm_negative_attention_mask is None:
+                itm_negative_attention_mask = torch.ones_like(itm_negative_input_ids)
+            negative_states = model.encode_text(
+                itm_negative_input_ids, itm_negative_attention_mask, structure_masks
+            ).last_hidden_state
         matching = image_text_contrastive_matching(
             model,
             self.itm_head,
@@ -162,6 +185,8 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
             itm_negatives=itm_negatives,
             structure_masks=structure_masks,
             input_ids=input_ids,
+            negative_text_states=negative_states,
+            negative_attention_mask=None if negative_states is None else itm_negative_attention_mask,
             **flags,
         )
         fields = dict(matching)
@@ -233,7 +258,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         k: int = 128,
         batch_size: int = 128,
         structure_masks: StructureMasks | None = None,
-        score: str = "probability",
+        score: str = "logit",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """X-VLM's re-ranking: the top-`k` texts of every image and the top-`k` images of every text by ITC
         similarity are scored by ITM, every other pair gets `NOT_RERANKED_SCORE` (-100).
@@ -245,6 +270,9 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
             text_states: (num_texts, seq, hidden) and text_attention_mask (num_texts, seq), from [`embed_texts`].
             itc_scores: (num_images, num_texts) ITC similarities, from [`itc_scores`].
             batch_size: (image, text) pairs per fusion pass.
+            score: what ranks the candidates: `"logit"`, the ITM head's raw "match" logit, alone (X-VLM's
+                `Retrieval.py` ranks by `itm_head(...)[:, 1]`, without the ITC similarity), or `"probability"`,
+                its match probability (the softmax of both logits, a different order).
 
         Returns:
             `(scores_i2t, scores_t2i)`: (num_images, num_texts) and (num_texts, num_images).

@@ -196,6 +196,29 @@ def test_image_text_collator(image_text: ImageTextDataset, processor) -> None:
         ImageTextCollator(processor)([])
 
 
+def test_caption_negatives_travel_from_records_to_the_batch(tmp_path, processor) -> None:
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        save_image(tmp_path / name, colour)
+    records = [
+        {"image": "a.png", "caption": ["a red square", "one red square"], "negative_caption": ["a blue square", "x"]},
+        {"image": "b.png", "caption": "a blue square", "negative_caption": "a red square in the top left corner"},
+    ]
+    dataset = ImageTextDataset(records, image_root=tmp_path)
+    assert dataset.negative_texts == ["a blue square", "x", "a red square in the top left corner"]
+    assert dataset[2]["negative_text"] == "a red square in the top left corner"
+    batch = ImageTextCollator(processor)([dataset[i] for i in range(3)])
+    assert batch["itm_negative_input_ids"].shape == batch["input_ids"].shape == (3, 10)  # padded to the longest
+    assert batch["pixel_values"].shape[0] == 3
+    tokens = processor.tokenizer.convert_ids_to_tokens(batch["itm_negative_input_ids"][0])
+    assert tokens[:4] == ["[CLS]", "a", "blue", "square"]
+    assert batch["itm_negative_attention_mask"].sum(dim=1).tolist() == [5, 3, 10]
+    assert "negative_text" not in ImageTextDataset([{"image": "a.png", "caption": "a"}], tmp_path)[0]
+    with pytest.raises(ValueError, match=r"Record 1: lacks `negative_caption`"):
+        ImageTextDataset([records[0], {"image": "b.png", "caption": "a"}], image_root=tmp_path)
+    with pytest.raises(ValueError, match="list of 2 strings"):
+        ImageTextDataset([{**records[0], "negative_caption": ["only one"]}], image_root=tmp_path)
+
+
 def _text_items(texts: list[str]) -> list[dict]:
     return [{"image": make_image(), "text": text, "image_id": i} for i, text in enumerate(texts)]
 

@@ -171,6 +171,8 @@ def test_files_and_quick_sizes(quick: DemoDataPaths) -> None:
     assert 0.85 * 600 <= len(load(quick.vqa_train)) <= 600 and 0.85 * 180 <= len(load(quick.vqa_test)) <= 180
     for record in load(quick.pretrain):
         assert set(record) == {"image", "caption", "image_id"} and 2 <= len(record["caption"]) <= 3
+    for record in load(quick.retrieval_train):
+        assert set(record) == {"image", "caption", "negative_caption", "image_id"}
     question_ids = [r["question_id"] for name in ("vqa_train", "vqa_test") for r in load(getattr(quick, name))]
     assert len(set(question_ids)) == len(question_ids)
 
@@ -302,6 +304,46 @@ def test_retrieval_test_captions_identify_one_image(quick: DemoDataPaths, scenes
     train = [signature(s) for s in scenes.values() if s["split"] == "train" and len(s["objects"]) > 1]
     assert len(set(test)) == len(test) and not set(test) & set(train)
     assert load(quick.stats)["retrieval"]["test_captions_unique"] is True
+
+
+def caption_objects(caption: str) -> set[tuple[str, str, str]]:
+    """(colour, shape, cell) of every object an exhaustive caption names."""
+    return set(re.findall(r"an? (\w+) (\w+) in the (top left|top right|bottom left|bottom right)", caption))
+
+
+def test_retrieval_caption_negatives_change_one_thing(quick: DemoDataPaths, scenes: dict[str, dict[str, Any]]) -> None:
+    kinds = Counter()
+    for record in load(quick.retrieval_train):
+        scene = scenes[record["image"]]
+        truth = {(o["color"], o["shape"], o["position"]) for o in scene["objects"]}
+        assert len(record["negative_caption"]) == len(record["caption"]) == 2
+        for caption, negative in zip(record["caption"], record["negative_caption"]):
+            assert caption_objects(caption) == truth
+            named = caption_objects(negative)
+            assert named != truth  # false of the image: an exhaustive caption of other objects
+            # The same kind of caption: with a count intro exactly when the positive has one, matching its list.
+            assert negative.startswith("there ") == caption.startswith("there ")
+            assert negative.count(" in the ") == len(named)
+            if negative.startswith("there "):
+                count = negative.split(" ")[2]
+                assert count == ["zero", "one", "two", "three", "four", "five"][len(named)]
+            cells = lambda objects: {cell for _, _, cell in objects}  # noqa: E731
+            if len(named) != len(truth):
+                kinds["count"] += 1
+                assert abs(len(named) - len(truth)) == 1 and len(named ^ truth) == 1
+            elif cells(named) != cells(truth):
+                kinds["move"] += 1
+                assert len(named - truth) == 1 and len(cells(named) ^ cells(truth)) == 2
+            elif len(named - truth) == 2:
+                kinds["swap"] += 1  # two objects' colours swapped: same colours and shapes, wrong binding
+                assert Counter(c for c, _, _ in named) == Counter(c for c, _, _ in truth)
+            else:
+                changed = (named - truth).pop(), (truth - named).pop()
+                kinds["color" if changed[0][0] != changed[1][0] else "shape"] += 1
+                assert changed[0][2] == changed[1][2] and (changed[0][0] == changed[1][0]) != (
+                    changed[0][1] == changed[1][1]
+                )
+    assert set(kinds) == {"color", "shape", "move", "swap", "count"} and min(kinds.values()) > 20, kinds
 
 
 def test_vocabulary_covers_every_text(tmp_path: Path, quick: DemoDataPaths) -> None:

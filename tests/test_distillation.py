@@ -450,6 +450,34 @@ def test_kd_terms_of_task_models(task: str, tmp_path) -> None:
         assert trainer.distillation_loss.layer_mappings["multimodal"] == [1, 3]
 
 
+def test_retrieval_kd_with_caption_negatives_scores_the_same_pairs(tmp_path) -> None:
+    config = _config()
+    config.itm_caption_negatives = 1.0  # every image's negative text is its caption negative (index batch + i)
+    model_class, inputs = _task_case("retrieval", config)
+    negatives = make_inputs(
+        config, batch_size=inputs["input_ids"].shape[0], seq_len=inputs["input_ids"].shape[1], seed=3
+    )
+    negatives["attention_mask"][0, -3:] = 0  # padded differently from the texts: the KD mask must follow it
+    inputs = {
+        **inputs,
+        "itm_negative_input_ids": negatives["input_ids"],
+        "itm_negative_attention_mask": negatives["attention_mask"],
+    }
+    torch.manual_seed(0)
+    teacher = model_class(config).eval()
+    trainer = DistillationTrainer(
+        model=build_student(teacher, 2, 2, 2).eval(), args=_args(tmp_path), teacher_model=teacher
+    )
+    with torch.no_grad():
+        outputs = trainer.model(**inputs, output_hidden_states=True)
+        terms = trainer.compute_distillation_terms(outputs, trainer.teacher_forward(inputs, outputs), inputs)
+    batch = inputs["input_ids"].shape[0]
+    assert torch.equal(outputs.negative_text_index, torch.arange(batch, 2 * batch))
+    # The same-depth student is the teacher: scoring the same caption-negative pairs, every term is zero.
+    assert {"kd_itm_logit", "kd_fusion_hidden"} <= set(terms)
+    assert all(value.abs().item() < 1e-6 for value in terms.values()), terms
+
+
 # --------------------------------------------------------------------------------------------------------------
 # DistillationTrainer
 # --------------------------------------------------------------------------------------------------------------

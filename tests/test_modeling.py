@@ -18,7 +18,7 @@ from modeling_efficientvlm import (
 )
 from modeling_efficientvlm.configuration_efficientvlm import TextStackLayout, has_twin_fusion_layers, stack_depths
 from modeling_efficientvlm.loss_efficientvlm import identical_texts, sample_hard_negatives
-from modeling_efficientvlm.modeling_efficientvlm import TEXT_MASK_KEYS, VISION_MASK_KEYS
+from modeling_efficientvlm.modeling_efficientvlm import TEXT_MASK_KEYS, VISION_MASK_KEYS, image_text_matching_logits
 
 from .conftest import make_inputs
 
@@ -420,6 +420,45 @@ def test_retrieval_and_pretraining_skip_identical_caption_negatives_when_configu
             images = torch.stack([d.negative_image_index for d in draws])
             seen[exclude] = bool((texts[:, 0] == 2).any() or (texts[:, 2] == 0).any() or (images[:, 0] == 2).any())
         assert seen == {False: True, True: False}, model_class.__name__
+
+
+def test_caption_negatives_replace_in_batch_negative_texts_by_their_share(tiny_config) -> None:
+    inputs = make_inputs(tiny_config, batch_size=4)
+    negatives = make_inputs(tiny_config, batch_size=4, seed=1)
+    extra = dict(itm_negative_input_ids=negatives["input_ids"], itm_negative_attention_mask=negatives["attention_mask"])
+    rows = torch.arange(4)
+    for share in (0.0, 1.0):
+        config = copy.deepcopy(tiny_config)
+        config.itm_caption_negatives = share
+        torch.manual_seed(0)
+        model = EfficientVLMForImageTextRetrieval(config).eval()
+        with torch.no_grad():
+            out = model(**inputs, **extra, image_ids=rows)
+        # Index batch + i is pair i's caption negative; with share 0 every negative text is an in-batch one.
+        if share == 0.0:
+            assert (out.negative_text_index < 4).all()
+        else:
+            assert torch.equal(out.negative_text_index, rows + 4)
+        if share == 1.0:  # the (image i, caption negative i) rows are scored on the caption negatives
+            states = model.efficientvlm.encode_text(negatives["input_ids"], negatives["attention_mask"])
+            images = model.efficientvlm.encode_image(inputs["pixel_values"])
+            with torch.no_grad():
+                logits, _ = image_text_matching_logits(
+                    model.efficientvlm,
+                    model.itm_head,
+                    states.last_hidden_state,
+                    negatives["attention_mask"],
+                    images.last_hidden_state,
+                )
+            torch.testing.assert_close(out.itm_logits[4:8], logits, atol=1e-5, rtol=1e-4)
+            # Given back (a teacher scoring a student's pairs), the same negatives give the same logits.
+            with torch.no_grad():
+                again = model(**inputs, **extra, image_ids=rows, itm_negatives=(out.negative_text_index, rows))
+            torch.testing.assert_close(again.itm_logits[:8], out.itm_logits[:8])
+            with pytest.raises(ValueError, match="itm_negative_input_ids"):
+                model(**inputs, image_ids=rows, itm_negatives=(out.negative_text_index, rows))
+    with pytest.raises(ValueError, match="itm_caption_negatives"):
+        EfficientVLMConfig.from_preset("tiny", itm_caption_negatives=2.0)
 
 
 def test_random_negative_share_mixes_uniform_draws_into_the_hard_ones() -> None:

@@ -170,11 +170,10 @@ def test_rerank_scores_follow_xvlm(tiny_config) -> None:
         text_states, text_embeds = model.embed_texts(inputs["input_ids"], inputs["attention_mask"])
         itc = model.itc_scores(image_embeds, text_embeds)
         scores_i2t, scores_t2i = model.itm_rerank_scores(
-            image_states, text_states, inputs["attention_mask"], itc, k=2, batch_size=3
+            image_states, text_states, inputs["attention_mask"], itc, k=2, batch_size=3, score="probability"
         )
-        logits_i2t, _ = model.itm_rerank_scores(
-            image_states, text_states, inputs["attention_mask"], itc, k=2, batch_size=100, score="logit"
-        )
+        # The default ranks by the raw match logit alone, as X-VLM's Retrieval.py (no ITC term, no softmax).
+        logits_i2t, _ = model.itm_rerank_scores(image_states, text_states, inputs["attention_mask"], itc, k=2)
     assert scores_i2t.shape == (3, 5) and scores_t2i.shape == (5, 3)
     torch.testing.assert_close(itc, image_embeds @ text_embeds.t())
     for image in range(3):

@@ -43,6 +43,8 @@ class ImageTextCollator:
     Returns `pixel_values` (B, 3, H, W) float, `input_ids` / `attention_mask` (B, L) long and
     `image_ids` (B,) long. Items without `text` (e.g. `ImageTextDataset.image_view()`) give only
     `pixel_values` and `image_ids`; items without `image` (`text_view()`) only the text tensors and `image_ids`.
+    Items with a `negative_text` (a caption negative, see `ImageTextDataset`) add `itm_negative_input_ids` /
+    `itm_negative_attention_mask` (B, L), padded to the texts' length.
     """
 
     def __init__(self, processor: Any, max_length: int | None = None):
@@ -58,7 +60,16 @@ class ImageTextCollator:
             raise ValueError(f"{name} expects items with 'image' and/or 'text' fields; got {sorted(items[0])}.")
         images = _column(items, ("image",), name) if has_image else None
         texts = _column(items, ("text", "caption"), name) if has_text else None
-        batch = dict(self.processor(images=images, text=texts, max_length=self.max_length, return_tensors="pt"))
+        negatives = _column(items, ("negative_text",), name) if has_text and "negative_text" in items[0] else None
+        if negatives is None:
+            batch = dict(self.processor(images=images, text=texts, max_length=self.max_length, return_tensors="pt"))
+        else:  # tokenized with the texts, so both have the same padded length
+            batch = dict(self.processor(images=images, return_tensors="pt")) if images is not None else {}
+            both = self.processor(text=texts + negatives, max_length=self.max_length, return_tensors="pt")
+            count = len(items)
+            batch["input_ids"], batch["itm_negative_input_ids"] = both["input_ids"][:count], both["input_ids"][count:]
+            batch["attention_mask"] = both["attention_mask"][:count]
+            batch["itm_negative_attention_mask"] = both["attention_mask"][count:]
         batch["image_ids"] = torch.tensor(_column(items, ("image_id",), name), dtype=torch.long)
         return batch
 

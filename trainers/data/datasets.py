@@ -316,8 +316,12 @@ class ImageTextDataset(_RecordDataset):
         text_to_image: `text_to_image[t]` is the image id of caption `t`.
         image_to_texts: `image_to_texts[i]` lists the caption indices of image `i`.
         num_truncated: captions longer than `max_length` tokens (counted when a processor is given).
+        negative_texts: the caption negative of every caption, or None. A record may give `negative_caption` (a
+            string, or a list with one per caption): a text false of its image (e.g. its caption with one colour,
+            shape, cell or count changed), used as an image-text matching negative (`itm_caption_negatives`).
 
-    Items: `{"image": PIL.Image (RGB), "text": str, "image_id": int}`.
+    Items: `{"image": PIL.Image (RGB), "text": str, "image_id": int}`, and `"negative_text"` when the records
+    have caption negatives.
 
     Args:
         data: JSON path, list of records, or `datasets.Dataset`.
@@ -337,6 +341,7 @@ class ImageTextDataset(_RecordDataset):
         self._text_record: list[int] = []  # text index -> record index
         ids: dict[Any, int] = {}
         empty: list[int] = []  # records with an empty caption
+        negatives: list[str] = []  # caption negatives, one per caption, when the records have them
         for index, record in enumerate(self.records):
             where = self._where(index)
             name, captions = _text_field(record, ("caption", "text"), where)
@@ -356,6 +361,7 @@ class ImageTextDataset(_RecordDataset):
                     )
             if any(not caption.strip() for caption in captions):
                 empty.append(index)
+            negatives += self._negative_captions(record, index, len(captions))
             key = self._image_key(record, index)
             if key not in ids:
                 ids[key] = len(ids)
@@ -376,7 +382,30 @@ class ImageTextDataset(_RecordDataset):
                 UserWarning,
                 stacklevel=3,
             )
+        self.negative_texts: list[str] | None = negatives or None
         return self.texts
+
+    def _negative_captions(self, record: dict[str, Any], index: int, count: int) -> list[str]:
+        """The record's `negative_caption`s (a string, or a list with one per caption), checked: every record has
+        them or none does."""
+        where = self._where(index)
+        value = record.get("negative_caption")
+        if index == 0:
+            self._has_negatives = value is not None
+        if (value is not None) != self._has_negatives:
+            raise ValueError(
+                f"{where}: {'has' if value is not None else 'lacks'} `negative_caption`, unlike the records before it "
+                "(give every record its caption negatives, or none)."
+            )
+        if value is None:
+            return []
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)) or len(value) != count or not all(isinstance(v, str) for v in value):
+            raise ValueError(
+                f"{where}: `negative_caption` must be a string or a list of {count} strings (one per caption), got "
+                f"{_describe(value)}."
+            )
+        return [v.strip() for v in value]
 
     def _image_key(self, record: dict[str, Any], index: int) -> Any:
         if record.get("image_id") is not None:
@@ -399,11 +428,14 @@ class ImageTextDataset(_RecordDataset):
         return len(self.texts)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {
+        item = {
             "image": self._load_image(self._text_record[index]),
             "text": self.texts[index],
             "image_id": self.text_to_image[index],
         }
+        if self.negative_texts is not None:
+            item["negative_text"] = self.negative_texts[index]
+        return item
 
     def get_image(self, image_id: int) -> PIL.Image.Image:
         """The RGB image with id `image_id`."""

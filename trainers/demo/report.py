@@ -169,8 +169,8 @@ def baseline_lines(run: Any, task: str) -> list[str]:
     if task == "retrieval":
         k = run.settings.retrieval_k
         lines.append(
-            f"Retrieval ranks the top {k} ITC candidates of every query with the ITM head (the same k as "
-            f"`efficientvlm evaluate`; X-VLM uses 128 on Flickr30K). ITC alone: teacher "
+            f"Retrieval ranks the top {k} ITC candidates of every query by the ITM head's match logit alone (the "
+            f"same k and score as `efficientvlm evaluate`; X-VLM's, with 128 on Flickr30K). ITC alone: teacher "
             f"{teacher['itc_r_mean']:.4f}, re-ranked {teacher['r_mean']:.4f} "
             f"({'re-ranking helps' if teacher['r_mean'] > teacher['itc_r_mean'] else 're-ranking does not help'}"
             " the teacher)."

@@ -341,6 +341,7 @@ class DistillationLoss(nn.Module):
         mlm_labels: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         itc_temperatures: tuple[torch.Tensor, torch.Tensor] | None = None,
+        itm_negative_attention_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         Args:
@@ -354,6 +355,8 @@ class DistillationLoss(nn.Module):
                 global batch: both models' `image_embeds` / `text_embeds` are gathered from every process (with
                 gradients for the student), as the ITC loss does, and every process computes the same term.
                 Otherwise the local `logits_per_image` are compared.
+            itm_negative_attention_mask: (batch, seq) padding mask of the caption negatives of a retrieval batch
+                (`itm_negative_input_ids`), which ITM negative text indices >= batch name.
         """
         config, spec = self.config, self.spec
         spec.check_outputs(student_outputs)
@@ -375,7 +378,8 @@ class DistillationLoss(nn.Module):
             student, teacher = getattr(student_outputs, kd.field, None), getattr(teacher_outputs, kd.field, None)
             if student is None or teacher is None:
                 continue
-            for mask, rows in _pass_masks(kd, attention_mask, student_outputs, student):
+            masks = _pass_masks(kd, attention_mask, student_outputs, student, itm_negative_attention_mask)
+            for mask, rows in masks:
                 self._encoder_terms(terms, kd, student, teacher, mask, rows)
         return terms
 
@@ -397,7 +401,11 @@ def _add(terms: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None
 
 
 def _pass_masks(
-    kd: EncoderKD, attention_mask: torch.Tensor | None, outputs: Any, encoder_output: Any
+    kd: EncoderKD,
+    attention_mask: torch.Tensor | None,
+    outputs: Any,
+    encoder_output: Any,
+    negative_attention_mask: torch.Tensor | None = None,
 ) -> list[tuple[torch.Tensor | None, slice | None]]:
     """(padding mask, rows) of each term of an encoder pass; ITM pairs give a positive and a negative term,
     as in the official code."""
@@ -405,7 +413,7 @@ def _pass_masks(
         return [(None, None)]
     if kd.mask == "text":
         return [(attention_mask, None)]
-    itm_mask = _itm_attention_mask(attention_mask, outputs, encoder_output)
+    itm_mask = _itm_attention_mask(attention_mask, outputs, encoder_output, negative_attention_mask)
     if itm_mask is None:
         return [(_text_mask(attention_mask, encoder_output), None)]
     batch = attention_mask.shape[0]
@@ -420,16 +428,23 @@ def _text_mask(attention_mask: torch.Tensor | None, encoder_output: Any) -> torc
     return attention_mask if tuple(states.shape[:2]) == tuple(attention_mask.shape) else None
 
 
-def _itm_attention_mask(attention_mask: torch.Tensor | None, outputs: Any, encoder_output: Any) -> torch.Tensor | None:
+def _itm_attention_mask(
+    attention_mask: torch.Tensor | None,
+    outputs: Any,
+    encoder_output: Any,
+    negative_attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """Padding mask of the 3 * batch ITM pairs (positives, negative texts, negative images), when the encoder
-    output holds such pairs; else None."""
+    output holds such pairs; else None. Negative text indices >= batch name caption negatives
+    (`negative_attention_mask`)."""
     negative_text_index = getattr(outputs, "negative_text_index", None)
     states = getattr(encoder_output, "last_hidden_state", None)
     if attention_mask is None or negative_text_index is None or states is None:
         return None
     if states.shape[0] != 3 * attention_mask.shape[0]:
         return None
-    return torch.cat([attention_mask, attention_mask[negative_text_index], attention_mask])
+    texts = attention_mask if negative_attention_mask is None else torch.cat([attention_mask, negative_attention_mask])
+    return torch.cat([attention_mask, texts[negative_text_index], attention_mask])
 
 
 __all__ = [

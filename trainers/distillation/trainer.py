@@ -147,6 +147,7 @@ class DistillationTrainer(Trainer):
             mlm_labels=inputs.get("mlm_labels"),
             labels=inputs.get("labels"),
             itc_temperatures=temperatures,
+            itm_negative_attention_mask=inputs.get("itm_negative_attention_mask"),
         )
 
     def log_loss_terms(self, terms: Mapping[str, float | torch.Tensor]) -> None:

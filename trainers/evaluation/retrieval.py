@@ -126,7 +126,7 @@ def retrieval_evaluate(
     k: int = 128,
     batch_size: int = 32,
     structure_masks: dict | None = None,
-    score: str = "probability",
+    score: str = "logit",
     interpolate_pos_encoding: bool = False,
     stream_image_states: bool = True,
 ) -> RetrievalEvaluation:
@@ -143,7 +143,8 @@ def retrieval_evaluate(
         k: candidates re-ranked by ITM per query (X-VLM: 256 on COCO, 128 on Flickr30K).
         batch_size: images / texts per encoder pass and pairs per fusion pass.
         structure_masks: optional pruning masks applied in every pass.
-        score: `"probability"` (ITM match probability) or `"logit"` (the raw match logit X-VLM ranks by).
+        score: `"logit"`, the raw ITM match logit alone, as X-VLM ranks (the default), or `"probability"`, the ITM
+            match probability.
         stream_image_states: hold the image states (image_len tokens per image) of one `batch_size` chunk at a
             time, encoding each chunk a second time to re-rank its pairs (bounded memory; the default), instead
             of keeping every image's states (one vision pass). A one-shot iterator of images is never re-read.
