@@ -90,6 +90,8 @@ class DemoSettings:
     distill_steps: int = 150
     student_finetune_steps: dict[str, int] | None = None
     prune_steps: dict[str, int] | None = None
+    # Per task, the teacher's fine-tuning learning rate (default: the task registry's, else `learning_rate`).
+    teacher_learning_rates: dict[str, float] | None = None
     prune_warmup_fraction: float = _PRUNING["sparsity_warmup_fraction"]
     target_sparsity: float = _PRUNING["target_sparsity"]
     mask_learning_rate: float = _PRUNING["mask_learning_rate"]
@@ -115,6 +117,10 @@ class DemoSettings:
         self.finetune_steps = self.finetune_steps or _demo_steps("finetune_steps")
         self.student_finetune_steps = self.student_finetune_steps or _demo_steps("student_finetune_steps")
         self.prune_steps = self.prune_steps or _demo_steps("prune_steps")
+        registry_rates = _demo_steps("teacher_learning_rate")
+        self.teacher_learning_rates = self.teacher_learning_rates or {
+            task: rate or self.learning_rate for task, rate in registry_rates.items()
+        }
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"`target_sparsity` must be in [0, 1); got {self.target_sparsity}.")
         if not 0 <= self.fixed_mask_fraction < 1:
@@ -156,8 +162,8 @@ class DemoSettings:
         )
 
 
-def _demo_steps(stage: str) -> dict[str, int]:
-    """Steps of `stage` (a `DemoDefaults` field) for every demo task."""
+def _demo_steps(stage: str) -> dict[str, Any]:
+    """`stage` (a `DemoDefaults` field: steps, the teacher's learning rate) for every demo task."""
     return {task: getattr(task_spec(task).demo, stage) for task in DEMO_TASKS}
 
 
@@ -383,7 +389,15 @@ class DemoRun:
         return build_dataset(task, data, self.data.image_root, self.processor)
 
     def _train(
-        self, name: str, task: str, model: Any, steps: int, trainer_class=None, seed: int | None = None, **kwargs
+        self,
+        name: str,
+        task: str,
+        model: Any,
+        steps: int,
+        trainer_class=None,
+        seed: int | None = None,
+        learning_rate: float | None = None,
+        **kwargs,
     ) -> Any:
         from transformers import Trainer
 
@@ -391,7 +405,13 @@ class DemoRun:
 
         start = time.perf_counter()
         seed = self.seed if seed is None else seed
-        args = _training_args(self.output_dir / "runs" / name, self.settings, steps, seed)
+        args = _training_args(
+            self.output_dir / "runs" / name,
+            self.settings,
+            steps,
+            seed,
+            learning_rate=learning_rate or self.settings.learning_rate,
+        )
         trainer = train(
             task, model, self.processor, self._dataset(task, "train"), args, trainer_class or Trainer, **kwargs
         )
@@ -453,7 +473,8 @@ class DemoRun:
         for task in self.tasks:
             torch.manual_seed(self.seed)
             model = task_model_from(task, self.teacher_pretrained)
-            self._train(f"teacher_{task}", task, model, self.settings.finetune_steps[task])
+            rate = self.settings.teacher_learning_rates[task]
+            self._train(f"teacher_{task}", task, model, self.settings.finetune_steps[task], learning_rate=rate)
             self.teachers[task] = model.eval()
 
     def distill_student(self) -> None:
