@@ -516,7 +516,15 @@ def test_prune_command_distils_prunes_and_saves(tmp_path) -> None:
     pruned = EfficientVLMForVisualReasoning.from_pretrained(output_dir)
     assert pruned.structure_sizes() == report["padding"]["structures_after"]
     assert sum(p.numel() for p in pruned.parameters()) == report["parameters_after"]
+    assert report["padding"]["pad_to_multiple_of"] == 8  # the default: FFN widths padded with zero neurons
+    ffn_widths = [w for key, ws in report["padding"]["structures_after"].items() if key.endswith("_ffn") for w in ws]
+    assert all(w % 8 == 0 or w == 64 for w in ffn_widths)
     out = str(tmp_path / "unused")
+    with pytest.raises(ValueError, match="--prune_pad_multiple 0: `pad_to_multiple_of` must be an integer >= 1"):
+        cli.main(
+            ["prune", "--task", "vqa", "--preset", "tiny", "--target_sparsity", "0.3", "--prune_pad_multiple", "0"]
+            + ["--output_dir", out]
+        )
     with pytest.raises(ValueError, match="--task"):
         cli.main(
             ["prune", "--task", "pretraining", "--preset", "tiny", "--target_sparsity", "0.3", "--output_dir", out]
