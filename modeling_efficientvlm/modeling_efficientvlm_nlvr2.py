@@ -384,14 +384,14 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
         units["fusion_cross_heads"] = [2 * unit - shared_key_value for unit in pair_units]
         return units
 
-    def prune(self, structure_masks: StructureMasks) -> None:
+    def prune(self, structure_masks: StructureMasks, pad_to_multiple_of: int = 1) -> None:
         """Physically removes every zero-masked head / neuron (see [`EfficientVLMModel.prune`]); a
         `fusion_cross_heads` mask prunes both twins of its pair, which keep sharing their keys and values.
         A bad mask raises before anything changes."""
         cross_head_masks = self._per_layer_cross_masks(structure_masks.get("fusion_cross_heads"))
         check_prunable_masks(structure_masks, self.structure_sizes(), type(self).__name__)
         masks = {**structure_masks, "fusion_cross_heads": cross_head_masks}
-        self.efficientvlm.prune(masks)
+        self.efficientvlm.prune(masks, pad_to_multiple_of)
         self._share_twin_key_values()
         self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
 

@@ -32,6 +32,7 @@ from .modeling_efficientvlm import (
     EncoderOutput,
     StructureMasks,
     check_finite_masks,
+    check_pad_multiple,
     check_prunable_masks,
     commit_prune_plan,
     decoder_stack_masks,
@@ -518,16 +519,17 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
             units.update(decoder_structures(self.answer_decoder.structure_unit_parameters()))
         return units
 
-    def prune(self, structure_masks: StructureMasks) -> None:
+    def prune(self, structure_masks: StructureMasks, pad_to_multiple_of: int = 1) -> None:
         """Prunes the encoders (see [`EfficientVLMModel.prune`]) and, with `decoder_*` masks, the answer decoder
         the same way, recording its new per-layer sizes in `config.answer_decoder_*_per_layer`."""
+        check_pad_multiple(pad_to_multiple_of)
         check_prunable_masks(structure_masks, self.structure_sizes(include_decoder=True), type(self).__name__)
         decoder_masks = decoder_stack_masks(structure_masks)
         encoder_masks = {key: masks for key, masks in structure_masks.items() if key not in DECODER_MASK_KEYS}
         # Every pruned module (encoders and decoder) is built before any is swapped in: an error leaves the model whole.
-        plan = self.efficientvlm.prune_plan(encoder_masks)
+        plan = self.efficientvlm.prune_plan(encoder_masks, pad_to_multiple_of)
         if decoder_masks:
-            plan += self.answer_decoder.prune_plan(decoder_masks)
+            plan += self.answer_decoder.prune_plan(decoder_masks, pad_to_multiple_of)
         commit_prune_plan(plan)
         self.efficientvlm.record_sizes()
         if decoder_masks:

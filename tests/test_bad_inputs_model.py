@@ -174,7 +174,7 @@ def test_an_error_while_building_the_pruned_modules_changes_nothing(tiny_config,
         last_mlp = model.answer_decoder.encoder.layer[-1].mlp
         sizes = model.structure_sizes(include_decoder=True)
 
-    def fail(mask: torch.Tensor) -> None:
+    def fail(mask: torch.Tensor, pad_to_multiple_of: int = 1) -> None:
         raise RuntimeError("out of memory (simulated)")
 
     monkeypatch.setattr(last_mlp, "prune", fail)

@@ -95,6 +95,24 @@ def test_batch_and_image_size_sweep_and_memory(tmp_path) -> None:
     assert measured[0].peak_rss_mb >= measured[0].loaded_rss_mb > 50
 
 
+def test_pruned_copies_padded_to_each_multiple_share_their_masks_and_outputs() -> None:
+    models, notes = benchmark_models(["tiny"], [0.5], pad_multiples=[1, 8])
+    assert [m.name for m in models] == ["tiny", "tiny pruned 0.5 pad 1", "tiny pruned 0.5 pad 8"] and len(notes) == 1
+    exact, padded = (m.build("retrieval") for m in models[1:])
+    exact_sizes, padded_sizes = exact.structure_sizes(), padded.structure_sizes()
+    assert exact_sizes != padded_sizes
+    for key in exact_sizes:
+        for kept, width in zip(exact_sizes[key], padded_sizes[key]):
+            assert width == kept if key.endswith("_heads") else kept <= width and (width % 8 == 0 or width == 64)
+    inputs = {
+        "pixel_values": torch.randn(2, 3, 32, 32),
+        "input_ids": torch.randint(5, 100, (2, 6)),
+        "attention_mask": torch.ones(2, 6, dtype=torch.long),
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(padded(**inputs).logits, exact(**inputs).logits, rtol=0, atol=1e-5)
+
+
 def test_peers_build_from_configs_without_network(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     models, notes = benchmark_models(["tiny", "blip-base", "clip-b16"])

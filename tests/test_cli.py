@@ -88,6 +88,7 @@ def test_benchmark_preset_against_randomly_pruned_copies(capsys, tmp_path) -> No
         (["--preset", "tiny", "--random_prune", "0.5,1.2"], r"\[0, 1\)"),
         (["--models", "clip-b16", "--random_prune", "0.5"], "--random_prune prunes copies of presets"),
         (["--preset", "tiny", "--batch_sizes", "1,x"], "--batch_sizes"),
+        (["--preset", "tiny", "--prune_pad_multiple", "8,0"], "--prune_pad_multiple must be integers >= 1"),
         (["--preset", "tiny", "--workload", "itm,speed"], "Unknown workload"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -195,7 +195,7 @@ def test_prune_command_with_prune_decoder_prunes_and_reports_the_decoder(tmp_pat
     assert report["prunable_parameters"] == sum(per_modality.values()) == fresh.total_parameters()
     assert 0 < report["sparsity_per_modality"]["decoder"] < 1  # at the masks' start some FFN neurons already go
     reloaded = EfficientVLMForQuestionAnswering.from_pretrained(output)
-    assert reloaded.structure_sizes(include_decoder=True) == report["structures_kept"]
+    assert reloaded.structure_sizes(include_decoder=True) == report["padding"]["structures_after"]
     assert sum(p.numel() for p in reloaded.parameters()) == report["parameters_after"]
     assert sum(reloaded.config.answer_decoder_intermediate_size_per_layer) < sum(fresh.structure_sizes["decoder_ffn"])
     card = (output / "README.md").read_text()

@@ -152,9 +152,10 @@ def test_compress_your_own_model_prunes_and_reloads_a_smaller_model(tmp_path: Pa
     assert summary["sparsity"] == pytest.approx(report["sparsity"]) and 0.0 < report["sparsity"] < 1.0
     assert report["parameters_after"] == counts["pruned"] < report["parameters_before"] == counts["student"]
 
-    # The saved config carries the uneven per-layer sizes that were kept.
+    # The saved config carries the uneven per-layer sizes that were kept, FFNs padded with zero neurons.
     config = EfficientVLMConfig.from_pretrained(pruned_dir)
-    kept = summary["structures_kept"]
+    assert summary["structures_kept"] == report["structures_kept"]
+    kept = report["padding"]["structures_after"]
     text_ffn = kept["text_ffn"] + kept["fusion_ffn"]
     assert config.text_config.intermediate_size_per_layer == text_ffn
     assert config.vision_config.intermediate_size_per_layer == kept["vision_ffn"]

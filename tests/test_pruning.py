@@ -327,10 +327,12 @@ def test_prune_and_save_writes_the_smaller_model_and_its_report(tmp_path) -> Non
     assert (tmp_path / "pruned" / "tokenizer.json").is_file()
 
     removed = masker.total_parameters() - masker.remaining_parameters(masks)
-    assert report["parameters_before"] - report["parameters_after"] == removed
+    # The FFNs are padded with zero neurons (`trainers/pruning/padding.py`), counted as parameters kept.
+    assert report["parameters_before"] - report["parameters_after"] == removed - report["padding"]["padded_parameters"]
     assert report["sparsity"] == masker.sparsity_of(masks) == removed / masker.total_parameters()
     assert set(report["sparsity_per_modality"]) == {"vision", "text", "fusion"}
-    assert report["structures_kept"] == model.structure_sizes() == masker.kept_structures(masks)
+    assert report["structures_kept"] == masker.kept_structures(masks)
+    assert report["padding"]["structures_after"] == model.structure_sizes()
     assert report["kept_per_modality"]["vision"] == {
         "vision_heads": report["structures_kept"]["vision_heads"],
         "vision_ffn": report["structures_kept"]["vision_ffn"],
@@ -339,7 +341,7 @@ def test_prune_and_save_writes_the_smaller_model_and_its_report(tmp_path) -> Non
     assert not (tmp_path / "pruned" / MASKER_STATE_NAME).exists()
 
     reloaded = TinyImageTextClassifier.from_pretrained(tmp_path / "pruned").eval()
-    assert reloaded.structure_sizes() == report["structures_kept"]
+    assert reloaded.structure_sizes() == report["padding"]["structures_after"]
     assert sum(p.numel() for p in reloaded.parameters()) == report["parameters_after"]
     assert not [name for name in reloaded.state_dict() if "log_alpha" in name]
     with torch.no_grad():
@@ -512,9 +514,17 @@ def test_prune_command_distils_prunes_and_saves(tmp_path) -> None:
     assert report["pruning_config"]["mask_freeze_fraction"] == 0.25
     assert (output_dir / "vocab.txt").is_file() or (output_dir / "tokenizer.json").is_file()  # the processor
     pruned = EfficientVLMForVisualReasoning.from_pretrained(output_dir)
-    assert pruned.structure_sizes() == report["structures_kept"]
+    assert pruned.structure_sizes() == report["padding"]["structures_after"]
     assert sum(p.numel() for p in pruned.parameters()) == report["parameters_after"]
+    assert report["padding"]["pad_to_multiple_of"] == 8  # the default: FFN widths padded with zero neurons
+    ffn_widths = [w for key, ws in report["padding"]["structures_after"].items() if key.endswith("_ffn") for w in ws]
+    assert all(w % 8 == 0 or w == 64 for w in ffn_widths)
     out = str(tmp_path / "unused")
+    with pytest.raises(ValueError, match="--prune_pad_multiple 0: `pad_to_multiple_of` must be an integer >= 1"):
+        cli.main(
+            ["prune", "--task", "vqa", "--preset", "tiny", "--target_sparsity", "0.3", "--prune_pad_multiple", "0"]
+            + ["--output_dir", out]
+        )
     with pytest.raises(ValueError, match="--task"):
         cli.main(
             ["prune", "--task", "pretraining", "--preset", "tiny", "--target_sparsity", "0.3", "--output_dir", out]

@@ -287,6 +287,12 @@ def _size_lines(info: ModelCardInfo, model: Any, pruning_report: dict[str, Any] 
             f"- pruning removed {pruning_report['parameters_before'] - pruning_report['parameters_after']:,} "
             f"parameters ({pruning_report['parameters_before']:,} before)"
         )
+        padding = pruning_report.get("padding") or {}
+        if padding.get("padded_parameters"):
+            lines.append(
+                f"- of the parameters kept, {padding['padded_parameters']:,} are zero FFN neurons padding each pruned "
+                f"FFN to a multiple of {padding['pad_to_multiple_of']} neurons (faster matmuls; no effect on outputs)"
+            )
     benchmark = info.benchmark
     if benchmark is not None:
         if benchmark.get("gflops") is not None:

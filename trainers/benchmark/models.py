@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainers.pruning.padding import PAD_TO_MULTIPLE_OF
+
 # Peers: Transformers' own models at base size, built from their default-sized configs (random weights).
 PEERS = {
     "blip-base": "Transformers' BlipForImageTextRetrieval, BlipConfig() (ViT-B/16 at 384 px + BERT-base)",
@@ -26,11 +28,13 @@ KINDS = ("efficientvlm", "blip", "clip-vision")
 @dataclass(frozen=True)
 class ModelSource:
     """How to build a model: `spec` is a preset name, a peer name or a folder / Hub id; `sparsity` > 0 prunes a
-    preset with random structure masks (seeded by `seed`) to that fraction of its prunable parameters."""
+    preset with random structure masks (seeded by `seed`) to that fraction of its prunable parameters, its FFN
+    widths padded with zero neurons to multiples of `pad_to_multiple_of` (`trainers/pruning/padding.py`)."""
 
     spec: str
     sparsity: float = 0.0
     seed: int = 0
+    pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,16 +113,21 @@ def build_model(source: ModelSource, family: str) -> nn.Module | None:
         from trainers.pruning.hard_concrete import random_structure_masks
 
         masks = random_structure_masks(model, source.sparsity, torch.Generator().manual_seed(source.seed))
-        model.prune(masks)
+        model.prune(masks, pad_to_multiple_of=source.pad_to_multiple_of)
     return model
 
 
 def benchmark_models(
-    specs: list[str], random_prune: list[float] | None = None, seed: int = 0
+    specs: list[str],
+    random_prune: list[float] | None = None,
+    seed: int = 0,
+    pad_multiples: list[int] | None = None,
 ) -> tuple[list[BenchmarkModel], list[str]]:
     """Models named by `specs` (presets, peers, folders or Hub ids), each preset followed by copies pruned with
-    random structure masks at every `random_prune` sparsity; plus one note per pruned copy (its sparsity per
-    modality) and per peer."""
+    random structure masks at every `random_prune` sparsity, one per FFN padding multiple of `pad_multiples`
+    (default: `PAD_TO_MULTIPLE_OF` alone; with several, each copy's name ends in `pad N`: the same masks padded
+    differently); plus one note per pruned copy (its sparsity per modality) and per peer."""
+    multiples = list(pad_multiples or [PAD_TO_MULTIPLE_OF])
     from modeling_efficientvlm.configuration_efficientvlm import PRESETS
 
     models, notes = [], []
@@ -131,9 +140,11 @@ def benchmark_models(
         if spec not in PRESETS:
             continue
         for sparsity in random_prune or []:
-            name = f"{spec} pruned {sparsity:g}"
-            models.append(BenchmarkModel(name, "efficientvlm", ModelSource(spec, sparsity, seed), base=spec))
-            notes.append(f"{name}: {_sparsity_note(spec, sparsity, seed)}")
+            for multiple in multiples:
+                name = f"{spec} pruned {sparsity:g}" + (f" pad {multiple}" if len(multiples) > 1 else "")
+                source = ModelSource(spec, sparsity, seed, multiple)
+                models.append(BenchmarkModel(name, "efficientvlm", source, base=spec))
+            notes.append(f"{spec} pruned {sparsity:g}: {_sparsity_note(spec, sparsity, seed)}")
     if random_prune and not any(spec in PRESETS for spec in specs):
         raise ValueError(f"--random_prune prunes copies of presets ({sorted(PRESETS)}); none is among the models.")
     return models, notes

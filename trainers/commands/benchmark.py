@@ -37,6 +37,13 @@ class BenchmarkArguments:
         default=None,
         metadata={"help": "Comma-separated sparsities: copies of every preset pruned with random structure masks."},
     )
+    prune_pad_multiple: str | None = field(
+        default=None,
+        metadata={
+            "help": "FFN widths of the --random_prune copies padded with zero neurons to multiples of this (default "
+            "8, as `efficientvlm prune`; 1: none); comma-separated for one copy per multiple (e.g. 1,8: before/after)."
+        },
+    )
     peer: list[str] | None = field(
         default=None, metadata={"help": "Peers built from their configs, no download: blip-base, clip-b16."}
     )
@@ -127,7 +134,14 @@ def main(argv: list[str] | None = None):
         memory=args.memory,
         seed=args.seed,
     )
-    models, notes = benchmark_models(specs, _sparsities(random_prune) if random_prune else None, args.seed)
+    pad_multiples = None
+    if args.prune_pad_multiple is not None:
+        pad_multiples = list(_numbers(args.prune_pad_multiple, "--prune_pad_multiple"))
+        if not all(multiple >= 1 for multiple in pad_multiples):
+            raise ValueError(f"--prune_pad_multiple must be integers >= 1; got {args.prune_pad_multiple!r}.")
+    models, notes = benchmark_models(
+        specs, _sparsities(random_prune) if random_prune else None, args.seed, pad_multiples
+    )
     report = run_benchmark(models, settings)
     report.notes = notes + report.notes
     print(format_report(report))

@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from trainers.distillation import DistillationConfig, DistillationTrainer
 from trainers.pruning.hard_concrete import random_structure_masks
+from trainers.pruning.padding import PAD_TO_MULTIPLE_OF
 from trainers.recipes import load_recipe
 from trainers.tasks import (
     DEFAULT_DEMO_TASKS,
@@ -613,7 +614,7 @@ class DemoRun:
                 rows = [first]
                 for kind, kind_masks in masks.items():
                     model = copy.deepcopy(student)
-                    model.prune(kind_masks)
+                    model.prune(kind_masks, pad_to_multiple_of=PAD_TO_MULTIPLE_OF)  # as the learned model
                     row = AblationRow(
                         kind,
                         seed,

@@ -28,6 +28,7 @@ from modeling_efficientvlm.convert_efficientvlm_checkpoints import (
 from modeling_efficientvlm.modeling_efficientvlm import StructureMasks
 
 from .hard_concrete import HARD_CONCRETE_TEMPERATURE, StructureMasker
+from .padding import PAD_TO_MULTIPLE_OF, prune_structures
 
 L0_PREFIX = "l0_module."
 # Official log-alpha tensor -> our structure-mask keys; with two keys, rows alternate between them.
@@ -102,13 +103,15 @@ def prune_official_state_dict(
     task: str,
     binary: bool = True,
     hard_concrete_temperature: float = HARD_CONCRETE_TEMPERATURE,
+    pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF,
 ) -> tuple[Any, dict[str, Any]]:
     """An official pruning-stage state dict -> (physically pruned task model, report).
 
     `binary=True` keeps survivors at 1, as the official evaluation does; `False` folds the survivors' scores
     into the weights (CoFi). The report has the pruning trainer's keys (sparsity overall and per modality,
     units kept per layer, parameters before and after); a VQA checkpoint that masks its answer decoder has it
-    pruned too, reported as the `decoder` modality.
+    pruned too, reported as the `decoder` modality. FFN widths are padded with zero neurons to multiples of
+    `pad_to_multiple_of` (`trainers/pruning/padding.py`; the outputs do not change), reported under `padding`.
     """
     if task not in PRUNING_STAGE_TASKS:
         raise ValueError(f"Pruning-stage checkpoints convert for {PRUNING_STAGE_TASKS}; got task {task!r}.")
@@ -138,7 +141,7 @@ def prune_official_state_dict(
         "parameters_before": sum(p.numel() for p in model.parameters()),
         "lagrange_multipliers": {name: float(l0[name]) for name in MULTIPLIERS if name in l0},
     }
-    model.prune(masks)
+    report["padding"] = prune_structures(model, masks, report["structures_kept"], pad_to_multiple_of)
     report["parameters_after"] = sum(p.numel() for p in model.parameters())
     return model, report
 

@@ -35,13 +35,14 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from modeling_efficientvlm.modeling_efficientvlm import StructureMasks
+from modeling_efficientvlm.modeling_efficientvlm import StructureMasks, check_pad_multiple
 
 from ..distillation import DistillationConfig, DistillationTrainer
 from ..sharding import broadcast_from_first_process, whole_model
 from .hard_concrete import DROPRATE_INIT, HARD_CONCRETE_TEMPERATURE, HEAD_LOG_ALPHA_INIT, StructureMasker
 from .ladder import LadderOutputs, SparsityLadder, parse_sparsity_ladder
 from .lagrangian import SparsityLagrangian, one_epoch_warmup_steps
+from .padding import PAD_TO_MULTIPLE_OF, prune_structures
 
 logger = logging.get_logger(__name__)
 
@@ -81,6 +82,9 @@ class PruningConfig:
         ladder_tolerance, ladder_patience: a rung has settled once the target is warmed up and the sparsity of
             the deterministic masks (what is saved) stays within `ladder_tolerance` of it for `ladder_patience`
             consecutive optimizer steps; a rung not settled by the end of its share of the steps is saved there.
+        pad_to_multiple_of: physical pruning rounds each pruned FFN's kept width up to a multiple of this with
+            all-zero neurons (the outputs do not change; CPU GEMMs are faster at such widths), never above the
+            unpruned width; an emptied FFN stays removed. 1: no padding. See `trainers/pruning/padding.py`.
         prune_decoder: also mask and prune the heads and FFN neurons of VQA's answer decoder (the `decoder`
             modality), as the official VQA pruning does: its parameters count in the global target and it is
             reported per modality as `decoder`. Only for models with an answer decoder.
@@ -101,8 +105,10 @@ class PruningConfig:
     sparsity_ladder: tuple[float, ...] | None = None
     ladder_tolerance: float = 0.01
     ladder_patience: int = 3
+    pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF
 
     def __post_init__(self) -> None:
+        check_pad_multiple(self.pad_to_multiple_of)
         if not 0.0 <= self.mask_freeze_fraction < 1.0:
             raise ValueError(f"`mask_freeze_fraction` must be in [0, 1); got {self.mask_freeze_fraction}.")
         if self.sparsity_ladder is not None:
@@ -479,7 +485,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             modality: {key: sizes for key, sizes in kept.items() if key.startswith(f"{modality}_")}
             for modality in masker.modalities
         }
-        model.prune(masks)
+        report["padding"] = prune_structures(model, masks, kept, self.pruning_config.pad_to_multiple_of)
         report["parameters_after"] = sum(p.numel() for p in model.parameters())
         report["pruning_config"] = asdict(self.pruning_config)
         return report

@@ -1,0 +1,162 @@
+"""Physical pruning pads each pruned FFN with all-zero neurons to a multiple of `pad_to_multiple_of`: the padded
+model computes what the masked model computes, reloads with its padded sizes, and the report counts the padding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval
+from modeling_efficientvlm.modeling_efficientvlm import (
+    EfficientVLMEmptyMLP,
+    EfficientVLMMLP,
+    padded_width,
+)
+from trainers.pruning.hard_concrete import StructureMasker
+from trainers.pruning.padding import prune_structures
+
+
+def _mlp(hidden_act: str = "gelu", width: int = 64) -> EfficientVLMMLP:
+    torch.manual_seed(0)
+    config = EfficientVLMConfig.from_preset("tiny").text_config
+    config.hidden_act = hidden_act
+    mlp = EfficientVLMMLP(config, width).eval()
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p)  # non-zero biases too: a padded neuron must not pick up fc1's bias
+    return mlp
+
+
+def _mask(width: int, kept: list[int], scale: float = 0.7) -> torch.Tensor:
+    mask = torch.zeros(width)
+    mask[kept] = scale
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("kept", "width", "multiple", "expected"),
+    [
+        (13, 64, 8, 16),
+        (16, 64, 8, 16),
+        (13, 64, 1, 13),
+        (62, 64, 8, 64),
+        (61, 63, 8, 63),
+        (0, 64, 8, 0),
+        (5, 64, 32, 32),
+    ],
+)
+def test_padded_width_rounds_up_within_the_layer_and_keeps_empty_layers_empty(
+    kept: int, width: int, multiple: int, expected: int
+) -> None:
+    assert padded_width(kept, width, multiple) == expected
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, True, "8"])
+def test_a_bad_multiple_is_refused_by_name(bad) -> None:
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        padded_width(3, 64, bad)
+    model = EfficientVLMForImageTextRetrieval(EfficientVLMConfig.from_preset("tiny"))
+    sizes = model.structure_sizes()
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        model.prune({"vision_heads": [torch.ones(n) for n in sizes["vision_heads"]]}, pad_to_multiple_of=bad)
+    assert model.structure_sizes() == sizes  # nothing changed
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "quick_gelu", "relu"])
+def test_a_padded_ffn_equals_the_masked_one_and_its_padding_is_zero(hidden_act: str) -> None:
+    mlp = _mlp(hidden_act)
+    kept = [1, 4, 5, 9, 20, 21, 33, 40, 41, 42, 50, 60, 63]  # 13 neurons
+    mask = _mask(64, kept)
+    x = torch.randn(3, 5, mlp.config.hidden_size)
+    with torch.no_grad():
+        masked = mlp(x, mask)
+        padded = mlp.prune(mask, pad_to_multiple_of=8)
+        exact = mlp.prune(mask, pad_to_multiple_of=1)
+        assert padded.intermediate_size == 16 and exact.intermediate_size == 13
+        torch.testing.assert_close(padded(x), masked, rtol=0, atol=1e-5)
+        torch.testing.assert_close(padded(x), exact(x), rtol=0, atol=1e-6)
+    assert not padded.fc1.weight[13:].any() and not padded.fc1.bias[13:].any()
+    assert not padded.fc2.weight[:, 13:].any()
+    assert torch.equal(padded.fc1.weight[:13], exact.fc1.weight)
+    assert isinstance(mlp.prune(torch.zeros(64), pad_to_multiple_of=8), EfficientVLMEmptyMLP)
+
+
+def test_padding_neurons_get_no_gradient_so_fine_tuning_keeps_them_zero() -> None:
+    padded = _mlp().prune(_mask(64, list(range(0, 60, 6))), pad_to_multiple_of=8).train()
+    padded(torch.randn(2, 4, padded.config.hidden_size)).pow(2).sum().backward()
+    assert not padded.fc1.weight.grad[10:].any() and not padded.fc1.bias.grad[10:].any()
+    assert not padded.fc2.weight.grad[:, 10:].any()
+    assert padded.fc1.weight.grad[:10].any()
+
+
+def test_an_activation_nonzero_at_zero_cannot_be_padded() -> None:
+    mlp = _mlp("sigmoid")
+    mask = _mask(64, [0, 1, 2])
+    with pytest.raises(ValueError, match="hidden_act='sigmoid'"):
+        mlp.prune(mask, pad_to_multiple_of=8)
+    assert mlp.prune(mask, pad_to_multiple_of=1).intermediate_size == 3
+
+
+def _inputs(config: EfficientVLMConfig) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    size = config.vision_config.image_size
+    input_ids = torch.randint(5, config.text_config.vocab_size, (2, 7), generator=generator)
+    return {
+        "pixel_values": torch.randn(2, 3, size, size, generator=generator),
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+    }
+
+
+def _uneven_masks(model, seed: int = 0) -> dict[str, list[torch.Tensor]]:
+    """Random uneven masks with mask values (CoFi's folded scores), every first FFN emptied."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = {}
+    for key, sizes in model.structure_sizes().items():
+        masks[key] = []
+        for layer, n in enumerate(sizes):
+            keep = (torch.rand(n, generator=generator) > 0.45).float() * (0.5 + torch.rand(n, generator=generator))
+            masks[key].append(torch.zeros(n) if key.endswith("_ffn") and layer == 0 else keep)
+    return masks
+
+
+def test_a_padded_pruned_model_equals_the_masked_model_reloads_and_reports_its_padding(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = EfficientVLMForImageTextRetrieval(EfficientVLMConfig.from_preset("tiny")).eval()
+    masks = _uneven_masks(model)
+    inputs = _inputs(model.config)
+    with torch.no_grad():
+        masked = model(**inputs, structure_masks=masks).logits
+    masker = StructureMasker.from_model(model)
+    kept = masker.kept_structures(masks)
+    exact = copy.deepcopy(model)
+    exact.prune(masks, pad_to_multiple_of=1)
+    report = prune_structures(model, masks, kept, pad_to_multiple_of=8)
+
+    after = model.structure_sizes()
+    assert report["structures_after"] == after and report["pad_to_multiple_of"] == 8
+    for key in kept:
+        for width, units, full, padded in zip(
+            after[key], kept[key], masker.structure_sizes[key], report["padded_units"][key]
+        ):
+            assert padded == width - units >= 0
+            if key.endswith("_ffn"):
+                assert width == padded_width(units, full, 8)
+                assert width == 0 or width % 8 == 0 or width == full
+            else:
+                assert width == units  # heads are never padded
+    assert after["vision_ffn"][0] == after["text_ffn"][0] == after["fusion_ffn"][0] == 0  # empty stays empty
+    assert sum(sum(units) for units in report["padded_units"].values()) > 0
+    exact_parameters = sum(p.numel() for p in exact.parameters())
+    assert sum(p.numel() for p in model.parameters()) - exact_parameters == report["padded_parameters"] > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, masked, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(**inputs).logits, exact(**inputs).logits, rtol=0, atol=1e-6)
+
+    model.save_pretrained(tmp_path)
+    reloaded = EfficientVLMForImageTextRetrieval.from_pretrained(tmp_path).eval()
+    assert reloaded.structure_sizes() == after
+    assert reloaded.config.text_config.intermediate_size_per_layer == after["text_ffn"] + after["fusion_ffn"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
