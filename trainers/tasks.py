@@ -291,7 +291,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
             prunable=True,
             kd=NLVR2_KD,
             # On the demo corpus's "both images contain a <colour> shape" statements (trainers/demo/corpus.py).
-            demo=DemoDefaults(finetune_steps=400, student_finetune_steps=300, prune_steps=300),
+            demo=DemoDefaults(finetune_steps=400, student_finetune_steps=200, prune_steps=240),
         ),
         TaskSpec(
             name="captioning",
