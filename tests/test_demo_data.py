@@ -273,6 +273,18 @@ def test_nlvr2_balanced_and_consistent(tmp_path: Path, quick: DemoDataPaths, typ
         assert sentence_labels_.count(True) == sentence_labels_.count(False), sentence
 
 
+def test_nlvr2_on_a_tiny_corpus(tmp_path: Path) -> None:
+    """With a handful of images some colours make no "both images contain" pair true: the sentence takes the next
+    colour that does, and every label still follows from both scenes."""
+    paths = generate_demo_data(tmp_path, num_train_images=6, num_eval_images=4, statements_per_image=10)
+    scenes = {s["image"]: s for s in load(paths.scenes)}
+    for name in ("nlvr2_train", "nlvr2_test"):
+        records = load(getattr(paths, name))
+        assert sum(r["label"] for r in records) == len(records) / 2
+        for record in records:
+            assert derive_nlvr2(*(scenes[image] for image in record["images"]), record["sentence"]) == record["label"]
+
+
 def sentence_labels(records: list[dict[str, Any]]) -> dict[str, list[bool]]:
     labels = defaultdict(list)
     for record in records:

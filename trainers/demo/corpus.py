@@ -578,17 +578,22 @@ def _nlvr2_records(
     for index in rng.permutation(count).tolist():
         label = index % 2 == 0
         kind = types[(index // 2) % len(types)]
-        color = list(COLORS)[(index // (2 * len(types))) % len(COLORS)]
+        first = (index // (2 * len(types))) % len(COLORS)
         truth = NLVR2_TRUTH[kind]
         pair = None
-        for _ in range(100):  # a few hundred random pairs hold every case of a non-empty colour many times over
-            candidates = rng.integers(len(scenes), size=(200, 2)).tolist()
-            fits = (p for p in candidates if p[0] != p[1] and truth(*(color in colors[i] for i in p)) == label)
-            pair = next(fits, None)
+        # The sentence's colour; on a corpus so small that no pair makes it `label` (e.g. "both images contain a red
+        # shape" with one red image), the next colour that has one.
+        for color in (list(COLORS)[(first + shift) % len(COLORS)] for shift in range(len(COLORS))):
+            for _ in range(100):  # a few hundred random pairs hold every case of a colour many times over
+                candidates = rng.integers(len(scenes), size=(200, 2)).tolist()
+                fits = (p for p in candidates if p[0] != p[1] and truth(*(color in colors[i] for i in p)) == label)
+                pair = next(fits, None)
+                if pair is not None:
+                    break
             if pair is not None:
                 break
         if pair is None:
-            raise ValueError(f"No image pair makes a {kind!r} statement about {color} {label}; use more images.")
+            raise ValueError(f"No image pair makes a {kind!r} statement {label}; use more images.")
         sentence = NLVR2_TEMPLATES[kind].format(thing=_article(f"{color} shape"))
         records.append(
             {
