@@ -15,7 +15,7 @@ from PIL import Image
 from modeling_efficientvlm import EfficientVLMProcessor
 from trainers.commands.evaluate import EvaluateArguments
 from trainers.demo.run import main as demo_main
-from trainers.tasks import task_model_class
+from trainers.tasks import DEFAULT_DEMO_TASKS, task_model_class
 
 from .remote_code_utils import load_in_clean_subprocess
 
@@ -64,6 +64,8 @@ def test_demo_writes_every_output(demo_dir: Path) -> None:
     assert "Machine:" in report and "torch thread" in report and "paper bar" in report
     # Ablations: random masks and a uniform split beside the learned masks.
     assert "| pruned, random masks |" in report and "| pruned, uniform split |" in report
+    # NLVR2 (in the default run) against its answer-prior baselines.
+    assert "| nlvr2 |" in report and "sentence text only" in report
     # Time per stage: every stage once, and a total that is their sum (no training run counted twice).
     table = report.split("## Time per stage")[1].split("Training runs")[0]
     rows = [line.split("|") for line in table.splitlines() if line.startswith("| ") and "---" not in line]
@@ -77,7 +79,8 @@ def test_every_stage_is_saved(demo_dir: Path) -> None:
         model = task_model_class("pretraining").from_pretrained(folder)
         assert model.config.architectures == ["EfficientVLMForPreTraining"]
         assert (folder / "README.md").is_file() and (folder / "processor_config.json").is_file()
-    for task in ("vqa", "retrieval"):
+    assert DEFAULT_DEMO_TASKS == ("vqa", "retrieval", "nlvr2")
+    for task in DEFAULT_DEMO_TASKS:
         report = json.loads((demo_dir / "models" / f"pruned_{task}" / "pruning_report.json").read_text())
         assert report["parameters_after"] < report["parameters_before"]
 
@@ -98,7 +101,7 @@ def test_uniform_masks_cut_every_layer_alike() -> None:
 def test_ablations_are_fair_and_reported(demo_dir: Path) -> None:
     ablations = json.loads((demo_dir / "ablations.json").read_text())
     report = (demo_dir / "report.md").read_text()
-    for task in ("vqa", "retrieval"):
+    for task in DEFAULT_DEMO_TASKS:
         fixed = ablations["tasks"][task]["fixed_mask_steps"]
         rows = ablations["tasks"][task]["rows"]
         seeds = sorted({row["seed"] for row in rows})
@@ -165,7 +168,7 @@ def test_ablation_table_gives_the_lead_of_the_learned_masks_and_its_spread() -> 
     assert "do **not** consistently beat uniform split (by +0.0000 on average; ahead in 1 of 2 seeds)" in text
 
 
-@pytest.mark.parametrize("task", ["vqa", "retrieval"])
+@pytest.mark.parametrize("task", DEFAULT_DEMO_TASKS)
 def test_every_saved_model_loads_with_its_processor_and_card(demo_dir: Path, task: str) -> None:
     sizes = {}
     for role in ("teacher", "student", "pruned"):
@@ -200,7 +203,7 @@ def test_pruned_model_loads_in_a_clean_process(demo_dir: Path) -> None:
 
 def test_push_to_hub_uploads_complete_folders(demo_dir: Path) -> None:
     assert {upload["repo_id"] for upload in UPLOADS} == {
-        f"someone/evlm-{role}_{task}" for role in ("teacher", "student", "pruned") for task in ("vqa", "retrieval")
+        f"someone/evlm-{role}_{task}" for role in ("teacher", "student", "pruned") for task in DEFAULT_DEMO_TASKS
     } | {"someone/evlm-teacher_pretrained", "someone/evlm-student_distilled"}
     for upload in UPLOADS:
         files = set(upload["files"])

@@ -180,7 +180,7 @@ def baseline_lines(run: Any, task: str) -> list[str]:
     if task == "nlvr2":
         nlvr2 = run.stats["nlvr2"]
         lines.append(
-            f"Baselines (accuracy): 0.5 (chance; labels are balanced); majority label per sentence type "
+            f"Baselines (accuracy): 0.5 (chance; labels are balanced); majority label of the training statements "
             f"{nlvr2.get('majority_baseline', float('nan')):.4f}; sentence text only "
             f"{nlvr2.get('text_only_baseline', float('nan')):.4f}."
         )
