@@ -303,8 +303,8 @@ class EfficientVLMEmptyAttention(nn.Module):
 class EfficientVLMMLP(nn.Module):
     """Two-layer FFN; an optional (neurons,) mask multiplies the activations."""
 
-    # Without autograd, inputs of more rows (tokens over the batch) than this run in blocks of at most this many
-    # (see `_forward_in_chunks`); a class attribute, so a test can force blocks on a tiny model.
+    # On a CPU without autograd, inputs of more rows (tokens over the batch) than this run in blocks of at most this
+    # many (see `_forward_in_chunks`); a class attribute, so a test can force blocks on a tiny model.
     inference_chunk_rows = 512
 
     def __init__(self, config: EfficientVLMVisionConfig | EfficientVLMTextConfig, intermediate_size: int) -> None:
@@ -320,7 +320,11 @@ class EfficientVLMMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None = None) -> torch.Tensor:
         rows = hidden_states.numel() // hidden_states.shape[-1]
-        if rows > self.inference_chunk_rows and not needs_autograd_or_tracing(self, hidden_states):
+        if (
+            rows > self.inference_chunk_rows
+            and hidden_states.device.type == "cpu"  # GPU allocators cache their blocks: nothing to gain there
+            and not needs_autograd_or_tracing(self, hidden_states)
+        ):
             return self._forward_in_chunks(hidden_states, ffn_mask, rows)
         return self._forward_rows(hidden_states, ffn_mask)
 
@@ -330,9 +334,7 @@ class EfficientVLMMLP(nn.Module):
             hidden_states = hidden_states * ffn_mask.to(hidden_states.dtype)
         return self.fc2(hidden_states)
 
-    def _forward_in_chunks(
-        self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None, rows: int
-    ) -> torch.Tensor:
+    def _forward_in_chunks(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None, rows: int) -> torch.Tensor:
         """The same FFN a block of rows (tokens) at a time: the widest tensor, (rows, intermediate), and the
         activation's temporaries then stay small enough for the allocator to reuse (and for the cache), instead of
         fresh pages of memory for each of them (e.g. 57 MB each at 8 x 577 tokens x 3072), whose page faults cost

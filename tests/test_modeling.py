@@ -179,6 +179,7 @@ def test_ffn_keeps_its_plain_form_under_autograd_and_tracing(tiny_config, tiny_i
     _fused(model, tiny_inputs)["fused"].sum().backward()  # autograd records the forward: one pass per FFN
     layers = len(model.vision_model.layers) + len(model.text_model.encoder.layer)
     assert len(passes) == layers and all(p.grad is not None for p in model.vision_model.layers[0].mlp.parameters())
+
     # A trace (without autograd, as the ONNX export's) must not bake the row blocks of its example's size into the
     # graph: it runs at another batch size.
     class LastState(torch.nn.Module):
