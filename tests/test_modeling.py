@@ -18,9 +18,15 @@ from modeling_efficientvlm import (
 )
 from modeling_efficientvlm.configuration_efficientvlm import TextStackLayout, has_twin_fusion_layers, stack_depths
 from modeling_efficientvlm.loss_efficientvlm import identical_texts, sample_hard_negatives
-from modeling_efficientvlm.modeling_efficientvlm import TEXT_MASK_KEYS, VISION_MASK_KEYS, image_text_matching_logits
+from modeling_efficientvlm.modeling_efficientvlm import (
+    TEXT_MASK_KEYS,
+    VISION_MASK_KEYS,
+    EfficientVLMMLP,
+    image_text_matching_logits,
+)
 
 from .conftest import make_inputs
+from .model_utils import prune_unevenly
 
 
 def _count(model: torch.nn.Module) -> int:
@@ -144,6 +150,57 @@ def test_ffn_mask_multiplies_activations(tiny_config, tiny_inputs) -> None:
         model.text_model.encoder.layer[2].mlp.fc2.weight[:, 1::2] = 0
         zeroed = _fused(model, tiny_inputs)
     _assert_close(masked, zeroed)
+
+
+def _count_ffn_passes(monkeypatch) -> list[int]:
+    """Counts the row blocks every FFN runs (one per call of `_forward_rows`)."""
+    passes, plain = [], EfficientVLMMLP._forward_rows
+
+    def counted(self, hidden_states, ffn_mask):
+        passes.append(hidden_states.numel() // hidden_states.shape[-1])
+        return plain(self, hidden_states, ffn_mask)
+
+    monkeypatch.setattr(EfficientVLMMLP, "_forward_rows", counted)
+    return passes
+
+
+def test_ffn_without_autograd_runs_in_row_blocks_with_the_same_outputs(tiny_config, tiny_inputs, monkeypatch) -> None:
+    model = prune_unevenly(EfficientVLMModel(tiny_config).eval())  # uneven widths and an empty FFN included
+    masks = _random_masks(model, zero_layer=False)
+    masks = {key: value for key, value in masks.items() if key.endswith("_ffn")}
+    with torch.no_grad():
+        whole = _fused(model, tiny_inputs, structure_masks=masks)
+        passes = _count_ffn_passes(monkeypatch)
+        monkeypatch.setattr(EfficientVLMMLP, "inference_chunk_rows", 5)
+        blocks = _fused(model, tiny_inputs, structure_masks=masks)
+    assert passes and max(passes) <= 5 and len(passes) > len(model.structure_sizes()["vision_ffn"]) * 4
+    _assert_close(whole, blocks, atol=1e-6)
+
+
+def test_ffn_keeps_its_plain_form_under_autograd_and_tracing(tiny_config, tiny_inputs, monkeypatch) -> None:
+    model = EfficientVLMModel(tiny_config).eval()
+    passes = _count_ffn_passes(monkeypatch)
+    monkeypatch.setattr(EfficientVLMMLP, "inference_chunk_rows", 5)
+    _fused(model, tiny_inputs)["fused"].sum().backward()  # autograd records the forward: one pass per FFN
+    layers = len(model.vision_model.layers) + len(model.text_model.encoder.layer)
+    assert len(passes) == layers and all(p.grad is not None for p in model.vision_model.layers[0].mlp.parameters())
+
+    # A trace (without autograd, as the ONNX export's) must not bake the row blocks of its example's size into the
+    # graph: it runs at another batch size.
+    class LastState(torch.nn.Module):
+        def __init__(self, encoder: torch.nn.Module) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.encoder(images).last_hidden_state
+
+    vision, pixels = LastState(model.vision_model), tiny_inputs["pixel_values"]
+    with torch.no_grad():
+        passes.clear()
+        traced = torch.jit.trace(vision, pixels[:1], check_trace=False)
+        assert len(passes) == len(model.vision_model.layers)
+        torch.testing.assert_close(traced(pixels), vision(pixels))
 
 
 def test_physical_pruning_matches_masked_model_and_accounting(tiny_config, tiny_inputs, tmp_path) -> None:
