@@ -275,10 +275,14 @@ def test_nlvr2_balanced_and_consistent(tmp_path: Path, quick: DemoDataPaths, typ
         assert sentence_labels_.count(True) == sentence_labels_.count(False), sentence
 
 
-def test_nlvr2_on_a_tiny_corpus(tmp_path: Path) -> None:
+@pytest.mark.parametrize("num_images", [4, 2])
+def test_nlvr2_on_a_tiny_corpus(tmp_path: Path, num_images: int) -> None:
     """With a handful of images some colours make no "both images contain" pair true: the sentence takes the next
-    colour that does, and every label still follows from both scenes."""
-    paths = generate_demo_data(tmp_path, num_train_images=6, num_eval_images=4, statements_per_image=10)
+    colour that does; with two images (the quickstart notebook's smoke corpus) maybe none does, and an image is
+    paired with itself. Every label still follows from both scenes."""
+    paths = generate_demo_data(
+        tmp_path, num_train_images=num_images + 2, num_eval_images=num_images, statements_per_image=10
+    )
     scenes = {s["image"]: s for s in load(paths.scenes)}
     for name in ("nlvr2_train", "nlvr2_test"):
         records = load(getattr(paths, name))

@@ -624,11 +624,16 @@ def _nlvr2_records(
         truth = NLVR2_TRUTH[kind]
         pair = None
         # The sentence's colour; on a corpus so small that no pair makes it `label` (e.g. "both images contain a red
-        # shape" with one red image), the next colour that has one.
-        for color in (list(COLORS)[(first + shift) % len(COLORS)] for shift in range(len(COLORS))):
+        # shape" with one red image), the next colour that has one; on a corpus of a few images (a smoke run) with
+        # no such pair of two images at all, an image paired with itself.
+        tries = [(c, same) for same in (False, True) for c in (first + shift for shift in range(len(COLORS)))]
+        for color_index, same in tries:
+            color = list(COLORS)[color_index % len(COLORS)]
             for _ in range(100):  # a few hundred random pairs hold every case of a colour many times over
                 candidates = rng.integers(len(scenes), size=(200, 2)).tolist()
-                fits = (p for p in candidates if p[0] != p[1] and truth(*(color in colors[i] for i in p)) == label)
+                fits = (
+                    p for p in candidates if (same or p[0] != p[1]) and truth(*(color in colors[i] for i in p)) == label
+                )
                 pair = next(fits, None)
                 if pair is not None:
                     break
