@@ -18,6 +18,8 @@ from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVL
 from modeling_efficientvlm.convert_efficientvlm_checkpoints import model_from_official_state_dict
 from trainers.pruning.official import load_official_pruning_checkpoint, prune_official_state_dict
 
+from .conftest import make_inputs
+
 REFERENCE = Path(__file__).resolve().parent / "reference"
 SHRINK = {768: 128, 1536: 256, 3072: 256, 30522: 120, 12: 2}  # width, ITM hidden, FFN, vocab, heads
 L0_LISTING = {"retrieval": "retrieval (", "vqa": "vqa and captioning ("}
@@ -84,17 +86,6 @@ def _official_masks(state: dict[str, torch.Tensor]) -> dict[str, list[torch.Tens
     return {key: [_official_mask(row) for row in value] for key, value in masks.items()}
 
 
-def _inputs(config) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    size = config.vision_config.image_size
-    input_ids = torch.randint(5, config.text_config.vocab_size, (2, 9), generator=generator)
-    return {
-        "pixel_values": torch.randn(2, 3, size, size, generator=generator),
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-    }
-
-
 @pytest.mark.parametrize("task", ["retrieval", "vqa"])
 def test_pruning_stage_checkpoint_prunes_as_the_official_masks_say(task: str, tmp_path: Path) -> None:
     state = _official_state(task)
@@ -125,7 +116,7 @@ def test_pruning_stage_checkpoint_prunes_as_the_official_masks_say(task: str, tm
     # The pruned model computes what the unpruned one computes under the official masks.
     weights = {name: tensor for name, tensor in state.items() if not name.startswith("l0_module.")}
     unpruned = model_from_official_state_dict(weights, task).eval()
-    inputs = _inputs(pruned.config)
+    inputs = make_inputs(pruned.config, batch_size=2, seq_len=9, seed=1)
     pruned.eval()
     with torch.no_grad():
         ours = pruned.efficientvlm(**inputs)

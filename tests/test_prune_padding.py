@@ -17,6 +17,8 @@ from modeling_efficientvlm.modeling_efficientvlm import (
 from trainers.pruning.hard_concrete import StructureMasker
 from trainers.pruning.padding import prune_structures
 
+from .conftest import make_inputs
+
 
 def _mlp(hidden_act: str = "gelu", width: int = 64) -> EfficientVLMMLP:
     torch.manual_seed(0)
@@ -98,17 +100,6 @@ def test_an_activation_nonzero_at_zero_cannot_be_padded() -> None:
     assert mlp.prune(mask, pad_to_multiple_of=1).intermediate_size == 3
 
 
-def _inputs(config: EfficientVLMConfig) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    size = config.vision_config.image_size
-    input_ids = torch.randint(5, config.text_config.vocab_size, (2, 7), generator=generator)
-    return {
-        "pixel_values": torch.randn(2, 3, size, size, generator=generator),
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-    }
-
-
 def _uneven_masks(model, seed: int = 0) -> dict[str, list[torch.Tensor]]:
     """Random uneven masks with mask values (CoFi's folded scores), every first FFN emptied."""
     generator = torch.Generator().manual_seed(seed)
@@ -125,7 +116,7 @@ def test_a_padded_pruned_model_equals_the_masked_model_reloads_and_reports_its_p
     torch.manual_seed(0)
     model = EfficientVLMForImageTextRetrieval(EfficientVLMConfig.from_preset("tiny")).eval()
     masks = _uneven_masks(model)
-    inputs = _inputs(model.config)
+    inputs = make_inputs(model.config, batch_size=2, seq_len=7, seed=1)
     with torch.no_grad():
         masked = model(**inputs, structure_masks=masks).logits
     masker = StructureMasker.from_model(model)
