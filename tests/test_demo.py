@@ -141,6 +141,34 @@ def test_pruning_schedule_splits_the_pruning_steps() -> None:
         DemoSettings(ablation_seeds=0)
 
 
+def test_the_eta_weighs_each_stage_by_its_step_cost() -> None:
+    from trainers.demo.run import STEP_COST, training_minutes_left
+
+    # The default run's plan: after pre-training (0.49 s a step), a plain step count would predict 28 min for
+    # what took 10.1; weighted by cost, its own stages' timings make the estimate right.
+    planned = {
+        "pre-train teacher": 150,
+        "fine-tune teachers": 1400,
+        "distil student": 150,
+        "fine-tune + prune students": 1890,
+    }
+    seconds = {
+        "pre-train teacher": 74.0,
+        "fine-tune teachers": 259.0,
+        "distil student": 59.0,
+        "fine-tune + prune students": 288.0,
+    }
+    assert set(STEP_COST) == set(planned)
+    assert training_minutes_left(planned, [], 0.0) is None
+    first = training_minutes_left(planned, ["pre-train teacher"], seconds["pre-train teacher"])
+    actual = sum(seconds[name] for name in planned if name != "pre-train teacher") / 60
+    assert abs(first - actual) / actual < 0.1
+    done = list(planned)[:3]
+    later = training_minutes_left(planned, done, sum(seconds[name] for name in done))
+    assert abs(later - seconds["fine-tune + prune students"] / 60) / (seconds["fine-tune + prune students"] / 60) < 0.15
+    assert training_minutes_left(planned, list(planned), sum(seconds.values())) is None
+
+
 def test_ablation_seeds_needs_ablations(capsys) -> None:
     with pytest.raises(SystemExit):
         demo_main(["--ablation_seeds", "2"])
