@@ -344,13 +344,12 @@ class EfficientVLMMLP(nn.Module):
         return self.fc1.out_features
 
     def forward(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        rows = hidden_states.numel() // hidden_states.shape[-1]
-        if (
-            rows > self.inference_chunk_rows
-            and hidden_states.device.type == "cpu"  # GPU allocators cache their blocks: nothing to gain there
-            and not needs_autograd_or_tracing(self, hidden_states)
-        ):
-            return self._forward_in_chunks(hidden_states, ffn_mask, rows)
+        # GPU allocators cache their blocks: nothing to gain there. The size is read only when not tracing (a traced
+        # comparison of it would be baked into the graph, with a TracerWarning).
+        if hidden_states.device.type == "cpu" and not needs_autograd_or_tracing(self, hidden_states):
+            rows = hidden_states.numel() // hidden_states.shape[-1]
+            if rows > self.inference_chunk_rows:
+                return self._forward_in_chunks(hidden_states, ffn_mask, rows)
         return self._forward_rows(hidden_states, ffn_mask)
 
     def _forward_rows(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None) -> torch.Tensor:
