@@ -608,6 +608,28 @@ def _vqa_records(
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _nlvr2_pair(
+    rng: np.random.Generator,
+    colors: list[set[str]],
+    truth: Callable[[bool, bool], bool],
+    label: bool,
+    first: int,
+) -> tuple[str, list[int]] | None:
+    """(colour, image pair) for a statement whose truth, given whether each image holds a shape of the colour, is
+    `label`: the `first` colour of `COLORS` if a pair of two images fits it, else the next colour that has one; on
+    a corpus of a few images (a smoke run) with no such pair at all, an image paired with itself. None if nothing
+    fits."""
+    palette = list(COLORS)
+    for same in (False, True):
+        for shift in range(len(palette)):
+            color = palette[(first + shift) % len(palette)]
+            for _ in range(100):  # a few hundred random pairs hold every case of a colour many times over
+                for pair in rng.integers(len(colors), size=(200, 2)).tolist():
+                    if (same or pair[0] != pair[1]) and truth(*(color in colors[i] for i in pair)) == label:
+                        return color, pair
+    return None
+
+
 def _nlvr2_records(
     rng: np.random.Generator, scenes: list[dict[str, Any]], count: int, types: tuple[str, ...]
 ) -> list[dict[str, Any]]:
@@ -621,26 +643,10 @@ def _nlvr2_records(
         label = index % 2 == 0
         kind = types[(index // 2) % len(types)]
         first = (index // (2 * len(types))) % len(COLORS)
-        truth = NLVR2_TRUTH[kind]
-        pair = None
-        # The sentence's colour; on a corpus so small that no pair makes it `label` (e.g. "both images contain a red
-        # shape" with one red image), the next colour that has one; on a corpus of a few images (a smoke run) with
-        # no such pair of two images at all, an image paired with itself.
-        tries = [(c, same) for same in (False, True) for c in (first + shift for shift in range(len(COLORS)))]
-        for color_index, same in tries:
-            color = list(COLORS)[color_index % len(COLORS)]
-            for _ in range(100):  # a few hundred random pairs hold every case of a colour many times over
-                candidates = rng.integers(len(scenes), size=(200, 2)).tolist()
-                fits = (
-                    p for p in candidates if (same or p[0] != p[1]) and truth(*(color in colors[i] for i in p)) == label
-                )
-                pair = next(fits, None)
-                if pair is not None:
-                    break
-            if pair is not None:
-                break
-        if pair is None:
+        found = _nlvr2_pair(rng, colors, NLVR2_TRUTH[kind], label, first)
+        if found is None:
             raise ValueError(f"No image pair makes a {kind!r} statement {label}; use more images.")
+        color, pair = found
         sentence = NLVR2_TEMPLATES[kind].format(thing=_article(f"{color} shape"))
         records.append(
             {

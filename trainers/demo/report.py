@@ -3,6 +3,7 @@ and a per-layer heat map of the heads and FFN neurons each encoder kept."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -202,11 +203,10 @@ ABLATION_LABELS = {"learned": "learned, modal-adaptive", "random": "random masks
 
 def _spread(values: list[float]) -> str:
     """`mean` and, over more than one seed, `± standard deviation (min to max)`."""
-    mean = sum(values) / len(values)
+    mean = statistics.mean(values)
     if len(values) < 2:
         return f"{mean:.4f}"
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean:.4f} ± {std:.4f} ({min(values):.4f} to {max(values):.4f})"
+    return f"{mean:.4f} ± {statistics.stdev(values):.4f} ({min(values):.4f} to {max(values):.4f})"
 
 
 def ablation_table(title: str, rows: list[Any], fixed_steps: int, metric: str) -> list[str]:
@@ -229,7 +229,7 @@ def ablation_table(title: str, rows: list[Any], fixed_steps: int, metric: str) -
             gaps = [learned[r.seed].after_training - r.after_training for r in own if r.seed in learned]
             lead = _spread(gaps) if gaps else ""
             if gaps:
-                mean = sum(gaps) / len(gaps)
+                mean = statistics.mean(gaps)
                 wins = sum(gap > 0 for gap in gaps)
                 verdict = "beat" if mean > 0 and wins == len(gaps) else "do **not** consistently beat"
                 verdicts.append(
@@ -255,8 +255,7 @@ def ablation_lines(run: Any, task: str) -> list[str]:
         return []
     metric = task_spec(task).primary_metric
     compared = "ITC-only r_mean" if task == "retrieval" else metric
-    _, fixed_steps = run.settings.pruning_schedule(task)
-    learn_steps = run.settings.prune_steps[task] - fixed_steps
+    learn_steps, fixed_steps = run.settings.pruning_schedule(task)
     lines = [
         "Ablations, at each target: the same student pruned to the sparsity the learned masks reached with random "
         "masks (units drawn at random until that share of the prunable parameters is gone) and with a uniform "

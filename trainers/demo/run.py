@@ -115,10 +115,10 @@ class DemoSettings:
 
     def __post_init__(self) -> None:
         # Per-task step counts default to each task's demo defaults in the task registry.
-        self.finetune_steps = self.finetune_steps or _demo_steps("finetune_steps")
-        self.student_finetune_steps = self.student_finetune_steps or _demo_steps("student_finetune_steps")
-        self.prune_steps = self.prune_steps or _demo_steps("prune_steps")
-        registry_rates = _demo_steps("teacher_learning_rate")
+        self.finetune_steps = self.finetune_steps or _demo_defaults("finetune_steps")
+        self.student_finetune_steps = self.student_finetune_steps or _demo_defaults("student_finetune_steps")
+        self.prune_steps = self.prune_steps or _demo_defaults("prune_steps")
+        registry_rates = _demo_defaults("teacher_learning_rate")
         self.teacher_learning_rates = self.teacher_learning_rates or {
             task: rate or self.learning_rate for task, rate in registry_rates.items()
         }
@@ -185,9 +185,9 @@ def training_minutes_left(planned: dict[str, int], done: list[str], seconds: flo
     return seconds / done_cost * left_cost / 60
 
 
-def _demo_steps(stage: str) -> dict[str, Any]:
-    """`stage` (a `DemoDefaults` field: steps, the teacher's learning rate) for every demo task."""
-    return {task: getattr(task_spec(task).demo, stage) for task in DEMO_TASKS}
+def _demo_defaults(name: str) -> dict[str, Any]:
+    """The `DemoDefaults` field `name` (steps of a stage, the teacher's learning rate) of every demo task."""
+    return {task: getattr(task_spec(task).demo, name) for task in DEMO_TASKS}
 
 
 def _say(message: str) -> None:
@@ -603,7 +603,6 @@ class DemoRun:
         if task == "retrieval":
             return retrieval_recalls(model, self._dataset(task, "test"), self.processor, k=1)["itc_r_mean"]
         result = evaluate_task(task, model, self._dataset(task, "test"), self.processor, answer_list=self.answer_list)
-        model.train()
         return result.metrics[task_spec(task).primary_metric]
 
     def _ablations(self, task: str, student: Any, teacher: Any, learned: LearnedPruning) -> None:
