@@ -342,6 +342,7 @@ class ImageTextDataset(_RecordDataset):
         ids: dict[Any, int] = {}
         empty: list[int] = []  # records with an empty caption
         negatives: list[str] = []  # caption negatives, one per caption, when the records have them
+        has_negatives = bool(self.records) and self.records[0].get("negative_caption") is not None
         for index, record in enumerate(self.records):
             where = self._where(index)
             name, captions = _text_field(record, ("caption", "text"), where)
@@ -361,7 +362,7 @@ class ImageTextDataset(_RecordDataset):
                     )
             if any(not caption.strip() for caption in captions):
                 empty.append(index)
-            negatives += self._negative_captions(record, index, len(captions))
+            negatives += self._negative_captions(record, index, len(captions), has_negatives)
             key = self._image_key(record, index)
             if key not in ids:
                 ids[key] = len(ids)
@@ -385,14 +386,12 @@ class ImageTextDataset(_RecordDataset):
         self.negative_texts: list[str] | None = negatives or None
         return self.texts
 
-    def _negative_captions(self, record: dict[str, Any], index: int, count: int) -> list[str]:
+    def _negative_captions(self, record: dict[str, Any], index: int, count: int, expected: bool) -> list[str]:
         """The record's `negative_caption`s (a string, or a list with one per caption), checked: every record has
-        them or none does."""
+        them (`expected`, as the first record does) or none does."""
         where = self._where(index)
         value = record.get("negative_caption")
-        if index == 0:
-            self._has_negatives = value is not None
-        if (value is not None) != self._has_negatives:
+        if (value is not None) != expected:
             raise ValueError(
                 f"{where}: {'has' if value is not None else 'lacks'} `negative_caption`, unlike the records before it "
                 "(give every record its caption negatives, or none)."
