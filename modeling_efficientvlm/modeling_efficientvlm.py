@@ -23,6 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
+from .checks_efficientvlm import check_tensor
 from .configuration_efficientvlm import EfficientVLMConfig, EfficientVLMTextConfig, EfficientVLMVisionConfig
 from .loading_efficientvlm import check_loaded_weights, corrupt_checkpoint_error, unreadable_weight_files
 from .loss_efficientvlm import (
@@ -260,15 +261,21 @@ class EfficientVLMAttention(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        encoder_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states: (batch, q_len, hidden); attention_mask: additive, (batch, 1, q_len | 1, k_len);
-        head_mask: (heads,) or (batch, heads), multiplied into each head's context.
+        head_mask: (heads,) or (batch, heads), multiplied into each head's context; encoder_index: (batch,),
+        the row of `encoder_hidden_states` each row of `hidden_states` attends to (then `encoder_hidden_states`
+        may hold fewer rows: each one's keys and values are computed once, however many rows share it).
         Returns the output (batch, q_len, hidden) and, with `output_attentions`, (batch, heads, q_len, k_len)."""
         kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         batch, q_len = hidden_states.shape[:2]
+        kv_batch, kv_len = kv_states.shape[:2]
         query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
-        key = self.k_proj(kv_states).view(batch, kv_states.shape[1], -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj(kv_states).view(batch, kv_states.shape[1], -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(kv_states).view(kv_batch, kv_len, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(kv_states).view(kv_batch, kv_len, -1, self.head_dim).transpose(1, 2)
+        if encoder_index is not None:
+            key, value = key.index_select(0, encoder_index), value.index_select(0, encoder_index)
 
         attention_interface: Callable = eager_attention_forward
         if not output_attentions:
@@ -626,6 +633,7 @@ class EfficientVLMTextLayer(GradientCheckpointingLayer):
         cross_head_mask: torch.Tensor | None = None,
         ffn_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        encoder_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         attn_output, self_weights = self.attention(
             hidden_states, attention_mask, head_mask=head_mask, output_attentions=output_attentions
@@ -641,6 +649,7 @@ class EfficientVLMTextLayer(GradientCheckpointingLayer):
                 encoder_hidden_states=encoder_hidden_states,
                 head_mask=cross_head_mask,
                 output_attentions=output_attentions,
+                encoder_index=encoder_index,
             )
             hidden_states = self.crossattention_norm(hidden_states + self.dropout(cross_output))
         hidden_states = self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states, ffn_mask)))
@@ -691,9 +700,11 @@ class EfficientVLMTextEncoder(nn.Module):
         ffn_mask: list[torch.Tensor | None] | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        encoder_index: torch.Tensor | None = None,
     ) -> EncoderOutput:
         """Runs the layers in `layers` (default: all). Masks are indexed by absolute layer position for
-        `head_mask` / `ffn_mask` (length: all layers) and by fusion-layer position for `cross_head_mask`."""
+        `head_mask` / `ffn_mask` (length: all layers) and by fusion-layer position for `cross_head_mask`.
+        `encoder_index`: see [`EfficientVLMTextModel.forward`]."""
         layout = self.config.layout
         layers = range(layout.num_layers) if layers is None else layers
         all_hidden = (hidden_states,) if output_hidden_states else None
@@ -714,6 +725,7 @@ class EfficientVLMTextEncoder(nn.Module):
                 ),
                 ffn_mask=_layer_mask(ffn_mask, i, "text/fusion FFN masks", layout.num_layers),
                 output_attentions=output_attentions,
+                encoder_index=encoder_index,
             )
             if output_hidden_states:
                 all_hidden += (hidden_states,)
@@ -1039,6 +1051,21 @@ class EfficientVLMVisionModel(EfficientVLMPreTrainedModel):
         self.record_sizes()
 
 
+def _check_encoder_index(index: torch.Tensor, batch: int, encoder_hidden_states: torch.Tensor | None) -> None:
+    if encoder_hidden_states is None:
+        raise ValueError("`encoder_index` was given without `encoder_hidden_states` to index.")
+    if index.dim() != 1 or index.shape[0] != batch or index.dtype not in (torch.long, torch.int):
+        raise ValueError(
+            f"`encoder_index` must be a 1-D integer tensor with one entry per text ({batch}); "
+            f"got {index.dtype} of shape {tuple(index.shape)}."
+        )
+    rows = encoder_hidden_states.shape[0]
+    check_tensor(
+        ((index >= 0) & (index < rows)).all(),
+        f"`encoder_index` must point at rows of `encoder_hidden_states` (0 to {rows - 1}).",
+    )
+
+
 class EfficientVLMTextModel(EfficientVLMPreTrainedModel):
     """The BERT stack alone. `mode="text"` runs the text layers, `"fusion"` the fusion layers on given
     text states (`text_hidden_states`), `"multimodal"` both (fusion needs `encoder_hidden_states`)."""
@@ -1074,11 +1101,17 @@ class EfficientVLMTextModel(EfficientVLMPreTrainedModel):
         ffn_mask: list[torch.Tensor | None] | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        encoder_index: torch.Tensor | None = None,
         **kwargs,
     ) -> EncoderOutput:
         """input_ids: (batch, seq); in `fusion` mode `text_hidden_states` (batch, seq, hidden) are the text
         layers' output; encoder_hidden_states: (batch, image_len, encoder_hidden_size);
-        attention_mask / encoder_attention_mask: 1 for tokens to attend to, 0 for padding."""
+        attention_mask / encoder_attention_mask: 1 for tokens to attend to, 0 for padding.
+
+        encoder_index: (batch,) integers; text `i` cross-attends to row `encoder_index[i]` of
+        `encoder_hidden_states` (and of `encoder_attention_mask`), which then holds each distinct image (or
+        question) once: its keys and values are computed once per cross-attention layer, not once per text
+        (retrieval re-ranking scores k texts per image; VQA k answers per question)."""
         layout = self.config.layout
         layers = {
             "text": layout.text_layers,
@@ -1100,22 +1133,28 @@ class EfficientVLMTextModel(EfficientVLMPreTrainedModel):
                 f"`attention_mask` has shape {tuple(attention_mask.shape)} but the text has shape "
                 f"{tuple(hidden_states.shape[:2])}."
             )
-        if encoder_hidden_states is not None and encoder_hidden_states.shape[0] != hidden_states.shape[0]:
+        if encoder_index is not None:
+            _check_encoder_index(encoder_index, hidden_states.shape[0], encoder_hidden_states)
+        elif encoder_hidden_states is not None and encoder_hidden_states.shape[0] != hidden_states.shape[0]:
             raise ValueError(
                 f"Batch sizes differ: {hidden_states.shape[0]} texts but {encoder_hidden_states.shape[0]} images."
             )
         dtype = hidden_states.dtype
+        encoder_mask = extended_attention_mask(encoder_attention_mask, dtype)
+        if encoder_mask is not None and encoder_index is not None:
+            encoder_mask = encoder_mask.index_select(0, encoder_index)
         return self.encoder(
             hidden_states,
             extended_attention_mask(attention_mask, dtype, causal=is_causal, query_length=hidden_states.shape[1]),
             encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=extended_attention_mask(encoder_attention_mask, dtype),
+            encoder_attention_mask=encoder_mask,
             layers=layers,
             head_mask=head_mask,
             cross_head_mask=cross_head_mask,
             ffn_mask=ffn_mask,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            encoder_index=encoder_index,
         )
 
     def layer_masks(self, structure_masks: StructureMasks | None) -> dict[str, list[torch.Tensor | None] | None]:
@@ -1275,9 +1314,12 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
         structure_masks: StructureMasks | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        image_index: torch.Tensor | None = None,
     ) -> EncoderOutput:
         """Runs the fusion layers: text_states (batch, seq, hidden) cross-attend to image_states
-        (batch, image_len, vision_hidden)."""
+        (batch, image_len, vision_hidden); or, with `image_index` (batch,), text `i` to image
+        `image_index[i]` of image_states (num_images, image_len, vision_hidden), each image's keys and values
+        computed once."""
         return self.text_model(
             attention_mask=attention_mask,
             text_hidden_states=text_states,
@@ -1287,6 +1329,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
             **self.text_model.layer_masks(structure_masks),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            encoder_index=image_index,
         )
 
     def encode_image_text(
@@ -1522,9 +1565,11 @@ def image_text_matching_logits(
     structure_masks: StructureMasks | None = None,
     output_attentions: bool = False,
     output_hidden_states: bool = False,
+    image_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, EncoderOutput]:
-    """Fuses each text (batch, seq, hidden) with its image (batch, image_len, vision_hidden) and applies the
-    ITM head to the fused [CLS]. Returns the logits (batch, 2) and the fusion layers' output."""
+    """Fuses each text (batch, seq, hidden) with its image (batch, image_len, vision_hidden), or with image
+    `image_index[i]` when given (see [`EfficientVLMModel.fuse`]), and applies the ITM head to the fused [CLS].
+    Returns the logits (batch, 2) and the fusion layers' output."""
     fusion = backbone.fuse(
         text_states,
         attention_mask,
@@ -1532,6 +1577,7 @@ def image_text_matching_logits(
         structure_masks=structure_masks,
         output_attentions=output_attentions,
         output_hidden_states=output_hidden_states,
+        image_index=image_index,
     )
     return itm_head(fusion.last_hidden_state[:, 0]), fusion
 

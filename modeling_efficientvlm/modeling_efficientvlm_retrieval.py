@@ -238,13 +238,23 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         attention_mask: torch.Tensor | None,
         structure_masks: StructureMasks | None = None,
         score: str = "probability",
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Matching score (pairs,) of each (image, text) pair: the ITM head's probability that they match
-        (`score="probability"`) or its raw "match" logit (`"logit"`, what X-VLM ranks by)."""
+        (`score="probability"`) or its raw "match" logit (`"logit"`, what X-VLM ranks by). Pair `i` is
+        `(image_states[i], text_states[i])`, or `(image_states[image_index[i]], text_states[i])` with
+        `image_index` (each distinct image then given once: its cross-attention keys and values are computed
+        once for all its texts)."""
         if score not in ITM_SCORES:
             raise ValueError(f"`score` must be one of {ITM_SCORES}; got {score!r}.")
         logits, _ = image_text_matching_logits(
-            self.efficientvlm, self.itm_head, text_states, attention_mask, image_states, structure_masks
+            self.efficientvlm,
+            self.itm_head,
+            text_states,
+            attention_mask,
+            image_states,
+            structure_masks,
+            image_index=image_index,
         )
         return logits.float().softmax(dim=-1)[:, 1] if score == "probability" else logits[:, 1].float()
 
@@ -269,7 +279,9 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
                 every image once (e.g. a generator that encodes each chunk when asked).
             text_states: (num_texts, seq, hidden) and text_attention_mask (num_texts, seq), from [`embed_texts`].
             itc_scores: (num_images, num_texts) ITC similarities, from [`itc_scores`].
-            batch_size: (image, text) pairs per fusion pass.
+            batch_size: (image, text) pairs per fusion pass. A pair in both directions' candidates is scored
+                once; pairs go through the fusion grouped by image, each image's keys and values computed once
+                per pass.
             score: what ranks the candidates: `"logit"`, the ITM head's raw "match" logit, alone (X-VLM's
                 `Retrieval.py` ranks by `itm_head(...)[:, 1]`, without the ITC similarity), or `"probability"`,
                 its match probability (the softmax of both logits, a different order).
@@ -290,46 +302,43 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         if text_attention_mask is None:
             text_attention_mask = torch.ones(text_states.shape[:2], dtype=torch.long, device=text_states.device)
 
-        def score_pairs(states: torch.Tensor, image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
-            scores = [
-                self.itm_scores(
-                    states[image_index[start : start + batch_size]],
-                    text_states[text_index[start : start + batch_size]],
-                    text_attention_mask[text_index[start : start + batch_size]],
-                    structure_masks,
-                    score,
-                )
-                for start in range(0, len(image_index), batch_size)
-            ]
-            return torch.cat(scores) if scores else itc_scores.new_zeros(0, dtype=torch.float)
-
-        # Image -> text: the top-k texts of each image; text -> image: the top-k images of each text.
+        # Image -> text: the top-k texts of each image; text -> image: the top-k images of each text. Each pair
+        # is a flat index image * num_texts + text; their union, sorted, lists every pair once, grouped by image.
         top_texts = itc_scores.topk(min(k, num_texts), dim=1).indices
-        i2t_image = torch.arange(num_images, device=top_texts.device).repeat_interleave(top_texts.shape[1])
-        i2t_text = top_texts.flatten()
         top_images = itc_scores.t().topk(min(k, num_images), dim=1).indices
-        t2i_text = torch.arange(num_texts, device=top_images.device).repeat_interleave(top_images.shape[1])
-        t2i_image = top_images.flatten()
-        scores_i2t = itc_scores.new_full((num_images, num_texts), NOT_RERANKED_SCORE, dtype=torch.float)
-        scores_t2i = itc_scores.new_full((num_texts, num_images), NOT_RERANKED_SCORE, dtype=torch.float)
+        image_ids = torch.arange(num_images, device=top_texts.device)
+        text_ids = torch.arange(num_texts, device=top_images.device)
+        i2t_pairs = (image_ids[:, None] * num_texts + top_texts).flatten()
+        t2i_pairs = (top_images * num_texts + text_ids[:, None]).flatten()
+        pairs = torch.unique(torch.cat([i2t_pairs, t2i_pairs]))
+        pair_images, pair_texts = pairs // num_texts, pairs % num_texts
+        pair_scores = itc_scores.new_full((len(pairs),), NOT_RERANKED_SCORE, dtype=torch.float)
         covered = 0
         for first, states in chunks:  # every pair is scored while its image's chunk is at hand
             last = first + states.shape[0]
-            for images, texts, matrix, image_rows in (
-                (i2t_image, i2t_text, scores_i2t, True),
-                (t2i_image, t2i_text, scores_t2i, False),
-            ):
-                inside = (images >= first) & (images < last)
-                pair_images, pair_texts = images[inside], texts[inside]
-                pair_scores = score_pairs(states, pair_images - first, pair_texts)
-                if image_rows:
-                    matrix[pair_images, pair_texts] = pair_scores
-                else:
-                    matrix[pair_texts, pair_images] = pair_scores
+            begin, end = torch.searchsorted(pair_images, torch.tensor([first, last], device=pairs.device)).tolist()
+            for start in range(begin, end, batch_size):
+                stop = min(start + batch_size, end)
+                images, image_index = torch.unique_consecutive(pair_images[start:stop], return_inverse=True)
+                texts = pair_texts[start:stop]
+                pair_scores[start:stop] = self.itm_scores(
+                    states[images - first],
+                    text_states[texts],
+                    text_attention_mask[texts],
+                    structure_masks,
+                    score,
+                    image_index=image_index,
+                )
             covered += states.shape[0]
         if covered != num_images:
             raise ValueError(f"The image state chunks cover {covered} images; `itc_scores` has {num_images}.")
-        return scores_i2t, scores_t2i
+        scored = itc_scores.new_full((num_images * num_texts,), NOT_RERANKED_SCORE, dtype=torch.float)
+        scored[pairs] = pair_scores
+        scores_i2t = torch.full_like(scored, NOT_RERANKED_SCORE)
+        scores_i2t[i2t_pairs] = scored[i2t_pairs]
+        scores_t2i = torch.full_like(scored, NOT_RERANKED_SCORE)
+        scores_t2i[t2i_pairs] = scored[t2i_pairs]
+        return scores_i2t.view(num_images, num_texts), scores_t2i.view(num_images, num_texts).t().contiguous()
 
 
 __all__ = [

@@ -196,10 +196,13 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         structure_masks: StructureMasks | None = None,
+        question_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, EncoderOutput]:
         """Runs the answer decoder causally over answers (num_answers, length) cross-attending to their
         question's fused states (num_answers, question_length, hidden), with the `decoder_*` entries of
-        `structure_masks` (other keys are the encoders'). Returns logits and the decoder output."""
+        `structure_masks` (other keys are the encoders'). With `question_index` (num_answers,), answer `i`
+        attends to question `question_index[i]` of question_states (num_questions, question_length, hidden),
+        each question's keys and values computed once. Returns logits and the decoder output."""
         check_finite_masks(structure_masks, DECODER_MASK_KEYS)  # under the model's names, not the stack's
         decoder = self.answer_decoder(
             answer_input_ids,
@@ -211,6 +214,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
             **self.answer_decoder.layer_masks(decoder_stack_masks(structure_masks)),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            encoder_index=question_index,
         )
         return self.answer_head(decoder.last_hidden_state), decoder
 
@@ -413,9 +417,10 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
             logits, _ = self.decode(
                 sequences,
                 sequence_mask,
-                states.repeat_interleave(k, dim=0),
-                question_mask.repeat_interleave(k, dim=0),
+                states,
+                question_mask,
                 structure_masks=structure_masks,
+                question_index=torch.arange(batch, device=states.device).repeat_interleave(k),
             )
             scores = sequence_log_likelihood(logits, causal_lm_labels(sequences, sequence_mask)).view(batch, k)
             if xvlm_scoring:

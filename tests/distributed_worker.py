@@ -20,6 +20,7 @@ teacher folders, which the test writes first.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -31,6 +32,8 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 torch.set_num_threads(1)
+# A process that aborts (SIGABRT from C++, e.g. a gloo thread at teardown) prints where every Python thread was.
+faulthandler.enable(all_threads=True)
 
 WORKDIR, GLOBAL_BATCH = Path(sys.argv[1]), int(sys.argv[2])
 RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -627,3 +627,33 @@ def test_fusion_zero_init_residual_starts_fusion_layers_as_identity(tmp_path, ti
     model.save_pretrained(tmp_path)
     reloaded = EfficientVLMModel.from_pretrained(tmp_path)
     assert (reloaded.text_model.encoder.layer[-1].mlp.fc2.weight == 0.5).all()
+
+
+def test_texts_sharing_an_image_fuse_as_with_the_image_repeated_and_project_it_once(tiny_config) -> None:
+    """`image_index` (retrieval re-ranking, VQA answers): each distinct image is given once and its cross-attention
+    keys / values are computed once, yet every text fuses exactly as with its own copy of the image."""
+    model = EfficientVLMModel(tiny_config).eval()
+    inputs = make_inputs(tiny_config, batch_size=5, seed=4)
+    index = torch.tensor([1, 0, 1, 1, 0])
+    with torch.no_grad():
+        images = model.vision_model(inputs["pixel_values"][:2]).last_hidden_state
+        texts = model.text_model(inputs["input_ids"], inputs["attention_mask"], mode="text").last_hidden_state
+    image_mask = torch.ones(images.shape[:2], dtype=torch.long)
+    image_mask[1, -2:] = 0  # padded image tokens: the mask follows the index too
+    projected: list[int] = []
+    cross = model.text_model.encoder.layer[tiny_config.text_config.num_hidden_layers].crossattention
+    hook = cross.k_proj.register_forward_hook(lambda module, args, output: projected.append(args[0].shape[0]))
+    with torch.no_grad():
+        shared = model.fuse(texts, inputs["attention_mask"], images, image_mask, image_index=index)
+        repeated = model.fuse(texts, inputs["attention_mask"], images[index], image_mask[index])
+    hook.remove()
+    assert projected == [2, 5]
+    torch.testing.assert_close(shared.last_hidden_state, repeated.last_hidden_state)
+    with pytest.raises(ValueError, match=r"one entry per text \(5\)"):
+        model.fuse(texts, inputs["attention_mask"], images, image_index=index[:4])
+    with pytest.raises(ValueError, match="integer"):
+        model.fuse(texts, inputs["attention_mask"], images, image_index=index.float())
+    with pytest.raises(ValueError, match=r"rows of `encoder_hidden_states` \(0 to 1\)"):
+        model.fuse(texts, inputs["attention_mask"], images, image_index=torch.tensor([0, 1, 2, 0, 1]))
+    with pytest.raises(ValueError, match="without `encoder_hidden_states`"):
+        model.text_model(text_hidden_states=texts, mode="fusion", encoder_index=index)

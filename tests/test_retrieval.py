@@ -428,3 +428,33 @@ def test_evaluate_reports_caption_level_recall_on_request(tiny_config, tmp_path)
         assert both[f"{name}_caption"] >= plain[name]
     with pytest.raises(ValueError, match="--caption_level_recall"):
         evaluate_task("nlvr2", model, dataset, processor, caption_level_recall=True)
+
+
+def test_rerank_fuses_each_candidate_pair_once_and_projects_each_image_once_per_pass(tiny_config) -> None:
+    """A pair among both directions' candidates is fused once; pairs go through the fusion grouped by image, so
+    the cross-attention keys / values of an image are computed once per pass, not once per text."""
+    model = _model(tiny_config)
+    inputs = make_inputs(tiny_config, batch_size=6, seed=5)
+    with torch.no_grad():
+        image_states, image_embeds = model.embed_images(inputs["pixel_values"][:4])
+        text_states, text_embeds = model.embed_texts(inputs["input_ids"], inputs["attention_mask"])
+    itc = model.itc_scores(image_embeds, text_embeds)
+    i2t = {(i, t) for i in range(4) for t in itc[i].topk(3).indices.tolist()}
+    t2i = {(i, t) for t in range(6) for i in itc[:, t].topk(3).indices.tolist()}
+    fused, projected = [], []
+    cross = model.efficientvlm.text_model.encoder.layer[tiny_config.text_config.num_hidden_layers].crossattention
+    hooks = [
+        model.itm_head.register_forward_hook(lambda module, args, output: fused.append(args[0].shape[0])),
+        cross.k_proj.register_forward_hook(lambda module, args, output: projected.append(args[0].shape[0])),
+    ]
+    scores_i2t, scores_t2i = model.itm_rerank_scores(
+        image_states, text_states, inputs["attention_mask"], itc, k=3, batch_size=100
+    )
+    for hook in hooks:
+        hook.remove()
+    assert sum(fused) == len(i2t | t2i) < len(i2t) + len(t2i)
+    assert projected == [4]  # one pass: each of the 4 images projected once
+    assert {(i, t) for i, t in zip(*(scores_i2t != NOT_RERANKED_SCORE).nonzero().t().tolist())} == i2t
+    assert {(i, t) for t, i in zip(*(scores_t2i != NOT_RERANKED_SCORE).nonzero().t().tolist())} == t2i
+    for image, text in i2t & t2i:  # the one score of a shared pair lands in both matrices
+        assert scores_i2t[image, text] == scores_t2i[text, image]

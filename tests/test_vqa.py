@@ -256,7 +256,13 @@ def test_ranking_matches_a_brute_force_likelihood() -> None:
     questions = _questions()
     candidates, mask = _candidates()
     brute = _brute_force_log_likelihood(model, questions, candidates, mask)
+    cross = next(layer.crossattention for layer in model.answer_decoder.encoder.layer if layer.has_cross_attention)
+    projected: list[int] = []
+    hook = cross.k_proj.register_forward_hook(lambda module, args, output: projected.append(args[0].shape[0]))
     ranking = model.rank_answers(**questions, answer_candidates_ids=candidates, answer_candidates_mask=mask, k=100)
+    hook.remove()
+    # Each question's keys / values are computed once for all its candidate answers (3 questions, 2 passes).
+    assert projected == [3, 3]
     expected_scores, expected_order = brute.sort(dim=1, descending=True)
     assert ranking.topk_indices.tolist() == expected_order.tolist()
     torch.testing.assert_close(ranking.topk_scores, expected_scores, atol=1e-4, rtol=0)

@@ -92,9 +92,12 @@ class OnnxRetrievalModel(OnnxTaskModel):
         attention_mask: torch.Tensor | None,
         structure_masks: Any = None,
         score: str = "probability",
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self._no_masks(structure_masks)
         mask = torch.ones(text_states.shape[:2], dtype=torch.long) if attention_mask is None else attention_mask
+        if image_index is not None:  # the exported graph takes one image per text
+            image_states = image_states.index_select(0, image_index)
         (logits,) = self.run("itm_scores", image_states, text_states, mask)
         return logits.float().softmax(dim=-1)[:, 1] if score == "probability" else logits[:, 1].float()
 
@@ -128,8 +131,13 @@ class OnnxQuestionAnsweringModel(OnnxTaskModel):
         question_attention_mask: torch.Tensor | None,
         *flags: Any,
         structure_masks: Any = None,
+        question_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         self._no_masks(structure_masks)
+        if question_index is not None:  # the exported graph takes one question per answer
+            question_states = question_states.index_select(0, question_index)
+            if question_attention_mask is not None:
+                question_attention_mask = question_attention_mask.index_select(0, question_index)
         answer_mask = torch.ones_like(answer_input_ids) if answer_attention_mask is None else answer_attention_mask
         question_mask = question_attention_mask
         if question_mask is None:
