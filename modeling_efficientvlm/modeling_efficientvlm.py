@@ -1662,15 +1662,19 @@ def image_text_contrastive_matching(
             f"`itm_negatives` name caption negatives (text index >= batch size {batch}); pass the caption "
             "negatives (`itm_negative_input_ids`) they were drawn from."
         )
+    # Pairs: (image i, text i), (image i, its negative text), (its negative image, text i). Each image is given
+    # once, so the fusion computes its cross-attention keys and values once for its three pairs.
+    own_images = torch.arange(batch, device=image_states.device)
     itm_logits, itm_fusion = image_text_matching_logits(
         backbone,
         itm_head,
         torch.cat([text_states, texts[negative_text_index], text_states]),
         torch.cat([attention_mask, masks[negative_text_index], attention_mask]),
-        torch.cat([image_states, image_states, image_states[negative_image_index]]),
+        image_states,
         structure_masks,
         output_attentions,
         output_hidden_states,
+        image_index=torch.cat([own_images, own_images, negative_image_index.to(own_images.device)]),
     )
     itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(itm_logits.device)
     loss_itm = F.cross_entropy(itm_logits, itm_labels) if compute_loss else None
