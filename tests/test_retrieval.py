@@ -213,6 +213,19 @@ def test_retrieval_evaluate_returns_recalls_and_scores(tiny_config) -> None:
     assert result.metrics["txt_r5"] == result.metrics["img_r5"] == 1.0  # 3 images, 6 texts: all within top 5
     assert result.scores_i2t.shape == result.itc_scores.shape == (3, 6) and result.scores_t2i.shape == (6, 3)
     assert ((result.scores_i2t != NOT_RERANKED_SCORE).sum(dim=1) == 4).all()
+    # k = 0: the ITC similarities alone rank everything (what re-ranking starts from, also in `itc_metrics`).
+    itc_only = retrieval_evaluate(
+        model, pixel_values, inputs["input_ids"], inputs["attention_mask"], text_to_image=text_to_image, k=0
+    )
+    torch.testing.assert_close(itc_only.scores_i2t, result.itc_scores)
+    torch.testing.assert_close(itc_only.scores_t2i, result.itc_scores.t())
+    assert itc_only.metrics == itc_only.itc_metrics == result.itc_metrics
+    groups = [[0, 1], [2, 3], [4, 5]]
+    itc = result.itc_scores.numpy()
+    assert result.itc_metrics["txt_r1"] == np.mean([itc[i].argmax() in groups[i] for i in range(3)])
+    assert result.itc_metrics["img_r1"] == np.mean([itc[:, t].argmax() == text_to_image[t] for t in range(6)])
+    with pytest.raises(ValueError, match="`k` must be 0"):
+        retrieval_evaluate(model, pixel_values, inputs["input_ids"], text_to_image=text_to_image, k=-1)
 
     # Image batches from an iterable (e.g. a DataLoader of dicts) and image_to_texts give the same result.
     batches = [{"pixel_values": pixel_values[:2]}, {"pixel_values": pixel_values[2:]}]
@@ -423,8 +436,10 @@ def test_evaluate_reports_caption_level_recall_on_request(tiny_config, tmp_path)
     with pytest.warns(UserWarning):
         both = evaluate_task("retrieval", model, dataset, processor, k=4, caption_level_recall=True).metrics
     assert {name: both[name] for name in plain} == plain
-    assert set(both) - set(plain) == {f"{name}_caption" for name in plain}
-    for name in plain:  # a caption-level hit includes every standard hit
+    reranked = [name for name in plain if not name.startswith("itc_")]  # plus the ITC-only recalls, as they are
+    assert set(plain) == set(reranked) | {f"itc_{name}" for name in reranked}
+    assert set(both) - set(plain) == {f"{name}_caption" for name in reranked}
+    for name in reranked:  # a caption-level hit includes every standard hit
         assert both[f"{name}_caption"] >= plain[name]
     with pytest.raises(ValueError, match="--caption_level_recall"):
         evaluate_task("nlvr2", model, dataset, processor, caption_level_recall=True)

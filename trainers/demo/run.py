@@ -329,7 +329,6 @@ class AblationRow:
 def retrieval_recalls(model: Any, dataset: Any, processor: Any, k: int) -> dict[str, float]:
     """Retrieval recall with ITM re-ranking of the top-`k` ITC candidates (`r_mean`, ...), and of ITC alone
     (`itc_r_mean`, ...) from the same pass, so the report can show what re-ranking adds."""
-    from trainers.evaluation.metrics import retrieval_recall
     from trainers.evaluation.retrieval import retrieval_evaluate
 
     model.eval()
@@ -343,12 +342,7 @@ def retrieval_recalls(model: Any, dataset: Any, processor: Any, k: int) -> dict[
         text_to_image=dataset.text_to_image,
         k=k,
     )
-    groups = [[] for _ in range(dataset.num_images)]
-    for text, image in enumerate(dataset.text_to_image):
-        groups[int(image)].append(text)
-    itc = result.itc_scores.numpy()
-    itc_only = retrieval_recall(itc, groups, itc.T, [int(i) for i in dataset.text_to_image])
-    return {**result.metrics, **{f"itc_{name}": value for name, value in itc_only.items()}}
+    return {**result.metrics, **{f"itc_{name}": value for name, value in result.itc_metrics.items()}}
 
 
 class DemoRun:
@@ -601,7 +595,7 @@ class DemoRun:
         """The metric the ablations compare: the task's primary metric; for retrieval, ITC-only mean recall (ITM
         re-ranking of the top k of every query costs about a minute per model; the results table re-ranks)."""
         if task == "retrieval":
-            return retrieval_recalls(model, self._dataset(task, "test"), self.processor, k=1)["itc_r_mean"]
+            return retrieval_recalls(model, self._dataset(task, "test"), self.processor, k=0)["itc_r_mean"]
         result = evaluate_task(task, model, self._dataset(task, "test"), self.processor, answer_list=self.answer_list)
         return result.metrics[task_spec(task).primary_metric]
 

@@ -29,12 +29,14 @@ class RetrievalEvaluation:
     scores_i2t: (num_images, num_texts) re-ranked scores of every text for every image (-100 outside the top k).
     scores_t2i: (num_texts, num_images) re-ranked scores of every image for every text.
     itc_scores: (num_images, num_texts) ITC cosine similarities.
+    itc_metrics: the same recalls ranked by the ITC similarities alone (what re-ranking starts from).
     """
 
     metrics: dict[str, float]
     scores_i2t: torch.Tensor
     scores_t2i: torch.Tensor
     itc_scores: torch.Tensor
+    itc_metrics: dict[str, float]
 
 
 class ImageBatches:
@@ -140,7 +142,8 @@ def retrieval_evaluate(
         input_ids, attention_mask: all texts, (num_texts, seq).
         text_to_image: (num_texts,) image index of each text; image_to_texts: the texts of each image.
             One of the two is needed.
-        k: candidates re-ranked by ITM per query (X-VLM: 256 on COCO, 128 on Flickr30K).
+        k: candidates re-ranked by ITM per query (X-VLM: 256 on COCO, 128 on Flickr30K); 0: no re-ranking, the
+            ITC similarities rank every candidate (no fusion pass, one vision pass).
         batch_size: images / texts per encoder pass and pairs per fusion pass.
         structure_masks: optional pruning masks applied in every pass.
         score: `"logit"`, the raw ITM match logit alone, as X-VLM ranks (the default), or `"probability"`, the ITM
@@ -159,6 +162,8 @@ def retrieval_evaluate(
         raise ValueError(f"`input_ids` must have shape (num_texts, seq); got {tuple(input_ids.shape)}.")
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be positive; got {batch_size}.")
+    if k < 0:
+        raise ValueError(f"`k` must be 0 (ITC alone) or positive; got {k}.")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     device = model_device(model)
@@ -174,7 +179,7 @@ def retrieval_evaluate(
         # Image states (image_len tokens each) are the big tensors: streamed, each chunk is encoded again when
         # its ITM pairs are scored (the vision pass is cheap next to k fusion passes per image and per text), so
         # only one chunk is held at a time. A one-shot iterator cannot be read twice: its chunks are kept.
-        stream = stream_image_states and not isinstance(pixel_values, Iterator)
+        stream = (stream_image_states or k == 0) and not isinstance(pixel_values, Iterator)
         image_embeds, kept_states = [], []
         for batch in _image_batches(pixel_values, batch_size):
             states, embeds = model.embed_images(
@@ -200,27 +205,36 @@ def retrieval_evaluate(
                 first += chunk.shape[0]
 
         itc_scores = model.itc_scores(image_embeds, text_embeds)
-        scores_i2t, scores_t2i = model.itm_rerank_scores(
-            image_state_chunks(),
-            text_states,
-            attention_mask.to(device),
-            itc_scores,
-            k=k,
-            batch_size=batch_size,
-            structure_masks=structure_masks,
-            score=score,
-        )
+        if k == 0:
+            scores_i2t, scores_t2i = itc_scores, itc_scores.t()
+        else:
+            scores_i2t, scores_t2i = model.itm_rerank_scores(
+                image_state_chunks(),
+                text_states,
+                attention_mask.to(device),
+                itc_scores,
+                k=k,
+                batch_size=batch_size,
+                structure_masks=structure_masks,
+                score=score,
+            )
     finally:
         model.train(was_training)
     groups = _image_to_texts(text_to_image, image_to_texts, itc_scores.shape[0])
-    metrics = retrieval_recall(
-        scores_i2t.cpu().numpy(),
-        groups,
-        scores_t2i.cpu().numpy(),
-        None if text_to_image is None else [int(image) for image in text_to_image],
+    gold_images = None if text_to_image is None else [int(image) for image in text_to_image]
+    itc = itc_scores.float().cpu().numpy()
+    itc_metrics = retrieval_recall(itc, groups, itc.T, gold_images)
+    metrics = (
+        itc_metrics
+        if k == 0
+        else retrieval_recall(scores_i2t.cpu().numpy(), groups, scores_t2i.cpu().numpy(), gold_images)
     )
     return RetrievalEvaluation(
-        metrics=metrics, scores_i2t=scores_i2t.cpu(), scores_t2i=scores_t2i.cpu(), itc_scores=itc_scores.cpu()
+        metrics=metrics,
+        scores_i2t=scores_i2t.cpu(),
+        scores_t2i=scores_t2i.cpu().contiguous(),
+        itc_scores=itc_scores.cpu(),
+        itc_metrics=itc_metrics,
     )
 
 

@@ -149,6 +149,8 @@ def evaluate_retrieval(model: Any, dataset: Any, processor: Any, options: Evalua
         structure_masks=options.structure_masks,
     )
     metrics = dict(result.metrics)
+    if options.k > 0:  # what re-ranking adds: the same recalls by ITC alone
+        metrics.update({f"itc_{name}": value for name, value in result.itc_metrics.items()})
     if options.caption_level_recall:
         from trainers.evaluation.metrics import caption_level_recall
 
