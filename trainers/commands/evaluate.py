@@ -19,7 +19,9 @@ class EvaluateArguments:
     eval_file: str = field(metadata={"help": "X-VLM JSON file of evaluation records."})
     image_root: str | None = field(default=None, metadata={"help": "Folder the records' image paths start from."})
     answer_list: str | None = field(default=None, metadata={"help": "VQA: JSON list of candidate answers."})
-    k: int = field(default=128, metadata={"help": "VQA / retrieval: candidates re-ranked per query (retrieval: 0 ranks by ITC alone)."})
+    k: int = field(
+        default=128, metadata={"help": "VQA / retrieval: candidates re-ranked per query (retrieval: 0 = ITC alone)."}
+    )
     batch_size: int = field(default=32)
     caption_level_recall: bool = field(
         default=False,
