@@ -19,6 +19,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from trainers.evaluation.benchmarking import count_parameters
 from trainers.tasks import task_spec
 
 PAPER = "https://arxiv.org/abs/2210.07795"
@@ -280,7 +281,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _size_lines(info: ModelCardInfo, model: Any, pruning_report: dict[str, Any] | None) -> list[str]:
     lines = []
     if model is not None:
-        parameters = sum(p.numel() for p in model.parameters())
+        parameters = count_parameters(model)
         lines.append(f"- parameters: {parameters:,} ({parameters / 1e6:.2f}M)")
     if pruning_report is not None:
         lines.append(

@@ -21,6 +21,7 @@ from transformers import TrainingArguments, set_seed
 from transformers.utils import logging
 
 from trainers.commands.common import KDArguments, parse_arguments, parse_json_option
+from trainers.evaluation.benchmarking import count_parameters
 
 logger = logging.get_logger(__name__)
 
@@ -160,8 +161,8 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     processor = EfficientVLMProcessor.from_pretrained(args.processor_name_or_path or args.teacher_model_name_or_path)
     check_image_size(processor, teacher.config.vision_config.image_size)
     student = build_student(teacher, *layers, layer_mapping=layer_mapping or None)
-    teacher_size = sum(p.numel() for p in teacher.parameters())
-    student_size = sum(p.numel() for p in student.parameters())
+    teacher_size = count_parameters(teacher)
+    student_size = count_parameters(student)
     logger.warning(
         f"Student {layers} has {student_size / 1e6:.2f}M parameters ({100 * student_size / teacher_size:.1f}% of the "
         f"teacher's {teacher_size / 1e6:.2f}M)."

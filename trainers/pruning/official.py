@@ -27,6 +27,7 @@ from modeling_efficientvlm.convert_efficientvlm_checkpoints import (
 )
 from modeling_efficientvlm.modeling_efficientvlm import StructureMasks
 
+from ..evaluation.benchmarking import count_parameters
 from .hard_concrete import HARD_CONCRETE_TEMPERATURE, StructureMasker
 from .padding import PAD_TO_MULTIPLE_OF, prune_structures
 
@@ -138,11 +139,11 @@ def prune_official_state_dict(
         "structures_kept": masker.kept_structures(masks),
         "prunable_parameters": masker.total_parameters(),
         "remaining_prunable_parameters": masker.remaining_parameters(masks),
-        "parameters_before": sum(p.numel() for p in model.parameters()),
+        "parameters_before": count_parameters(model),
         "lagrange_multipliers": {name: float(l0[name]) for name in MULTIPLIERS if name in l0},
     }
     report["padding"] = prune_structures(model, masks, report["structures_kept"], pad_to_multiple_of)
-    report["parameters_after"] = sum(p.numel() for p in model.parameters())
+    report["parameters_after"] = count_parameters(model)
     return model, report
 
 

@@ -38,6 +38,7 @@ from transformers.utils import logging
 from modeling_efficientvlm.modeling_efficientvlm import StructureMasks, check_pad_multiple
 
 from ..distillation import DistillationConfig, DistillationTrainer
+from ..evaluation.benchmarking import count_parameters
 from ..sharding import broadcast_from_first_process, whole_model
 from .hard_concrete import DROPRATE_INIT, HARD_CONCRETE_TEMPERATURE, HEAD_LOG_ALPHA_INIT, StructureMasker
 from .ladder import LadderOutputs, SparsityLadder, parse_sparsity_ladder
@@ -466,7 +467,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         self.masker.check_fits(model)
         masker = self.masker
         masks = self.final_masks()
-        parameters_before = sum(p.numel() for p in model.parameters())
+        parameters_before = count_parameters(model)
         report: dict[str, Any] = {
             "target_sparsity": self.lagrangian.targets.get("overall"),
             "target_sparsity_per_modality": self.pruning_config.target_sparsity_per_modality,
@@ -486,7 +487,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             for modality in masker.modalities
         }
         report["padding"] = prune_structures(model, masks, kept, self.pruning_config.pad_to_multiple_of)
-        report["parameters_after"] = sum(p.numel() for p in model.parameters())
+        report["parameters_after"] = count_parameters(model)
         report["pruning_config"] = asdict(self.pruning_config)
         return report
 
