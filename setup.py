@@ -54,5 +54,5 @@ setup(
         # `efficientvlm app` and space/app.py: models side by side in a browser (tested with gradio 6.31).
         "app": ["gradio>=6.0"],
     },
-    entry_points={"console_scripts": ["efficientvlm=trainers.commands:main"]},
+    entry_points={"console_scripts": ["efficientvlm=trainers.commands:console"]},
 )

@@ -233,6 +233,7 @@ if __name__ == "__main__":
         install_trainer_probes()
         for command in RESUME[0].split("+"):
             {"distill": distill, "prune": prune}[command]()
+        dist.barrier()  # none tears the group down while a peer still uses it (process 0 saves last)
         dist.destroy_process_group()
         sys.exit(0)
     itc_gradients()

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,14 +54,36 @@ def _console_script(*argv: str) -> subprocess.CompletedProcess:
     """Runs the installed `efficientvlm` script on this checkout's code (PYTHONPATH kept, the checkout first)."""
     script = shutil.which("efficientvlm")
     assert script is not None, "the `efficientvlm` console script is not on PATH: install the package (README)"
+    return subprocess.run([script, *argv], capture_output=True, text=True, timeout=300, env=_script_env())
+
+
+def _script_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([script, *argv], capture_output=True, text=True, timeout=300, env=env)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
 
 
 def test_console_script_is_installed() -> None:
     completed = _console_script("--help")
     assert completed.returncode == 0 and "usage: efficientvlm" in completed.stdout
+
+
+def test_the_console_entry_point_ends_a_torchrun_process_group_cleanly(tmp_path) -> None:
+    """Under torchrun the script tears the process group down itself (after a barrier) once the command is done:
+    left to interpreter shutdown, a gloo group can abort a process (SIGABRT) whose peer is still saving."""
+    script = f"""
+import sys
+import torch.distributed as dist
+from trainers import commands
+dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
+sys.argv = ["efficientvlm", "recipes"]
+code = commands.console()
+print("initialized after:", dist.is_initialized(), "code:", code)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=_script_env()
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "small-cpu" in done.stdout and done.stdout.strip().endswith("initialized after: False code: 0")
 
 
 def test_benchmark_preset_against_randomly_pruned_copies(capsys, tmp_path) -> None:

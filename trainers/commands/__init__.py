@@ -42,5 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _close_process_group() -> None:
+    """Under torchrun: once every process is done, the process group is torn down while the interpreter is still
+    whole. Left to interpreter shutdown, a gloo group can abort a process that finished first ("terminate called
+    without an active exception", SIGABRT) while a peer is still saving."""
+    distributed = sys.modules.get("torch.distributed")  # never imported here just to check
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.barrier()
+        distributed.destroy_process_group()
+
+
+def console() -> int:
+    """The `efficientvlm` script (and `python -m trainers.commands`): [`main`], then a clean end under torchrun."""
+    code = main()
+    _close_process_group()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())
