@@ -473,3 +473,34 @@ def test_rerank_fuses_each_candidate_pair_once_and_projects_each_image_once_per_
     assert {(i, t) for t, i in zip(*(scores_t2i != NOT_RERANKED_SCORE).nonzero().t().tolist())} == t2i
     for image, text in i2t & t2i:  # the one score of a shared pair lands in both matrices
         assert scores_i2t[image, text] == scores_t2i[text, image]
+
+
+def test_reranking_progress_counts_every_image_once(tiny_config, monkeypatch) -> None:
+    """The long part shows a progress bar (on a terminal): its total is the image count and it ends there."""
+    import trainers.evaluation.retrieval as retrieval_module
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total: int, **kwargs) -> None:
+            self.total, self.n, self.kwargs = total, 0, kwargs
+            bars.append(self)
+
+        def update(self, count: int) -> None:
+            self.n += count
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.closed_at = self.n
+
+    monkeypatch.setattr(retrieval_module, "tqdm", Recorder)
+    model = _model(tiny_config)
+    inputs = make_inputs(tiny_config, batch_size=10, seed=3)
+    args = (model, inputs["pixel_values"][:5], inputs["input_ids"], inputs["attention_mask"])
+    retrieval_evaluate(*args, text_to_image=[i // 2 for i in range(10)], k=3, batch_size=2)
+    assert [(bar.total, bar.closed_at) for bar in bars] == [(5, 5)]
+    assert bars[0].kwargs["disable"] is None  # tqdm's own rule: no bar when stderr is not a terminal
+    retrieval_evaluate(*args, text_to_image=[i // 2 for i in range(10)], k=0)
+    assert len(bars) == 1  # ITC alone: no re-ranking, no bar

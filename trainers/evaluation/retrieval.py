@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.utils.logging import tqdm
 
 from .metrics import retrieval_recall
 
@@ -203,21 +204,25 @@ def retrieval_evaluate(
                     )
                 yield first, chunk
                 first += chunk.shape[0]
+                progress.update(chunk.shape[0])
 
         itc_scores = model.itc_scores(image_embeds, text_embeds)
         if k == 0:
             scores_i2t, scores_t2i = itc_scores, itc_scores.t()
         else:
-            scores_i2t, scores_t2i = model.itm_rerank_scores(
-                image_state_chunks(),
-                text_states,
-                attention_mask.to(device),
-                itc_scores,
-                k=k,
-                batch_size=batch_size,
-                structure_masks=structure_masks,
-                score=score,
-            )
+            # The long part (k fusion passes per image and per text): a progress bar on a terminal, none in logs.
+            progress = tqdm(total=image_embeds.shape[0], desc="ITM re-ranking", unit="image", disable=None)
+            with progress:
+                scores_i2t, scores_t2i = model.itm_rerank_scores(
+                    image_state_chunks(),
+                    text_states,
+                    attention_mask.to(device),
+                    itc_scores,
+                    k=k,
+                    batch_size=batch_size,
+                    structure_masks=structure_masks,
+                    score=score,
+                )
     finally:
         model.train(was_training)
     groups = _image_to_texts(text_to_image, image_to_texts, itc_scores.shape[0])
