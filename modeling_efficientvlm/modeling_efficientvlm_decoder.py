@@ -78,12 +78,15 @@ def causal_lm_labels(
     return labels
 
 
-def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _next_token_targets(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The target of every logit position: `labels` moved one step left, -100 for the last position (it predicts
+    nothing). Targets move, not logits: the (batch, seq, vocab) logits, the largest tensor, are never copied, and
+    the log-softmax runs over their contiguous last dimension."""
     if logits.shape[:2] != labels.shape:
         raise ValueError(
             f"`labels` has shape {tuple(labels.shape)} but the logits cover {tuple(logits.shape[:2])} positions."
         )
-    return logits[:, :-1].float(), labels[:, 1:]
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
 
 
 def causal_lm_loss(
@@ -93,19 +96,19 @@ def causal_lm_loss(
 
     `reduction="mean"`: mean over the counted tokens (a scalar); `"sum"`: one sum per sequence (batch,), as
     X-VLM's `reduction='none'` answer loss."""
-    shifted_logits, shifted_labels = _shifted(logits, labels)
+    targets = _next_token_targets(logits, labels)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
     token_loss = F.cross_entropy(
-        shifted_logits.transpose(1, 2),
-        shifted_labels,
+        logits.float().flatten(0, 1),
+        targets.flatten(),
         ignore_index=-100,
         label_smoothing=label_smoothing,
         reduction="none",
-    )
+    ).view(targets.shape)
     if reduction == "sum":
         return token_loss.sum(dim=1)
-    counted = (shifted_labels != -100).sum()
+    counted = (targets != -100).sum()
     return token_loss.sum() / counted.clamp(min=1)
 
 
