@@ -127,8 +127,30 @@ def test_pruning_reaches_the_target_and_spares_the_modality_the_task_needs(tmp_p
             "loss_lagrangian",
         } <= set(logged)
         assert logged["target_sparsity"] == 0.5 and logged["loss_task"] < 0.2  # the task was learned
+        settling = trainer.settling()  # the saved sparsity held still over the last 5% of the steps
+        assert settling["settled"] and settling["steps"] == [229, 240]
     assert split["text"]["vision"] > split["text"]["text"] + 0.1
     assert split["image"]["text"] > split["image"]["vision"] + 0.1
+
+
+def test_a_run_that_ends_while_the_sparsity_still_moves_says_so_in_its_report(tmp_path) -> None:
+    """Stopped mid-warm-up the masks' sparsity is still climbing: the report's `settling` says so and a warning
+    names what to change, instead of presenting that moment as the run's result."""
+    from transformers.testing_utils import CaptureLogger
+
+    from trainers.pruning import trainer as pruning_trainer
+
+    pruning = PruningConfig(target_sparsity=0.5, sparsity_warmup_steps=100, mask_learning_rate=0.3)
+    trainer = _trainer(tmp_path, pruning=pruning, args=_args(tmp_path, max_steps=50))
+    trainer.train()
+    with CaptureLogger(pruning_trainer.logger) as captured:
+        report = trainer.prune_with_final_masks(trainer.model)
+    settling = report["settling"]
+    assert settling["steps"] == [48, 50]  # the last 5% of 50 steps, at least `ladder_patience` (3)
+    low, high = settling["sparsity_range"]
+    assert not settling["settled"] and high - low > 0.01 and settling["final_sparsity"] == pytest.approx(high, abs=1e-4)
+    assert report["sparsity"] == pytest.approx(settling["final_sparsity"], abs=1e-4)
+    assert "had not settled" in captured.out and "--max_steps" in captured.out
 
 
 # -- optimisation details --------------------------------------------------------------------------------------

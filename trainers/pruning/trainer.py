@@ -23,6 +23,7 @@ step, clamping, the best checkpoint's masks), `save_model`, `train`, `compute_lo
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +51,10 @@ logger = logging.get_logger(__name__)
 MASKER_STATE_NAME = "masker.pt"
 PRUNING_REPORT_NAME = "pruning_report.json"
 _MASK_GROUP, _LAGRANGIAN_GROUP = "structure_masks", "lagrange_multipliers"
+
+
+# The share of the training's last steps over which `ModalAdaptivePruningTrainer.settling` judges the sparsity.
+SETTLING_WINDOW = 0.05
 
 
 @dataclass
@@ -202,6 +207,14 @@ class _MaskOptimizationCallback(TrainerCallback):
         for parameter in trainer.pruning_parameters():
             parameter.grad = None
 
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer.ladder is None and trainer.lagrangian.targets.get("overall") is not None:
+            # What a save now would achieve, for the report's `settling` (a ladder watches its rungs itself).
+            sparsity = trainer.masker.sparsity_of(trainer.final_masks())
+            window = max(trainer.pruning_config.ladder_patience, math.ceil(SETTLING_WINDOW * state.max_steps))
+            trainer.sparsity_trace = [*trainer.sparsity_trace, (state.global_step, sparsity)][-window:]
+
     def on_train_end(self, args, state, control, **kwargs):
         # `load_best_model_at_end` has just loaded the best checkpoint's weights: its masks belong with them.
         if args.load_best_model_at_end and state.best_model_checkpoint is not None:
@@ -286,6 +299,8 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         self.pruned_model: nn.Module | None = None
         # First step of the fixed-mask phase (set when training starts; None: masks learn throughout).
         self.mask_freeze_step: int | None = None
+        # (step, sparsity of the deterministic masks) after each optimizer step of the last `SETTLING_WINDOW`.
+        self.sparsity_trace: list[tuple[int, float]] = []
         self.add_callback(_MaskOptimizationCallback(self))
         # The rungs saved so far (a `SparsityLadder` adds them; empty without a ladder).
         self.ladder: SparsityLadder | None = None
@@ -489,7 +504,47 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         report["padding"] = prune_structures(model, masks, kept, self.pruning_config.pad_to_multiple_of)
         report["parameters_after"] = count_parameters(model)
         report["pruning_config"] = asdict(self.pruning_config)
+        settling = self.settling()
+        if settling is not None:
+            report["settling"] = settling
         return report
+
+    def settling(self) -> dict[str, Any] | None:
+        """How the sparsity of the deterministic masks (what is saved) behaved over the last steps of training
+        (the last 5% of them, at least `ladder_patience`): `settled` if it moved by at most `ladder_tolerance`
+        there, `on_target` if it ended within `ladder_tolerance` of the target. A run that had not settled, or
+        settled off target, is logged as a warning: its saved sparsity is a moment of a moving target, or not the
+        one asked for. None without an overall target, with a ladder (its rungs say it), or before any step."""
+        target = self.lagrangian.targets.get("overall")
+        if target is None or self.ladder is not None or not self.sparsity_trace:
+            return None
+        tolerance = self.pruning_config.ladder_tolerance
+        steps = [step for step, _ in self.sparsity_trace]
+        sparsities = [sparsity for _, sparsity in self.sparsity_trace]
+        low, high, last = min(sparsities), max(sparsities), sparsities[-1]
+        settled = high - low <= tolerance
+        on_target = abs(last - target) <= tolerance
+        if not settled:
+            logger.warning(
+                f"The sparsity had not settled when training ended: over steps {steps[0]}-{steps[-1]} the masks' "
+                f"sparsity moved between {low:.4f} and {high:.4f} (target {target}; tolerance {tolerance}), so the "
+                f"saved {last:.4f} is a moment of a moving value. Train longer (--max_steps), warm the target up over "
+                "more steps, or lower --mask_learning_rate / --lagrangian_learning_rate."
+            )
+        elif not on_target:
+            logger.warning(
+                f"The sparsity settled at {last:.4f}, not at the target {target} (tolerance {tolerance}): with few "
+                "prunable units per layer the saved masks round far from the expected sparsity, or the run was too "
+                "short for the multipliers to pull it there."
+            )
+        return {
+            "settled": settled,
+            "on_target": on_target,
+            "steps": [steps[0], steps[-1]],
+            "sparsity_range": [round(low, 4), round(high, 4)],
+            "final_sparsity": round(last, 4),
+            "tolerance": tolerance,
+        }
 
     def prune_and_save(
         self,
