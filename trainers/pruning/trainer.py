@@ -219,6 +219,7 @@ class _MaskOptimizationCallback(TrainerCallback):
         # `load_best_model_at_end` has just loaded the best checkpoint's weights: its masks belong with them.
         if args.load_best_model_at_end and state.best_model_checkpoint is not None:
             self.trainer.load_pruning_checkpoint(state.best_model_checkpoint, required=False)
+            self.trainer.sparsity_trace = []  # the last steps' sparsity no longer describes the masks kept
 
 
 class ModalAdaptivePruningTrainer(DistillationTrainer):
