@@ -332,12 +332,11 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
             covered += states.shape[0]
         if covered != num_images:
             raise ValueError(f"The image state chunks cover {covered} images; `itc_scores` has {num_images}.")
-        scored = itc_scores.new_full((num_images * num_texts,), NOT_RERANKED_SCORE, dtype=torch.float)
-        scored[pairs] = pair_scores
-        scores_i2t = torch.full_like(scored, NOT_RERANKED_SCORE)
-        scores_i2t[i2t_pairs] = scored[i2t_pairs]
-        scores_t2i = torch.full_like(scored, NOT_RERANKED_SCORE)
-        scores_t2i[t2i_pairs] = scored[t2i_pairs]
+        # Each direction's pairs take their scores from the sorted union, found by binary search.
+        scores_i2t = itc_scores.new_full((num_images * num_texts,), NOT_RERANKED_SCORE, dtype=torch.float)
+        scores_i2t[i2t_pairs] = pair_scores[torch.searchsorted(pairs, i2t_pairs)]
+        scores_t2i = torch.full_like(scores_i2t, NOT_RERANKED_SCORE)
+        scores_t2i[t2i_pairs] = pair_scores[torch.searchsorted(pairs, t2i_pairs)]
         return scores_i2t.view(num_images, num_texts), scores_t2i.view(num_images, num_texts).t().contiguous()
 
 
