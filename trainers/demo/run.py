@@ -342,7 +342,7 @@ def retrieval_recalls(model: Any, dataset: Any, processor: Any, k: int) -> dict[
         text_to_image=dataset.text_to_image,
         k=k,
     )
-    return {**result.metrics, **{f"itc_{name}": value for name, value in result.itc_metrics.items()}}
+    return result.metrics_with_itc()
 
 
 class DemoRun:

@@ -39,6 +39,10 @@ class RetrievalEvaluation:
     itc_scores: torch.Tensor
     itc_metrics: dict[str, float]
 
+    def metrics_with_itc(self) -> dict[str, float]:
+        """`metrics` and, beside them, `itc_metrics` as `itc_txt_r1`, ..., `itc_r_mean`: what re-ranking adds."""
+        return {**self.metrics, **{f"itc_{name}": value for name, value in self.itc_metrics.items()}}
+
 
 class ImageBatches:
     """The images of a dataset as processed `pixel_values` batches, decoded when iterated and again each time

@@ -148,9 +148,8 @@ def evaluate_retrieval(model: Any, dataset: Any, processor: Any, options: Evalua
         batch_size=options.batch_size,
         structure_masks=options.structure_masks,
     )
-    metrics = dict(result.metrics)
-    if options.k > 0:  # what re-ranking adds: the same recalls by ITC alone
-        metrics.update({f"itc_{name}": value for name, value in result.itc_metrics.items()})
+    # Re-ranked: the ITC-only recalls beside them (with k = 0 the metrics are those already).
+    metrics = result.metrics_with_itc() if options.k > 0 else dict(result.metrics)
     if options.caption_level_recall:
         from trainers.evaluation.metrics import caption_level_recall
 
