@@ -162,13 +162,20 @@ def test_trainer_reduces_the_retrieval_loss(tiny_config, tmp_path) -> None:
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3
 
 
+def _embedded(model: EfficientVLMForImageTextRetrieval, inputs: dict, num_images: int) -> tuple:
+    """`(image_states, image_embeds, text_states, text_embeds, itc)` of the first `num_images` images and every
+    text, as retrieval evaluation computes them before re-ranking."""
+    with torch.no_grad():
+        image_states, image_embeds = model.embed_images(inputs["pixel_values"][:num_images])
+        text_states, text_embeds = model.embed_texts(inputs["input_ids"], inputs["attention_mask"])
+        return image_states, image_embeds, text_states, text_embeds, model.itc_scores(image_embeds, text_embeds)
+
+
 def test_rerank_scores_follow_xvlm(tiny_config) -> None:
     model = _model(tiny_config)
     inputs = make_inputs(tiny_config, batch_size=5, seed=1)
+    image_states, image_embeds, text_states, text_embeds, itc = _embedded(model, inputs, 3)
     with torch.no_grad():
-        image_states, image_embeds = model.embed_images(inputs["pixel_values"][:3])
-        text_states, text_embeds = model.embed_texts(inputs["input_ids"], inputs["attention_mask"])
-        itc = model.itc_scores(image_embeds, text_embeds)
         scores_i2t, scores_t2i = model.itm_rerank_scores(
             image_states, text_states, inputs["attention_mask"], itc, k=2, batch_size=3, score="probability"
         )
@@ -450,10 +457,7 @@ def test_rerank_fuses_each_candidate_pair_once_and_projects_each_image_once_per_
     the cross-attention keys / values of an image are computed once per pass, not once per text."""
     model = _model(tiny_config)
     inputs = make_inputs(tiny_config, batch_size=6, seed=5)
-    with torch.no_grad():
-        image_states, image_embeds = model.embed_images(inputs["pixel_values"][:4])
-        text_states, text_embeds = model.embed_texts(inputs["input_ids"], inputs["attention_mask"])
-    itc = model.itc_scores(image_embeds, text_embeds)
+    image_states, _, text_states, _, itc = _embedded(model, inputs, 4)
     i2t = {(i, t) for i in range(4) for t in itc[i].topk(3).indices.tolist()}
     t2i = {(i, t) for t in range(6) for i in itc[:, t].topk(3).indices.tolist()}
     fused, projected = [], []
