@@ -37,7 +37,10 @@ def demo_dir(tmp_path_factory) -> Path:
         patch.setattr(HfApi, "create_repo", create_repo)
         patch.setattr(HfApi, "upload_folder", upload_folder)
         demo_main(
-            ["--quick", "--ablations", "--output_dir", str(output), "--push_to_hub", "--hub_prefix", "someone/evlm"]
+            [
+                *("--quick", "--ablations", "--output_dir", str(output), "--num_threads", "1"),
+                *("--push_to_hub", "--hub_prefix", "someone/evlm"),
+            ]
         )
     return output
 
@@ -144,19 +147,19 @@ def test_pruning_schedule_splits_the_pruning_steps() -> None:
 def test_the_eta_weighs_each_stage_by_its_step_cost() -> None:
     from trainers.demo.run import STEP_COST, training_minutes_left
 
-    # The default run's plan: after pre-training (0.49 s a step), a plain step count would predict 28 min for
-    # what took 10.1; weighted by cost, its own stages' timings make the estimate right.
+    # The default run's plan: after pre-training (0.33 s a step), a plain step count would predict 21.9 min for
+    # what took 10; weighted by cost, its own stages' timings make the estimate right.
     planned = {
-        "pre-train teacher": 150,
-        "fine-tune teachers": 1400,
+        "pre-train teacher": 300,
+        "fine-tune teachers": 1900,
         "distil student": 150,
         "fine-tune + prune students": 1890,
     }
     seconds = {
-        "pre-train teacher": 74.0,
-        "fine-tune teachers": 259.0,
-        "distil student": 59.0,
-        "fine-tune + prune students": 288.0,
+        "pre-train teacher": 100.0,
+        "fine-tune teachers": 322.0,
+        "distil student": 40.0,
+        "fine-tune + prune students": 237.0,
     }
     assert set(STEP_COST) == set(planned)
     assert training_minutes_left(planned, [], 0.0) is None
@@ -173,6 +176,18 @@ def test_ablation_seeds_needs_ablations(capsys) -> None:
     with pytest.raises(SystemExit):
         demo_main(["--ablation_seeds", "2"])
     assert "--ablation_seeds needs --ablations" in capsys.readouterr().err
+
+
+def test_the_demo_uses_every_available_core_unless_told(monkeypatch, capsys) -> None:
+    from trainers.demo import run
+
+    monkeypatch.setattr(run, "available_cores", lambda: 2)
+    assert run.default_num_threads() == 2
+    monkeypatch.setattr(run, "available_cores", lambda: 64)
+    assert run.default_num_threads() == 8  # the demo's small matrices gain little from more
+    with pytest.raises(SystemExit):
+        demo_main(["--num_threads", "0"])
+    assert "--num_threads must be at least 1" in capsys.readouterr().err
 
 
 def test_ablation_table_gives_the_lead_of_the_learned_masks_and_its_spread() -> None:

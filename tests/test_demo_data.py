@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import pytest
 from transformers import BertTokenizer
@@ -197,6 +198,32 @@ def test_images_exist_with_the_right_size_and_match_the_scenes(tmp_path: Path, q
                     assert 0 <= x0 < x1 < size and 0 <= y0 < y1 < size
                     assert list(image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2))) == obj["rgb"]
                 assert list(image.getpixel((0, 0))) == scene["background"]
+
+
+def offsets_from_cell_centres(paths: DemoDataPaths, image_size: int, grid_size: int = 2) -> list[float]:
+    """Per object of every scene: how far its box's centre is from its cell's centre, in pixels (both axes)."""
+    cell = image_size / grid_size
+    offsets = []
+    for scene in load(paths.scenes):
+        for obj in scene["objects"]:
+            x0, y0, x1, y1 = obj["bbox"]
+            # The box stays inside its own cell.
+            assert obj["col"] * cell <= x0 and x1 < (obj["col"] + 1) * cell
+            assert obj["row"] * cell <= y0 and y1 < (obj["row"] + 1) * cell
+            offsets += [(x0 + x1) / 2 - (obj["col"] + 0.5) * cell, (y0 + y1) / 2 - (obj["row"] + 0.5) * cell]
+    return offsets
+
+
+def test_position_jitter_moves_shapes_within_their_cells(tmp_path: Path, quick: DemoDataPaths) -> None:
+    sizes = dict(num_train_images=60, num_eval_images=20)
+    centred = generate_demo_data(tmp_path / "0", position_jitter=0.0, **sizes)
+    spread = generate_demo_data(tmp_path / "1", position_jitter=1.0, **sizes)
+    assert max(abs(o) for o in offsets_from_cell_centres(centred, 64)) <= 1  # rounding to whole pixels only
+    default = np.abs(offsets_from_cell_centres(quick, 64))
+    wide = np.abs(offsets_from_cell_centres(spread, 64))
+    # A small shape (side ~14 px of a 32 px cell) has ~8 px of room on each side: the default uses a tenth of it.
+    assert default.max() <= 2 and wide.max() > 5 and wide.mean() > 3 * default.mean()
+    assert load(spread.stats)["position_jitter"] == 1.0
 
 
 def test_vqa_answers_follow_from_the_scene(quick: DemoDataPaths, scenes: dict[str, dict[str, Any]]) -> None:
@@ -431,6 +458,8 @@ def test_files_load_with_the_project_datasets(quick: DemoDataPaths) -> None:
         (dict(questions_per_image=7), "questions_per_image"),
         (dict(statements_per_image=0), "statements_per_image"),
         (dict(answer_noise=0.5), "answer_noise"),
+        (dict(position_jitter=1.5), "position_jitter"),
+        (dict(position_jitter=True), "position_jitter"),
         (dict(quick="yes"), "quick"),
         (dict(nlvr2_types=("both_contain", "exactly_one")), "nlvr2_types"),
         (dict(nlvr2_types=()), "nlvr2_types"),

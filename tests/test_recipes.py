@@ -158,8 +158,8 @@ def test_the_demo_runs_with_the_small_cpu_recipe() -> None:
 
     recipe = load_recipe("small-cpu")
     settings = DemoSettings()
-    # The demo's numbers, unchanged since they were written in the demo itself.
-    assert (settings.initializer_range, settings.patch_size, settings.image_size) == (0.1, 32, 64)
+    # The demo's numbers, read from the recipe.
+    assert (settings.initializer_range, settings.patch_size, settings.image_size) == (0.1, 16, 64)
     assert teacher_config(settings, 97).text_config.fusion_zero_init_residual
     assert (settings.hidden_size, settings.num_heads, settings.intermediate_size) == (128, 4, 512)
     assert (settings.teacher_layers, settings.student_layers) == ((4, 2, 2), (2, 1, 1))
@@ -230,7 +230,7 @@ def test_config_overrides_shape_a_preset_and_a_recipes_do_not_apply_to_a_saved_m
     from trainers.commands.common import model_options
 
     model_args, *_ = _parse("pretrain", "--recipe", "small-cpu")  # with --preset xvlm-base
-    assert model_options(model_args)["config_overrides"]["vision_config"]["patch_size"] == 32
+    assert model_options(model_args)["config_overrides"]["vision_config"]["patch_size"] == 16
     model_args, *_ = parse_arguments(
         "pretrain",
         _dataclasses("pretrain"),

@@ -262,7 +262,9 @@ TASK_SPECS: dict[str, TaskSpec] = {
             card_description="visual question answering: an answer decoder ranks the candidate answers",
             prunable=True,
             kd=VQA_KD,
-            demo=DemoDefaults(finetune_steps=700, student_finetune_steps=500, prune_steps=450),
+            demo=DemoDefaults(
+                finetune_steps=1000, student_finetune_steps=500, prune_steps=450, teacher_learning_rate=3e-4
+            ),
         ),
         TaskSpec(
             name="retrieval",
@@ -282,7 +284,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
             # teacher ITC-only r_mean 0.484 at 5e-4 / 0.550 at 1e-3 after 180 steps, 0.647 after 300; its
             # student 0.265 after 120 steps, 0.478 after 250).
             demo=DemoDefaults(
-                finetune_steps=300, student_finetune_steps=250, prune_steps=250, teacher_learning_rate=1e-3
+                finetune_steps=500, student_finetune_steps=250, prune_steps=250, teacher_learning_rate=5e-4
             ),
         ),
         TaskSpec(
@@ -299,7 +301,9 @@ TASK_SPECS: dict[str, TaskSpec] = {
             prunable=True,
             kd=NLVR2_KD,
             # On the demo corpus's "both images contain a <colour> shape" statements (trainers/demo/corpus.py).
-            demo=DemoDefaults(finetune_steps=400, student_finetune_steps=200, prune_steps=240),
+            demo=DemoDefaults(
+                finetune_steps=400, student_finetune_steps=200, prune_steps=240, teacher_learning_rate=2e-4
+            ),
         ),
         TaskSpec(
             name="captioning",

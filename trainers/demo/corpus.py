@@ -9,9 +9,9 @@ Scenes
     Each image is a `grid_size` x `grid_size` grid (2x2 or 3x3) on a plain light-gray background; 1 to
     `max_objects` cells hold one shape each. Object attributes, all uniform at random:
     colour in {red, orange, yellow, green, blue, purple}, shape in {circle, square, triangle, diamond},
-    size in {small, large}; position jitter and colour jitter add variety. Cell names: "top left", "top right",
-    "bottom left", "bottom right" (3x3 adds "top center", "middle left", "center", "middle right",
-    "bottom center"). Relations between objects a and b: "a above b" (a's row is higher), "below",
+    size in {small, large}; a little position jitter (`position_jitter`) and colour jitter add variety. Cell
+    names: "top left", "top right", "bottom left", "bottom right" (3x3 adds "top center", "middle left", "center",
+    "middle right", "bottom center"). Relations between objects a and b: "a above b" (a's row is higher), "below",
     "to the left of" (a's column is further left), "to the right of"; diagonal cells satisfy two relations.
     Test scenes are unique (no two test images have the same objects in the same cells), and train scenes avoid
     test scenes wherever the grid allows it (one-object scenes can repeat: there are only 4 x 24 of them on 2x2).
@@ -103,6 +103,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 SIZES: dict[str, float] = {"small": 0.45, "large": 0.8}  # side of the shape as a fraction of the cell side
+# Shapes sit near their cell's centre: a small model learns what a shape is far sooner when it is not also
+# moving around its patch (see the `small-cpu` recipe's notes).
+DEFAULT_POSITION_JITTER = 0.1
 ROW_WORDS = {2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
 COLUMN_WORDS = {2: ("left", "right"), 3: ("left", "center", "right")}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven")
@@ -287,7 +290,11 @@ def _signature(layout: list[tuple[int, int, str, str, str]]) -> tuple:
 
 
 def _place(
-    rng: np.random.Generator, layout: list[tuple[int, int, str, str, str]], grid_size: int, image_size: int
+    rng: np.random.Generator,
+    layout: list[tuple[int, int, str, str, str]],
+    grid_size: int,
+    image_size: int,
+    position_jitter: float,
 ) -> dict[str, Any]:
     """Adds the drawing geometry: background, per-object RGB and pixel bounding box."""
     cell = image_size / grid_size
@@ -295,7 +302,7 @@ def _place(
     objects = []
     for row, col, color, shape, size in layout:
         side = max(3, int(round(SIZES[size] * cell * rng.uniform(0.92, 1.06))))
-        room = max(0.0, (cell - side) / 2 - 1) * 0.8  # jitter that keeps the shape inside its cell
+        room = max(0.0, (cell - side) / 2 - 1) * position_jitter  # never out of its cell
         cx = (col + 0.5) * cell + rng.uniform(-room, room)
         cy = (row + 0.5) * cell + rng.uniform(-room, room)
         x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
@@ -341,6 +348,7 @@ def _generate_scenes(
     image_size: int,
     taken: set[tuple],
     strict: bool,
+    position_jitter: float,
 ) -> list[dict[str, Any]]:
     """
     `count` scenes (1 to `max_objects` objects, uniform) whose signatures avoid `taken` and each other. `strict`
@@ -372,7 +380,7 @@ def _generate_scenes(
             num_taken[num_objects] += 1
         name = f"{split}_{index:05d}"
         scene = {"image": f"images/{name}.png", "split": split, "image_id": name}
-        scene.update(_place(rng, layout, grid_size, image_size))
+        scene.update(_place(rng, layout, grid_size, image_size, position_jitter))
         scenes.append(scene)
     return scenes
 
@@ -811,6 +819,7 @@ def generate_demo_data(
     statements_per_image: int = 2,
     answer_noise: float = 0.1,
     nlvr2_types: Iterable[str] = DEFAULT_NLVR2_TYPES,
+    position_jitter: float = DEFAULT_POSITION_JITTER,
 ) -> DemoDataPaths:
     """
     Writes the demo corpus (see the module docstring) under `output_dir` and returns the paths written.
@@ -828,6 +837,8 @@ def generate_demo_data(
         statements_per_image: NLVR2 statements per image of the split (1 to 10).
         answer_noise: probability that one of the 10 VQA annotators gives a wrong answer (0 <= noise < 0.5).
         nlvr2_types: the NLVR2 statement types to write (from `NLVR2_TYPES`), in equal shares.
+        position_jitter: how far a shape may move off its cell's centre, as a share of the room it has there
+            (0: always centred; 1: it may touch the cell's border).
     """
     if not isinstance(output_dir, (str, os.PathLike)) or str(output_dir) == "":
         raise ValueError(f"`output_dir` must be a non-empty path, got {output_dir!r}.")
@@ -846,6 +857,10 @@ def generate_demo_data(
     statements_per_image = _check_int("statements_per_image", statements_per_image, 1, 10)
     if isinstance(answer_noise, bool) or not isinstance(answer_noise, (int, float)) or not 0 <= answer_noise < 0.5:
         raise ValueError(f"`answer_noise` must be a number in [0, 0.5), got {answer_noise!r}.")
+    if isinstance(position_jitter, bool) or not isinstance(position_jitter, (int, float)):
+        raise ValueError(f"`position_jitter` must be a number in [0, 1], got {position_jitter!r}.")
+    if not 0 <= position_jitter <= 1:
+        raise ValueError(f"`position_jitter` must be a number in [0, 1], got {position_jitter!r}.")
 
     nlvr2_types = tuple(nlvr2_types) if not isinstance(nlvr2_types, str) else (nlvr2_types,)
     unknown = [kind for kind in nlvr2_types if kind not in NLVR2_TEMPLATES]
@@ -860,9 +875,11 @@ def generate_demo_data(
 
     # Test scenes first: they must be unique; train scenes then avoid them (see _generate_scenes).
     taken: set[tuple] = set()
-    test_scenes = _generate_scenes(scene_rng, "test", num_eval_images, grid_size, max_objects, image_size, taken, True)
+    test_scenes = _generate_scenes(
+        scene_rng, "test", num_eval_images, grid_size, max_objects, image_size, taken, True, position_jitter
+    )
     train_scenes = _generate_scenes(
-        scene_rng, "train", num_train_images, grid_size, max_objects, image_size, taken, False
+        scene_rng, "train", num_train_images, grid_size, max_objects, image_size, taken, False, position_jitter
     )
     for scene in test_scenes + train_scenes:
         _render(scene, image_size).save(paths.root / scene["image"], format="PNG", compress_level=1)  # fast
@@ -894,6 +911,7 @@ def generate_demo_data(
         "statements_per_image": statements_per_image,
         "answer_noise": answer_noise,
         "nlvr2_types": list(nlvr2_types),
+        "position_jitter": position_jitter,
     }
     _write_json(paths.stats, _statistics(settings, records, {"train": train_scenes, "test": test_scenes}))
     write_demo_vocab(paths.vocab)
