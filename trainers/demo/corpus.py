@@ -857,9 +857,11 @@ def generate_demo_data(
     statements_per_image = _check_int("statements_per_image", statements_per_image, 1, 10)
     if isinstance(answer_noise, bool) or not isinstance(answer_noise, (int, float)) or not 0 <= answer_noise < 0.5:
         raise ValueError(f"`answer_noise` must be a number in [0, 0.5), got {answer_noise!r}.")
-    if isinstance(position_jitter, bool) or not isinstance(position_jitter, (int, float)):
-        raise ValueError(f"`position_jitter` must be a number in [0, 1], got {position_jitter!r}.")
-    if not 0 <= position_jitter <= 1:
+    if (
+        isinstance(position_jitter, bool)
+        or not isinstance(position_jitter, (int, float))
+        or not 0 <= position_jitter <= 1
+    ):
         raise ValueError(f"`position_jitter` must be a number in [0, 1], got {position_jitter!r}.")
 
     nlvr2_types = tuple(nlvr2_types) if not isinstance(nlvr2_types, str) else (nlvr2_types,)
