@@ -20,6 +20,7 @@ from trainers.benchmark import (
     write_json,
 )
 from trainers.benchmark.suite import PEAK_TARGETS, SPEEDUP_PER_FLOPS_TARGET
+from trainers.benchmark.workloads import TRAIN_STEPS
 
 FAST = dict(text_length=8, warmup=0, repeats=1, rounds=2, vqa_candidates=6, vqa_k=3, retrieval_k=4, threads=(1,))
 
@@ -164,3 +165,86 @@ def test_settings_are_validated_and_shared_with_the_demo() -> None:
         BenchmarkSettings(batch_sizes=(0,))
     with pytest.raises(ValueError, match="--random_prune"):
         benchmark_models(["blip-base"], [0.5])
+
+
+def test_bfloat16_runs_every_workload_in_that_dtype_with_a_peak_of_the_same_dtype(monkeypatch) -> None:
+    from trainers.evaluation import retrieval
+
+    seen = {}
+    evaluate = retrieval.retrieval_evaluate
+
+    def spy(model, pixel_values, *args, **kwargs):
+        seen.update(pixels=(pixel_values.device.type, pixel_values.dtype), batch_size=kwargs["batch_size"])
+        return evaluate(model, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "retrieval_evaluate", spy)
+    models, _ = benchmark_models(["tiny"])
+    settings = BenchmarkSettings(
+        workloads=("itm", "retrieval", "train-step"), batch_sizes=(2,), dtype="bfloat16", retrieval_batch_size=3, **FAST
+    )
+    result = run_benchmark(models, settings)
+    assert next(models[0].build("retrieval").parameters()).dtype == torch.bfloat16
+    # The retrieval images stay on the CPU (a dataset), in the model's dtype, sent in the given batches.
+    assert seen == {"pixels": ("cpu", torch.bfloat16), "batch_size": 3}
+    assert {r.workload for r in result.results} == {"itm", "retrieval", *TRAIN_STEPS}
+    assert all(r.gflops > 0 and r.peak_fraction > 0 and r.peak_device_mb is None for r in result.results)
+    table = format_report(result)
+    assert "bfloat16 matmul peak measured in this run on the CPU" in table and "mixed precision" in table
+
+
+def test_train_steps_keep_float32_weights_under_bfloat16_autocast() -> None:
+    from trainers.benchmark.workloads import WorkloadShape, build_workloads
+
+    models, _ = benchmark_models(["tiny"])
+    models[0].place("cpu", torch.bfloat16)
+    steps = build_workloads(models[0], "train-step", WorkloadShape(batch_size=2, image_size=32, text_length=8))
+    for step in steps.values():
+        trainer = step.trainer
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        loss = step()
+        assert torch.isfinite(loss)
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+        assert trainer.args.bf16 and any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_device_and_dtype_settings_are_checked(monkeypatch) -> None:
+    with pytest.raises(ValueError, match="Unknown dtype 'fp8'"):
+        BenchmarkSettings(dtype="fp8")
+    with pytest.raises(ValueError, match="float16 runs on CUDA only"):
+        BenchmarkSettings(dtype="float16")
+    with pytest.raises(ValueError, match="`cpu` or `cuda`"):
+        BenchmarkSettings(device="meta")
+    with pytest.raises(ValueError, match="Unknown device 'gpu0'"):
+        BenchmarkSettings(device="gpu0")
+    with pytest.raises(ValueError, match="retrieval_batch_size"):
+        BenchmarkSettings(retrieval_batch_size=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        BenchmarkSettings(device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="peak GPU memory"):
+        BenchmarkSettings(device="cuda", memory=True)
+    assert BenchmarkSettings(device="cuda:0", dtype="float16").torch_dtype == torch.float16
+
+
+def test_cuda_timings_wait_for_the_device_and_memory_is_the_allocators_peak(monkeypatch) -> None:
+    from trainers.benchmark.suite import _device_memory
+    from trainers.evaluation.benchmarking import synchronized
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", str(device))))
+    call = lambda: events.append("call") or 7  # noqa: E731
+    assert synchronized(call, "cpu") is call
+    assert synchronized(call, "cuda:0")() == 7 and events == ["call", ("sync", "cuda:0")]
+    allocated = {"now": 100 * 2**20, "peak": 0}
+
+    def workload():
+        allocated["peak"] = allocated["now"] + 30 * 2**20
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: allocated.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
+    memory = _device_memory({("itm", "tiny"): workload}, "cuda")
+    assert memory == {("itm", "tiny"): {"peak_device_mb": 130.0, "device_workload_mb": 30.0}}
+    assert _device_memory({("itm", "tiny"): workload}, "cpu") == {}

@@ -47,7 +47,17 @@ class BenchmarkModel:
     source: ModelSource | None = None
     base: str | None = None  # the model whose speed and FLOPs its pruning is measured against
     prebuilt: nn.Module | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
     _built: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+
+    def place(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Where every model built from now on runs, with weights of `dtype` (models already built move too; a
+        prebuilt model is moved in place)."""
+        self.device, self.dtype = torch.device(device), dtype
+        for model in self._built.values():
+            if model is not None:
+                model.to(device=self.device, dtype=dtype)
 
     def build(self, family: str) -> nn.Module | None:
         """The model for a workload family (`"encoders"`, `"retrieval"` or `"vqa"`), built once; None when this
@@ -61,7 +71,9 @@ class BenchmarkModel:
                 model = self.prebuilt if _family_of(self.prebuilt) == family or family == "encoders" else None
             else:
                 model = build_model(self.source, family)
-            self._built[family] = model.eval() if model is not None else None
+            if model is not None:
+                model = model.to(device=self.device, dtype=self.dtype).eval()
+            self._built[family] = model
         return self._built[family]
 
 

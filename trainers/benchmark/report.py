@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trainers.evaluation.benchmarking import matmul_peak_size
+
 from .suite import PEAK_TARGETS, SPEEDUP_PER_FLOPS_TARGET, BenchmarkReport
 
 
@@ -15,17 +17,22 @@ def _target(value: str | None) -> str:
 def format_report(report: BenchmarkReport) -> str:
     """The Markdown table (one row per workload, setting and model) with the matmul peaks and notes under it."""
     peak_header = "≥ " + "/".join(f"{int(100 * v)}%" for v in sorted(set(PEAK_TARGETS.values()), reverse=True))
+    settings = report.settings
+    on_cuda = settings.device.startswith("cuda")
+    memory_header = "peak GPU MB (+ in the workload)" if on_cuda else "peak RSS MB (+ in the workload)"
     lines = [
         "| workload | model | batch | image px | threads | params (M) | encoder params (M) | GFLOPs "
         "| median ms [IQR] | speedup | FLOPs reduction | base | speedup / FLOPs cut vs base "
         f"| GFLOP/s | % of matmul peak | speed target (≥ {SPEEDUP_PER_FLOPS_TARGET} × FLOPs cut) "
-        f"| peak target ({peak_header}) | peak RSS MB (+ in the workload) |",
+        f"| peak target ({peak_header}) | {memory_header} |",
         "|" + "---|" * 18,
     ]
     for r in report.results:
         memory = "—"
         if r.peak_rss_mb is not None:
             memory = f"{r.peak_rss_mb:.0f} (+{r.peak_rss_mb - r.loaded_rss_mb:.0f})"
+        elif r.peak_device_mb is not None:
+            memory = f"{r.peak_device_mb:.0f} (+{r.device_workload_mb:.0f})"
         lines.append(
             f"| {r.workload} | {r.name} | {r.batch_size} | {r.image_size} | {r.threads} | {r.parameters / 1e6:.2f} "
             f"| {r.encoder_parameters / 1e6:.2f} | {r.gflops:.2f} | {r.median_ms:.1f} [{r.q1_ms:.1f}–{r.q3_ms:.1f}] "
@@ -33,16 +40,28 @@ def format_report(report: BenchmarkReport) -> str:
             f"| {r.speedup_vs_base:.2f}x / {r.flops_reduction_vs_base:.2f}x | {r.gflops_per_s:.1f} "
             f"| {100 * r.peak_fraction:.0f}% | {_target(r.speed_target)} | {_target(r.peak_target)} | {memory} |"
         )
-    peaks = ", ".join(f"{v:.1f} GFLOP/s with {k} thread(s)" for k, v in report.matmul_peak_gflops.items())
+    size = matmul_peak_size(settings.device)
+    if on_cuda:
+        where = f"on {report.machine.get('gpu', settings.device)}"
+        precision = report.machine.get("float32_matmul_precision")
+        if settings.dtype == "float32" and precision:
+            where += f", float32 matmul precision {precision!r}"
+        peaks = ", ".join(f"{v:.1f} GFLOP/s" for v in report.matmul_peak_gflops.values())
+    else:
+        where = "on the CPU"
+        peaks = ", ".join(f"{v:.1f} GFLOP/s with {k} thread(s)" for k, v in report.matmul_peak_gflops.items())
+    dtype = "fp32" if settings.dtype == "float32" else settings.dtype
     lines += [
         "",
-        f"fp32 matmul peak measured in this run (1024 x 1024 torch.mm, best of 10 before and after every setting): "
-        f"{peaks}.",
+        f"{dtype} matmul peak measured in this run {where} ({size} x {size} torch.mm, best of 10 before and after "
+        f"every setting): {peaks}. The models' weights are {settings.dtype}"
+        + (" (the train steps: float32 weights under mixed precision)." if settings.dtype != "float32" else "."),
         f"Timing: median of {report.settings.rounds} interleaved rounds x {report.settings.repeats} calls per "
         f"model (after {report.settings.warmup} warm-up calls each round); [IQR] = first–third quartile. "
         "Speedup and FLOPs reduction against the first model; peak RSS: high-water resident memory of a fresh "
         "process running the workload at this setting (interpreter, libraries and model included), in brackets "
-        "its rise while the workload runs (over the model and inputs built).",
+        "its rise while the workload runs (over the model and inputs built); peak GPU MB: the CUDA allocator's "
+        "high-water mark during one call, in brackets what the call allocated over the model and inputs.",
         *report.notes,
     ]
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from trainers.evaluation.benchmarking import (
     count_parameters,
     interleaved_timings,
     matmul_peak_gflops,
+    synchronized,
 )
 
 from .models import BenchmarkModel
@@ -34,13 +35,19 @@ from .workloads import WORKLOADS, WorkloadShape, build_workloads, family_of
 SPEEDUP_PER_FLOPS_TARGET = 0.9
 PEAK_TARGETS = {"encoders": 0.8, "itm": 0.8, "retrieval": 0.7}
 MASK_STEP_TARGET = 1.2
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class BenchmarkSettings:
     """What to measure. Defaults (the demo report's too): the encoders workload, batch 32, each model's own image
     size as the reference model has it, 16 text tokens, the current torch thread count, 3 warm-up calls and 10
-    timed calls per round, 2 rounds."""
+    timed calls per round, 2 rounds, on the CPU in float32.
+
+    `device` / `dtype`: where the models run and the dtype of their weights for the forward workloads (the train
+    step keeps float32 weights and runs under the `Trainer`'s bf16 / fp16 mixed precision instead); the matmul
+    peak is measured on the same device in the same dtype. `retrieval_batch_size`: images / texts per encoder
+    pass and pairs per fusion pass of the retrieval workload (`retrieval_evaluate`'s `batch_size`)."""
 
     workloads: tuple[str, ...] = ("encoders",)
     batch_sizes: tuple[int, ...] = (32,)
@@ -54,8 +61,11 @@ class BenchmarkSettings:
     vqa_k: int = 8
     texts_per_image: int = 5
     retrieval_k: int = 16
+    retrieval_batch_size: int = 32
     memory: bool = False  # peak RSS of a fresh process per model (models given by name only)
     seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         unknown = [w for w in self.workloads if w not in WORKLOADS]
@@ -67,6 +77,31 @@ class BenchmarkSettings:
                 raise ValueError(f"`{name}` must be positive integers; got {values}.")
         if self.repeats < 1 or self.rounds < 1 or self.warmup < 0:
             raise ValueError("`repeats` and `rounds` must be at least 1, `warmup` at least 0.")
+        if self.retrieval_batch_size < 1:
+            raise ValueError(f"`retrieval_batch_size` must be positive; got {self.retrieval_batch_size}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}.")
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError as error:
+            raise ValueError(f"Unknown device {self.device!r}: {error}") from None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"The benchmark runs on `cpu` or `cuda` (`cuda:N`); got device {self.device!r}.")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {self.device!r}: torch {torch.__version__} sees no CUDA device (a CPU-only build, or no GPU)."
+            )
+        if kind == "cuda" and self.memory:
+            raise ValueError(
+                "`memory` measures the resident memory of a CPU process; on CUDA every row reports the workload's "
+                "peak GPU memory anyway."
+            )
+        if kind == "cpu" and self.dtype == "float16":
+            raise ValueError("float16 runs on CUDA only (CPU kernels for it are slow or missing): use bfloat16.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
 
 @dataclass
@@ -98,6 +133,8 @@ class BenchmarkResult:
     peak_target: str | None = None
     peak_rss_mb: float | None = None
     loaded_rss_mb: float | None = None
+    peak_device_mb: float | None = None  # CUDA: the allocator's high-water mark while the workload runs
+    device_workload_mb: float | None = None  # ... of which allocated by the workload (over its model and inputs)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +144,7 @@ class BenchmarkResult:
 class BenchmarkReport:
     settings: BenchmarkSettings
     results: list[BenchmarkResult]
-    matmul_peak_gflops: dict[int, float]  # per thread count
+    matmul_peak_gflops: dict[int, float]  # per thread count (on the settings' device, in their dtype)
     notes: list[str] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
 
@@ -151,16 +188,20 @@ def encoder_parameters(kind: str, model: nn.Module) -> int:
     return sum(p.numel() for part in parts for p in part.parameters())
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(device: str = "cpu") -> dict[str, Any]:
     import os
     import platform
 
-    return {
+    info = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "load_average": os.getloadavg(),
     }
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["float32_matmul_precision"] = torch.get_float32_matmul_precision()  # "highest": no TF32
+    return info
 
 
 def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | None = None) -> BenchmarkReport:
@@ -168,20 +209,26 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
     settings = settings or BenchmarkSettings()
     if not models:
         raise ValueError("Give at least one model to benchmark.")
+    for entry in models:
+        entry.place(settings.device, settings.torch_dtype)
     previous_threads = torch.get_num_threads()
     results, peaks = [], {}
+
+    def peak(threads: int) -> float:
+        return matmul_peak_gflops(threads, device=settings.device, dtype=settings.torch_dtype)
+
     try:
         for threads in settings.threads:
             threads = threads or previous_threads
             torch.set_num_threads(threads)
-            peaks[threads] = matmul_peak_gflops(threads)
+            peaks[threads] = peak(threads)
             for image_size in settings.image_sizes:
                 for workload in settings.workloads:
                     for batch_size in settings.batch_sizes:
                         results += _measure_setting(models, workload, settings, batch_size, image_size, threads)
                         # The peak is re-measured after every setting and the best kept: on a loaded machine one
                         # sample may fall in a busy moment and make the models look faster than the peak.
-                        peaks[threads] = max(peaks[threads], matmul_peak_gflops(threads))
+                        peaks[threads] = max(peaks[threads], peak(threads))
     finally:
         torch.set_num_threads(previous_threads)
     for row in results:
@@ -190,7 +237,7 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
             row.peak_target = "pass" if row.peak_fraction >= PEAK_TARGETS[row.workload] else "fail"
     if settings.memory:
         _add_memory(models, results, settings)
-    report = BenchmarkReport(settings, results, peaks, machine=machine_info())
+    report = BenchmarkReport(settings, results, peaks, machine=machine_info(settings.device))
     report.notes = target_notes(report)
     return report
 
@@ -218,8 +265,10 @@ def _measure_setting(
     for entry in models:
         for name, call in build_workloads(entry, workload, shape).items():
             calls[(name, entry.name)] = call
+    calls = {key: synchronized(call, settings.device) for key, call in calls.items()}
     flops = {key: count_flops(call) for key, call in calls.items()}
     timings = interleaved_timings(calls, warmup=settings.warmup, repeats=settings.repeats, rounds=settings.rounds)
+    device_memory = _device_memory(calls, settings.device)
     by_name = {entry.name: entry for entry in models}
     rows = []
     for (name, model_name), seconds in timings.items():
@@ -246,10 +295,27 @@ def _measure_setting(
                 gflops_per_s=rate,
                 peak_fraction=0.0,  # set once the run's matmul peak is known
                 base=entry.base,
+                **device_memory.get((name, model_name), {}),
             )
         )
     _add_ratios(rows, by_name)
     return rows
+
+
+def _device_memory(calls: dict[tuple[str, str], Any], device: str) -> dict[tuple[str, str], dict[str, float]]:
+    """CUDA: each workload's peak allocated memory in one more call (and how much of it the call itself allocated:
+    activations, caches, outputs); on a CPU, nothing (`memory` measures a fresh process's RSS there)."""
+    if torch.device(device).type != "cuda":
+        return {}
+    memory = {}
+    for key, call in calls.items():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        call()
+        peak = torch.cuda.max_memory_allocated(device)
+        memory[key] = {"peak_device_mb": peak / 2**20, "device_workload_mb": (peak - before) / 2**20}
+    return memory
 
 
 def _shape(settings: BenchmarkSettings, batch_size: int, image_size: int) -> WorkloadShape:
@@ -261,6 +327,7 @@ def _shape(settings: BenchmarkSettings, batch_size: int, image_size: int) -> Wor
         vqa_k=settings.vqa_k,
         texts_per_image=settings.texts_per_image,
         retrieval_k=settings.retrieval_k,
+        retrieval_batch_size=settings.retrieval_batch_size,
         seed=settings.seed,
     )
 
@@ -327,6 +394,7 @@ def target_notes(report: BenchmarkReport) -> list[str]:
 
 
 __all__ = [
+    "DTYPES",
     "MASK_STEP_TARGET",
     "PEAK_TARGETS",
     "SPEEDUP_PER_FLOPS_TARGET",

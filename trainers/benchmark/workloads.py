@@ -9,7 +9,11 @@
 - `train-step`: one optimizer step of knowledge distillation (`train-step/distillation`) and one of mask
   learning with sampled hard-concrete masks + the sparsity Lagrangian (`train-step/mask-learning`), each with a
   frozen copy of the same model as the teacher, through the project's own trainers (batch sizes >= 2: ITM
-  training needs a negative from another image of the batch).
+  training needs a negative from another image of the batch). The students train float32 weights; a model
+  placed in bfloat16 / float16 trains them under the `Trainer`'s mixed precision of that dtype.
+
+Inputs live where the model does, in its dtype; the retrieval workload's images stay on the CPU (a dataset) and
+go to the model's device batch by batch, as `efficientvlm evaluate` sends them.
 
 A model that cannot run a workload (a peer without a VQA head) gets no row for it.
 """
@@ -40,6 +44,7 @@ class WorkloadShape:
     vqa_k: int = 8
     texts_per_image: int = 5
     retrieval_k: int = 16
+    retrieval_batch_size: int = 32
     seed: int = 0
 
 
@@ -56,13 +61,20 @@ def _vocab_and_size(model: nn.Module) -> tuple[int, int]:
     return (text.vocab_size if text is not None else 1000), vision.image_size
 
 
-def _images_and_texts(model: nn.Module, shape: WorkloadShape, images: int, texts: int) -> dict[str, torch.Tensor]:
+def _images_and_texts(
+    model: nn.Module, shape: WorkloadShape, images: int, texts: int, on_cpu: bool = False
+) -> dict[str, torch.Tensor]:
+    """Seeded random images and token ids, on the model's device with pixels in its dtype (`on_cpu`: images stay
+    on the CPU, in the model's dtype)."""
     vocab, _ = _vocab_and_size(model)
     generator = torch.Generator().manual_seed(shape.seed)
+    weight = next(model.parameters())
+    device = torch.device("cpu") if on_cpu else weight.device
+    pixels = torch.randn(images, 3, shape.image_size, shape.image_size, generator=generator)
     return {
-        "pixel_values": torch.randn(images, 3, shape.image_size, shape.image_size, generator=generator),
-        "input_ids": torch.randint(5, vocab, (texts, shape.text_length), generator=generator),
-        "attention_mask": torch.ones(texts, shape.text_length, dtype=torch.long),
+        "pixel_values": pixels.to(device=device, dtype=weight.dtype),
+        "input_ids": torch.randint(5, vocab, (texts, shape.text_length), generator=generator).to(device),
+        "attention_mask": torch.ones(texts, shape.text_length, dtype=torch.long, device=device),
     }
 
 
@@ -152,7 +164,7 @@ def _retrieval(model: nn.Module, shape: WorkloadShape, interpolate: bool) -> dic
     from trainers.evaluation.retrieval import retrieval_evaluate
 
     num_texts = shape.texts_per_image * shape.batch_size
-    inputs = _images_and_texts(model, shape, shape.batch_size, num_texts)
+    inputs = _images_and_texts(model, shape, shape.batch_size, num_texts, on_cpu=True)
     text_to_image = [text // shape.texts_per_image for text in range(num_texts)]
 
     def retrieval() -> Any:
@@ -163,6 +175,7 @@ def _retrieval(model: nn.Module, shape: WorkloadShape, interpolate: bool) -> dic
             inputs["attention_mask"],
             text_to_image=text_to_image,
             k=shape.retrieval_k,
+            batch_size=shape.retrieval_batch_size,
             interpolate_pos_encoding=interpolate,
         )
 
@@ -180,18 +193,27 @@ def _train_steps(model: nn.Module, shape: WorkloadShape, interpolate: bool) -> d
     from trainers.pruning.trainer import ModalAdaptivePruningTrainer, PruningConfig
 
     inputs = _images_and_texts(model, shape, shape.batch_size, shape.batch_size)
+    inputs["pixel_values"] = inputs["pixel_values"].float()  # autocast, not the batch, sets the compute dtype
     if interpolate:
         inputs["interpolate_pos_encoding"] = True
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    device = next(model.parameters()).device
+    mixed = {torch.bfloat16: {"bf16": True}, torch.float16: {"fp16": True}}.get(next(model.parameters()).dtype, {})
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the teacher keeps the placed dtype (inference)
     output_dir = tempfile.mkdtemp(prefix="efficientvlm-benchmark-")
     args = TrainingArguments(
-        output_dir=output_dir, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, max_steps=1
+        output_dir=output_dir,
+        report_to=[],
+        use_cpu=device.type == "cpu",
+        save_strategy="no",
+        disable_tqdm=True,
+        max_steps=1,
+        **mixed,
     )
     common = dict(args=args, teacher_model=teacher, distillation_config=DistillationConfig())
     trainers = {
-        TRAIN_STEPS[0]: DistillationTrainer(model=copy.deepcopy(model), **common),
+        TRAIN_STEPS[0]: DistillationTrainer(model=copy.deepcopy(model).float(), **common),
         TRAIN_STEPS[1]: ModalAdaptivePruningTrainer(
-            model=copy.deepcopy(model), pruning_config=PruningConfig(target_sparsity=0.5), **common
+            model=copy.deepcopy(model).float(), pruning_config=PruningConfig(target_sparsity=0.5), **common
         ),
     }
 
@@ -199,14 +221,22 @@ def _train_steps(model: nn.Module, shape: WorkloadShape, interpolate: bool) -> d
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which this step bypasses
         optimizer = trainer.create_optimizer()
+        # What `Trainer.train` gets from accelerate's prepared model and optimizer: autocast in the mixed dtype,
+        # and under fp16 the loss scaler's step (`training_step` already scaled the backward).
+        scaler = getattr(trainer.accelerator, "scaler", None)
 
         def train_step() -> Any:
-            with torch.enable_grad():
+            with torch.enable_grad(), trainer.accelerator.autocast():
                 loss = trainer.training_step(trainer.model, dict(inputs))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             return loss
 
+        train_step.trainer = trainer  # what the step trains, for a look inside
         return train_step
 
     return {name: step(trainer) for name, trainer in trainers.items()}

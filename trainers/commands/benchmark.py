@@ -4,6 +4,8 @@ models side by side in one run, over workloads, batch sizes, image sizes and thr
     efficientvlm benchmark --models teacher student pruned                    # saved folders (or Hub ids)
     efficientvlm benchmark --workload itm --models xvlm-base efficientvlm-small --random_prune 0.5 \\
         --peer blip-base --image_sizes 384 --batch_sizes 1,8 --threads 2
+    efficientvlm benchmark --workload retrieval --models efficientvlm-small --batch_sizes 1000 \
+        --retrieval_k 128 --retrieval_batch_size 256 --image_sizes 224 --device cuda --dtype bfloat16
 
 Presets (`xvlm-base`, `efficientvlm-small`, `tiny`, ...) get random weights (speed does not depend on them);
 `--random_prune` adds copies of every preset pruned with random structure masks; peers (`blip-base`, `clip-b16`)
@@ -67,6 +69,17 @@ class BenchmarkArguments:
     vqa_k: int = field(default=8, metadata={"help": "vqa: candidates re-scored by the decoder."})
     texts_per_image: int = field(default=5, metadata={"help": "retrieval: texts per image (N images = batch)."})
     retrieval_k: int = field(default=16, metadata={"help": "retrieval: ITC candidates re-ranked by ITM."})
+    retrieval_batch_size: int = field(
+        default=32, metadata={"help": "retrieval: images / texts per encoder pass and pairs per fusion pass."}
+    )
+    device: str = field(default="cpu", metadata={"help": "Where the models run: cpu, cuda or cuda:N."})
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Weights of the forward workloads: float32, bfloat16 or float16 (CUDA); train steps keep float32 "
+            "weights under mixed precision of this dtype. The matmul peak is measured in the same dtype."
+        },
+    )
     memory: bool = field(
         default=False, metadata={"help": "Also measure peak RSS: one fresh process per model and workload."}
     )
@@ -131,8 +144,11 @@ def main(argv: list[str] | None = None):
         vqa_k=args.vqa_k,
         texts_per_image=args.texts_per_image,
         retrieval_k=args.retrieval_k,
+        retrieval_batch_size=args.retrieval_batch_size,
         memory=args.memory,
         seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
     )
     pad_multiples = None
     if args.prune_pad_multiple is not None:

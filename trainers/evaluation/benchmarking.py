@@ -94,19 +94,49 @@ class Spread:
         return cls(statistics.median(ms), quartiles[0], quartiles[2], ms[0], ms[-1])
 
 
-def matmul_peak_gflops(num_threads: int | None = None, size: int = 1024, repeats: int = 10) -> float:
-    """The fp32 matmul rate of this machine now: the best of `repeats` timed `torch.mm` of two `size` x `size`
-    matrices at `num_threads` (default: the current setting), in GFLOP/s (2 * size^3 per product). Measured in
-    the same run as the models, it is the ceiling their achieved GFLOP/s is compared with."""
+def matmul_peak_size(device: torch.device | str = "cpu") -> int:
+    """The side of the square matrices [`matmul_peak_gflops`] multiplies: 1024 on a CPU; 8192 on an accelerator,
+    whose 1024-sized product is too short to reach its rate."""
+    return 1024 if torch.device(device).type == "cpu" else 8192
+
+
+def matmul_peak_gflops(
+    num_threads: int | None = None,
+    size: int | None = None,
+    repeats: int = 10,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> float:
+    """The matmul rate of this machine now: the best of `repeats` timed `torch.mm` of two `size` x `size` matrices
+    (default [`matmul_peak_size`]) of `dtype` on `device`, at `num_threads` (default: the current setting), in
+    GFLOP/s (2 * size^3 per product). Measured in the same run as the models, it is the ceiling their achieved
+    GFLOP/s is compared with. On an accelerator every product is synchronised before its time is read."""
     previous = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
+    size = size or matmul_peak_size(device)
     try:
         generator = torch.Generator().manual_seed(0)
-        a = torch.randn(size, size, generator=generator)
-        b = torch.randn(size, size, generator=generator)
-        torch.mm(a, b)
-        best = min(measure_latency(lambda: torch.mm(a, b), warmup=1, repeats=repeats))
+        a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+        b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+        product = synchronized(lambda: torch.mm(a, b), device)
+        product()
+        best = min(measure_latency(product, warmup=1, repeats=repeats))
     finally:
         torch.set_num_threads(previous)
     return 2 * size**3 / best / 1e9
+
+
+def synchronized(call: Callable[[], Any], device: torch.device | str) -> Callable[[], Any]:
+    """`call` that returns only once the device has finished its work (CUDA runs kernels asynchronously: a
+    wall-clock time of the bare call would measure the launch). On a CPU, `call` itself."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return call
+
+    def call_and_wait() -> Any:
+        result = call()
+        torch.cuda.synchronize(device)
+        return result
+
+    return call_and_wait
