@@ -128,6 +128,29 @@ def test_deterministic_masks_follow_cofi() -> None:
     torch.testing.assert_close(masker.deterministic_masks(binary=True)["text_ffn"][0], (expected > 0).float())
 
 
+def test_offset_for_sparsity_reaches_a_target_and_keeps_what_was_learned(backbone) -> None:
+    masker = StructureMasker.from_model(backbone)
+    _spread_log_alphas(masker)
+    learned = masker.deterministic_masks()
+    offsets = []
+    for target in (0.2, 0.5, 0.8):
+        offset = masker.offset_for_sparsity(target)
+        offsets.append(offset)
+        masks = masker.deterministic_masks(offset=offset)
+        # The tiny model's units are few and large (one head is ~2% of its prunable parameters).
+        assert masker.sparsity_of(masks) == pytest.approx(target, abs=0.03)
+        for key, layer, log_alpha in masker.layers():
+            mask, before = masks[key][layer], learned[key][layer]
+            kept, gone = log_alpha[mask > 0], log_alpha[mask == 0]
+            if len(kept) and len(gone):  # the learned ranking decides which units go
+                assert kept.min() > gone.max()
+            both = (mask > 0) & (before > 0)  # survivors keep their learned score
+            torch.testing.assert_close(mask[both], before[both])
+    assert offsets[0] > offsets[1] > offsets[2]  # pruning more shifts the log-alphas down
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        masker.offset_for_sparsity(1.0)
+
+
 def test_constrain_clamps_log_alpha(backbone) -> None:
     masker = StructureMasker.from_model(backbone)  # heads start at 10, above the range
     masker.constrain_()

@@ -153,6 +153,56 @@ def test_a_run_that_ends_while_the_sparsity_still_moves_says_so_in_its_report(tm
     assert "had not settled" in captured.out and "--max_steps" in captured.out
 
 
+def test_snap_to_target_brings_a_run_that_missed_the_target_to_it(tmp_path) -> None:
+    """Masks that could not learn the target in a short run (a tiny mask learning rate) reach it with
+    `snap_to_target` by one common log-alpha offset, and the report says from where."""
+    pruning = PruningConfig(
+        target_sparsity=0.5, sparsity_warmup_steps=5, mask_learning_rate=1e-3, snap_to_target=True
+    )
+    trainer = _trainer(tmp_path, pruning=pruning, args=_args(tmp_path, max_steps=40))
+    trainer.train()
+    unsnapped = trainer.masker.sparsity_of(trainer.masker.deterministic_masks())
+    report = trainer.prune_with_final_masks(trainer.model)
+    snap = report["snap_to_target"]
+    assert unsnapped < 0.2 and snap["sparsity_before"] == pytest.approx(unsnapped, abs=1e-4)
+    assert report["sparsity"] == pytest.approx(0.5, abs=0.03) and snap["sparsity_after"] == pytest.approx(
+        report["sparsity"], abs=1e-4
+    )
+    assert snap["offset"] < 0 and snap["step"] == 40  # shifted down: more units go
+    # The report still says how the run itself ended.
+    assert report["settling"]["final_sparsity"] == pytest.approx(unsnapped, abs=1e-4)
+    assert not report["settling"]["on_target"]
+
+
+def test_snap_to_target_fixes_the_masks_the_fixed_mask_phase_trains_with(tmp_path) -> None:
+    pruning = PruningConfig(
+        target_sparsity=0.5, sparsity_warmup_steps=20, mask_learning_rate=0.3, mask_freeze_fraction=0.4,
+        snap_to_target=True,
+    )
+    args = _args(tmp_path, max_steps=10, save_strategy="steps", save_steps=10)
+    trainer = _trainer(tmp_path, pruning=pruning, args=args)
+    masks_seen: list[tuple[int, dict]] = []
+
+    def record(module, args, kwargs):
+        if module.training:
+            masks_seen.append((trainer.state.global_step, kwargs["structure_masks"]))
+
+    trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer.train()
+    assert trainer.snap["step"] == 6 and trainer.snap["sparsity_before"] < 0.45  # snapped when the masks froze
+    final = trainer.final_masks()
+    assert trainer.masker.sparsity_of(final) == pytest.approx(0.5, abs=0.03)
+    frozen = [masks for step, masks in masks_seen if step >= 6]
+    assert len(frozen) == 4 and all(
+        all(torch.equal(a, b) for key in final for a, b in zip(masks[key], final[key]) if a is not None)
+        for masks in frozen
+    )
+    # The checkpoint keeps the offset: a resumed run prunes with the masks it trained with.
+    resumed = _trainer(tmp_path / "resumed", pruning=pruning, args=args)
+    resumed.load_pruning_checkpoint(str(tmp_path / "checkpoint-10"))
+    assert resumed.snap == trainer.snap
+
+
 # -- optimisation details --------------------------------------------------------------------------------------
 
 
@@ -479,6 +529,7 @@ def test_prune_and_save_of_a_task_model_writes_a_complete_carded_folder(tmp_path
         ({"target_sparsity": 0.5, "mask_learning_rate": 0.0}, "mask_learning_rate"),
         ({"target_sparsity_per_modality": {"audio": 0.5}}, "Unknown modality"),
         ({"target_sparsity": 0.5, "mask_freeze_fraction": 1.0}, "mask_freeze_fraction"),
+        ({"target_sparsity_per_modality": {"text": 0.5}, "snap_to_target": True}, "snap_to_target"),
     ],
 )
 def test_bad_pruning_configs_raise(kwargs, message) -> None:

@@ -138,6 +138,7 @@ def test_prune_command_writes_a_folder_per_rung_and_the_table(tmp_path) -> None:
         "--eval_file", str(train_file),
         "--image_root", str(image_root),
         "--sparsity_ladder", "0.2,0.35,0.5",
+        "--snap_to_target",  # 6 steps cannot settle three rungs: each folder is brought to its rung
         "--mask_learning_rate", "0.5",
         "--max_steps", "6",
         "--per_device_train_batch_size", "4",
@@ -157,6 +158,7 @@ def test_prune_command_writes_a_folder_per_rung_and_the_table(tmp_path) -> None:
         assert (folder / "README.md").is_file()
         model = EfficientVLMForVisualReasoning.from_pretrained(folder)
         assert sum(p.numel() for p in model.parameters()) == report["parameters_after"]
+        assert report["sparsity"] == pytest.approx(target, abs=0.03) and "snap_to_target" in report
         assert (
             model.config.vision_config.hidden_size
             == EfficientVLMConfig.from_preset("tiny-student").vision_config.hidden_size

@@ -109,6 +109,14 @@ class PruneArguments(KDArguments):
             "its parameters count in --target_sparsity), as the official VQA pruning does."
         },
     )
+    snap_to_target: bool = field(
+        default=False,
+        metadata={
+            "help": "When the masks are fixed, bring their sparsity to --target_sparsity by one common shift of every "
+            "log-alpha (the learned ranking stays; pruning_report.json: `snap_to_target`). For runs too short for the "
+            "multipliers to settle on the target."
+        },
+    )
 
 
 def pruning_config_from(args: PruneArguments):
@@ -129,6 +137,7 @@ def pruning_config_from(args: PruneArguments):
         binary_masks=args.binary_masks,
         mask_freeze_fraction=args.mask_freeze_fraction,
         prune_decoder=args.prune_decoder,
+        snap_to_target=args.snap_to_target,
         sparsity_ladder=args.sparsity_ladder,
         ladder_tolerance=args.ladder_tolerance,
         ladder_patience=args.ladder_patience,

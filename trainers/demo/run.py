@@ -96,6 +96,9 @@ class DemoSettings:
     prune_warmup_fraction: float = _PRUNING["sparsity_warmup_fraction"]
     target_sparsity: float = _PRUNING["target_sparsity"]
     mask_learning_rate: float = _PRUNING["mask_learning_rate"]
+    # In 160-300 mask-learning steps the multipliers lag or overshoot the target by task: the masks are brought to
+    # it when they are fixed (`PruningConfig.snap_to_target`), so every task and ablation row prunes alike.
+    snap_to_target: bool = _PRUNING["snap_to_target"]
     # ITC candidates re-ranked by ITM per query: the same k as `efficientvlm evaluate` (X-VLM's 128).
     retrieval_k: int = EVALUATE_K
     # Of each task's pruning steps, the share at the end in which the pruned model trains with its masks fixed
@@ -575,6 +578,7 @@ class DemoRun:
                 target_sparsity=self.settings.target_sparsity if target is None else target,
                 sparsity_warmup_steps=int(learn_steps * self.settings.prune_warmup_fraction),
                 mask_learning_rate=self.settings.mask_learning_rate,
+                snap_to_target=self.settings.snap_to_target,
             ),
         )
         scores = {(key, layer): p.detach().clone() for key, layer, p in trainer.masker.layers()}

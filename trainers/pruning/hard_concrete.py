@@ -205,10 +205,12 @@ class StructureMasker(nn.Module):
         return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
 
     @torch.no_grad()
-    def deterministic_mask(self, log_alpha: torch.Tensor, binary: bool = False) -> torch.Tensor:
+    def deterministic_mask(self, log_alpha: torch.Tensor, binary: bool = False, offset: float = 0.0) -> torch.Tensor:
         """Zeroes the round(units - E[non-zeros]) lowest-scoring units; survivors keep their score
-        sigmoid(log_alpha / hard_concrete_temperature * 0.8) (CoFi), or 1 with `binary`."""
-        expected_zeros = log_alpha.numel() - (1 - self.probability_of_zero(log_alpha)).sum().item()
+        sigmoid(log_alpha / hard_concrete_temperature * 0.8) (CoFi), or 1 with `binary`. `offset` shifts the
+        log-alphas when counting the zeros only (see [`offset_for_sparsity`]): which units go and what the survivors
+        keep still follow the learned log-alphas."""
+        expected_zeros = log_alpha.numel() - (1 - self.probability_of_zero(log_alpha + offset)).sum().item()
         num_zeros = round(expected_zeros)
         mask = torch.sigmoid(log_alpha / self.hard_concrete_temperature * MAGICAL_NUMBER)
         if binary:
@@ -246,9 +248,31 @@ class StructureMasker(nn.Module):
         """Sampled masks (differentiable w.r.t. the log-alphas), one draw per unit shared by the batch."""
         return self._masks(self.sample_mask)
 
-    def deterministic_masks(self, binary: bool = False) -> StructureMasks:
-        """The masks to evaluate with and to prune with (`model.prune(masker.deterministic_masks())`)."""
-        return self._masks(lambda log_alpha: self.deterministic_mask(log_alpha.detach(), binary=binary))
+    def deterministic_masks(self, binary: bool = False, offset: float = 0.0) -> StructureMasks:
+        """The masks to evaluate with and to prune with (`model.prune(masker.deterministic_masks())`); `offset`: see
+        [`offset_for_sparsity`]."""
+        return self._masks(lambda log_alpha: self.deterministic_mask(log_alpha.detach(), binary, offset))
+
+    @torch.no_grad()
+    def offset_for_sparsity(self, target: float, steps: int = 40) -> float:
+        """The one shift of every log-alpha (of all modalities alike) that brings the sparsity of the deterministic
+        masks closest to `target`, by bisection (the sparsity falls as the shift grows). Shifting them all alike
+        keeps the learned ranking of units within and across modalities and layers: only how many go changes."""
+        if not 0.0 <= target < 1.0:
+            raise ValueError(f"The target sparsity must be in [0, 1); got {target}.")
+
+        def sparsity(offset: float) -> float:
+            return self.sparsity_of(self.deterministic_masks(offset=offset))
+
+        # At -30 / +30 every unit's P(z = 0) is ~1 / ~0 (log-alphas are clamped to +-4.6).
+        prune_more, prune_less = -30.0, 30.0
+        for _ in range(steps):
+            middle = (prune_more + prune_less) / 2
+            if sparsity(middle) > target:
+                prune_more = middle
+            else:
+                prune_less = middle
+        return min((prune_less, prune_more), key=lambda offset: abs(sparsity(offset) - target))
 
     def forward(self) -> StructureMasks:
         return self.sample() if self.training else self.deterministic_masks()

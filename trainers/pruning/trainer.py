@@ -94,6 +94,14 @@ class PruningConfig:
         prune_decoder: also mask and prune the heads and FFN neurons of VQA's answer decoder (the `decoder`
             modality), as the official VQA pruning does: its parameters count in the global target and it is
             reported per modality as `decoder`. Only for models with an answer decoder.
+        snap_to_target: when the masks are fixed (at the fixed-mask phase's start, else at pruning), bring their
+            sparsity to `target_sparsity` (as near as whole heads and neurons allow) by counting every unit's
+            zero probability with its log-alpha shifted by one common offset
+            ([`StructureMasker.offset_for_sparsity`]): the learned ranking within and across modalities stays, only
+            how many units go changes. For runs too short for the multipliers to settle on the target (they lag
+            or overshoot it); the report's `snap_to_target` gives the offset and the sparsity before. With a
+            `sparsity_ladder`, each rung's folder is snapped to its rung and the run climbs on with the masks it
+            learned. Off by default (the paper keeps the sparsity the Lagrangian reached).
     """
 
     target_sparsity: float | None = None
@@ -112,9 +120,12 @@ class PruningConfig:
     ladder_tolerance: float = 0.01
     ladder_patience: int = 3
     pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF
+    snap_to_target: bool = False
 
     def __post_init__(self) -> None:
         check_pad_multiple(self.pad_to_multiple_of)
+        if self.snap_to_target and self.target_sparsity is None and self.sparsity_ladder is None:
+            raise ValueError("`snap_to_target` brings the masks to the global target: give `target_sparsity`.")
         if not 0.0 <= self.mask_freeze_fraction < 1.0:
             raise ValueError(f"`mask_freeze_fraction` must be in [0, 1); got {self.mask_freeze_fraction}.")
         if self.sparsity_ladder is not None:
@@ -210,10 +221,13 @@ class _MaskOptimizationCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
         if trainer.ladder is None and trainer.lagrangian.targets.get("overall") is not None:
-            # What a save now would achieve, for the report's `settling` (a ladder watches its rungs itself).
-            sparsity = trainer.masker.sparsity_of(trainer.final_masks())
+            # Where the multipliers have brought the masks (what a save now would achieve, unless they are
+            # snapped to the target), for the report's `settling` (a ladder watches its rungs itself).
+            sparsity = trainer.masker.sparsity_of(trainer.masker.deterministic_masks())
             window = max(trainer.pruning_config.ladder_patience, math.ceil(SETTLING_WINDOW * state.max_steps))
             trainer.sparsity_trace = [*trainer.sparsity_trace, (state.global_step, sparsity)][-window:]
+        if trainer.masks_frozen:
+            trainer.snap_to_target()  # the fixed-mask phase trains with the masks it will be pruned with
 
     def on_train_end(self, args, state, control, **kwargs):
         # `load_best_model_at_end` has just loaded the best checkpoint's weights: its masks belong with them.
@@ -302,6 +316,8 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         self.mask_freeze_step: int | None = None
         # (step, sparsity of the deterministic masks) after each optimizer step of the last `SETTLING_WINDOW`.
         self.sparsity_trace: list[tuple[int, float]] = []
+        # With `snap_to_target`, once the masks are fixed: the log-alpha offset and the sparsity before it.
+        self.snap: dict[str, float] | None = None
         self.add_callback(_MaskOptimizationCallback(self))
         # The rungs saved so far (a `SparsityLadder` adds them; empty without a ladder).
         self.ladder: SparsityLadder | None = None
@@ -321,7 +337,21 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
 
     def final_masks(self) -> StructureMasks:
         """The deterministic masks the model will be pruned with (and is evaluated with)."""
-        return self.masker.deterministic_masks(binary=self.pruning_config.binary_masks)
+        offset = self.snap["offset"] if self.snap else 0.0
+        return self.masker.deterministic_masks(binary=self.pruning_config.binary_masks, offset=offset)
+
+    def snap_to_target(self) -> None:
+        """With `pruning_config.snap_to_target`, once: the offset that brings the final masks' sparsity to the target
+        (see [`PruningConfig`]); [`final_masks`] use it from then on."""
+        if not self.pruning_config.snap_to_target or self.snap is not None:
+            return
+        target = self.lagrangian.targets["overall"]
+        before = self.masker.sparsity_of(self.final_masks())
+        offset = self.masker.offset_for_sparsity(target)
+        self.snap = {"offset": offset, "sparsity_before": before, "step": self.state.global_step}
+        after = self.masker.sparsity_of(self.final_masks())
+        self.snap["sparsity_after"] = after
+        logger.info(f"Masks snapped to the target {target}: sparsity {before:.4f} -> {after:.4f}, offset {offset:+.2f}")
 
     def student_forward_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         kwargs = dict(super().student_forward_kwargs(inputs))
@@ -396,6 +426,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             "warmup_steps": self.lagrangian.warmup_steps,
             "rung": self.lagrangian.rung,
             "rung_start_step": self.lagrangian.rung_start_step,
+            "snap": self.snap,
         }
 
     def load_pruning_state_dict(self, state: dict[str, Any]) -> None:
@@ -425,6 +456,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             self.lagrangian.rung_start_step = int(state.get("rung_start_step", 0))
         if state.get("optimizer") is not None:  # the optimizer's moments: a resume continues exactly
             self.pruning_optimizer.load_state_dict(state["optimizer"])
+        self.snap = state.get("snap")  # a resume in the fixed-mask phase keeps the masks it trained with
 
     def load_pruning_checkpoint(self, checkpoint: str, required: bool = True) -> None:
         """Restores the masks and multipliers saved in `checkpoint`; a missing `masker.pt` raises a ValueError
@@ -482,6 +514,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         """Prunes `model` (the student, or a copy of it) in place with [`final_masks`]; returns the pruning report."""
         self.masker.check_fits(model)
         masker = self.masker
+        self.snap_to_target()
         masks = self.final_masks()
         parameters_before = count_parameters(model)
         report: dict[str, Any] = {
@@ -508,14 +541,19 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         settling = self.settling()
         if settling is not None:
             report["settling"] = settling
+        if self.snap is not None:
+            report["snap_to_target"] = {key: round(value, 4) for key, value in self.snap.items()}
+            if self.ladder is not None:
+                self.snap = None  # a rung's snap is for its folder: the run climbs on with the masks it learned
         return report
 
     def settling(self) -> dict[str, Any] | None:
-        """How the sparsity of the deterministic masks (what is saved) behaved over the last steps of training
-        (the last 5% of them, at least `ladder_patience`): `settled` if it moved by at most `ladder_tolerance`
-        there, `on_target` if it ended within `ladder_tolerance` of the target. A run that had not settled, or
-        settled off target, is logged as a warning: its saved sparsity is a moment of a moving target, or not the
-        one asked for. None without an overall target, with a ladder (its rungs say it), or before any step."""
+        """How the sparsity of the deterministic masks (what is saved, unless snapped to the target) behaved over the
+        last steps of training (the last 5% of them, at least `ladder_patience`): `settled` if it moved by at most
+        `ladder_tolerance` there, `on_target` if it ended within `ladder_tolerance` of the target. A run that had
+        not settled, or settled off target, is logged as a warning (unless its masks were snapped to the target):
+        its saved sparsity is a moment of a moving target, or not the one asked for. None without an overall
+        target, with a ladder (its rungs say it), or before any step."""
         target = self.lagrangian.targets.get("overall")
         if target is None or self.ladder is not None or not self.sparsity_trace:
             return None
@@ -525,7 +563,9 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         low, high, last = min(sparsities), max(sparsities), sparsities[-1]
         settled = high - low <= tolerance
         on_target = abs(last - target) <= tolerance
-        if not settled:
+        if self.snap is not None:
+            pass  # the saved masks were brought to the target: the report's `snap_to_target` says from where
+        elif not settled:
             logger.warning(
                 f"The sparsity had not settled when training ended: over steps {steps[0]}-{steps[-1]} the masks' "
                 f"sparsity moved between {low:.4f} and {high:.4f} (target {target}; tolerance {tolerance}), so the "
