@@ -86,6 +86,11 @@ def test_every_stage_is_saved(demo_dir: Path) -> None:
     for task in DEFAULT_DEMO_TASKS:
         report = json.loads((demo_dir / "models" / f"pruned_{task}" / "pruning_report.json").read_text())
         assert report["parameters_after"] < report["parameters_before"]
+        # The recipe snaps the masks to the target when they are fixed; the report says from where.
+        snap = report["snap_to_target"]
+        assert snap["sparsity_after"] == pytest.approx(report["sparsity"], abs=1e-4)
+        assert report["sparsity"] == pytest.approx(report["target_sparsity"], abs=0.05)
+    assert "they were snapped to the target" in (demo_dir / "report.md").read_text()
 
 
 def test_uniform_masks_cut_every_layer_alike() -> None:

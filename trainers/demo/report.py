@@ -298,9 +298,16 @@ def write_report(run: Any, plots: dict[str, Path]) -> Path:
         lines += ablations + ([""] if ablations else [])
         report = run.pruning_reports[task]
         split = ", ".join(f"{m} {v:.3f}" for m, v in report["sparsity_per_modality"].items())
+        snap = report.get("snap_to_target")
+        snapped = (
+            f" The multipliers had brought the masks to {snap['sparsity_before']:.3f}; they were snapped to the "
+            f"target (one log-alpha offset, {snap['offset']:+.2f}, for every unit)."
+            if snap
+            else ""
+        )
         lines += [
             f"Pruning reached sparsity {report['sparsity']:.3f} of the prunable parameters "
-            f"(target {report['target_sparsity']}); per modality: {split}.",
+            f"(target {report['target_sparsity']}); per modality: {split}.{snapped}",
             "",
         ]
     lines += ["## Time per stage", "", "| stage | optimizer steps | seconds | share |", "|---|---|---|---|"]
