@@ -149,6 +149,19 @@ def test_pruning_schedule_splits_the_pruning_steps() -> None:
         DemoSettings(ablation_seeds=0)
 
 
+def test_per_task_learning_rates_come_from_the_task_registry_or_the_shared_rate() -> None:
+    from trainers.demo.run import DemoSettings
+    from trainers.tasks import task_spec
+
+    settings = DemoSettings()
+    for task in ("vqa", "retrieval", "nlvr2"):
+        demo = task_spec(task).demo
+        assert settings.teacher_learning_rates[task] == (demo.teacher_learning_rate or settings.learning_rate)
+        assert settings.student_learning_rates[task] == (demo.student_learning_rate or settings.learning_rate)
+    assert settings.student_learning_rates["retrieval"] != settings.learning_rate  # retrieval's own, measured
+    assert DemoSettings(student_learning_rates={"vqa": 1e-4}).student_learning_rates == {"vqa": 1e-4}
+
+
 def test_the_eta_weighs_each_stage_by_its_step_cost() -> None:
     from trainers.demo.run import STEP_COST, training_minutes_left
 

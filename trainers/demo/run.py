@@ -91,8 +91,10 @@ class DemoSettings:
     distill_steps: int = 150
     student_finetune_steps: dict[str, int] | None = None
     prune_steps: dict[str, int] | None = None
-    # Per task, the teacher's fine-tuning learning rate (default: the task registry's, else `learning_rate`).
+    # Per task, the teacher's and the student's fine-tuning learning rates (default: the task registry's, else
+    # `learning_rate`).
     teacher_learning_rates: dict[str, float] | None = None
+    student_learning_rates: dict[str, float] | None = None
     prune_warmup_fraction: float = _PRUNING["sparsity_warmup_fraction"]
     target_sparsity: float = _PRUNING["target_sparsity"]
     mask_learning_rate: float = _PRUNING["mask_learning_rate"]
@@ -121,10 +123,12 @@ class DemoSettings:
         self.finetune_steps = self.finetune_steps or _demo_defaults("finetune_steps")
         self.student_finetune_steps = self.student_finetune_steps or _demo_defaults("student_finetune_steps")
         self.prune_steps = self.prune_steps or _demo_defaults("prune_steps")
-        registry_rates = _demo_defaults("teacher_learning_rate")
-        self.teacher_learning_rates = self.teacher_learning_rates or {
-            task: rate or self.learning_rate for task, rate in registry_rates.items()
-        }
+        for field_name, default in (
+            ("teacher_learning_rates", "teacher_learning_rate"),
+            ("student_learning_rates", "student_learning_rate"),
+        ):
+            rates = {task: rate or self.learning_rate for task, rate in _demo_defaults(default).items()}
+            setattr(self, field_name, getattr(self, field_name) or rates)
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"`target_sparsity` must be in [0, 1); got {self.target_sparsity}.")
         if not 0 <= self.fixed_mask_fraction < 1:
@@ -542,6 +546,7 @@ class DemoRun:
                 student,
                 self.settings.student_finetune_steps[task],
                 DistillationTrainer,
+                learning_rate=self.settings.student_learning_rates[task],
                 teacher_model=teacher,
                 distillation_config=kd,
             )
