@@ -18,7 +18,7 @@ def format_report(report: BenchmarkReport) -> str:
     """The Markdown table (one row per workload, setting and model) with the matmul peaks and notes under it."""
     peak_header = "≥ " + "/".join(f"{int(100 * v)}%" for v in sorted(set(PEAK_TARGETS.values()), reverse=True))
     settings = report.settings
-    on_cuda = settings.device.startswith("cuda")
+    on_cuda = settings.on_cuda
     memory_header = "peak GPU MB (+ in the workload)" if on_cuda else "peak RSS MB (+ in the workload)"
     lines = [
         "| workload | model | batch | image px | threads | params (M) | encoder params (M) | GFLOPs "

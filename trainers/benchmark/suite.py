@@ -103,6 +103,10 @@ class BenchmarkSettings:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def on_cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
 
 @dataclass
 class BenchmarkResult:

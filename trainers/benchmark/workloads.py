@@ -196,14 +196,14 @@ def _train_steps(model: nn.Module, shape: WorkloadShape, interpolate: bool) -> d
     inputs["pixel_values"] = inputs["pixel_values"].float()  # autocast, not the batch, sets the compute dtype
     if interpolate:
         inputs["interpolate_pos_encoding"] = True
-    device = next(model.parameters()).device
-    mixed = {torch.bfloat16: {"bf16": True}, torch.float16: {"fp16": True}}.get(next(model.parameters()).dtype, {})
+    weight = next(model.parameters())
+    mixed = {torch.bfloat16: {"bf16": True}, torch.float16: {"fp16": True}}.get(weight.dtype, {})
     teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the teacher keeps the placed dtype (inference)
     output_dir = tempfile.mkdtemp(prefix="efficientvlm-benchmark-")
     args = TrainingArguments(
         output_dir=output_dir,
         report_to=[],
-        use_cpu=device.type == "cpu",
+        use_cpu=weight.device.type == "cpu",
         save_strategy="no",
         disable_tqdm=True,
         max_steps=1,
