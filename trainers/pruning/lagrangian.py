@@ -122,10 +122,11 @@ class SparsityLagrangian(nn.Module):
         tensors, detached, so that logging every step does not wait for the device)."""
         logs: dict[str, torch.Tensor | float] = {}
         loss = None
+        sparsities = masker.expected_sparsities()  # one pass over every log-alpha
         for name in self.targets:
-            modality = None if name == "overall" else name
             suffix = "" if name == "overall" else f"_{name}"
-            sparsity = masker.expected_sparsity(modality)
+            # A modality with nothing left to prune has sparsity 0 (no units, no gradient).
+            sparsity = sparsities.get(name, sparsities["overall"] * 0)
             gap = sparsity - self.target(step, name)
             lambda_1 = _ReverseGradient.apply(self.lambda_1[name])
             lambda_2 = _ReverseGradient.apply(self.lambda_2[name])
@@ -134,10 +135,9 @@ class SparsityLagrangian(nn.Module):
             logs[f"target_sparsity{suffix}"] = self.target(step, name)
             logs[f"lambda_1{suffix}"] = self.lambda_1[name].detach().clone()
             logs[f"lambda_2{suffix}"] = self.lambda_2[name].detach().clone()
-        with torch.no_grad():
-            logs["expected_sparsity"] = masker.expected_sparsity()
-            for modality in masker.modalities:
-                logs[f"expected_sparsity_{modality}"] = masker.expected_sparsity(modality)
+        logs["expected_sparsity"] = sparsities["overall"].detach()
+        for modality in masker.modalities:
+            logs[f"expected_sparsity_{modality}"] = sparsities[modality].detach()
         logs["loss_lagrangian"] = loss.detach()
         return loss, logs
 
