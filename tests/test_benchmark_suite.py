@@ -207,6 +207,50 @@ def test_train_steps_keep_float32_weights_under_bfloat16_autocast() -> None:
         assert trainer.args.bf16 and any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
+def test_compiled_rows_are_timed_beside_the_eager_models_with_the_eager_flops(monkeypatch) -> None:
+    from trainers.benchmark import suite
+
+    modes, compile_ = [], torch.compile
+
+    def spy(function, mode=None):  # dynamo's real tracing, without inductor's code generation (slow on 2 cores)
+        modes.append(mode)
+        return compile_(function, backend="eager")
+
+    monkeypatch.setattr(suite.torch, "compile", spy)
+    models, _ = benchmark_models(["tiny"], [0.5])
+    settings = BenchmarkSettings(workloads=("itm", "train-step"), batch_sizes=(2,), compile="reduce-overhead", **FAST)
+    rows = {(r.workload, r.name): r for r in run_benchmark(models, settings).results}
+    assert modes == ["reduce-overhead", "reduce-overhead"]  # the itm rows of both models, not the train steps
+    assert sorted(name for workload, name in rows if workload == "itm") == [
+        "tiny",
+        "tiny [compiled]",
+        "tiny pruned 0.5",
+        "tiny pruned 0.5 [compiled]",
+    ]
+    assert not any(name.endswith("[compiled]") for workload, name in rows if workload in TRAIN_STEPS)
+    for model in ("tiny", "tiny pruned 0.5"):
+        eager, compiled = rows[("itm", model)], rows[("itm", model + " [compiled]")]
+        assert compiled.base == model and compiled.gflops == eager.gflops
+        assert compiled.speedup_vs_base == pytest.approx(eager.median_ms / compiled.median_ms)
+        assert compiled.flops_reduction_vs_base == 1.0 and compiled.speed_target is None
+    assert rows[("itm", "tiny pruned 0.5")].speed_target in ("pass", "fail")
+    assert "torch.compile(mode='reduce-overhead')" in format_report(run_benchmark(models[:1], settings))
+    with pytest.raises(ValueError, match="Unknown compile mode 'fast'"):
+        BenchmarkSettings(workloads=("itm",), compile="fast")
+    with pytest.raises(ValueError, match="compiled rows to the encoders, itm, vqa workloads"):
+        BenchmarkSettings(workloads=("retrieval",), compile="default")
+
+    def broken(function, mode=None):
+        def call():
+            raise RuntimeError("inductor: no C++ compiler")
+
+        return call
+
+    monkeypatch.setattr(suite.torch, "compile", broken)
+    with pytest.raises(RuntimeError, match="torch.compile\\(mode='default'\\) failed on this workload: inductor"):
+        run_benchmark(models[:1], BenchmarkSettings(workloads=("itm",), batch_sizes=(2,), compile="default", **FAST))
+
+
 def test_device_and_dtype_settings_are_checked(monkeypatch) -> None:
     with pytest.raises(ValueError, match="Unknown dtype 'fp8'"):
         BenchmarkSettings(dtype="fp8")

@@ -56,6 +56,15 @@ def format_report(report: BenchmarkReport) -> str:
         f"{dtype} matmul peak measured in this run {where} ({size} x {size} torch.mm, best of 10 before and after "
         f"every setting): {peaks}. The models' weights are {settings.dtype}"
         + (" (the train steps: float32 weights under mixed precision)." if settings.dtype != "float32" else "."),
+        *(
+            [
+                f"[compiled]: the same model's workload through torch.compile(mode={settings.compile!r}), compiled "
+                "before the warm-up; its base is the eager model (so its speedup vs base is what compiling buys), its "
+                "FLOPs those of the eager call."
+            ]
+            if settings.compile is not None
+            else []
+        ),
         f"Timing: median of {report.settings.rounds} interleaved rounds x {report.settings.repeats} calls per "
         f"model (after {report.settings.warmup} warm-up calls each round); [IQR] = first–third quartile. "
         "Speedup and FLOPs reduction against the first model; peak RSS: high-water resident memory of a fresh "

@@ -36,6 +36,11 @@ SPEEDUP_PER_FLOPS_TARGET = 0.9
 PEAK_TARGETS = {"encoders": 0.8, "itm": 0.8, "retrieval": 0.7}
 MASK_STEP_TARGET = 1.2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# `torch.compile` modes a benchmark can add compiled rows with ("reduce-overhead" replays CUDA graphs), and the
+# workloads that compile as one graph (retrieval loops over batches, the train step runs a `Trainer`).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILABLE_WORKLOADS = ("encoders", "itm", "vqa")
+COMPILED_SUFFIX = " [compiled]"
 
 
 @dataclass
@@ -47,7 +52,10 @@ class BenchmarkSettings:
     `device` / `dtype`: where the models run and the dtype of their weights for the forward workloads (the train
     step keeps float32 weights and runs under the `Trainer`'s bf16 / fp16 mixed precision instead); the matmul
     peak is measured on the same device in the same dtype. `retrieval_batch_size`: images / texts per encoder
-    pass and pairs per fusion pass of the retrieval workload (`retrieval_evaluate`'s `batch_size`)."""
+    pass and pairs per fusion pass of the retrieval workload (`retrieval_evaluate`'s `batch_size`). `compile`: a
+    `torch.compile` mode; every model of the encoders / itm / vqa workloads then gets a second row, `<name> [compiled]`,
+    timed in the same rounds, whose base is the eager model (so `speedup_vs_base` is what compiling buys); its
+    FLOPs are those of the eager call, and compiling happens before the warm-up calls."""
 
     workloads: tuple[str, ...] = ("encoders",)
     batch_sizes: tuple[int, ...] = (32,)
@@ -66,6 +74,7 @@ class BenchmarkSettings:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    compile: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [w for w in self.workloads if w not in WORKLOADS]
@@ -96,6 +105,14 @@ class BenchmarkSettings:
                 "`memory` measures the resident memory of a CPU process; on CUDA every row reports the workload's "
                 "peak GPU memory anyway."
             )
+        if self.compile is not None:
+            if self.compile not in COMPILE_MODES:
+                raise ValueError(f"Unknown compile mode {self.compile!r}; choose from {', '.join(COMPILE_MODES)}.")
+            if not any(workload in COMPILABLE_WORKLOADS for workload in self.workloads):
+                raise ValueError(
+                    f"`compile` adds compiled rows to the {', '.join(COMPILABLE_WORKLOADS)} workloads; got "
+                    f"{', '.join(self.workloads)} only."
+                )
         if kind == "cpu" and self.dtype == "float16":
             raise ValueError("float16 runs on CUDA only (CPU kernels for it are slow or missing): use bfloat16.")
 
@@ -266,17 +283,22 @@ def _measure_setting(
     size = image_size or _reference_image_size(models, workload)
     shape = _shape(settings, batch_size, size)
     calls: dict[tuple[str, str], Any] = {}
+    eager_of: dict[str, str] = {}  # a compiled row's name -> its model's name
     for entry in models:
         for name, call in build_workloads(entry, workload, shape).items():
             calls[(name, entry.name)] = call
+            if settings.compile is not None and workload in COMPILABLE_WORKLOADS:
+                compiled_name = entry.name + COMPILED_SUFFIX
+                calls[(name, compiled_name)] = compiled_call(call, settings.compile)
+                eager_of[compiled_name] = entry.name
     calls = {key: synchronized(call, settings.device) for key, call in calls.items()}
-    flops = {key: count_flops(call) for key, call in calls.items()}
+    flops = {(name, model): count_flops(calls[(name, eager_of.get(model, model))]) for name, model in calls}
     timings = interleaved_timings(calls, warmup=settings.warmup, repeats=settings.repeats, rounds=settings.rounds)
     device_memory = _device_memory(calls, settings.device)
     by_name = {entry.name: entry for entry in models}
     rows = []
     for (name, model_name), seconds in timings.items():
-        entry = by_name[model_name]
+        entry = by_name[eager_of.get(model_name, model_name)]
         model = entry.build(family_of(workload))
         spread = Spread.of(seconds)
         gflops = flops[(name, model_name)] / 1e9
@@ -298,12 +320,24 @@ def _measure_setting(
                 max_ms=spread.max_ms,
                 gflops_per_s=rate,
                 peak_fraction=0.0,  # set once the run's matmul peak is known
-                base=entry.base,
+                base=entry.name if model_name in eager_of else entry.base,
                 **device_memory.get((name, model_name), {}),
             )
         )
-    _add_ratios(rows, by_name)
+    _add_ratios(rows, {**by_name, **{compiled: by_name[eager] for compiled, eager in eager_of.items()}})
     return rows
+
+
+def compiled_call(call: Any, mode: str) -> Any:
+    """`call` through `torch.compile` in `mode`, compiled by a first call made here (not timed); a workload that does
+    not compile raises a RuntimeError naming the mode."""
+    compiled = torch.compile(call, mode=mode)
+    try:
+        with torch.no_grad():  # as the timed calls run: grad mode is part of what a compiled graph is kept for
+            compiled()
+    except Exception as error:  # dynamo / inductor errors have many types; the message says what failed
+        raise RuntimeError(f"torch.compile(mode={mode!r}) failed on this workload: {error}") from error
+    return compiled
 
 
 def _device_memory(calls: dict[tuple[str, str], Any], device: str) -> dict[tuple[str, str], dict[str, float]]:
@@ -398,6 +432,7 @@ def target_notes(report: BenchmarkReport) -> list[str]:
 
 
 __all__ = [
+    "COMPILE_MODES",
     "DTYPES",
     "MASK_STEP_TARGET",
     "PEAK_TARGETS",

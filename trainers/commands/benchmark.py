@@ -83,6 +83,14 @@ class BenchmarkArguments:
     memory: bool = field(
         default=False, metadata={"help": "Also measure peak RSS: one fresh process per model and workload."}
     )
+    compile: str | None = field(
+        default=None,
+        metadata={
+            "help": "Add a torch.compile'd row of every model (encoders / itm / vqa workloads), timed in the same "
+            "rounds: a mode, `default` (fused elementwise kernels), `reduce-overhead` (+ CUDA graphs), "
+            "`max-autotune` or `max-autotune-no-cudagraphs`."
+        },
+    )
     output_json: str | None = field(default=None, metadata={"help": "Write every result and setting to this JSON."})
     plot: str | None = field(
         default=None, metadata={"help": "Write a PNG: latency vs batch size, speedup vs FLOPs reduction."}
@@ -149,6 +157,7 @@ def main(argv: list[str] | None = None):
         seed=args.seed,
         device=args.device,
         dtype=args.dtype,
+        compile=args.compile,
     )
     pad_multiples = None
     if args.prune_pad_multiple is not None:
