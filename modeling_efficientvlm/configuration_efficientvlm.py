@@ -350,6 +350,9 @@ class EfficientVLMConfig(PreTrainedConfig):
         itm_caption_negatives: when a retrieval batch carries a caption negative per pair (`itm_negative_input_ids`,
             a text false of that image, e.g. its own caption with one attribute changed), the share of images whose
             ITM negative text is that caption negative instead of an in-batch text (0: never, as X-VLM).
+        itm_negatives_per_pair: hard negatives drawn per image and per text for ITM (1: X-VLM's one negative text
+            per image and one negative image per text; n > 1 gives the ITM head n times the negatives per step, at
+            the cost of n times the negative pairs through the fusion layers).
         max_text_length: longest text (in tokens) the processor produces by default.
         num_answer_decoder_layers: layers of the VQA answer decoder (defaults to the number of fusion layers).
         answer_decoder_num_attention_heads_per_layer, answer_decoder_num_cross_attention_heads_per_layer,
@@ -383,6 +386,7 @@ class EfficientVLMConfig(PreTrainedConfig):
     itm_random_negatives: float = 0.0
     itm_exclude_identical_texts: bool = False
     itm_caption_negatives: float = 0.0
+    itm_negatives_per_pair: int = 1
     max_text_length: int = 40
     num_answer_decoder_layers: int | None = None
     answer_decoder_num_attention_heads_per_layer: list[int] | None = None
@@ -409,6 +413,10 @@ class EfficientVLMConfig(PreTrainedConfig):
             raise ValueError(f"`itm_random_negatives` must be in [0, 1], got {self.itm_random_negatives}.")
         if not 0.0 <= self.itm_caption_negatives <= 1.0:
             raise ValueError(f"`itm_caption_negatives` must be in [0, 1], got {self.itm_caption_negatives}.")
+        if isinstance(self.itm_negatives_per_pair, bool) or not (
+            isinstance(self.itm_negatives_per_pair, int) and self.itm_negatives_per_pair >= 1
+        ):
+            raise ValueError(f"`itm_negatives_per_pair` must be an integer >= 1, got {self.itm_negatives_per_pair!r}.")
         TextStackLayout.of(self)  # raises for twin fusion layers of an odd number
         self._check_answer_candidates()
         self._check_answer_decoder_sizes()

@@ -119,8 +119,9 @@ def sample_hard_negatives(
     generator: torch.Generator | None = None,
     random_fraction: float = 0.0,
     same_text: torch.Tensor | None = None,
+    num_negatives: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Samples one hard negative text per image and one hard negative image per text.
+    """Samples `num_negatives` hard negative texts per image and as many hard negative images per text.
 
     Negatives are drawn in proportion to the softmax of the ITC similarities (X-VLM), never from the same image.
     With `random_fraction` f > 0 they are drawn from the mixture (1 - f) * that distribution + f * uniform over
@@ -137,13 +138,17 @@ def sample_hard_negatives(
             j is never a negative of a text identical to text j's). Short, generic captions ("a picture of two
             shapes", "a man riding a horse") repeat across images; drawn as negatives they are true matches
             labelled "no match". A row whose every other text is identical to its own keeps X-VLM's rule.
+        num_negatives: negatives per image and per text, distinct where the row has that many candidates (else
+            drawn with replacement).
 
     Returns:
-        `(negative_text_index, negative_image_index)`, each (batch,): for image i the index of its negative
-        text, and for text j the index of its negative image.
+        `(negative_text_index, negative_image_index)`, each (num_negatives * batch,), draw by draw: entry
+        `k * batch + i` is the index of image i's k-th negative text, and of text i's k-th negative image.
     """
     if not 0.0 <= random_fraction <= 1.0:
         raise ValueError(f"`random_fraction` (ITM random negatives) must be in [0, 1]; got {random_fraction}.")
+    if num_negatives < 1:
+        raise ValueError(f"`num_negatives` (ITM negatives per pair) must be >= 1; got {num_negatives}.")
     batch_size = logits_per_image.shape[0]
     positives = same_image_targets(image_ids, batch_size, logits_per_image.device)
     # Checked outside `no_grad`: under torch.compile, a failing in-graph check inside a `no_grad` region leaves
@@ -164,7 +169,9 @@ def sample_hard_negatives(
             return torch.where(widened.all(dim=1, keepdim=True), matches, widened)
 
         positives, positives_t2i = widen(positives, same_text), widen(positives_t2i, same_text.t())
-    return _sample_negatives(logits_per_image.detach(), positives, positives_t2i, generator, random_fraction)
+    return _sample_negatives(
+        logits_per_image.detach(), positives, positives_t2i, generator, random_fraction, num_negatives
+    )
 
 
 @torch.no_grad()
@@ -174,6 +181,7 @@ def _sample_negatives(
     positives_t2i: torch.Tensor,
     generator: torch.Generator | None,
     random_fraction: float = 0.0,
+    num_negatives: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     def weights(logits: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
         hard = (F.softmax(logits.float(), dim=1) + 1e-5).masked_fill(matches, 0)
@@ -183,10 +191,16 @@ def _sample_negatives(
         hard, uniform = (w / w.sum(dim=1, keepdim=True) for w in (hard, uniform))
         return (1.0 - random_fraction) * hard + random_fraction * uniform
 
-    negative_text_index = torch.multinomial(weights(logits_per_image, positives), 1, generator=generator).squeeze(1)
-    negative_image_index = torch.multinomial(
-        weights(logits_per_image.t(), positives_t2i), 1, generator=generator
-    ).squeeze(1)
+    def draw(weights: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
+        if num_negatives == 1:
+            return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+        # Distinct negatives where every row has enough candidates (one sync, only for several negatives).
+        replacement = bool((~matches).sum(dim=1).min() < num_negatives)
+        drawn = torch.multinomial(weights, num_negatives, replacement=replacement, generator=generator)
+        return drawn.t().reshape(-1)  # draw by draw: (num_negatives * batch,)
+
+    negative_text_index = draw(weights(logits_per_image, positives), positives)
+    negative_image_index = draw(weights(logits_per_image.t(), positives_t2i), positives_t2i)
     return negative_text_index, negative_image_index
 
 

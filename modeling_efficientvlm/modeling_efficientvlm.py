@@ -1513,13 +1513,13 @@ class EfficientVLMImageTextMatchingOutput(ModelOutput):
         Image-text contrastive and image-text matching losses (`None` when not computed).
     logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
         ITC similarities divided by the ITC temperature.
-    itm_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`):
+    itm_logits (`torch.FloatTensor` of shape `((1 + 2 n) * batch_size, 2)`, n = `itm_negatives_per_pair`):
         Matching logits of the positive pairs, then (image, hard negative text), then (hard negative image, text).
-    itm_labels (`torch.LongTensor` of shape `(3 * batch_size,)`):
+    itm_labels (`torch.LongTensor` of shape `((1 + 2 n) * batch_size,)`):
         1 for the positive pairs, 0 for the negatives.
-    negative_text_index, negative_image_index (`torch.LongTensor` of shape `(batch_size,)`):
-        The hard negatives: for image i the index of its negative text, for text j that of its negative image;
-        pass them back as `itm_negatives` to reuse them (e.g. for a teacher).
+    negative_text_index, negative_image_index (`torch.LongTensor` of shape `(n * batch_size,)`):
+        The hard negatives: entry `k * batch_size + i` is the index of image i's k-th negative text, and of text
+        i's k-th negative image; pass them back as `itm_negatives` to reuse them (e.g. for a teacher).
     image_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
         L2-normalised ITC embeddings.
     itc_temperature (`torch.FloatTensor` of shape `()`, or `(1,)` while trained under DeepSpeed / FSDP):
@@ -1545,7 +1545,7 @@ class EfficientVLMContrastiveMatchingOutput(EfficientVLMImageTextMatchingOutput)
     """
     The fields of [`EfficientVLMImageTextMatchingOutput`], and:
 
-    itm_fusion_output ([`EncoderOutput`]): fusion layers on the 3 * batch_size ITM pairs.
+    itm_fusion_output ([`EncoderOutput`]): fusion layers on the (1 + 2n) * batch_size ITM pairs.
     """
 
     itm_fusion_output: EncoderOutput | None = None
@@ -1583,14 +1583,15 @@ def image_text_matching_logits(
 
 
 def use_caption_negatives(
-    negative_text_index: torch.Tensor, negative_image_index: torch.Tensor, share: float
+    negative_text_index: torch.Tensor, negative_image_index: torch.Tensor, share: float, batch: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replaces, with probability `share` per image, image i's in-batch negative text by its caption negative
-    (index `batch + i`, see [`image_text_contrastive_matching`])."""
-    batch = negative_text_index.shape[0]
+    """Replaces, with probability `share` per image, image i's (first) in-batch negative text by its caption negative
+    (index `batch + i`, see [`image_text_contrastive_matching`]); `batch`: the pairs (default: one negative each)."""
+    batch = negative_text_index.shape[0] if batch is None else batch
+    first = negative_text_index[:batch]
     chosen = torch.rand(batch, device=negative_text_index.device) < share
     own = torch.arange(batch, batch * 2, device=negative_text_index.device)
-    return torch.where(chosen, own, negative_text_index), negative_image_index
+    return torch.cat([torch.where(chosen, own, first), negative_text_index[batch:]]), negative_image_index
 
 
 def image_text_contrastive_matching(
@@ -1641,13 +1642,28 @@ def image_text_contrastive_matching(
         if input_ids is not None and backbone.config.itm_exclude_identical_texts:
             same_text = identical_texts(input_ids, attention_mask)
         itm_negatives = sample_hard_negatives(
-            logits_per_image, image_ids, random_fraction=backbone.config.itm_random_negatives, same_text=same_text
+            logits_per_image,
+            image_ids,
+            random_fraction=backbone.config.itm_random_negatives,
+            same_text=same_text,
+            num_negatives=backbone.config.itm_negatives_per_pair,
         )
         share = backbone.config.itm_caption_negatives
         if negative_text_states is not None and share > 0:
-            itm_negatives = use_caption_negatives(*itm_negatives, share)
+            itm_negatives = use_caption_negatives(*itm_negatives, share, batch=text_states.shape[0])
     negative_text_index, negative_image_index = itm_negatives
     batch = text_states.shape[0]
+    # Negatives per pair, from the indices (given `itm_negatives` may come from a model with another setting).
+    per_pair = negative_text_index.shape[0] // batch
+    if (
+        per_pair < 1
+        or negative_text_index.shape[0] != per_pair * batch
+        or negative_image_index.shape != (negative_text_index.shape)
+    ):
+        raise ValueError(
+            f"`itm_negatives` must hold n * batch ({batch}) negative text and image indices each; got "
+            f"{tuple(negative_text_index.shape)} and {tuple(negative_image_index.shape)}."
+        )
     texts, masks = text_states, attention_mask
     if negative_text_states is not None:
         if negative_text_states.shape != text_states.shape or negative_attention_mask is None:
@@ -1662,21 +1678,22 @@ def image_text_contrastive_matching(
             f"`itm_negatives` name caption negatives (text index >= batch size {batch}); pass the caption "
             "negatives (`itm_negative_input_ids`) they were drawn from."
         )
-    # Pairs: (image i, text i), (image i, its negative text), (its negative image, text i). Each image is given
-    # once, so the fusion computes its cross-attention keys and values once for its three pairs.
+    # Pairs: (image i, text i), (image i, each negative text), (each negative image, text i). Each image is given
+    # once, so the fusion computes its cross-attention keys and values once for all its pairs.
     own_images = torch.arange(batch, device=image_states.device)
+    repeat = (per_pair, *([1] * (text_states.dim() - 1)))
     itm_logits, itm_fusion = image_text_matching_logits(
         backbone,
         itm_head,
-        torch.cat([text_states, texts[negative_text_index], text_states]),
-        torch.cat([attention_mask, masks[negative_text_index], attention_mask]),
+        torch.cat([text_states, texts[negative_text_index], text_states.repeat(repeat)]),
+        torch.cat([attention_mask, masks[negative_text_index], attention_mask.repeat(per_pair, 1)]),
         image_states,
         structure_masks,
         output_attentions,
         output_hidden_states,
-        image_index=torch.cat([own_images, own_images, negative_image_index.to(own_images.device)]),
+        image_index=torch.cat([own_images, own_images.repeat(per_pair), negative_image_index.to(own_images.device)]),
     )
-    itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(itm_logits.device)
+    itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * per_pair * batch)]).long().to(itm_logits.device)
     loss_itm = F.cross_entropy(itm_logits, itm_labels) if compute_loss else None
     return EfficientVLMContrastiveMatchingOutput(
         loss=loss_itc + loss_itm if compute_loss else None,

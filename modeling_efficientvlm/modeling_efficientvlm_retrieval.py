@@ -53,10 +53,10 @@ class EfficientVLMImageTextRetrievalOutput(EfficientVLMImageTextMatchingOutput, 
 
     Training only (`return_loss=True` on a paired batch, see `forward`):
     loss (`torch.FloatTensor` of shape `()`): `loss_itc + loss_itm`.
-    logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`):
+    logits (`torch.FloatTensor` of shape `((1 + 2n) * batch_size, 2)`, n = `itm_negatives_per_pair`):
         The ITM logits (`itm_logits`), the task prediction a distiller matches.
     itm_logits, itm_labels, negative_text_index, negative_image_index: the ITM pairs with sampled hard negatives.
-    fusion_output ([`EncoderOutput`]): the fusion layers on the 3 * batch_size ITM pairs.
+    fusion_output ([`EncoderOutput`]): the fusion layers on the (1 + 2n) * batch_size ITM pairs.
     """
 
     logits_per_text: torch.FloatTensor | None = None

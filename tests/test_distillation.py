@@ -450,6 +450,32 @@ def test_kd_terms_of_task_models(task: str, tmp_path) -> None:
         assert trainer.distillation_loss.layer_mappings["multimodal"] == [1, 3]
 
 
+def test_retrieval_kd_with_several_negatives_per_pair_scores_the_same_pairs(tmp_path) -> None:
+    config = _config()
+    config.itm_negatives_per_pair = 2
+    model_class, inputs = _task_case("retrieval", config)
+    inputs["attention_mask"][0, -2:] = 0  # a padded text: the KD mask of its pairs must follow it
+    torch.manual_seed(0)
+    teacher = model_class(config).eval()
+    trainer = DistillationTrainer(
+        model=build_student(teacher, 2, 2, 2).eval(), args=_args(tmp_path), teacher_model=teacher
+    )
+    with torch.no_grad():
+        outputs = trainer.model(**inputs, output_hidden_states=True)
+        terms = trainer.compute_distillation_terms(outputs, trainer.teacher_forward(inputs, outputs), inputs)
+    batch = inputs["input_ids"].shape[0]
+    assert outputs.itm_logits.shape[0] == 5 * batch and outputs.negative_text_index.shape == (2 * batch,)
+    # The padding mask of the fused pairs (what the hidden-state terms average over) is each pair's text's.
+    from trainers.distillation.objective import _itm_attention_mask
+
+    texts = torch.cat([torch.arange(batch), outputs.negative_text_index, torch.arange(batch).repeat(2)])
+    mask = _itm_attention_mask(inputs["attention_mask"], outputs, outputs.fusion_output)
+    assert torch.equal(mask, inputs["attention_mask"][texts])
+    # The same-depth student is the teacher: scoring the same pairs, every term is zero.
+    assert {"kd_itm_logit", "kd_fusion_hidden"} <= set(terms)
+    assert all(value.abs().item() < 1e-6 for value in terms.values()), terms
+
+
 def test_retrieval_kd_with_caption_negatives_scores_the_same_pairs(tmp_path) -> None:
     config = _config()
     config.itm_caption_negatives = 1.0  # every image's negative text is its caption negative (index batch + i)

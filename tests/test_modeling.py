@@ -431,6 +431,59 @@ def test_hard_negatives_never_come_from_the_same_image() -> None:
         sample_hard_negatives(torch.randn(3, 3), torch.tensor([7, 7, 7]))
 
 
+def test_several_hard_negatives_per_pair_are_distinct_and_scored_beside_the_positives(tiny_config) -> None:
+    logits = torch.randn(6, 6) * 5
+    image_ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    for seed in range(10):
+        texts, images = sample_hard_negatives(
+            logits, image_ids, generator=torch.Generator().manual_seed(seed), num_negatives=3
+        )
+        assert texts.shape == images.shape == (18,)
+        per_image, per_text = texts.view(3, 6).t(), images.view(3, 6).t()  # draw k of pair i at k * batch + i
+        assert (image_ids[per_image] != image_ids[:, None]).all() and (image_ids[per_text] != image_ids[:, None]).all()
+        assert all(len(set(row.tolist())) == 3 for row in (*per_image, *per_text))  # 4 candidates: distinct
+    # Fewer candidates than negatives asked for: drawn with replacement rather than failing.
+    texts, _ = sample_hard_negatives(torch.randn(2, 2), num_negatives=3)
+    assert texts.tolist() == [1, 0] * 3
+    with pytest.raises(ValueError, match="num_negatives"):
+        sample_hard_negatives(logits, num_negatives=0)
+
+    inputs = make_inputs(tiny_config, batch_size=4)
+    config = copy.deepcopy(tiny_config)
+    config.itm_negatives_per_pair = 2
+    torch.manual_seed(0)
+    model = EfficientVLMForImageTextRetrieval(config).eval()
+    with torch.no_grad():
+        out = model(**inputs, image_ids=torch.arange(4))
+    assert out.itm_logits.shape == (20, 2) and out.itm_labels.tolist() == [1] * 4 + [0] * 16
+    # Row 4 + 4k + i: image i with its k-th negative text; row 12 + 4k + i: text i with its k-th negative image.
+    states = model.efficientvlm.encode_text(inputs["input_ids"], inputs["attention_mask"]).last_hidden_state
+    images = model.efficientvlm.encode_image(inputs["pixel_values"]).last_hidden_state
+    texts, negative_images = out.negative_text_index, out.negative_image_index
+    pairs_text = torch.cat([torch.arange(4), texts, torch.arange(4).repeat(2)])
+    pairs_image = torch.cat([torch.arange(4), torch.arange(4).repeat(2), negative_images])
+    with torch.no_grad():
+        expected, _ = image_text_matching_logits(
+            model.efficientvlm,
+            model.itm_head,
+            states[pairs_text],
+            inputs["attention_mask"][pairs_text],
+            images[pairs_image],
+        )
+    torch.testing.assert_close(out.itm_logits, expected, atol=1e-5, rtol=1e-4)
+    # A model with one negative per pair scores given negatives of two per pair (a teacher, a student's pairs).
+    with torch.no_grad():
+        given = EfficientVLMForImageTextRetrieval(tiny_config).eval()(
+            **inputs, image_ids=torch.arange(4), itm_negatives=(texts, negative_images)
+        )
+    assert given.itm_logits.shape == (20, 2)
+    with pytest.raises(ValueError, match="n \\* batch"):
+        model(**inputs, image_ids=torch.arange(4), return_loss=True, itm_negatives=(texts[:6], negative_images[:6]))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="itm_negatives_per_pair"):
+            EfficientVLMConfig.from_preset("tiny", itm_negatives_per_pair=bad)
+
+
 def test_identical_texts_are_never_itm_negatives_of_each_others_images() -> None:
     # Four images; texts 0 and 2 are the same caption ("a picture of two shapes"), so each is true of images 0 and 2.
     input_ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0], [2, 7, 8, 3, 0], [2, 10, 11, 12, 3]])

@@ -434,17 +434,19 @@ def _itm_attention_mask(
     encoder_output: Any,
     negative_attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Padding mask of the 3 * batch ITM pairs (positives, negative texts, negative images), when the encoder
+    """Padding mask of the (1 + 2n) * batch ITM pairs (positives, negative texts, negative images), when the encoder
     output holds such pairs; else None. Negative text indices >= batch name caption negatives
     (`negative_attention_mask`)."""
     negative_text_index = getattr(outputs, "negative_text_index", None)
     states = getattr(encoder_output, "last_hidden_state", None)
     if attention_mask is None or negative_text_index is None or states is None:
         return None
-    if states.shape[0] != 3 * attention_mask.shape[0]:
+    batch = attention_mask.shape[0]
+    per_pair = negative_text_index.shape[0] // batch
+    if states.shape[0] != (1 + 2 * per_pair) * batch:
         return None
     texts = attention_mask if negative_attention_mask is None else torch.cat([attention_mask, negative_attention_mask])
-    return torch.cat([attention_mask, texts[negative_text_index], attention_mask])
+    return torch.cat([attention_mask, texts[negative_text_index], attention_mask.repeat(per_pair, 1)])
 
 
 __all__ = [
