@@ -112,3 +112,38 @@ def test_texts_of_every_record_kind_and_named_errors(tmp_path) -> None:
         texts_from_files([path])
     with pytest.raises(ValueError, match="exactly one of --tokenizer and --train_files"):
         cli.main(["processor", "--output_dir", str(tmp_path / "p")])
+
+
+def test_config_overrides_on_a_saved_model_set_how_it_trains_and_nothing_else(tmp_path) -> None:
+    import torch
+
+    from trainers.training import build_model_and_processor, build_task_model
+
+    from .conftest import make_inputs
+
+    saved = tmp_path / "pretrained"
+    vocab = write_demo_vocab(tmp_path / "vocab.txt")
+    pretrained, processor = build_model_and_processor("pretraining", preset="tiny", vocab_file=vocab)
+    pretrained.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    overrides = {"itm_negatives_per_pair": 2, "itm_random_negatives": 0.25}
+    model = build_task_model("retrieval", saved, config_overrides=overrides)
+    assert (model.config.itm_negatives_per_pair, model.config.itm_random_negatives) == (2, 0.25)
+    inputs = make_inputs(model.config, batch_size=4)
+    with torch.no_grad():
+        assert model.train()(**inputs, image_ids=torch.arange(4)).itm_logits.shape == (20, 2)  # 2 negatives per pair
+    with pytest.raises(
+        ValueError, match=r"\['embed_dim'\] would change the config a saved model \(--model_name_or_path"
+    ):
+        build_model_and_processor("retrieval", saved, config_overrides={"embed_dim": 64})
+    with pytest.raises(ValueError, match="itm_negatives_per_pair"):
+        build_task_model("retrieval", saved, config_overrides={"itm_negatives_per_pair": 0})
+    # Through the CLI: the fine-tuned folder keeps the setting it trained with.
+    data = generate_demo_data(tmp_path / "data", quick=True, num_train_images=12, num_eval_images=4)
+    output = tmp_path / "retrieval"
+    cli.main(
+        ["finetune", "--task", "retrieval", "--model_name_or_path", str(saved)]
+        + ["--config_overrides", '{"itm_negatives_per_pair": 2}', "--train_file", str(data.retrieval_train)]
+        + ["--image_root", str(data.image_root), "--output_dir", str(output), "--max_steps", "1", *TRAINING]
+    )
+    assert json.loads((output / "config.json").read_text())["itm_negatives_per_pair"] == 2

@@ -26,6 +26,31 @@ from trainers.saving import hub_target_from, save_model_folder
 from trainers.sharding import check_engine, prepare_model_for_engine, whole_model, whole_weights_on_load
 from trainers.tasks import build_collator, build_dataset, evaluate_task, task_model_from
 
+# Config fields that set how a model trains (its ITM negatives, its captioning label smoothing), not the shape of any
+# weight: `--config_overrides` may change them on a saved model too.
+TRAINING_CONFIG_FIELDS = (
+    "itm_random_negatives",
+    "itm_exclude_identical_texts",
+    "itm_caption_negatives",
+    "itm_negatives_per_pair",
+    "label_smoothing",
+)
+
+
+def check_training_overrides(overrides: dict[str, Any], source: str) -> None:
+    """Raises a `ValueError` unless every key of `overrides` is a [`TRAINING_CONFIG_FIELDS`] field with a valid
+    value: a saved model (`source`) keeps every field that shapes its weights."""
+    from modeling_efficientvlm import EfficientVLMConfig
+
+    shaping = sorted(set(overrides) - set(TRAINING_CONFIG_FIELDS))
+    if shaping:
+        raise ValueError(
+            f"--config_overrides {shaping} would change the config a saved model ({source}) was built with; on a "
+            f"saved model it may set only how it trains: {', '.join(TRAINING_CONFIG_FIELDS)}. Start from --preset "
+            "to change the rest."
+        )
+    EfficientVLMConfig.from_preset("tiny", **overrides)  # the config's own checks of each value
+
 
 def build_task_model(
     task: str,
@@ -35,7 +60,8 @@ def build_task_model(
     tokenizer: Any = None,
 ) -> Any:
     """A `task` model from a saved folder (or Hub id), or with random weights from a preset (whose config fields
-    `config_overrides` replaces); exactly one of the two.
+    `config_overrides` replaces); exactly one of the two. On a saved model `config_overrides` may set the
+    [`TRAINING_CONFIG_FIELDS`] only.
 
     With a `tokenizer`, a preset model takes its `vocab_size` (`len(tokenizer)`; an explicit
     `text_config.vocab_size` override wins only when at least that) and its [PAD] / [CLS] / [SEP] ids from it; a
@@ -50,10 +76,15 @@ def build_task_model(
         if tokenizer is not None:
             overrides["text_config"] = vocabulary_overrides(tokenizer, overrides.get("text_config"))
         return task_model_class(task)(EfficientVLMConfig.from_preset(preset, **overrides))
+    source = f"--model_name_or_path {model_name_or_path}"
+    check_training_overrides(config_overrides or {}, source)
     if tokenizer is not None:
         saved = EfficientVLMConfig.from_pretrained(model_name_or_path)
-        check_vocabulary(tokenizer, saved.text_config.vocab_size, f"--model_name_or_path {model_name_or_path}")
-    return task_model_from(task, model_name_or_path)
+        check_vocabulary(tokenizer, saved.text_config.vocab_size, source)
+    model = task_model_from(task, model_name_or_path)
+    for name, value in (config_overrides or {}).items():
+        setattr(model.config, name, value)
+    return model
 
 
 def check_vocabulary(tokenizer: Any, vocab_size: int, source: str, fix: str | None = None) -> None:
@@ -113,6 +144,7 @@ def build_model_and_processor(
     if preset is not None:
         config = EfficientVLMConfig.from_preset(preset, **copy.deepcopy(config_overrides or {}))
     else:
+        check_training_overrides(config_overrides or {}, f"--model_name_or_path {model_name_or_path}")
         config = EfficientVLMConfig.from_pretrained(model_name_or_path)
     processor = load_processor(
         config, processor_name_or_path or model_name_or_path, vocab_file, max_text_length=max_text_length

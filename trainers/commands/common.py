@@ -23,7 +23,12 @@ class ModelArguments:
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": 'JSON of config fields for --preset, e.g. \'{"vision_config": {"image_size": 64}}\'.'},
+        metadata={
+            "help": 'JSON of config fields for --preset, e.g. \'{"vision_config": {"image_size": 64}}\'; on a saved '
+            "model only how it trains: the ITM negatives (itm_random_negatives, itm_exclude_identical_texts, "
+            "itm_caption_negatives, itm_negatives_per_pair) and label_smoothing, e.g. "
+            "'{\"itm_negatives_per_pair\": 2}'."
+        },
     )
     processor_name_or_path: str | None = field(
         default=None,
@@ -246,14 +251,10 @@ def parse_json_option(value: str | None, name: str) -> dict[str, Any]:
 
 def model_options(model_args: ModelArguments) -> dict[str, Any]:
     """`ModelArguments` as the keyword arguments of `trainers.training.build_task_model`. `--config_overrides`
-    shapes a `--preset`; with a saved model it is an error, unless a recipe gave it (then it does not apply)."""
+    shapes a `--preset`; on a saved model it may set how the model trains (`TRAINING_CONFIG_FIELDS`, checked when
+    the model is built), and a recipe's overrides (a preset's shape) do not apply."""
     overrides = parse_json_option(model_args.config_overrides, "config_overrides")
-    if overrides and model_args.model_name_or_path is not None:
-        if "config_overrides" not in recipe_fields(model_args):
-            raise ValueError(
-                "--config_overrides sets the config of a --preset; a saved model (--model_name_or_path "
-                f"{model_args.model_name_or_path}) keeps the config it was saved with."
-            )
+    if overrides and model_args.model_name_or_path is not None and "config_overrides" in recipe_fields(model_args):
         overrides = {}
     return {
         "model_name_or_path": model_args.model_name_or_path,
