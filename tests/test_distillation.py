@@ -450,11 +450,8 @@ def test_kd_terms_of_task_models(task: str, tmp_path) -> None:
         assert trainer.distillation_loss.layer_mappings["multimodal"] == [1, 3]
 
 
-def test_retrieval_kd_with_several_negatives_per_pair_scores_the_same_pairs(tmp_path) -> None:
-    config = _config()
-    config.itm_negatives_per_pair = 2
-    model_class, inputs = _task_case("retrieval", config)
-    inputs["attention_mask"][0, -2:] = 0  # a padded text: the KD mask of its pairs must follow it
+def _same_depth_kd(config: EfficientVLMConfig, model_class: type, inputs: dict, tmp_path) -> tuple:
+    """A student built at the teacher's depth (so the teacher itself): its outputs on `inputs` and its KD terms."""
     torch.manual_seed(0)
     teacher = model_class(config).eval()
     trainer = DistillationTrainer(
@@ -463,6 +460,15 @@ def test_retrieval_kd_with_several_negatives_per_pair_scores_the_same_pairs(tmp_
     with torch.no_grad():
         outputs = trainer.model(**inputs, output_hidden_states=True)
         terms = trainer.compute_distillation_terms(outputs, trainer.teacher_forward(inputs, outputs), inputs)
+    return outputs, terms
+
+
+def test_retrieval_kd_with_several_negatives_per_pair_scores_the_same_pairs(tmp_path) -> None:
+    config = _config()
+    config.itm_negatives_per_pair = 2
+    model_class, inputs = _task_case("retrieval", config)
+    inputs["attention_mask"][0, -2:] = 0  # a padded text: the KD mask of its pairs must follow it
+    outputs, terms = _same_depth_kd(config, model_class, inputs, tmp_path)
     batch = inputs["input_ids"].shape[0]
     assert outputs.itm_logits.shape[0] == 5 * batch and outputs.negative_text_index.shape == (2 * batch,)
     # The padding mask of the fused pairs (what the hidden-state terms average over) is each pair's text's.
@@ -489,14 +495,7 @@ def test_retrieval_kd_with_caption_negatives_scores_the_same_pairs(tmp_path) -> 
         "itm_negative_input_ids": negatives["input_ids"],
         "itm_negative_attention_mask": negatives["attention_mask"],
     }
-    torch.manual_seed(0)
-    teacher = model_class(config).eval()
-    trainer = DistillationTrainer(
-        model=build_student(teacher, 2, 2, 2).eval(), args=_args(tmp_path), teacher_model=teacher
-    )
-    with torch.no_grad():
-        outputs = trainer.model(**inputs, output_hidden_states=True)
-        terms = trainer.compute_distillation_terms(outputs, trainer.teacher_forward(inputs, outputs), inputs)
+    outputs, terms = _same_depth_kd(config, model_class, inputs, tmp_path)
     batch = inputs["input_ids"].shape[0]
     assert torch.equal(outputs.negative_text_index, torch.arange(batch, 2 * batch))
     # The same-depth student is the teacher: scoring the same caption-negative pairs, every term is zero.
