@@ -290,13 +290,16 @@ class StructureMasker(nn.Module):
         """The masks to evaluate with and to prune with (`model.prune(masker.deterministic_masks())`); `offset`: see
         [`offset_for_sparsity`]."""
         self.check_finite()
-        log_alphas = [log_alpha.detach() for _, _, log_alpha in self.layers()]
-        if not log_alphas:
+        if not self._layer_units:
             return self._as_structure_masks([])
+        log_alpha = self.flat_log_alpha()
         # 1 - E[non-zeros] = sum of P(z = 0): every layer's count of zeros in one pass and one sync.
-        counts = self._zero_counts(self.probability_of_zero(torch.cat(log_alphas) + offset))
+        counts = self._zero_counts(self.probability_of_zero(log_alpha + offset))
         return self._as_structure_masks(
-            [self.deterministic_mask(log_alpha, binary, num_zeros=n) for log_alpha, n in zip(log_alphas, counts)]
+            [
+                self.deterministic_mask(layer_log_alpha, binary, num_zeros=n)
+                for layer_log_alpha, n in zip(log_alpha.split(self._layer_units), counts)
+            ]
         )
 
     @torch.no_grad()
@@ -324,36 +327,37 @@ class StructureMasker(nn.Module):
         return self.sample() if self.training else self.deterministic_masks()
 
     # -- exact accounting ---------------------------------------------------------------------------------
-    def _expected_kept_parameters(self) -> torch.Tensor:
-        """(units,): each unit's parameters x P(z != 0), differentiable."""
-        return (1 - self.probability_of_zero(self.flat_log_alpha())) * self._unit_parameters
+    def _expected_kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """E[kept prunable parameters] = sum of unit parameters x P(z != 0), overall () and per modality of
+        `_modality_names`, differentiable, from one pass over the log-alphas."""
+        kept = (1 - self.probability_of_zero(self.flat_log_alpha())) * self._unit_parameters
+        return kept.sum(), kept.new_zeros(len(self._modality_names)).index_add(0, self._unit_modality, kept)
 
     def expected_remaining_parameters(self, modality: str | None = None) -> torch.Tensor:
         """Differentiable E[kept prunable parameters] = sum of unit parameters x P(z != 0) over units."""
         self._keys(modality)  # a ValueError for an unknown modality
-        kept = self._expected_kept_parameters()
+        overall, by_modality = self._expected_kept()
         if modality is None:
-            return kept.sum()
+            return overall
         if modality not in self._modality_names:  # nothing left to prune in this modality
-            return kept.new_zeros(())
-        return kept[self._unit_modality == self._modality_names.index(modality)].sum()
+            return overall.new_zeros(())
+        return by_modality[self._modality_names.index(modality)]
+
+    @staticmethod
+    def _sparsity(expected_kept: torch.Tensor, total: int) -> torch.Tensor:
+        return expected_kept * 0 if total == 0 else 1 - expected_kept / total
 
     def expected_sparsity(self, modality: str | None = None) -> torch.Tensor:
         """1 - E[kept] / prunable parameters of the full model (or of one modality)."""
-        total = self.total_parameters(modality)
-        if total == 0:
-            return self.expected_remaining_parameters(modality) * 0
-        return 1 - self.expected_remaining_parameters(modality) / total
+        return self._sparsity(self.expected_remaining_parameters(modality), self.total_parameters(modality))
 
     def expected_sparsities(self) -> dict[str, torch.Tensor]:
         """[`expected_sparsity`] overall (`"overall"`) and of every modality in [`modalities`], differentiable, from
         one pass over the log-alphas."""
-        kept = self._expected_kept_parameters()
-        by_modality = kept.new_zeros(len(self._modality_names)).index_add(0, self._unit_modality, kept)
-        sparsities = {"overall": 1 - kept.sum() / max(self.total_parameters(), 1)}
+        overall, by_modality = self._expected_kept()
+        sparsities = {"overall": self._sparsity(overall, self.total_parameters())}
         for index, modality in enumerate(self._modality_names):
-            if modality in self.modalities:
-                sparsities[modality] = 1 - by_modality[index] / self.total_parameters(modality)
+            sparsities[modality] = self._sparsity(by_modality[index], self.total_parameters(modality))
         return sparsities
 
     def _check_masks(self, masks: Mapping[str, list[torch.Tensor | None] | None]) -> None:
@@ -374,14 +378,9 @@ class StructureMasker(nn.Module):
 
     def remaining_parameters(self, masks: StructureMasks, modality: str | None = None) -> int:
         """Prunable parameters a model keeps after `prune(masks)`; a missing mask keeps its layer whole."""
-        self._check_masks(masks)
-        remaining = 0
-        for key in self._keys(modality):
-            layer_masks = masks.get(key) or [None] * len(self.structure_sizes[key])
-            for mask, units, per_unit in zip(layer_masks, self.structure_sizes[key], self.unit_parameters[key]):
-                kept = units if mask is None else int(torch.count_nonzero(mask).item())
-                remaining += kept * per_unit
-        return remaining
+        keys = self._keys(modality)
+        kept = self.kept_structures(masks)
+        return sum(units * per_unit for key in keys for units, per_unit in zip(kept[key], self.unit_parameters[key]))
 
     def sparsity_of(self, masks: StructureMasks, modality: str | None = None) -> float:
         """Fraction of the prunable parameters (all, or one modality's) that `prune(masks)` removes."""
@@ -389,15 +388,21 @@ class StructureMasker(nn.Module):
         return 0.0 if total == 0 else (total - self.remaining_parameters(masks, modality)) / total
 
     def kept_structures(self, masks: StructureMasks) -> dict[str, list[int]]:
-        """Units kept per layer for each key after `prune(masks)`."""
+        """Units kept per layer for each key after `prune(masks)` (a missing mask keeps its layer whole); every
+        layer's non-zeros are counted with one device sync."""
         self._check_masks(masks)
-        kept = {}
-        for key, sizes in self.structure_sizes.items():
-            layer_masks = masks.get(key) or [None] * len(sizes)
-            kept[key] = [
-                units if mask is None else int(torch.count_nonzero(mask).item())
-                for mask, units in zip(layer_masks, sizes)
-            ]
+        kept = {key: list(sizes) for key, sizes in self.structure_sizes.items()}
+        given = [
+            (key, layer, mask)
+            for key, layer_masks in masks.items()
+            for layer, mask in enumerate(layer_masks or [])
+            if mask is not None
+        ]
+        if given:
+            device = given[0][2].device
+            counts = torch.stack([torch.count_nonzero(mask).to(device) for _, _, mask in given]).tolist()
+            for (key, layer, _), count in zip(given, counts):
+                kept[key][layer] = int(count)
         return kept
 
     def extra_repr(self) -> str:

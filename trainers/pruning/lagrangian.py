@@ -125,8 +125,8 @@ class SparsityLagrangian(nn.Module):
         sparsities = masker.expected_sparsities()  # one pass over every log-alpha
         for name in self.targets:
             suffix = "" if name == "overall" else f"_{name}"
-            # A modality with nothing left to prune has sparsity 0 (no units, no gradient).
-            sparsity = sparsities.get(name, sparsities["overall"] * 0)
+            # A modality the masker does not hold: its own answer (0 with nothing left to prune, else a ValueError).
+            sparsity = sparsities[name] if name in sparsities else masker.expected_sparsity(name)
             gap = sparsity - self.target(step, name)
             lambda_1 = _ReverseGradient.apply(self.lambda_1[name])
             lambda_2 = _ReverseGradient.apply(self.lambda_2[name])
