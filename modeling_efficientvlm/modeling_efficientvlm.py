@@ -1582,6 +1582,17 @@ def image_text_matching_logits(
     return itm_head(fusion.last_hidden_state[:, 0]), fusion
 
 
+def itm_pair_texts(
+    texts: torch.Tensor, negative_text_index: torch.Tensor, negative_texts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`texts` (batch, ...) (states or attention masks) row by row in the order of the ITM pairs: each pair's own
+    text, then image i's negative texts (`negative_text_index` (n * batch,) into `texts` followed by
+    `negative_texts`, the caption negatives), then each text again once for each of its n negative images."""
+    per_pair = negative_text_index.shape[0] // texts.shape[0]
+    pool = texts if negative_texts is None else torch.cat([texts, negative_texts])
+    return torch.cat([texts, pool[negative_text_index], texts.repeat(per_pair, *([1] * (texts.dim() - 1)))])
+
+
 def use_caption_negatives(
     negative_text_index: torch.Tensor, negative_image_index: torch.Tensor, share: float, batch: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1658,21 +1669,18 @@ def image_text_contrastive_matching(
     if (
         per_pair < 1
         or negative_text_index.shape[0] != per_pair * batch
-        or negative_image_index.shape != (negative_text_index.shape)
+        or negative_image_index.shape != negative_text_index.shape
     ):
         raise ValueError(
             f"`itm_negatives` must hold n * batch ({batch}) negative text and image indices each; got "
             f"{tuple(negative_text_index.shape)} and {tuple(negative_image_index.shape)}."
         )
-    texts, masks = text_states, attention_mask
     if negative_text_states is not None:
         if negative_text_states.shape != text_states.shape or negative_attention_mask is None:
             raise ValueError(
                 "Caption negatives need `negative_attention_mask` and states shaped like the texts' "
                 f"{tuple(text_states.shape)}; got {tuple(negative_text_states.shape)}."
             )
-        texts = torch.cat([text_states, negative_text_states])
-        masks = torch.cat([attention_mask, negative_attention_mask])
     elif int(negative_text_index.max()) >= batch:
         raise ValueError(
             f"`itm_negatives` name caption negatives (text index >= batch size {batch}); pass the caption "
@@ -1681,12 +1689,11 @@ def image_text_contrastive_matching(
     # Pairs: (image i, text i), (image i, each negative text), (each negative image, text i). Each image is given
     # once, so the fusion computes its cross-attention keys and values once for all its pairs.
     own_images = torch.arange(batch, device=image_states.device)
-    repeat = (per_pair, *([1] * (text_states.dim() - 1)))
     itm_logits, itm_fusion = image_text_matching_logits(
         backbone,
         itm_head,
-        torch.cat([text_states, texts[negative_text_index], text_states.repeat(repeat)]),
-        torch.cat([attention_mask, masks[negative_text_index], attention_mask.repeat(per_pair, 1)]),
+        itm_pair_texts(text_states, negative_text_index, negative_text_states),
+        itm_pair_texts(attention_mask, negative_text_index, negative_attention_mask),
         image_states,
         structure_masks,
         output_attentions,
@@ -1854,6 +1861,7 @@ __all__ = [
     "EfficientVLMTaskOutput",
     "image_text_contrastive_matching",
     "image_text_matching_logits",
+    "itm_pair_texts",
     "itc_embedding",
     "attention_head_parameters",
     "commit_prune_plan",

@@ -33,6 +33,7 @@ from torch import nn
 
 from modeling_efficientvlm.configuration_efficientvlm import TextStackLayout, has_twin_fusion_layers, stack_depths
 from modeling_efficientvlm.loss_efficientvlm import distributed_world_size, gather_batch
+from modeling_efficientvlm.modeling_efficientvlm import itm_pair_texts
 
 from ..tasks import EncoderKD, KDSpec, LogitKD
 from .layer_mapping import LAYER_STACKS, resolve_layer_mapping
@@ -442,11 +443,9 @@ def _itm_attention_mask(
     if attention_mask is None or negative_text_index is None or states is None:
         return None
     batch = attention_mask.shape[0]
-    per_pair = negative_text_index.shape[0] // batch
-    if states.shape[0] != (1 + 2 * per_pair) * batch:
+    if states.shape[0] != batch + 2 * negative_text_index.shape[0]:
         return None
-    texts = attention_mask if negative_attention_mask is None else torch.cat([attention_mask, negative_attention_mask])
-    return torch.cat([attention_mask, texts[negative_text_index], attention_mask.repeat(per_pair, 1)])
+    return itm_pair_texts(attention_mask, negative_text_index, negative_attention_mask)
 
 
 __all__ = [
