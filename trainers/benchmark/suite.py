@@ -292,7 +292,8 @@ def _measure_setting(
                 calls[(name, compiled_name)] = compiled_call(call, settings.compile)
                 eager_of[compiled_name] = entry.name
     calls = {key: synchronized(call, settings.device) for key, call in calls.items()}
-    flops = {(name, model): count_flops(calls[(name, eager_of.get(model, model))]) for name, model in calls}
+    flops = {key: count_flops(call) for key, call in calls.items() if key[1] not in eager_of}
+    flops.update({(name, model): flops[(name, eager_of[model])] for name, model in calls if model in eager_of})
     timings = interleaved_timings(calls, warmup=settings.warmup, repeats=settings.repeats, rounds=settings.rounds)
     device_memory = _device_memory(calls, settings.device)
     by_name = {entry.name: entry for entry in models}
