@@ -144,7 +144,6 @@ def build_model_and_processor(
     if preset is not None:
         config = EfficientVLMConfig.from_preset(preset, **copy.deepcopy(config_overrides or {}))
     else:
-        check_training_overrides(config_overrides or {}, f"--model_name_or_path {model_name_or_path}")
         config = EfficientVLMConfig.from_pretrained(model_name_or_path)
     processor = load_processor(
         config, processor_name_or_path or model_name_or_path, vocab_file, max_text_length=max_text_length
