@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput
 
 from .checks_efficientvlm import check_tensor
 from .configuration_efficientvlm import EfficientVLMConfig, EfficientVLMTextConfig, EfficientVLMVisionConfig
+from .grouping_efficientvlm import EncoderGroups
 from .loading_efficientvlm import check_loaded_weights, corrupt_checkpoint_error, unreadable_weight_files
 from .loss_efficientvlm import (
     ImageTextContrastiveLoss,
@@ -261,21 +262,29 @@ class EfficientVLMAttention(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
-        encoder_index: torch.Tensor | None = None,
+        encoder_groups: EncoderGroups | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states: (batch, q_len, hidden); attention_mask: additive, (batch, 1, q_len | 1, k_len);
-        head_mask: (heads,) or (batch, heads), multiplied into each head's context; encoder_index: (batch,),
-        the row of `encoder_hidden_states` each row of `hidden_states` attends to (then `encoder_hidden_states`
-        may hold fewer rows: each one's keys and values are computed once, however many rows share it).
-        Returns the output (batch, q_len, hidden) and, with `output_attentions`, (batch, heads, q_len, k_len)."""
+        head_mask: (heads,) or (batch, heads), multiplied into each head's context; encoder_groups: the row of
+        `encoder_hidden_states` each row of `hidden_states` attends to (then `encoder_hidden_states` and
+        `attention_mask` may hold fewer rows: each one's keys and values are computed once, however many rows
+        share it). Returns the output (batch, q_len, hidden) and, with `output_attentions`,
+        (batch, heads, q_len, k_len)."""
         kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch, q_len = hidden_states.shape[:2]
-        kv_batch, kv_len = kv_states.shape[:2]
-        query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
-        key = self.k_proj(kv_states).view(kv_batch, kv_len, -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj(kv_states).view(kv_batch, kv_len, -1, self.head_dim).transpose(1, 2)
-        if encoder_index is not None:
-            key, value = key.index_select(0, encoder_index), value.index_select(0, encoder_index)
+        q_len = hidden_states.shape[1]
+        query, key, value = self.q_proj(hidden_states), self.k_proj(kv_states), self.v_proj(kv_states)
+        grouped = encoder_groups is not None and encoder_groups.blocked and not output_attentions
+        if grouped:  # the queries of texts sharing an image attend together to its keys and values
+            query = encoder_groups.to_blocks(query)
+            key, value = encoder_groups.rows_of_blocks(key), encoder_groups.rows_of_blocks(value)
+            attention_mask = encoder_groups.rows_of_blocks(attention_mask)
+        elif encoder_groups is not None:  # weights per text, or compiling: keys and values copied per text
+            key, value = key.index_select(0, encoder_groups.index), value.index_select(0, encoder_groups.index)
+            if attention_mask is not None:
+                attention_mask = attention_mask.index_select(0, encoder_groups.index)
+        query = query.view(*query.shape[:2], -1, self.head_dim).transpose(1, 2)
+        key = key.view(*key.shape[:2], -1, self.head_dim).transpose(1, 2)
+        value = value.view(*value.shape[:2], -1, self.head_dim).transpose(1, 2)
 
         attention_interface: Callable = eager_attention_forward
         if not output_attentions:
@@ -291,9 +300,11 @@ class EfficientVLMAttention(nn.Module):
             scaling=self.scale,
             dropout=self.dropout if self.training else 0.0,
         )
+        if grouped:
+            context = encoder_groups.from_blocks(context, q_len)
         if head_mask is not None:
             context = context * head_mask.to(context.dtype).view(-1, 1, self.num_heads, 1)
-        output = self.out_proj(context.reshape(batch, q_len, -1))
+        output = self.out_proj(context.reshape(*hidden_states.shape[:2], -1))
         return output, (attn_weights if output_attentions else None)
 
     def prune(self, mask: torch.Tensor) -> nn.Module:
@@ -633,7 +644,7 @@ class EfficientVLMTextLayer(GradientCheckpointingLayer):
         cross_head_mask: torch.Tensor | None = None,
         ffn_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
-        encoder_index: torch.Tensor | None = None,
+        encoder_groups: EncoderGroups | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         attn_output, self_weights = self.attention(
             hidden_states, attention_mask, head_mask=head_mask, output_attentions=output_attentions
@@ -649,7 +660,7 @@ class EfficientVLMTextLayer(GradientCheckpointingLayer):
                 encoder_hidden_states=encoder_hidden_states,
                 head_mask=cross_head_mask,
                 output_attentions=output_attentions,
-                encoder_index=encoder_index,
+                encoder_groups=encoder_groups,
             )
             hidden_states = self.crossattention_norm(hidden_states + self.dropout(cross_output))
         hidden_states = self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states, ffn_mask)))
@@ -700,11 +711,12 @@ class EfficientVLMTextEncoder(nn.Module):
         ffn_mask: list[torch.Tensor | None] | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-        encoder_index: torch.Tensor | None = None,
+        encoder_groups: EncoderGroups | None = None,
     ) -> EncoderOutput:
         """Runs the layers in `layers` (default: all). Masks are indexed by absolute layer position for
         `head_mask` / `ffn_mask` (length: all layers) and by fusion-layer position for `cross_head_mask`.
-        `encoder_index`: see [`EfficientVLMTextModel.forward`]."""
+        `encoder_groups`: which row of `encoder_hidden_states` each text cross-attends to, from
+        [`EfficientVLMTextModel.forward`]'s `encoder_index`."""
         layout = self.config.layout
         layers = range(layout.num_layers) if layers is None else layers
         all_hidden = (hidden_states,) if output_hidden_states else None
@@ -725,7 +737,7 @@ class EfficientVLMTextEncoder(nn.Module):
                 ),
                 ffn_mask=_layer_mask(ffn_mask, i, "text/fusion FFN masks", layout.num_layers),
                 output_attentions=output_attentions,
-                encoder_index=encoder_index,
+                encoder_groups=encoder_groups,
             )
             if output_hidden_states:
                 all_hidden += (hidden_states,)
@@ -1133,16 +1145,16 @@ class EfficientVLMTextModel(EfficientVLMPreTrainedModel):
                 f"`attention_mask` has shape {tuple(attention_mask.shape)} but the text has shape "
                 f"{tuple(hidden_states.shape[:2])}."
             )
+        encoder_groups = None
         if encoder_index is not None:
             _check_encoder_index(encoder_index, hidden_states.shape[0], encoder_hidden_states)
+            encoder_groups = EncoderGroups(encoder_index, encoder_hidden_states.shape[0])
         elif encoder_hidden_states is not None and encoder_hidden_states.shape[0] != hidden_states.shape[0]:
             raise ValueError(
                 f"Batch sizes differ: {hidden_states.shape[0]} texts but {encoder_hidden_states.shape[0]} images."
             )
         dtype = hidden_states.dtype
-        encoder_mask = extended_attention_mask(encoder_attention_mask, dtype)
-        if encoder_mask is not None and encoder_index is not None:
-            encoder_mask = encoder_mask.index_select(0, encoder_index)
+        encoder_mask = extended_attention_mask(encoder_attention_mask, dtype)  # per encoder row: groups index it
         return self.encoder(
             hidden_states,
             extended_attention_mask(attention_mask, dtype, causal=is_causal, query_length=hidden_states.shape[1]),
@@ -1154,7 +1166,7 @@ class EfficientVLMTextModel(EfficientVLMPreTrainedModel):
             ffn_mask=ffn_mask,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            encoder_index=encoder_index,
+            encoder_groups=encoder_groups,
         )
 
     def layer_masks(self, structure_masks: StructureMasks | None) -> dict[str, list[torch.Tensor | None] | None]:

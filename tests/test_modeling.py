@@ -17,6 +17,7 @@ from modeling_efficientvlm import (
     EfficientVLMVisionModel,
 )
 from modeling_efficientvlm.configuration_efficientvlm import TextStackLayout, has_twin_fusion_layers, stack_depths
+from modeling_efficientvlm.grouping_efficientvlm import EncoderGroups
 from modeling_efficientvlm.loss_efficientvlm import identical_texts, sample_hard_negatives
 from modeling_efficientvlm.modeling_efficientvlm import (
     TEXT_MASK_KEYS,
@@ -682,6 +683,61 @@ def test_fusion_zero_init_residual_starts_fusion_layers_as_identity(tmp_path, ti
     assert (reloaded.text_model.encoder.layer[-1].mlp.fc2.weight == 0.5).all()
 
 
+@pytest.mark.parametrize("index", [[2, 2, 2, 2, 2, 0], [1, 0, 1, 1, 0, 1], [0, 1, 2, 3, 0, 1]])
+def test_shared_image_fusion_trains_and_reports_attention_as_with_copies(tiny_config, index) -> None:
+    """The shared-image fusion (texts grouped by image, blocks padded) gives the same gradients as fusing copies of
+    the images, and `output_attentions` gives each text's own cross-attention weights."""
+    model = EfficientVLMModel(tiny_config).train()
+    for module in model.modules():  # dropout off (hidden states and attention weights), autograd on
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = 0.0
+    inputs = make_inputs(tiny_config, batch_size=6, seed=5)
+    index = torch.tensor(index)
+    images = model.vision_model(inputs["pixel_values"][:4]).last_hidden_state
+    texts = model.text_model(inputs["input_ids"], inputs["attention_mask"], mode="text").last_hidden_state
+
+    def fused_and_grads(**kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        out = model.fuse(texts, inputs["attention_mask"], **kwargs).last_hidden_state
+        out.pow(2).sum().backward(retain_graph=True)
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    shared, shared_grads = fused_and_grads(image_states=images, image_index=index)
+    repeated, repeated_grads = fused_and_grads(image_states=images[index])
+    torch.testing.assert_close(shared, repeated)
+    assert len(shared_grads) == len(repeated_grads) > 0
+    for a, b in zip(shared_grads, repeated_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        weights = model.fuse(texts, inputs["attention_mask"], images, image_index=index, output_attentions=True)
+        own = model.fuse(texts, inputs["attention_mask"], images[index], output_attentions=True)
+    for a, b in zip(weights.cross_attentions, own.cross_attentions):
+        assert a.shape[0] == len(index)
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_encoder_groups_round_trip_with_bounded_padding(seed) -> None:
+    """Blocks hold each text once, with its own image; padding stays under 2 x (texts + images used)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = int(torch.randint(1, 8, (1,), generator=generator))
+    batch = int(torch.randint(1, 40, (1,), generator=generator))
+    # Skewed: most texts on row 0, as with the hub images of retrieval re-ranking.
+    index = torch.where(torch.rand(batch, generator=generator) < 0.6, 0, torch.randint(0, rows, (batch,)))
+    groups = EncoderGroups(index, rows)
+    states = torch.randn(batch, 3, 4, generator=generator)
+    blocks = groups.to_blocks(states)
+    assert blocks.shape == (groups.num_blocks, groups.block_size * 3, 4)
+    torch.testing.assert_close(groups.from_blocks(blocks, 3), states)
+    block_rows = groups.rows_of_blocks(torch.arange(rows))
+    assert torch.equal(block_rows[groups.block], index)  # every text's block is one of its own image
+    used = len(index.unique())
+    assert groups.num_blocks * groups.block_size <= 2 * (batch + used)
+    assert blocks.abs().sum() == pytest.approx(states.abs().sum().item(), rel=1e-5)  # the rest is zero padding
+
+
 def test_texts_sharing_an_image_fuse_as_with_the_image_repeated_and_project_it_once(tiny_config) -> None:
     """`image_index` (retrieval re-ranking, VQA answers): each distinct image is given once and its cross-attention
     keys / values are computed once, yet every text fuses exactly as with its own copy of the image."""
@@ -702,6 +758,10 @@ def test_texts_sharing_an_image_fuse_as_with_the_image_repeated_and_project_it_o
     hook.remove()
     assert projected == [2, 5]
     torch.testing.assert_close(shared.last_hidden_state, repeated.last_hidden_state)
+    # One image shared by most texts, one unused: its block is split in two and the unused image gets none.
+    many = model.fuse(texts, inputs["attention_mask"], images, image_mask, image_index=torch.tensor([0, 0, 0, 0, 1]))
+    copies = model.fuse(texts, inputs["attention_mask"], images[[0, 0, 0, 0, 1]], image_mask[[0, 0, 0, 0, 1]])
+    torch.testing.assert_close(many.last_hidden_state, copies.last_hidden_state)
     with pytest.raises(ValueError, match=r"one entry per text \(5\)"):
         model.fuse(texts, inputs["attention_mask"], images, image_index=index[:4])
     with pytest.raises(ValueError, match="integer"):
