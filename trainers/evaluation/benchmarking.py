@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -22,13 +22,31 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _cpu_attention_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flops(
+    grad_out_shape: Any, query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any
+) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch counts the CUDA attention kernels but not the CPU's: without these, attention's FLOPs (a tenth of a 384 px
+# ViT's) would count on a GPU and vanish on a CPU.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module | Callable[[], Any], inputs: dict[str, torch.Tensor] | None = None) -> int:
     """FLOPs of one forward pass of `model(**inputs)`, or of one call of a zero-argument `model` (a workload)
-    (`torch.utils.flop_counter`: matmuls, convolutions and SDPA, 2 per multiply-add)."""
+    (`torch.utils.flop_counter`: matmuls, convolutions and attention, on any device; 2 per multiply-add)."""
     if isinstance(model, nn.Module):
         model.eval()
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     with counter:
         model(**inputs) if inputs is not None else model()
     return int(counter.get_total_flops())
