@@ -212,8 +212,8 @@ def test_compiled_rows_are_timed_beside_the_eager_models_with_the_eager_flops(mo
 
     modes, compile_ = [], torch.compile
 
-    def spy(function, mode=None):  # dynamo's real tracing, without inductor's code generation (slow on 2 cores)
-        modes.append(mode)
+    def spy(function, mode=None, options=None):  # dynamo's real tracing, without inductor's code generation (slow)
+        modes.append(mode or options)
         return compile_(function, backend="eager")
 
     monkeypatch.setattr(suite.torch, "compile", spy)
@@ -235,6 +235,9 @@ def test_compiled_rows_are_timed_beside_the_eager_models_with_the_eager_flops(mo
         assert compiled.flops_reduction_vs_base == 1.0 and compiled.speed_target is None
     assert rows[("itm", "tiny pruned 0.5")].speed_target in ("pass", "fail")
     assert "torch.compile(mode='reduce-overhead')" in format_report(run_benchmark(models[:1], settings))
+    freezing = BenchmarkSettings(workloads=("itm",), batch_sizes=(2,), compile="freezing", **FAST)
+    assert "torch.compile(options={'freezing': True})" in format_report(run_benchmark(models[:1], freezing))
+    assert modes[-1] == {"freezing": True}
     with pytest.raises(ValueError, match="Unknown compile mode 'fast'"):
         BenchmarkSettings(workloads=("itm",), compile="fast")
     with pytest.raises(ValueError, match="compiled rows to the encoders, itm, vqa workloads"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from trainers.evaluation.benchmarking import matmul_peak_size
 
-from .suite import PEAK_TARGETS, SPEEDUP_PER_FLOPS_TARGET, BenchmarkReport
+from .suite import PEAK_TARGETS, SPEEDUP_PER_FLOPS_TARGET, BenchmarkReport, compile_call_text
 
 
 def _target(value: str | None) -> str:
@@ -58,7 +58,7 @@ def format_report(report: BenchmarkReport) -> str:
         + (" (the train steps: float32 weights under mixed precision)." if settings.dtype != "float32" else "."),
         *(
             [
-                f"[compiled]: the same model's workload through torch.compile(mode={settings.compile!r}), compiled "
+                f"[compiled]: the same model's workload through {compile_call_text(settings.compile)}, compiled "
                 "before the warm-up; its base is the eager model (so its speedup vs base is what compiling buys), its "
                 "FLOPs those of the eager call."
             ]

@@ -36,9 +36,11 @@ SPEEDUP_PER_FLOPS_TARGET = 0.9
 PEAK_TARGETS = {"encoders": 0.8, "itm": 0.8, "retrieval": 0.7}
 MASK_STEP_TARGET = 1.2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# `torch.compile` modes a benchmark can add compiled rows with ("reduce-overhead" replays CUDA graphs), and the
-# workloads that compile as one graph (retrieval loops over batches, the train step runs a `Trainer`).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# `torch.compile` modes a benchmark can add compiled rows with ("reduce-overhead" replays CUDA graphs; "freezing"
+# is the default mode with inductor's freezing: the weights become constants, folded and pre-packed for the
+# CPU's matmul library, and each linear layer's bias and activation run inside its matmul; inference only), and
+# the workloads that compile as one graph (retrieval loops over batches, the train step runs a `Trainer`).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "freezing")
 COMPILABLE_WORKLOADS = ("encoders", "itm", "vqa")
 COMPILED_SUFFIX = " [compiled]"
 
@@ -329,15 +331,20 @@ def _measure_setting(
     return rows
 
 
+def compile_call_text(mode: str) -> str:
+    """How `compiled_call` compiles in `mode`, as code."""
+    return "torch.compile(options={'freezing': True})" if mode == "freezing" else f"torch.compile(mode={mode!r})"
+
+
 def compiled_call(call: Any, mode: str) -> Any:
     """`call` through `torch.compile` in `mode`, compiled by a first call made here (not timed); a workload that does
     not compile raises a RuntimeError naming the mode."""
-    compiled = torch.compile(call, mode=mode)
+    compiled = torch.compile(call, options={"freezing": True}) if mode == "freezing" else torch.compile(call, mode=mode)
     try:
         with torch.no_grad():  # as the timed calls run: grad mode is part of what a compiled graph is kept for
             compiled()
     except Exception as error:  # dynamo / inductor errors have many types; the message says what failed
-        raise RuntimeError(f"torch.compile(mode={mode!r}) failed on this workload: {error}") from error
+        raise RuntimeError(f"{compile_call_text(mode)} failed on this workload: {error}") from error
     return compiled
 
 

@@ -88,7 +88,8 @@ class BenchmarkArguments:
         metadata={
             "help": "Add a torch.compile'd row of every model (encoders / itm / vqa workloads), timed in the same "
             "rounds: a mode, `default` (fused elementwise kernels), `reduce-overhead` (+ CUDA graphs), "
-            "`max-autotune` or `max-autotune-no-cudagraphs`."
+            "`max-autotune`, `max-autotune-no-cudagraphs` or `freezing` (default + inductor's freezing: weights "
+            "folded in as constants and pre-packed, bias and activation run inside the matmul; the fastest on CPUs)."
         },
     )
     output_json: str | None = field(default=None, metadata={"help": "Write every result and setting to this JSON."})
