@@ -8,7 +8,7 @@ import torch
 
 from modeling_efficientvlm import EfficientVLMForPreTraining
 from trainers.benchmark import BenchmarkSettings, format_report, prebuilt_models, run_benchmark
-from trainers.evaluation.benchmarking import count_parameters
+from trainers.evaluation.benchmarking import count_flops, count_parameters
 
 
 def test_pruned_model_has_fewer_flops_and_the_table_reports_ratios(tiny_config) -> None:
@@ -33,3 +33,20 @@ def test_pruned_model_has_fewer_flops_and_the_table_reports_ratios(tiny_config) 
     assert smaller.speed_target in {"pass", "fail"} and reference.speed_target is None
     table = format_report(report)
     assert "| encoders | pruned | 2 |" in table and "speed target" in table
+
+
+def test_attention_flops_count_on_the_cpu_as_on_a_gpu() -> None:
+    """torch's counter knows only the CUDA attention kernels; ours counts the CPU one alike, forward and backward
+    (QK^T and attention x V: 2 x 2 x batch x heads x q_len x k_len x head_dim)."""
+    batch, heads, q_len, k_len, head_dim = 2, 3, 5, 7, 8
+    query = torch.randn(batch, heads, q_len, head_dim, requires_grad=True)
+    key, value = torch.randn(batch, heads, k_len, head_dim), torch.randn(batch, heads, k_len, head_dim)
+    forward = 4 * batch * heads * q_len * k_len * head_dim
+    attention = torch.nn.functional.scaled_dot_product_attention
+    assert count_flops(lambda: attention(query, key, value)) == forward
+
+    def train_step() -> None:
+        with torch.enable_grad():
+            attention(query, key, value).sum().backward()
+
+    assert count_flops(train_step) == forward * 3.5  # backward: 5 matmuls of that size against the forward's 2
