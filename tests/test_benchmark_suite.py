@@ -207,6 +207,24 @@ def test_train_steps_keep_float32_weights_under_bfloat16_autocast() -> None:
         assert trainer.args.bf16 and any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
+def test_every_setting_compiles_every_model_afresh(monkeypatch) -> None:
+    """Inductor's CPU kernels keep the thread count they were generated for: a second thread setting must not be
+    handed the first one's graphs; and past dynamo's 8 graphs per code the later models must not run eager."""
+    from trainers.benchmark import suite
+
+    graphs, compile_ = [], torch.compile
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(torch.get_num_threads())
+        return graph.forward
+
+    monkeypatch.setattr(suite.torch, "compile", lambda function, **kwargs: compile_(function, backend=counting_backend))
+    models, _ = benchmark_models(["tiny"], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])  # 9 models: one past 8
+    fast = {**FAST, "threads": (1, 2), "rounds": 1}
+    run_benchmark(models, BenchmarkSettings(workloads=("itm",), batch_sizes=(2,), compile="default", **fast))
+    assert graphs == [1] * len(models) + [2] * len(models)
+
+
 def test_compiled_rows_are_timed_beside_the_eager_models_with_the_eager_flops(monkeypatch) -> None:
     from trainers.benchmark import suite
 

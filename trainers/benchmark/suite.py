@@ -42,6 +42,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # the workloads that compile as one graph (retrieval loops over batches, the train step runs a `Trainer`).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "freezing")
 COMPILABLE_WORKLOADS = ("encoders", "itm", "vqa")
+RECOMPILE_LIMIT = 256  # compiled graphs of one workload's code in one setting (one per model)
 COMPILED_SUFFIX = " [compiled]"
 
 
@@ -286,10 +287,15 @@ def _measure_setting(
     shape = _shape(settings, batch_size, size)
     calls: dict[tuple[str, str], Any] = {}
     eager_of: dict[str, str] = {}  # a compiled row's name -> its model's name
+    compiling = settings.compile is not None and workload in COMPILABLE_WORKLOADS
+    if compiling:
+        # Inductor's CPU kernels keep the thread count they were generated for, and dynamo would hand an earlier
+        # setting's graph to a workload of the same shapes: every setting compiles afresh.
+        torch._dynamo.reset()
     for entry in models:
         for name, call in build_workloads(entry, workload, shape).items():
             calls[(name, entry.name)] = call
-            if settings.compile is not None and workload in COMPILABLE_WORKLOADS:
+            if compiling:
                 compiled_name = entry.name + COMPILED_SUFFIX
                 calls[(name, compiled_name)] = compiled_call(call, settings.compile)
                 eager_of[compiled_name] = entry.name
@@ -341,8 +347,10 @@ def compiled_call(call: Any, mode: str) -> Any:
     not compile raises a RuntimeError naming the mode."""
     compiled = torch.compile(call, options={"freezing": True}) if mode == "freezing" else torch.compile(call, mode=mode)
     try:
-        with torch.no_grad():  # as the timed calls run: grad mode is part of what a compiled graph is kept for
-            compiled()
+        # Every model's workload is the same code: past dynamo's default of 8 graphs per code, the rest would
+        # silently run eager.
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            compiled()  # as the timed calls run: grad mode is part of what a compiled graph is kept for
     except Exception as error:  # dynamo / inductor errors have many types; the message says what failed
         raise RuntimeError(f"{compile_call_text(mode)} failed on this workload: {error}") from error
     return compiled
