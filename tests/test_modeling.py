@@ -685,8 +685,8 @@ def test_fusion_zero_init_residual_starts_fusion_layers_as_identity(tmp_path, ti
 
 @pytest.mark.parametrize("index", [[2, 2, 2, 2, 2, 0], [1, 0, 1, 1, 0, 1], [0, 1, 2, 3, 0, 1]])
 def test_shared_image_fusion_trains_and_reports_attention_as_with_copies(tiny_config, index) -> None:
-    """The shared-image fusion (texts grouped by image, blocks padded) gives the same gradients as fusing copies of
-    the images, and `output_attentions` gives each text's own cross-attention weights."""
+    """The shared-image fusion trains (keys and values indexed per text under autograd) with the same gradients as
+    fusing copies of the images, and `output_attentions` gives each text's own cross-attention weights."""
     model = EfficientVLMModel(tiny_config).train()
     for module in model.modules():  # dropout off (hidden states and attention weights), autograd on
         if isinstance(module, torch.nn.Dropout):
@@ -726,7 +726,10 @@ def test_encoder_groups_round_trip_with_bounded_padding(seed) -> None:
     batch = int(torch.randint(1, 40, (1,), generator=generator))
     # Skewed: most texts on row 0, as with the hub images of retrieval re-ranking.
     index = torch.where(torch.rand(batch, generator=generator) < 0.6, 0, torch.randint(0, rows, (batch,)))
-    groups = EncoderGroups(index, rows)
+    assert not EncoderGroups(index, rows).blocked  # under autograd (training) keys and values go per text
+    with torch.no_grad():
+        groups = EncoderGroups(index, rows)
+    assert groups.blocked
     states = torch.randn(batch, 3, 4, generator=generator)
     blocks = groups.to_blocks(states)
     assert blocks.shape == (groups.num_blocks, groups.block_size * 3, 4)
