@@ -83,5 +83,9 @@ class EncoderGroups:
             return rows
         return rows.index_select(0, self.block_rows)
 
+    def rows_of_texts(self, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-encoder-row tensors -> one copy per text, (batch, ...): where the blocks are not used."""
+        return None if rows is None else rows.index_select(0, self.index)
+
 
 __all__ = ["EncoderGroups"]

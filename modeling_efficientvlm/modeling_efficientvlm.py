@@ -274,14 +274,12 @@ class EfficientVLMAttention(nn.Module):
         q_len = hidden_states.shape[1]
         query, key, value = self.q_proj(hidden_states), self.k_proj(kv_states), self.v_proj(kv_states)
         grouped = encoder_groups is not None and encoder_groups.blocked and not output_attentions
-        if grouped:  # the queries of texts sharing an image attend together to its keys and values
-            query = encoder_groups.to_blocks(query)
-            key, value = encoder_groups.rows_of_blocks(key), encoder_groups.rows_of_blocks(value)
-            attention_mask = encoder_groups.rows_of_blocks(attention_mask)
-        elif encoder_groups is not None:  # weights per text, or compiling: keys and values copied per text
-            key, value = key.index_select(0, encoder_groups.index), value.index_select(0, encoder_groups.index)
-            if attention_mask is not None:
-                attention_mask = attention_mask.index_select(0, encoder_groups.index)
+        if encoder_groups is not None:
+            if grouped:  # the queries of texts sharing an image attend together to its keys and values
+                query = encoder_groups.to_blocks(query)
+            # Keys, values and their mask: one per block, or (weights per text, training, compiling) per text.
+            rows_for = encoder_groups.rows_of_blocks if grouped else encoder_groups.rows_of_texts
+            key, value, attention_mask = rows_for(key), rows_for(value), rows_for(attention_mask)
         query = query.view(*query.shape[:2], -1, self.head_dim).transpose(1, 2)
         key = key.view(*key.shape[:2], -1, self.head_dim).transpose(1, 2)
         value = value.view(*value.shape[:2], -1, self.head_dim).transpose(1, 2)
