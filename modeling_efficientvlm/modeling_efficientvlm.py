@@ -1604,11 +1604,10 @@ def itm_pair_texts(
 
 
 def use_caption_negatives(
-    negative_text_index: torch.Tensor, negative_image_index: torch.Tensor, share: float, batch: int | None = None
+    negative_text_index: torch.Tensor, negative_image_index: torch.Tensor, share: float, batch: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Replaces, with probability `share` per image, image i's (first) in-batch negative text by its caption negative
-    (index `batch + i`, see [`image_text_contrastive_matching`]); `batch`: the pairs (default: one negative each)."""
-    batch = negative_text_index.shape[0] if batch is None else batch
+    (index `batch + i`, see [`image_text_contrastive_matching`]); `batch`: the images (pairs) of the batch."""
     first = negative_text_index[:batch]
     chosen = torch.rand(batch, device=negative_text_index.device) < share
     own = torch.arange(batch, batch * 2, device=negative_text_index.device)
