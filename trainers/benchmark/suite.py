@@ -337,15 +337,20 @@ def _measure_setting(
     return rows
 
 
+def _compile_arguments(mode: str) -> dict[str, Any]:
+    """`torch.compile`'s keyword arguments for a benchmark compile mode (see `COMPILE_MODES`)."""
+    return {"options": {"freezing": True}} if mode == "freezing" else {"mode": mode}
+
+
 def compile_call_text(mode: str) -> str:
     """How `compiled_call` compiles in `mode`, as code."""
-    return "torch.compile(options={'freezing': True})" if mode == "freezing" else f"torch.compile(mode={mode!r})"
+    return f"torch.compile({', '.join(f'{k}={v!r}' for k, v in _compile_arguments(mode).items())})"
 
 
 def compiled_call(call: Any, mode: str) -> Any:
     """`call` through `torch.compile` in `mode`, compiled by a first call made here (not timed); a workload that does
     not compile raises a RuntimeError naming the mode."""
-    compiled = torch.compile(call, options={"freezing": True}) if mode == "freezing" else torch.compile(call, mode=mode)
+    compiled = torch.compile(call, **_compile_arguments(mode))
     try:
         # Every model's workload is the same code: past dynamo's default of 8 graphs per code, the rest would
         # silently run eager.
