@@ -104,7 +104,7 @@ class StructureMasker(nn.Module):
         # on a GPU 1.2-1.4x a distillation step). Per unit: its parameter count and its modality's index.
         layers = self.layers()
         self._layer_units = [log_alpha.numel() for _, _, log_alpha in layers]
-        self._modality_names = list(dict.fromkeys(modality_of(key) for key, _, _ in layers))
+        self._modality_names = self.modalities  # those with units: the modalities of `layers`, in the same order
         unit_parameters_flat = [self.unit_parameters[key][layer] for key, layer, p in layers for _ in range(p.numel())]
         unit_modality = [self._modality_names.index(modality_of(key)) for key, _, p in layers for _ in range(p.numel())]
         self.register_buffer(
