@@ -12,6 +12,9 @@ from transformers import PreTrainedConfig
 
 T = TypeVar("T")
 
+# How the vision position embeddings start (`EfficientVLMVisionConfig.position_embedding_init`).
+POSITION_EMBEDDING_INITS = ("normal", "sincos_2d")
+
 
 @dataclass(frozen=True)
 class TextStackLayout:
@@ -175,6 +178,13 @@ class EfficientVLMVisionConfig(_PerLayerSizes, PreTrainedConfig):
     `num_attention_heads_per_layer` and `intermediate_size_per_layer` hold the sizes of each layer after
     structured pruning; `None` means every layer has `num_attention_heads` heads and `intermediate_size`
     FFN neurons. The width of one head is always `hidden_size // num_attention_heads`.
+
+    `position_embedding_init`: how the learned position embeddings start. `"normal"` (X-VLM, ViT): drawn like
+    every weight, with std `initializer_range`; `"sincos_2d"`: the fixed 2-D sine-cosine embeddings of MAE and
+    of Beyer et al.'s plain ViT baselines (half the channels code the row, half the column; values in [-1, 1]),
+    then learned. From scratch the patch embeddings are ~25x larger than normal-drawn positions, and in a short
+    run the positions barely move: the model cannot tell where anything is (the demo recipe's notes). Only the
+    start differs: the parameter and the checkpoints are the same.
     """
 
     model_type = "efficientvlm_vision_model"
@@ -191,6 +201,7 @@ class EfficientVLMVisionConfig(_PerLayerSizes, PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
+    position_embedding_init: str = "normal"
     num_attention_heads_per_layer: list[int] | None = None
     intermediate_size_per_layer: list[int] | None = None
 
@@ -199,6 +210,16 @@ class EfficientVLMVisionConfig(_PerLayerSizes, PreTrainedConfig):
         if self.image_size % self.patch_size != 0:
             raise ValueError(
                 f"The image size ({self.image_size}) is not a multiple of the patch size ({self.patch_size})."
+            )
+        if self.position_embedding_init not in POSITION_EMBEDDING_INITS:
+            raise ValueError(
+                f"`vision_config.position_embedding_init` must be one of {POSITION_EMBEDDING_INITS}; got "
+                f"{self.position_embedding_init!r}."
+            )
+        if self.position_embedding_init == "sincos_2d" and self.hidden_size % 4:
+            raise ValueError(
+                f"`vision_config.position_embedding_init='sincos_2d'` needs a `hidden_size` divisible by 4 (a sine "
+                f"and a cosine per row and per column frequency); got {self.hidden_size}."
             )
         _check_per_layer(
             "vision_config.num_attention_heads_per_layer",

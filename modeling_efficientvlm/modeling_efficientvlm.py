@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -446,6 +447,24 @@ def build_mlp(config, intermediate_size: int) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------------
 # Vision transformer
 # --------------------------------------------------------------------------------------------------------------
+
+
+def sincos_2d_position_embeddings(side: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings (side * side, dim) of a `side` x `side` patch grid in reading
+    order (MAE's layout): the first half of the channels codes the row, the second the column, each as sines then
+    cosines of `dim // 4` frequencies from 1 down to 1 / `temperature`."""
+    if dim % 4:
+        raise ValueError(f"2-D sine-cosine position embeddings need a width divisible by 4; got {dim}.")
+    frequencies = temperature ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(
+        torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij"
+    )
+
+    def code(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.flatten()[:, None] * frequencies[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([code(rows), code(cols)], dim=1).float()
 
 
 class EfficientVLMVisionEmbeddings(nn.Module):
@@ -923,6 +942,12 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, EfficientVLMVisionEmbeddings):
             nn.init.normal_(module.class_embedding, mean=0.0, std=std)
+            if module.config.position_embedding_init == "sincos_2d":
+                side = module.config.image_size // module.config.patch_size
+                grid = sincos_2d_position_embeddings(side, module.config.hidden_size)
+                class_position = grid.new_zeros(1, grid.shape[1])  # the class token has no place on the grid
+                # transformers' `copy_` skips a loaded weight (this runs again in `from_pretrained`).
+                init.copy_(module.pos_embed.weight, torch.cat([class_position, grid]).to(module.pos_embed.weight))
             # Non-persistent buffers are not in checkpoints: `from_pretrained` rebuilds them here.
             module.position_ids.copy_(torch.arange(module.position_ids.shape[-1]).unsqueeze(0))
         elif isinstance(module, EfficientVLMTextEmbeddings):

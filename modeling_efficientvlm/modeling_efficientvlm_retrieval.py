@@ -30,7 +30,27 @@ from .modeling_efficientvlm import (
 
 # Score of an (image, text) pair that is not among the top-k ITC candidates of its query (as in X-VLM).
 NOT_RERANKED_SCORE = -100.0
-ITM_SCORES = ("probability", "logit")
+# What ranks ITM candidates (`itm_match_score`).
+ITM_SCORES = ("probability", "log_odds", "logit")
+
+
+def itm_match_score(logits: torch.Tensor, score: str) -> torch.Tensor:
+    """The matching score (pairs,) of ITM head logits (pairs, 2) ("no match", "match"), in float32:
+
+    - `"probability"`: the match probability, softmax of both logits;
+    - `"log_odds"`: the match log-odds, logit[1] - logit[0]: the probability's order without its rounding to 1.0
+      (a fp32 softmax gives 1.0 to every pair with log-odds above ~17, which then tie);
+    - `"logit"`: the raw match logit alone, what X-VLM (as ALBEF) ranks by. The cross-entropy of a 2-way head
+      trains only the difference of its logits: the gradients of its two rows are opposite, so their sum stays
+      where it was initialised and the raw logit is half the trained log-odds plus half a fixed random
+      projection of the fused [CLS].
+    """
+    if score not in ITM_SCORES:
+        raise ValueError(f"`score` must be one of {ITM_SCORES}; got {score!r}.")
+    logits = logits.float()
+    if score == "probability":
+        return logits.softmax(dim=-1)[:, 1]
+    return logits[:, 1] - logits[:, 0] if score == "log_odds" else logits[:, 1]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -240,8 +260,9 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         score: str = "probability",
         image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Matching score (pairs,) of each (image, text) pair: the ITM head's probability that they match
-        (`score="probability"`) or its raw "match" logit (`"logit"`, what X-VLM ranks by). Pair `i` is
+        """Matching score (pairs,) of each (image, text) pair: the ITM head's match probability
+        (`score="probability"`), log-odds (`"log_odds"`) or raw match logit (`"logit"`, what X-VLM ranks by; see
+        [`itm_match_score`]). Pair `i` is
         `(image_states[i], text_states[i])`, or `(image_states[image_index[i]], text_states[i])` with
         `image_index` (each distinct image then given once: its cross-attention keys and values are computed
         once for all its texts)."""
@@ -256,7 +277,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
             structure_masks,
             image_index=image_index,
         )
-        return logits.float().softmax(dim=-1)[:, 1] if score == "probability" else logits[:, 1].float()
+        return itm_match_score(logits, score)
 
     @torch.no_grad()
     def itm_rerank_scores(
@@ -282,9 +303,10 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
             batch_size: (image, text) pairs per fusion pass. A pair in both directions' candidates is scored
                 once; pairs go through the fusion grouped by image, each image's keys and values computed once
                 per pass.
-            score: what ranks the candidates: `"logit"`, the ITM head's raw "match" logit, alone (X-VLM's
-                `Retrieval.py` ranks by `itm_head(...)[:, 1]`, without the ITC similarity), or `"probability"`,
-                its match probability (the softmax of both logits, a different order).
+            score: what ranks the candidates ([`itm_match_score`]): `"logit"`, the ITM head's raw "match" logit
+                alone (X-VLM's `Retrieval.py` ranks by `itm_head(...)[:, 1]`, without the ITC similarity), or
+                `"log_odds"` / `"probability"`, its match log-odds / probability (one order, another than the raw
+                logit's: the raw logit carries a direction the ITM loss never trains).
 
         Returns:
             `(scores_i2t, scores_t2i)`: (num_images, num_texts) and (num_texts, num_images).
@@ -341,6 +363,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
 
 
 __all__ = [
+    "ITM_SCORES",
     "NOT_RERANKED_SCORE",
     "EfficientVLMContrastiveMatchingOutput",
     "EfficientVLMForImageTextRetrieval",
@@ -348,4 +371,5 @@ __all__ = [
     "image_text_contrastive_matching",
     "image_text_matching_logits",
     "itc_embedding",
+    "itm_match_score",
 ]

@@ -24,6 +24,7 @@ from modeling_efficientvlm.modeling_efficientvlm import (
     VISION_MASK_KEYS,
     EfficientVLMMLP,
     image_text_matching_logits,
+    sincos_2d_position_embeddings,
 )
 
 from .conftest import make_inputs
@@ -365,6 +366,49 @@ def test_other_image_sizes_interpolate_positions(tiny_config) -> None:
     assert out.last_hidden_state.shape == (2, 1 + 36, 32)
     with pytest.raises(ValueError, match="interpolate_pos_encoding"):
         model(pixel_values)
+
+
+def test_sincos_2d_position_embeddings_code_row_and_column() -> None:
+    table = sincos_2d_position_embeddings(side=4, dim=32)
+    assert table.shape == (16, 32)
+    rows, cols = table[:, :16], table[:, 16:]
+    # Reading order: patch 6 is row 1, column 2; each half is sines then cosines of 8 frequencies from 1 down.
+    frequencies = 10000.0 ** -(torch.arange(8, dtype=torch.float64) / 8)
+    torch.testing.assert_close(rows[6], torch.cat([(1 * frequencies).sin(), (1 * frequencies).cos()]).float())
+    torch.testing.assert_close(cols[6], torch.cat([(2 * frequencies).sin(), (2 * frequencies).cos()]).float())
+    # Patches of one row share the row half and differ in the column half; every patch is distinct.
+    torch.testing.assert_close(rows[4], rows[7])
+    assert not torch.allclose(cols[4], cols[7])
+    assert torch.cdist(table, table).add(torch.eye(16) * 9).min() > 0.1
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d_position_embeddings(side=4, dim=30)
+
+
+def test_sincos_position_init_starts_the_learned_positions_and_a_checkpoint_keeps_its_own(tiny_config, tmp_path):
+    vision = tiny_config.vision_config
+    default = EfficientVLMVisionModel(vision).embeddings.pos_embed.weight
+    assert vision.position_embedding_init == "normal" and default.std() < 3 * vision.initializer_range
+    vision.position_embedding_init = "sincos_2d"
+    model = EfficientVLMVisionModel(vision)
+    positions = model.embeddings.pos_embed.weight
+    side = vision.image_size // vision.patch_size
+    torch.testing.assert_close(positions[1:].detach(), sincos_2d_position_embeddings(side, vision.hidden_size))
+    assert positions[0].abs().sum() == 0 and positions.requires_grad  # still learned
+    # Loading a checkpoint keeps its trained positions (the init only runs for weights that are missing).
+    with torch.no_grad():
+        positions.mul_(3.0).add_(0.5)
+    model.save_pretrained(tmp_path)
+    reloaded = EfficientVLMVisionModel.from_pretrained(tmp_path)
+    assert reloaded.config.position_embedding_init == "sincos_2d"
+    torch.testing.assert_close(reloaded.embeddings.pos_embed.weight, positions)
+    with pytest.raises(ValueError, match="position_embedding_init"):
+        EfficientVLMConfig(vision_config=dict(vision.to_dict(), position_embedding_init="rope"))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        EfficientVLMConfig(
+            vision_config=dict(
+                vision.to_dict(), hidden_size=30, num_attention_heads=3, position_embedding_init="sincos_2d"
+            )
+        )
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_config, tiny_inputs) -> None:

@@ -156,9 +156,7 @@ def test_a_run_that_ends_while_the_sparsity_still_moves_says_so_in_its_report(tm
 def test_snap_to_target_brings_a_run_that_missed_the_target_to_it(tmp_path) -> None:
     """Masks that could not learn the target in a short run (a tiny mask learning rate) reach it with
     `snap_to_target` by one common log-alpha offset, and the report says from where."""
-    pruning = PruningConfig(
-        target_sparsity=0.5, sparsity_warmup_steps=5, mask_learning_rate=1e-3, snap_to_target=True
-    )
+    pruning = PruningConfig(target_sparsity=0.5, sparsity_warmup_steps=5, mask_learning_rate=1e-3, snap_to_target=True)
     trainer = _trainer(tmp_path, pruning=pruning, args=_args(tmp_path, max_steps=40))
     trainer.train()
     unsnapped = trainer.masker.sparsity_of(trainer.masker.deterministic_masks())
@@ -176,7 +174,10 @@ def test_snap_to_target_brings_a_run_that_missed_the_target_to_it(tmp_path) -> N
 
 def test_snap_to_target_fixes_the_masks_the_fixed_mask_phase_trains_with(tmp_path) -> None:
     pruning = PruningConfig(
-        target_sparsity=0.5, sparsity_warmup_steps=20, mask_learning_rate=0.3, mask_freeze_fraction=0.4,
+        target_sparsity=0.5,
+        sparsity_warmup_steps=20,
+        mask_learning_rate=0.3,
+        mask_freeze_fraction=0.4,
         snap_to_target=True,
     )
     args = _args(tmp_path, max_steps=10, save_strategy="steps", save_steps=10)

@@ -10,9 +10,11 @@ from transformers import AutoModelForZeroShotImageClassification, Trainer, Train
 
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining
 from modeling_efficientvlm.modeling_efficientvlm_retrieval import (
+    ITM_SCORES,
     NOT_RERANKED_SCORE,
     EfficientVLMForImageTextRetrieval,
     image_text_matching_logits,
+    itm_match_score,
 )
 from trainers.evaluation.retrieval import ImageBatches, retrieval_evaluate
 
@@ -204,6 +206,33 @@ def test_rerank_scores_follow_xvlm(tiny_config) -> None:
         kept = set(itc[:, text].topk(2).indices.tolist())
         assert {i for i in range(3) if scores_t2i[text, i] != NOT_RERANKED_SCORE} == kept
         assert ((scores_t2i[text] >= 0) & (scores_t2i[text] <= 1) | (scores_t2i[text] == NOT_RERANKED_SCORE)).all()
+
+
+def test_itm_match_scores_and_why_the_raw_logit_orders_pairs_otherwise(tiny_config, tiny_inputs) -> None:
+    logits = torch.tensor([[0.0, 2.0], [3.0, 4.0], [-30.0, 0.0], [-40.0, 0.0]])
+    torch.testing.assert_close(itm_match_score(logits, "log_odds"), torch.tensor([2.0, 1.0, 30.0, 40.0]))
+    torch.testing.assert_close(itm_match_score(logits, "logit"), torch.tensor([2.0, 4.0, 0.0, 0.0]))
+    probability = itm_match_score(logits, "probability")
+    torch.testing.assert_close(probability, logits.softmax(-1)[:, 1])
+    # The log-odds order is the probability's, and it still separates pairs whose fp32 probability is 1.0.
+    assert probability[2] == probability[3] == 1.0 and itm_match_score(logits, "log_odds")[3] > 30
+    assert set(ITM_SCORES) == {"probability", "log_odds", "logit"}
+    with pytest.raises(ValueError, match="log_odds"):
+        itm_match_score(logits, "margin")
+    # The ITM cross-entropy moves the head's two output rows by opposite amounts: their sum, half of every raw
+    # match logit, stays at its random start, however long the head trains.
+    model = _model(tiny_config).train()
+    head = model.itm_head[-1]
+    start = (head.weight.sum(0).detach().clone(), head.bias.sum().detach().clone())
+    start_difference = (head.weight[1] - head.weight[0]).detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**tiny_inputs).loss_itm.backward()
+        optimizer.step()
+    assert (head.weight[1] - head.weight[0] - start_difference).abs().max() > 1e-3  # the trained direction moved
+    torch.testing.assert_close(head.weight.sum(0), start[0])
+    torch.testing.assert_close(head.bias.sum(), start[1])
 
 
 def test_retrieval_evaluate_returns_recalls_and_scores(tiny_config) -> None:
@@ -450,6 +479,30 @@ def test_evaluate_reports_caption_level_recall_on_request(tiny_config, tmp_path)
         assert both[f"{name}_caption"] >= plain[name]
     with pytest.raises(ValueError, match="--caption_level_recall"):
         evaluate_task("nlvr2", model, dataset, processor, caption_level_recall=True)
+
+
+def test_evaluate_ranks_by_the_itm_score_asked_for(tiny_config, tmp_path) -> None:
+    from trainers.tasks import build_dataset, evaluate_task
+
+    from .data_utils import make_processor, write_image_text_json
+
+    processor = make_processor(tmp_path, image_size=tiny_config.vision_config.image_size)
+    data, image_root = write_image_text_json(tmp_path, n=6)
+    dataset = build_dataset("retrieval", data, image_root, processor)
+    torch.manual_seed(0)
+    model = EfficientVLMForImageTextRetrieval(tiny_config).eval()
+    with torch.no_grad():  # a head whose two rows differ from their sum: the raw logit orders pairs otherwise
+        model.itm_head[-1].weight.normal_(std=2.0)
+    items = {
+        score: evaluate_task("retrieval", model, dataset, processor, k=3, itm_score=score).items
+        for score in ("logit", "log_odds", "probability")
+    }
+    orders = {
+        score: [item.get("top_images", item.get("top_texts")) for item in found] for score, found in items.items()
+    }
+    assert orders["log_odds"] == orders["probability"] != orders["logit"]
+    with pytest.raises(ValueError, match="--itm_score"):
+        evaluate_task("retrieval", model, dataset, processor, k=3, itm_score="margin")
 
 
 def test_rerank_fuses_each_candidate_pair_once_and_projects_each_image_once_per_pass(tiny_config) -> None:

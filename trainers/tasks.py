@@ -420,15 +420,22 @@ def evaluate_task(
     structure_masks: dict | None = None,
     max_new_tokens: int = 20,
     caption_level_recall: bool = False,
+    itm_score: str = "logit",
 ) -> EvaluationResult:
     """Runs `task`'s evaluation routine (see `trainers.evaluation.tasks`) and returns its metrics (and
     per-example predictions); retrieval with `caption_level_recall` also reports recall with identical captions
-    counted as one (keys ending in `_caption`)."""
+    counted as one (keys ending in `_caption`); `itm_score` is what ranks retrieval's re-ranked candidates."""
     spec = task_spec(task)
     if spec.evaluate is None:
         raise ValueError(f"The {task} task has no evaluation routine here; evaluate a downstream task instead.")
     model.eval()
     if caption_level_recall and task != "retrieval":
         raise ValueError(f"Caption-level recall (--caption_level_recall) is a retrieval metric, not one of {task}.")
-    options = EvaluationOptions(batch_size, answer_list, k, structure_masks, max_new_tokens, caption_level_recall)
+    from modeling_efficientvlm.modeling_efficientvlm_retrieval import ITM_SCORES
+
+    if itm_score not in ITM_SCORES:
+        raise ValueError(f"`itm_score` (--itm_score) must be one of {ITM_SCORES}; got {itm_score!r}.")
+    options = EvaluationOptions(
+        batch_size, answer_list, k, structure_masks, max_new_tokens, caption_level_recall, itm_score
+    )
     return spec.evaluate(model, dataset, processor, options)

@@ -23,6 +23,14 @@ class EvaluateArguments:
         default=128, metadata={"help": "VQA / retrieval: candidates re-ranked per query (retrieval: 0 = ITC alone)."}
     )
     batch_size: int = field(default=32)
+    itm_score: str = field(
+        default="logit",
+        metadata={
+            "help": "Retrieval: what ranks the re-ranked candidates: 'logit', the ITM head's raw match logit (X-VLM's "
+            "protocol), or 'log_odds' / 'probability', its match log-odds / probability (one order; the raw logit "
+            "also carries a direction of the head that the ITM loss never trains)."
+        },
+    )
     caption_level_recall: bool = field(
         default=False,
         metadata={
@@ -58,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         answer_list=answer_list,
         k=args.k,
         caption_level_recall=args.caption_level_recall,
+        itm_score=args.itm_score,
     )
     metrics = result.metrics
     print(json.dumps(metrics, indent=2))

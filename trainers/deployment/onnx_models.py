@@ -24,6 +24,7 @@ from modeling_efficientvlm import (
 )
 from modeling_efficientvlm.modeling_efficientvlm import EncoderOutput
 from modeling_efficientvlm.modeling_efficientvlm_nlvr2 import EfficientVLMVisualReasoningOutput
+from modeling_efficientvlm.modeling_efficientvlm_retrieval import itm_match_score
 from trainers.deployment.onnx_export import ort_session, read_manifest, session_feed
 
 
@@ -99,7 +100,7 @@ class OnnxRetrievalModel(OnnxTaskModel):
         if image_index is not None:  # the exported graph takes one image per text
             image_states = image_states.index_select(0, image_index)
         (logits,) = self.run("itm_scores", image_states, text_states, mask)
-        return logits.float().softmax(dim=-1)[:, 1] if score == "probability" else logits[:, 1].float()
+        return itm_match_score(logits, score)
 
 
 class OnnxQuestionAnsweringModel(OnnxTaskModel):

@@ -151,8 +151,8 @@ def retrieval_evaluate(
             ITC similarities rank every candidate (no fusion pass, one vision pass).
         batch_size: images / texts per encoder pass and pairs per fusion pass.
         structure_masks: optional pruning masks applied in every pass.
-        score: `"logit"`, the raw ITM match logit alone, as X-VLM ranks (the default), or `"probability"`, the ITM
-            match probability.
+        score: what ranks the ITM candidates: `"logit"`, the raw ITM match logit alone, as X-VLM ranks (the
+            default), or the match `"log_odds"` / `"probability"` (see `itm_match_score`).
         stream_image_states: hold the image states (image_len tokens per image) of one `batch_size` chunk at a
             time, encoding each chunk a second time to re-rank its pairs (bounded memory; the default), instead
             of keeping every image's states (one vision pass). A one-shot iterator of images is never re-read.

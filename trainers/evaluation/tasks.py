@@ -40,6 +40,8 @@ class EvaluationOptions:
         max_new_tokens: longest generated caption.
         caption_level_recall: retrieval: also report recall with identical captions counted as one
             (`txt_r1_caption`, ..., `r_mean_caption`; see `caption_level_recall`).
+        itm_score: retrieval: what ranks the re-ranked candidates, `"logit"` (X-VLM's raw match logit),
+            `"log_odds"` or `"probability"` (see `itm_match_score`).
     """
 
     batch_size: int = 32
@@ -48,6 +50,7 @@ class EvaluationOptions:
     structure_masks: dict | None = None
     max_new_tokens: int = 20
     caption_level_recall: bool = False
+    itm_score: str = "logit"
 
     @property
     def mask_kwargs(self) -> dict[str, Any]:
@@ -147,6 +150,7 @@ def evaluate_retrieval(model: Any, dataset: Any, processor: Any, options: Evalua
         k=options.k,
         batch_size=options.batch_size,
         structure_masks=options.structure_masks,
+        score=options.itm_score,
     )
     # Re-ranked: the ITC-only recalls beside them (with k = 0 the metrics are those already).
     metrics = result.metrics_with_itc() if options.k > 0 else dict(result.metrics)
