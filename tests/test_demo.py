@@ -76,6 +76,23 @@ def test_demo_writes_every_output(demo_dir: Path) -> None:
     assert abs(sum(v for k, v in seconds.items() if k != "**total**") - seconds["**total**"]) <= len(seconds)
 
 
+def test_the_reported_retrieval_recall_is_what_evaluate_prints_with_the_stated_command(demo_dir, capsys) -> None:
+    from trainers.commands.evaluate import main as evaluate_main
+    from trainers.demo.run import DemoSettings
+
+    report = (demo_dir / "report.md").read_text()
+    k, score = DemoSettings().retrieval_k, DemoSettings().retrieval_itm_score
+    assert score == "log_odds" and f"`efficientvlm evaluate --k {k} --itm_score {score}`" in report
+    table = report.split("| retrieval |")[1].split("\n\n")[0]
+    pruned = next(line for line in table.splitlines() if line.startswith("| pruned |")).split("|")
+    data = demo_dir / "data"
+    argv = ["--task", "retrieval", "--model_name_or_path", str(demo_dir / "models" / "pruned_retrieval")]
+    argv += ["--eval_file", str(data / "retrieval_test.json"), "--image_root", str(data), "--k", str(k)]
+    metrics = evaluate_main([*argv, "--itm_score", score])
+    capsys.readouterr()
+    assert f"{metrics['r_mean']:.4f}" == pruned[6].strip() and f"{metrics['itc_r_mean']:.4f}" == pruned[7].strip()
+
+
 def test_every_stage_is_saved(demo_dir: Path) -> None:
     for name in ("teacher_pretrained", "student_distilled"):
         folder = demo_dir / "models" / name

@@ -29,6 +29,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging as hf_logging
 
+from modeling_efficientvlm.modeling_efficientvlm_retrieval import ITM_SCORES
 from trainers.distillation import DistillationConfig, DistillationTrainer
 from trainers.pruning.hard_concrete import random_structure_masks
 from trainers.pruning.padding import PAD_TO_MULTIPLE_OF
@@ -78,6 +79,10 @@ class DemoSettings:
     # From scratch, BERT's 0.02 leaves the [CLS] tokens and cross-attention nearly blind to the image, and
     # a small model settles on the answer prior of each question type before it learns to look.
     initializer_range: float = _MODEL["initializer_range"]
+    # "normal": drawn with std initializer_range, the position embeddings are ~25x smaller than the patch embeddings
+    # and do not grow in training; "sincos_2d" gives them the patch embeddings' scale, but in a default run it
+    # lifted retrieval a little and cost VQA and NLVR2 more (the recipe's notes).
+    position_embedding_init: str = _MODEL["vision_config"]["position_embedding_init"]
     # Share of ITM negatives drawn at random rather than by ITC similarity: from scratch, hard negatives alone
     # leave the ITM head at the class prior (p = 1/3 for every pair), so ITM re-ranking ruins retrieval.
     itm_random_negatives: float = _MODEL["itm_random_negatives"]
@@ -103,6 +108,10 @@ class DemoSettings:
     snap_to_target: bool = _PRUNING["snap_to_target"]
     # ITC candidates re-ranked by ITM per query: the same k as `efficientvlm evaluate` (X-VLM's 128).
     retrieval_k: int = EVALUATE_K
+    # What ranks them: the ITM match log-odds (`efficientvlm evaluate --itm_score log_odds`). X-VLM ranks by the raw
+    # match logit, which is half the log-odds plus half a projection of the fused [CLS] that the ITM loss never
+    # trains (`itm_match_score`): on one default run's retrieval teacher, r_mean 0.822 by log-odds, 0.781 by logit.
+    retrieval_itm_score: str = "log_odds"
     # Of each task's pruning steps, the share at the end in which the pruned model trains with its masks fixed
     # (a fresh schedule, as every ablation row gets): the masks learn in the steps before it.
     fixed_mask_fraction: float = 1 / 3
@@ -131,6 +140,8 @@ class DemoSettings:
             setattr(self, field_name, getattr(self, field_name) or rates)
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"`target_sparsity` must be in [0, 1); got {self.target_sparsity}.")
+        if self.retrieval_itm_score not in ITM_SCORES:
+            raise ValueError(f"`retrieval_itm_score` must be one of {ITM_SCORES}; got {self.retrieval_itm_score!r}.")
         if not 0 <= self.fixed_mask_fraction < 1:
             raise ValueError(f"`fixed_mask_fraction` must be in [0, 1); got {self.fixed_mask_fraction}.")
         if self.ablation_seeds < 1:
@@ -227,6 +238,7 @@ def teacher_config(settings: DemoSettings, vocab_size: int):
             image_size=settings.image_size,
             patch_size=settings.patch_size,
             initializer_range=settings.initializer_range,
+            position_embedding_init=settings.position_embedding_init,
         ),
         text_config=dict(
             **width,
@@ -347,9 +359,10 @@ class AblationRow:
     target: float | None = None  # the global target the learned masks of this row's comparison were trained to
 
 
-def retrieval_recalls(model: Any, dataset: Any, processor: Any, k: int) -> dict[str, float]:
-    """Retrieval recall with ITM re-ranking of the top-`k` ITC candidates (`r_mean`, ...), and of ITC alone
-    (`itc_r_mean`, ...) from the same pass, so the report can show what re-ranking adds."""
+def retrieval_recalls(model: Any, dataset: Any, processor: Any, k: int, score: str = "logit") -> dict[str, float]:
+    """Retrieval recall with ITM re-ranking (by `score`, see `itm_match_score`) of the top-`k` ITC candidates
+    (`r_mean`, ...), and of ITC alone (`itc_r_mean`, ...) from the same pass, so the report can show what
+    re-ranking adds."""
     from trainers.evaluation.retrieval import retrieval_evaluate
 
     model.eval()
@@ -362,6 +375,7 @@ def retrieval_recalls(model: Any, dataset: Any, processor: Any, k: int) -> dict[
         texts["attention_mask"],
         text_to_image=dataset.text_to_image,
         k=k,
+        score=score,
     )
     return result.metrics_with_itc()
 
@@ -683,8 +697,8 @@ class DemoRun:
             self.metrics[task] = {}
             for role, model in self._roles(task).items():
                 if task == "retrieval":
-                    k = self.settings.retrieval_k
-                    self.metrics[task][role] = retrieval_recalls(model, dataset, self.processor, k)
+                    k, score = self.settings.retrieval_k, self.settings.retrieval_itm_score
+                    self.metrics[task][role] = retrieval_recalls(model, dataset, self.processor, k, score)
                     continue
                 result = evaluate_task(task, model, dataset, self.processor, answer_list=self.answer_list)
                 self.metrics[task][role] = result.metrics
