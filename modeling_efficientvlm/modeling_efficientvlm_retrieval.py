@@ -41,9 +41,9 @@ def itm_match_score(logits: torch.Tensor, score: str) -> torch.Tensor:
     - `"log_odds"`: the match log-odds, logit[1] - logit[0]: the probability's order without its rounding to 1.0
       (a fp32 softmax gives 1.0 to every pair with log-odds above ~17, which then tie);
     - `"logit"`: the raw match logit alone, what X-VLM (as ALBEF) ranks by. The cross-entropy of a 2-way head
-      trains only the difference of its logits: the gradients of its two rows are opposite, so their sum stays
-      where it was initialised and the raw logit is half the trained log-odds plus half a fixed random
-      projection of the fused [CLS].
+      trains only the difference of its logits: the gradients of its last layer's two rows are opposite, so
+      their sum stays where it was initialised, and the raw logit is half the trained log-odds plus half a
+      projection of the head's hidden features onto that untrained direction.
     """
     if score not in ITM_SCORES:
         raise ValueError(f"`score` must be one of {ITM_SCORES}; got {score!r}.")
