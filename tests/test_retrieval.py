@@ -390,18 +390,33 @@ def test_auto_classes_and_trust_remote_code(tiny_config, tiny_inputs, tmp_path) 
         torch.testing.assert_close(remote[name], getattr(expected, name), rtol=1e-5, atol=1e-6)
 
 
-def test_evaluation_items_give_each_query_its_gold_rank_and_warn_on_shared_captions(tiny_config, tmp_path) -> None:
+def _share_a_caption(records: list[dict]) -> None:
+    """Two images, the same captions."""
+    records[1]["caption"] = records[0]["caption"]
+
+
+def _evaluation_setup(config: EfficientVLMConfig, tmp_path, n: int = 4, edit=None) -> tuple:
+    """`(processor, dataset, model)`: a retrieval split of `n` written images (records changed by `edit` first)
+    and a seeded random model, as the task evaluation gets them."""
     import json
 
-    from trainers.tasks import build_dataset, evaluate_task
+    from trainers.tasks import build_dataset
 
     from .data_utils import make_processor, write_image_text_json
 
-    processor = make_processor(tmp_path, image_size=tiny_config.vision_config.image_size)
-    data, image_root = write_image_text_json(tmp_path, n=4)
-    dataset = build_dataset("retrieval", data, image_root, processor)
+    processor = make_processor(tmp_path, image_size=config.vision_config.image_size)
+    data, image_root = write_image_text_json(tmp_path, n=n)
+    records = json.loads(data.read_text())
+    if edit is not None:
+        edit(records)
     torch.manual_seed(0)
-    model = EfficientVLMForImageTextRetrieval(tiny_config).eval()
+    return processor, build_dataset("retrieval", records, image_root, processor), _model(config)
+
+
+def test_evaluation_items_give_each_query_its_gold_rank_and_warn_on_shared_captions(tiny_config, tmp_path) -> None:
+    from trainers.tasks import evaluate_task
+
+    processor, dataset, model = _evaluation_setup(tiny_config, tmp_path)
     result = evaluate_task("retrieval", model, dataset, processor, k=4)
     texts = [item for item in result.items if item["query"] == "text"]
     images = [item for item in result.items if item["query"] == "image"]
@@ -420,10 +435,9 @@ def test_evaluation_items_give_each_query_its_gold_rank_and_warn_on_shared_capti
     batches = ImageBatches(dataset.get_image, dataset.num_images, processor.image_processor, batch_size=3)
     assert len(batches) == 2 and [b.shape[0] for b in batches] == [3, 1] == [b.shape[0] for b in batches]
 
-    records = json.loads(data.read_text())
-    records[1]["caption"] = records[0]["caption"]  # two images, the same captions
+    _, shared, _ = _evaluation_setup(tiny_config, tmp_path / "shared", edit=_share_a_caption)
     with pytest.warns(UserWarning, match="describe several images"):
-        evaluate_task("retrieval", model, build_dataset("retrieval", records, image_root, processor), processor, k=4)
+        evaluate_task("retrieval", model, shared, processor, k=4)
 
 
 def test_caption_level_recall_counts_any_image_with_an_identical_caption() -> None:
@@ -454,19 +468,9 @@ def test_caption_level_recall_counts_any_image_with_an_identical_caption() -> No
 
 
 def test_evaluate_reports_caption_level_recall_on_request(tiny_config, tmp_path) -> None:
-    import json
+    from trainers.tasks import evaluate_task
 
-    from trainers.tasks import build_dataset, evaluate_task
-
-    from .data_utils import make_processor, write_image_text_json
-
-    processor = make_processor(tmp_path, image_size=tiny_config.vision_config.image_size)
-    data, image_root = write_image_text_json(tmp_path, n=4)
-    records = json.loads(data.read_text())
-    records[1]["caption"] = records[0]["caption"]
-    dataset = build_dataset("retrieval", records, image_root, processor)
-    torch.manual_seed(0)
-    model = EfficientVLMForImageTextRetrieval(tiny_config).eval()
+    processor, dataset, model = _evaluation_setup(tiny_config, tmp_path, edit=_share_a_caption)
     with pytest.warns(UserWarning, match="--caption_level_recall"):
         plain = evaluate_task("retrieval", model, dataset, processor, k=4).metrics
     with pytest.warns(UserWarning):
@@ -482,15 +486,9 @@ def test_evaluate_reports_caption_level_recall_on_request(tiny_config, tmp_path)
 
 
 def test_evaluate_ranks_by_the_itm_score_asked_for(tiny_config, tmp_path) -> None:
-    from trainers.tasks import build_dataset, evaluate_task
+    from trainers.tasks import evaluate_task
 
-    from .data_utils import make_processor, write_image_text_json
-
-    processor = make_processor(tmp_path, image_size=tiny_config.vision_config.image_size)
-    data, image_root = write_image_text_json(tmp_path, n=6)
-    dataset = build_dataset("retrieval", data, image_root, processor)
-    torch.manual_seed(0)
-    model = EfficientVLMForImageTextRetrieval(tiny_config).eval()
+    processor, dataset, model = _evaluation_setup(tiny_config, tmp_path, n=6)
     with torch.no_grad():  # a head whose two rows differ from their sum: the raw logit orders pairs otherwise
         model.itm_head[-1].weight.normal_(std=2.0)
     items = {
