@@ -501,6 +501,9 @@ def test_evaluate_ranks_by_the_itm_score_asked_for(tiny_config, tmp_path) -> Non
     assert orders["log_odds"] == orders["probability"] != orders["logit"]
     with pytest.raises(ValueError, match="--itm_score"):
         evaluate_task("retrieval", model, dataset, processor, k=3, itm_score="margin")
+    pixels = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="`score` must be one of"):  # even with nothing to re-rank
+        retrieval_evaluate(model, pixels, torch.ones(1, 4, dtype=torch.long), text_to_image=[0], k=0, score="margin")
 
 
 def test_rerank_fuses_each_candidate_pair_once_and_projects_each_image_once_per_pass(tiny_config) -> None:
