@@ -224,6 +224,18 @@ def force_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = __init__
 
 
+def _finish() -> None:
+    """Ends the worker once every process is done: barrier, group torn down, then out without the interpreter's
+    teardown. Under load a rank sometimes aborted in that teardown ("terminate called without an active
+    exception", SIGABRT, in a thread with no Python frame: a C++ thread destroyed at exit) after its work was
+    written, failing the test over nothing the test checks; everything the test reads is on disk by now."""
+    dist.barrier()  # none tears the group down while a peer still uses it (process 0 saves last)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     dist.init_process_group("gloo")
@@ -233,9 +245,7 @@ if __name__ == "__main__":
         install_trainer_probes()
         for command in RESUME[0].split("+"):
             {"distill": distill, "prune": prune}[command]()
-        dist.barrier()  # none tears the group down while a peer still uses it (process 0 saves last)
-        dist.destroy_process_group()
-        sys.exit(0)
+        _finish()
     itc_gradients()
     if RANK != 0:
         sys.addaudithook(_record_writes)
@@ -245,5 +255,4 @@ if __name__ == "__main__":
     prune()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"probes_rank{RANK}.json").write_text(json.dumps({"writes": WRITES, "evaluations": EVALUATIONS}))
-    dist.barrier()
-    dist.destroy_process_group()
+    _finish()
