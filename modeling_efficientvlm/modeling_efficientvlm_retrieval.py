@@ -34,6 +34,12 @@ NOT_RERANKED_SCORE = -100.0
 ITM_SCORES = ("probability", "log_odds", "logit")
 
 
+def check_itm_score(score: str, name: str = "`score`") -> None:
+    """Raises a ValueError naming `name` (the argument or flag that gave it) unless `score` is one of `ITM_SCORES`."""
+    if score not in ITM_SCORES:
+        raise ValueError(f"{name} must be one of {ITM_SCORES}; got {score!r}.")
+
+
 def itm_match_score(logits: torch.Tensor, score: str) -> torch.Tensor:
     """The matching score (pairs,) of ITM head logits (pairs, 2) ("no match", "match"), in float32:
 
@@ -45,8 +51,7 @@ def itm_match_score(logits: torch.Tensor, score: str) -> torch.Tensor:
       their sum stays where it was initialised, and the raw logit is half the trained log-odds plus half a
       projection of the head's hidden features onto that untrained direction.
     """
-    if score not in ITM_SCORES:
-        raise ValueError(f"`score` must be one of {ITM_SCORES}; got {score!r}.")
+    check_itm_score(score)
     logits = logits.float()
     if score == "probability":
         return logits.softmax(dim=-1)[:, 1]
@@ -266,8 +271,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         `(image_states[i], text_states[i])`, or `(image_states[image_index[i]], text_states[i])` with
         `image_index` (each distinct image then given once: its cross-attention keys and values are computed
         once for all its texts)."""
-        if score not in ITM_SCORES:
-            raise ValueError(f"`score` must be one of {ITM_SCORES}; got {score!r}.")
+        check_itm_score(score)  # before the fusion pass
         logits, _ = image_text_matching_logits(
             self.efficientvlm,
             self.itm_head,
@@ -370,6 +374,7 @@ __all__ = [
     "EfficientVLMImageTextRetrievalOutput",
     "image_text_contrastive_matching",
     "image_text_matching_logits",
+    "check_itm_score",
     "itc_embedding",
     "itm_match_score",
 ]

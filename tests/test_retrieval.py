@@ -435,7 +435,7 @@ def test_evaluation_items_give_each_query_its_gold_rank_and_warn_on_shared_capti
     batches = ImageBatches(dataset.get_image, dataset.num_images, processor.image_processor, batch_size=3)
     assert len(batches) == 2 and [b.shape[0] for b in batches] == [3, 1] == [b.shape[0] for b in batches]
 
-    _, shared, _ = _evaluation_setup(tiny_config, tmp_path / "shared", edit=_share_a_caption)
+    _, shared, _ = _evaluation_setup(tiny_config, tmp_path / "captions_shared", edit=_share_a_caption)
     with pytest.warns(UserWarning, match="describe several images"):
         evaluate_task("retrieval", model, shared, processor, k=4)
 

@@ -433,10 +433,9 @@ def evaluate_task(
     model.eval()
     if caption_level_recall and task != "retrieval":
         raise ValueError(f"Caption-level recall (--caption_level_recall) is a retrieval metric, not one of {task}.")
-    from modeling_efficientvlm.modeling_efficientvlm_retrieval import ITM_SCORES
+    from modeling_efficientvlm.modeling_efficientvlm_retrieval import check_itm_score
 
-    if itm_score not in ITM_SCORES:
-        raise ValueError(f"`itm_score` (--itm_score) must be one of {ITM_SCORES}; got {itm_score!r}.")
+    check_itm_score(itm_score, "`itm_score` (--itm_score)")
     options = EvaluationOptions(
         batch_size, answer_list, k, structure_masks, max_new_tokens, caption_level_recall, itm_score
     )

@@ -29,7 +29,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from modeling_efficientvlm.modeling_efficientvlm_retrieval import ITM_SCORES
+from modeling_efficientvlm.modeling_efficientvlm_retrieval import check_itm_score
 from trainers.distillation import DistillationConfig, DistillationTrainer
 from trainers.pruning.hard_concrete import random_structure_masks
 from trainers.pruning.padding import PAD_TO_MULTIPLE_OF
@@ -109,8 +109,9 @@ class DemoSettings:
     # ITC candidates re-ranked by ITM per query: the same k as `efficientvlm evaluate` (X-VLM's 128).
     retrieval_k: int = EVALUATE_K
     # What ranks them: the ITM match log-odds (`efficientvlm evaluate --itm_score log_odds`). X-VLM ranks by the raw
-    # match logit, which is half the log-odds plus half a projection of the fused [CLS] that the ITM loss never
-    # trains (`itm_match_score`): on one default run's retrieval teacher, r_mean 0.822 by log-odds, 0.781 by logit.
+    # match logit, which is half the log-odds plus half a projection of the ITM head's hidden features that the ITM
+    # loss never trains (`itm_match_score`): on one default run's retrieval teacher, r_mean 0.822 by log-odds,
+    # 0.781 by logit.
     retrieval_itm_score: str = "log_odds"
     # Of each task's pruning steps, the share at the end in which the pruned model trains with its masks fixed
     # (a fresh schedule, as every ablation row gets): the masks learn in the steps before it.
@@ -140,8 +141,7 @@ class DemoSettings:
             setattr(self, field_name, getattr(self, field_name) or rates)
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"`target_sparsity` must be in [0, 1); got {self.target_sparsity}.")
-        if self.retrieval_itm_score not in ITM_SCORES:
-            raise ValueError(f"`retrieval_itm_score` must be one of {ITM_SCORES}; got {self.retrieval_itm_score!r}.")
+        check_itm_score(self.retrieval_itm_score, "`retrieval_itm_score`")
         if not 0 <= self.fixed_mask_fraction < 1:
             raise ValueError(f"`fixed_mask_fraction` must be in [0, 1); got {self.fixed_mask_fraction}.")
         if self.ablation_seeds < 1:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers.utils.logging import tqdm
 
-from modeling_efficientvlm.modeling_efficientvlm_retrieval import ITM_SCORES
+from modeling_efficientvlm.modeling_efficientvlm_retrieval import check_itm_score
 
 from .metrics import retrieval_recall
 
@@ -171,8 +171,7 @@ def retrieval_evaluate(
         raise ValueError(f"`batch_size` must be positive; got {batch_size}.")
     if k < 0:
         raise ValueError(f"`k` must be 0 (ITC alone) or positive; got {k}.")
-    if score not in ITM_SCORES:  # checked even when k = 0 re-ranks nothing
-        raise ValueError(f"`score` must be one of {ITM_SCORES}; got {score!r}.")
+    check_itm_score(score)  # even when k = 0 re-ranks nothing
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     device = model_device(model)
