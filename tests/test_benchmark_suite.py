@@ -207,6 +207,22 @@ def test_train_steps_keep_float32_weights_under_bfloat16_autocast() -> None:
         assert trainer.args.bf16 and any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
+def test_train_steps_leave_no_folder_behind(tmp_path, monkeypatch) -> None:
+    import gc
+    import tempfile
+
+    from trainers.benchmark.workloads import WorkloadShape, build_workloads
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    models, _ = benchmark_models(["tiny"])
+    steps = build_workloads(models[0], "train-step", WorkloadShape(batch_size=2, image_size=32, text_length=8))
+    assert sorted(steps) == sorted(TRAIN_STEPS) and len(list(tmp_path.iterdir())) == 1
+    steps[TRAIN_STEPS[0]]()
+    del steps
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_every_setting_compiles_every_model_afresh(monkeypatch) -> None:
     """Inductor's CPU kernels keep the thread count they were generated for: a second thread setting must not be
     handed the first one's graphs; and past dynamo's 8 graphs per code the later models must not run eager."""

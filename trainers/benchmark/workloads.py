@@ -199,9 +199,10 @@ def _train_steps(model: nn.Module, shape: WorkloadShape, interpolate: bool) -> d
     weight = next(model.parameters())
     mixed = {torch.bfloat16: {"bf16": True}, torch.float16: {"fp16": True}}.get(weight.dtype, {})
     teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the teacher keeps the placed dtype (inference)
-    output_dir = tempfile.mkdtemp(prefix="efficientvlm-benchmark-")
+    # Nothing is saved there, but `Trainer` wants a folder: removed once the steps that hold it are garbage.
+    workdir = tempfile.TemporaryDirectory(prefix="efficientvlm-benchmark-")
     args = TrainingArguments(
-        output_dir=output_dir,
+        output_dir=workdir.name,
         report_to=[],
         use_cpu=weight.device.type == "cpu",
         save_strategy="no",
@@ -237,6 +238,7 @@ def _train_steps(model: nn.Module, shape: WorkloadShape, interpolate: bool) -> d
             return loss
 
         train_step.trainer = trainer  # what the step trains, for a look inside
+        train_step.workdir = workdir
         return train_step
 
     return {name: step(trainer) for name, trainer in trainers.items()}
