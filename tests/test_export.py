@@ -127,6 +127,16 @@ def test_missing_export_files_are_named_errors(tmp_path) -> None:
         load_onnx_model(tmp_path)(torch.zeros(1, 2, 3, 32, 32), torch.ones(1, 3, dtype=torch.long), structure_masks={})
 
 
+def test_an_unknown_itm_score_is_refused_before_the_session_runs(tmp_path, monkeypatch) -> None:
+    export_onnx(_pruned(EfficientVLMForImageTextRetrieval), tmp_path)
+    model = load_onnx_model(tmp_path)
+    image_states, _ = model.embed_images(_inputs()["pixel_values"])
+    text_states, _ = model.embed_texts(_inputs()["input_ids"])
+    monkeypatch.setattr(model, "run", lambda *args: pytest.fail("the ITM graph ran"))
+    with pytest.raises(ValueError, match=r"`score` must be one of .*'log_odds'.*; got 'logits'"):
+        model.itm_scores(image_states, text_states, None, score="logits")
+
+
 def test_export_command_compares_latency_and_accuracy_of_pytorch_onnx_and_int8(tmp_path, capsys) -> None:
     processor = make_processor(tmp_path)
     model = _pruned(EfficientVLMForQuestionAnswering)

@@ -24,7 +24,7 @@ from modeling_efficientvlm import (
 )
 from modeling_efficientvlm.modeling_efficientvlm import EncoderOutput
 from modeling_efficientvlm.modeling_efficientvlm_nlvr2 import EfficientVLMVisualReasoningOutput
-from modeling_efficientvlm.modeling_efficientvlm_retrieval import itm_match_score
+from modeling_efficientvlm.modeling_efficientvlm_retrieval import check_itm_score, itm_match_score
 from trainers.deployment.onnx_export import ort_session, read_manifest, session_feed
 
 
@@ -96,6 +96,7 @@ class OnnxRetrievalModel(OnnxTaskModel):
         image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self._no_masks(structure_masks)
+        check_itm_score(score)  # before the session runs, not after
         mask = torch.ones(text_states.shape[:2], dtype=torch.long) if attention_mask is None else attention_mask
         if image_index is not None:  # the exported graph takes one image per text
             image_states = image_states.index_select(0, image_index)
