@@ -182,19 +182,19 @@ def test_per_task_learning_rates_come_from_the_task_registry_or_the_shared_rate(
 def test_the_eta_weighs_each_stage_by_its_step_cost() -> None:
     from trainers.demo.run import STEP_COST, training_minutes_left
 
-    # The default run's plan: after pre-training (0.33 s a step), a plain step count would predict 21.9 min for
-    # what took 10; weighted by cost, its own stages' timings make the estimate right.
+    # The default run's plan: after pre-training (0.267 s a step), a plain step count would predict 23.3 min for
+    # what took 11.7; weighted by cost, its own stages' timings make the estimate right.
     planned = {
         "pre-train teacher": 300,
-        "fine-tune teachers": 1900,
+        "fine-tune teachers": 2950,
         "distil student": 150,
-        "fine-tune + prune students": 1890,
+        "fine-tune + prune students": 2140,
     }
     seconds = {
-        "pre-train teacher": 100.0,
-        "fine-tune teachers": 322.0,
-        "distil student": 40.0,
-        "fine-tune + prune students": 237.0,
+        "pre-train teacher": 80.0,
+        "fine-tune teachers": 394.0,
+        "distil student": 34.0,
+        "fine-tune + prune students": 271.0,
     }
     assert set(STEP_COST) == set(planned)
     assert training_minutes_left(planned, [], 0.0) is None

@@ -182,13 +182,13 @@ class DemoSettings:
 
 
 # Seconds per optimizer step of each training stage relative to a teacher pre-training step (ITC + ITM + MLM),
-# from a default run (2 cores, 2 threads: 0.33 s, 0.17 s, 0.27 s, 0.13 s): a distillation step also runs the
+# from a default run (2 cores, 2 threads: 0.267 s, 0.134 s, 0.227 s, 0.127 s): a distillation step also runs the
 # teacher, a task step runs one model on one task's loss.
 STEP_COST = {
     "pre-train teacher": 1.0,
     "fine-tune teachers": 0.5,
-    "distil student": 0.8,
-    "fine-tune + prune students": 0.38,
+    "distil student": 0.85,
+    "fine-tune + prune students": 0.47,
 }
 
 
