@@ -125,6 +125,7 @@ def test_uniform_masks_cut_every_layer_alike() -> None:
 
 def test_ablations_are_fair_and_reported(demo_dir: Path) -> None:
     ablations = json.loads((demo_dir / "ablations.json").read_text())
+    settings = json.loads((demo_dir / "settings.json").read_text())
     report = (demo_dir / "report.md").read_text()
     for task in DEFAULT_DEMO_TASKS:
         fixed = ablations["tasks"][task]["fixed_mask_steps"]
@@ -149,6 +150,8 @@ def test_ablations_are_fair_and_reported(demo_dir: Path) -> None:
             learned_name = f"pruned_{task}" if own else f"ablation_learned_{task}_{target:g}_seed{seed}"
             learned_run = f"{learned_name}_fixed_masks"
             assert [ablations["run_steps"][name] for name in (learned_run, *names)] == [fixed] * 3
+            rates = [ablations["run_learning_rates"][name] for name in (learned_run, *names)]
+            assert rates == [settings["fixed_mask_learning_rates"][task]] * 3
         section = report.split(f"## {task}")[1]
         assert f"after {fixed} fixed-mask steps" in section and "| random masks | 0, 1 |" in section
         assert f"{task} at target sparsity 0.8: after the same fixed-mask training, the learned masks" in section
@@ -175,7 +178,9 @@ def test_per_task_learning_rates_come_from_the_task_registry_or_the_shared_rate(
         demo = task_spec(task).demo
         assert settings.teacher_learning_rates[task] == (demo.teacher_learning_rate or settings.learning_rate)
         assert settings.student_learning_rates[task] == (demo.student_learning_rate or settings.learning_rate)
+        assert settings.fixed_mask_learning_rates[task] == (demo.fixed_mask_learning_rate or settings.learning_rate)
     assert settings.student_learning_rates["retrieval"] != settings.learning_rate  # retrieval's own, measured
+    assert settings.fixed_mask_learning_rates["vqa"] < settings.learning_rate
     assert DemoSettings(student_learning_rates={"vqa": 1e-4}).student_learning_rates == {"vqa": 1e-4}
 
 

@@ -116,6 +116,8 @@ class DemoSettings:
     # Of each task's pruning steps, the share at the end in which the pruned model trains with its masks fixed
     # (a fresh schedule, as every ablation row gets): the masks learn in the steps before it.
     fixed_mask_fraction: float = 1 / 3
+    # Per task, their learning rate (a fresh schedule; default: the task registry's, else `learning_rate`).
+    fixed_mask_learning_rates: dict[str, float] | None = None
     # Also prune the same student to the same sparsity with random masks and with a uniform split, each trained
     # for the same fixed-mask steps; repeated with `ablation_seeds` seeds of the pruning stage (the run's seed,
     # then the next ones), so the report gives the spread of the differences.
@@ -136,6 +138,7 @@ class DemoSettings:
         for field_name, default in (
             ("teacher_learning_rates", "teacher_learning_rate"),
             ("student_learning_rates", "student_learning_rate"),
+            ("fixed_mask_learning_rates", "fixed_mask_learning_rate"),
         ):
             rates = {task: rate or self.learning_rate for task, rate in _demo_defaults(default).items()}
             setattr(self, field_name, getattr(self, field_name) or rates)
@@ -402,6 +405,7 @@ class DemoRun:
         self.histories: dict[str, list[dict[str, float]]] = {}
         self.run_timings: dict[str, float] = {}  # one entry per training run (inside the stages)
         self.run_steps: dict[str, int] = {}  # optimizer steps each training run took
+        self.run_learning_rates: dict[str, float] = {}  # the peak learning rate of each training run
         self.timings: dict[str, float] = {}  # one entry per stage, then "total"
         self.stage_steps: dict[str, int] = {}
         self.metrics: dict[str, dict[str, dict[str, float]]] = {}
@@ -469,6 +473,7 @@ class DemoRun:
         )
         self.run_timings[name] = time.perf_counter() - start
         self.run_steps[name] = trainer.state.global_step
+        self.run_learning_rates[name] = args.learning_rate
         self.histories[name] = _losses(trainer)
         final = next((e["train_loss"] for e in reversed(trainer.state.log_history) if "train_loss" in e), float("nan"))
         _say(f"{name}: {trainer.state.global_step} steps in {self.run_timings[name]:.0f}s, mean train loss {final:.3f}")
@@ -624,6 +629,7 @@ class DemoRun:
             fixed_steps,
             DistillationTrainer,
             seed=seed,
+            learning_rate=self.settings.fixed_mask_learning_rates[task],
             teacher_model=teacher,
             distillation_config=DistillationConfig(**_PRUNING["kd_term_weights"]),
         )
@@ -754,11 +760,11 @@ class DemoRun:
         return write_report(self, plots)
 
     def write_ablations(self) -> Path:
-        """`ablations.json`: per task, every ablation row of every seed, and the optimizer steps of every
-        fixed-mask training run (the learned masks' and the ablations')."""
-        fixed_runs = {
-            name: steps for name, steps in self.run_steps.items() if "fixed_masks" in name or "ablation_" in name
-        }
+        """`ablations.json`: per task, every ablation row of every seed, and the optimizer steps and learning rate of
+        every fixed-mask training run (the learned masks' and the ablations')."""
+        fixed = [name for name in self.run_steps if "fixed_masks" in name or "ablation_" in name]
+        fixed_runs = {name: self.run_steps[name] for name in fixed}
+        fixed_rates = {name: self.run_learning_rates[name] for name in fixed}
         data = {
             task: {
                 "fixed_mask_steps": self.settings.pruning_schedule(task)[1],
@@ -767,7 +773,9 @@ class DemoRun:
             for task, rows in self.ablation_results.items()
         }
         path = self.output_dir / "ablations.json"
-        path.write_text(json.dumps({"tasks": data, "run_steps": fixed_runs}, indent=2))
+        path.write_text(
+            json.dumps({"tasks": data, "run_steps": fixed_runs, "run_learning_rates": fixed_rates}, indent=2)
+        )
         return path
 
     def planned_steps(self) -> dict[str, int]:
