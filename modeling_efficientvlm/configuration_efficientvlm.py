@@ -185,6 +185,11 @@ class EfficientVLMVisionConfig(_PerLayerSizes, PreTrainedConfig):
     then learned. From scratch the patch embeddings are ~25x larger than normal-drawn positions, and in a short
     run the positions barely move: the model cannot tell where anything is (the demo recipe's notes). Only the
     start differs: the parameter and the checkpoints are the same.
+
+    `zero_init_residual`: at initialisation, zero the weights of the output projection of every vision layer's
+    residual branches (attention `out_proj`, FFN `fc2`), so each layer starts as the identity (plus its LayerNorms)
+    and the patch and position embeddings reach the output tokens intact; with a large `initializer_range`
+    random layers drown the positions. Only affects freshly initialised weights.
     """
 
     model_type = "efficientvlm_vision_model"
@@ -202,6 +207,7 @@ class EfficientVLMVisionConfig(_PerLayerSizes, PreTrainedConfig):
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
     position_embedding_init: str = "normal"
+    zero_init_residual: bool = False
     num_attention_heads_per_layer: list[int] | None = None
     intermediate_size_per_layer: list[int] | None = None
 

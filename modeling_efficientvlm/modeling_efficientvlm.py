@@ -526,6 +526,15 @@ class EfficientVLMVisionEmbeddings(nn.Module):
         return embeddings + self.interpolate_pos_encoding(height, width)
 
 
+def mark_zero_init(*branches: tuple[nn.Module, str]) -> None:
+    """Marks each `(branch, projection name)` output projection for `_init_weights` to zero (the residual branch
+    then starts at nothing). A fully pruned branch (`EfficientVLMEmpty*`) has no projection, only its bias."""
+    for branch, name in branches:
+        projection = getattr(branch, name, None)
+        if projection is not None:
+            projection.zero_init = True
+
+
 class EfficientVLMVisionLayer(GradientCheckpointingLayer):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
@@ -537,6 +546,8 @@ class EfficientVLMVisionLayer(GradientCheckpointingLayer):
         )
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = build_mlp(config, config.layer_intermediate_size(layer_index))
+        if config.zero_init_residual:
+            mark_zero_init((self.self_attn, "out_proj"), (self.mlp, "fc2"))
 
     def forward(
         self,
@@ -644,12 +655,8 @@ class EfficientVLMTextLayer(GradientCheckpointingLayer):
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         if has_cross_attention and config.fusion_zero_init_residual:
-            # `_init_weights` zeroes these: the layer starts as the identity (up to its LayerNorms). A fully
-            # pruned branch (`EfficientVLMEmpty*`) has no projection, only its bias.
-            for branch, name in ((self.attention, "out_proj"), (self.crossattention, "out_proj"), (self.mlp, "fc2")):
-                projection = getattr(branch, name, None)
-                if projection is not None:
-                    projection.zero_init = True
+            # `_init_weights` zeroes these: the layer starts as the identity (up to its LayerNorms).
+            mark_zero_init((self.attention, "out_proj"), (self.crossattention, "out_proj"), (self.mlp, "fc2"))
 
     def forward(
         self,
@@ -927,7 +934,7 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            if getattr(module, "zero_init", False):  # see `EfficientVLMTextConfig.fusion_zero_init_residual`
+            if getattr(module, "zero_init", False):  # `fusion_zero_init_residual`, vision `zero_init_residual`
                 nn.init.zeros_(module.weight)
             else:
                 nn.init.normal_(module.weight, mean=0.0, std=std)

@@ -727,6 +727,28 @@ def test_fusion_zero_init_residual_starts_fusion_layers_as_identity(tmp_path, ti
     assert (reloaded.text_model.encoder.layer[-1].mlp.fc2.weight == 0.5).all()
 
 
+def test_vision_zero_init_residual_starts_vision_layers_as_identity(tmp_path) -> None:
+    config = EfficientVLMConfig.from_preset("tiny", vision_config={"zero_init_residual": True})
+    model = EfficientVLMModel(config).eval()
+    states = torch.randn(2, 5, config.vision_config.hidden_size)
+    for layer in model.vision_model.layers:
+        assert (layer.self_attn.out_proj.weight == 0).all() and (layer.mlp.fc2.weight == 0).all()
+        assert layer.self_attn.q_proj.weight.std().item() == pytest.approx(
+            config.vision_config.initializer_range, rel=0.3
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(layer(states)[0], states, atol=0, rtol=0)  # the positions pass intact
+    assert not (
+        EfficientVLMModel(EfficientVLMConfig.from_preset("tiny")).vision_model.layers[0].mlp.fc2.weight == 0
+    ).all()
+    with torch.no_grad():
+        model.vision_model.layers[0].mlp.fc2.weight.fill_(0.5)
+    model.save_pretrained(tmp_path)
+    reloaded = EfficientVLMModel.from_pretrained(tmp_path)
+    assert reloaded.config.vision_config.zero_init_residual
+    assert (reloaded.vision_model.layers[0].mlp.fc2.weight == 0.5).all()  # trained weights are not zeroed again
+
+
 @pytest.mark.parametrize("index", [[2, 2, 2, 2, 2, 0], [1, 0, 1, 1, 0, 1], [0, 1, 2, 3, 0, 1]])
 def test_shared_image_fusion_trains_and_reports_attention_as_with_copies(tiny_config, index) -> None:
     """The shared-image fusion trains (keys and values indexed per text under autograd) with the same gradients as
