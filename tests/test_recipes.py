@@ -161,7 +161,8 @@ def test_the_demo_runs_with_the_small_cpu_recipe() -> None:
     # The demo's numbers, read from the recipe.
     assert (settings.initializer_range, settings.patch_size, settings.image_size) == (0.1, 16, 64)
     assert teacher_config(settings, 97).text_config.fusion_zero_init_residual
-    assert teacher_config(settings, 97).vision_config.position_embedding_init == "normal"
+    assert teacher_config(settings, 97).vision_config.position_embedding_init == "sincos_2d"
+    assert teacher_config(settings, 97).vision_config.zero_init_residual
     assert (settings.hidden_size, settings.num_heads, settings.intermediate_size) == (128, 4, 512)
     assert (settings.teacher_layers, settings.student_layers) == ((4, 2, 2), (2, 1, 1))
     assert (settings.batch_size, settings.learning_rate) == (32, 5e-4)

@@ -80,9 +80,11 @@ class DemoSettings:
     # a small model settles on the answer prior of each question type before it learns to look.
     initializer_range: float = _MODEL["initializer_range"]
     # "normal": drawn with std initializer_range, the position embeddings are ~25x smaller than the patch embeddings
-    # and do not grow in training; "sincos_2d" gives them the patch embeddings' scale, but in a default run it
-    # lifted retrieval a little and cost VQA and NLVR2 more (the recipe's notes).
+    # and do not grow in training; "sincos_2d" starts them near the patch embeddings' scale. Alone it lifted
+    # retrieval a little and cost VQA and NLVR2 more; with the vision layers started as the identity
+    # (`vision_zero_init_residual`, so the positions reach the output tokens) every teacher gained (the recipe's notes).
     position_embedding_init: str = _MODEL["vision_config"]["position_embedding_init"]
+    vision_zero_init_residual: bool = _MODEL["vision_config"]["zero_init_residual"]
     # Share of ITM negatives drawn at random rather than by ITC similarity: from scratch, hard negatives alone
     # leave the ITM head at the class prior (p = 1/3 for every pair), so ITM re-ranking ruins retrieval.
     itm_random_negatives: float = _MODEL["itm_random_negatives"]
@@ -242,6 +244,7 @@ def teacher_config(settings: DemoSettings, vocab_size: int):
             patch_size=settings.patch_size,
             initializer_range=settings.initializer_range,
             position_embedding_init=settings.position_embedding_init,
+            zero_init_residual=settings.vision_zero_init_residual,
         ),
         text_config=dict(
             **width,
