@@ -214,10 +214,14 @@ def _cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
-def box_regression_loss(predicted: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def box_regression_loss(
+    predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """X-VLM's grounding loss: L1 and generalised IoU between (batch, 4) boxes given as normalised
-    (center x, center y, width, height). Returns `(l1, giou)` means."""
-    loss_l1 = F.l1_loss(predicted, target, reduction="none").sum(dim=1).mean()
+    (center x, center y, width, height). Returns `(l1, giou)` means over the rows of `mask` (batch,) bool, all
+    rows without one; with no row in `mask`, zeros that still reach every input (so a step without regions keeps
+    the box head in the graph, as distributed training needs)."""
+    loss_l1 = F.l1_loss(predicted, target, reduction="none").sum(dim=1)
     pred, true = _cxcywh_to_xyxy(predicted), _cxcywh_to_xyxy(target)
     area_pred = (pred[:, 2:] - pred[:, :2]).clamp(min=0).prod(dim=1)
     area_true = (true[:, 2:] - true[:, :2]).clamp(min=0).prod(dim=1)
@@ -225,5 +229,10 @@ def box_regression_loss(predicted: torch.Tensor, target: torch.Tensor) -> tuple[
     union = area_pred + area_true - inter
     iou = inter / union.clamp(min=1e-6)
     hull = (torch.max(pred[:, 2:], true[:, 2:]) - torch.min(pred[:, :2], true[:, :2])).clamp(min=0).prod(dim=1)
-    giou = iou - (hull - union) / hull.clamp(min=1e-6)
-    return loss_l1, (1 - giou).mean()
+    loss_giou = 1 - (iou - (hull - union) / hull.clamp(min=1e-6))
+    if mask is None:
+        return loss_l1.mean(), loss_giou.mean()
+    weights = mask.to(loss_l1.dtype)
+    count = weights.sum().clamp(min=1)
+    # where(), not a product: a box-less row's target may be anything (zeros give a NaN-free but meaningless GIoU)
+    return (torch.where(mask, loss_l1, 0).sum() / count, torch.where(mask, loss_giou, 0).sum() / count)

@@ -1044,9 +1044,10 @@ class EfficientVLMVisionModel(EfficientVLMPreTrainedModel):
                 all_hidden += (hidden_states,)
             if output_attentions:
                 all_attn += (attn,)
-        return EncoderOutput(
-            last_hidden_state=self.post_layernorm(hidden_states), hidden_states=all_hidden, attentions=all_attn
-        )
+        output = self.post_layernorm(hidden_states)
+        if self.config.output_position_embeddings:
+            output = output + self.embeddings.interpolate_pos_encoding(*pixel_values.shape[-2:]).to(output.dtype)
+        return EncoderOutput(last_hidden_state=output, hidden_states=all_hidden, attentions=all_attn)
 
     def layer_masks(self, structure_masks: StructureMasks | None) -> dict[str, list[torch.Tensor | None] | None]:
         """The `head_mask` / `ffn_mask` arguments of `forward` from a structure-mask dict (keys of the other
@@ -1811,6 +1812,7 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
         image_ids: torch.Tensor | None = None,
         itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
         target_bbox: torch.Tensor | None = None,
+        target_bbox_mask: torch.Tensor | None = None,
         structure_masks: StructureMasks | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
@@ -1822,8 +1824,21 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
         mlm_input_ids / mlm_labels: (batch, seq) masked texts and their targets (-100 elsewhere), for MLM;
         image_ids: (batch,) optional, texts of the same image are positives for ITC and never negatives;
         itm_negatives: optional `(negative_text_index, negative_image_index)` to reuse instead of sampling;
-        target_bbox: (batch, 4) optional normalised (cx, cy, w, h) box each text describes, for grounding.
+        target_bbox: (batch, 4) optional normalised (cx, cy, w, h) box each text describes, for grounding;
+        target_bbox_mask: (batch,) optional bool, the texts that describe a region (the others' boxes are ignored):
+        X-VLM's region texts mixed with whole-image captions in one batch (`trainers.data.PretrainingDataset`).
         """
+        if target_bbox is not None and target_bbox.shape != (input_ids.shape[0], 4):
+            raise ValueError(
+                f"`target_bbox` must have shape ({input_ids.shape[0]}, 4) (a box per text); got "
+                f"{tuple(target_bbox.shape)}."
+            )
+        if target_bbox_mask is not None and (target_bbox is None or target_bbox_mask.shape != (input_ids.shape[0],)):
+            raise ValueError(
+                f"`target_bbox_mask` needs `target_bbox` and shape ({input_ids.shape[0]},); got "
+                f"{None if target_bbox_mask is None else tuple(target_bbox_mask.shape)} with target_bbox "
+                f"{'missing' if target_bbox is None else 'given'}."
+            )
         model = self.efficientvlm
         flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         vision, text, attention_mask = model.encode_image_text(
@@ -1873,7 +1888,11 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
         loss_bbox = loss_giou = None
         if target_bbox is not None:
             predicted_bbox = self.bbox_head(itm_fusion.last_hidden_state[:batch, 0]).sigmoid()
-            loss_bbox, loss_giou = box_regression_loss(predicted_bbox, target_bbox.to(predicted_bbox.dtype))
+            loss_bbox, loss_giou = box_regression_loss(
+                predicted_bbox,
+                target_bbox.to(predicted_bbox.dtype),
+                None if target_bbox_mask is None else target_bbox_mask.bool(),
+            )
 
         loss = matching.loss
         for term in (loss_mlm, loss_bbox, loss_giou):

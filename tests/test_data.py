@@ -20,6 +20,7 @@ from trainers.data import (
     NLVR2Collator,
     NLVR2Dataset,
     PretrainingCollator,
+    PretrainingDataset,
     VQACollator,
     VQADataset,
 )
@@ -217,6 +218,68 @@ def test_caption_negatives_travel_from_records_to_the_batch(tmp_path, processor)
         ImageTextDataset([records[0], {"image": "b.png", "caption": "a"}], image_root=tmp_path)
     with pytest.raises(ValueError, match="list of 2 strings"):
         ImageTextDataset([{**records[0], "negative_caption": ["only one"]}], image_root=tmp_path)
+
+
+def test_region_texts_become_grounding_items(tmp_path, processor) -> None:
+    save_image(tmp_path / "a.png", "red", size=(40, 20))  # not square: x and y normalise by their own side
+    save_image(tmp_path / "b.png", "blue")
+    records = [
+        {"image": "a.png", "caption": "two shapes", "regions": [{"caption": "a red square", "bbox": [10, 0, 20, 10]}]},
+        {"image": "b.png", "caption": ["a", "b"]},
+        # X-VLM's names; the image of record 0 (so its id), two captions of one box.
+        {"image": "a.png", "caption": "c", "elems": [{"caption": ["left", "the left one"], "bb": [0, 10, 4, 10]}]},
+    ]
+    dataset = PretrainingDataset(records, image_root=tmp_path)
+    # Retrieval over this data ranks the captions only; the regions come after them.
+    assert dataset.texts == ["two shapes", "a", "b", "c"]
+    assert dataset.region_texts == ["a red square", "left", "the left one"]
+    assert len(dataset) == 7 and dataset.num_images == 2
+    first = dataset[4]
+    assert first["text"] == "a red square" and first["image_id"] == dataset.text_to_image[0]
+    assert first["bbox"] == pytest.approx((0.5, 0.25, 0.5, 0.5))  # (cx, cy, w, h) of x 10-30 / 40, y 0-10 / 20
+    assert dataset[6]["bbox"] == pytest.approx((0.05, 0.75, 0.1, 0.5)) and dataset[6]["image_id"] == 0
+    assert "bbox" not in dataset[0]
+    with pytest.raises(IndexError):
+        dataset[7]
+    # Plain image-text data ignores regions: retrieval fine-tuning on the same file sees the captions only.
+    assert len(ImageTextDataset(records, image_root=tmp_path)) == 4
+    batch = PretrainingCollator(processor, seed=0)([dataset[0], dataset[4], dataset[6]])
+    assert batch["target_bbox_mask"].tolist() == [False, True, True]
+    assert torch.allclose(batch["target_bbox"][1:], torch.tensor([[0.5, 0.25, 0.5, 0.5], [0.05, 0.75, 0.1, 0.5]]))
+    assert "target_bbox" not in PretrainingCollator(processor, seed=0)([dataset[0], dataset[1]])
+    cropping = make_processor(tmp_path / "crop", image_size=16)
+    cropping.image_processor.do_center_crop = True
+    with pytest.raises(ValueError, match="do_center_crop"):
+        PretrainingCollator(cropping)([dataset[4]])
+
+
+@pytest.mark.parametrize(
+    "region, message",
+    [
+        ("a red square", r"Record 0: `regions` must be a list"),
+        (["a red square"], r"`regions` item 0 must be a dict"),
+        ([{"caption": "", "bbox": [0, 0, 1, 1]}], r"`caption` must be a non-empty string"),
+        ([{"caption": "x"}], r"item 0 has none of the fields \['bbox', 'bb'\]"),
+        ([{"caption": "x", "bbox": [0, 0, 1]}], r"`bbox` must be \[x, y, width, height\]"),
+        ([{"caption": "x", "bbox": [0, 0, 0, 5]}], "width and height > 0"),
+        ([{"caption": "x", "bbox": [-1, 0, 5, 5]}], "x and y >= 0"),
+        ([{"caption": "x", "bbox": [0, 0, float("nan"), 5]}], "finite"),
+        ([{"caption": "x", "bbox": [0, "0", 5, 5]}], "4 finite numbers"),
+    ],
+)
+def test_bad_regions_name_the_record_and_field(tmp_path, region, message) -> None:
+    save_image(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=message):
+        PretrainingDataset([{"image": "a.png", "caption": "c", "regions": region}], image_root=tmp_path)
+
+
+def test_region_box_past_its_image_is_an_error_when_read(tmp_path) -> None:
+    save_image(tmp_path / "a.png", size=32)
+    dataset = PretrainingDataset(
+        [{"image": "a.png", "caption": "c", "regions": [{"caption": "x", "bbox": [20, 0, 20, 8]}]}], image_root=tmp_path
+    )
+    with pytest.raises(ValueError, match=r"Record 0: region box .* reaches past its image \(32 x 32 pixels\)"):
+        dataset[1]
 
 
 def _text_items(texts: list[str]) -> list[dict]:

@@ -13,6 +13,7 @@ import PIL.Image
 import pytest
 from transformers import BertTokenizer
 
+from trainers.data import PretrainingDataset
 from trainers.demo.corpus import (
     COLORS,
     DEFAULT_NLVR2_TYPES,
@@ -158,6 +159,38 @@ def test_files_and_quick_sizes(quick: DemoDataPaths) -> None:
         assert set(record) == {"image", "caption", "negative_caption", "image_id"}
     question_ids = [r["question_id"] for name in ("vqa_train", "vqa_test") for r in load(getattr(quick, name))]
     assert len(set(question_ids)) == len(question_ids)
+
+
+def test_regions_name_one_object_and_give_its_box(tmp_path: Path) -> None:
+    paths = generate_demo_data(tmp_path / "one", num_train_images=200, num_eval_images=12, regions_per_image=1)
+    scenes = {s["image"]: s for s in load(paths.scenes)}
+    counts = Counter()
+    for record in load(paths.pretrain):
+        objects = scenes[record["image"]]["objects"]
+        assert len(record["regions"]) <= 1
+        for region in record["regions"]:
+            words = region["caption"].split()
+            # "a red square" or "a large red square": the objects it fits are exactly the one whose box is given.
+            fits = [
+                o
+                for o in objects
+                if words[-2:] == [o["color"], o["shape"]] and (len(words) == 3 or words[1] == o["size"])
+            ]
+            assert len(fits) == 1, (record["image"], region)
+            x0, y0, x1, y1 = fits[0]["bbox"]
+            assert region["bbox"] == [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
+            counts[len(words)] += 1
+    assert counts[3] > 40 and counts[4] > 40  # with and without the size
+    assert sum(counts.values()) >= 0.95 * 200  # nearly every image has an object its phrase picks out
+    pretrain = PretrainingDataset(paths.pretrain, image_root=paths.root)
+    assert len(pretrain.region_texts) == sum(counts.values())
+    assert all(0 < v < 1 for v in pretrain[len(pretrain.texts)]["bbox"])
+    more = generate_demo_data(tmp_path / "more", num_train_images=30, num_eval_images=12, regions_per_image=4)
+    assert max(len(r["regions"]) for r in load(more.pretrain)) == 4
+    none = generate_demo_data(tmp_path / "none", num_train_images=30, num_eval_images=12)  # the default: none
+    assert all("regions" not in r for r in load(none.pretrain))
+    # The captions do not move with the regions (their own random stream).
+    assert [r["caption"] for r in load(none.pretrain)] == [r["caption"] for r in load(more.pretrain)]
 
 
 def test_deterministic_per_seed(tmp_path: Path) -> None:
@@ -463,6 +496,7 @@ def test_files_load_with_the_project_datasets(quick: DemoDataPaths) -> None:
         (dict(quick="yes"), "quick"),
         (dict(nlvr2_types=("both_contain", "exactly_one")), "nlvr2_types"),
         (dict(nlvr2_types=()), "nlvr2_types"),
+        (dict(regions_per_image=-1), "regions_per_image"),
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:

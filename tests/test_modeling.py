@@ -18,7 +18,7 @@ from modeling_efficientvlm import (
 )
 from modeling_efficientvlm.configuration_efficientvlm import TextStackLayout, has_twin_fusion_layers, stack_depths
 from modeling_efficientvlm.grouping_efficientvlm import EncoderGroups
-from modeling_efficientvlm.loss_efficientvlm import identical_texts, sample_hard_negatives
+from modeling_efficientvlm.loss_efficientvlm import box_regression_loss, identical_texts, sample_hard_negatives
 from modeling_efficientvlm.modeling_efficientvlm import (
     TEXT_MASK_KEYS,
     VISION_MASK_KEYS,
@@ -441,6 +441,36 @@ def test_every_parameter_gets_a_gradient(tiny_config, tiny_inputs) -> None:
     assert missing == []
 
 
+def test_grounding_loss_covers_only_the_region_texts(tiny_config, tiny_inputs) -> None:
+    torch.manual_seed(0)
+    model = EfficientVLMForPreTraining(tiny_config).eval()
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.7, 0.4, 0.2], [0.0, 0.0, 0.0, 0.0], [0.9, 0.1, 0.1, 0.1]])
+    mask = torch.tensor([True, True, False, True])
+    itm = (torch.tensor([1, 0, 3, 2]), torch.tensor([2, 3, 0, 1]))  # fixed negatives: the same fusion passes
+    masked = model(**tiny_inputs, itm_negatives=itm, target_bbox=boxes, target_bbox_mask=mask)
+    # A caption row's box, whatever it holds, changes nothing.
+    other_boxes = boxes.index_fill(0, torch.tensor([2]), 7.0)
+    other = model(**tiny_inputs, itm_negatives=itm, target_bbox=other_boxes, target_bbox_mask=mask)
+    torch.testing.assert_close(other.loss_bbox, masked.loss_bbox)
+    torch.testing.assert_close(other.loss_giou, masked.loss_giou)
+    # The means over the region rows: the same as the loss of those rows alone.
+    fused = masked.itm_fusion_output.last_hidden_state[:4, 0]
+    predicted = model.bbox_head(fused).sigmoid()
+    l1, giou = box_regression_loss(predicted[mask], boxes[mask])
+    torch.testing.assert_close(masked.loss_bbox, l1)
+    torch.testing.assert_close(masked.loss_giou, giou)
+    assert masked.loss_bbox > 0 and masked.loss_giou > 0
+    # A batch of captions only: zero grounding loss, and the box head still in the graph (distributed training).
+    none = model.train()(**tiny_inputs, target_bbox=boxes, target_bbox_mask=torch.zeros(4, dtype=torch.bool))
+    assert none.loss_bbox.item() == 0 and none.loss_giou.item() == 0
+    none.loss.backward()
+    assert all(p.grad is not None for p in model.bbox_head.parameters())
+    with pytest.raises(ValueError, match=r"`target_bbox` must have shape \(4, 4\)"):
+        model(**tiny_inputs, target_bbox=boxes[:3])
+    with pytest.raises(ValueError, match=r"`target_bbox_mask` needs `target_bbox` and shape \(4,\)"):
+        model(**tiny_inputs, target_bbox_mask=mask)
+
+
 def test_pretraining_losses_are_finite_and_decrease(tiny_config) -> None:
     torch.manual_seed(0)
     model = EfficientVLMForPreTraining(tiny_config).train()
@@ -747,6 +777,31 @@ def test_vision_zero_init_residual_starts_vision_layers_as_identity(tmp_path) ->
     reloaded = EfficientVLMModel.from_pretrained(tmp_path)
     assert reloaded.config.vision_config.zero_init_residual
     assert (reloaded.vision_model.layers[0].mlp.fc2.weight == 0.5).all()  # trained weights are not zeroed again
+
+
+def test_output_position_embeddings_add_the_positions_to_the_tokens_the_fusion_reads(tmp_path) -> None:
+    config = EfficientVLMConfig.from_preset("tiny")
+    assert not config.vision_config.output_position_embeddings  # X-VLM's layout by default
+    torch.manual_seed(0)
+    plain = EfficientVLMVisionModel(copy.deepcopy(config.vision_config)).eval()
+    config.vision_config.output_position_embeddings = True
+    with_positions = EfficientVLMVisionModel(config.vision_config).eval()
+    with_positions.load_state_dict(plain.state_dict())  # the same parameters: nothing new to load or convert
+    embeddings = plain.embeddings
+    size = config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = plain(pixels).last_hidden_state + embeddings.pos_embed.weight
+        torch.testing.assert_close(with_positions(pixels).last_hidden_state, expected)
+        # Another image size adds the interpolated positions, as the input embeddings do.
+        larger = torch.randn(1, 3, 2 * size, 2 * size)
+        torch.testing.assert_close(
+            with_positions(larger, interpolate_pos_encoding=True).last_hidden_state,
+            plain(larger, interpolate_pos_encoding=True).last_hidden_state
+            + embeddings.interpolate_pos_encoding(2 * size, 2 * size),
+        )
+    with_positions.save_pretrained(tmp_path)
+    assert EfficientVLMVisionModel.from_pretrained(tmp_path).config.output_position_embeddings
 
 
 @pytest.mark.parametrize("index", [[2, 2, 2, 2, 2, 0], [1, 0, 1, 1, 0, 1], [0, 1, 2, 3, 0, 1]])

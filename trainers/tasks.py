@@ -240,7 +240,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
         TaskSpec(
             name="pretraining",
             model_class_name="EfficientVLMForPreTraining",
-            dataset_class_name="ImageTextDataset",
+            dataset_class_name="PretrainingDataset",
             collator_class_name="PretrainingCollator",
             evaluate=None,
             primary_metric=None,

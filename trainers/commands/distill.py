@@ -106,7 +106,7 @@ def _train_dataset(args: DistillArguments, processor: Any) -> Any:
     import datasets
     from torch.utils.data import Subset
 
-    from ..data import ImageTextDataset
+    from ..data import PretrainingDataset
 
     _check_data_source(args)
     if args.train_file:
@@ -119,7 +119,7 @@ def _train_dataset(args: DistillArguments, processor: Any) -> Any:
             data = data[args.dataset_split]
     else:
         data = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split)
-    dataset = ImageTextDataset(data, image_root=args.image_root, processor=processor, max_length=args.max_length)
+    dataset = PretrainingDataset(data, image_root=args.image_root, processor=processor, max_length=args.max_length)
     if args.max_train_samples is not None:
         dataset = Subset(dataset, range(min(args.max_train_samples, len(dataset))))
     if len(dataset) == 0:

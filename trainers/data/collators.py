@@ -85,7 +85,8 @@ class PretrainingCollator(ImageTextCollator):
     with probability 0.8, a random non-special token with 0.1, and stays unchanged with 0.1.
 
     Extra outputs: `mlm_input_ids` (B, L), the masked copy of `input_ids`, and `mlm_labels` (B, L), the
-    original ids at masked positions and -100 elsewhere.
+    original ids at masked positions and -100 elsewhere; when items carry a region `bbox` (`PretrainingDataset`),
+    `target_bbox` (B, 4) and `target_bbox_mask` (B,) for grounding (see [`grounding_targets`]).
 
     Randomness is drawn per sample, never from torch's global RNG: each text's masks come from its own
     `torch.Generator`, seeded with a stable hash (BLAKE2b) of `(seed, epoch, image id, text)` (`seed` defaults
@@ -136,6 +137,8 @@ class PretrainingCollator(ImageTextCollator):
         batch["mlm_input_ids"], batch["mlm_labels"] = self.mask_tokens(
             batch["input_ids"], batch["attention_mask"], generators
         )
+        if any("bbox" in item for item in items):
+            batch["target_bbox"], batch["target_bbox_mask"] = self.grounding_targets(items)
         if not (batch["mlm_labels"] != -100).any():
             # The MLM cross-entropy would average over no targets: NaN, summed into the loss.
             texts = [item.get("text", item.get("caption")) for item in items]
@@ -146,6 +149,20 @@ class PretrainingCollator(ImageTextCollator):
                 f"{batch['image_ids'].tolist()}, texts: {shown}. Remove or fix these captions."
             )
         return batch
+
+    def grounding_targets(self, items: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`target_bbox` (B, 4): each region item's normalised (cx, cy, w, h) box, zeros for the caption items;
+        `target_bbox_mask` (B,) bool: which rows have a box."""
+        image_processor = getattr(self.processor, "image_processor", None)
+        if getattr(image_processor, "do_center_crop", False):
+            raise ValueError(
+                "Region boxes (`bbox`) are relative to the whole image, but the image processor center-crops "
+                "(`do_center_crop=True`), which would move them: set `do_center_crop=False` for pre-training with "
+                "regions."
+            )
+        has_box = [item.get("bbox") is not None for item in items]
+        boxes = [item["bbox"] if box else (0.0, 0.0, 0.0, 0.0) for item, box in zip(items, has_box)]
+        return torch.tensor(boxes, dtype=torch.float32), torch.tensor(has_box, dtype=torch.bool)
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch that seeds the per-sample masks (see the class docstring)."""

@@ -8,6 +8,8 @@ tokenisation, image processing and batching (`trainers.data.collators`).
 
 Records (fields) -> items (keys):
 - `ImageTextDataset`: image, caption (str or list of str), optional image_id -> image, text, image_id.
+- `PretrainingDataset`: those, plus optional regions ([{caption, bbox: [x, y, w, h] pixels}], X-VLM's elems / bb)
+  -> one more item per region caption: image, text, image_id, bbox (normalised center x, center y, w, h).
 - `VQADataset`: image, question, answer (list, repeats allowed), optional answer_weight and question_id
   -> image, question, answers (unique), answer_weights, question_id.
 - `NLVR2Dataset`: images ([left, right]), sentence, label (bool, "True"/"False" or 0/1) -> images, text, label.
@@ -339,6 +341,7 @@ class ImageTextDataset(_RecordDataset):
         self.image_to_texts: list[list[int]] = []
         self._image_record: list[int] = []  # image id -> index of a record holding that image
         self._text_record: list[int] = []  # text index -> record index
+        self._record_image: list[int] = []  # record index -> image id
         ids: dict[Any, int] = {}
         empty: list[int] = []  # records with an empty caption
         negatives: list[str] = []  # caption negatives, one per caption, when the records have them
@@ -369,6 +372,7 @@ class ImageTextDataset(_RecordDataset):
                 self._image_record.append(index)
                 self.image_to_texts.append([])
             image_id = ids[key]
+            self._record_image.append(image_id)
             for caption in captions:
                 self.image_to_texts[image_id].append(len(self.texts))
                 self.text_to_image.append(image_id)
@@ -447,6 +451,97 @@ class ImageTextDataset(_RecordDataset):
     def text_view(self) -> Dataset:
         """A dataset over captions without loading images: items `{"text", "image_id"}`."""
         return _ListDataset(len(self.texts), lambda t: {"text": self.texts[t], "image_id": self.text_to_image[t]})
+
+
+REGION_FIELDS = ("regions", "elems")  # ours, X-VLM's
+REGION_BOX_FIELDS = ("bbox", "bb")
+
+
+class PretrainingDataset(ImageTextDataset):
+    """
+    `ImageTextDataset` plus X-VLM's region-text data: a record may list `regions` (X-VLM's `elems` is accepted
+    too), each `{"caption": str or list of str, "bbox": [x, y, width, height]}` (`bb` accepted) in pixels of the
+    record's image, (0, 0) its top-left corner. Every region caption is one more item after the captions, paired
+    with the whole image and its box as the grounding target: pre-training regresses the box from the fused
+    [CLS] (`EfficientVLMForPreTraining`'s `target_bbox`), so the model learns where in the image a text's object
+    is. Boxes are checked when an item is read (they need the image's size): inside the image, positive size.
+
+    Items: the caption items of `ImageTextDataset`, then `{"image", "text", "image_id", "bbox"}` per region
+    caption, `bbox` the normalised (center x, center y, width, height) box. `texts` and `text_to_image` hold
+    the captions only (retrieval over this data ranks captions, not region texts); `region_texts` the regions'.
+    """
+
+    def _parse_records(self) -> list[str]:
+        texts = super()._parse_records()
+        self.region_texts: list[str] = []
+        self._regions: list[tuple[int, int, tuple[float, ...]]] = []  # (record, image id, raw box) per region text
+        for index, record in enumerate(self.records):
+            field = next((name for name in REGION_FIELDS if record.get(name) is not None), None)
+            if field is None:
+                continue
+            where = f"{self._where(index)}: `{field}`"
+            regions = record[field]
+            if not isinstance(regions, (list, tuple)):
+                raise ValueError(f"{where} must be a list of regions, got {_describe(regions)}.")
+            image_id = self._record_image[index]
+            for position, region in enumerate(regions):
+                here = f"{where} item {position}"
+                if not isinstance(region, dict):
+                    raise ValueError(f"{here} must be a dict with `caption` and `bbox`, got {_describe(region)}.")
+                name, captions = _text_field(region, ("caption", "text"), here)
+                captions = [captions] if isinstance(captions, str) else captions
+                if (
+                    not isinstance(captions, (list, tuple))
+                    or not captions
+                    or not all(isinstance(c, str) and c.strip() for c in captions)
+                ):
+                    raise ValueError(
+                        f"{here}: `{name}` must be a non-empty string or list of them, got {_describe(captions)}."
+                    )
+                box_name, box = _text_field(region, REGION_BOX_FIELDS, here)
+                if (
+                    not isinstance(box, (list, tuple))
+                    or len(box) != 4
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+                    or not all(math.isfinite(v) for v in box)
+                    or box[2] <= 0
+                    or box[3] <= 0
+                    or box[0] < 0
+                    or box[1] < 0
+                ):
+                    raise ValueError(
+                        f"{here}: `{box_name}` must be [x, y, width, height] in pixels (4 finite numbers, x and y "
+                        f">= 0, width and height > 0), got {_describe(box)}."
+                    )
+                for caption in captions:
+                    self.region_texts.append(caption.strip())
+                    self._regions.append((index, image_id, tuple(float(v) for v in box)))
+        return texts + self.region_texts
+
+    def __len__(self) -> int:
+        return len(self.texts) + len(self.region_texts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index < len(self.texts):
+            return super().__getitem__(index)
+        if index >= len(self):
+            raise IndexError(index)
+        region = index - len(self.texts)
+        record, image_id, (x, y, width, height) = self._regions[region]
+        image = self._load_image(record)
+        image_width, image_height = image.size
+        if x + width > image_width * (1 + 1e-3) or y + height > image_height * (1 + 1e-3):
+            raise ValueError(
+                f"{self._where(record)}: region box [x, y, width, height] = {[x, y, width, height]} reaches past "
+                f"its image ({image_width} x {image_height} pixels); boxes are in pixels of the image file."
+            )
+        box = (
+            (x + width / 2) / image_width,
+            (y + height / 2) / image_height,
+            width / image_width,
+            height / image_height,
+        )
+        return {"image": image, "text": self.region_texts[region], "image_id": image_id, "bbox": box}
 
 
 class VQADataset(_RecordDataset):

@@ -85,6 +85,9 @@ class DemoSettings:
     # (`vision_zero_init_residual`, so the positions reach the output tokens) every teacher gained (the recipe's notes).
     position_embedding_init: str = _MODEL["vision_config"]["position_embedding_init"]
     vision_zero_init_residual: bool = _MODEL["vision_config"]["zero_init_residual"]
+    # The position embeddings added to the vision output tokens again, so the fusion layers read where things are:
+    # the vision layers let an object's content swamp its position (`EfficientVLMVisionConfig`).
+    vision_output_positions: bool = _MODEL["vision_config"]["output_position_embeddings"]
     # Share of ITM negatives drawn at random rather than by ITC similarity: from scratch, hard negatives alone
     # leave the ITM head at the class prior (p = 1/3 for every pair), so ITM re-ranking ruins retrieval.
     itm_random_negatives: float = _MODEL["itm_random_negatives"]
@@ -245,6 +248,7 @@ def teacher_config(settings: DemoSettings, vocab_size: int):
             initializer_range=settings.initializer_range,
             position_embedding_init=settings.position_embedding_init,
             zero_init_residual=settings.vision_zero_init_residual,
+            output_position_embeddings=settings.vision_output_positions,
         ),
         text_config=dict(
             **width,
