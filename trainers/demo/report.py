@@ -198,8 +198,9 @@ def baseline_lines(run: Any, task: str) -> list[str]:
         + (
             "the teacher is ahead."
             if ahead
-            else "**the student is not behind the teacher** (the teacher is "
-            "under-trained, so '% of teacher' overstates what compression keeps)."
+            else "**the student is not behind the teacher**: the teacher is under-trained, or the two tie within "
+            "the run-to-run spread of this metric (repeat with other seeds to tell); either way '% of teacher' "
+            "may overstate what compression keeps."
         )
     )
     return lines
