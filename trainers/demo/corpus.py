@@ -18,7 +18,9 @@ Scenes
 
 Files (under `output_dir`; every `image` path is relative to `output_dir`, the image root)
     images/train_00000.png ...       RGB PNGs, `image_size` x `image_size`; images/test_00000.png ... held out.
-    pretrain.json                    [{"image", "caption": [2-3 captions], "image_id"}], train images.
+    pretrain.json                    [{"image", "caption": [2-3 captions], "image_id"}], train images; with
+                                     `regions_per_image` > 0 also "regions": [{"caption": "a red square", "bbox":
+                                     [x, y, width, height]}] (X-VLM's region-text data, objects named alone).
     retrieval_train.json             [{"image", "caption": [2 captions], "negative_caption": [2], "image_id"}],
                                      train images; both captions exhaustive (every object and its cell), the kind
                                      the test captions are; each with a caption negative: the same caption of the
