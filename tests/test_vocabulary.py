@@ -97,13 +97,30 @@ def test_texts_of_every_record_kind_and_named_errors(tmp_path) -> None:
         {"image": "b.jpg", "caption": ["one", "two"]},
         {"image": "c.jpg", "question": "what colour?", "answer": ["red", "red"]},
         {"images": ["l.jpg", "r.jpg"], "sentence": "both are blue", "label": True},
+        # Every text a model reads: caption negatives and region captions (X-VLM's `elems` too).
+        {
+            "image": "d.jpg",
+            "caption": "x",
+            "negative_caption": "y",
+            "regions": [{"caption": "a dog", "bbox": [0, 0, 1, 1]}],
+        },
+        {"image": "e.jpg", "caption": "z", "elems": [{"caption": ["a cat", "the cat"], "bb": [0, 0, 1, 1]}]},
     ]
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps(records))
     answers = tmp_path / "answer_list.json"
     answers.write_text('["red", "blue"]')
     texts = texts_from_files([path, answers])
-    assert texts == ["A red Circle", "one", "two", "what colour?", "red", "red", "both are blue", "red", "blue"]
+    assert texts == ["A red Circle", "one", "two", "what colour?", "red", "red", "both are blue"] + [
+        "x",
+        "y",
+        "a dog",
+        "z",
+        "a cat",
+        "the cat",
+        "red",
+        "blue",
+    ]
     path.write_text(json.dumps([{"image": "a.jpg", "question": "how many?", "answer": [2]}]))
     with pytest.raises(ValueError, match=r"mixed.json, record 0: `answer` must be a string .* item 0 is int"):
         texts_from_files([path])

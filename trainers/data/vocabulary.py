@@ -13,18 +13,19 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from trainers.data.datasets import _describe, _read_json_records, _strings
+from trainers.data.datasets import REGION_FIELDS, _describe, _read_json_records, _strings
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 # record field -> what it holds; a field may be a string or a list of strings (captions, answers)
-TEXT_FIELDS = ("caption", "text", "question", "answer", "answers", "sentence")
+TEXT_FIELDS = ("caption", "text", "negative_caption", "question", "answer", "answers", "sentence")
 
 
 def record_texts(record: Any, where: str) -> Iterator[str]:
-    """The texts of one X-VLM record: its captions (`caption` / `text`, a string or a list), `question`, answers
-    (`answer` / `answers`, a string or a list) and NLVR2 `sentence`. A record that is a plain string (an answer
-    list file) is its own text; errors name `where` and the field."""
+    """The texts of one X-VLM record: its captions (`caption` / `text`, a string or a list), caption negatives,
+    `question`, answers (`answer` / `answers`, a string or a list), NLVR2 `sentence` and the captions of its
+    `regions` (pre-training's region texts; their structure is checked by `PretrainingDataset`). A record that is a
+    plain string (an answer list file) is its own text; errors name `where` and the field."""
     if isinstance(record, str):
         yield record
         return
@@ -32,6 +33,12 @@ def record_texts(record: Any, where: str) -> Iterator[str]:
         raise ValueError(f"{where}: expected a JSON object (or a string), got {_describe(record)}.")
     for name in TEXT_FIELDS:
         yield from _strings(record.get(name), name, where)
+    for name in REGION_FIELDS:  # pre-training's region texts (X-VLM's region-text data)
+        regions = record.get(name) or []
+        for position, region in enumerate(regions if isinstance(regions, list) else []):
+            if isinstance(region, dict):
+                for field in ("caption", "text"):
+                    yield from _strings(region.get(field), field, f"{where}, `{name}` item {position}")
 
 
 def texts_from_files(paths: Sequence[str | os.PathLike]) -> list[str]:
