@@ -232,7 +232,6 @@ def box_regression_loss(
     loss_giou = 1 - (iou - (hull - union) / hull.clamp(min=1e-6))
     if mask is None:
         return loss_l1.mean(), loss_giou.mean()
-    weights = mask.to(loss_l1.dtype)
-    count = weights.sum().clamp(min=1)
+    count = mask.sum().clamp(min=1)
     # where(), not a product: a box-less row's target may be anything (zeros give a NaN-free but meaningless GIoU)
     return (torch.where(mask, loss_l1, 0).sum() / count, torch.where(mask, loss_giou, 0).sum() / count)
