@@ -30,14 +30,19 @@ from .modeling_efficientvlm import (
 
 # Score of an (image, text) pair that is not among the top-k ITC candidates of its query (as in X-VLM).
 NOT_RERANKED_SCORE = -100.0
-# What ranks ITM candidates (`itm_match_score`).
+# What the ITM head gives a pair (`itm_match_score`).
 ITM_SCORES = ("probability", "log_odds", "logit")
+# Re-ranking may also add the pair's ITC logit to its ITM log-odds (`itm_rerank_scores`).
+ITM_ITC_SCORE = "log_odds+itc"
+RERANK_SCORES = (*ITM_SCORES, ITM_ITC_SCORE)
 
 
-def check_itm_score(score: str, name: str = "`score`") -> None:
-    """Raises a ValueError naming `name` (the argument or flag that gave it) unless `score` is one of `ITM_SCORES`."""
-    if score not in ITM_SCORES:
-        raise ValueError(f"{name} must be one of {ITM_SCORES}; got {score!r}.")
+def check_itm_score(score: str, name: str = "`score`", rerank: bool = False) -> None:
+    """Raises a ValueError naming `name` (the argument or flag that gave it) unless `score` is one of `ITM_SCORES`,
+    or with `rerank` of `RERANK_SCORES` (what can rank re-ranked candidates)."""
+    allowed = RERANK_SCORES if rerank else ITM_SCORES
+    if score not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}; got {score!r}.")
 
 
 def itm_match_score(logits: torch.Tensor, score: str) -> torch.Tensor:
@@ -283,6 +288,11 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         )
         return itm_match_score(logits, score)
 
+    def itc_logit_scale(self) -> float:
+        """1 / the learned ITC temperature: turns a cosine similarity into the ITC logit the contrastive loss
+        trained (`logits_per_image`)."""
+        return 1.0 / self.efficientvlm.itc_temperature.item()
+
     @torch.no_grad()
     def itm_rerank_scores(
         self,
@@ -310,7 +320,11 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
             score: what ranks the candidates ([`itm_match_score`]): `"logit"`, the ITM head's raw "match" logit
                 alone (X-VLM's `Retrieval.py` ranks by `itm_head(...)[:, 1]`, without the ITC similarity), or
                 `"log_odds"` / `"probability"`, its match log-odds / probability (one order, another than the raw
-                logit's: the raw logit carries a direction the ITM loss never trains).
+                logit's: the raw logit carries a direction the ITM loss never trains); or `"log_odds+itc"`, the
+                match log-odds plus the pair's ITC logit (cosine / temperature, [`itc_logit_scale`]): both heads'
+                evidence in the same log units, as BLIP adds the ITC similarity to its ITM score. Where the ITM head
+                alone ranks worse than ITC (a head trained on one negative per pair, ITC on the whole batch), the
+                sum keeps what ITC knows.
 
         Returns:
             `(scores_i2t, scores_t2i)`: (num_images, num_texts) and (num_texts, num_images).
@@ -325,6 +339,9 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
             raise ValueError(f"`itc_scores` has shape {tuple(itc_scores.shape)}; expected ({num_images}, {num_texts}).")
         if k < 1 or batch_size < 1:
             raise ValueError(f"`k` and `batch_size` must be positive; got k={k}, batch_size={batch_size}.")
+        check_itm_score(score, rerank=True)
+        add_itc = score == ITM_ITC_SCORE
+        head_score = "log_odds" if add_itc else score
         if text_attention_mask is None:
             text_attention_mask = torch.ones(text_states.shape[:2], dtype=torch.long, device=text_states.device)
 
@@ -352,12 +369,14 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
                     text_states[texts],
                     text_attention_mask[texts],
                     structure_masks,
-                    score,
+                    head_score,
                     image_index=image_index,
                 )
             covered += states.shape[0]
         if covered != num_images:
             raise ValueError(f"The image state chunks cover {covered} images; `itc_scores` has {num_images}.")
+        if add_itc:
+            pair_scores += itc_scores.flatten()[pairs].float() * self.itc_logit_scale()
         # Each direction's pairs take their scores from the sorted union, found by binary search.
         scores_i2t = itc_scores.new_full((num_images * num_texts,), NOT_RERANKED_SCORE, dtype=torch.float)
         scores_i2t[i2t_pairs] = pair_scores[torch.searchsorted(pairs, i2t_pairs)]
@@ -367,7 +386,9 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
 
 
 __all__ = [
+    "ITM_ITC_SCORE",
     "ITM_SCORES",
+    "RERANK_SCORES",
     "NOT_RERANKED_SCORE",
     "EfficientVLMContrastiveMatchingOutput",
     "EfficientVLMForImageTextRetrieval",

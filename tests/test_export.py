@@ -66,7 +66,12 @@ def _task_outputs(task: str, model, inputs: dict[str, torch.Tensor]) -> list[tor
         image_states, image_embeds = model.embed_images(inputs["pixel_values"])
         text_states, text_embeds = model.embed_texts(inputs["input_ids"], inputs["attention_mask"])
         itc = model.itc_scores(image_embeds, text_embeds)
-        return [itc, *model.itm_rerank_scores(image_states, text_states, inputs["attention_mask"], itc, k=2)]
+        rerank = [model.itm_rerank_scores(image_states, text_states, inputs["attention_mask"], itc, k=2)]
+        # With the ITC logit added: the manifest carries the learned temperature.
+        rerank.append(
+            model.itm_rerank_scores(image_states, text_states, inputs["attention_mask"], itc, k=2, score="log_odds+itc")
+        )
+        return [itc, *(scores for pair in rerank for scores in pair)]
     if task == "vqa":
         candidates = torch.tensor([[CLS_ID, 7, SEP_ID, PAD_ID], [CLS_ID, 9, 12, SEP_ID], [CLS_ID, 30, SEP_ID, PAD_ID]])
         ranking = model.rank_answers(**inputs, answer_candidates_ids=candidates, answer_candidates_mask=None, k=2)
@@ -135,6 +140,10 @@ def test_an_unknown_itm_score_is_refused_before_the_session_runs(tmp_path, monke
     monkeypatch.setattr(model, "run", lambda *args: pytest.fail("the ITM graph ran"))
     with pytest.raises(ValueError, match=r"`score` must be one of .*'log_odds'.*; got 'logits'"):
         model.itm_scores(image_states, text_states, None, score="logits")
+    # An export without the ITC temperature (made before it was written) names the folder and what to do.
+    del model.manifest["itc_logit_scale"]
+    with pytest.raises(ValueError, match=f"{tmp_path} holds no ITC temperature.*export the model again"):
+        model.itc_logit_scale()
 
 
 def test_export_command_compares_latency_and_accuracy_of_pytorch_onnx_and_int8(tmp_path, capsys) -> None:

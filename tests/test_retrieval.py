@@ -183,6 +183,11 @@ def test_rerank_scores_follow_xvlm(tiny_config) -> None:
         )
         # The default ranks by the raw match logit alone, as X-VLM's Retrieval.py (no ITC term, no softmax).
         logits_i2t, _ = model.itm_rerank_scores(image_states, text_states, inputs["attention_mask"], itc, k=2)
+        summed_i2t, summed_t2i = model.itm_rerank_scores(
+            image_states, text_states, inputs["attention_mask"], itc, k=2, score="log_odds+itc"
+        )
+    temperature = model.efficientvlm.temp.item()
+    assert model.itc_logit_scale() == pytest.approx(1 / temperature)
     assert scores_i2t.shape == (3, 5) and scores_t2i.shape == (5, 3)
     torch.testing.assert_close(itc, image_embeds @ text_embeds.t())
     for image in range(3):
@@ -202,9 +207,13 @@ def test_rerank_scores_follow_xvlm(tiny_config) -> None:
                 )
             torch.testing.assert_close(scores_i2t[image, text], logits.softmax(-1)[0, 1])
             torch.testing.assert_close(logits_i2t[image, text], logits[0, 1])
+            # BLIP-style: the match log-odds plus the pair's ITC logit (cosine / temperature).
+            expected = logits[0, 1] - logits[0, 0] + itc[image, text] / temperature
+            torch.testing.assert_close(summed_i2t[image, text], expected)
     for text in range(5):
         kept = set(itc[:, text].topk(2).indices.tolist())
         assert {i for i in range(3) if scores_t2i[text, i] != NOT_RERANKED_SCORE} == kept
+        assert {i for i in range(3) if summed_t2i[text, i] != NOT_RERANKED_SCORE} == kept
         assert ((scores_t2i[text] >= 0) & (scores_t2i[text] <= 1) | (scores_t2i[text] == NOT_RERANKED_SCORE)).all()
 
 
@@ -501,6 +510,23 @@ def test_evaluate_ranks_by_the_itm_score_asked_for(tiny_config, tmp_path) -> Non
     assert orders["log_odds"] == orders["probability"] != orders["logit"]
     with pytest.raises(ValueError, match="--itm_score"):
         evaluate_task("retrieval", model, dataset, processor, k=3, itm_score="margin")
+
+    # "log_odds+itc" adds the ITC logit to the log-odds of each re-ranked pair, and reports the log-odds alone
+    # beside the sum (`itm_*`), as a "log_odds" run gives them.
+    log_odds = evaluate_task("retrieval", model, dataset, processor, k=3, itm_score="log_odds").metrics
+    summed = evaluate_task("retrieval", model, dataset, processor, k=3, itm_score="log_odds+itc").metrics
+    reranked = [name for name in log_odds if not name.startswith("itc_")]
+    assert {name: summed[f"itm_{name}"] for name in reranked} == {name: log_odds[name] for name in reranked}
+    assert not any(name.startswith("itm_") for name in log_odds)
+    images = processor.image_processor([dataset.get_image(i) for i in range(dataset.num_images)], return_tensors="pt")
+    texts = processor.tokenizer(dataset.texts, padding="longest", return_tensors="pt")
+    args = (model, images["pixel_values"], texts["input_ids"], texts["attention_mask"], dataset.text_to_image)
+    alone, both = (retrieval_evaluate(*args, k=3, score=score) for score in ("log_odds", "log_odds+itc"))
+    kept = alone.scores_i2t != NOT_RERANKED_SCORE
+    assert torch.equal(kept, both.scores_i2t != NOT_RERANKED_SCORE) and 0 < kept.sum() < kept.numel()
+    itc_logits = alone.itc_scores / model.efficientvlm.temp.item()
+    torch.testing.assert_close(both.scores_i2t[kept], alone.scores_i2t[kept] + itc_logits[kept])
+    assert alone.itm_metrics is None and both.itm_metrics == alone.metrics
     pixels = torch.zeros(1, 3, 32, 32)
     with pytest.raises(ValueError, match="`score` must be one of"):  # even with nothing to re-rank
         retrieval_evaluate(model, pixels, torch.ones(1, 4, dtype=torch.long), text_to_image=[0], k=0, score="margin")

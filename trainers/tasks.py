@@ -455,7 +455,7 @@ def evaluate_task(
         raise ValueError(f"Caption-level recall (--caption_level_recall) is a retrieval metric, not one of {task}.")
     from modeling_efficientvlm.modeling_efficientvlm_retrieval import check_itm_score
 
-    check_itm_score(itm_score, "`itm_score` (--itm_score)")
+    check_itm_score(itm_score, "`itm_score` (--itm_score)", rerank=True)
     options = EvaluationOptions(
         batch_size, answer_list, k, structure_masks, max_new_tokens, caption_level_recall, itm_score
     )

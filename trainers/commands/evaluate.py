@@ -27,8 +27,10 @@ class EvaluateArguments:
         default="logit",
         metadata={
             "help": "Retrieval: what ranks the re-ranked candidates: 'logit', the ITM head's raw match logit (X-VLM's "
-            "protocol), or 'log_odds' / 'probability', its match log-odds / probability (one order; the raw logit "
-            "also carries a direction of the head that the ITM loss never trains)."
+            "protocol), 'log_odds' / 'probability', its match log-odds / probability (one order; the raw logit "
+            "also carries a direction of the head that the ITM loss never trains), or 'log_odds+itc', the "
+            "log-odds plus the pair's ITC logit (cosine / temperature; BLIP-style; the log-odds alone are then "
+            "reported too, as itm_r_mean, ...)."
         },
     )
     caption_level_recall: bool = field(

@@ -122,6 +122,7 @@ PAPER_RETAINED = 98.4
 PAPER_SPEEDUP = 2.0
 # How the report names each ITM re-ranking score (`itm_match_score`).
 ITM_SCORE_WORDS = {
+    "log_odds+itc": "match log-odds plus the pair's ITC logit (cosine / temperature)",
     "log_odds": "match log-odds",
     "probability": "match probability",
     "logit": "raw match logit alone (X-VLM's score)",
@@ -135,11 +136,11 @@ def _retained(score: float, teacher: float) -> float:
 def results_table(task: str, metrics: dict[str, dict[str, float]], benchmark: list[dict[str, Any]]) -> str:
     """Markdown table teacher | student | pruned (| ablations) for one task, on its primary metric (task
     registry), with the paper's bar (>= 98.4% of the teacher at >= 2x faster) for the compressed rows; for
-    retrieval, ITC-only recall beside the ITM-re-ranked one."""
+    retrieval, ITC-only recall beside the re-ranked one (and ITM-only recall when the re-ranking score adds ITC)."""
     metric = task_spec(task).primary_metric
     teacher_score = metrics["teacher"][metric]
-    itc = task == "retrieval"
-    extra = f" ITC-only {metric} |" if itc else ""
+    heads = [name for name in ("itc", "itm") if task == "retrieval" and f"{name}_{metric}" in metrics["teacher"]]
+    extra = "".join(f" {name.upper()}-only {metric} |" for name in heads)
     header = f"| {task} | params (M) | GFLOPs | median latency (ms) | speedup | {metric} |{extra}"
     lines = [
         header + f" % of teacher | paper bar (≥ {PAPER_RETAINED}% at ≥ {PAPER_SPEEDUP:g}x) |",
@@ -151,10 +152,10 @@ def results_table(task: str, metrics: dict[str, dict[str, float]], benchmark: li
         verdict = "—"
         if row["name"] != "teacher":
             verdict = "pass" if retained >= PAPER_RETAINED and row["speedup"] >= PAPER_SPEEDUP else "fail"
-        itc_cell = f" {metrics[row['name']].get('itc_' + metric, float('nan')):.4f} |" if itc else ""
+        head_cells = "".join(f" {metrics[row['name']].get(f'{name}_{metric}', float('nan')):.4f} |" for name in heads)
         lines.append(
             f"| {row['name']} | {row['parameters'] / 1e6:.2f} | {row['gflops']:.3f} | {row['median_ms']:.1f} "
-            f"| {row['speedup']:.2f}x | {score:.4f} |{itc_cell} {retained:.1f}% | {verdict} |"
+            f"| {row['speedup']:.2f}x | {score:.4f} |{head_cells} {retained:.1f}% | {verdict} |"
         )
     return "\n".join(lines)
 
@@ -183,6 +184,19 @@ def baseline_lines(run: Any, task: str) -> list[str]:
             f"({'re-ranking helps' if teacher['r_mean'] > teacher['itc_r_mean'] else 're-ranking does not help'}"
             " the teacher)."
         )
+        if "itm_r_mean" in teacher:
+            ahead = teacher["itm_r_mean"] > teacher["itc_r_mean"]
+            lines.append(
+                f"The ITM log-odds alone rank the teacher's candidates at {teacher['itm_r_mean']:.4f}, "
+                + ("above" if ahead else "below")
+                + f" ITC alone ({teacher['itc_r_mean']:.4f}): "
+                + (
+                    "the ITM head is the better judge."
+                    if ahead
+                    else "the ITM head, trained on one negative per pair, does not yet judge better than ITC, "
+                    "trained on the whole batch; the sum keeps what ITC knows."
+                )
+            )
         test_images = run.stats.get("retrieval", {}).get("test_images") or run.settings.num_eval_images
         lines.append(f"Chance recall@1 for text retrieval is {1 / test_images:.4f} ({test_images} test images).")
     if task == "nlvr2":

@@ -221,6 +221,8 @@ def export_onnx(
         "graphs": {},
         "chaining": CHAINING[task],
     }
+    if hasattr(model, "itc_logit_scale"):  # the learned ITC temperature, for re-ranking by "log_odds+itc"
+        manifest["itc_logit_scale"] = model.itc_logit_scale()
     result = ExportResult(output_dir, manifest)
     for graph in graphs:
         path = output_dir / f"{graph.name}.onnx"

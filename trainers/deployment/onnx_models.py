@@ -36,7 +36,7 @@ class OnnxTaskModel(nn.Module):
 
     def __init__(self, folder: str | os.PathLike, int8: bool = False, num_threads: int | None = None) -> None:
         super().__init__()
-        folder = Path(folder)
+        self.folder = folder = Path(folder)
         self.manifest = read_manifest(folder)
         self.config = EfficientVLMConfig.from_pretrained(folder)
         self.int8 = int8
@@ -85,6 +85,15 @@ class OnnxRetrievalModel(OnnxTaskModel):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         states, embeds = self.run("text_features", input_ids, mask)
         return states, embeds
+
+    def itc_logit_scale(self) -> float:
+        """1 / the exported model's learned ITC temperature (see the PyTorch model's `itc_logit_scale`)."""
+        if "itc_logit_scale" not in self.manifest:
+            raise ValueError(
+                f"{self.folder} holds no ITC temperature (exported before re-ranking could add the ITC logit); "
+                "export the model again, or re-rank by another score."
+            )
+        return float(self.manifest["itc_logit_scale"])
 
     def itm_scores(
         self,

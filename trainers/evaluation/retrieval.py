@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers.utils.logging import tqdm
 
-from modeling_efficientvlm.modeling_efficientvlm_retrieval import check_itm_score
+from modeling_efficientvlm.modeling_efficientvlm_retrieval import ITM_ITC_SCORE, NOT_RERANKED_SCORE, check_itm_score
 
 from .metrics import retrieval_recall
 
@@ -33,6 +33,8 @@ class RetrievalEvaluation:
     scores_t2i: (num_texts, num_images) re-ranked scores of every image for every text.
     itc_scores: (num_images, num_texts) ITC cosine similarities.
     itc_metrics: the same recalls ranked by the ITC similarities alone (what re-ranking starts from).
+    itm_metrics: when the re-ranking score adds the ITC logit to the ITM log-odds (`"log_odds+itc"`), the same
+        recalls with the top-k candidates ranked by the ITM log-odds alone; else None.
     """
 
     metrics: dict[str, float]
@@ -40,10 +42,14 @@ class RetrievalEvaluation:
     scores_t2i: torch.Tensor
     itc_scores: torch.Tensor
     itc_metrics: dict[str, float]
+    itm_metrics: dict[str, float] | None = None
 
     def metrics_with_itc(self) -> dict[str, float]:
-        """`metrics` and, beside them, `itc_metrics` as `itc_txt_r1`, ..., `itc_r_mean`: what re-ranking adds."""
-        return {**self.metrics, **{f"itc_{name}": value for name, value in self.itc_metrics.items()}}
+        """`metrics` and, beside them, `itc_metrics` as `itc_txt_r1`, ..., `itc_r_mean` (what re-ranking adds), and
+        `itm_metrics` (if any) as `itm_txt_r1`, ..., `itm_r_mean` (what each head gives on its own)."""
+        extra = {f"itc_{name}": value for name, value in self.itc_metrics.items()}
+        extra.update({f"itm_{name}": value for name, value in (self.itm_metrics or {}).items()})
+        return {**self.metrics, **extra}
 
 
 class ImageBatches:
@@ -154,7 +160,9 @@ def retrieval_evaluate(
         batch_size: images / texts per encoder pass and pairs per fusion pass.
         structure_masks: optional pruning masks applied in every pass.
         score: what ranks the ITM candidates: `"logit"`, the raw ITM match logit alone, as X-VLM ranks (the
-            default), or the match `"log_odds"` / `"probability"` (see `itm_match_score`).
+            default), the match `"log_odds"` / `"probability"` (see `itm_match_score`), or `"log_odds+itc"`, the
+            log-odds plus the pair's ITC logit (see `itm_rerank_scores`; the log-odds alone then also in
+            `itm_metrics`).
         stream_image_states: hold the image states (image_len tokens per image) of one `batch_size` chunk at a
             time, encoding each chunk a second time to re-rank its pairs (bounded memory; the default), instead
             of keeping every image's states (one vision pass). A one-shot iterator of images is never re-read.
@@ -171,7 +179,7 @@ def retrieval_evaluate(
         raise ValueError(f"`batch_size` must be positive; got {batch_size}.")
     if k < 0:
         raise ValueError(f"`k` must be 0 (ITC alone) or positive; got {k}.")
-    check_itm_score(score)  # even when k = 0 re-ranks nothing
+    check_itm_score(score, rerank=True)  # even when k = 0 re-ranks nothing
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     device = model_device(model)
@@ -241,13 +249,25 @@ def retrieval_evaluate(
         if k == 0
         else retrieval_recall(scores_i2t.cpu().numpy(), groups, scores_t2i.cpu().numpy(), gold_images)
     )
+    itm_metrics = None
+    if k > 0 and score == ITM_ITC_SCORE:  # the ITM head's part: the ITC logit taken back off the re-ranked pairs
+        itc_logits = itc_scores.float().cpu() * model.itc_logit_scale()
+        itm_i2t = _without_itc(scores_i2t.cpu(), itc_logits)
+        itm_t2i = _without_itc(scores_t2i.cpu(), itc_logits.t())
+        itm_metrics = retrieval_recall(itm_i2t.numpy(), groups, itm_t2i.numpy(), gold_images)
     return RetrievalEvaluation(
         metrics=metrics,
         scores_i2t=scores_i2t.cpu(),
         scores_t2i=scores_t2i.cpu().contiguous(),
         itc_scores=itc_scores.cpu(),
         itc_metrics=itc_metrics,
+        itm_metrics=itm_metrics,
     )
+
+
+def _without_itc(scores: torch.Tensor, itc_logits: torch.Tensor) -> torch.Tensor:
+    """Re-ranked `"log_odds+itc"` scores with the ITC logits subtracted where a pair was re-ranked."""
+    return torch.where(scores == NOT_RERANKED_SCORE, scores, scores - itc_logits)
 
 
 __all__ = ["ImageBatches", "RetrievalEvaluation", "model_device", "retrieval_evaluate"]

@@ -41,7 +41,7 @@ class EvaluationOptions:
         caption_level_recall: retrieval: also report recall with identical captions counted as one
             (`txt_r1_caption`, ..., `r_mean_caption`; see `caption_level_recall`).
         itm_score: retrieval: what ranks the re-ranked candidates, `"logit"` (X-VLM's raw match logit),
-            `"log_odds"` or `"probability"` (see `itm_match_score`).
+            `"log_odds"`, `"probability"` (see `itm_match_score`) or `"log_odds+itc"` (see `itm_rerank_scores`).
     """
 
     batch_size: int = 32
