@@ -40,7 +40,8 @@ CHAINING = {
         "text_states, text_embeds",
         "ITC similarity = image_embeds @ text_embeds.T (cosine); keep the top-k candidates of each query",
         "itm_scores(image_states[i], text_states[j], attention_mask[j]) for each kept pair (i, j) -> itm_logits; "
-        "score = itm_logits[:, 1] (the match logit alone, as X-VLM); rank by it",
+        "score = itm_logits[:, 1] (the match logit alone, as X-VLM), or itm_logits[:, 1] - itm_logits[:, 0] + "
+        "itc_logit_scale * cosine (the log-odds plus the ITC logit; itc_logit_scale in this manifest); rank by it",
     ],
     "vqa": [
         "vqa_encoder(pixel_values, input_ids, attention_mask) -> question_states (once per question)",
