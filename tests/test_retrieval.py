@@ -527,6 +527,10 @@ def test_evaluate_ranks_by_the_itm_score_asked_for(tiny_config, tmp_path) -> Non
     itc_logits = alone.itc_scores / model.efficientvlm.temp.item()
     torch.testing.assert_close(both.scores_i2t[kept], alone.scores_i2t[kept] + itc_logits[kept])
     assert alone.itm_metrics is None and both.itm_metrics == alone.metrics
+    scorer = type("Scorer", (), {name: getattr(model, name) for name in ("embed_images", "embed_texts", "itc_scores")})
+    scorer.itm_rerank_scores = model.itm_rerank_scores  # a duck-typed model without the ITC temperature
+    with pytest.raises(ValueError, match="Scorer cannot rank by 'log_odds\\+itc': it lacks `itc_logit_scale`"):
+        retrieval_evaluate(scorer(), *args[1:], k=3, score="log_odds+itc")
     pixels = torch.zeros(1, 3, 32, 32)
     with pytest.raises(ValueError, match="`score` must be one of"):  # even with nothing to re-rank
         retrieval_evaluate(model, pixels, torch.ones(1, 4, dtype=torch.long), text_to_image=[0], k=0, score="margin")

@@ -180,6 +180,8 @@ def retrieval_evaluate(
     if k < 0:
         raise ValueError(f"`k` must be 0 (ITC alone) or positive; got {k}.")
     check_itm_score(score, rerank=True)  # even when k = 0 re-ranks nothing
+    if score == ITM_ITC_SCORE and not hasattr(model, "itc_logit_scale"):
+        raise ValueError(f"{type(model).__name__} cannot rank by {score!r}: it lacks `itc_logit_scale`.")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     device = model_device(model)
