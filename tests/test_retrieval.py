@@ -529,7 +529,8 @@ def test_evaluate_ranks_by_the_itm_score_asked_for(tiny_config, tmp_path) -> Non
     assert alone.itm_metrics is None and both.itm_metrics == alone.metrics
     scorer = type("Scorer", (), {name: getattr(model, name) for name in ("embed_images", "embed_texts", "itc_scores")})
     scorer.itm_rerank_scores = model.itm_rerank_scores  # a duck-typed model without the ITC temperature
-    with pytest.raises(ValueError, match="Scorer cannot rank by 'log_odds\\+itc': it lacks `itc_logit_scale`"):
+    lacks = r"Scorer cannot score retrieval by 'log_odds\+itc': it lacks \['itc_logit_scale'\]"
+    with pytest.raises(ValueError, match=lacks):
         retrieval_evaluate(scorer(), *args[1:], k=3, score="log_odds+itc")
     pixels = torch.zeros(1, 3, 32, 32)
     with pytest.raises(ValueError, match="`score` must be one of"):  # even with nothing to re-rank

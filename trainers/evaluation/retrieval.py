@@ -170,9 +170,10 @@ def retrieval_evaluate(
     Returns:
         A [`RetrievalEvaluation`]: recall metrics and the score matrices.
     """
-    missing = [name for name in _SCORING_METHODS if not hasattr(model, name)]
+    needed = [*_SCORING_METHODS, *(["itc_logit_scale"] if score == ITM_ITC_SCORE else [])]
+    missing = [name for name in needed if not hasattr(model, name)]
     if missing:
-        raise ValueError(f"{type(model).__name__} cannot score retrieval: it lacks {missing}.")
+        raise ValueError(f"{type(model).__name__} cannot score retrieval by {score!r}: it lacks {missing}.")
     if input_ids.dim() != 2:
         raise ValueError(f"`input_ids` must have shape (num_texts, seq); got {tuple(input_ids.shape)}.")
     if batch_size < 1:
@@ -180,8 +181,6 @@ def retrieval_evaluate(
     if k < 0:
         raise ValueError(f"`k` must be 0 (ITC alone) or positive; got {k}.")
     check_itm_score(score, rerank=True)  # even when k = 0 re-ranks nothing
-    if score == ITM_ITC_SCORE and not hasattr(model, "itc_logit_scale"):
-        raise ValueError(f"{type(model).__name__} cannot rank by {score!r}: it lacks `itc_logit_scale`.")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     device = model_device(model)
