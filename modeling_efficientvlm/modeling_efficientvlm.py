@@ -1647,6 +1647,34 @@ def use_caption_negatives(
     return torch.cat([torch.where(chosen, own, first), negative_text_index[batch:]]), negative_image_index
 
 
+def encode_caption_negatives(
+    backbone: EfficientVLMModel,
+    input_ids: torch.Tensor,
+    itm_negatives: tuple[torch.Tensor, torch.Tensor] | None,
+    itm_negative_input_ids: torch.Tensor | None,
+    itm_negative_attention_mask: torch.Tensor | None,
+    structure_masks: StructureMasks | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The text states (batch, seq, hidden) and padding mask (batch, seq) of a batch's caption negatives
+    (`itm_negative_input_ids`, one per pair, padded like `input_ids`), for [`image_text_contrastive_matching`];
+    (None, None) when they cannot be used: none given, or none drawn (`itm_caption_negatives` is 0) and none named
+    by `itm_negatives` given back (a teacher scoring its student's pairs: text indices >= batch)."""
+    if itm_negative_input_ids is None:
+        return None, None
+    named = itm_negatives is not None and int(itm_negatives[0].max()) >= input_ids.shape[0]
+    if not (named or (itm_negatives is None and backbone.config.itm_caption_negatives > 0)):
+        return None, None
+    if itm_negative_input_ids.shape != input_ids.shape:
+        raise ValueError(
+            f"`itm_negative_input_ids` must be shaped like `input_ids` {tuple(input_ids.shape)}; got "
+            f"{tuple(itm_negative_input_ids.shape)}."
+        )
+    if itm_negative_attention_mask is None:
+        itm_negative_attention_mask = torch.ones_like(itm_negative_input_ids)
+    states = backbone.encode_text(itm_negative_input_ids, itm_negative_attention_mask, structure_masks)
+    return states.last_hidden_state, itm_negative_attention_mask
+
+
 def image_text_contrastive_matching(
     backbone: EfficientVLMModel,
     itm_head: nn.Module,
@@ -1811,6 +1839,8 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
         mlm_labels: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
         itm_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+        itm_negative_input_ids: torch.Tensor | None = None,
+        itm_negative_attention_mask: torch.Tensor | None = None,
         target_bbox: torch.Tensor | None = None,
         target_bbox_mask: torch.Tensor | None = None,
         structure_masks: StructureMasks | None = None,
@@ -1824,6 +1854,9 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
         mlm_input_ids / mlm_labels: (batch, seq) masked texts and their targets (-100 elsewhere), for MLM;
         image_ids: (batch,) optional, texts of the same image are positives for ITC and never negatives;
         itm_negatives: optional `(negative_text_index, negative_image_index)` to reuse instead of sampling;
+        itm_negative_input_ids / itm_negative_attention_mask: (batch, seq) optional, a caption negative per text (a
+        text false of its image, padded like `input_ids`), image i's ITM negative text with probability
+        `config.itm_caption_negatives` (see [`image_text_contrastive_matching`]);
         target_bbox: (batch, 4) optional normalised (cx, cy, w, h) box each text describes, for grounding;
         target_bbox_mask: (batch,) optional bool, the texts that describe a region (the others' boxes are ignored):
         X-VLM's region texts mixed with whole-image captions in one batch (`trainers.data.PretrainingDataset`).
@@ -1850,6 +1883,9 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
             **flags,
         )
         image_states, text_states = vision.last_hidden_state, text.last_hidden_state
+        negative_states, negative_mask = encode_caption_negatives(
+            model, input_ids, itm_negatives, itm_negative_input_ids, itm_negative_attention_mask, structure_masks
+        )
 
         matching = image_text_contrastive_matching(
             model,
@@ -1862,6 +1898,8 @@ class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
             itm_negatives=itm_negatives,
             structure_masks=structure_masks,
             input_ids=input_ids,
+            negative_text_states=negative_states,
+            negative_attention_mask=negative_mask,
             **flags,
         )
         itm_fusion, batch = matching.itm_fusion_output, input_ids.shape[0]
@@ -1919,6 +1957,7 @@ __all__ = [
     "EfficientVLMContrastiveMatchingOutput",
     "EfficientVLMImageTextMatchingOutput",
     "EfficientVLMTaskOutput",
+    "encode_caption_negatives",
     "image_text_contrastive_matching",
     "image_text_matching_logits",
     "itm_pair_texts",

@@ -23,6 +23,7 @@ from .modeling_efficientvlm import (
     EfficientVLMPreTrainedModel,
     EfficientVLMTaskOutput,
     StructureMasks,
+    encode_caption_negatives,
     image_text_contrastive_matching,
     image_text_matching_logits,
     itc_embedding,
@@ -187,23 +188,9 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
             token_type_ids=token_type_ids,
             **flags,
         )
-        negative_states = None
-        # Caption negatives are encoded only when they can be drawn (`itm_caption_negatives` > 0) or `itm_negatives`
-        # name some (a teacher scoring its student's pairs): text indices >= batch.
-        named = itm_negatives is not None and int(itm_negatives[0].max()) >= num_texts
-        if itm_negative_input_ids is not None and (
-            named or (itm_negatives is None and self.config.itm_caption_negatives > 0)
-        ):
-            if itm_negative_input_ids.shape != input_ids.shape:
-                raise ValueError(
-                    f"`itm_negative_input_ids` must be shaped like `input_ids` {tuple(input_ids.shape)}; got "
-                    f"{tuple(itm_negative_input_ids.shape)}."
-                )
-            if itm_negative_attention_mask is None:
-                itm_negative_attention_mask = torch.ones_like(itm_negative_input_ids)
-            negative_states = model.encode_text(
-                itm_negative_input_ids, itm_negative_attention_mask, structure_masks
-            ).last_hidden_state
+        negative_states, negative_mask = encode_caption_negatives(
+            model, input_ids, itm_negatives, itm_negative_input_ids, itm_negative_attention_mask, structure_masks
+        )
         matching = image_text_contrastive_matching(
             model,
             self.itm_head,
@@ -216,7 +203,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
             structure_masks=structure_masks,
             input_ids=input_ids,
             negative_text_states=negative_states,
-            negative_attention_mask=None if negative_states is None else itm_negative_attention_mask,
+            negative_attention_mask=negative_mask,
             **flags,
         )
         fields = dict(matching)

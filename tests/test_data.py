@@ -218,6 +218,12 @@ def test_caption_negatives_travel_from_records_to_the_batch(tmp_path, processor)
         ImageTextDataset([records[0], {"image": "b.png", "caption": "a"}], image_root=tmp_path)
     with pytest.raises(ValueError, match="list of 2 strings"):
         ImageTextDataset([{**records[0], "negative_caption": ["only one"]}], image_root=tmp_path)
+    # Pre-training data carries them the same way; with region texts, which have none, it is an error.
+    pretraining = PretrainingDataset(records, image_root=tmp_path)
+    assert pretraining.negative_texts == dataset.negative_texts and pretraining[0]["negative_text"] == "a blue square"
+    region = {"caption": "a red square", "bbox": [0, 0, 4, 4]}
+    with pytest.raises(ValueError, match="both `negative_caption`s and region texts"):
+        PretrainingDataset([{**records[0], "regions": [region]}], image_root=tmp_path)
 
 
 def test_region_texts_become_grounding_items(tmp_path, processor) -> None:

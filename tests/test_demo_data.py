@@ -18,6 +18,7 @@ from trainers.demo.corpus import (
     COLORS,
     DEFAULT_NLVR2_TYPES,
     NLVR2_TYPES,
+    NUMBER_WORDS,
     QUESTION_TYPES,
     SHAPES,
     DemoDataPaths,
@@ -154,7 +155,8 @@ def test_files_and_quick_sizes(quick: DemoDataPaths) -> None:
     # Nearly every image gets its 3 questions (the balance rule may skip a few).
     assert 0.85 * 600 <= len(load(quick.vqa_train)) <= 600 and 0.85 * 180 <= len(load(quick.vqa_test)) <= 180
     for record in load(quick.pretrain):
-        assert set(record) == {"image", "caption", "image_id"} and 2 <= len(record["caption"]) <= 3
+        assert set(record) == {"image", "caption", "negative_caption", "image_id"}
+        assert 2 <= len(record["caption"]) <= 3 and len(record["negative_caption"]) == len(record["caption"])
     for record in load(quick.retrieval_train):
         assert set(record) == {"image", "caption", "negative_caption", "image_id"}
     question_ids = [r["question_id"] for name in ("vqa_train", "vqa_test") for r in load(getattr(quick, name))]
@@ -429,6 +431,62 @@ def test_retrieval_caption_negatives_change_one_thing(quick: DemoDataPaths, scen
                     changed[0][1] == changed[1][1]
                 )
     assert set(kinds) == {"color", "shape", "move", "swap", "count"} and min(kinds.values()) > 20, kinds
+
+
+OBJECT = r"an? (?:(small|large) )?(\w+) (\w+)"
+
+
+def caption_holds(scene: dict[str, Any], caption: str) -> bool:
+    """Whether a pre-training caption is true of the scene, read from its words alone."""
+    objects = scene["objects"]
+
+    def fits(obj: dict[str, Any], size: str | None, color: str, shape: str) -> bool:
+        return obj["color"] == color and obj["shape"] == shape and size in (None, obj["size"])
+
+    if match := re.fullmatch(r"a picture of (\w+) shapes?", caption):
+        return match[1] == NUMBER_WORDS[len(objects)]
+    if match := re.fullmatch(rf"{OBJECT} ({REL}) {OBJECT}", caption):
+        a, b = match.group(1, 2, 3), match.group(5, 6, 7)
+        return any(
+            fits(x, *a) and fits(y, *b) and RELATION[match[4]](x, y) for x in objects for y in objects if x is not y
+        )
+    count = None
+    if match := re.fullmatch(r"there (?:is|are) (\w+) shapes? : (.*)", caption):
+        count, caption = match[1], match[2]
+    items = re.split(r" , | and ", caption)
+    if count is not None and count != NUMBER_WORDS[len(items)]:
+        return False
+    named = [re.fullmatch(rf"{OBJECT}(?: in the (.*))?", item).groups() for item in items]
+    # "a large red square in the top left": that object is there. Without a size and a count, one object in its
+    # cell is the list of every object of a one-object scene (as the retrieval captions list them).
+    if len(named) == 1 and count is None and named[0][0] is not None:
+        size, color, shape, cell = named[0]
+        return any(fits(o, size, color, shape) and o["position"] == cell for o in objects)
+    # A list of every object, with or without cells: the same objects, as a multiset.
+    with_cells = named[0][3] is not None
+    scene_items = Counter((o["color"], o["shape"], o["position"] if with_cells else None) for o in objects)
+    return Counter((color, shape, cell) for _, color, shape, cell in named) == scene_items
+
+
+def test_pretraining_caption_negatives_are_false_of_their_scene(
+    quick: DemoDataPaths, scenes: dict[str, dict[str, Any]]
+) -> None:
+    templates = Counter()
+    for record in load(quick.pretrain):
+        scene = scenes[record["image"]]
+        for caption, negative in zip(record["caption"], record["negative_caption"]):
+            assert caption_holds(scene, caption), caption
+            assert not caption_holds(scene, negative), (caption, negative)
+            # The same template: a relation for a relation, a count for a count, a list of the same form.
+            kind = lambda text: (  # noqa: E731
+                text.startswith("a picture"),
+                re.search(REL, text) is not None,
+                text.startswith("there "),
+                " in the " in text,
+                re.search(r"\b(small|large)\b", text) is not None,
+            )
+            templates[kind(caption) == kind(negative)] += 1
+    assert templates[True] > 0.97 * sum(templates.values()), templates
 
 
 def test_vocabulary_covers_every_text(tmp_path: Path, quick: DemoDataPaths) -> None:

@@ -482,10 +482,14 @@ def test_retrieval_kd_with_several_negatives_per_pair_scores_the_same_pairs(tmp_
     assert all(value.abs().item() < 1e-6 for value in terms.values()), terms
 
 
-def test_retrieval_kd_with_caption_negatives_scores_the_same_pairs(tmp_path) -> None:
+@pytest.mark.parametrize("task", ["retrieval", "pretraining"])
+def test_image_text_kd_with_caption_negatives_scores_the_same_pairs(task: str, tmp_path) -> None:
     config = _config()
     config.itm_caption_negatives = 1.0  # every image's negative text is its caption negative (index batch + i)
-    model_class, inputs = _task_case("retrieval", config)
+    if task == "pretraining":  # general distillation on image-text data that carries caption negatives
+        model_class, inputs = EfficientVLMForPreTraining, make_inputs(config, batch_size=4)
+    else:
+        model_class, inputs = _task_case(task, config)
     negatives = make_inputs(
         config, batch_size=inputs["input_ids"].shape[0], seq_len=inputs["input_ids"].shape[1], seed=3
     )

@@ -607,7 +607,8 @@ def test_retrieval_and_pretraining_skip_identical_caption_negatives_when_configu
         assert seen == {False: True, True: False}, model_class.__name__
 
 
-def test_caption_negatives_replace_in_batch_negative_texts_by_their_share(tiny_config) -> None:
+@pytest.mark.parametrize("model_class", [EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining])
+def test_caption_negatives_replace_in_batch_negative_texts_by_their_share(tiny_config, model_class) -> None:
     inputs = make_inputs(tiny_config, batch_size=4)
     negatives = make_inputs(tiny_config, batch_size=4, seed=1)
     extra = dict(itm_negative_input_ids=negatives["input_ids"], itm_negative_attention_mask=negatives["attention_mask"])
@@ -616,7 +617,7 @@ def test_caption_negatives_replace_in_batch_negative_texts_by_their_share(tiny_c
         config = copy.deepcopy(tiny_config)
         config.itm_caption_negatives = share
         torch.manual_seed(0)
-        model = EfficientVLMForImageTextRetrieval(config).eval()
+        model = model_class(config).eval()
         with torch.no_grad():
             out = model(**inputs, **extra, image_ids=rows)
         # Index batch + i is pair i's caption negative; with share 0 every negative text is an in-batch one.

@@ -466,6 +466,8 @@ class PretrainingDataset(ImageTextDataset):
     [CLS] (`EfficientVLMForPreTraining`'s `target_bbox`), so the model learns where in the image a text's object
     is. Boxes are checked when an item is read (they need the image's size): inside the image, positive size.
 
+    Caption negatives (`negative_caption`, see `ImageTextDataset`) are for data without regions.
+
     Items: the caption items of `ImageTextDataset`, then `{"image", "text", "image_id", "bbox"}` per region
     caption, `bbox` the normalised (center x, center y, width, height) box. `texts` and `text_to_image` hold
     the captions only (retrieval over this data ranks captions, not region texts); `region_texts` the regions'.
@@ -516,6 +518,12 @@ class PretrainingDataset(ImageTextDataset):
                 for caption in captions:
                     self.region_texts.append(caption.strip())
                     self._regions.append((index, image_id, tuple(float(v) for v in box)))
+        if self.region_texts and self.negative_texts is not None:
+            # A region text has no caption negative, and a batch mixes region and caption items.
+            raise ValueError(
+                f"{'These records' if self.source is None else self.source} give both `negative_caption`s and "
+                "region texts: caption negatives are not supported with region data (drop one of the two)."
+            )
         return texts + self.region_texts
 
     def __len__(self) -> int:

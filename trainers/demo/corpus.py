@@ -18,9 +18,12 @@ Scenes
 
 Files (under `output_dir`; every `image` path is relative to `output_dir`, the image root)
     images/train_00000.png ...       RGB PNGs, `image_size` x `image_size`; images/test_00000.png ... held out.
-    pretrain.json                    [{"image", "caption": [2-3 captions], "image_id"}], train images; with
-                                     `regions_per_image` > 0 also "regions": [{"caption": "a red square", "bbox":
-                                     [x, y, width, height]}] (X-VLM's region-text data, objects named alone).
+    pretrain.json                    [{"image", "caption": [2-3 captions], "negative_caption": [one per caption],
+                                     "image_id"}], train images; each caption negative is a caption of the same
+                                     template that is false of the scene (drawn from the scene with one thing
+                                     changed). With `regions_per_image` > 0 instead of negatives "regions":
+                                     [{"caption": "a red square", "bbox": [x, y, width, height]}] (X-VLM's
+                                     region-text data, objects named alone).
     retrieval_train.json             [{"image", "caption": [2 captions], "negative_caption": [2], "image_id"}],
                                      train images; both captions exhaustive (every object and its cell), the kind
                                      the test captions are; each with a caption negative: the same caption of the
@@ -81,6 +84,7 @@ before a vowel ("an orange circle"); counts in answers are digits, numbers in se
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -424,23 +428,84 @@ def _exhaustive_captions(scene: dict[str, Any]) -> list[str]:
     return [forward, f"{_count_intro(len(objects))} {backward}"]
 
 
-def _partial_captions(rng: np.random.Generator, scene: dict[str, Any]) -> list[str]:
-    """One caption of each partial kind (list without cells, relation, one object, count), shuffled."""
+def _list_caption(rng: np.random.Generator, objects: list[dict[str, Any]]) -> str:
+    order = [objects[int(i)] for i in rng.permutation(len(objects))]
+    return f"{_count_intro(len(objects))} {_join([_object_phrase(o) for o in order])}"
+
+
+def _list_truths(objects: list[dict[str, Any]]) -> set[str]:
+    phrases = [_object_phrase(o) for o in objects]
+    return {f"{_count_intro(len(objects))} {_join(list(order))}" for order in itertools.permutations(phrases)}
+
+
+def _object_caption(rng: np.random.Generator, objects: list[dict[str, Any]]) -> str:
+    return _object_phrase(objects[int(rng.integers(len(objects)))], with_size=True, with_position=True)
+
+
+def _object_truths(objects: list[dict[str, Any]]) -> set[str]:
+    return {_object_phrase(o, with_size=True, with_position=True) for o in objects}
+
+
+def _picture_caption(rng: np.random.Generator, objects: list[dict[str, Any]]) -> str:
+    return "a picture of one shape" if len(objects) == 1 else f"a picture of {NUMBER_WORDS[len(objects)]} shapes"
+
+
+def _picture_truths(objects: list[dict[str, Any]]) -> set[str]:
+    return {_picture_caption(None, objects)}
+
+
+def _relation_pairs(objects: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"{_object_phrase(a, with_size=True)} {relation} {_object_phrase(b, with_size=True)}"
+        for a in objects
+        for b in objects
+        if a is not b
+        for relation, holds in RELATIONS.items()
+        if holds(a, b)
+    ]
+
+
+def _relation_caption(rng: np.random.Generator, objects: list[dict[str, Any]]) -> str | None:
+    pairs = _relation_pairs(objects)
+    return pairs[int(rng.integers(len(pairs)))] if pairs else None
+
+
+def _exhaustive_caption(form: int) -> Callable[[np.random.Generator, list[dict[str, Any]]], str]:
+    return lambda rng, objects: _exhaustive_captions({"objects": objects})[form]
+
+
+# Pre-training caption kinds: (draw a caption of these objects, or None; every caption of the kind true of them).
+# The second lets a caption negative be checked false of the scene (`_caption_negative`).
+CAPTION_KINDS: dict[str, tuple[Callable[..., str | None], Callable[[list[dict[str, Any]]], set[str]]]] = {
+    "cells": (_exhaustive_caption(0), lambda objects: {_exhaustive_captions({"objects": objects})[0]}),
+    "count_cells": (_exhaustive_caption(1), lambda objects: {_exhaustive_captions({"objects": objects})[1]}),
+    "list": (_list_caption, _list_truths),
+    "object": (_object_caption, _object_truths),
+    "picture": (_picture_caption, _picture_truths),
+    "relation": (_relation_caption, lambda objects: set(_relation_pairs(objects))),
+}
+MAX_NEGATIVE_DRAWS = 50
+
+
+def _partial_captions(rng: np.random.Generator, scene: dict[str, Any]) -> list[tuple[str, str]]:
+    """One (kind, caption) of each partial kind (list without cells, one object, count, relation), shuffled."""
     objects = scene["objects"]
-    n = len(objects)
-    order = [objects[int(i)] for i in rng.permutation(n)]
-    captions = [
-        f"{_count_intro(n)} {_join([_object_phrase(o) for o in order])}",
-        _object_phrase(order[0], with_size=True, with_position=True),
-        "a picture of one shape" if n == 1 else f"a picture of {NUMBER_WORDS[n]} shapes",
-    ]
-    pairs = [
-        (a, b, rel) for a in objects for b in objects if a is not b for rel, holds in RELATIONS.items() if holds(a, b)
-    ]
-    if pairs:
-        a, b, relation = pairs[int(rng.integers(len(pairs)))]
-        captions.append(f"{_object_phrase(a, with_size=True)} {relation} {_object_phrase(b, with_size=True)}")
+    captions = [(kind, CAPTION_KINDS[kind][0](rng, objects)) for kind in ("list", "object", "picture", "relation")]
+    captions = [(kind, caption) for kind, caption in captions if caption is not None]
     return [captions[int(i)] for i in rng.permutation(len(captions))]
+
+
+def _caption_negative(rng: np.random.Generator, kind: str, scene: dict[str, Any], grid_size: int) -> str:
+    """A caption of `kind` that is false of the scene: drawn from the scene with one thing changed
+    (`_edited_objects`) until it is none of the kind's true captions (an edit the caption does not mention, or an
+    edited object it does not name, leaves it true); the edited scene's exhaustive caption if no draw is false."""
+    draw, truths = CAPTION_KINDS[kind]
+    true = truths(scene["objects"])
+    for _ in range(MAX_NEGATIVE_DRAWS):
+        caption = draw(rng, _edited_objects(rng, scene["objects"], grid_size))
+        if caption is not None and caption not in true:
+            return caption
+    return _exhaustive_captions({"objects": _edited_objects(rng, scene["objects"], grid_size)})[1]
 
 
 def _regions(rng: np.random.Generator, scene: dict[str, Any], count: int) -> list[dict[str, Any]]:
@@ -465,12 +530,19 @@ def _regions(rng: np.random.Generator, scene: dict[str, Any], count: int) -> lis
 
 
 def _pretrain_record(
-    rng: np.random.Generator, scene: dict[str, Any], region_rng: np.random.Generator, regions_per_image: int
+    rng: np.random.Generator,
+    scene: dict[str, Any],
+    region_rng: np.random.Generator,
+    regions_per_image: int,
+    negative_rng: np.random.Generator | None = None,
+    grid_size: int = 2,
 ) -> dict[str, Any]:
-    exhaustive = _exhaustive_captions(scene)[int(rng.integers(2))]
-    pool = [exhaustive, *_partial_captions(rng, scene)]
-    pool = [pool[int(i)] for i in rng.permutation(len(pool))]
-    record = {"image": scene["image"], "caption": pool[: int(rng.integers(2, 4))], "image_id": scene["image_id"]}
+    form = int(rng.integers(2))
+    pool = [(("cells", "count_cells")[form], _exhaustive_captions(scene)[form]), *_partial_captions(rng, scene)]
+    pool = [pool[int(i)] for i in rng.permutation(len(pool))][: int(rng.integers(2, 4))]
+    record = {"image": scene["image"], "caption": [caption for _, caption in pool], "image_id": scene["image_id"]}
+    if negative_rng is not None:
+        record["negative_caption"] = [_caption_negative(negative_rng, kind, scene, grid_size) for kind, _ in pool]
     if regions_per_image:
         record["regions"] = _regions(region_rng, scene, regions_per_image)
     return record
@@ -504,7 +576,7 @@ def _edited_objects(rng: np.random.Generator, objects: list[dict[str, Any]], gri
     elif empty and (len(objects) == 1 or rng.random() < 0.5):  # count: add an object
         row, col = empty[int(rng.integers(len(empty)))]
         color, shape = str(rng.choice(list(COLORS))), str(rng.choice(list(SHAPES)))
-        objects.append({"row": row, "col": col, "color": color, "shape": shape})
+        objects.append({"row": row, "col": col, "color": color, "shape": shape, "size": str(rng.choice(list(SIZES)))})
     else:  # count: remove one
         objects.remove(target)
     for obj in objects:
@@ -910,8 +982,8 @@ def generate_demo_data(
     paths.images_dir.mkdir(parents=True, exist_ok=True)
     # One independent stream per stage, so e.g. changing the question count leaves the images unchanged.
     streams = np.random.SeedSequence(seed).spawn(8)
-    scene_rng, pretrain_rng, retrieval_rng, vqa_rng, nlvr2_rng, region_rng = (
-        np.random.default_rng(s) for s in streams[:6]
+    scene_rng, pretrain_rng, retrieval_rng, vqa_rng, nlvr2_rng, region_rng, negative_rng = (
+        np.random.default_rng(s) for s in streams[:7]
     )
 
     # Test scenes first: they must be unique; train scenes then avoid them (see _generate_scenes).
@@ -928,7 +1000,13 @@ def generate_demo_data(
     answers = sorted({*COLORS, *SHAPES, "yes", "no", *(str(i) for i in range(1, max_objects + 1))})
     vqa_train = _vqa_records(vqa_rng, train_scenes, questions_per_image, max_objects, answer_noise, 0)
     records: dict[str, list[Any]] = {
-        "pretrain": [_pretrain_record(pretrain_rng, s, region_rng, regions_per_image) for s in train_scenes],
+        "pretrain": [
+            # Caption negatives only without regions: `PretrainingDataset` does not mix the two.
+            _pretrain_record(
+                pretrain_rng, s, region_rng, regions_per_image, None if regions_per_image else negative_rng, grid_size
+            )
+            for s in train_scenes
+        ],
         "retrieval_train": [_retrieval_train_record(retrieval_rng, s, grid_size) for s in train_scenes],
         "retrieval_test": [
             {"image": s["image"], "caption": _exhaustive_captions(s), "image_id": s["image_id"]} for s in test_scenes
