@@ -310,3 +310,38 @@ def test_loss_plot_of_runs_too_short_to_log_says_so_instead_of_an_empty_legend(t
         warnings.simplefilter("error")  # matplotlib warns on a legend without lines
         path = plot_losses({"teacher_vqa": [{"step": 1}]}, tmp_path / "losses.png")
     assert path.stat().st_size > 0
+
+
+def test_results_table_shows_retained_share_precisely_enough_to_read_the_paper_bar() -> None:
+    from trainers.demo.report import results_table
+
+    # 0.8114 / 0.8249 = 98.36%: one decimal would print "98.4%" beside "fail" (the bar is >= 98.4%).
+    metrics = {
+        "teacher": {"vqa_accuracy": 0.8249},
+        "student": {"vqa_accuracy": 0.8119},
+        "pruned": {"vqa_accuracy": 0.8114},
+    }
+    rows = [
+        {"name": name, "parameters": 1e6, "gflops": 1.0, "median_ms": 10.0, "speedup": speedup}
+        for name, speedup in (("teacher", 1.0), ("student", 1.9), ("pruned", 2.42))
+    ]
+    lines = {line.split(" | ")[0].strip("| "): line for line in results_table("vqa", metrics, rows).splitlines()}
+    assert lines["teacher"].endswith("| 100.00% | — |")
+    assert lines["student"].endswith("| 98.42% | fail |")  # retained enough, but 1.9x < 2x
+    assert lines["pruned"].endswith("| 98.36% | fail |")
+    metrics["pruned"]["vqa_accuracy"] = 0.8118  # 98.41%
+    assert results_table("vqa", metrics, rows).splitlines()[-1].endswith("| 98.41% | pass |")
+
+
+def test_teacher_lead_is_read_against_the_test_splits_sampling_error() -> None:
+    from trainers.demo.report import teacher_student_line
+
+    counts = {"vqa_test": 836, "nlvr2_test": 600, "retrieval_test": 300}
+    # sqrt(0.8175 * 0.1825 / 836) = 0.0134: a 0.0011 lead is a tie, a 0.03 lead is not.
+    assert "read it as a tie" in teacher_student_line(0.8175, 0.8164, counts, "vqa")
+    assert "(0.0134)" in teacher_student_line(0.8175, 0.8164, counts, "vqa")
+    assert "by more than twice the standard error" in teacher_student_line(0.8475, 0.8164, counts, "vqa")
+    assert "the student is not behind" in teacher_student_line(0.8164, 0.8175, counts, "vqa")
+    # A perfect teacher has no sampling spread left: any lead counts.
+    assert "more than twice" in teacher_student_line(1.0, 0.9917, counts, "nlvr2")
+    assert teacher_student_line(0.9, 0.8, {}, "vqa").endswith("the teacher is ahead.")

@@ -155,7 +155,7 @@ def results_table(task: str, metrics: dict[str, dict[str, float]], benchmark: li
         head_cells = "".join(f" {metrics[row['name']].get(f'{name}_{metric}', float('nan')):.4f} |" for name in heads)
         lines.append(
             f"| {row['name']} | {row['parameters'] / 1e6:.2f} | {row['gflops']:.3f} | {row['median_ms']:.1f} "
-            f"| {row['speedup']:.2f}x | {score:.4f} |{head_cells} {retained:.1f}% | {verdict} |"
+            f"| {row['speedup']:.2f}x | {score:.4f} |{head_cells} {retained:.2f}% | {verdict} |"
         )
     return "\n".join(lines)
 
@@ -206,18 +206,43 @@ def baseline_lines(run: Any, task: str) -> list[str]:
             f"{nlvr2.get('majority_baseline', float('nan')):.4f}; sentence text only "
             f"{nlvr2.get('text_only_baseline', float('nan')):.4f}."
         )
-    ahead = teacher[metric] > student[metric]
-    lines.append(
-        f"Teacher {teacher[metric]:.4f} vs unpruned student {student[metric]:.4f}: "
-        + (
-            "the teacher is ahead."
-            if ahead
-            else "**the student is not behind the teacher**: the teacher is under-trained, or the two tie within "
+    lines.append(teacher_student_line(teacher[metric], student[metric], run.stats.get("num_records", {}), task))
+    return lines
+
+
+# The test split behind each task's score: its items are the unit of the score's sampling error.
+_TEST_ITEMS = {
+    "vqa": ("vqa_test", "questions"),
+    "nlvr2": ("nlvr2_test", "statements"),
+    "retrieval": ("retrieval_test", "images"),
+}
+
+
+def teacher_student_line(teacher: float, student: float, num_records: dict[str, int], task: str) -> str:
+    """Whether the teacher leads its unpruned student, measured against the binomial standard error of one score on
+    the task's test items, sqrt(p (1 - p) / n) (for recall, per image): a lead under twice it is read as a tie."""
+    head = f"Teacher {teacher:.4f} vs unpruned student {student:.4f}: "
+    if teacher <= student:
+        return head + (
+            "**the student is not behind the teacher**: the teacher is under-trained, or the two tie within "
             "the run-to-run spread of this metric (repeat with other seeds to tell); either way '% of teacher' "
             "may overstate what compression keeps."
         )
+    key, unit = _TEST_ITEMS.get(task, (None, "items"))
+    count = num_records.get(key) if key else None
+    if not count:
+        return head + "the teacher is ahead."
+    error = (max(teacher * (1 - teacher), 0.0) / count) ** 0.5
+    if teacher - student >= 2 * error:
+        return (
+            head
+            + "the teacher is ahead, by more than twice the standard error of a score on "
+            + f"{count} test {unit} ({error:.4f})."
+        )
+    return head + (
+        f"the teacher is ahead by {teacher - student:.4f}, less than twice the standard error of a score on {count} "
+        f"test {unit} ({error:.4f}): **read it as a tie** (a larger test split or other seeds would tell)."
     )
-    return lines
 
 
 ABLATION_LABELS = {"learned": "learned, modal-adaptive", "random": "random masks", "uniform": "uniform split"}
