@@ -446,7 +446,7 @@ def _object_truths(objects: list[dict[str, Any]]) -> set[str]:
     return {_object_phrase(o, with_size=True, with_position=True) for o in objects}
 
 
-def _picture_caption(rng: np.random.Generator, objects: list[dict[str, Any]]) -> str:
+def _picture_caption(rng: np.random.Generator | None, objects: list[dict[str, Any]]) -> str:
     return "a picture of one shape" if len(objects) == 1 else f"a picture of {NUMBER_WORDS[len(objects)]} shapes"
 
 
