@@ -220,7 +220,8 @@ _TEST_ITEMS = {
 
 def teacher_student_line(teacher: float, student: float, num_records: dict[str, int], task: str) -> str:
     """Whether the teacher leads its unpruned student, measured against the binomial standard error of one score on
-    the task's test items, sqrt(p (1 - p) / n) (for recall, per image): a lead under twice it is read as a tie."""
+    the task's test items, sqrt(p (1 - p) / n) (for recall, per image) with p the teacher's or the student's score,
+    whichever gives the larger error (a perfect score alone has none): a lead under twice it is read as a tie."""
     head = f"Teacher {teacher:.4f} vs unpruned student {student:.4f}: "
     if teacher <= student:
         return head + (
@@ -232,7 +233,7 @@ def teacher_student_line(teacher: float, student: float, num_records: dict[str, 
     count = num_records.get(key) if key else None
     if not count:
         return head + "the teacher is ahead."
-    error = (max(teacher * (1 - teacher), 0.0) / count) ** 0.5
+    error = (max(0.0, *(p * (1 - p) for p in (teacher, student))) / count) ** 0.5
     if teacher - student >= 2 * error:
         return (
             head
