@@ -210,12 +210,9 @@ def baseline_lines(run: Any, task: str) -> list[str]:
     return lines
 
 
-# The test split behind each task's score: its items are the unit of the score's sampling error.
-_TEST_ITEMS = {
-    "vqa": ("vqa_test", "questions"),
-    "nlvr2": ("nlvr2_test", "statements"),
-    "retrieval": ("retrieval_test", "images"),
-}
+# What one record of a task's test split (`<task>_test` in the corpus's counts) is: the unit of the score's
+# sampling error.
+_TEST_UNITS = {"vqa": "questions", "nlvr2": "statements", "retrieval": "images"}
 
 
 def teacher_student_line(teacher: float, student: float, num_records: dict[str, int], task: str) -> str:
@@ -229,8 +226,7 @@ def teacher_student_line(teacher: float, student: float, num_records: dict[str, 
             "the run-to-run spread of this metric (repeat with other seeds to tell); either way '% of teacher' "
             "may overstate what compression keeps."
         )
-    key, unit = _TEST_ITEMS.get(task, (None, "items"))
-    count = num_records.get(key) if key else None
+    unit, count = _TEST_UNITS.get(task, "items"), num_records.get(f"{task}_test")
     if not count:
         return head + "the teacher is ahead."
     error = (max(0.0, *(p * (1 - p) for p in (teacher, student))) / count) ** 0.5
