@@ -38,7 +38,7 @@ def demo_dir(tmp_path_factory) -> Path:
         patch.setattr(HfApi, "upload_folder", upload_folder)
         demo_main(
             [
-                *("--quick", "--ablations", "--output_dir", str(output), "--num_threads", "1"),
+                *("--quick", "--ablations", "--output_dir", str(output), "--num_threads", "1", "--jobs", "3"),
                 *("--push_to_hub", "--hub_prefix", "someone/evlm"),
             ]
         )
@@ -67,6 +67,10 @@ def test_demo_writes_every_output(demo_dir: Path) -> None:
     assert f"top {k} ITC candidates" in report and "ITC-only r_mean | ITM-only r_mean |" in report
     assert "The ITM log-odds alone rank the teacher's candidates at" in report
     assert "Machine:" in report and "torch thread" in report and "paper bar" in report
+    # The pipelines ran at once (--jobs 3): the report says so, and each one's training log is kept.
+    assert "(the task pipelines 3 at a time, 1 thread each)" in report
+    for task in DEFAULT_DEMO_TASKS:
+        assert "'train_loss'" in (demo_dir / "runs" / f"{task}.log").read_text()
     # Ablations: random masks and a uniform split beside the learned masks.
     assert "| pruned, random masks |" in report and "| pruned, uniform split |" in report
     # NLVR2 (in the default run) against its answer-prior baselines.
@@ -190,31 +194,72 @@ def test_per_task_learning_rates_come_from_the_task_registry_or_the_shared_rate(
 
 
 def test_the_eta_weighs_each_stage_by_its_step_cost() -> None:
-    from trainers.demo.run import STEP_COST, training_minutes_left
+    from trainers.demo.run import STEP_COST, DemoRun, DemoSettings, training_minutes_left
 
-    # The default run's plan: after pre-training (0.267 s a step), a plain step count would predict 23.3 min for
-    # what took 11.7; weighted by cost, its own stages' timings make the estimate right.
-    planned = {
-        "pre-train teacher": 300,
-        "fine-tune teachers": 2950,
-        "distil student": 150,
-        "fine-tune + prune students": 2140,
-    }
-    seconds = {
-        "pre-train teacher": 80.0,
-        "fine-tune teachers": 394.0,
-        "distil student": 34.0,
-        "fine-tune + prune students": 271.0,
-    }
-    assert set(STEP_COST) == set(planned)
-    assert training_minutes_left(planned, [], 0.0) is None
-    first = training_minutes_left(planned, ["pre-train teacher"], seconds["pre-train teacher"])
-    actual = sum(seconds[name] for name in planned if name != "pre-train teacher") / 60
+    # A default run's plan, its pipelines one after another: after pre-training (0.267 s a step), a plain step count
+    # would predict 23.3 min for what took 11.7; weighted by cost, its own stages' timings make the estimate right.
+    run = DemoRun(Path("unused"), DemoSettings(pretrain_steps=300), jobs=1)
+    steps = run.planned_steps(kind=True)
+    assert set(steps) == set(STEP_COST) and sum(steps.values()) == sum(run.planned_steps().values())
+    costs = run.planned_costs()
+    assert costs["task pipelines"] == pytest.approx(
+        STEP_COST["fine-tune teacher"] * steps["fine-tune teacher"]
+        + STEP_COST["fine-tune + prune student"] * steps["fine-tune + prune student"]
+    )
+    seconds = {"pre-train teacher": 80.0, "distil student": 34.0, "task pipelines": 394.0 + 271.0}
+    assert training_minutes_left(costs, [], 0.0) is None
+    first = training_minutes_left(costs, ["pre-train teacher"], seconds["pre-train teacher"])
+    actual = (seconds["distil student"] + seconds["task pipelines"]) / 60
     assert abs(first - actual) / actual < 0.1
-    done = list(planned)[:3]
-    later = training_minutes_left(planned, done, sum(seconds[name] for name in done))
-    assert abs(later - seconds["fine-tune + prune students"] / 60) / (seconds["fine-tune + prune students"] / 60) < 0.15
-    assert training_minutes_left(planned, list(planned), sum(seconds.values())) is None
+    done = ["pre-train teacher", "distil student"]
+    later = training_minutes_left(costs, done, sum(seconds[name] for name in done))
+    assert abs(later - seconds["task pipelines"] / 60) / (seconds["task pipelines"] / 60) < 0.15
+    assert training_minutes_left(costs, list(costs), sum(seconds.values())) is None
+
+
+def test_the_eta_counts_pipelines_run_at_once() -> None:
+    from trainers.demo.run import FEWER_THREADS_SLOWDOWN, DemoRun, DemoSettings, pipelines_speedup
+
+    assert pipelines_speedup(1, 2, 2, 2) == 1.0
+    # 2 cores: 3 pipelines of 1 thread each keep both cores busy, each step slower than with 2 threads.
+    assert pipelines_speedup(3, 1, 2, 2) == pytest.approx(2 / FEWER_THREADS_SLOWDOWN)
+    assert pipelines_speedup(3, 1, 1, 1) == 1.0  # one core: nothing runs at once, nor slower
+    assert pipelines_speedup(3, 2, 8, 8) == pytest.approx(3 / FEWER_THREADS_SLOWDOWN)
+    one, three = (DemoRun(Path("unused"), DemoSettings(), jobs=jobs, threads_per_job=1) for jobs in (1, 3))
+    speedup = pipelines_speedup(3, 1, one.machine["torch_threads"], one.machine["cores"])
+    assert three.planned_costs()["task pipelines"] == pytest.approx(one.planned_costs()["task pipelines"] / speedup)
+    assert DemoRun(Path("unused"), DemoSettings(), tasks=("vqa",), jobs=3).jobs == 1  # no more than the tasks
+
+
+def test_pipelines_run_at_once_by_default_where_there_are_cores(monkeypatch, capsys) -> None:
+    from trainers.demo import run
+
+    monkeypatch.setattr(run, "available_cores", lambda: 1)
+    assert run.default_jobs(("vqa", "retrieval", "nlvr2")) == 1
+    monkeypatch.setattr(run, "available_cores", lambda: 2)
+    assert run.default_jobs(("vqa", "retrieval", "nlvr2")) == 3
+    with pytest.raises(SystemExit):
+        demo_main(["--jobs", "0"])
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_pipelines_at_once_give_the_models_of_pipelines_one_after_another(demo_dir: Path, tmp_path: Path) -> None:
+    # The fixture ran the three pipelines at once (1 thread each); one after another, in this process, with 1
+    # thread, every model trains and scores exactly alike: each training run starts from its own seed.
+    demo_main(["--quick", "--tasks", "vqa,nlvr2", "--output_dir", str(tmp_path), "--num_threads", "1", "--jobs", "1"])
+    assert not (tmp_path / "runs" / "vqa.log").exists()
+    for task in ("vqa", "nlvr2"):
+        for role in ("teacher", "student", "pruned"):
+            cards = [
+                json.loads((d / "models" / f"{role}_{task}" / "config.json").read_text()) for d in (demo_dir, tmp_path)
+            ]
+            assert cards[0] == cards[1]
+            weights = [
+                task_model_class(task).from_pretrained(d / "models" / f"{role}_{task}").state_dict()
+                for d in (demo_dir, tmp_path)
+            ]
+            assert weights[0].keys() == weights[1].keys()
+            assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0]), (role, task)
 
 
 def test_ablation_seeds_needs_ablations(capsys) -> None:

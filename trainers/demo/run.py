@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from modeling_efficientvlm.modeling_efficientvlm_retrieval import check_itm_score
+from trainers.demo.processes import can_fork, console
 from trainers.distillation import DistillationConfig, DistillationTrainer
 from trainers.pruning.hard_concrete import random_structure_masks
 from trainers.pruning.padding import PAD_TO_MULTIPLE_OF
@@ -53,6 +54,22 @@ _TRAINING = SMALL_CPU.shared
 _MODEL = SMALL_CPU.commands["pretrain"]["config_overrides"]
 _PRUNING = SMALL_CPU.commands["prune"]
 _STUDENT_LAYERS = tuple(int(n) for n in SMALL_CPU.commands["distill"]["student_layers"].split(","))
+
+# What a task pipeline adds to its `DemoRun` (per task or per training run): a pipeline run in its own process
+# returns these, and the parent merges them.
+TASK_STATE = (
+    "teachers",
+    "students",
+    "pruned",
+    "pruning_reports",
+    "metrics",
+    "ablation_models",
+    "ablation_results",
+    "histories",
+    "run_timings",
+    "run_steps",
+    "run_learning_rates",
+)
 
 # Names of the ablation rows (beside "pruned", the learned masks) in the report.
 ABLATIONS = {"random": "pruned, random masks", "uniform": "pruned, uniform split"}
@@ -203,23 +220,37 @@ class DemoSettings:
         )
 
 
-# Seconds per optimizer step of each training stage relative to a teacher pre-training step (ITC + ITM + MLM),
-# from a default run (2 cores, 2 threads: 0.267 s, 0.134 s, 0.227 s, 0.127 s): a distillation step also runs the
-# teacher, a task step runs one model on one task's loss.
+# Seconds per optimizer step of each kind relative to a teacher pre-training step (ITC + ITM + MLM), from a default
+# run (2 cores, 2 threads: 0.267 s, 0.134 s, 0.227 s, 0.127 s): a distillation step also runs the teacher, a task
+# step runs one model on one task's loss.
 STEP_COST = {
     "pre-train teacher": 1.0,
-    "fine-tune teachers": 0.5,
+    "fine-tune teacher": 0.5,
     "distil student": 0.85,
-    "fine-tune + prune students": 0.47,
+    "fine-tune + prune student": 0.47,
 }
 
+# On 2 cores, a training step of the demo's models with 1 torch thread took 1.35x (VQA) to 1.5x (retrieval) the
+# time of one with 2: small matrices leave the second thread little to do.
+FEWER_THREADS_SLOWDOWN = 1.4
 
-def training_minutes_left(planned: dict[str, int], done: list[str], seconds: float) -> float | None:
-    """Minutes the training stages of `planned` (steps per stage) not in `done` should take, at the pace of the
-    `done` ones (`seconds` in all), counting steps by [`STEP_COST`]: so the first estimate, after pre-training
-    alone, does not take every later step for one as slow. None before any training or after the last stage."""
-    done_cost = sum(STEP_COST[name] * planned[name] for name in done)
-    left_cost = sum(STEP_COST[name] * steps for name, steps in planned.items() if name not in done)
+
+def pipelines_speedup(jobs: int, threads_per_job: int, threads: int, cores: int) -> float:
+    """About how many times faster the task pipelines run `jobs` at a time with `threads_per_job` torch threads
+    each than one after another with `threads` (for the ETA)."""
+    if jobs == 1:
+        return 1.0
+    at_once = min(jobs, max(1, cores // threads_per_job))
+    return at_once / (FEWER_THREADS_SLOWDOWN if threads_per_job < threads else 1.0)
+
+
+def training_minutes_left(costs: dict[str, float], done: list[str], seconds: float) -> float | None:
+    """Minutes the training stages of `costs` (each stage's steps weighted by [`STEP_COST`], divided by what running
+    its parts at once gains) not in `done` should take, at the pace of the `done` ones (`seconds` in all): so the
+    first estimate, after pre-training alone, does not take every later step for one as slow. None before any
+    training or after the last stage."""
+    done_cost = sum(costs[name] for name in done)
+    left_cost = sum(cost for name, cost in costs.items() if name not in done)
     if not done_cost or not left_cost:
         return None
     return seconds / done_cost * left_cost / 60
@@ -235,13 +266,18 @@ def default_num_threads() -> int:
     return max(1, min(available_cores(), 8))
 
 
+def default_jobs(tasks: tuple[str, ...]) -> int:
+    """Task pipelines run at once by default: every task where there are 2 cores or more and processes can fork."""
+    return len(tasks) if available_cores() >= 2 and can_fork() else 1
+
+
 def _demo_defaults(name: str) -> dict[str, Any]:
     """The `DemoDefaults` field `name` (steps of a stage, the teacher's learning rate) of every demo task."""
     return {task: getattr(task_spec(task).demo, name) for task in DEMO_TASKS}
 
 
 def _say(message: str) -> None:
-    print(f"[efficientvlm demo] {message}", flush=True)
+    print(f"[efficientvlm demo] {message}", file=console(), flush=True)
 
 
 def teacher_config(settings: DemoSettings, vocab_size: int):
@@ -357,6 +393,24 @@ def encoder_gflops(model: Any) -> float:
     return flops
 
 
+class ProgressLines(TrainerCallback):
+    """Says how far training run `name` has got at each quarter of its steps, and how long the rest should take."""
+
+    def __init__(self, name: str):
+        self.name, self.quarter, self.start = name, 0, time.perf_counter()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        quarter = 4 * state.global_step // max(state.max_steps, 1)
+        if quarter > self.quarter and state.global_step < state.max_steps and state.max_steps >= 20:
+            self.quarter = quarter
+            pace = (time.perf_counter() - self.start) / state.global_step
+            left = pace * (state.max_steps - state.global_step) / 60
+            _say(f"{self.name}: {state.global_step}/{state.max_steps} steps, {left:.1f} min to go")
+
+
 @dataclass
 class LearnedPruning:
     """What modal-adaptive pruning of one student produced: the pruned model (after its fixed-mask steps), the
@@ -415,6 +469,8 @@ class DemoRun:
         seed: int = 0,
         tasks: tuple[str, ...] = DEFAULT_DEMO_TASKS,
         hub_prefix: str | None = None,
+        jobs: int = 1,
+        threads_per_job: int = 1,
     ):
         unknown = set(tasks) - set(DEMO_TASKS)
         if unknown:
@@ -424,6 +480,12 @@ class DemoRun:
         self.seed = seed
         self.tasks = tasks
         self.hub_prefix = hub_prefix  # push every model folder to `<hub_prefix>-<role>_<task>` as it is saved
+        self.jobs = max(1, min(jobs, len(tasks)))  # task pipelines at once (`task_pipelines`)
+        self.threads_per_job = threads_per_job
+        self.in_job = False  # True in a task pipeline's own process
+        self.teachers: dict[str, Any] = {}
+        self.students: dict[str, Any] = {}
+        self.pruned: dict[str, Any] = {}
         self.histories: dict[str, list[dict[str, float]]] = {}
         self.run_timings: dict[str, float] = {}  # one entry per training run (inside the stages)
         self.run_steps: dict[str, int] = {}  # optimizer steps each training run took
@@ -437,6 +499,7 @@ class DemoRun:
         self.ablation_models: dict[str, dict[str, Any]] = {}
         self.ablation_results: dict[str, list[AblationRow]] = {}
         self.machine = machine_description()
+        self.machine.update(jobs=self.jobs, threads_per_job=threads_per_job)
 
     # -- stages -------------------------------------------------------------------------------------------
     def make_data(self) -> None:
@@ -490,6 +553,8 @@ class DemoRun:
             seed,
             learning_rate=learning_rate or self.settings.learning_rate,
         )
+        if self.in_job:  # its progress bar goes to the job's log: a line per quarter on the terminal instead
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), ProgressLines(name)]
         trainer = train(
             task, model, self.processor, self._dataset(task, "train"), args, trainer_class or Trainer, **kwargs
         )
@@ -547,14 +612,12 @@ class DemoRun:
         # Saved now, before any later stage starts from it: a user can redo any later stage from this folder.
         self._save("teacher_pretrained", self.teacher_pretrained, self._card("pretraining", "teacher"))
 
-    def finetune_teachers(self) -> None:
-        self.teachers = {}
-        for task in self.tasks:
-            torch.manual_seed(self.seed)
-            model = task_model_from(task, self.teacher_pretrained)
-            rate = self.settings.teacher_learning_rates[task]
-            self._train(f"teacher_{task}", task, model, self.settings.finetune_steps[task], learning_rate=rate)
-            self.teachers[task] = model.eval()
+    def finetune_teacher(self, task: str) -> None:
+        torch.manual_seed(self.seed)
+        model = task_model_from(task, self.teacher_pretrained)
+        rate = self.settings.teacher_learning_rates[task]
+        self._train(f"teacher_{task}", task, model, self.settings.finetune_steps[task], learning_rate=rate)
+        self.teachers[task] = model.eval()
 
     def distill_student(self) -> None:
         from trainers.distillation import DistillationTrainer
@@ -573,32 +636,65 @@ class DemoRun:
         card = self._card("pretraining", "student", base="teacher_pretrained", teacher="teacher_pretrained")
         self._save("student_distilled", self.student_pretrained, card)
 
-    def finetune_and_prune_students(self) -> None:
-        self.students, self.pruned = {}, {}
-        for task in self.tasks:
-            teacher = self.teachers[task]
-            torch.manual_seed(self.seed)
-            student = task_model_from(task, self.student_pretrained)
-            # Task-stage KD on logits and hidden states; attention maps would force the slow eager path.
-            kd = DistillationConfig(**SMALL_CPU.commands["finetune"]["kd_term_weights"])
-            self._train(
-                f"student_{task}",
-                task,
-                student,
-                self.settings.student_finetune_steps[task],
-                DistillationTrainer,
-                learning_rate=self.settings.student_learning_rates[task],
-                teacher_model=teacher,
-                distillation_config=kd,
-            )
-            self.students[task] = student.eval()
-            learned = self._prune_with_learned_masks(task, student, teacher, self.seed, f"pruned_{task}")
-            self.pruned[task], self.pruning_reports[task] = learned.model, learned.report
-            report = learned.report
-            split = ", ".join(f"{m} {v:.2f}" for m, v in report["sparsity_per_modality"].items())
-            _say(f"pruned_{task}: sparsity {report['sparsity']:.3f} (target {self.settings.target_sparsity}); {split}")
-            if self.settings.ablations:
-                self._ablations(task, student, teacher, learned)
+    def finetune_and_prune_student(self, task: str) -> None:
+        teacher = self.teachers[task]
+        torch.manual_seed(self.seed)
+        student = task_model_from(task, self.student_pretrained)
+        # Task-stage KD on logits and hidden states; attention maps would force the slow eager path.
+        kd = DistillationConfig(**SMALL_CPU.commands["finetune"]["kd_term_weights"])
+        self._train(
+            f"student_{task}",
+            task,
+            student,
+            self.settings.student_finetune_steps[task],
+            DistillationTrainer,
+            learning_rate=self.settings.student_learning_rates[task],
+            teacher_model=teacher,
+            distillation_config=kd,
+        )
+        self.students[task] = student.eval()
+        learned = self._prune_with_learned_masks(task, student, teacher, self.seed, f"pruned_{task}")
+        self.pruned[task], self.pruning_reports[task] = learned.model, learned.report
+        report = learned.report
+        split = ", ".join(f"{m} {v:.2f}" for m, v in report["sparsity_per_modality"].items())
+        _say(f"pruned_{task}: sparsity {report['sparsity']:.3f} (target {self.settings.target_sparsity}); {split}")
+        if self.settings.ablations:
+            self._ablations(task, student, teacher, learned)
+
+    def run_task(self, task: str) -> None:
+        """The pipeline of one task: its teacher fine-tuned, the distilled student fine-tuned and pruned (and the
+        ablations), every model evaluated. It reads only the pre-trained teacher and the distilled student."""
+        self.finetune_teacher(task)
+        self.finetune_and_prune_student(task)
+        self.evaluate(task)
+
+    def task_pipelines(self) -> None:
+        """Every task's [`run_task`]: one after another in this process, or with `jobs` > 1 that many at once, each
+        in a forked process with `threads_per_job` torch threads (its output in `runs/<task>.log`)."""
+        if self.jobs == 1:
+            for task in self.tasks:
+                self.run_task(task)
+            return
+        from trainers.demo.processes import run_in_processes
+
+        log_dir = self.output_dir / "runs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        _say(
+            f"{len(self.tasks)} task pipelines, {self.jobs} at a time, {self.threads_per_job} torch thread(s) each; "
+            f"their training logs: {log_dir}/<task>.log"
+        )
+        jobs = {task: (lambda task=task: self._task_job(task)) for task in self.tasks}
+        results = run_in_processes(jobs, self.threads_per_job, log_dir, max_running=self.jobs)
+        for changes in results.values():
+            for name, entries in changes.items():
+                getattr(self, name).update(entries)
+
+    def _task_job(self, task: str) -> dict[str, dict[str, Any]]:
+        """[`run_task`] in a task's own process: returns what it added to this run's state (`TASK_STATE`)."""
+        self.in_job = True
+        before = {name: set(getattr(self, name)) for name in TASK_STATE}
+        self.run_task(task)
+        return {name: {k: v for k, v in getattr(self, name).items() if k not in before[name]} for name in TASK_STATE}
 
     def _prune_with_learned_masks(
         self, task: str, student: Any, teacher: Any, seed: int, name: str, target: float | None = None
@@ -719,29 +815,29 @@ class DemoRun:
         roles = {"teacher": self.teachers[task], "student": self.students[task], "pruned": self.pruned[task]}
         return {**roles, **self.ablation_models.get(task, {})}
 
-    def evaluate(self) -> None:
-        for task in self.tasks:
-            dataset = self._dataset(task, "test")
-            self.metrics[task] = {}
-            for role, model in self._roles(task).items():
-                if task == "retrieval":
-                    k, score = self.settings.retrieval_k, self.settings.retrieval_itm_score
-                    self.metrics[task][role] = retrieval_recalls(model, dataset, self.processor, k, score)
-                    continue
-                result = evaluate_task(task, model, dataset, self.processor, answer_list=self.answer_list)
-                self.metrics[task][role] = result.metrics
-            spec = task_spec(task)
-            scores = ", ".join(f"{role} {m[spec.primary_metric]:.3f}" for role, m in self.metrics[task].items())
-            line = f"{spec.primary_metric_label}: {scores}"
+    def evaluate(self, task: str) -> None:
+        """Every model of `task` (teacher, student, pruned, ablation rows) on its held-out split."""
+        dataset = self._dataset(task, "test")
+        self.metrics[task] = {}
+        for role, model in self._roles(task).items():
             if task == "retrieval":
-                line += f" (ITM re-ranking of the top {self.settings.retrieval_k}); ITC alone: " + ", ".join(
-                    f"{role} {m['itc_r_mean']:.3f}" for role, m in self.metrics[task].items()
+                k, score = self.settings.retrieval_k, self.settings.retrieval_itm_score
+                self.metrics[task][role] = retrieval_recalls(model, dataset, self.processor, k, score)
+                continue
+            result = evaluate_task(task, model, dataset, self.processor, answer_list=self.answer_list)
+            self.metrics[task][role] = result.metrics
+        spec = task_spec(task)
+        scores = ", ".join(f"{role} {m[spec.primary_metric]:.3f}" for role, m in self.metrics[task].items())
+        line = f"{spec.primary_metric_label}: {scores}"
+        if task == "retrieval":
+            line += f" (ITM re-ranking of the top {self.settings.retrieval_k}); ITC alone: " + ", ".join(
+                f"{role} {m['itc_r_mean']:.3f}" for role, m in self.metrics[task].items()
+            )
+            if "itm_r_mean" in self.metrics[task]["teacher"]:
+                line += "; ITM log-odds alone: " + ", ".join(
+                    f"{role} {m['itm_r_mean']:.3f}" for role, m in self.metrics[task].items()
                 )
-                if "itm_r_mean" in self.metrics[task]["teacher"]:
-                    line += "; ITM log-odds alone: " + ", ".join(
-                        f"{role} {m['itm_r_mean']:.3f}" for role, m in self.metrics[task].items()
-                    )
-            _say(f"{task} on the held-out split: {line}")
+        _say(f"{task} on the held-out split: {line}")
 
     def benchmark(self) -> None:
         # The same function and defaults as `efficientvlm benchmark`, so both print the same speedups.
@@ -804,8 +900,9 @@ class DemoRun:
         )
         return path
 
-    def planned_steps(self) -> dict[str, int]:
-        """Optimizer steps of each training stage (for the progress lines and the ETA)."""
+    def planned_steps(self, kind: bool = False) -> dict[str, int]:
+        """Optimizer steps of each training stage (for the progress lines and the ETA); `kind=True`: of each kind
+        of step ([`STEP_COST`]) instead, the task pipelines' teacher and student steps apart."""
         s, tasks = self.settings, self.tasks
         # With ablations, per target and seed: random and uniform masks train the fixed-mask steps, and the learned
         # masks are learned again (all but the run's own pruning).
@@ -814,11 +911,33 @@ class DemoRun:
         if s.ablations:
             runs = len(s.ablation_targets) * s.ablation_seeds
             prune += runs * 2 * fixed + (runs - 1) * prune
+        teachers = sum(s.finetune_steps[t] for t in tasks)
+        students = sum(s.student_finetune_steps[t] for t in tasks) + prune
+        if kind:
+            return {
+                "pre-train teacher": s.pretrain_steps,
+                "fine-tune teacher": teachers,
+                "distil student": s.distill_steps,
+                "fine-tune + prune student": students,
+            }
         return {
             "pre-train teacher": s.pretrain_steps,
-            "fine-tune teachers": sum(s.finetune_steps[t] for t in tasks),
             "distil student": s.distill_steps,
-            "fine-tune + prune students": sum(s.student_finetune_steps[t] for t in tasks) + prune,
+            "task pipelines": teachers + students,
+        }
+
+    def planned_costs(self) -> dict[str, float]:
+        """Each training stage's steps weighted by [`STEP_COST`], the task pipelines' divided by what running them
+        at once gains ([`pipelines_speedup`]): the ETA's units."""
+        steps = self.planned_steps(kind=True)
+        cost = {kind: STEP_COST[kind] * n for kind, n in steps.items()}
+        speedup = pipelines_speedup(
+            self.jobs, self.threads_per_job, self.machine["torch_threads"], self.machine["cores"]
+        )
+        return {
+            "pre-train teacher": cost["pre-train teacher"],
+            "distil student": cost["distil student"],
+            "task pipelines": (cost["fine-tune teacher"] + cost["fine-tune + prune student"]) / speedup,
         }
 
     def run(self) -> Path:
@@ -826,25 +945,26 @@ class DemoRun:
         stages = [
             ("data", self.make_data),
             ("pre-train teacher", self.pretrain_teacher),
-            ("fine-tune teachers", self.finetune_teachers),
             ("distil student", self.distill_student),
-            ("fine-tune + prune students", self.finetune_and_prune_students),
-            ("evaluate", self.evaluate),
+            ("task pipelines", self.task_pipelines),
             ("benchmark", self.benchmark),
             ("save models", self.save_models),
         ]
-        planned = self.planned_steps()
+        planned, costs = self.planned_steps(), self.planned_costs()
         self.stage_steps = planned
         total_steps, train_seconds, done = sum(planned.values()), 0.0, []
+        at_once = (
+            f"; task pipelines {self.jobs} at a time, {self.threads_per_job} thread(s) each" if self.jobs > 1 else ""
+        )
         _say(
             f"{len(stages)} stages, {total_steps} optimizer steps in all; on {self.machine['cpu']} "
-            f"({self.machine['cores']} cores), {self.machine['torch_threads']} torch thread(s)"
+            f"({self.machine['cores']} cores), {self.machine['torch_threads']} torch thread(s){at_once}"
         )
         for index, (name, stage) in enumerate(stages, 1):
             elapsed = time.perf_counter() - start
             steps = planned.get(name)
             eta = ""
-            left = training_minutes_left(planned, done, train_seconds)
+            left = training_minutes_left(costs, done, train_seconds)
             if left:
                 eta = f"; ETA of the training still to come {left:.1f} min (+ evaluation)"
             what = f" ({steps} optimizer steps)" if steps else ""
@@ -876,8 +996,17 @@ def main(argv: list[str] | None = None) -> Path:
         "--num_threads",
         type=int,
         default=None,
-        help="torch threads (default: the CPU cores this process may use, at most 8; a training step of the demo's "
-        "models is 1.5x faster with 2 threads than with 1 on a quiet 2-core machine; on a busy one, give 1)",
+        help="torch threads of the pre-training, distillation and benchmark (default: the CPU cores this process may "
+        "use, at most 8); the task pipelines share them (--jobs)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="task pipelines (fine-tune the teacher, fine-tune and prune the student, evaluate) run at once, each in "
+        "its own process with num_threads // jobs torch threads (at least 1); default: every task at once where "
+        "there are 2 cores or more (Linux), else 1. The demo's small models leave a second thread little to do: on 2 "
+        "cores 3 pipelines of 1 thread each finish well before 3 of 2 threads one after another",
     )
     parser.add_argument(
         "--ablations",
@@ -908,10 +1037,23 @@ def main(argv: list[str] | None = None) -> Path:
     hf_logging.set_verbosity_warning()
     if args.num_threads is not None and args.num_threads < 1:
         parser.error(f"--num_threads must be at least 1, got {args.num_threads}")
-    torch.set_num_threads(args.num_threads or default_num_threads())
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    threads = args.num_threads or default_num_threads()
+    torch.set_num_threads(threads)
+    tasks = tuple(args.tasks.split(","))
+    jobs = default_jobs(tasks) if args.jobs is None else min(args.jobs, len(tasks))
+    if jobs > 1 and not can_fork():
+        parser.error(f"--jobs {jobs} runs the task pipelines in forked processes, which this platform lacks; give 1")
     hub_prefix = args.hub_prefix if args.push_to_hub else None
     run = DemoRun(
-        Path(args.output_dir), settings, seed=args.seed, tasks=tuple(args.tasks.split(",")), hub_prefix=hub_prefix
+        Path(args.output_dir),
+        settings,
+        seed=args.seed,
+        tasks=tasks,
+        hub_prefix=hub_prefix,
+        jobs=jobs,
+        threads_per_job=max(1, threads // jobs),
     )
     report = run.run()
     (run.output_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
