@@ -69,6 +69,8 @@ def test_demo_writes_every_output(demo_dir: Path) -> None:
     assert "Machine:" in report and "torch thread" in report and "paper bar" in report
     # The pipelines ran at once (--jobs 3): the report says so, and each one's training log is kept.
     assert "(the task pipelines 3 at a time, 1 thread each)" in report
+    # The run's figures are reproducible: deterministic algorithms while it ran, the caller's setting after.
+    assert "with its deterministic algorithms" in report and not torch.are_deterministic_algorithms_enabled()
     for task in DEFAULT_DEMO_TASKS:
         assert "'train_loss'" in (demo_dir / "runs" / f"{task}.log").read_text()
     # Ablations: random masks and a uniform split beside the learned masks.

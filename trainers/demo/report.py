@@ -339,7 +339,8 @@ def write_report(run: Any, plots: dict[str, Path]) -> Path:
         f"(vision, text, fusion) on the same batch of {s.benchmark_batch_size}, measured side by side in this run.",
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores available, {machine['torch_threads']} torch "
-        f"thread(s){_pipelines_note(machine)}, torch {machine['torch']}; seed {run.seed}; total "
+        f"thread(s){_pipelines_note(machine)}, torch {machine['torch']} with its deterministic algorithms; seed "
+        f"{run.seed}; total "
         f"{run.timings.get('total', 0) / 60:.1f} min.",
         "",
     ]

@@ -952,7 +952,7 @@ class DemoRun:
         ]
         planned, costs = self.planned_steps(), self.planned_costs()
         self.stage_steps = planned
-        total_steps, train_seconds, done = sum(planned.values()), 0.0, []
+        total_steps = sum(planned.values())
         at_once = (
             f"; task pipelines {self.jobs} at a time, {self.threads_per_job} thread(s) each" if self.jobs > 1 else ""
         )
@@ -960,6 +960,25 @@ class DemoRun:
             f"{len(stages)} stages, {total_steps} optimizer steps in all; on {self.machine['cpu']} "
             f"({self.machine['cores']} cores), {self.machine['torch_threads']} torch thread(s){at_once}"
         )
+        # With more than one thread some sums came out in an order that varied from run to run (the pre-training
+        # losses of two runs parted within 10 steps, and training amplifies it); torch's deterministic algorithms
+        # fix it at about 4% of the pre-training's time, so a run on the same machine reproduces its figures.
+        previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            self._run_stages(stages, planned, costs, start)
+        finally:
+            torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        self.timings["total"] = time.perf_counter() - start
+        report = self.write_report()
+        _say(f"done in {self.timings['total'] / 60:.1f} min; report: {report}")
+        return report
+
+    def _run_stages(
+        self, stages: list[tuple[str, Any]], planned: dict[str, int], costs: dict[str, float], start: float
+    ) -> None:
+        """Runs `stages` in order, each announced with its optimizer steps, the time so far and the ETA."""
+        train_seconds, done = 0.0, []
         for index, (name, stage) in enumerate(stages, 1):
             elapsed = time.perf_counter() - start
             steps = planned.get(name)
@@ -975,10 +994,6 @@ class DemoRun:
             if steps:
                 done.append(name)
                 train_seconds += self.timings[name]
-        self.timings["total"] = time.perf_counter() - start
-        report = self.write_report()
-        _say(f"done in {self.timings['total'] / 60:.1f} min; report: {report}")
-        return report
 
 
 def main(argv: list[str] | None = None) -> Path:
