@@ -222,13 +222,13 @@ def test_the_eta_weighs_each_stage_by_its_step_cost() -> None:
 def test_the_eta_counts_pipelines_run_at_once() -> None:
     from trainers.demo.run import FEWER_THREADS_SLOWDOWN, DemoRun, DemoSettings, pipelines_speedup
 
-    assert pipelines_speedup(1, 2, 2, 2) == 1.0
-    # 2 cores: 3 pipelines of 1 thread each keep both cores busy, each step slower than with 2 threads.
-    assert pipelines_speedup(3, 1, 2, 2) == pytest.approx(2 / FEWER_THREADS_SLOWDOWN)
-    assert pipelines_speedup(3, 1, 1, 1) == 1.0  # one core: nothing runs at once, nor slower
-    assert pipelines_speedup(3, 2, 8, 8) == pytest.approx(3 / FEWER_THREADS_SLOWDOWN)
-    one, three = (DemoRun(Path("unused"), DemoSettings(), jobs=jobs, threads_per_job=1) for jobs in (1, 3))
-    speedup = pipelines_speedup(3, 1, one.machine["torch_threads"], one.machine["cores"])
+    assert pipelines_speedup(1, 2, 2) == 1.0
+    # 2 cores: 3 pipelines of 1 thread keep both cores busy, each step slower than with 2 threads.
+    assert pipelines_speedup(3, 2, 2) == pytest.approx(2 / FEWER_THREADS_SLOWDOWN)
+    assert pipelines_speedup(3, 1, 1) == 1.0  # one core: nothing runs at once, nor slower
+    assert pipelines_speedup(3, 8, 8) == pytest.approx(3 / FEWER_THREADS_SLOWDOWN)
+    one, three = (DemoRun(Path("unused"), DemoSettings(), jobs=jobs) for jobs in (1, 3))
+    speedup = pipelines_speedup(3, one.machine["torch_threads"], one.machine["cores"])
     assert three.planned_costs()["task pipelines"] == pytest.approx(one.planned_costs()["task pipelines"] / speedup)
     assert DemoRun(Path("unused"), DemoSettings(), tasks=("vqa",), jobs=3).jobs == 1  # no more than the tasks
 

@@ -15,15 +15,22 @@ from trainers.demo.processes import can_fork, console, run_in_processes
 pytestmark = pytest.mark.skipif(not can_fork(), reason="forked processes are the Linux path")
 
 
-def test_each_job_runs_in_its_own_process_with_its_threads_and_returns_tensors() -> None:
+def test_each_job_runs_in_its_own_process_with_one_thread_and_returns_tensors() -> None:
     def job(scale: int):
-        return os.getpid(), torch.get_num_threads(), torch.arange(4) * scale
+        # Several threads here would hang: this process has run torch's OpenMP pool before forking (below).
+        return os.getpid(), torch.get_num_threads(), torch.arange(4) * scale, torch.randn(64, 64) @ torch.randn(64, 64)
 
-    results = run_in_processes({"b": lambda: job(2), "a": lambda: job(3)}, threads=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.randn(512, 512) @ torch.randn(512, 512)  # the parent's OpenMP pool, as the demo's pre-training leaves it
+        results = run_in_processes({"b": lambda: job(2), "a": lambda: job(3)})
+    finally:
+        torch.set_num_threads(threads)
     assert list(results) == ["b", "a"]  # the order of the jobs, not of completion
-    pids = {pid for pid, _, _ in results.values()}
+    pids = {result[0] for result in results.values()}
     assert len(pids) == 2 and os.getpid() not in pids
-    assert [threads for _, threads, _ in results.values()] == [1, 1]
+    assert [result[1] for result in results.values()] == [1, 1]
     assert torch.equal(results["b"][2], torch.tensor([0, 2, 4, 6]))
     assert torch.equal(results["a"][2], torch.tensor([0, 3, 6, 9]))
 
@@ -45,10 +52,10 @@ def test_jobs_run_at_once_up_to_the_limit(tmp_path: Path) -> None:
         return seen
 
     # Without a limit all three run together (each waits until it sees the three running).
-    together = run_in_processes({n: (lambda n=n: job(n, True)) for n in "xyz"}, threads=1)
+    together = run_in_processes({n: (lambda n=n: job(n, True)) for n in "xyz"})
     assert together == {"x": 3, "y": 3, "z": 3}
     # One at a time, none sees another running.
-    alone = run_in_processes({n: (lambda n=n: job(n, False)) for n in "xyz"}, threads=1, max_running=1)
+    alone = run_in_processes({n: (lambda n=n: job(n, False)) for n in "xyz"}, max_running=1)
     assert alone == {"x": 1, "y": 1, "z": 1}
 
 
@@ -62,7 +69,7 @@ def test_a_failing_job_is_raised_with_its_name_and_traceback_and_stops_the_other
 
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"The retrieval process failed") as error:
-        run_in_processes({"vqa": slow, "retrieval": bad}, threads=1)
+        run_in_processes({"vqa": slow, "retrieval": bad})
     assert "ValueError: record 7 has no caption" in str(error.value) and "in bad" in str(error.value)
     assert time.monotonic() - start < 20  # the slow job was stopped, not waited for
     time.sleep(0.2)
@@ -71,12 +78,12 @@ def test_a_failing_job_is_raised_with_its_name_and_traceback_and_stops_the_other
 
 def test_a_process_that_dies_is_an_error_with_its_exit_code() -> None:
     with pytest.raises(RuntimeError, match=r"The nlvr2 process ended with exit code 3"):
-        run_in_processes({"nlvr2": lambda: os._exit(3)}, threads=1)
+        run_in_processes({"nlvr2": lambda: os._exit(3)})
 
 
 def test_a_result_that_cannot_be_pickled_is_reported() -> None:
     with pytest.raises(RuntimeError, match=r"The vqa process failed:(.|\n)*pickle"):
-        run_in_processes({"vqa": lambda: lambda: None}, threads=1)
+        run_in_processes({"vqa": lambda: lambda: None})
 
 
 def test_job_output_goes_to_its_log_and_progress_lines_to_the_terminal(tmp_path: Path, capfd) -> None:
@@ -86,7 +93,7 @@ def test_job_output_goes_to_its_log_and_progress_lines_to_the_terminal(tmp_path:
         print("[demo] vqa: 10/40 steps", file=console(), flush=True)
         return "done"
 
-    assert run_in_processes({"vqa": job}, threads=1, log_dir=tmp_path) == {"vqa": "done"}
+    assert run_in_processes({"vqa": job}, log_dir=tmp_path) == {"vqa": "done"}
     log = (tmp_path / "vqa.log").read_text()
     assert "loss 0.5" in log and "a progress bar" in log and "10/40 steps" not in log
     out, err = capfd.readouterr()

@@ -2,8 +2,12 @@
 
 The demo's models are small enough that a training step is mostly per-operation overhead: on 2 cores a step with 2
 torch threads was only 1.35-1.5x faster than with 1. The pipelines of the tasks (fine-tune the teacher, fine-tune
-and prune the student, evaluate) do not depend on one another, so running them side by side with fewer threads each
-uses the cores better than running them one after another with all of them.
+and prune the student, evaluate) do not depend on one another, so running them side by side, one thread each, uses
+the cores better than running them one after another with all of them.
+
+One thread each, always: a process forked after its parent has run OpenMP threads (torch's intra-op pool) hangs
+the first time it asks for more than one (GNU OpenMP does not survive fork), and the demo pre-trains with all cores
+before it forks.
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ def can_fork() -> bool:
 
 
 def run_in_processes(
-    jobs: dict[str, Callable[[], Any]], threads: int, log_dir: Path | None = None, max_running: int | None = None
+    jobs: dict[str, Callable[[], Any]], log_dir: Path | None = None, max_running: int | None = None
 ) -> dict[str, Any]:
-    """Runs every job of `jobs` (name -> callable) in its own forked process, at most `max_running` at once (default:
-    all), each with `threads` torch threads, and returns what each returned (pickled back to this process), by name
-    in the order of `jobs`.
+    """Runs every job of `jobs` (name -> callable) in its own forked process with 1 torch thread, at most
+    `max_running` at once (default: all), and returns what each returned (pickled back to this process), by name in
+    the order of `jobs`.
 
     With `log_dir`, a process writes its standard output and error (progress bars, logged losses) to
     `log_dir/<name>.log`; [`console`] still reaches this process's terminal. A job that raises is re-raised here as
@@ -48,7 +52,7 @@ def run_in_processes(
                 name, job = waiting.pop(0)
                 receiver, sender = context.Pipe(duplex=False)
                 log = None if log_dir is None else Path(log_dir) / f"{name}.log"
-                process = context.Process(target=_child, args=(job, threads, sender, log), name=f"job-{name}")
+                process = context.Process(target=_child, args=(job, sender, log), name=f"job-{name}")
                 process.start()
                 sender.close()  # the child holds the only writing end, so its death reads as end of file here
                 running[receiver] = (name, process)
@@ -81,9 +85,9 @@ def console():
     return _CONSOLE or sys.stdout
 
 
-def _child(job: Callable[[], Any], threads: int, sender: Connection, log: Path | None) -> None:
+def _child(job: Callable[[], Any], sender: Connection, log: Path | None) -> None:
     global _CONSOLE
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # more would hang (the module's docstring)
     if log is not None:
         sys.stdout.flush()
         sys.stderr.flush()

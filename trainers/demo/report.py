@@ -318,10 +318,8 @@ def ablation_lines(run: Any, task: str) -> list[str]:
 
 
 def _pipelines_note(machine: dict[str, Any]) -> str:
-    if machine.get("jobs", 1) == 1:
-        return ""
-    threads = machine["threads_per_job"]
-    return f" (the task pipelines {machine['jobs']} at a time, {threads} thread{'s' if threads > 1 else ''} each)"
+    jobs = machine.get("jobs", 1)
+    return f" (the task pipelines {jobs} at a time, 1 thread each)" if jobs > 1 else ""
 
 
 def write_report(run: Any, plots: dict[str, Path]) -> Path:

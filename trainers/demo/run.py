@@ -235,13 +235,12 @@ STEP_COST = {
 FEWER_THREADS_SLOWDOWN = 1.4
 
 
-def pipelines_speedup(jobs: int, threads_per_job: int, threads: int, cores: int) -> float:
-    """About how many times faster the task pipelines run `jobs` at a time with `threads_per_job` torch threads
-    each than one after another with `threads` (for the ETA)."""
+def pipelines_speedup(jobs: int, threads: int, cores: int) -> float:
+    """About how many times faster the task pipelines run `jobs` at a time, 1 torch thread each, than one after
+    another with `threads` (for the ETA)."""
     if jobs == 1:
         return 1.0
-    at_once = min(jobs, max(1, cores // threads_per_job))
-    return at_once / (FEWER_THREADS_SLOWDOWN if threads_per_job < threads else 1.0)
+    return min(jobs, cores) / (FEWER_THREADS_SLOWDOWN if threads > 1 else 1.0)
 
 
 def training_minutes_left(costs: dict[str, float], done: list[str], seconds: float) -> float | None:
@@ -470,7 +469,6 @@ class DemoRun:
         tasks: tuple[str, ...] = DEFAULT_DEMO_TASKS,
         hub_prefix: str | None = None,
         jobs: int = 1,
-        threads_per_job: int = 1,
     ):
         unknown = set(tasks) - set(DEMO_TASKS)
         if unknown:
@@ -480,8 +478,7 @@ class DemoRun:
         self.seed = seed
         self.tasks = tasks
         self.hub_prefix = hub_prefix  # push every model folder to `<hub_prefix>-<role>_<task>` as it is saved
-        self.jobs = max(1, min(jobs, len(tasks)))  # task pipelines at once (`task_pipelines`)
-        self.threads_per_job = threads_per_job
+        self.jobs = max(1, min(jobs, len(tasks)))  # task pipelines at once, 1 thread each (`task_pipelines`)
         self.in_job = False  # True in a task pipeline's own process
         self.teachers: dict[str, Any] = {}
         self.students: dict[str, Any] = {}
@@ -499,7 +496,7 @@ class DemoRun:
         self.ablation_models: dict[str, dict[str, Any]] = {}
         self.ablation_results: dict[str, list[AblationRow]] = {}
         self.machine = machine_description()
-        self.machine.update(jobs=self.jobs, threads_per_job=threads_per_job)
+        self.machine["jobs"] = self.jobs
 
     # -- stages -------------------------------------------------------------------------------------------
     def make_data(self) -> None:
@@ -670,7 +667,7 @@ class DemoRun:
 
     def task_pipelines(self) -> None:
         """Every task's [`run_task`]: one after another in this process, or with `jobs` > 1 that many at once, each
-        in a forked process with `threads_per_job` torch threads (its output in `runs/<task>.log`)."""
+        in a forked process with 1 torch thread (its output in `runs/<task>.log`)."""
         if self.jobs == 1:
             for task in self.tasks:
                 self.run_task(task)
@@ -680,11 +677,11 @@ class DemoRun:
         log_dir = self.output_dir / "runs"
         log_dir.mkdir(parents=True, exist_ok=True)
         _say(
-            f"{len(self.tasks)} task pipelines, {self.jobs} at a time, {self.threads_per_job} torch thread(s) each; "
-            f"their training logs: {log_dir}/<task>.log"
+            f"{len(self.tasks)} task pipelines, {self.jobs} at a time, 1 torch thread each; their training logs: "
+            f"{log_dir}/<task>.log"
         )
         jobs = {task: (lambda task=task: self._task_job(task)) for task in self.tasks}
-        results = run_in_processes(jobs, self.threads_per_job, log_dir, max_running=self.jobs)
+        results = run_in_processes(jobs, log_dir, max_running=self.jobs)
         for changes in results.values():
             for name, entries in changes.items():
                 getattr(self, name).update(entries)
@@ -931,9 +928,7 @@ class DemoRun:
         at once gains ([`pipelines_speedup`]): the ETA's units."""
         steps = self.planned_steps(kind=True)
         cost = {kind: STEP_COST[kind] * n for kind, n in steps.items()}
-        speedup = pipelines_speedup(
-            self.jobs, self.threads_per_job, self.machine["torch_threads"], self.machine["cores"]
-        )
+        speedup = pipelines_speedup(self.jobs, self.machine["torch_threads"], self.machine["cores"])
         return {
             "pre-train teacher": cost["pre-train teacher"],
             "distil student": cost["distil student"],
@@ -953,9 +948,7 @@ class DemoRun:
         planned, costs = self.planned_steps(), self.planned_costs()
         self.stage_steps = planned
         total_steps = sum(planned.values())
-        at_once = (
-            f"; task pipelines {self.jobs} at a time, {self.threads_per_job} thread(s) each" if self.jobs > 1 else ""
-        )
+        at_once = f"; task pipelines {self.jobs} at a time, 1 thread each" if self.jobs > 1 else ""
         _say(
             f"{len(stages)} stages, {total_steps} optimizer steps in all; on {self.machine['cpu']} "
             f"({self.machine['cores']} cores), {self.machine['torch_threads']} torch thread(s){at_once}"
@@ -1011,17 +1004,17 @@ def main(argv: list[str] | None = None) -> Path:
         "--num_threads",
         type=int,
         default=None,
-        help="torch threads of the pre-training, distillation and benchmark (default: the CPU cores this process may "
-        "use, at most 8); the task pipelines share them (--jobs)",
+        help="torch threads (default: the CPU cores this process may use, at most 8); with --jobs above 1 the task "
+        "pipelines run 1 thread each",
     )
     parser.add_argument(
         "--jobs",
         type=int,
         default=None,
         help="task pipelines (fine-tune the teacher, fine-tune and prune the student, evaluate) run at once, each in "
-        "its own process with num_threads // jobs torch threads (at least 1); default: every task at once where "
-        "there are 2 cores or more (Linux), else 1. The demo's small models leave a second thread little to do: on 2 "
-        "cores 3 pipelines of 1 thread each finish well before 3 of 2 threads one after another",
+        "its own process with 1 torch thread; default: every task at once where there are 2 cores or more (Linux), "
+        "else 1. The demo's small models leave a second thread little to do: on 2 cores 3 pipelines of 1 thread "
+        "finish well before 3 of 2 threads one after another",
     )
     parser.add_argument(
         "--ablations",
@@ -1068,7 +1061,6 @@ def main(argv: list[str] | None = None) -> Path:
         tasks=tasks,
         hub_prefix=hub_prefix,
         jobs=jobs,
-        threads_per_job=max(1, threads // jobs),
     )
     report = run.run()
     (run.output_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
