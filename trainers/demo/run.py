@@ -1,12 +1,13 @@
 """`efficientvlm demo`: the whole EfficientVLM method, end to end, on built-in data, on a CPU.
 
 1. write the demo corpus (shapes in a grid; captions, VQA, NLVR2) in the X-VLM JSON + image-folder format;
-2. pre-train a small X-VLM-style teacher (ITC + ITM + MLM), fine-tune it on each task;
+2. pre-train a small X-VLM-style teacher (ITC + ITM + MLM);
 3. distil a student of half the depth from the pre-trained teacher (general distillation);
-4. per task: fine-tune the student with task distillation from the fine-tuned teacher, then prune it with
-   modal-adaptive pruning (L0 masks over heads and FFN neurons of every modality, one global target) and
-   remove the pruned structures for real;
-5. evaluate teacher / student / pruned on the same held-out split and benchmark them side by side;
+4. per task, the tasks at once in processes of their own (`--jobs`): fine-tune the teacher on the task, fine-tune
+   the student with task distillation from it, then prune the student with modal-adaptive pruning (L0 masks over
+   heads and FFN neurons of every modality, one global target) and remove the pruned structures for real;
+   evaluate teacher / student / pruned on the same held-out split;
+5. benchmark them side by side;
 6. write every model (hub-ready, with processor and model card), `report.md` and plots.
 
 Every stage goes through the same code a user runs on real data (`trainers.tasks`, the Trainers).
@@ -30,7 +31,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from modeling_efficientvlm.modeling_efficientvlm_retrieval import check_itm_score
-from trainers.demo.processes import can_fork, console
+from trainers.demo.processes import can_fork, console, run_in_processes
 from trainers.distillation import DistillationConfig, DistillationTrainer
 from trainers.pruning.hard_concrete import random_structure_masks
 from trainers.pruning.padding import PAD_TO_MULTIPLE_OF
@@ -672,8 +673,6 @@ class DemoRun:
             for task in self.tasks:
                 self.run_task(task)
             return
-        from trainers.demo.processes import run_in_processes
-
         log_dir = self.output_dir / "runs"
         log_dir.mkdir(parents=True, exist_ok=True)
         _say(
