@@ -243,6 +243,12 @@ def test_pipelines_run_at_once_by_default_where_there_are_cores(monkeypatch, cap
     with pytest.raises(SystemExit):
         demo_main(["--jobs", "0"])
     assert "--jobs must be at least 1" in capsys.readouterr().err
+    # Without fork (Windows, macOS) the pipelines run one after another, and asking for more is a clear error.
+    monkeypatch.setattr(run, "can_fork", lambda: False)
+    assert run.default_jobs(("vqa", "retrieval", "nlvr2")) == 1
+    with pytest.raises(SystemExit):
+        demo_main(["--jobs", "3"])
+    assert "--jobs 3 runs the task pipelines in forked processes, which this platform lacks" in capsys.readouterr().err
 
 
 def test_pipelines_at_once_give_the_models_of_pipelines_one_after_another(demo_dir: Path, tmp_path: Path) -> None:
