@@ -317,8 +317,7 @@ def ablation_lines(run: Any, task: str) -> list[str]:
     return lines
 
 
-def _pipelines_note(machine: dict[str, Any]) -> str:
-    jobs = machine.get("jobs", 1)
+def _pipelines_note(jobs: int) -> str:
     return f" (the task pipelines {jobs} at a time, 1 thread each)" if jobs > 1 else ""
 
 
@@ -337,9 +336,8 @@ def write_report(run: Any, plots: dict[str, Path]) -> Path:
         f"(vision, text, fusion) on the same batch of {s.benchmark_batch_size}, measured side by side in this run.",
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores available, {machine['torch_threads']} torch "
-        f"thread(s){_pipelines_note(machine)}, torch {machine['torch']} with its deterministic algorithms; seed "
-        f"{run.seed}; total "
-        f"{run.timings.get('total', 0) / 60:.1f} min.",
+        f"thread(s){_pipelines_note(run.jobs)}, torch {machine['torch']} with its deterministic algorithms; "
+        f"seed {run.seed}; total {run.timings.get('total', 0) / 60:.1f} min.",
         "",
     ]
     for task in run.tasks:
@@ -372,9 +370,9 @@ def write_report(run: Any, plots: dict[str, Path]) -> Path:
     lines.append(f"| other (between stages) | | {other:.0f} | {100 * other / total:.0f}% |")
     lines.append(f"| **total** | {sum(run.stage_steps.values())} | {total:.0f} | 100% |")
     lines += ["", "Training runs inside the stages above (not added again to the total):", ""]
-    if machine.get("jobs", 1) > 1:
+    if run.jobs > 1:
         lines += [
-            f"The task pipelines ran {machine['jobs']} at a time, so their runs overlap: each run's seconds are its "
+            f"The task pipelines ran {run.jobs} at a time, so their runs overlap: each run's seconds are its "
             "own, on cores it shared.",
             "",
         ]

@@ -226,9 +226,16 @@ class DemoSettings:
 # step runs one model on one task's loss.
 STEP_COST = {
     "pre-train teacher": 1.0,
-    "fine-tune teacher": 0.5,
     "distil student": 0.85,
+    "fine-tune teacher": 0.5,
     "fine-tune + prune student": 0.47,
+}
+# The stage each kind of step runs in.
+STAGE_OF_KIND = {
+    "pre-train teacher": "pre-train teacher",
+    "distil student": "distil student",
+    "fine-tune teacher": "task pipelines",
+    "fine-tune + prune student": "task pipelines",
 }
 
 # On 2 cores, a training step of the demo's models with 1 torch thread took 1.35x (VQA) to 1.5x (retrieval) the
@@ -497,7 +504,6 @@ class DemoRun:
         self.ablation_models: dict[str, dict[str, Any]] = {}
         self.ablation_results: dict[str, list[AblationRow]] = {}
         self.machine = machine_description()
-        self.machine["jobs"] = self.jobs
 
     # -- stages -------------------------------------------------------------------------------------------
     def make_data(self) -> None:
@@ -896,9 +902,8 @@ class DemoRun:
         )
         return path
 
-    def planned_steps(self, kind: bool = False) -> dict[str, int]:
-        """Optimizer steps of each training stage (for the progress lines and the ETA); `kind=True`: of each kind
-        of step ([`STEP_COST`]) instead, the task pipelines' teacher and student steps apart."""
+    def steps_by_kind(self) -> dict[str, int]:
+        """Optimizer steps of each kind of step ([`STEP_COST`]) the run will take."""
         s, tasks = self.settings, self.tasks
         # With ablations, per target and seed: random and uniform masks train the fixed-mask steps, and the learned
         # masks are learned again (all but the run's own pruning).
@@ -907,32 +912,30 @@ class DemoRun:
         if s.ablations:
             runs = len(s.ablation_targets) * s.ablation_seeds
             prune += runs * 2 * fixed + (runs - 1) * prune
-        teachers = sum(s.finetune_steps[t] for t in tasks)
-        students = sum(s.student_finetune_steps[t] for t in tasks) + prune
-        if kind:
-            return {
-                "pre-train teacher": s.pretrain_steps,
-                "fine-tune teacher": teachers,
-                "distil student": s.distill_steps,
-                "fine-tune + prune student": students,
-            }
         return {
             "pre-train teacher": s.pretrain_steps,
             "distil student": s.distill_steps,
-            "task pipelines": teachers + students,
+            "fine-tune teacher": sum(s.finetune_steps[t] for t in tasks),
+            "fine-tune + prune student": sum(s.student_finetune_steps[t] for t in tasks) + prune,
         }
+
+    def planned_steps(self) -> dict[str, int]:
+        """Optimizer steps of each training stage (for the progress lines and the ETA)."""
+        steps: dict[str, int] = {}
+        for kind, n in self.steps_by_kind().items():
+            steps[STAGE_OF_KIND[kind]] = steps.get(STAGE_OF_KIND[kind], 0) + n
+        return steps
 
     def planned_costs(self) -> dict[str, float]:
         """Each training stage's steps weighted by [`STEP_COST`], the task pipelines' divided by what running them
         at once gains ([`pipelines_speedup`]): the ETA's units."""
-        steps = self.planned_steps(kind=True)
-        cost = {kind: STEP_COST[kind] * n for kind, n in steps.items()}
         speedup = pipelines_speedup(self.jobs, self.machine["torch_threads"], self.machine["cores"])
-        return {
-            "pre-train teacher": cost["pre-train teacher"],
-            "distil student": cost["distil student"],
-            "task pipelines": (cost["fine-tune teacher"] + cost["fine-tune + prune student"]) / speedup,
-        }
+        costs: dict[str, float] = {}
+        for kind, n in self.steps_by_kind().items():
+            stage = STAGE_OF_KIND[kind]
+            cost = STEP_COST[kind] * n / (speedup if stage == "task pipelines" else 1.0)
+            costs[stage] = costs.get(stage, 0.0) + cost
+        return costs
 
     def run(self) -> Path:
         start = time.perf_counter()
