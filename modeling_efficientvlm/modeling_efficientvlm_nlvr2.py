@@ -218,7 +218,7 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
         if isinstance(source, (str, os.PathLike)):
             source = EfficientVLMModel.from_pretrained(source, *model_args, **kwargs)
         backbone = _backbone_of(source)
-        model = cls(backbone.config)
+        model = cls(copy.deepcopy(backbone.config))  # its own: a change to it must not reach the source
         parameter = next(backbone.parameters())
         model.to(device=parameter.device, dtype=parameter.dtype)
         return init_nlvr2_from_pretraining(model, backbone).train(backbone.training)

@@ -333,28 +333,36 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
             text_attention_mask = torch.ones(text_states.shape[:2], dtype=torch.long, device=text_states.device)
 
         # Image -> text: the top-k texts of each image; text -> image: the top-k images of each text. Each pair
-        # is a flat index image * num_texts + text; their union, sorted, lists every pair once, grouped by image.
+        # is keyed image * num_texts + the text's rank by length; their union, sorted, lists every pair once,
+        # grouped by image and, within an image, shortest texts first, so that a fusion pass holds texts of
+        # about one length and is cut to it (`_without_trailing_padding`).
         top_texts = itc_scores.topk(min(k, num_texts), dim=1).indices
         top_images = itc_scores.t().topk(min(k, num_images), dim=1).indices
+        by_length = text_attention_mask.sum(dim=1).argsort(stable=True).to(top_texts.device)
+        length_rank = torch.empty_like(by_length)
+        length_rank[by_length] = torch.arange(num_texts, device=by_length.device)
         image_ids = torch.arange(num_images, device=top_texts.device)
         text_ids = torch.arange(num_texts, device=top_images.device)
-        i2t_pairs = (image_ids[:, None] * num_texts + top_texts).flatten()
+        i2t_keys = (image_ids[:, None] * num_texts + length_rank[top_texts]).flatten()
+        t2i_keys = (top_images * num_texts + length_rank[text_ids][:, None]).flatten()
+        i2t_pairs = (image_ids[:, None] * num_texts + top_texts).flatten()  # flat (image, text) indices
         t2i_pairs = (top_images * num_texts + text_ids[:, None]).flatten()
-        pairs = torch.unique(torch.cat([i2t_pairs, t2i_pairs]))
-        pair_images, pair_texts = pairs // num_texts, pairs % num_texts
-        pair_scores = itc_scores.new_full((len(pairs),), NOT_RERANKED_SCORE, dtype=torch.float)
+        keys = torch.unique(torch.cat([i2t_keys, t2i_keys]))
+        pair_images, pair_texts = keys // num_texts, by_length[keys % num_texts]
+        pair_scores = itc_scores.new_full((len(keys),), NOT_RERANKED_SCORE, dtype=torch.float)
         covered = 0
         for first, states in chunks:  # every pair is scored while its image's chunk is at hand
             last = first + states.shape[0]
-            begin, end = torch.searchsorted(pair_images, torch.tensor([first, last], device=pairs.device)).tolist()
+            begin, end = torch.searchsorted(pair_images, torch.tensor([first, last], device=keys.device)).tolist()
             for start in range(begin, end, batch_size):
                 stop = min(start + batch_size, end)
                 images, image_index = torch.unique_consecutive(pair_images[start:stop], return_inverse=True)
                 texts = pair_texts[start:stop]
+                pass_states, pass_mask = _without_trailing_padding(text_states[texts], text_attention_mask[texts])
                 pair_scores[start:stop] = self.itm_scores(
                     states[images - first],
-                    text_states[texts],
-                    text_attention_mask[texts],
+                    pass_states,
+                    pass_mask,
                     structure_masks,
                     head_score,
                     image_index=image_index,
@@ -363,13 +371,24 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         if covered != num_images:
             raise ValueError(f"The image state chunks cover {covered} images; `itc_scores` has {num_images}.")
         if add_itc:
-            pair_scores += itc_scores.flatten()[pairs].float() * self.itc_logit_scale()
+            pair_scores += itc_scores[pair_images, pair_texts].float() * self.itc_logit_scale()
         # Each direction's pairs take their scores from the sorted union, found by binary search.
         scores_i2t = itc_scores.new_full((num_images * num_texts,), NOT_RERANKED_SCORE, dtype=torch.float)
-        scores_i2t[i2t_pairs] = pair_scores[torch.searchsorted(pairs, i2t_pairs)]
+        scores_i2t[i2t_pairs] = pair_scores[torch.searchsorted(keys, i2t_keys)]
         scores_t2i = torch.full_like(scores_i2t, NOT_RERANKED_SCORE)
-        scores_t2i[t2i_pairs] = pair_scores[torch.searchsorted(pairs, t2i_pairs)]
+        scores_t2i[t2i_pairs] = pair_scores[torch.searchsorted(keys, t2i_keys)]
         return scores_i2t.view(num_images, num_texts), scores_t2i.view(num_images, num_texts).t().contiguous()
+
+
+def _without_trailing_padding(states: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pairs, seq, hidden) text states and their (pairs, seq) mask cut to the last column any text uses. Texts
+    padded together to the longest of all are shorter in most fusion passes; the columns cut are masked keys
+    and query rows no output reads, so the scores are the same and the pass is cheaper."""
+    used = attention_mask.any(dim=0).nonzero()
+    if len(used) == 0:
+        return states, attention_mask
+    length = int(used[-1]) + 1
+    return states[:, :length], attention_mask[:, :length]
 
 
 __all__ = [

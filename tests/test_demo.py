@@ -119,6 +119,15 @@ def test_every_stage_is_saved(demo_dir: Path) -> None:
         assert snap["sparsity_after"] == pytest.approx(report["sparsity"], abs=1e-4)
         assert report["sparsity"] == pytest.approx(report["target_sparsity"], abs=0.05)
     assert "they were snapped to the target" in (demo_dir / "report.md").read_text()
+    # The retrieval models learn ITM from caption negatives, a task setting the pre-trained and VQA models lack.
+    from modeling_efficientvlm import EfficientVLMConfig
+
+    def share(name: str) -> float:
+        return EfficientVLMConfig.from_pretrained(demo_dir / "models" / name).itm_caption_negatives
+
+    assert [share(f"{role}_retrieval") for role in ("teacher", "student", "pruned")] == [1.0, 1.0, 1.0]
+    assert share("teacher_pretrained") == share("student_distilled") == share("teacher_vqa") == 0.0
+    assert "as the negative text of 100% of the images" in (demo_dir / "report.md").read_text()
 
 
 def test_uniform_masks_cut_every_layer_alike() -> None:

@@ -564,6 +564,47 @@ def test_rerank_fuses_each_candidate_pair_once_and_projects_each_image_once_per_
         assert scores_i2t[image, text] == scores_t2i[text, image]
 
 
+def test_rerank_passes_hold_texts_of_one_length_cut_to_it(tiny_config) -> None:
+    """Texts are padded together to the longest of all. Within an image the candidate pairs go shortest text
+    first, and each fusion pass is cut to the longest text in it; the scores are those of uncut passes (the cut
+    columns are masked keys and query rows nothing reads)."""
+    model = _model(tiny_config)
+    inputs = make_inputs(tiny_config, batch_size=6, seed=5)
+    image_states, _, text_states, _, itc = _embedded(model, inputs, 4)
+    mask = inputs["attention_mask"].clone()
+    mask[:3, 4:] = 0  # texts 0-2: 4 tokens; 3 and 4: all 7; 5: 5 (make_inputs pads the last text)
+    seen = []
+    fusion = model.efficientvlm.text_model.encoder.layer[tiny_config.text_config.num_hidden_layers]
+    hook = fusion.attention.q_proj.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[-2]))
+    with torch.no_grad():
+        cut = model.itm_rerank_scores(image_states, text_states, mask, itc, k=6, batch_size=2, score="log_odds")
+    hook.remove()
+    # Each image's 6 texts in passes of 2: (0, 1) 4 tokens, (2, 5) 5, (3, 4) 7; in index order (2, 3) and (4, 5)
+    # would both take 7.
+    assert seen == [4, 5, 7] * 4
+    for image, text in [(0, 0), (2, 5), (3, 4)]:  # against one uncut pass of that pair
+        with torch.no_grad():
+            logits, _ = image_text_matching_logits(
+                model.efficientvlm, model.itm_head, text_states[text : text + 1], mask[text : text + 1],
+                image_states[image : image + 1],
+            )  # fmt: skip
+        expected = logits[0, 1] - logits[0, 0]
+        torch.testing.assert_close(cut[0][image, text], expected)
+        torch.testing.assert_close(cut[1][text, image], expected)
+
+
+def test_task_models_built_from_a_pretrained_model_have_a_config_of_their_own(tiny_config) -> None:
+    from trainers.tasks import task_model_from
+
+    source = EfficientVLMForPreTraining(tiny_config)
+    before = source.config.to_dict()
+    for task in ("retrieval", "vqa", "nlvr2", "captioning"):
+        model = task_model_from(task, source)
+        assert model.config is not source.config and model.efficientvlm.config is model.config
+        model.config.itm_caption_negatives = 0.7  # e.g. the demo's retrieval setting: the source never sees it
+    assert source.config.to_dict() == before and source.efficientvlm.config.itm_caption_negatives == 0.0
+
+
 def test_reranking_progress_counts_every_image_once(tiny_config, monkeypatch) -> None:
     """The long part shows a progress bar (on a terminal): its total is the image count and it ends there."""
     import trainers.evaluation.retrieval as retrieval_module

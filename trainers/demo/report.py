@@ -184,6 +184,12 @@ def baseline_lines(run: Any, task: str) -> list[str]:
             f"({'re-ranking helps' if teacher['r_mean'] > teacher['itc_r_mean'] else 're-ranking does not help'}"
             " the teacher)."
         )
+        share = (run.settings.task_config_overrides or {}).get("retrieval", {}).get("itm_caption_negatives", 0)
+        if share:
+            lines.append(
+                f"Its models learn ITM with the image's caption negative (its caption with one colour, shape, cell or "
+                f"count changed) as the negative text of {share:.0%} of the images (`itm_caption_negatives`)."
+            )
         if "itm_r_mean" in teacher:
             ahead = teacher["itm_r_mean"] > teacher["itc_r_mean"]
             lines.append(

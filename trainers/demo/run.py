@@ -155,6 +155,9 @@ class DemoSettings:
     fixed_mask_fraction: float = 1 / 3
     # Per task, their learning rate (a fresh schedule; default: the task registry's, else `learning_rate`).
     fixed_mask_learning_rates: dict[str, float] | None = None
+    # Per task, config fields of how its models train (the task registry's `config_overrides`; a saved model
+    # takes only `TRAINING_CONFIG_FIELDS`), set on the teacher and the student fine-tuned on it.
+    task_config_overrides: dict[str, dict[str, Any]] | None = None
     # Also prune the same student to the same sparsity with random masks and with a uniform split, each trained
     # for the same fixed-mask steps; repeated with `ablation_seeds` seeds of the pruning stage (the run's seed,
     # then the next ones), so the report gives the spread of the differences.
@@ -179,6 +182,12 @@ class DemoSettings:
         ):
             rates = {task: rate or self.learning_rate for task, rate in _demo_defaults(default).items()}
             setattr(self, field_name, getattr(self, field_name) or rates)
+        if self.task_config_overrides is None:
+            self.task_config_overrides = {t: dict(o or {}) for t, o in _demo_defaults("config_overrides").items()}
+        from trainers.training import check_training_overrides
+
+        for task, overrides in self.task_config_overrides.items():
+            check_training_overrides(overrides, f"the demo's pre-trained models ({task})")
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"`target_sparsity` must be in [0, 1); got {self.target_sparsity}.")
         check_itm_score(self.retrieval_itm_score, "`retrieval_itm_score`", rerank=True)
@@ -616,9 +625,16 @@ class DemoRun:
         # Saved now, before any later stage starts from it: a user can redo any later stage from this folder.
         self._save("teacher_pretrained", self.teacher_pretrained, self._card("pretraining", "teacher"))
 
+    def _task_model(self, task: str, source: Any) -> Any:
+        """`task`'s model from a pre-trained one, with the task's training settings in its (own) config."""
+        model = task_model_from(task, source)
+        for name, value in self.settings.task_config_overrides.get(task, {}).items():
+            setattr(model.config, name, value)
+        return model
+
     def finetune_teacher(self, task: str) -> None:
         torch.manual_seed(self.seed)
-        model = task_model_from(task, self.teacher_pretrained)
+        model = self._task_model(task, self.teacher_pretrained)
         rate = self.settings.teacher_learning_rates[task]
         self._train(f"teacher_{task}", task, model, self.settings.finetune_steps[task], learning_rate=rate)
         self.teachers[task] = model.eval()
@@ -643,7 +659,7 @@ class DemoRun:
     def finetune_and_prune_student(self, task: str) -> None:
         teacher = self.teachers[task]
         torch.manual_seed(self.seed)
-        student = task_model_from(task, self.student_pretrained)
+        student = self._task_model(task, self.student_pretrained)
         # Task-stage KD on logits and hidden states; attention maps would force the slow eager path.
         kd = DistillationConfig(**SMALL_CPU.commands["finetune"]["kd_term_weights"])
         self._train(
