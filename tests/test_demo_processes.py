@@ -35,6 +35,17 @@ def test_each_job_runs_in_its_own_process_with_one_thread_and_returns_tensors() 
     assert torch.equal(results["a"][2], torch.tensor([0, 3, 6, 9]))
 
 
+def test_a_job_runs_at_the_niceness_it_is_given_and_bad_increments_are_errors() -> None:
+    base = os.nice(0)
+    results = run_in_processes({"long": lambda: os.nice(0), "short": lambda: os.nice(0)}, niceness={"short": 5})
+    assert results == {"long": base, "short": min(base + 5, 19)}
+    assert os.nice(0) == base  # the parent's own priority is untouched
+    with pytest.raises(ValueError, match="'other': 1"):
+        run_in_processes({"long": lambda: 0}, niceness={"other": 1})
+    with pytest.raises(ValueError, match="'long': -1"):
+        run_in_processes({"long": lambda: 0}, niceness={"long": -1})
+
+
 def test_jobs_run_at_once_up_to_the_limit(tmp_path: Path) -> None:
     def job(name: str, wait_for_others: bool) -> int:
         """The most jobs it saw running at once, itself included."""

@@ -17,7 +17,7 @@ import os
 import pickle
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -32,17 +32,25 @@ def can_fork() -> bool:
 
 
 def run_in_processes(
-    jobs: dict[str, Callable[[], Any]], log_dir: Path | None = None, max_running: int | None = None
+    jobs: dict[str, Callable[[], Any]],
+    log_dir: Path | None = None,
+    max_running: int | None = None,
+    niceness: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Runs every job of `jobs` (name -> callable) in its own forked process with 1 torch thread, at most
     `max_running` at once (default: all), and returns what each returned (pickled back to this process), by name in
-    the order of `jobs`.
+    the order of `jobs`. `niceness` (name -> increment >= 0, default 0) lowers a job's CPU priority: where more
+    processes run than there are cores, the others then leave a core to the jobs that keep theirs.
 
     With `log_dir`, a process writes its standard output and error (progress bars, logged losses) to
     `log_dir/<name>.log`; [`console`] still reaches this process's terminal. A job that raises is re-raised here as
     a `RuntimeError` naming it, with its traceback; a process that dies without an answer (killed, out of memory)
     is an error naming its exit code. Either way the other processes are stopped first."""
     context = multiprocessing.get_context("fork")
+    niceness = dict(niceness or {})
+    bad = {name: n for name, n in niceness.items() if name not in jobs or n < 0}
+    if bad:
+        raise ValueError(f"`niceness` must name jobs of `jobs` with increments >= 0; got {bad}.")
     waiting = list(jobs.items())
     running: dict[Connection, tuple[str, Any]] = {}
     results: dict[str, Any] = {}
@@ -52,7 +60,9 @@ def run_in_processes(
                 name, job = waiting.pop(0)
                 receiver, sender = context.Pipe(duplex=False)
                 log = None if log_dir is None else Path(log_dir) / f"{name}.log"
-                process = context.Process(target=_child, args=(job, sender, log), name=f"job-{name}")
+                process = context.Process(
+                    target=_child, args=(job, sender, log, niceness.get(name, 0)), name=f"job-{name}"
+                )
                 process.start()
                 sender.close()  # the child holds the only writing end, so its death reads as end of file here
                 running[receiver] = (name, process)
@@ -85,9 +95,11 @@ def console():
     return _CONSOLE or sys.stdout
 
 
-def _child(job: Callable[[], Any], sender: Connection, log: Path | None) -> None:
+def _child(job: Callable[[], Any], sender: Connection, log: Path | None, niceness: int = 0) -> None:
     global _CONSOLE
     torch.set_num_threads(1)  # more would hang (the module's docstring)
+    if niceness:
+        os.nice(niceness)
     if log is not None:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -323,8 +323,17 @@ def ablation_lines(run: Any, task: str) -> list[str]:
     return lines
 
 
-def _pipelines_note(jobs: int) -> str:
-    return f" (the task pipelines {jobs} at a time, 1 thread each)" if jobs > 1 else ""
+def _pipelines_note(jobs: int, niceness: dict[str, int] | None = None) -> str:
+    if jobs == 1:
+        return ""
+    lowered = {task: n for task, n in (niceness or {}).items() if n}
+    priority = (
+        f", {', '.join(t for t in niceness if t not in lowered)} at normal CPU priority and "
+        f"{', '.join(lowered)} at niceness {max(lowered.values())}"
+        if lowered
+        else ""
+    )
+    return f" (the task pipelines {jobs} at a time, 1 thread each{priority})"
 
 
 def write_report(run: Any, plots: dict[str, Path]) -> Path:
@@ -342,7 +351,8 @@ def write_report(run: Any, plots: dict[str, Path]) -> Path:
         f"(vision, text, fusion) on the same batch of {s.benchmark_batch_size}, measured side by side in this run.",
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores available, {machine['torch_threads']} torch "
-        f"thread(s){_pipelines_note(run.jobs)}, torch {machine['torch']} with its deterministic algorithms; "
+        f"thread(s){_pipelines_note(run.jobs, run.pipeline_priorities)}, torch {machine['torch']} with its "
+        "deterministic algorithms; "
         f"seed {run.seed}; total {run.timings.get('total', 0) / 60:.1f} min.",
         "",
     ]

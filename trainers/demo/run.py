@@ -112,7 +112,8 @@ class DemoSettings:
     # Pre-training captions such as "a picture of two shapes" repeat across images: never ITM negatives of each
     # other's images (they are true of both).
     itm_exclude_identical_texts: bool = _MODEL["itm_exclude_identical_texts"]
-    # Share of ITM negative texts that are the pair's caption negative (the corpus writes one per caption): off.
+    # Share of ITM negative texts that are the pair's caption negative (the corpus writes one per caption): off in
+    # pre-training, so for every task but retrieval, whose models set 1.0 (`task_config_overrides`).
     # With 0.5 in every stage the VQA run's teacher / student / pruned fell from 0.825 / 0.831 / 0.832 to 0.764 /
     # 0.788 / 0.781, and its existence questions from 0.87 to 0.74 (one run each, seed 0, the same corpus).
     itm_caption_negatives: float = _MODEL.get("itm_caption_negatives", 0.0)
@@ -250,6 +251,11 @@ STAGE_OF_KIND = {
 # On 2 cores, a training step of the demo's models with 1 torch thread took 1.35x (VQA) to 1.5x (retrieval) the
 # time of one with 2: small matrices leave the second thread little to do.
 FEWER_THREADS_SLOWDOWN = 1.4
+
+
+# The niceness of the task pipelines that do not keep a core of their own (`DemoRun.pipeline_niceness`): weight 335
+# against 1024 in Linux's scheduler, so two of them share a core while the longest runs alone on the other.
+PIPELINE_NICENESS = 5
 
 
 def pipelines_speedup(jobs: int, threads: int, cores: int) -> float:
@@ -496,6 +502,7 @@ class DemoRun:
         self.tasks = tasks
         self.hub_prefix = hub_prefix  # push every model folder to `<hub_prefix>-<role>_<task>` as it is saved
         self.jobs = max(1, min(jobs, len(tasks)))  # task pipelines at once, 1 thread each (`task_pipelines`)
+        self.pipeline_priorities: dict[str, int] = {}  # each pipeline's niceness, once they have run at once
         self.in_job = False  # True in a task pipeline's own process
         self.teachers: dict[str, Any] = {}
         self.students: dict[str, Any] = {}
@@ -702,7 +709,11 @@ class DemoRun:
             f"{log_dir}/<task>.log"
         )
         jobs = {task: (lambda task=task: self._task_job(task)) for task in self.tasks}
-        results = run_in_processes(jobs, log_dir, max_running=self.jobs)
+        niceness = self.pipeline_priorities = self.pipeline_niceness()
+        if any(niceness.values()):
+            first = ", ".join(task for task, n in niceness.items() if not n)
+            _say(f"{first} (the longest) at normal CPU priority, the others at niceness {PIPELINE_NICENESS}")
+        results = run_in_processes(jobs, log_dir, max_running=self.jobs, niceness=niceness)
         for changes in results.values():
             for name, entries in changes.items():
                 getattr(self, name).update(entries)
@@ -918,9 +929,10 @@ class DemoRun:
         )
         return path
 
-    def steps_by_kind(self) -> dict[str, int]:
-        """Optimizer steps of each kind of step ([`STEP_COST`]) the run will take."""
-        s, tasks = self.settings, self.tasks
+    def steps_by_kind(self, tasks: tuple[str, ...] | None = None) -> dict[str, int]:
+        """Optimizer steps of each kind of step ([`STEP_COST`]) the run will take (with `tasks`: its stages and the
+        pipelines of those tasks only)."""
+        s, tasks = self.settings, self.tasks if tasks is None else tasks
         # With ablations, per target and seed: random and uniform masks train the fixed-mask steps, and the learned
         # masks are learned again (all but the run's own pruning).
         fixed = sum(s.pruning_schedule(t)[1] for t in tasks)
@@ -934,6 +946,23 @@ class DemoRun:
             "fine-tune teacher": sum(s.finetune_steps[t] for t in tasks),
             "fine-tune + prune student": sum(s.student_finetune_steps[t] for t in tasks) + prune,
         }
+
+    def pipeline_niceness(self) -> dict[str, int]:
+        """CPU priority of each task pipeline's process: where more run at once than there are cores, the longest
+        pipelines (by planned steps x [`STEP_COST`] x the task's `relative_step_cost`), one fewer than the cores,
+        keep the normal priority and the others run at niceness [`PIPELINE_NICENESS`], so that the pipeline that
+        ends the stage keeps a core of its own rather than a share of one (results are the same: 1 thread each)."""
+        cores = self.machine["cores"]
+        if self.jobs <= cores:
+            return {task: 0 for task in self.tasks}
+
+        def cost(task: str) -> float:
+            steps = self.steps_by_kind((task,))
+            pipeline = sum(STEP_COST[kind] * n for kind, n in steps.items() if STAGE_OF_KIND[kind] == "task pipelines")
+            return pipeline * task_spec(task).demo.relative_step_cost
+
+        longest = sorted(self.tasks, key=cost, reverse=True)[: max(1, cores - 1)]
+        return {task: 0 if task in longest else PIPELINE_NICENESS for task in self.tasks}
 
     def planned_steps(self) -> dict[str, int]:
         """Optimizer steps of each training stage (for the progress lines and the ETA)."""
