@@ -955,7 +955,8 @@ class DemoRun:
         normal priority and the others run at niceness [`PIPELINE_NICENESS`]: the long ones, which end the stage,
         keep a core each rather than a share of one, and the short ones take what the long ones leave (results are
         the same: 1 thread each). Measured on 2 cores (task pipelines stage): all alike 690 s, retrieval alone at
-        normal priority 690 s (VQA, sharing a core with NLVR2, ended it instead)."""
+        normal priority 690 s (VQA, sharing a core with NLVR2, ended it instead), retrieval and VQA 674 s on a host
+        that had slowed down meanwhile (pre-training 195 s against 179 s)."""
         cores = self.machine["cores"]
         if self.jobs <= cores:
             return {task: 0 for task in self.tasks}
