@@ -962,9 +962,7 @@ class DemoRun:
             return {task: 0 for task in self.tasks}
 
         def cost(task: str) -> float:
-            steps = self.steps_by_kind((task,))
-            pipeline = sum(STEP_COST[kind] * n for kind, n in steps.items() if STAGE_OF_KIND[kind] == "task pipelines")
-            return pipeline * task_spec(task).demo.relative_step_cost
+            return self.stage_costs((task,))["task pipelines"] * task_spec(task).demo.relative_step_cost
 
         longest = sorted(self.tasks, key=cost, reverse=True)[:cores]
         return {task: 0 if task in longest else PIPELINE_NICENESS for task in self.tasks}
@@ -976,15 +974,18 @@ class DemoRun:
             steps[STAGE_OF_KIND[kind]] = steps.get(STAGE_OF_KIND[kind], 0) + n
         return steps
 
-    def planned_costs(self) -> dict[str, float]:
-        """Each training stage's steps weighted by [`STEP_COST`], the task pipelines' divided by what running them
-        at once gains ([`pipelines_speedup`]): the ETA's units."""
-        speedup = pipelines_speedup(self.jobs, self.machine["torch_threads"], self.machine["cores"])
+    def stage_costs(self, tasks: tuple[str, ...] | None = None) -> dict[str, float]:
+        """Each training stage's steps weighted by [`STEP_COST`] (with `tasks`: those tasks' pipelines only)."""
         costs: dict[str, float] = {}
-        for kind, n in self.steps_by_kind().items():
-            stage = STAGE_OF_KIND[kind]
-            cost = STEP_COST[kind] * n / (speedup if stage == "task pipelines" else 1.0)
-            costs[stage] = costs.get(stage, 0.0) + cost
+        for kind, n in self.steps_by_kind(tasks).items():
+            costs[STAGE_OF_KIND[kind]] = costs.get(STAGE_OF_KIND[kind], 0.0) + STEP_COST[kind] * n
+        return costs
+
+    def planned_costs(self) -> dict[str, float]:
+        """[`stage_costs`], the task pipelines' divided by what running them at once gains ([`pipelines_speedup`]):
+        the ETA's units."""
+        costs = self.stage_costs()
+        costs["task pipelines"] /= pipelines_speedup(self.jobs, self.machine["torch_threads"], self.machine["cores"])
         return costs
 
     def run(self) -> Path:
