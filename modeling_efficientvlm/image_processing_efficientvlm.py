@@ -13,8 +13,8 @@ from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling
 
 
-# The PIL backend (not the torchvision one) because torchvision is not a dependency of this project; the
-# pipeline is a handful of per-image operations, so the batched torchvision path would gain little on CPU.
+# The PIL backend (not the torchvision one) because torchvision is not a dependency of this project; only the
+# resize is per image, the rescale and normalisation run on the whole batch (`_preprocess`).
 class EfficientVLMImageProcessor(PilBackend):
     r"""
     Turns images into the `pixel_values` the EfficientVLM vision encoder reads (the X-VLM / CLIP recipe):
@@ -57,10 +57,77 @@ class EfficientVLMImageProcessor(PilBackend):
         flat, group_size = _flatten_images(images)
         prepared = [self._to_rgb_chw_uint8(image, index, input_data_format) for index, image in enumerate(flat)]
         processed = self._preprocess(prepared, *args, return_tensors=None, **kwargs)["pixel_values"]
-        pixel_values = np.stack(processed).astype(np.float32)  # (N, 3, H, W)
+        pixel_values = processed if isinstance(processed, np.ndarray) else np.stack(processed).astype(np.float32)
         if group_size is not None:
             pixel_values = pixel_values.reshape(len(flat) // group_size, group_size, *pixel_values.shape[1:])
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+    def _preprocess(
+        self,
+        images: list[np.ndarray],
+        do_resize: bool,
+        size: Any,
+        resample: Any,
+        do_center_crop: bool,
+        crop_size: Any,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: float | list[float] | None,
+        image_std: float | list[float] | None,
+        do_pad: bool | None,
+        pad_size: Any,
+        return_tensors: Any,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """
+        The PIL backend's per-image resize, rescale and normalise, for the batch at once: an image already at
+        `size` is not resized (PIL would return a copy), and since every pixel is uint8 here, rescaling and
+        normalising is one lookup per channel in a (3, 256) table computed with the backend's own arithmetic
+        (float64 rescale, float32 normalise), so the values are those of the per-image path, bit for bit.
+        Returns `pixel_values` as one float32 array (N, 3, H, W). Cropping and padding go the backend's way.
+        """
+        if do_center_crop or do_pad or not size.height or not size.width:
+            return super()._preprocess(
+                images, do_resize, size, resample, do_center_crop, crop_size, do_rescale, rescale_factor,
+                do_normalize, image_mean, image_std, do_pad, pad_size, return_tensors, **kwargs,
+            )  # fmt: skip
+        target = (size.height, size.width)
+        if do_resize:
+            images = [
+                image if image.shape[1:] == target else self.resize(image=image, size=size, resample=resample)
+                for image in images
+            ]
+        if len({image.shape for image in images}) != 1:  # not resized: sizes may differ, as the backend allows
+            return super()._preprocess(
+                images, False, size, resample, do_center_crop, crop_size, do_rescale, rescale_factor,
+                do_normalize, image_mean, image_std, do_pad, pad_size, return_tensors, **kwargs,
+            )  # fmt: skip
+        table = self._value_table(do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+        stacked = np.stack(images)  # (N, 3, H, W) uint8
+        pixel_values = np.empty(stacked.shape, dtype=np.float32)
+        for channel in range(stacked.shape[1]):
+            pixel_values[:, channel] = table[channel][stacked[:, channel]]
+        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+    @staticmethod
+    def _value_table(
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: float | list[float] | None,
+        image_std: float | list[float] | None,
+    ) -> np.ndarray:
+        """(3, 256) float32: what the per-image path turns each uint8 value of each channel into."""
+        values = np.arange(256, dtype=np.uint8)
+        scaled = (values.astype(np.float64) * rescale_factor).astype(np.float32) if do_rescale else values
+        scaled = np.asarray(scaled, dtype=np.float32)
+        table = np.repeat(scaled[None], 3, axis=0)
+        if do_normalize:
+            mean = np.broadcast_to(np.asarray(image_mean, dtype=np.float32), (3,))
+            std = np.broadcast_to(np.asarray(image_std, dtype=np.float32), (3,))
+            table = (table - mean[:, None]) / std[:, None]
+        return table
 
     @staticmethod
     def _to_rgb_chw_uint8(image: Any, index: int, input_data_format: str | ChannelDimension | None) -> np.ndarray:

@@ -93,6 +93,26 @@ def test_batches_lists_and_groups() -> None:
 
 
 @pytest.mark.parametrize(
+    "flags",
+    [{}, {"do_rescale": False}, {"do_normalize": False}, {"do_rescale": False, "do_normalize": False}],
+)
+def test_batched_values_equal_the_per_image_backend_bit_for_bit(
+    flags: dict[str, bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers.image_processing_backends import PilBackend
+
+    rng = np.random.default_rng(0)
+    # Images already at the size (not resized) and others (resized by PIL's bicubic), noise so every value occurs.
+    images = [PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(16, 16), (20, 31)]]
+    image_processor = make_image_processor(16)
+    batched = image_processor(images, return_tensors="np", **flags)["pixel_values"]
+    monkeypatch.setattr(EfficientVLMImageProcessor, "_preprocess", PilBackend._preprocess)
+    per_image = image_processor(images, return_tensors="np", **flags)["pixel_values"]
+    assert batched.dtype == per_image.dtype == np.float32 and batched.shape == (2, 3, 16, 16)
+    np.testing.assert_array_equal(batched, per_image)
+
+
+@pytest.mark.parametrize(
     ("images", "message"),
     [
         (np.zeros((1, 2, 3, 4, 5), np.uint8), "Image 0 has shape"),
