@@ -256,12 +256,12 @@ def test_the_longest_pipeline_keeps_a_core_where_pipelines_outnumber_cores() -> 
         run.machine["cores"] = cores
         return run.pipeline_niceness()
 
-    # One per core: retrieval (1500 steps at 2.4 VQA steps each) and VQA (2950) keep theirs; NLVR2 (1140) yields.
+    # One per core: retrieval (1500 steps at 2.4 VQA steps each) and VQA (3450) keep theirs; NLVR2 (1140) yields.
     assert niceness(2) == {"vqa": 0, "retrieval": 0, "nlvr2": PIPELINE_NICENESS}
     assert niceness(1) == {"vqa": PIPELINE_NICENESS, "retrieval": 0, "nlvr2": PIPELINE_NICENESS}
     assert niceness(3) == niceness(8) == {"vqa": 0, "retrieval": 0, "nlvr2": 0}  # a core each
     assert niceness(2, ("vqa", "nlvr2")) == {"vqa": 0, "nlvr2": 0}
-    assert niceness(1, ("vqa", "nlvr2")) == {"vqa": 0, "nlvr2": PIPELINE_NICENESS}  # VQA's 2950 steps, NLVR2's 1140
+    assert niceness(1, ("vqa", "nlvr2")) == {"vqa": 0, "nlvr2": PIPELINE_NICENESS}  # VQA's 3450 steps, NLVR2's 1140
 
 
 def test_pipelines_run_at_once_by_default_where_there_are_cores(monkeypatch, capsys) -> None:

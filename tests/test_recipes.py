@@ -164,6 +164,8 @@ def test_the_demo_runs_with_the_small_cpu_recipe() -> None:
     assert teacher_config(settings, 97).vision_config.position_embedding_init == "sincos_2d"
     assert teacher_config(settings, 97).vision_config.zero_init_residual
     assert teacher_config(settings, 97).vision_config.output_position_embeddings
+    text_config = teacher_config(settings, 97).text_config
+    assert (text_config.hidden_dropout_prob, text_config.attention_probs_dropout_prob) == (0.0, 0.0)
     assert (settings.hidden_size, settings.num_heads, settings.intermediate_size) == (128, 4, 512)
     assert (settings.teacher_layers, settings.student_layers) == ((4, 2, 2), (2, 1, 1))
     assert (settings.batch_size, settings.learning_rate) == (32, 5e-4)
