@@ -215,7 +215,9 @@ def test_the_eta_weighs_each_stage_by_its_step_cost() -> None:
 
     # A default run's plan, its pipelines one after another: after pre-training (0.267 s a step), a plain step count
     # would predict 23.3 min for what took 11.7; weighted by cost, its own stages' timings make the estimate right.
-    run = DemoRun(Path("unused"), DemoSettings(pretrain_steps=300), jobs=1)
+    # Its fine-tuning steps then (the timings below are that plan's).
+    finetune_steps = {"vqa": 1500, "retrieval": 750, "nlvr2": 700}
+    run = DemoRun(Path("unused"), DemoSettings(pretrain_steps=300, finetune_steps=finetune_steps), jobs=1)
     steps = run.steps_by_kind()
     assert set(steps) == set(STEP_COST) and sum(steps.values()) == sum(run.planned_steps().values())
     costs = run.planned_costs()
