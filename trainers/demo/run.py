@@ -102,8 +102,8 @@ class DemoSettings:
     # default runs (seed 0) with 0.1 / 0.0, teacher / student / pruned: VQA 0.827 / 0.816 / 0.820 -> 0.831 / 0.841 /
     # 0.835, retrieval 0.911 / 0.901 / 0.907 -> 0.950 / 0.943 / 0.944 (the ITM head alone 0.903 -> 0.947, now above
     # ITC), NLVR2 1.000 / 0.985 / 0.987 -> 1.000 / 0.993 / 0.993; a retrieval teacher step 1.25x faster (1 thread).
-    text_hidden_dropout: float = _MODEL["text_config"].get("hidden_dropout_prob", 0.1)
-    text_attention_dropout: float = _MODEL["text_config"].get("attention_probs_dropout_prob", 0.1)
+    text_hidden_dropout: float = _MODEL["text_config"]["hidden_dropout_prob"]
+    text_attention_dropout: float = _MODEL["text_config"]["attention_probs_dropout_prob"]
     # "normal": drawn with std initializer_range, the position embeddings are ~25x smaller than the patch embeddings
     # and do not grow in training; "sincos_2d" starts them near the patch embeddings' scale. Alone it lifted
     # retrieval a little and cost VQA and NLVR2 more; with the vision layers started as the identity
