@@ -428,6 +428,9 @@ def test_teacher_lead_is_read_against_the_test_splits_sampling_error() -> None:
     assert "(0.0134)" in teacher_student_line(0.8175, 0.8164, counts, "vqa")
     assert "by more than twice the standard error" in teacher_student_line(0.8475, 0.8164, counts, "vqa")
     assert "the student is not behind" in teacher_student_line(0.8164, 0.8175, counts, "vqa")
+    assert "(ahead by 0.0151, less than twice the standard error" in teacher_student_line(0.8453, 0.8604, counts, "vqa")
+    assert "(ahead by 0.0500, more than twice" in teacher_student_line(0.80, 0.85, counts, "vqa")
+    assert "not behind the teacher**: distillation" in teacher_student_line(0.8, 0.8, counts, "vqa")  # no margin
     # A perfect teacher's score alone has no spread: the student's gives the error, sqrt(0.9917 * 0.0083 / 600).
     assert "more than twice the standard error of a score on 600 test statements (0.0037)" in teacher_student_line(
         1.0, 0.9917, counts, "nlvr2"

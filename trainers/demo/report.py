@@ -226,16 +226,23 @@ def teacher_student_line(teacher: float, student: float, num_records: dict[str, 
     the task's test items, sqrt(p (1 - p) / n) (for recall, per image) with p the teacher's or the student's score,
     whichever gives the larger error (a perfect score alone has none): a lead under twice it is read as a tie."""
     head = f"Teacher {teacher:.4f} vs unpruned student {student:.4f}: "
-    if teacher <= student:
-        return head + (
-            "**the student is not behind the teacher**: the teacher is under-trained, or the two tie within "
-            "the run-to-run spread of this metric (repeat with other seeds to tell); either way '% of teacher' "
-            "may overstate what compression keeps."
-        )
     unit, count = _TEST_UNITS.get(task, "items"), num_records.get(f"{task}_test")
-    if not count:
+    error = (max(0.0, *(p * (1 - p) for p in (teacher, student))) / count) ** 0.5 if count else None
+    if teacher <= student:
+        margin = ""
+        if student > teacher and error is not None:
+            beyond = "more" if student - teacher >= 2 * error else "less"
+            margin = (
+                f" (ahead by {student - teacher:.4f}, {beyond} than twice the standard error of a score on {count} "
+                f"test {unit}, {error:.4f})"
+            )
+        return head + (
+            f"**the student is not behind the teacher**{margin}: distillation may have taken it past its teacher, "
+            "the teacher may be under-trained, or the two tie within the run-to-run spread of this metric (repeat "
+            "with other seeds to tell); either way '% of teacher' may overstate what compression keeps."
+        )
+    if error is None:
         return head + "the teacher is ahead."
-    error = (max(0.0, *(p * (1 - p) for p in (teacher, student))) / count) ** 0.5
     if teacher - student >= 2 * error:
         return (
             head
