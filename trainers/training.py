@@ -81,8 +81,15 @@ def build_task_model(
     if tokenizer is not None:
         saved = EfficientVLMConfig.from_pretrained(model_name_or_path)
         check_vocabulary(tokenizer, saved.text_config.vocab_size, source)
-    model = task_model_from(task, model_name_or_path)
-    for name, value in (config_overrides or {}).items():
+    return task_model_with_overrides(task, model_name_or_path, config_overrides or {})
+
+
+def task_model_with_overrides(task: str, source: Any, overrides: dict[str, Any]) -> Any:
+    """`task`'s model from `source` (a saved folder, Hub id or pre-trained model, see `task_model_from`), with
+    `overrides` ([`TRAINING_CONFIG_FIELDS`], checked by the caller with [`check_training_overrides`]) set on its
+    config, which is its own."""
+    model = task_model_from(task, source)
+    for name, value in overrides.items():
         setattr(model.config, name, value)
     return model
 

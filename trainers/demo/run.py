@@ -41,7 +41,6 @@ from trainers.tasks import (
     DEMO_TASKS,
     build_dataset,
     evaluate_task,
-    task_model_from,
     task_spec,
 )
 
@@ -643,10 +642,9 @@ class DemoRun:
 
     def _task_model(self, task: str, source: Any) -> Any:
         """`task`'s model from a pre-trained one, with the task's training settings in its (own) config."""
-        model = task_model_from(task, source)
-        for name, value in self.settings.task_config_overrides.get(task, {}).items():
-            setattr(model.config, name, value)
-        return model
+        from trainers.training import task_model_with_overrides
+
+        return task_model_with_overrides(task, source, self.settings.task_config_overrides.get(task, {}))
 
     def finetune_teacher(self, task: str) -> None:
         torch.manual_seed(self.seed)
