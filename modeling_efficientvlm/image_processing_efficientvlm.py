@@ -120,8 +120,7 @@ class EfficientVLMImageProcessor(PilBackend):
     ) -> np.ndarray:
         """(3, 256) float32: what the per-image path turns each uint8 value of each channel into."""
         values = np.arange(256, dtype=np.uint8)
-        scaled = (values.astype(np.float64) * rescale_factor).astype(np.float32) if do_rescale else values
-        scaled = np.asarray(scaled, dtype=np.float32)
+        scaled = (values.astype(np.float64) * rescale_factor if do_rescale else values).astype(np.float32)
         table = np.repeat(scaled[None], 3, axis=0)
         if do_normalize:
             mean = np.broadcast_to(np.asarray(image_mean, dtype=np.float32), (3,))

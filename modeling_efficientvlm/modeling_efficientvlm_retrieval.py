@@ -344,7 +344,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         image_ids = torch.arange(num_images, device=top_texts.device)
         text_ids = torch.arange(num_texts, device=top_images.device)
         i2t_keys = (image_ids[:, None] * num_texts + length_rank[top_texts]).flatten()
-        t2i_keys = (top_images * num_texts + length_rank[text_ids][:, None]).flatten()
+        t2i_keys = (top_images * num_texts + length_rank[:, None]).flatten()
         i2t_pairs = (image_ids[:, None] * num_texts + top_texts).flatten()  # flat (image, text) indices
         t2i_pairs = (top_images * num_texts + text_ids[:, None]).flatten()
         keys = torch.unique(torch.cat([i2t_keys, t2i_keys]))
