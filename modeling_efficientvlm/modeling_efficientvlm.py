@@ -1595,8 +1595,10 @@ class EfficientVLMContrastiveMatchingOutput(EfficientVLMImageTextMatchingOutput)
 
 
 def itc_embedding(projection: nn.Module, states: torch.Tensor) -> torch.Tensor:
-    """L2-normalised ITC embedding (batch, embed_dim) of the [CLS] token of `states` (batch, seq, hidden)."""
-    return F.normalize(projection(states[:, 0]), dim=-1)
+    """L2-normalised ITC embedding (batch, embed_dim) of the [CLS] token of `states` (batch, seq, hidden), in float32
+    whatever the weights' dtype: unit vectors in bfloat16 (8 bits of mantissa) give cosine similarities so coarse that
+    a retrieval ranking ties and reorders."""
+    return F.normalize(projection(states[:, 0]).float(), dim=-1)
 
 
 def image_text_matching_logits(

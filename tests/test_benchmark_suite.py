@@ -74,7 +74,15 @@ def test_table_json_and_plot(report, tmp_path) -> None:
     assert "| itm | tiny pruned 0.5 | 2 | 32 | 1 |" in table and "fp32 matmul peak" in table
     data = json.loads(write_json(report, tmp_path / "bench.json").read_text())
     assert format_report(BenchmarkReport.from_dict(data)) == table  # a saved run prints again
-    assert set(data) == {"settings", "machine", "matmul_peak_gflops", "targets", "results", "notes"}
+    assert set(data) == {
+        "settings",
+        "machine",
+        "matmul_peak_gflops",
+        "dtype_peaks_gflops",
+        "targets",
+        "results",
+        "notes",
+    }
     assert data["settings"]["batch_sizes"] == [2] and data["matmul_peak_gflops"]["1"] > 0
     assert data["results"][0]["name"] == "tiny" and {"median_ms", "q1_ms", "peak_fraction"} <= set(data["results"][0])
     png = plot_report(report, tmp_path / "bench.png")
@@ -94,6 +102,45 @@ def test_batch_and_image_size_sweep_and_memory(tmp_path) -> None:
     measured = [r for r in result.results if r.peak_rss_mb is not None]
     assert [(r.batch_size, r.image_size) for r in measured] == [(2, 64)]
     assert measured[0].peak_rss_mb >= measured[0].loaded_rss_mb > 50
+
+
+def test_several_dtypes_time_each_model_beside_its_copy_in_the_others(tmp_path, monkeypatch) -> None:
+    from trainers.benchmark import memory
+
+    requests = []
+    monkeypatch.setattr(
+        memory, "peak_memory", lambda *args: requests.append(args) or {"peak_mb": 2.0, "loaded_mb": 1.0}
+    )
+    models, _ = benchmark_models(["tiny"], [0.5])
+    settings = BenchmarkSettings(workloads=("itm",), batch_sizes=(2,), dtype="float32,bfloat16", memory=True, **FAST)
+    report = run_benchmark(models, settings)
+    rows = {r.name: r for r in report.results}
+    assert list(rows) == ["tiny", "tiny [bfloat16]", "tiny pruned 0.5", "tiny pruned 0.5 [bfloat16]"]
+    assert [r.dtype for r in rows.values()] == ["float32", "bfloat16"] * 2
+    assert (rows["tiny [bfloat16]"].base, rows["tiny pruned 0.5 [bfloat16]"].base) == ("tiny", "tiny pruned 0.5")
+    low = rows["tiny pruned 0.5 [bfloat16]"]
+    assert low.speedup_vs_base == pytest.approx(rows["tiny pruned 0.5"].median_ms / low.median_ms)
+    assert low.flops_reduction_vs_base == 1.0 and low.speed_target is None  # the same FLOPs: no pruning to judge
+    assert low.parameters == rows["tiny pruned 0.5"].parameters
+    # Each row's share of the peak is of the peak in its own dtype, both measured in this run.
+    float32_peak, bfloat16_peak = report.peak_gflops("float32", 1), report.peak_gflops("bfloat16", 1)
+    assert float32_peak == report.matmul_peak_gflops[1] and report.dtype_peaks_gflops == {
+        "bfloat16": {1: bfloat16_peak}
+    }
+    assert low.peak_fraction == pytest.approx(low.gflops_per_s / bfloat16_peak)
+    assert rows["tiny"].peak_fraction == pytest.approx(rows["tiny"].gflops_per_s / float32_peak)
+    # The copies really run in bfloat16, and their memory is measured with bfloat16 weights.
+    assert next(models[0].in_dtype("bfloat16", torch.bfloat16).build("retrieval").parameters()).dtype == torch.bfloat16
+    assert sorted(request[-1] for request in requests) == ["bfloat16", "bfloat16", "float32", "float32"]
+    table = format_report(report)
+    assert "| itm | tiny [bfloat16] | 2 |" in table and "bfloat16 matmul peak measured in this run" in table
+    assert "[bfloat16]: the same model with bfloat16 weights" in table
+    again = BenchmarkReport.from_dict(json.loads(write_json(report, tmp_path / "bench.json").read_text()))
+    assert format_report(again) == table
+    with pytest.raises(ValueError, match="distinct dtypes"):
+        BenchmarkSettings(dtype="float32,float32")
+    with pytest.raises(ValueError, match="float16 runs on CUDA only"):
+        BenchmarkSettings(dtype="float32,float16")
 
 
 def test_pruned_copies_padded_to_each_multiple_share_their_masks_and_outputs() -> None:
@@ -293,8 +340,10 @@ def test_device_and_dtype_settings_are_checked(monkeypatch) -> None:
         BenchmarkSettings(dtype="fp8")
     with pytest.raises(ValueError, match="float16 runs on CUDA only"):
         BenchmarkSettings(dtype="float16")
-    with pytest.raises(ValueError, match="`cpu` or `cuda`"):
+    with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N; got 'meta'"):
         BenchmarkSettings(device="meta")
+    with pytest.raises(ValueError, match="name the one to measure"):
+        BenchmarkSettings(device="auto")
     with pytest.raises(ValueError, match="Unknown device 'gpu0'"):
         BenchmarkSettings(device="gpu0")
     with pytest.raises(ValueError, match="retrieval_batch_size"):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainers import commands as cli
 from trainers.demo.corpus import generate_demo_data, write_demo_vocab
@@ -270,6 +271,40 @@ def test_prune_writes_a_complete_folder_that_evaluate_reads(tmp_path) -> None:
     assert all(item["prediction"] in COLOURS and 0 <= item["vqa_accuracy"] <= 1 for item in items)
     mean = sum(item["vqa_accuracy"] for item in items) / len(items)
     assert mean == pytest.approx(json.loads(results.read_text())["vqa_accuracy"])
+
+
+def test_evaluate_runs_the_model_on_the_device_and_in_the_dtype_asked_for(tmp_path, monkeypatch) -> None:
+    from trainers.commands import evaluate as evaluate_command
+
+    from .data_utils import write_vocab, write_vqa_json
+
+    records, image_root = write_vqa_json(tmp_path, n=4)
+    folder = tmp_path / "model"
+    cli.main(
+        ["finetune", "--task", "vqa", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+        + ["--train_file", str(records), "--image_root", str(image_root), "--answer_list", "auto"]
+        + ["--output_dir", str(folder), "--max_steps", "1", "--per_device_train_batch_size", "2"]
+        + ["--report_to", "none", "--use_cpu", "--save_strategy", "no"]
+    )
+    seen = []
+
+    def spy(task, model, *args, **kwargs):
+        seen.append((next(model.parameters()).dtype, next(model.parameters()).device.type))
+        return evaluate_task(task, model, *args, **kwargs)
+
+    evaluate_task = evaluate_command.evaluate_task
+    monkeypatch.setattr(evaluate_command, "evaluate_task", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = ["--task", "vqa", "--model_name_or_path", str(folder), "--eval_file", str(records)]
+    base += ["--image_root", str(image_root)]
+    float32 = evaluate_command.main([*base])
+    bfloat16 = evaluate_command.main([*base, "--dtype", "bfloat16", "--device", "cpu"])
+    assert seen == [(torch.float32, "cpu"), (torch.bfloat16, "cpu")]  # `auto` is the CPU without a GPU
+    assert 0 <= bfloat16["vqa_accuracy"] <= 1 and set(bfloat16) == set(float32)
+    with pytest.raises(ValueError, match="--dtype float16 runs on CUDA only"):
+        evaluate_command.main([*base, "--dtype", "float16"])
+    with pytest.raises(ValueError, match="--device 'cuda': torch .* sees no CUDA device"):
+        evaluate_command.main([*base, "--device", "cuda"])
 
 
 def test_every_command_takes_num_threads_and_cpu_runs_do_not_pin_memory() -> None:

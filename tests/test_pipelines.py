@@ -38,6 +38,14 @@ result["vqa"] = answer(image, text="what color is the square ?")
 result["vqa_batch"] = answer([image, image], text=["what color ?", "is there a square ?"])
 result["vqa_full"] = answer(image, text="what color ?", return_full_text=True)
 
+# In bfloat16 (fast on CPUs with bfloat16 matmul units): the ITC scores stay float32.
+import torch
+low = dict(trust_remote_code=True, dtype=torch.bfloat16)
+classify = pipeline("zero-shot-image-classification", model=folders["retrieval"], **low)
+result["zero_shot_bf16"] = (str(classify.model.dtype), classify(image, candidate_labels=payload["labels"]))
+answer = pipeline("image-text-to-text", model=folders["vqa"], return_full_text=False, **low)
+result["vqa_bf16"] = (str(answer.model.dtype), answer(image, text="what color is the square ?"))
+
 caption = pipeline("image-text-to-text", model=folders["captioning"], trust_remote_code=True)
 result["caption"] = caption(image, text="a picture of", return_full_text=False, max_new_tokens=5)
 result["caption_full"] = caption(image, text="a picture of", max_new_tokens=5)
@@ -101,6 +109,13 @@ def test_every_task_works_from_a_saved_folder_without_the_package(tmp_path) -> N
     assert [item["score"] for item in zero_shot] == sorted((item["score"] for item in zero_shot), reverse=True)
     # One label is a query too, not a one-pair training batch.
     assert [(item["label"], round(item["score"], 6)) for item in result["zero_shot_single"]] == [(LABELS[0], 1.0)]
+
+    dtype, zero_shot_bf16 = result["zero_shot_bf16"]
+    assert dtype == "torch.bfloat16" and abs(sum(item["score"] for item in zero_shot_bf16) - 1) < 1e-5
+    scores = {item["label"]: item["score"] for item in zero_shot}
+    assert all(abs(item["score"] - scores[item["label"]]) < 0.02 for item in zero_shot_bf16)
+    dtype, [vqa_bf16] = result["vqa_bf16"]
+    assert dtype == "torch.bfloat16" and vqa_bf16["generated_text"] in ANSWERS
 
     [vqa_answer] = result["vqa"]
     assert vqa_answer["input_text"] == "what color is the square ?"

@@ -52,6 +52,25 @@ def test_forward_shapes_and_losses(tiny_config, tiny_inputs) -> None:
     torch.testing.assert_close(out.logits_per_text, out.logits_per_image.t())
 
 
+def test_itc_embeddings_of_a_bfloat16_model_are_float32_unit_vectors(tiny_config, tiny_inputs) -> None:
+    """bfloat16 unit vectors (8 bits of mantissa) would make cosine similarities ties; the embeddings are
+    normalised, and ITC scored, in float32 whatever the weights' dtype."""
+    model = _model(tiny_config)
+    low = _model(tiny_config).to(torch.bfloat16)
+    texts = (tiny_inputs["input_ids"], tiny_inputs["attention_mask"])
+    with torch.no_grad():
+        (_, images), (_, text) = model.embed_images(tiny_inputs["pixel_values"]), model.embed_texts(*texts)
+        (low_states, low_images), (_, low_text) = low.embed_images(tiny_inputs["pixel_values"]), low.embed_texts(*texts)
+    assert low_states.dtype == torch.bfloat16  # the model itself runs in its dtype
+    assert low_images.dtype == low_text.dtype == images.dtype == torch.float32
+    torch.testing.assert_close(low_images.norm(dim=-1), torch.ones(len(low_images)))
+    scores = low.itc_scores(low_images, low_text)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, model.itc_scores(images, text), atol=0.05, rtol=0)
+    # Distinct pairs keep distinct scores (in bfloat16 the 16 cosines would share far fewer values).
+    assert scores.unique().numel() == scores.numel()
+
+
 def test_inference_scores_m_images_against_n_texts_without_sampling(tiny_config, tiny_inputs) -> None:
     model = _model(tiny_config)
     images, texts = tiny_inputs["pixel_values"][:3], {k: tiny_inputs[k] for k in ("input_ids", "attention_mask")}

@@ -49,11 +49,15 @@ def _reset_peak() -> None:
         pass  # then the figure is the peak since the start: an upper bound
 
 
-def peak_memory(source: ModelSource, workload: str, shape: WorkloadShape, threads: int) -> dict[str, float]:
-    """`{"imports_mb", "loaded_mb", "peak_mb"}` of a fresh process (MiB): its peak RSS after the imports, its RSS
-    once the model and inputs are built, and its peak RSS while the workload runs twice (the peak is reset after
-    the build, so building a pruned copy at full size first does not count)."""
-    request = json.dumps({"source": source.to_dict(), "workload": workload, "shape": asdict(shape), "threads": threads})
+def peak_memory(
+    source: ModelSource, workload: str, shape: WorkloadShape, threads: int, dtype: str = "float32"
+) -> dict[str, float]:
+    """`{"imports_mb", "loaded_mb", "peak_mb"}` of a fresh process (MiB) that builds the model with `dtype` weights:
+    its peak RSS after the imports, its RSS once the model and inputs are built, and its peak RSS while the
+    workload runs twice (the peak is reset after the build, so building a pruned copy at full size first does not
+    count)."""
+    request = {"source": source.to_dict(), "workload": workload, "shape": asdict(shape), "threads": threads}
+    request = json.dumps({**request, "dtype": dtype})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     completed = subprocess.run(
         [sys.executable, "-m", "trainers.benchmark.memory", request], capture_output=True, text=True, env=env
@@ -66,6 +70,8 @@ def peak_memory(source: ModelSource, workload: str, shape: WorkloadShape, thread
 def _measure(request: dict[str, Any]) -> dict[str, float]:
     import torch
 
+    from trainers.placement import DTYPES
+
     from .models import BenchmarkModel
     from .workloads import build_workloads
 
@@ -73,6 +79,7 @@ def _measure(request: dict[str, Any]) -> dict[str, float]:
     imports = _max_rss_mb()
     source = ModelSource(**request["source"])
     entry = BenchmarkModel(source.spec, _kind(source.spec), source)
+    entry.place("cpu", DTYPES[request.get("dtype", "float32")])
     workloads = build_workloads(entry, request["workload"], WorkloadShape(**request["shape"]))
     _reset_peak()
     loaded = _status_mb("VmRSS")

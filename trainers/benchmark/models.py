@@ -9,6 +9,7 @@ can rebuild the same model to measure its memory.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,6 +59,14 @@ class BenchmarkModel:
         for model in self._built.values():
             if model is not None:
                 model.to(device=self.device, dtype=dtype)
+
+    def in_dtype(self, name: str, dtype: torch.dtype) -> BenchmarkModel:
+        """A copy of this model that runs with weights of `dtype` (named `name`): `<name> [bfloat16]`, its base
+        this model, built from the same source (a prebuilt model is copied)."""
+        prebuilt = copy.deepcopy(self.prebuilt) if self.prebuilt is not None else None
+        variant = BenchmarkModel(f"{self.name} [{name}]", self.kind, self.source, self.name, prebuilt)
+        variant.place(self.device, dtype)
+        return variant
 
     def build(self, family: str) -> nn.Module | None:
         """The model for a workload family (`"encoders"`, `"retrieval"` or `"vqa"`), built once; None when this

@@ -41,21 +41,29 @@ def format_report(report: BenchmarkReport) -> str:
             f"| {100 * r.peak_fraction:.0f}% | {_target(r.speed_target)} | {_target(r.peak_target)} | {memory} |"
         )
     size = matmul_peak_size(settings.device)
-    if on_cuda:
-        where = f"on {report.machine.get('gpu', settings.device)}"
-        precision = report.machine.get("float32_matmul_precision")
-        if settings.dtype == "float32" and precision:
-            where += f", float32 matmul precision {precision!r}"
-        peaks = ", ".join(f"{v:.1f} GFLOP/s" for v in report.matmul_peak_gflops.values())
-    else:
-        where = "on the CPU"
-        peaks = ", ".join(f"{v:.1f} GFLOP/s with {k} thread(s)" for k, v in report.matmul_peak_gflops.items())
-    dtype = "fp32" if settings.dtype == "float32" else settings.dtype
+    first, *others = settings.dtypes
+    where = f"on {report.machine.get('gpu', settings.device)}" if on_cuda else "on the CPU"
+    precision = report.machine.get("float32_matmul_precision")
+    if on_cuda and "float32" in settings.dtypes and precision:
+        where += f", float32 matmul precision {precision!r}"
+    peak_lines = []
+    for dtype in settings.dtypes:
+        values = report.matmul_peak_gflops if dtype == first else report.dtype_peaks_gflops[dtype]
+        peaks = ", ".join(f"{v:.1f} GFLOP/s" + ("" if on_cuda else f" with {k} thread(s)") for k, v in values.items())
+        peak_lines.append(
+            f"{'fp32' if dtype == 'float32' else dtype} matmul peak measured in this run {where} ({size} x {size} "
+            f"torch.mm, best of 10 before and after every setting): {peaks}."
+        )
+    mixed = " (the train steps: float32 weights under mixed precision)" if first != "float32" else ""
     lines += [
         "",
-        f"{dtype} matmul peak measured in this run {where} ({size} x {size} torch.mm, best of 10 before and after "
-        f"every setting): {peaks}. The models' weights are {settings.dtype}"
-        + (" (the train steps: float32 weights under mixed precision)." if settings.dtype != "float32" else "."),
+        *peak_lines,
+        f"The models' weights are {first}{mixed}."
+        + "".join(
+            f" [{dtype}]: the same model with {dtype} weights, timed in the same rounds; its base is the {first} "
+            f"model (so its speedup vs base is what {dtype} buys), its % of the {dtype} peak."
+            for dtype in others
+        ),
         *(
             [
                 f"[compiled]: the same model's workload through {compile_call_text(settings.compile)}, compiled "

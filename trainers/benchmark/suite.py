@@ -25,6 +25,7 @@ from trainers.evaluation.benchmarking import (
     matmul_peak_gflops,
     synchronized,
 )
+from trainers.placement import DTYPES, dtype_name, resolve_placement
 
 from .models import BenchmarkModel
 from .workloads import WORKLOADS, WorkloadShape, build_workloads, family_of
@@ -35,7 +36,6 @@ from .workloads import WORKLOADS, WorkloadShape, build_workloads, family_of
 SPEEDUP_PER_FLOPS_TARGET = 0.9
 PEAK_TARGETS = {"encoders": 0.8, "itm": 0.8, "retrieval": 0.7}
 MASK_STEP_TARGET = 1.2
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # `torch.compile` modes a benchmark can add compiled rows with ("reduce-overhead" replays CUDA graphs; "freezing"
 # is the default mode with inductor's freezing: the weights become constants, folded and pre-packed for the
 # CPU's matmul library, and each linear layer's bias and activation run inside its matmul; inference only), and
@@ -54,7 +54,10 @@ class BenchmarkSettings:
 
     `device` / `dtype`: where the models run and the dtype of their weights for the forward workloads (the train
     step keeps float32 weights and runs under the `Trainer`'s bf16 / fp16 mixed precision instead); the matmul
-    peak is measured on the same device in the same dtype. `retrieval_batch_size`: images / texts per encoder
+    peak is measured on the same device in the same dtype. Several dtypes, comma-separated (`"float32,bfloat16"`):
+    every model runs in the first, and a copy of it in each other, `<name> [bfloat16]`, timed in the same rounds,
+    whose base is the model in the first dtype (so `speedup_vs_base` is what the dtype buys) and whose share of
+    the peak is of that dtype's peak. `retrieval_batch_size`: images / texts per encoder
     pass and pairs per fusion pass of the retrieval workload (`retrieval_evaluate`'s `batch_size`). `compile`: a
     `torch.compile` mode; every model of the encoders / itm / vqa workloads then gets a second row, `<name> [compiled]`,
     timed in the same rounds, whose base is the eager model (so `speedup_vs_base` is what compiling buys); its
@@ -91,18 +94,13 @@ class BenchmarkSettings:
             raise ValueError("`repeats` and `rounds` must be at least 1, `warmup` at least 0.")
         if self.retrieval_batch_size < 1:
             raise ValueError(f"`retrieval_batch_size` must be positive; got {self.retrieval_batch_size}.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}.")
-        try:
-            kind = torch.device(self.device).type
-        except RuntimeError as error:
-            raise ValueError(f"Unknown device {self.device!r}: {error}") from None
-        if kind not in ("cpu", "cuda"):
-            raise ValueError(f"The benchmark runs on `cpu` or `cuda` (`cuda:N`); got device {self.device!r}.")
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                f"device {self.device!r}: torch {torch.__version__} sees no CUDA device (a CPU-only build, or no GPU)."
-            )
+        if self.device == "auto":
+            raise ValueError("The benchmark's `device` is cpu, cuda or cuda:N: name the one to measure.")
+        if not self.dtypes or len(set(self.dtypes)) < len(self.dtypes):
+            raise ValueError(f"`dtype` must be distinct dtypes, comma-separated; got {self.dtype!r}.")
+        for dtype in self.dtypes:
+            resolve_placement(self.device, dtype)  # a known dtype, and one this device runs
+        kind = torch.device(self.device).type
         if kind == "cuda" and self.memory:
             raise ValueError(
                 "`memory` measures the resident memory of a CPU process; on CUDA every row reports the workload's "
@@ -116,12 +114,15 @@ class BenchmarkSettings:
                     f"`compile` adds compiled rows to the {', '.join(COMPILABLE_WORKLOADS)} workloads; got "
                     f"{', '.join(self.workloads)} only."
                 )
-        if kind == "cpu" and self.dtype == "float16":
-            raise ValueError("float16 runs on CUDA only (CPU kernels for it are slow or missing): use bfloat16.")
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        """The dtype names of `dtype` (one, or several comma-separated); the first is the models' own."""
+        return tuple(part.strip() for part in self.dtype.split(",") if part.strip())
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return DTYPES[self.dtypes[0]]
 
     @property
     def on_cuda(self) -> bool:
@@ -147,7 +148,7 @@ class BenchmarkResult:
     min_ms: float
     max_ms: float
     gflops_per_s: float
-    peak_fraction: float  # of the fp32 matmul peak at this thread count
+    peak_fraction: float  # of the matmul peak in this row's dtype at this thread count
     speedup: float = 1.0
     flops_reduction: float = 1.0
     base: str | None = None
@@ -159,6 +160,7 @@ class BenchmarkResult:
     loaded_rss_mb: float | None = None
     peak_device_mb: float | None = None  # CUDA: the allocator's high-water mark while the workload runs
     device_workload_mb: float | None = None  # ... of which allocated by the workload (over its model and inputs)
+    dtype: str = "float32"  # the weights' (the train steps: their mixed precision)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,9 +170,15 @@ class BenchmarkResult:
 class BenchmarkReport:
     settings: BenchmarkSettings
     results: list[BenchmarkResult]
-    matmul_peak_gflops: dict[int, float]  # per thread count (on the settings' device, in their dtype)
+    matmul_peak_gflops: dict[int, float]  # per thread count (on the settings' device, in their first dtype)
     notes: list[str] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
+    dtype_peaks_gflops: dict[str, dict[int, float]] = field(default_factory=dict)  # of each further dtype
+
+    def peak_gflops(self, dtype: str, threads: int) -> float:
+        """The matmul peak measured in `dtype` at `threads`."""
+        first = self.settings.dtypes[0]
+        return (self.matmul_peak_gflops if dtype == first else self.dtype_peaks_gflops[dtype])[threads]
 
     def rows(self, workload: str | None = None) -> list[BenchmarkResult]:
         return [r for r in self.results if workload is None or r.workload == workload]
@@ -185,6 +193,10 @@ class BenchmarkReport:
             {int(k): v for k, v in data["matmul_peak_gflops"].items()},
             notes=list(data["notes"]),
             machine=dict(data["machine"]),
+            dtype_peaks_gflops={
+                dtype: {int(k): v for k, v in peaks.items()}
+                for dtype, peaks in data.get("dtype_peaks_gflops", {}).items()
+            },
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -192,6 +204,9 @@ class BenchmarkReport:
             "settings": asdict(self.settings),
             "machine": self.machine,
             "matmul_peak_gflops": {str(k): v for k, v in self.matmul_peak_gflops.items()},
+            "dtype_peaks_gflops": {
+                dtype: {str(k): v for k, v in peaks.items()} for dtype, peaks in self.dtype_peaks_gflops.items()
+            },
             "targets": {
                 "speedup_per_flops_reduction": SPEEDUP_PER_FLOPS_TARGET,
                 "peak_fraction": PEAK_TARGETS,
@@ -233,35 +248,46 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
     settings = settings or BenchmarkSettings()
     if not models:
         raise ValueError("Give at least one model to benchmark.")
+    first, *others = settings.dtypes
     for entry in models:
-        entry.place(settings.device, settings.torch_dtype)
+        entry.place(settings.device, DTYPES[first])
+    # Each model followed by its copies in the other dtypes, all in the same interleaved rounds.
+    models = [variant for entry in models for variant in (entry, *(entry.in_dtype(d, DTYPES[d]) for d in others))]
     previous_threads = torch.get_num_threads()
-    results, peaks = [], {}
+    results, peaks = [], {dtype: {} for dtype in settings.dtypes}
 
-    def peak(threads: int) -> float:
-        return matmul_peak_gflops(threads, device=settings.device, dtype=settings.torch_dtype)
+    def measure_peaks(threads: int) -> None:
+        # Re-measured after every setting, the best kept: on a loaded machine one sample may fall in a busy moment
+        # and make the models look faster than the peak.
+        for dtype, found in peaks.items():
+            peak = matmul_peak_gflops(threads, device=settings.device, dtype=DTYPES[dtype])
+            found[threads] = max(found.get(threads, 0.0), peak)
 
     try:
         for threads in settings.threads:
             threads = threads or previous_threads
             torch.set_num_threads(threads)
-            peaks[threads] = peak(threads)
+            measure_peaks(threads)
             for image_size in settings.image_sizes:
                 for workload in settings.workloads:
                     for batch_size in settings.batch_sizes:
                         results += _measure_setting(models, workload, settings, batch_size, image_size, threads)
-                        # The peak is re-measured after every setting and the best kept: on a loaded machine one
-                        # sample may fall in a busy moment and make the models look faster than the peak.
-                        peaks[threads] = max(peaks[threads], peak(threads))
+                        measure_peaks(threads)
     finally:
         torch.set_num_threads(previous_threads)
     for row in results:
-        row.peak_fraction = row.gflops_per_s / peaks[row.threads]
+        row.peak_fraction = row.gflops_per_s / peaks[row.dtype][row.threads]
         if row.workload in PEAK_TARGETS:
             row.peak_target = "pass" if row.peak_fraction >= PEAK_TARGETS[row.workload] else "fail"
     if settings.memory:
         _add_memory(models, results, settings)
-    report = BenchmarkReport(settings, results, peaks, machine=machine_info(settings.device))
+    report = BenchmarkReport(
+        settings,
+        results,
+        peaks[first],
+        machine=machine_info(settings.device),
+        dtype_peaks_gflops={dtype: peaks[dtype] for dtype in others},
+    )
     report.notes = target_notes(report)
     return report
 
@@ -331,6 +357,7 @@ def _measure_setting(
                 peak_fraction=0.0,  # set once the run's matmul peak is known
                 base=entry.name if model_name in eager_of else entry.base,
                 **device_memory.get((name, model_name), {}),
+                dtype=dtype_name(entry.dtype),
             )
         )
     _add_ratios(rows, {**by_name, **{compiled: by_name[eager] for compiled, eager in eager_of.items()}})
@@ -421,7 +448,7 @@ def _add_memory(models: list[BenchmarkModel], rows: list[BenchmarkResult], setti
                 continue
             largest = max(mine, key=lambda r: (r.batch_size, r.image_size, r.threads))
             shape = _shape(settings, largest.batch_size, largest.image_size)
-            memory = peak_memory(entry.source, workload, shape, largest.threads)
+            memory = peak_memory(entry.source, workload, shape, largest.threads, dtype_name(entry.dtype))
             for row in mine:
                 if (row.batch_size, row.image_size, row.threads) == (
                     largest.batch_size,

@@ -77,7 +77,9 @@ class BenchmarkArguments:
         default="float32",
         metadata={
             "help": "Weights of the forward workloads: float32, bfloat16 or float16 (CUDA); train steps keep float32 "
-            "weights under mixed precision of this dtype. The matmul peak is measured in the same dtype."
+            "weights under mixed precision of this dtype. The matmul peak is measured in the same dtype. Several, "
+            "comma-separated (float32,bfloat16): each model also runs in the others, as `<model> [bfloat16]` rows "
+            "timed in the same rounds, whose base is the model in the first dtype."
         },
     )
     memory: bool = field(
