@@ -123,14 +123,14 @@ def test_several_dtypes_time_each_model_beside_its_copy_in_the_others(tmp_path, 
     assert low.flops_reduction_vs_base == 1.0 and low.speed_target is None  # the same FLOPs: no pruning to judge
     assert low.parameters == rows["tiny pruned 0.5"].parameters
     # Each row's share of the peak is of the peak in its own dtype, both measured in this run.
-    float32_peak, bfloat16_peak = report.peak_gflops("float32", 1), report.peak_gflops("bfloat16", 1)
+    float32_peak, bfloat16_peak = report.peaks_of("float32")[1], report.peaks_of("bfloat16")[1]
     assert float32_peak == report.matmul_peak_gflops[1] and report.dtype_peaks_gflops == {
         "bfloat16": {1: bfloat16_peak}
     }
     assert low.peak_fraction == pytest.approx(low.gflops_per_s / bfloat16_peak)
     assert rows["tiny"].peak_fraction == pytest.approx(rows["tiny"].gflops_per_s / float32_peak)
     # The copies really run in bfloat16, and their memory is measured with bfloat16 weights.
-    assert next(models[0].in_dtype("bfloat16", torch.bfloat16).build("retrieval").parameters()).dtype == torch.bfloat16
+    assert next(models[0].in_dtype(torch.bfloat16).build("retrieval").parameters()).dtype == torch.bfloat16
     assert sorted(request[-1] for request in requests) == ["bfloat16", "bfloat16", "float32", "float32"]
     table = format_report(report)
     assert "| itm | tiny [bfloat16] | 2 |" in table and "bfloat16 matmul peak measured in this run" in table

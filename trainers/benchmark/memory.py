@@ -56,8 +56,9 @@ def peak_memory(
     its peak RSS after the imports, its RSS once the model and inputs are built, and its peak RSS while the
     workload runs twice (the peak is reset after the build, so building a pruned copy at full size first does not
     count)."""
-    request = {"source": source.to_dict(), "workload": workload, "shape": asdict(shape), "threads": threads}
-    request = json.dumps({**request, "dtype": dtype})
+    request = json.dumps(
+        {"source": source.to_dict(), "workload": workload, "shape": asdict(shape), "threads": threads, "dtype": dtype}
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     completed = subprocess.run(
         [sys.executable, "-m", "trainers.benchmark.memory", request], capture_output=True, text=True, env=env
@@ -79,7 +80,7 @@ def _measure(request: dict[str, Any]) -> dict[str, float]:
     imports = _max_rss_mb()
     source = ModelSource(**request["source"])
     entry = BenchmarkModel(source.spec, _kind(source.spec), source)
-    entry.place("cpu", DTYPES[request.get("dtype", "float32")])
+    entry.place("cpu", DTYPES[request["dtype"]])
     workloads = build_workloads(entry, request["workload"], WorkloadShape(**request["shape"]))
     _reset_peak()
     loaded = _status_mb("VmRSS")

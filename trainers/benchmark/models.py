@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainers.placement import dtype_name
 from trainers.pruning.padding import PAD_TO_MULTIPLE_OF
 
 # Peers: Transformers' own models at base size, built from their default-sized configs (random weights).
@@ -60,11 +61,11 @@ class BenchmarkModel:
             if model is not None:
                 model.to(device=self.device, dtype=dtype)
 
-    def in_dtype(self, name: str, dtype: torch.dtype) -> BenchmarkModel:
-        """A copy of this model that runs with weights of `dtype` (named `name`): `<name> [bfloat16]`, its base
-        this model, built from the same source (a prebuilt model is copied)."""
+    def in_dtype(self, dtype: torch.dtype) -> BenchmarkModel:
+        """A copy of this model that runs with weights of `dtype`: `<name> [bfloat16]`, its base this model, built
+        from the same source (a prebuilt model is copied)."""
         prebuilt = copy.deepcopy(self.prebuilt) if self.prebuilt is not None else None
-        variant = BenchmarkModel(f"{self.name} [{name}]", self.kind, self.source, self.name, prebuilt)
+        variant = BenchmarkModel(f"{self.name} [{dtype_name(dtype)}]", self.kind, self.source, self.name, prebuilt)
         variant.place(self.device, dtype)
         return variant
 

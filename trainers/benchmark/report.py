@@ -48,8 +48,9 @@ def format_report(report: BenchmarkReport) -> str:
         where += f", float32 matmul precision {precision!r}"
     peak_lines = []
     for dtype in settings.dtypes:
-        values = report.matmul_peak_gflops if dtype == first else report.dtype_peaks_gflops[dtype]
-        peaks = ", ".join(f"{v:.1f} GFLOP/s" + ("" if on_cuda else f" with {k} thread(s)") for k, v in values.items())
+        peaks = ", ".join(
+            f"{v:.1f} GFLOP/s" + ("" if on_cuda else f" with {k} thread(s)") for k, v in report.peaks_of(dtype).items()
+        )
         peak_lines.append(
             f"{'fp32' if dtype == 'float32' else dtype} matmul peak measured in this run {where} ({size} x {size} "
             f"torch.mm, best of 10 before and after every setting): {peaks}."

@@ -175,10 +175,9 @@ class BenchmarkReport:
     machine: dict[str, Any] = field(default_factory=dict)
     dtype_peaks_gflops: dict[str, dict[int, float]] = field(default_factory=dict)  # of each further dtype
 
-    def peak_gflops(self, dtype: str, threads: int) -> float:
-        """The matmul peak measured in `dtype` at `threads`."""
-        first = self.settings.dtypes[0]
-        return (self.matmul_peak_gflops if dtype == first else self.dtype_peaks_gflops[dtype])[threads]
+    def peaks_of(self, dtype: str) -> dict[int, float]:
+        """The matmul peaks measured in `dtype`, per thread count."""
+        return self.matmul_peak_gflops if dtype == self.settings.dtypes[0] else self.dtype_peaks_gflops[dtype]
 
     def rows(self, workload: str | None = None) -> list[BenchmarkResult]:
         return [r for r in self.results if workload is None or r.workload == workload]
@@ -252,7 +251,7 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
     for entry in models:
         entry.place(settings.device, DTYPES[first])
     # Each model followed by its copies in the other dtypes, all in the same interleaved rounds.
-    models = [variant for entry in models for variant in (entry, *(entry.in_dtype(d, DTYPES[d]) for d in others))]
+    models = [variant for entry in models for variant in (entry, *(entry.in_dtype(DTYPES[d]) for d in others))]
     previous_threads = torch.get_num_threads()
     results, peaks = [], {dtype: {} for dtype in settings.dtypes}
 
