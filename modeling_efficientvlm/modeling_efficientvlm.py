@@ -218,6 +218,10 @@ def needs_autograd_or_tracing(module: nn.Module, hidden_states: torch.Tensor) ->
     return hidden_states.requires_grad or any(parameter.requires_grad for parameter in module.parameters())
 
 
+# quick_gelu(x) = x * sigmoid(QUICK_GELU_SCALE * x) (CLIP's approximation of GELU).
+QUICK_GELU_SCALE = 1.702
+
+
 def attention_head_parameters(head_dim: int, hidden_size: int, kv_hidden_size: int) -> int:
     """Parameters of one head: its rows of Q (from `hidden_size`), K and V (from `kv_hidden_size`) with
     biases, and its columns of the output projection."""
@@ -361,19 +365,52 @@ class EfficientVLMMLP(nn.Module):
         return self.fc1.out_features
 
     def forward(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # GPU allocators cache their blocks: nothing to gain there. The size is read only when not tracing (a traced
-        # comparison of it would be baked into the graph, with a TracerWarning).
-        if hidden_states.device.type == "cpu" and not needs_autograd_or_tracing(self, hidden_states):
+        # The size is read only when not tracing (a traced comparison of it would be baked into the graph, with a
+        # TracerWarning).
+        inference = not needs_autograd_or_tracing(self, hidden_states)
+        # GPU allocators cache their blocks: nothing to gain there from row blocks.
+        if inference and hidden_states.device.type == "cpu":
             rows = hidden_states.numel() // hidden_states.shape[-1]
             if rows > self.inference_chunk_rows:
                 return self._forward_in_chunks(hidden_states, ffn_mask, rows)
-        return self._forward_rows(hidden_states, ffn_mask)
+        return self._forward_rows(hidden_states, ffn_mask, inference=inference)
 
-    def _forward_rows(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None) -> torch.Tensor:
+    def _forward_rows(
+        self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None, inference: bool = False
+    ) -> torch.Tensor:
+        if inference and (ffn_mask is None or ffn_mask.dim() == 1) and self._folds_quick_gelu():
+            return self._quick_gelu_rows(hidden_states, ffn_mask)
         hidden_states = self.activation_fn(self.fc1(hidden_states))
         if ffn_mask is not None:
             hidden_states = hidden_states * ffn_mask.to(hidden_states.dtype)
         return self.fc2(hidden_states)
+
+    def _folds_quick_gelu(self) -> bool:
+        """Whether `_quick_gelu_rows` computes exactly this FFN: quick-GELU between two plain, hook-free linear
+        layers with biases (a quantized, adapter-wrapped or hooked layer must run as itself)."""
+        if self.config.hidden_act != "quick_gelu":
+            return False
+        return all(
+            type(linear) is nn.Linear
+            and linear.bias is not None
+            and not (linear._forward_hooks or linear._forward_pre_hooks)
+            for linear in (self.fc1, self.fc2)
+        )
+
+    def _quick_gelu_rows(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None) -> torch.Tensor:
+        """`fc2(quick_gelu(fc1(x)) * mask)` with one elementwise pass where quick-GELU takes three (a scaling, a
+        sigmoid and a product, each into a new tensor of (rows, intermediate)): quick_gelu(h) = h * sigmoid(a h) =
+        silu(a h) / a with a = 1.702, so `fc1`'s GEMM scales its output by a, SiLU runs in place and `fc2`'s GEMM
+        scales its product by 1 / a (GEMMs scale for free). Inference only: the in-place SiLU would break
+        autograd."""
+        scale = QUICK_GELU_SCALE
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        activated = torch.addmm(self.fc1.bias, flat, self.fc1.weight.t(), beta=scale, alpha=scale)
+        F.silu(activated, inplace=True)
+        if ffn_mask is not None:
+            activated.mul_(ffn_mask.to(activated.dtype))
+        output = torch.addmm(self.fc2.bias, activated, self.fc2.weight.t(), alpha=1 / scale)
+        return output.view(*hidden_states.shape[:-1], output.shape[-1])
 
     def _forward_in_chunks(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None, rows: int) -> torch.Tensor:
         """The same FFN a block of rows (tokens) at a time: the widest tensor, (rows, intermediate), and the
@@ -384,7 +421,7 @@ class EfficientVLMMLP(nn.Module):
         output = None
         start = 0
         for block in flat.tensor_split(-(-rows // self.inference_chunk_rows)):
-            result = self._forward_rows(block, ffn_mask)
+            result = self._forward_rows(block, ffn_mask, inference=True)
             if output is None:
                 output = result.new_empty((rows, result.shape[-1]))
             output[start : start + len(block)] = result

@@ -84,6 +84,8 @@ def test_table_json_and_plot(report, tmp_path) -> None:
         "notes",
     }
     assert data["settings"]["batch_sizes"] == [2] and data["matmul_peak_gflops"]["1"] > 0
+    # How the process allocated is part of the machine: the test process keeps glibc's defaults.
+    assert data["machine"]["freed_memory_kept"] is False and "the C library's default allocator" in table
     assert data["results"][0]["name"] == "tiny" and {"median_ms", "q1_ms", "peak_fraction"} <= set(data["results"][0])
     png = plot_report(report, tmp_path / "bench.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

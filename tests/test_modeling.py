@@ -158,9 +158,9 @@ def _count_ffn_passes(monkeypatch) -> list[int]:
     """Counts the row blocks every FFN runs (one per call of `_forward_rows`)."""
     passes, plain = [], EfficientVLMMLP._forward_rows
 
-    def counted(self, hidden_states, ffn_mask):
+    def counted(self, hidden_states, ffn_mask, **kwargs):
         passes.append(hidden_states.numel() // hidden_states.shape[-1])
-        return plain(self, hidden_states, ffn_mask)
+        return plain(self, hidden_states, ffn_mask, **kwargs)
 
     monkeypatch.setattr(EfficientVLMMLP, "_forward_rows", counted)
     return passes
@@ -203,6 +203,60 @@ def test_ffn_keeps_its_plain_form_under_autograd_and_tracing(tiny_config, tiny_i
         traced = torch.jit.trace(vision, pixels[:1], check_trace=False)
         assert len(passes) == len(model.vision_model.layers)
         torch.testing.assert_close(traced(pixels), vision(pixels))
+
+
+def _quick_gelu_mlp(width: int = 24) -> EfficientVLMMLP:
+    config = EfficientVLMConfig.from_preset("tiny").vision_config
+    assert config.hidden_act == "quick_gelu"
+    torch.manual_seed(0)
+    return EfficientVLMMLP(config, width).eval()
+
+
+def _unfolded(mlp: EfficientVLMMLP, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None) -> torch.Tensor:
+    """The FFN as written: fc1, the activation module, the mask, fc2."""
+    return mlp.fc2(mlp.activation_fn(mlp.fc1(hidden_states)) * (1 if ffn_mask is None else ffn_mask))
+
+
+def test_quick_gelu_ffn_without_autograd_folds_its_scale_into_the_gemms(monkeypatch) -> None:
+    mlp = _quick_gelu_mlp()
+    hidden_states = torch.randn(3, 7, mlp.config.hidden_size)
+    mask = torch.rand(mlp.intermediate_size).round()
+    expected = {m is None: _unfolded(mlp, hidden_states, m).detach() for m in (None, mask)}
+
+    class Unused(torch.nn.Module):
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("the folded form runs no separate activation")
+
+    monkeypatch.setattr(mlp, "activation_fn", Unused())
+    with torch.no_grad():
+        for ffn_mask in (None, mask):
+            folded = mlp(hidden_states, ffn_mask)
+            torch.testing.assert_close(folded, expected[ffn_mask is None], atol=1e-6, rtol=1e-5)
+        monkeypatch.setattr(EfficientVLMMLP, "inference_chunk_rows", 5)  # the row blocks fold it too
+        torch.testing.assert_close(mlp(hidden_states, mask), expected[False], atol=1e-6, rtol=1e-5)
+    with pytest.raises(AssertionError, match="no separate activation"):
+        mlp(hidden_states)  # under autograd the plain form runs (the in-place SiLU would break the backward)
+
+
+class _ScaledLinear(torch.nn.Linear):
+    """A linear layer that is not a plain `nn.Linear` (as an adapter or a quantized layer would be)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(input)
+
+
+def test_quick_gelu_ffn_runs_hooked_or_wrapped_linear_layers_as_themselves() -> None:
+    mlp = _quick_gelu_mlp()
+    hidden_states = torch.randn(2, 5, mlp.config.hidden_size)
+    handle = mlp.fc1.register_forward_hook(lambda module, args, output: output * 3)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(hidden_states), _unfolded(mlp, hidden_states, None))
+    handle.remove()
+    wrapped = _ScaledLinear(mlp.fc2.in_features, mlp.fc2.out_features)
+    wrapped.load_state_dict(mlp.fc2.state_dict())
+    mlp.fc2 = wrapped
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(hidden_states), _unfolded(mlp, hidden_states, None))
 
 
 def test_physical_pruning_matches_masked_model_and_accounting(tiny_config, tiny_inputs, tmp_path) -> None:

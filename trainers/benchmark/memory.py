@@ -19,6 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from trainers.cpu_memory import freed_memory_kept, keep_freed_memory
+
 from .models import ModelSource
 from .workloads import WorkloadShape
 
@@ -56,9 +58,9 @@ def peak_memory(
     its peak RSS after the imports, its RSS once the model and inputs are built, and its peak RSS while the
     workload runs twice (the peak is reset after the build, so building a pruned copy at full size first does not
     count)."""
-    request = json.dumps(
-        {"source": source.to_dict(), "workload": workload, "shape": asdict(shape), "threads": threads, "dtype": dtype}
-    )
+    request = {"source": source.to_dict(), "workload": workload, "shape": asdict(shape), "threads": threads}
+    # The fresh process allocates as this one does (see `trainers.cpu_memory`).
+    request = json.dumps({**request, "dtype": dtype, "keep_freed_memory": freed_memory_kept()})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     completed = subprocess.run(
         [sys.executable, "-m", "trainers.benchmark.memory", request], capture_output=True, text=True, env=env
@@ -76,6 +78,8 @@ def _measure(request: dict[str, Any]) -> dict[str, float]:
     from .models import BenchmarkModel
     from .workloads import build_workloads
 
+    if request["keep_freed_memory"]:
+        keep_freed_memory()
     torch.set_num_threads(request["threads"])
     imports = _max_rss_mb()
     source = ModelSource(**request["source"])

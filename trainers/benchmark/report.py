@@ -80,9 +80,16 @@ def format_report(report: BenchmarkReport) -> str:
         "process running the workload at this setting (interpreter, libraries and model included), in brackets "
         "its rise while the workload runs (over the model and inputs built); peak GPU MB: the CUDA allocator's "
         "high-water mark during one call, in brackets what the call allocated over the model and inputs.",
+        *([] if on_cuda else [_cpu_memory_line(report.machine)]),
         *report.notes,
     ]
     return "\n".join(lines)
+
+
+def _cpu_memory_line(machine: dict) -> str:
+    if machine.get("freed_memory_kept"):
+        return "CPU memory: freed blocks kept for the next tensors (`trainers.cpu_memory`, as the commands run)."
+    return "CPU memory: the C library's default allocator (freed blocks not kept: see `trainers.cpu_memory`)."
 
 
 def write_json(report: BenchmarkReport, path: str | Path) -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainers.cpu_memory import freed_memory_kept
 from trainers.evaluation.benchmarking import (
     Spread,
     count_flops,
@@ -235,6 +236,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "load_average": os.getloadavg(),
+        "freed_memory_kept": freed_memory_kept(),  # `trainers.cpu_memory`: the `efficientvlm` commands keep it
     }
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from trainers.cpu_memory import keep_freed_memory
+
 # subcommand (its module in this package) -> one-line description
 COMMANDS = {
     "processor": "a processor for your own data: a WordPiece vocabulary trained on its texts, or a BERT tokenizer",
@@ -53,7 +55,9 @@ def _close_process_group() -> None:
 
 
 def console() -> int:
-    """The `efficientvlm` script (and `python -m trainers.commands`): [`main`], then a clean end under torchrun."""
+    """The `efficientvlm` script (and `python -m trainers.commands`): freed memory kept for reuse
+    (`trainers.cpu_memory`), [`main`], then a clean end under torchrun."""
+    keep_freed_memory()
     code = main()
     _close_process_group()
     return code
