@@ -61,3 +61,9 @@ def test_the_efficientvlm_script_keeps_freed_memory_before_running_a_command(mon
     monkeypatch.setattr(trainers.commands, "main", lambda: calls.append("main") or 0)
     assert trainers.commands.console() == 0
     assert calls == ["keep", "main"]
+
+
+def test_a_misspelt_opt_out_is_an_error_naming_the_variable(monkeypatch) -> None:
+    monkeypatch.setenv(cpu_memory.OPT_OUT_VARIABLE, "nope")
+    with pytest.raises(ValueError, match="EFFICIENTVLM_KEEP_FREED_MEMORY='nope'"):
+        cpu_memory.keep_freed_memory()

@@ -25,6 +25,7 @@ MMAP_THRESHOLD_BYTES = 1 << 30
 TRIM_THRESHOLD_BYTES = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 _kept = False
 
 
@@ -33,7 +34,7 @@ def keep_freed_memory() -> bool:
     freed memory is now kept: False off Linux, with a C library other than glibc, or when
     `EFFICIENTVLM_KEEP_FREED_MEMORY=0`."""
     global _kept
-    if os.environ.get(OPT_OUT_VARIABLE, "1").strip() == "0" or not sys.platform.startswith("linux"):
+    if not _opted_in() or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None)  # the C library this process runs on
@@ -45,6 +46,15 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _kept = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     return _kept
+
+
+def _opted_in() -> bool:
+    setting = os.environ.get(OPT_OUT_VARIABLE, "1")
+    if setting.strip().lower() not in _SWITCH:
+        raise ValueError(
+            f"{OPT_OUT_VARIABLE}={setting!r}: expected 1 (keep freed memory, the default) or 0 (glibc's defaults)."
+        )
+    return _SWITCH[setting.strip().lower()]
 
 
 def freed_memory_kept() -> bool:
