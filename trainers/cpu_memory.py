@@ -50,11 +50,12 @@ def keep_freed_memory() -> bool:
 
 def _opted_in() -> bool:
     setting = os.environ.get(OPT_OUT_VARIABLE, "1")
-    if setting.strip().lower() not in _SWITCH:
+    switch = _SWITCH.get(setting.strip().lower())
+    if switch is None:
         raise ValueError(
             f"{OPT_OUT_VARIABLE}={setting!r}: expected 1 (keep freed memory, the default) or 0 (glibc's defaults)."
         )
-    return _SWITCH[setting.strip().lower()]
+    return switch
 
 
 def freed_memory_kept() -> bool:

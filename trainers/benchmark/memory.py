@@ -58,13 +58,17 @@ def peak_memory(
     its peak RSS after the imports, its RSS once the model and inputs are built, and its peak RSS while the
     workload runs twice (the peak is reset after the build, so building a pruned copy at full size first does not
     count)."""
-    request = {"source": source.to_dict(), "workload": workload, "shape": asdict(shape), "threads": threads}
-    # The fresh process allocates as this one does (see `trainers.cpu_memory`).
-    request = json.dumps({**request, "dtype": dtype, "keep_freed_memory": freed_memory_kept()})
+    request = {
+        "source": source.to_dict(),
+        "workload": workload,
+        "shape": asdict(shape),
+        "threads": threads,
+        "dtype": dtype,
+        "keep_freed_memory": freed_memory_kept(),  # the fresh process allocates as this one does
+    }
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    completed = subprocess.run(
-        [sys.executable, "-m", "trainers.benchmark.memory", request], capture_output=True, text=True, env=env
-    )
+    command = [sys.executable, "-m", "trainers.benchmark.memory", json.dumps(request)]
+    completed = subprocess.run(command, capture_output=True, text=True, env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"Measuring the memory of {source.spec} ({workload}) failed:\n{completed.stderr[-2000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])

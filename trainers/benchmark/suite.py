@@ -251,7 +251,7 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
         raise ValueError("Give at least one model to benchmark.")
     first, *others = settings.dtypes
     for entry in models:
-        entry.place(settings.device, DTYPES[first])
+        entry.place(settings.device, settings.torch_dtype)
     # Each model followed by its copies in the other dtypes, all in the same interleaved rounds.
     models = [variant for entry in models for variant in (entry, *(entry.in_dtype(DTYPES[d]) for d in others))]
     previous_threads = torch.get_num_threads()
