@@ -222,6 +222,23 @@ def needs_autograd_or_tracing(module: nn.Module, hidden_states: torch.Tensor) ->
 QUICK_GELU_SCALE = 1.702
 
 
+def plain_linears(*linears: nn.Module) -> bool:
+    """Whether each is a plain, hook-free `nn.Linear` with a bias, so that a fused inference form may compute it
+    from its weight and bias (a quantized, adapter-wrapped or hooked layer must run as itself)."""
+    return all(
+        type(linear) is nn.Linear
+        and linear.bias is not None
+        and not (linear._forward_hooks or linear._forward_pre_hooks)
+        for linear in linears
+    )
+
+
+def _times_weight(states: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """`states @ linear.weight.T` without the bias: (..., in) -> (..., out)."""
+    flat = torch.mm(states.reshape(-1, states.shape[-1]), linear.weight.t())
+    return flat.view(*states.shape[:-1], flat.shape[-1])
+
+
 def attention_head_parameters(head_dim: int, hidden_size: int, kv_hidden_size: int) -> int:
     """Parameters of one head: its rows of Q (from `hidden_size`), K and V (from `kv_hidden_size`) with
     biases, and its columns of the output projection."""
@@ -268,16 +285,25 @@ class EfficientVLMAttention(nn.Module):
         head_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         encoder_groups: EncoderGroups | None = None,
+        residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states: (batch, q_len, hidden); attention_mask: additive, (batch, 1, q_len | 1, k_len);
         head_mask: (heads,) or (batch, heads), multiplied into each head's context; encoder_groups: the row of
         `encoder_hidden_states` each row of `hidden_states` attends to (then `encoder_hidden_states` and
         `attention_mask` may hold fewer rows: each one's keys and values are computed once, however many rows
-        share it). Returns the output (batch, q_len, hidden) and, with `output_attentions`,
-        (batch, heads, q_len, k_len)."""
+        share it); residual: (batch, q_len, hidden), added to the output. Returns the output (batch, q_len, hidden)
+        and, with `output_attentions`, (batch, heads, q_len, k_len)."""
         kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q_len = hidden_states.shape[1]
-        query, key, value = self.q_proj(hidden_states), self.k_proj(kv_states), self.v_proj(kv_states)
+        fused = head_mask is None and not output_attentions and self._fuses(hidden_states, kv_states)
+        query = self.q_proj(hidden_states)
+        if fused:
+            # Softmax is blind to the key bias (it adds q . b_k to all of a query's scores) and its rows sum to 1,
+            # so the value bias adds b_v to every context row: added there, in place, instead of broadcast into
+            # every key and value row (the keys' and values' GEMMs then start from nothing).
+            key, value = _times_weight(kv_states, self.k_proj), _times_weight(kv_states, self.v_proj)
+        else:
+            key, value = self.k_proj(kv_states), self.v_proj(kv_states)
         grouped = encoder_groups is not None and encoder_groups.blocked and not output_attentions
         if encoder_groups is not None:
             if grouped:  # the queries of texts sharing an image attend together to its keys and values
@@ -307,8 +333,29 @@ class EfficientVLMAttention(nn.Module):
             context = encoder_groups.from_blocks(context, q_len)
         if head_mask is not None:
             context = context * head_mask.to(context.dtype).view(-1, 1, self.num_heads, 1)
-        output = self.out_proj(context.reshape(*hidden_states.shape[:2], -1))
+        context = context.reshape(*hidden_states.shape[:2], -1)
+        if fused:  # the output starts as residual + bias and the output GEMM accumulates into it
+            context = context.add_(self.v_proj.bias).reshape(-1, context.shape[-1])
+            bias = self.out_proj.bias
+            if residual is None:
+                output = context.new_empty((*hidden_states.shape[:2], bias.shape[0])).copy_(bias)
+            else:
+                output = torch.add(residual, bias)
+            output.view(-1, bias.shape[0]).addmm_(context, self.out_proj.weight.t())
+            return output, None
+        output = self.out_proj(context)
+        if residual is not None:
+            output = residual + output
         return output, (attn_weights if output_attentions else None)
+
+    def _fuses(self, hidden_states: torch.Tensor, kv_states: torch.Tensor) -> bool:
+        """Whether the forward may fold the key and value biases away (see `forward`): no autograd, tracing or
+        active dropout (dropped probabilities no longer sum to 1), plain linear layers."""
+        if needs_autograd_or_tracing(self, hidden_states) or (self.training and self.dropout > 0):
+            return False
+        if torch.is_grad_enabled() and kv_states.requires_grad:
+            return False
+        return plain_linears(self.q_proj, self.k_proj, self.v_proj, self.out_proj)
 
     def prune(self, mask: torch.Tensor) -> nn.Module:
         """Keeps the heads with a non-zero mask and folds the mask values into `out_proj`.
@@ -337,20 +384,30 @@ class EfficientVLMEmptyAttention(nn.Module):
         super().__init__()
         self.bias = nn.Parameter(bias)
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+    def forward(
+        self, hidden_states: torch.Tensor, *args, residual: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, None]:
         # A new tensor, not a view of the parameter: views of leaves trip autograd hooks (e.g. FLOP counting).
-        return torch.zeros_like(hidden_states) + self.bias, None
+        return (torch.zeros_like(hidden_states) if residual is None else residual) + self.bias, None
 
     def prune(self, mask: torch.Tensor) -> nn.Module:
         _kept(mask, 0, "attention heads")  # nothing left to remove: only an empty mask fits
         return self
 
 
+# In-place forms of the activations of `ACT2FN` (the same kernels) that the FFN's inference path may use.
+_IN_PLACE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": torch.ops.aten.gelu_,
+    "relu": torch.relu_,
+    "silu": lambda tensor: F.silu(tensor, inplace=True),
+}
+
+
 class EfficientVLMMLP(nn.Module):
     """Two-layer FFN; an optional (neurons,) mask multiplies the activations."""
 
     # On a CPU without autograd, inputs of more rows (tokens over the batch) than this run in blocks of at most this
-    # many (see `_forward_in_chunks`); a class attribute, so a test can force blocks on a tiny model. 1024 keeps a
+    # many (see `_inference_forward`); a class attribute, so a test can force blocks on a tiny model. 1024 keeps a
     # 384-px image's 577 tokens in one block: blocks of 289 rows ran the GEMMs at 79-86% of the matmul peak, 577 at
     # 90%, and the (1024, 3072) block (12 MiB) stays under glibc's largest dynamic mmap threshold.
     inference_chunk_rows = 1024
@@ -366,69 +423,78 @@ class EfficientVLMMLP(nn.Module):
     def intermediate_size(self) -> int:
         return self.fc1.out_features
 
-    def forward(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # The size is read only when not tracing (a traced comparison of it would be baked into the graph, with a
-        # TracerWarning).
-        inference = not needs_autograd_or_tracing(self, hidden_states)
-        # GPU allocators cache their blocks: nothing to gain there from row blocks.
-        if inference and hidden_states.device.type == "cpu":
-            rows = hidden_states.numel() // hidden_states.shape[-1]
-            if rows > self.inference_chunk_rows:
-                return self._forward_in_chunks(hidden_states, ffn_mask, rows)
-        return self._forward_rows(hidden_states, ffn_mask, inference=inference)
-
-    def _forward_rows(
-        self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None, inference: bool = False
+    def forward(
+        self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None = None, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if inference and (ffn_mask is None or ffn_mask.dim() == 1) and self._folds_quick_gelu():
-            return self._quick_gelu_rows(hidden_states, ffn_mask)
+        """hidden_states: (..., hidden); ffn_mask: (intermediate,) or broadcastable to (..., intermediate);
+        residual: (..., hidden), added to the output. Returns (..., hidden)."""
+        if needs_autograd_or_tracing(self, hidden_states):
+            output = self._plain_forward(hidden_states, ffn_mask)
+            return output if residual is None else residual + output
+        return self._inference_forward(hidden_states, ffn_mask, residual)
+
+    def _plain_forward(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None) -> torch.Tensor:
         hidden_states = self.activation_fn(self.fc1(hidden_states))
         if ffn_mask is not None:
             hidden_states = hidden_states * ffn_mask.to(hidden_states.dtype)
         return self.fc2(hidden_states)
 
-    def _folds_quick_gelu(self) -> bool:
-        """Whether `_quick_gelu_rows` computes exactly this FFN: quick-GELU between two plain, hook-free linear
-        layers with biases (a quantized, adapter-wrapped or hooked layer must run as itself)."""
-        if self.config.hidden_act != "quick_gelu":
-            return False
-        return all(
-            type(linear) is nn.Linear
-            and linear.bias is not None
-            and not (linear._forward_hooks or linear._forward_pre_hooks)
-            for linear in (self.fc1, self.fc2)
-        )
+    def _fuses(self, ffn_mask: torch.Tensor | None) -> bool:
+        """Whether `_inference_forward` may run this FFN from its weights: plain linear layers with biases and a
+        mask of one value per neuron."""
+        return (ffn_mask is None or ffn_mask.dim() == 1) and plain_linears(self.fc1, self.fc2)
 
-    def _quick_gelu_rows(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None) -> torch.Tensor:
-        """`fc2(quick_gelu(fc1(x)) * mask)` with one elementwise pass where quick-GELU takes three (a scaling, a
-        sigmoid and a product, each into a new tensor of (rows, intermediate)): quick_gelu(h) = h * sigmoid(a h) =
-        silu(a h) / a with a = 1.702, so `fc1`'s GEMM scales its output by a, SiLU runs in place and `fc2`'s GEMM
-        scales its product by 1 / a (GEMMs scale for free). Inference only: the in-place SiLU would break
-        autograd."""
-        scale = QUICK_GELU_SCALE
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        activated = torch.addmm(self.fc1.bias, flat, self.fc1.weight.t(), beta=scale, alpha=scale)
-        F.silu(activated, inplace=True)
+    def _inference_forward(
+        self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The FFN without autograd: on a CPU in blocks of at most `inference_chunk_rows` rows (tokens), so the
+        widest tensor, (rows, intermediate), stays small enough for the cache and for the allocator to reuse
+        instead of fresh pages (e.g. 57 MB at 8 x 577 tokens x 3072). When `_fuses`, the output starts as
+        `residual + fc2.bias` and each block's `fc2` GEMM accumulates into its rows: no bias broadcast, no
+        separate residual add, no copy of the blocks into place."""
+        width = hidden_states.shape[-1]
+        rows = hidden_states.numel() // width
+        flat = hidden_states.reshape(rows, width)
+        blocks = 1
+        if hidden_states.device.type == "cpu" and rows > self.inference_chunk_rows:
+            blocks = -(-rows // self.inference_chunk_rows)  # GPU allocators cache their blocks: no gain there
+        out_features = self.fc2.out_features
+        if not self._fuses(ffn_mask):
+            if blocks == 1 or not (ffn_mask is None or ffn_mask.dim() == 1):  # a per-token mask has the input's shape
+                output = self._plain_forward(hidden_states, ffn_mask)
+            else:
+                output = torch.cat([self._plain_forward(block, ffn_mask) for block in flat.tensor_split(blocks)])
+                output = output.view(*hidden_states.shape[:-1], out_features)
+            return output if residual is None else residual + output
+        if residual is None:
+            output = flat.new_empty((rows, out_features)).copy_(self.fc2.bias)
+        else:
+            output = torch.add(residual.reshape(rows, out_features), self.fc2.bias)
+        quick_gelu = self.config.hidden_act == "quick_gelu"
+        alpha = 1 / QUICK_GELU_SCALE if quick_gelu else 1  # quick-GELU's activations come out scaled (`_activated`)
+        start = 0
+        for block in flat.tensor_split(blocks):
+            activated = self._activated(block, ffn_mask, quick_gelu)
+            output[start : start + len(block)].addmm_(activated, self.fc2.weight.t(), alpha=alpha)
+            start += len(block)
+        return output.view(*hidden_states.shape[:-1], out_features)
+
+    def _activated(self, block: torch.Tensor, ffn_mask: torch.Tensor | None, quick_gelu: bool) -> torch.Tensor:
+        """`activation(fc1(block)) * mask`, the activation in place. Quick-GELU comes out times QUICK_GELU_SCALE:
+        quick_gelu(h) = h * sigmoid(a h) = silu(a h) / a with a = 1.702, so `fc1`'s GEMM scales its output by a
+        (free inside the GEMM) and one in-place SiLU follows, where `x * sigmoid(1.702 x)` takes three passes (a
+        scaling, a sigmoid and a product, each into a new tensor); `fc2`'s GEMM divides by a."""
+        if quick_gelu:
+            scale = QUICK_GELU_SCALE
+            activated = torch.addmm(self.fc1.bias, block, self.fc1.weight.t(), beta=scale, alpha=scale)
+            F.silu(activated, inplace=True)
+        else:
+            activated = torch.addmm(self.fc1.bias, block, self.fc1.weight.t())
+            in_place = _IN_PLACE_ACTIVATIONS.get(self.config.hidden_act)
+            activated = in_place(activated) if in_place is not None else self.activation_fn(activated)
         if ffn_mask is not None:
             activated.mul_(ffn_mask.to(activated.dtype))
-        output = torch.addmm(self.fc2.bias, activated, self.fc2.weight.t(), alpha=1 / scale)
-        return output.view(*hidden_states.shape[:-1], output.shape[-1])
-
-    def _forward_in_chunks(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None, rows: int) -> torch.Tensor:
-        """The same FFN a block of rows (tokens) at a time: the widest tensor, (rows, intermediate), and the
-        activation's temporaries then stay small enough for the allocator to reuse (and for the cache), instead of
-        fresh pages of memory for each of them (e.g. 57 MB each at 8 x 577 tokens x 3072), whose page faults cost
-        more than the activation itself on a CPU."""
-        flat = hidden_states.reshape(rows, hidden_states.shape[-1])
-        output = None
-        start = 0
-        for block in flat.tensor_split(-(-rows // self.inference_chunk_rows)):
-            result = self._forward_rows(block, ffn_mask, inference=True)
-            if output is None:
-                output = result.new_empty((rows, result.shape[-1]))
-            output[start : start + len(block)] = result
-            start += len(block)
-        return output.view(*hidden_states.shape[:-1], output.shape[-1])
+        return activated
 
     def prune(self, mask: torch.Tensor, pad_to_multiple_of: int = 1) -> nn.Module:
         """Keeps neurons with a non-zero mask, folding the mask values into `fc2`.
@@ -463,8 +529,10 @@ class EfficientVLMEmptyMLP(nn.Module):
         super().__init__()
         self.bias = nn.Parameter(bias)
 
-    def forward(self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.zeros_like(hidden_states) + self.bias
+    def forward(
+        self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return (torch.zeros_like(hidden_states) if residual is None else residual) + self.bias
 
     def prune(self, mask: torch.Tensor, pad_to_multiple_of: int = 1) -> nn.Module:
         _kept(mask, 0, "FFN neurons")
@@ -595,11 +663,13 @@ class EfficientVLMVisionLayer(GradientCheckpointingLayer):
         ffn_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.self_attn(
-            self.layer_norm1(hidden_states), head_mask=head_mask, output_attentions=output_attentions
+        hidden_states, attn_weights = self.self_attn(
+            self.layer_norm1(hidden_states),
+            head_mask=head_mask,
+            output_attentions=output_attentions,
+            residual=hidden_states,
         )
-        hidden_states = hidden_states + attn_output
-        hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states), ffn_mask)
+        hidden_states = self.mlp(self.layer_norm2(hidden_states), ffn_mask, residual=hidden_states)
         return hidden_states, attn_weights
 
 
@@ -709,10 +779,17 @@ class EfficientVLMTextLayer(GradientCheckpointingLayer):
         output_attentions: bool = False,
         encoder_groups: EncoderGroups | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        # Without active dropout each block adds the residual itself (its GEMM accumulates into it at inference).
+        dropout = self.training and self.dropout.p > 0
+
+        def add_residual(output: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+            return residual + self.dropout(output) if dropout else output
+
+        residual = None if dropout else hidden_states
         attn_output, self_weights = self.attention(
-            hidden_states, attention_mask, head_mask=head_mask, output_attentions=output_attentions
+            hidden_states, attention_mask, head_mask=head_mask, output_attentions=output_attentions, residual=residual
         )
-        hidden_states = self.attention_norm(hidden_states + self.dropout(attn_output))
+        hidden_states = self.attention_norm(add_residual(attn_output, hidden_states))
         cross_weights = None
         if self.has_cross_attention:
             if encoder_hidden_states is None:
@@ -724,9 +801,11 @@ class EfficientVLMTextLayer(GradientCheckpointingLayer):
                 head_mask=cross_head_mask,
                 output_attentions=output_attentions,
                 encoder_groups=encoder_groups,
+                residual=None if dropout else hidden_states,
             )
-            hidden_states = self.crossattention_norm(hidden_states + self.dropout(cross_output))
-        hidden_states = self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states, ffn_mask)))
+            hidden_states = self.crossattention_norm(add_residual(cross_output, hidden_states))
+        mlp_output = self.mlp(hidden_states, ffn_mask, residual=None if dropout else hidden_states)
+        hidden_states = self.mlp_norm(add_residual(mlp_output, hidden_states))
         return hidden_states, self_weights, cross_weights
 
 

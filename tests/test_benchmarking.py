@@ -50,3 +50,20 @@ def test_attention_flops_count_on_the_cpu_as_on_a_gpu() -> None:
             attention(query, key, value).sum().backward()
 
     assert count_flops(train_step) == forward * 3.5  # backward: 5 matmuls of that size against the forward's 2
+
+
+def test_inference_forms_count_the_flops_of_the_written_ones(tiny_config, tiny_inputs) -> None:
+    """Without autograd the output GEMMs accumulate into the residual (`addmm_`, which torch's counter skips): the
+    count is that of the written forms, which autograd runs."""
+    model = EfficientVLMForPreTraining(tiny_config).eval()
+    names = ("pixel_values", "input_ids", "attention_mask")
+    inputs = {key: value for key, value in tiny_inputs.items() if key in names}
+
+    def forward() -> None:
+        model.efficientvlm(**inputs)
+
+    def recorded_forward() -> None:
+        with torch.enable_grad():
+            model.efficientvlm(**inputs)
+
+    assert count_flops(forward) == count_flops(recorded_forward) > 0

@@ -155,14 +155,16 @@ def test_ffn_mask_multiplies_activations(tiny_config, tiny_inputs) -> None:
 
 
 def _count_ffn_passes(monkeypatch) -> list[int]:
-    """Counts the row blocks every FFN runs (one per call of `_forward_rows`)."""
-    passes, plain = [], EfficientVLMMLP._forward_rows
+    """Counts the row blocks every FFN runs (one call of `_activated` or `_plain_forward` each)."""
+    passes = []
+    for name in ("_activated", "_plain_forward"):
+        plain = getattr(EfficientVLMMLP, name)
 
-    def counted(self, hidden_states, ffn_mask, **kwargs):
-        passes.append(hidden_states.numel() // hidden_states.shape[-1])
-        return plain(self, hidden_states, ffn_mask, **kwargs)
+        def counted(self, hidden_states, *args, _plain=plain, **kwargs):
+            passes.append(hidden_states.numel() // hidden_states.shape[-1])
+            return _plain(self, hidden_states, *args, **kwargs)
 
-    monkeypatch.setattr(EfficientVLMMLP, "_forward_rows", counted)
+        monkeypatch.setattr(EfficientVLMMLP, name, counted)
     return passes
 
 
