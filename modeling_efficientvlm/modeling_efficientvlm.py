@@ -337,10 +337,11 @@ class EfficientVLMAttention(nn.Module):
         if fused:  # the output starts as residual + bias and the output GEMM accumulates into it
             context = context.add_(self.v_proj.bias).reshape(-1, context.shape[-1])
             bias = self.out_proj.bias
+            output = context.new_empty((*hidden_states.shape[:2], bias.shape[0]))  # contiguous, whatever the residual
             if residual is None:
-                output = context.new_empty((*hidden_states.shape[:2], bias.shape[0])).copy_(bias)
+                output.copy_(bias)
             else:
-                output = torch.add(residual, bias)
+                torch.add(residual, bias, out=output)
             output.view(-1, bias.shape[0]).addmm_(context, self.out_proj.weight.t())
             return output, None
         output = self.out_proj(context)
@@ -466,10 +467,11 @@ class EfficientVLMMLP(nn.Module):
                 output = torch.cat([self._plain_forward(block, ffn_mask) for block in flat.tensor_split(blocks)])
                 output = output.view(*hidden_states.shape[:-1], out_features)
             return output if residual is None else residual + output
+        output = flat.new_empty((rows, out_features))  # contiguous, whatever the residual
         if residual is None:
-            output = flat.new_empty((rows, out_features)).copy_(self.fc2.bias)
+            output.copy_(self.fc2.bias)
         else:
-            output = torch.add(residual.reshape(rows, out_features), self.fc2.bias)
+            torch.add(residual.reshape(rows, out_features), self.fc2.bias, out=output)
         quick_gelu = self.config.hidden_act == "quick_gelu"
         alpha = 1 / QUICK_GELU_SCALE if quick_gelu else 1  # quick-GELU's activations come out scaled (`_activated`)
         start = 0

@@ -53,7 +53,7 @@ def _inputs(attention: EfficientVLMAttention, cross: bool) -> dict:
 def test_attention_without_autograd_folds_the_key_and_value_biases(cross: bool, monkeypatch) -> None:
     attention = _attention(cross)
     inputs = _inputs(attention, cross)
-    residual = torch.randn_like(inputs["hidden_states"])
+    residual = torch.randn(6, 3, attention.q_proj.in_features).transpose(0, 1)  # not contiguous
     written = attention(**inputs)[0]  # autograd records it: the written form
     called = _record_linear_calls(monkeypatch)
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_ffn_without_autograd_accumulates_into_the_residual(hidden_act: str, mon
     torch.manual_seed(0)
     mlp = EfficientVLMMLP(config, 24).eval()
     hidden = torch.randn(2, 7, config.hidden_size)
-    residual = torch.randn_like(hidden)
+    residual = torch.randn(7, 2, config.hidden_size).transpose(0, 1)  # not contiguous
     mask = torch.rand(24).round()
     for ffn_mask in (None, mask):
         written = mlp(hidden, ffn_mask).detach()  # under autograd: the written form
