@@ -208,14 +208,16 @@ def _kept(mask: torch.Tensor, expected: int, what: str) -> tuple[torch.Tensor, t
     return index, mask[index]
 
 
-def needs_autograd_or_tracing(module: nn.Module, hidden_states: torch.Tensor) -> bool:
-    """Whether a forward must keep its plain form: autograd records it (grad mode on and the input or a parameter
+def needs_autograd_or_tracing(module: nn.Module, *inputs: torch.Tensor | None) -> bool:
+    """Whether a forward must keep its plain form: autograd records it (grad mode on and an input or a parameter
     requires grad), or it is being traced / compiled (a Python loop over the rows would bake the traced size in)."""
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return True
     if not torch.is_grad_enabled():
         return False
-    return hidden_states.requires_grad or any(parameter.requires_grad for parameter in module.parameters())
+    return any(tensor is not None and tensor.requires_grad for tensor in inputs) or any(
+        parameter.requires_grad for parameter in module.parameters()
+    )
 
 
 # quick_gelu(x) = x * sigmoid(QUICK_GELU_SCALE * x) (CLIP's approximation of GELU).
@@ -295,7 +297,7 @@ class EfficientVLMAttention(nn.Module):
         and, with `output_attentions`, (batch, heads, q_len, k_len)."""
         kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q_len = hidden_states.shape[1]
-        fused = head_mask is None and not output_attentions and self._fuses(hidden_states, kv_states)
+        fused = head_mask is None and not output_attentions and self._fuses(hidden_states, kv_states, residual)
         query = self.q_proj(hidden_states)
         if fused:
             # Softmax is blind to the key bias (it adds q . b_k to all of a query's scores) and its rows sum to 1,
@@ -349,12 +351,10 @@ class EfficientVLMAttention(nn.Module):
             output = residual + output
         return output, (attn_weights if output_attentions else None)
 
-    def _fuses(self, hidden_states: torch.Tensor, kv_states: torch.Tensor) -> bool:
+    def _fuses(self, *inputs: torch.Tensor | None) -> bool:
         """Whether the forward may fold the key and value biases away (see `forward`): no autograd, tracing or
         active dropout (dropped probabilities no longer sum to 1), plain linear layers."""
-        if needs_autograd_or_tracing(self, hidden_states) or (self.training and self.dropout > 0):
-            return False
-        if torch.is_grad_enabled() and kv_states.requires_grad:
+        if needs_autograd_or_tracing(self, *inputs) or (self.training and self.dropout > 0):
             return False
         return plain_linears(self.q_proj, self.k_proj, self.v_proj, self.out_proj)
 
@@ -429,7 +429,7 @@ class EfficientVLMMLP(nn.Module):
     ) -> torch.Tensor:
         """hidden_states: (..., hidden); ffn_mask: (intermediate,) or broadcastable to (..., intermediate);
         residual: (..., hidden), added to the output. Returns (..., hidden)."""
-        if needs_autograd_or_tracing(self, hidden_states):
+        if needs_autograd_or_tracing(self, hidden_states, residual):
             output = self._plain_forward(hidden_states, ffn_mask)
             return output if residual is None else residual + output
         return self._inference_forward(hidden_states, ffn_mask, residual)

@@ -183,3 +183,16 @@ def test_layers_add_each_block_to_its_residual_once() -> None:
                 h = fusion.crossattention_norm(h + fusion.crossattention(h, encoder_hidden_states=image)[0])
                 expected = fusion.mlp_norm(h + fusion.mlp(h))
                 torch.testing.assert_close(fusion(t, encoder_hidden_states=image)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_residual_that_requires_grad_keeps_the_written_forms() -> None:
+    """Frozen blocks on a trainable residual stream: the gradient reaches the residual (the fused forms write into
+    new tensors with `out=`, which autograd cannot record)."""
+    attention = _attention().requires_grad_(False)
+    config = EfficientVLMConfig.from_preset("tiny").text_config
+    mlp = EfficientVLMMLP(config, 24).eval().requires_grad_(False)
+    hidden = torch.randn(2, 6, config.hidden_size)
+    for block in (lambda residual: attention(hidden, residual=residual)[0], lambda r: mlp(hidden, residual=r)):
+        residual = torch.randn(2, 6, config.hidden_size, requires_grad=True)
+        block(residual).sum().backward()
+        torch.testing.assert_close(residual.grad, torch.ones_like(residual))
