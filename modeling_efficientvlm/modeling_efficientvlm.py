@@ -440,10 +440,15 @@ class EfficientVLMMLP(nn.Module):
             hidden_states = hidden_states * ffn_mask.to(hidden_states.dtype)
         return self.fc2(hidden_states)
 
+    @staticmethod
+    def _per_neuron(ffn_mask: torch.Tensor | None) -> bool:
+        """Whether the mask holds one value per neuron (or is absent): it then applies to any block of rows."""
+        return ffn_mask is None or ffn_mask.dim() == 1
+
     def _fuses(self, ffn_mask: torch.Tensor | None) -> bool:
         """Whether `_inference_forward` may run this FFN from its weights: plain linear layers with biases and a
         mask of one value per neuron."""
-        return (ffn_mask is None or ffn_mask.dim() == 1) and plain_linears(self.fc1, self.fc2)
+        return self._per_neuron(ffn_mask) and plain_linears(self.fc1, self.fc2)
 
     def _inference_forward(
         self, hidden_states: torch.Tensor, ffn_mask: torch.Tensor | None, residual: torch.Tensor | None
@@ -461,7 +466,7 @@ class EfficientVLMMLP(nn.Module):
             blocks = -(-rows // self.inference_chunk_rows)  # GPU allocators cache their blocks: no gain there
         out_features = self.fc2.out_features
         if not self._fuses(ffn_mask):
-            if blocks == 1 or not (ffn_mask is None or ffn_mask.dim() == 1):  # a per-token mask has the input's shape
+            if blocks == 1 or not self._per_neuron(ffn_mask):  # a per-token mask has the input's shape
                 output = self._plain_forward(hidden_states, ffn_mask)
             else:
                 output = torch.cat([self._plain_forward(block, ffn_mask) for block in flat.tensor_split(blocks)])
@@ -787,9 +792,12 @@ class EfficientVLMTextLayer(GradientCheckpointingLayer):
         def add_residual(output: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
             return residual + self.dropout(output) if dropout else output
 
-        residual = None if dropout else hidden_states
         attn_output, self_weights = self.attention(
-            hidden_states, attention_mask, head_mask=head_mask, output_attentions=output_attentions, residual=residual
+            hidden_states,
+            attention_mask,
+            head_mask=head_mask,
+            output_attentions=output_attentions,
+            residual=None if dropout else hidden_states,
         )
         hidden_states = self.attention_norm(add_residual(attn_output, hidden_states))
         cross_weights = None

@@ -38,8 +38,8 @@ def _in_place_addmm_flops(self_shape: Any, a_shape: Any, b_shape: Any, *args: An
 
 
 # What torch's counter misses: the CPU attention kernels (it counts the CUDA ones; attention is a tenth of a 384 px
-# ViT's FLOPs) and the in-place `addmm_` of the models' inference forms (the output GEMMs accumulate into the
-# residual: two thirds of their FLOPs).
+# ViT's FLOPs) and the in-place `addmm_` of the models' inference forms (the attention output and FFN `fc2` GEMMs
+# accumulate into the residual: a third of `efficientvlm-small`'s ITM FLOPs).
 UNCOUNTED_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
