@@ -35,6 +35,15 @@ from .loss_efficientvlm import (
     masked_language_modeling_loss,
     sample_hard_negatives,
 )
+from .packing_efficientvlm import (
+    FUSED_ACTIVATIONS,
+    NO_ACTIVATION,
+    CPUWeightPacks,
+    cpu_packing_available,
+    packed_linear,
+    packed_weight,
+    runs_packed,
+)
 
 # Keys of a structure-mask dict: one list per key with one tensor per layer, shaped (heads,) or (neurons,).
 # `text_*` index the text layers, `fusion_*` the fusion layers of the BERT stack, `decoder_*` the layers of a
@@ -208,10 +217,14 @@ def _kept(mask: torch.Tensor, expected: int, what: str) -> tuple[torch.Tensor, t
     return index, mask[index]
 
 
-def needs_autograd_or_tracing(module: nn.Module, *inputs: torch.Tensor | None) -> bool:
-    """Whether a forward must keep its plain form: autograd records it (grad mode on and an input or a parameter
-    requires grad), or it is being traced / compiled (a Python loop over the rows would bake the traced size in)."""
+def keeps_written_form(module: nn.Module, *inputs: torch.Tensor | None) -> bool:
+    """Whether a forward must keep its written form: autograd records it (grad mode on and an input or a parameter
+    requires grad), it is being traced / compiled (a Python loop over the rows would bake the traced size in), or
+    autocast is on for the inputs' device (it casts the written form's ops; the in-place GEMMs would mix dtypes)."""
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return True
+    first = next((tensor for tensor in inputs if tensor is not None), None)
+    if first is not None and torch.is_autocast_enabled(first.device.type):
         return True
     if not torch.is_grad_enabled():
         return False
@@ -278,6 +291,7 @@ class EfficientVLMAttention(nn.Module):
         self.k_proj = nn.Linear(kv_hidden_size, inner)
         self.v_proj = nn.Linear(kv_hidden_size, inner)
         self.out_proj = nn.Linear(inner, config.hidden_size)
+        self.cpu_packs: CPUWeightPacks | None = None  # see `EfficientVLMPreTrainedModel.pack_cpu_weights`
 
     def forward(
         self,
@@ -298,13 +312,19 @@ class EfficientVLMAttention(nn.Module):
         kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q_len = hidden_states.shape[1]
         fused = head_mask is None and not output_attentions and self._fuses(hidden_states, kv_states, residual)
-        query = self.q_proj(hidden_states)
-        if fused:
+        packed = fused and runs_packed(self, "q_proj", hidden_states)
+        if packed:
+            query = packed_linear(hidden_states, packed_weight(self, "q_proj"))
+            key = packed_linear(kv_states, packed_weight(self, "k_proj", bias_scale=None))
+            value = packed_linear(kv_states, packed_weight(self, "v_proj", bias_scale=None))
+        elif fused:
             # Softmax is blind to the key bias (it adds q . b_k to all of a query's scores) and its rows sum to 1,
             # so the value bias adds b_v to every context row: added there, in place, instead of broadcast into
             # every key and value row (the keys' and values' GEMMs then start from nothing).
+            query = self.q_proj(hidden_states)
             key, value = _times_weight(kv_states, self.k_proj), _times_weight(kv_states, self.v_proj)
         else:
+            query = self.q_proj(hidden_states)
             key, value = self.k_proj(kv_states), self.v_proj(kv_states)
         grouped = encoder_groups is not None and encoder_groups.blocked and not output_attentions
         if encoder_groups is not None:
@@ -336,6 +356,9 @@ class EfficientVLMAttention(nn.Module):
         if head_mask is not None:
             context = context * head_mask.to(context.dtype).view(-1, 1, self.num_heads, 1)
         context = context.reshape(*hidden_states.shape[:2], -1)
+        if packed:  # bias and residual added inside the product
+            context = context.add_(self.v_proj.bias)
+            return packed_linear(context, packed_weight(self, "out_proj"), residual=residual), None
         if fused:  # the output starts as residual + bias and the output GEMM accumulates into it
             context = context.add_(self.v_proj.bias).reshape(-1, context.shape[-1])
             bias = self.out_proj.bias
@@ -354,7 +377,7 @@ class EfficientVLMAttention(nn.Module):
     def _fuses(self, *inputs: torch.Tensor | None) -> bool:
         """Whether the forward may fold the key and value biases away (see `forward`): no autograd, tracing or
         active dropout (dropped probabilities no longer sum to 1), plain linear layers."""
-        if needs_autograd_or_tracing(self, *inputs) or (self.training and self.dropout > 0):
+        if keeps_written_form(self, *inputs) or (self.training and self.dropout > 0):
             return False
         return plain_linears(self.q_proj, self.k_proj, self.v_proj, self.out_proj)
 
@@ -372,6 +395,7 @@ class EfficientVLMAttention(nn.Module):
         pruned.k_proj = _keep_rows(self.k_proj, rows)
         pruned.v_proj = _keep_rows(self.v_proj, rows)
         pruned.out_proj = _keep_columns(self.out_proj, rows, values.repeat_interleave(self.head_dim))
+        pruned.cpu_packs = None if self.cpu_packs is None else CPUWeightPacks()
         return pruned.train(self.training)
 
 
@@ -419,6 +443,7 @@ class EfficientVLMMLP(nn.Module):
         self.activation_fn = ACT2FN[config.hidden_act]
         self.fc1 = nn.Linear(config.hidden_size, intermediate_size)
         self.fc2 = nn.Linear(intermediate_size, config.hidden_size)
+        self.cpu_packs: CPUWeightPacks | None = None  # see `EfficientVLMPreTrainedModel.pack_cpu_weights`
 
     @property
     def intermediate_size(self) -> int:
@@ -429,7 +454,7 @@ class EfficientVLMMLP(nn.Module):
     ) -> torch.Tensor:
         """hidden_states: (..., hidden); ffn_mask: (intermediate,) or broadcastable to (..., intermediate);
         residual: (..., hidden), added to the output. Returns (..., hidden)."""
-        if needs_autograd_or_tracing(self, hidden_states, residual):
+        if keeps_written_form(self, hidden_states, residual):
             output = self._plain_forward(hidden_states, ffn_mask)
             return output if residual is None else residual + output
         return self._inference_forward(hidden_states, ffn_mask, residual)
@@ -472,6 +497,8 @@ class EfficientVLMMLP(nn.Module):
                 output = torch.cat([self._plain_forward(block, ffn_mask) for block in flat.tensor_split(blocks)])
                 output = output.view(*hidden_states.shape[:-1], out_features)
             return output if residual is None else residual + output
+        if runs_packed(self, "fc1", hidden_states):
+            return self._packed_forward(flat, blocks, ffn_mask, residual).view(*hidden_states.shape[:-1], -1)
         output = flat.new_empty((rows, out_features))  # contiguous, whatever the residual
         if residual is None:
             output.copy_(self.fc2.bias)
@@ -485,6 +512,26 @@ class EfficientVLMMLP(nn.Module):
             output[start : start + len(block)].addmm_(activated, self.fc2.weight.t(), alpha=alpha)
             start += len(block)
         return output.view(*hidden_states.shape[:-1], out_features)
+
+    def _packed_forward(
+        self, flat: torch.Tensor, blocks: int, ffn_mask: torch.Tensor | None, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`_inference_forward` from oneDNN-packed weights: fc1's bias and activation, fc2's bias and the residual
+        run inside the products. (rows, hidden) -> (rows, hidden)."""
+        activation = FUSED_ACTIVATIONS.get(self.config.hidden_act)
+        scale = QUICK_GELU_SCALE if self.config.hidden_act == "quick_gelu" else 1.0  # see `_activated`
+        fc1 = packed_weight(self, "fc1", weight_scale=scale, bias_scale=scale)
+        fc2 = packed_weight(self, "fc2", weight_scale=1 / scale)
+        residuals = [None] * blocks if residual is None else residual.reshape(len(flat), -1).tensor_split(blocks)
+        outputs = []
+        for block, block_residual in zip(flat.tensor_split(blocks), residuals):
+            activated = packed_linear(block, fc1, activation or NO_ACTIVATION)
+            if activation is None:
+                activated = self.activation_fn(activated)
+            if ffn_mask is not None:
+                activated.mul_(ffn_mask.to(activated.dtype))
+            outputs.append(packed_linear(activated, fc2, residual=block_residual))
+        return outputs[0] if blocks == 1 else torch.cat(outputs)
 
     def _activated(self, block: torch.Tensor, ffn_mask: torch.Tensor | None, quick_gelu: bool) -> torch.Tensor:
         """`activation(fc1(block)) * mask`, the activation in place. Quick-GELU comes out times QUICK_GELU_SCALE:
@@ -524,6 +571,7 @@ class EfficientVLMMLP(nn.Module):
         pruned = EfficientVLMMLP(self.config, width)
         pruned.fc1 = _keep_rows(self.fc1, index, width)
         pruned.fc2 = _keep_columns(self.fc2, index, values, width)
+        pruned.cpu_packs = None if self.cpu_packs is None else CPUWeightPacks()
         return pruned.train(self.training)
 
 
@@ -1114,6 +1162,24 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
                 f"{type(self).__name__} has no separate decoder to prune (only VQA's answer decoder is one; a "
                 "captioning model decodes with its text stack, pruned as `text` and `fusion`)."
             )
+
+    def pack_cpu_weights(self, enabled: bool = True) -> int:
+        """Has every attention and FFN block run its linear layers from oneDNN-packed copies of their weights where
+        it runs on a CPU in float32 without autograd (inference: `eval()` under `torch.no_grad()` /
+        `inference_mode()`), with each layer's bias, activation and residual add inside its product
+        (`packing_efficientvlm`). The copies are made at a block's first such call and again when its weights
+        change; they cost one more copy of those weights in memory (about the model's size) and are never saved.
+        Outputs match the unpacked model's to float32 rounding. `enabled=False` drops them. Blocks that pruning
+        builds later pack too. Returns the number of blocks set."""
+        if enabled and not cpu_packing_available():
+            raise RuntimeError(
+                "pack_cpu_weights needs PyTorch built with oneDNN (torch.backends.mkldnn.is_available() is False "
+                "here); the model runs unpacked."
+            )
+        blocks = [m for m in self.modules() if isinstance(m, (EfficientVLMAttention, EfficientVLMMLP))]
+        for block in blocks:
+            block.cpu_packs = CPUWeightPacks() if enabled else None
+        return len(blocks)
 
     def prune(self, structure_masks: StructureMasks, pad_to_multiple_of: int = 1) -> None:
         """Removes every head / FFN neuron whose mask is zero, folds the surviving mask values into the

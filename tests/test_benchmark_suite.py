@@ -380,3 +380,38 @@ def test_cuda_timings_wait_for_the_device_and_memory_is_the_allocators_peak(monk
     memory = _device_memory({("itm", "tiny"): workload}, "cuda")
     assert memory == {("itm", "tiny"): {"peak_device_mb": 130.0, "device_workload_mb": 30.0}}
     assert _device_memory({("itm", "tiny"): workload}, "cpu") == {}
+
+
+def test_packed_rows_are_timed_beside_their_models_with_the_same_flops_and_outputs(tmp_path, monkeypatch) -> None:
+    from trainers.benchmark import memory
+
+    requests = []
+    monkeypatch.setattr(
+        memory, "peak_memory", lambda source, *args: requests.append(source) or {"peak_mb": 2.0, "loaded_mb": 1.0}
+    )
+    models, _ = benchmark_models(["tiny"], [0.5])
+    settings = BenchmarkSettings(workloads=("itm",), batch_sizes=(2,), pack_cpu_weights=True, memory=True, **FAST)
+    report = run_benchmark(models, settings)
+    rows = {r.name: r for r in report.results}
+    assert list(rows) == ["tiny", "tiny [packed]", "tiny pruned 0.5", "tiny pruned 0.5 [packed]"]
+    for name in ("tiny", "tiny pruned 0.5"):
+        packed = rows[name + " [packed]"]
+        assert packed.base == name and packed.gflops == rows[name].gflops  # packed products counted as GEMMs
+        assert packed.speedup_vs_base == pytest.approx(rows[name].median_ms / packed.median_ms)
+        assert packed.flops_reduction_vs_base == 1.0 and packed.speed_target is None
+    # The packed copies are built packed (their memory measured so too), and score as their models do.
+    assert [source.pack_cpu_weights for source in requests] == [False, True, False, True]
+    plain, packed = models[1].build("retrieval"), models[1].packed().build("retrieval")
+    assert all(block.cpu_packs is not None for block in packed.modules() if hasattr(block, "cpu_packs"))
+    pixels = torch.randn(2, 3, plain.config.vision_config.image_size, plain.config.vision_config.image_size)
+    ids, mask = torch.randint(5, 50, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    with torch.no_grad():
+        scores = [m.itm_scores(m.embed_images(pixels)[0], m.embed_texts(ids, mask)[0], mask) for m in (plain, packed)]
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
+    table = format_report(report)
+    assert "| itm | tiny [packed] | 2 |" in table and "[packed]: the same model running" in table
+    assert "the faster of torch.mm (MKL) and oneDNN's with a packed weight" in table
+    again = BenchmarkReport.from_dict(json.loads(write_json(report, tmp_path / "bench.json").read_text()))
+    assert format_report(again) == table
+    with pytest.raises(ValueError, match="`pack_cpu_weights` packs float32 weights for the CPU"):
+        BenchmarkSettings(pack_cpu_weights=True, dtype="bfloat16")

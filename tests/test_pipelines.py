@@ -32,6 +32,11 @@ folders, image = payload["folders"], payload["image"]
 classify = pipeline("zero-shot-image-classification", model=folders["retrieval"], trust_remote_code=True)
 result["zero_shot"] = classify(image, candidate_labels=payload["labels"])
 result["zero_shot_single"] = classify(image, candidate_labels=payload["labels"][:1])
+# On a CPU in float32: the products from oneDNN-packed weights, the same scores.
+classify.model.pack_cpu_weights()
+packed = classify(image, candidate_labels=payload["labels"])
+packs = [len(m.cpu_packs) for m in classify.model.modules() if getattr(m, "cpu_packs", None) is not None]
+result["zero_shot_packed"] = (packed, packs)
 
 answer = pipeline("image-text-to-text", model=folders["vqa"], trust_remote_code=True, return_full_text=False)
 result["vqa"] = answer(image, text="what color is the square ?")
@@ -109,6 +114,10 @@ def test_every_task_works_from_a_saved_folder_without_the_package(tmp_path) -> N
     assert [item["score"] for item in zero_shot] == sorted((item["score"] for item in zero_shot), reverse=True)
     # One label is a query too, not a one-pair training batch.
     assert [(item["label"], round(item["score"], 6)) for item in result["zero_shot_single"]] == [(LABELS[0], 1.0)]
+    packed, packs = result["zero_shot_packed"]
+    assert packs and any(packs)  # the encoders' blocks ran packed (ITC runs no fusion layer)
+    assert [item["label"] for item in packed] == [item["label"] for item in zero_shot]
+    assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(packed, zero_shot))
 
     dtype, zero_shot_bf16 = result["zero_shot_bf16"]
     assert dtype == "torch.bfloat16" and abs(sum(item["score"] for item in zero_shot_bf16) - 1) < 1e-5

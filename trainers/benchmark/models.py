@@ -10,7 +10,7 @@ can rebuild the same model to measure its memory.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,18 +25,22 @@ PEERS = {
     "clip-b16": "Transformers' CLIPVisionModel, ViT-B/16 at 224 px (CLIP's vision tower, as in X-VLM)",
 }
 KINDS = ("efficientvlm", "blip", "clip-vision")
+PACKED_SUFFIX = " [packed]"
 
 
 @dataclass(frozen=True)
 class ModelSource:
     """How to build a model: `spec` is a preset name, a peer name or a folder / Hub id; `sparsity` > 0 prunes a
     preset with random structure masks (seeded by `seed`) to that fraction of its prunable parameters, its FFN
-    widths padded with zero neurons to multiples of `pad_to_multiple_of` (`trainers/pruning/padding.py`)."""
+    widths padded with zero neurons to multiples of `pad_to_multiple_of` (`trainers/pruning/padding.py`);
+    `pack_cpu_weights`: an EfficientVLM model then runs from oneDNN-packed weights on the CPU
+    (`EfficientVLMPreTrainedModel.pack_cpu_weights`)."""
 
     spec: str
     sparsity: float = 0.0
     seed: int = 0
     pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF
+    pack_cpu_weights: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +71,17 @@ class BenchmarkModel:
         prebuilt = copy.deepcopy(self.prebuilt) if self.prebuilt is not None else None
         variant = BenchmarkModel(f"{self.name} [{dtype_name(dtype)}]", self.kind, self.source, self.name, prebuilt)
         variant.place(self.device, dtype)
+        return variant
+
+    def packed(self) -> BenchmarkModel:
+        """A copy of this EfficientVLM model that runs from oneDNN-packed weights on the CPU: `<name> [packed]`, its
+        base this model, built from the same source (a prebuilt model is copied)."""
+        prebuilt = copy.deepcopy(self.prebuilt) if self.prebuilt is not None else None
+        if prebuilt is not None:
+            prebuilt.pack_cpu_weights()
+        source = replace(self.source, pack_cpu_weights=True) if self.source is not None else None
+        variant = BenchmarkModel(f"{self.name}{PACKED_SUFFIX}", self.kind, source, self.name, prebuilt)
+        variant.place(self.device, self.dtype)
         return variant
 
     def build(self, family: str) -> nn.Module | None:
@@ -136,6 +151,8 @@ def build_model(source: ModelSource, family: str) -> nn.Module | None:
 
         masks = random_structure_masks(model, source.sparsity, torch.Generator().manual_seed(source.seed))
         model.prune(masks, pad_to_multiple_of=source.pad_to_multiple_of)
+    if source.pack_cpu_weights:
+        model.pack_cpu_weights()
     return model
 
 

@@ -62,7 +62,9 @@ class BenchmarkSettings:
     pass and pairs per fusion pass of the retrieval workload (`retrieval_evaluate`'s `batch_size`). `compile`: a
     `torch.compile` mode; every model of the encoders / itm / vqa workloads then gets a second row, `<name> [compiled]`,
     timed in the same rounds, whose base is the eager model (so `speedup_vs_base` is what compiling buys); its
-    FLOPs are those of the eager call, and compiling happens before the warm-up calls."""
+    FLOPs are those of the eager call, and compiling happens before the warm-up calls. `pack_cpu_weights`: every
+    EfficientVLM model also runs from oneDNN-packed weights (`EfficientVLMPreTrainedModel.pack_cpu_weights`), as
+    `<name> [packed]` timed in the same rounds, whose base is the model itself (CPU, float32)."""
 
     workloads: tuple[str, ...] = ("encoders",)
     batch_sizes: tuple[int, ...] = (32,)
@@ -82,6 +84,7 @@ class BenchmarkSettings:
     device: str = "cpu"
     dtype: str = "float32"
     compile: str | None = None
+    pack_cpu_weights: bool = False
 
     def __post_init__(self) -> None:
         unknown = [w for w in self.workloads if w not in WORKLOADS]
@@ -106,6 +109,11 @@ class BenchmarkSettings:
             raise ValueError(
                 "`memory` measures the resident memory of a CPU process; on CUDA every row reports the workload's "
                 "peak GPU memory anyway."
+            )
+        if self.pack_cpu_weights and (kind != "cpu" or self.dtypes[0] != "float32"):
+            raise ValueError(
+                "`pack_cpu_weights` packs float32 weights for the CPU; got device "
+                f"{self.device!r} and dtype {self.dtypes[0]!r}."
             )
         if self.compile is not None:
             if self.compile not in COMPILE_MODES:
@@ -254,6 +262,9 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
         entry.place(settings.device, settings.torch_dtype)
     # Each model followed by its copies in the other dtypes, all in the same interleaved rounds.
     models = [variant for entry in models for variant in (entry, *(entry.in_dtype(DTYPES[d]) for d in others))]
+    if settings.pack_cpu_weights:  # each float32 EfficientVLM model followed by its packed copy
+        packs = [entry.kind == "efficientvlm" and entry.dtype == torch.float32 for entry in models]
+        models = [v for entry, pack in zip(models, packs) for v in (entry, *([entry.packed()] if pack else []))]
     previous_threads = torch.get_num_threads()
     results, peaks = [], {dtype: {} for dtype in settings.dtypes}
 

@@ -94,6 +94,14 @@ class BenchmarkArguments:
             "folded in as constants and pre-packed, bias and activation run inside the matmul; the fastest on CPUs)."
         },
     )
+    pack_cpu_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Add a row of every EfficientVLM model running from oneDNN-packed weights (CPU, float32; "
+            "`model.pack_cpu_weights()`: bias, activation and residual add inside each product; one more copy of "
+            "the weights in memory), `<model> [packed]`, timed in the same rounds, whose base is the model itself."
+        },
+    )
     output_json: str | None = field(default=None, metadata={"help": "Write every result and setting to this JSON."})
     plot: str | None = field(
         default=None, metadata={"help": "Write a PNG: latency vs batch size, speedup vs FLOPs reduction."}
@@ -161,6 +169,7 @@ def main(argv: list[str] | None = None):
         device=args.device,
         dtype=args.dtype,
         compile=args.compile,
+        pack_cpu_weights=args.pack_cpu_weights,
     )
     pad_multiples = None
     if args.prune_pad_multiple is not None:

@@ -1,0 +1,140 @@
+"""oneDNN-packed linear weights for the CPU inference forms of the attention and FFN blocks.
+
+`F.linear` and `torch.mm` run on MKL on a CPU, which copies the weight matrix into its own blocked layout inside
+every call. For the 40 rows of a batch-1 text that copy costs as much as the product (those GEMMs ran at 55-64% of
+the matmul peak, 577-row ones at 93-98%), and on AMD CPUs MKL's fp32 kernels reach about 90% of oneDNN's. oneDNN
+multiplies with a weight reordered once into its blocked layout (`mkldnn._reorder_linear_weight`, the op
+`torch.compile`'s freezing packs weights with) and runs the bias, the activation and a residual add inside the
+product. [`EfficientVLMPreTrainedModel.pack_cpu_weights`] gives every attention / FFN block a [`CPUWeightPacks`]:
+packed copies of its linear weights, made at first use and made again whenever a weight changes (an optimizer step,
+`load_state_dict`, a move): one more copy of those weights in memory. The blocks use them on a CPU, in float32,
+where their inference forms run (no autograd, tracing or active dropout); everywhere else they run as before.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# `config.hidden_act` -> (oneDNN post-op, its algorithm): the activation run inside fc1's product. Quick-GELU
+# (x * sigmoid(1.702 x)) is SiLU of fc1 scaled by 1.702 (see `EfficientVLMMLP._activated`); other activations run
+# after the product.
+FUSED_ACTIVATIONS: dict[str, tuple[str, str]] = {
+    "gelu": ("gelu", "none"),  # erf
+    "gelu_new": ("gelu", "tanh"),
+    "gelu_pytorch_tanh": ("gelu", "tanh"),
+    "relu": ("relu", ""),
+    "silu": ("swish", ""),
+    "swish": ("swish", ""),
+    "quick_gelu": ("swish", ""),
+}
+NO_ACTIVATION = ("none", "")
+
+
+def cpu_packing_available() -> bool:
+    """Whether this PyTorch build has oneDNN (`torch.backends.mkldnn`) and its packed linear ops."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+@dataclass(frozen=True)
+class PackedLinear:
+    """A linear layer's weight (out, in) in oneDNN's blocked layout, times `weight_scale`, and its bias (times
+    `bias_scale`, or None); `made_from` holds (weak references to) the tensors it was made from, `stamp` their
+    versions and the scales."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    made_from: tuple[weakref.ref, weakref.ref | None]
+    stamp: tuple
+
+    def is_of(self, weight: torch.Tensor, bias: torch.Tensor | None, stamp: tuple) -> bool:
+        weight_of, bias_of = self.made_from
+        same_bias = bias is None if bias_of is None else bias_of() is bias
+        return weight_of() is weight and same_bias and self.stamp == stamp
+
+
+class CPUWeightPacks:
+    """The packed linear weights of one block, by layer name, made at first use (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._packs: dict[str, PackedLinear] = {}
+
+    def get(
+        self, name: str, linear: nn.Linear, weight_scale: float = 1.0, bias_scale: float | None = 1.0
+    ) -> PackedLinear | None:
+        """The packed `linear` (weight times `weight_scale`, bias times `bias_scale`; no bias for None), repacked
+        if its weight or bias changed since; None off the CPU or for weights other than float32."""
+        weight, bias = linear.weight, linear.bias if bias_scale is not None else None
+        if not self.applies_to(linear):
+            return None
+        # In-place updates (optimizer steps, `load_state_dict`'s copy_) bump a tensor's version; moves
+        # (`module.to`) give the same parameter new storage.
+        stamp = (_version(weight), None if bias is None else _version(bias), weight_scale, bias_scale)
+        pack = self._packs.get(name)
+        if pack is None or not pack.is_of(weight, bias, stamp):
+            self._packs.pop(name, None)  # the stale copy goes before the new one is made
+            with torch.no_grad():
+                scaled = weight.detach() * weight_scale if weight_scale != 1 else weight.detach()
+                packed_bias = None if bias is None else bias.detach() * bias_scale
+                made_from = (weakref.ref(weight), None if bias is None else weakref.ref(bias))
+                pack = PackedLinear(torch.ops.mkldnn._reorder_linear_weight(scaled), packed_bias, made_from, stamp)
+            self._packs[name] = pack
+        return pack
+
+    @staticmethod
+    def applies_to(linear: nn.Linear) -> bool:
+        """Whether `linear` runs packed: float32 weights on the CPU."""
+        return linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
+
+    def __len__(self) -> int:
+        return len(self._packs)
+
+    def nbytes(self) -> int:
+        """Bytes held by the packed weights and their biases."""
+        tensors = [t for p in self._packs.values() for t in (p.weight, p.bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # oneDNN tensors neither deep-copy nor pickle: a copy of a model starts with empty packs and makes its own.
+    def __deepcopy__(self, memo: dict) -> CPUWeightPacks:
+        return CPUWeightPacks()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_packs": {}}
+
+
+def _version(tensor: torch.Tensor) -> tuple[int, int]:
+    return tensor.data_ptr(), tensor._version
+
+
+def runs_packed(module: nn.Module, name: str, inputs: torch.Tensor) -> bool:
+    """Whether `module.<name>` runs on `inputs` from a packed weight: `module` packs (`module.cpu_packs` set), and
+    the layer's weight and the inputs are float32 on the CPU."""
+    packs = getattr(module, "cpu_packs", None)
+    return packs is not None and packs.applies_to(getattr(module, name)) and inputs.dtype == torch.float32
+
+
+def packed_weight(
+    module: nn.Module, name: str, weight_scale: float = 1.0, bias_scale: float | None = 1.0
+) -> PackedLinear | None:
+    """The packed form of `module.<name>` when `module` packs its weights (`module.cpu_packs` set) and the layer
+    runs on the CPU in float32; else None."""
+    packs = getattr(module, "cpu_packs", None)
+    return None if packs is None else packs.get(name, getattr(module, name), weight_scale, bias_scale)
+
+
+def packed_linear(
+    inputs: torch.Tensor,
+    pack: PackedLinear,
+    activation: tuple[str, str] = NO_ACTIVATION,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`activation(inputs @ weight.T + bias)`, or `inputs @ weight.T + bias + residual` (no activation then):
+    (..., in) -> (..., out), one oneDNN call."""
+    if residual is not None:
+        residual = residual.reshape(*inputs.shape[:-1], pack.weight.shape[0]).contiguous()
+        return torch.ops.mkldnn._linear_pointwise.binary(inputs, residual, pack.weight, pack.bias, "add")
+    return torch.ops.mkldnn._linear_pointwise(inputs, pack.weight, pack.bias, activation[0], [], activation[1])

@@ -1,0 +1,244 @@
+"""Packed CPU weights (`pack_cpu_weights`): the attention and FFN blocks run their products from oneDNN-packed
+weights where their inference forms run, give the unpacked model's outputs, follow weight changes, and stay out of
+autograd, other dtypes, saving and copies."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval
+from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMAttention, EfficientVLMMLP
+from modeling_efficientvlm.packing_efficientvlm import CPUWeightPacks
+from tests.model_utils import prune_unevenly
+from trainers.evaluation.benchmarking import count_flops
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Names of the ops a call runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _model(seed: int = 0) -> EfficientVLMForImageTextRetrieval:
+    config = EfficientVLMConfig.from_preset("tiny")
+    torch.manual_seed(seed)
+    model = EfficientVLMForImageTextRetrieval(config).eval()
+    with torch.no_grad():  # non-zero biases everywhere (the initializer zeroes them)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(std=0.5)
+    return model
+
+
+def _scores(model: EfficientVLMForImageTextRetrieval) -> tuple[torch.Tensor, ...]:
+    """ITM logits of texts sharing images (grouped cross-attention, a padded text) and both embeddings."""
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    size = config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=generator)
+    input_ids = torch.randint(5, config.text_config.vocab_size, (5, 8), generator=generator)
+    attention_mask = torch.ones(5, 8, dtype=torch.long)
+    attention_mask[1, -3:] = 0
+    images, image_embeds = model.embed_images(pixels)
+    texts, text_embeds = model.embed_texts(input_ids, attention_mask)
+    logits = model.itm_scores(images, texts, attention_mask, score="logit", image_index=torch.tensor([0, 0, 1, 1, 1]))
+    return logits, image_embeds, text_embeds
+
+
+def _assert_same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> None:
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (EfficientVLMAttention, EfficientVLMMLP))]
+
+
+def test_packed_model_scores_as_the_unpacked_one_from_packed_products() -> None:
+    plain, packed = _model(), _model()
+    assert packed.pack_cpu_weights() == len(_blocks(packed)) > 0
+    recorder = _OpRecorder()
+    with torch.no_grad():
+        expected = _scores(plain)
+        with recorder:
+            got = _scores(packed)
+    _assert_same(got, expected)
+    # Every block's products ran packed: no MKL GEMM is left but the ITM head's and the projections'.
+    linears_outside_blocks = sum(
+        1
+        for m in packed.modules()
+        if isinstance(m, torch.nn.Linear) and not any(m is b for b in _linears_of_blocks(packed))
+    )
+    assert recorder.ops.count("mkldnn._linear_pointwise") > 0
+    gemms = sum(recorder.ops.count(op) for op in ("aten.addmm", "aten.addmm_", "aten.mm"))
+    assert gemms <= linears_outside_blocks
+    assert all(len(block.cpu_packs) > 0 for block in _blocks(packed))
+    assert sum(block.cpu_packs.nbytes() for block in _blocks(packed)) > 0
+
+
+def _linears_of_blocks(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [m for block in _blocks(model) for m in block.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_packs_follow_weight_changes_and_moves() -> None:
+    plain, packed = _model(), _model()
+    packed.pack_cpu_weights()
+    with torch.no_grad():
+        _scores(packed)  # packs made
+        for model in (plain, packed):  # an optimizer-like in-place step, and a whole new state dict
+            for linear in _linears_of_blocks(model):
+                linear.weight.mul_(1.5)
+                linear.bias.add_(0.25)
+        _assert_same(_scores(packed), _scores(plain))
+        state = {k: v + 0.01 * torch.randn_like(v) for k, v in plain.state_dict().items()}
+        plain.load_state_dict(state)
+        packed.load_state_dict(state)
+        _assert_same(_scores(packed), _scores(plain))
+        packed.to(torch.bfloat16)  # bfloat16 runs unpacked; back in float32 it packs the new storage again
+        plain.to(torch.bfloat16)
+        recorder = _OpRecorder()
+        with recorder:
+            bf16 = _scores(packed)
+        assert "mkldnn._linear_pointwise" not in recorder.ops
+        for x, y in zip(bf16, _scores(plain)):
+            torch.testing.assert_close(x, y)
+        packed.float()
+        plain.float()
+        _assert_same(_scores(packed), _scores(plain))
+
+
+def test_autograd_runs_unpacked_and_gradients_match() -> None:
+    plain, packed = _model(), _model()
+    packed.pack_cpu_weights()
+    recorder = _OpRecorder()
+    with recorder:
+        packed_loss = sum(t.sum() for t in _scores(packed))
+    assert "mkldnn._linear_pointwise" not in recorder.ops
+    assert all(len(block.cpu_packs) == 0 for block in _blocks(packed))
+    plain_loss = sum(t.sum() for t in _scores(plain))
+    packed_loss.backward()
+    plain_loss.backward()
+    for (name, a), b in zip(packed.named_parameters(), plain.parameters()):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_packing_under_cpu_autocast_runs_unpacked() -> None:
+    plain, packed = _model(), _model()
+    packed.pack_cpu_weights()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        recorder = _OpRecorder()
+        with recorder:
+            got = _scores(packed)
+        expected = _scores(plain)
+    assert "mkldnn._linear_pointwise" not in recorder.ops
+    for x, y in zip(got, expected):
+        torch.testing.assert_close(x, y)
+
+
+def test_pruned_blocks_pack_too_and_emptied_layers_run() -> None:
+    plain, packed = _model(), _model()
+    packed.pack_cpu_weights()
+    prune_unevenly(plain)
+    prune_unevenly(packed)  # the first layer of every stack empty, the others uneven
+    assert all(block.cpu_packs is not None for block in _blocks(packed))
+    with torch.no_grad():
+        _assert_same(_scores(packed), _scores(plain))
+
+
+def test_packs_are_dropped_copied_empty_and_never_saved(tmp_path) -> None:
+    packed = _model()
+    packed.pack_cpu_weights()
+    with torch.no_grad():
+        expected = _scores(packed)
+    keys = set(_model().state_dict())
+    assert set(packed.state_dict()) == keys
+    packed.save_pretrained(tmp_path)
+    reloaded = EfficientVLMForImageTextRetrieval.from_pretrained(tmp_path).eval()
+    assert all(block.cpu_packs is None for block in _blocks(reloaded))
+    copied = copy.deepcopy(packed)  # oneDNN tensors do not copy: the copy starts empty and packs its own
+    unpickled = pickle.loads(pickle.dumps(packed))
+    for model in (reloaded, copied, unpickled):
+        with torch.no_grad():
+            _assert_same(_scores(model), expected)
+    assert all(isinstance(b.cpu_packs, CPUWeightPacks) and len(b.cpu_packs) > 0 for b in _blocks(copied))
+    assert packed.pack_cpu_weights(enabled=False) > 0
+    assert all(block.cpu_packs is None for block in _blocks(packed))
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "relu", "silu", "gelu_new", "mish"])
+def test_packed_ffn_fuses_each_activation_with_masks_blocks_and_residual(hidden_act: str, monkeypatch) -> None:
+    """Every activation the product runs itself, and one it does not (mish: applied after), with a neuron mask,
+    in row blocks, with a non-contiguous residual."""
+    config = EfficientVLMConfig.from_preset("tiny").vision_config
+    config.hidden_act = hidden_act
+    torch.manual_seed(0)
+    plain = EfficientVLMMLP(config, 24).eval()
+    packed = copy.deepcopy(plain)
+    packed.cpu_packs = CPUWeightPacks()
+    hidden = torch.randn(2, 7, config.hidden_size)
+    residual = torch.randn(7, 2, config.hidden_size).transpose(0, 1)
+    with torch.no_grad():
+        for ffn_mask in (None, torch.rand(24).round()):
+            for rows in (1024, 5):  # one block; blocks of 5 rows
+                monkeypatch.setattr(EfficientVLMMLP, "inference_chunk_rows", rows)
+                torch.testing.assert_close(packed(hidden, ffn_mask), plain(hidden, ffn_mask), atol=1e-5, rtol=1e-5)
+                got = packed(hidden, ffn_mask, residual=residual)
+                torch.testing.assert_close(got, plain(hidden, ffn_mask, residual=residual), atol=1e-5, rtol=1e-5)
+    assert len(packed.cpu_packs) == 2
+
+
+def test_packed_attention_takes_a_non_contiguous_residual() -> None:
+    config = EfficientVLMConfig.from_preset("tiny").text_config
+    torch.manual_seed(0)
+    plain = EfficientVLMAttention(config, 4, config.encoder_hidden_size, dropout=0.1).eval()
+    with torch.no_grad():
+        for linear in (plain.q_proj, plain.k_proj, plain.v_proj, plain.out_proj):
+            linear.bias.normal_()
+    packed = copy.deepcopy(plain)
+    packed.cpu_packs = CPUWeightPacks()
+    hidden = torch.randn(3, 6, config.hidden_size)
+    image = torch.randn(3, 9, config.encoder_hidden_size)
+    residual = torch.randn(6, 3, config.hidden_size).transpose(0, 1)
+    with torch.no_grad():
+        for kwargs in ({}, {"residual": residual}):
+            expected = plain(hidden, encoder_hidden_states=image, **kwargs)[0]
+            got = packed(hidden, encoder_hidden_states=image, **kwargs)[0]
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert len(packed.cpu_packs) == 4
+
+
+def test_flop_count_of_the_packed_model_equals_the_unpacked_one() -> None:
+    plain, packed = _model(), _model()
+    packed.pack_cpu_weights()
+    assert count_flops(lambda: _scores(packed)) == count_flops(lambda: _scores(plain)) > 0
+
+
+def test_a_folder_loaded_as_remote_code_packs_too(tmp_path) -> None:
+    """`packing_efficientvlm.py` ships with a saved folder: its remote-code model packs and scores the same."""
+    from tests.remote_code_utils import load_in_clean_subprocess
+
+    model = _model()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "packing_efficientvlm.py").exists()
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = model.get_image_features(pixels)
+    inputs = {"pixel_values": pixels}
+    calls = {"blocks": ("pack_cpu_weights", {}), "features": ("get_image_features", inputs)}
+    result = load_in_clean_subprocess(tmp_path, "AutoModel", inputs, method="get_image_features", calls=calls)
+    assert result["blocks"] == len(_blocks(model))
+    torch.testing.assert_close(result["output"], expected)  # unpacked, then packed
+    torch.testing.assert_close(result["features"], expected, atol=1e-5, rtol=1e-5)
