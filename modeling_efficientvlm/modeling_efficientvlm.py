@@ -8,6 +8,7 @@ and every encoder accepts structure masks (per-head, per-FFN-neuron) for pruning
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from .loss_efficientvlm import (
 )
 from .packing_efficientvlm import (
     FUSED_ACTIVATIONS,
+    MIN_PACKED_FLOPS,
     NO_ACTIVATION,
     CPUWeightPacks,
     cpu_packing_available,
@@ -395,7 +397,7 @@ class EfficientVLMAttention(nn.Module):
         pruned.k_proj = _keep_rows(self.k_proj, rows)
         pruned.v_proj = _keep_rows(self.v_proj, rows)
         pruned.out_proj = _keep_columns(self.out_proj, rows, values.repeat_interleave(self.head_dim))
-        pruned.cpu_packs = None if self.cpu_packs is None else CPUWeightPacks()
+        pruned.cpu_packs = copy.deepcopy(self.cpu_packs)  # empty, with the same settings
         return pruned.train(self.training)
 
 
@@ -571,7 +573,7 @@ class EfficientVLMMLP(nn.Module):
         pruned = EfficientVLMMLP(self.config, width)
         pruned.fc1 = _keep_rows(self.fc1, index, width)
         pruned.fc2 = _keep_columns(self.fc2, index, values, width)
-        pruned.cpu_packs = None if self.cpu_packs is None else CPUWeightPacks()
+        pruned.cpu_packs = copy.deepcopy(self.cpu_packs)  # empty, with the same settings
         return pruned.train(self.training)
 
 
@@ -1163,14 +1165,16 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
                 "captioning model decodes with its text stack, pruned as `text` and `fusion`)."
             )
 
-    def pack_cpu_weights(self, enabled: bool = True) -> int:
+    def pack_cpu_weights(self, enabled: bool = True, min_flops: int = MIN_PACKED_FLOPS) -> int:
         """Has every attention and FFN block run its linear layers from oneDNN-packed copies of their weights where
         it runs on a CPU in float32 without autograd (inference: `eval()` under `torch.no_grad()` /
         `inference_mode()`), with each layer's bias, activation and residual add inside its product
         (`packing_efficientvlm`). The copies are made at a block's first such call and again when its weights
         change; they cost one more copy of those weights in memory (about the model's size) and are never saved.
-        Outputs match the unpacked model's to float32 rounding. `enabled=False` drops them. Blocks that pruning
-        builds later pack too. Returns the number of blocks set."""
+        Outputs match the unpacked model's to float32 rounding. A block whose product on an input has fewer than
+        `min_flops` FLOPs runs unpacked for it (tiny models, a few rows of a narrow layer: oneDNN's cost per call
+        outweighs the gain; 0 packs everything). `enabled=False` drops the copies. Blocks that pruning builds later
+        pack too. Returns the number of blocks set."""
         if enabled and not cpu_packing_available():
             raise RuntimeError(
                 "pack_cpu_weights needs PyTorch built with oneDNN (torch.backends.mkldnn.is_available() is False "
@@ -1178,7 +1182,7 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
             )
         blocks = [m for m in self.modules() if isinstance(m, (EfficientVLMAttention, EfficientVLMMLP))]
         for block in blocks:
-            block.cpu_packs = CPUWeightPacks() if enabled else None
+            block.cpu_packs = CPUWeightPacks(min_flops) if enabled else None
         return len(blocks)
 
     def prune(self, structure_masks: StructureMasks, pad_to_multiple_of: int = 1) -> None:

@@ -67,7 +67,7 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def test_packed_model_scores_as_the_unpacked_one_from_packed_products() -> None:
     plain, packed = _model(), _model()
-    assert packed.pack_cpu_weights() == len(_blocks(packed)) > 0
+    assert packed.pack_cpu_weights(min_flops=0) == len(_blocks(packed)) > 0  # the tiny model's products, too
     recorder = _OpRecorder()
     with torch.no_grad():
         expected = _scores(plain)
@@ -93,7 +93,7 @@ def _linears_of_blocks(model: torch.nn.Module) -> list[torch.nn.Linear]:
 
 def test_packs_follow_weight_changes_and_moves() -> None:
     plain, packed = _model(), _model()
-    packed.pack_cpu_weights()
+    packed.pack_cpu_weights(min_flops=0)
     with torch.no_grad():
         _scores(packed)  # packs made
         for model in (plain, packed):  # an optimizer-like in-place step, and a whole new state dict
@@ -120,7 +120,7 @@ def test_packs_follow_weight_changes_and_moves() -> None:
 
 def test_autograd_runs_unpacked_and_gradients_match() -> None:
     plain, packed = _model(), _model()
-    packed.pack_cpu_weights()
+    packed.pack_cpu_weights(min_flops=0)
     recorder = _OpRecorder()
     with recorder:
         packed_loss = sum(t.sum() for t in _scores(packed))
@@ -136,7 +136,7 @@ def test_autograd_runs_unpacked_and_gradients_match() -> None:
 
 def test_packing_under_cpu_autocast_runs_unpacked() -> None:
     plain, packed = _model(), _model()
-    packed.pack_cpu_weights()
+    packed.pack_cpu_weights(min_flops=0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         recorder = _OpRecorder()
         with recorder:
@@ -149,7 +149,7 @@ def test_packing_under_cpu_autocast_runs_unpacked() -> None:
 
 def test_pruned_blocks_pack_too_and_emptied_layers_run() -> None:
     plain, packed = _model(), _model()
-    packed.pack_cpu_weights()
+    packed.pack_cpu_weights(min_flops=0)
     prune_unevenly(plain)
     prune_unevenly(packed)  # the first layer of every stack empty, the others uneven
     assert all(block.cpu_packs is not None for block in _blocks(packed))
@@ -159,7 +159,7 @@ def test_pruned_blocks_pack_too_and_emptied_layers_run() -> None:
 
 def test_packs_are_dropped_copied_empty_and_never_saved(tmp_path) -> None:
     packed = _model()
-    packed.pack_cpu_weights()
+    packed.pack_cpu_weights(min_flops=0)
     with torch.no_grad():
         expected = _scores(packed)
     keys = set(_model().state_dict())
@@ -186,7 +186,7 @@ def test_packed_ffn_fuses_each_activation_with_masks_blocks_and_residual(hidden_
     torch.manual_seed(0)
     plain = EfficientVLMMLP(config, 24).eval()
     packed = copy.deepcopy(plain)
-    packed.cpu_packs = CPUWeightPacks()
+    packed.cpu_packs = CPUWeightPacks(min_flops=0)
     hidden = torch.randn(2, 7, config.hidden_size)
     residual = torch.randn(7, 2, config.hidden_size).transpose(0, 1)
     with torch.no_grad():
@@ -207,7 +207,7 @@ def test_packed_attention_takes_a_non_contiguous_residual() -> None:
         for linear in (plain.q_proj, plain.k_proj, plain.v_proj, plain.out_proj):
             linear.bias.normal_()
     packed = copy.deepcopy(plain)
-    packed.cpu_packs = CPUWeightPacks()
+    packed.cpu_packs = CPUWeightPacks(min_flops=0)
     hidden = torch.randn(3, 6, config.hidden_size)
     image = torch.randn(3, 9, config.encoder_hidden_size)
     residual = torch.randn(6, 3, config.hidden_size).transpose(0, 1)
@@ -221,7 +221,7 @@ def test_packed_attention_takes_a_non_contiguous_residual() -> None:
 
 def test_flop_count_of_the_packed_model_equals_the_unpacked_one() -> None:
     plain, packed = _model(), _model()
-    packed.pack_cpu_weights()
+    packed.pack_cpu_weights(min_flops=0)
     assert count_flops(lambda: _scores(packed)) == count_flops(lambda: _scores(plain)) > 0
 
 
@@ -237,8 +237,32 @@ def test_a_folder_loaded_as_remote_code_packs_too(tmp_path) -> None:
     with torch.no_grad():
         expected = model.get_image_features(pixels)
     inputs = {"pixel_values": pixels}
-    calls = {"blocks": ("pack_cpu_weights", {}), "features": ("get_image_features", inputs)}
+    calls = {"blocks": ("pack_cpu_weights", {"min_flops": 0}), "features": ("get_image_features", inputs)}
     result = load_in_clean_subprocess(tmp_path, "AutoModel", inputs, method="get_image_features", calls=calls)
     assert result["blocks"] == len(_blocks(model))
     torch.testing.assert_close(result["output"], expected)  # unpacked, then packed
     torch.testing.assert_close(result["features"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_products_below_the_flops_floor_run_unpacked() -> None:
+    """oneDNN's cost per call outweighs packing on small products: by default the tiny model runs unpacked; a floor
+    between its attention products and its FFN products packs the FFNs only."""
+    plain, packed = _model(), _model()
+    packed.pack_cpu_weights()
+    recorder = _OpRecorder()
+    with torch.no_grad(), recorder:
+        got = _scores(packed)
+    assert "mkldnn._linear_pointwise" not in recorder.ops
+    assert all(len(block.cpu_packs) == 0 for block in _blocks(packed))
+    with torch.no_grad():
+        _assert_same(got, _scores(plain))
+    # Every attention product here has at most 40 rows (5 texts x 8 tokens) x 32 -> 32; every FFN's first one 34
+    # rows or more (2 images x 17 tokens) x 32 -> 64 (`intermediate_size` twice the width: checked).
+    config = packed.config
+    assert config.vision_config.intermediate_size == config.text_config.intermediate_size == 2 * 32
+    floor = 2 * 40 * 32 * 32 + 1
+    packed.pack_cpu_weights(min_flops=floor)
+    with torch.no_grad():
+        _assert_same(_scores(packed), _scores(plain))
+    assert all(len(block.cpu_packs) == 0 for block in _blocks(packed) if isinstance(block, EfficientVLMAttention))
+    assert all(len(block.cpu_packs) == 2 for block in _blocks(packed) if isinstance(block, EfficientVLMMLP))
