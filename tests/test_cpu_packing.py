@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval
 from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMAttention, EfficientVLMMLP
 from modeling_efficientvlm.packing_efficientvlm import CPUWeightPacks
-from tests.model_utils import prune_unevenly
+from tests.model_utils import prune_unevenly, shared_image_scores, tiny_retrieval_model
 from trainers.evaluation.benchmarking import count_flops
 
 
@@ -30,32 +30,6 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _model(seed: int = 0) -> EfficientVLMForImageTextRetrieval:
-    config = EfficientVLMConfig.from_preset("tiny")
-    torch.manual_seed(seed)
-    model = EfficientVLMForImageTextRetrieval(config).eval()
-    with torch.no_grad():  # non-zero biases everywhere (the initializer zeroes them)
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.normal_(std=0.5)
-    return model
-
-
-def _scores(model: EfficientVLMForImageTextRetrieval) -> tuple[torch.Tensor, ...]:
-    """ITM logits of texts sharing images (grouped cross-attention, a padded text) and both embeddings."""
-    config = model.config
-    generator = torch.Generator().manual_seed(0)
-    size = config.vision_config.image_size
-    pixels = torch.randn(2, 3, size, size, generator=generator)
-    input_ids = torch.randint(5, config.text_config.vocab_size, (5, 8), generator=generator)
-    attention_mask = torch.ones(5, 8, dtype=torch.long)
-    attention_mask[1, -3:] = 0
-    images, image_embeds = model.embed_images(pixels)
-    texts, text_embeds = model.embed_texts(input_ids, attention_mask)
-    logits = model.itm_scores(images, texts, attention_mask, score="logit", image_index=torch.tensor([0, 0, 1, 1, 1]))
-    return logits, image_embeds, text_embeds
-
-
 def _assert_same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> None:
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
@@ -66,13 +40,13 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def test_packed_model_scores_as_the_unpacked_one_from_packed_products() -> None:
-    plain, packed = _model(), _model()
+    plain, packed = tiny_retrieval_model(), tiny_retrieval_model()
     assert packed.pack_cpu_weights(min_flops=0) == len(_blocks(packed)) > 0  # the tiny model's products, too
     recorder = _OpRecorder()
     with torch.no_grad():
-        expected = _scores(plain)
+        expected = shared_image_scores(plain)
         with recorder:
-            got = _scores(packed)
+            got = shared_image_scores(packed)
     _assert_same(got, expected)
     # Every block's products ran packed: no MKL GEMM is left but the ITM head's and the projections'.
     linears_outside_blocks = sum(
@@ -92,41 +66,41 @@ def _linears_of_blocks(model: torch.nn.Module) -> list[torch.nn.Linear]:
 
 
 def test_packs_follow_weight_changes_and_moves() -> None:
-    plain, packed = _model(), _model()
+    plain, packed = tiny_retrieval_model(), tiny_retrieval_model()
     packed.pack_cpu_weights(min_flops=0)
     with torch.no_grad():
-        _scores(packed)  # packs made
+        shared_image_scores(packed)  # packs made
         for model in (plain, packed):  # an optimizer-like in-place step, and a whole new state dict
             for linear in _linears_of_blocks(model):
                 linear.weight.mul_(1.5)
                 linear.bias.add_(0.25)
-        _assert_same(_scores(packed), _scores(plain))
+        _assert_same(shared_image_scores(packed), shared_image_scores(plain))
         state = {k: v + 0.01 * torch.randn_like(v) for k, v in plain.state_dict().items()}
         plain.load_state_dict(state)
         packed.load_state_dict(state)
-        _assert_same(_scores(packed), _scores(plain))
+        _assert_same(shared_image_scores(packed), shared_image_scores(plain))
         packed.to(torch.bfloat16)  # bfloat16 runs unpacked; back in float32 it packs the new storage again
         plain.to(torch.bfloat16)
         recorder = _OpRecorder()
         with recorder:
-            bf16 = _scores(packed)
+            bf16 = shared_image_scores(packed)
         assert "mkldnn._linear_pointwise" not in recorder.ops
-        for x, y in zip(bf16, _scores(plain)):
+        for x, y in zip(bf16, shared_image_scores(plain)):
             torch.testing.assert_close(x, y)
         packed.float()
         plain.float()
-        _assert_same(_scores(packed), _scores(plain))
+        _assert_same(shared_image_scores(packed), shared_image_scores(plain))
 
 
 def test_autograd_runs_unpacked_and_gradients_match() -> None:
-    plain, packed = _model(), _model()
+    plain, packed = tiny_retrieval_model(), tiny_retrieval_model()
     packed.pack_cpu_weights(min_flops=0)
     recorder = _OpRecorder()
     with recorder:
-        packed_loss = sum(t.sum() for t in _scores(packed))
+        packed_loss = sum(t.sum() for t in shared_image_scores(packed))
     assert "mkldnn._linear_pointwise" not in recorder.ops
     assert all(len(block.cpu_packs) == 0 for block in _blocks(packed))
-    plain_loss = sum(t.sum() for t in _scores(plain))
+    plain_loss = sum(t.sum() for t in shared_image_scores(plain))
     packed_loss.backward()
     plain_loss.backward()
     for (name, a), b in zip(packed.named_parameters(), plain.parameters()):
@@ -135,34 +109,34 @@ def test_autograd_runs_unpacked_and_gradients_match() -> None:
 
 
 def test_packing_under_cpu_autocast_runs_unpacked() -> None:
-    plain, packed = _model(), _model()
+    plain, packed = tiny_retrieval_model(), tiny_retrieval_model()
     packed.pack_cpu_weights(min_flops=0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         recorder = _OpRecorder()
         with recorder:
-            got = _scores(packed)
-        expected = _scores(plain)
+            got = shared_image_scores(packed)
+        expected = shared_image_scores(plain)
     assert "mkldnn._linear_pointwise" not in recorder.ops
     for x, y in zip(got, expected):
         torch.testing.assert_close(x, y)
 
 
 def test_pruned_blocks_pack_too_and_emptied_layers_run() -> None:
-    plain, packed = _model(), _model()
+    plain, packed = tiny_retrieval_model(), tiny_retrieval_model()
     packed.pack_cpu_weights(min_flops=0)
     prune_unevenly(plain)
     prune_unevenly(packed)  # the first layer of every stack empty, the others uneven
     assert all(block.cpu_packs is not None for block in _blocks(packed))
     with torch.no_grad():
-        _assert_same(_scores(packed), _scores(plain))
+        _assert_same(shared_image_scores(packed), shared_image_scores(plain))
 
 
 def test_packs_are_dropped_copied_empty_and_never_saved(tmp_path) -> None:
-    packed = _model()
+    packed = tiny_retrieval_model()
     packed.pack_cpu_weights(min_flops=0)
     with torch.no_grad():
-        expected = _scores(packed)
-    keys = set(_model().state_dict())
+        expected = shared_image_scores(packed)
+    keys = set(tiny_retrieval_model().state_dict())
     assert set(packed.state_dict()) == keys
     packed.save_pretrained(tmp_path)
     reloaded = EfficientVLMForImageTextRetrieval.from_pretrained(tmp_path).eval()
@@ -171,7 +145,7 @@ def test_packs_are_dropped_copied_empty_and_never_saved(tmp_path) -> None:
     unpickled = pickle.loads(pickle.dumps(packed))
     for model in (reloaded, copied, unpickled):
         with torch.no_grad():
-            _assert_same(_scores(model), expected)
+            _assert_same(shared_image_scores(model), expected)
     assert all(isinstance(b.cpu_packs, CPUWeightPacks) and len(b.cpu_packs) > 0 for b in _blocks(copied))
     assert packed.pack_cpu_weights(enabled=False) > 0
     assert all(block.cpu_packs is None for block in _blocks(packed))
@@ -220,16 +194,16 @@ def test_packed_attention_takes_a_non_contiguous_residual() -> None:
 
 
 def test_flop_count_of_the_packed_model_equals_the_unpacked_one() -> None:
-    plain, packed = _model(), _model()
+    plain, packed = tiny_retrieval_model(), tiny_retrieval_model()
     packed.pack_cpu_weights(min_flops=0)
-    assert count_flops(lambda: _scores(packed)) == count_flops(lambda: _scores(plain)) > 0
+    assert count_flops(lambda: shared_image_scores(packed)) == count_flops(lambda: shared_image_scores(plain)) > 0
 
 
 def test_a_folder_loaded_as_remote_code_packs_too(tmp_path) -> None:
     """`packing_efficientvlm.py` ships with a saved folder: its remote-code model packs and scores the same."""
     from tests.remote_code_utils import load_in_clean_subprocess
 
-    model = _model()
+    model = tiny_retrieval_model()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "packing_efficientvlm.py").exists()
     size = model.config.vision_config.image_size
@@ -247,15 +221,15 @@ def test_a_folder_loaded_as_remote_code_packs_too(tmp_path) -> None:
 def test_products_below_the_flops_floor_run_unpacked() -> None:
     """oneDNN's cost per call outweighs packing on small products: by default the tiny model runs unpacked; a floor
     between its attention products and its FFN products packs the FFNs only."""
-    plain, packed = _model(), _model()
+    plain, packed = tiny_retrieval_model(), tiny_retrieval_model()
     packed.pack_cpu_weights()
     recorder = _OpRecorder()
     with torch.no_grad(), recorder:
-        got = _scores(packed)
+        got = shared_image_scores(packed)
     assert "mkldnn._linear_pointwise" not in recorder.ops
     assert all(len(block.cpu_packs) == 0 for block in _blocks(packed))
     with torch.no_grad():
-        _assert_same(got, _scores(plain))
+        _assert_same(got, shared_image_scores(plain))
     # Every attention product here has at most 40 rows (5 texts x 8 tokens) x 32 -> 32; every FFN's first one 34
     # rows or more (2 images x 17 tokens) x 32 -> 64 (`intermediate_size` twice the width: checked).
     config = packed.config
@@ -263,6 +237,6 @@ def test_products_below_the_flops_floor_run_unpacked() -> None:
     floor = 2 * 40 * 32 * 32 + 1
     packed.pack_cpu_weights(min_flops=floor)
     with torch.no_grad():
-        _assert_same(_scores(packed), _scores(plain))
+        _assert_same(shared_image_scores(packed), shared_image_scores(plain))
     assert all(len(block.cpu_packs) == 0 for block in _blocks(packed) if isinstance(block, EfficientVLMAttention))
     assert all(len(block.cpu_packs) == 2 for block in _blocks(packed) if isinstance(block, EfficientVLMMLP))

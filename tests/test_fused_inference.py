@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval
+from modeling_efficientvlm import EfficientVLMConfig
 from modeling_efficientvlm.modeling_efficientvlm import (
     EfficientVLMAttention,
     EfficientVLMEmptyAttention,
@@ -14,6 +14,7 @@ from modeling_efficientvlm.modeling_efficientvlm import (
     EfficientVLMMLP,
     extended_attention_mask,
 )
+from tests.model_utils import shared_image_scores, tiny_retrieval_model
 
 
 def _attention(cross: bool = False) -> EfficientVLMAttention:
@@ -129,30 +130,10 @@ def test_empty_blocks_add_their_bias_to_the_residual() -> None:
 def test_model_scores_the_same_with_and_without_autograd() -> None:
     """Every fused block of a whole model at once: ITM scores of texts sharing images (grouped cross-attention,
     padded texts) and the retrieval embeddings, inference form against the written one."""
-    config = EfficientVLMConfig.from_preset("tiny")
-    torch.manual_seed(0)
-    model = EfficientVLMForImageTextRetrieval(config).eval()
-    with torch.no_grad():  # non-zero biases everywhere (the initializer zeroes them)
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.normal_(std=0.5)
-    generator = torch.Generator().manual_seed(0)
-    size = config.vision_config.image_size
-    pixels = torch.randn(2, 3, size, size, generator=generator)
-    input_ids = torch.randint(5, config.text_config.vocab_size, (5, 8), generator=generator)
-    attention_mask = torch.ones(5, 8, dtype=torch.long)
-    attention_mask[1, -3:] = 0
-    image_index = torch.tensor([0, 0, 1, 1, 1])
-
-    def scores() -> tuple[torch.Tensor, ...]:
-        images, image_embeds = model.embed_images(pixels)
-        texts, text_embeds = model.embed_texts(input_ids, attention_mask)
-        logits = model.itm_scores(images, texts, attention_mask, score="logit", image_index=image_index)
-        return logits, image_embeds, text_embeds
-
-    written = [tensor.detach() for tensor in scores()]  # autograd records it: the written forms
+    model = tiny_retrieval_model()
+    written = [tensor.detach() for tensor in shared_image_scores(model)]  # autograd records it: the written forms
     with torch.no_grad():
-        fused = scores()
+        fused = shared_image_scores(model)
     for a, b in zip(fused, written):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
