@@ -8,7 +8,8 @@ multiplies with a weight reordered once into its blocked layout (`mkldnn._reorde
 product. [`EfficientVLMPreTrainedModel.pack_cpu_weights`] gives every attention / FFN block a [`CPUWeightPacks`]:
 packed copies of its linear weights, made at first use and made again whenever a weight changes (an optimizer step,
 `load_state_dict`, a move): one more copy of those weights in memory. The blocks use them on a CPU, in float32,
-where their inference forms run (no autograd, tracing or active dropout); everywhere else they run as before.
+where their inference forms run (no autograd, tracing, autocast or active dropout), for products of at least
+`min_flops` FLOPs; everywhere else they run as before.
 """
 
 from __future__ import annotations
