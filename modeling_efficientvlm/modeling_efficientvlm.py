@@ -358,11 +358,12 @@ class EfficientVLMAttention(nn.Module):
         if head_mask is not None:
             context = context * head_mask.to(context.dtype).view(-1, 1, self.num_heads, 1)
         context = context.reshape(*hidden_states.shape[:2], -1)
-        if packed:  # bias and residual added inside the product
-            context = context.add_(self.v_proj.bias)
+        if fused:
+            context = context.add_(self.v_proj.bias)  # the value bias, folded out of the values (see above)
+        if packed:  # the output's bias and the residual added inside the product
             return packed_linear(context, packed_weight(self, "out_proj"), residual=residual), None
         if fused:  # the output starts as residual + bias and the output GEMM accumulates into it
-            context = context.add_(self.v_proj.bias).reshape(-1, context.shape[-1])
+            context = context.reshape(-1, context.shape[-1])
             bias = self.out_proj.bias
             output = context.new_empty((*hidden_states.shape[:2], bias.shape[0]))  # contiguous, whatever the residual
             if residual is None:
