@@ -97,6 +97,10 @@ class CPUWeightPacks:
         """Whether `linear` runs packed: float32 weights on the CPU."""
         return linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
 
+    def clear(self) -> None:
+        """Drops every packed copy (they are made again at the next use)."""
+        self._packs.clear()
+
     def __len__(self) -> int:
         return len(self._packs)
 

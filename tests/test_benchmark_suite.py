@@ -122,7 +122,10 @@ def test_several_dtypes_time_each_model_beside_its_copy_in_the_others(tmp_path, 
     assert (rows["tiny [bfloat16]"].base, rows["tiny pruned 0.5 [bfloat16]"].base) == ("tiny", "tiny pruned 0.5")
     low = rows["tiny pruned 0.5 [bfloat16]"]
     assert low.speedup_vs_base == pytest.approx(rows["tiny pruned 0.5"].median_ms / low.median_ms)
-    assert low.flops_reduction_vs_base == 1.0 and low.speed_target is None  # the same FLOPs: no pruning to judge
+    assert low.flops_reduction_vs_base == 1.0
+    # Against its float32 model nothing is pruned; its speed target is judged against the preset's bfloat16 row.
+    assert rows["tiny [bfloat16]"].speed_target is None
+    assert low.target_base == "tiny [bfloat16]" and low.speed_target in ("pass", "fail")
     assert low.parameters == rows["tiny pruned 0.5"].parameters
     # Each row's share of the peak is of the peak in its own dtype, both measured in this run.
     float32_peak, bfloat16_peak = report.peaks_of("float32")[1], report.peaks_of("bfloat16")[1]
@@ -198,6 +201,52 @@ def test_speed_targets_judge_compressed_models_against_their_base() -> None:
     assert student.speed_target == "fail"  # 1.67x < 0.9 x 2
     assert (pruned.base, pruned.flops_reduction_vs_base, pruned.speedup_vs_base) == ("student", 2.0, 2.0)
     assert pruned.speed_target == "pass" and pruned.speedup == pytest.approx(100 / 30)  # 2x >= 0.9 x 2
+
+
+def test_variant_rows_of_a_pruned_model_are_judged_against_the_same_variant_of_its_base() -> None:
+    from trainers.benchmark import BenchmarkModel, BenchmarkReport, BenchmarkResult
+    from trainers.benchmark.suite import _add_ratios, target_notes
+
+    def row(name: str, gflops: float, ms: float, base: str | None = None) -> BenchmarkResult:
+        return BenchmarkResult("itm", name, 1, 384, 2, 10, 8, gflops, ms, ms, ms, ms, ms, gflops / ms, 0.85, base=base)
+
+    student, pruned = (
+        BenchmarkModel("student", "efficientvlm"),
+        BenchmarkModel("pruned", "efficientvlm", base="student"),
+    )
+    models = {
+        "student": student,
+        "student [packed]": BenchmarkModel("student [packed]", "efficientvlm", base="student"),
+        "pruned": pruned,
+        "pruned [packed]": BenchmarkModel("pruned [packed]", "efficientvlm", base="pruned"),
+        # A compiled row's model is its eager model (as `_measure_setting` maps it).
+        "student [packed] [compiled]": student,
+        "pruned [packed] [compiled]": pruned,
+    }
+    rows = [
+        row("student", 4.0, 60.0),
+        row("student [packed]", 4.0, 50.0, "student"),
+        row("student [packed] [compiled]", 4.0, 40.0, "student [packed]"),
+        row("pruned", 2.0, 30.0, "student"),
+        row("pruned [packed]", 2.0, 30.0, "pruned"),
+        row("pruned [packed] [compiled]", 2.0, 20.0, "pruned [packed]"),
+    ]
+    _add_ratios(rows, models)
+    by_name = {r.name: r for r in rows}
+    for name in ("student [packed]", "student [packed] [compiled]"):  # unpruned: what packing / compiling buys
+        assert by_name[name].speed_target is None and by_name[name].target_base is None
+    packed, compiled = by_name["pruned [packed]"], by_name["pruned [packed] [compiled]"]
+    assert packed.base == "pruned" and packed.speedup_vs_base == 1.0  # the columns still give what packing buys
+    assert (packed.target_base, packed.speed_target) == ("student [packed]", "fail")  # 50 / 30 = 1.67x < 0.9 x 2
+    assert (compiled.target_base, compiled.speed_target) == ("student [packed] [compiled]", "pass")  # 2x
+    assert by_name["pruned"].target_base is None and by_name["pruned"].speed_target == "pass"
+    notes = target_notes(BenchmarkReport(BenchmarkSettings(), rows, {}))
+    assert notes == [
+        "pruned [packed] (itm, batch 1, 384px, 2 thread(s)): speed target against student [packed]: 1.67x / 2.00x "
+        "FLOPs cut = 0.83 (target >= 0.9: fail)",
+        "pruned [packed] [compiled] (itm, batch 1, 384px, 2 thread(s)): speed target against student [packed] "
+        "[compiled]: 2.00x / 2.00x FLOPs cut = 1.00 (target >= 0.9: pass)",
+    ]
 
 
 def test_settings_are_validated_and_shared_with_the_demo() -> None:
@@ -315,8 +364,12 @@ def test_compiled_rows_are_timed_beside_the_eager_models_with_the_eager_flops(mo
         eager, compiled = rows[("itm", model)], rows[("itm", model + " [compiled]")]
         assert compiled.base == model and compiled.gflops == eager.gflops
         assert compiled.speedup_vs_base == pytest.approx(eager.median_ms / compiled.median_ms)
-        assert compiled.flops_reduction_vs_base == 1.0 and compiled.speed_target is None
+        assert compiled.flops_reduction_vs_base == 1.0
     assert rows[("itm", "tiny pruned 0.5")].speed_target in ("pass", "fail")
+    # The compiled pruned copy's speed target: against the compiled preset.
+    assert rows[("itm", "tiny [compiled]")].speed_target is None
+    assert rows[("itm", "tiny pruned 0.5 [compiled]")].target_base == "tiny [compiled]"
+    assert rows[("itm", "tiny pruned 0.5 [compiled]")].speed_target in ("pass", "fail")
     assert "torch.compile(mode='reduce-overhead')" in format_report(run_benchmark(models[:1], settings))
     freezing = BenchmarkSettings(workloads=("itm",), batch_sizes=(2,), compile="freezing", **FAST)
     assert "torch.compile(options={'freezing': True})" in format_report(run_benchmark(models[:1], freezing))
@@ -398,7 +451,10 @@ def test_packed_rows_are_timed_beside_their_models_with_the_same_flops_and_outpu
         packed = rows[name + " [packed]"]
         assert packed.base == name and packed.gflops == rows[name].gflops  # packed products counted as GEMMs
         assert packed.speedup_vs_base == pytest.approx(rows[name].median_ms / packed.median_ms)
-        assert packed.flops_reduction_vs_base == 1.0 and packed.speed_target is None
+        assert packed.flops_reduction_vs_base == 1.0
+    assert rows["tiny [packed]"].speed_target is None
+    pruned_packed = rows["tiny pruned 0.5 [packed]"]
+    assert pruned_packed.target_base == "tiny [packed]" and pruned_packed.speed_target in ("pass", "fail")
     # The packed copies are built packed (their memory measured so too), and score as their models do.
     assert [source.pack_cpu_weights for source in requests] == [False, True, False, True]
     plain, packed = models[1].build("retrieval"), models[1].packed().build("retrieval")
@@ -410,6 +466,7 @@ def test_packed_rows_are_timed_beside_their_models_with_the_same_flops_and_outpu
     torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
     table = format_report(report)
     assert "| itm | tiny [packed] | 2 |" in table and "[packed]: the same model running" in table
+    assert "tiny pruned 0.5 [packed] (itm, batch 2, 32px, 1 thread(s)): speed target against tiny [packed]: " in table
     assert "the faster of torch.mm (MKL) and oneDNN's with a packed weight" in table
     data = json.loads(write_json(report, tmp_path / "bench.json").read_text())
     assert format_report(BenchmarkReport.from_dict(data)) == table

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
+from torch import nn
 
 from modeling_efficientvlm import (
     MASK_KEYS,
@@ -422,6 +424,36 @@ def test_other_image_sizes_interpolate_positions(tiny_config) -> None:
     assert out.last_hidden_state.shape == (2, 1 + 36, 32)
     with pytest.raises(ValueError, match="interpolate_pos_encoding"):
         model(pixel_values)
+
+
+def test_interpolated_positions_are_kept_for_inference_until_the_weights_change(tiny_config) -> None:
+    model = EfficientVLMVisionModel(tiny_config.vision_config).eval()
+    embeddings = model.embeddings
+
+    def fresh(side: int) -> torch.Tensor:
+        return embeddings._interpolated(embeddings.pos_embed.weight.unsqueeze(0), side, side)
+
+    with torch.no_grad():
+        first = embeddings.interpolate_pos_encoding(48, 48)
+        assert embeddings.interpolate_pos_encoding(48, 48) is first  # kept
+        assert first.shape == (1, 1 + 36, 32)
+        torch.testing.assert_close(first, fresh(6), atol=0, rtol=0)
+        torch.testing.assert_close(embeddings.interpolate_pos_encoding(64, 64), fresh(8), atol=0, rtol=0)
+        embeddings.pos_embed.weight.mul_(2)  # in place (an optimizer step, `load_state_dict`)
+        torch.testing.assert_close(embeddings.interpolate_pos_encoding(64, 64), fresh(8), atol=0, rtol=0)
+        embeddings.pos_embed.weight = nn.Parameter(torch.randn_like(embeddings.pos_embed.weight))  # replaced
+        torch.testing.assert_close(embeddings.interpolate_pos_encoding(64, 64), fresh(8), atol=0, rtol=0)
+        model.double()
+        assert embeddings._interpolation_cache is None  # a move or cast drops it: the storage is new
+        assert embeddings.interpolate_pos_encoding(64, 64).dtype == torch.float64
+        model.float()
+        pixel_values = torch.randn(2, 3, 48, 48)
+        expected = model(pixel_values, interpolate_pos_encoding=True).last_hidden_state
+        copied = pickle.loads(pickle.dumps(model))  # with a grid kept
+        torch.testing.assert_close(copied(pixel_values, interpolate_pos_encoding=True).last_hidden_state, expected)
+    # Under autograd every call interpolates, into the graph.
+    grid = embeddings.interpolate_pos_encoding(48, 48)
+    assert grid.grad_fn is not None and grid is not embeddings.interpolate_pos_encoding(48, 48)
 
 
 def test_sincos_2d_position_embeddings_code_row_and_column() -> None:

@@ -165,6 +165,7 @@ class BenchmarkResult:
     speedup_vs_base: float = 1.0
     flops_reduction_vs_base: float = 1.0
     speed_target: str | None = None
+    target_base: str | None = None  # a variant row's speed target is judged against this row (else `base`)
     peak_target: str | None = None
     peak_rss_mb: float | None = None
     loaded_rss_mb: float | None = None
@@ -449,6 +450,28 @@ def _add_ratios(rows: list[BenchmarkResult], models: dict[str, BenchmarkModel]) 
             if compressed:  # a smaller EfficientVLM model (not a peer): does its FLOPs cut turn into speed?
                 met = row.speedup_vs_base >= SPEEDUP_PER_FLOPS_TARGET * row.flops_reduction_vs_base
                 row.speed_target = "pass" if met else "fail"
+        for row in group.values():
+            _judge_variant_against_its_base(row, group, models)
+
+
+def _judge_variant_against_its_base(
+    row: BenchmarkResult, group: dict[str, BenchmarkResult], models: dict[str, BenchmarkModel]
+) -> None:
+    """A variant row (`<model> [packed]`, `[compiled]`, `[bfloat16]`, ...; its base is its model) of a compressed
+    model: its speed target against the same variant of its model's base (a pruned copy's packed row against its
+    preset's packed row), recorded as `target_base`."""
+    origin, suffix = row, ""
+    while origin.base and origin.name.startswith(origin.base + " [") and origin.base in group:
+        suffix = origin.name[len(origin.base) :] + suffix
+        origin = group[origin.base]
+    model_base = models[origin.name].base if suffix else None
+    counterpart = group.get(f"{model_base}{suffix}") if model_base else None
+    if counterpart is None or models[row.name].kind != "efficientvlm":
+        return
+    flops_cut = counterpart.gflops / row.gflops
+    if flops_cut > 1.05:
+        met = counterpart.median_ms / row.median_ms >= SPEEDUP_PER_FLOPS_TARGET * flops_cut
+        row.speed_target, row.target_base = ("pass" if met else "fail"), counterpart.name
 
 
 def _add_memory(models: list[BenchmarkModel], rows: list[BenchmarkResult], settings: BenchmarkSettings) -> None:
@@ -474,8 +497,25 @@ def _add_memory(models: list[BenchmarkModel], rows: list[BenchmarkResult], setti
 
 
 def target_notes(report: BenchmarkReport) -> list[str]:
-    """One line per mask-learning step against its distillation step (target <= 1.2x)."""
+    """One line per variant row judged against another row than its base (see `_judge_variant_against_its_base`)
+    and one per mask-learning step against its distillation step (target <= 1.2x)."""
     notes = []
+    for row in report.results:
+        if row.target_base is None:
+            continue
+        base = next(
+            r
+            for r in report.results
+            if r.name == row.target_base
+            and (r.workload, r.batch_size, r.image_size, r.threads)
+            == (row.workload, row.batch_size, row.image_size, row.threads)
+        )
+        speedup, cut = base.median_ms / row.median_ms, base.gflops / row.gflops
+        notes.append(
+            f"{row.name} ({row.workload}, batch {row.batch_size}, {row.image_size}px, {row.threads} thread(s)): "
+            f"speed target against {base.name}: {speedup:.2f}x / {cut:.2f}x FLOPs cut = {speedup / cut:.2f} "
+            f"(target >= {SPEEDUP_PER_FLOPS_TARGET}: {row.speed_target})"
+        )
     steps = {}
     for row in report.results:
         if row.workload.startswith("train-step/"):
