@@ -215,6 +215,8 @@ def test_variant_rows_of_a_pruned_model_are_judged_against_the_same_variant_of_i
         BenchmarkModel("pruned", "efficientvlm", base="student"),
     )
     models = {
+        "teacher": BenchmarkModel("teacher", "efficientvlm"),
+        "teacher [packed]": BenchmarkModel("teacher [packed]", "efficientvlm", base="teacher"),
         "student": student,
         "student [packed]": BenchmarkModel("student [packed]", "efficientvlm", base="student"),
         "pruned": pruned,
@@ -224,8 +226,10 @@ def test_variant_rows_of_a_pruned_model_are_judged_against_the_same_variant_of_i
         "pruned [packed] [compiled]": pruned,
     }
     rows = [
+        row("teacher", 8.0, 100.0),
+        row("teacher [packed]", 8.0, 90.0, "teacher"),
         row("student", 4.0, 60.0),
-        row("student [packed]", 4.0, 50.0, "student"),
+        row("student [packed]", 4.0, 45.0, "student"),
         row("student [packed] [compiled]", 4.0, 40.0, "student [packed]"),
         row("pruned", 2.0, 30.0, "student"),
         row("pruned [packed]", 2.0, 30.0, "pruned"),
@@ -233,17 +237,22 @@ def test_variant_rows_of_a_pruned_model_are_judged_against_the_same_variant_of_i
     ]
     _add_ratios(rows, models)
     by_name = {r.name: r for r in rows}
-    for name in ("student [packed]", "student [packed] [compiled]"):  # unpruned: what packing / compiling buys
+    # The reference's variant and one whose counterpart was not timed are not judged.
+    for name in ("teacher [packed]", "student [packed] [compiled]"):
         assert by_name[name].speed_target is None and by_name[name].target_base is None
+    student_packed = by_name["student [packed]"]  # the student against the teacher, both packed: 2x for 2x
+    assert (student_packed.target_base, student_packed.speed_target) == ("teacher [packed]", "pass")
     packed, compiled = by_name["pruned [packed]"], by_name["pruned [packed] [compiled]"]
     assert packed.base == "pruned" and packed.speedup_vs_base == 1.0  # the columns still give what packing buys
-    assert (packed.target_base, packed.speed_target) == ("student [packed]", "fail")  # 50 / 30 = 1.67x < 0.9 x 2
+    assert (packed.target_base, packed.speed_target) == ("student [packed]", "fail")  # 45 / 30 = 1.5x < 0.9 x 2
     assert (compiled.target_base, compiled.speed_target) == ("student [packed] [compiled]", "pass")  # 2x
     assert by_name["pruned"].target_base is None and by_name["pruned"].speed_target == "pass"
     notes = target_notes(BenchmarkReport(BenchmarkSettings(), rows, {}))
     assert notes == [
-        "pruned [packed] (itm, batch 1, 384px, 2 thread(s)): speed target against student [packed]: 1.67x / 2.00x "
-        "FLOPs cut = 0.83 (target >= 0.9: fail)",
+        "student [packed] (itm, batch 1, 384px, 2 thread(s)): speed target against teacher [packed]: 2.00x / 2.00x "
+        "FLOPs cut = 1.00 (target >= 0.9: pass)",
+        "pruned [packed] (itm, batch 1, 384px, 2 thread(s)): speed target against student [packed]: 1.50x / 2.00x "
+        "FLOPs cut = 0.75 (target >= 0.9: fail)",
         "pruned [packed] [compiled] (itm, batch 1, 384px, 2 thread(s)): speed target against student [packed] "
         "[compiled]: 2.00x / 2.00x FLOPs cut = 1.00 (target >= 0.9: pass)",
     ]

@@ -459,12 +459,13 @@ def _judge_variant_against_its_base(
 ) -> None:
     """A variant row (`<model> [packed]`, `[compiled]`, `[bfloat16]`, ...; its base is its model) of a compressed
     model: its speed target against the same variant of its model's base (a pruned copy's packed row against its
-    preset's packed row), recorded as `target_base`."""
+    preset's packed row, a student's against the reference's), recorded as `target_base`. Runs once every row's
+    base is set."""
     origin, suffix = row, ""
     while origin.base and origin.name.startswith(origin.base + " [") and origin.base in group:
         suffix = origin.name[len(origin.base) :] + suffix
         origin = group[origin.base]
-    model_base = models[origin.name].base if suffix else None
+    model_base = origin.base if suffix and origin.base != origin.name else None
     counterpart = group.get(f"{model_base}{suffix}") if model_base else None
     if counterpart is None or models[row.name].kind != "efficientvlm":
         return
