@@ -670,7 +670,7 @@ class EfficientVLMVisionEmbeddings(nn.Module):
         return self._interpolation_cache[2]
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_interpolation_cache": None}  # a weak reference does not pickle
+        return {**super().__getstate__(), "_interpolation_cache": None}  # a weak reference does not pickle
 
     def _interpolated(self, position: torch.Tensor, new_h: int, new_w: int) -> torch.Tensor:
         side = int(self.num_patches**0.5)
