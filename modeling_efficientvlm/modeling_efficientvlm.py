@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +41,8 @@ from .packing_efficientvlm import (
     MIN_PACKED_FLOPS,
     NO_ACTIVATION,
     CPUWeightPacks,
+    PacksCPUWeights,
+    TensorStamp,
     cpu_packing_available,
     packed_linear,
     packed_weight,
@@ -268,7 +269,7 @@ def ffn_neuron_parameters(hidden_size: int) -> int:
     return 2 * hidden_size + 1
 
 
-class EfficientVLMAttention(nn.Module):
+class EfficientVLMAttention(PacksCPUWeights):
     """Multi-head attention with any number of heads of a fixed width.
 
     Self-attention when `encoder_hidden_states` is None, cross-attention otherwise (keys and values are
@@ -294,7 +295,6 @@ class EfficientVLMAttention(nn.Module):
         self.k_proj = nn.Linear(kv_hidden_size, inner)
         self.v_proj = nn.Linear(kv_hidden_size, inner)
         self.out_proj = nn.Linear(inner, config.hidden_size)
-        self.cpu_packs: CPUWeightPacks | None = None  # see `EfficientVLMPreTrainedModel.pack_cpu_weights`
 
     def forward(
         self,
@@ -432,7 +432,7 @@ _IN_PLACE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-class EfficientVLMMLP(nn.Module):
+class EfficientVLMMLP(PacksCPUWeights):
     """Two-layer FFN; an optional (neurons,) mask multiplies the activations."""
 
     # On a CPU without autograd, inputs of more rows (tokens over the batch) than this run in blocks of at most this
@@ -447,7 +447,6 @@ class EfficientVLMMLP(nn.Module):
         self.activation_fn = ACT2FN[config.hidden_act]
         self.fc1 = nn.Linear(config.hidden_size, intermediate_size)
         self.fc2 = nn.Linear(intermediate_size, config.hidden_size)
-        self.cpu_packs: CPUWeightPacks | None = None  # see `EfficientVLMPreTrainedModel.pack_cpu_weights`
 
     @property
     def intermediate_size(self) -> int:
@@ -646,8 +645,8 @@ class EfficientVLMVisionEmbeddings(nn.Module):
         self.num_patches = (config.image_size // config.patch_size) ** 2
         self.pos_embed = nn.Embedding(self.num_patches + 1, config.hidden_size)
         self.register_buffer("position_ids", torch.arange(self.num_patches + 1).unsqueeze(0), persistent=False)
-        # (weak reference to pos_embed.weight, (grid, storage, version, dtype, inference mode), interpolated positions)
-        self._interpolation_cache: tuple[weakref.ref, tuple, torch.Tensor] | None = None
+        # (pos_embed.weight's stamp, (grid, dtype, inference mode), interpolated positions)
+        self._interpolation_cache: tuple[TensorStamp, tuple, torch.Tensor] | None = None
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings (1, 1 + patches, hidden) for an image of `height` x `width` pixels. Without autograd
@@ -659,15 +658,17 @@ class EfficientVLMVisionEmbeddings(nn.Module):
             return position
         if keeps_written_form(self, position):
             return self._interpolated(position, new_h, new_w)
-        # The weight itself (weakly: a replaced parameter), its storage and version (in-place changes), and what
-        # the grid was made for; `_apply` drops the grid on moves and casts.
         weight = self.pos_embed.weight
-        key = (new_h, new_w, weight.data_ptr(), weight._version, weight.dtype, torch.is_inference_mode_enabled())
+        key = (new_h, new_w, weight.dtype, torch.is_inference_mode_enabled())
         cache = self._interpolation_cache
-        if cache is None or cache[0]() is not weight or cache[1] != key:
+        if cache is None or not cache[0].matches(weight) or cache[1] != key:
             self._interpolation_cache = None  # the stale grid goes before the new one is made
-            self._interpolation_cache = (weakref.ref(weight), key, self._interpolated(position, new_h, new_w))
+            self._interpolation_cache = (TensorStamp.of(weight), key, self._interpolated(position, new_h, new_w))
         return self._interpolation_cache[2]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        self._interpolation_cache = None  # a move or cast: see `TensorStamp`
+        return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_interpolation_cache": None}  # a weak reference does not pickle
@@ -1187,19 +1188,6 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
                 "captioning model decodes with its text stack, pruned as `text` and `fusion`)."
             )
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
-        # `.to()`, `.float()`, `.cuda()`... give the parameters new storage, which may take the old one's address
-        # (freed memory is reused), so a storage address and version no longer tell that the weights are the same:
-        # what was derived from them (packed copies, interpolated positions) goes and is made again at next use.
-        result = super()._apply(fn, recurse)
-        for module in self.modules():
-            packs = getattr(module, "cpu_packs", None)
-            if packs is not None:
-                packs.clear()
-            if isinstance(module, EfficientVLMVisionEmbeddings):
-                module._interpolation_cache = None
-        return result
-
     def pack_cpu_weights(self, enabled: bool = True, min_flops: int = MIN_PACKED_FLOPS) -> int:
         """Has every attention and FFN block run its linear layers from oneDNN-packed copies of their weights where
         it runs on a CPU in float32 without autograd (inference: `eval()` under `torch.no_grad()` /
@@ -1215,7 +1203,7 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
                 "pack_cpu_weights needs PyTorch built with oneDNN (torch.backends.mkldnn.is_available() is False "
                 "here); the model runs unpacked."
             )
-        blocks = [m for m in self.modules() if isinstance(m, (EfficientVLMAttention, EfficientVLMMLP))]
+        blocks = [m for m in self.modules() if isinstance(m, PacksCPUWeights)]
         for block in blocks:
             block.cpu_packs = CPUWeightPacks(min_flops) if enabled else None
         return len(blocks)

@@ -15,6 +15,7 @@ where their inference forms run (no autograd, tracing, autocast or active dropou
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,20 +47,38 @@ def cpu_packing_available() -> bool:
 
 
 @dataclass(frozen=True)
+class TensorStamp:
+    """What a tensor derived from `tensor` (a packed copy, interpolated positions) was made from: the tensor itself,
+    weakly (a replaced parameter is another object), its storage and its version (in-place updates: optimizer
+    steps, `load_state_dict`'s copy_). A move or cast can give new storage the old address with the same version:
+    the owners of derived tensors drop them in `_apply` (`PacksCPUWeights`, the vision embeddings)."""
+
+    tensor: weakref.ref
+    storage: int
+    version: int
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorStamp:
+        return cls(weakref.ref(tensor), tensor.data_ptr(), tensor._version)
+
+    def matches(self, tensor: torch.Tensor) -> bool:
+        return self.tensor() is tensor and (self.storage, self.version) == (tensor.data_ptr(), tensor._version)
+
+
+@dataclass(frozen=True)
 class PackedLinear:
     """A linear layer's weight (out, in) in oneDNN's blocked layout, times `weight_scale`, and its bias (times
-    `bias_scale`, or None); `made_from` holds (weak references to) the tensors it was made from, `stamp` their
-    versions and the scales."""
+    `bias_scale`, or None); `made_from` stamps the weight and bias it was made from, `scales` the two scales."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    made_from: tuple[weakref.ref, weakref.ref | None]
-    stamp: tuple
+    made_from: tuple[TensorStamp, TensorStamp | None]
+    scales: tuple[float, float | None]
 
-    def is_of(self, weight: torch.Tensor, bias: torch.Tensor | None, stamp: tuple) -> bool:
+    def is_of(self, weight: torch.Tensor, bias: torch.Tensor | None, scales: tuple[float, float | None]) -> bool:
         weight_of, bias_of = self.made_from
-        same_bias = bias is None if bias_of is None else bias_of() is bias
-        return weight_of() is weight and same_bias and self.stamp == stamp
+        same_bias = bias is None if bias_of is None else bias is not None and bias_of.matches(bias)
+        return weight_of.matches(weight) and same_bias and self.scales == scales
 
 
 class CPUWeightPacks:
@@ -78,17 +97,15 @@ class CPUWeightPacks:
         weight, bias = linear.weight, linear.bias if bias_scale is not None else None
         if not self.applies_to(linear):
             return None
-        # In-place updates (optimizer steps, `load_state_dict`'s copy_) bump a tensor's version; moves
-        # (`module.to`) give the same parameter new storage.
-        stamp = (_version(weight), None if bias is None else _version(bias), weight_scale, bias_scale)
+        scales = (weight_scale, bias_scale)
         pack = self._packs.get(name)
-        if pack is None or not pack.is_of(weight, bias, stamp):
+        if pack is None or not pack.is_of(weight, bias, scales):
             self._packs.pop(name, None)  # the stale copy goes before the new one is made
             with torch.no_grad():
                 scaled = weight.detach() * weight_scale if weight_scale != 1 else weight.detach()
                 packed_bias = None if bias is None else bias.detach() * bias_scale
-                made_from = (weakref.ref(weight), None if bias is None else weakref.ref(bias))
-                pack = PackedLinear(torch.ops.mkldnn._reorder_linear_weight(scaled), packed_bias, made_from, stamp)
+                made_from = (TensorStamp.of(weight), None if bias is None else TensorStamp.of(bias))
+                pack = PackedLinear(torch.ops.mkldnn._reorder_linear_weight(scaled), packed_bias, made_from, scales)
             self._packs[name] = pack
         return pack
 
@@ -117,8 +134,20 @@ class CPUWeightPacks:
         return {"min_flops": self.min_flops, "_packs": {}}
 
 
-def _version(tensor: torch.Tensor) -> tuple[int, int]:
-    return tensor.data_ptr(), tensor._version
+class PacksCPUWeights(nn.Module):
+    """A block whose linear layers may run from packed weights: `cpu_packs`, set by
+    `EfficientVLMPreTrainedModel.pack_cpu_weights` (None: unpacked). A move or cast of the block drops its packs:
+    they are made again from the new storage at the next use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cpu_packs: CPUWeightPacks | None = None
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        result = super()._apply(fn, recurse)
+        if self.cpu_packs is not None:
+            self.cpu_packs.clear()
+        return result
 
 
 def runs_packed(module: nn.Module, name: str, inputs: torch.Tensor) -> bool:
