@@ -446,10 +446,7 @@ def _add_ratios(rows: list[BenchmarkResult], models: dict[str, BenchmarkModel]) 
             row.base = base.name
             row.speedup_vs_base = base.median_ms / row.median_ms
             row.flops_reduction_vs_base = base.gflops / row.gflops
-            compressed = models[row.name].kind == "efficientvlm" and row.flops_reduction_vs_base > 1.05
-            if compressed:  # a smaller EfficientVLM model (not a peer): does its FLOPs cut turn into speed?
-                met = row.speedup_vs_base >= SPEEDUP_PER_FLOPS_TARGET * row.flops_reduction_vs_base
-                row.speed_target = "pass" if met else "fail"
+            row.speed_target = _speed_verdict(models[row.name], row.speedup_vs_base, row.flops_reduction_vs_base)
         for row in group.values():
             _judge_variant_against_its_base(row, group, models)
 
@@ -467,12 +464,19 @@ def _judge_variant_against_its_base(
         origin = group[origin.base]
     model_base = origin.base if suffix and origin.base != origin.name else None
     counterpart = group.get(f"{model_base}{suffix}") if model_base else None
-    if counterpart is None or models[row.name].kind != "efficientvlm":
+    if counterpart is None:
         return
-    flops_cut = counterpart.gflops / row.gflops
-    if flops_cut > 1.05:
-        met = counterpart.median_ms / row.median_ms >= SPEEDUP_PER_FLOPS_TARGET * flops_cut
-        row.speed_target, row.target_base = ("pass" if met else "fail"), counterpart.name
+    verdict = _speed_verdict(models[row.name], counterpart.median_ms / row.median_ms, counterpart.gflops / row.gflops)
+    if verdict is not None:
+        row.speed_target, row.target_base = verdict, counterpart.name
+
+
+def _speed_verdict(model: BenchmarkModel, speedup: float, flops_cut: float) -> str | None:
+    """Whether a smaller EfficientVLM model (not a peer) turns its FLOPs cut into speed: "pass" / "fail"; None for
+    a model that is not smaller or not ours to judge."""
+    if model.kind != "efficientvlm" or flops_cut <= 1.05:
+        return None
+    return "pass" if speedup >= SPEEDUP_PER_FLOPS_TARGET * flops_cut else "fail"
 
 
 def _add_memory(models: list[BenchmarkModel], rows: list[BenchmarkResult], settings: BenchmarkSettings) -> None:
