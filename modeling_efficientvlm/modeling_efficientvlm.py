@@ -45,6 +45,7 @@ from .packing_efficientvlm import (
     TensorStamp,
     cpu_packing_available,
     packed_linear,
+    packed_stack,
     packed_weight,
     runs_packed,
 )
@@ -316,10 +317,17 @@ class EfficientVLMAttention(PacksCPUWeights):
         q_len = hidden_states.shape[1]
         fused = head_mask is None and not output_attentions and self._fuses(hidden_states, kv_states, residual)
         packed = fused and runs_packed(self, "q_proj", hidden_states)
-        if packed:
+        value_bias_added = False
+        if packed and encoder_hidden_states is None:
+            # One product where there were three (each big product evicts what the next op needs from the caches),
+            # the value bias inside it: the keys and values have as many rows as the context here.
+            qkv = packed_stack(self, "qkv", ("q_proj", "k_proj", "v_proj"), bias_scales=(1.0, None, 1.0))
+            query, key, value = packed_linear(hidden_states, qkv).chunk(3, dim=-1)
+            value_bias_added = True
+        elif packed:
             query = packed_linear(hidden_states, packed_weight(self, "q_proj"))
-            key = packed_linear(kv_states, packed_weight(self, "k_proj", bias_scale=None))
-            value = packed_linear(kv_states, packed_weight(self, "v_proj", bias_scale=None))
+            kv = packed_stack(self, "kv", ("k_proj", "v_proj"), bias_scales=(None, None))
+            key, value = packed_linear(kv_states, kv).chunk(2, dim=-1)
         elif fused:
             # Softmax is blind to the key bias (it adds q . b_k to all of a query's scores) and its rows sum to 1,
             # so the value bias adds b_v to every context row: added there, in place, instead of broadcast into
@@ -359,7 +367,7 @@ class EfficientVLMAttention(PacksCPUWeights):
         if head_mask is not None:
             context = context * head_mask.to(context.dtype).view(-1, 1, self.num_heads, 1)
         context = context.reshape(*hidden_states.shape[:2], -1)
-        if fused:
+        if fused and not value_bias_added:
             context = context.add_(self.v_proj.bias)  # the value bias, folded out of the values (see above)
         if packed:  # the output's bias and the residual added inside the product
             return packed_linear(context, packed_weight(self, "out_proj"), residual=residual), None
@@ -632,7 +640,7 @@ def sincos_2d_position_embeddings(side: int, dim: int, temperature: float = 1000
     return torch.cat([code(rows), code(cols)], dim=1).float()
 
 
-class EfficientVLMVisionEmbeddings(nn.Module):
+class EfficientVLMVisionEmbeddings(PacksCPUWeights):
     """Patch embedding + class token + learned positions (interpolated for other image sizes)."""
 
     def __init__(self, config: EfficientVLMVisionConfig) -> None:
@@ -707,10 +715,42 @@ class EfficientVLMVisionEmbeddings(nn.Module):
                 f"Input image size ({height}x{width}) does not match the model ({self.config.image_size}x"
                 f"{self.config.image_size}); pass `interpolate_pos_encoding=True` to use another size."
             )
-        patches = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
+        position = self.interpolate_pos_encoding(height, width)
+        if self._runs_packed(pixel_values):
+            return self._packed_forward(pixel_values, position)
+        patches = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)
         class_token = self.class_embedding.expand(batch, 1, -1).to(patches.dtype)
         embeddings = torch.cat([class_token, patches], dim=1)
-        return embeddings + self.interpolate_pos_encoding(height, width)
+        return embeddings + position
+
+    def _runs_packed(self, pixel_values: torch.Tensor) -> bool:
+        """Whether the patch embedding runs as one packed product (see `_packed_forward`): the embeddings pack
+        (`pack_cpu_weights`), their inference form runs, and the patch embedding is the plain, hook-free
+        convolution it was built as."""
+        conv = self.patch_embed
+        plain = type(conv) is nn.Conv2d and not (conv._forward_hooks or conv._forward_pre_hooks)
+        plain = plain and conv.stride == conv.kernel_size and conv.padding == (0, 0) and conv.dilation == (1, 1)
+        return (
+            plain
+            and conv.groups == 1
+            and not keeps_written_form(self, pixel_values)
+            and runs_packed(self, "patch_embed", pixel_values)
+        )
+
+    def _packed_forward(self, pixel_values: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The patches as rows times the packed patch weights, the positions added inside the product, then the
+        class token before them: one copy of the pixels and one GEMM where the convolution ran (a third slower at
+        batch 1, 1.6x at batch 8 on 2 AMD cores) followed by an add."""
+        batch, channels, height, width = pixel_values.shape
+        size = self.config.patch_size
+        rows_h, rows_w = height // size, width // size
+        patches = pixel_values.view(batch, channels, rows_h, size, rows_w, size).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(batch, rows_h * rows_w, channels * size * size)
+        positions = position[:, 1:].expand(batch, -1, -1)
+        embeddings = packed_linear(patches, packed_weight(self, "patch_embed"), residual=positions)
+        class_token = (self.class_embedding + position[:, :1]).expand(batch, 1, -1)
+        return torch.cat([class_token, embeddings], dim=1)
 
 
 def mark_zero_init(*branches: tuple[nn.Module, str]) -> None:
@@ -1189,9 +1229,10 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
             )
 
     def pack_cpu_weights(self, enabled: bool = True, min_flops: int = MIN_PACKED_FLOPS) -> int:
-        """Has every attention and FFN block run its linear layers from oneDNN-packed copies of their weights where
-        it runs on a CPU in float32 without autograd (inference: `eval()` under `torch.no_grad()` /
-        `inference_mode()`), with each layer's bias, activation and residual add inside its product
+        """Has every attention and FFN block run its linear layers (and the vision embeddings their patch
+        convolution) from oneDNN-packed copies of their weights where it runs on a CPU in float32 without autograd
+        (inference: `eval()` under `torch.no_grad()` / `inference_mode()`), with each layer's bias, activation and
+        residual add inside its product and a self-attention's queries, keys and values in one product
         (`packing_efficientvlm`). The copies are made at a block's first such call and again when its weights
         change; they cost one more copy of those weights in memory (about the model's size) and are never saved.
         Outputs match the unpacked model's to float32 rounding. A block whose product on an input has fewer than

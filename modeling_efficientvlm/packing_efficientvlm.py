@@ -5,9 +5,11 @@ every call. For the 40 rows of a batch-1 text that copy costs as much as the pro
 the matmul peak, 577-row ones at 93-98%), and on AMD CPUs MKL's fp32 kernels reach about 90% of oneDNN's. oneDNN
 multiplies with a weight reordered once into its blocked layout (`mkldnn._reorder_linear_weight`, the op
 `torch.compile`'s freezing packs weights with) and runs the bias, the activation and a residual add inside the
-product. [`EfficientVLMPreTrainedModel.pack_cpu_weights`] gives every attention / FFN block a [`CPUWeightPacks`]:
-packed copies of its linear weights, made at first use and made again whenever a weight changes (an optimizer step,
-`load_state_dict`, a move): one more copy of those weights in memory. The blocks use them on a CPU, in float32,
+product. [`EfficientVLMPreTrainedModel.pack_cpu_weights`] gives every attention / FFN block and the vision
+embeddings a [`CPUWeightPacks`]: packed copies of their linear weights (layers that read the same input stacked into
+one product: a self-attention's queries, keys and values; the patch convolution as a linear layer over patches),
+made at first use and made again whenever a weight changes (an optimizer step, `load_state_dict`, a move): one more
+copy of those weights in memory. The blocks use them on a CPU, in float32,
 where their inference forms run (no autograd, tracing, autocast or active dropout), for products of at least
 `min_flops` FLOPs; everywhere else they run as before.
 """
@@ -67,18 +69,24 @@ class TensorStamp:
 
 @dataclass(frozen=True)
 class PackedLinear:
-    """A linear layer's weight (out, in) in oneDNN's blocked layout, times `weight_scale`, and its bias (times
-    `bias_scale`, or None); `made_from` stamps the weight and bias it was made from, `scales` the two scales."""
+    """The weights (out, in) of one linear layer, or of several that read the same input stacked along `out`, in
+    oneDNN's blocked layout, times `weight_scale`, and their bias (each layer's times its bias scale, zeros for a
+    scale of None; None when no layer adds one); `made_from` stamps each layer's weight and bias (None: not used),
+    `scales` the weight scale and the bias scales."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    made_from: tuple[TensorStamp, TensorStamp | None]
-    scales: tuple[float, float | None]
+    made_from: tuple[TensorStamp | None, ...]
+    scales: tuple[float, tuple[float | None, ...]]
 
-    def is_of(self, weight: torch.Tensor, bias: torch.Tensor | None, scales: tuple[float, float | None]) -> bool:
-        weight_of, bias_of = self.made_from
-        same_bias = bias is None if bias_of is None else bias is not None and bias_of.matches(bias)
-        return weight_of.matches(weight) and same_bias and self.scales == scales
+    def is_of(self, sources: tuple[torch.Tensor | None, ...], scales: tuple[float, tuple[float | None, ...]]) -> bool:
+        """Whether this pack was made from exactly `sources` (as `made_from`) with `scales`."""
+        if self.scales != scales or len(sources) != len(self.made_from):
+            return False
+        return all(
+            source is None if stamp is None else source is not None and stamp.matches(source)
+            for stamp, source in zip(self.made_from, sources)
+        )
 
 
 class CPUWeightPacks:
@@ -94,20 +102,62 @@ class CPUWeightPacks:
     ) -> PackedLinear | None:
         """The packed `linear` (weight times `weight_scale`, bias times `bias_scale`; no bias for None), repacked
         if its weight or bias changed since; None off the CPU or for weights other than float32."""
-        weight, bias = linear.weight, linear.bias if bias_scale is not None else None
-        if not self.applies_to(linear):
+        return self.get_stacked(name, (linear,), weight_scale, (bias_scale,))
+
+    def get_stacked(
+        self,
+        name: str,
+        linears: tuple[nn.Linear, ...],
+        weight_scale: float = 1.0,
+        bias_scales: tuple[float | None, ...] | None = None,
+    ) -> PackedLinear | None:
+        """`linears` (same input size) as one packed layer whose output is their outputs side by side: one product
+        where there were several, each layer's bias times its entry of `bias_scales` (default 1; None: no bias,
+        zeros in its place). Repacked if any weight or bias changed since; None unless all run on the CPU in
+        float32."""
+        bias_scales = (1.0,) * len(linears) if bias_scales is None else tuple(bias_scales)
+        if len(bias_scales) != len(linears):
+            raise ValueError(f"{len(linears)} layers to stack under {name!r} but {len(bias_scales)} bias scales.")
+        if not all(self.applies_to(linear) for linear in linears):
             return None
-        scales = (weight_scale, bias_scale)
+        sources = tuple(
+            t
+            for linear, scale in zip(linears, bias_scales)
+            for t in (linear.weight, linear.bias if scale is not None else None)
+        )
+        scales = (weight_scale, bias_scales)
         pack = self._packs.get(name)
-        if pack is None or not pack.is_of(weight, bias, scales):
+        if pack is None or not pack.is_of(sources, scales):
             self._packs.pop(name, None)  # the stale copy goes before the new one is made
-            with torch.no_grad():
-                scaled = weight.detach() * weight_scale if weight_scale != 1 else weight.detach()
-                packed_bias = None if bias is None else bias.detach() * bias_scale
-                made_from = (TensorStamp.of(weight), None if bias is None else TensorStamp.of(bias))
-                pack = PackedLinear(torch.ops.mkldnn._reorder_linear_weight(scaled), packed_bias, made_from, scales)
+            pack = self._pack(linears, weight_scale, bias_scales, sources, scales)
             self._packs[name] = pack
         return pack
+
+    @staticmethod
+    def _pack(
+        linears: tuple[nn.Linear, ...],
+        weight_scale: float,
+        bias_scales: tuple[float | None, ...],
+        sources: tuple[torch.Tensor | None, ...],
+        scales: tuple[float, tuple[float | None, ...]],
+    ) -> PackedLinear:
+        with torch.no_grad():
+            # A patch convolution (kernel = stride) is a linear layer over flattened patches: (out, in, kh, kw).
+            weights = [linear.weight.detach().flatten(1) for linear in linears]
+            weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+            if weight_scale != 1:
+                weight = weight * weight_scale
+            biases = sources[1::2]
+            bias = None
+            if any(b is not None for b in biases):
+                bias = torch.cat(
+                    [
+                        b.detach() * scale if b is not None else weight.new_zeros(w.shape[0])
+                        for w, b, scale in zip(weights, biases, bias_scales)
+                    ]
+                )
+            made_from = tuple(None if t is None else TensorStamp.of(t) for t in sources)
+            return PackedLinear(torch.ops.mkldnn._reorder_linear_weight(weight), bias, made_from, scales)
 
     @staticmethod
     def applies_to(linear: nn.Linear) -> bool:
@@ -151,13 +201,14 @@ class PacksCPUWeights(nn.Module):
 
 
 def runs_packed(module: nn.Module, name: str, inputs: torch.Tensor) -> bool:
-    """Whether `module.<name>` runs on `inputs` (..., in) from a packed weight: `module` packs (`module.cpu_packs`
+    """Whether `module.<name>` (a linear layer, or a patch convolution on `inputs` that it tiles) runs on `inputs`
+    (..., in) from a packed weight: `module` packs (`module.cpu_packs`
     set), the layer's weight and the inputs are float32 on the CPU, and the product has at least the packs'
     `min_flops` FLOPs."""
     packs, linear = getattr(module, "cpu_packs", None), getattr(module, name)
     if packs is None or not packs.applies_to(linear) or inputs.dtype != torch.float32:
         return False
-    return 2 * inputs.numel() * linear.out_features >= packs.min_flops
+    return 2 * inputs.numel() * linear.weight.shape[0] >= packs.min_flops
 
 
 def packed_weight(
@@ -167,6 +218,16 @@ def packed_weight(
     runs on the CPU in float32; else None."""
     packs = getattr(module, "cpu_packs", None)
     return None if packs is None else packs.get(name, getattr(module, name), weight_scale, bias_scale)
+
+
+def packed_stack(
+    module: nn.Module, name: str, layers: tuple[str, ...], bias_scales: tuple[float | None, ...]
+) -> PackedLinear | None:
+    """The packed stack of `module`'s `layers` (see `CPUWeightPacks.get_stacked`) under `name`, when `module`
+    packs its weights and the layers run on the CPU in float32; else None."""
+    packs = getattr(module, "cpu_packs", None)
+    linears = tuple(getattr(module, layer) for layer in layers)
+    return None if packs is None else packs.get_stacked(name, linears, bias_scales=bias_scales)
 
 
 def packed_linear(

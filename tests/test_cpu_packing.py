@@ -12,8 +12,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval
-from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMAttention, EfficientVLMMLP
-from modeling_efficientvlm.packing_efficientvlm import CPUWeightPacks
+from modeling_efficientvlm.modeling_efficientvlm import (
+    EfficientVLMAttention,
+    EfficientVLMMLP,
+    EfficientVLMVisionEmbeddings,
+)
+from modeling_efficientvlm.packing_efficientvlm import CPUWeightPacks, PacksCPUWeights
 from tests.model_utils import prune_unevenly, shared_image_scores, tiny_retrieval_model
 from trainers.evaluation.benchmarking import count_flops
 
@@ -36,7 +40,10 @@ def _assert_same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> No
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (EfficientVLMAttention, EfficientVLMMLP))]
+    """The attention and FFN blocks and the vision embeddings (their patch embedding)."""
+    blocks = [m for m in model.modules() if isinstance(m, PacksCPUWeights)]
+    assert {type(b) for b in blocks} == {EfficientVLMAttention, EfficientVLMMLP, EfficientVLMVisionEmbeddings}
+    return blocks
 
 
 def test_packed_model_scores_as_the_unpacked_one_from_packed_products() -> None:
@@ -55,6 +62,7 @@ def test_packed_model_scores_as_the_unpacked_one_from_packed_products() -> None:
         if isinstance(m, torch.nn.Linear) and not any(m is b for b in _linears_of_blocks(packed))
     )
     assert recorder.ops.count("mkldnn._linear_pointwise") > 0
+    assert "aten.convolution" not in recorder.ops  # the patch embedding ran as a packed product too
     gemms = sum(recorder.ops.count(op) for op in ("aten.addmm", "aten.addmm_", "aten.mm"))
     assert gemms <= linears_outside_blocks
     assert all(len(block.cpu_packs) > 0 for block in _blocks(packed))
@@ -74,6 +82,10 @@ def test_packs_follow_weight_changes_and_moves() -> None:
             for linear in _linears_of_blocks(model):
                 linear.weight.mul_(1.5)
                 linear.bias.add_(0.25)
+            (embeddings,) = (m for m in model.modules() if isinstance(m, EfficientVLMVisionEmbeddings))
+            embeddings.patch_embed.weight.mul_(1.5)
+            embeddings.pos_embed.weight.add_(0.25)
+            embeddings.class_embedding.add_(0.25)
         _assert_same(shared_image_scores(packed), shared_image_scores(plain))
         state = {k: v + 0.01 * torch.randn_like(v) for k, v in plain.state_dict().items()}
         plain.load_state_dict(state)
@@ -176,24 +188,106 @@ def test_packed_ffn_fuses_each_activation_with_masks_blocks_and_residual(hidden_
     assert len(packed.cpu_packs) == 2
 
 
-def test_packed_attention_takes_a_non_contiguous_residual() -> None:
+@pytest.mark.parametrize("cross", [False, True])
+def test_packed_attention_stacks_its_projections_and_takes_a_non_contiguous_residual(cross: bool) -> None:
+    """Self-attention runs its queries, keys and values as one product (value bias inside), cross-attention its
+    keys and values (from the other modality's states); with biases everywhere, with and without a residual."""
     config = EfficientVLMConfig.from_preset("tiny").text_config
     torch.manual_seed(0)
-    plain = EfficientVLMAttention(config, 4, config.encoder_hidden_size, dropout=0.1).eval()
+    kv_size = config.encoder_hidden_size if cross else config.hidden_size
+    plain = EfficientVLMAttention(config, 4, kv_size, dropout=0.1).eval()
     with torch.no_grad():
         for linear in (plain.q_proj, plain.k_proj, plain.v_proj, plain.out_proj):
             linear.bias.normal_()
     packed = copy.deepcopy(plain)
     packed.cpu_packs = CPUWeightPacks(min_flops=0)
     hidden = torch.randn(3, 6, config.hidden_size)
-    image = torch.randn(3, 9, config.encoder_hidden_size)
+    image = torch.randn(3, 9, config.encoder_hidden_size) if cross else None
     residual = torch.randn(6, 3, config.hidden_size).transpose(0, 1)
+    recorder = _OpRecorder()
     with torch.no_grad():
         for kwargs in ({}, {"residual": residual}):
             expected = plain(hidden, encoder_hidden_states=image, **kwargs)[0]
-            got = packed(hidden, encoder_hidden_states=image, **kwargs)[0]
+            with recorder:
+                got = packed(hidden, encoder_hidden_states=image, **kwargs)[0]
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert len(packed.cpu_packs) == 4
+    products = recorder.ops.count("mkldnn._linear_pointwise")
+    assert products == 2 * (3 if cross else 2)  # (q, kv, out) or (qkv, out), twice
+    assert len(packed.cpu_packs) == (3 if cross else 2)
+
+
+def test_stacked_pack_is_its_layers_side_by_side_and_follows_each_of_them() -> None:
+    torch.manual_seed(0)
+    layers = (torch.nn.Linear(16, 8), torch.nn.Linear(16, 4), torch.nn.Linear(16, 8))
+    packs = CPUWeightPacks(min_flops=0)
+    inputs = torch.randn(5, 16)
+
+    def expected() -> torch.Tensor:  # biases times (1, none, 2)
+        first, second, third = (inputs @ layer.weight.T for layer in layers)
+        return torch.cat([first + layers[0].bias, second, third + 2 * layers[2].bias], dim=-1)
+
+    def stacked() -> torch.Tensor:
+        pack = packs.get_stacked("stack", layers, bias_scales=(1.0, None, 2.0))
+        return torch.ops.mkldnn._linear_pointwise(inputs, pack.weight, pack.bias, "none", [], "")
+
+    with torch.no_grad():
+        first = packs.get_stacked("stack", layers, bias_scales=(1.0, None, 2.0))
+        torch.testing.assert_close(stacked(), expected())
+        assert packs.get_stacked("stack", layers, bias_scales=(1.0, None, 2.0)) is first  # kept
+        layers[2].bias.add_(1.0)  # a bias of the third layer changes in place: repacked
+        torch.testing.assert_close(stacked(), expected())
+        layers[1].bias.add_(1.0)  # the second layer's bias is not used: kept
+        pack = packs.get_stacked("stack", layers, bias_scales=(1.0, None, 2.0))
+        layers[1].weight = torch.nn.Parameter(torch.randn(4, 16))  # a replaced parameter: repacked
+        assert packs.get_stacked("stack", layers, bias_scales=(1.0, None, 2.0)) is not pack
+        torch.testing.assert_close(stacked(), expected())
+        assert len(packs) == 1
+        no_bias = packs.get_stacked("keys", layers[:2], bias_scales=(None, None))
+        assert no_bias.bias is None
+        got = torch.ops.mkldnn._linear_pointwise(inputs, no_bias.weight, None, "none", [], "")
+        torch.testing.assert_close(got, torch.cat([inputs @ layers[0].weight.T, inputs @ layers[1].weight.T], -1))
+    with pytest.raises(ValueError, match="3 layers to stack under 'stack' but 2 bias scales"):
+        packs.get_stacked("stack", layers, bias_scales=(1.0, None))
+
+
+def test_packed_patch_embedding_equals_the_convolution() -> None:
+    """The patch convolution as one packed product with the positions inside it and the class token after: any
+    batch, interpolated and non-square sizes; a hooked convolution and autograd run the convolution itself."""
+    config = EfficientVLMConfig.from_preset("tiny").vision_config
+    torch.manual_seed(0)
+    plain = EfficientVLMVisionEmbeddings(config).eval()
+    with torch.no_grad():
+        plain.class_embedding.normal_()
+        plain.pos_embed.weight.normal_()
+    packed = copy.deepcopy(plain)
+    packed.cpu_packs = CPUWeightPacks(min_flops=0)
+    size, patch = config.image_size, config.patch_size
+    recorder = _OpRecorder()
+    with torch.no_grad():
+        for batch, height, width in ((1, size, size), (3, size, size), (2, size + 2 * patch, size - patch)):
+            pixels = torch.randn(batch, 3, height, width)
+            interpolate = (height, width) != (size, size)
+            expected = plain(pixels, interpolate_pos_encoding=interpolate)
+            with recorder:
+                got = packed(pixels, interpolate_pos_encoding=interpolate)
+            assert got.shape == expected.shape == (batch, 1 + (height // patch) * (width // patch), config.hidden_size)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert "aten.convolution" not in recorder.ops and recorder.ops.count("mkldnn._linear_pointwise") == 3
+    assert len(packed.cpu_packs) == 1
+    pixels = torch.randn(2, 3, size, size)
+    handle = packed.patch_embed.register_forward_hook(lambda module, args, output: output * 2)
+    with torch.no_grad(), recorder:
+        hooked = packed(pixels)
+    handle.remove()
+    assert "aten.convolution" in recorder.ops
+    with torch.no_grad():
+        doubled = plain.patch_embed(pixels).flatten(2).transpose(1, 2) * 2
+        torch.testing.assert_close(hooked[:, 1:], doubled + plain.pos_embed.weight[1:])
+    recorder = _OpRecorder()
+    with recorder:
+        trained = packed(pixels)  # autograd: the written form
+    assert "mkldnn._linear_pointwise" not in recorder.ops and trained.requires_grad
+    torch.testing.assert_close(trained, plain(pixels))
 
 
 def test_flop_count_of_the_packed_model_equals_the_unpacked_one() -> None:
