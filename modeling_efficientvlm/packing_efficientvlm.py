@@ -9,9 +9,9 @@ product. [`EfficientVLMPreTrainedModel.pack_cpu_weights`] gives every attention 
 embeddings a [`CPUWeightPacks`]: packed copies of their linear weights (layers that read the same input stacked into
 one product: a self-attention's queries, keys and values; the patch convolution as a linear layer over patches),
 made at first use and made again whenever a weight changes (an optimizer step, `load_state_dict`, a move): one more
-copy of those weights in memory. The blocks use them on a CPU, in float32,
-where their inference forms run (no autograd, tracing, autocast or active dropout), for products of at least
-`min_flops` FLOPs; everywhere else they run as before.
+copy of those weights in memory. The blocks use them on a CPU, in float32, where their inference forms run (no
+autograd, tracing, autocast or active dropout), for products of at least `min_flops` FLOPs; everywhere else they run
+as before.
 """
 
 from __future__ import annotations
@@ -107,14 +107,14 @@ class CPUWeightPacks:
     def get_stacked(
         self,
         name: str,
-        linears: tuple[nn.Linear, ...],
+        linears: tuple[nn.Module, ...],
         weight_scale: float = 1.0,
         bias_scales: tuple[float | None, ...] | None = None,
     ) -> PackedLinear | None:
-        """`linears` (same input size) as one packed layer whose output is their outputs side by side: one product
-        where there were several, each layer's bias times its entry of `bias_scales` (default 1; None: no bias,
-        zeros in its place). Repacked if any weight or bias changed since; None unless all run on the CPU in
-        float32."""
+        """`linears` (linear layers of the same input size, or one patch convolution) as one packed layer whose
+        output is their outputs side by side: one product where there were several, each layer's bias times its
+        entry of `bias_scales` (default 1; None: no bias, zeros in its place). Repacked if any weight or bias
+        changed since; None unless all run on the CPU in float32."""
         bias_scales = (1.0,) * len(linears) if bias_scales is None else tuple(bias_scales)
         if len(bias_scales) != len(linears):
             raise ValueError(f"{len(linears)} layers to stack under {name!r} but {len(bias_scales)} bias scales.")
@@ -135,7 +135,7 @@ class CPUWeightPacks:
 
     @staticmethod
     def _pack(
-        linears: tuple[nn.Linear, ...],
+        linears: tuple[nn.Module, ...],
         weight_scale: float,
         bias_scales: tuple[float | None, ...],
         sources: tuple[torch.Tensor | None, ...],
@@ -147,7 +147,7 @@ class CPUWeightPacks:
             weight = torch.cat(weights) if len(weights) > 1 else weights[0]
             if weight_scale != 1:
                 weight = weight * weight_scale
-            biases = sources[1::2]
+            biases = sources[1::2]  # sources: (weight, bias) per layer
             bias = None
             if any(b is not None for b in biases):
                 bias = torch.cat(
@@ -202,9 +202,8 @@ class PacksCPUWeights(nn.Module):
 
 def runs_packed(module: nn.Module, name: str, inputs: torch.Tensor) -> bool:
     """Whether `module.<name>` (a linear layer, or a patch convolution on `inputs` that it tiles) runs on `inputs`
-    (..., in) from a packed weight: `module` packs (`module.cpu_packs`
-    set), the layer's weight and the inputs are float32 on the CPU, and the product has at least the packs'
-    `min_flops` FLOPs."""
+    (..., in) from a packed weight: `module` packs (`module.cpu_packs` set), the layer's weight and the inputs are
+    float32 on the CPU, and the product has at least the packs' `min_flops` FLOPs."""
     packs, linear = getattr(module, "cpu_packs", None), getattr(module, name)
     if packs is None or not packs.applies_to(linear) or inputs.dtype != torch.float32:
         return False
