@@ -317,13 +317,12 @@ class EfficientVLMAttention(PacksCPUWeights):
         q_len = hidden_states.shape[1]
         fused = head_mask is None and not output_attentions and self._fuses(hidden_states, kv_states, residual)
         packed = fused and runs_packed(self, "q_proj", hidden_states)
-        value_bias_added = False
-        if packed and encoder_hidden_states is None:
-            # One product where there were three (each big product evicts what the next op needs from the caches),
-            # the value bias inside it: the keys and values have as many rows as the context here.
+        # Packed self-attention: one product where there were three (each big product evicts what the next op needs
+        # from the caches), the value bias inside it: the keys and values have as many rows as the context here.
+        packed_qkv = packed and encoder_hidden_states is None
+        if packed_qkv:
             qkv = packed_stack(self, "qkv", ("q_proj", "k_proj", "v_proj"), bias_scales=(1.0, None, 1.0))
             query, key, value = packed_linear(hidden_states, qkv).chunk(3, dim=-1)
-            value_bias_added = True
         elif packed:
             query = packed_linear(hidden_states, packed_weight(self, "q_proj"))
             kv = packed_stack(self, "kv", ("k_proj", "v_proj"), bias_scales=(None, None))
@@ -367,7 +366,7 @@ class EfficientVLMAttention(PacksCPUWeights):
         if head_mask is not None:
             context = context * head_mask.to(context.dtype).view(-1, 1, self.num_heads, 1)
         context = context.reshape(*hidden_states.shape[:2], -1)
-        if fused and not value_bias_added:
+        if fused and not packed_qkv:
             context = context.add_(self.v_proj.bias)  # the value bias, folded out of the values (see above)
         if packed:  # the output's bias and the residual added inside the product
             return packed_linear(context, packed_weight(self, "out_proj"), residual=residual), None

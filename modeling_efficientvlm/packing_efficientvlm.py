@@ -129,18 +129,17 @@ class CPUWeightPacks:
         pack = self._packs.get(name)
         if pack is None or not pack.is_of(sources, scales):
             self._packs.pop(name, None)  # the stale copy goes before the new one is made
-            pack = self._pack(linears, weight_scale, bias_scales, sources, scales)
+            pack = self._pack(linears, sources, scales)
             self._packs[name] = pack
         return pack
 
     @staticmethod
     def _pack(
         linears: tuple[nn.Module, ...],
-        weight_scale: float,
-        bias_scales: tuple[float | None, ...],
         sources: tuple[torch.Tensor | None, ...],
         scales: tuple[float, tuple[float | None, ...]],
     ) -> PackedLinear:
+        weight_scale, bias_scales = scales
         with torch.no_grad():
             # A patch convolution (kernel = stride) is a linear layer over flattened patches: (out, in, kh, kw).
             weights = [linear.weight.detach().flatten(1) for linear in linears]
