@@ -245,12 +245,10 @@ QUICK_GELU_SCALE = 1.702
 def plain_linears(*linears: nn.Module) -> bool:
     """Whether each is a plain, hook-free `nn.Linear` with a bias, so that a fused inference form may compute it
     from its weight and bias (a quantized, adapter-wrapped or hooked layer must run as itself)."""
-    return all(
-        type(linear) is nn.Linear
-        and linear.bias is not None
-        and not (linear._forward_hooks or linear._forward_pre_hooks)
-        for linear in linears
-    )
+    for linear in linears:  # a plain loop: this runs in every inference call of every block
+        if type(linear) is not nn.Linear or linear.bias is None or linear._forward_hooks or linear._forward_pre_hooks:
+            return False
+    return True
 
 
 def _times_weight(states: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
@@ -316,36 +314,46 @@ class EfficientVLMAttention(PacksCPUWeights):
         kv_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q_len = hidden_states.shape[1]
         fused = head_mask is None and not output_attentions and self._fuses(hidden_states, kv_states, residual)
-        packed = fused and runs_packed(self, "q_proj", hidden_states)
         # Packed self-attention: one product where there were three (each big product evicts what the next op needs
         # from the caches), the value bias inside it: the keys and values have as many rows as the context here.
-        packed_qkv = packed and encoder_hidden_states is None
+        # Whether a block packs is decided by its largest product (a narrow layer's three products stacked, or
+        # cross-attention's keys and values over the image).
+        self_attention = encoder_hidden_states is None and encoder_groups is None
+        packed = fused and (
+            runs_packed(self, "q_proj", hidden_states, stacked=3)
+            if self_attention
+            else runs_packed(self, "k_proj", kv_states, stacked=2) or runs_packed(self, "q_proj", hidden_states)
+        )
+        packed_qkv = packed and self_attention
+        grouped = encoder_groups is not None and encoder_groups.blocked and not output_attentions
         if packed_qkv:
             qkv = packed_stack(self, "qkv", ("q_proj", "k_proj", "v_proj"), bias_scales=(1.0, None, 1.0))
-            query, key, value = packed_linear(hidden_states, qkv).chunk(3, dim=-1)
-        elif packed:
-            query = packed_linear(hidden_states, packed_weight(self, "q_proj"))
-            kv = packed_stack(self, "kv", ("k_proj", "v_proj"), bias_scales=(None, None))
-            key, value = packed_linear(kv_states, kv).chunk(2, dim=-1)
-        elif fused:
-            # Softmax is blind to the key bias (it adds q . b_k to all of a query's scores) and its rows sum to 1,
-            # so the value bias adds b_v to every context row: added there, in place, instead of broadcast into
-            # every key and value row (the keys' and values' GEMMs then start from nothing).
-            query = self.q_proj(hidden_states)
-            key, value = _times_weight(kv_states, self.k_proj), _times_weight(kv_states, self.v_proj)
+            # (batch, q_len, 3 x heads x head_dim) -> three (batch, heads, q_len, head_dim) views, in three ops
+            qkv = packed_linear(hidden_states, qkv).view(*hidden_states.shape[:2], 3, -1, self.head_dim)
+            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            query = self.q_proj(hidden_states)
-            key, value = self.k_proj(kv_states), self.v_proj(kv_states)
-        grouped = encoder_groups is not None and encoder_groups.blocked and not output_attentions
-        if encoder_groups is not None:
-            if grouped:  # the queries of texts sharing an image attend together to its keys and values
-                query = encoder_groups.to_blocks(query)
-            # Keys, values and their mask: one per block, or (weights per text, training, compiling) per text.
-            rows_for = encoder_groups.rows_of_blocks if grouped else encoder_groups.rows_of_texts
-            key, value, attention_mask = rows_for(key), rows_for(value), rows_for(attention_mask)
-        query = query.view(*query.shape[:2], -1, self.head_dim).transpose(1, 2)
-        key = key.view(*key.shape[:2], -1, self.head_dim).transpose(1, 2)
-        value = value.view(*value.shape[:2], -1, self.head_dim).transpose(1, 2)
+            if packed:
+                query = packed_linear(hidden_states, packed_weight(self, "q_proj"))
+                kv = packed_stack(self, "kv", ("k_proj", "v_proj"), bias_scales=(None, None))
+                key, value = packed_linear(kv_states, kv).chunk(2, dim=-1)
+            elif fused:
+                # Softmax is blind to the key bias (it adds q . b_k to all of a query's scores) and its rows sum to
+                # 1, so the value bias adds b_v to every context row: added there, in place, instead of broadcast
+                # into every key and value row (the keys' and values' GEMMs then start from nothing).
+                query = self.q_proj(hidden_states)
+                key, value = _times_weight(kv_states, self.k_proj), _times_weight(kv_states, self.v_proj)
+            else:
+                query = self.q_proj(hidden_states)
+                key, value = self.k_proj(kv_states), self.v_proj(kv_states)
+            if encoder_groups is not None:
+                if grouped:  # the queries of texts sharing an image attend together to its keys and values
+                    query = encoder_groups.to_blocks(query)
+                # Keys, values and their mask: one per block, or (weights per text, training, compiling) per text.
+                rows_for = encoder_groups.rows_of_blocks if grouped else encoder_groups.rows_of_texts
+                key, value, attention_mask = rows_for(key), rows_for(value), rows_for(attention_mask)
+            query = query.view(*query.shape[:2], -1, self.head_dim).transpose(1, 2)
+            key = key.view(*key.shape[:2], -1, self.head_dim).transpose(1, 2)
+            value = value.view(*value.shape[:2], -1, self.head_dim).transpose(1, 2)
 
         attention_interface: Callable = eager_attention_forward
         if not output_attentions:
@@ -528,20 +536,26 @@ class EfficientVLMMLP(PacksCPUWeights):
     ) -> torch.Tensor:
         """`_inference_forward` from oneDNN-packed weights: fc1's bias and activation, fc2's bias and the residual
         run inside the products. (rows, hidden) -> (rows, hidden)."""
-        activation = FUSED_ACTIVATIONS.get(self.config.hidden_act)
-        scale = QUICK_GELU_SCALE if self.config.hidden_act == "quick_gelu" else 1.0  # see `_activated`
+        hidden_act = self.config.hidden_act
+        activation = FUSED_ACTIVATIONS.get(hidden_act)
+        scale = QUICK_GELU_SCALE if hidden_act == "quick_gelu" else 1.0  # see `_activated`
         fc1 = packed_weight(self, "fc1", weight_scale=scale, bias_scale=scale)
         fc2 = packed_weight(self, "fc2", weight_scale=1 / scale)
-        residuals = [None] * blocks if residual is None else residual.reshape(len(flat), -1).tensor_split(blocks)
-        outputs = []
-        for block, block_residual in zip(flat.tensor_split(blocks), residuals):
+        if residual is not None:
+            residual = residual.reshape(len(flat), -1)
+
+        def block_output(block: torch.Tensor, block_residual: torch.Tensor | None) -> torch.Tensor:
             activated = packed_linear(block, fc1, activation or NO_ACTIVATION)
             if activation is None:
                 activated = self.activation_fn(activated)
             if ffn_mask is not None:
                 activated.mul_(ffn_mask.to(activated.dtype))
-            outputs.append(packed_linear(activated, fc2, residual=block_residual))
-        return outputs[0] if blocks == 1 else torch.cat(outputs)
+            return packed_linear(activated, fc2, residual=block_residual)
+
+        if blocks == 1:
+            return block_output(flat, residual)
+        residuals = [None] * blocks if residual is None else residual.tensor_split(blocks)
+        return torch.cat([block_output(*pair) for pair in zip(flat.tensor_split(blocks), residuals)])
 
     def _activated(self, block: torch.Tensor, ffn_mask: torch.Tensor | None, quick_gelu: bool) -> torch.Tensor:
         """`activation(fc1(block)) * mask`, the activation in place. Quick-GELU comes out times QUICK_GELU_SCALE:

@@ -51,20 +51,24 @@ def cpu_packing_available() -> bool:
 @dataclass(frozen=True)
 class TensorStamp:
     """What a tensor derived from `tensor` (a packed copy, interpolated positions) was made from: the tensor itself,
-    weakly (a replaced parameter is another object), its storage and its version (in-place updates: optimizer
-    steps, `load_state_dict`'s copy_). A move or cast can give new storage the old address with the same version:
-    the owners of derived tensors drop them in `_apply` (`PacksCPUWeights`, the vision embeddings)."""
+    weakly (a replaced parameter is another object), its storage, its version (in-place updates: optimizer steps,
+    `load_state_dict`'s copy_), its dtype and whether it is on the CPU (`.data` replaced). A move or cast can give new
+    storage the old address with the same version: the owners of derived tensors drop them in `_apply`
+    (`PacksCPUWeights`, the vision embeddings)."""
 
     tensor: weakref.ref
-    storage: int
-    version: int
+    state: tuple[int, int, torch.dtype, bool]
+
+    @staticmethod
+    def _state(tensor: torch.Tensor) -> tuple[int, int, torch.dtype, bool]:
+        return tensor.data_ptr(), tensor._version, tensor.dtype, tensor.is_cpu
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> TensorStamp:
-        return cls(weakref.ref(tensor), tensor.data_ptr(), tensor._version)
+        return cls(weakref.ref(tensor), cls._state(tensor))
 
     def matches(self, tensor: torch.Tensor) -> bool:
-        return self.tensor() is tensor and (self.storage, self.version) == (tensor.data_ptr(), tensor._version)
+        return self.tensor() is tensor and self.state == self._state(tensor)
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,14 @@ class PackedLinear:
         """Whether this pack was made from exactly `sources` (as `made_from`) with `scales`."""
         if self.scales != scales or len(sources) != len(self.made_from):
             return False
-        return all(
-            source is None if stamp is None else source is not None and stamp.matches(source)
-            for stamp, source in zip(self.made_from, sources)
-        )
+        # A plain loop: this runs before every packed product, where each Python frame counts at batch 1.
+        for stamp, source in zip(self.made_from, sources):
+            if source is None or stamp is None:
+                if source is not stamp:
+                    return False
+            elif not stamp.matches(source):
+                return False
+        return True
 
 
 class CPUWeightPacks:
@@ -118,19 +126,19 @@ class CPUWeightPacks:
         bias_scales = (1.0,) * len(linears) if bias_scales is None else tuple(bias_scales)
         if len(bias_scales) != len(linears):
             raise ValueError(f"{len(linears)} layers to stack under {name!r} but {len(bias_scales)} bias scales.")
-        if not all(self.applies_to(linear) for linear in linears):
-            return None
-        sources = tuple(
-            t
-            for linear, scale in zip(linears, bias_scales)
-            for t in (linear.weight, linear.bias if scale is not None else None)
-        )
+        sources = []
+        for linear, scale in zip(linears, bias_scales):
+            sources += (linear.weight, linear.bias if scale is not None else None)
         scales = (weight_scale, bias_scales)
         pack = self._packs.get(name)
-        if pack is None or not pack.is_of(sources, scales):
-            self._packs.pop(name, None)  # the stale copy goes before the new one is made
-            pack = self._pack(linears, sources, scales)
-            self._packs[name] = pack
+        # A current pack was made from these very tensors, unchanged, so they still run on the CPU in float32.
+        if pack is not None and pack.is_of(sources, scales):
+            return pack
+        self._packs.pop(name, None)  # the stale copy goes before the new one is made
+        if not all(self.applies_to(linear) for linear in linears):
+            return None
+        pack = self._pack(linears, tuple(sources), scales)
+        self._packs[name] = pack
         return pack
 
     @staticmethod
@@ -199,14 +207,15 @@ class PacksCPUWeights(nn.Module):
         return result
 
 
-def runs_packed(module: nn.Module, name: str, inputs: torch.Tensor) -> bool:
-    """Whether `module.<name>` (a linear layer, or a patch convolution on `inputs` that it tiles) runs on `inputs`
-    (..., in) from a packed weight: `module` packs (`module.cpu_packs` set), the layer's weight and the inputs are
-    float32 on the CPU, and the product has at least the packs' `min_flops` FLOPs."""
+def runs_packed(module: nn.Module, name: str, inputs: torch.Tensor, stacked: int = 1) -> bool:
+    """Whether `module.<name>` (a linear layer, or a patch convolution on `inputs` that it tiles), alone or stacked
+    with `stacked - 1` more layers of its size, runs on `inputs` (..., in) from a packed weight: `module` packs
+    (`module.cpu_packs` set), the layer's weight and the inputs are float32 on the CPU, and the product has at
+    least the packs' `min_flops` FLOPs."""
     packs, linear = getattr(module, "cpu_packs", None), getattr(module, name)
     if packs is None or not packs.applies_to(linear) or inputs.dtype != torch.float32:
         return False
-    return 2 * inputs.numel() * linear.weight.shape[0] >= packs.min_flops
+    return 2 * inputs.numel() * linear.weight.shape[0] * stacked >= packs.min_flops
 
 
 def packed_weight(

@@ -242,6 +242,12 @@ def test_stacked_pack_is_its_layers_side_by_side_and_follows_each_of_them() -> N
         assert packs.get_stacked("stack", layers, bias_scales=(1.0, None, 2.0)) is not pack
         torch.testing.assert_close(stacked(), expected())
         assert len(packs) == 1
+        # `.data` replaced by a cast (no module `_apply` to drop the packs): not the stale float32 pack, none at all
+        kept = layers[0].weight.data
+        layers[0].weight.data = kept.to(torch.bfloat16)
+        assert packs.get_stacked("stack", layers, bias_scales=(1.0, None, 2.0)) is None and len(packs) == 0
+        layers[0].weight.data = kept
+        torch.testing.assert_close(stacked(), expected())
         no_bias = packs.get_stacked("keys", layers[:2], bias_scales=(None, None))
         assert no_bias.bias is None
         got = torch.ops.mkldnn._linear_pointwise(inputs, no_bias.weight, None, "none", [], "")
@@ -316,8 +322,9 @@ def test_a_folder_loaded_as_remote_code_packs_too(tmp_path) -> None:
 
 
 def test_products_below_the_flops_floor_run_unpacked() -> None:
-    """oneDNN's cost per call outweighs packing on small products: by default the tiny model runs unpacked; a floor
-    between its attention products and its FFN products packs the FFNs only."""
+    """oneDNN's cost per call outweighs packing on small products: by default the tiny model runs unpacked. A block
+    packs when its largest product reaches the floor, a self-attention's three products counted as the one they
+    are stacked into: a floor above every FFN and cross-attention product packs the self-attention blocks only."""
     plain, packed = tiny_retrieval_model(), tiny_retrieval_model()
     packed.pack_cpu_weights()
     recorder = _OpRecorder()
@@ -327,13 +334,26 @@ def test_products_below_the_flops_floor_run_unpacked() -> None:
     assert all(len(block.cpu_packs) == 0 for block in _blocks(packed))
     with torch.no_grad():
         _assert_same(got, shared_image_scores(plain))
-    # Every attention product here has at most 40 rows (5 texts x 8 tokens) x 32 -> 32; every FFN's first one 34
-    # rows or more (2 images x 17 tokens) x 32 -> 64 (`intermediate_size` twice the width: checked).
+    # At most 40 rows (5 texts x 8 tokens; 2 images x 17 tokens) run any product; the FFNs' are 32 -> 64, the
+    # cross-attention's 32 -> 32 (queries) and 32 -> 64 (keys and values stacked): all below the floor. Every
+    # self-attention runs 34 rows or more through 32 -> 96 (queries, keys and values stacked), the patch embedding
+    # 32 patches (2 images x 16) through 192 -> 32: above it.
     config = packed.config
     assert config.vision_config.intermediate_size == config.text_config.intermediate_size == 2 * 32
-    floor = 2 * 40 * 32 * 32 + 1
+    assert (config.vision_config.image_size, config.vision_config.patch_size) == (32, 8)
+    floor = 2 * 40 * 32 * 64 + 1
+    assert min(2 * 34 * 32 * 96, 2 * 32 * 192 * 32) >= floor
     packed.pack_cpu_weights(min_flops=floor)
+    recorder = _OpRecorder()
+    with torch.no_grad(), recorder:
+        got = shared_image_scores(packed)
     with torch.no_grad():
-        _assert_same(shared_image_scores(packed), shared_image_scores(plain))
-    assert all(len(block.cpu_packs) == 0 for block in _blocks(packed) if isinstance(block, EfficientVLMAttention))
-    assert all(len(block.cpu_packs) == 2 for block in _blocks(packed) if isinstance(block, EfficientVLMMLP))
+        _assert_same(got, shared_image_scores(plain))
+    cross = {id(layer.crossattention) for layer in packed.modules() if getattr(layer, "has_cross_attention", False)}
+    attention = [block for block in _blocks(packed) if isinstance(block, EfficientVLMAttention)]
+    assert len(cross) == config.text_config.num_fusion_layers and len(attention) > len(cross)
+    assert all(sorted(block.cpu_packs._packs) == ["out_proj", "qkv"] for block in attention if id(block) not in cross)
+    assert all(len(block.cpu_packs) == 0 for block in attention if id(block) in cross)
+    assert all(len(block.cpu_packs) == 0 for block in _blocks(packed) if isinstance(block, EfficientVLMMLP))
+    assert [len(b.cpu_packs) for b in _blocks(packed) if isinstance(b, EfficientVLMVisionEmbeddings)] == [1]
+    assert recorder.ops.count("mkldnn._linear_pointwise") == 2 * (len(attention) - len(cross)) + 1
