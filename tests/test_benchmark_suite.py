@@ -256,6 +256,14 @@ def test_variant_rows_of_a_pruned_model_are_judged_against_the_same_variant_of_i
         "pruned [packed] [compiled] (itm, batch 1, 384px, 2 thread(s)): speed target against student [packed] "
         "[compiled]: 2.00x / 2.00x FLOPs cut = 1.00 (target >= 0.9: pass)",
     ]
+    # A row timed with a wide spread is named, with its spread, under the verdicts (5% of the median is not wide).
+    by_name["pruned"].q1_ms, by_name["pruned"].q3_ms = 28.5, 31.5
+    by_name["student"].q1_ms, by_name["student"].q3_ms = 59.0, 62.0
+    by_name["teacher"].q1_ms, by_name["teacher"].q3_ms = 98.0, 103.0
+    assert target_notes(BenchmarkReport(BenchmarkSettings(), rows, {}))[3:] == [
+        "Noisy timings (interquartile range over 5% of the median): pruned (itm, batch 1, 384px, 2 thread(s)): 10%. "
+        "Ratios and verdicts involving these rows can move by as much: rerun with more --rounds, on a quieter machine."
+    ]
 
 
 def test_settings_are_validated_and_shared_with_the_demo() -> None:

@@ -38,6 +38,9 @@ from .workloads import WORKLOADS, WorkloadShape, build_workloads, family_of
 SPEEDUP_PER_FLOPS_TARGET = 0.9
 PEAK_TARGETS = {"encoders": 0.8, "itm": 0.8, "retrieval": 0.7}
 MASK_STEP_TARGET = 1.2
+# A row whose interquartile range exceeds this fraction of its median was timed in a noisy moment: its ratios and
+# the verdicts drawn from them can move by as much (a busy host's neighbours, a frequency change).
+NOISY_SPREAD = 0.05
 # `torch.compile` modes a benchmark can add compiled rows with ("reduce-overhead" replays CUDA graphs; "freezing"
 # is the default mode with inductor's freezing: the weights become constants, folded and pre-packed for the
 # CPU's matmul library, and each linear layer's bias and activation run inside its matmul; inference only), and
@@ -536,6 +539,17 @@ def target_notes(report: BenchmarkReport) -> list[str]:
                 f"{name}, batch {batch}, {size}px, {threads} thread(s): mask-learning step {ratio:.2f}x a "
                 f"distillation step (target <= {MASK_STEP_TARGET}x: {verdict})"
             )
+    noisy = [
+        f"{row.name} ({row.workload}, batch {row.batch_size}, {row.image_size}px, {row.threads} thread(s)): "
+        f"{(row.q3_ms - row.q1_ms) / row.median_ms:.0%}"
+        for row in report.results
+        if row.median_ms > 0 and row.q3_ms - row.q1_ms > NOISY_SPREAD * row.median_ms
+    ]
+    if noisy:
+        notes.append(
+            f"Noisy timings (interquartile range over {NOISY_SPREAD:.0%} of the median): {'; '.join(noisy)}. Ratios "
+            "and verdicts involving these rows can move by as much: rerun with more --rounds, on a quieter machine."
+        )
     return notes
 
 
@@ -543,6 +557,7 @@ __all__ = [
     "COMPILE_MODES",
     "DTYPES",
     "MASK_STEP_TARGET",
+    "NOISY_SPREAD",
     "PEAK_TARGETS",
     "SPEEDUP_PER_FLOPS_TARGET",
     "BenchmarkReport",
