@@ -1248,10 +1248,11 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
         residual add inside its product and a self-attention's queries, keys and values in one product
         (`packing_efficientvlm`). The copies are made at a block's first such call and again when its weights
         change; they cost one more copy of those weights in memory (about the model's size) and are never saved.
-        Outputs match the unpacked model's to float32 rounding. A block whose product on an input has fewer than
-        `min_flops` FLOPs runs unpacked for it (tiny models, a few rows of a narrow layer: oneDNN's cost per call
-        outweighs the gain; 0 packs everything). `enabled=False` drops the copies. Blocks that pruning builds later
-        pack too. Returns the number of blocks set."""
+        Outputs match the unpacked model's to float32 rounding. A block whose largest product on an input (a
+        self-attention's queries, keys and values stacked) has fewer than `min_flops` FLOPs runs unpacked for it
+        (tiny models, a few rows of a narrow FFN: oneDNN's cost per call outweighs the gain; 0 packs everything).
+        `enabled=False` drops the copies. Blocks that pruning builds later pack too. Returns the number of blocks
+        set."""
         if enabled and not cpu_packing_available():
             raise RuntimeError(
                 "pack_cpu_weights needs PyTorch built with oneDNN (torch.backends.mkldnn.is_available() is False "

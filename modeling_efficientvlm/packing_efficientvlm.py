@@ -10,8 +10,8 @@ embeddings a [`CPUWeightPacks`]: packed copies of their linear weights (layers t
 one product: a self-attention's queries, keys and values; the patch convolution as a linear layer over patches),
 made at first use and made again whenever a weight changes (an optimizer step, `load_state_dict`, a move): one more
 copy of those weights in memory. The blocks use them on a CPU, in float32, where their inference forms run (no
-autograd, tracing, autocast or active dropout), for products of at least `min_flops` FLOPs; everywhere else they run
-as before.
+autograd, tracing, autocast or active dropout) when their largest product (stacked layers counted as one) has at
+least `min_flops` FLOPs; everywhere else they run as before.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ FUSED_ACTIVATIONS: dict[str, tuple[str, str]] = {
     "quick_gelu": ("swish", ""),
 }
 NO_ACTIVATION = ("none", "")
-# Products of fewer FLOPs (2 x rows x in x out) run unpacked: below this oneDNN's fixed cost per call (about 17 us
-# against MKL's 5 on a 2-core AMD EPYC) outweighs what packing saves (measured with 2 threads, packed / MKL time: a
-# 64 -> 256 layer on 128 rows 1.11, on 577 rows 0.96; 768 -> 3072 on 8 rows 0.38).
+# A block whose largest product has fewer FLOPs (2 x rows x in x out; stacked layers count as one product) runs
+# unpacked: below this oneDNN's fixed cost per call (about 17 us against MKL's 5 on a 2-core AMD EPYC) outweighs
+# what packing saves (measured with 2 threads, packed / MKL time: a 64 -> 256 layer on 128 rows 1.11, on 577 rows
+# 0.96; 768 -> 3072 on 8 rows 0.38).
 MIN_PACKED_FLOPS = 1 << 23
 
 
@@ -52,8 +53,8 @@ def cpu_packing_available() -> bool:
 class TensorStamp:
     """What a tensor derived from `tensor` (a packed copy, interpolated positions) was made from: the tensor itself,
     weakly (a replaced parameter is another object), its storage, its version (in-place updates: optimizer steps,
-    `load_state_dict`'s copy_), its dtype and whether it is on the CPU (`.data` replaced). A move or cast can give new
-    storage the old address with the same version: the owners of derived tensors drop them in `_apply`
+    `load_state_dict`'s copy_), its dtype and whether it is on the CPU (`.data` replaced). A move or cast can give
+    new storage the old address with the same version: the owners of derived tensors drop them in `_apply`
     (`PacksCPUWeights`, the vision embeddings)."""
 
     tensor: weakref.ref

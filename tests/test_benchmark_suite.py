@@ -261,7 +261,7 @@ def test_variant_rows_of_a_pruned_model_are_judged_against_the_same_variant_of_i
     by_name["student"].q1_ms, by_name["student"].q3_ms = 59.0, 62.0
     by_name["teacher"].q1_ms, by_name["teacher"].q3_ms = 98.0, 103.0
     assert target_notes(BenchmarkReport(BenchmarkSettings(), rows, {}))[3:] == [
-        "Noisy timings (interquartile range over 5% of the median): pruned (itm, batch 1, 384px, 2 thread(s)): 10%. "
+        "Noisy timings (interquartile range over 5% of the median): pruned (itm, batch 1, 384px, 2 thread(s)): 10.0%. "
         "Ratios and verdicts involving these rows can move by as much: rerun with more --rounds, on a quieter machine."
     ]
 

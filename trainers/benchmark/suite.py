@@ -541,7 +541,7 @@ def target_notes(report: BenchmarkReport) -> list[str]:
             )
     noisy = [
         f"{row.name} ({row.workload}, batch {row.batch_size}, {row.image_size}px, {row.threads} thread(s)): "
-        f"{(row.q3_ms - row.q1_ms) / row.median_ms:.0%}"
+        f"{(row.q3_ms - row.q1_ms) / row.median_ms:.1%}"
         for row in report.results
         if row.median_ms > 0 and row.q3_ms - row.q1_ms > NOISY_SPREAD * row.median_ms
     ]
