@@ -357,3 +357,11 @@ def test_products_below_the_flops_floor_run_unpacked() -> None:
     assert all(len(block.cpu_packs) == 0 for block in _blocks(packed) if isinstance(block, EfficientVLMMLP))
     assert [len(b.cpu_packs) for b in _blocks(packed) if isinstance(b, EfficientVLMVisionEmbeddings)] == [1]
     assert recorder.ops.count("mkldnn._linear_pointwise") == 2 * (len(attention) - len(cross)) + 1
+    # Just above a cross-attention's queries (40 rows x 32 -> 32), below its keys and values over the image (34 rows
+    # x 32 -> 64): the cross-attention packs all three of its products.
+    packed.pack_cpu_weights(min_flops=2 * 40 * 32 * 32 + 1)
+    with torch.no_grad():
+        _assert_same(shared_image_scores(packed), shared_image_scores(plain))
+    assert all(
+        sorted(block.cpu_packs._packs) == ["kv", "out_proj", "q_proj"] for block in attention if id(block) in cross
+    )
