@@ -138,24 +138,21 @@ class CPUWeightPacks:
         self._packs.pop(name, None)  # the stale copy goes before the new one is made
         if not all(self.applies_to(linear) for linear in linears):
             return None
-        pack = self._pack(linears, tuple(sources), scales)
+        pack = self._pack(tuple(sources), scales)
         self._packs[name] = pack
         return pack
 
     @staticmethod
-    def _pack(
-        linears: tuple[nn.Module, ...],
-        sources: tuple[torch.Tensor | None, ...],
-        scales: tuple[float, tuple[float | None, ...]],
-    ) -> PackedLinear:
+    def _pack(sources: tuple[torch.Tensor | None, ...], scales: tuple[float, tuple[float | None, ...]]) -> PackedLinear:
         weight_scale, bias_scales = scales
         with torch.no_grad():
-            # A patch convolution (kernel = stride) is a linear layer over flattened patches: (out, in, kh, kw).
-            weights = [linear.weight.detach().flatten(1) for linear in linears]
+            # sources: (weight, bias or None) per layer. A patch convolution (kernel = stride) is a linear layer over
+            # flattened patches: (out, in, kh, kw).
+            weights = [w.detach().flatten(1) for w in sources[0::2]]
             weight = torch.cat(weights) if len(weights) > 1 else weights[0]
             if weight_scale != 1:
                 weight = weight * weight_scale
-            biases = sources[1::2]  # sources: (weight, bias) per layer
+            biases = sources[1::2]
             bias = None
             if any(b is not None for b in biases):
                 bias = torch.cat(
