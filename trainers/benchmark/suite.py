@@ -504,6 +504,11 @@ def _add_memory(models: list[BenchmarkModel], rows: list[BenchmarkResult], setti
                     row.peak_rss_mb, row.loaded_rss_mb = memory["peak_mb"], memory["loaded_mb"]
 
 
+def _row_label(row: BenchmarkResult) -> str:
+    """A row named with its setting, as the notes under the table name it."""
+    return f"{row.name} ({row.workload}, batch {row.batch_size}, {row.image_size}px, {row.threads} thread(s))"
+
+
 def target_notes(report: BenchmarkReport) -> list[str]:
     """One line per variant row judged against another row than its base (see `_judge_variant_against_its_base`)
     and one per mask-learning step against its distillation step (target <= 1.2x)."""
@@ -520,9 +525,8 @@ def target_notes(report: BenchmarkReport) -> list[str]:
         )
         speedup, cut = base.median_ms / row.median_ms, base.gflops / row.gflops
         notes.append(
-            f"{row.name} ({row.workload}, batch {row.batch_size}, {row.image_size}px, {row.threads} thread(s)): "
-            f"speed target against {base.name}: {speedup:.2f}x / {cut:.2f}x FLOPs cut = {speedup / cut:.2f} "
-            f"(target >= {SPEEDUP_PER_FLOPS_TARGET}: {row.speed_target})"
+            f"{_row_label(row)}: speed target against {base.name}: {speedup:.2f}x / {cut:.2f}x FLOPs cut = "
+            f"{speedup / cut:.2f} (target >= {SPEEDUP_PER_FLOPS_TARGET}: {row.speed_target})"
         )
     steps = {}
     for row in report.results:
@@ -540,8 +544,7 @@ def target_notes(report: BenchmarkReport) -> list[str]:
                 f"distillation step (target <= {MASK_STEP_TARGET}x: {verdict})"
             )
     noisy = [
-        f"{row.name} ({row.workload}, batch {row.batch_size}, {row.image_size}px, {row.threads} thread(s)): "
-        f"{(row.q3_ms - row.q1_ms) / row.median_ms:.1%}"
+        f"{_row_label(row)}: {(row.q3_ms - row.q1_ms) / row.median_ms:.1%}"
         for row in report.results
         if row.median_ms > 0 and row.q3_ms - row.q1_ms > NOISY_SPREAD * row.median_ms
     ]
