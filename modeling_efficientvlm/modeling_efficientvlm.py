@@ -44,6 +44,7 @@ from .packing_efficientvlm import (
     PacksCPUWeights,
     TensorStamp,
     cpu_packing_available,
+    inference_tensor_error,
     packed_linear,
     packed_stack,
     packed_weight,
@@ -677,9 +678,10 @@ class EfficientVLMVisionEmbeddings(PacksCPUWeights):
         new_h, new_w = height // self.config.patch_size, width // self.config.patch_size
         if new_h * new_w == self.num_patches and new_h == new_w:
             return position
-        if keeps_written_form(self, position):
-            return self._interpolated(position, new_h, new_w)
         weight = self.pos_embed.weight
+        # Nothing kept under autograd or tracing, nor for inference tensors: torch counts no in-place writes to them.
+        if keeps_written_form(self, position) or weight.is_inference():
+            return self._interpolated(position, new_h, new_w)
         key = (new_h, new_w, weight.dtype, torch.is_inference_mode_enabled())
         cache = self._interpolation_cache
         if cache is None or not cache[0].matches(weight) or cache[1] != key:
@@ -1252,12 +1254,17 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
         self-attention's queries, keys and values stacked) has fewer than `min_flops` FLOPs runs unpacked for it
         (tiny models, a few rows of a narrow FFN: oneDNN's cost per call outweighs the gain; 0 packs everything).
         `enabled=False` drops the copies. Blocks that pruning builds later pack too. Returns the number of blocks
-        set."""
+        set. A model constructed under `torch.inference_mode()` has inference tensors for weights, whose in-place
+        writes torch does not count: it raises ValueError rather than risk a stale copy."""
         if enabled and not cpu_packing_available():
             raise RuntimeError(
                 "pack_cpu_weights needs PyTorch built with oneDNN (torch.backends.mkldnn.is_available() is False "
                 "here); the model runs unpacked."
             )
+        if enabled:
+            for name, parameter in self.named_parameters():
+                if parameter.is_inference():
+                    raise inference_tensor_error(f"pack_cpu_weights: {name}")
         blocks = [m for m in self.modules() if isinstance(m, PacksCPUWeights)]
         for block in blocks:
             block.cpu_packs = CPUWeightPacks(min_flops) if enabled else None

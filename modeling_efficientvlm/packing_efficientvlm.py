@@ -49,6 +49,16 @@ def cpu_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def inference_tensor_error(what: str) -> ValueError:
+    """The error for packing weights that are inference tensors; `what` names them."""
+    return ValueError(
+        f"{what} is an inference tensor (made under torch.inference_mode()): torch does not count in-place writes "
+        "to it, so a packed copy could go stale unseen. Construct the model outside inference_mode (torch.no_grad() "
+        "is fine; from_pretrained loads ordinary tensors; calls under inference_mode pack as usual), or leave it "
+        "unpacked."
+    )
+
+
 @dataclass(frozen=True)
 class TensorStamp:
     """What a tensor derived from `tensor` (a packed copy, interpolated positions) was made from: the tensor itself,
@@ -58,14 +68,20 @@ class TensorStamp:
     (`PacksCPUWeights`, the vision embeddings)."""
 
     tensor: weakref.ref
-    state: tuple[int, int, torch.dtype, bool]
+    state: tuple[int, int | None, torch.dtype, bool]
 
     @staticmethod
-    def _state(tensor: torch.Tensor) -> tuple[int, int, torch.dtype, bool]:
-        return tensor.data_ptr(), tensor._version, tensor.dtype, tensor.is_cpu
+    def _state(tensor: torch.Tensor) -> tuple[int, int | None, torch.dtype, bool]:
+        # An inference tensor keeps no version (it matches no stamp: `of` refuses it).
+        version = None if tensor.is_inference() else tensor._version
+        return tensor.data_ptr(), version, tensor.dtype, tensor.is_cpu
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> TensorStamp:
+        """The stamp of `tensor`; ValueError for an inference tensor (made under `torch.inference_mode()`), whose
+        in-place writes torch does not count: what is derived from it could go stale unseen."""
+        if tensor.is_inference():
+            raise inference_tensor_error(f"A {tuple(tensor.shape)} tensor")
         return cls(weakref.ref(tensor), cls._state(tensor))
 
     def matches(self, tensor: torch.Tensor) -> bool:
@@ -138,6 +154,9 @@ class CPUWeightPacks:
         self._packs.pop(name, None)  # the stale copy goes before the new one is made
         if not all(self.applies_to(linear) for linear in linears):
             return None
+        for source in sources:
+            if source is not None and source.is_inference():
+                raise inference_tensor_error(f"A weight of {name!r} ({tuple(source.shape)})")
         pack = self._pack(tuple(sources), scales)
         self._packs[name] = pack
         return pack

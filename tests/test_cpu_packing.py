@@ -107,6 +107,26 @@ def test_packs_follow_weight_changes_and_moves() -> None:
         _assert_same(shared_image_scores(packed), shared_image_scores(plain))
 
 
+def test_weights_made_under_inference_mode_refuse_to_pack() -> None:
+    # Inference tensors keep no version counter: a pack of one could go stale unseen, so packing says so instead.
+    with torch.inference_mode():
+        model = tiny_retrieval_model()
+    with pytest.raises(ValueError, match=r"pack_cpu_weights: efficientvlm\..* is an inference tensor .*outside"):
+        model.pack_cpu_weights()
+    with torch.inference_mode():  # unpacked, the model still runs
+        assert shared_image_scores(model)[0].shape == (5,)
+    # A packed model whose weight is swapped for an inference tensor later names the block's product when it
+    # would repack, instead of torch's error about version counters.
+    model = tiny_retrieval_model()
+    model.pack_cpu_weights(min_flops=0)
+    with torch.inference_mode():
+        shared_image_scores(model)
+        q_proj = model.efficientvlm.vision_model.layers[0].self_attn.q_proj
+        q_proj.weight.data = torch.randn_like(q_proj.weight)
+        with pytest.raises(ValueError, match=r"A weight of 'qkv' \(\(32, 32\)\) is an inference tensor"):
+            shared_image_scores(model)
+
+
 def test_autograd_runs_unpacked_and_gradients_match() -> None:
     plain, packed = tiny_retrieval_model(), tiny_retrieval_model()
     packed.pack_cpu_weights(min_flops=0)

@@ -456,6 +456,29 @@ def test_interpolated_positions_are_kept_for_inference_until_the_weights_change(
     assert grid.grad_fn is not None and grid is not embeddings.interpolate_pos_encoding(48, 48)
 
 
+def test_a_model_built_under_inference_mode_interpolates_positions_afresh(tiny_config) -> None:
+    # Its weights are inference tensors, whose in-place writes torch does not count: no grid is kept for them, and
+    # a write under inference_mode is seen at the next call.
+    torch.manual_seed(0)
+    expected_model = EfficientVLMVisionModel(tiny_config.vision_config).eval()
+    pixel_values = torch.randn(2, 3, 48, 48)
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = EfficientVLMVisionModel(tiny_config.vision_config).eval()
+        assert model.embeddings.pos_embed.weight.is_inference()
+        for _ in range(2):
+            out = model(pixel_values, interpolate_pos_encoding=True).last_hidden_state
+            torch.testing.assert_close(
+                out, expected_model(pixel_values, interpolate_pos_encoding=True).last_hidden_state
+            )
+        assert model.embeddings._interpolation_cache is None
+        model.embeddings.pos_embed.weight.mul_(2)
+        with torch.no_grad():
+            expected_model.embeddings.pos_embed.weight.mul_(2)
+        out = model(pixel_values, interpolate_pos_encoding=True).last_hidden_state
+        torch.testing.assert_close(out, expected_model(pixel_values, interpolate_pos_encoding=True).last_hidden_state)
+
+
 def test_sincos_2d_position_embeddings_code_row_and_column() -> None:
     table = sincos_2d_position_embeddings(side=4, dim=32)
     assert table.shape == (16, 32)
