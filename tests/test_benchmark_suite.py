@@ -79,11 +79,16 @@ def test_table_json_and_plot(report, tmp_path) -> None:
         "machine",
         "matmul_peak_gflops",
         "dtype_peaks_gflops",
+        "matmul_peak_samples",
         "targets",
         "results",
         "notes",
     }
     assert data["settings"]["batch_sizes"] == [2] and data["matmul_peak_gflops"]["1"] > 0
+    # The peak is the best of its measurements: before the first setting and after each.
+    samples = data["matmul_peak_samples"]["float32"]["1"]
+    assert len(samples) == 1 + len(report.settings.workloads) and max(samples) == data["matmul_peak_gflops"]["1"]
+    assert BenchmarkReport.from_dict(data).peak_samples == {"float32": {1: samples}}
     # How the process allocated is part of the machine: the test process keeps glibc's defaults.
     assert data["machine"]["freed_memory_kept"] is False and "the C library's default allocator" in table
     assert data["results"][0]["name"] == "tiny" and {"median_ms", "q1_ms", "peak_fraction"} <= set(data["results"][0])
@@ -263,6 +268,13 @@ def test_variant_rows_of_a_pruned_model_are_judged_against_the_same_variant_of_i
     assert target_notes(BenchmarkReport(BenchmarkSettings(), rows, {}))[3:] == [
         "Noisy timings (interquartile range over 5% of the median): pruned (itm, batch 1, 384px, 2 thread(s)): 10.0%. "
         "Ratios and verdicts involving these rows can move by as much: rerun with more --rounds, on a quieter machine."
+    ]
+    # So is the peak's own drift between its measurements (5% of the best is not a drift).
+    samples = {"float32": {1: [100.0, 96.0, 95.0], 2: [200.0, 180.0, 199.0]}, "bfloat16": {2: [50.0, 52.0]}}
+    assert target_notes(BenchmarkReport(BenchmarkSettings(), rows, {}, peak_samples=samples))[4:] == [
+        "The matmul peak itself moved by over 5% during the run (float32, 2 thread(s): 180.0-200.0 GFLOP/s over 3 "
+        "measurements): the host's own speed changed, and rows timed in its slower moments read low against the best "
+        "(the peak) by up to as much."
     ]
 
 

@@ -188,6 +188,9 @@ class BenchmarkReport:
     notes: list[str] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
     dtype_peaks_gflops: dict[str, dict[int, float]] = field(default_factory=dict)  # of each further dtype
+    # Every measurement of the peak (before the first setting and after each), per dtype and thread count: the
+    # peak is their best; their spread is how much the host's own speed moved during the run.
+    peak_samples: dict[str, dict[int, list[float]]] = field(default_factory=dict)
 
     def peaks_of(self, dtype: str) -> dict[int, float]:
         """The matmul peaks measured in `dtype`, per thread count."""
@@ -210,6 +213,10 @@ class BenchmarkReport:
                 dtype: {int(k): v for k, v in peaks.items()}
                 for dtype, peaks in data.get("dtype_peaks_gflops", {}).items()
             },
+            peak_samples={
+                dtype: {int(k): list(v) for k, v in samples.items()}
+                for dtype, samples in data.get("matmul_peak_samples", {}).items()
+            },
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -219,6 +226,9 @@ class BenchmarkReport:
             "matmul_peak_gflops": {str(k): v for k, v in self.matmul_peak_gflops.items()},
             "dtype_peaks_gflops": {
                 dtype: {str(k): v for k, v in peaks.items()} for dtype, peaks in self.dtype_peaks_gflops.items()
+            },
+            "matmul_peak_samples": {
+                dtype: {str(k): v for k, v in samples.items()} for dtype, samples in self.peak_samples.items()
             },
             "targets": {
                 "speedup_per_flops_reduction": SPEEDUP_PER_FLOPS_TARGET,
@@ -274,6 +284,7 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
         models = [v for entry, pack in zip(models, packs) for v in (entry, *([entry.packed()] if pack else []))]
     previous_threads = torch.get_num_threads()
     results, peaks = [], {dtype: {} for dtype in settings.dtypes}
+    samples: dict[str, dict[int, list[float]]] = {dtype: {} for dtype in settings.dtypes}
 
     def measure_peaks(threads: int) -> None:
         # Re-measured after every setting, the best kept: on a loaded machine one sample may fall in a busy moment
@@ -281,6 +292,7 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
         for dtype, found in peaks.items():
             peak = matmul_peak_gflops(threads, device=settings.device, dtype=DTYPES[dtype])
             found[threads] = max(found.get(threads, 0.0), peak)
+            samples[dtype].setdefault(threads, []).append(peak)
 
     try:
         for threads in settings.threads:
@@ -306,6 +318,7 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
         peaks[first],
         machine=machine_info(settings.device),
         dtype_peaks_gflops={dtype: peaks[dtype] for dtype in others},
+        peak_samples=samples,
     )
     report.notes = target_notes(report)
     return report
@@ -511,7 +524,8 @@ def _row_label(row: BenchmarkResult) -> str:
 
 def target_notes(report: BenchmarkReport) -> list[str]:
     """One line per variant row judged against another row than its base (see `_judge_variant_against_its_base`)
-    and one per mask-learning step against its distillation step (target <= 1.2x)."""
+    and one per mask-learning step against its distillation step (target <= 1.2x); then, when there are any, one
+    naming the rows timed with a wide spread and one giving the matmul peak's own drift over the run."""
     notes = []
     for row in report.results:
         if row.target_base is None:
@@ -552,6 +566,18 @@ def target_notes(report: BenchmarkReport) -> list[str]:
         notes.append(
             f"Noisy timings (interquartile range over {NOISY_SPREAD:.0%} of the median): {'; '.join(noisy)}. Ratios "
             "and verdicts involving these rows can move by as much: rerun with more --rounds, on a quieter machine."
+        )
+    drifts = [
+        f"{dtype}, {threads} thread(s): {min(found):.1f}-{max(found):.1f} GFLOP/s over {len(found)} measurements"
+        for dtype, by_threads in report.peak_samples.items()
+        for threads, found in by_threads.items()
+        if max(found) - min(found) > NOISY_SPREAD * max(found)
+    ]
+    if drifts:
+        notes.append(
+            f"The matmul peak itself moved by over {NOISY_SPREAD:.0%} during the run ({'; '.join(drifts)}): the "
+            "host's own speed changed, and rows timed in its slower moments read low against the best (the peak) "
+            "by up to as much."
         )
     return notes
 
