@@ -114,6 +114,7 @@ def test_benchmark_preset_against_randomly_pruned_copies(capsys, tmp_path) -> No
         (["--preset", "tiny", "--batch_sizes", "1,x"], "--batch_sizes"),
         (["--preset", "tiny", "--prune_pad_multiple", "8,0"], "--prune_pad_multiple must be integers >= 1"),
         (["--preset", "tiny", "--workload", "itm,speed"], "Unknown workload"),
+        (["--models", "tiny", "./no/such/folder"], r"--models './no/such/folder': no such folder"),
     ]:
         with pytest.raises(ValueError, match=message):
             benchmark.main(bad)
@@ -330,6 +331,13 @@ def test_every_command_takes_num_threads_and_cpu_runs_do_not_pin_memory() -> Non
         assert training_args.dataloader_pin_memory is torch.cuda.is_available()
         with pytest.raises(ValueError, match="--num_threads"):
             parse_arguments("finetune", (ModelArguments,), ["--num_threads", "0"], "test")
+        # A mistyped folder is named as one, not passed on as a malformed Hub id; Hub ids and folders pass.
+        for flag, value in [("--model_name_or_path", "/no/such/folder"), ("--processor_name_or_path", "a/b/c")]:
+            with pytest.raises(ValueError, match=f"{flag} '{value}': no such folder"):
+                parse_arguments("finetune", (ModelArguments,), [flag, value], "test")
+        for value in ("org/model", "model", os.getcwd()):
+            (parsed,) = parse_arguments("finetune", (ModelArguments,), ["--model_name_or_path", value], "test")
+            assert parsed.model_name_or_path == value
     finally:
         torch.set_num_threads(threads)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trainers.commands.common import parse_arguments
+from trainers.commands.common import check_folder_or_hub_id, parse_arguments
 
 DEFAULT_RANDOM_PRUNE = "0.35,0.5"
 
@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None):
     specs = [*(args.models or []), *([args.preset] if args.preset else []), *(args.peer or [])]
     if not specs:
         raise ValueError("Give the models to benchmark: --models (folders, Hub ids or presets), --preset or --peer.")
+    for spec in args.models or []:
+        check_folder_or_hub_id(spec, "--models")
     random_prune = args.random_prune or (DEFAULT_RANDOM_PRUNE if args.preset else None)
     settings = BenchmarkSettings(
         workloads=tuple(w.strip() for w in args.workload.split(",") if w.strip()),

@@ -158,6 +158,10 @@ def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None
     for arguments in parsed:
         names = {f.name for f in fields(arguments)} if is_dataclass(arguments) else set()
         object.__setattr__(arguments, _RECIPE_FIELDS, frozenset(names & set(recipe_values)))
+        for name in sorted(n for n in names if n.endswith("_name_or_path")):
+            value = getattr(arguments, name)
+            if isinstance(value, str):
+                check_folder_or_hub_id(value, f"--{name}")
     if not torch.cuda.is_available():
         for arguments in parsed:
             if isinstance(arguments, TrainingArguments):
@@ -166,6 +170,15 @@ def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None
 
 
 _RECIPE_FIELDS = "_recipe_fields"
+
+
+def check_folder_or_hub_id(value: str, flag: str) -> None:
+    """Raises for a local path that does not exist, before Transformers reads it as a malformed Hub id (a Hub id is
+    'name' or 'namespace/name'; a path starts with '/', '.' or '~' or has more than one '/')."""
+    if os.path.exists(os.path.expanduser(value)):
+        return
+    if value.startswith(("/", ".", "~")) or value.count("/") > 1 or (os.sep != "/" and os.sep in value):
+        raise ValueError(f"{flag} {value!r}: no such folder (a Hub id is 'name' or 'namespace/name').")
 
 
 def recipe_fields(arguments: Any) -> frozenset[str]:
