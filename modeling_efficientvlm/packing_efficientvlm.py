@@ -68,20 +68,19 @@ class TensorStamp:
     (`PacksCPUWeights`, the vision embeddings)."""
 
     tensor: weakref.ref
-    state: tuple[int, int | None, torch.dtype, bool]
+    state: tuple[int, int, torch.dtype, bool]
 
     @staticmethod
-    def _state(tensor: torch.Tensor) -> tuple[int, int | None, torch.dtype, bool]:
-        # An inference tensor keeps no version (it matches no stamp: `of` refuses it).
-        version = None if tensor.is_inference() else tensor._version
-        return tensor.data_ptr(), version, tensor.dtype, tensor.is_cpu
+    def _state(tensor: torch.Tensor) -> tuple[int, int, torch.dtype, bool]:
+        return tensor.data_ptr(), tensor._version, tensor.dtype, tensor.is_cpu
 
     @classmethod
-    def of(cls, tensor: torch.Tensor) -> TensorStamp:
-        """The stamp of `tensor`; ValueError for an inference tensor (made under `torch.inference_mode()`), whose
-        in-place writes torch does not count: what is derived from it could go stale unseen."""
+    def of(cls, tensor: torch.Tensor, what: str = "A tensor") -> TensorStamp:
+        """The stamp of `tensor`; ValueError naming it as `what` for an inference tensor (made under
+        `torch.inference_mode()`), whose in-place writes torch does not count: what is derived from it could go
+        stale unseen. (A stamped tensor whose `.data` later becomes one has new storage: it matches no more.)"""
         if tensor.is_inference():
-            raise inference_tensor_error(f"A {tuple(tensor.shape)} tensor")
+            raise inference_tensor_error(f"{what} ({tuple(tensor.shape)})")
         return cls(weakref.ref(tensor), cls._state(tensor))
 
     def matches(self, tensor: torch.Tensor) -> bool:
@@ -154,16 +153,16 @@ class CPUWeightPacks:
         self._packs.pop(name, None)  # the stale copy goes before the new one is made
         if not all(self.applies_to(linear) for linear in linears):
             return None
-        for source in sources:
-            if source is not None and source.is_inference():
-                raise inference_tensor_error(f"A weight of {name!r} ({tuple(source.shape)})")
-        pack = self._pack(tuple(sources), scales)
+        pack = self._pack(name, tuple(sources), scales)
         self._packs[name] = pack
         return pack
 
     @staticmethod
-    def _pack(sources: tuple[torch.Tensor | None, ...], scales: tuple[float, tuple[float | None, ...]]) -> PackedLinear:
+    def _pack(
+        name: str, sources: tuple[torch.Tensor | None, ...], scales: tuple[float, tuple[float | None, ...]]
+    ) -> PackedLinear:
         weight_scale, bias_scales = scales
+        made_from = tuple(None if t is None else TensorStamp.of(t, f"A weight of {name!r}") for t in sources)
         with torch.no_grad():
             # sources: (weight, bias or None) per layer. A patch convolution (kernel = stride) is a linear layer over
             # flattened patches: (out, in, kh, kw).
@@ -180,7 +179,6 @@ class CPUWeightPacks:
                         for w, b, scale in zip(weights, biases, bias_scales)
                     ]
                 )
-            made_from = tuple(None if t is None else TensorStamp.of(t) for t in sources)
             return PackedLinear(torch.ops.mkldnn._reorder_linear_weight(weight), bias, made_from, scales)
 
     @staticmethod
