@@ -326,8 +326,10 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
             token_type_ids=token_type_ids,
             **flags,
         )
-        # Not `.split(batch)`: an exported graph would keep this batch size as a constant.
-        left_image_states, right_image_states = vision.last_hidden_state.unflatten(0, (2, -1)).unbind(0)
+        # Slices ending at the traced `batch`: with `.split(batch)` or `.unflatten(0, (2, -1)).unbind(0)` an exported
+        # graph keeps the batch size it was traced at as a constant (and fails at any other).
+        image_states = vision.last_hidden_state
+        left_image_states, right_image_states = image_states[:batch], image_states[batch:]
         fusion = self.fuse_image_pair(
             text.last_hidden_state, attention_mask, left_image_states, right_image_states, structure_masks, **flags
         )

@@ -31,7 +31,7 @@ from trainers.app import (
     predict,
     run_request,
 )
-from trainers.app.inference import answer_question
+from trainers.app.inference import CAPTION_MAX_NEW_TOKENS, CAPTION_PROMPT, answer_question
 from trainers.commands.app import main as app_command
 from trainers.pruning.hard_concrete import random_structure_masks
 from trainers.saving import save_model_folder
@@ -92,6 +92,7 @@ def test_every_model_answers_the_input_kinds_it_takes_and_says_na_to_the_others(
         "question": ("what color is the square ?", None, VQA_FOLDERS),
         "captions": ("a red square\n\n  a blue circle  \n", None, ("retrieval",)),
         "pair": ("the left image is red", make_image("blue", 40), ("nlvr2",)),
+        "caption": ("", None, ("captioning",)),
     }
     for kind, (text, second_image, answering) in kinds.items():
         rows = _rows_by_model(predict(app_models, kind, image, text, second_image))
@@ -125,6 +126,16 @@ def test_every_model_answers_the_input_kinds_it_takes_and_says_na_to_the_others(
             [expected] = nlvr2.model.predict(image, second_image, text, nlvr2.processor)
             label = "True" if expected["label"] else "False"
             assert rows["nlvr2"]["answer"] == f"{label} ({expected['probabilities'][label]:.2f})"
+        if kind == "caption":
+            # No prompt given: the one the captioning trainer writes, continued greedily.
+            captioning = app_models[4]
+            inputs = captioning.processor(images=[image], text=[CAPTION_PROMPT])
+            ids = captioning.model.generate(**inputs, max_new_tokens=CAPTION_MAX_NEW_TOKENS)[0]
+            caption = captioning.processor.tokenizer.decode(ids, skip_special_tokens=True)
+            assert rows["captioning"]["answer"] == caption.strip() and caption.startswith(CAPTION_PROMPT)
+            assert len(ids) > len(inputs["input_ids"][0]) - 1  # words after the prompt (its [SEP] dropped)
+            [row] = predict(app_models[4:], "caption", image, "  two red ")  # a prompt of one's own, stripped
+            assert row[RESULT_COLUMNS.index("answer")].startswith("two red ")
 
 
 def test_a_vqa_model_without_saved_answers_decodes_its_answer(app_models) -> None:

@@ -4,6 +4,7 @@ assertions: only relations that hold on any machine."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -16,6 +17,7 @@ from trainers.benchmark import (
     benchmark_models,
     format_report,
     plot_report,
+    report_figure,
     run_benchmark,
     write_json,
 )
@@ -94,6 +96,20 @@ def test_table_json_and_plot(report, tmp_path) -> None:
     assert data["results"][0]["name"] == "tiny" and {"median_ms", "q1_ms", "peak_fraction"} <= set(data["results"][0])
     png = plot_report(report, tmp_path / "bench.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Latencies within one decade (no power of ten in view): the latency axis still carries numbers.
+    narrow = copy.deepcopy(report)  # the fixture is shared by the module's tests
+    for row, median_ms in zip(narrow.results, (1.7, 9.0)):
+        row.median_ms = median_ms
+    narrow.results = narrow.results[:2]
+    latency = report_figure(narrow).axes[0]
+    latency.figure.canvas.draw()
+    low, high = latency.get_ylim()
+    labels = [
+        tick.label1.get_text()
+        for tick in (*latency.yaxis.get_major_ticks(), *latency.yaxis.get_minor_ticks())
+        if low <= tick.get_loc() <= high
+    ]
+    assert 1 < high / low < 10 and sum(bool(text) for text in labels) >= 2
 
 
 def test_batch_and_image_size_sweep_and_memory(tmp_path) -> None:

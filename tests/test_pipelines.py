@@ -30,11 +30,19 @@ from transformers import AutoModel, AutoProcessor, pipeline
 folders, image = payload["folders"], payload["image"]
 
 classify = pipeline("zero-shot-image-classification", model=folders["retrieval"], trust_remote_code=True)
-result["zero_shot"] = classify(image, candidate_labels=payload["labels"])
-result["zero_shot_single"] = classify(image, candidate_labels=payload["labels"][:1])
+result["zero_shot"] = classify(image, candidate_labels=payload["labels"], hypothesis_template="{}")
+result["zero_shot_single"] = classify(image, candidate_labels=payload["labels"][:1], hypothesis_template="{}")
+# The labels as written, scored by the model itself: what the pipeline gives with hypothesis_template="{}".
+own = AutoProcessor.from_pretrained(folders["retrieval"], trust_remote_code=True)
+texts = own(text=payload["labels"], padding=True)
+logits = classify.model(
+    own(images=image)["pixel_values"], texts["input_ids"], texts["attention_mask"], return_loss=False
+).logits_per_image
+result["zero_shot_own"] = dict(zip(payload["labels"], logits.softmax(-1)[0].tolist()))
+result["zero_shot_template"] = classify(image, candidate_labels=payload["labels"])  # "This is a photo of {}."
 # On a CPU in float32: the products from oneDNN-packed weights (a tiny model's too: min_flops=0), the same scores.
 classify.model.pack_cpu_weights(min_flops=0)
-packed = classify(image, candidate_labels=payload["labels"])
+packed = classify(image, candidate_labels=payload["labels"], hypothesis_template="{}")
 packs = [len(m.cpu_packs) for m in classify.model.modules() if getattr(m, "cpu_packs", None) is not None]
 result["zero_shot_packed"] = (packed, packs)
 
@@ -47,7 +55,9 @@ result["vqa_full"] = answer(image, text="what color ?", return_full_text=True)
 import torch
 low = dict(trust_remote_code=True, dtype=torch.bfloat16)
 classify = pipeline("zero-shot-image-classification", model=folders["retrieval"], **low)
-result["zero_shot_bf16"] = (str(classify.model.dtype), classify(image, candidate_labels=payload["labels"]))
+result["zero_shot_bf16"] = (
+    str(classify.model.dtype), classify(image, candidate_labels=payload["labels"], hypothesis_template="{}")
+)
 answer = pipeline("image-text-to-text", model=folders["vqa"], return_full_text=False, **low)
 result["vqa_bf16"] = (str(answer.model.dtype), answer(image, text="what color is the square ?"))
 
@@ -112,6 +122,10 @@ def test_every_task_works_from_a_saved_folder_without_the_package(tmp_path) -> N
     assert sorted(item["label"] for item in zero_shot) == sorted(LABELS)
     assert abs(sum(item["score"] for item in zero_shot) - 1) < 1e-5
     assert [item["score"] for item in zero_shot] == sorted((item["score"] for item in zero_shot), reverse=True)
+    assert all(abs(item["score"] - result["zero_shot_own"][item["label"]]) < 1e-5 for item in zero_shot)
+    # The pipeline's default template changes the texts scored, so the scores too.
+    template = {item["label"]: item["score"] for item in result["zero_shot_template"]}
+    assert max(abs(template[label] - result["zero_shot_own"][label]) for label in LABELS) > 1e-3
     # One label is a query too, not a one-pair training batch.
     assert [(item["label"], round(item["score"], 6)) for item in result["zero_shot_single"]] == [(LABELS[0], 1.0)]
     packed, packs = result["zero_shot_packed"]

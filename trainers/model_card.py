@@ -148,10 +148,13 @@ def usage_snippet(task: str, repo: str) -> str:
 from transformers import pipeline
 
 classifier = pipeline("zero-shot-image-classification", model="{repo}", trust_remote_code=True)
-print(classifier("photo.jpg", candidate_labels=["a red circle", "a blue square", "a green star"]))
+labels = ["a red circle", "a blue square", "a green star"]
+print(classifier("photo.jpg", candidate_labels=labels, hypothesis_template="{{}}"))
 ```
 
-The pipeline's scores are the image-text contrastive (ITC) similarities, softmaxed over the labels. For
+The pipeline's scores are the image-text contrastive (ITC) similarities, softmaxed over the labels;
+`hypothesis_template="{{}}"` scores the labels as written (the pipeline's default, "This is a photo of {{}}.",
+wraps each label in an English sentence first, words a vocabulary trained on one's own captions may not have). For
 retrieval over a collection, embed images and texts once (CLIP-style) and re-rank the best candidates with the
 image-text matching (ITM) head (`model.itm_rerank_scores`):
 

@@ -10,7 +10,9 @@ Input kinds and the model classes that take them (by class name, so remote-code 
 - `question` (an image and a question): VQA models rank their saved answer candidates (free decoding without them);
 - `captions` (an image and candidate captions): retrieval models score each caption by ITC (softmax over the
   candidates, as the zero-shot pipeline) and by their ITM head (probability of a match);
-- `pair` (two images and a statement): NLVR2 models say whether the statement is true of the pair.
+- `pair` (two images and a statement): NLVR2 models say whether the statement is true of the pair;
+- `caption` (an image, and a prompt or none): captioning models write a caption, greedily, after the prompt (by
+  default the one the captioning trainer writes before every caption, "a picture of").
 
 A model that does not take an input kind answers "n/a" for it.
 """
@@ -26,12 +28,13 @@ from typing import Any
 
 import torch
 
-INPUT_KINDS = ("question", "captions", "pair")
+INPUT_KINDS = ("question", "captions", "pair", "caption")
 # Model class name -> the input kind it answers.
 KIND_OF_CLASS = {
     "EfficientVLMForQuestionAnswering": "question",
     "EfficientVLMForImageTextRetrieval": "captions",
     "EfficientVLMForVisualReasoning": "pair",
+    "EfficientVLMForConditionalGeneration": "caption",
 }
 TASK_OF_CLASS = {
     "EfficientVLMForQuestionAnswering": "vqa",
@@ -45,6 +48,9 @@ NOT_APPLICABLE = "n/a"
 RESULT_COLUMNS = ("model", "task", "params (M)", "latency (ms)", "answer")
 # Timed runs per answer; the latency shown is their median (the first call of a model pays one-off costs).
 LATENCY_REPEATS = 3
+# The prompt `efficientvlm finetune --task captioning` trains with (its collator's), and the caption's length cap.
+CAPTION_PROMPT = "a picture of"
+CAPTION_MAX_NEW_TOKENS = 20
 # Environment variable the Space reads its models from (whitespace- or comma-separated folders / Hub ids).
 MODELS_ENV = "EFFICIENTVLM_MODELS"
 
@@ -179,6 +185,15 @@ def judge_pair(app_model: AppModel, left_image: Any, right_image: Any, statement
     return f"{label} ({prediction['probabilities'][label]:.2f})"
 
 
+@torch.no_grad()
+def write_caption(app_model: AppModel, image: Any, prompt: str) -> str:
+    """A captioning model's greedy caption of the image, the prompt included ("a picture of a red square")."""
+    model, processor = app_model.model, app_model.processor
+    # generate drops the prompt's final [SEP] and continues it (as the image-text-to-text pipeline does).
+    ids = model.generate(**processor(images=[_rgb(image)], text=[prompt]), max_new_tokens=CAPTION_MAX_NEW_TOKENS)
+    return processor.tokenizer.decode(ids[0], skip_special_tokens=True).strip()
+
+
 def _parse_captions(captions: str | Sequence[str] | None) -> list[str]:
     lines = captions.splitlines() if isinstance(captions, str) else list(captions or [])
     parsed = [line.strip() for line in lines if line and line.strip()]
@@ -191,7 +206,8 @@ def check_inputs(
     kind: str, image: Any, text: str | Sequence[str] | None, second_image: Any = None
 ) -> tuple[Any, Any, Any]:
     """The inputs of `kind` checked and cleaned: `(image, text, second_image)`, where `text` is the stripped
-    question or statement, or the list of non-empty captions. An `AppInputError` says what is missing."""
+    question, statement or caption prompt (`CAPTION_PROMPT` when empty), or the list of non-empty captions. An
+    `AppInputError` says what is missing."""
     if kind not in INPUT_KINDS:
         raise ValueError(f"Unknown input kind {kind!r}; choose one of {INPUT_KINDS}.")
     if kind == "pair":
@@ -201,6 +217,8 @@ def check_inputs(
     _check_image(image)
     if kind == "question":
         return image, _check_text(text, "a question"), None
+    if kind == "caption":
+        return image, (text.strip() if isinstance(text, str) else "") or CAPTION_PROMPT, None
     return image, _parse_captions(text), None
 
 
@@ -214,6 +232,8 @@ def _answer(app_model: AppModel, kind: str, image: Any, text: Any, second_image:
         return answer_question(app_model, image, text)
     if kind == "captions":
         return score_captions(app_model, image, text)
+    if kind == "caption":
+        return write_caption(app_model, image, text)
     return judge_pair(app_model, image, second_image, text)
 
 
@@ -229,7 +249,8 @@ def predict(
     parameters in millions, latency in ms, answer; "n/a" for both where the model does not take `kind`).
 
     kind: "question" (`text` is the question), "captions" (`text` holds candidate captions, one per line or a
-    list) or "pair" (`image` left, `second_image` right, `text` the statement). Missing inputs raise an
+    list), "pair" (`image` left, `second_image` right, `text` the statement) or "caption" (`text` the prompt; empty
+    or None: `CAPTION_PROMPT`). Missing inputs raise an
     `AppInputError` naming them; an error inside one model becomes that model's answer ("error: ...").
     Latency: the median wall-clock time of `repeats` runs of the model's whole answer (preprocessing included)."""
     if repeats < 1:

@@ -1,18 +1,19 @@
-"""The Gradio page: one image (the left one for a pair), three tabs (ask a question, rank captions, judge a statement
-about two images) and one table with every model's answer, task, size and latency side by side."""
+"""The Gradio page: one image (the left one for a pair), four tabs (ask a question, rank captions, judge a statement
+about two images, write a caption) and one table with every model's answer, task, size and latency side by side."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from .inference import LATENCY_REPEATS, NOT_APPLICABLE, RESULT_COLUMNS, AppInputError, AppModel, predict
+from .inference import CAPTION_PROMPT, LATENCY_REPEATS, NOT_APPLICABLE, RESULT_COLUMNS, AppInputError, AppModel, predict
 
 TITLE = "EfficientVLM: compare models on your image"
 INTRO = (
     "Upload an image, then ask a question (VQA models), type candidate captions (retrieval models: ranking by ITC, "
-    "with ITM match probabilities) or add a second image and a statement (NLVR2 models). Every model answers side "
-    "by side with its size and latency; a model that does not take the input shows n/a."
+    "with ITM match probabilities), add a second image and a statement (NLVR2 models) or ask for a caption "
+    "(captioning models). Every model answers side by side with its size and latency; a model that does not take "
+    "the input shows n/a."
 )
 
 
@@ -70,6 +71,9 @@ def build_app(models: Sequence[AppModel], title: str = TITLE, repeats: int = LAT
                     right_image = gr.Image(type="pil", label="Right image", elem_id="right_image", height=160)
                     statement = gr.Textbox(label="Statement", elem_id="statement", placeholder="both images are red")
                     judge = gr.Button("Judge", variant="primary", elem_id="judge")
+                with gr.Tab("Write a caption"):
+                    prompt = gr.Textbox(label="Prompt", value=CAPTION_PROMPT, elem_id="prompt")
+                    write = gr.Button("Caption", variant="primary", elem_id="caption")
         status = gr.Markdown("", elem_id="status")
         results = gr.Dataframe(
             headers=list(RESULT_COLUMNS),
@@ -88,4 +92,6 @@ def build_app(models: Sequence[AppModel], title: str = TITLE, repeats: int = LAT
         rank.click(respond("captions"), inputs=[image, captions], outputs=outputs)
         for trigger in (judge.click, statement.submit):
             trigger(respond("pair"), inputs=[image, statement, right_image], outputs=outputs)
+        for trigger in (write.click, prompt.submit):
+            trigger(respond("caption"), inputs=[image, prompt], outputs=outputs)
     return demo

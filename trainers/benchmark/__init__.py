@@ -2,7 +2,7 @@
 interleaved measurement over batch sizes, image sizes and thread counts, and its table / JSON / plot."""
 
 from .models import PEERS, BenchmarkModel, ModelSource, benchmark_models, prebuilt_models
-from .report import format_report, plot_report, write_json
+from .report import format_report, plot_report, report_figure, write_json
 from .suite import BenchmarkReport, BenchmarkResult, BenchmarkSettings, run_benchmark
 from .workloads import WORKLOADS
 
@@ -17,6 +17,7 @@ __all__ = [
     "benchmark_models",
     "format_report",
     "plot_report",
+    "report_figure",
     "prebuilt_models",
     "run_benchmark",
     "write_json",
