@@ -226,7 +226,8 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs):
         """As `PreTrainedModel.from_pretrained`; a single-image checkpoint (no `twin_fusion_layers` in its
-        config) goes through [`from_pretraining`] so each fusion layer fills its twin pair."""
+        config) goes through [`from_pretraining`] so each fusion layer fills its twin pair, and the classifier it
+        lacks (freshly initialised) is listed in the loading info's `missing_keys`."""
         config = kwargs.get("config")
         if config is None or isinstance(config, (str, os.PathLike)):
             location = {key: kwargs[key] for key in _CONFIG_LOCATION_KWARGS if key in kwargs}
@@ -238,6 +239,10 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
         model = cls.from_pretraining(backbone)
+        info["missing_keys"] = {
+            *info["missing_keys"],
+            *(f"cls_head.{name}" for name, _ in model.cls_head.named_parameters()),
+        }
         return (model, info) if output_loading_info else model
 
     # -- forward -----------------------------------------------------------------------------------------------

@@ -312,6 +312,31 @@ def test_evaluate_runs_the_model_on_the_device_and_in_the_dtype_asked_for(tmp_pa
     with pytest.raises(ValueError, match="--device 'cuda': torch .* sees no CUDA device"):
         evaluate_command.main([*base, "--device", "cuda"])
 
+    # A test split (no answers): answered unscored, the predictions written into a folder made for them.
+    unanswered = [{k: v for k, v in r.items() if k != "answer"} for r in json.loads(records.read_text())]
+    (tmp_path / "test.json").write_text(json.dumps(unanswered))
+    predictions = tmp_path / "new" / "folder" / "predictions.json"
+    test = ["--eval_file", str(tmp_path / "test.json"), "--predictions_file", str(predictions)]
+    assert evaluate_command.main([*base[:4], "--image_root", str(image_root), *test]) == {}
+    items = json.loads(predictions.read_text())
+    assert [item["question_id"] for item in items] == [100, 101, 102, 103]
+    assert all(item["prediction"] and item["vqa_accuracy"] is None for item in items)
+    # Some questions without answers: which is named, before the model runs.
+    (tmp_path / "mixed.json").write_text(json.dumps([*json.loads(records.read_text())[:2], *unanswered[2:]]))
+    mixed = [*base[:4], "--image_root", str(image_root), "--eval_file", str(tmp_path / "mixed.json")]
+    with pytest.raises(ValueError, match=r"Record 2 in .*mixed.json has no answers, but other questions"):
+        evaluate_command.main(mixed)
+    # Another task's checkpoint: its head would be scored untrained.
+    nlvr2 = ["--task", "nlvr2", "--model_name_or_path", str(folder), "--eval_file", str(records)]
+    with pytest.raises(ValueError, match=r"--task nlvr2: .* checkpoint of EfficientVLMForQuestionAnswering, without"):
+        evaluate_command.main(nlvr2)
+    # Fine-tuning with such an eval split fails before training, not after it.
+    finetune = ["finetune", "--task", "vqa", "--model_name_or_path", str(folder), "--train_file", str(records)]
+    finetune += ["--image_root", str(image_root), "--output_dir", str(tmp_path / "never"), "--report_to", "none"]
+    with pytest.raises(ValueError, match=r"--eval_file: Record 0 in .*test.json has no answers \(4 of 4"):
+        cli.main([*finetune, "--eval_file", str(tmp_path / "test.json"), "--use_cpu"])
+    assert not (tmp_path / "never").exists()
+
 
 def test_every_command_takes_num_threads_and_cpu_runs_do_not_pin_memory() -> None:
     import torch
@@ -418,6 +443,45 @@ def test_answer_list_auto_ranks_the_most_frequent_training_answers(tmp_path) -> 
     saved = EfficientVLMForQuestionAnswering.from_pretrained(tmp_path / "out").config.answer_candidates
     assert saved[0] == expected[0] and sorted(saved) == sorted(expected)
     assert 0 <= json.loads((tmp_path / "out" / "eval_results.json").read_text())["vqa_accuracy"] <= 1
+
+
+def test_a_datasets_folder_is_the_training_data_and_eval_file_the_eval_split(tmp_path) -> None:
+    import datasets
+
+    from trainers.training import task_dataset, task_inputs
+
+    from .data_utils import COLOURS, make_image, make_processor, write_image_text_json
+
+    processor = make_processor(tmp_path)
+    records, image_root = write_image_text_json(tmp_path, n=3)
+    columns = {"image": [make_image(colour) for colour in COLOURS[:4]], "caption": ["a", "b", "c", "d"]}
+    datasets.Dataset.from_dict(columns).save_to_disk(tmp_path / "hf")
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict(columns)}).save_to_disk(tmp_path / "hf_dict")
+    train, evaluation, _ = task_inputs(
+        "retrieval", None, processor, None, records, image_root, dataset_path=str(tmp_path / "hf")
+    )
+    assert train.texts == ["a", "b", "c", "d"] and evaluation.source == str(records)
+    assert evaluation.texts == task_dataset("retrieval", records, image_root, processor).texts
+    with pytest.raises(ValueError, match=r"Give one of --train_file \(.*\) and --dataset_path \(.*hf\) .* not both"):
+        task_inputs("retrieval", None, processor, records, None, image_root, dataset_path=str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match=r"--dataset_path .*hf_dict has no 'train' split; it has \['validation'\]"):
+        task_inputs("retrieval", None, processor, dataset_path=str(tmp_path / "hf_dict"))
+    # Pre-training evaluates nothing: its eval flags are refused rather than ignored.
+    argv = ["pretrain", "--preset", "tiny", "--train_file", str(records), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="pretrain evaluates nothing after training: --eval_file would be ignored"):
+        cli.main([*argv, "--eval_file", str(records)])
+
+
+def test_answer_list_auto_writes_each_answer_as_the_records_do() -> None:
+    from types import SimpleNamespace
+
+    from trainers.training import training_answer_list
+
+    # One answer however written ("two", "2", "Two." normalise alike), spelt as the records spell it most often:
+    # the decoder learned to generate "two", and "2" may not be in a vocabulary trained on the records.
+    references = [["two", "two", "2"], ["Two.", "a dog", "yes"], ["dog", "yes", "a dog"], [""]]
+    assert training_answer_list(SimpleNamespace(references=references)) == ["two", "a dog", "yes"]
+    assert training_answer_list(SimpleNamespace(references=references), limit=1) == ["two"]
 
 
 def test_a_processor_for_another_image_size_is_a_named_error_before_training(tmp_path) -> None:

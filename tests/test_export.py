@@ -190,6 +190,18 @@ def test_export_command_compares_latency_and_accuracy_of_pytorch_onnx_and_int8(t
     assert (tmp_path / "onnx" / "tokenizer_config.json").is_file() or (tmp_path / "onnx" / "vocab.txt").is_file()
 
 
+def test_export_of_a_folder_without_a_processor_says_the_graphs_have_none(tmp_path, capsys) -> None:
+    torch.manual_seed(0)
+    EfficientVLMForVisualReasoning(_config()).save_pretrained(tmp_path / "model")  # weights and config only
+    exit_code = cli.main(
+        ["export", "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "onnx"),
+         "--benchmark_batch_size", "0"]
+    )  # fmt: skip
+    assert exit_code == 0 and (tmp_path / "onnx" / "nlvr2.onnx").is_file()
+    assert f"Note: {tmp_path / 'model'} has no processor" in capsys.readouterr().out
+    assert not (tmp_path / "onnx" / "preprocessor_config.json").exists()
+
+
 def test_an_input_pruning_cut_off_is_left_out_of_the_graph_and_the_manifest_says_so(tmp_path) -> None:
     """With every fusion cross-attention head pruned, ITM no longer reads the image: the exporter drops that input,
     the manifest names it, and the onnxruntime model still scores (it feeds only what the graph takes)."""

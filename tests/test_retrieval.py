@@ -441,6 +441,23 @@ def _evaluation_setup(config: EfficientVLMConfig, tmp_path, n: int = 4, edit=Non
     return processor, build_dataset("retrieval", records, image_root, processor), _model(config)
 
 
+def test_a_tied_gold_is_not_ranked_first_in_the_items_as_in_the_recalls() -> None:
+    from types import SimpleNamespace
+
+    from trainers.evaluation.metrics import retrieval_recall
+    from trainers.evaluation.tasks import _retrieval_items
+
+    # Text 0's gold image 0 ties with image 1; image 1's best gold text (1) ties with text 2 and trails text 0.
+    scores_i2t = torch.tensor([[0.9, 0.1, 0.2, 0.0], [0.9, 0.5, 0.5, 0.3]])
+    dataset = SimpleNamespace(texts=["a", "b", "c", "d"], text_to_image=[0, 1, 0, 1], image_to_texts=[[0, 2], [1, 3]])
+    items = _retrieval_items(dataset, SimpleNamespace(scores_t2i=scores_i2t.T, scores_i2t=scores_i2t))
+    ranks = {(item["query"], item.get("text_index", item.get("image_id"))): item["rank"] for item in items}
+    assert ranks == {("text", 0): 2, ("text", 1): 1, ("text", 2): 2, ("text", 3): 1, ("image", 0): 1, ("image", 1): 3}
+    recalls = retrieval_recall(scores_i2t.numpy(), dataset.image_to_texts, text_to_image=dataset.text_to_image)
+    assert recalls["img_r1"] == 2 / 4 == sum(ranks[("text", t)] == 1 for t in range(4)) / 4
+    assert recalls["txt_r1"] == 1 / 2 == sum(ranks[("image", i)] == 1 for i in range(2)) / 2
+
+
 def test_evaluation_items_give_each_query_its_gold_rank_and_warn_on_shared_captions(tiny_config, tmp_path) -> None:
     from trainers.tasks import evaluate_task
 

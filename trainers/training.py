@@ -218,12 +218,20 @@ def task_dataset(
     split: str = "train",
 ) -> Any:
     """The `task` dataset over `data` (an X-VLM JSON file or records), or over the `split` of the `datasets`
-    folder `dataset_path` (saved with `save_to_disk`) when one is given."""
+    folder `dataset_path` (saved with `save_to_disk`) when one is given instead."""
     if dataset_path is not None:
         import datasets
 
+        if data is not None:
+            raise ValueError(
+                f"Give one of --{split}_file ({data}) and --dataset_path ({dataset_path}) for the {task} {split} "
+                "data, not both."
+            )
         data = datasets.load_from_disk(dataset_path)
-        data = data[split] if isinstance(data, datasets.DatasetDict) else data
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise ValueError(f"--dataset_path {dataset_path} has no {split!r} split; it has {list(data)}.")
+            data = data[split]
     elif data is None:
         raise ValueError(f"Give --{split}_file (or --dataset_path) for the {task} data.")
     return build_dataset(task, data, image_root, processor)
@@ -275,12 +283,27 @@ def task_inputs(
         answers = training_answer_list(train_dataset) if auto else read_answer_list(answer_list)
     eval_dataset = None
     if eval_file is not None and task != "pretraining":
-        eval_dataset = task_dataset(task, eval_file, image_root, processor, dataset_path, split="eval")
+        # --dataset_path holds the training data; the eval split is always --eval_file.
+        eval_dataset = task_dataset(task, eval_file, image_root, processor, split="eval")
         if task == "vqa" and not (answers or getattr(model.config, "answer_candidates", None)):
             raise ValueError(
                 "VQA evaluation ranks candidate answers: give --answer_list (a JSON list of answers) with --eval_file."
             )
+        if task == "vqa":
+            check_vqa_references(eval_dataset, "--eval_file")
     return train_dataset, eval_dataset, answers
+
+
+def check_vqa_references(dataset: Any, what: str) -> None:
+    """Raises, naming the first such record, when a question of a VQA split scored by accuracy has no answers (a
+    test split: `efficientvlm evaluate --predictions_file` answers its questions without scoring them)."""
+    missing = [index for index, answers in enumerate(dataset.references) if not answers]
+    if missing:
+        raise ValueError(
+            f"{what}: {dataset._where(missing[0])} has no answers ({len(missing)} of {len(dataset)} questions have "
+            "none); VQA accuracy scores a prediction against its question's answers. For a split without answers, "
+            "`efficientvlm evaluate --predictions_file` writes the predictions unscored."
+        )
 
 
 def evaluate_and_save(
@@ -306,15 +329,23 @@ MAX_AUTO_ANSWERS = 3129
 
 
 def training_answer_list(dataset: Any, limit: int = MAX_AUTO_ANSWERS) -> list[str]:
-    """The `limit` most frequent answers of a VQA training set (every annotator's answer counts once), in the
-    official normalisation, most frequent first (ties: first seen first)."""
+    """The `limit` most frequent answers of a VQA training set (every annotator's answer counts once), counted in
+    the official normalisation (so "two", "2" and "Two." are one answer) and each written as the training records
+    most often write it, the form the answer decoder learns to generate ("two", not the normalised "2", which a
+    vocabulary trained on the records may not have); most frequent first (ties: first seen first)."""
     from trainers.evaluation.metrics import normalize_answer
 
-    counts = Counter(normalize_answer(answer) for answers in dataset.references for answer in answers)
-    counts.pop("", None)
+    counts: Counter[str] = Counter()
+    spellings: dict[str, Counter[str]] = {}
+    for answers in dataset.references:
+        for answer in answers:
+            key = normalize_answer(answer)
+            if key:
+                counts[key] += 1
+                spellings.setdefault(key, Counter())[answer.strip()] += 1
     if not counts:
         raise ValueError("--answer_list auto: the training records have no answers to build candidates from.")
-    return [answer for answer, _ in counts.most_common(limit)]
+    return [spellings[key].most_common(1)[0][0] for key, _ in counts.most_common(limit)]
 
 
 def read_answer_list(answer_list: str | os.PathLike | None) -> list[str] | None:

@@ -49,13 +49,18 @@ class DataArguments:
     eval_file: str | None = field(default=None, metadata={"help": "X-VLM JSON file evaluated after training."})
     image_root: str | None = field(default=None, metadata={"help": "Folder the records' image paths start from."})
     dataset_path: str | None = field(
-        default=None, metadata={"help": "A `datasets` folder (save_to_disk) instead of --train_file."}
+        default=None,
+        metadata={
+            "help": "A `datasets` folder (save_to_disk; of a DatasetDict, its 'train' split) instead of --train_file; "
+            "--eval_file stays the eval split."
+        },
     )
     answer_list: str | None = field(
         default=None,
         metadata={
             "help": 'VQA: the candidate answers the model ranks, a JSON list file (e.g. ["yes", "no", "2"]), or '
-            "`auto`: the 3,129 most frequent training answers (official normalisation). Saved with the model."
+            "`auto`: the 3,129 most frequent training answers (counted in the official normalisation, each written "
+            "as the records most often write it). Saved with the model."
         },
     )
     max_text_length: int | None = field(default=None, metadata={"help": "Token limit of texts (default: model's)."})

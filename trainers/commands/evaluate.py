@@ -73,16 +73,32 @@ class EvaluateArguments:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Evaluates a saved task model on a JSON split and prints its metrics."""
-    from modeling_efficientvlm import EfficientVLMProcessor
+    from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMProcessor
 
     (args,) = parse_arguments("evaluate", (EvaluateArguments,), argv, "Evaluate a task model.")
+    for output in (args.output_file, args.predictions_file):
+        if output:  # made before the evaluation runs, not found missing after it
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
     device, dtype = resolve_placement(args.device, args.dtype)
     if args.pack_cpu_weights and (device.type != "cpu" or dtype != torch.float32):
         raise ValueError(
             f"--pack_cpu_weights packs float32 weights for the CPU; got --device {args.device!r} ({device.type}) and "
             f"--dtype {args.dtype!r}."
         )
-    model = task_model_class(args.task).from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+    model, loading = task_model_class(args.task).from_pretrained(
+        args.model_name_or_path, dtype=dtype, output_loading_info=True
+    )
+    if loading["missing_keys"]:
+        # Loading another task's checkpoint (pre-training into VQA, VQA into NLVR2) leaves the task head new:
+        # fine to fine-tune, meaningless to score.
+        saved_as = EfficientVLMConfig.from_pretrained(args.model_name_or_path).architectures or ["another model"]
+        missing = sorted(loading["missing_keys"])
+        raise ValueError(
+            f"--task {args.task}: {args.model_name_or_path} is a checkpoint of {', '.join(saved_as)}, without the "
+            f"{args.task} weights ({len(missing)} missing, e.g. {', '.join(missing[:3])}), which would be scored "
+            f"freshly initialised. Evaluate it with the task it was trained for, or fine-tune it for {args.task} first."
+        )
+    model = model.to(device)
     if args.pack_cpu_weights:
         model.pack_cpu_weights()
     processor = EfficientVLMProcessor.from_pretrained(args.model_name_or_path)
@@ -101,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     metrics = result.metrics
     print(json.dumps(metrics, indent=2))
+    if not metrics:
+        print(f"{args.eval_file} has no answers to score against: predictions only (--predictions_file).")
     if args.output_file:
         Path(args.output_file).write_text(json.dumps(metrics, indent=2))
     if args.predictions_file:

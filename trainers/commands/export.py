@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task = result.manifest["task"]
     report: dict[str, Any] = {"task": task, "output_dir": str(result.output_dir), "parity": result.max_errors}
     print(f"{task}: wrote {len(result.max_errors)} graphs to {result.output_dir}")
+    if processor is None:
+        print(
+            f"Note: {args.model_name_or_path} has no processor (tokenizer and image processor), so "
+            f"{result.output_dir} has none either: save the one the model was trained with there "
+            f"(`processor.save_pretrained({str(result.output_dir)!r})`) to prepare the graphs' inputs."
+        )
     for name, error in result.max_errors.items():
         print(f"  {name}: parity with PyTorch OK (max |difference| {error:.2g})")
     if args.benchmark_batch_size > 0:

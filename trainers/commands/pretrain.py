@@ -19,6 +19,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         argv,
         "Pre-train an EfficientVLM / X-VLM model: ITC, ITM, MLM.",
     )
+    given = [flag for flag in ("eval_file", "answer_list") if getattr(data_args, flag)]
+    if given:
+        raise ValueError(
+            f"pretrain evaluates nothing after training: --{' and --'.join(given)} would be ignored. Score the "
+            "pre-trained model with `efficientvlm evaluate --task retrieval --eval_file ...` (zero-shot), or give "
+            "the flags to finetune / prune."
+        )
     return train_task("pretraining", model_args, data_args, training_args)
 
 

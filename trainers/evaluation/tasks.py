@@ -65,7 +65,8 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 def evaluate_vqa(model: Any, dataset: Any, processor: Any, options: EvaluationOptions) -> EvaluationResult:
     """Ranks `options.answer_list` (default: the candidates saved with the model) for each question (X-VLM's
-    k-test); VQA accuracy."""
+    k-test); VQA accuracy. A split without any answers (a test split) is answered unscored: no metric, the
+    predictions only; one where only some questions have answers raises, naming the first without."""
     from trainers.evaluation import metrics
 
     answer_list = options.answer_list or getattr(model.config, "answer_candidates", None)
@@ -74,6 +75,14 @@ def evaluate_vqa(model: Any, dataset: Any, processor: Any, options: EvaluationOp
         raise ValueError(
             "VQA evaluation ranks candidate answers: the model has none saved (`config.answer_candidates`); "
             "give `answer_list` (--answer_list)."
+        )
+    unanswered = [i for i in range(len(dataset)) if not dataset.references[i]]
+    scored = len(unanswered) < len(dataset)
+    if scored and unanswered:
+        raise ValueError(
+            f"{dataset._where(unanswered[0])} has no answers, but other questions of the split have some "
+            f"({len(unanswered)} of {len(dataset)} have none): VQA accuracy scores every question against its "
+            "answers. A split without any answers is answered unscored."
         )
     candidates = processor.tokenizer(answer_list, padding="longest", return_tensors="pt")
     predictions = []
@@ -91,7 +100,6 @@ def evaluate_vqa(model: Any, dataset: Any, processor: Any, options: EvaluationOp
         )
         predictions += [answer_list[i] for i in ranked.answer_index.tolist()]
     references = [dataset.references[i] for i in range(len(dataset))]
-    accuracy = metrics.vqa_accuracy_score(predictions, references)
     items = [
         {
             "question_id": dataset.records[i].get("question_id", i),
@@ -102,7 +110,8 @@ def evaluate_vqa(model: Any, dataset: Any, processor: Any, options: EvaluationOp
         }
         for i, prediction in enumerate(predictions)
     ]
-    return EvaluationResult({"vqa_accuracy": float(accuracy)}, predictions, items)
+    scores = {"vqa_accuracy": float(metrics.vqa_accuracy_score(predictions, references))} if scored else {}
+    return EvaluationResult(scores, predictions, items)
 
 
 def evaluate_nlvr2(model: Any, dataset: Any, processor: Any, options: EvaluationOptions) -> EvaluationResult:
@@ -185,22 +194,31 @@ def _warn_on_shared_captions(dataset: Any) -> None:
         )
 
 
+def _gold_rank(scores: torch.Tensor, golds: list[int]) -> int:
+    """1 + the wrong candidates scoring at least the best gold: a tie counts against the query, as in the recalls
+    (`retrieval_recall`), so rank 1 is exactly a recall@1 hit."""
+    correct = torch.zeros(scores.shape[0], dtype=torch.bool)
+    correct[golds] = True
+    return int(((scores >= scores[correct].max()) & ~correct).sum()) + 1
+
+
 def _retrieval_items(dataset: Any, result: Any, top: int = 5) -> list[dict[str, Any]]:
-    """Per query: the gold, its rank (1 = first) among the re-ranked scores, and the top `top` retrieved."""
+    """Per query: the gold, its rank (1 = first; see `_gold_rank`) among the re-ranked scores, and the top `top`
+    retrieved."""
     items = []
     for t, scores in enumerate(result.scores_t2i):
         order = scores.argsort(descending=True).tolist()
         gold = dataset.text_to_image[t]
         items.append(
             {"query": "text", "text_index": t, "text": dataset.texts[t], "gold_image": gold,
-             "rank": order.index(gold) + 1, "top_images": order[:top]}
+             "rank": _gold_rank(scores, [gold]), "top_images": order[:top]}
         )  # fmt: skip
     for i, scores in enumerate(result.scores_i2t):
         order = scores.argsort(descending=True).tolist()
         golds = dataset.image_to_texts[i]
         items.append(
             {"query": "image", "image_id": i, "gold_texts": golds,
-             "rank": min(order.index(g) for g in golds) + 1, "top_texts": order[:top]}
+             "rank": _gold_rank(scores, list(golds)), "top_texts": order[:top]}
         )  # fmt: skip
     return items
 
