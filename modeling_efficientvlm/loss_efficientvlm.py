@@ -156,7 +156,8 @@ def sample_hard_negatives(
     check_tensor(
         ~positives.all(dim=1).any(),
         "Image-text matching needs at least two different images in a batch to sample hard negatives; "
-        f"got a batch of {batch_size} pairs that all show the same image.",
+        f"got a batch of {batch_size} pairs that all show the same image (in training, drop such a last batch: "
+        "`dataloader_drop_last`).",
     )
     positives_t2i = positives.t()
     if same_text is not None:

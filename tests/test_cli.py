@@ -367,6 +367,50 @@ def test_every_command_takes_num_threads_and_cpu_runs_do_not_pin_memory() -> Non
         torch.set_num_threads(threads)
 
 
+def test_finetune_from_a_preset_is_reproducible_and_kd_flags_need_a_teacher(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from .data_utils import write_nlvr2_json, write_vocab
+
+    data, image_root = write_nlvr2_json(tmp_path, n=4)
+    argv = ["finetune", "--task", "nlvr2", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+    argv += ["--train_file", str(data), "--image_root", str(image_root), "--max_steps", "1", "--seed", "3"]
+    argv += ["--report_to", "none", "--use_cpu", "--save_strategy", "no", "--per_device_train_batch_size", "2"]
+    for run in ("a", "b"):
+        cli.main([*argv, "--output_dir", str(tmp_path / run)])
+    first, second = (load_file(tmp_path / run / "model.safetensors") for run in ("a", "b"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(ValueError, match=r"--kd_weight, --kd_term_weights weigh\(s\) distillation terms: give "):
+        cli.main([*argv, "--output_dir", str(tmp_path / "c"), "--kd_weight", "0.9", "--kd_term_weights", "{}"])
+
+
+def test_an_epoch_ending_on_a_single_pair_drops_it_instead_of_failing_on_its_itm_negative(tmp_path, caplog) -> None:
+    from .data_utils import write_image_text_json, write_vocab
+
+    records, image_root = write_image_text_json(tmp_path, n=3)  # 6 pairs: batches of 5 leave one
+    argv = ["finetune", "--task", "retrieval", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+    argv += ["--train_file", str(records), "--image_root", str(image_root), "--num_train_epochs", "2"]
+    argv += ["--per_device_train_batch_size", "5", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    with caplog.at_level("WARNING"):
+        cli.main([*argv, "--use_cpu", "--save_strategy", "no"])
+    assert "6 training pairs at 5 per batch end each epoch on a batch of one pair" in caplog.text
+    assert (tmp_path / "out" / "model.safetensors").is_file()  # both epochs trained (the last batch failed before)
+
+
+def test_several_launched_processes_that_would_each_train_alone_are_an_error(monkeypatch) -> None:
+    from transformers import TrainingArguments
+
+    from trainers.commands.common import parse_arguments
+
+    # As torchrun on CPUs without --use_cpu: WORLD_SIZE set, but the Trainer would join no process group.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["--output_dir", "shared", "--report_to", "none"]
+    with pytest.raises(ValueError, match=r"Launched as 2 processes .* all writing shared: on CPUs add --use_cpu"):
+        parse_arguments("finetune", (TrainingArguments,), argv, "test")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert parse_arguments("finetune", (TrainingArguments,), argv, "test")[0].world_size == 1
+
+
 def test_finetune_checks_the_vqa_answer_list_before_training(tmp_path) -> None:
     from .data_utils import write_vocab, write_vqa_json
 

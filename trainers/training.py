@@ -19,12 +19,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.utils import logging
 
 from trainers.model_card import ModelCardInfo, local_name
 from trainers.saving import hub_target_from, save_model_folder
 from trainers.sharding import check_engine, prepare_model_for_engine, whole_model, whole_weights_on_load
 from trainers.tasks import build_collator, build_dataset, evaluate_task, task_model_from
+
+logger = logging.get_logger(__name__)
 
 # Config fields that set how a model trains (its ITM negatives, its captioning label smoothing), not the shape of any
 # weight: `--config_overrides` may change them on a saved model too.
@@ -237,6 +240,27 @@ def task_dataset(
     return build_dataset(task, data, image_root, processor)
 
 
+# Tasks whose loss samples ITM negatives from the other images of a batch: a batch of one pair has none.
+ITM_NEGATIVE_TASKS = ("pretraining", "retrieval")
+
+
+def drop_a_last_single_pair(task: str, train_dataset: Any, training_args: TrainingArguments) -> None:
+    """Sets `dataloader_drop_last` (with a warning) when every epoch would end on a batch of one pair in each process,
+    from which image-text matching cannot sample a hard negative (X-VLM's loaders drop every epoch's last
+    incomplete batch). Only that case: a run that trains as it is keeps its batches."""
+    if task not in ITM_NEGATIVE_TASKS or training_args.dataloader_drop_last:
+        return
+    batch = training_args.per_device_train_batch_size
+    per_process = -(-len(train_dataset) // training_args.world_size)  # DistributedSampler pads to equal shares
+    if per_process > batch and per_process % batch == 1:
+        training_args.dataloader_drop_last = True
+        logger.warning(
+            f"{len(train_dataset)} training pairs at {batch} per batch end each epoch on a batch of one pair, which "
+            "has no other image to draw an ITM negative from: that batch is dropped (one pair of each epoch's "
+            "shuffle, as --dataloader_drop_last true does)."
+        )
+
+
 def train(
     task: str,
     model: Any,
@@ -250,6 +274,7 @@ def train(
     are never dropped. Under DeepSpeed or FSDP the model is made wrappable first (`trainers.sharding`); under
     sharded weights (FSDP, ZeRO-3) the caller gets the whole trained model with `trainers.sharding.whole_model`."""
     training_args.remove_unused_columns = False
+    drop_a_last_single_pair(task, train_dataset, training_args)
     trainer = trainer_class(
         model=model,
         args=training_args,
@@ -400,6 +425,7 @@ def train_task_model(
     if distillation_config is not None and teacher_model_name_or_path is None:
         raise ValueError("Distillation settings were given without a --teacher_model_name_or_path to distil from.")
     hub = hub_target_from(training_args)
+    set_seed(training_args.seed)  # a model built from a preset, or a new task head, starts the same every run
     with whole_weights_on_load(training_args):  # under ZeRO-3 too: the engine partitions the student later
         model, processor = build_model_and_processor(
             task, model_name_or_path, preset, config_overrides, processor_name_or_path, vocab_file, max_text_length

@@ -167,11 +167,24 @@ def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None
             value = getattr(arguments, name)
             if isinstance(value, str):
                 check_folder_or_hub_id(value, f"--{name}")
-    if not torch.cuda.is_available():
-        for arguments in parsed:
-            if isinstance(arguments, TrainingArguments):
+    for arguments in parsed:
+        if isinstance(arguments, TrainingArguments):
+            check_launched_processes(arguments)
+            if not torch.cuda.is_available():
                 arguments.dataloader_pin_memory = False
     return tuple(parsed)
+
+
+def check_launched_processes(training_args: TrainingArguments) -> None:
+    """Raises when a launcher started several processes (`WORLD_SIZE` > 1: torchrun, accelerate launch) but the
+    Trainer would run each alone: on CPUs without `--use_cpu`, Transformers sets up no process group, and every
+    process trains its own copy and writes the same output folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and training_args.world_size == 1:
+        raise ValueError(
+            f"Launched as {launched} processes (WORLD_SIZE={launched}), but each would train alone, all writing "
+            f"{training_args.output_dir}: on CPUs add --use_cpu, which makes the Trainer join them (DDP over gloo)."
+        )
 
 
 _RECIPE_FIELDS = "_recipe_fields"
@@ -303,6 +316,14 @@ def train_task(
     from trainers.training import train_task_model
 
     distillation_config = None
+    if teacher_model_name_or_path is None and distillation is not None:
+        given = [
+            f"--{f.name}"
+            for f in fields(KDArguments)
+            if getattr(distillation, f.name) != f.default and f.name not in recipe_fields(distillation)
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)} weigh(s) distillation terms: give --teacher_model_name_or_path too.")
     if teacher_model_name_or_path is not None and distillation is not None:
         from trainers.distillation import DistillationConfig
 
