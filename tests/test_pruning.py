@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -373,10 +374,24 @@ def test_pruning_state_that_does_not_fit_raises(tmp_path) -> None:
     per_modality = _trainer(
         tmp_path, pruning=PruningConfig(target_sparsity=0.5, target_sparsity_per_modality={"vision": 0.3})
     )
-    with pytest.raises(ValueError, match="multipliers"):
+    with pytest.raises(ValueError, match=r"targets \{'overall': 0.5\}, this run \{'overall': 0.5, 'vision': 0.3\}"):
         per_modality.load_pruning_state_dict(state)
+    with pytest.raises(ValueError, match="multipliers"):  # a checkpoint of an older version, without its targets
+        per_modality.load_pruning_state_dict({k: v for k, v in state.items() if k != "targets"})
     with pytest.raises(ValueError, match="masker"):
         trainer.load_pruning_state_dict({"log_alpha": 1})
+    # A resume with other targets or an explicit other warm-up: the saved masks and schedule belong to the first.
+    resumed_as = {
+        "targets {'overall': 0.5}, this run {'overall': 0.3}": PruningConfig(
+            target_sparsity=0.3, sparsity_warmup_steps=5
+        ),
+        "sparsity ladder None, this run (0.2, 0.4)": PruningConfig(sparsity_ladder="0.2,0.4", sparsity_warmup_steps=5),
+        "sparsity warm-up over 5 steps, this run 9": PruningConfig(target_sparsity=0.5, sparsity_warmup_steps=9),
+    }
+    for mismatch, pruning in resumed_as.items():
+        with pytest.raises(ValueError, match=re.escape(f"saved by a pruning run with {mismatch}: resume with")):
+            _trainer(tmp_path, pruning=pruning).load_pruning_state_dict(state)
+    _trainer(tmp_path, pruning=PruningConfig(target_sparsity=0.5)).load_pruning_state_dict(state)  # warm-up not given
     with pytest.raises(ValueError, match="do not fit"):
         _trainer(tmp_path, masker=StructureMasker.from_model(other.model))
 

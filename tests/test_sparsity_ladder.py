@@ -83,6 +83,27 @@ def test_resuming_keeps_the_rung_and_the_rungs_already_saved(tmp_path) -> None:
     assert resumed.lagrangian.rung == first.lagrangian.rung
     assert [(rung.target, rung.step) for rung in resumed.ladder.rungs][: len(before_checkpoint)] == before_checkpoint
     assert [rung.target for rung in resumed.ladder.rungs] == [rung.target for rung in first.ladder.rungs]
+    # The count of steps within tolerance travels in the checkpoint: the rungs settle at the same steps.
+    assert [(rung.target, rung.step) for rung in resumed.ladder.rungs] == saved
+    state = resumed.pruning_state_dict()
+    assert state["ladder"] == LADDER and state["steps_in_tolerance"] == resumed.lagrangian.steps_in_tolerance
+
+
+def test_the_count_of_settled_steps_is_saved_with_the_masks(tmp_path) -> None:
+    def trainer():
+        pruning = PruningConfig(sparsity_ladder=LADDER, sparsity_warmup_steps=3)
+        return _trainer(tmp_path, pruning=pruning, args=_args(tmp_path, max_steps=10))
+
+    saving = trainer()
+    saving.lagrangian.advance_rung(4)
+    saving.lagrangian.steps_in_tolerance = 2  # one step short of the default patience when the run stopped
+    resumed = trainer()
+    resumed.load_pruning_state_dict(saving.pruning_state_dict())
+    assert (resumed.lagrangian.rung, resumed.lagrangian.rung_start_step, resumed.lagrangian.steps_in_tolerance) == (
+        1,
+        4,
+        2,
+    )
 
 
 def test_the_rung_target_warms_up_from_the_previous_rung() -> None:
@@ -107,6 +128,8 @@ def test_the_rung_target_warms_up_from_the_previous_rung() -> None:
         ("0,0.5", r"in \(0, 1\)"),
         ("0.3", "at least two rungs"),
         ("0.2,abc", "comma-separated numbers"),
+        ("0.2,,0.5", "empty rung"),
+        ("0.301,0.304", "both be saved as rung_0.30/"),
     ],
 )
 def test_bad_ladders_are_named_errors(value: str, message: str) -> None:
@@ -171,6 +194,10 @@ def test_prune_command_writes_a_folder_per_rung_and_the_table(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"--sparsity_ladder '0.2,1.5'.*in \(0, 1\)"):
         # A recipe's target_sparsity gives way to the ladder: the flag is what gets checked.
         cli.main([*common, "--recipe", "small-cpu", "--sparsity_ladder", "0.2,1.5"])
+    # So does a recipe's fixed-mask second half (paper-vqa's 0.5): the run gets as far as the push check.
+    with pytest.raises(ValueError, match="--sparsity_ladder writes one folder per rung; --push_to_hub pushes one"):
+        push = ["--push_to_hub", "--hub_model_id", "me/ladder"]
+        cli.main([*common, "--recipe", "paper-vqa", "--sparsity_ladder", "0.2,0.5", *push])
 
 
 def test_a_warmup_fraction_is_of_each_rungs_share_of_the_steps(tmp_path) -> None:

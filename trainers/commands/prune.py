@@ -179,8 +179,13 @@ def run(
     if prune_args.task not in PRUNABLE_TASKS:
         raise ValueError(f"--task must be one of {PRUNABLE_TASKS}; got {prune_args.task!r}.")
     # Argument errors first, before any model is loaded.
-    if prune_args.sparsity_ladder is not None and "target_sparsity" in recipe_fields(prune_args):
-        prune_args.target_sparsity = None  # a recipe's single target gives way to the ladder given as a flag
+    if prune_args.sparsity_ladder is not None:
+        # A recipe's single target and fixed-mask second half give way to the ladder given as a flag.
+        from_recipe = recipe_fields(prune_args)
+        if "target_sparsity" in from_recipe:
+            prune_args.target_sparsity = None
+        if "mask_freeze_fraction" in from_recipe:
+            prune_args.mask_freeze_fraction = 0.0
     if prune_args.sparsity_ladder is not None and prune_args.target_sparsity is not None:
         raise ValueError(
             "--sparsity_ladder and --target_sparsity conflict: the ladder's rungs are the targets; give one."

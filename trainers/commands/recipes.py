@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> None:
         description="List the recipes of `--recipe`, or print one (its options, and the source of each number).",
     )
     parser.add_argument("name", nargs="?", help=f"a recipe to print (its file is in {RECIPE_DIR})")
+    # Every command takes it; printing a recipe runs no torch op.
+    parser.add_argument("--num_threads", type=int, default=None, help="Accepted as by every command (unused).")
     args = parser.parse_args(argv)
     if args.name is None:
         print(describe_recipes())

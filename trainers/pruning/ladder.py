@@ -46,7 +46,9 @@ def parse_sparsity_ladder(value: str | Sequence[float]) -> tuple[float, ...]:
     """The rungs of `--sparsity_ladder` ("0.2,0.35,0.5" or a sequence of numbers): at least two, each in (0, 1),
     strictly increasing; anything else raises a ValueError naming `sparsity_ladder`."""
     if isinstance(value, str):
-        parts = [part.strip() for part in value.split(",") if part.strip()]
+        parts = [part.strip() for part in value.split(",")]
+        if any(not part for part in parts):
+            raise ValueError(f"`sparsity_ladder` has an empty rung (a stray comma?); got {value!r}.")
         try:
             rungs = [float(part) for part in parts]
         except ValueError as error:
@@ -65,6 +67,12 @@ def parse_sparsity_ladder(value: str | Sequence[float]) -> tuple[float, ...]:
             raise ValueError(f"Every rung of `sparsity_ladder` must be in (0, 1); got {rung} in {value!r}.")
     if any(b <= a for a, b in zip(rungs, rungs[1:])):
         raise ValueError(f"`sparsity_ladder` must be sorted in strictly increasing order; got {value!r}.")
+    for a, b in zip(rungs, rungs[1:]):
+        if rung_folder_name(a) == rung_folder_name(b):
+            raise ValueError(
+                f"Rungs {a} and {b} of `sparsity_ladder` would both be saved as {rung_folder_name(a)}/: give rungs "
+                f"that differ in the second decimal; got {value!r}."
+            )
     return tuple(float(rung) for rung in rungs)
 
 
@@ -111,7 +119,6 @@ class SparsityLadder(TrainerCallback):
         self.trainer = trainer
         self.outputs = outputs or LadderOutputs()
         self.rungs: list[LadderRung] = []
-        self._steps_in_tolerance = 0
         self._max_steps = 0
 
     @property
@@ -156,11 +163,12 @@ class SparsityLadder(TrainerCallback):
         target = self.ladder[rung]
         masker = self.trainer.masker
         sparsity = masker.sparsity_of(self.trainer.final_masks())  # what a save now would achieve
+        # Counted on the Lagrangian, which checkpoints save: a resume continues the count.
         if lagrangian.warmed_up(step) and abs(sparsity - target) <= self.trainer.pruning_config.ladder_tolerance:
-            self._steps_in_tolerance += 1
+            lagrangian.steps_in_tolerance += 1
         else:
-            self._steps_in_tolerance = 0
-        if self._steps_in_tolerance >= self.trainer.pruning_config.ladder_patience:
+            lagrangian.steps_in_tolerance = 0
+        if lagrangian.steps_in_tolerance >= self.trainer.pruning_config.ladder_patience:
             settled_by = "tolerance"
         elif step >= self.step_budget(rung):
             settled_by = "step_budget"
@@ -172,7 +180,7 @@ class SparsityLadder(TrainerCallback):
         else:
             return
         self.save_rung(step, settled_by)
-        self._steps_in_tolerance = 0
+        lagrangian.steps_in_tolerance = 0
         if rung + 1 < len(self.ladder):
             lagrangian.advance_rung(step)
         else:

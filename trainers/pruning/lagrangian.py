@@ -87,6 +87,8 @@ class SparsityLagrangian(nn.Module):
         # The current rung and the step it started at (its warm-up starts there).
         self.rung = 0
         self.rung_start_step = 0
+        # Consecutive steps the current rung's sparsity has been within the ladder's tolerance (`ladder.py`).
+        self.steps_in_tolerance = 0
         self.lambda_1 = nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in self.targets})
         self.lambda_2 = nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in self.targets})
 

@@ -426,6 +426,8 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             "warmup_steps": self.lagrangian.warmup_steps,
             "rung": self.lagrangian.rung,
             "rung_start_step": self.lagrangian.rung_start_step,
+            "steps_in_tolerance": self.lagrangian.steps_in_tolerance,
+            "ladder": self.lagrangian.ladder,
             "snap": self.snap,
         }
 
@@ -439,6 +441,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
                 f"The mask state was saved for structure sizes {sizes}, but this model has "
                 f"{self.masker.structure_sizes}."
             )
+        self._check_resumed_settings(state)
         self.masker.load_state_dict(state["masker"])
         own = set(self.lagrangian.state_dict())
         if set(state["lagrangian"]) != own:
@@ -454,9 +457,32 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             for _ in range(int(state.get("rung", 0)) - self.lagrangian.rung):
                 self.lagrangian.advance_rung(0)
             self.lagrangian.rung_start_step = int(state.get("rung_start_step", 0))
+            self.lagrangian.steps_in_tolerance = int(state.get("steps_in_tolerance", 0))
         if state.get("optimizer") is not None:  # the optimizer's moments: a resume continues exactly
             self.pruning_optimizer.load_state_dict(state["optimizer"])
         self.snap = state.get("snap")  # a resume in the fixed-mask phase keeps the masks it trained with
+
+    def _check_resumed_settings(self, state: dict[str, Any]) -> None:
+        """Raises when the run resuming `state` asks for other targets (a ladder, its rungs, the global or a
+        modality's target) or another explicit warm-up than the run that saved it: the masks, multipliers and
+        schedule in the checkpoint belong to those settings. (Checkpoints of older versions hold fewer of them.)"""
+        saved_ladder, own_ladder = state.get("ladder", self.lagrangian.ladder), self.lagrangian.ladder
+        mismatch = None
+        if (saved_ladder is None) != (own_ladder is None) or (
+            saved_ladder is not None and tuple(saved_ladder) != tuple(own_ladder)
+        ):
+            mismatch = f"sparsity ladder {saved_ladder}, this run {own_ladder}"
+        elif own_ladder is None and "targets" in state and dict(state["targets"]) != self.lagrangian.targets:
+            mismatch = f"targets {dict(state['targets'])}, this run {self.lagrangian.targets}"
+        else:
+            warmup = self.pruning_config.sparsity_warmup_steps
+            if warmup is not None and "warmup_steps" in state and int(state["warmup_steps"]) != warmup:
+                mismatch = f"sparsity warm-up over {int(state['warmup_steps'])} steps, this run {warmup}"
+        if mismatch is not None:
+            raise ValueError(
+                f"The checkpoint being resumed was saved by a pruning run with {mismatch}: resume with the flags it "
+                "was started with (or start a new run in another --output_dir)."
+            )
 
     def load_pruning_checkpoint(self, checkpoint: str, required: bool = True) -> None:
         """Restores the masks and multipliers saved in `checkpoint`; a missing `masker.pt` raises a ValueError
