@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from transformers import TrainingArguments
 
-from trainers.commands.common import DataArguments, ModelArguments, parse_arguments, recipe_fields
+from trainers.commands.common import DataArguments, ModelArguments, parse_arguments, parse_json_option, recipe_fields
 from trainers.recipes import RECIPE_DIR, load_recipe, recipe_names
 
 
@@ -104,6 +104,46 @@ def test_unknown_recipes_keys_and_commands_are_named_errors(tmp_path) -> None:
         _parse("distill", "--recipe", "paper-vqa")
     with pytest.raises(FileNotFoundError, match="missing.json"):
         load_recipe(tmp_path / "missing.json")
+
+
+def test_recipe_values_and_arguments_files_are_read_as_the_command_line_reads_flags(tmp_path, capsys) -> None:
+    # A recipe's value is converted and checked as the flag would be, before any model loads.
+    typed = tmp_path / "typed.json"
+    typed.write_text(json.dumps({"commands": {"prune": {"max_steps": 3.7}}}))
+    with pytest.raises(SystemExit):
+        _parse("prune", "--recipe", str(typed), "--task", "vqa", "--target_sparsity", "0.3")
+    assert "argument --max_steps/--max-steps: invalid int value: '3.7'" in capsys.readouterr().err
+    listed = tmp_path / "listed.json"
+    listed.write_text(json.dumps({"commands": {"prune": {"sparsity_ladder": [0.2, 0.4], "snap_to_target": True}}}))
+    prune_args, *_ = _parse("prune", "--recipe", str(listed), "--task", "vqa")
+    assert prune_args.sparsity_ladder == "0.2,0.4" and prune_args.snap_to_target is True
+
+    # An arguments file: JSON objects for the JSON options, lists for comma-separated ones; errors name the file.
+    options = {
+        "task": "vqa", "model_name_or_path": "unused", "output_dir": "unused", "sparsity_ladder": [0.2, 0.4],
+        "config_overrides": {"label_smoothing": 0.1}, "kd_term_weights": {"vision_hidden": 0.1}, "max_steps": 5,
+    }  # fmt: skip
+    arguments = tmp_path / "args.json"
+    arguments.write_text(json.dumps(options))
+    prune_args, model_args, _, training_args = parse_arguments("prune", _dataclasses("prune"), [str(arguments)], "t")
+    assert prune_args.sparsity_ladder == "0.2,0.4" and training_args.max_steps == 5
+    assert parse_json_option(model_args.config_overrides, "config_overrides") == {"label_smoothing": 0.1}
+    assert parse_json_option(prune_args.kd_term_weights, "kd_term_weights") == {"vision_hidden": 0.1}
+    bad = {
+        "not_json.json": ("{", r"not_json\.json is not valid JSON"),
+        "list.json": ("[1]", r"list\.json must hold a JSON object of options; got a list"),
+        "typo.json": (json.dumps({**options, "max_step": 5}), r"typo\.json: unknown key 'max_step'"),
+    }
+    for name, (text, message) in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            parse_arguments("prune", _dataclasses("prune"), [str(tmp_path / name)], "t")
+    with pytest.raises(FileNotFoundError, match=r"nope\.json: no such arguments file"):
+        parse_arguments("prune", _dataclasses("prune"), [str(tmp_path / "nope.json")], "t")
+    (tmp_path / "untyped.json").write_text(json.dumps({**options, "max_steps": 3.7}))
+    with pytest.raises(SystemExit):
+        parse_arguments("prune", _dataclasses("prune"), [str(tmp_path / "untyped.json")], "t")
+    assert "argument --max_steps/--max-steps: invalid int value: '3.7'" in capsys.readouterr().err
 
 
 def test_recipe_list_and_the_recipes_command_name_every_recipe(capsys) -> None:

@@ -141,7 +141,7 @@ def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None
     parser = build_parser()
     recipe_values: dict[str, Any] = {}
     if len(argv) == 1 and argv[0].endswith(".json"):
-        parsed = parser.parse_json_file(os.path.abspath(argv[0]))
+        parsed = _parse_arguments_file(parser, argv[0])
         if takes_recipe and parsed[-1].recipe is not None:
             raise ValueError(
                 f"{argv[0]}: 'recipe' is not applied in a JSON arguments file; give --recipe on the command line "
@@ -188,6 +188,45 @@ def check_launched_processes(training_args: TrainingArguments) -> None:
 
 
 _RECIPE_FIELDS = "_recipe_fields"
+
+
+def _parse_arguments_file(parser: HfArgumentParser, path: str) -> tuple:
+    """The dataclasses of a JSON arguments file (every flag a key; JSON-object options such as `config_overrides`
+    as objects or strings), with errors that name the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no such arguments file (a JSON object of the command's options).")
+    try:
+        values = json.loads(file.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a JSON object of options; got a {type(values).__name__}.")
+    # As a command line, so that every value is converted and checked as a flag's would be.
+    actions = {action.dest: action for action in parser._actions}
+    argv = []
+    for key, value in values.items():
+        if key not in actions or key == "help":
+            raise ValueError(f"{path}: unknown key {key!r}: the command has no --{key} option.")
+        if value is not None:
+            tokens = command_line_value(value, actions[key])
+            argv += [f"--{key}", *([tokens] if isinstance(tokens, str) else tokens)]
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def command_line_value(value: Any, action: Any) -> str | list[str]:
+    """A JSON value (of an arguments file or a recipe) as the command line would give it to `action`: booleans as
+    true / false, objects as JSON, lists as separate values for an option that takes several and comma-separated
+    otherwise (`--sparsity_ladder 0.2,0.35`), anything else as its text."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, list):
+        if action.nargs in ("+", "*"):
+            return [command_line_value(item, action) for item in value]
+        return ",".join(str(item) for item in value)
+    return str(value)
 
 
 def check_folder_or_hub_id(value: str, flag: str) -> None:
@@ -246,8 +285,11 @@ def _apply_recipe(
                 f"Recipe {recipe.name!r} ({recipe.path}): unknown key {key!r}: `efficientvlm {command}` has no "
                 f"--{key} option."
             )
-    # JSON options are strings on the command line; a recipe may write them as objects.
-    values = {key: json.dumps(value) if isinstance(value, (dict, list)) else value for key, value in values.items()}
+    # As the command line gives them: argparse converts (and checks) a string default as it would the flag.
+    values = {
+        key: value if value is None or actions[key].nargs in ("+", "*") else command_line_value(value, actions[key])
+        for key, value in values.items()
+    }
     parser.set_defaults(**values)
     for key in values:
         actions[key].required = False
@@ -266,10 +308,13 @@ def _apply_recipe(
     return taken
 
 
-def parse_json_option(value: str | None, name: str) -> dict[str, Any]:
-    """The JSON object given inline or as a file to `--<name>` ({} when not given)."""
+def parse_json_option(value: str | dict[str, Any] | None, name: str) -> dict[str, Any]:
+    """The JSON object given inline or as a file to `--<name>` (an object already, from an arguments file or a
+    recipe; {} when not given)."""
     if value is None:
         return {}
+    if isinstance(value, dict):
+        return dict(value)
     text = Path(value).read_text(encoding="utf-8") if os.path.isfile(value) else value
     try:
         parsed = json.loads(text)
