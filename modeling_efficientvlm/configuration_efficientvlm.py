@@ -502,12 +502,35 @@ class EfficientVLMConfig(PreTrainedConfig):
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        overrides = copy.deepcopy(overrides)
+        _check_overrides(overrides, cls().to_dict(), "")
         kwargs = copy.deepcopy(PRESETS[name])
         for key in ("vision_config", "text_config"):
             if isinstance(overrides.get(key), dict):
                 kwargs[key] = {**kwargs.get(key, {}), **overrides.pop(key)}
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+def _check_overrides(overrides: dict[str, Any], defaults: dict[str, Any], where: str) -> None:
+    """Raises for an override of a field the config does not have (a typo would otherwise be stored unused) or of
+    another type than the field's (a string for a size), naming it."""
+    import difflib
+
+    for key, value in overrides.items():
+        name = f"{where}{key}"
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f"; did you mean '{where}{close[0]}'?" if close else "."
+            raise ValueError(f"Config override {name!r}: the config has no such field{hint}")
+        default = defaults[key]
+        if isinstance(default, dict) and isinstance(value, dict) and key.endswith("_config"):
+            _check_overrides(value, default, f"{name}.")
+        elif isinstance(default, bool) or isinstance(value, bool):
+            if default is not None and isinstance(default, bool) != isinstance(value, bool):
+                raise ValueError(f"Config override {name!r}: expected {type(default).__name__}, got {value!r}.")
+        elif isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+            raise ValueError(f"Config override {name!r}: expected a number, got {value!r}.")
 
 
 __all__ = [

@@ -510,10 +510,14 @@ def test_a_datasets_folder_is_the_training_data_and_eval_file_the_eval_split(tmp
         task_inputs("retrieval", None, processor, records, None, image_root, dataset_path=str(tmp_path / "hf"))
     with pytest.raises(ValueError, match=r"--dataset_path .*hf_dict has no 'train' split; it has \['validation'\]"):
         task_inputs("retrieval", None, processor, dataset_path=str(tmp_path / "hf_dict"))
+    with pytest.raises(ValueError, match="--answer_list is the candidate answers of VQA; the retrieval task has none"):
+        task_inputs("retrieval", None, processor, records, None, image_root, answer_list="auto")
     # Pre-training evaluates nothing: its eval flags are refused rather than ignored.
     argv = ["pretrain", "--preset", "tiny", "--train_file", str(records), "--output_dir", str(tmp_path / "out")]
     with pytest.raises(ValueError, match="pretrain evaluates nothing after training: --eval_file would be ignored"):
         cli.main([*argv, "--eval_file", str(records)])
+    with pytest.raises(FileNotFoundError, match=r"--vocab_file .*nope.txt: no such file"):
+        cli.main([*argv, "--vocab_file", str(tmp_path / "nope.txt")])
 
 
 def test_answer_list_auto_writes_each_answer_as_the_records_do() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import warnings
 
 import datasets
 import numpy as np
@@ -138,6 +139,16 @@ def test_hf_dataset_with_image_feature(processor) -> None:
         ImageTextDataset(datasets.Dataset.from_dict({"caption": ["a"]}))
     with pytest.raises(ValueError, match="Record 0: the image is missing"):
         ImageTextDataset(hf.cast_column("image", datasets.Image()).map(lambda _: {"image": None}))[0]
+
+
+def test_an_unreadable_image_of_a_saved_dataset_names_the_record_and_the_folder(tmp_path) -> None:
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    rows = {"image": [make_image("red"), {"bytes": b"not an image", "path": None}], "caption": ["a", "b"]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "saved")
+    dataset = ImageTextDataset(datasets.load_from_disk(tmp_path / "saved"))
+    assert dataset[0]["image"].getpixel((0, 0)) == (255, 0, 0)
+    with pytest.raises(ValueError, match=f"Record 1 in {tmp_path / 'saved'}: cannot read its `image` image"):
+        dataset[1]
 
 
 def test_vqa_dataset_weights(tmp_path) -> None:
@@ -606,6 +617,15 @@ def test_vqa_batch_without_any_answers(processor) -> None:
     batch = VQACollator(processor)([item([], 7), item(["red", "blue"], 8), item([], 9)])
     assert batch["answer_counts"].tolist() == [0, 2, 0] and batch["answer_input_ids"].shape[0] == 2
     assert batch["answer_weights"].tolist() == [0.5, 0.5] and batch["input_ids"].shape[0] == 3
+
+
+def test_vqa_records_without_answers_beside_answered_ones_are_counted_in_a_warning() -> None:
+    record = {"image": make_image(), "question": "what color ?"}
+    with pytest.warns(UserWarning, match=r"2 of 3 record\(s\) have no answers \(records 0, 2; a misspelt `answer`"):
+        VQADataset([{**record, "answr": ["red"]}, {**record, "answer": ["red"]}, {**record, "answer": []}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert VQADataset([record, record]).references == [[], []]  # a test split: nothing to warn about
 
 
 def test_pretraining_batch_with_nothing_to_mask(tmp_path, processor) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 
 import pytest
 import torch
@@ -82,6 +83,22 @@ def test_student_preset_halves_every_stack() -> None:
     assert (teacher.text_config.num_hidden_layers, student.text_config.num_hidden_layers) == (6, 3)
     assert (teacher.text_config.num_fusion_layers, student.text_config.num_fusion_layers) == (6, 3)
     assert student.vision_config.hidden_act == "quick_gelu"
+
+
+def test_preset_overrides_of_unknown_fields_or_of_another_type_are_named_errors() -> None:
+    config = EfficientVLMConfig.from_preset("tiny", vision_config={"image_size": 64}, itm_random_negatives=0.5)
+    assert config.vision_config.image_size == 64 and config.itm_random_negatives == 0.5
+    bad = {
+        "Config override 'bogus': the config has no such field.": {"bogus": 1},
+        "'vision_config.img_size': the config has no such field; did you mean 'vision_config.image_size'?": {
+            "vision_config": {"img_size": 64}
+        },
+        "'vision_config.image_size': expected a number, got 'big'.": {"vision_config": {"image_size": "big"}},
+        "'twin_fusion_layers': expected bool, got 1.": {"twin_fusion_layers": 1},
+    }
+    for message, overrides in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            EfficientVLMConfig.from_preset("tiny", **overrides)
 
 
 def test_output_shapes(tiny_config, tiny_inputs) -> None:

@@ -201,6 +201,10 @@ def load_processor(
             raise ValueError("No processor: give --processor_name_or_path or --vocab_file.")
         processor = EfficientVLMProcessor.from_pretrained(processor_name_or_path)
     else:
+        if not Path(vocab_file).is_file():
+            raise FileNotFoundError(
+                f"--vocab_file {vocab_file}: no such file (a WordPiece vocab.txt, one token a line)."
+            )
         size = config.vision_config.image_size
         processor = EfficientVLMProcessor(
             EfficientVLMImageProcessor(size={"height": size, "width": size}),
@@ -301,6 +305,8 @@ def task_inputs(
     """(train dataset, eval dataset or None, VQA answer list or None), every one checked before the first training
     step rather than after training: the records and images of both splits, and the answers a VQA evaluation
     ranks (`answer_list` or the candidates saved with the model)."""
+    if answer_list is not None and task != "vqa":
+        raise ValueError(f"--answer_list is the candidate answers of VQA; the {task} task has none.")
     train_dataset = task_dataset(task, train_file, image_root, processor, dataset_path)
     answers = None
     if task == "vqa":

@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMProcessor
 
     (args,) = parse_arguments("evaluate", (EvaluateArguments,), argv, "Evaluate a task model.")
+    if args.answer_list is not None and args.task != "vqa":
+        raise ValueError(f"--answer_list is the candidate answers of VQA; the {args.task} task has none.")
     for output in (args.output_file, args.predictions_file):
         if output:  # made before the evaluation runs, not found missing after it
             Path(output).parent.mkdir(parents=True, exist_ok=True)

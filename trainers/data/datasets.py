@@ -148,11 +148,14 @@ class _RecordDataset(Dataset, abc.ABC):
         self.image_root = Path(image_root) if image_root is not None else None
         self.hf_dataset: datasets.Dataset | None = None
         self.lazy_image_column = False
-        self.source: str | None = None  # the JSON file the records came from
+        self.source: str | None = None  # the JSON file (or `datasets` folder) the records came from
         if isinstance(data, datasets.Dataset):
             if self.image_column not in data.column_names:
                 raise ValueError(f"The dataset has no `{self.image_column}` column (columns: {data.column_names}).")
             self.hf_dataset = data
+            # A dataset read from disk names its folder in errors, as a JSON file names itself.
+            files = [entry.get("filename") for entry in data.cache_files if entry.get("filename")]
+            self.source = str(Path(files[0]).parent) if files else None
             self.lazy_image_column = _is_image_feature(data.features[self.image_column])
             # Read only the text-like columns now: decoding every image up front would be slow.
             columns = [c for c in data.column_names if not (self.lazy_image_column and c == self.image_column)]
@@ -216,6 +219,8 @@ class _RecordDataset(Dataset, abc.ABC):
                 value = self.hf_dataset[index][self.image_column]  # `datasets` decodes the image here
             except PIL.Image.DecompressionBombError as error:
                 raise _bomb_error(error, where, "") from error
+            except (PIL.UnidentifiedImageError, OSError) as error:
+                raise ValueError(f"{where}: cannot read its `{self.image_column}` image: {error}") from error
         else:
             value = self.records[index][self.image_column]
         if isinstance(value, (list, tuple)):
@@ -595,6 +600,16 @@ class VQADataset(_RecordDataset):
             self.references.append(raw)
             self.answers.append(list(merged))
             self.answer_weights.append(list(merged.values()))
+        unanswered = [index for index, answers in enumerate(self.references) if not answers]
+        if unanswered and len(unanswered) < len(self.references):  # all without: a test split
+            shown = ", ".join(map(str, unanswered[:10])) + (", ..." if len(unanswered) > 10 else "")
+            warnings.warn(
+                f"{len(unanswered)} of {len(self.references)} record(s)"
+                f"{'' if self.source is None else ' in ' + self.source} have no answers (records {shown}; a "
+                "misspelt `answer` key?): in training they add no loss, and VQA accuracy cannot score them.",
+                UserWarning,
+                stacklevel=3,
+            )
         return self.questions
 
     def __len__(self) -> int:
