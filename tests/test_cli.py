@@ -335,6 +335,12 @@ def test_evaluate_runs_the_model_on_the_device_and_in_the_dtype_asked_for(tmp_pa
     finetune += ["--image_root", str(image_root), "--output_dir", str(tmp_path / "never"), "--report_to", "none"]
     with pytest.raises(ValueError, match=r"--eval_file: Record 0 in .*test.json has no answers \(4 of 4"):
         cli.main([*finetune, "--eval_file", str(tmp_path / "test.json"), "--use_cpu"])
+    (image_root / "broken.png").write_text("not an image")
+    broken = json.loads(records.read_text())
+    broken[1]["image"] = "broken.png"
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=r"Record 1 in .*broken.json: cannot read image .*broken.png"):
+        cli.main([*finetune, "--eval_file", str(tmp_path / "broken.json"), "--use_cpu"])
     assert not (tmp_path / "never").exists()
 
 

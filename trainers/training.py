@@ -316,6 +316,7 @@ def task_inputs(
     if eval_file is not None and task != "pretraining":
         # --dataset_path holds the training data; the eval split is always --eval_file.
         eval_dataset = task_dataset(task, eval_file, image_root, processor, split="eval")
+        eval_dataset.check_image_headers()  # a bad file found now, not after training
         if task == "vqa" and not (answers or getattr(model.config, "answer_candidates", None)):
             raise ValueError(
                 "VQA evaluation ranks candidate answers: give --answer_list (a JSON list of answers) with --eval_file."

@@ -211,6 +211,27 @@ class _RecordDataset(Dataset, abc.ABC):
                         f"(image_root={self.image_root})."
                     )
 
+    def check_image_headers(self) -> None:
+        """Raises, naming the record, for an image file PIL cannot identify (reads each file's header only, not its
+        pixels: cheap enough for an eval split before training, so that a bad file does not surface after it).
+        Images stored in the dataset itself are decoded only when read."""
+        seen: set[Path] = set()
+        for index in range(len(self.records)):
+            for value in self._image_values(index) if not self.lazy_image_column else ():
+                if not isinstance(value, (str, os.PathLike)):
+                    continue
+                path = _resolve(value, self.image_root)
+                if path in seen:
+                    continue
+                seen.add(path)
+                try:
+                    with PIL.Image.open(path):
+                        pass
+                except PIL.Image.DecompressionBombError as error:
+                    raise _bomb_error(error, self._where(index), f" {path}") from error
+                except (PIL.UnidentifiedImageError, OSError) as error:
+                    raise ValueError(f"{self._where(index)}: cannot read image {path}: {error}") from error
+
     def _load_image(self, index: int) -> Any:
         """The record's image, or list of images, as RGB PIL."""
         where = self._where(index)
