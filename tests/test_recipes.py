@@ -138,7 +138,7 @@ def test_recipe_values_and_arguments_files_are_read_as_the_command_line_reads_fl
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=message):
             parse_arguments("prune", _dataclasses("prune"), [str(tmp_path / name)], "t")
-    with pytest.raises(FileNotFoundError, match=r"nope\.json: no such arguments file"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.json: no such file \(an arguments file"):
         parse_arguments("prune", _dataclasses("prune"), [str(tmp_path / "nope.json")], "t")
     (tmp_path / "untyped.json").write_text(json.dumps({**options, "max_steps": 3.7}))
     with pytest.raises(SystemExit):

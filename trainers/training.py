@@ -22,6 +22,7 @@ from typing import Any
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
+from trainers.json_files import read_json_file
 from trainers.model_card import ModelCardInfo, local_name
 from trainers.saving import hub_target_from, save_model_folder
 from trainers.sharding import check_engine, prepare_model_for_engine, whole_model, whole_weights_on_load
@@ -385,12 +386,7 @@ def read_answer_list(answer_list: str | os.PathLike | None) -> list[str] | None:
     if not answer_list:
         return None
     path = Path(answer_list)
-    if not path.is_file():
-        raise FileNotFoundError(f"--answer_list {path}: no such file (a JSON list of candidate answers).")
-    try:
-        answers = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--answer_list {path} is not valid JSON: {error}") from error
+    answers = read_json_file(path, f"--answer_list {path}", "a JSON list of candidate answers")
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise ValueError(f'--answer_list {path} must hold a non-empty JSON list of strings, e.g. ["yes", "no", "2"].')
     return answers

@@ -12,6 +12,8 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from trainers.json_files import read_json_file
+
 
 @dataclass
 class ModelArguments:
@@ -193,13 +195,7 @@ _RECIPE_FIELDS = "_recipe_fields"
 def _parse_arguments_file(parser: HfArgumentParser, path: str) -> tuple:
     """The dataclasses of a JSON arguments file (every flag a key; JSON-object options such as `config_overrides`
     as objects or strings), with errors that name the file."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: no such arguments file (a JSON object of the command's options).")
-    try:
-        values = json.loads(file.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    values = read_json_file(path, path, "an arguments file: a JSON object of the command's options")
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a JSON object of options; got a {type(values).__name__}.")
     # As a command line, so that every value is converted and checked as a flag's would be.

@@ -15,11 +15,12 @@ parser is (`trainers.commands.common`); this module reads and checks the file's 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from trainers.json_files import read_json_file
 
 RECIPE_DIR = Path(__file__).parent
 # The commands a recipe can fill.
@@ -62,12 +63,7 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
                 "the path of a recipe JSON file."
             )
         path = RECIPE_DIR / f"{name_or_path}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"Recipe file {path} does not exist.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"Recipe file {path} is not valid JSON: {error}") from error
+    data = read_json_file(path, f"Recipe file {path}", "a recipe: a JSON object of commands' options")
     if not isinstance(data, dict):
         raise ValueError(f"Recipe file {path} must hold a JSON object; got {type(data).__name__}.")
     for key, value in data.items():
