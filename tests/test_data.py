@@ -525,6 +525,10 @@ def test_missing_image_names_the_file(tmp_path) -> None:
         FileNotFoundError, match=rf"^Record 0 in {re.escape(str(path))}: image file .*gone\.png not found"
     ):
         ImageTextDataset(path, tmp_path)
+    # A null image is found when the records are read, not when a batch reaches it mid-training.
+    path.write_text(json.dumps([{"image": None, "caption": "a"}]))
+    with pytest.raises(ValueError, match=rf"^Record 0 in {re.escape(str(path))}: the image is missing \(null\)"):
+        ImageTextDataset(path, tmp_path)
 
 
 def test_empty_data_has_no_records(tmp_path) -> None:

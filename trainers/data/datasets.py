@@ -205,6 +205,8 @@ class _RecordDataset(Dataset, abc.ABC):
     def _check_files(self) -> None:
         for index in range(len(self.records)):
             for value in self._image_values(index):
+                if value is None:
+                    raise ValueError(f"{self._where(index)}: the image is missing (null).")
                 if isinstance(value, (str, os.PathLike)) and not _resolve(value, self.image_root).is_file():
                     raise FileNotFoundError(
                         f"{self._where(index)}: image file {_resolve(value, self.image_root)} not found "
