@@ -630,6 +630,12 @@ def test_vqa_records_without_answers_beside_answered_ones_are_counted_in_a_warni
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert VQADataset([record, record]).references == [[], []]  # a test split: nothing to warn about
+    # Empty questions and sentences are counted as empty captions are.
+    with pytest.warns(UserWarning, match=r"1 record\(s\) have an empty question \(records 1\)"):
+        VQADataset([{**record, "answer": ["red"]}, {**record, "question": "  ", "answer": ["red"]}])
+    pair = {"images": [make_image(), make_image()], "label": True}
+    with pytest.warns(UserWarning, match=r"1 record\(s\) have an empty sentence \(records 0\)"):
+        NLVR2Dataset([{**pair, "sentence": ""}, {**pair, "sentence": "both are red"}])
 
 
 def test_pretraining_batch_with_nothing_to_mask(tmp_path, processor) -> None:

@@ -194,6 +194,19 @@ class _RecordDataset(Dataset, abc.ABC):
         """How errors name record `index`: "Record 3", or "Record 3 in data/train.json" for a JSON file."""
         return f"Record {index}" if self.source is None else f"Record {index} in {self.source}"
 
+    def _warn_empty(self, empty: list[int], what: str, why: str) -> None:
+        """One warning counting the records (`empty`, indices) whose `what` is an empty string, and `why` it
+        matters."""
+        if not empty:
+            return
+        shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        warnings.warn(
+            f"{len(empty)} record(s){'' if self.source is None else ' in ' + self.source} have an empty {what} "
+            f"(records {shown}): {why}",
+            UserWarning,
+            stacklevel=4,
+        )
+
     @abc.abstractmethod
     def _parse_records(self) -> list[str]:
         """Validates `self.records` and fills the dataset's fields; returns the texts the collator tokenises."""
@@ -406,15 +419,11 @@ class ImageTextDataset(_RecordDataset):
                 self.text_to_image.append(image_id)
                 self._text_record.append(index)
                 self.texts.append(caption.strip())
-        if empty:
-            shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
-            warnings.warn(
-                f"{len(empty)} record(s){'' if self.source is None else ' in ' + self.source} have an empty caption "
-                f"(records {shown}): an empty text gives masked language modelling nothing to mask and retrieval "
-                "an empty query.",
-                UserWarning,
-                stacklevel=3,
-            )
+        self._warn_empty(
+            empty,
+            "caption",
+            "an empty text gives masked language modelling nothing to mask and retrieval an empty query.",
+        )
         self.negative_texts: list[str] | None = negatives or None
         return self.texts
 
@@ -623,6 +632,8 @@ class VQADataset(_RecordDataset):
             self.references.append(raw)
             self.answers.append(list(merged))
             self.answer_weights.append(list(merged.values()))
+        empty = [index for index, question in enumerate(self.questions) if not question]
+        self._warn_empty(empty, "question", "the answer can then only follow the image.")
         unanswered = [index for index, answers in enumerate(self.references) if not answers]
         if unanswered and len(unanswered) < len(self.references):  # all without: a test split
             shown = ", ".join(map(str, unanswered[:10])) + (", ..." if len(unanswered) > 10 else "")
@@ -708,6 +719,8 @@ class NLVR2Dataset(_RecordDataset):
                 raise ValueError(f"{where}: `images` must hold exactly 2 images.")
             self.sentences.append(_string_field(record, ("sentence", "text"), where).strip())
             self.labels.append(_parse_label(_text_field(record, ("label",), where)[1], where))
+        empty = [index for index, sentence in enumerate(self.sentences) if not sentence]
+        self._warn_empty(empty, "sentence", "there is nothing for the pair to be true or false of.")
         return self.sentences
 
     def __len__(self) -> int:
