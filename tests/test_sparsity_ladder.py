@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -65,7 +66,7 @@ def test_one_run_saves_every_rung_at_its_own_sparsity(tmp_path) -> None:
     assert paths["png"].stat().st_size > 0
 
 
-def test_resuming_keeps_the_rung_and_the_rungs_already_saved(tmp_path) -> None:
+def test_resuming_keeps_the_rung_and_the_rungs_already_saved(tmp_path, caplog) -> None:
     def run(resume=None):
         pruning = PruningConfig(
             sparsity_ladder=LADDER, sparsity_warmup_steps=3, mask_learning_rate=0.1, lagrangian_learning_rate=0.1
@@ -87,6 +88,12 @@ def test_resuming_keeps_the_rung_and_the_rungs_already_saved(tmp_path) -> None:
     assert [(rung.target, rung.step) for rung in resumed.ladder.rungs] == saved
     state = resumed.pruning_state_dict()
     assert state["ladder"] == LADDER and state["steps_in_tolerance"] == resumed.lagrangian.steps_in_tolerance
+    # A rung saved before the checkpoint but missing from the output folder is named, not silently left out.
+    shutil.rmtree(tmp_path / rung_folder_name(before_checkpoint[0][0]))
+    with caplog.at_level("WARNING"):
+        again = run(str(tmp_path / "checkpoint-30"))
+    assert f"rung {before_checkpoint[0][0]} has no" in caplog.text and "the ladder's table will lack it" in caplog.text
+    assert [rung.target for rung in again.ladder.rungs] == [target for target, _ in saved[1:]]
 
 
 def test_the_count_of_settled_steps_is_saved_with_the_masks(tmp_path) -> None:

@@ -140,6 +140,11 @@ class SparsityLadder(TrainerCallback):
             folder = os.path.join(output_dir, rung_folder_name(self.ladder[index]))
             report_path = Path(folder, "pruning_report.json")
             if not report_path.is_file():
+                if index < current:  # saved by the run being resumed, but not in this output folder
+                    logger.warning(
+                        f"Sparsity ladder: resuming on rung {self.ladder[current]}, but rung {self.ladder[index]} "
+                        f"has no {report_path}: the ladder's table will lack it (resume in the run's --output_dir)."
+                    )
                 break
             report = json.loads(report_path.read_text())
             saved_at = report.get("ladder", {}).get("step", step + 1)
