@@ -308,6 +308,44 @@ def test_settings_are_validated_and_shared_with_the_demo() -> None:
         BenchmarkSettings(batch_sizes=(0,))
     with pytest.raises(ValueError, match="--random_prune"):
         benchmark_models(["blip-base"], [0.5])
+    for bad, message in [
+        ({"batch_sizes": (2, 2)}, r"`batch_sizes` repeat: \(2, 2\)"),
+        ({"workloads": ("itm", "itm")}, "`workloads` repeat"),
+        ({"text_length": 0}, "`text_length` must be at least 1; got 0"),
+        ({"vqa_candidates": 0, "vqa_k": 0}, "`vqa_candidates` must be at least 1"),
+        ({"vqa_k": 64}, r"`vqa_k` \(64\) re-scores some of the `vqa_candidates` \(32\)"),
+        ({"texts_per_image": 0}, "`texts_per_image` must be at least 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            BenchmarkSettings(**bad)
+    # An image size that is not a multiple of the patch size fails before the first setting is timed.
+    models, _ = benchmark_models(["tiny"])
+    with pytest.raises(ValueError, match=r"--image_sizes \[36\]: not multiples of tiny's patch size 8"):
+        run_benchmark(models, BenchmarkSettings(workloads=("itm",), batch_sizes=(1,), image_sizes=(32, 36), **FAST))
+
+
+def test_the_benchmark_command_refuses_what_it_would_ignore_or_merge(tmp_path) -> None:
+    from trainers.commands.benchmark import main
+
+    base = ["--workload", "itm", "--threads", "1", "--repeats", "1", "--rounds", "1", "--warmup", "0"]
+    for argv, message in [
+        (["--models", "tiny", "tiny"], "--models / --preset / --peer: tiny given more than once"),
+        (["--preset", "tiny", "--random_prune", "0.5,0.5"], "--random_prune: 0.5 given more than once"),
+        (["--preset", "foo"], r"--preset 'foo': not a preset; choose one of"),
+        (["--models", "tiny", "--peer", "nope"], r"--peer 'nope': not a peer built here; choose from \['blip-base'"),
+        (["--models", "tiny", "--batch_size", "0"], r"`batch_sizes` must be positive integers; got \(0,\)"),
+        (["--models", "tiny", "--batch_size", "2", "--batch_sizes", "1,2"], "Give one of --batch_size .2. and"),
+        (["--models", "tiny", "--output_json", str(tmp_path)], "--output_json .* is a folder; give the file"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            main([*base, *argv])
+
+
+def test_packed_copies_sit_out_the_training_steps() -> None:
+    models, _ = benchmark_models(["tiny"])
+    settings = BenchmarkSettings(workloads=("train-step",), batch_sizes=(2,), pack_cpu_weights=True, **FAST)
+    names = {row.name for row in run_benchmark(models, settings).results}
+    assert names == {"tiny"}
 
 
 def test_bfloat16_runs_every_workload_in_that_dtype_with_a_peak_of_the_same_dtype(monkeypatch) -> None:

@@ -29,7 +29,7 @@ from trainers.evaluation.benchmarking import (
 )
 from trainers.placement import DTYPES, dtype_name, resolve_placement
 
-from .models import BenchmarkModel
+from .models import PACKED_SUFFIX, BenchmarkModel
 from .workloads import WORKLOADS, WorkloadShape, build_workloads, family_of
 
 # Issue 15's targets. A compressed model turns >= 90% of its FLOPs cut into speed; the forward workloads run at
@@ -94,10 +94,21 @@ class BenchmarkSettings:
         unknown = [w for w in self.workloads if w not in WORKLOADS]
         if unknown or not self.workloads:
             raise ValueError(f"Unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}.")
+        if len(set(self.workloads)) < len(self.workloads):
+            raise ValueError(f"`workloads` repeat: {self.workloads}.")
         for name in ("batch_sizes", "image_sizes", "threads"):
             values = getattr(self, name)
             if not values or any(v is not None and v < 1 for v in values):
                 raise ValueError(f"`{name}` must be positive integers; got {values}.")
+            if len(set(values)) < len(values):
+                raise ValueError(f"`{name}` repeat: {values} (each setting is timed once, in the same rounds).")
+        for name in ("text_length", "vqa_candidates", "vqa_k", "texts_per_image"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1; got {getattr(self, name)}.")
+        if self.vqa_k > self.vqa_candidates:
+            raise ValueError(f"`vqa_k` ({self.vqa_k}) re-scores some of the `vqa_candidates` ({self.vqa_candidates}).")
+        if self.retrieval_k < 0:
+            raise ValueError(f"`retrieval_k` must be at least 0; got {self.retrieval_k}.")
         if self.repeats < 1 or self.rounds < 1 or self.warmup < 0:
             raise ValueError("`repeats` and `rounds` must be at least 1, `warmup` at least 0.")
         if self.retrieval_batch_size < 1:
@@ -277,6 +288,7 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
     first, *others = settings.dtypes
     for entry in models:
         entry.place(settings.device, settings.torch_dtype)
+    _check_image_sizes(models, settings)
     # Each model followed by its copies in the other dtypes, all in the same interleaved rounds.
     models = [variant for entry in models for variant in (entry, *(entry.in_dtype(DTYPES[d]) for d in others))]
     if settings.pack_cpu_weights:  # each float32 EfficientVLM model followed by its packed copy
@@ -324,6 +336,19 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
     return report
 
 
+def _check_image_sizes(models: list[BenchmarkModel], settings: BenchmarkSettings) -> None:
+    """Raises before anything is timed when an image size is not a multiple of a model's patch size (the setting
+    would fail after the earlier ones were measured)."""
+    sizes = [size for size in settings.image_sizes if size is not None]
+    for entry in models if sizes else ():
+        model = next(filter(None, (entry.build(family_of(w)) for w in settings.workloads)), None)
+        vision = getattr(model.config, "vision_config", model.config) if model is not None else None
+        patch = getattr(vision, "patch_size", None)
+        bad = [size for size in sizes if isinstance(patch, int) and size % patch]
+        if bad:
+            raise ValueError(f"--image_sizes {bad}: not multiples of {entry.name}'s patch size {patch}.")
+
+
 def _reference_image_size(models: list[BenchmarkModel], workload: str) -> int:
     for entry in models:
         model = entry.build(family_of(workload))
@@ -351,6 +376,8 @@ def _measure_setting(
         # setting's graph to a workload of the same shapes: every setting compiles afresh.
         torch._dynamo.reset()
     for entry in models:
+        if workload == "train-step" and entry.name.endswith(PACKED_SUFFIX):
+            continue  # packs apply without autograd only: a training step would time the unpacked model again
         for name, call in build_workloads(entry, workload, shape).items():
             calls[(name, entry.name)] = call
             if compiling:

@@ -15,11 +15,13 @@ are Transformers' models built from their configs, without any download. Default
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from trainers.commands.common import check_folder_or_hub_id, parse_arguments
 
 DEFAULT_RANDOM_PRUNE = "0.35,0.5"
+BATCH_SIZES_DEFAULT = "32"
 
 
 @dataclass
@@ -53,7 +55,9 @@ class BenchmarkArguments:
         default="encoders",
         metadata={"help": "Comma-separated: encoders, itm, vqa, retrieval, train-step (default encoders)."},
     )
-    batch_sizes: str = field(default="32", metadata={"help": "Comma-separated batch sizes (default 32)."})
+    batch_sizes: str = field(
+        default=BATCH_SIZES_DEFAULT, metadata={"help": "Comma-separated batch sizes (default 32)."}
+    )
     batch_size: int | None = field(default=None, metadata={"help": "One batch size (same as --batch_sizes N)."})
     image_sizes: str | None = field(
         default=None, metadata={"help": "Comma-separated image sizes (default: the first model's)."}
@@ -125,7 +129,15 @@ def _sparsities(value: str) -> list[float]:
     sparsities = list(_numbers(value, "--random_prune", float))
     if not all(0.0 <= s < 1.0 for s in sparsities):
         raise ValueError(f"--random_prune must be comma-separated sparsities in [0, 1); got {value!r}.")
-    return sparsities
+    return _distinct(sparsities, "--random_prune")
+
+
+def _distinct(values: list, flag: str) -> list:
+    """`values`, which must not repeat (a repeated model or setting would share one row, or print two alike)."""
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{flag}: {', '.join(repeated)} given more than once.")
+    return values
 
 
 def main(argv: list[str] | None = None):
@@ -146,15 +158,29 @@ def main(argv: list[str] | None = None):
         "Benchmark models side by side: saved folders, presets and randomly pruned copies, peers; over workloads, "
         "batch sizes, image sizes and thread counts.",
     )
+    from modeling_efficientvlm.configuration_efficientvlm import PRESETS
+    from trainers.benchmark.models import PEERS
+
     specs = [*(args.models or []), *([args.preset] if args.preset else []), *(args.peer or [])]
     if not specs:
         raise ValueError("Give the models to benchmark: --models (folders, Hub ids or presets), --preset or --peer.")
     for spec in args.models or []:
         check_folder_or_hub_id(spec, "--models")
+    if args.preset is not None and args.preset not in PRESETS:
+        raise ValueError(f"--preset {args.preset!r}: not a preset; choose one of {sorted(PRESETS)}.")
+    for peer in args.peer or []:
+        if peer not in PEERS:
+            raise ValueError(f"--peer {peer!r}: not a peer built here; choose from {sorted(PEERS)}.")
+    _distinct(specs, "--models / --preset / --peer")
+    for flag, path in (("--output_json", args.output_json), ("--plot", args.plot)):
+        if path is not None and os.path.isdir(path):
+            raise ValueError(f"{flag} {path!r} is a folder; give the file to write.")
+    if args.batch_size is not None and args.batch_sizes != BATCH_SIZES_DEFAULT:
+        raise ValueError(f"Give one of --batch_size ({args.batch_size}) and --batch_sizes ({args.batch_sizes!r}).")
     random_prune = args.random_prune or (DEFAULT_RANDOM_PRUNE if args.preset else None)
     settings = BenchmarkSettings(
         workloads=tuple(w.strip() for w in args.workload.split(",") if w.strip()),
-        batch_sizes=(args.batch_size,) if args.batch_size else _numbers(args.batch_sizes, "--batch_sizes"),
+        batch_sizes=(args.batch_size,) if args.batch_size is not None else _numbers(args.batch_sizes, "--batch_sizes"),
         image_sizes=_numbers(args.image_sizes, "--image_sizes"),
         threads=_numbers(args.threads, "--threads"),
         text_length=args.text_length,
@@ -175,7 +201,9 @@ def main(argv: list[str] | None = None):
     )
     pad_multiples = None
     if args.prune_pad_multiple is not None:
-        pad_multiples = list(_numbers(args.prune_pad_multiple, "--prune_pad_multiple"))
+        pad_multiples = _distinct(
+            list(_numbers(args.prune_pad_multiple, "--prune_pad_multiple")), "--prune_pad_multiple"
+        )
         if not all(multiple >= 1 for multiple in pad_multiples):
             raise ValueError(f"--prune_pad_multiple must be integers >= 1; got {args.prune_pad_multiple!r}.")
     models, notes = benchmark_models(
