@@ -114,7 +114,9 @@ def read_torch_weights(path: str | os.PathLike) -> Any:
             "which runs no code from the file. If you trust the file, torch.load it with weights_only=False and "
             "give its state dict instead."
         ) from error
-    except (RuntimeError, EOFError) as error:
+    except PermissionError:
+        raise
+    except (RuntimeError, EOFError, OSError) as error:  # OSError: torch's zip reader on a file cut very short
         raise CorruptCheckpointError(
             f"Cannot read {path} ({_first_line(error)}). The file is truncated or not a torch.save file; copy or "
             "download it again."

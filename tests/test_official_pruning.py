@@ -14,9 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForQuestionAnswering
+from modeling_efficientvlm import (
+    CorruptCheckpointError,
+    EfficientVLMForImageTextRetrieval,
+    EfficientVLMForQuestionAnswering,
+)
 from modeling_efficientvlm.convert_efficientvlm_checkpoints import model_from_official_state_dict
-from trainers.pruning.official import load_official_pruning_checkpoint, prune_official_state_dict
+from trainers.pruning.official import L0_PREFIX, load_official_pruning_checkpoint, prune_official_state_dict
 
 from .conftest import make_inputs
 
@@ -169,13 +173,34 @@ def test_convert_command_writes_a_pruned_carded_folder(tmp_path: Path) -> None:
 
     from trainers import commands as cli
 
-    from .data_utils import write_vocab
+    from .data_utils import make_processor, write_vocab
 
     torch.save(_official_state("retrieval"), tmp_path / "pruning_stage.pth")
     output_dir = tmp_path / "converted"
     argv = ["convert", "--checkpoint", str(tmp_path / "pruning_stage.pth"), "--task", "retrieval"]
     with pytest.raises(ValueError, match="no tokenizer"):
         cli.main([*argv, "--output_dir", str(output_dir)])
+    # A vocabulary larger than the checkpoint's embedding table, or a processor for another image size: refused.
+    big = tmp_path / "big" / "vocab.txt"
+    big.parent.mkdir()
+    big.write_text(write_vocab(tmp_path).read_text() + "".join(f"extra{i}\n" for i in range(200)))
+    with pytest.raises(ValueError, match=r"the tokenizer has \d+ tokens but the model's vocab_size is 120"):
+        cli.main([*argv, "--output_dir", str(output_dir), "--vocab_file", str(big)])
+    # Another task's checkpoint (the architecture is read from the tensors the task needs), a file cut short.
+    unpruned = {k: v for k, v in _official_state("retrieval").items() if not k.startswith(L0_PREFIX)}
+    torch.save(unpruned, tmp_path / "retrieval.pth")
+    with pytest.raises(ValueError, match=r"has no tensor .* which an official captioning checkpoint holds"):
+        cli.main(["convert", "--checkpoint", str(tmp_path / "retrieval.pth"), "--task", "captioning",
+                  "--output_dir", str(output_dir), "--vocab_file", str(write_vocab(tmp_path))])  # fmt: skip
+    whole = (tmp_path / "pruning_stage.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 50])
+    with pytest.raises(CorruptCheckpointError, match="cut.pth"):
+        cli.main(["convert", "--checkpoint", str(tmp_path / "cut.pth"), "--task", "retrieval",
+                  "--output_dir", str(output_dir), "--vocab_file", str(write_vocab(tmp_path))])  # fmt: skip
+    other_size = make_processor(tmp_path / "p64", image_size=64)
+    other_size.save_pretrained(tmp_path / "p64")
+    with pytest.raises(ValueError, match="The processor resizes images to 64x64 but the model's"):
+        cli.main([*argv, "--output_dir", str(output_dir), "--processor_name_or_path", str(tmp_path / "p64")])
     assert cli.main([*argv, "--output_dir", str(output_dir), "--vocab_file", str(write_vocab(tmp_path))]) == 0
     report = json.loads((output_dir / "pruning_report.json").read_text())
     reloaded = EfficientVLMForImageTextRetrieval.from_pretrained(output_dir)

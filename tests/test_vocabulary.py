@@ -129,6 +129,16 @@ def test_texts_of_every_record_kind_and_named_errors(tmp_path) -> None:
         texts_from_files([path])
     with pytest.raises(ValueError, match="exactly one of --tokenizer and --train_files"):
         cli.main(["processor", "--output_dir", str(tmp_path / "p")])
+    # A tokenizer that is not there, or a tokenizer.json read as a vocab.txt: named, not saved as a 5-token processor.
+    with pytest.raises(FileNotFoundError, match=r"--tokenizer \./nodir: no such folder or file"):
+        cli.main(["processor", "--tokenizer", "./nodir", "--output_dir", str(tmp_path / "p")])
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="tokenizer.json: a JSON file is not a vocab.txt; give the folder holding it"):
+        cli.main(["processor", "--tokenizer", str(tmp_path / "tokenizer.json"), "--output_dir", str(tmp_path / "p")])
+    (tmp_path / "specials.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    with pytest.raises(ValueError, match=r"specials.txt: no vocabulary found there \(5 tokens"):
+        cli.main(["processor", "--tokenizer", str(tmp_path / "specials.txt"), "--output_dir", str(tmp_path / "p")])
+    assert not (tmp_path / "p").exists()
 
 
 def test_config_overrides_on_a_saved_model_set_how_it_trains_and_nothing_else(tmp_path) -> None:

@@ -40,17 +40,32 @@ def main(argv: list[str] | None = None) -> dict:
     from trainers.model_card import ModelCardInfo
     from trainers.pruning.official import L0_PREFIX, prune_official_state_dict
     from trainers.saving import save_model_folder
-    from trainers.training import load_processor
+    from trainers.training import check_image_size, check_vocabulary, load_processor
 
     (args,) = parse_arguments("convert", (ConvertArguments,), argv, "Convert an official checkpoint.")
     if args.processor_name_or_path is None and args.vocab_file is None:
         raise ValueError("Official checkpoints carry no tokenizer: give --processor_name_or_path or --vocab_file.")
     state_dict = read_official_state_dict(args.checkpoint)
-    if any(name.startswith(L0_PREFIX) for name in state_dict):
-        model, report = prune_official_state_dict(state_dict, args.task, binary=args.binary_masks)
-    else:
-        model, report = model_from_official_state_dict(state_dict, args.task), None
+    try:
+        if any(name.startswith(L0_PREFIX) for name in state_dict):
+            model, report = prune_official_state_dict(state_dict, args.task, binary=args.binary_masks)
+        else:
+            model, report = model_from_official_state_dict(state_dict, args.task), None
+    except KeyError as error:  # the architecture is read from named tensors: one the task needs is not there
+        raise ValueError(
+            f"--checkpoint {args.checkpoint} has no tensor {error.args[0]!r}, which an official {args.task} "
+            "checkpoint holds: is it another task's checkpoint (see --task), or incomplete?"
+        ) from error
     processor = load_processor(model.config, args.processor_name_or_path, args.vocab_file)
+    # The checkpoint fixes the embedding table and the image size: a processor for others would fail at first use.
+    given = "--vocab_file" if args.vocab_file is not None else "--processor_name_or_path"
+    check_vocabulary(
+        processor.tokenizer,
+        model.config.text_config.vocab_size,
+        f"--checkpoint {args.checkpoint}",
+        fix=f"give the vocabulary the model was trained with ({given})",
+    )
+    check_image_size(processor, model.config.vision_config.image_size)
     card = ModelCardInfo(task=args.task, stage="convert", base_model=args.checkpoint)
     save_model_folder(model, processor, args.output_dir, card=card, pruning_report=report)
     summary = report or {"task": args.task, "model": type(model).__name__}

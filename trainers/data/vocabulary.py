@@ -104,10 +104,23 @@ def load_bert_tokenizer(name_or_path: str | os.PathLike, model_max_length: int =
     file; it must have the BERT special tokens the models use."""
     from transformers import BertTokenizer
 
-    if os.path.isfile(name_or_path):
-        tokenizer = BertTokenizer(vocab=str(name_or_path), do_lower_case=True)
+    text = str(name_or_path)
+    if os.path.isfile(text):
+        if text.endswith(".json"):
+            raise ValueError(
+                f"--tokenizer {text}: a JSON file is not a vocab.txt; give the folder holding it (a saved tokenizer) "
+                "or a WordPiece vocab.txt (one token a line)."
+            )
+        tokenizer = BertTokenizer(vocab=text, do_lower_case=True)
     else:
-        tokenizer = BertTokenizer.from_pretrained(str(name_or_path))
+        if not os.path.isdir(text) and (text.startswith(("/", ".", "~")) or text.count("/") > 1):
+            raise FileNotFoundError(f"--tokenizer {text}: no such folder or file (a Hub id is 'name' or 'org/name').")
+        tokenizer = BertTokenizer.from_pretrained(text)
+    if len(tokenizer) <= len(SPECIAL_TOKENS):
+        raise ValueError(
+            f"--tokenizer {text}: no vocabulary found there ({len(tokenizer)} tokens, the special ones at most): give "
+            "a folder with a saved tokenizer, a Hub id, or a WordPiece vocab.txt."
+        )
     missing = [name for name in ("pad", "unk", "cls", "sep", "mask") if getattr(tokenizer, f"{name}_token_id") is None]
     if missing:
         raise ValueError(
