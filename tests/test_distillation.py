@@ -712,3 +712,12 @@ def test_run_distill_end_to_end(tmp_path) -> None:
         main([*bad, *json_data, "--dataset_path", str(tmp_path / "hf")])
     with pytest.raises(ValueError, match="`kd_temperature` must be positive"):
         main([*bad, *json_data, "--kd_temperature", "0"])
+    # A teacher without the pre-training heads (a retrieval checkpoint has no MLM head) would teach at random.
+    from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
+
+    retrieval_dir = tmp_path / "retrieval_teacher"
+    EfficientVLMForImageTextRetrieval(teacher.config).save_pretrained(retrieval_dir)
+    make_processor(tmp_path, image_size=32, max_length=16).save_pretrained(retrieval_dir)
+    not_a_teacher = ["--teacher_model_name_or_path", str(retrieval_dir), *bad[2:]]
+    with pytest.raises(ValueError, match=r"retrieval_teacher lacks \d+ parameter\(s\) of a pre-training model"):
+        main([*not_a_teacher, *json_data, "--student_layers", "1,1,1"])

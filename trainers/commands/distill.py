@@ -157,7 +157,16 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     set_seed(training_args.seed)
 
     with whole_weights_on_load(training_args):  # the teacher is never partitioned (nor wrapped)
-        teacher = EfficientVLMForPreTraining.from_pretrained(args.teacher_model_name_or_path)
+        teacher, loading = EfficientVLMForPreTraining.from_pretrained(
+            args.teacher_model_name_or_path, output_loading_info=True
+        )
+    if loading["missing_keys"]:  # e.g. a retrieval checkpoint: no MLM head, whose logits KD would distil at random
+        missing = sorted(loading["missing_keys"])
+        raise ValueError(
+            f"--teacher_model_name_or_path {args.teacher_model_name_or_path} lacks {len(missing)} parameter(s) of a "
+            f"pre-training model (e.g. {', '.join(missing[:3])}), which would teach freshly initialised: give a "
+            "pre-training checkpoint (`efficientvlm pretrain`'s output, or a converted X-VLM one)."
+        )
     processor = EfficientVLMProcessor.from_pretrained(args.processor_name_or_path or args.teacher_model_name_or_path)
     check_image_size(processor, teacher.config.vision_config.image_size)
     student = build_student(teacher, *layers, layer_mapping=layer_mapping or None)
