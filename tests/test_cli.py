@@ -120,6 +120,19 @@ def test_benchmark_preset_against_randomly_pruned_copies(capsys, tmp_path) -> No
             benchmark.main(bad)
 
 
+def test_console_script_prints_an_input_error_as_one_message() -> None:
+    bad = ("evaluate", "--task", "vqa", "--model_name_or_path", "./no/such/model", "--eval_file", "x.json")
+    completed = _console_script(*bad)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert completed.stderr.startswith(
+        "efficientvlm evaluate: error: --model_name_or_path './no/such/model': no such folder"
+    )
+    env = {**_script_env(), "EFFICIENTVLM_TRACEBACK": "1"}
+    script = shutil.which("efficientvlm")
+    traced = subprocess.run([script, *bad], capture_output=True, text=True, timeout=300, env=env)
+    assert traced.returncode == 1 and "Traceback (most recent call last)" in traced.stderr
+
+
 def test_console_script_runs_the_benchmark_of_randomly_pruned_copies() -> None:
     fast = ["--batch_sizes", "1", "--text_length", "8", "--warmup", "0", "--repeats", "1", "--rounds", "1"]
     completed = _console_script(

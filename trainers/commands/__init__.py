@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from trainers.cpu_memory import keep_freed_memory
@@ -54,11 +55,27 @@ def _close_process_group() -> None:
         distributed.destroy_process_group()
 
 
+# Set to 1 for the full traceback of an input error (a bad flag, file or record) instead of its message alone.
+TRACEBACK_VARIABLE = "EFFICIENTVLM_TRACEBACK"
+
+
 def console() -> int:
     """The `efficientvlm` script (and `python -m trainers.commands`): freed memory kept for reuse
-    (`trainers.cpu_memory`), [`main`], then a clean end under torchrun."""
+    (`trainers.cpu_memory`), [`main`], then a clean end under torchrun. An input error (`ValueError`,
+    `FileNotFoundError`: the checks name the flag, file or record) prints as one message and exits with 2, as
+    argparse's own errors do; anything else keeps its traceback."""
     keep_freed_memory()
-    code = main()
+    try:
+        code = main()
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
+            raise
+        command = sys.argv[1] if len(sys.argv) > 1 else ""
+        print(
+            f"efficientvlm {command}: error: {error}\n({TRACEBACK_VARIABLE}=1 shows where it was raised)",
+            file=sys.stderr,
+        )
+        return 2
     _close_process_group()
     return code
 
