@@ -125,7 +125,18 @@ def convert_official_state_dict(state_dict: dict[str, torch.Tensor], task: str) 
 
 def infer_config(state_dict: dict[str, torch.Tensor], task: str, **overrides: Any) -> EfficientVLMConfig:
     """Reads the architecture of an official checkpoint from its tensor shapes (64-wide heads, as in ViT-B and
-    BERT-base)."""
+    BERT-base); a tensor it reads that is not there (another task's checkpoint, an incomplete one) is a ValueError
+    naming it."""
+    try:
+        return _infer_config(state_dict, task, **overrides)
+    except KeyError as error:
+        raise ValueError(
+            f"The checkpoint has no tensor {error.args[0]!r}, which an official {task} checkpoint holds: is it "
+            "another task's checkpoint, or incomplete?"
+        ) from error
+
+
+def _infer_config(state_dict: dict[str, torch.Tensor], task: str, **overrides: Any) -> EfficientVLMConfig:
     text_prefix = {"pretraining": "text_encoder.bert.", "captioning": "text_decoder.bert."}.get(task, "text_encoder.")
     patch = state_dict["vision_encoder.patch_embed.weight"]
     positions = state_dict["vision_encoder.pos_embed.weight"].shape[0]

@@ -306,8 +306,7 @@ def task_inputs(
     """(train dataset, eval dataset or None, VQA answer list or None), every one checked before the first training
     step rather than after training: the records and images of both splits, and the answers a VQA evaluation
     ranks (`answer_list` or the candidates saved with the model)."""
-    if answer_list is not None and task != "vqa":
-        raise ValueError(f"--answer_list is the candidate answers of VQA; the {task} task has none.")
+    check_answer_list_task(answer_list, task)
     train_dataset = task_dataset(task, train_file, image_root, processor, dataset_path)
     answers = None
     if task == "vqa":
@@ -327,10 +326,16 @@ def task_inputs(
     return train_dataset, eval_dataset, answers
 
 
+def check_answer_list_task(answer_list: Any, task: str) -> None:
+    """Raises when `--answer_list` is given to a task other than VQA, which has no candidate answers to rank."""
+    if answer_list is not None and task != "vqa":
+        raise ValueError(f"--answer_list is the candidate answers of VQA; the {task} task has none.")
+
+
 def check_vqa_references(dataset: Any, what: str) -> None:
     """Raises, naming the first such record, when a question of a VQA split scored by accuracy has no answers (a
     test split: `efficientvlm evaluate --predictions_file` answers its questions without scoring them)."""
-    missing = [index for index, answers in enumerate(dataset.references) if not answers]
+    missing = dataset.unanswered
     if missing:
         raise ValueError(
             f"{what}: {dataset._where(missing[0])} has no answers ({len(missing)} of {len(dataset)} questions have "

@@ -51,11 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
             model, report = prune_official_state_dict(state_dict, args.task, binary=args.binary_masks)
         else:
             model, report = model_from_official_state_dict(state_dict, args.task), None
-    except KeyError as error:  # the architecture is read from named tensors: one the task needs is not there
-        raise ValueError(
-            f"--checkpoint {args.checkpoint} has no tensor {error.args[0]!r}, which an official {args.task} "
-            "checkpoint holds: is it another task's checkpoint (see --task), or incomplete?"
-        ) from error
+    except ValueError as error:  # the conversion's errors name tensors and tasks; the file is named here
+        raise ValueError(f"--checkpoint {args.checkpoint} (--task {args.task}): {error}") from error
     processor = load_processor(model.config, args.processor_name_or_path, args.vocab_file)
     # The checkpoint fixes the embedding table and the image size: a processor for others would fail at first use.
     given = "--vocab_file" if args.vocab_file is not None else "--processor_name_or_path"

@@ -12,7 +12,7 @@ import torch
 from trainers.commands.common import parse_arguments
 from trainers.placement import resolve_placement
 from trainers.tasks import TASKS, build_dataset, evaluate_task, task_model_class
-from trainers.training import read_answer_list
+from trainers.training import check_answer_list_task, read_answer_list
 
 
 @dataclass
@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMProcessor
 
     (args,) = parse_arguments("evaluate", (EvaluateArguments,), argv, "Evaluate a task model.")
-    if args.answer_list is not None and args.task != "vqa":
-        raise ValueError(f"--answer_list is the candidate answers of VQA; the {args.task} task has none.")
+    check_answer_list_task(args.answer_list, args.task)
     for output in (args.output_file, args.predictions_file):
         if output:  # made before the evaluation runs, not found missing after it
             Path(output).parent.mkdir(parents=True, exist_ok=True)

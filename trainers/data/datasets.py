@@ -194,15 +194,15 @@ class _RecordDataset(Dataset, abc.ABC):
         """How errors name record `index`: "Record 3", or "Record 3 in data/train.json" for a JSON file."""
         return f"Record {index}" if self.source is None else f"Record {index} in {self.source}"
 
-    def _warn_empty(self, empty: list[int], what: str, why: str) -> None:
-        """One warning counting the records (`empty`, indices) whose `what` is an empty string, and `why` it
-        matters."""
-        if not empty:
+    def _warn_records(self, indices: list[int], problem: str, why: str, of_all: bool = False, hint: str = "") -> None:
+        """One warning counting the records at `indices` (out of all of them with `of_all`) that have `problem`
+        ("have an empty caption"), naming the first ten (then `hint`), and `why` it matters."""
+        if not indices:
             return
-        shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        shown = ", ".join(map(str, indices[:10])) + (", ..." if len(indices) > 10 else "")
         warnings.warn(
-            f"{len(empty)} record(s){'' if self.source is None else ' in ' + self.source} have an empty {what} "
-            f"(records {shown}): {why}",
+            f"{len(indices)}{f' of {len(self.records)}' if of_all else ''} record(s)"
+            f"{'' if self.source is None else ' in ' + self.source} {problem} (records {shown}{hint}): {why}",
             UserWarning,
             stacklevel=4,
         )
@@ -230,9 +230,11 @@ class _RecordDataset(Dataset, abc.ABC):
         """Raises, naming the record, for an image file PIL cannot identify (reads each file's header only, not its
         pixels: cheap enough for an eval split before training, so that a bad file does not surface after it).
         Images stored in the dataset itself are decoded only when read."""
+        if self.lazy_image_column:
+            return
         seen: set[Path] = set()
         for index in range(len(self.records)):
-            for value in self._image_values(index) if not self.lazy_image_column else ():
+            for value in self._image_values(index):
                 if not isinstance(value, (str, os.PathLike)):
                     continue
                 path = _resolve(value, self.image_root)
@@ -419,9 +421,9 @@ class ImageTextDataset(_RecordDataset):
                 self.text_to_image.append(image_id)
                 self._text_record.append(index)
                 self.texts.append(caption.strip())
-        self._warn_empty(
+        self._warn_records(
             empty,
-            "caption",
+            "have an empty caption",
             "an empty text gives masked language modelling nothing to mask and retrieval an empty query.",
         )
         self.negative_texts: list[str] | None = negatives or None
@@ -599,6 +601,7 @@ class VQADataset(_RecordDataset):
 
     Attributes:
         references: the raw answer lists (repeats kept), as VQA accuracy needs them.
+        unanswered: the indices of the questions without answers.
 
     Items: `{"image": PIL.Image, "question": str, "answers": list[str] (unique),
     "answer_weights": list[float], "question_id": record's question_id or the index}`.
@@ -633,16 +636,15 @@ class VQADataset(_RecordDataset):
             self.answers.append(list(merged))
             self.answer_weights.append(list(merged.values()))
         empty = [index for index, question in enumerate(self.questions) if not question]
-        self._warn_empty(empty, "question", "the answer can then only follow the image.")
-        unanswered = [index for index, answers in enumerate(self.references) if not answers]
-        if unanswered and len(unanswered) < len(self.references):  # all without: a test split
-            shown = ", ".join(map(str, unanswered[:10])) + (", ..." if len(unanswered) > 10 else "")
-            warnings.warn(
-                f"{len(unanswered)} of {len(self.references)} record(s)"
-                f"{'' if self.source is None else ' in ' + self.source} have no answers (records {shown}; a "
-                "misspelt `answer` key?): in training they add no loss, and VQA accuracy cannot score them.",
-                UserWarning,
-                stacklevel=3,
+        self._warn_records(empty, "have an empty question", "the answer can then only follow the image.")
+        self.unanswered = [index for index, answers in enumerate(self.references) if not answers]
+        if len(self.unanswered) < len(self.references):  # all without: a test split, nothing to warn about
+            self._warn_records(
+                self.unanswered,
+                "have no answers",
+                "in training they add no loss, and VQA accuracy cannot score them.",
+                of_all=True,
+                hint="; a misspelt `answer` key?",
             )
         return self.questions
 
@@ -720,7 +722,7 @@ class NLVR2Dataset(_RecordDataset):
             self.sentences.append(_string_field(record, ("sentence", "text"), where).strip())
             self.labels.append(_parse_label(_text_field(record, ("label",), where)[1], where))
         empty = [index for index, sentence in enumerate(self.sentences) if not sentence]
-        self._warn_empty(empty, "sentence", "there is nothing for the pair to be true or false of.")
+        self._warn_records(empty, "have an empty sentence", "there is nothing for the pair to be true or false of.")
         return self.sentences
 
     def __len__(self) -> int:

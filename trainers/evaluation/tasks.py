@@ -76,7 +76,7 @@ def evaluate_vqa(model: Any, dataset: Any, processor: Any, options: EvaluationOp
             "VQA evaluation ranks candidate answers: the model has none saved (`config.answer_candidates`); "
             "give `answer_list` (--answer_list)."
         )
-    unanswered = [i for i in range(len(dataset)) if not dataset.references[i]]
+    unanswered = dataset.unanswered
     scored = len(unanswered) < len(dataset)
     if scored and unanswered:
         raise ValueError(
