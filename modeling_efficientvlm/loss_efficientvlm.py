@@ -13,8 +13,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checks_efficientvlm import check_tensor
-
 
 def distributed_world_size() -> int:
     """The number of processes of the initialised default process group (1 without one)."""
@@ -131,7 +129,8 @@ def sample_hard_negatives(
 
     Args:
         logits_per_image: (batch, batch) image-to-text ITC logits.
-        image_ids: (batch,) optional ids; texts of the same image are never negatives.
+        image_ids: (batch,) optional ids; texts of the same image are never negatives, unless the whole batch
+            shows one image (then any pair is drawn; [`itm_negative_labels`] marks it).
         random_fraction: share of uniformly drawn negatives, in [0, 1] (0: X-VLM's hard negatives only).
         same_text: (batch, batch) optional, True where texts i and j are identical ([`identical_texts`]): a text
             identical to image i's own text describes image i too, so it is never image i's negative (and image
@@ -151,14 +150,9 @@ def sample_hard_negatives(
         raise ValueError(f"`num_negatives` (ITM negatives per pair) must be >= 1; got {num_negatives}.")
     batch_size = logits_per_image.shape[0]
     positives = same_image_targets(image_ids, batch_size, logits_per_image.device)
-    # Checked outside `no_grad`: under torch.compile, a failing in-graph check inside a `no_grad` region leaves
-    # gradients switched off after the error (torch 2.13).
-    check_tensor(
-        ~positives.all(dim=1).any(),
-        "Image-text matching needs at least two different images in a batch to sample hard negatives; "
-        f"got a batch of {batch_size} pairs that all show the same image (in training, drop such a last batch: "
-        "`dataloader_drop_last`).",
-    )
+    # A batch that shows one image only (an epoch's last batch of region captions, say) has no negative to draw:
+    # its rows draw from every pair, and [`itm_negative_labels`] leaves such a same-image pair out of the loss.
+    positives = positives & ~positives.all(dim=1, keepdim=True)
     positives_t2i = positives.t()
     if same_text is not None:
         if same_text.shape != positives.shape:
@@ -173,6 +167,25 @@ def sample_hard_negatives(
     return _sample_negatives(
         logits_per_image.detach(), positives, positives_t2i, generator, random_fraction, num_negatives
     )
+
+
+def itm_negative_labels(
+    image_ids: torch.Tensor | None,
+    negative_text_index: torch.Tensor,
+    negative_image_index: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """ITM labels (2 * n * batch,) of the negative pairs in the order of the ITM pairs (each image with its negative
+    texts, then each text with its negative images; see [`sample_hard_negatives`]): 0, or -100 (ignored by the
+    cross-entropy) for a drawn pair that shows the same image, which only a batch of one image yields. Caption
+    negatives (text index >= `batch_size`) are always negatives."""
+    device = negative_text_index.device
+    same = same_image_targets(image_ids, batch_size, device)
+    rows = torch.arange(batch_size, device=device).repeat(negative_text_index.shape[0] // batch_size)
+    in_batch = negative_text_index < batch_size
+    same_text = same[rows, negative_text_index.clamp(max=batch_size - 1)] & in_batch
+    same_image = same[negative_image_index.to(device), rows]
+    return torch.where(torch.cat([same_text, same_image]), -100, 0)
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from .loss_efficientvlm import (
     ImageTextContrastiveLoss,
     box_regression_loss,
     identical_texts,
+    itm_negative_labels,
     masked_language_modeling_loss,
     sample_hard_negatives,
 )
@@ -1842,7 +1843,8 @@ class EfficientVLMImageTextMatchingOutput(ModelOutput):
     itm_logits (`torch.FloatTensor` of shape `((1 + 2 n) * batch_size, 2)`, n = `itm_negatives_per_pair`):
         Matching logits of the positive pairs, then (image, hard negative text), then (hard negative image, text).
     itm_labels (`torch.LongTensor` of shape `((1 + 2 n) * batch_size,)`):
-        1 for the positive pairs, 0 for the negatives.
+        1 for the positive pairs, 0 for the negatives; -100 (left out of the loss) for a "negative" of the same
+        image, drawn only when the whole batch shows one image.
     negative_text_index, negative_image_index (`torch.LongTensor` of shape `(n * batch_size,)`):
         The hard negatives: entry `k * batch_size + i` is the index of image i's k-th negative text, and of text
         i's k-th negative image; pass them back as `itm_negatives` to reuse them (e.g. for a teacher).
@@ -2055,7 +2057,8 @@ def image_text_contrastive_matching(
         output_hidden_states,
         image_index=torch.cat([own_images, own_images.repeat(per_pair), negative_image_index.to(own_images.device)]),
     )
-    itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * per_pair * batch)]).long().to(itm_logits.device)
+    negative_labels = itm_negative_labels(image_ids, negative_text_index, negative_image_index, batch)
+    itm_labels = torch.cat([torch.ones_like(own_images), negative_labels.to(own_images.device)]).to(itm_logits.device)
     loss_itm = F.cross_entropy(itm_logits, itm_labels) if compute_loss else None
     return EfficientVLMContrastiveMatchingOutput(
         loss=loss_itc + loss_itm if compute_loss else None,

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from modeling_efficientvlm import (
@@ -21,7 +22,12 @@ from modeling_efficientvlm import (
 )
 from modeling_efficientvlm.configuration_efficientvlm import TextStackLayout, has_twin_fusion_layers, stack_depths
 from modeling_efficientvlm.grouping_efficientvlm import EncoderGroups
-from modeling_efficientvlm.loss_efficientvlm import box_regression_loss, identical_texts, sample_hard_negatives
+from modeling_efficientvlm.loss_efficientvlm import (
+    box_regression_loss,
+    identical_texts,
+    itm_negative_labels,
+    sample_hard_negatives,
+)
 from modeling_efficientvlm.modeling_efficientvlm import (
     TEXT_MASK_KEYS,
     VISION_MASK_KEYS,
@@ -630,8 +636,29 @@ def test_hard_negatives_never_come_from_the_same_image() -> None:
         )
         assert (image_ids[negative_text] != image_ids).all()
         assert (image_ids[negative_image] != image_ids).all()
-    with pytest.raises(ValueError, match="two different images"):
-        sample_hard_negatives(torch.randn(3, 3), torch.tensor([7, 7, 7]))
+    # A batch of one image has no negative: every pair may be drawn, and each is labelled out of the ITM loss.
+    one_image = torch.tensor([7, 7, 7])
+    negative_text, negative_image = sample_hard_negatives(torch.randn(3, 3), one_image)
+    assert itm_negative_labels(one_image, negative_text, negative_image, 3).eq(-100).all()
+    labels = itm_negative_labels(image_ids, negative_text.new_tensor([1, 2, 0, 0, 5, 3]), torch.arange(6), 6)
+    assert labels.tolist() == [-100, 0, 0, 0, -100, 0] + [-100] * 6  # pairs 0-1 and 4-5 share an image
+    # Caption negatives (index >= batch) are negatives whatever the image ids.
+    assert itm_negative_labels(one_image, torch.tensor([3, 4, 5]), torch.tensor([1, 2, 0]), 3)[:3].eq(0).all()
+
+
+def test_a_batch_of_one_image_trains_on_its_positives_alone(tiny_config, tiny_inputs) -> None:
+    """An epoch's last batch may hold one pair, or several captions of one image: no ITM negative exists, so the
+    ITM loss is the positives' alone and the step still learns (it raised before)."""
+    model = EfficientVLMForPreTraining(tiny_config)
+    image_ids = torch.zeros(tiny_inputs["input_ids"].shape[0], dtype=torch.long)
+    out = model(**tiny_inputs, image_ids=image_ids)
+    assert out.itm_labels.tolist() == [1] * 4 + [-100] * 8
+    positives = F.cross_entropy(out.itm_logits[:4], out.itm_labels[:4])
+    torch.testing.assert_close(out.loss_itm, positives)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad.abs().sum() > 0 for p in model.itm_head.parameters())
+    single = {name: value[:1] for name, value in tiny_inputs.items()}  # one pair, no image ids
+    assert model(**single).itm_labels.tolist() == [1, -100, -100]
 
 
 def test_several_hard_negatives_per_pair_are_distinct_and_scored_beside_the_positives(tiny_config) -> None:

@@ -245,27 +245,6 @@ def task_dataset(
     return build_dataset(task, data, image_root, processor)
 
 
-# Tasks whose loss samples ITM negatives from the other images of a batch: a batch of one pair has none.
-ITM_NEGATIVE_TASKS = ("pretraining", "retrieval")
-
-
-def drop_a_last_single_pair(task: str, train_dataset: Any, training_args: TrainingArguments) -> None:
-    """Sets `dataloader_drop_last` (with a warning) when every epoch would end on a batch of one pair in each process,
-    from which image-text matching cannot sample a hard negative (X-VLM's loaders drop every epoch's last
-    incomplete batch). Only that case: a run that trains as it is keeps its batches."""
-    if task not in ITM_NEGATIVE_TASKS or training_args.dataloader_drop_last:
-        return
-    batch = training_args.per_device_train_batch_size
-    per_process = -(-len(train_dataset) // training_args.world_size)  # DistributedSampler pads to equal shares
-    if per_process > batch and per_process % batch == 1:
-        training_args.dataloader_drop_last = True
-        logger.warning(
-            f"{len(train_dataset)} training pairs at {batch} per batch end each epoch on a batch of one pair, which "
-            "has no other image to draw an ITM negative from: that batch is dropped (one pair of each epoch's "
-            "shuffle, as --dataloader_drop_last true does)."
-        )
-
-
 def train(
     task: str,
     model: Any,
@@ -279,7 +258,6 @@ def train(
     are never dropped. Under DeepSpeed or FSDP the model is made wrappable first (`trainers.sharding`); under
     sharded weights (FSDP, ZeRO-3) the caller gets the whole trained model with `trainers.sharding.whole_model`."""
     training_args.remove_unused_columns = False
-    drop_a_last_single_pair(task, train_dataset, training_args)
     trainer = trainer_class(
         model=model,
         args=training_args,

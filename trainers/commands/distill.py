@@ -135,7 +135,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     from trainers.model_card import ModelCardInfo, local_name
     from trainers.saving import hub_target_from, save_model_folder
     from trainers.sharding import check_engine, whole_model, whole_weights_on_load
-    from trainers.training import check_image_size, drop_a_last_single_pair
+    from trainers.training import check_image_size
 
     from ..data import PretrainingCollator
     from ..distillation.objective import DistillationConfig
@@ -185,7 +185,6 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
         max_length=args.max_length,
         seed=training_args.seed,
     )
-    drop_a_last_single_pair("pretraining", dataset, training_args)
     trainer = DistillationTrainer(
         model=student,
         args=training_args,
