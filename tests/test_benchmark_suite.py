@@ -78,6 +78,7 @@ def test_table_json_and_plot(report, tmp_path) -> None:
     assert format_report(BenchmarkReport.from_dict(data)) == table  # a saved run prints again
     assert set(data) == {
         "settings",
+        "models",
         "machine",
         "matmul_peak_gflops",
         "dtype_peaks_gflops",
@@ -87,6 +88,10 @@ def test_table_json_and_plot(report, tmp_path) -> None:
         "notes",
     }
     assert data["settings"]["batch_sizes"] == [2] and data["matmul_peak_gflops"]["1"] > 0
+    # What each row name stands for: the pruned copy's preset, sparsity and seed.
+    pruned = next(m for m in data["models"] if m["name"] == "tiny pruned 0.5")
+    assert pruned["base"] == "tiny" and pruned["source"]["spec"] == "tiny" and pruned["source"]["sparsity"] == 0.5
+    assert [m["name"] for m in data["models"]] == list(dict.fromkeys(r["name"] for r in data["results"]))
     # The peak is the best of its measurements: before the first setting and after each.
     samples = data["matmul_peak_samples"]["float32"]["1"]
     assert len(samples) == 1 + len(report.settings.workloads) and max(samples) == data["matmul_peak_gflops"]["1"]
@@ -195,6 +200,13 @@ def test_peers_build_from_configs_without_network(monkeypatch) -> None:
     result = run_benchmark(models, settings)
     # CLIP's vision tower has no ITM head; no peer ranks VQA answers.
     assert [(r.workload, r.name) for r in result.results] == [("itm", "tiny"), ("itm", "blip-base"), ("vqa", "tiny")]
+    # ... and the report says so, once per workload, rather than leaving the models out silently.
+    assert result.notes[:2] == [
+        f"No {workload} rows for {names}: no model of that kind (a peer without that head, or a saved folder of "
+        "another task)."
+        for workload, names in (("itm", "clip-b16"), ("vqa", "blip-base, clip-b16"))
+    ]
+    assert [m["source"]["spec"] for m in result.models] == ["tiny", "blip-base", "clip-b16"]
     blip = result.results[1]
     assert 200e6 < blip.parameters and blip.encoder_parameters < blip.parameters
     assert blip.flops_reduction < 0.1  # BLIP-base is far bigger than the tiny preset

@@ -202,6 +202,9 @@ class BenchmarkReport:
     # Every measurement of the peak (before the first setting and after each), per dtype and thread count: the
     # peak is their best; their spread is how much the host's own speed moved during the run.
     peak_samples: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    # What each row's name stands for: kind, base, and how it was built (`ModelSource`; None: a model given in
+    # Python), as `model_record` writes them.
+    models: list[dict[str, Any]] = field(default_factory=list)
 
     def peaks_of(self, dtype: str) -> dict[int, float]:
         """The matmul peaks measured in `dtype`, per thread count."""
@@ -228,11 +231,13 @@ class BenchmarkReport:
                 dtype: {int(k): list(v) for k, v in samples.items()}
                 for dtype, samples in data.get("matmul_peak_samples", {}).items()
             },
+            models=list(data.get("models", [])),
         )
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "settings": asdict(self.settings),
+            "models": self.models,
             "machine": self.machine,
             "matmul_peak_gflops": {str(k): v for k, v in self.matmul_peak_gflops.items()},
             "dtype_peaks_gflops": {
@@ -259,6 +264,14 @@ def encoder_parameters(kind: str, model: nn.Module) -> int:
     else:
         parts = [getattr(model, "efficientvlm", model)]
     return sum(p.numel() for part in parts for p in part.parameters())
+
+
+def model_record(entry: BenchmarkModel) -> dict[str, Any]:
+    """What a report's row name stands for: `{"name", "kind", "base", "source"}`, `source` the `ModelSource` it was
+    built from (spec: preset, peer, folder or Hub id; sparsity and seed of a random pruning; packing), or None for a
+    model given in Python."""
+    source = entry.source.to_dict() if entry.source is not None else None
+    return {"name": entry.name, "kind": entry.kind, "base": entry.base, "source": source}
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
@@ -296,6 +309,7 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
         models = [v for entry, pack in zip(models, packs) for v in (entry, *([entry.packed()] if pack else []))]
     previous_threads = torch.get_num_threads()
     results, peaks = [], {dtype: {} for dtype in settings.dtypes}
+    unable: dict[str, list[str]] = {}  # workload -> the models that cannot run it (no row)
     samples: dict[str, dict[int, list[float]]] = {dtype: {} for dtype in settings.dtypes}
 
     def measure_peaks(threads: int) -> None:
@@ -314,7 +328,9 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
             for image_size in settings.image_sizes:
                 for workload in settings.workloads:
                     for batch_size in settings.batch_sizes:
-                        results += _measure_setting(models, workload, settings, batch_size, image_size, threads)
+                        results += _measure_setting(
+                            models, workload, settings, batch_size, image_size, threads, unable
+                        )
                         measure_peaks(threads)
     finally:
         torch.set_num_threads(previous_threads)
@@ -331,9 +347,20 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
         machine=machine_info(settings.device),
         dtype_peaks_gflops={dtype: peaks[dtype] for dtype in others},
         peak_samples=samples,
+        models=[model_record(entry) for entry in models],
     )
-    report.notes = target_notes(report)
+    report.notes = [*_unable_notes(unable), *target_notes(report)]
     return report
+
+
+def _unable_notes(unable: dict[str, list[str]]) -> list[str]:
+    """One line per workload that some models have no rows for: they have no model of its kind (a peer without a
+    VQA head, a saved folder of another task)."""
+    return [
+        f"No {workload} rows for {', '.join(names)}: no model of that kind (a peer without that head, or a saved "
+        "folder of another task)."
+        for workload, names in unable.items()
+    ]
 
 
 def _check_image_sizes(models: list[BenchmarkModel], settings: BenchmarkSettings) -> None:
@@ -365,7 +392,10 @@ def _measure_setting(
     batch_size: int,
     image_size: int | None,
     threads: int,
+    unable: dict[str, list[str]] | None = None,
 ) -> list[BenchmarkResult]:
+    """Times every model on one workload at one setting; the models that cannot run it are added to
+    `unable[workload]`."""
     size = image_size or _reference_image_size(models, workload)
     shape = _shape(settings, batch_size, size)
     calls: dict[tuple[str, str], Any] = {}
@@ -378,7 +408,10 @@ def _measure_setting(
     for entry in models:
         if workload == "train-step" and entry.name.endswith(PACKED_SUFFIX):
             continue  # packs apply without autograd only: a training step would time the unpacked model again
-        for name, call in build_workloads(entry, workload, shape).items():
+        workloads = build_workloads(entry, workload, shape)
+        if not workloads and unable is not None and entry.name not in unable.setdefault(workload, []):
+            unable[workload].append(entry.name)
+        for name, call in workloads.items():
             calls[(name, entry.name)] = call
             if compiling:
                 compiled_name = entry.name + COMPILED_SUFFIX
