@@ -328,9 +328,7 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
             for image_size in settings.image_sizes:
                 for workload in settings.workloads:
                     for batch_size in settings.batch_sizes:
-                        results += _measure_setting(
-                            models, workload, settings, batch_size, image_size, threads, unable
-                        )
+                        results += _measure_setting(models, workload, settings, batch_size, image_size, threads, unable)
                         measure_peaks(threads)
     finally:
         torch.set_num_threads(previous_threads)
