@@ -90,3 +90,30 @@ def test_saved_folder_is_complete_and_the_callers_processor_is_untouched(tmp_pat
 def test_save_needs_the_processor(tmp_path) -> None:
     with pytest.raises(ValueError, match="processor"):
         save_model_folder(task_model_class("vqa")(EfficientVLMConfig.from_preset("tiny")), None, tmp_path / "x")
+
+
+def test_a_model_saved_over_another_leaves_none_of_the_others_files(tmp_path, caplog) -> None:
+    """Saving into a folder that holds another model (another task, a pruned one) replaced the shared files but
+    kept the rest: the other task's module and a pruning report whose sparsity the new card then claimed."""
+    config = EfficientVLMConfig.from_preset("tiny")
+    processor = make_processor(tmp_path, image_size=config.vision_config.image_size)
+    folder = tmp_path / "model"
+    report = {"sparsity": 0.5, "parameters_before": 123457, "parameters_after": 23457}
+    save_model_folder(task_model_class("vqa")(config), processor, folder, pruning_report=report)
+    assert "pruning removed 100,000 parameters" in (folder / "README.md").read_text()
+    assert {"pruning_report.json", "modeling_efficientvlm_vqa.py"} <= set(model_folder_files(folder))
+    own = {"eval_results.json": "{}", "my_script.py": "print(1)", "trainer_state.json": "{}"}  # not the save's
+    for name, text in own.items():
+        (folder / name).write_text(text)
+    with caplog.at_level("WARNING"):
+        save_model_folder(task_model_class("retrieval")(config), processor, folder)
+    files = set(model_folder_files(folder))
+    assert "pruning_report.json" not in files and "modeling_efficientvlm_vqa.py" not in files
+    assert "modeling_efficientvlm_retrieval.py" in files
+    assert "modeling_efficientvlm_vqa.py, pruning_report.json." in caplog.text  # named, not removed silently
+    assert all((folder / name).read_text() == text for name, text in own.items())
+    assert [path.name for path in folder.iterdir() if path.name.startswith(".saving")] == []
+    card = (folder / "README.md").read_text()
+    assert "pruning removed" not in card and "model_name: model\n" in card  # the folder's name, not the staging one
+    reloaded = task_model_class("retrieval").from_pretrained(folder)
+    assert type(reloaded).__name__ == "EfficientVLMForImageTextRetrieval"

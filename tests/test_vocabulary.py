@@ -139,6 +139,12 @@ def test_texts_of_every_record_kind_and_named_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"specials.txt: no vocabulary found there \(5 tokens"):
         cli.main(["processor", "--tokenizer", str(tmp_path / "specials.txt"), "--output_dir", str(tmp_path / "p")])
     assert not (tmp_path / "p").exists()
+    # A model's folder: its tokenizer is not replaced under it.
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ValueError, match=r"holds a model \(model.safetensors\): a new processor there would replace"):
+        cli.main(["processor", "--tokenizer", str(tmp_path / "specials.txt"), "--output_dir", str(tmp_path / "model")])
+    assert [path.name for path in (tmp_path / "model").iterdir()] == ["model.safetensors"]
 
 
 def test_config_overrides_on_a_saved_model_set_how_it_trains_and_nothing_else(tmp_path) -> None:

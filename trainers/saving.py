@@ -19,6 +19,8 @@ import copy
 import fnmatch
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,7 +176,8 @@ def save_model_folder(
     Args:
         model: the (unwrapped) model; its config and generation config get the tokenizer's special-token ids.
         processor: the processor saved with it (its tokenizer's ids are the ones used); required.
-        output_dir: the folder (created if needed; files of a previous save are overwritten).
+        output_dir: the folder (created if needed). The files of a model saved there before are replaced; those
+            this save does not write (another task's module, a pruning report) are removed, with a warning.
         card: the facts of the model card; without it, a card with the task and stage the model's class tells.
         pruning_report: written to `pruning_report.json` (the card reads the sparsity per modality from it).
         answer_candidates: VQA: the answers the model ranks, saved in its config (when the model supports it).
@@ -199,21 +202,59 @@ def save_model_folder(
         url = HfApi().create_repo(push.repo_id, token=push.token, private=push.private, exist_ok=True)
         # `create_repo` resolves a bare name to the token's user.
         repo_id = getattr(url, "repo_id", None) or push.repo_id
-    model.save_pretrained(output_dir)
-    processor_for_saving(processor, model.config).save_pretrained(output_dir)
-    if pruning_report is not None:
-        (output_dir / PRUNING_REPORT_FILE).write_text(json.dumps(pruning_report, indent=2), encoding="utf-8")
-    card = card if card is not None else default_card(model, stage="save")
-    if card is None:
-        logger.warning(f"{type(model).__name__} is the model of no registered task: {output_dir} gets no model card.")
-    else:
-        if saves_candidates and card.answer_candidates is None:
-            card.answer_candidates = len(answer_candidates)
-        write_model_card(output_dir, card, model=model, repo_id=repo_id)
+    # Written beside the folder first, then moved in: a model saved over another one (another task, an unpruned
+    # model over a pruned one) must not keep the other's modules, pruning report or vocabulary.
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
+    try:
+        model.save_pretrained(staging)
+        processor_for_saving(processor, model.config).save_pretrained(staging)
+        if pruning_report is not None:
+            (staging / PRUNING_REPORT_FILE).write_text(json.dumps(pruning_report, indent=2), encoding="utf-8")
+        card = card if card is not None else default_card(model, stage="save")
+        if card is None:
+            logger.warning(
+                f"{type(model).__name__} is the model of no registered task: {output_dir} gets no model card."
+            )
+        else:
+            if saves_candidates and card.answer_candidates is None:
+                card.answer_candidates = len(answer_candidates)
+            write_model_card(staging, card, model=model, repo_id=repo_id or output_dir.absolute().name)
+        _replace_saved_files(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if push is not None:
         message = push.commit_message or (card.commit_message(pruning_report) if card else "efficientvlm: save model")
         push_model_folder(output_dir, repo_id, commit_message=message, hub=push)
     return output_dir
+
+
+def _saved_module_names() -> set[str]:
+    """The Python files a save can write: the modules of `modeling_efficientvlm` (the remote code)."""
+    import modeling_efficientvlm
+
+    return {path.name for path in Path(modeling_efficientvlm.__file__).parent.glob("*.py")}
+
+
+def _replace_saved_files(staging: Path, output_dir: Path) -> None:
+    """Moves the files of a save from `staging` into `output_dir`, after removing (with a warning) the files of a
+    model saved there before that this save does not write. Only files a save writes are candidates: never the
+    caller's `eval_results.json`, training outputs or a Python file of the user's own."""
+    written = {path.name for path in staging.iterdir()}
+    ours = _saved_module_names()
+    stale = [
+        name
+        for name in model_folder_files(output_dir)
+        if name not in written and name != EVAL_RESULTS_FILE and (not name.endswith(".py") or name in ours)
+    ]
+    for name in stale:
+        (output_dir / name).unlink()
+    if stale:
+        logger.warning(
+            f"Removed from {output_dir} the files of the model saved there before that this one does not have: "
+            f"{', '.join(stale)}."
+        )
+    for name in sorted(written):
+        os.replace(staging / name, output_dir / name)
 
 
 def default_card(model: Any, stage: str) -> ModelCardInfo | None:

@@ -13,6 +13,7 @@ ids from the tokenizer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trainers.commands.common import parse_arguments
@@ -54,6 +55,17 @@ def main(argv: list[str] | None = None) -> Any:
         "Write a processor for your own data: train a WordPiece vocabulary on X-VLM JSON files (--train_files) "
         "or take an existing BERT tokenizer (--tokenizer).",
     )
+    held = [
+        name
+        for name in ("config.json", "model.safetensors", "model.safetensors.index.json")
+        if (Path(args.output_dir) / name).is_file()
+    ]
+    if held:
+        raise ValueError(
+            f"--output_dir {args.output_dir} holds a model ({', '.join(held)}): a new processor there would replace "
+            "the tokenizer the model was trained with, and its token ids would no longer match. Write the processor "
+            "to a folder of its own."
+        )
     if (args.tokenizer is None) == (not args.train_files):
         raise ValueError("Give exactly one of --tokenizer and --train_files.")
     if args.max_text_length < 2:
