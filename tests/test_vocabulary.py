@@ -53,6 +53,22 @@ def test_processor_trains_a_vocabulary_that_a_preset_model_takes(tmp_path) -> No
     assert len(EfficientVLMProcessor.from_pretrained(output).tokenizer) == len(tokenizer)
 
 
+def test_vocab_size_is_a_ceiling_and_every_character_continues_a_word(caplog) -> None:
+    """The trainer kept a character's ## continuation only where it was seen inside a word ("qa" was one [UNK]),
+    and `--vocab_size` was exceeded without a word."""
+    from trainers.data.vocabulary import train_wordpiece_tokenizer
+
+    texts = ["a red box", "xyz q"] * 50
+    for size in (26, 28, 30, 40):
+        tokenizer = train_wordpiece_tokenizer(texts, vocab_size=size, min_frequency=1)
+        assert len(tokenizer) <= size
+        assert "[UNK]" not in tokenizer.tokenize("qa boxy zeb")  # a, q, z: never seen inside a word
+    with caplog.at_level("WARNING"):
+        tokenizer = train_wordpiece_tokenizer(texts, vocab_size=10, min_frequency=1)
+    assert len(tokenizer) == 5 + 2 * 10  # the special tokens, the 10 characters alone and as continuations
+    assert "--vocab_size 10: the texts' 10 characters, alone and as ## continuations, make 25 tokens" in caplog.text
+
+
 def test_preset_vocab_size_follows_the_tokenizer_and_overrides_must_fit(tmp_path) -> None:
     from trainers.training import build_model_and_processor
 

@@ -13,7 +13,11 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from transformers.utils import logging
+
 from trainers.data.datasets import REGION_FIELDS, _describe, _read_json_records, _strings
+
+logger = logging.get_logger(__name__)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -66,7 +70,8 @@ def train_wordpiece_tokenizer(
     """A lowercasing BERT WordPiece tokenizer (transformers' fast `BertTokenizer`) whose vocabulary is trained on
     `texts` with the `tokenizers` library: the special tokens [PAD] [UNK] [CLS] [SEP] [MASK] first (ids 0-4),
     every character of the texts (alone and as a `##` continuation, whatever `min_frequency` says), then the most
-    frequent merges up to `vocab_size` tokens."""
+    frequent merges up to `vocab_size` tokens. The characters are always kept, even past `vocab_size` (a
+    warning says so)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import BertTokenizer
 
@@ -77,22 +82,43 @@ def train_wordpiece_tokenizer(
     texts = list(texts)
     if not texts:
         raise ValueError("No texts to train a vocabulary on.")
-    # The same normalisation and pre-tokenisation as BertTokenizer(do_lower_case=True), so the trained pieces are
-    # the ones the tokenizer looks up.
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    vocab = tokenizer.get_vocab()
+    def trained_vocabulary(size: int) -> dict[str, int]:
+        # The same normalisation and pre-tokenisation as BertTokenizer(do_lower_case=True), so the trained pieces
+        # are the ones the tokenizer looks up.
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+        )
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            continuing_subword_prefix="##",
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(texts, trainer=trainer)
+        return tokenizer.get_vocab()
+
+    def missing_continuations(vocab: dict[str, int]) -> list[str]:
+        # The trainer keeps a character's `##` continuation only where it was seen inside a word: without it, a
+        # new word with that character after its first would become a whole [UNK].
+        return [f"##{token}" for token in sorted(vocab) if len(token) == 1 and f"##{token}" not in vocab]
+
+    vocab = trained_vocabulary(vocab_size)
+    missing = missing_continuations(vocab)
+    if len(vocab) + len(missing) > vocab_size:  # make room: fewer merges (the characters do not depend on them)
+        vocab = trained_vocabulary(max(vocab_size - len(missing), len(SPECIAL_TOKENS) + 1))
+        missing = missing_continuations(vocab)
+    for token in missing:
+        vocab[token] = len(vocab)
+    if len(vocab) > vocab_size:
+        characters = sum(len(token) == 1 for token in vocab)
+        logger.warning(
+            f"--vocab_size {vocab_size}: the texts' {characters} characters, alone and as ## continuations, make "
+            f"{len(vocab)} tokens with the special tokens; every character is kept, so that no word of these "
+            "characters becomes [UNK]."
+        )
     bert = BertTokenizer(vocab=vocab, do_lower_case=True)
     bert.model_max_length = model_max_length
     bert.init_kwargs["model_max_length"] = model_max_length
