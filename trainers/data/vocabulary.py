@@ -82,6 +82,7 @@ def train_wordpiece_tokenizer(
     texts = list(texts)
     if not texts:
         raise ValueError("No texts to train a vocabulary on.")
+
     def trained_vocabulary(size: int) -> dict[str, int]:
         # The same normalisation and pre-tokenisation as BertTokenizer(do_lower_case=True), so the trained pieces
         # are the ones the tokenizer looks up.
