@@ -64,14 +64,16 @@ _AUTO_MODELS = {
 }
 for _auto_class, _model_classes in _AUTO_MODELS.items():
     _auto_class.register(EfficientVLMConfig, _model_classes, exist_ok=True)
-# The auto class each model's `save_pretrained` writes into `auto_map` (with `AutoModel` and the model's
-# `extra_auto_classes`, e.g. VQA's `AutoModelForImageTextToText`).
-EfficientVLMModel.register_for_auto_class("AutoModel")
-EfficientVLMForPreTraining.register_for_auto_class("AutoModelForPreTraining")
-EfficientVLMForImageTextRetrieval.register_for_auto_class("AutoModelForZeroShotImageClassification")
-EfficientVLMForQuestionAnswering.register_for_auto_class("AutoModelForVisualQuestionAnswering")
-EfficientVLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-EfficientVLMForVisualReasoning.register_for_auto_class("AutoModelForSequenceClassification")
+# Each model is saved for its own auto class (copying its code), and `save_pretrained` writes its `auto_classes`.
+for _model_class in (
+    EfficientVLMModel,
+    EfficientVLMForPreTraining,
+    EfficientVLMForImageTextRetrieval,
+    EfficientVLMForQuestionAnswering,
+    EfficientVLMForConditionalGeneration,
+    EfficientVLMForVisualReasoning,
+):
+    _model_class.register_for_auto_class(_model_class.auto_classes[0])
 
 AutoImageProcessor.register(
     EfficientVLMConfig, image_processor_classes={"pil": EfficientVLMImageProcessor}, exist_ok=True
@@ -79,7 +81,7 @@ AutoImageProcessor.register(
 EfficientVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
 AutoProcessor.register(EfficientVLMConfig, EfficientVLMProcessor, exist_ok=True)
 EfficientVLMProcessor.register_for_auto_class("AutoProcessor")
-del _auto_class, _model_classes
+del _auto_class, _model_classes, _model_class
 
 __all__ = [
     "MASK_KEYS",

@@ -1077,9 +1077,9 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
     # Attribute name of a task model's LM head ([`EfficientVLMLMHead`]), whose decoder is the output embeddings.
     lm_head_name: str | None = None
-    # Auto classes that load this class from a saved folder besides the one `register_for_auto_class` named
-    # (`_auto_class`) and `AutoModel`, which every saved model answers to; see `save_pretrained`.
-    extra_auto_classes: tuple[str, ...] = ()
+    # The auto classes a saved folder's `auto_map` names this class for (the first is the one it registers for;
+    # see `save_pretrained`). Fixed per class: `_auto_class` is whichever auto class last loaded it as remote code.
+    auto_classes: tuple[str, ...] = ()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs):
@@ -1119,10 +1119,10 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
         return (model, info) if output_loading_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`; a class registered for an auto class (all task models) first sets
-        `config.auto_map` to its own entries: its auto class, `AutoModel` and `extra_auto_classes` all name this
-        class, entries of other auto classes' models are dropped (a config copied from another task's folder
-        would name a class whose file is not saved), those of configs and processors are kept.
+        """`PreTrainedModel.save_pretrained`; a class with `auto_classes` (every task model) first sets
+        `config.auto_map` to its own entries: `AutoModel` and its `auto_classes` all name this class, entries of
+        other auto classes' models are dropped (a config copied from another task's folder would name a class whose
+        file is not saved), those of configs and processors are kept.
 
         A dynamically quantized model (`torch.ao.quantization.quantize_dynamic`) raises: safetensors cannot store its
         packed int8 weights; the error names the formats that can."""
@@ -1153,15 +1153,14 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
                 return self.save_pretrained(save_directory, *args, **kwargs)
             finally:
                 self.__class__ = wrapped_class
-        if self._auto_class is not None:
+        if self.auto_classes:
             name = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
             kept = {
                 key: value
                 for key, value in (getattr(self.config, "auto_map", None) or {}).items()
                 if not key.startswith("AutoModel")
             }
-            auto_classes = ("AutoModel", self._auto_class, *self.extra_auto_classes)
-            self.config.auto_map = {**kept, **dict.fromkeys(auto_classes, name)}
+            self.config.auto_map = {**kept, **dict.fromkeys(("AutoModel", *self.auto_classes), name)}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -1571,6 +1570,8 @@ class EfficientVLMModelOutput(ModelOutput):
 
 class EfficientVLMModel(EfficientVLMPreTrainedModel):
     """Vision transformer, text/fusion BERT stack, ITC projections and ITC temperature."""
+
+    auto_classes = ("AutoModel",)
 
     def __init__(self, config: EfficientVLMConfig) -> None:
         super().__init__(config)
@@ -2104,6 +2105,8 @@ class EfficientVLMForPreTrainingOutput(EfficientVLMContrastiveMatchingOutput):
 
 class EfficientVLMForPreTraining(EfficientVLMPreTrainedModel):
     """X-VLM pre-training: ITC, ITM with hard negatives and MLM on the fused text."""
+
+    auto_classes = ("AutoModelForPreTraining",)
 
     _tied_weights_keys = {"mlm_head.decoder.weight": "efficientvlm.text_model.embeddings.word_embeddings.weight"}
     lm_head_name = "mlm_head"

@@ -62,6 +62,8 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
     `forward` argument: Trainer treats every argument whose name contains "label" as a label column.
     """
 
+    auto_classes = ("AutoModelForImageTextToText",)
+
     generation_config_class = TextDecoderGenerationConfig
     _tied_weights_keys = {"lm_head.decoder.weight": "efficientvlm.text_model.embeddings.word_embeddings.weight"}
     lm_head_name = "lm_head"

@@ -154,6 +154,8 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
     initialises both twins of every fusion layer from it (see [`from_pretraining`]).
     """
 
+    auto_classes = ("AutoModelForSequenceClassification",)
+
     def __init__(self, config: EfficientVLMConfig) -> None:
         if not has_twin_fusion_layers(config):
             config = twin_fusion_config(config)

@@ -105,6 +105,8 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
     `from_pretrained` (its MLM and box heads are dropped).
     """
 
+    auto_classes = ("AutoModelForZeroShotImageClassification",)
+
     # A pre-training checkpoint carries heads retrieval does not use.
     _keys_to_ignore_on_load_unexpected = [r"^mlm_head\.", r"^bbox_head\."]
 

@@ -107,7 +107,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
     _tied_weights_keys = {"answer_head.decoder.weight": "answer_decoder.embeddings.word_embeddings.weight"}
     lm_head_name = "answer_head"
     # The `image-text-to-text` pipeline loads it through `AutoModelForImageTextToText`.
-    extra_auto_classes = ("AutoModelForImageTextToText",)
+    auto_classes = ("AutoModelForVisualQuestionAnswering", "AutoModelForImageTextToText")
 
     def __init__(self, config: EfficientVLMConfig) -> None:
         super().__init__(config)

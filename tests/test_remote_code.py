@@ -107,3 +107,32 @@ def test_two_folders_with_different_code_each_load_their_own_classes(tiny_config
         assert result[name]["processor"] == result[name]["model"] == result[name]["zero_shot"] == name
         assert name in result[name]["image_processor_module"]
         assert result[name]["processor_image_processor_module"] == result[name]["image_processor_module"]
+
+
+def test_a_folder_loaded_as_remote_code_and_saved_again_keeps_its_auto_map(tiny_config, tmp_path) -> None:
+    """transformers sets the loading auto class as a remote class's `_auto_class`: a folder loaded with `AutoModel`
+    (or VQA through `AutoModelForImageTextToText`) and saved again kept only that one, and its task's pipeline
+    could no longer load it."""
+    from modeling_efficientvlm import EfficientVLMForImageTextRetrieval, EfficientVLMForQuestionAnswering
+
+    for model_class, name in (
+        (EfficientVLMForImageTextRetrieval, "retrieval"),
+        (EfficientVLMForQuestionAnswering, "vqa"),
+    ):
+        model_class(tiny_config).save_pretrained(tmp_path / name)
+    code = """
+    import json, transformers
+    for name, auto_class in (("retrieval", "AutoModel"), ("vqa", "AutoModelForImageTextToText")):
+        folder = payload["root"] + "/" + name
+        model = getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=True)
+        model.save_pretrained(folder + "_again")
+        result[name] = json.load(open(folder + "_again/config.json"))["auto_map"]
+    """
+    result = run_in_clean_subprocess(code, tmp_path / "work", {"root": str(tmp_path)})
+    for name in ("retrieval", "vqa"):
+        saved = tiny_config.from_pretrained(tmp_path / name).auto_map
+        assert {k: v for k, v in result[name].items() if k.startswith("AutoModel")} == {
+            k: v for k, v in saved.items() if k.startswith("AutoModel")
+        }
+    assert result["retrieval"]["AutoModelForZeroShotImageClassification"].endswith("EfficientVLMForImageTextRetrieval")
+    assert {"AutoModelForVisualQuestionAnswering", "AutoModelForImageTextToText"} <= set(result["vqa"])
