@@ -1248,14 +1248,17 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
         convolution) from oneDNN-packed copies of their weights where it runs on a CPU in float32 without autograd
         (inference: `eval()` under `torch.no_grad()` / `inference_mode()`), with each layer's bias, activation and
         residual add inside its product and a self-attention's queries, keys and values in one product
-        (`packing_efficientvlm`). The copies are made at a block's first such call and again when its weights
-        change; they cost one more copy of those weights in memory (about the model's size) and are never saved.
-        Outputs match the unpacked model's to float32 rounding. A block whose largest product on an input (a
-        self-attention's queries, keys and values stacked) has fewer than `min_flops` FLOPs runs unpacked for it
-        (tiny models, a few rows of a narrow FFN: oneDNN's cost per call outweighs the gain; 0 packs everything).
-        `enabled=False` drops the copies. Blocks that pruning builds later pack too. Returns the number of blocks
-        set. A model constructed under `torch.inference_mode()` has inference tensors for weights, whose in-place
-        writes torch does not count: it raises ValueError rather than risk a stale copy."""
+        (`packing_efficientvlm`). The copies are made at a block's first such call and again when its weights change
+        as torch counts changes (an optimizer step, `load_state_dict`, `copy_` / `mul_` on a parameter or its
+        `detach()`, a new `.data`); a write through `parameter.data` (`p.data.mul_(...)`) is not counted by torch
+        and goes unseen: call `pack_cpu_weights()` again after such writes (it drops every copy). They cost one more
+        copy of those weights in memory (about the model's size) and are never saved. Outputs match the unpacked
+        model's to float32 rounding. A block whose largest product on an input (a self-attention's queries, keys and
+        values stacked) has fewer than `min_flops` FLOPs runs unpacked for it (tiny models, a few rows of a narrow
+        FFN: oneDNN's cost per call outweighs the gain; 0 packs everything). `enabled=False` drops the copies.
+        Blocks that pruning builds later pack too. Returns the number of blocks set. A model constructed under
+        `torch.inference_mode()` has inference tensors for weights, whose in-place writes torch does not count: it
+        raises ValueError rather than risk a stale copy."""
         if enabled and not cpu_packing_available():
             raise RuntimeError(
                 "pack_cpu_weights needs PyTorch built with oneDNN (torch.backends.mkldnn.is_available() is False "

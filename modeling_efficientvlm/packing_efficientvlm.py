@@ -8,10 +8,11 @@ multiplies with a weight reordered once into its blocked layout (`mkldnn._reorde
 product. [`EfficientVLMPreTrainedModel.pack_cpu_weights`] gives every attention / FFN block and the vision
 embeddings a [`CPUWeightPacks`]: packed copies of their linear weights (layers that read the same input stacked into
 one product: a self-attention's queries, keys and values; the patch convolution as a linear layer over patches),
-made at first use and made again whenever a weight changes (an optimizer step, `load_state_dict`, a move): one more
-copy of those weights in memory. The blocks use them on a CPU, in float32, where their inference forms run (no
-autograd, tracing, autocast or active dropout) when their largest product (stacked layers counted as one) has at
-least `min_flops` FLOPs; everywhere else they run as before.
+made at first use and made again whenever a weight changes as torch counts changes (an optimizer step,
+`load_state_dict`, a move; not a write through `parameter.data`, which torch leaves uncounted: pack again after
+one): one more copy of those weights in memory. The blocks use them on a CPU, in float32, where their inference
+forms run (no autograd, tracing, autocast or active dropout) when their largest product (stacked layers counted as
+one) has at least `min_flops` FLOPs; everywhere else they run as before.
 """
 
 from __future__ import annotations
