@@ -489,6 +489,19 @@ def test_finetune_with_a_teacher_distils_the_task(tmp_path) -> None:
         from trainers.training import train_task_model
 
         train_task_model("nlvr2", None, preset="tiny", distillation_config={"kd_weight": 1.0})
+    # A teacher of another task would distil its freshly initialised head: refused, in finetune and in prune.
+    from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval
+
+    EfficientVLMForImageTextRetrieval(EfficientVLMConfig.from_preset("tiny")).save_pretrained(tmp_path / "retrieval")
+    wrong = ["--teacher_model_name_or_path", str(tmp_path / "retrieval")]
+    message = r"is a checkpoint of EfficientVLMForImageTextRetrieval, without the nlvr2 weights \(\d+ missing, e\.g\. "
+    for command in (
+        ["finetune", "--preset", "tiny-student"],
+        ["prune", "--model_name_or_path", str(tmp_path / "teacher"), "--target_sparsity", "0.5"],
+    ):
+        with pytest.raises(ValueError, match=message):
+            cli.main([*command, *wrong, *common, "--output_dir", str(tmp_path / "wrong")])
+    assert not (tmp_path / "wrong" / "model.safetensors").exists()
 
 
 def test_answer_list_auto_ranks_the_most_frequent_training_answers(tmp_path) -> None:

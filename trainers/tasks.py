@@ -441,6 +441,23 @@ def task_model_from(task: str, source: Any) -> Any:
     return model
 
 
+def load_task_teacher(task: str, name_or_path: str | os.PathLike) -> Any:
+    """The `task` teacher saved at `name_or_path`, which must hold every weight of a `task` model: a teacher of
+    another task (a retrieval folder for VQA) would distil its freshly initialised task head into the student."""
+    model, loading = task_model_class(task).from_pretrained(name_or_path, output_loading_info=True)
+    if loading["missing_keys"]:
+        from modeling_efficientvlm import EfficientVLMConfig
+
+        saved_as = EfficientVLMConfig.from_pretrained(name_or_path).architectures or ["another model"]
+        missing = sorted(loading["missing_keys"])
+        raise ValueError(
+            f"--teacher_model_name_or_path {name_or_path} is a checkpoint of {', '.join(saved_as)}, without the "
+            f"{task} weights ({len(missing)} missing, e.g. {', '.join(missing[:3])}), which would teach freshly "
+            f"initialised: give a teacher fine-tuned for {task}."
+        )
+    return model
+
+
 def build_dataset(task: str, data: Any, image_root: str | os.PathLike | None, processor: Any = None):
     """The dataset of `task` over an X-VLM JSON file, a list of records or a `datasets.Dataset`."""
     return task_spec(task).dataset_class(data, image_root=image_root, processor=processor)

@@ -26,7 +26,7 @@ from trainers.json_files import read_json_file
 from trainers.model_card import ModelCardInfo, local_name
 from trainers.saving import hub_target_from, save_model_folder
 from trainers.sharding import check_engine, prepare_model_for_engine, whole_model, whole_weights_on_load
-from trainers.tasks import build_collator, build_dataset, evaluate_task, task_model_from
+from trainers.tasks import build_collator, build_dataset, evaluate_task, load_task_teacher, task_model_from
 
 logger = logging.get_logger(__name__)
 
@@ -416,7 +416,7 @@ def train_task_model(
         model, processor = build_model_and_processor(
             task, model_name_or_path, preset, config_overrides, processor_name_or_path, vocab_file, max_text_length
         )
-        teacher = task_model_from(task, teacher_model_name_or_path) if teacher_model_name_or_path else None
+        teacher = load_task_teacher(task, teacher_model_name_or_path) if teacher_model_name_or_path else None
     train_dataset, eval_dataset, answers = task_inputs(
         task, model, processor, train_file, eval_file, image_root, dataset_path, answer_list
     )

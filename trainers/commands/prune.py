@@ -167,7 +167,7 @@ def run(
     from trainers.pruning import ModalAdaptivePruningTrainer
     from trainers.saving import hub_target_from, save_model_folder
     from trainers.sharding import whole_weights_on_load
-    from trainers.tasks import task_model_from
+    from trainers.tasks import load_task_teacher
     from trainers.training import (
         build_model_and_processor,
         data_names,
@@ -213,7 +213,7 @@ def run(
         )
         teacher = None
         if prune_args.teacher_model_name_or_path is not None:
-            teacher = task_model_from(task, prune_args.teacher_model_name_or_path)
+            teacher = load_task_teacher(task, prune_args.teacher_model_name_or_path)
     train_dataset, eval_dataset, answers = task_inputs(
         task, model, processor, data_args.train_file, data_args.eval_file, data_args.image_root,
         data_args.dataset_path, data_args.answer_list,
