@@ -203,6 +203,16 @@ def test_snap_to_target_fixes_the_masks_the_fixed_mask_phase_trains_with(tmp_pat
     resumed = _trainer(tmp_path / "resumed", pruning=pruning, args=args)
     resumed.load_pruning_checkpoint(str(tmp_path / "checkpoint-10"))
     assert resumed.snap == trainer.snap
+    # Resumed for more steps, the masks learn on past the old snap (its offset was for other masks): they snap
+    # again when this run fixes them, and the report's sparsity is the target's.
+    longer = _args(tmp_path / "longer", max_steps=20, save_strategy="no")
+    resumed = _trainer(tmp_path / "longer", pruning=pruning, args=longer)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
+    assert resumed.snap["step"] == 12
+    report = resumed.prune_with_final_masks(resumed.model)
+    assert report["sparsity"] == pytest.approx(0.5, abs=0.03) == report["snap_to_target"]["sparsity_after"]
+    with pytest.raises(ValueError, match="would not be kept: give one"):
+        PruningConfig(target_sparsity=0.5, target_sparsity_per_modality={"vision": 0.1}, snap_to_target=True)
 
 
 # -- optimisation details --------------------------------------------------------------------------------------

@@ -126,6 +126,11 @@ class PruningConfig:
         check_pad_multiple(self.pad_to_multiple_of)
         if self.snap_to_target and self.target_sparsity is None and self.sparsity_ladder is None:
             raise ValueError("`snap_to_target` brings the masks to the global target: give `target_sparsity`.")
+        if self.snap_to_target and self.target_sparsity_per_modality:
+            raise ValueError(
+                "`snap_to_target` shifts every modality's masks alike to the global target, so the targets of "
+                f"`target_sparsity_per_modality` ({self.target_sparsity_per_modality}) would not be kept: give one."
+            )
         if not 0.0 <= self.mask_freeze_fraction < 1.0:
             raise ValueError(f"`mask_freeze_fraction` must be in [0, 1); got {self.mask_freeze_fraction}.")
         if self.sparsity_ladder is not None:
@@ -177,6 +182,10 @@ class _MaskOptimizationCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         config = self.trainer.pruning_config
         self.trainer.mask_freeze_step = state.max_steps - int(round(config.mask_freeze_fraction * state.max_steps))
+        snap = self.trainer.snap
+        if snap is not None and self.trainer.ladder is None and snap["step"] < self.trainer.mask_freeze_step:
+            # Restored from a run with fewer steps: the masks learn on past it, and snap again when this run fixes them.
+            self.trainer.snap = None
         if config.sparsity_warmup_fraction is not None:
             # With a ladder every rung warms up, so the fraction is of a rung's share of the steps: of the whole run,
             # 0.3 would leave 3 rungs 10% of their share to settle (and 4 rungs none).
