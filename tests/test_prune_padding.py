@@ -151,3 +151,21 @@ def test_a_padded_pruned_model_equals_the_masked_model_reloads_and_reports_its_p
     assert reloaded.config.text_config.intermediate_size_per_layer == after["text_ffn"] + after["fusion_ffn"]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, masked, rtol=0, atol=1e-5)
+
+    # Pruned again, the padding is not prunable: it is removed first (outputs unchanged), so the masker counts
+    # only real neurons (the second report had counted the padding removed as sparsity).
+    from transformers import TrainingArguments
+
+    from trainers.pruning import ModalAdaptivePruningTrainer, PruningConfig
+
+    args = TrainingArguments(str(tmp_path / "again"), use_cpu=True, report_to="none", max_steps=1)
+    trainer = ModalAdaptivePruningTrainer(
+        model=reloaded, args=args, pruning_config=PruningConfig(target_sparsity=0.5), train_dataset=[0]
+    )
+    assert trainer.silent_neurons_dropped == {
+        "neurons": sum(sum(units) for units in report["padded_units"].values()),
+        "parameters": report["padded_parameters"],
+    }
+    assert trainer.masker.structure_sizes == exact.structure_sizes()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, exact(**inputs).logits, rtol=0, atol=1e-6)

@@ -44,4 +44,43 @@ def prune_structures(
     }
 
 
-__all__ = ["PAD_TO_MULTIPLE_OF", "prune_structures"]
+def ffn_blocks(model: nn.Module, include_decoder: bool = False) -> dict[str, list[nn.Module]]:
+    """The FFN blocks (`EfficientVLMMLP`) of every `*_ffn` structure key of `model.structure_sizes()`, layer by layer
+    (VQA's answer decoder as `decoder_ffn` with `include_decoder`; a model without one raises, as
+    `structure_sizes` does)."""
+    model.structure_sizes(include_decoder=include_decoder)
+    backbone = getattr(model, "efficientvlm", model)
+
+    def text_stack(text_model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+        text, fusion = text_model.config.layout.split(text_model.encoder.layer)
+        return [layer.mlp for layer in text], [layer.mlp for layer in fusion]
+
+    blocks = {"vision_ffn": [layer.mlp for layer in backbone.vision_model.layers]}
+    blocks["text_ffn"], blocks["fusion_ffn"] = text_stack(backbone.text_model)
+    if include_decoder:
+        blocks["decoder_ffn"] = text_stack(model.answer_decoder)[1]
+    return blocks
+
+
+def drop_silent_ffn_neurons(model: nn.Module, include_decoder: bool = False) -> int:
+    """Physically removes every FFN neuron whose output weights are all zero (the padding of an earlier pruning,
+    or a dead neuron): it adds nothing to the outputs, which stay the same, and masks over it would count its
+    parameters as prunable (a pruned model pruned again reported its padding removed as sparsity). Returns the
+    number of neurons removed."""
+    import torch
+
+    masks, removed = {}, 0
+    for key, blocks in ffn_blocks(model, include_decoder).items():
+        per_layer = []
+        for block in blocks:
+            heard = block.fc2.weight.detach().ne(0).any(dim=0) if block.intermediate_size else None
+            silent = 0 if heard is None else int((~heard).sum())
+            per_layer.append(heard.to(torch.float32) if silent else None)
+            removed += silent
+        masks[key] = per_layer
+    if removed:
+        model.prune(masks)
+    return removed
+
+
+__all__ = ["PAD_TO_MULTIPLE_OF", "drop_silent_ffn_neurons", "ffn_blocks", "prune_structures"]

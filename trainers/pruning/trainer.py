@@ -44,7 +44,7 @@ from ..sharding import broadcast_from_first_process, whole_model
 from .hard_concrete import DROPRATE_INIT, HARD_CONCRETE_TEMPERATURE, HEAD_LOG_ALPHA_INIT, StructureMasker
 from .ladder import LadderOutputs, SparsityLadder, parse_sparsity_ladder
 from .lagrangian import SparsityLagrangian, one_epoch_warmup_steps
-from .padding import PAD_TO_MULTIPLE_OF, prune_structures
+from .padding import PAD_TO_MULTIPLE_OF, drop_silent_ffn_neurons, prune_structures
 
 logger = logging.get_logger(__name__)
 
@@ -284,7 +284,18 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             teacher_model, distillation_config = _NoTeacher(), DistillationConfig(task_weight=1.0, kd_weight=0.0)
         super().__init__(*args, teacher_model=teacher_model, distillation_config=distillation_config, **kwargs)
         self.pruning_config = pruning_config
+        # The zero FFN neurons an earlier pruning padded with (all-zero output weights) are removed first: masks
+        # over them would count their parameters as prunable and their removal as sparsity.
+        self.silent_neurons_dropped: dict[str, int] | None = None
         if masker is None:
+            before = count_parameters(self.model)
+            neurons = drop_silent_ffn_neurons(self.model, include_decoder=pruning_config.prune_decoder)
+            if neurons:
+                self.silent_neurons_dropped = {"neurons": neurons, "parameters": before - count_parameters(self.model)}
+                logger.warning(
+                    f"Removed {neurons} FFN neurons whose output weights are all zero (an earlier pruning's padding; "
+                    "the outputs do not change) before pruning, so that they do not count as prunable."
+                )
             masker = StructureMasker.from_model(
                 self.model,
                 include_decoder=pruning_config.prune_decoder,
@@ -572,6 +583,8 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         }
         report["padding"] = prune_structures(model, masks, kept, self.pruning_config.pad_to_multiple_of)
         report["parameters_after"] = count_parameters(model)
+        if self.silent_neurons_dropped is not None:
+            report["silent_ffn_neurons_dropped"] = self.silent_neurons_dropped  # before `parameters_before`
         report["pruning_config"] = asdict(self.pruning_config)
         settling = self.settling()
         if settling is not None:
