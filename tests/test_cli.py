@@ -588,3 +588,29 @@ def test_a_processor_for_another_image_size_is_a_named_error_before_training(tmp
     # With the model's size set to the processor's, it trains.
     cli.main([*argv, "--config_overrides", '{"vision_config": {"image_size": 64}}', "--save_strategy", "no"])
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_final_evaluation_that_fails_leaves_the_trained_model_saved(tmp_path) -> None:
+    """An eval image whose header reads but whose pixels are cut short passes the check before training and fails
+    in the final evaluation: the model is saved first, so the run's training is not lost (it was, and resuming hit
+    the same error)."""
+    from PIL import Image
+
+    from .data_utils import write_vocab, write_vqa_json
+
+    records_file, image_root = write_vqa_json(tmp_path, n=4)
+    records = json.loads(records_file.read_text())
+    train, test = tmp_path / "train.json", tmp_path / "test.json"
+    train.write_text(json.dumps([records[0], records[2], records[3]]))
+    test.write_text(json.dumps(records[:2]))
+    path = image_root / "q1.png"
+    Image.new("RGB", (64, 64)).save(path)  # a larger image, so that half of it still has a whole header
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    argv = ["finetune", "--task", "vqa", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+    argv += ["--train_file", str(train), "--eval_file", str(test), "--image_root", str(image_root)]
+    argv += ["--max_steps", "1", "--per_device_train_batch_size", "1", "--output_dir", str(tmp_path / "out")]
+    argv += ["--report_to", "none", "--use_cpu", "--save_strategy", "no", "--answer_list", "auto"]
+    with pytest.raises((OSError, ValueError), match="q1.png"):
+        cli.main(argv)
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "README.md").is_file()
+    assert not (tmp_path / "out" / "eval_results.json").exists()

@@ -102,7 +102,8 @@ def test_a_model_saved_over_another_leaves_none_of_the_others_files(tmp_path, ca
     save_model_folder(task_model_class("vqa")(config), processor, folder, pruning_report=report)
     assert "pruning removed 100,000 parameters" in (folder / "README.md").read_text()
     assert {"pruning_report.json", "modeling_efficientvlm_vqa.py"} <= set(model_folder_files(folder))
-    own = {"eval_results.json": "{}", "my_script.py": "print(1)", "trainer_state.json": "{}"}  # not the save's
+    (folder / "eval_results.json").write_text('{"vqa_accuracy": 0.9}')  # the earlier model's
+    own = {"my_script.py": "print(1)", "trainer_state.json": "{}"}  # not the save's
     for name, text in own.items():
         (folder / name).write_text(text)
     with caplog.at_level("WARNING"):
@@ -110,7 +111,8 @@ def test_a_model_saved_over_another_leaves_none_of_the_others_files(tmp_path, ca
     files = set(model_folder_files(folder))
     assert "pruning_report.json" not in files and "modeling_efficientvlm_vqa.py" not in files
     assert "modeling_efficientvlm_retrieval.py" in files
-    assert "modeling_efficientvlm_vqa.py, pruning_report.json." in caplog.text  # named, not removed silently
+    assert ": eval_results.json, generation_config.json, modeling_efficientvlm_decoder.py, " in caplog.text  # named
+    assert not (folder / "eval_results.json").exists()
     assert all((folder / name).read_text() == text for name, text in own.items())
     assert [path.name for path in folder.iterdir() if path.name.startswith(".saving")] == []
     card = (folder / "README.md").read_text()

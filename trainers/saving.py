@@ -195,13 +195,6 @@ def save_model_folder(
     saves_candidates = bool(answer_candidates) and hasattr(model, "set_answer_candidates")
     if saves_candidates:
         model.set_answer_candidates(list(answer_candidates), tokenizer)
-    repo_id = None
-    if push is not None:
-        from huggingface_hub import HfApi
-
-        url = HfApi().create_repo(push.repo_id, token=push.token, private=push.private, exist_ok=True)
-        # `create_repo` resolves a bare name to the token's user.
-        repo_id = getattr(url, "repo_id", None) or push.repo_id
     # Written beside the folder first, then moved in: a model saved over another one (another task, an unpruned
     # model over a pruned one) must not keep the other's modules, pruning report or vocabulary.
     staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
@@ -218,14 +211,38 @@ def save_model_folder(
         else:
             if saves_candidates and card.answer_candidates is None:
                 card.answer_candidates = len(answer_candidates)
-            write_model_card(staging, card, model=model, repo_id=repo_id or output_dir.absolute().name)
+            write_model_card(staging, card, model=model, repo_id=output_dir.absolute().name)
         _replace_saved_files(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if push is not None:
+        publish_model_folder(output_dir, model, card, push, pruning_report=pruning_report)
+    return output_dir
+
+
+def publish_model_folder(
+    output_dir: str | os.PathLike,
+    model: Any,
+    card: ModelCardInfo | None,
+    push: HubTarget | None = None,
+    *,
+    pruning_report: dict[str, Any] | None = None,
+) -> None:
+    """Rewrites the model card of a folder [`save_model_folder`] wrote (`card`: its facts now, e.g. with the metrics
+    of an evaluation that ran after the save) and, with `push`, creates the Hub repo, names it in the card and
+    uploads the folder's model files."""
+    repo_id = None
+    if push is not None:
+        from huggingface_hub import HfApi
+
+        url = HfApi().create_repo(push.repo_id, token=push.token, private=push.private, exist_ok=True)
+        # `create_repo` resolves a bare name to the token's user.
+        repo_id = getattr(url, "repo_id", None) or push.repo_id
+    if card is not None:
+        write_model_card(output_dir, card, model=model, repo_id=repo_id)
+    if push is not None:
         message = push.commit_message or (card.commit_message(pruning_report) if card else "efficientvlm: save model")
         push_model_folder(output_dir, repo_id, commit_message=message, hub=push)
-    return output_dir
 
 
 def _saved_module_names() -> set[str]:
@@ -237,14 +254,14 @@ def _saved_module_names() -> set[str]:
 
 def _replace_saved_files(staging: Path, output_dir: Path) -> None:
     """Moves the files of a save from `staging` into `output_dir`, after removing (with a warning) the files of a
-    model saved there before that this save does not write. Only files a save writes are candidates: never the
-    caller's `eval_results.json`, training outputs or a Python file of the user's own."""
+    model saved there before that this save does not write (its `eval_results.json` too: the commands evaluate after
+    saving). Only files a save writes are candidates: never training outputs or a Python file of the user's own."""
     written = {path.name for path in staging.iterdir()}
     ours = _saved_module_names()
     stale = [
         name
         for name in model_folder_files(output_dir)
-        if name not in written and name != EVAL_RESULTS_FILE and (not name.endswith(".py") or name in ours)
+        if name not in written and (not name.endswith(".py") or name in ours)
     ]
     for name in stale:
         (output_dir / name).unlink()
@@ -294,6 +311,7 @@ __all__ = [
     "hub_target_from",
     "model_folder_files",
     "processor_for_saving",
+    "publish_model_folder",
     "push_model_folder",
     "save_model_folder",
     "special_token_ids",

@@ -24,7 +24,7 @@ from transformers.utils import logging
 
 from trainers.json_files import read_json_file
 from trainers.model_card import ModelCardInfo, local_name
-from trainers.saving import hub_target_from, save_model_folder
+from trainers.saving import hub_target_from, publish_model_folder, save_model_folder
 from trainers.sharding import check_engine, prepare_model_for_engine, whole_model, whole_weights_on_load
 from trainers.tasks import build_collator, build_dataset, evaluate_task, load_task_teacher, task_model_from
 
@@ -429,21 +429,44 @@ def train_task_model(
     trainer = train(task, model, processor, train_dataset, training_args, trainer_class, **distillation)
     # Every process: under FSDP / ZeRO-3 this gathers the weights into process 0 (None in the others).
     model = whole_model(trainer)
-    metrics: dict[str, float] = {}
     output_dir = training_args.output_dir if training_args.should_save and model is not None else None
-    # Evaluation runs once, in the world's first process, on the whole model (no collective is needed); the other
-    # processes return no metrics.
+    card = ModelCardInfo(
+        task=task,
+        stage="pretrain" if task == "pretraining" else "finetune",
+        base_model=local_name(model_name_or_path),
+        teacher_model=local_name(teacher_model_name_or_path),
+        datasets=data_names(dataset_path or train_file),
+    )
+    return save_evaluate_and_publish(
+        task, model, processor, output_dir, card, eval_dataset, training_args, eval_file, answers=answers, push=hub
+    )
+
+
+def save_evaluate_and_publish(
+    task: str,
+    model: Any,
+    processor: Any,
+    output_dir: str | os.PathLike | None,
+    card: ModelCardInfo,
+    eval_dataset: Any,
+    training_args: TrainingArguments,
+    eval_file: Any = None,
+    *,
+    answers: list[str] | None = None,
+    pruning_report: dict[str, Any] | None = None,
+    push: Any = None,
+) -> dict[str, float]:
+    """The end of a training command: saves the model folder to `output_dir` (None: this process does not save)
+    first, so that an evaluation that fails (an image that cannot be decoded) loses nothing; then evaluates it on
+    `eval_dataset` once, in the world's first process, on the whole model (the other processes return no metrics),
+    writes the metrics into `eval_results.json` and the card, and pushes the folder (`push`, a `HubTarget`)."""
+    if output_dir is not None:
+        save_model_folder(model, processor, output_dir, card, pruning_report=pruning_report, answer_candidates=answers)
+    metrics: dict[str, float] = {}
     if eval_dataset is not None and training_args.process_index == 0:
         metrics = evaluate_and_save(task, model, processor, eval_dataset, output_dir, answers)
-    if output_dir is not None:
-        card = ModelCardInfo(
-            task=task,
-            stage="pretrain" if task == "pretraining" else "finetune",
-            base_model=local_name(model_name_or_path),
-            teacher_model=local_name(teacher_model_name_or_path),
-            datasets=data_names(dataset_path or train_file),
-            metrics=metrics,
-            eval_dataset=data_names(eval_file)[0] if eval_file and metrics else None,
-        )
-        save_model_folder(model, processor, output_dir, card, answer_candidates=answers, push=hub)
+    if output_dir is not None and (metrics or push is not None):
+        card.metrics = metrics
+        card.eval_dataset = data_names(eval_file)[0] if eval_file and metrics else None
+        publish_model_folder(output_dir, model, card, push, pruning_report=pruning_report)
     return metrics

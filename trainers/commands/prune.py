@@ -165,13 +165,14 @@ def run(
     report (with the evaluation metrics under `eval`)."""
     from trainers.model_card import ModelCardInfo, local_name
     from trainers.pruning import ModalAdaptivePruningTrainer
-    from trainers.saving import hub_target_from, save_model_folder
+    from trainers.saving import hub_target_from
     from trainers.sharding import whole_weights_on_load
     from trainers.tasks import load_task_teacher
     from trainers.training import (
         build_model_and_processor,
         data_names,
         evaluate_and_save,
+        save_evaluate_and_publish,
         task_inputs,
         train,
     )
@@ -260,15 +261,19 @@ def run(
     report = trainer.finalize_pruning()  # every process: under FSDP / ZeRO-3 it gathers the weights into process 0
     pruned = trainer.pruned_model
     output_dir = training_args.output_dir if training_args.should_save else None
-    metrics: dict = {}
-    # Evaluation runs once, in the world's first process, on the whole pruned model (no collective is needed);
-    # the other processes return no metrics.
-    if eval_dataset is not None and training_args.process_index == 0:
-        metrics = evaluate_and_save(task, pruned, processor, eval_dataset, output_dir, answers)
-    if output_dir is not None:
-        save_model_folder(
-            pruned, processor, output_dir, card_for(metrics), pruning_report=report, answer_candidates=answers, push=hub
-        )
+    metrics = save_evaluate_and_publish(
+        task,
+        pruned,
+        processor,
+        output_dir,
+        card_for({}),
+        eval_dataset,
+        training_args,
+        data_args.eval_file,
+        answers=answers,
+        pruning_report=report,
+        push=hub,
+    )
     if output_dir is not None:
         logger.warning(
             f"Pruned {task} model: sparsity {report['sparsity']:.4f} of the prunable parameters (per modality "

@@ -194,7 +194,7 @@ class SparsityLadder(TrainerCallback):
     def save_rung(self, step: int, settled_by: str) -> LadderRung:
         """Prunes a copy of the student with the current deterministic masks, evaluates it (when an `evaluate` was
         given) and saves it as `rung_<target>/` in the output folder."""
-        from trainers.saving import default_card, save_model_folder
+        from trainers.saving import default_card, publish_model_folder, save_model_folder
         from trainers.sharding import broadcast_from_first_process, whole_model
 
         trainer = self.trainer
@@ -208,15 +208,14 @@ class SparsityLadder(TrainerCallback):
             report["ladder"] = {"rung": rung, "rungs": list(self.ladder), "step": step, "settled_by": settled_by}
             pruned.eval()
         if trainer.args.should_save and pruned is not None:
-            if self.outputs.evaluate is not None:
-                metrics = dict(self.outputs.evaluate(pruned, output_dir))
             processor = self.outputs.processor if self.outputs.processor is not None else trainer.processing_class
             if processor is None:
                 raise ValueError(
                     "The sparsity ladder saves each rung with its processor: pass `processing_class=` to the trainer "
                     "or `LadderOutputs(processor=...)`."
                 )
-            card = self.outputs.card(metrics) if self.outputs.card is not None else default_card(pruned, "prune")
+            card = self.outputs.card({}) if self.outputs.card is not None else default_card(pruned, "prune")
+            # Saved before it is evaluated: an evaluation that fails loses no rung.
             save_model_folder(
                 pruned,
                 processor,
@@ -225,6 +224,10 @@ class SparsityLadder(TrainerCallback):
                 pruning_report=report,
                 answer_candidates=self.outputs.answer_candidates,
             )
+            if self.outputs.evaluate is not None:
+                metrics = dict(self.outputs.evaluate(pruned, output_dir))
+            if metrics and self.outputs.card is not None:
+                publish_model_folder(output_dir, pruned, self.outputs.card(metrics), pruning_report=report)
         report, metrics = broadcast_from_first_process((report, metrics))
         logger.warning(
             f"Sparsity ladder: rung {target} at step {step} ({settled_by}): sparsity {report['sparsity']:.4f}, "
