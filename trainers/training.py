@@ -286,6 +286,7 @@ def task_inputs(
     ranks (`answer_list` or the candidates saved with the model)."""
     check_answer_list_task(answer_list, task)
     train_dataset = task_dataset(task, train_file, image_root, processor, dataset_path)
+    check_training_images(train_dataset)
     answers = None
     if task == "vqa":
         auto = str(answer_list) == ANSWER_LIST_AUTO
@@ -302,6 +303,20 @@ def task_inputs(
         if task == "vqa":
             check_vqa_references(eval_dataset, "--eval_file")
     return train_dataset, eval_dataset, answers
+
+
+# Training splits up to this many records have their image files identified before training (a header read each).
+MAX_CHECKED_TRAINING_RECORDS = 200_000
+
+
+def check_training_images(dataset: Any) -> None:
+    """Identifies the image files of a training split before the first step (a bad file would stop the run where
+    a batch first reads it), unless the split is larger than `MAX_CHECKED_TRAINING_RECORDS`: then it says so."""
+    if not dataset.check_image_headers(limit=MAX_CHECKED_TRAINING_RECORDS) and not dataset.lazy_image_column:
+        logger.warning(
+            f"{len(dataset.records):,} training records: their image files are not identified before training (over "
+            f"{MAX_CHECKED_TRAINING_RECORDS:,}); an unreadable one stops the run when a batch reads it."
+        )
 
 
 def check_answer_list_task(answer_list: Any, task: str) -> None:

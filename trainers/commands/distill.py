@@ -107,6 +107,7 @@ def _train_dataset(args: DistillArguments, processor: Any) -> Any:
     from torch.utils.data import Subset
 
     from ..data import PretrainingDataset
+    from ..training import check_training_images
 
     _check_data_source(args)
     if args.train_file:
@@ -120,6 +121,7 @@ def _train_dataset(args: DistillArguments, processor: Any) -> Any:
     else:
         data = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split)
     dataset = PretrainingDataset(data, image_root=args.image_root, processor=processor, max_length=args.max_length)
+    check_training_images(dataset)
     if args.max_train_samples is not None:
         dataset = Subset(dataset, range(min(args.max_train_samples, len(dataset))))
     if len(dataset) == 0:
