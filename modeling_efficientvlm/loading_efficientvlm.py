@@ -128,8 +128,8 @@ def _first_line(error: Exception) -> str:
 
 
 def unreadable_weight_files(location: str | os.PathLike, subfolder: str = "") -> list[tuple[str, str]]:
-    """(path, error) of every weights file (`.safetensors`, `.bin`) in the local folder `location` (/ `subfolder`)
-    that cannot be read; [] for a folder that does not exist (a Hub id)."""
+    """(path, error) of every weights file (`*.safetensors`, `pytorch_model*.bin`) in the local folder `location`
+    (/ `subfolder`) that cannot be read; [] for a folder that does not exist (a Hub id)."""
     import torch
     from safetensors import safe_open
 
@@ -143,7 +143,7 @@ def unreadable_weight_files(location: str | os.PathLike, subfolder: str = "") ->
                 handle.keys()
         except Exception as error:  # any failure to read is what we report
             unreadable.append((str(path), str(error)))
-    for path in sorted(folder.glob("*.bin")):
+    for path in sorted(folder.glob("pytorch_model*.bin")):  # not `training_args.bin` & co. of an output folder
         try:  # a zip-format file memory-mapped: its tensors are not read into memory
             torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as error:

@@ -628,3 +628,63 @@ def test_an_unreadable_training_image_is_named_before_training(tmp_path) -> None
     with pytest.raises(ValueError, match=r"Record 2 in .*vqa.json: cannot read image .*q2.png"):
         cli.main(argv)
     assert not (tmp_path / "out").exists()
+
+
+def test_training_that_stops_before_its_last_step_saves_no_final_model(tmp_path, monkeypatch, capsys) -> None:
+    """A SIGTERM under --enable_jit_checkpoint ends training at a checkpoint "gracefully": the commands went on to
+    evaluate and save a half-trained model as final and exited 0 (a scheduler read the run as done)."""
+    from transformers import TrainerCallback
+
+    import trainers.training
+    from trainers import commands
+    from trainers.training import TrainingStopped
+
+    from .data_utils import write_image_text_json, write_vocab
+
+    class StopAtTheFirstCheckpoint(TrainerCallback):  # what the JIT checkpoint callback does on SIGTERM
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_save = control.should_training_stop = True
+
+    original = trainers.training.train
+    monkeypatch.setattr(
+        trainers.training, "train", lambda *a, **k: original(*a, **k, callbacks=[StopAtTheFirstCheckpoint()])
+    )
+    records, image_root = write_image_text_json(tmp_path, n=4)
+    argv = ["finetune", "--task", "retrieval", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+    argv += ["--train_file", str(records), "--image_root", str(image_root), "--max_steps", "3", "--use_cpu"]
+    argv += ["--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    with pytest.raises(TrainingStopped, match=r"stopped at step 1 of 3 .* --resume_from_checkpoint .*checkpoint-1"):
+        cli.main(argv)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    # The console script prints it as one message and exits with 1.
+    monkeypatch.setattr(sys, "argv", ["efficientvlm", *argv])
+    assert commands.console() == 1
+    assert "efficientvlm finetune: error: Training stopped at step 1 of 3" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_is_named_when_resumed(tmp_path) -> None:
+    """A checkpoint cut short (weights, or the pruning run's masker.pt) gave a bare safetensors / zip error that named
+    no file; the settling trace of a pruning run travels in masker.pt, so a resumed report says the same."""
+    import torch
+
+    from modeling_efficientvlm.loading_efficientvlm import CorruptCheckpointError
+
+    from .data_utils import write_image_text_json, write_vocab
+
+    records, image_root = write_image_text_json(tmp_path, n=4)
+    argv = ["prune", "--task", "retrieval", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+    argv += ["--train_file", str(records), "--image_root", str(image_root), "--max_steps", "2", "--use_cpu"]
+    argv += ["--per_device_train_batch_size", "4", "--report_to", "none", "--target_sparsity", "0.5"]
+    argv += ["--output_dir", str(tmp_path / "out"), "--save_strategy", "steps", "--save_steps", "1"]
+    cli.main(argv)
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    assert torch.load(checkpoint / "masker.pt", weights_only=True)["sparsity_trace"][0][0] == 1
+    resume = [*argv, "--resume_from_checkpoint", str(checkpoint)]
+    masker = checkpoint / "masker.pt"
+    masker.write_bytes(masker.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"masker.pt cannot be read .*incomplete or damaged"):
+        cli.main(resume)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CorruptCheckpointError, match=r"--resume_from_checkpoint .*checkpoint-1: cannot read .*model"):
+        cli.main(resume)

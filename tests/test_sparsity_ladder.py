@@ -78,6 +78,13 @@ def test_resuming_keeps_the_rung_and_the_rungs_already_saved(tmp_path, caplog) -
 
     first = run()
     saved = [(rung.target, rung.step) for rung in first.ladder.rungs]
+    # Resumed from a checkpoint taken after the last rung was saved, the run stops at once (it trained on to the
+    # last step for nothing).
+    from transformers import TrainerControl
+
+    control = TrainerControl()
+    first.ladder.on_step_end(first.args, first.state, control)
+    assert first.ladder.finished and control.should_training_stop
     before_checkpoint = [item for item in saved if item[1] <= 30]
     assert before_checkpoint and len(saved) > len(before_checkpoint)
     resumed = run(str(tmp_path / "checkpoint-30"))

@@ -267,8 +267,50 @@ def train(
     )
     check_engine(trainer)
     prepare_model_for_engine(trainer)
+    check_resumed_checkpoint(training_args.resume_from_checkpoint)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    check_training_finished(trainer)
     return trainer
+
+
+def check_resumed_checkpoint(checkpoint: Any) -> None:
+    """Raises `CorruptCheckpointError` naming the file when a weights file of the checkpoint folder to resume from
+    cannot be read (a save cut short), before the Trainer fails on it with a bare safetensors error."""
+    from modeling_efficientvlm.loading_efficientvlm import CorruptCheckpointError, unreadable_weight_files
+
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        return
+    files = unreadable_weight_files(checkpoint)
+    if files:
+        named = "; ".join(f"{path} ({message})" for path, message in files)
+        raise CorruptCheckpointError(
+            f"--resume_from_checkpoint {checkpoint}: cannot read {named}; the checkpoint was cut short or damaged. "
+            "Resume from an earlier checkpoint."
+        )
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended before its last step without meaning to (a SIGTERM under `--enable_jit_checkpoint`): the
+    command saves no final model; a checkpoint resumes it."""
+
+
+def check_training_finished(trainer: Trainer) -> None:
+    """Raises [`TrainingStopped`] when `trainer` stopped before its last step, other than a sparsity ladder that
+    saved every rung: what it holds is not the model the run was asked for, and a scheduler must not read the exit
+    as done."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    state = trainer.state
+    ladder = getattr(trainer, "ladder", None)
+    if state.global_step >= state.max_steps or (ladder is not None and ladder.finished):
+        return
+    output_dir = trainer.args.output_dir
+    last = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+    resume = f"resume with --resume_from_checkpoint {last}" if last else "no checkpoint was saved to resume from"
+    raise TrainingStopped(
+        f"Training stopped at step {state.global_step} of {state.max_steps} (a SIGTERM under --enable_jit_checkpoint, "
+        f"or a callback that stops training): no final model was saved; {resume}."
+    )
 
 
 def task_inputs(

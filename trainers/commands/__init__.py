@@ -62,12 +62,15 @@ TRACEBACK_VARIABLE = "EFFICIENTVLM_TRACEBACK"
 def console() -> int:
     """The `efficientvlm` script (and `python -m trainers.commands`): freed memory kept for reuse
     (`trainers.cpu_memory`), [`main`], then a clean end under torchrun. An input error (`ValueError`,
-    `FileNotFoundError`: the checks name the flag, file or record) prints as one message and exits with 2, as
-    argparse's own errors do; anything else keeps its traceback."""
+    `OSError`: the checks name the flag, file or record; a file that cannot be read or written) prints as one
+    message and exits with 2, as argparse's own errors do; training that stopped before its last step
+    (`TrainingStopped`) prints as one message and exits with 1; anything else keeps its traceback."""
+    from trainers.training import TrainingStopped
+
     keep_freed_memory()
     try:
         code = main()
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError, TrainingStopped) as error:
         if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
             raise
         command = sys.argv[1] if len(sys.argv) > 1 else ""
@@ -75,7 +78,7 @@ def console() -> int:
             f"efficientvlm {command}: error: {error}\n({TRACEBACK_VARIABLE}=1 shows where it was raised)",
             file=sys.stderr,
         )
-        return 2
+        return 1 if isinstance(error, TrainingStopped) else 2
     _close_process_group()
     return code
 

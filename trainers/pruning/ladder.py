@@ -156,6 +156,11 @@ class SparsityLadder(TrainerCallback):
             settled_by = report["ladder"]["settled_by"]
             self.rungs.append(LadderRung(index, self.ladder[index], saved_at, settled_by, folder, report, metrics))
 
+    @property
+    def finished(self) -> bool:
+        """Whether every rung is saved (the run then stops before its last step, on purpose)."""
+        return len(self.rungs) == len(self.ladder)
+
     def step_budget(self, rung: int) -> int:
         """The step by which rung `rung` is saved even if it has not settled."""
         return round(self._max_steps * (rung + 1) / len(self.ladder))
@@ -164,7 +169,9 @@ class SparsityLadder(TrainerCallback):
         lagrangian = self.trainer.lagrangian
         rung, step = lagrangian.rung, state.global_step
         if len(self.rungs) > rung:
-            return  # the last rung is saved (a resumed run that had saved it already)
+            # The last rung is saved (a resumed run that had saved it already): the steps left change nothing saved.
+            control.should_training_stop = True
+            return
         target = self.ladder[rung]
         masker = self.trainer.masker
         sparsity = masker.sparsity_of(self.trainer.final_masks())  # what a save now would achieve

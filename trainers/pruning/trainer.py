@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -449,6 +450,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             "steps_in_tolerance": self.lagrangian.steps_in_tolerance,
             "ladder": self.lagrangian.ladder,
             "snap": self.snap,
+            "sparsity_trace": self.sparsity_trace,  # a resumed run's report describes the same last steps
         }
 
     def load_pruning_state_dict(self, state: dict[str, Any]) -> None:
@@ -481,6 +483,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         if state.get("optimizer") is not None:  # the optimizer's moments: a resume continues exactly
             self.pruning_optimizer.load_state_dict(state["optimizer"])
         self.snap = state.get("snap")  # a resume in the fixed-mask phase keeps the masks it trained with
+        self.sparsity_trace = [(int(step), float(value)) for step, value in state.get("sparsity_trace", [])]
 
     def _check_resumed_settings(self, state: dict[str, Any]) -> None:
         """Raises when the run resuming `state` asks for other targets (a ladder, its rungs, the global or a
@@ -511,7 +514,13 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         if os.path.isfile(path):
             # Loaded on the CPU and copied into the parameters: under torchrun `args.device` can read `cpu:0`,
             # which torch.load cannot restore storages to.
-            self.load_pruning_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+                raise ValueError(
+                    f"{path} cannot be read ({error}): the checkpoint is incomplete or damaged."
+                ) from error
+            self.load_pruning_state_dict(state)
         elif required:
             raise ValueError(
                 f"{checkpoint} has no {MASKER_STATE_NAME}: it is not a checkpoint of a pruning run, "
