@@ -73,7 +73,15 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
         self.efficientvlm = EfficientVLMModel(config)
         self.lm_head = EfficientVLMLMHead(config.text_config)
         self.post_init()
-        self.generation_config.max_new_tokens = config.max_text_length
+        # A total length (prompt included), so that a `max_length` or a `max_new_tokens` given to `generate` wins.
+        self.generation_config.max_length = self._default_max_length()
+
+    def _default_max_length(self) -> int:
+        # The longest text the model was trained on: "[CLS] (prompt) caption [SEP]".
+        return self.config.max_text_length
+
+    def _legacy_max_new_tokens(self) -> int:
+        return self.config.max_text_length
 
     def forward(
         self,

@@ -147,6 +147,38 @@ class EfficientVLMDecoderGenerationMixin(GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False
 
+    def _default_max_length(self) -> int:
+        """The default `generation_config.max_length`: the longest sequence (start token / prompt included)
+        `generate` returns when the call sets neither `max_length` nor `max_new_tokens`. Each model defines it."""
+        raise NotImplementedError(f"{type(self).__name__} defines no `_default_max_length`.")
+
+    def _legacy_max_new_tokens(self) -> int:
+        """The default `max_new_tokens` that earlier versions set (and saved in generation_config.json) instead of
+        `_default_max_length`: as a default it overrode a `max_length` given to `generate`."""
+        raise NotImplementedError(f"{type(self).__name__} defines no `_legacy_max_new_tokens`.")
+
+    def adjust_generation_fn(self, *args, **kwargs) -> None:
+        """Loads the generation config (`from_pretrained`); one saved by an earlier version, whose default length
+        was a `max_new_tokens` that took precedence over a `max_length` given to `generate`, gets the default
+        `max_length` instead, and so does one without any length (e.g. from a pre-training folder)."""
+        super().adjust_generation_fn(*args, **kwargs)
+        generation_config = self.generation_config
+        if generation_config.max_length is None and generation_config.max_new_tokens in (
+            None,
+            self._legacy_max_new_tokens(),
+        ):
+            generation_config.max_new_tokens = None
+            generation_config.max_length = self._default_max_length()
+
+    def _prepare_generated_length(self, generation_config: GenerationConfig, has_default_max_length: bool, **kwargs):
+        # The model's default `max_length` is no user's choice: a `max_new_tokens` of the call replaces it without
+        # transformers' warning that both were set.
+        if generation_config.max_new_tokens is not None and generation_config.max_length == self._default_max_length():
+            has_default_max_length = True
+        return super()._prepare_generated_length(
+            generation_config=generation_config, has_default_max_length=has_default_max_length, **kwargs
+        )
+
     def _start_ids(self, batch_size: int, device: torch.device, generation_config: GenerationConfig) -> torch.Tensor:
         bos = generation_config.bos_token_id
         if bos is None:

@@ -116,7 +116,15 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         self.answer_decoder = EfficientVLMTextModel(answer_decoder_config(config))
         self.answer_head = EfficientVLMLMHead(self.answer_decoder.config)
         self.post_init()
-        self.generation_config.max_new_tokens = 10  # answers are a few words
+        # A total length, so that a `max_length` or a `max_new_tokens` given to `generate` wins.
+        self.generation_config.max_length = self._default_max_length()
+
+    def _default_max_length(self) -> int:
+        # Answers are a few words: [CLS] and up to 10 tokens.
+        return 1 + self._legacy_max_new_tokens()
+
+    def _legacy_max_new_tokens(self) -> int:
+        return 10
 
     @torch.no_grad()
     def init_answer_decoder_from_fusion(self, mlm_head: EfficientVLMLMHead | None = None) -> list[str]:

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as transformers_logging
 
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining
 from modeling_efficientvlm.modeling_efficientvlm_captioning import EfficientVLMForConditionalGeneration
@@ -220,6 +224,30 @@ def test_greedy_generate_equals_a_hand_written_loop_and_encodes_the_image_once()
             expected = torch.cat([expected, next_token], dim=1)
     assert greedy.tolist() == expected.tolist()
     assert sequences.shape == (2, len(PROMPT) + 5)
+
+
+def test_generate_honours_max_length_and_max_new_tokens_and_stops_at_the_text_limit(tmp_path) -> None:
+    torch.manual_seed(1)
+    model = EfficientVLMForConditionalGeneration(_config()).eval()
+    model.generation_config.eos_token_id = None  # run the full length
+    pixel_values, prompt = _prompt_batch()
+    inputs = {"pixel_values": pixel_values, "input_ids": prompt}
+    # By default the whole sequence, prompt included, stays within the text limit the model was trained on.
+    assert model.generate(**inputs).shape == (2, model.config.max_text_length)
+    assert model.generate(**inputs, max_length=10).shape == (2, 10)
+    with CaptureLogger(transformers_logging.get_logger("transformers.generation.utils")) as logged:
+        assert model.generate(**inputs, max_new_tokens=3).shape == (2, len(PROMPT) + 3)
+    assert "Both `max_new_tokens`" not in logged.out  # the default max_length is no user's choice
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert saved["max_length"] == model.config.max_text_length and "max_new_tokens" not in saved
+    # A folder saved by an earlier version, whose default was `max_new_tokens`, honours `max_length` too.
+    saved.pop("max_length")
+    (tmp_path / "generation_config.json").write_text(json.dumps({**saved, "max_new_tokens": 32}))
+    reloaded = EfficientVLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    reloaded.generation_config.eos_token_id = None
+    assert reloaded.generate(**inputs, max_length=10).shape == (2, 10)
+    assert reloaded.generate(**inputs).shape == (2, model.config.max_text_length)
 
 
 def test_masked_equals_pruned(tmp_path) -> None:

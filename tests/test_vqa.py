@@ -299,6 +299,16 @@ def test_greedy_generate_equals_a_hand_written_loop() -> None:
     assert greedy.tolist() == expected.tolist()
 
 
+def test_free_generation_honours_max_length_and_max_new_tokens() -> None:
+    torch.manual_seed(1)
+    model = EfficientVLMForQuestionAnswering(_config()).eval()
+    model.generation_config.eos_token_id = None  # run the full length
+    questions = _questions()
+    assert model.generate(**questions).shape == (3, 1 + 10)  # [CLS] and at most 10 answer tokens by default
+    assert model.generate(**questions, max_length=4).shape == (3, 4)
+    assert model.generate(**questions, max_new_tokens=2).shape == (3, 1 + 2)
+
+
 def test_masked_equals_pruned_and_the_decoder_is_untouched(tmp_path) -> None:
     torch.manual_seed(0)
     model = EfficientVLMForQuestionAnswering(_config()).eval()
