@@ -58,6 +58,10 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
     straight from the processor (`generate(**processor(images=image, text="a picture of"))`): its final [SEP]
     is dropped and the caption continues the prompt (as in `pipeline("image-text-to-text", ...)`).
 
+    Length: `generate` stops at [SEP], at `max_length` tokens (prompt included; default `config.max_text_length`,
+    the longest text the model was trained on) or after `max_new_tokens` tokens. A length beyond the text
+    position table (`text_config.max_position_embeddings`) raises a `ValueError` before decoding starts.
+
     Label smoothing comes from `config.label_smoothing` (default 0; X-VLM fine-tunes with 0.1). It is not a
     `forward` argument: Trainer treats every argument whose name contains "label" as a label column.
     """

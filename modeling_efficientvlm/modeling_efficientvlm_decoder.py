@@ -173,11 +173,31 @@ class EfficientVLMDecoderGenerationMixin(GenerationMixin):
     def _prepare_generated_length(self, generation_config: GenerationConfig, has_default_max_length: bool, **kwargs):
         # The model's default `max_length` is no user's choice: a `max_new_tokens` of the call replaces it without
         # transformers' warning that both were set.
-        if generation_config.max_new_tokens is not None and generation_config.max_length == self._default_max_length():
+        asked_new_tokens = generation_config.max_new_tokens
+        if asked_new_tokens is not None and generation_config.max_length == self._default_max_length():
             has_default_max_length = True
-        return super()._prepare_generated_length(
+        generation_config = super()._prepare_generated_length(
             generation_config=generation_config, has_default_max_length=has_default_max_length, **kwargs
         )
+        # BERT positions are absolute: fail before decoding rather than at the step that runs out of positions.
+        positions = self.config.text_config.max_position_embeddings
+        if generation_config.max_length > positions:
+            prompt = kwargs["input_ids_length"]
+            if prompt >= positions:
+                raise ValueError(
+                    f"The prompt has {prompt} tokens but the model's position table holds {positions}: it leaves "
+                    "no room to generate; shorten the prompt."
+                )
+            if asked_new_tokens is not None:
+                asked = f"`max_new_tokens`={asked_new_tokens} after the {prompt} tokens it starts from"
+            else:
+                asked = f"`max_length`={generation_config.max_length}"
+            raise ValueError(
+                f"{asked} allows sequences of {generation_config.max_length} tokens, but the model's position "
+                f"table holds {positions}: pass `max_length` <= {positions} or `max_new_tokens` <= "
+                f"{positions - prompt}."
+            )
+        return generation_config
 
     def _start_ids(self, batch_size: int, device: torch.device, generation_config: GenerationConfig) -> torch.Tensor:
         bos = generation_config.bos_token_id

@@ -250,6 +250,28 @@ def test_generate_honours_max_length_and_max_new_tokens_and_stops_at_the_text_li
     assert reloaded.generate(**inputs).shape == (2, model.config.max_text_length)
 
 
+def test_a_length_beyond_the_position_table_raises_before_decoding() -> None:
+    model = EfficientVLMForConditionalGeneration(_config()).eval()
+    pixel_values, prompt = _prompt_batch()
+    inputs = {"pixel_values": pixel_values, "input_ids": prompt}
+    calls = []
+    handle = model.lm_head.register_forward_hook(lambda *args: calls.append(1))
+    expected = (
+        r"`max_new_tokens`=100 after the 4 tokens .* allows sequences of 104 tokens, but the model's position table "
+        r"holds 64: pass `max_length` <= 64 or `max_new_tokens` <= 60"
+    )
+    with pytest.raises(ValueError, match=expected):
+        model.generate(**inputs, max_new_tokens=100)
+    with pytest.raises(ValueError, match=r"`max_length`=65 allows sequences of 65 tokens, .* holds 64"):
+        model.generate(**inputs, max_length=65)
+    with pytest.raises(ValueError, match="The prompt has 70 tokens but the model's position table holds 64"):
+        model.generate(pixel_values=pixel_values, input_ids=torch.tensor([PROMPT + [30] * 66]), max_new_tokens=1)
+    handle.remove()
+    assert calls == []  # nothing was decoded
+    model.generation_config.eos_token_id = None  # run the full length
+    assert model.generate(**inputs, max_new_tokens=60).shape == (2, 64)  # the whole table is usable
+
+
 def test_masked_equals_pruned(tmp_path) -> None:
     torch.manual_seed(0)
     model = EfficientVLMForConditionalGeneration(_config()).eval()

@@ -307,6 +307,8 @@ def test_free_generation_honours_max_length_and_max_new_tokens() -> None:
     assert model.generate(**questions).shape == (3, 1 + 10)  # [CLS] and at most 10 answer tokens by default
     assert model.generate(**questions, max_length=4).shape == (3, 4)
     assert model.generate(**questions, max_new_tokens=2).shape == (3, 1 + 2)
+    with pytest.raises(ValueError, match="position table holds 64: pass `max_length` <= 64 or `max_new_tokens` <= 63"):
+        model.generate(**questions, max_new_tokens=100)  # before decoding, not at the step past the table
 
 
 def test_masked_equals_pruned_and_the_decoder_is_untouched(tmp_path) -> None:
