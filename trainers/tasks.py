@@ -139,7 +139,8 @@ class TaskSpec:
         primary_metric, primary_metric_label: the metric key the demo and reports compare, and how to say it.
         auto_class: the `transformers` Auto class that loads a saved model (for model cards).
         pipeline_tag: the Hub pipeline tag of its model cards (the `transformers` pipeline that runs it), or None
-            (NLVR2: no pipeline takes two images).
+            (NLVR2: no pipeline takes two images; pre-training: its forward takes image-text pairs, which no
+            pipeline gives, and a saved folder names no class for the zero-shot pipeline's Auto class).
         card_description: what the model does, in a model card's words.
         prunable: whether `efficientvlm prune` accepts it.
         demo: its demo defaults, or None when the demo does not run it.
@@ -252,7 +253,8 @@ TASK_SPECS: dict[str, TaskSpec] = {
             primary_metric=None,
             primary_metric_label=None,
             auto_class="AutoModelForPreTraining",
-            pipeline_tag="image-feature-extraction",
+            # None: `image-feature-extraction` calls forward with the image alone (it needs the texts too).
+            pipeline_tag=None,
             card_description="vision-language pre-training: image-text contrast (ITC), matching (ITM) and masked "
             "language modelling (MLM)",
             prunable=False,
