@@ -33,6 +33,10 @@ class EfficientVLMImageProcessor(PilBackend):
     Integer images must hold values in [0, 255]. Floating-point images with every value in [0, 1] are taken
     as already scaled (e.g. the output of `torchvision.transforms.ToTensor`) and multiplied by 255; other
     floating-point images must lie in [0, 255]. Images are quantised to uint8 before resizing, as PIL does.
+    16-bit grayscale PIL images (modes "I;16", "I;16L", "I;16B", "I;16N", and "I" with values in [0, 65535], as
+    Pillow may open 16-bit PNGs) are scaled to 8 bits by the type's range, value >> 8, and PIL float images (mode
+    "F") in [0, 1] by 255, as the training data reader (`trainers.data`) does; mode "I" beyond 16 bits and mode
+    "F" outside [0, 1] have no known range and raise.
 
     Returns a `BatchFeature` with `pixel_values` of shape (B, 3, size, size) (or (B, K, 3, size, size)).
     """
@@ -132,6 +136,7 @@ class EfficientVLMImageProcessor(PilBackend):
     def _to_rgb_chw_uint8(image: Any, index: int, input_data_format: str | ChannelDimension | None) -> np.ndarray:
         """Converts one image to a (3, H, W) uint8 array; `index` is its position in the flattened batch."""
         if isinstance(image, PIL.Image.Image):
+            image = _pil_to_8_bits(image, index)
             return np.ascontiguousarray(convert_to_rgb(image, return_numpy=True).transpose(2, 0, 1))
         if isinstance(image, torch.Tensor):
             array = image.detach().cpu().numpy()
@@ -168,6 +173,34 @@ class EfficientVLMImageProcessor(PilBackend):
         mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[-1]]
         pil_image = PIL.Image.fromarray(array[:, :, 0] if mode == "L" else array, mode=mode)
         return np.ascontiguousarray(convert_to_rgb(pil_image, return_numpy=True).transpose(2, 0, 1))
+
+
+# 16-bit grayscale PIL modes (their byte orders included).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _pil_to_8_bits(image: PIL.Image.Image, index: int) -> PIL.Image.Image:
+    """A PIL image whose values may exceed 8 bits ("I;16*", "I", "F") as an 8-bit "L" image: `convert("RGB")`
+    would clip every value above 255 to white. The rule of the training data reader (`trainers.data`), so that a
+    model sees at inference the values it was trained on: 16 bits scale by value >> 8 (a mode "I" image is taken
+    as 16-bit when its values fit in [0, 65535]), floats in [0, 1] by 255; other ranges raise."""
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        if pixels.size and not (np.isfinite(pixels).all() and pixels.min() >= 0.0 and pixels.max() <= 1.0):
+            raise ValueError(
+                f"Image {index} is a PIL image of mode 'F' (floats) with values in [{np.nanmin(pixels):g}, "
+                f"{np.nanmax(pixels):g}]; only [0, 1] is understood. Convert it to 8 bits ('L' or 'RGB') first."
+            )
+        return PIL.Image.fromarray(np.round(pixels * 255).astype(np.uint8))
+    if image.mode != "I" and image.mode not in _SIXTEEN_BIT_MODES:
+        return image
+    pixels = np.asarray(image).astype(np.int64)
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+        raise ValueError(
+            f"Image {index} is a PIL image of mode 'I' with values in [{pixels.min()}, {pixels.max()}], beyond "
+            "16 bits ([0, 65535]), so of unknown range; convert it to 8 bits ('L' or 'RGB') first."
+        )
+    return PIL.Image.fromarray((pixels >> 8).astype(np.uint8))
 
 
 def _to_uint8(array: np.ndarray, index: int) -> np.ndarray:

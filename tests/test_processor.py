@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ from transformers import AutoImageProcessor, AutoProcessor
 
 from modeling_efficientvlm.image_processing_efficientvlm import EfficientVLMImageProcessor
 from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
+from trainers.data.datasets import _to_rgb
 
 from .data_utils import CLS_ID, PAD_ID, SEP_ID, make_image, make_image_processor, make_processor
 from .remote_code_utils import load_in_clean_subprocess
@@ -92,6 +94,32 @@ def test_batches_lists_and_groups() -> None:
     assert isinstance(image_processor(images, return_tensors="np")["pixel_values"], np.ndarray)
 
 
+def test_16_bit_and_float_pil_images_are_scaled_to_8_bits_as_the_training_data_reader_does() -> None:
+    image_processor = make_image_processor(4)
+    values = np.array([[0, 257, 32896, 65535]] * 4, dtype=np.uint16)  # value >> 8: 1, 128, 255
+    eight_bits = image_processor(PIL.Image.fromarray(np.array([[0, 1, 128, 255]] * 4, np.uint8)))["pixel_values"]
+    png = io.BytesIO()
+    PIL.Image.fromarray(values).save(png, format="PNG")
+    images = {
+        "I;16": PIL.Image.fromarray(values),
+        "I;16B": PIL.Image.frombytes("I;16B", (4, 4), values.astype(">u2").tobytes()),
+        "I;16L": PIL.Image.frombytes("I;16L", (4, 4), values.astype("<u2").tobytes()),
+        "I": PIL.Image.fromarray(values.astype(np.int32)),
+        "16-bit PNG": PIL.Image.open(png),
+        "F": PIL.Image.fromarray(np.array([[0, 1, 128, 255]] * 4, np.float32) / 255),
+    }
+    for name, image in images.items():
+        # Before, convert("RGB") clipped every value above 255: all white but the zeros.
+        np.testing.assert_array_equal(image_processor(image)["pixel_values"], eight_bits, err_msg=name)
+        # The values a model trained on this image through `trainers.data` saw.
+        trained = image_processor(_to_rgb(image, "here", ""))["pixel_values"]
+        np.testing.assert_array_equal(image_processor(image)["pixel_values"], trained, err_msg=name)
+    with pytest.raises(ValueError, match=r"mode 'I' with values in \[0, 70000\], beyond 16 bits"):
+        image_processor(PIL.Image.fromarray(np.array([[0, 70000]] * 2, np.int32)))
+    with pytest.raises(ValueError, match=r"Image 1 is a PIL image of mode 'F' \(floats\) with values in \[0, 2\]"):
+        image_processor([make_image(), PIL.Image.fromarray(np.array([[0, 2]] * 2, np.float32))])
+
+
 @pytest.mark.parametrize(
     "flags",
     [{}, {"do_rescale": False}, {"do_normalize": False}, {"do_rescale": False, "do_normalize": False}],
@@ -104,11 +132,12 @@ def test_batched_values_equal_the_per_image_backend_bit_for_bit(
     rng = np.random.default_rng(0)
     # Images already at the size (not resized) and others (resized by PIL's bicubic), noise so every value occurs.
     images = [PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(16, 16), (20, 31)]]
+    images.append(PIL.Image.fromarray(rng.integers(0, 65536, (18, 16), dtype=np.uint16)))  # 16 bits, mode "I;16"
     image_processor = make_image_processor(16)
     batched = image_processor(images, return_tensors="np", **flags)["pixel_values"]
     monkeypatch.setattr(EfficientVLMImageProcessor, "_preprocess", PilBackend._preprocess)
     per_image = image_processor(images, return_tensors="np", **flags)["pixel_values"]
-    assert batched.dtype == per_image.dtype == np.float32 and batched.shape == (2, 3, 16, 16)
+    assert batched.dtype == per_image.dtype == np.float32 and batched.shape == (3, 3, 16, 16)
     np.testing.assert_array_equal(batched, per_image)
 
 
