@@ -239,10 +239,14 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         structure_masks: StructureMasks | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, seq) -> text states (batch, seq, hidden) for ITM and L2-normalised ITC embeddings
-        (batch, embed_dim)."""
-        states = self.efficientvlm.encode_text(input_ids, attention_mask, structure_masks).last_hidden_state
+        (batch, embed_dim). `token_type_ids` (batch, seq), as the processor emits them with
+        `return_token_type_ids=True`, are used as `forward` uses them (default 0)."""
+        states = self.efficientvlm.encode_text(
+            input_ids, attention_mask, structure_masks, token_type_ids=token_type_ids
+        ).last_hidden_state
         return states, itc_embedding(self.efficientvlm.text_proj, states)
 
     @staticmethod

@@ -71,6 +71,21 @@ def test_itc_embeddings_of_a_bfloat16_model_are_float32_unit_vectors(tiny_config
     assert scores.unique().numel() == scores.numel()
 
 
+def test_embed_texts_takes_token_type_ids_as_forward_does(tiny_config, tiny_inputs) -> None:
+    model = _model(tiny_config)
+    texts = {k: tiny_inputs[k] for k in ("input_ids", "attention_mask")}
+    zeros = torch.zeros_like(texts["input_ids"])
+    with torch.no_grad():
+        _, default = model.embed_texts(**texts)
+        _, typed_zero = model.embed_texts(**texts, token_type_ids=zeros)  # the processor's return_token_type_ids
+        states, typed_one = model.embed_texts(**texts, token_type_ids=zeros + 1)
+        forward = model(pixel_values=tiny_inputs["pixel_values"][:1], **texts, token_type_ids=zeros + 1)
+    torch.testing.assert_close(typed_zero, default, atol=0, rtol=0)
+    assert not torch.allclose(typed_one, default)  # used, not ignored
+    torch.testing.assert_close(typed_one, forward.text_embeds, atol=1e-6, rtol=0)
+    assert states.shape == (*texts["input_ids"].shape, tiny_config.text_config.hidden_size)
+
+
 def test_inference_scores_m_images_against_n_texts_without_sampling(tiny_config, tiny_inputs) -> None:
     model = _model(tiny_config)
     images, texts = tiny_inputs["pixel_values"][:3], {k: tiny_inputs[k] for k in ("input_ids", "attention_mask")}
