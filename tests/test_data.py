@@ -99,6 +99,11 @@ def test_missing_and_unreadable_images_name_the_record(tmp_path) -> None:
         ImageTextDataset([{"caption": "a"}])
     with pytest.raises(ValueError, match=r"Record 0 has none of the fields \['caption', 'text'\]"):
         ImageTextDataset([{"image": "ok.png"}], image_root=tmp_path)
+    # A field given as JSON null is named as null, not as missing.
+    with pytest.raises(ValueError, match=r"^Record 0: `caption` is null; give a value\.$"):
+        ImageTextDataset([{"image": "ok.png", "caption": None}], image_root=tmp_path)
+    with pytest.raises(ValueError, match=r"^Record 1: `question` is null; give a value\.$"):
+        VQADataset([{"image": "ok.png", "question": "what ?"}, {"image": "ok.png", "question": None}], tmp_path)
 
 
 def test_too_long_captions_are_reported(tmp_path, processor) -> None:

@@ -298,6 +298,9 @@ def _text_field(record: dict[str, Any], names: Sequence[str], where: str) -> tup
     for name in names:
         if name in record and record[name] is not None:
             return name, record[name]
+    nulls = [f"`{name}`" for name in names if name in record]  # present, so null (JSON `null`)
+    if nulls:
+        raise ValueError(f"{where}: {' and '.join(nulls)} {'is' if len(nulls) == 1 else 'are'} null; give a value.")
     raise ValueError(f"{where} has none of the fields {list(names)} (fields: {sorted(record)}).")
 
 
