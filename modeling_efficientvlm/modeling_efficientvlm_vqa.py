@@ -89,6 +89,37 @@ class EfficientVLMAnswerRankingOutput(ModelOutput):
     answers: list[str] | None = None
 
 
+def answer_candidate_ids(answers: list[str], tokenizer: Any, max_length: int | None = None) -> list[list[int]]:
+    """The token ids "[CLS] answer [SEP]" of each candidate answer (`tokenizer`: a tokenizer, or a processor holding
+    one). Raises for an empty list, an answer that is not a non-empty string, one longer than `max_length` tokens,
+    and for answers that tokenize alike (words the vocabulary lacks become [UNK]: "yes" and "maybe" as
+    "[CLS] [UNK] [SEP]"), which the ranking could never tell apart: all but the first could never be predicted."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if not answers or not all(isinstance(answer, str) and answer.strip() for answer in answers):
+        raise ValueError("`answers` must be a non-empty list of non-empty strings.")
+    ids = [list(sequence) for sequence in tokenizer(list(answers), add_special_tokens=True)["input_ids"]]
+    if max_length is not None:
+        too_long = [answer for answer, sequence in zip(answers, ids) if len(sequence) > max_length]
+        if too_long:
+            raise ValueError(f"{len(too_long)} answers are longer than {max_length} tokens (first: {too_long[0]!r}).")
+    first_with: dict[tuple[int, ...], str] = {}
+    alike = []
+    for answer, sequence in zip(answers, ids):
+        earlier = first_with.setdefault(tuple(sequence), answer)
+        if earlier != answer:
+            alike.append((earlier, answer, sequence))
+    if alike:
+        earlier, answer, sequence = alike[0]
+        tokens = " ".join(tokenizer.convert_ids_to_tokens(sequence))
+        raise ValueError(
+            f"{len(alike)} candidate answer(s) tokenize like an earlier one, e.g. {answer!r} like {earlier!r} "
+            f"({tokens}): the ranking cannot tell them apart. Their words are missing from the vocabulary: train the "
+            "processor on the answer list too (`efficientvlm processor --train_files ... answer_list.json`), or "
+            "leave them out."
+        )
+    return ids
+
+
 class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLMDecoderGenerationMixin):
     """X-VLM VQA: encoder (vision, text and fusion layers, prunable) + answer decoder (prunable on request:
     `structure_sizes(include_decoder=True)` adds its `decoder_*` structures).
@@ -328,16 +359,9 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         """Saves the answer list this model ranks in its config (`answer_candidates`, and their token ids
         "[CLS] answer [SEP]" from `tokenizer` as `answer_candidates_ids`), so `save_pretrained` ships it and
         `rank_answers` / `generate` use it with no other file. `tokenizer`: the model's tokenizer, or a
-        processor holding one (`.tokenizer`). An answer longer than the decoder's position table raises."""
-        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        processor holding one (`.tokenizer`). Answers are checked by [`answer_candidate_ids`]."""
         answers = list(answers)
-        if not answers or not all(isinstance(answer, str) and answer.strip() for answer in answers):
-            raise ValueError("`answers` must be a non-empty list of non-empty strings.")
-        ids = [list(sequence) for sequence in tokenizer(answers, add_special_tokens=True)["input_ids"]]
-        limit = self.answer_decoder.config.max_position_embeddings
-        too_long = [answer for answer, sequence in zip(answers, ids) if len(sequence) > limit]
-        if too_long:
-            raise ValueError(f"{len(too_long)} answers are longer than {limit} tokens (first: {too_long[0]!r}).")
+        ids = answer_candidate_ids(answers, tokenizer, self.answer_decoder.config.max_position_embeddings)
         self.config.answer_candidates, self.config.answer_candidates_ids = answers, ids
         self.config._check_answer_candidates()
 

@@ -688,3 +688,17 @@ def test_a_damaged_checkpoint_is_named_when_resumed(tmp_path) -> None:
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CorruptCheckpointError, match=r"--resume_from_checkpoint .*checkpoint-1: cannot read .*model"):
         cli.main(resume)
+
+
+def test_an_answer_list_whose_answers_tokenize_alike_is_refused_before_training(tmp_path) -> None:
+    from .data_utils import write_vocab, write_vqa_json
+
+    records, image_root = write_vqa_json(tmp_path, n=2)
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["red", "maybe", "perhaps"]))  # the test vocabulary has neither of the last two
+    argv = ["finetune", "--task", "vqa", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+    argv += ["--train_file", str(records), "--image_root", str(image_root), "--answer_list", str(answers)]
+    argv += ["--max_steps", "1", "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--use_cpu"]
+    with pytest.raises(ValueError, match=r"--answer_list .*answers.json: 1 candidate answer\(s\) tokenize like"):
+        cli.main(argv)
+    assert not (tmp_path / "out").exists()

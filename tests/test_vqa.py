@@ -420,6 +420,11 @@ def test_saved_answer_candidates_are_ranked_and_generated_by_default(tmp_path) -
         EfficientVLMForQuestionAnswering(_config()).rank_answers(**questions)
     with pytest.raises(ValueError, match="non-empty"):
         model.set_answer_candidates([], tokenizer)
+    # Words the vocabulary lacks become [UNK]: such answers tokenize alike and all but the first could never win.
+    with pytest.raises(ValueError, match=r"1 candidate answer\(s\) tokenize like an earlier one, e.g. 'perhaps' like "
+                       r"'maybe' \(\[CLS\] \[UNK\] \[SEP\]\)"):  # fmt: skip
+        model.set_answer_candidates(["red", "maybe", "perhaps"], tokenizer)
+    assert model.config.answer_candidates == answers  # unchanged
     with pytest.raises(ValueError, match="go together"):
         _config(answer_candidates=["red"])
 

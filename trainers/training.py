@@ -333,6 +333,13 @@ def task_inputs(
     if task == "vqa":
         auto = str(answer_list) == ANSWER_LIST_AUTO
         answers = training_answer_list(train_dataset) if auto else read_answer_list(answer_list)
+        if answers:  # checked now: they are saved with the model after training
+            from modeling_efficientvlm.modeling_efficientvlm_vqa import answer_candidate_ids
+
+            try:
+                answer_candidate_ids(answers, processor, model.answer_decoder.config.max_position_embeddings)
+            except ValueError as error:
+                raise ValueError(f"--answer_list {answer_list}: {error}") from error
     eval_dataset = None
     if eval_file is not None and task != "pretraining":
         # --dataset_path holds the training data; the eval split is always --eval_file.

@@ -84,6 +84,10 @@ def evaluate_vqa(model: Any, dataset: Any, processor: Any, options: EvaluationOp
             f"({len(unanswered)} of {len(dataset)} have none): VQA accuracy scores every question against its "
             "answers. A split without any answers is answered unscored."
         )
+    if options.answer_list:  # the saved candidates were checked when they were saved
+        from modeling_efficientvlm.modeling_efficientvlm_vqa import answer_candidate_ids
+
+        answer_candidate_ids(list(answer_list), processor)
     candidates = processor.tokenizer(answer_list, padding="longest", return_tensors="pt")
     predictions = []
     for start in range(0, len(dataset), batch_size):
