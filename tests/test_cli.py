@@ -702,3 +702,11 @@ def test_an_answer_list_whose_answers_tokenize_alike_is_refused_before_training(
     with pytest.raises(ValueError, match=r"--answer_list .*answers.json: 1 candidate answer\(s\) tokenize like"):
         cli.main(argv)
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_launched_as_several_processes_is_refused(monkeypatch) -> None:
+    """Each process evaluated the whole split and wrote the same output files at the same time."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["evaluate", "--task", "vqa", "--model_name_or_path", "m", "--eval_file", "x.json", "--output_file", "o"]
+    with pytest.raises(ValueError, match=r"evaluate runs in one process; it was launched as 2 \(WORLD_SIZE=2\)"):
+        cli.main(argv)

@@ -4,6 +4,7 @@ recall@K, BLEU-4 / CIDEr)."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMProcessor
 
     (args,) = parse_arguments("evaluate", (EvaluateArguments,), argv, "Evaluate a task model.")
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1:
+        raise ValueError(
+            f"evaluate runs in one process; it was launched as {launched} (WORLD_SIZE={launched}), each of which "
+            "would evaluate the whole split and write the same files: run it without torchrun / accelerate launch."
+        )
     check_answer_list_task(args.answer_list, args.task)
     for output in (args.output_file, args.predictions_file):
         if output:  # made before the evaluation runs, not found missing after it
