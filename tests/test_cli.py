@@ -710,3 +710,22 @@ def test_evaluate_launched_as_several_processes_is_refused(monkeypatch) -> None:
     argv = ["evaluate", "--task", "vqa", "--model_name_or_path", "m", "--eval_file", "x.json", "--output_file", "o"]
     with pytest.raises(ValueError, match=r"evaluate runs in one process; it was launched as 2 \(WORLD_SIZE=2\)"):
         cli.main(argv)
+
+
+def test_eval_strategy_evaluates_the_eval_file_during_training(tmp_path) -> None:
+    """--eval_strategy failed with "you didn't pass an eval_dataset" although --eval_file was given, so
+    --load_best_model_at_end (and the pruning trainer's best-checkpoint masks) could not be reached."""
+    from .data_utils import write_nlvr2_json, write_vocab
+
+    records, image_root = write_nlvr2_json(tmp_path, n=4)
+    argv = ["prune", "--task", "nlvr2", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+    argv += ["--train_file", str(records), "--image_root", str(image_root), "--max_steps", "2", "--use_cpu"]
+    argv += ["--per_device_train_batch_size", "4", "--report_to", "none", "--target_sparsity", "0.3"]
+    argv += ["--eval_strategy", "steps", "--eval_steps", "1", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="--eval_strategy steps evaluates during training: give --eval_file"):
+        cli.main(argv)
+    argv += ["--eval_file", str(records), "--save_strategy", "steps", "--save_steps", "1"]
+    cli.main([*argv, "--load_best_model_at_end", "true"])
+    state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert [entry["step"] for entry in state["log_history"] if "eval_loss" in entry] == [1, 2]
+    assert state["best_model_checkpoint"] is not None and (tmp_path / "out" / "model.safetensors").is_file()

@@ -252,16 +252,24 @@ def train(
     train_dataset: Any,
     training_args: TrainingArguments,
     trainer_class: type[Trainer] = Trainer,
+    eval_dataset: Any = None,
     **trainer_kwargs: Any,
 ) -> Trainer:
     """Trains `model` on `train_dataset` with the task's collator; our datasets yield raw items, so columns
     are never dropped. Under DeepSpeed or FSDP the model is made wrappable first (`trainers.sharding`); under
-    sharded weights (FSDP, ZeRO-3) the caller gets the whole trained model with `trainers.sharding.whole_model`."""
+    sharded weights (FSDP, ZeRO-3) the caller gets the whole trained model with `trainers.sharding.whole_model`.
+    `eval_dataset` (the `--eval_file` split) is the Trainer's during training when `--eval_strategy` asks for
+    evaluations: its loss is logged as `eval_loss` (what `--load_best_model_at_end` compares by default)."""
     training_args.remove_unused_columns = False
+    evaluating = training_args.eval_strategy != "no"
+    if evaluating and eval_dataset is None:
+        strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+        raise ValueError(f"--eval_strategy {strategy} evaluates during training: give --eval_file.")
     trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset if evaluating else None,
         data_collator=build_collator(task, processor),
         **trainer_kwargs,
     )
@@ -490,7 +498,7 @@ def train_task_model(
 
         trainer_class = DistillationTrainer
         distillation = {"teacher_model": teacher, "distillation_config": distillation_config}
-    trainer = train(task, model, processor, train_dataset, training_args, trainer_class, **distillation)
+    trainer = train(task, model, processor, train_dataset, training_args, trainer_class, eval_dataset, **distillation)
     # Every process: under FSDP / ZeRO-3 this gathers the weights into process 0 (None in the others).
     model = whole_model(trainer)
     output_dir = training_args.output_dir if training_args.should_save and model is not None else None

@@ -250,6 +250,7 @@ def run(
         train_dataset,
         training_args,
         ModalAdaptivePruningTrainer,
+        eval_dataset,
         processing_class=processor,
         teacher_model=teacher,
         distillation_config=distillation_config,
