@@ -111,6 +111,15 @@ def test_twins_start_from_the_pretrained_fusion_layer_and_share_keys_values(tiny
         for name, value in loaded.efficientvlm.state_dict().items():
             torch.testing.assert_close(value, expected_state[name], rtol=0, atol=0)
 
+    # The other way round is refused: another task's model started from an NLVR2 folder kept its twin layers.
+    from trainers.tasks import task_model_from
+
+    model.save_pretrained(tmp_path / "nlvr2")
+    assert type(task_model_from("nlvr2", tmp_path / "nlvr2")) is EfficientVLMForVisualReasoning
+    for task in ("captioning", "retrieval", "vqa"):
+        with pytest.raises(ValueError, match=f"is an NLVR2 checkpoint, whose fusion layers come in twins .* a {task}"):
+            task_model_from(task, tmp_path / "nlvr2")
+
 
 def test_logits_depend_on_both_images_and_the_text() -> None:
     # A wider initialisation than the default 0.02, so that a random model reacts clearly to its inputs.

@@ -416,10 +416,16 @@ def task_model_from(task: str, source: Any) -> Any:
     model_class = task_model_class(task)
     if isinstance(source, (str, os.PathLike)):
         from modeling_efficientvlm import EfficientVLMConfig
+        from modeling_efficientvlm.configuration_efficientvlm import has_twin_fusion_layers
 
         saved = EfficientVLMConfig.from_pretrained(source)
         if model_class.__name__ in (saved.architectures or []):
             return model_class.from_pretrained(source)
+        if has_twin_fusion_layers(saved):
+            raise ValueError(
+                f"{source} is an NLVR2 checkpoint, whose fusion layers come in twins (one per image of a pair): a "
+                f"{task} model cannot start from it. Start from a pre-training checkpoint or one of another task."
+            )
         from transformers import AutoModelForPreTraining
 
         source = (
