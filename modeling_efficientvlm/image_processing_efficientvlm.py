@@ -136,7 +136,7 @@ class EfficientVLMImageProcessor(PilBackend):
     def _to_rgb_chw_uint8(image: Any, index: int, input_data_format: str | ChannelDimension | None) -> np.ndarray:
         """Converts one image to a (3, H, W) uint8 array; `index` is its position in the flattened batch."""
         if isinstance(image, PIL.Image.Image):
-            image = _pil_to_8_bits(image, index)
+            image = pil_to_8_bits(image, f"Image {index}")
             return np.ascontiguousarray(convert_to_rgb(image, return_numpy=True).transpose(2, 0, 1))
         if isinstance(image, torch.Tensor):
             array = image.detach().cpu().numpy()
@@ -175,29 +175,31 @@ class EfficientVLMImageProcessor(PilBackend):
         return np.ascontiguousarray(convert_to_rgb(pil_image, return_numpy=True).transpose(2, 0, 1))
 
 
-# 16-bit grayscale PIL modes (their byte orders included).
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Single-channel PIL modes with more than 8 bits per pixel ("I" is how Pillow opens 16-bit PNG, TIFF and PGM files).
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def _pil_to_8_bits(image: PIL.Image.Image, index: int) -> PIL.Image.Image:
-    """A PIL image whose values may exceed 8 bits ("I;16*", "I", "F") as an 8-bit "L" image: `convert("RGB")`
-    would clip every value above 255 to white. The rule of the training data reader (`trainers.data`), so that a
-    model sees at inference the values it was trained on: 16 bits scale by value >> 8 (a mode "I" image is taken
-    as 16-bit when its values fit in [0, 65535]), floats in [0, 1] by 255; other ranges raise."""
+def pil_to_8_bits(image: PIL.Image.Image, what: str) -> PIL.Image.Image:
+    """A PIL image whose values may exceed 8 bits (`HIGH_BIT_DEPTH_MODES`, floats "F") as an 8-bit "L" image
+    (others unchanged): `convert("RGB")` would clip every value above 255 to white. 16 bits scale by the type's
+    range, value >> 8, not by the image's own (a dark image stays dark; an "I" image must fit in [0, 65535]);
+    floats must lie in [0, 1] and scale by 255; other ranges raise, naming the image as `what` (e.g. "Image 2",
+    "Record 4 in train.json: image a.png"). The image processor and the training data reader both use it, so a
+    model sees at inference the values it was trained on."""
     if image.mode == "F":
         pixels = np.asarray(image, dtype=np.float64)
         if pixels.size and not (np.isfinite(pixels).all() and pixels.min() >= 0.0 and pixels.max() <= 1.0):
             raise ValueError(
-                f"Image {index} is a PIL image of mode 'F' (floats) with values in [{np.nanmin(pixels):g}, "
+                f"{what} is a floating-point PIL image (mode 'F') with values in [{np.nanmin(pixels):g}, "
                 f"{np.nanmax(pixels):g}]; only [0, 1] is understood. Convert it to 8 bits ('L' or 'RGB') first."
             )
         return PIL.Image.fromarray(np.round(pixels * 255).astype(np.uint8))
-    if image.mode != "I" and image.mode not in _SIXTEEN_BIT_MODES:
+    if image.mode not in HIGH_BIT_DEPTH_MODES:
         return image
     pixels = np.asarray(image).astype(np.int64)
     if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
         raise ValueError(
-            f"Image {index} is a PIL image of mode 'I' with values in [{pixels.min()}, {pixels.max()}], beyond "
+            f"{what} is a PIL image of mode {image.mode!r} with values in [{pixels.min()}, {pixels.max()}], beyond "
             "16 bits ([0, 65535]), so of unknown range; convert it to 8 bits ('L' or 'RGB') first."
         )
     return PIL.Image.fromarray((pixels >> 8).astype(np.uint8))

@@ -573,14 +573,14 @@ def test_16_bit_images_keep_their_gradient(tmp_path) -> None:
     # Ranges that cannot be read as 16-bit or [0, 1] raise instead of being guessed.
     wide = ImageTextDataset([{"image": PIL.Image.fromarray(np.full((4, 4), 70000, dtype=np.int32)), "caption": "a"}])
     with pytest.raises(
-        ValueError, match=r"Record 0: image is a 32-bit integer image \(mode 'I'\) with values 70000\.\.70000"
+        ValueError, match=r"Record 0: image is a PIL image of mode 'I' with values in \[70000, 70000\], beyond 16 bits"
     ):
         wide[0]
     bright = ImageTextDataset(
         [{"image": PIL.Image.fromarray(np.full((4, 4), 200.0, dtype=np.float32)), "caption": "a"}]
     )
     with pytest.raises(
-        ValueError, match=r"Record 0: image is a floating-point image \(mode 'F'\) with values 200\.0\.\.200\.0"
+        ValueError, match=r"Record 0: image is a floating-point PIL image \(mode 'F'\) with values in \[200, 200\]"
     ):
         bright[0]
 

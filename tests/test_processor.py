@@ -116,7 +116,7 @@ def test_16_bit_and_float_pil_images_are_scaled_to_8_bits_as_the_training_data_r
         np.testing.assert_array_equal(image_processor(image)["pixel_values"], trained, err_msg=name)
     with pytest.raises(ValueError, match=r"mode 'I' with values in \[0, 70000\], beyond 16 bits"):
         image_processor(PIL.Image.fromarray(np.array([[0, 70000]] * 2, np.int32)))
-    with pytest.raises(ValueError, match=r"Image 1 is a PIL image of mode 'F' \(floats\) with values in \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"Image 1 is a floating-point PIL image \(mode 'F'\) with values in \[0, 2\]"):
         image_processor([make_image(), PIL.Image.fromarray(np.array([[0, 2]] * 2, np.float32))])
 
 

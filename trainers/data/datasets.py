@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import PIL.Image
 from torch.utils.data import Dataset
+
+from modeling_efficientvlm.image_processing_efficientvlm import pil_to_8_bits
 
 DataSource = str | os.PathLike | Sequence[dict[str, Any]] | datasets.Dataset
 
@@ -89,35 +90,10 @@ def _bomb_error(error: Exception, where: str, shown: str) -> PIL.Image.Decompres
     )
 
 
-# Single-channel modes with more than 8 bits per pixel: `convert("RGB")` clips them to 255 (a white image).
-_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
 def _to_rgb(image: PIL.Image.Image, where: str, shown: str) -> PIL.Image.Image:
-    """
-    `image` as 8-bit RGB. 16-bit grayscale (Pillow modes "I;16*" and "I", which Pillow uses for 16-bit PNG,
-    TIFF and PGM files) is scaled by the type's range, value >> 8 (0..65535 -> 0..255), not by the image's own
-    range, so a dark image stays dark; "I" values outside 0..65535 raise. Float images ("F") must hold values
-    in [0, 1] (scaled by 255); any other range raises, since its meaning cannot be guessed.
-    """
-    if image.mode in _HIGH_BIT_DEPTH_MODES:
-        pixels = np.asarray(image).astype(np.int64)
-        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
-            raise ValueError(
-                f"{where}: image{shown} is a 32-bit integer image (mode {image.mode!r}) with values "
-                f"{pixels.min()}..{pixels.max()}, outside the 16-bit range 0..65535; convert it to 8 bits first."
-            )
-        return PIL.Image.fromarray((pixels >> 8).astype(np.uint8)).convert("RGB")
-    if image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
-        if pixels.size and not (np.isfinite(pixels).all() and pixels.min() >= 0.0 and pixels.max() <= 1.0):
-            raise ValueError(
-                f"{where}: image{shown} is a floating-point image (mode 'F') with values "
-                f"{np.nanmin(pixels)}..{np.nanmax(pixels)}; only values in [0, 1] are understood. Convert it to "
-                "8 bits first."
-            )
-        return PIL.Image.fromarray(np.round(pixels * 255).astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
+    """`image` as 8-bit RGB, 16-bit and float images scaled as the image processor scales them
+    ([`pil_to_8_bits`]); a range that cannot be understood raises naming the record."""
+    return pil_to_8_bits(image, f"{where}: image{shown}").convert("RGB")
 
 
 def _resolve(path: str | os.PathLike, image_root: Path | None) -> Path:
