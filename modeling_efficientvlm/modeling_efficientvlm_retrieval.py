@@ -147,14 +147,16 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         `config.itm_caption_negatives` (see [`image_text_contrastive_matching`]).
 
         Inference (`return_loss=False`, images and texts in different numbers, as the zero-shot pipeline
-        passes one image and N candidate texts, or a single pair in eval mode): scores every image against every
-        text with ITC only (`logits_per_image` (M, N), `logits_per_text` (N, M)); deterministic, no fusion pass,
-        no sampling.
+        passes one image and N candidate texts, or a single pair without `image_ids` in eval mode): scores every
+        image against every text with ITC only (`logits_per_image` (M, N), `logits_per_text` (N, M));
+        deterministic, no fusion pass, no sampling.
         """
         num_images, num_texts = pixel_values.shape[0], input_ids.shape[0]
-        # One pair in eval mode is a query (the zero-shot pipeline with a single label), not a training batch:
-        # ITM needs a second image to sample a negative from.
-        training = return_loss and num_images == num_texts and (self.training or num_images > 1)
+        # One pair in eval mode without image ids is a query (the zero-shot pipeline with a single label); with them
+        # it is a batch of a dataset (the last one of a Trainer's evaluation), whose loss is asked for.
+        training = (
+            return_loss and num_images == num_texts and (self.training or num_images > 1 or image_ids is not None)
+        )
         if not training and (itm_negatives is not None or itm_negative_input_ids is not None):
             raise ValueError(
                 "`itm_negatives` and `itm_negative_input_ids` are training inputs: they need `return_loss=True` and "

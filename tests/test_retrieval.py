@@ -196,6 +196,15 @@ def test_trainer_reduces_the_retrieval_loss(tiny_config, tmp_path) -> None:
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 15
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3
+    # An evaluation whose last batch is one pair (9 pairs at 8 a batch) has a loss for it too: with image ids it
+    # is a dataset's batch, not the zero-shot pipeline's single-label query (it raised "did not return a loss").
+    nine = _PairDataset(torch.randn(9, 3, 32, 32, generator=generator), torch.randint(5, 128, (9, 6)), 1)
+    args.per_device_eval_batch_size = 8
+    assert torch.isfinite(torch.tensor(trainer.evaluate(nine)["eval_loss"]))
+    model.eval()
+    query = _collate([nine[0]])
+    del query["image_ids"]
+    assert model(**query).loss is None and model(**query).logits_per_image.shape == (1, 1)
 
 
 def _embedded(model: EfficientVLMForImageTextRetrieval, inputs: dict, num_images: int) -> tuple:
