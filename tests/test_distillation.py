@@ -556,6 +556,10 @@ def test_teacher_sharing_parameters_with_the_student_raises(tmp_path) -> None:
     teacher = _teacher()
     with pytest.raises(ValueError, match="shares parameters with the student"):
         DistillationTrainer(model=teacher, args=_args(tmp_path), teacher_model=teacher)
+    # A compiled student hid its task ("OptimizedModule is the model of no registered task"): named, with the way.
+    student = torch.compile(build_student(teacher, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"torch.compile\(\)d module: pass the model itself and set `torch_compile"):
+        DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=_teacher())
 
 
 def test_gradient_accumulation_matches_the_mean_of_micro_batch_losses(tmp_path) -> None:

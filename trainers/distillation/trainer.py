@@ -75,6 +75,12 @@ class DistillationTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(teacher_model, nn.Module):
             raise ValueError(f"`teacher_model` must be a torch module; got {type(teacher_model).__name__}.")
+        if isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
+            # The trainers read the student's task, masks and structures: it must be the model itself.
+            raise ValueError(
+                "The student is a torch.compile()d module: pass the model itself and set `torch_compile=True` in "
+                "the TrainingArguments (--torch_compile true), which compiles it for training."
+            )
         student = self.accelerator.unwrap_model(self.model)
         student_parameters = {id(p) for p in student.parameters()}
         if teacher_model is student or any(id(p) in student_parameters for p in teacher_model.parameters()):
