@@ -205,6 +205,16 @@ class EfficientVLMDecoderGenerationMixin(GenerationMixin):
             bos = self.config.text_config.bos_token_id
         if bos is None:
             raise ValueError("Generation needs a start token: set `bos_token_id` in the generation or text config.")
+        vocab_size = self.config.text_config.vocab_size
+        for name, value in (("bos_token_id", bos), ("eos_token_id", generation_config.eos_token_id)):
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(v is not None and not 0 <= int(v) < vocab_size for v in values):
+                # A model built from a preset keeps BERT's ids (101 / 102) until they are set from its tokenizer.
+                raise ValueError(
+                    f"The generation `{name}` {value} is not in the model's vocabulary of {vocab_size} tokens: its "
+                    "special-token ids are not its tokenizer's. Set them from the tokenizer (the library's "
+                    "`trainers.saving.sync_special_tokens(model, tokenizer)`; saved model folders have them set)."
+                )
         return torch.full((batch_size, 1), int(bos), dtype=torch.long, device=device)
 
     def _encode_for_generation(

@@ -331,3 +331,11 @@ def test_bad_generation_inputs_raise() -> None:
         model.generate(input_ids=torch.tensor([PROMPT]))
     with pytest.raises(ValueError, match="labels"):
         model(pixel_values, torch.tensor([PROMPT] * 2), labels=torch.tensor([[1, 2]] * 2))
+    # Built from a preset, a model keeps BERT's [CLS] / [SEP] ids (101 / 102) until they are set from its tokenizer:
+    # with a smaller vocabulary that was an IndexError deep in the embedding.
+    small = _config()
+    small.text_config.vocab_size = 100
+    unsynced = EfficientVLMForConditionalGeneration(small).eval()
+    unsynced.generation_config.bos_token_id = 101
+    with pytest.raises(ValueError, match=r"`bos_token_id` 101 is not in the model's vocabulary of 100 tokens"):
+        unsynced.generate(pixel_values=pixel_values, max_new_tokens=2)
