@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -1243,6 +1243,20 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
                 "captioning model decodes with its text stack, pruned as `text` and `fusion`)."
             )
 
+    def _own_config(self) -> None:
+        """Gives this model and its submodules copies of the config objects they hold, once, before pruning writes
+        the new sizes into them: models built from one config object share it, and the sizes of a pruned one reached
+        the others (an unpruned model then saved pruned sizes and could not be reloaded)."""
+        if getattr(self, "_owns_config", False):
+            return
+        memo: dict[int, object] = {}  # one copy per config object: sub-configs stay the ones the parents hold
+        for module in self.modules():
+            config = module.__dict__.get("config")
+            if isinstance(config, PretrainedConfig):
+                module.config = copy.deepcopy(config, memo)
+            if isinstance(module, EfficientVLMPreTrainedModel):
+                module._owns_config = True
+
     def pack_cpu_weights(self, enabled: bool = True, min_flops: int = MIN_PACKED_FLOPS) -> int:
         """Has every attention and FFN block run its linear layers (and the vision embeddings their patch
         convolution) from oneDNN-packed copies of their weights where it runs on a CPU in float32 without autograd
@@ -1285,8 +1299,10 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
 
         `structure_masks` maps keys of `structure_sizes()` to one mask (or None) per layer; a key of a stack
         the model does not have raises. Every mask is checked (keys, one per layer, shape, finite values) and
-        every pruned module built before any is swapped in: a bad mask raises and leaves the model as it was."""
+        every pruned module built before any is swapped in: a bad mask raises and leaves the model as it was.
+        The sizes are recorded in a config of this model's own (one it shared with other models is left as it was)."""
         check_prunable_masks(structure_masks, self.structure_sizes(), type(self).__name__)
+        self._own_config()
         self.efficientvlm.prune(structure_masks, pad_to_multiple_of)
 
 
@@ -1376,6 +1392,7 @@ class EfficientVLMVisionModel(EfficientVLMPreTrainedModel):
     def prune(self, structure_masks: StructureMasks, pad_to_multiple_of: int = 1) -> None:
         check_pad_multiple(pad_to_multiple_of)
         check_prunable_masks(structure_masks, self.structure_sizes(), type(self).__name__)
+        self._own_config()  # first: the pruned modules are built with the model's own config
         commit_prune_plan(self.prune_plan(structure_masks, pad_to_multiple_of))
         self.record_sizes()
 
@@ -1540,6 +1557,7 @@ class EfficientVLMTextModel(EfficientVLMPreTrainedModel):
     def prune(self, structure_masks: StructureMasks, pad_to_multiple_of: int = 1) -> None:
         check_pad_multiple(pad_to_multiple_of)
         check_prunable_masks(structure_masks, self.structure_sizes(), type(self).__name__)
+        self._own_config()  # first: the pruned modules are built with the model's own config
         commit_prune_plan(self.prune_plan(structure_masks, pad_to_multiple_of))
         self.record_sizes()
 
@@ -1772,6 +1790,7 @@ class EfficientVLMModel(EfficientVLMPreTrainedModel):
     def prune(self, structure_masks: StructureMasks, pad_to_multiple_of: int = 1) -> None:
         check_pad_multiple(pad_to_multiple_of)
         check_prunable_masks(structure_masks, self.structure_sizes(), type(self).__name__)
+        self._own_config()  # first: the pruned modules are built with the model's own config
         commit_prune_plan(self.prune_plan(structure_masks, pad_to_multiple_of))
         self.record_sizes()
 

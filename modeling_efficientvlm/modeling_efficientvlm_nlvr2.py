@@ -400,6 +400,7 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
         cross_head_masks = self._per_layer_cross_masks(structure_masks.get("fusion_cross_heads"))
         check_prunable_masks(structure_masks, self.structure_sizes(), type(self).__name__)
         masks = {**structure_masks, "fusion_cross_heads": cross_head_masks}
+        self._own_config()
         self.efficientvlm.prune(masks, pad_to_multiple_of)
         self._share_twin_key_values()
         self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)

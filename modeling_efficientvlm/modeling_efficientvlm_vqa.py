@@ -564,6 +564,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         decoder_masks = decoder_stack_masks(structure_masks)
         encoder_masks = {key: masks for key, masks in structure_masks.items() if key not in DECODER_MASK_KEYS}
         # Every pruned module (encoders and decoder) is built before any is swapped in: an error leaves the model whole.
+        self._own_config()
         plan = self.efficientvlm.prune_plan(encoder_masks, pad_to_multiple_of)
         if decoder_masks:
             plan += self.answer_decoder.prune_plan(decoder_masks, pad_to_multiple_of)

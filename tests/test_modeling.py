@@ -387,6 +387,25 @@ def test_prune_rejects_keys_of_other_stacks(tiny_config) -> None:
         text.prune({"text_ffn": [None, None, None]})
 
 
+@pytest.mark.parametrize("task", ["retrieval", "vqa", "nlvr2"])
+def test_pruning_one_of_two_models_built_from_one_config_leaves_the_other_as_it_was(task: str, tmp_path) -> None:
+    """`prune` records the new sizes in the config, which models built from one config object share: the unpruned
+    one then saved pruned sizes and could not be reloaded, and new models from that config came out pruned."""
+    from trainers.pruning.hard_concrete import random_structure_masks
+    from trainers.tasks import task_model_class
+
+    config = EfficientVLMConfig.from_preset("tiny")
+    before = config.to_dict()
+    full, small = (task_model_class(task)(config) for _ in range(2))
+    small.prune(random_structure_masks(small, 0.5, torch.Generator().manual_seed(0)), pad_to_multiple_of=8)
+    assert config.to_dict() == before and full.config.to_dict() == task_model_class(task)(config).config.to_dict()
+    assert small.efficientvlm.vision_model.config is small.config.vision_config  # one config tree of its own
+    for name, model in (("full", full), ("small", small)):
+        model.save_pretrained(tmp_path / name)
+        assert task_model_class(task).from_pretrained(tmp_path / name).structure_sizes() == model.structure_sizes()
+    assert task_model_class(task)(config).structure_sizes() == full.structure_sizes()
+
+
 def test_text_stack_layout_is_the_one_place_for_layer_roles(tiny_config) -> None:
     layout = tiny_config.layout
     assert layout == tiny_config.text_config.layout == TextStackLayout(2, 2)
