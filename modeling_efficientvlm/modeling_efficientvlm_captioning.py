@@ -80,13 +80,6 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
         # A total length (prompt included), so that a `max_length` or a `max_new_tokens` given to `generate` wins.
         self.generation_config.max_length = self._default_max_length()
 
-    def _default_max_length(self) -> int:
-        # The longest text the model was trained on: "[CLS] (prompt) caption [SEP]".
-        return self.config.max_text_length
-
-    def _legacy_max_new_tokens(self) -> int:
-        return self.config.max_text_length
-
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,

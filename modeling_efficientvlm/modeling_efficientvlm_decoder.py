@@ -149,13 +149,14 @@ class EfficientVLMDecoderGenerationMixin(GenerationMixin):
 
     def _default_max_length(self) -> int:
         """The default `generation_config.max_length`: the longest sequence (start token / prompt included)
-        `generate` returns when the call sets neither `max_length` nor `max_new_tokens`. Each model defines it."""
-        raise NotImplementedError(f"{type(self).__name__} defines no `_default_max_length`.")
+        `generate` returns when the call sets neither `max_length` nor `max_new_tokens`: the longest text the model
+        was trained on, "[CLS] (prompt) text [SEP]" (VQA's short answers override it)."""
+        return self.config.max_text_length
 
     def _legacy_max_new_tokens(self) -> int:
         """The default `max_new_tokens` that earlier versions set (and saved in generation_config.json) instead of
         `_default_max_length`: as a default it overrode a `max_length` given to `generate`."""
-        raise NotImplementedError(f"{type(self).__name__} defines no `_legacy_max_new_tokens`.")
+        return self.config.max_text_length
 
     def adjust_generation_fn(self, *args, **kwargs) -> None:
         """Loads the generation config (`from_pretrained`); one saved by an earlier version, whose default length

@@ -369,7 +369,9 @@ MAX_CHECKED_TRAINING_RECORDS = 200_000
 def check_training_images(dataset: Any) -> None:
     """Identifies the image files of a training split before the first step (a bad file would stop the run where
     a batch first reads it), unless the split is larger than `MAX_CHECKED_TRAINING_RECORDS`: then it says so."""
-    if not dataset.check_image_headers(limit=MAX_CHECKED_TRAINING_RECORDS) and not dataset.lazy_image_column:
+    if len(dataset.records) <= MAX_CHECKED_TRAINING_RECORDS:
+        dataset.check_image_headers()
+    elif not dataset.lazy_image_column:  # images stored in the dataset are never identified ahead
         logger.warning(
             f"{len(dataset.records):,} training records: their image files are not identified before training (over "
             f"{MAX_CHECKED_TRAINING_RECORDS:,}); an unreadable one stops the run when a batch reads it."

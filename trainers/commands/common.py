@@ -177,11 +177,16 @@ def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None
     return tuple(parsed)
 
 
+def launched_processes() -> int:
+    """How many processes a launcher (torchrun, accelerate launch) started for this command: `WORLD_SIZE`, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def check_launched_processes(training_args: TrainingArguments) -> None:
     """Raises when a launcher started several processes (`WORLD_SIZE` > 1: torchrun, accelerate launch) but the
     Trainer would run each alone: on CPUs without `--use_cpu`, Transformers sets up no process group, and every
     process trains its own copy and writes the same output folder."""
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    launched = launched_processes()
     if launched > 1 and training_args.world_size == 1:
         raise ValueError(
             f"Launched as {launched} processes (WORLD_SIZE={launched}), but each would train alone, all writing "

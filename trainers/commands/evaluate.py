@@ -4,13 +4,12 @@ recall@K, BLEU-4 / CIDEr)."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from trainers.commands.common import parse_arguments
+from trainers.commands.common import launched_processes, parse_arguments
 from trainers.placement import resolve_placement
 from trainers.tasks import TASKS, build_dataset, evaluate_task, task_model_class
 from trainers.training import check_answer_list_task, read_answer_list
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMProcessor
 
     (args,) = parse_arguments("evaluate", (EvaluateArguments,), argv, "Evaluate a task model.")
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    launched = launched_processes()
     if launched > 1:
         raise ValueError(
             f"evaluate runs in one process; it was launched as {launched} (WORLD_SIZE={launched}), each of which "

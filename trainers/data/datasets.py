@@ -202,13 +202,12 @@ class _RecordDataset(Dataset, abc.ABC):
                         f"(image_root={self.image_root})."
                     )
 
-    def check_image_headers(self, limit: int | None = None) -> bool:
+    def check_image_headers(self) -> None:
         """Raises, naming the record, for an image file PIL cannot identify (reads each file's header only, not its
         pixels: cheap enough before training, so that a bad file does not surface after it or hours into it).
-        Images stored in the dataset itself are decoded only when read. With `limit`, a split of more records is
-        not checked (returns False): at pre-training scale the files are checked as training reads them."""
-        if self.lazy_image_column or (limit is not None and len(self.records) > limit):
-            return False
+        Images stored in the dataset itself are decoded only when read."""
+        if self.lazy_image_column:
+            return
         seen: set[Path] = set()
         for index in range(len(self.records)):
             for value in self._image_values(index):
@@ -225,7 +224,6 @@ class _RecordDataset(Dataset, abc.ABC):
                     raise _bomb_error(error, self._where(index), f" {path}") from error
                 except (PIL.UnidentifiedImageError, OSError) as error:
                     raise ValueError(f"{self._where(index)}: cannot read image {path}: {error}") from error
-        return True
 
     def _load_image(self, index: int) -> Any:
         """The record's image, or list of images, as RGB PIL."""
