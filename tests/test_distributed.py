@@ -320,3 +320,42 @@ def _check_sharded_distillation(workdir: Path, engine: str) -> None:
     for name in ("loss_itc", "kd_itc", "loss_mlm"):
         assert one[name] == pytest.approx(two[name], abs=1e-5), name
     assert one["loss"] == pytest.approx(two["loss"], abs=1e-3)
+
+
+@pytest.mark.parametrize("distil", [False, True])
+def test_training_gives_the_mlm_masks_its_seed_and_each_epoch(tmp_path, monkeypatch, distil: bool) -> None:
+    """`train("pretraining", ...)` (what `efficientvlm pretrain` runs, with the stock Trainer) seeds the collator with
+    `--seed` and moves it to each new epoch: the first epoch's masks were drawn again in every later one, and
+    `--seed` changed none of them. A `DistillationTrainer` follows the epochs itself: no second callback."""
+    from transformers import Trainer, TrainingArguments
+
+    from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining
+    from trainers.data import PretrainingCollator
+    from trainers.data.epochs import CollatorEpochCallback
+    from trainers.distillation import DistillationTrainer
+    from trainers.tasks import build_dataset
+    from trainers.training import train
+
+    from .data_utils import make_processor, write_image_text_json
+
+    config = EfficientVLMConfig.from_preset("tiny")
+    processor = make_processor(tmp_path, image_size=config.vision_config.image_size)
+    records, image_root = write_image_text_json(tmp_path, n=4, captions_per_image=1)
+    seen, collate = [], PretrainingCollator.__call__
+
+    def probe(self, items):
+        seen.append((self.seed, self.epoch))
+        return collate(self, items)
+
+    monkeypatch.setattr(PretrainingCollator, "__call__", probe)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, num_train_epochs=3, seed=7,
+        save_strategy="no", report_to=[], use_cpu=True,
+    )  # fmt: skip
+    extra = {"teacher_model": EfficientVLMForPreTraining(config)} if distil else {}
+    dataset = build_dataset("pretraining", records, image_root, processor)
+    trainer_class = DistillationTrainer if distil else Trainer
+    trainer = train("pretraining", EfficientVLMForPreTraining(config), processor, dataset, args, trainer_class, **extra)
+    assert seen == [(7, 0), (7, 1), (7, 2)]
+    followers = [c for c in trainer.callback_handler.callbacks if isinstance(c, CollatorEpochCallback)]
+    assert len(followers) == 1 and followers[0].collator is trainer.data_collator

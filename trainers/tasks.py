@@ -9,6 +9,7 @@ from here, so a task behaves the same whichever stage runs it, and a new task is
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -471,9 +472,13 @@ def build_dataset(task: str, data: Any, image_root: str | os.PathLike | None, pr
     return task_spec(task).dataset_class(data, image_root=image_root, processor=processor)
 
 
-def build_collator(task: str, processor: Any, **kwargs: Any):
-    """The collator turning dataset items of `task` into model inputs."""
-    return task_spec(task).collator_class(processor, **kwargs)
+def build_collator(task: str, processor: Any, seed: int | None = None, **kwargs: Any):
+    """The collator turning dataset items of `task` into model inputs. `seed` seeds a collator that draws its own
+    randomness (pre-training's MLM masks); the other tasks' collators draw none and ignore it."""
+    collator_class = task_spec(task).collator_class
+    if seed is not None and "seed" in inspect.signature(collator_class).parameters:
+        kwargs["seed"] = seed
+    return collator_class(processor, **kwargs)
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from typing import Any
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
+from trainers.data.epochs import follow_collator_epochs
 from trainers.json_files import read_json_file
 from trainers.model_card import ModelCardInfo, local_name
 from trainers.saving import hub_target_from, publish_model_folder, save_model_folder
@@ -270,9 +271,10 @@ def train(
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset if evaluating else None,
-        data_collator=build_collator(task, processor),
+        data_collator=build_collator(task, processor, seed=training_args.seed),
         **trainer_kwargs,
     )
+    follow_collator_epochs(trainer)  # new MLM masks each epoch
     check_engine(trainer)
     prepare_model_for_engine(trainer)
     check_resumed_checkpoint(training_args.resume_from_checkpoint)

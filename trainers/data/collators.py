@@ -90,11 +90,12 @@ class PretrainingCollator(ImageTextCollator):
 
     Randomness is drawn per sample, never from torch's global RNG: each text's masks come from its own
     `torch.Generator`, seeded with a stable hash (BLAKE2b) of `(seed, epoch, image id, text)` (`seed` defaults
-    to 0; `epoch` is set with [`set_epoch`], which `DistillationTrainer` calls at the start of each epoch). A
-    sample therefore gets the same masks whatever the batch it lands in, the world size, the number of data
-    workers, or a kill and resume; and new masks each epoch. (Two identical (image id, text) items of one epoch
-    get the same masks.) Passing `generator` instead draws every batch from that one stream, in call order
-    (the former behaviour; not reproducible under resume or another world size).
+    to 0; `trainers.training.train` passes `--seed`; `epoch` is set with [`set_epoch`], which the callback of
+    `trainers.data.epochs` calls at the start of each epoch). A sample therefore gets the same masks whatever the
+    batch it lands in, the world size, the number of data workers, or a kill and resume; and new masks each
+    epoch. (Two identical (image id, text) items of one epoch get the same masks.) Passing `generator` instead
+    draws every batch from that one stream, in call order (the former behaviour; not reproducible under resume or
+    another world size).
     """
 
     def __init__(

@@ -19,32 +19,20 @@ Extension points for subclasses (the pruning trainer uses them):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.utils import logging
 
+from ..data.epochs import follow_collator_epochs
 from ..sharding import prepare_model_for_engine
 from ..tasks import KDSpec
 from .objective import DistillationConfig, DistillationLoss
 
 logger = logging.get_logger(__name__)
-
-
-class CollatorEpochCallback(TrainerCallback):
-    """Tells a collator with a `set_epoch(epoch)` method (`PretrainingCollator`) the epoch about to start, before
-    the Trainer iterates its data loader (so data workers see it too). On resume mid-epoch, `state.epoch` is
-    that epoch plus a fraction: its floor is the epoch."""
-
-    def __init__(self, collator: Any) -> None:
-        self.collator = collator
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.collator.set_epoch(math.floor((state.epoch or 0) + 1e-9))
 
 
 class DistillationTrainer(Trainer):
@@ -114,8 +102,7 @@ class DistillationTrainer(Trainer):
         prepare_model_for_engine(self)  # the student, under DeepSpeed / FSDP (the teacher is not wrapped)
         self._loss_term_sums: dict[str, torch.Tensor] = {}
         self._loss_term_counts: dict[str, int] = {}
-        if hasattr(self.data_collator, "set_epoch"):  # per-sample, per-epoch collator randomness (MLM masks)
-            self.add_callback(CollatorEpochCallback(self.data_collator))
+        follow_collator_epochs(self)
 
     # -- extension points ---------------------------------------------------------------------------------
     def student_forward_kwargs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
