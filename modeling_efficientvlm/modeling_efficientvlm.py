@@ -870,12 +870,23 @@ class EfficientVLMTextEmbeddings(nn.Module):
             )
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        embeddings = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(self.position_ids[:, :seq_len])
-            + self.token_type_embeddings(token_type_ids)
-        )
+        words = _embed_ids(self.word_embeddings, input_ids, "input_ids", "vocab_size")
+        types = _embed_ids(self.token_type_embeddings, token_type_ids, "token_type_ids", "type_vocab_size")
+        embeddings = words + self.position_embeddings(self.position_ids[:, :seq_len]) + types
         return self.dropout(self.LayerNorm(embeddings))
+
+
+def _embed_ids(table: nn.Embedding, ids: torch.Tensor, name: str, size_name: str) -> torch.Tensor:
+    # An id past the table fails in torch's CPU kernel as a bare "index out of range in self": named here, at no cost
+    # to the ids that fit (on CUDA it is a device-side assert, which cannot be caught).
+    try:
+        return table(ids)
+    except IndexError as error:
+        raise IndexError(
+            f"`{name}` hold ids from {int(ids.min())} to {int(ids.max())}, but the model's table has "
+            f"{table.num_embeddings} rows (text_config.{size_name}): the tokenizer does not match the model. Use the "
+            f"checkpoint's own tokenizer, or build the model with {size_name} covering the tokenizer's ids."
+        ) from error
 
 
 class EfficientVLMTextLayer(GradientCheckpointingLayer):

@@ -203,6 +203,23 @@ def test_non_finite_pixel_values_raise(tiny_config) -> None:
         EfficientVLMModel(tiny_config).get_image_features(pixel_values[2:3])
 
 
+def test_token_ids_past_the_embedding_tables_are_named(tiny_config) -> None:
+    """A tokenizer larger than the model (the `tiny` preset with a 187-token vocabulary) failed in the embedding with
+    torch's bare "index out of range in self"."""
+    inputs = make_inputs(tiny_config)
+    vocab = tiny_config.text_config.vocab_size
+    model = EfficientVLMForPreTraining(tiny_config)
+    too_large = inputs["input_ids"].clone()
+    too_large[1, 2] = vocab + 59
+    message = rf"`input_ids` hold ids from \d+ to {vocab + 59}, but the model's table has {vocab} rows \(text_config"
+    with pytest.raises(IndexError, match=message):
+        model(**{**inputs, "input_ids": too_large})
+    with pytest.raises(IndexError, match=r"`token_type_ids` hold ids from 2 to 2, but the model's table has 2 rows"):
+        EfficientVLMTextModel(tiny_config.text_config)(
+            inputs["input_ids"], token_type_ids=torch.full_like(inputs["input_ids"], 2)
+        )
+
+
 def test_non_finite_masks_in_forward_raise(tiny_config) -> None:
     model = EfficientVLMForPreTraining(tiny_config).eval()
     inputs = make_inputs(tiny_config)
