@@ -50,7 +50,9 @@ def test_generate_stops_at_the_saved_vocabularys_own_sep(tmp_path) -> None:
     model = task_model_class("captioning").from_pretrained(folder).eval()
     reloaded = EfficientVLMProcessor.from_pretrained(folder)
     assert model.generation_config.eos_token_id == reloaded.tokenizer.sep_token_id == SEP_ID
-    assert reloaded.tokenizer.model_max_length == model.config.max_text_length == 32
+    # The processor cuts texts at 40 tokens, past the model's default 32 (within its 64 positions): the saved limit is
+    # the processor's, or transformers warns of "indexing errors" at every text of 33-40 tokens.
+    assert reloaded.tokenizer.model_max_length == processor.max_length == 40 > model.config.max_text_length
     with torch.no_grad():
         caption = model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens)
     # It starts from its own [CLS] and stops at its own [SEP], long before max_new_tokens.
@@ -73,6 +75,13 @@ def test_saved_folder_is_complete_and_the_callers_processor_is_untouched(tmp_pat
     before = processor.tokenizer.model_max_length
     folder = save_model_folder(task_model_class("vqa")(config), processor, tmp_path / "vqa")
     assert processor.tokenizer.model_max_length == before
+    saved = EfficientVLMProcessor.from_pretrained(folder).tokenizer
+    assert saved.model_max_length == 40 and saved.init_kwargs["model_max_length"] == 40
+    short = make_processor(tmp_path / "short", image_size=config.vision_config.image_size, max_length=16)
+    for length, expected in ((16, config.max_text_length), (100, config.text_config.max_position_embeddings)):
+        short.max_length = length
+        folder = save_model_folder(task_model_class("vqa")(config), short, tmp_path / f"vqa_{length}")
+        assert EfficientVLMProcessor.from_pretrained(folder).tokenizer.model_max_length == expected, length
     # Training leftovers in the same output folder are not part of the model.
     for junk in ("training_args.bin", "trainer_state.json", "all_results.json", "masker.pt", "train.log"):
         (folder / junk).write_text("x")

@@ -111,12 +111,13 @@ def special_token_ids(tokenizer: Any) -> dict[str, int | None]:
     }
 
 
-def text_limit(config: Any) -> int:
-    """The longest text, in tokens, the model takes: `max_text_length` (never above the position table)."""
+def text_limit(config: Any, processor_length: int | None = None) -> int:
+    """The longest text, in tokens, the model takes: `max_text_length`, or the processor's own `max_length`
+    (`processor_length`) where that is longer (the texts it trained on were), never above the position table."""
     text_config = getattr(config, "text_config", config)
     positions = getattr(text_config, "max_position_embeddings", None)
-    limit = getattr(config, "max_text_length", None) or positions
-    return min(limit, positions) if positions else limit
+    limit = max(getattr(config, "max_text_length", None) or positions or 0, processor_length or 0) or None
+    return min(limit, positions) if positions and limit else limit
 
 
 def sync_special_tokens(model: Any, tokenizer: Any) -> dict[str, int | None]:
@@ -139,10 +140,12 @@ def sync_special_tokens(model: Any, tokenizer: Any) -> dict[str, int | None]:
 
 
 def processor_for_saving(processor: Any, config: Any) -> Any:
-    """A copy of `processor` whose tokenizer's `model_max_length` is the model's text limit (not 1e30)."""
+    """A copy of `processor` whose tokenizer's `model_max_length` is the model's text limit (not 1e30): a
+    processor that cuts texts longer than the model's `max_text_length` keeps its length (transformers would warn
+    of "indexing errors" at every text between the two)."""
     processor = copy.deepcopy(processor)
     tokenizer = getattr(processor, "tokenizer", processor)
-    limit = text_limit(config)
+    limit = text_limit(config, getattr(processor, "max_length", None) if tokenizer is not processor else None)
     if tokenizer is not None and limit:
         tokenizer.model_max_length = limit
         if hasattr(tokenizer, "init_kwargs"):
