@@ -53,6 +53,9 @@ def _official_state(task: str, seed: int = 0) -> dict[str, torch.Tensor]:
     # vision layer 2's whole FFN dropped.
     state["l0_module.cross_head_loga"][0] = 10.0
     state["l0_module.cross_head_loga"][1] = -10.0
+    if task == "vqa":  # the official VQA forward masks fusion layer 0 with text rows 0 and 1 (see _official_masks)
+        state["l0_module.text_head_loga"][0] = 10.0
+        state["l0_module.text_head_loga"][1] = -10.0
     state["l0_module.vision_int_loga"][2] = -10.0
     if "l0_module.decoder_head_loga" in state:
         # Answer-decoder layer 0: every cross-attention head dropped (row 1) and its whole FFN.
@@ -72,16 +75,24 @@ def _official_mask(log_alpha: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _official_masks(state: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+def _official_masks(state: dict[str, torch.Tensor], task: str) -> dict[str, list[torch.Tensor]]:
+    """The masks the official forward applies. Its BERT encoder gives fusion layer k (k counted from the first
+    fusion layer) rows 2k and 2k + 1 of the `head_z` it is passed and row k of `mlp_z`; retrieval passes the cross
+    rows (`fusion` mode), VQA `cat(text rows, cross rows)` (`multi_modal` mode, Eff_VQA / model_generation.py)."""
     rows = {name[len("l0_module.") :]: tensor for name, tensor in state.items() if name.endswith("_loga")}
+    head_z, mlp_z = rows["cross_head_loga"], rows["cross_int_loga"]
+    if task == "vqa":
+        head_z = torch.cat([rows["text_head_loga"], head_z])
+        mlp_z = torch.cat([rows["text_int_loga"], mlp_z])
+    fusion_layers = rows["cross_int_loga"].shape[0]
     masks = {
         "vision_heads": rows["vision_head_loga"],
         "vision_ffn": rows["vision_int_loga"],
         "text_heads": rows["text_head_loga"],
         "text_ffn": rows["text_int_loga"],
-        "fusion_heads": rows["cross_head_loga"][0::2],
-        "fusion_cross_heads": rows["cross_head_loga"][1::2],
-        "fusion_ffn": rows["cross_int_loga"],
+        "fusion_heads": [head_z[2 * k] for k in range(fusion_layers)],
+        "fusion_cross_heads": [head_z[2 * k + 1] for k in range(fusion_layers)],
+        "fusion_ffn": [mlp_z[k] for k in range(fusion_layers)],
     }
     if "decoder_head_loga" in rows:
         masks["decoder_heads"] = rows["decoder_head_loga"][0::2]
@@ -95,7 +106,7 @@ def test_pruning_stage_checkpoint_prunes_as_the_official_masks_say(task: str, tm
     state = _official_state(task)
     torch.save({"model": state}, tmp_path / "pruning_stage.pth")
     pruned, report = load_official_pruning_checkpoint(str(tmp_path / "pruning_stage.pth"), task)
-    expected = _official_masks(state)
+    expected = _official_masks(state, task)
 
     kept = {key: [int(mask.sum()) for mask in masks] for key, masks in expected.items()}
     assert report["structures_kept"] == kept
@@ -116,6 +127,8 @@ def test_pruning_stage_checkpoint_prunes_as_the_official_masks_say(task: str, tm
         assert 0 < report["sparsity_per_modality"]["decoder"] < 1
     assert report["parameters_after"] == sum(p.numel() for p in pruned.parameters()) < report["parameters_before"]
     assert set(report["lagrange_multipliers"]) == {"lambda_1", "lambda_2"}
+    if task == "vqa":  # text and fusion layers share rows: the same units kept
+        assert kept["fusion_ffn"] == kept["text_ffn"] and kept["fusion_heads"][1] == kept["text_heads"][2]
 
     # The pruned model computes what the unpruned one computes under the official masks.
     weights = {name: tensor for name, tensor in state.items() if not name.startswith("l0_module.")}

@@ -12,6 +12,15 @@ Official layout (one row per layer, one column per unit):
 - `decoder_head_loga` (two rows per decoder layer, as above), `decoder_int_loga`: the VQA answer decoder, pruned
   like the encoders (the `decoder` modality; its per-layer sizes go to `config.answer_decoder_*_per_layer`).
 - `lambda_1`, `lambda_2`: the Lagrange multipliers, used only while training; reported, not converted.
+
+Which rows a layer's masks come from is what the official forward does, not what the names say: VQA
+(`EffXVLMForVQA`) runs its question encoder in `multi_modal` mode with `head_z = cat(text_head_z, cross_head_z)` and
+`mlp_z = cat(text_int_z, cross_int_z)`, and the encoder indexes a fusion layer's rows from the start of those
+concatenations: fusion layer k masks its self- / cross-attention heads with rows 2k / 2k + 1 of the concatenated
+head rows (text rows first) and its FFN with row k of the concatenated FFN rows, so `cross_int_loga` and the last
+cross rows never mask anything. The VQA model trained and was evaluated with those masks, so they are the ones
+converted ([`official_forward_rows`]). Retrieval runs the fusion layers in `fusion` mode on the cross rows alone,
+as named.
 """
 
 from __future__ import annotations
@@ -63,6 +72,26 @@ def split_pruning_state(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, d
     if unknown:
         raise ValueError(f"Unknown `l0_module` tensors {[L0_PREFIX + n for n in unknown]}; expected {sorted(known)}.")
     return weights, l0
+
+
+def official_forward_rows(l0: Mapping[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+    """`l0` with `cross_head_loga` / `cross_int_loga` replaced by the rows the official forward of `task` masks the
+    fusion layers with (see the module docstring): for VQA, the first 2 x (fusion layers) rows of
+    `cat(text_head_loga, cross_head_loga)` and the first (fusion layers) rows of `cat(text_int_loga,
+    cross_int_loga)`; other tasks unchanged."""
+    if task != "vqa" or "cross_head_loga" not in l0 or "cross_int_loga" not in l0:
+        return dict(l0)
+    fusion_layers = l0["cross_int_loga"].shape[0]
+    rows = dict(l0)
+    for name, taken in (("head", 2 * fusion_layers), ("int", fusion_layers)):
+        text, cross = l0[f"text_{name}_loga"], l0[f"cross_{name}_loga"]
+        if text.dim() != 2 or cross.dim() != 2 or text.shape[1] != cross.shape[1]:
+            raise ValueError(
+                f"`{L0_PREFIX}text_{name}_loga` {tuple(text.shape)} and `{L0_PREFIX}cross_{name}_loga` "
+                f"{tuple(cross.shape)}: the official VQA forward concatenates them, so they need rows of one width."
+            )
+        rows[f"cross_{name}_loga"] = torch.cat([text, cross])[:taken]
+    return rows
 
 
 def _per_layer(
@@ -117,6 +146,7 @@ def prune_official_state_dict(
     if task not in PRUNING_STAGE_TASKS:
         raise ValueError(f"Pruning-stage checkpoints convert for {PRUNING_STAGE_TASKS}; got task {task!r}.")
     weights, l0 = split_pruning_state(state_dict)
+    l0 = official_forward_rows(l0, task)
     model = model_from_official_state_dict(weights, task)
     masks_decoder = any(name in l0 for name in DECODER_LOG_ALPHAS)
     if masks_decoder and getattr(model, "answer_decoder", None) is None:
@@ -141,6 +171,9 @@ def prune_official_state_dict(
         "remaining_prunable_parameters": masker.remaining_parameters(masks),
         "parameters_before": count_parameters(model),
         "lagrange_multipliers": {name: float(l0[name]) for name in MULTIPLIERS if name in l0},
+        "fusion_mask_rows": "official VQA forward: rows of cat(text, cross) log-alphas"
+        if task == "vqa"
+        else "cross log-alphas",
     }
     report["padding"] = prune_structures(model, masks, report["structures_kept"], pad_to_multiple_of)
     report["parameters_after"] = count_parameters(model)
@@ -152,4 +185,9 @@ def load_official_pruning_checkpoint(path: str, task: str, binary: bool = True) 
     return prune_official_state_dict(read_official_state_dict(path), task, binary=binary)
 
 
-__all__ = ["load_official_pruning_checkpoint", "prune_official_state_dict", "split_pruning_state"]
+__all__ = [
+    "load_official_pruning_checkpoint",
+    "official_forward_rows",
+    "prune_official_state_dict",
+    "split_pruning_state",
+]
