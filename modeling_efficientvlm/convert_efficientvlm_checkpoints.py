@@ -196,11 +196,15 @@ def load_official_checkpoint(
 
 def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict in an official `.pth` file: the file's own dict, or the one under its `model` key (the
-    official training scripts save the optimizer and config beside it). Errors name the file."""
+    official training scripts save the optimizer and config beside it), without a `module.` prefix shared by every
+    name (saved from a DDP-wrapped model). Errors name the file."""
     checkpoint = read_torch_weights(path)
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path} holds no state dict (a dict of tensors, or one under the key `model`).")
+    # A model saved from inside DistributedDataParallel has every name under `module.`.
+    if state_dict and all(name.startswith("module.") for name in state_dict):
+        state_dict = {name[len("module.") :]: tensor for name, tensor in state_dict.items()}
     return state_dict
 
 

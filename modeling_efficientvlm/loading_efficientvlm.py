@@ -116,10 +116,10 @@ def read_torch_weights(path: str | os.PathLike) -> Any:
         ) from error
     except PermissionError:
         raise
-    except (RuntimeError, EOFError, OSError) as error:  # OSError: torch's zip reader on a file cut very short
+    except Exception as error:  # torch's reader on other bytes: RuntimeError, EOFError, OSError, KeyError, IndexError
         raise CorruptCheckpointError(
-            f"Cannot read {path} ({_first_line(error)}). The file is truncated or not a torch.save file; copy or "
-            "download it again."
+            f"Cannot read {path} ({type(error).__name__}: {_first_line(error)}). The file is truncated or not a "
+            "torch.save file; copy or download it again."
         ) from error
 
 

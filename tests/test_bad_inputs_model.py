@@ -464,3 +464,11 @@ def test_official_checkpoint_files_fail_with_the_file_named(tmp_path) -> None:
     torch.save({"model": [1, 2]}, tmp_path / "not_a_state_dict.pth")
     with pytest.raises(ValueError, match="not_a_state_dict.pth holds no state dict"):
         read_official_state_dict(tmp_path / "not_a_state_dict.pth")
+    # Text and CSV files failed deep in torch's unpickler (KeyError: 101, IndexError: pop from empty list).
+    for name, text in (("notes.pth", "hello world\n"), ("table.pth", "a,b\n1,2\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(CorruptCheckpointError, match=rf"Cannot read .*{name} \(\w+: .*\)\. The file is"):
+            read_official_state_dict(tmp_path / name)
+    # Saved from a DDP-wrapped model: every name under `module.`.
+    torch.save({"model": {f"module.{k}": v for k, v in state_dict.items()}}, tmp_path / "ddp.pth")
+    assert read_official_state_dict(tmp_path / "ddp.pth").keys() == state_dict.keys()
