@@ -22,8 +22,9 @@ from trainers.deployment import OnnxParityError, export_onnx, load_onnx_model, r
 from trainers.deployment.comparison import format_accuracy
 from trainers.deployment.graphs import GraphSpec, TensorSpec, task_graphs
 from trainers.deployment.onnx_export import MANIFEST_NAME, OPSET, _export_graph, check_parity
+from trainers.tasks import build_dataset, evaluate_task
 
-from .data_utils import CLS_ID, PAD_ID, SEP_ID, make_processor, write_vqa_json
+from .data_utils import CLS_ID, PAD_ID, SEP_ID, make_processor, write_image_text_json, write_vqa_json
 from .model_utils import prune_unevenly
 
 EXPECTED_GRAPHS = {
@@ -188,6 +189,70 @@ def test_export_command_compares_latency_and_accuracy_of_pytorch_onnx_and_int8(t
     assert "vqa_accuracy" in out and "(change +0.0000)" in out
     # The folder is self-contained: the processor travels with the graphs.
     assert (tmp_path / "onnx" / "tokenizer_config.json").is_file() or (tmp_path / "onnx" / "vocab.txt").is_file()
+
+
+def _saved_with_processor(model, tmp_path) -> tuple:
+    processor = make_processor(tmp_path)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    return processor, str(tmp_path / "model")
+
+
+def test_export_ranks_retrieval_by_the_given_itm_score_as_evaluate_does_and_says_which(tmp_path, capsys) -> None:
+    """`export --eval_file` ranked retrieval by the raw ITM logit whatever was asked, and did not say so: a demo
+    model reported by `evaluate --itm_score log_odds+itc` scored lower here. Now it takes evaluate's flag."""
+    model = _pruned(EfficientVLMForImageTextRetrieval)
+    processor, folder = _saved_with_processor(model, tmp_path)
+    eval_file, image_root = write_image_text_json(tmp_path, n=4)
+    cli.main(
+        ["export", "--model_name_or_path", folder, "--output_dir", str(tmp_path / "onnx"), "--eval_file",
+         str(eval_file), "--image_root", str(image_root), "--benchmark_batch_size", "0", "--k", "3",
+         "--itm_score", "log_odds+itc"]
+    )  # fmt: skip
+    dataset = build_dataset("retrieval", str(eval_file), image_root, processor)
+    expected = evaluate_task("retrieval", model, dataset, processor, k=3, itm_score="log_odds+itc").metrics
+    assert "itm_r_mean" in expected  # only "log_odds+itc" reports the log-odds alone beside it
+    saved = json.loads((tmp_path / "onnx" / "export_report.json").read_text())
+    assert saved["itm_score"] == "log_odds+itc"
+    assert saved["metrics"]["PyTorch"] == pytest.approx(expected, abs=1e-9)
+    assert saved["metrics"]["ONNX fp32"] == pytest.approx(expected, abs=1e-9)
+    out = capsys.readouterr().out
+    assert (
+        "(8 items; the top 3 ITC candidates of each query re-ranked by the ITM head's match log-odds plus the pair's "
+        "ITC logit (cosine / temperature), --itm_score log_odds+itc):"
+    ) in out
+
+
+def test_export_scores_vqa_on_the_given_answer_list(tmp_path) -> None:
+    """A VQA model without saved candidates failed after exporting, asking for `--answer_list`, which export did not
+    accept; now it takes the flag (a JSON list file) and ranks those answers."""
+    model = _pruned(EfficientVLMForQuestionAnswering)
+    processor, folder = _saved_with_processor(model, tmp_path)
+    eval_file, image_root = write_vqa_json(tmp_path, n=3)
+    answers = ["red", "green", "blue", "yellow"]
+    (tmp_path / "answers.json").write_text(json.dumps(answers))
+    cli.main(
+        ["export", "--model_name_or_path", folder, "--output_dir", str(tmp_path / "onnx"), "--eval_file",
+         str(eval_file), "--image_root", str(image_root), "--benchmark_batch_size", "0", "--answer_list",
+         str(tmp_path / "answers.json")]
+    )  # fmt: skip
+    dataset = build_dataset("vqa", str(eval_file), image_root, processor)
+    expected = evaluate_task("vqa", model, dataset, processor, answer_list=answers).metrics
+    metrics = json.loads((tmp_path / "onnx" / "export_report.json").read_text())["metrics"]
+    assert metrics == {"PyTorch": expected, "ONNX fp32": expected}
+    assert "itm_score" not in json.loads((tmp_path / "onnx" / "export_report.json").read_text())
+
+
+def test_export_refuses_a_bad_itm_score_or_an_answer_list_outside_vqa_before_exporting(tmp_path) -> None:
+    torch.manual_seed(0)
+    EfficientVLMForVisualReasoning(_config()).save_pretrained(tmp_path / "model")
+    base = ["export", "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "onnx")]
+    with pytest.raises(ValueError, match=r"--itm_score must be one of \('probability', .*'log_odds\+itc'\); got 'lgt'"):
+        cli.main([*base, "--itm_score", "lgt"])
+    (tmp_path / "answers.json").write_text(json.dumps(["yes", "no"]))
+    with pytest.raises(ValueError, match="--answer_list is the candidate answers of VQA; the nlvr2 task has none"):
+        cli.main([*base, "--answer_list", str(tmp_path / "answers.json")])
+    assert not (tmp_path / "onnx").exists()
 
 
 def test_export_of_a_folder_without_a_processor_says_the_graphs_have_none(tmp_path, capsys) -> None:

@@ -68,6 +68,29 @@ class DataArguments:
     max_text_length: int | None = field(default=None, metadata={"help": "Token limit of texts (default: model's)."})
 
 
+def itm_score_field() -> Any:
+    """`--itm_score` of the commands that score retrieval (`evaluate`, `export`): one declaration, one default
+    (checked by `check_itm_score(value, "--itm_score", rerank=True)`)."""
+    return field(
+        default="logit",
+        metadata={
+            "help": "Retrieval: what ranks the re-ranked candidates: 'logit', the ITM head's raw match logit (X-VLM's "
+            "protocol), 'log_odds' / 'probability', its match log-odds / probability (one order; the raw logit "
+            "also carries a direction of the head that the ITM loss never trains), or 'log_odds+itc', the "
+            "log-odds plus the pair's ITC logit (cosine / temperature; BLIP-style; the log-odds alone are then "
+            "reported too, as itm_r_mean, ...)."
+        },
+    )
+
+
+def answer_list_field() -> Any:
+    """`--answer_list` of the commands that score VQA (`evaluate`, `export`); read by `read_answer_list`."""
+    return field(
+        default=None,
+        metadata={"help": "VQA: JSON list file of candidate answers (default: those saved with the model)."},
+    )
+
+
 @dataclass(kw_only=True)
 class KDArguments:
     """The distillation weights shared by `distill` and `prune` (the fields of [`DistillationConfig`])."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from trainers.commands.common import launched_processes, parse_arguments
+from trainers.commands.common import answer_list_field, itm_score_field, launched_processes, parse_arguments
 from trainers.placement import resolve_placement
 from trainers.tasks import TASKS, build_dataset, evaluate_task, task_model_class
 from trainers.training import check_answer_list_task, read_answer_list
@@ -21,21 +21,12 @@ class EvaluateArguments:
     model_name_or_path: str = field(metadata={"help": "Saved model folder (with its processor) or Hub id."})
     eval_file: str = field(metadata={"help": "X-VLM JSON file of evaluation records."})
     image_root: str | None = field(default=None, metadata={"help": "Folder the records' image paths start from."})
-    answer_list: str | None = field(default=None, metadata={"help": "VQA: JSON list of candidate answers."})
+    answer_list: str | None = answer_list_field()
     k: int = field(
         default=128, metadata={"help": "VQA / retrieval: candidates re-ranked per query (retrieval: 0 = ITC alone)."}
     )
     batch_size: int = field(default=32)
-    itm_score: str = field(
-        default="logit",
-        metadata={
-            "help": "Retrieval: what ranks the re-ranked candidates: 'logit', the ITM head's raw match logit (X-VLM's "
-            "protocol), 'log_odds' / 'probability', its match log-odds / probability (one order; the raw logit "
-            "also carries a direction of the head that the ITM loss never trains), or 'log_odds+itc', the "
-            "log-odds plus the pair's ITC logit (cosine / temperature; BLIP-style; the log-odds alone are then "
-            "reported too, as itm_r_mean, ...)."
-        },
-    )
+    itm_score: str = itm_score_field()
     caption_level_recall: bool = field(
         default=False,
         metadata={

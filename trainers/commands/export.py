@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainers.commands.common import parse_arguments
+from trainers.commands.common import answer_list_field, itm_score_field, parse_arguments
 
 
 @dataclass
@@ -29,6 +29,8 @@ class ExportArguments:
     image_root: str | None = field(default=None, metadata={"help": "Folder the eval records' image paths start from."})
     eval_batch_size: int = field(default=32)
     k: int = field(default=128, metadata={"help": "VQA / retrieval: candidates re-ranked per query."})
+    itm_score: str = itm_score_field()
+    answer_list: str | None = answer_list_field()
     benchmark_batch_size: int = field(default=8, metadata={"help": "Batch of the latency comparison (0: skip it)."})
     benchmark_text_length: int = field(default=30, metadata={"help": "Text length of the latency comparison."})
     repeats: int = field(default=10, metadata={"help": "Timed runs per graph and round."})
@@ -42,21 +44,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers.utils import logging
 
     import modeling_efficientvlm  # noqa: F401  (registers the Auto classes)
+    from modeling_efficientvlm.modeling_efficientvlm_retrieval import check_itm_score
     from trainers.deployment.comparison import compare_accuracy, compare_latency, format_accuracy, format_latency
     from trainers.deployment.onnx_export import export_onnx
     from trainers.deployment.onnx_models import load_onnx_model
     from trainers.deployment.torch_int8 import quantize_torch_int8
-    from trainers.tasks import build_dataset
+    from trainers.evaluation.retrieval import ITM_SCORE_WORDS
+    from trainers.tasks import build_dataset, task_of_model
+    from trainers.training import check_answer_list_task, read_answer_list
 
     (args,) = parse_arguments(
         "export", (ExportArguments,), argv, "Export a task model's inference graphs to ONNX (optionally int8)."
     )
+    check_itm_score(args.itm_score, "--itm_score", rerank=True)
+    answer_list = read_answer_list(args.answer_list)
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
         model = AutoModel.from_pretrained(args.model_name_or_path).float().eval()
     finally:
         logging.set_verbosity(verbosity)
+    check_answer_list_task(args.answer_list, task_of_model(model).name)
     processor = None
     try:
         processor = modeling_efficientvlm.EfficientVLMProcessor.from_pretrained(args.model_name_or_path)
@@ -101,8 +109,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         backends["ONNX fp32"] = load_onnx_model(result.output_dir)
         if args.int8:
             backends["ONNX int8"] = load_onnx_model(result.output_dir, int8=True)
-        metrics = compare_accuracy(task, backends, dataset, processor, batch_size=args.eval_batch_size, k=args.k)
-        print(f"\n{task} metrics on {args.eval_file} ({len(dataset)} items):")
+        metrics = compare_accuracy(
+            task,
+            backends,
+            dataset,
+            processor,
+            batch_size=args.eval_batch_size,
+            k=args.k,
+            answer_list=answer_list,
+            itm_score=args.itm_score,
+        )
+        ranking = ""
+        if task == "retrieval":
+            report["itm_score"] = args.itm_score
+            ranking = (
+                f"; the top {args.k} ITC candidates of each query re-ranked by the ITM head's "
+                f"{ITM_SCORE_WORDS[args.itm_score]}, --itm_score {args.itm_score}"
+            )
+        print(f"\n{task} metrics on {args.eval_file} ({len(dataset)} items{ranking}):")
         print(format_accuracy(task, metrics))
         report["metrics"] = metrics
     (result.output_dir / "export_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

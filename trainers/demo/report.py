@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from trainers.evaluation.retrieval import ITM_SCORE_WORDS  # noqa: E402
 from trainers.tasks import task_spec  # noqa: E402
 
 
@@ -120,13 +121,6 @@ def write_plots(
 # demo row passes is >= 98.4% retained at >= 2x faster.
 PAPER_RETAINED = 98.4
 PAPER_SPEEDUP = 2.0
-# How the report names each ITM re-ranking score (`itm_match_score`).
-ITM_SCORE_WORDS = {
-    "log_odds+itc": "match log-odds plus the pair's ITC logit (cosine / temperature)",
-    "log_odds": "match log-odds",
-    "probability": "match probability",
-    "logit": "raw match logit alone (X-VLM's score)",
-}
 
 
 def _retained(score: float, teacher: float) -> float:

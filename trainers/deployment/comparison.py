@@ -124,15 +124,16 @@ def compare_accuracy(
     processor: Any,
     batch_size: int = 32,
     k: int = 128,
+    answer_list: list[str] | None = None,
+    itm_score: str = "logit",
 ) -> dict[str, dict[str, float]]:
     """The task's metrics (its evaluation routine in `trainers.evaluation.tasks`) of each backend (a PyTorch model
-    or an onnxruntime-backed one) on the same dataset."""
+    or an onnxruntime-backed one) on the same dataset; `answer_list` (VQA: default, the saved candidates) and
+    `itm_score` (retrieval: what ranks the re-ranked candidates) as in [`evaluate_task`]."""
     if task_spec(task).evaluate is None:
         raise ValueError(f"The {task} task has no evaluation routine: --eval_file needs a downstream task model.")
-    return {
-        name: evaluate_task(task, model, dataset, processor, batch_size=batch_size, k=k).metrics
-        for name, model in backends.items()
-    }
+    options = {"batch_size": batch_size, "k": k, "answer_list": answer_list, "itm_score": itm_score}
+    return {name: evaluate_task(task, model, dataset, processor, **options).metrics for name, model in backends.items()}
 
 
 def format_accuracy(task: str, metrics: dict[str, dict[str, float]]) -> str:

@@ -22,6 +22,13 @@ from modeling_efficientvlm.modeling_efficientvlm_retrieval import ITM_ITC_SCORE,
 
 from .metrics import retrieval_recall
 
+# How reports name each ITM re-ranking score (`itm_match_score`, `itm_rerank_scores`): the ITM head's ...
+ITM_SCORE_WORDS = {
+    "log_odds+itc": "match log-odds plus the pair's ITC logit (cosine / temperature)",
+    "log_odds": "match log-odds",
+    "probability": "match probability",
+    "logit": "raw match logit alone (X-VLM's score)",
+}
 _SCORING_METHODS = ("embed_images", "embed_texts", "itc_scores", "itm_rerank_scores")
 
 
@@ -271,4 +278,4 @@ def _without_itc(scores: torch.Tensor, itc_logits: torch.Tensor) -> torch.Tensor
     return torch.where(scores == NOT_RERANKED_SCORE, scores, scores - itc_logits)
 
 
-__all__ = ["ImageBatches", "RetrievalEvaluation", "model_device", "retrieval_evaluate"]
+__all__ = ["ITM_SCORE_WORDS", "ImageBatches", "RetrievalEvaluation", "model_device", "retrieval_evaluate"]
