@@ -152,6 +152,45 @@ def test_a_vqa_model_without_saved_answers_decodes_its_answer(app_models) -> Non
     assert row[RESULT_COLUMNS.index("answer")] == vqa.processor.tokenizer.decode(ids[1:], skip_special_tokens=True)
 
 
+def test_the_processor_sees_the_image_as_given_16_bit_and_transparent_ones_included(app_models, monkeypatch) -> None:
+    """The app converted every image to RGB before the processor: a 16-bit grayscale image lost its scaling (another
+    answer than the same image in 8 bits) and a transparent one its compositing on white."""
+    import numpy as np
+    import PIL.Image
+
+    vqa = app_models[0]
+    seen = []
+
+    def rank_answers(pixel_values, *args, **kwargs):
+        seen.append(pixel_values)
+        return type(vqa.model).rank_answers(vqa.model, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(vqa.model, "rank_answers", rank_answers)
+    gray = (np.arange(40 * 40).reshape(40, 40) % 256).astype(np.uint8)
+    eight_bit, sixteen_bit = PIL.Image.fromarray(gray), PIL.Image.fromarray(gray.astype(np.uint16) * 257)
+    transparent = PIL.Image.new("RGBA", (40, 40), (255, 0, 0, 0))
+    assert sixteen_bit.mode == "I;16"
+    for image in (eight_bit, sixteen_bit, transparent):
+        answer_question(vqa, image, "what color is the square ?")
+    # What reaches the model is the processor's own reading of each image: 16 bits scaled like 8 bits, the
+    # transparent red composited on white (a white image, not a red one).
+    torch.testing.assert_close(seen[1], seen[0], rtol=0, atol=0)
+    white = vqa.processor(images=[make_image("white", 40)])["pixel_values"]
+    torch.testing.assert_close(seen[2], white, rtol=0, atol=0)
+    assert not torch.equal(seen[2], vqa.processor(images=[make_image("red", 40)])["pixel_values"])
+
+
+def test_the_page_uploads_images_in_their_own_mode(app_models) -> None:
+    """gradio converts an upload to `image_mode` ("RGB" by default) before the app sees it; None keeps its mode."""
+    import gradio as gr
+
+    from trainers.app.ui import build_app
+
+    images = [block for block in build_app(app_models[:1]).blocks.values() if isinstance(block, gr.Image)]
+    assert [image.elem_id for image in images] == ["image", "right_image"]
+    assert [image.image_mode for image in images] == [None, None]
+
+
 @pytest.mark.parametrize(
     ("kind", "image", "text", "second_image", "message"),
     [

@@ -143,16 +143,12 @@ def _check_text(text: str | None, what: str) -> str:
     return text
 
 
-def _rgb(image: Any) -> Any:
-    return image.convert("RGB") if hasattr(image, "convert") else image
-
-
 @torch.no_grad()
 def answer_question(app_model: AppModel, image: Any, question: str) -> str:
     """A VQA model's answer: the best of its saved answer candidates with its share of the top-k's probability
     (X-VLM's k-test), or its freely decoded answer when it has none."""
     model, processor = app_model.model, app_model.processor
-    inputs = processor(images=[_rgb(image)], text=[question])
+    inputs = processor(images=[image], text=[question])
     if model.config.answer_candidates_ids is None:
         ids = model.generate(**inputs, use_answer_candidates=False, max_new_tokens=10)
         # The sequence starts with the start token, whatever its id: the answer is what follows it.
@@ -166,7 +162,7 @@ def score_captions(app_model: AppModel, image: Any, captions: list[str]) -> str:
     """A retrieval model's ranking of the captions, best first: each with its ITC probability (softmax of the
     similarities over the candidates) and its ITM match probability."""
     model, processor = app_model.model, app_model.processor
-    pixel_values = processor(images=[_rgb(image)])["pixel_values"]
+    pixel_values = processor(images=[image])["pixel_values"]
     texts = processor(text=captions)
     image_states, image_embeds = model.embed_images(pixel_values)
     text_states, text_embeds = model.embed_texts(texts["input_ids"], texts["attention_mask"])
@@ -180,7 +176,7 @@ def score_captions(app_model: AppModel, image: Any, captions: list[str]) -> str:
 @torch.no_grad()
 def judge_pair(app_model: AppModel, left_image: Any, right_image: Any, statement: str) -> str:
     """An NLVR2 model's verdict on the statement about the (left, right) pair, with its probability."""
-    [prediction] = app_model.model.predict(_rgb(left_image), _rgb(right_image), statement, app_model.processor)
+    [prediction] = app_model.model.predict(left_image, right_image, statement, app_model.processor)
     label = "True" if prediction["label"] else "False"
     return f"{label} ({prediction['probabilities'][label]:.2f})"
 
@@ -190,7 +186,7 @@ def write_caption(app_model: AppModel, image: Any, prompt: str) -> str:
     """A captioning model's greedy caption of the image, the prompt included ("a picture of a red square")."""
     model, processor = app_model.model, app_model.processor
     # generate drops the prompt's final [SEP] and continues it (as the image-text-to-text pipeline does).
-    ids = model.generate(**processor(images=[_rgb(image)], text=[prompt]), max_new_tokens=CAPTION_MAX_NEW_TOKENS)
+    ids = model.generate(**processor(images=[image], text=[prompt]), max_new_tokens=CAPTION_MAX_NEW_TOKENS)
     return processor.tokenizer.decode(ids[0], skip_special_tokens=True).strip()
 
 

@@ -52,7 +52,9 @@ def build_app(models: Sequence[AppModel], title: str = TITLE, repeats: int = LAT
         timing = f"Latency: median of {repeats} runs of the whole answer (preprocessing included), on this machine."
         gr.Markdown(f"# {title}\n{INTRO} {timing}\n\nModels: {size_lines}")
         with gr.Row():
-            image = gr.Image(type="pil", label="Image (the left one for a pair)", elem_id="image", height=260)
+            image = gr.Image(
+                type="pil", image_mode=None, label="Image (the left one for a pair)", elem_id="image", height=260
+            )
             with gr.Column():
                 with gr.Tab("Ask a question"):
                     question = gr.Textbox(
@@ -68,7 +70,9 @@ def build_app(models: Sequence[AppModel], title: str = TITLE, repeats: int = LAT
                     )
                     rank = gr.Button("Rank", variant="primary", elem_id="rank")
                 with gr.Tab("Two images + a statement"):
-                    right_image = gr.Image(type="pil", label="Right image", elem_id="right_image", height=160)
+                    right_image = gr.Image(
+                        type="pil", image_mode=None, label="Right image", elem_id="right_image", height=160
+                    )
                     statement = gr.Textbox(label="Statement", elem_id="statement", placeholder="both images are red")
                     judge = gr.Button("Judge", variant="primary", elem_id="judge")
                 with gr.Tab("Write a caption"):
