@@ -30,6 +30,27 @@ from .modeling_efficientvlm_decoder import (
 )
 
 
+def generation_prompt(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch: int, eos_token_id: int | None
+) -> torch.Tensor:
+    """The prompt (batch, length) that greedy captioning continues, for `batch` images: a trailing [SEP]
+    (`eos_token_id`) on every prompt, as the processor writes it, is dropped; one prompt serves every image. A padded
+    prompt (zeros in `attention_mask`) raises: BERT positions are absolute, so the caption would follow the padding.
+    Shared by the PyTorch model's `generate` and the onnxruntime one (`trainers.deployment.onnx_models`)."""
+    if eos_token_id is not None and input_ids.shape[1] > 1 and bool((input_ids[:, -1] == eos_token_id).all()):
+        # A prompt straight from the processor ("[CLS] a picture of [SEP]"): continue before its [SEP].
+        input_ids = input_ids[:, :-1]
+        if attention_mask is not None and attention_mask.shape[1] == input_ids.shape[1] + 1:
+            attention_mask = attention_mask[:, :-1]
+    if attention_mask is not None and attention_mask.shape == input_ids.shape and (attention_mask == 0).any():
+        raise ValueError("Prompts must not be padded: give every image the same prompt (e.g. 'a picture of').")
+    if input_ids.shape[0] == 1 and batch > 1:
+        input_ids = input_ids.expand(batch, -1)
+    if input_ids.shape[0] != batch:
+        raise ValueError(f"{input_ids.shape[0]} prompts for {batch} images; pass one prompt or one per image.")
+    return input_ids
+
+
 @dataclass
 class EfficientVLMCaptioningOutput(ModelOutput):
     """
@@ -153,18 +174,7 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
         else:
             eos = generation_config.eos_token_id
             eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-            if eos is not None and input_ids.shape[1] > 1 and bool((input_ids[:, -1] == eos).all()):
-                # A prompt straight from the processor ("[CLS] a picture of [SEP]"): continue before its [SEP].
-                input_ids = input_ids[:, :-1]
-                if attention_mask is not None and attention_mask.shape[1] == input_ids.shape[1] + 1:
-                    attention_mask = attention_mask[:, :-1]
-            if attention_mask is not None and attention_mask.shape == input_ids.shape and (attention_mask == 0).any():
-                # BERT positions are absolute: a padded prompt would put the caption at the wrong positions.
-                raise ValueError("Prompts must not be padded: give every image the same prompt (e.g. 'a picture of').")
-            if input_ids.shape[0] == 1 and batch > 1:
-                input_ids = input_ids.expand(batch, -1)
-            if input_ids.shape[0] != batch:
-                raise ValueError(f"{input_ids.shape[0]} prompts for {batch} images; pass one prompt or one per image.")
+            input_ids = generation_prompt(input_ids, attention_mask, batch, eos)
         model_kwargs["input_ids"] = input_ids
         # Causal attention over an unpadded sequence needs no padding mask.
         model_kwargs["attention_mask"] = None
@@ -181,4 +191,4 @@ class EfficientVLMForConditionalGeneration(EfficientVLMPreTrainedModel, Efficien
         return {"input_ids": input_ids, "image_embeds": image_embeds, "structure_masks": structure_masks}
 
 
-__all__ = ["EfficientVLMCaptioningOutput", "EfficientVLMForConditionalGeneration"]
+__all__ = ["EfficientVLMCaptioningOutput", "EfficientVLMForConditionalGeneration", "generation_prompt"]

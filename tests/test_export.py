@@ -161,6 +161,28 @@ def test_an_unknown_itm_score_is_refused_before_the_session_runs(tmp_path, monke
         model.itc_logit_scale()
 
 
+def test_onnx_captioning_refuses_padded_prompts_as_pytorch_does(tmp_path) -> None:
+    """onnxruntime captioning took a batch of prompts of different lengths and generated after their [SEP] / [PAD];
+    it now checks the prompt with PyTorch's own function, so both raise the same error."""
+    model = _pruned(EfficientVLMForConditionalGeneration)
+    export_onnx(model, tmp_path / "onnx")
+    onnx_model = load_onnx_model(tmp_path / "onnx")
+    processor = make_processor(tmp_path)
+    prompts = processor(text=["a picture of", "a picture of a red square"], padding="longest", return_tensors="pt")
+    assert (prompts["attention_mask"] == 0).any()
+    pixel_values = _inputs(batch=2)["pixel_values"]
+    for generator in (model, onnx_model):
+        with pytest.raises(ValueError, match=r"^Prompts must not be padded: give every image the same prompt"):
+            generator.generate(pixel_values=pixel_values, **prompts, max_new_tokens=3)
+    three = _inputs(batch=3)["pixel_values"]
+    with pytest.raises(ValueError, match=r"^2 prompts for 3 images; pass one prompt or one per image\.$"):
+        onnx_model.generate(pixel_values=three, input_ids=prompts["input_ids"][:, :3], max_new_tokens=3)
+    # One prompt from the processor (its [SEP] dropped) still captions every image as PyTorch does.
+    prompt = processor(text=["a picture of"], return_tensors="pt")
+    want = model.generate(pixel_values=pixel_values, **prompt, max_new_tokens=4)
+    torch.testing.assert_close(onnx_model.generate(pixel_values=pixel_values, **prompt, max_new_tokens=4), want)
+
+
 def test_export_command_compares_latency_and_accuracy_of_pytorch_onnx_and_int8(tmp_path, capsys) -> None:
     processor = make_processor(tmp_path)
     model = _pruned(EfficientVLMForQuestionAnswering)

@@ -23,6 +23,7 @@ from modeling_efficientvlm import (
     EfficientVLMForQuestionAnswering,
 )
 from modeling_efficientvlm.modeling_efficientvlm import EncoderOutput
+from modeling_efficientvlm.modeling_efficientvlm_captioning import generation_prompt
 from modeling_efficientvlm.modeling_efficientvlm_nlvr2 import EfficientVLMVisualReasoningOutput
 from modeling_efficientvlm.modeling_efficientvlm_retrieval import check_itm_score, itm_match_score
 from trainers.deployment.onnx_export import ort_session, read_manifest, session_feed
@@ -184,18 +185,19 @@ class OnnxCaptioningModel(OnnxTaskModel):
         input_ids: torch.Tensor | None = None,
         max_new_tokens: int = 20,
         structure_masks: Any = None,
+        attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Greedy captions (batch, prompt + up to `max_new_tokens`) after `input_ids` (default: the start token;
-        a trailing [SEP] from the processor is dropped, as in PyTorch); finished captions are padded with [PAD]."""
+        a trailing [SEP] from the processor is dropped and a padded prompt refused, as in PyTorch:
+        `generation_prompt`); finished captions are padded with [PAD]."""
         self._no_masks(structure_masks)
         text = self.config.text_config
         batch = pixel_values.shape[0]
         if input_ids is None:
             input_ids = torch.full((batch, 1), text.bos_token_id, dtype=torch.long)
-        elif input_ids.shape[1] > 1 and bool((input_ids[:, -1] == text.eos_token_id).all()):
-            input_ids = input_ids[:, :-1]
-        input_ids = input_ids.expand(batch, -1) if input_ids.shape[0] == 1 else input_ids
+        else:
+            input_ids = generation_prompt(input_ids, attention_mask, batch, text.eos_token_id)
         (image_embeds,) = self.run("caption_image_encoder", pixel_values)
         finished = torch.zeros(batch, dtype=torch.bool)
         for _ in range(max_new_tokens):
