@@ -6,6 +6,8 @@ compares latency and scores an eval file for PyTorch, ONNX fp32 and int8."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ from trainers.deployment.graphs import GraphSpec, TensorSpec, task_graphs
 from trainers.deployment.onnx_export import MANIFEST_NAME, OPSET, _export_graph, check_parity
 from trainers.tasks import build_dataset, evaluate_task
 
-from .data_utils import CLS_ID, PAD_ID, SEP_ID, make_processor, write_image_text_json, write_vqa_json
+from .data_utils import CLS_ID, PAD_ID, SEP_ID, make_image, make_processor, write_image_text_json, write_vqa_json
 from .model_utils import prune_unevenly
 
 EXPECTED_GRAPHS = {
@@ -304,6 +306,30 @@ def test_an_input_pruning_cut_off_is_left_out_of_the_graph_and_the_manifest_says
         _task_outputs("retrieval", load_onnx_model(tmp_path), inputs), _task_outputs("retrieval", model, inputs)
     ):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_the_readme_onnxruntime_snippet_runs_on_an_export_whose_graph_dropped_the_image(tmp_path, monkeypatch) -> None:
+    """The README fed pixel_values, input_ids and attention_mask to the VQA encoder session; a heavily pruned export
+    leaves out the image (no cross-attention head left), and onnxruntime said "Invalid input name: pixel_values".
+    The snippet now feeds the names the session takes."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    [snippet] = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "ort.InferenceSession" in block]
+    torch.manual_seed(0)
+    model = EfficientVLMForQuestionAnswering(_config()).eval()
+    model.prune({"fusion_cross_heads": [torch.zeros(n) for n in model.structure_sizes()["fusion_cross_heads"]]})
+    processor = make_processor(tmp_path)
+    model.set_answer_candidates(["red", "green", "blue"], processor)
+    monkeypatch.chdir(tmp_path)
+    export_onnx(model, "pruned_vqa_onnx", int8=True, processor=processor)
+    assert read_manifest("pruned_vqa_onnx")["graphs"]["vqa_encoder"]["unused_inputs"] == ["pixel_values"]
+    namespace = {"image": make_image("red")}
+    exec(snippet, namespace)
+    inputs = namespace["inputs"]
+    with torch.no_grad():
+        _, _, expected, _ = model.encode_question(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+    torch.testing.assert_close(
+        torch.from_numpy(namespace["question_states"]), expected.last_hidden_state, rtol=0, atol=1e-4
+    )
 
 
 def test_export_command_help(capsys) -> None:
