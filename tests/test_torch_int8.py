@@ -52,3 +52,27 @@ def test_save_pretrained_of_a_quantized_model_names_the_routes(tmp_path) -> None
         save_torch_int8(_pruned_nlvr2(), tmp_path / "float")
     with pytest.raises(ValueError, match="torch_int8.json"):
         load_torch_int8(tmp_path)
+
+
+def test_quantizing_leaves_the_models_training_flags_and_refuses_a_bfloat16_model() -> None:
+    """quantize_torch_int8 switched the caller's model to eval mode; a bfloat16 model quantized, then failed at
+    inference with 'expected scalar type Float but found BFloat16'."""
+    model = _pruned_nlvr2().train()
+    model.efficientvlm.vision_model.eval()  # mixed flags come back as they were, module by module
+    flags = [module.training for module in model.modules()]
+    quantized = quantize_torch_int8(model)
+    assert [module.training for module in model.modules()] == flags and model.training
+    assert not any(module.training for module in quantized.modules())
+    with pytest.raises(ValueError, match=r"^quantize_torch_int8 quantizes a float32 model; this one holds "
+                       r"torch\.bfloat16 weights.*Quantize `model\.float\(\)`\.$"):  # fmt: skip
+        quantize_torch_int8(_pruned_nlvr2().to(torch.bfloat16))
+
+
+def test_onnx_export_of_a_torch_int8_model_points_to_int8_export(tmp_path) -> None:
+    """It dumped ~400 lines of TorchScript IR, then UnsupportedOperatorError."""
+    from trainers.deployment import export_onnx
+
+    with pytest.raises(ValueError, match=r"quantized by quantize_torch_int8.*Export the float32 model with int8=True "
+                       r"\(efficientvlm export --int8\)"):  # fmt: skip
+        export_onnx(quantize_torch_int8(_pruned_nlvr2()), tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()

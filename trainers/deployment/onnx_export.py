@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from trainers.deployment.graphs import GraphSpec, task_graphs
+from trainers.deployment.torch_int8 import is_torch_int8
 
 MANIFEST_NAME = "onnx_manifest.json"
 MANIFEST_FORMAT = "efficientvlm-onnx"
@@ -205,6 +206,12 @@ def export_onnx(
     `onnx_manifest.json`. The model is put in eval mode (dropout off).
     """
     _require_onnxruntime()
+    if is_torch_int8(model):  # torch's quantized Linear layers have no ONNX export
+        raise ValueError(
+            "export_onnx takes the float32 model; this one is quantized by quantize_torch_int8, whose int8 Linear "
+            "layers do not export to ONNX. Export the float32 model with int8=True (efficientvlm export --int8) "
+            "for onnxruntime's int8 graphs."
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.eval()

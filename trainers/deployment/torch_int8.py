@@ -29,10 +29,23 @@ INT8_WEIGHTS_NAME = "torch_int8_state_dict.pt"
 
 def quantize_torch_int8(model: nn.Module) -> nn.Module:
     """A copy of `model` (eval mode, CPU) whose `nn.Linear` layers run int8 weights with dynamically quantized
-    activations (`torch.ao.quantization.quantize_dynamic`, qint8); `model` is unchanged."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's notice that eager-mode quantization is moving to torchao
-        return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8, inplace=False)
+    activations (`torch.ao.quantization.quantize_dynamic`, qint8); `model` is unchanged (its training flags
+    included). `model` must be float32: the int8 layers take float32 activations."""
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+    if dtypes:
+        raise ValueError(
+            f"quantize_torch_int8 quantizes a float32 model; this one holds {', '.join(dtypes)} weights, which the "
+            "int8 layers would run into at inference ('expected scalar type Float'). Quantize `model.float()`."
+        )
+    training = [module.training for module in model.modules()]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notice that eager-mode quantization is moving to torchao
+            quantized = torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, torch.qint8, inplace=False)
+    finally:  # the caller's model keeps each module's own flag
+        for module, flag in zip(model.modules(), training):
+            module.training = flag
+    return quantized.eval()  # the int8 Linear layers it made are in training mode
 
 
 def is_torch_int8(model: nn.Module) -> bool:
