@@ -185,6 +185,39 @@ def test_onnx_captioning_refuses_padded_prompts_as_pytorch_does(tmp_path) -> Non
     torch.testing.assert_close(onnx_model.generate(pixel_values=pixel_values, **prompt, max_new_tokens=4), want)
 
 
+def test_onnx_models_refuse_text_past_the_position_table_before_running_as_pytorch_does(tmp_path) -> None:
+    """70 tokens for a 64-position model failed in onnxruntime with a broadcast error (and ONNX captioning with
+    max_new_tokens=70 ran about 60 steps first); PyTorch names the position table. Now both say the same, before
+    any graph runs, from the manifest's max_position_embeddings (or, in an older export, the config's)."""
+    nlvr2, captioning = _pruned(EfficientVLMForVisualReasoning), _pruned(EfficientVLMForConditionalGeneration)
+    export_onnx(nlvr2, tmp_path / "nlvr2")
+    export_onnx(captioning, tmp_path / "captioning")
+    assert read_manifest(tmp_path / "nlvr2")["max_position_embeddings"] == 64
+    long = _inputs(batch=2, seq=70)
+    pixel_pairs = torch.stack([long["pixel_values"]] * 2, dim=1)
+    onnx_nlvr2 = load_onnx_model(tmp_path / "nlvr2")
+    for model in (nlvr2, onnx_nlvr2):
+        with pytest.raises(ValueError, match=r"^The text has 70 tokens but the model's position table holds 64; "):
+            model(pixel_pairs, long["input_ids"], long["attention_mask"])
+    onnx_captioning = load_onnx_model(tmp_path / "captioning")
+    onnx_captioning.run = lambda *args: pytest.fail("a graph ran")
+    prompt = long["input_ids"][:, :3]
+    message = (
+        "`max_new_tokens`=70 after the 3 tokens it starts from allows sequences of 73 tokens, but the model's "
+        "position table holds 64: pass "
+    )
+    for model in (captioning, onnx_captioning):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            model.generate(pixel_values=long["pixel_values"], input_ids=prompt, max_new_tokens=70)
+    with pytest.raises(ValueError, match=r"^The prompt has 64 tokens but the model's position table holds 64: it "):
+        onnx_captioning.generate(pixel_values=long["pixel_values"], input_ids=long["input_ids"][:, :64])
+    # An export from before the manifest held it: the config's table is checked.
+    del onnx_nlvr2.manifest["max_position_embeddings"]
+    (tmp_path / "nlvr2" / MANIFEST_NAME).write_text(json.dumps(onnx_nlvr2.manifest))
+    with pytest.raises(ValueError, match="The text has 70 tokens but the model's position table holds 64"):
+        load_onnx_model(tmp_path / "nlvr2")(pixel_pairs, long["input_ids"], long["attention_mask"])
+
+
 def test_export_command_compares_latency_and_accuracy_of_pytorch_onnx_and_int8(tmp_path, capsys) -> None:
     processor = make_processor(tmp_path)
     model = _pruned(EfficientVLMForQuestionAnswering)

@@ -228,6 +228,8 @@ def export_onnx(
         "parity": {"atol": atol, "sizes": [list(size) for size in parity_sizes], "max_abs_error": {}},
         "graphs": {},
         "chaining": CHAINING[task],
+        # The longest text (input_ids, answer_input_ids) the graphs take: BERT positions are a learned table.
+        "max_position_embeddings": model.config.text_config.max_position_embeddings,
     }
     if hasattr(model, "itc_logit_scale"):  # the learned ITC temperature, for re-ranking by "log_odds+itc"
         manifest["itc_logit_scale"] = model.itc_logit_scale()

@@ -41,6 +41,10 @@ class OnnxTaskModel(nn.Module):
         self.manifest = read_manifest(folder)
         self.config = EfficientVLMConfig.from_pretrained(folder)
         self.int8 = int8
+        # The text length the graphs take (exports before it was written: the config's, which they carry too).
+        self.max_positions = int(
+            self.manifest.get("max_position_embeddings", self.config.text_config.max_position_embeddings)
+        )
         self.sessions = {}
         for name, entry in self.manifest["graphs"].items():
             if int8 and "int8_file" not in entry:
@@ -53,6 +57,12 @@ class OnnxTaskModel(nn.Module):
         inputs = self.manifest["graphs"][graph]["inputs"]
         feed = {}
         for spec, tensor in zip(inputs, tensors):
+            if spec["name"].endswith("input_ids") and tensor.shape[-1] > self.max_positions:
+                # As PyTorch says it, before onnxruntime fails on a broadcast deep in the graph.
+                raise ValueError(
+                    f"The text has {tensor.shape[-1]} tokens but the model's position table holds "
+                    f"{self.max_positions}; truncate it (e.g. the processor's `max_length`)."
+                )
             dtype = np.int64 if spec["dtype"] == "int64" else np.float32
             feed[spec["name"]] = np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
         session = self.sessions[graph]
@@ -198,6 +208,19 @@ class OnnxCaptioningModel(OnnxTaskModel):
             input_ids = torch.full((batch, 1), text.bos_token_id, dtype=torch.long)
         else:
             input_ids = generation_prompt(input_ids, attention_mask, batch, text.eos_token_id)
+        # BERT positions are absolute: fail before decoding (as PyTorch), not at the step that runs out of them.
+        prompt, positions = input_ids.shape[1], self.max_positions
+        if prompt >= positions:
+            raise ValueError(
+                f"The prompt has {prompt} tokens but the model's position table holds {positions}: it leaves "
+                "no room to generate; shorten the prompt."
+            )
+        if prompt + max_new_tokens > positions:
+            raise ValueError(
+                f"`max_new_tokens`={max_new_tokens} after the {prompt} tokens it starts from allows sequences of "
+                f"{prompt + max_new_tokens} tokens, but the model's position table holds {positions}: pass "
+                f"`max_new_tokens` <= {positions - prompt}."
+            )
         (image_embeds,) = self.run("caption_image_encoder", pixel_values)
         finished = torch.zeros(batch, dtype=torch.bool)
         for _ in range(max_new_tokens):
