@@ -16,8 +16,10 @@ from modeling_efficientvlm import (
     EfficientVLMConfig,
     EfficientVLMForConditionalGeneration,
     EfficientVLMForImageTextRetrieval,
+    EfficientVLMForPreTraining,
     EfficientVLMForQuestionAnswering,
     EfficientVLMForVisualReasoning,
+    EfficientVLMModel,
 )
 from trainers import commands as cli
 from trainers.deployment import OnnxParityError, export_onnx, load_onnx_model, read_manifest
@@ -309,6 +311,56 @@ def test_export_refuses_a_bad_itm_score_or_an_answer_list_outside_vqa_before_exp
     (tmp_path / "answers.json").write_text(json.dumps(["yes", "no"]))
     with pytest.raises(ValueError, match="--answer_list is the candidate answers of VQA; the nlvr2 task has none"):
         cli.main([*base, "--answer_list", str(tmp_path / "answers.json")])
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_export_refuses_what_it_cannot_do_before_exporting_anything(tmp_path, monkeypatch) -> None:
+    """Each of these failed only after every graph was exported and timed (or, for a bare EfficientVLMModel, asked
+    for a TaskSpec "to distil it"); now each is a named error before the first graph."""
+    monkeypatch.setattr("trainers.deployment.onnx_export.export_onnx", lambda *a, **k: pytest.fail("it exported"))
+    torch.manual_seed(0)
+    processor = make_processor(tmp_path)
+    folders = {}
+    for name, model in {
+        "vqa": EfficientVLMForQuestionAnswering(_config()),  # no answer candidates saved
+        "pretraining": EfficientVLMForPreTraining(_config()),
+        "bare": EfficientVLMModel(_config()),
+    }.items():
+        model.save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+        folders[name] = str(tmp_path / name)
+    vqa_file, vqa_images = write_vqa_json(tmp_path, n=2)
+    retrieval_file, retrieval_images = write_image_text_json(tmp_path, n=2)
+    cases = [
+        ("pretraining", ["--eval_file", str(retrieval_file), "--image_root", str(retrieval_images)],
+         r"^--eval_file scores a task model, but .*pretraining is a pretraining model \(EfficientVLMForPreTraining\), "
+         r"which has no task metric: export it without --eval_file"),
+        ("vqa", ["--eval_file", str(retrieval_file), "--image_root", str(retrieval_images)],
+         r"Record 0 in .*image_text\.json has none of the fields \['question', 'text'\]"),
+        ("vqa", ["--eval_file", str(vqa_file)],
+         r"Record 0 in .*vqa\.json: image file q0\.png not found \(image_root=None\)"),
+        ("vqa", ["--eval_file", str(vqa_file), "--image_root", str(vqa_images)],
+         r"^--eval_file: VQA ranks candidate answers, and .*vqa has none saved \(`config\.answer_candidates`\); give "
+         r"--answer_list"),
+        ("vqa", ["--rounds", "0"],
+         r"^--rounds must be at least 1 for the latency comparison; got 0 \(skip the comparison with "
+         r"--benchmark_batch_size 0\)\.$"),
+        ("vqa", ["--repeats", "0"], r"^--repeats must be at least 1 for the latency comparison; got 0"),
+        ("vqa", ["--benchmark_text_length", "65"], r"^--benchmark_text_length 65 is longer than the model's position "
+         r"table \(64\); give at most 64\.$"),
+        ("bare", [],
+         r"^--model_name_or_path .*bare: EfficientVLMModel has no inference graphs to export: export a task model, "
+         r"one of EfficientVLMForPreTraining, EfficientVLMForImageTextRetrieval, .*fine-tune it for a task"),
+    ]  # fmt: skip
+    for folder, flags, message in cases:
+        with pytest.raises((ValueError, OSError), match=message):
+            cli.main(
+                ["export", "--model_name_or_path", folders[folder], "--output_dir", str(tmp_path / "onnx"), *flags]
+            )
+    assert not (tmp_path / "onnx").exists()
+    monkeypatch.undo()  # the Python API too: a named error, no folder made
+    with pytest.raises(ValueError, match=r"^EfficientVLMModel has no inference graphs to export"):
+        export_onnx(EfficientVLMModel(_config()), tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
 
 

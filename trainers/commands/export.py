@@ -46,17 +46,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import modeling_efficientvlm  # noqa: F401  (registers the Auto classes)
     from modeling_efficientvlm.modeling_efficientvlm_retrieval import check_itm_score
     from trainers.deployment.comparison import compare_accuracy, compare_latency, format_accuracy, format_latency
+    from trainers.deployment.graphs import export_task
     from trainers.deployment.onnx_export import export_onnx
     from trainers.deployment.onnx_models import load_onnx_model
     from trainers.deployment.torch_int8 import quantize_torch_int8
     from trainers.evaluation.retrieval import ITM_SCORE_WORDS
-    from trainers.tasks import build_dataset, task_of_model
-    from trainers.training import check_answer_list_task, read_answer_list
+    from trainers.tasks import build_dataset, task_spec
+    from trainers.training import check_answer_list_task, check_vqa_references, read_answer_list
 
     (args,) = parse_arguments(
         "export", (ExportArguments,), argv, "Export a task model's inference graphs to ONNX (optionally int8)."
     )
+    # Every option is checked before the first graph is exported (minutes for a large model), not after.
     check_itm_score(args.itm_score, "--itm_score", rerank=True)
+    if args.benchmark_batch_size > 0:
+        for flag in ("repeats", "rounds", "benchmark_text_length"):
+            if getattr(args, flag) < 1:
+                raise ValueError(
+                    f"--{flag} must be at least 1 for the latency comparison; got {getattr(args, flag)} (skip the "
+                    "comparison with --benchmark_batch_size 0)."
+                )
     answer_list = read_answer_list(args.answer_list)
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
@@ -64,7 +73,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = AutoModel.from_pretrained(args.model_name_or_path).float().eval()
     finally:
         logging.set_verbosity(verbosity)
-    check_answer_list_task(args.answer_list, task_of_model(model).name)
+    try:
+        task = export_task(model)
+    except ValueError as error:
+        raise ValueError(f"--model_name_or_path {args.model_name_or_path}: {error}") from None
+    check_answer_list_task(args.answer_list, task)
+    positions = model.config.text_config.max_position_embeddings
+    if args.benchmark_batch_size > 0 and args.benchmark_text_length > positions:
+        raise ValueError(
+            f"--benchmark_text_length {args.benchmark_text_length} is longer than the model's position table "
+            f"({positions}); give at most {positions}."
+        )
     processor = None
     try:
         processor = modeling_efficientvlm.EfficientVLMProcessor.from_pretrained(args.model_name_or_path)
@@ -73,8 +92,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(
                 f"--eval_file needs the model's processor, but {args.model_name_or_path} has none ({error})."
             ) from error
+    dataset = None
+    if args.eval_file:
+        if task_spec(task).evaluate is None:
+            raise ValueError(
+                f"--eval_file scores a task model, but {args.model_name_or_path} is a {task} model "
+                f"({type(model).__name__}), which has no task metric: export it without --eval_file, or fine-tune "
+                "it for a task first."
+            )
+        # A file of another task, a missing image (--image_root) or an unreadable one is named here.
+        dataset = build_dataset(task, args.eval_file, args.image_root, processor)
+        dataset.check_image_headers()
+        if task == "vqa":
+            check_vqa_references(dataset, f"--eval_file {args.eval_file}")
+            if not answer_list and not getattr(model.config, "answer_candidates", None):
+                raise ValueError(
+                    f"--eval_file: VQA ranks candidate answers, and {args.model_name_or_path} has none saved "
+                    "(`config.answer_candidates`); give --answer_list (a JSON list file of answers)."
+                )
     result = export_onnx(model, args.output_dir, int8=args.int8, processor=processor)
-    task = result.manifest["task"]
     report: dict[str, Any] = {"task": task, "output_dir": str(result.output_dir), "parity": result.max_errors}
     print(f"{task}: wrote {len(result.max_errors)} graphs to {result.output_dir}")
     if processor is None:
@@ -101,8 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         print(format_latency(rows))
         report["latency"] = [row.__dict__ for row in rows]
-    if args.eval_file:
-        dataset = build_dataset(task, args.eval_file, args.image_root, processor)
+    if dataset is not None:
         backends = {"PyTorch": model}
         if args.int8:
             backends["PyTorch int8"] = quantize_torch_int8(model)

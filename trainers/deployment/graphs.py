@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from modeling_efficientvlm.modeling_efficientvlm import image_text_matching_logits, itc_embedding
-from trainers.tasks import task_of_model
+from trainers.tasks import task_of_model, task_spec
 
 # Names of the dynamic axes: any size at run time.
 BATCH, SEQUENCE = "batch", "sequence"
@@ -315,12 +315,29 @@ _GRAPHS = {
     "nlvr2": _nlvr2_graphs,
     "captioning": _captioning_graphs,
 }
+_GRAPH_CLASSES = [task_spec(task).model_class_name for task in _GRAPHS]
+
+
+def export_task(model: nn.Module) -> str:
+    """The task whose graphs `model` exports; a `ValueError` naming the model classes that export, for another
+    model (the bare `EfficientVLMModel`: encoders without a task head)."""
+    try:
+        task = task_of_model(model).name
+    except ValueError:
+        task = None
+    if task not in _GRAPHS:
+        raise ValueError(
+            f"{type(model).__name__} has no inference graphs to export: export a task model, one of "
+            f"{', '.join(_GRAPH_CLASSES)} (a bare EfficientVLMModel is the encoders without a task head: fine-tune "
+            "it for a task first)."
+        )
+    return task
 
 
 def task_graphs(model: nn.Module) -> tuple[str, list[GraphSpec]]:
     """The task of `model` (a task model of this package) and its inference graphs."""
-    task = task_of_model(model).name
+    task = export_task(model)
     return task, _GRAPHS[task](model)
 
 
-__all__ = ["BATCH", "SEQUENCE", "GraphSpec", "TensorSpec", "image_length", "task_graphs"]
+__all__ = ["BATCH", "SEQUENCE", "GraphSpec", "TensorSpec", "export_task", "image_length", "task_graphs"]

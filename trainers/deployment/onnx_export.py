@@ -212,12 +212,12 @@ def export_onnx(
             "layers do not export to ONNX. Export the float32 model with int8=True (efficientvlm export --int8) "
             "for onnxruntime's int8 graphs."
         )
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     if next(model.parameters()).dtype != torch.float32 or next(model.parameters()).device.type != "cpu":
         raise ValueError("Export a float32 model on the CPU (`model.float().cpu()`); the graphs take float32 inputs.")
     task, graphs = task_graphs(model)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "version": 1,
