@@ -19,9 +19,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
+from transformers.utils import logging
 
 from .configuration_efficientvlm import EfficientVLMConfig
 from .loading_efficientvlm import read_torch_weights
+
+logger = logging.get_logger(__name__)
 
 # Each official task model keeps its modules under different prefixes; ours always name the backbone
 # `efficientvlm` and the heads as in the model classes.
@@ -261,7 +264,16 @@ def model_from_official_state_dict(
     if missing - fresh:
         raise ValueError(f"Model parameters the checkpoint does not provide: {sorted(missing - fresh)[:10]}")
     if fresh:
-        model = model_class(config)  # the official captioning / VQA models have no ITC projections
+        # The official captioning / VQA models have no ITC projections: drawn from a fixed seed, so a conversion
+        # always writes the same folder, and named, since the model's image / text features are then untrained.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = model_class(config)
+        logger.warning(
+            f"The official {task} checkpoint has no contrastive (ITC) projections ({', '.join(sorted(fresh))}): "
+            "they are initialised at random (seed 0), so this model's get_image_features / get_text_features and "
+            "ITC similarities are untrained. Its task head and encoders are the checkpoint's."
+        )
     else:
         with no_init_weights():  # every weight is overwritten below
             model = model_class(config)

@@ -183,8 +183,10 @@ def test_non_pruning_checkpoints_and_mismatched_log_alphas_raise() -> None:
 
 def test_convert_command_writes_a_pruned_carded_folder(tmp_path: Path) -> None:
     from huggingface_hub import ModelCard
+    from transformers.testing_utils import CaptureLogger
 
     from trainers import commands as cli
+    from trainers.commands import convert as convert_command
 
     from .data_utils import make_processor, write_vocab
 
@@ -214,10 +216,32 @@ def test_convert_command_writes_a_pruned_carded_folder(tmp_path: Path) -> None:
     other_size.save_pretrained(tmp_path / "p64")
     with pytest.raises(ValueError, match="The processor resizes images to 64x64 but the model's"):
         cli.main([*argv, "--output_dir", str(output_dir), "--processor_name_or_path", str(tmp_path / "p64")])
-    assert cli.main([*argv, "--output_dir", str(output_dir), "--vocab_file", str(write_vocab(tmp_path))]) == 0
+    # A smaller vocabulary than the table converts (it may be the checkpoint's own), with a warning naming both.
+    with CaptureLogger(convert_command.logger) as logged:
+        assert cli.main([*argv, "--output_dir", str(output_dir), "--vocab_file", str(write_vocab(tmp_path))]) == 0
+    assert "tokens but the checkpoint's embedding table has 120 rows" in logged.out
     report = json.loads((output_dir / "pruning_report.json").read_text())
     reloaded = EfficientVLMForImageTextRetrieval.from_pretrained(output_dir)
     assert reloaded.structure_sizes() == report["padding"]["structures_after"]
     assert (output_dir / "tokenizer.json").is_file() or (output_dir / "vocab.txt").is_file()
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.license == "apache-2.0" and "converted" in card.text
+
+
+def test_generative_checkpoints_get_seeded_named_itc_projections() -> None:
+    """The official VQA / captioning models have no ITC projections: ours are drawn from a fixed seed (two
+    conversions differed by 0.12) and the conversion says the model's image / text features are untrained."""
+    from transformers.testing_utils import CaptureLogger
+
+    from modeling_efficientvlm import convert_efficientvlm_checkpoints as convert
+
+    weights = {k: v for k, v in _official_state("vqa").items() if not k.startswith(L0_PREFIX)}
+    with CaptureLogger(convert.logger) as logged:
+        first = model_from_official_state_dict(weights, "vqa")
+    torch.manual_seed(123)  # the caller's RNG plays no part, and is left as it was
+    state = torch.random.get_rng_state()
+    second = model_from_official_state_dict(weights, "vqa")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for name in ("vision_proj.weight", "text_proj.weight"):
+        assert torch.equal(first.efficientvlm.get_parameter(name), second.efficientvlm.get_parameter(name)), name
+    assert "no contrastive (ITC) projections" in logged.out and "get_image_features" in logged.out

@@ -14,7 +14,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from transformers.utils import logging
+
 from trainers.commands.common import parse_arguments
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -62,6 +66,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"--checkpoint {args.checkpoint}",
         fix=f"give the vocabulary the model was trained with ({given})",
     )
+    tokens, rows = len(processor.tokenizer), model.config.text_config.vocab_size
+    if tokens < rows:
+        logger.warning(
+            f"The tokenizer ({given}) has {tokens} tokens but the checkpoint's embedding table has {rows} rows: "
+            "unless it is the vocabulary the checkpoint was trained with (X-VLM / EfficientVLM: BERT's uncased "
+            f"vocabulary, 30522 tokens), every token id points at another word's embedding."
+        )
     check_image_size(processor, model.config.vision_config.image_size)
     card = ModelCardInfo(task=args.task, stage="convert", base_model=args.checkpoint)
     save_model_folder(model, processor, args.output_dir, card=card, pruning_report=report)
