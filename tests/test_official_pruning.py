@@ -245,3 +245,27 @@ def test_generative_checkpoints_get_seeded_named_itc_projections() -> None:
     for name in ("vision_proj.weight", "text_proj.weight"):
         assert torch.equal(first.efficientvlm.get_parameter(name), second.efficientvlm.get_parameter(name)), name
     assert "no contrastive (ITC) projections" in logged.out and "get_image_features" in logged.out
+
+
+def test_convert_saves_vqa_answer_candidates_and_the_card_says_whether_it_has_them(tmp_path: Path) -> None:
+    """Official VQA checkpoints hold no answer list: `--answer_list` saves one with the converted model (its card
+    then shows `rank_answers`); without it the card says answers are decoded freely, not that it ranks saved ones."""
+    from trainers import commands as cli
+
+    from .data_utils import write_vocab
+
+    weights = {k: v for k, v in _official_state("vqa").items() if not k.startswith(L0_PREFIX)}
+    torch.save({"model": weights}, tmp_path / "vqa.pth")
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["red", "blue", "circle"]))
+    argv = ["convert", "--checkpoint", str(tmp_path / "vqa.pth"), "--vocab_file", str(write_vocab(tmp_path))]
+    with pytest.raises(ValueError, match="--answer_list"):
+        cli.main([*argv, "--task", "retrieval", "--answer_list", str(answers), "--output_dir", str(tmp_path / "r")])
+    cli.main([*argv, "--task", "vqa", "--answer_list", str(answers), "--output_dir", str(tmp_path / "ranked")])
+    model = EfficientVLMForQuestionAnswering.from_pretrained(tmp_path / "ranked")
+    assert model.config.answer_candidates == ["red", "blue", "circle"]
+    card = (tmp_path / "ranked" / "README.md").read_text()
+    assert "model.rank_answers(**inputs, k=128).answers" in card and "3 answer candidates" in card
+    cli.main([*argv, "--task", "vqa", "--output_dir", str(tmp_path / "free")])
+    card = (tmp_path / "free" / "README.md").read_text()
+    assert "saves no answer candidates" in card and "rank_answers(**inputs" not in card

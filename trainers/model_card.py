@@ -138,7 +138,7 @@ def describe_hardware() -> str:
 
 
 # -- the snippets -----------------------------------------------------------------------------------------------
-def usage_snippet(task: str, repo: str) -> str:
+def usage_snippet(task: str, repo: str, answer_candidates: bool = True) -> str:
     """A runnable snippet for a `task` model saved at `repo` (Hub id or folder): the pipeline first. (The tests
     run every snippet against a saved folder of each task, with `photo.jpg`, `left.jpg` and `right.jpg`.)"""
     load = f'"{repo}", trust_remote_code=True'
@@ -168,6 +168,17 @@ image_features = model.get_image_features(**processor(images=[Image.open("photo.
 text_features = model.get_text_features(**processor(text=["a red circle", "a blue square"]))
 print(image_features @ text_features.T)  # cosine similarities, (1 image, 2 texts)
 ```"""
+    if task == "vqa" and not answer_candidates:
+        return f"""```python
+from transformers import pipeline
+
+vqa = pipeline("image-text-to-text", model="{repo}", trust_remote_code=True, return_full_text=False)
+print(vqa("photo.jpg", text="what color is the circle ?"))  # the answer only
+```
+
+This model saves no answer candidates, so the answer is decoded freely. To rank a fixed list (X-VLM's k-test), save
+one with it: `model.set_answer_candidates(answers, processor.tokenizer)`, then `model.save_pretrained(...)`, or give
+`efficientvlm convert` / `finetune` an `--answer_list`."""
     if task == "vqa":
         return f"""```python
 from transformers import pipeline
@@ -367,7 +378,8 @@ def build_model_card(
     ]
     if origin:
         lines += ["", " ".join(origin) + "."]
-    lines += ["", "## How to use", "", usage_snippet(info.task, repo)]
+    candidates = info.answer_candidates or getattr(getattr(model, "config", None), "answer_candidates", None)
+    lines += ["", "## How to use", "", usage_snippet(info.task, repo, answer_candidates=bool(candidates))]
     lines += ["", "## Training data", ""]
     if info.synthetic_data:
         lines.append(f"Trained on {DEMO_TRAINING_DATA}")

@@ -32,6 +32,13 @@ class ConvertArguments:
         default=True,
         metadata={"help": "Pruning-stage: survivors at 1 as the official evaluation does (else scores folded in)."},
     )
+    answer_list: str | None = field(
+        default=None,
+        metadata={
+            "help": "VQA: JSON list file of the candidate answers to save with the model (the official checkpoints "
+            "hold none; X-VLM ranks its answer_list.json), so rank_answers and the pipeline use them."
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,11 +51,19 @@ def main(argv: list[str] | None = None) -> dict:
     from trainers.model_card import ModelCardInfo
     from trainers.pruning.official import L0_PREFIX, prune_official_state_dict
     from trainers.saving import save_model_folder
-    from trainers.training import check_image_size, check_vocabulary, load_processor
+    from trainers.training import (
+        check_answer_list_task,
+        check_image_size,
+        check_vocabulary,
+        load_processor,
+        read_answer_list,
+    )
 
     (args,) = parse_arguments("convert", (ConvertArguments,), argv, "Convert an official checkpoint.")
     if args.processor_name_or_path is None and args.vocab_file is None:
         raise ValueError("Official checkpoints carry no tokenizer: give --processor_name_or_path or --vocab_file.")
+    check_answer_list_task(args.answer_list, args.task)
+    answers = read_answer_list(args.answer_list)  # read before converting: a bad file is named first
     state_dict = read_official_state_dict(args.checkpoint)
     try:
         if any(name.startswith(L0_PREFIX) for name in state_dict):
@@ -75,6 +90,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     check_image_size(processor, model.config.vision_config.image_size)
     card = ModelCardInfo(task=args.task, stage="convert", base_model=args.checkpoint)
+    if answers:
+        try:
+            model.set_answer_candidates(answers, processor.tokenizer)
+        except ValueError as error:
+            raise ValueError(f"--answer_list {args.answer_list}: {error}") from error
+        card.answer_candidates, card.answer_candidates_source = len(answers), f"`--answer_list {args.answer_list}`"
     save_model_folder(model, processor, args.output_dir, card=card, pruning_report=report)
     summary = report or {"task": args.task, "model": type(model).__name__}
     print(json.dumps({key: summary[key] for key in ("task", "sparsity", "model") if key in summary}, indent=2))
