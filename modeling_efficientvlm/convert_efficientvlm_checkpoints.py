@@ -154,6 +154,21 @@ def _infer_config(state_dict: dict[str, torch.Tensor], task: str, **overrides: A
         for k in state_dict
         if (m := re.match(re.escape(text_prefix) + r"encoder\.layer\.(\d+)\.crossattention\.", k))
     }
+    _check_layer_indices(vision_layers, "vision_encoder.encoder.layers")
+    _check_layer_indices(text_layers, f"{text_prefix}encoder.layer")
+    if fusion_layers and fusion_layers != set(range(len(text_layers) - len(fusion_layers), len(text_layers))):
+        plain = sorted(set(range(min(fusion_layers), len(text_layers))) - fusion_layers)
+        raise ValueError(
+            f"{text_prefix}encoder.layer: layers {sorted(fusion_layers)} have cross-attention but {plain} after the "
+            f"first of them do not (no `{text_prefix}encoder.layer.<i>.crossattention.*` tensors): the fusion layers "
+            "are the last ones, so the checkpoint is incomplete."
+        )
+    if fusion_layers and len(fusion_layers) * 2 != len(text_layers):
+        logger.warning(
+            f"The checkpoint's BERT stack has {len(text_layers) - len(fusion_layers)} text and {len(fusion_layers)} "
+            "fusion layers; official X-VLM / EfficientVLM models split it in half. If a layer's "
+            "`crossattention.*` tensors are missing, the checkpoint is incomplete."
+        )
     vision_hidden, text_hidden = patch.shape[0], state_dict[f"{text_prefix}embeddings.word_embeddings.weight"].shape[1]
     grid = round((positions - 1) ** 0.5)
     vision = dict(
@@ -177,13 +192,26 @@ def _infer_config(state_dict: dict[str, torch.Tensor], task: str, **overrides: A
     if "vision_proj.weight" in state_dict:
         kwargs["embed_dim"] = state_dict["vision_proj.weight"].shape[0]
     if task == "vqa":
-        kwargs["num_answer_decoder_layers"] = len(
-            {int(m.group(1)) for k in state_dict if (m := re.match(r"text_decoder\.bert\.encoder\.layer\.(\d+)\.", k))}
-        )
+        decoder_layers = {
+            int(m.group(1)) for k in state_dict if (m := re.match(r"text_decoder\.bert\.encoder\.layer\.(\d+)\.", k))
+        }
+        _check_layer_indices(decoder_layers, "text_decoder.bert.encoder.layer")
+        kwargs["num_answer_decoder_layers"] = len(decoder_layers)
     for key in ("vision_config", "text_config"):
         kwargs[key].update(overrides.pop(key, {}))
     kwargs.update(overrides)
     return EfficientVLMConfig(**kwargs)
+
+
+def _check_layer_indices(indices: set[int], prefix: str) -> None:
+    """Raises a `ValueError` naming the gap when the layers `prefix.<i>` of a checkpoint are not 0 .. n - 1 (a
+    layer left out would otherwise shift every later one into its place)."""
+    missing = sorted(set(range(max(indices, default=-1) + 1)) - indices)
+    if missing:
+        raise ValueError(
+            f"The checkpoint has no tensors of {', '.join(f'{prefix}.{i}' for i in missing)} but has later layers "
+            f"(up to {prefix}.{max(indices)}): it is incomplete."
+        )
 
 
 def load_official_checkpoint(

@@ -269,3 +269,25 @@ def test_convert_saves_vqa_answer_candidates_and_the_card_says_whether_it_has_th
     cli.main([*argv, "--task", "vqa", "--output_dir", str(tmp_path / "free")])
     card = (tmp_path / "free" / "README.md").read_text()
     assert "saves no answer candidates" in card and "rank_answers(**inputs" not in card
+
+
+def test_layer_gaps_in_an_official_checkpoint_are_named() -> None:
+    """A missing layer shifted every later one into its place and was blamed on another layer ("no place"); a
+    layer missing only its cross-attention silently became a text layer."""
+    from transformers.testing_utils import CaptureLogger
+
+    from modeling_efficientvlm import convert_efficientvlm_checkpoints as convert
+
+    weights = {k: v for k, v in _official_state("retrieval").items() if not k.startswith(L0_PREFIX)}
+
+    def without(prefix: str) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in weights.items() if not k.startswith(prefix)}
+
+    with pytest.raises(ValueError, match=r"no tensors of vision_encoder\.encoder\.layers\.3 but has later layers"):
+        model_from_official_state_dict(without("vision_encoder.encoder.layers.3."), "retrieval")
+    with pytest.raises(ValueError, match=r"layers \[3, 5\] have cross-attention but \[4\] after the first"):
+        model_from_official_state_dict(without("text_encoder.encoder.layer.4.crossattention."), "retrieval")
+    with CaptureLogger(convert.logger) as logged:
+        model = model_from_official_state_dict(without("text_encoder.encoder.layer.3.crossattention."), "retrieval")
+    assert model.config.text_config.num_fusion_layers == 2
+    assert "has 4 text and 2 fusion layers; official X-VLM / EfficientVLM models split it in half" in logged.out
