@@ -279,7 +279,20 @@ def model_from_official_state_dict(
     for name, tensor in converted.items():
         if expected[name] != tensor.shape:
             raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(expected[name])}")
-    missing = set(expected) - set(converted) - set(getattr(model_class, "_tied_weights_keys", None) or {})
+    tied = getattr(model_class, "_tied_weights_keys", None) or {}
+    if config.tie_word_embeddings:
+        for copy_name, source in tied.items():
+            # The official models tie the LM decoder to the word embeddings; loading both would let whichever is
+            # loaded last win, differently per task: the embeddings are kept, and a difference is named.
+            if copy_name in converted and source in converted:
+                difference = (converted[copy_name].float() - converted[source].float()).abs().max().item()
+                if difference > 0:
+                    logger.warning(
+                        f"The checkpoint's LM decoder weight (our {copy_name}) differs from its word embeddings "
+                        f"({source}) by up to {difference:.3g}; the model ties them, so the word embeddings are kept."
+                    )
+                del converted[copy_name]
+    missing = set(expected) - set(converted) - set(tied)
     fresh = (
         {name for name in missing if name.startswith(_NOT_IN_GENERATIVE_CHECKPOINTS)}
         if task

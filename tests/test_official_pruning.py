@@ -291,3 +291,21 @@ def test_layer_gaps_in_an_official_checkpoint_are_named() -> None:
         model = model_from_official_state_dict(without("text_encoder.encoder.layer.3.crossattention."), "retrieval")
     assert model.config.text_config.num_fusion_layers == 2
     assert "has 4 text and 2 fusion layers; official X-VLM / EfficientVLM models split it in half" in logged.out
+
+
+def test_an_untied_lm_decoder_is_named_and_the_word_embeddings_kept() -> None:
+    """The model ties its LM decoder to the word embeddings; a checkpoint whose two differ had one of them dropped
+    silently (the decoder won for VQA and captioning, the embeddings for pre-training)."""
+    from transformers.testing_utils import CaptureLogger
+
+    from modeling_efficientvlm import convert_efficientvlm_checkpoints as convert
+
+    weights = {k: v for k, v in _official_state("vqa").items() if not k.startswith(L0_PREFIX)}
+    embeddings = weights["text_decoder.bert.embeddings.word_embeddings.weight"]
+    weights["text_decoder.cls.predictions.decoder.weight"] = embeddings + 0.5
+    with CaptureLogger(convert.logger) as logged:
+        model = model_from_official_state_dict(weights, "vqa")
+    named = "differs from its word embeddings (answer_decoder.embeddings.word_embeddings.weight) by up to 0.5"
+    assert named in logged.out
+    assert torch.equal(model.answer_decoder.embeddings.word_embeddings.weight, embeddings)
+    assert model.answer_head.decoder.weight is model.answer_decoder.embeddings.word_embeddings.weight
