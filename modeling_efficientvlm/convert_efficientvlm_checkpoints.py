@@ -195,6 +195,8 @@ def _infer_config(state_dict: dict[str, torch.Tensor], task: str, **overrides: A
         decoder_layers = {
             int(m.group(1)) for k in state_dict if (m := re.match(r"text_decoder\.bert\.encoder\.layer\.(\d+)\.", k))
         }
+        if not decoder_layers:
+            raise KeyError("text_decoder.bert.encoder.layer.0.*")  # named by infer_config: another task's checkpoint
         _check_layer_indices(decoder_layers, "text_decoder.bert.encoder.layer")
         kwargs["num_answer_decoder_layers"] = len(decoder_layers)
     for key in ("vision_config", "text_config"):

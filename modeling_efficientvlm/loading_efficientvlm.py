@@ -103,6 +103,8 @@ def read_torch_weights(path: str | os.PathLike) -> Any:
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give the checkpoint file in it (e.g. a .pth / .bin file).")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file.")
     try:

@@ -214,7 +214,7 @@ def test_convert_command_writes_a_pruned_carded_folder(tmp_path: Path) -> None:
                   "--output_dir", str(output_dir), "--vocab_file", str(write_vocab(tmp_path))])  # fmt: skip
     other_size = make_processor(tmp_path / "p64", image_size=64)
     other_size.save_pretrained(tmp_path / "p64")
-    with pytest.raises(ValueError, match="The processor resizes images to 64x64 but the model's"):
+    with pytest.raises(ValueError, match=r"resizes images to 64x64 but .*: give a processor for \d+x\d+ images, or"):
         cli.main([*argv, "--output_dir", str(output_dir), "--processor_name_or_path", str(tmp_path / "p64")])
     # A smaller vocabulary than the table converts (it may be the checkpoint's own), with a warning naming both.
     with CaptureLogger(convert_command.logger) as logged:
@@ -309,3 +309,19 @@ def test_an_untied_lm_decoder_is_named_and_the_word_embeddings_kept() -> None:
     assert named in logged.out
     assert torch.equal(model.answer_decoder.embeddings.word_embeddings.weight, embeddings)
     assert model.answer_head.decoder.weight is model.answer_decoder.embeddings.word_embeddings.weight
+
+
+def test_official_checkpoint_mistakes_get_messages_that_name_them(tmp_path: Path) -> None:
+    from modeling_efficientvlm.convert_efficientvlm_checkpoints import read_official_state_dict
+
+    with pytest.raises(IsADirectoryError, match="is a folder: give the checkpoint file in it"):
+        read_official_state_dict(tmp_path)  # was "no such checkpoint file"
+    state = _official_state("retrieval")
+    state["l0_module.vision_int_loga"][1, 3] = float("nan")  # was "cannot convert float NaN to integer"
+    with pytest.raises(ValueError, match=r"`l0_module\.vision_int_loga` holds NaN or inf log-alphas"):
+        prune_official_state_dict(state, "retrieval")
+    weights = {k: v for k, v in _official_state("retrieval").items() if not k.startswith(L0_PREFIX)}
+    # was "`num_answer_decoder_layers` must be at least 1, got 0"
+    message = r"no tensor 'text_decoder\.bert\.encoder\.layer\.0\.\*', which an official vqa checkpoint holds"
+    with pytest.raises(ValueError, match=message):
+        model_from_official_state_dict(weights, "vqa")

@@ -166,14 +166,15 @@ def build_model_and_processor(
     return model, processor
 
 
-def check_image_size(processor: Any, image_size: int, from_preset: bool = False) -> None:
+def check_image_size(processor: Any, image_size: int, from_preset: bool = False, fix: str | None = None) -> None:
     """Raises a `ValueError` naming both sizes when `processor` resizes images to another size than the model's
-    `vision_config.image_size` (the model would refuse every batch at the first training step)."""
+    `vision_config.image_size` (the model would refuse every batch at the first training step); `fix`: what the
+    message tells the user to do instead of the default advice."""
     size = getattr(getattr(processor, "image_processor", None), "size", None) or {}
     height, width = size.get("height"), size.get("width")
     if height is None or width is None or (height, width) == (image_size, image_size):
         return
-    fix = (
+    fix = fix or (
         f'set the model\'s size with --config_overrides \'{{"vision_config": {{"image_size": {height}}}}}\' '
         f"or give a processor for {image_size}x{image_size} images"
         if from_preset

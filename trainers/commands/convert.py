@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
             "unless it is the vocabulary the checkpoint was trained with (X-VLM / EfficientVLM: BERT's uncased "
             f"vocabulary, 30522 tokens), every token id points at another word's embedding."
         )
-    check_image_size(processor, model.config.vision_config.image_size)
+    size = model.config.vision_config.image_size
+    check_image_size(processor, size, fix=f"give a processor for {size}x{size} images, or --vocab_file to build one")
     card = ModelCardInfo(task=args.task, stage="convert", base_model=args.checkpoint)
     if answers:
         try:

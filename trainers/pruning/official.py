@@ -103,6 +103,8 @@ def _per_layer(
         if name not in l0:
             continue
         rows = l0[name]
+        if not torch.isfinite(rows).all():
+            raise ValueError(f"`{L0_PREFIX}{name}` holds NaN or inf log-alphas: the checkpoint is damaged.")
         expected_rows = sum(len(sizes[key]) for key in keys)
         if rows.dim() != 2 or rows.shape[0] != expected_rows:
             raise ValueError(
