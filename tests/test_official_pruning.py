@@ -16,6 +16,7 @@ import torch
 
 from modeling_efficientvlm import (
     CorruptCheckpointError,
+    EfficientVLMForConditionalGeneration,
     EfficientVLMForImageTextRetrieval,
     EfficientVLMForQuestionAnswering,
 )
@@ -26,8 +27,13 @@ from .conftest import make_inputs
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
 SHRINK = {768: 128, 1536: 256, 3072: 256, 30522: 120, 12: 2}  # width, ITM hidden, FFN, vocab, heads
-L0_LISTING = {"retrieval": "retrieval (", "vqa": "vqa and captioning ("}
-WEIGHTS_LISTING = {"retrieval": "ref_student_retrieval_keys.json", "vqa": "ref_student_vqa_keys.json"}
+# Eff_Captioning saves an XVLML0Module: retrieval's log-alphas.
+L0_LISTING = {"retrieval": "retrieval (", "vqa": "vqa and captioning (", "captioning": "retrieval ("}
+WEIGHTS_LISTING = {
+    "retrieval": "ref_student_retrieval_keys.json",
+    "vqa": "ref_student_vqa_keys.json",
+    "captioning": "ref_student_captioning_keys.json",
+}
 BETA, LEFT, RIGHT = 2 / 3, -0.1, 1.1
 
 
@@ -53,7 +59,7 @@ def _official_state(task: str, seed: int = 0) -> dict[str, torch.Tensor]:
     # vision layer 2's whole FFN dropped.
     state["l0_module.cross_head_loga"][0] = 10.0
     state["l0_module.cross_head_loga"][1] = -10.0
-    if task == "vqa":  # the official VQA forward masks fusion layer 0 with text rows 0 and 1 (see _official_masks)
+    if task in ("vqa", "captioning"):  # their official forward masks fusion layer 0 with text rows 0 and 1
         state["l0_module.text_head_loga"][0] = 10.0
         state["l0_module.text_head_loga"][1] = -10.0
     state["l0_module.vision_int_loga"][2] = -10.0
@@ -81,7 +87,7 @@ def _official_masks(state: dict[str, torch.Tensor], task: str) -> dict[str, list
     rows (`fusion` mode), VQA `cat(text rows, cross rows)` (`multi_modal` mode, Eff_VQA / model_generation.py)."""
     rows = {name[len("l0_module.") :]: tensor for name, tensor in state.items() if name.endswith("_loga")}
     head_z, mlp_z = rows["cross_head_loga"], rows["cross_int_loga"]
-    if task == "vqa":
+    if task in ("vqa", "captioning"):  # Eff_Captioning's decoder is called the same way
         head_z = torch.cat([rows["text_head_loga"], head_z])
         mlp_z = torch.cat([rows["text_int_loga"], mlp_z])
     fusion_layers = rows["cross_int_loga"].shape[0]
@@ -101,7 +107,7 @@ def _official_masks(state: dict[str, torch.Tensor], task: str) -> dict[str, list
     return {key: [_official_mask(row) for row in value] for key, value in masks.items()}
 
 
-@pytest.mark.parametrize("task", ["retrieval", "vqa"])
+@pytest.mark.parametrize("task", ["retrieval", "vqa", "captioning"])
 def test_pruning_stage_checkpoint_prunes_as_the_official_masks_say(task: str, tmp_path: Path) -> None:
     state = _official_state(task)
     torch.save({"model": state}, tmp_path / "pruning_stage.pth")
@@ -127,7 +133,7 @@ def test_pruning_stage_checkpoint_prunes_as_the_official_masks_say(task: str, tm
         assert 0 < report["sparsity_per_modality"]["decoder"] < 1
     assert report["parameters_after"] == sum(p.numel() for p in pruned.parameters()) < report["parameters_before"]
     assert set(report["lagrange_multipliers"]) == {"lambda_1", "lambda_2"}
-    if task == "vqa":  # text and fusion layers share rows: the same units kept
+    if task in ("vqa", "captioning"):  # text and fusion layers share rows: the same units kept
         assert kept["fusion_ffn"] == kept["text_ffn"] and kept["fusion_heads"][1] == kept["text_heads"][2]
 
     # The pruned model computes what the unpruned one computes under the official masks.
@@ -154,7 +160,11 @@ def test_pruning_stage_checkpoint_prunes_as_the_official_masks_say(task: str, tm
 
     # The folder reloads at its uneven sizes with `from_pretrained`.
     pruned.save_pretrained(tmp_path / "pruned")
-    model_class = {"retrieval": EfficientVLMForImageTextRetrieval, "vqa": EfficientVLMForQuestionAnswering}[task]
+    model_class = {
+        "retrieval": EfficientVLMForImageTextRetrieval,
+        "vqa": EfficientVLMForQuestionAnswering,
+        "captioning": EfficientVLMForConditionalGeneration,
+    }[task]
     reloaded = model_class.from_pretrained(tmp_path / "pruned").eval()
     with torch.no_grad():
         again = reloaded.efficientvlm(**inputs)

@@ -24,7 +24,7 @@ logger = logging.get_logger(__name__)
 @dataclass
 class ConvertArguments:
     checkpoint: str = field(metadata={"help": "The official .pth file (a state dict, or a dict with `model`)."})
-    task: str = field(metadata={"help": "pretraining, retrieval, captioning or vqa (pruning-stage: retrieval, vqa)."})
+    task: str = field(metadata={"help": "pretraining, retrieval, captioning or vqa (pruning-stage too)."})
     output_dir: str = field(metadata={"help": "Folder to write the model, its processor and its card to."})
     processor_name_or_path: str | None = field(default=None, metadata={"help": "A saved processor to ship."})
     vocab_file: str | None = field(default=None, metadata={"help": "Or a WordPiece vocab to build it from."})

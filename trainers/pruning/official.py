@@ -14,13 +14,14 @@ Official layout (one row per layer, one column per unit):
 - `lambda_1`, `lambda_2`: the Lagrange multipliers, used only while training; reported, not converted.
 
 Which rows a layer's masks come from is what the official forward does, not what the names say: VQA
-(`EffXVLMForVQA`) runs its question encoder in `multi_modal` mode with `head_z = cat(text_head_z, cross_head_z)` and
-`mlp_z = cat(text_int_z, cross_int_z)`, and the encoder indexes a fusion layer's rows from the start of those
-concatenations: fusion layer k masks its self- / cross-attention heads with rows 2k / 2k + 1 of the concatenated
-head rows (text rows first) and its FFN with row k of the concatenated FFN rows, so `cross_int_loga` and the last
-cross rows never mask anything. The VQA model trained and was evaluated with those masks, so they are the ones
-converted ([`official_forward_rows`]). Retrieval runs the fusion layers in `fusion` mode on the cross rows alone,
-as named.
+(`EffXVLMForVQA`; captioning's `EffXVLMForCaptioning` calls its decoder alike) runs its question encoder in
+`multi_modal` mode with `head_z = cat(text_head_z, cross_head_z)` and `mlp_z = cat(text_int_z, cross_int_z)`, and
+the encoder indexes a fusion layer's rows from the start of those concatenations: fusion layer k masks its self- /
+cross-attention heads with rows 2k / 2k + 1 of the concatenated head rows (text rows first) and its FFN with row k
+of the concatenated FFN rows, so `cross_int_loga` and the last cross rows never mask anything. The models trained
+and were evaluated with those masks, so they are the ones converted ([`official_forward_rows`]). (Captioning
+checkpoints hold retrieval's log-alphas, no decoder ones.) Retrieval runs the fusion layers in `fusion` mode on the
+cross rows alone, as named.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ DECODER_LOG_ALPHAS = {
     "decoder_int_loga": ("decoder_ffn",),
 }
 MULTIPLIERS = ("lambda_1", "lambda_2")
-PRUNING_STAGE_TASKS = ("retrieval", "vqa")
+PRUNING_STAGE_TASKS = ("retrieval", "vqa", "captioning")
 
 
 def split_pruning_state(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -76,10 +77,10 @@ def split_pruning_state(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, d
 
 def official_forward_rows(l0: Mapping[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
     """`l0` with `cross_head_loga` / `cross_int_loga` replaced by the rows the official forward of `task` masks the
-    fusion layers with (see the module docstring): for VQA, the first 2 x (fusion layers) rows of
+    fusion layers with (see the module docstring): for VQA and captioning, the first 2 x (fusion layers) rows of
     `cat(text_head_loga, cross_head_loga)` and the first (fusion layers) rows of `cat(text_int_loga,
     cross_int_loga)`; other tasks unchanged."""
-    if task != "vqa" or "cross_head_loga" not in l0 or "cross_int_loga" not in l0:
+    if task not in ("vqa", "captioning") or "cross_head_loga" not in l0 or "cross_int_loga" not in l0:
         return dict(l0)
     fusion_layers = l0["cross_int_loga"].shape[0]
     rows = dict(l0)
@@ -173,8 +174,8 @@ def prune_official_state_dict(
         "remaining_prunable_parameters": masker.remaining_parameters(masks),
         "parameters_before": count_parameters(model),
         "lagrange_multipliers": {name: float(l0[name]) for name in MULTIPLIERS if name in l0},
-        "fusion_mask_rows": "official VQA forward: rows of cat(text, cross) log-alphas"
-        if task == "vqa"
+        "fusion_mask_rows": f"official {task} forward: rows of cat(text, cross) log-alphas"
+        if task in ("vqa", "captioning")
         else "cross log-alphas",
     }
     report["padding"] = prune_structures(model, masks, report["structures_kept"], pad_to_multiple_of)
