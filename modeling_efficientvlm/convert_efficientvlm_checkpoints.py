@@ -107,6 +107,12 @@ def convert_official_state_dict(state_dict: dict[str, torch.Tensor], task: str) 
     for name, tensor in state_dict.items():
         if name.endswith("position_ids"):
             continue  # a buffer we rebuild
+        if name.startswith("l0_module."):
+            raise ValueError(
+                f"{name!r}: this is a pruning-stage checkpoint (hard-concrete log-alphas beside the weights). Convert "
+                "it with `efficientvlm convert`, which prunes it with its masks (in Python: "
+                "`trainers.pruning.official.prune_official_state_dict`)."
+            )
         if name.startswith("vision_encoder."):
             new = _rename_vision(name)
         elif name == "temp" or name.startswith(("vision_proj.", "text_proj.")):  # `temp`: the ITC temperature

@@ -324,6 +324,8 @@ def test_an_untied_lm_decoder_is_named_and_the_word_embeddings_kept() -> None:
 def test_official_checkpoint_mistakes_get_messages_that_name_them(tmp_path: Path) -> None:
     from modeling_efficientvlm.convert_efficientvlm_checkpoints import read_official_state_dict
 
+    with pytest.raises(ValueError, match=r"'l0_module\.\w+': this is a pruning-stage checkpoint"):
+        model_from_official_state_dict(_official_state("retrieval"), "retrieval")  # was "not part of an official"
     with pytest.raises(IsADirectoryError, match="is a folder: give the checkpoint file in it"):
         read_official_state_dict(tmp_path)  # was "no such checkpoint file"
     state = _official_state("retrieval")

@@ -65,8 +65,8 @@ def split_pruning_state(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, d
     l0 = {name[len(L0_PREFIX) :]: tensor for name, tensor in state_dict.items() if name.startswith(L0_PREFIX)}
     if not l0:
         raise ValueError(
-            "This state dict has no `l0_module.*` tensors: it is not a pruning-stage checkpoint (convert it with "
-            "`python -m modeling_efficientvlm.convert_efficientvlm_checkpoints xvlm` instead)."
+            "This state dict has no `l0_module.*` tensors: it is not a pruning-stage checkpoint (`efficientvlm "
+            "convert` converts it as it is, processor and card included; in Python, `model_from_official_state_dict`)."
         )
     known = {*ENCODER_LOG_ALPHAS, *DECODER_LOG_ALPHAS, *MULTIPLIERS}
     unknown = sorted(set(l0) - known)
