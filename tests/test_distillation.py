@@ -450,6 +450,28 @@ def test_kd_terms_of_task_models(task: str, tmp_path) -> None:
         assert trainer.distillation_loss.layer_mappings["multimodal"] == [1, 3]
 
 
+@pytest.mark.parametrize("task, matched", [("vqa", False), ("nlvr2", False), ("retrieval", True)])
+def test_the_fusion_layers_input_is_matched_only_where_it_is_officially(task: str, matched: bool, tmp_path) -> None:
+    """VQA and NLVR2 officially split one multimodal pass's hidden states into text (embedding + text layers) and
+    fusion (the fusion layers' outputs): the fusion input, the last text state, is not matched a second time.
+    Retrieval's fusion-only pass includes it."""
+    config = _config()
+    model_class, inputs = _task_case(task, config)
+    torch.manual_seed(0)
+    teacher = model_class(config).eval()
+    trainer = DistillationTrainer(
+        model=build_student(teacher, 1, 1, 1).eval(), args=_args(tmp_path), teacher_model=teacher
+    )
+    with torch.no_grad():
+        outputs = trainer.model(**inputs, output_hidden_states=True)
+        teacher_outputs = trainer.teacher_forward(inputs, outputs)
+        before = trainer.compute_distillation_terms(outputs, teacher_outputs, inputs)["kd_fusion_hidden"]
+        states = outputs.fusion_output.hidden_states
+        outputs.fusion_output.hidden_states = (states[0] + 1.0, *states[1:])
+        after = trainer.compute_distillation_terms(outputs, teacher_outputs, inputs)["kd_fusion_hidden"]
+    assert bool(after != before) == matched, (before, after)
+
+
 def _same_depth_kd(config: EfficientVLMConfig, model_class: type, inputs: dict, tmp_path) -> tuple:
     """A student built at the teacher's depth (so the teacher itself): its outputs on `inputs` and its KD terms."""
     torch.manual_seed(0)

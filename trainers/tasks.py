@@ -220,7 +220,10 @@ RETRIEVAL_KD = KDSpec(
     # `logits_per_image`, distilled as the similarity.
     not_distilled=("loss", "logits", "logits_per_text", *MATCHING_FIELDS),
 )
-FUSION_KD = EncoderKD("fusion_output", group="fusion", stack="fusion", mask="text")
+# VQA and NLVR2 run text and fusion layers as one multimodal stack: officially its hidden states are split into the
+# text layers' (embedding included) and the fusion layers' outputs, so the fusion layers' input, the last text
+# state, is matched once (by TEXT_KD), not again here.
+FUSION_KD = EncoderKD("fusion_output", group="fusion", stack="fusion", mask="text", match_input=False)
 VQA_KD = KDSpec(
     # The answer decoder's logits on the given answers (all positions, as the official task KD).
     logits=(LogitKD("logits", "task_logit"),),
