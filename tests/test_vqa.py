@@ -447,3 +447,29 @@ def test_evaluation_ranks_the_saved_answer_candidates_by_default(tmp_path) -> No
     given = evaluate_task("vqa", model, dataset, processor, answer_list=["red", "blue"])
     assert set(saved.predictions) <= {"red", "blue"} and saved.predictions == given.predictions
     assert saved.metrics == given.metrics
+
+
+def test_evaluation_scores_answers_the_official_way_when_asked(tmp_path, monkeypatch) -> None:
+    """`--xvlm_scoring` (evaluate) reaches `rank_answers`: the paper's numbers count the first answer token twice."""
+    from trainers.tasks import build_dataset, evaluate_task
+
+    from .data_utils import make_processor, write_vqa_json
+
+    config = EfficientVLMConfig.from_preset("tiny")
+    processor = make_processor(tmp_path, image_size=config.vision_config.image_size)
+    data, image_root = write_vqa_json(tmp_path, n=4)
+    dataset = build_dataset("vqa", data, image_root, processor)
+    model = EfficientVLMForQuestionAnswering(config).eval()
+    model.set_answer_candidates(["red", "blue", "green"], processor.tokenizer)
+    seen, rank = [], model.rank_answers
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["xvlm_scoring"])
+        return rank(*args, **kwargs)
+
+    monkeypatch.setattr(model, "rank_answers", spy)
+    official = evaluate_task("vqa", model, dataset, processor, xvlm_scoring=True)
+    plain = evaluate_task("vqa", model, dataset, processor)
+    assert seen == [True, False] and len(official.predictions) == len(plain.predictions) == 4
+    with pytest.raises(ValueError, match="--xvlm_scoring scores VQA answers; the nlvr2 task ranks none"):
+        evaluate_task("nlvr2", model, dataset, processor, xvlm_scoring=True)

@@ -497,10 +497,12 @@ def evaluate_task(
     max_new_tokens: int = 20,
     caption_level_recall: bool = False,
     itm_score: str = "logit",
+    xvlm_scoring: bool = False,
 ) -> EvaluationResult:
     """Runs `task`'s evaluation routine (see `trainers.evaluation.tasks`) and returns its metrics (and
     per-example predictions); retrieval with `caption_level_recall` also reports recall with identical captions
-    counted as one (keys ending in `_caption`); `itm_score` is what ranks retrieval's re-ranked candidates."""
+    counted as one (keys ending in `_caption`); `itm_score` is what ranks retrieval's re-ranked candidates;
+    `xvlm_scoring` scores VQA's answers as the official code does (see `rank_answers`)."""
     spec = task_spec(task)
     if spec.evaluate is None:
         raise ValueError(f"The {task} task has no evaluation routine here; evaluate a downstream task instead.")
@@ -510,7 +512,9 @@ def evaluate_task(
     from modeling_efficientvlm.modeling_efficientvlm_retrieval import check_itm_score
 
     check_itm_score(itm_score, "`itm_score` (--itm_score)", rerank=True)
+    if xvlm_scoring and task != "vqa":
+        raise ValueError(f"--xvlm_scoring scores VQA answers; the {task} task ranks none.")
     options = EvaluationOptions(
-        batch_size, answer_list, k, structure_masks, max_new_tokens, caption_level_recall, itm_score
+        batch_size, answer_list, k, structure_masks, max_new_tokens, caption_level_recall, itm_score, xvlm_scoring
     )
     return spec.evaluate(model, dataset, processor, options)

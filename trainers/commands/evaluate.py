@@ -27,6 +27,13 @@ class EvaluateArguments:
     )
     batch_size: int = field(default=32)
     itm_score: str = itm_score_field()
+    xvlm_scoring: bool = field(
+        default=False,
+        metadata={
+            "help": "VQA: score the k re-ranked answers as the official X-VLM / EfficientVLM code does (the first "
+            "token's log-probability counted twice) instead of by their plain likelihood."
+        },
+    )
     caption_level_recall: bool = field(
         default=False,
         metadata={
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         k=args.k,
         caption_level_recall=args.caption_level_recall,
         itm_score=args.itm_score,
+        xvlm_scoring=args.xvlm_scoring,
     )
     metrics = result.metrics
     print(json.dumps(metrics, indent=2))

@@ -42,6 +42,8 @@ class EvaluationOptions:
             (`txt_r1_caption`, ..., `r_mean_caption`; see `caption_level_recall`).
         itm_score: retrieval: what ranks the re-ranked candidates, `"logit"` (X-VLM's raw match logit),
             `"log_odds"`, `"probability"` (see `itm_match_score`) or `"log_odds+itc"` (see `itm_rerank_scores`).
+        xvlm_scoring: VQA: score the k answers as the official code does (the first token's log-probability
+            counted twice; see `rank_answers`) instead of by their plain likelihood.
     """
 
     batch_size: int = 32
@@ -51,6 +53,7 @@ class EvaluationOptions:
     max_new_tokens: int = 20
     caption_level_recall: bool = False
     itm_score: str = "logit"
+    xvlm_scoring: bool = False
 
     @property
     def mask_kwargs(self) -> dict[str, Any]:
@@ -100,6 +103,7 @@ def evaluate_vqa(model: Any, dataset: Any, processor: Any, options: EvaluationOp
             candidates["input_ids"].to(device),
             candidates["attention_mask"].to(device),
             k=min(options.k, len(answer_list)),
+            xvlm_scoring=options.xvlm_scoring,
             **options.mask_kwargs,
         )
         predictions += [answer_list[i] for i in ranked.answer_index.tolist()]
