@@ -450,6 +450,13 @@ def test_kd_terms_of_task_models(task: str, tmp_path) -> None:
         assert trainer.distillation_loss.layer_mappings["multimodal"] == [1, 3]
 
 
+def _student_trainer(config: EfficientVLMConfig, model_class: type, depth: tuple, tmp_path) -> DistillationTrainer:
+    """A `DistillationTrainer` of a seeded teacher and its student of `depth` (vision, text, fusion layers)."""
+    torch.manual_seed(0)
+    teacher = model_class(config).eval()
+    return DistillationTrainer(model=build_student(teacher, *depth).eval(), args=_args(tmp_path), teacher_model=teacher)
+
+
 @pytest.mark.parametrize("task, matched", [("vqa", False), ("nlvr2", False), ("retrieval", True)])
 def test_the_fusion_layers_input_is_matched_only_where_it_is_officially(task: str, matched: bool, tmp_path) -> None:
     """VQA and NLVR2 officially split one multimodal pass's hidden states into text (embedding + text layers) and
@@ -457,11 +464,7 @@ def test_the_fusion_layers_input_is_matched_only_where_it_is_officially(task: st
     Retrieval's fusion-only pass includes it."""
     config = _config()
     model_class, inputs = _task_case(task, config)
-    torch.manual_seed(0)
-    teacher = model_class(config).eval()
-    trainer = DistillationTrainer(
-        model=build_student(teacher, 1, 1, 1).eval(), args=_args(tmp_path), teacher_model=teacher
-    )
+    trainer = _student_trainer(config, model_class, (1, 1, 1), tmp_path)
     with torch.no_grad():
         outputs = trainer.model(**inputs, output_hidden_states=True)
         teacher_outputs = trainer.teacher_forward(inputs, outputs)
@@ -474,11 +477,7 @@ def test_the_fusion_layers_input_is_matched_only_where_it_is_officially(task: st
 
 def _same_depth_kd(config: EfficientVLMConfig, model_class: type, inputs: dict, tmp_path) -> tuple:
     """A student built at the teacher's depth (so the teacher itself): its outputs on `inputs` and its KD terms."""
-    torch.manual_seed(0)
-    teacher = model_class(config).eval()
-    trainer = DistillationTrainer(
-        model=build_student(teacher, 2, 2, 2).eval(), args=_args(tmp_path), teacher_model=teacher
-    )
+    trainer = _student_trainer(config, model_class, (2, 2, 2), tmp_path)
     with torch.no_grad():
         outputs = trainer.model(**inputs, output_hidden_states=True)
         terms = trainer.compute_distillation_terms(outputs, trainer.teacher_forward(inputs, outputs), inputs)
