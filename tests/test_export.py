@@ -277,7 +277,7 @@ def test_export_ranks_retrieval_by_the_given_itm_score_as_evaluate_does_and_says
     assert saved["metrics"]["ONNX fp32"] == pytest.approx(expected, abs=1e-9)
     out = capsys.readouterr().out
     assert (
-        "(8 items; the top 3 ITC candidates of each query re-ranked by the ITM head's match log-odds plus the pair's "
+        "(4 images, 8 texts; the top 3 ITC candidates of each query re-ranked by the ITM head's match log-odds plus the pair's "
         "ITC logit (cosine / temperature), --itm_score log_odds+itc):"
     ) in out
 

@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"; the top {args.k} ITC candidates of each query re-ranked by the ITM head's "
                 f"{ITM_SCORE_WORDS[args.itm_score]}, --itm_score {args.itm_score}"
             )
-        print(f"\n{task} metrics on {args.eval_file} ({len(dataset)} items{ranking}):")
+        size = f"{dataset.num_images} images, {len(dataset)} texts" if task == "retrieval" else f"{len(dataset)} items"
+        print(f"\n{task} metrics on {args.eval_file} ({size}{ranking}):")
         print(format_accuracy(task, metrics))
         report["metrics"] = metrics
     (result.output_dir / "export_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
