@@ -187,6 +187,25 @@ def test_onnx_captioning_refuses_padded_prompts_as_pytorch_does(tmp_path) -> Non
     torch.testing.assert_close(onnx_model.generate(pixel_values=pixel_values, **prompt, max_new_tokens=4), want)
 
 
+def test_onnx_captioning_defaults_and_lengths_are_pytorchs_and_other_options_are_refused(tmp_path) -> None:
+    """ONNX `generate` stopped 20 new tokens after the prompt where PyTorch's default is `config.max_text_length`
+    tokens in all, ignored `max_length`, and ignored `num_beams` / `min_new_tokens` silently."""
+    model = _pruned(EfficientVLMForConditionalGeneration).eval()
+    export_onnx(model, tmp_path / "onnx")
+    onnx_model = load_onnx_model(tmp_path / "onnx")
+    pixel_values = _inputs(batch=2)["pixel_values"]
+    prompt = make_processor(tmp_path)(text=["a picture of"], return_tensors="pt")
+    for lengths in ({}, {"max_length": 6}, {"max_new_tokens": 2}):
+        with torch.no_grad():
+            want = model.generate(pixel_values=pixel_values, **prompt, **lengths)
+        torch.testing.assert_close(onnx_model.generate(pixel_values=pixel_values, **prompt, **lengths), want)
+    assert want.shape[1] <= 2 + prompt["input_ids"].shape[1] - 1
+    for option in ({"num_beams": 3}, {"min_new_tokens": 8}, {"do_sample": True}):
+        with pytest.raises(ValueError, match=r"decodes greedily .* cannot honour \['\w+'\]: use the PyTorch"):
+            onnx_model.generate(pixel_values=pixel_values, **prompt, **option)
+    onnx_model.generate(pixel_values=pixel_values, num_beams=1, do_sample=False, max_new_tokens=1)  # greedy: fine
+
+
 def test_onnx_models_refuse_text_past_the_position_table_before_running_as_pytorch_does(tmp_path) -> None:
     """70 tokens for a 64-position model failed in onnxruntime with a broadcast error (and ONNX captioning with
     max_new_tokens=70 ran about 60 steps first); PyTorch names the position table. Now both say the same, before
@@ -277,8 +296,8 @@ def test_export_ranks_retrieval_by_the_given_itm_score_as_evaluate_does_and_says
     assert saved["metrics"]["ONNX fp32"] == pytest.approx(expected, abs=1e-9)
     out = capsys.readouterr().out
     assert (
-        "(4 images, 8 texts; the top 3 ITC candidates of each query re-ranked by the ITM head's match log-odds plus the pair's "
-        "ITC logit (cosine / temperature), --itm_score log_odds+itc):"
+        "(4 images, 8 texts; the top 3 ITC candidates of each query re-ranked by the ITM head's match log-odds plus "
+        "the pair's ITC logit (cosine / temperature), --itm_score log_odds+itc):"
     ) in out
 
 

@@ -193,15 +193,30 @@ class OnnxCaptioningModel(OnnxTaskModel):
         self,
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor | None = None,
-        max_new_tokens: int = 20,
+        max_new_tokens: int | None = None,
         structure_masks: Any = None,
         attention_mask: torch.Tensor | None = None,
+        max_length: int | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Greedy captions (batch, prompt + up to `max_new_tokens`) after `input_ids` (default: the start token;
-        a trailing [SEP] from the processor is dropped and a padded prompt refused, as in PyTorch:
-        `generation_prompt`); finished captions are padded with [PAD]."""
+        """Greedy captions (batch, at most `max_length` tokens, prompt included, or prompt + `max_new_tokens`; by
+        default `config.max_text_length`, as the PyTorch model's `generate`) after `input_ids` (default: the start
+        token; a trailing [SEP] from the processor is dropped and a padded prompt refused, as in PyTorch:
+        `generation_prompt`); finished captions are padded with [PAD]. Greedy only: another decoding option
+        (`num_beams`, `do_sample`, `min_new_tokens`, ...) is refused rather than ignored."""
         self._no_masks(structure_masks)
+        ignored = {key: value for key, value in kwargs.items() if value is not None}
+        if ignored.get("num_beams", 1) == 1 and not ignored.get("do_sample", False):
+            ignored.pop("num_beams", None)
+            ignored.pop("do_sample", None)
+        ignored.pop("use_cache", None)  # no cache either way: every step runs the whole prefix
+        if ignored:
+            raise ValueError(
+                f"The ONNX captioning model decodes greedily and takes `max_new_tokens` or `max_length`; it cannot "
+                f"honour {sorted(ignored)}: use the PyTorch model's `generate` for them."
+            )
+        if max_new_tokens is not None and max_length is not None:
+            raise ValueError("Give `max_new_tokens` or `max_length`, not both.")
         text = self.config.text_config
         batch = pixel_values.shape[0]
         if input_ids is None:
@@ -215,11 +230,16 @@ class OnnxCaptioningModel(OnnxTaskModel):
                 f"The prompt has {prompt} tokens but the model's position table holds {positions}: it leaves "
                 "no room to generate; shorten the prompt."
             )
+        if max_new_tokens is None:
+            max_length = max_length if max_length is not None else getattr(self.config, "max_text_length", positions)
+            max_new_tokens = max(max_length - prompt, 0)
+            asked = f"`max_length`={max_length}"
+        else:
+            asked = f"`max_new_tokens`={max_new_tokens} after the {prompt} tokens it starts from"
         if prompt + max_new_tokens > positions:
             raise ValueError(
-                f"`max_new_tokens`={max_new_tokens} after the {prompt} tokens it starts from allows sequences of "
-                f"{prompt + max_new_tokens} tokens, but the model's position table holds {positions}: pass "
-                f"`max_new_tokens` <= {positions - prompt}."
+                f"{asked} allows sequences of {prompt + max_new_tokens} tokens, but the model's position table holds "
+                f"{positions}: pass `max_length` <= {positions} or `max_new_tokens` <= {positions - prompt}."
             )
         (image_embeds,) = self.run("caption_image_encoder", pixel_values)
         finished = torch.zeros(batch, dtype=torch.bool)
