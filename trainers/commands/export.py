@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"; the top {args.k} ITC candidates of each query re-ranked by the ITM head's "
                 f"{ITM_SCORE_WORDS[args.itm_score]}, --itm_score {args.itm_score}"
             )
-        size = f"{dataset.num_images} images, {len(dataset)} texts" if task == "retrieval" else f"{len(dataset)} items"
+        images = getattr(dataset, "num_images", None)  # image-text data: images, each with one or more captions
+        size = f"{images} images, {len(dataset)} texts" if images is not None else f"{len(dataset)} items"
         print(f"\n{task} metrics on {args.eval_file} ({size}{ranking}):")
         print(format_accuracy(task, metrics))
         report["metrics"] = metrics

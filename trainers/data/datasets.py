@@ -403,7 +403,8 @@ class ImageTextDataset(_RecordDataset):
         self._warn_records(
             empty,
             "have an empty caption",
-            "an empty text gives masked language modelling nothing to mask and retrieval an empty query.",
+            "an empty text gives masked language modelling nothing to mask, retrieval an empty query, and "
+            "captioning a target that ends at once (as a reference it is left out of BLEU / CIDEr).",
         )
         self.negative_texts: list[str] | None = negatives or None
         return self.texts

@@ -150,7 +150,7 @@ def make_caption_compute_metrics(
     Accepts a dict `{"predictions": list[str], "references": list[list[str]]}` (references may come from
     this builder) or an `EvalPrediction` whose predictions are generated token ids (N, L) (-100 treated as
     padding), decoded with `tokenizer` (special tokens skipped); a leading `prompt` is removed from each
-    decoded caption.
+    decoded caption, whole words only.
     """
 
     def compute_metrics(eval_pred: Any) -> dict[str, float]:
@@ -161,13 +161,14 @@ def make_caption_compute_metrics(
             ids = np.asarray(predictions)
             ids = np.where(ids < 0, tokenizer.pad_token_id, ids)
             predictions = tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
-        stripped_prompt = prompt.strip().lower()
+        prompt_words = prompt.lower().split()
         captions = []
         for caption in predictions:
-            caption = caption.strip()
-            if stripped_prompt and caption.lower().startswith(stripped_prompt):
-                caption = caption[len(stripped_prompt) :].strip()
-            captions.append(caption)
+            words = caption.split()
+            # The prompt is removed word for word: "a picture offers ..." keeps its "offers".
+            if prompt_words and [word.lower() for word in words[: len(prompt_words)]] == prompt_words:
+                words = words[len(prompt_words) :]
+            captions.append(" ".join(words))
         return caption_scores(captions, refs)
 
     return compute_metrics

@@ -47,15 +47,17 @@ def tokenize_caption(caption: str) -> str:
 
 
 def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
-    """BLEU-1..4 and CIDEr of `predictions` against `references` (one list of captions per prediction)."""
+    """BLEU-1..4 and CIDEr of `predictions` against `references` (one list of captions per prediction). Empty
+    references (nothing left after tokenisation) are left out: as a reference, an empty caption lowers CIDEr (its
+    n-gram vectors are zero) though it describes nothing; a prediction with no other reference raises."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists.")
     if len(predictions) == 0:
         raise ValueError("No predictions to score.")
     gts, res = {}, {}
     for index, (prediction, refs) in enumerate(zip(predictions, references)):
-        refs = [tokenize_caption(r) for r in refs]
-        if not any(refs):
+        refs = [tokenized for tokenized in (tokenize_caption(r) for r in refs) if tokenized]
+        if not refs:
             raise ValueError(f"Prediction {index} has no non-empty reference caption.")
         gts[index] = refs
         res[index] = [tokenize_caption(prediction)]
