@@ -14,7 +14,13 @@ from transformers import TrainingArguments
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining, EfficientVLMModel
 from trainers.distillation import DistillationTrainer
 from trainers.distillation.layer_mapping import default_layer_mapping
-from trainers.distillation.losses import attention_mse, hidden_state_mse, itc_distillation, soft_cross_entropy
+from trainers.distillation.losses import (
+    attention_mse,
+    hidden_state_mse,
+    itc_distillation,
+    slotted_mlm_soft_cross_entropy,
+    soft_cross_entropy,
+)
 from trainers.distillation.objective import DistillationConfig, DistillationLoss
 from trainers.distillation.student_init import build_student, init_student_from_teacher, make_student_config
 from trainers.tasks import LogitKD
@@ -300,6 +306,31 @@ def test_soft_cross_entropy_is_the_official_kl() -> None:
         soft_cross_entropy(student, teacher, 0.0)
 
 
+def test_slotted_mlm_kd_is_the_official_gathered_kl() -> None:
+    """`mlm_logit_slots`: X-VLM gathers each text's logits at its masked positions, padded with position 0 to
+    `max_masks` slots, and takes `KLDivLoss(batchmean)` over all batch x slots rows."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 9, 13), torch.randn(3, 9, 13)
+    labels = torch.full((3, 9), -100)
+    labels[0, [2, 5]] = 4
+    labels[1, [1, 3, 4, 8]] = 7  # text 2 has no mask: all its slots at [CLS]
+    slots = 4
+    positions = torch.zeros(3, slots, dtype=torch.long)
+    for row in range(3):
+        masked = (labels[row] != -100).nonzero().flatten()
+        positions[row, : len(masked)] = masked
+    gathered = [logits.gather(1, positions[..., None].expand(-1, -1, 13)) for logits in (student, teacher)]
+    official = torch.nn.KLDivLoss(reduction="batchmean")(
+        torch.log_softmax(gathered[0], -1).view(-1, 13), torch.softmax(gathered[1], -1).view(-1, 13)
+    )
+    torch.testing.assert_close(slotted_mlm_soft_cross_entropy(student, teacher, labels, slots), official)
+    assert slotted_mlm_soft_cross_entropy(teacher, teacher, labels, slots).abs().item() < 1e-6
+    with pytest.raises(ValueError, match="has 4 masked tokens but `mlm_logit_slots` is 3"):
+        slotted_mlm_soft_cross_entropy(student, teacher, labels, 3)
+    with pytest.raises(ValueError, match="mlm_logit_slots"):
+        DistillationConfig(mlm_logit_slots=-1)
+
+
 def test_distillation_config_validation() -> None:
     with pytest.raises(ValueError, match="`vision_hidden` must be a non-negative number"):
         DistillationConfig(vision_hidden=-1.0)
@@ -354,6 +385,13 @@ def test_kd_terms_are_zero_for_the_teacher_itself_and_positive_for_a_student() -
     combined = loss.combine(terms)
     manual = sum(value * (0.1 if name == "kd_vision_hidden" else 1.0) for name, value in terms.items())
     torch.testing.assert_close(combined, manual)
+    # The official MLM-logit normalisation, when asked: the other terms stay.
+    slotted = DistillationLoss(DistillationConfig(itc=1.0, fusion_cross_attn=1.0, mlm_logit_slots=8))
+    slotted = slotted(student_out, teacher_out, inputs["attention_mask"], inputs["mlm_labels"])
+    expected = slotted_mlm_soft_cross_entropy(student_out.mlm_logits, teacher_out.mlm_logits, inputs["mlm_labels"], 8)
+    torch.testing.assert_close(slotted.pop("kd_mlm_logit"), expected)
+    assert expected.item() != terms.pop("kd_mlm_logit").item()
+    assert slotted.keys() == terms.keys() and all(torch.equal(slotted[k], terms[k]) for k in terms)
 
 
 def test_an_output_field_the_kd_spec_does_not_declare_raises() -> None:

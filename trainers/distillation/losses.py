@@ -210,6 +210,41 @@ def soft_cross_entropy(
     return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
 
 
+def slotted_mlm_soft_cross_entropy(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mlm_labels: torch.Tensor,
+    slots: int,
+    kd_temperature: float = 1.0,
+) -> torch.Tensor:
+    """
+    The official MLM-logit KD: X-VLM gathers each text's logits at `slots` (`max_masks`) positions, its masked
+    tokens and then position 0 ([CLS]) for the slots left empty, and averages the KL over all `batch x slots` rows.
+    Here the same from the full logits: each masked row counts once, each text's [CLS] row `slots - masked` times.
+
+    Args:
+        student_logits, teacher_logits: (batch, seq, vocab).
+        mlm_labels: (batch, seq), -100 where not masked; at most `slots` masked tokens per text.
+        slots: the official `max_masks` (8).
+    """
+    check_kd_temperature(kd_temperature)
+    if student_logits.shape != teacher_logits.shape or student_logits.shape[:-1] != mlm_labels.shape:
+        raise ValueError(
+            f"Student logits {tuple(student_logits.shape)}, teacher logits {tuple(teacher_logits.shape)} and "
+            f"`mlm_labels` {tuple(mlm_labels.shape)} must agree (batch, seq[, vocab])."
+        )
+    masked = mlm_labels != -100
+    counts = masked.sum(dim=1)
+    if bool((counts > slots).any()):
+        raise ValueError(f"A text has {int(counts.max())} masked tokens but `mlm_logit_slots` is {slots}.")
+    weights = masked.float()
+    weights[:, 0] += (slots - counts).float()
+    log_student = F.log_softmax(student_logits.float() / kd_temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.detach().float() / kd_temperature, dim=-1)
+    per_row = F.kl_div(log_student, log_teacher, reduction="none", log_target=True).sum(dim=-1)
+    return (per_row * weights).sum() / (mlm_labels.shape[0] * slots)
+
+
 def itc_distillation(
     student_logits_per_image: torch.Tensor, teacher_logits_per_image: torch.Tensor, kd_temperature: float = 1.0
 ) -> torch.Tensor:
@@ -300,5 +335,6 @@ __all__ = [
     "check_kd_temperature",
     "hidden_state_mse",
     "itc_distillation",
+    "slotted_mlm_soft_cross_entropy",
     "soft_cross_entropy",
 ]

@@ -44,6 +44,7 @@ from .losses import (
     SoftCrossEntropyLoss,
     check_kd_temperature,
     hidden_state_mse,
+    slotted_mlm_soft_cross_entropy,
 )
 
 # --------------------------------------------------------------------------------------------------------------
@@ -87,6 +88,9 @@ class DistillationConfig:
         hidden_include_input: also match the inputs of the stacks (official: yes).
         vision_skip_last_hidden: leave the student's last vision layer out of the hidden-state term (official).
         exclude_padding: leave padding tokens out of the hidden-state and attention terms.
+        mlm_logit_slots: 0 averages the MLM-logit KD over the masked tokens; N > 0 averages it as the official code
+            does over N slots per text (its `max_masks`, 8), the empty ones at [CLS]
+            ([`slotted_mlm_soft_cross_entropy`]; about half the weight on texts with 4 masks).
         head_mismatch: `"mean"` or `"error"`, see [`attention_mse`].
     """
 
@@ -110,6 +114,7 @@ class DistillationConfig:
     hidden_include_input: bool = True
     vision_skip_last_hidden: bool = True
     exclude_padding: bool = True
+    mlm_logit_slots: int = 0
     head_mismatch: str = "mean"
 
     def __post_init__(self) -> None:
@@ -118,6 +123,9 @@ class DistillationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"The weight `{name}` must be a non-negative number; got {value!r}.")
+        slots = self.mlm_logit_slots
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
+            raise ValueError(f"`mlm_logit_slots` must be a non-negative integer; got {slots!r}.")
         if self.head_mismatch not in HEAD_MISMATCH_MODES:
             raise ValueError(f"`head_mismatch` must be one of {HEAD_MISMATCH_MODES}; got {self.head_mismatch!r}.")
         for stack in LAYER_STACKS:
@@ -365,6 +373,11 @@ class DistillationLoss(nn.Module):
         for kd in spec.logits:
             student, teacher = getattr(student_outputs, kd.field, None), getattr(teacher_outputs, kd.field, None)
             if getattr(config, kd.term) > 0 and student is not None and teacher is not None:
+                if kd.rows == "mlm_labels" and config.mlm_logit_slots and mlm_labels is not None:
+                    terms[f"kd_{kd.term}"] = slotted_mlm_soft_cross_entropy(
+                        student, teacher, mlm_labels, config.mlm_logit_slots, config.kd_temperature
+                    )
+                    continue
                 rows = self._logit_rows(kd, student, mlm_labels, labels)
                 terms[f"kd_{kd.term}"] = self.logit_loss(student, teacher, rows)
         if spec.similarity is not None and config.itc > 0:
