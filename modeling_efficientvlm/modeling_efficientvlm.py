@@ -863,17 +863,23 @@ class EfficientVLMTextEmbeddings(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, sequence); got {tuple(input_ids.shape)}.")
         seq_len = input_ids.shape[1]
-        if seq_len > self.config.max_position_embeddings:
-            raise ValueError(
-                f"The text has {seq_len} tokens but the model's position table holds "
-                f"{self.config.max_position_embeddings}; truncate it (e.g. the processor's `max_length`)."
-            )
+        check_text_length(seq_len, self.config.max_position_embeddings)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         words = _embed_ids(self.word_embeddings, input_ids, "input_ids", "vocab_size")
         types = _embed_ids(self.token_type_embeddings, token_type_ids, "token_type_ids", "type_vocab_size")
         embeddings = words + self.position_embeddings(self.position_ids[:, :seq_len]) + types
         return self.dropout(self.LayerNorm(embeddings))
+
+
+def check_text_length(length: int, positions: int) -> None:
+    """Raises when a text of `length` tokens does not fit the position table of `positions` (the onnxruntime models
+    check with it too, before a graph fails on it)."""
+    if length > positions:
+        raise ValueError(
+            f"The text has {length} tokens but the model's position table holds {positions}; truncate it (e.g. the "
+            "processor's `max_length`)."
+        )
 
 
 def _embed_ids(table: nn.Embedding, ids: torch.Tensor, name: str, size_name: str) -> torch.Tensor:
@@ -2292,6 +2298,7 @@ __all__ = [
     "decoder_structures",
     "check_finite_masks",
     "check_prunable_masks",
+    "check_text_length",
     "ffn_neuron_parameters",
     "EfficientVLMAttention",
     "EfficientVLMForPreTraining",

@@ -117,6 +117,26 @@ def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch
     return -causal_lm_loss(logits, labels, reduction="sum")
 
 
+def position_table_error(prompt: int, total: int, positions: int, max_new_tokens: int | None) -> ValueError:
+    """The error of a generation whose sequences of `total` tokens (the `prompt`'s included; `max_new_tokens` when
+    the call gave that rather than a `max_length`) do not fit the text position table of `positions`: BERT positions
+    are absolute, so it is raised before decoding. Shared by the models' `generate` and the onnxruntime one
+    (`trainers.deployment.onnx_models`)."""
+    if prompt >= positions:
+        return ValueError(
+            f"The prompt has {prompt} tokens but the model's position table holds {positions}: it leaves no room to "
+            "generate; shorten the prompt."
+        )
+    if max_new_tokens is not None:
+        asked = f"`max_new_tokens`={max_new_tokens} after the {prompt} tokens it starts from"
+    else:
+        asked = f"`max_length`={total}"
+    return ValueError(
+        f"{asked} allows sequences of {total} tokens, but the model's position table holds {positions}: pass "
+        f"`max_length` <= {positions} or `max_new_tokens` <= {positions - prompt}."
+    )
+
+
 class TextDecoderGenerationConfig(GenerationConfig):
     """Builds a model's default generation config from its text config alone: [CLS] starts, [SEP] ends,
     [PAD] pads, no cache."""
@@ -183,20 +203,8 @@ class EfficientVLMDecoderGenerationMixin(GenerationMixin):
         # BERT positions are absolute: fail before decoding rather than at the step that runs out of positions.
         positions = self.config.text_config.max_position_embeddings
         if generation_config.max_length > positions:
-            prompt = kwargs["input_ids_length"]
-            if prompt >= positions:
-                raise ValueError(
-                    f"The prompt has {prompt} tokens but the model's position table holds {positions}: it leaves "
-                    "no room to generate; shorten the prompt."
-                )
-            if asked_new_tokens is not None:
-                asked = f"`max_new_tokens`={asked_new_tokens} after the {prompt} tokens it starts from"
-            else:
-                asked = f"`max_length`={generation_config.max_length}"
-            raise ValueError(
-                f"{asked} allows sequences of {generation_config.max_length} tokens, but the model's position "
-                f"table holds {positions}: pass `max_length` <= {positions} or `max_new_tokens` <= "
-                f"{positions - prompt}."
+            raise position_table_error(
+                kwargs["input_ids_length"], generation_config.max_length, positions, asked_new_tokens
             )
         return generation_config
 
@@ -244,5 +252,6 @@ __all__ = [
     "answer_decoder_config",
     "causal_lm_labels",
     "causal_lm_loss",
+    "position_table_error",
     "sequence_log_likelihood",
 ]

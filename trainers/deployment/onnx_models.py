@@ -22,8 +22,9 @@ from modeling_efficientvlm import (
     EfficientVLMForImageTextRetrieval,
     EfficientVLMForQuestionAnswering,
 )
-from modeling_efficientvlm.modeling_efficientvlm import EncoderOutput
+from modeling_efficientvlm.modeling_efficientvlm import EncoderOutput, check_text_length
 from modeling_efficientvlm.modeling_efficientvlm_captioning import generation_prompt
+from modeling_efficientvlm.modeling_efficientvlm_decoder import position_table_error
 from modeling_efficientvlm.modeling_efficientvlm_nlvr2 import EfficientVLMVisualReasoningOutput
 from modeling_efficientvlm.modeling_efficientvlm_retrieval import check_itm_score, itm_match_score
 from trainers.deployment.onnx_export import ort_session, read_manifest, session_feed
@@ -57,12 +58,8 @@ class OnnxTaskModel(nn.Module):
         inputs = self.manifest["graphs"][graph]["inputs"]
         feed = {}
         for spec, tensor in zip(inputs, tensors):
-            if spec["name"].endswith("input_ids") and tensor.shape[-1] > self.max_positions:
-                # As PyTorch says it, before onnxruntime fails on a broadcast deep in the graph.
-                raise ValueError(
-                    f"The text has {tensor.shape[-1]} tokens but the model's position table holds "
-                    f"{self.max_positions}; truncate it (e.g. the processor's `max_length`)."
-                )
+            if spec["name"].endswith("input_ids"):  # as PyTorch, before onnxruntime fails deep in the graph
+                check_text_length(tensor.shape[-1], self.max_positions)
             dtype = np.int64 if spec["dtype"] == "int64" else np.float32
             feed[spec["name"]] = np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
         session = self.sessions[graph]
@@ -224,23 +221,12 @@ class OnnxCaptioningModel(OnnxTaskModel):
         else:
             input_ids = generation_prompt(input_ids, attention_mask, batch, text.eos_token_id)
         # BERT positions are absolute: fail before decoding (as PyTorch), not at the step that runs out of them.
-        prompt, positions = input_ids.shape[1], self.max_positions
-        if prompt >= positions:
-            raise ValueError(
-                f"The prompt has {prompt} tokens but the model's position table holds {positions}: it leaves "
-                "no room to generate; shorten the prompt."
-            )
+        prompt, positions, asked_new_tokens = input_ids.shape[1], self.max_positions, max_new_tokens
         if max_new_tokens is None:
             max_length = max_length if max_length is not None else getattr(self.config, "max_text_length", positions)
             max_new_tokens = max(max_length - prompt, 0)
-            asked = f"`max_length`={max_length}"
-        else:
-            asked = f"`max_new_tokens`={max_new_tokens} after the {prompt} tokens it starts from"
-        if prompt + max_new_tokens > positions:
-            raise ValueError(
-                f"{asked} allows sequences of {prompt + max_new_tokens} tokens, but the model's position table holds "
-                f"{positions}: pass `max_length` <= {positions} or `max_new_tokens` <= {positions - prompt}."
-            )
+        if prompt >= positions or prompt + max_new_tokens > positions:
+            raise position_table_error(prompt, prompt + max_new_tokens, positions, asked_new_tokens)
         (image_embeds,) = self.run("caption_image_encoder", pixel_values)
         finished = torch.zeros(batch, dtype=torch.bool)
         for _ in range(max_new_tokens):
