@@ -354,15 +354,32 @@ def task_inputs(
     eval_dataset = None
     if eval_file is not None and task != "pretraining":
         # --dataset_path holds the training data; the eval split is always --eval_file.
-        eval_dataset = task_dataset(task, eval_file, image_root, processor, split="eval")
-        eval_dataset.check_image_headers()  # a bad file found now, not after training
-        if task == "vqa" and not (answers or getattr(model.config, "answer_candidates", None)):
-            raise ValueError(
-                "VQA evaluation ranks candidate answers: give --answer_list (a JSON list of answers) with --eval_file."
-            )
-        if task == "vqa":
-            check_vqa_references(eval_dataset, "--eval_file")
+        eval_dataset = checked_eval_dataset(task, eval_file, image_root, processor, model, answers)
     return train_dataset, eval_dataset, answers
+
+
+def checked_eval_dataset(
+    task: str,
+    eval_file: Any,
+    image_root: str | os.PathLike | None,
+    processor: Any,
+    model: Any,
+    answers: list[str] | None = None,
+    model_name: str = "the model",
+) -> Any:
+    """The `--eval_file` split of `task`, checked before anything runs (training, an export) rather than when it is
+    scored: its records, its image files' headers and, for VQA, candidates to rank (`answers` or those saved with
+    `model`, named `model_name` in the error) and answers for every question."""
+    dataset = task_dataset(task, eval_file, image_root, processor, split="eval")
+    dataset.check_image_headers()
+    if task == "vqa":
+        if not (answers or getattr(model.config, "answer_candidates", None)):
+            raise ValueError(
+                f"--eval_file: VQA ranks candidate answers, and {model_name} has none saved "
+                "(`config.answer_candidates`); give --answer_list (a JSON list file of answers)."
+            )
+        check_vqa_references(dataset, "--eval_file")  # the record names the file
+    return dataset
 
 
 # Training splits up to this many records have their image files identified before training (a header read each).

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from trainers.deployment.onnx_models import load_onnx_model
     from trainers.deployment.torch_int8 import quantize_torch_int8
     from trainers.evaluation.retrieval import ITM_SCORE_WORDS
-    from trainers.tasks import build_dataset, task_spec
-    from trainers.training import check_answer_list_task, check_vqa_references, read_answer_list
+    from trainers.tasks import task_spec
+    from trainers.training import check_answer_list_task, checked_eval_dataset, read_answer_list
 
     (args,) = parse_arguments(
         "export", (ExportArguments,), argv, "Export a task model's inference graphs to ONNX (optionally int8)."
@@ -101,15 +101,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "it for a task first."
             )
         # A file of another task, a missing image (--image_root) or an unreadable one is named here.
-        dataset = build_dataset(task, args.eval_file, args.image_root, processor)
-        dataset.check_image_headers()
-        if task == "vqa":
-            check_vqa_references(dataset, f"--eval_file {args.eval_file}")
-            if not answer_list and not getattr(model.config, "answer_candidates", None):
-                raise ValueError(
-                    f"--eval_file: VQA ranks candidate answers, and {args.model_name_or_path} has none saved "
-                    "(`config.answer_candidates`); give --answer_list (a JSON list file of answers)."
-                )
+        dataset = checked_eval_dataset(
+            task, args.eval_file, args.image_root, processor, model, answer_list, args.model_name_or_path
+        )
     result = export_onnx(model, args.output_dir, int8=args.int8, processor=processor)
     report: dict[str, Any] = {"task": task, "output_dir": str(result.output_dir), "parity": result.max_errors}
     print(f"{task}: wrote {len(result.max_errors)} graphs to {result.output_dir}")
