@@ -57,6 +57,8 @@ DECODER_LOG_ALPHAS = {
 }
 MULTIPLIERS = ("lambda_1", "lambda_2")
 PRUNING_STAGE_TASKS = ("retrieval", "vqa", "captioning")
+# Tasks whose official forward masks the fusion layers with rows of cat(text, cross) (see the module docstring).
+CONCATENATED_ROW_TASKS = ("vqa", "captioning")
 
 
 def split_pruning_state(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -80,7 +82,7 @@ def official_forward_rows(l0: Mapping[str, torch.Tensor], task: str) -> dict[str
     fusion layers with (see the module docstring): for VQA and captioning, the first 2 x (fusion layers) rows of
     `cat(text_head_loga, cross_head_loga)` and the first (fusion layers) rows of `cat(text_int_loga,
     cross_int_loga)`; other tasks unchanged."""
-    if task not in ("vqa", "captioning") or "cross_head_loga" not in l0 or "cross_int_loga" not in l0:
+    if task not in CONCATENATED_ROW_TASKS or "cross_head_loga" not in l0 or "cross_int_loga" not in l0:
         return dict(l0)
     fusion_layers = l0["cross_int_loga"].shape[0]
     rows = dict(l0)
@@ -89,7 +91,7 @@ def official_forward_rows(l0: Mapping[str, torch.Tensor], task: str) -> dict[str
         if text.dim() != 2 or cross.dim() != 2 or text.shape[1] != cross.shape[1]:
             raise ValueError(
                 f"`{L0_PREFIX}text_{name}_loga` {tuple(text.shape)} and `{L0_PREFIX}cross_{name}_loga` "
-                f"{tuple(cross.shape)}: the official VQA forward concatenates them, so they need rows of one width."
+                f"{tuple(cross.shape)}: the official {task} forward concatenates them, so they need rows of one width."
             )
         rows[f"cross_{name}_loga"] = torch.cat([text, cross])[:taken]
     return rows
@@ -175,7 +177,7 @@ def prune_official_state_dict(
         "parameters_before": count_parameters(model),
         "lagrange_multipliers": {name: float(l0[name]) for name in MULTIPLIERS if name in l0},
         "fusion_mask_rows": f"official {task} forward: rows of cat(text, cross) log-alphas"
-        if task in ("vqa", "captioning")
+        if task in CONCATENATED_ROW_TASKS
         else "cross log-alphas",
     }
     report["padding"] = prune_structures(model, masks, report["structures_kept"], pad_to_multiple_of)
