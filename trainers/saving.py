@@ -116,7 +116,9 @@ def text_limit(config: Any, processor_length: int | None = None) -> int:
     (`processor_length`) where that is longer (the texts it trained on were), never above the position table."""
     text_config = getattr(config, "text_config", config)
     positions = getattr(text_config, "max_position_embeddings", None)
-    limit = max(getattr(config, "max_text_length", None) or positions or 0, processor_length or 0) or None
+    limit = getattr(config, "max_text_length", None) or positions
+    if processor_length and (limit is None or processor_length > limit):
+        limit = processor_length
     return min(limit, positions) if positions and limit else limit
 
 
