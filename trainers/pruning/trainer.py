@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from modeling_efficientvlm.loading_efficientvlm import read_torch_weights
 from modeling_efficientvlm.modeling_efficientvlm import StructureMasks, check_pad_multiple
 
 from ..distillation import DistillationConfig, DistillationTrainer
@@ -520,14 +520,9 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         unless `required=False`."""
         path = os.path.join(checkpoint, MASKER_STATE_NAME)
         if os.path.isfile(path):
-            # Loaded on the CPU and copied into the parameters: under torchrun `args.device` can read `cpu:0`,
-            # which torch.load cannot restore storages to.
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-                raise ValueError(
-                    f"{path} cannot be read ({error}): the checkpoint is incomplete or damaged."
-                ) from error
+            # Read onto the CPU and copied into the parameters: under torchrun `args.device` can read `cpu:0`, which
+            # torch.load cannot restore storages to. A damaged file raises a CorruptCheckpointError naming it.
+            state = read_torch_weights(path)
             self.load_pruning_state_dict(state)
         elif required:
             raise ValueError(
