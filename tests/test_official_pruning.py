@@ -236,6 +236,8 @@ def test_convert_command_writes_a_pruned_carded_folder(tmp_path: Path) -> None:
     assert (output_dir / "tokenizer.json").is_file() or (output_dir / "vocab.txt").is_file()
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.license == "apache-2.0" and "converted" in card.text
+    # The checkpoint is named in the text; the Hub reads `base_model` as a model id, which a file name is not.
+    assert card.data.base_model is None and "It was converted from `pruning_stage.pth`." in card.text
 
 
 def test_generative_checkpoints_get_seeded_named_itc_projections() -> None:

@@ -65,6 +65,8 @@ class ModelCardInfo:
         role: the demo's name for the model (`teacher`, `student`, `pruned`), if any.
         base_model: the teacher or student it came from, as a Hub id or local folder name.
         teacher_model: the teacher it was distilled from (if not `base_model`).
+        source_checkpoint: the checkpoint file a converted model comes from (named in the text only: the Hub reads
+            `base_model` as a model id).
         datasets: Hub ids (or local names) of the training data.
         training_data: a sentence on what it was trained on (default: the `datasets`).
         synthetic_data: trained on the demo's synthetic shapes (the card says so, and not for real use).
@@ -81,6 +83,7 @@ class ModelCardInfo:
     role: str | None = None
     base_model: str | None = None
     teacher_model: str | None = None
+    source_checkpoint: str | None = None
     datasets: list[str] = field(default_factory=list)
     training_data: str | None = None
     synthetic_data: bool = False
@@ -365,6 +368,8 @@ def build_model_card(
     data = card_data(info, model_name=repo.split("/")[-1])
     title = f"EfficientVLM: {info.description}"
     origin = []
+    if info.source_checkpoint:
+        origin.append(f"It was converted from `{info.source_checkpoint}`")
     if info.base_model:
         origin.append(f"It comes from `{info.base_model}`")
     if info.teacher_model and info.teacher_model != info.base_model:

@@ -12,6 +12,7 @@ was trained with (`--vocab_file`).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from transformers.utils import logging
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     size = model.config.vision_config.image_size
     check_image_size(processor, size, fix=f"give a processor for {size}x{size} images, or --vocab_file to build one")
-    card = ModelCardInfo(task=args.task, stage="convert", base_model=args.checkpoint)
+    card = ModelCardInfo(task=args.task, stage="convert", source_checkpoint=Path(args.checkpoint).name)
     if answers:
         try:
             model.set_answer_candidates(answers, processor.tokenizer)
