@@ -12,8 +12,8 @@ was trained with (`--vocab_file`).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers.utils import logging
 
