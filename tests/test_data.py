@@ -78,9 +78,56 @@ def test_image_ids_follow_paths_and_explicit_ids(tmp_path) -> None:
         {"image": "a.png", "caption": "a red box"},  # same path: same image id
         {"image": "b.png", "caption": "a blue ball", "image_id": "other"},  # explicit id wins
     ]
-    dataset = ImageTextDataset(records, image_root=tmp_path)
+    with pytest.warns(UserWarning, match=r"appear under several `image_id`s \(first: .*b\.png, ids 'other', None;"):
+        dataset = ImageTextDataset(records, image_root=tmp_path)
     assert dataset.text_to_image == [0, 1, 1, 0, 2]
     assert dataset.image_to_texts == [[0, 3], [1, 2], [4]]
+
+
+def test_one_file_is_one_image_however_its_path_is_written_and_an_id_names_one_file(tmp_path) -> None:
+    """Relative and absolute paths of one file were two images (each the other's retrieval / ITM negative); an
+    `image_id` given to records of different files kept the first file only, scoring the others' captions on it."""
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        save_image(tmp_path / "photos" / name, colour)
+    root = tmp_path / "photos"
+    records = [
+        {"image": "a.png", "caption": "a red square"},
+        {"image": str(root / "a.png"), "caption": "a red box"},
+        {"image": "../photos/b.png", "caption": "a blue square"},
+        {"image": "b.png", "caption": "a blue box"},
+    ]
+    dataset = ImageTextDataset(records, image_root=root)
+    assert dataset.num_images == 2 and dataset.image_to_texts == [[0, 1], [2, 3]]
+    same_id = [{"image": "a.png", "caption": "a red square", "image_id": 5}, {"image": "b.png", "caption": "blue"}]
+    same_id[1]["image_id"] = 5
+    with pytest.raises(ValueError, match=r"^Record 1: `image_id` 5 is also the id of record 0, whose image is another"):
+        ImageTextDataset(same_id, image_root=root)
+    # One file under two ids is two images: allowed, said.
+    with pytest.warns(UserWarning, match=r"1 image file\(s\) appear under several `image_id`s .*a\.png, ids '5', 5"):
+        ImageTextDataset([{**same_id[0], "image_id": 5}, {**same_id[0], "image_id": "5"}], image_root=root)
+
+
+def test_exif_orientation_is_applied_as_the_pipelines_apply_it(tmp_path) -> None:
+    """A phone photo (pixels stored sideways, an EXIF tag saying so) trained sideways while `datasets` and the
+    pipelines (transformers' `load_image`) read it upright."""
+    from transformers.image_utils import load_image
+
+    image = PIL.Image.new("RGB", (60, 90), "red")
+    image.paste((0, 0, 255), (0, 0, 60, 10))  # a blue band at the top of the stored pixels
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    read = ImageTextDataset([{"image": "photo.jpg", "caption": "a photo"}], image_root=tmp_path)[0]["image"]
+    upright = load_image(str(tmp_path / "photo.jpg"))
+    assert read.size == upright.size == (90, 60)
+    assert np.abs(np.asarray(read, dtype=int) - np.asarray(upright, dtype=int)).max() == 0
+    assert read.getpixel((85, 30))[2] > 200 and read.getpixel((5, 30))[0] > 200  # the band is on the right now
+
+
+def test_vqa_question_ids_repeated_are_named() -> None:
+    records = [{"image": "x.png", "question": "q", "answer": "a", "question_id": i} for i in (1, 2, 1)]
+    with pytest.warns(UserWarning, match=r"1 record\(s\) repeat the `question_id` of an earlier record \(records 2\)"):
+        VQADataset(records, check_files=False)
 
 
 def test_missing_and_unreadable_images_name_the_record(tmp_path) -> None:
@@ -300,7 +347,7 @@ def test_region_box_past_its_image_is_an_error_when_read(tmp_path) -> None:
     dataset = PretrainingDataset(
         [{"image": "a.png", "caption": "c", "regions": [{"caption": "x", "bbox": [20, 0, 20, 8]}]}], image_root=tmp_path
     )
-    with pytest.raises(ValueError, match=r"Record 0: region box .* reaches past its image \(32 x 32 pixels\)"):
+    with pytest.raises(ValueError, match=r"Record 0: region box .* reaches past its image \(32 x 32 pixels, upright\)"):
         dataset[1]
 
 
@@ -496,13 +543,19 @@ def test_wrong_value_types_name_file_record_and_field(tmp_path) -> None:
         (
             VQADataset,
             {**vqa_good, "answer_weight": ["heavy"]},
-            "`answer_weight` must be a finite number or a list of them; item 0 is str 'heavy'",
+            "`answer_weight` must be a finite number >= 0 or a list of them .*; item 0 is str 'heavy'",
         ),
         (
             VQADataset,
             {**vqa_good, "answer_weight": "1.0"},
-            "`answer_weight` must be a finite number or a list of them; it is str '1.0'",
+            "`answer_weight` must be a finite number >= 0 or a list of them .*; it is str '1.0'",
         ),
+        (
+            VQADataset,
+            {**vqa_good, "answer": ["red", "blue"], "answer_weight": [1.0, -3.0]},
+            "`answer_weight` must be a finite number >= 0 .*push the model away from its answer\\); item 1 is float",
+        ),
+        (VQADataset, {**vqa_good, "answer": ["red", " "]}, "`answer` item 1 is empty; an empty answer would train"),
     ]
     nlvr2_good = {"images": ["a.png", "a.png"], "sentence": "both are red", "label": True}
     cases += [

@@ -36,6 +36,7 @@ from typing import Any
 
 import datasets
 import PIL.Image
+import PIL.ImageOps
 from torch.utils.data import Dataset
 
 from modeling_efficientvlm.image_processing_efficientvlm import pil_to_8_bits
@@ -75,7 +76,9 @@ def _open_image(value: Any, where: str, image_root: Path | None) -> PIL.Image.Im
         raise FileNotFoundError(f"{where}: image file {shown} not found.")
     try:
         with PIL.Image.open(source) as image:
-            return _to_rgb(image, where, f" {shown}")  # converting loads the pixels, so the file can be closed
+            # Upright as a viewer shows it (a phone photo's EXIF orientation), as `datasets` and transformers'
+            # `load_image` (the pipelines' reader) read files; converting loads the pixels, so the file can close.
+            return _to_rgb(PIL.ImageOps.exif_transpose(image), where, f" {shown}")
     except PIL.Image.DecompressionBombError as error:
         raise _bomb_error(error, where, f" {shown}") from error
     except (PIL.UnidentifiedImageError, OSError) as error:
@@ -400,6 +403,7 @@ class ImageTextDataset(_RecordDataset):
                 self.text_to_image.append(image_id)
                 self._text_record.append(index)
                 self.texts.append(caption.strip())
+        self._check_image_ids()
         self._warn_records(
             empty,
             "have an empty caption",
@@ -439,8 +443,43 @@ class ImageTextDataset(_RecordDataset):
             return ("id", record["image_id"])
         value = None if self.lazy_image_column else record.get(self.image_column)
         if isinstance(value, (str, os.PathLike)):
-            return ("path", str(_resolve(value, self.image_root)))
+            return ("path", self._image_path(value))
         return ("row", index)
+
+    def _image_path(self, value: str | os.PathLike) -> str:
+        """The file an image path names, written one way: a relative (to `image_root`) and an absolute path, or one
+        through `..`, of the same file are the same image (strings only: no file-system call per record)."""
+        return os.path.abspath(_resolve(value, self.image_root))
+
+    def _check_image_ids(self) -> None:
+        """An `image_id` shared by records whose image files differ would keep the first file only (the others are
+        never read, and their captions are scored against it): raises naming both records. A file under two ids is
+        counted as two images (each the other's negative): warns."""
+        files: dict[int, str] = {}
+        ids_of_file: dict[str, set[int]] = {}
+        for index, image_id in enumerate(self._record_image):
+            value = self.records[index].get(self.image_column)
+            if self.lazy_image_column or not isinstance(value, (str, os.PathLike)):
+                continue
+            path = self._image_path(value)
+            first = files.setdefault(image_id, path)
+            if first != path:
+                record = self._image_record[image_id]
+                raise ValueError(
+                    f"{self._where(index)}: `image_id` {self.records[index]['image_id']!r} is also the id of record "
+                    f"{record}, whose image is another file ({first}, here {path}); give every image its own id."
+                )
+            ids_of_file.setdefault(path, set()).add(image_id)
+        shared = [path for path, ids in ids_of_file.items() if len(ids) > 1]
+        if shared:
+            ids = sorted(repr(self.records[self._image_record[i]].get("image_id")) for i in ids_of_file[shared[0]])
+            warnings.warn(
+                f"{len(shared)} image file(s){'' if self.source is None else ' in ' + self.source} appear under "
+                f"several `image_id`s (first: {shared[0]}, ids {', '.join(ids)}; None: no id, the path): each id "
+                "counts as an image of its own, so in retrieval and ITC / ITM the same picture is another's negative.",
+                UserWarning,
+                stacklevel=4,
+            )
 
     @property
     def num_images(self) -> int:
@@ -480,10 +519,11 @@ class PretrainingDataset(ImageTextDataset):
     """
     `ImageTextDataset` plus X-VLM's region-text data: a record may list `regions` (X-VLM's `elems` is accepted
     too), each `{"caption": str or list of str, "bbox": [x, y, width, height]}` (`bb` accepted) in pixels of the
-    record's image, (0, 0) its top-left corner. Every region caption is one more item after the captions, paired
-    with the whole image and its box as the grounding target: pre-training regresses the box from the fused
-    [CLS] (`EfficientVLMForPreTraining`'s `target_bbox`), so the model learns where in the image a text's object
-    is. Boxes are checked when an item is read (they need the image's size): inside the image, positive size.
+    record's image as it is read (upright: its EXIF orientation applied), (0, 0) its top-left corner. Every region
+    caption is one more item after the captions, paired with the whole image and its box as the grounding target:
+    pre-training regresses the box from the fused [CLS] (`EfficientVLMForPreTraining`'s `target_bbox`), so the model
+    learns where in the image a text's object is. Boxes are checked when an item is read (they need the image's
+    size): inside the image, positive size.
 
     Caption negatives (`negative_caption`, see `ImageTextDataset`) are for data without regions.
 
@@ -560,7 +600,8 @@ class PretrainingDataset(ImageTextDataset):
         if x + width > image_width * (1 + 1e-3) or y + height > image_height * (1 + 1e-3):
             raise ValueError(
                 f"{self._where(record)}: region box [x, y, width, height] = {[x, y, width, height]} reaches past "
-                f"its image ({image_width} x {image_height} pixels); boxes are in pixels of the image file."
+                f"its image ({image_width} x {image_height} pixels, upright); boxes are in pixels of the image as "
+                "displayed."
             )
         box = (
             (x + width / 2) / image_width,
@@ -599,6 +640,12 @@ class VQADataset(_RecordDataset):
             self.questions.append(_string_field(record, ("question", "text"), where).strip())
             name = "answer" if record.get("answer") is not None else "answers"
             raw = _strings(record.get(name), name, where)
+            blank = [position for position, answer in enumerate(raw) if not answer.strip()]
+            if blank:
+                raise ValueError(
+                    f"{where}: `{name}` item {blank[0]} is empty; an empty answer would train the model to answer "
+                    "nothing and score as a reference. Leave it out (a question without answers: no `answer`)."
+                )
             weights = record.get("answer_weight")
             if weights is None:
                 counts = Counter(raw)
@@ -617,6 +664,19 @@ class VQADataset(_RecordDataset):
             self.answer_weights.append(list(merged.values()))
         empty = [index for index, question in enumerate(self.questions) if not question]
         self._warn_records(empty, "have an empty question", "the answer can then only follow the image.")
+        seen: set[Any] = set()
+        repeated = []
+        for index, record in enumerate(self.records):
+            question_id = record.get("question_id")
+            if isinstance(question_id, Hashable) and question_id is not None:
+                if question_id in seen:
+                    repeated.append(index)
+                seen.add(question_id)
+        self._warn_records(
+            repeated,
+            "repeat the `question_id` of an earlier record",
+            "a predictions file (`--predictions_file`) keys its answers by question_id, so they cannot be told apart.",
+        )
         self.unanswered = [index for index, answers in enumerate(self.references) if not answers]
         if len(self.unanswered) < len(self.references):  # all without: a test split, nothing to warn about
             self._warn_records(
@@ -663,9 +723,10 @@ def _answer_weights(value: Any, where: str) -> list[float]:
     """A VQA record's `answer_weight` (one number per answer, or one number for a single answer) as floats."""
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     for position, weight in enumerate(values):
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise ValueError(
-                f"{where}: `answer_weight` must be a finite number or a list of them; "
+                f"{where}: `answer_weight` must be a finite number >= 0 or a list of them (a negative weight would "
+                "push the model away from its answer); "
                 f"{'item ' + str(position) if isinstance(value, (list, tuple)) else 'it'} is {_describe(weight)}."
             )
     return [float(weight) for weight in values]
