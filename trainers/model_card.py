@@ -162,12 +162,13 @@ retrieval over a collection, embed images and texts once (CLIP-style) and re-ran
 image-text matching (ITM) head (`model.itm_rerank_scores`):
 
 ```python
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AutoModelForZeroShotImageClassification, AutoProcessor
 
 model = AutoModelForZeroShotImageClassification.from_pretrained({load}).eval()
 {processor}
-image_features = model.get_image_features(**processor(images=[Image.open("photo.jpg")]))
+image = ImageOps.exif_transpose(Image.open("photo.jpg"))  # upright, as the pipelines read files
+image_features = model.get_image_features(**processor(images=[image]))
 text_features = model.get_text_features(**processor(text=["a red circle", "a blue square"]))
 print(image_features @ text_features.T)  # cosine similarities, (1 image, 2 texts)
 ```"""
@@ -193,12 +194,13 @@ print(vqa("photo.jpg", text="what color is the circle ?"))  # the answer only
 The answer is ranked from the candidates saved with the model (X-VLM's k-test); directly:
 
 ```python
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AutoModelForVisualQuestionAnswering, AutoProcessor
 
 model = AutoModelForVisualQuestionAnswering.from_pretrained({load}).eval()
 {processor}
-inputs = processor(images=[Image.open("photo.jpg")], text=["what color is the circle ?"])
+image = ImageOps.exif_transpose(Image.open("photo.jpg"))  # upright, as the pipelines read files
+inputs = processor(images=[image], text=["what color is the circle ?"])
 print(model.rank_answers(**inputs, k=128).answers)  # from `model.config.answer_candidates`
 ```"""
     if task == "captioning":
@@ -212,12 +214,13 @@ print(captioner("photo.jpg", text="a picture of", max_new_tokens=30))  # "a pict
 or with `generate`:
 
 ```python
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 model = AutoModelForImageTextToText.from_pretrained({load}).eval()
 {processor}
-inputs = processor(images=[Image.open("photo.jpg")], text=["a picture of"])
+image = ImageOps.exif_transpose(Image.open("photo.jpg"))  # upright, as the pipelines read files
+inputs = processor(images=[image], text=["a picture of"])
 caption_ids = model.generate(**inputs, max_new_tokens=30)
 print(processor.batch_decode(caption_ids, skip_special_tokens=True))
 ```"""
@@ -226,22 +229,23 @@ print(processor.batch_decode(caption_ids, skip_special_tokens=True))
 does it:
 
 ```python
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AutoModelForSequenceClassification, AutoProcessor
 
 model = AutoModelForSequenceClassification.from_pretrained({load}).eval()
 {processor}
-left, right = Image.open("left.jpg"), Image.open("right.jpg")
+left, right = (ImageOps.exif_transpose(Image.open(name)) for name in ("left.jpg", "right.jpg"))  # upright
 print(model.predict(left, right, "the left image contains a red circle .", processor))
 # [{{"label": True, "probabilities": {{"False": ..., "True": ...}}}}]
 ```"""
     return f"""```python
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AutoModel, AutoProcessor
 
 model = AutoModel.from_pretrained({load}).eval()  # the pre-training model, with its ITC, ITM and MLM heads
 {processor}
-image_features = model.get_image_features(**processor(images=[Image.open("photo.jpg")]))
+image = ImageOps.exif_transpose(Image.open("photo.jpg"))  # upright, as the pipelines read files
+image_features = model.get_image_features(**processor(images=[image]))
 text_features = model.get_text_features(**processor(text=["a red circle"]))
 ```
 
