@@ -877,8 +877,9 @@ def check_text_length(length: int, positions: int) -> None:
     check with it too, before a graph fails on it)."""
     if length > positions:
         raise ValueError(
-            f"The text has {length} tokens but the model's position table holds {positions}; truncate it (e.g. the "
-            "processor's `max_length`)."
+            f"The text has {length} tokens but the model's position table holds {positions}; truncate it (the "
+            "processor's `max_length`) or shorten it (the zero-shot classification pipeline tokenizes its labels "
+            "without truncating)."
         )
 
 
