@@ -729,3 +729,10 @@ def test_eval_strategy_evaluates_the_eval_file_during_training(tmp_path) -> None
     state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
     assert [entry["step"] for entry in state["log_history"] if "eval_loss" in entry] == [1, 2]
     assert state["best_model_checkpoint"] is not None and (tmp_path / "out" / "model.safetensors").is_file()
+    # pretrain and distill have no eval split (pretrain refuses --eval_file): said before any model loads, not by the
+    # Trainer after, asking for an --eval_file the command does not take.
+    flags = ["--eval_strategy", "steps", "--output_dir", str(tmp_path / "none")]
+    data = ["--train_file", str(tmp_path / "missing.json")]  # never read: the flags are refused first
+    for command in (["pretrain", "--preset", "tiny", *data], ["distill", "--teacher_model_name_or_path", "t", *data]):
+        with pytest.raises(ValueError, match=rf"^--eval_strategy steps: {command[0]} has no eval split to evaluate"):
+            cli.main([*command, *flags])

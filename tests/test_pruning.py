@@ -651,7 +651,8 @@ def test_gradient_checkpointing_trains_the_masks_and_its_reentrant_form_is_refus
         pruning_config=PruningConfig(target_sparsity=0.3),
     )  # fmt: skip
     assert trainer.state.global_step == 2 and math.isfinite(trainer.state.log_history[-1]["train_loss"])
-    reentrant = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}}
+    reentrant = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}}
     reentrant = _args(tmp_path / "r", **reentrant)
-    with pytest.raises(ValueError, match="Gradient checkpointing with use_reentrant=True cannot train the structure"):
+    message = r"use_reentrant=True cannot train the structure masks.*\(--activation_checkpointing_kwargs '\{"
+    with pytest.raises(ValueError, match=message):
         _trainer(tmp_path / "r", args=reentrant)

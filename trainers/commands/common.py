@@ -217,6 +217,17 @@ def check_launched_processes(training_args: TrainingArguments) -> None:
         )
 
 
+def check_no_eval_split(command: str, training_args: TrainingArguments) -> None:
+    """Raises, before any model is loaded, when `--eval_strategy` asks `command` (pre-training, general distillation:
+    no `--eval_file`) to evaluate during training, which the Trainer would refuse only after loading."""
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+    if strategy != "no":
+        raise ValueError(
+            f"--eval_strategy {strategy}: {command} has no eval split to evaluate during training (only finetune and "
+            "prune take --eval_file); leave --eval_strategy at no."
+        )
+
+
 _RECIPE_FIELDS = "_recipe_fields"
 
 

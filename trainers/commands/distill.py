@@ -20,7 +20,7 @@ from typing import Any
 from transformers import TrainingArguments, set_seed
 from transformers.utils import logging
 
-from trainers.commands.common import KDArguments, parse_arguments, parse_json_option
+from trainers.commands.common import KDArguments, check_no_eval_split, parse_arguments, parse_json_option
 from trainers.evaluation.benchmarking import count_parameters
 
 logger = logging.get_logger(__name__)
@@ -146,6 +146,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
 
     # Argument errors first, before any model is loaded.
     _check_data_source(args)
+    check_no_eval_split("distill", training_args)
     layers = _parse_layers(args)
     layer_mapping = parse_json_option(args.layer_mapping, "layer_mapping")
     distillation_config = DistillationConfig.from_dict(

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from transformers import TrainingArguments
 
-from trainers.commands.common import DataArguments, ModelArguments, parse_arguments, train_task
+from trainers.commands.common import (
+    DataArguments,
+    ModelArguments,
+    check_no_eval_split,
+    parse_arguments,
+    train_task,
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -26,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "pre-trained model with `efficientvlm evaluate --task retrieval --eval_file ...` (zero-shot), or give "
             "the flags to finetune / prune."
         )
+    check_no_eval_split("pretrain", training_args)
     return train_task("pretraining", model_args, data_args, training_args)
 
 

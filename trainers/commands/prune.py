@@ -51,7 +51,11 @@ class PruneArguments(KDArguments):
         metadata={"help": "Fraction of the prunable parameters (heads + FFN neurons of all modalities) to remove."},
     )
     sparsity_warmup_steps: int | None = field(
-        default=None, metadata={"help": "Steps over which the target grows from 0 (default: one epoch)."}
+        default=None,
+        metadata={
+            "help": "Steps over which the target grows from 0 (default: one epoch; with --sparsity_ladder, half of "
+            "each rung's share of the steps)."
+        },
     )
     sparsity_warmup_fraction: float | None = field(
         default=None,

@@ -284,13 +284,15 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
                 raise ValueError("`distillation_config` was given without a `teacher_model` to distil from.")
             teacher_model, distillation_config = _NoTeacher(), DistillationConfig(task_weight=1.0, kd_weight=0.0)
         super().__init__(*args, teacher_model=teacher_model, distillation_config=distillation_config, **kwargs)
-        if self.args.gradient_checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+        if self.args.activation_checkpointing and (self.args.activation_checkpointing_kwargs or {}).get(
+            "use_reentrant"
+        ):
             # Reentrant checkpointing re-runs each layer in its own backward pass, and every pass would go back
             # through the one sampled mask graph ("Trying to backward through the graph a second time").
             raise ValueError(
                 "Gradient checkpointing with use_reentrant=True cannot train the structure masks, which every layer "
-                "reads from one sampled graph: leave `use_reentrant` at False (--gradient_checkpointing_kwargs "
-                "'{\"use_reentrant\": false}', transformers' default) or train without --gradient_checkpointing."
+                "reads from one sampled graph: leave `use_reentrant` at False (--activation_checkpointing_kwargs "
+                "'{\"use_reentrant\": false}', transformers' default) or train without --activation_checkpointing."
             )
         self.pruning_config = pruning_config
         # The zero FFN neurons an earlier pruning padded with (all-zero output weights) are removed first: masks
