@@ -590,6 +590,56 @@ def test_a_processor_for_another_image_size_is_a_named_error_before_training(tmp
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_a_text_limit_longer_than_the_position_table_is_a_named_error_before_training(tmp_path) -> None:
+    """A processor keeping 100 tokens for a model with 64 positions was accepted; training then stopped at the
+    first batch holding a longer text ("The text has 100 tokens but the model's position table holds 64")."""
+    from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval, EfficientVLMForPreTraining
+    from trainers.training import check_text_limit
+
+    from .data_utils import make_processor, write_image_text_json, write_vocab, write_vqa_json
+
+    data, image_root = write_image_text_json(tmp_path, n=2)
+    vocab, out = str(write_vocab(tmp_path)), tmp_path / "out"
+    train = ["--train_file", str(data), "--image_root", str(image_root), "--output_dir", str(out)]
+    train += ["--max_steps", "1", "--report_to", "none", "--use_cpu"]
+    too_long = r"Texts of up to 100 tokens \(--max_text_length, else the processor's max_length\) do not fit the "
+    too_long += r"model's position table of 64 \(text_config\.max_position_embeddings\)"
+    # A preset (the tiny one has 64 positions): a shorter limit, or a larger table.
+    finetune = ["finetune", "--task", "retrieval", "--preset", "tiny", "--vocab_file", vocab, *train]
+    with pytest.raises(ValueError, match=too_long + r".*give --max_text_length <= 64 or a larger table: "):
+        cli.main([*finetune, "--max_text_length", "100"])
+    # A processor saved with that limit (`efficientvlm processor --max_text_length 100`).
+    make_processor(tmp_path, max_length=100).save_pretrained(tmp_path / "processor100")
+    pretrain = ["pretrain", "--preset", "tiny", "--processor_name_or_path", str(tmp_path / "processor100"), *train]
+    with pytest.raises(ValueError, match=too_long + r".*give --max_text_length <= 64 or a larger table"):
+        cli.main(pretrain)
+    # A saved model's table is fixed: only a shorter limit helps (finetune and prune build it alike).
+    saved = tmp_path / "saved"
+    EfficientVLMForPreTraining(EfficientVLMConfig.from_preset("tiny")).save_pretrained(saved)
+    make_processor(tmp_path, max_length=100).save_pretrained(saved)
+    questions, question_images = write_vqa_json(tmp_path, n=2)
+    vqa = ["--task", "vqa", "--model_name_or_path", str(saved), "--train_file", str(questions)]
+    vqa += ["--image_root", str(question_images), "--answer_list", "auto", *train[4:]]
+    for command in (["finetune"], ["prune", "--target_sparsity", "0.3"]):
+        with pytest.raises(ValueError, match=too_long + r".*; give --max_text_length <= 64\.$"):
+            cli.main([*command, *vqa])
+    distill = ["distill", "--teacher_model_name_or_path", str(saved), "--student_layers", "1,1,1", *train]
+    with pytest.raises(ValueError, match=r"Texts of up to 100 tokens \(--max_length, else .* give --max_length <= 64"):
+        cli.main(distill)
+    assert not out.exists()
+    # `evaluate` reads the folder's own processor: named before any text is run.
+    retrieval = tmp_path / "retrieval"
+    EfficientVLMForImageTextRetrieval(EfficientVLMConfig.from_preset("tiny")).save_pretrained(retrieval)
+    make_processor(tmp_path, max_length=100).save_pretrained(retrieval)
+    evaluate = ["evaluate", "--task", "retrieval", "--model_name_or_path", str(retrieval), "--eval_file", str(data)]
+    with pytest.raises(ValueError, match=r"\(the processor's max_length\) .* max_length to at most 64 in .*retrieval"):
+        cli.main([*evaluate, "--image_root", str(image_root)])
+    # The limit may reach the table's size: every text, [CLS] and [SEP] included, is cut to it.
+    check_text_limit(make_processor(tmp_path, max_length=64), 64)
+    with pytest.raises(ValueError, match=r"Texts of up to 65 tokens \(the processor's max_length\) .* table of 64"):
+        check_text_limit(make_processor(tmp_path, max_length=64), 64, length=65, flag=None)
+
+
 def test_a_final_evaluation_that_fails_leaves_the_trained_model_saved(tmp_path) -> None:
     """An eval image whose header reads but whose pixels are cut short passes the check before training and fails
     in the final evaluation: the model is saved first, so the run's training is not lost (it was, and resuming hit

@@ -161,6 +161,7 @@ def build_model_and_processor(
         config, processor_name_or_path or model_name_or_path, vocab_file, max_text_length=max_text_length
     )
     check_image_size(processor, config.vision_config.image_size, preset is not None)
+    check_text_limit(processor, config.text_config.max_position_embeddings, preset is not None)
     tokenizer = getattr(processor, "tokenizer", None)
     model = build_task_model(task, model_name_or_path, preset, config_overrides, tokenizer=tokenizer)
     return model, processor
@@ -184,6 +185,37 @@ def check_image_size(processor: Any, image_size: int, from_preset: bool = False,
     raise ValueError(
         f"The processor resizes images to {height}x{width} but the model's vision_config.image_size is "
         f"{image_size}: {fix}."
+    )
+
+
+def check_text_limit(
+    processor: Any,
+    positions: int,
+    from_preset: bool = False,
+    fix: str | None = None,
+    length: int | None = None,
+    flag: str | None = "--max_text_length",
+) -> None:
+    """Raises a `ValueError` naming both numbers when texts may be longer (the processor's `max_length`, or
+    `length`: the command's own limit, its option `flag`; None: it has none) than the model's position table
+    (`positions`, `text_config.max_position_embeddings`) holds: the first batch with a text that long would stop
+    training, possibly hours in. Every task's texts ([CLS], [SEP] and the captioning prompt included) are cut to
+    that limit, so it may reach the table's size; `fix`: what the message tells the user to do instead of the
+    default advice."""
+    length = length or getattr(processor, "max_length", None)
+    if length is None or length <= positions:
+        return
+    if fix is None:
+        fix = f"give {flag or '--max_text_length'} <= {positions}"
+        if from_preset:
+            fix += (
+                f' or a larger table: --config_overrides \'{{"text_config": {{"max_position_embeddings": {length}}}}}\''
+            )
+    source = f"{flag}, else the processor's max_length" if flag else "the processor's max_length"
+    raise ValueError(
+        f"Texts of up to {length} tokens ({source}) do not fit the model's position table of {positions} "
+        f"(text_config.max_position_embeddings): the first batch with a text longer than {positions} tokens would "
+        f"stop training; {fix}."
     )
 
 

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     from trainers.training import (
         check_answer_list_task,
         check_image_size,
+        check_text_limit,
         check_vocabulary,
         load_processor,
         read_answer_list,
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     size = model.config.vision_config.image_size
     check_image_size(processor, size, fix=f"give a processor for {size}x{size} images, or --vocab_file to build one")
+    positions = model.config.text_config.max_position_embeddings
+    fix = f"give a processor whose max_length is at most {positions}, or --vocab_file to build one"
+    check_text_limit(processor, positions, fix=fix, flag=None)
     card = ModelCardInfo(task=args.task, stage="convert", source_checkpoint=Path(args.checkpoint).name)
     if answers:
         try:

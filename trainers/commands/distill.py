@@ -137,7 +137,12 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     from trainers.model_card import ModelCardInfo, local_name
     from trainers.saving import hub_target_from, save_model_folder
     from trainers.sharding import check_engine, whole_model, whole_weights_on_load
-    from trainers.training import check_image_size, check_resumed_checkpoint, check_training_finished
+    from trainers.training import (
+        check_image_size,
+        check_resumed_checkpoint,
+        check_text_limit,
+        check_training_finished,
+    )
 
     from ..data import PretrainingCollator
     from ..distillation.objective import DistillationConfig
@@ -172,6 +177,10 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
         )
     processor = EfficientVLMProcessor.from_pretrained(args.processor_name_or_path or args.teacher_model_name_or_path)
     check_image_size(processor, teacher.config.vision_config.image_size)
+    # The student keeps the teacher's position table.
+    check_text_limit(
+        processor, teacher.config.text_config.max_position_embeddings, length=args.max_length, flag="--max_length"
+    )
     student = build_student(teacher, *layers, layer_mapping=layer_mapping or None)
     teacher_size = count_parameters(teacher)
     student_size = count_parameters(student)

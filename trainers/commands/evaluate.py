@@ -12,7 +12,7 @@ import torch
 from trainers.commands.common import answer_list_field, itm_score_field, launched_processes, parse_arguments
 from trainers.placement import resolve_placement
 from trainers.tasks import TASKS, build_dataset, evaluate_task, task_model_class
-from trainers.training import check_answer_list_task, read_answer_list
+from trainers.training import check_answer_list_task, check_text_limit, read_answer_list
 
 
 @dataclass
@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.pack_cpu_weights:
         model.pack_cpu_weights()
     processor = EfficientVLMProcessor.from_pretrained(args.model_name_or_path)
+    positions = model.config.text_config.max_position_embeddings
+    fix = f"set max_length to at most {positions} in {args.model_name_or_path}'s processor_config.json"
+    check_text_limit(processor, positions, fix=fix, flag=None)
     dataset = build_dataset(args.task, args.eval_file, args.image_root, processor)
     answer_list = read_answer_list(args.answer_list)
     result = evaluate_task(

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from trainers.deployment.torch_int8 import quantize_torch_int8
     from trainers.evaluation.retrieval import ITM_SCORE_WORDS
     from trainers.tasks import task_spec
-    from trainers.training import check_answer_list_task, checked_eval_dataset, read_answer_list
+    from trainers.training import check_answer_list_task, check_text_limit, checked_eval_dataset, read_answer_list
 
     (args,) = parse_arguments(
         "export", (ExportArguments,), argv, "Export a task model's inference graphs to ONNX (optionally int8)."
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(
                 f"--eval_file needs the model's processor, but {args.model_name_or_path} has none ({error})."
             ) from error
+    fix = f"set max_length to at most {positions} in {args.model_name_or_path}'s processor_config.json"
+    check_text_limit(processor, positions, fix=fix, flag=None)  # the graphs' inputs are prepared with it
     dataset = None
     if args.eval_file:
         if task_spec(task).evaluate is None:
