@@ -473,3 +473,70 @@ def test_evaluation_scores_answers_the_official_way_when_asked(tmp_path, monkeyp
     assert seen == [True, False] and len(official.predictions) == len(plain.predictions) == 4
     with pytest.raises(ValueError, match="--xvlm_scoring scores VQA answers; the nlvr2 task ranks none"):
         evaluate_task("nlvr2", model, dataset, processor, xvlm_scoring=True)
+
+
+def test_candidates_without_the_eval_answers_are_named_with_the_accuracy_they_can_reach(tmp_path) -> None:
+    """An --answer_list made for another split (["purple", "orange"]) scored VQA accuracy 0.0 without a word; now
+    the evaluation of finetune / prune / export (`checked_eval_dataset`) and of evaluate warns first."""
+    import json
+
+    from transformers.testing_utils import CaptureLogger
+
+    from trainers import training
+    from trainers.commands import evaluate
+    from trainers.tasks import build_dataset
+    from trainers.training import checked_eval_dataset, warn_on_answer_coverage
+
+    from .data_utils import make_processor, write_vqa_json
+
+    config = EfficientVLMConfig.from_preset("tiny")
+    processor = make_processor(tmp_path, image_size=config.vision_config.image_size)
+    data, image_root = write_vqa_json(tmp_path, n=3)  # gold answers: red, green, blue (7 of 10), red, blue
+    dataset = build_dataset("vqa", data, image_root, processor)
+
+    def warned(answers: list[str], source: str = "--answer_list a.json") -> str:
+        with CaptureLogger(training.logger) as logged:
+            warn_on_answer_coverage(dataset, answers, source, data)
+        return logged.out
+
+    # Only question 1 has "green" among its answers, 7 annotators of 10 (accuracy 1.0): 1 / 3 at best.
+    assert warned(["green", "purple"]).strip() == (
+        f"1 of 3 eval questions ({data}) have a gold answer among the 2 candidate answers (--answer_list a.json): "
+        "VQA accuracy cannot exceed 0.3333."
+    )
+    assert warned(["purple", "orange"]).startswith(
+        f"None of the 3 eval questions ({data}) has a gold answer among the 2 candidate answers (--answer_list "
+        "a.json): VQA accuracy will be 0.0 whatever the model does."
+    )
+    assert warned(["Red.", "GREEN", "purple"]) == ""  # matched as VQA accuracy matches: normalised; every question
+    unanswered = build_dataset("vqa", [{**r, "answer": []} for r in json.loads(data.read_text())], image_root)
+    with CaptureLogger(training.logger) as logged:  # a test split is answered unscored: nothing to reach
+        warn_on_answer_coverage(unanswered, ["purple"], "--answer_list a.json")
+    assert logged.out == ""
+
+    # finetune / prune / export check their eval split with `checked_eval_dataset`: given or saved candidates.
+    model = EfficientVLMForQuestionAnswering(config).eval()
+    with CaptureLogger(training.logger) as logged:
+        checked_eval_dataset("vqa", data, image_root, processor, model, ["purple", "orange"], answers_source="--x")
+    assert "None of the 3 eval questions" in logged.out and "candidate answers (--x)" in logged.out
+    model.set_answer_candidates(["green", "purple"], processor.tokenizer)
+    with CaptureLogger(training.logger) as logged:
+        checked_eval_dataset("vqa", data, image_root, processor, model, model_name="my_model")
+    assert "1 of 3 eval questions" in logged.out and "(saved with my_model): VQA accuracy cannot exceed 0.3333" in (
+        logged.out
+    )
+
+    # `efficientvlm evaluate`: the warning, then the accuracy it announced.
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["purple", "orange"]))
+    argv = ["--task", "vqa", "--model_name_or_path", str(folder), "--eval_file", str(data)]
+    argv += ["--image_root", str(image_root), "--device", "cpu"]
+    with CaptureLogger(training.logger) as logged:
+        assert evaluate.main([*argv, "--answer_list", str(answers)]) == {"vqa_accuracy": 0.0}
+    assert f"candidate answers (--answer_list {answers}): VQA accuracy will be 0.0" in logged.out
+    with CaptureLogger(training.logger) as logged:
+        evaluate.main(argv)
+    assert f"(saved with {folder}): VQA accuracy cannot exceed 0.3333" in logged.out

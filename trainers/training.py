@@ -386,7 +386,12 @@ def task_inputs(
     eval_dataset = None
     if eval_file is not None and task != "pretraining":
         # --dataset_path holds the training data; the eval split is always --eval_file.
-        eval_dataset = checked_eval_dataset(task, eval_file, image_root, processor, model, answers)
+        source = f"--answer_list {answer_list}" + (
+            ": the training answers" if str(answer_list) == ANSWER_LIST_AUTO else ""
+        )
+        eval_dataset = checked_eval_dataset(
+            task, eval_file, image_root, processor, model, answers, answers_source=source
+        )
     return train_dataset, eval_dataset, answers
 
 
@@ -398,10 +403,12 @@ def checked_eval_dataset(
     model: Any,
     answers: list[str] | None = None,
     model_name: str = "the model",
+    answers_source: str = "--answer_list",
 ) -> Any:
     """The `--eval_file` split of `task`, checked before anything runs (training, an export) rather than when it is
-    scored: its records, its image files' headers and, for VQA, candidates to rank (`answers` or those saved with
-    `model`, named `model_name` in the error) and answers for every question."""
+    scored: its records, its image files' headers and, for VQA, candidates to rank (`answers`, named
+    `answers_source` in a warning, or those saved with `model`, named `model_name`) and answers for every question;
+    a warning says how many questions those candidates can answer when not all (see [`warn_on_answer_coverage`])."""
     dataset = task_dataset(task, eval_file, image_root, processor, split="eval")
     dataset.check_image_headers()
     if task == "vqa":
@@ -411,6 +418,8 @@ def checked_eval_dataset(
                 "(`config.answer_candidates`); give --answer_list (a JSON list file of answers)."
             )
         check_vqa_references(dataset, "--eval_file")  # the record names the file
+        source = answers_source if answers else f"saved with {model_name}"
+        warn_on_answer_coverage(dataset, answers or model.config.answer_candidates, source, eval_file)
     return dataset
 
 
@@ -445,6 +454,46 @@ def check_vqa_references(dataset: Any, what: str) -> None:
             f"{what}: {dataset._where(missing[0])} has no answers ({len(missing)} of {len(dataset)} questions have "
             "none); VQA accuracy scores a prediction against its question's answers. For a split without answers, "
             "`efficientvlm evaluate --predictions_file` writes the predictions unscored."
+        )
+
+
+def warn_on_answer_coverage(dataset: Any, answers: list[str], source: str, eval_file: Any = "--eval_file") -> None:
+    """Logs a warning when some questions of the VQA split `dataset` (`eval_file`) have none of their gold answers
+    among the candidates `answers` (`source`: where they come from), with the accuracy the split can reach at best
+    (each question's best candidate): ranking only those candidates, the model cannot answer the others, and an
+    answer list made for another split scored 0.0 without a word. A split without answers (a test split) is
+    answered unscored: nothing to warn about."""
+    from trainers.evaluation.metrics import normalize_answer, vqa_accuracy_per_question
+
+    normalized: dict[str, str] = {}  # the splits repeat their answers: each is normalised once
+
+    def key(answer: str) -> str:
+        if answer not in normalized:
+            normalized[answer] = normalize_answer(answer)
+        return normalized[answer]
+
+    candidates = {key(answer): answer for answer in answers}
+    scored = [references for references in dataset.references if references]
+    covered, best = 0, 0.0
+    for references in scored:
+        hits = {key(reference) for reference in references} & candidates.keys()
+        if hits:
+            covered += 1
+            best += max(vqa_accuracy_per_question(candidates[hit], references) for hit in hits)
+    if not scored or covered == len(scored):
+        return
+    where = eval_file if isinstance(eval_file, (str, os.PathLike)) else "the eval split"
+    among = f"among the {len(answers)} candidate answers ({source})"
+    if covered == 0:
+        logger.warning(
+            f"None of the {len(scored)} eval questions ({where}) has a gold answer {among}: VQA accuracy will be 0.0 "
+            "whatever the model does. Give candidates that hold the split's answers (an --answer_list file; "
+            "finetune / prune: --answer_list auto takes the training answers)."
+        )
+    else:
+        logger.warning(
+            f"{covered} of {len(scored)} eval questions ({where}) have a gold answer {among}: VQA accuracy cannot "
+            f"exceed {best / len(scored):.4f}."
         )
 
 

@@ -12,7 +12,7 @@ import torch
 from trainers.commands.common import answer_list_field, itm_score_field, launched_processes, parse_arguments
 from trainers.placement import resolve_placement
 from trainers.tasks import TASKS, build_dataset, evaluate_task, task_model_class
-from trainers.training import check_answer_list_task, check_text_limit, read_answer_list
+from trainers.training import check_answer_list_task, check_text_limit, read_answer_list, warn_on_answer_coverage
 
 
 @dataclass
@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     check_text_limit(processor, positions, fix=fix, flag=None)
     dataset = build_dataset(args.task, args.eval_file, args.image_root, processor)
     answer_list = read_answer_list(args.answer_list)
+    if args.task == "vqa" and (answer_list or model.config.answer_candidates):
+        source = f"--answer_list {args.answer_list}" if answer_list else f"saved with {args.model_name_or_path}"
+        warn_on_answer_coverage(dataset, answer_list or model.config.answer_candidates, source, args.eval_file)
     result = evaluate_task(
         args.task,
         model,

@@ -104,7 +104,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         # A file of another task, a missing image (--image_root) or an unreadable one is named here.
         dataset = checked_eval_dataset(
-            task, args.eval_file, args.image_root, processor, model, answer_list, args.model_name_or_path
+            task,
+            args.eval_file,
+            args.image_root,
+            processor,
+            model,
+            answer_list,
+            args.model_name_or_path,
+            answers_source=f"--answer_list {args.answer_list}",
         )
     result = export_onnx(model, args.output_dir, int8=args.int8, processor=processor)
     report: dict[str, Any] = {"task": task, "output_dir": str(result.output_dir), "parity": result.max_errors}
