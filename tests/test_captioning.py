@@ -339,3 +339,27 @@ def test_bad_generation_inputs_raise() -> None:
     unsynced.generation_config.bos_token_id = 101
     with pytest.raises(ValueError, match=r"`bos_token_id` 101 is not in the model's vocabulary of 100 tokens"):
         unsynced.generate(pixel_values=pixel_values, max_new_tokens=2)
+
+
+def test_caption_predictions_name_each_image_by_its_path_and_its_records_image_id(tmp_path) -> None:
+    """The items wrote the evaluation's own image index as `image_id` (a record's "image_id": 9 came out as 0):
+    now it is `image_index`, beside the path as the records give it and the record's own `image_id`."""
+    from trainers.tasks import build_dataset, evaluate_task
+
+    from .data_utils import make_processor, write_image_text_json
+
+    processor = make_processor(tmp_path)
+    data, image_root = write_image_text_json(tmp_path, n=3)
+    records = json.loads(data.read_text())
+    records[1]["image_id"] = 9
+    dataset = build_dataset("captioning", records, image_root, processor)
+    model = EfficientVLMForConditionalGeneration(_config()).eval()
+    items = evaluate_task("captioning", model, dataset, processor, max_new_tokens=2).items
+    assert [
+        {key: value for key, value in item.items() if key not in ("prediction", "references")} for item in items
+    ] == [
+        {"image_index": 0, "image": "img0.png"},
+        {"image_index": 1, "image": "img1.png", "image_id": 9},
+        {"image_index": 2, "image": "img2.png"},
+    ]
+    assert items[1]["references"] == ["a picture of a green square", "a picture of a green circle"]

@@ -472,8 +472,10 @@ def test_a_tied_gold_is_not_ranked_first_in_the_items_as_in_the_recalls() -> Non
     # Text 0's gold image 0 ties with image 1; image 1's best gold text (1) ties with text 2 and trails text 0.
     scores_i2t = torch.tensor([[0.9, 0.1, 0.2, 0.0], [0.9, 0.5, 0.5, 0.3]])
     dataset = SimpleNamespace(texts=["a", "b", "c", "d"], text_to_image=[0, 1, 0, 1], image_to_texts=[[0, 2], [1, 3]])
+    dataset.records, dataset._image_record = [{"image": "a.jpg"}, {"image": "b.jpg"}], [0, 1]
+    dataset.image_column, dataset.lazy_image_column = "image", False
     items = _retrieval_items(dataset, SimpleNamespace(scores_t2i=scores_i2t.T, scores_i2t=scores_i2t))
-    ranks = {(item["query"], item.get("text_index", item.get("image_id"))): item["rank"] for item in items}
+    ranks = {(item["query"], item.get("text_index", item.get("image_index"))): item["rank"] for item in items}
     assert ranks == {("text", 0): 2, ("text", 1): 1, ("text", 2): 2, ("text", 3): 1, ("image", 0): 1, ("image", 1): 3}
     recalls = retrieval_recall(scores_i2t.numpy(), dataset.image_to_texts, text_to_image=dataset.text_to_image)
     assert recalls["img_r1"] == 2 / 4 == sum(ranks[("text", t)] == 1 for t in range(4)) / 4
@@ -505,6 +507,38 @@ def test_evaluation_items_give_each_query_its_gold_rank_and_warn_on_shared_capti
     _, shared, _ = _evaluation_setup(tiny_config, tmp_path / "captions_shared", edit=_share_a_caption)
     with pytest.warns(UserWarning, match="describe several images"):
         evaluate_task("retrieval", model, shared, processor, k=4)
+
+
+def test_predictions_name_images_by_their_path_and_their_records_image_id(tiny_config, tmp_path) -> None:
+    """The items wrote the evaluation's own image index as `image_id` (a record's "image_id": 9 came out as 0) and
+    no path: now the index is `image_index`, beside the path as the records give it and the record's own id."""
+    from trainers.tasks import evaluate_task
+
+    def give_ids(records: list[dict]) -> None:
+        records[0]["image_id"], records[1]["image_id"] = 9, "COCO_1"  # images 2 and 3 have none
+
+    processor, dataset, model = _evaluation_setup(tiny_config, tmp_path, edit=give_ids)
+    items = evaluate_task("retrieval", model, dataset, processor, k=4).items
+    ids = {0: 9, 1: "COCO_1"}
+    names = [{key: item[key] for key in ("image_index", "image", "image_id") if key in item} for item in items[8:]]
+    assert names == [
+        {"image_index": 0, "image": "img0.png", "image_id": 9},
+        {"image_index": 1, "image": "img1.png", "image_id": "COCO_1"},
+        {"image_index": 2, "image": "img2.png"},
+        {"image_index": 3, "image": "img3.png"},
+    ]
+    texts = items[:8]
+    assert [item["gold_image"] for item in texts] == [0, 0, 1, 1, 2, 2, 3, 3]
+    for item in texts:  # indices kept, each with its path and its record's image_id (None without one) beside it
+        assert item["gold_image_path"] == f"img{item['gold_image']}.png"
+        assert item["gold_image_id"] == ids.get(item["gold_image"])
+        assert item["top_image_paths"] == [f"img{i}.png" for i in item["top_images"]]
+        assert item["top_image_ids"] == [ids.get(i) for i in item["top_images"]]
+    # Without any image_id in the records, no id fields: the paths name the images.
+    _, plain, _ = _evaluation_setup(tiny_config, tmp_path / "plain")
+    items = evaluate_task("retrieval", model, plain, processor, k=4).items
+    assert "gold_image_id" not in items[0] and items[0]["gold_image_path"] == "img0.png"
+    assert items[-1]["image_index"] == 3 and items[-1]["image"] == "img3.png" and "image_id" not in items[-1]
 
 
 def test_caption_level_recall_counts_any_image_with_an_identical_caption() -> None:

@@ -9,6 +9,7 @@ one a task runs, and `trainers.tasks.evaluate_task` runs it.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,22 +211,54 @@ def _gold_rank(scores: torch.Tensor, golds: list[int]) -> int:
     return int(((scores >= scores[correct].max()) & ~correct).sum()) + 1
 
 
+def _image_names(dataset: Any) -> list[dict[str, Any]]:
+    """How a predictions file names each image of an image-text split, by the evaluation's own index (images in the
+    order they first appear in the records, a record's `image_id` shared): `image`, its path as the records give it
+    (None for an image stored in a `datasets` column), and `image_id`, the record's own, when it gives one."""
+    names = []
+    for index, record_index in enumerate(dataset._image_record):
+        record = dataset.records[record_index]
+        value = None if dataset.lazy_image_column else record.get(dataset.image_column)
+        if isinstance(value, dict):  # a `datasets` Image value read undecoded: {"path": ..., "bytes": ...}
+            value = value.get("path")
+        name = {"image_index": index, "image": str(value) if isinstance(value, (str, os.PathLike)) else None}
+        if record.get("image_id") is not None:
+            name["image_id"] = record["image_id"]
+        names.append(name)
+    return names
+
+
 def _retrieval_items(dataset: Any, result: Any, top: int = 5) -> list[dict[str, Any]]:
     """Per query: the gold, its rank (1 = first; see `_gold_rank`) among the re-ranked scores, and the top `top`
-    retrieved."""
+    retrieved. Images are named by index (`gold_image`, `top_images`; an image query's `image_index`) with their
+    paths beside (`gold_image_path`, `top_image_paths`; an image query's `image`), and the records' own `image_id`s
+    (`gold_image_id`, `top_image_ids`, None for an image without one) when they give any; texts by index
+    (`text_index`, `gold_texts`, `top_texts`) into the split's captions, each with its text query's record."""
+    images = _image_names(dataset)
+    with_ids = any("image_id" in name for name in images)
     items = []
     for t, scores in enumerate(result.scores_t2i):
-        order = scores.argsort(descending=True).tolist()
+        order = scores.argsort(descending=True).tolist()[:top]
         gold = dataset.text_to_image[t]
-        items.append(
-            {"query": "text", "text_index": t, "text": dataset.texts[t], "gold_image": gold,
-             "rank": _gold_rank(scores, [gold]), "top_images": order[:top]}
-        )  # fmt: skip
+        item = {
+            "query": "text",
+            "text_index": t,
+            "text": dataset.texts[t],
+            "gold_image": gold,
+            "gold_image_path": images[gold]["image"],
+            "rank": _gold_rank(scores, [gold]),
+            "top_images": order,
+            "top_image_paths": [images[i]["image"] for i in order],
+        }
+        if with_ids:
+            item["gold_image_id"] = images[gold].get("image_id")
+            item["top_image_ids"] = [images[i].get("image_id") for i in order]
+        items.append(item)
     for i, scores in enumerate(result.scores_i2t):
         order = scores.argsort(descending=True).tolist()
         golds = dataset.image_to_texts[i]
         items.append(
-            {"query": "image", "image_id": i, "gold_texts": golds,
+            {"query": "image", **images[i], "gold_texts": golds,
              "rank": _gold_rank(scores, list(golds)), "top_texts": order[:top]}
         )  # fmt: skip
     return items
@@ -237,8 +270,8 @@ def evaluate_captioning(model: Any, dataset: Any, processor: Any, options: Evalu
 
     batch_size, device = options.batch_size, _device_of(model)
     predictions, references = [], []
-    for image_id in range(dataset.num_images):
-        references.append([dataset.texts[t] for t in dataset.image_to_texts[image_id]])
+    for image_index in range(dataset.num_images):
+        references.append([dataset.texts[t] for t in dataset.image_to_texts[image_index]])
     prompt = getattr(processor, "caption_prompt", "a picture of ")
     for start in range(0, dataset.num_images, batch_size):
         ids = range(start, min(start + batch_size, dataset.num_images))
@@ -253,9 +286,10 @@ def evaluate_captioning(model: Any, dataset: Any, processor: Any, options: Evalu
         texts = processor.tokenizer.batch_decode(generated[:, prompt_ids.shape[1] :], skip_special_tokens=True)
         predictions += [text.strip() for text in texts]
     scores = metrics.caption_scores(predictions, references)
+    # By index and path as the records give them, and the records' own image_id (see `_image_names`).
+    images = _image_names(dataset)
     items = [
-        {"image_id": i, "prediction": prediction, "references": references[i]}
-        for i, prediction in enumerate(predictions)
+        {**images[i], "prediction": prediction, "references": references[i]} for i, prediction in enumerate(predictions)
     ]
     return EvaluationResult({key: float(value) for key, value in scores.items()}, predictions, items)
 
