@@ -578,7 +578,7 @@ def test_bad_trainer_arguments_raise(tmp_path) -> None:
 # -- the command line ------------------------------------------------------------------------------------------
 
 
-def test_prune_command_distils_prunes_and_saves(tmp_path) -> None:
+def test_prune_command_distils_prunes_and_saves(tmp_path, capsys) -> None:
     from modeling_efficientvlm import EfficientVLMForVisualReasoning
     from trainers import commands as cli
 
@@ -596,6 +596,7 @@ def test_prune_command_distils_prunes_and_saves(tmp_path) -> None:
         "--teacher_model_name_or_path", str(tmp_path / "teacher"),
         "--train_file", str(train_file),
         "--image_root", str(image_root),
+        "--eval_file", str(train_file),
         "--target_sparsity", "0.4",
         "--sparsity_warmup_steps", "2",
         "--mask_learning_rate", "0.5",
@@ -608,7 +609,12 @@ def test_prune_command_distils_prunes_and_saves(tmp_path) -> None:
         "--use_cpu",
         "--save_strategy", "no",
     ]  # fmt: skip
+    capsys.readouterr()
     assert cli.main(argv) == 0
+    # --eval_file's metrics are printed last, as finetune prints them (they were computed and saved, never shown).
+    printed = capsys.readouterr().out
+    metrics = json.loads((output_dir / "eval_results.json").read_text())
+    assert set(metrics) == {"nlvr2_accuracy"} and printed.endswith(json.dumps(metrics, indent=2) + "\n")
     report = json.loads((output_dir / PRUNING_REPORT_NAME).read_text())
     assert 0 < report["sparsity"] < 1 and report["parameters_after"] < report["parameters_before"]
     assert report["pruning_config"]["mask_freeze_fraction"] == 0.25

@@ -17,6 +17,7 @@ of the output folder. Any `TrainingArguments` option works (`--resume_from_check
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments, set_seed
@@ -286,6 +287,8 @@ def run(
             f"{report['parameters_before']:,} -> {report['parameters_after']:,} parameters; saved to "
             f"{training_args.output_dir}."
         )
+    if metrics:  # printed as finetune prints them (`train_task`)
+        print(json.dumps(metrics, indent=2))
     return {**report, "eval": metrics} if metrics else report
 
 
