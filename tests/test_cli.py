@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -684,6 +685,7 @@ def test_training_that_stops_before_its_last_step_saves_no_final_model(tmp_path,
     """A SIGTERM under --enable_jit_checkpoint ends training at a checkpoint "gracefully": the commands went on to
     evaluate and save a half-trained model as final and exited 0 (a scheduler read the run as done)."""
     from transformers import TrainerCallback
+    from transformers.testing_utils import CaptureLogger
 
     import trainers.training
     from trainers import commands
@@ -703,8 +705,15 @@ def test_training_that_stops_before_its_last_step_saves_no_final_model(tmp_path,
     argv = ["finetune", "--task", "retrieval", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
     argv += ["--train_file", str(records), "--image_root", str(image_root), "--max_steps", "3", "--use_cpu"]
     argv += ["--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
-    with pytest.raises(TrainingStopped, match=r"stopped at step 1 of 3 .* --resume_from_checkpoint .*checkpoint-1"):
-        cli.main(argv)
+    # An earlier run's checkpoint in the folder: named at the start, and not offered as this run's (it was: the
+    # highest-numbered folder, whose resume "finished" the other run's model).
+    (tmp_path / "out" / "checkpoint-600").mkdir(parents=True)
+    with CaptureLogger(trainers.training.logger) as logged:
+        with pytest.raises(
+            TrainingStopped, match=r"stopped at step 1 of 3 .* --resume_from_checkpoint \S*checkpoint-1\."
+        ):
+            cli.main(argv)
+    assert "holds 1 checkpoint folder(s) of an earlier run (... checkpoint-600)" in logged.out
     assert not (tmp_path / "out" / "model.safetensors").exists()
     # The console script prints it as one message and exits with 1.
     monkeypatch.setattr(sys, "argv", ["efficientvlm", *argv])
@@ -716,7 +725,9 @@ def test_a_damaged_checkpoint_is_named_when_resumed(tmp_path) -> None:
     """A checkpoint cut short (weights, or the pruning run's masker.pt) gave a bare safetensors / zip error that named
     no file; the settling trace of a pruning run travels in masker.pt, so a resumed report says the same."""
     import torch
+    from transformers.testing_utils import CaptureLogger
 
+    import trainers.training
     from modeling_efficientvlm.loading_efficientvlm import CorruptCheckpointError
 
     from .data_utils import write_image_text_json, write_vocab
@@ -738,6 +749,35 @@ def test_a_damaged_checkpoint_is_named_when_resumed(tmp_path) -> None:
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CorruptCheckpointError, match=r"--resume_from_checkpoint .*checkpoint-1: cannot read .*model"):
         cli.main(resume)
+    # The Trainer's own files, cut short or missing, raised bare zip / JSON / "No such file" errors naming none.
+    final = tmp_path / "out" / "checkpoint-2"
+    damages = {
+        "optimizer.pt": lambda path: path.write_bytes(path.read_bytes()[:200]),
+        "trainer_state.json": lambda path: path.write_text(path.read_text()[:40]),
+        "rng_state.pth": lambda path: path.write_bytes(b""),
+    }
+    for name, damage in damages.items():
+        damaged = tmp_path / f"damaged_{name}"
+        shutil.copytree(final, damaged)
+        damage(damaged / name)
+        with pytest.raises(CorruptCheckpointError, match=rf"damaged_{re.escape(name)}: cannot read \S*/{name} \("):
+            cli.main([*argv, "--resume_from_checkpoint", str(damaged)])
+    unfinished = tmp_path / "unfinished"  # killed while saving: no trainer_state.json yet
+    shutil.copytree(final, unfinished)
+    (unfinished / "trainer_state.json").unlink()
+    with pytest.raises(CorruptCheckpointError, match=r"unfinished: cannot read \S*/trainer_state.json \(missing\);"):
+        cli.main([*argv, "--resume_from_checkpoint", str(unfinished)])
+    # Without optimizer state (--save_only_model) the run resumes with a fresh optimizer: said.
+    weights_only = tmp_path / "weights_only"
+    shutil.copytree(final, weights_only)
+    (weights_only / "optimizer.pt").unlink()
+    with CaptureLogger(trainers.training.logger) as logged:
+        cli.main([*argv, "--resume_from_checkpoint", str(weights_only)])
+    assert "weights_only holds no optimizer state (saved with --save_only_model?)" in logged.out
+    # Another task's checkpoint: the Trainer loaded what fit and warned.
+    captioning = [argv[0], "--task", "captioning", *argv[3:]]
+    with pytest.raises(ValueError, match=r"is a checkpoint of EfficientVLMForImageTextRetrieval, but this run trains "):
+        cli.main([*captioning, "--resume_from_checkpoint", str(final)])
 
 
 def test_an_answer_list_whose_answers_tokenize_alike_is_refused_before_training(tmp_path) -> None:
@@ -750,6 +790,26 @@ def test_an_answer_list_whose_answers_tokenize_alike_is_refused_before_training(
     argv += ["--train_file", str(records), "--image_root", str(image_root), "--answer_list", str(answers)]
     argv += ["--max_steps", "1", "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--use_cpu"]
     with pytest.raises(ValueError, match=r"--answer_list .*answers.json: 1 candidate answer\(s\) tokenize like"):
+        cli.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_vqa_training_file_without_any_answers_is_refused_before_training(tmp_path) -> None:
+    """A misspelt `answer` key on every record (or a test split given as --train_file) failed at the first batch,
+    naming neither the file nor the key."""
+    from .data_utils import write_vocab, write_vqa_json
+
+    records_file, image_root = write_vqa_json(tmp_path, n=2)
+    records = [{("anwsers" if key == "answer" else key): value for key, value in r.items()} for r in json.loads(
+        records_file.read_text())]  # fmt: skip
+    records_file.write_text(json.dumps(records))
+    argv = ["finetune", "--task", "vqa", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+    argv += ["--train_file", str(records_file), "--image_root", str(image_root), "--answer_list", "auto"]
+    argv += ["--max_steps", "1", "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--use_cpu"]
+    message = (
+        rf"^{re.escape(str(records_file))}: none of its 2 questions has answers \(the fields of record 0: .*'anwsers'"
+    )
+    with pytest.raises(ValueError, match=message):
         cli.main(argv)
     assert not (tmp_path / "out").exists()
 

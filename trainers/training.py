@@ -307,28 +307,102 @@ def train(
         data_collator=build_collator(task, processor, seed=training_args.seed),
         **trainer_kwargs,
     )
-    follow_collator_epochs(trainer)  # new MLM masks each epoch
-    check_engine(trainer)
-    prepare_model_for_engine(trainer)
-    check_resumed_checkpoint(training_args.resume_from_checkpoint)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    check_training_finished(trainer)
+    run_training(trainer)
     return trainer
 
 
-def check_resumed_checkpoint(checkpoint: Any) -> None:
-    """Raises `CorruptCheckpointError` naming the file when a weights file of the checkpoint folder to resume from
-    cannot be read (a save cut short), before the Trainer fails on it with a bare safetensors error."""
+def run_training(trainer: Trainer) -> Any:
+    """`trainer.train()` (resuming `--resume_from_checkpoint`) with the checks every training command runs around it,
+    and its `TrainOutput`: new MLM masks each epoch, the engine (DeepSpeed / FSDP) checked and the model made
+    wrappable, the checkpoint to resume checked (or earlier runs' checkpoints in `--output_dir` named), and a run
+    that stopped early refused ([`check_training_finished`])."""
+    args = trainer.args
+    follow_collator_epochs(trainer)
+    check_engine(trainer)
+    prepare_model_for_engine(trainer)
+    if args.resume_from_checkpoint:
+        check_resumed_checkpoint(args.resume_from_checkpoint, trainer.model)
+    else:
+        warn_on_earlier_checkpoints(args.output_dir)
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    check_training_finished(trainer)
+    return result
+
+
+def _checkpoints(output_dir: str | os.PathLike | None) -> list[Path]:
+    """The Trainer's `checkpoint-<step>` folders in `output_dir`, by step."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return []
+    found = [path for path in Path(output_dir).glob("checkpoint-*") if path.is_dir() and path.name[11:].isdigit()]
+    return sorted(found, key=lambda path: int(path.name[11:]))
+
+
+def warn_on_earlier_checkpoints(output_dir: str | os.PathLike | None) -> None:
+    """Warns when a run that does not resume starts in an `--output_dir` that holds checkpoints already: its own are
+    saved beside them, and the newest folder (what "resume from the last checkpoint" picks) may be the other run's."""
+    earlier = _checkpoints(output_dir)
+    if earlier:
+        names = ", ".join(path.name for path in earlier[-3:])
+        logger.warning(
+            f"--output_dir {output_dir} holds {len(earlier)} checkpoint folder(s) of an earlier run (... {names}); "
+            "this run saves its own beside them, and resuming from the newest may resume that run instead. Use a new "
+            "--output_dir, or resume the earlier run with --resume_from_checkpoint."
+        )
+
+
+# Files of a checkpoint folder the Trainer restores on resume, besides the weights (one per process for the RNG).
+CHECKPOINT_STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_*.pth", "scaler.pt")
+
+
+def check_resumed_checkpoint(checkpoint: Any, model: Any = None) -> None:
+    """Checks the checkpoint folder to resume from before the Trainer reads it, raising `CorruptCheckpointError`
+    naming the file for one it cannot read (a weights file, `trainer_state.json`, the optimizer, scheduler or RNG
+    state: a save cut short) and a `ValueError` when it holds another model class than `model`'s (another task's
+    run, which the Trainer would load half of, with warnings). A checkpoint without optimizer state (saved with
+    `--save_only_model`) resumes with a fresh optimizer: said in a warning."""
+    import zipfile
+
+    import torch
+
     from modeling_efficientvlm.loading_efficientvlm import CorruptCheckpointError, unreadable_weight_files
 
     if not isinstance(checkpoint, (str, os.PathLike)):
         return
-    files = unreadable_weight_files(checkpoint)
+    folder = Path(checkpoint)
+    files = unreadable_weight_files(folder)
+    for pattern in CHECKPOINT_STATE_FILES:
+        for path in sorted(folder.glob(pattern)):
+            try:  # a zip-format file memory-mapped: its tensors are not read into memory
+                torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
+            except Exception as error:  # any failure to read is what we report
+                files.append((str(path), (str(error).strip().splitlines() or [type(error).__name__])[0]))
+    state = folder / "trainer_state.json"
+    if folder.is_dir() and not state.is_file():
+        files.append((str(state), "missing"))
+    elif state.is_file():
+        try:
+            json.loads(state.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            files.append((str(state), str(error)))
     if files:
         named = "; ".join(f"{path} ({message})" for path, message in files)
         raise CorruptCheckpointError(
             f"--resume_from_checkpoint {checkpoint}: cannot read {named}; the checkpoint was cut short or damaged. "
             "Resume from an earlier checkpoint."
+        )
+    config = folder / "config.json"
+    if model is not None and config.is_file():
+        saved = (json.loads(config.read_text(encoding="utf-8")).get("architectures") or [None])[0]
+        if saved is not None and saved != type(model).__name__:
+            raise ValueError(
+                f"--resume_from_checkpoint {checkpoint} is a checkpoint of {saved}, but this run trains "
+                f"{type(model).__name__}: resume from a checkpoint of this run (of the same task and command)."
+            )
+    optimizer_state = ("optimizer.pt", "optimizer.bin", "optimizer_0", "global_step*")
+    if folder.is_dir() and not any(any(folder.glob(name)) for name in optimizer_state):
+        logger.warning(
+            f"--resume_from_checkpoint {checkpoint} holds no optimizer state (saved with --save_only_model?): the "
+            "run resumes the weights with a fresh optimizer and learning-rate schedule state, not where it stopped."
         )
 
 
@@ -341,14 +415,13 @@ def check_training_finished(trainer: Trainer) -> None:
     """Raises [`TrainingStopped`] when `trainer` stopped before its last step, other than a sparsity ladder that
     saved every rung: what it holds is not the model the run was asked for, and a scheduler must not read the exit
     as done."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     state = trainer.state
     ladder = getattr(trainer, "ladder", None)
     if state.global_step >= state.max_steps or (ladder is not None and ladder.finished):
         return
-    output_dir = trainer.args.output_dir
-    last = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+    # This run's newest checkpoint: the highest-numbered folder may be an earlier run's, past this run's last step.
+    own = [path for path in _checkpoints(trainer.args.output_dir) if int(path.name[11:]) <= state.global_step]
+    last = own[-1] if own else None
     resume = f"resume with --resume_from_checkpoint {last}" if last else "no checkpoint was saved to resume from"
     raise TrainingStopped(
         f"Training stopped at step {state.global_step} of {state.max_steps} (a SIGTERM under --enable_jit_checkpoint, "
@@ -372,6 +445,13 @@ def task_inputs(
     check_answer_list_task(answer_list, task)
     train_dataset = task_dataset(task, train_file, image_root, processor, dataset_path)
     check_training_images(train_dataset)
+    if task == "vqa" and len(train_dataset.unanswered) == len(train_dataset):
+        # A test split, or a misspelt key: said here, not by the collator at the first batch (naming no file).
+        raise ValueError(
+            f"{train_dataset.source or 'The training data'}: none of its {len(train_dataset)} questions has answers "
+            f"(the fields of record 0: {sorted(train_dataset.records[0])}); VQA trains on each question's `answer` "
+            "list (`answers` is read too)."
+        )
     answers = None
     if task == "vqa":
         auto = str(answer_list) == ANSWER_LIST_AUTO

@@ -136,13 +136,8 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
     from trainers.model_card import ModelCardInfo, local_name
     from trainers.saving import hub_target_from, save_model_folder
-    from trainers.sharding import check_engine, whole_model, whole_weights_on_load
-    from trainers.training import (
-        check_image_size,
-        check_resumed_checkpoint,
-        check_text_limit,
-        check_training_finished,
-    )
+    from trainers.sharding import whole_model, whole_weights_on_load
+    from trainers.training import check_image_size, check_text_limit, run_training
 
     from ..data import PretrainingCollator
     from ..distillation.objective import DistillationConfig
@@ -206,10 +201,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
         teacher_model=teacher,
         distillation_config=distillation_config,
     )
-    check_engine(trainer)
-    check_resumed_checkpoint(training_args.resume_from_checkpoint)
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    check_training_finished(trainer)
+    result = run_training(trainer)
     # Every process: under FSDP / ZeRO-3 this gathers the weights into process 0 (None in the others).
     student = whole_model(trainer)
     if training_args.should_save and student is not None:
