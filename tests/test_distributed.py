@@ -140,6 +140,35 @@ def test_mlm_masks_are_seeded_per_sample_and_epoch(tmp_path) -> None:
     assert not torch.equal(PretrainingCollator(processor, seed=1)(items)["mlm_labels"], whole["mlm_labels"])
 
 
+def _jit_checkpoint_worker(rank: int, init_file: str, results: dict) -> None:
+    from transformers import TrainerControl, TrainerState
+
+    from trainers.jit_checkpoint import StepBoundaryJITCheckpoint
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    callback, state = StepBoundaryJITCheckpoint(), TrainerState(global_step=3)
+    args = type("Args", (), {"device": torch.device("cpu")})()
+    seen = []
+    for signalled in (False, rank == 0):  # a step end before the signal, then one where only rank 0 had it
+        callback.requested = signalled
+        control = TrainerControl()
+        callback.on_step_end(args, state, control)
+        seen.append((control.should_save, control.should_training_stop))
+    results[rank] = seen
+    torch.distributed.destroy_process_group()
+
+
+def test_a_sigterm_checkpoint_is_saved_by_every_process_at_the_same_step(tmp_path) -> None:
+    """Under --enable_jit_checkpoint each process sees its SIGTERM at its own time: one that saved and stopped while
+    the other went on into the next step would hang both. The request is reduced at every step end."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_jit_checkpoint_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+        assert dict(results) == {rank: [(False, False), (True, True)] for rank in (0, 1)}
+
+
 def _launch(workdir: Path, *extra: str, wait: bool = True, env: dict[str, str] | None = None):
     env = {
         **os.environ,

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import signal
 
 import pytest
 import torch
@@ -325,6 +326,40 @@ def test_resuming_from_a_checkpoint_continues_exactly(tmp_path) -> None:
         _trainer(tmp_path, pruning=pruning, args=_args(tmp_path / "again", max_steps=8)).train(
             resume_from_checkpoint=str(checkpoint)
         )
+
+
+def test_a_sigterm_checkpoint_resumes_exactly(tmp_path) -> None:
+    """--enable_jit_checkpoint: transformers' callback saved mid-step (labelled step 2, with an RNG state that had
+    drawn step 3's mask noise), so a resume redid step 3 with other masks. The checkpoint is now taken at the end of
+    the step under way, after the pruning callbacks: the resumed run ends where an uninterrupted one does."""
+    pruning = PruningConfig(target_sparsity=0.5, sparsity_warmup_steps=4, mask_learning_rate=0.1)
+    full = _trainer(tmp_path, pruning=pruning, args=_args(tmp_path / "full", max_steps=6))
+    full.train()
+
+    class SigtermDuringStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        args = _args(tmp_path / "stopped", max_steps=6, enable_jit_checkpoint=True)
+        stopped = _trainer(tmp_path, pruning=pruning, args=args, callbacks=[SigtermDuringStep3()])
+        stopped.train()
+        assert signal.getsignal(signal.SIGTERM) == handler  # the training's handler is gone with it
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert stopped.state.global_step == 3
+    assert sorted(os.listdir(tmp_path / "stopped")) == ["checkpoint-3"]
+    checkpoint = tmp_path / "stopped" / "checkpoint-3"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 3
+
+    resumed = _trainer(tmp_path, pruning=pruning, args=_args(tmp_path / "resumed", max_steps=6), seed=123)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for name, value in _pruning_state(full).items():
+        torch.testing.assert_close(_pruning_state(resumed)[name], value, rtol=0, atol=1e-6, msg=name)
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
 def test_last_and_best_checkpoints_restore_their_own_masks(tmp_path) -> None:

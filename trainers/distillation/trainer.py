@@ -28,6 +28,7 @@ from transformers import Trainer
 from transformers.utils import logging
 
 from ..data.epochs import follow_collator_epochs
+from ..jit_checkpoint import use_step_boundary_jit_checkpoint
 from ..sharding import prepare_model_for_engine
 from ..tasks import KDSpec
 from .objective import DistillationConfig, DistillationLoss
@@ -103,6 +104,7 @@ class DistillationTrainer(Trainer):
         self._loss_term_sums: dict[str, torch.Tensor] = {}
         self._loss_term_counts: dict[str, int] = {}
         follow_collator_epochs(self)
+        use_step_boundary_jit_checkpoint(self)  # a SIGTERM checkpoint on a step boundary: resumes exactly
 
     # -- extension points ---------------------------------------------------------------------------------
     def student_forward_kwargs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
