@@ -388,3 +388,44 @@ def test_training_gives_the_mlm_masks_its_seed_and_each_epoch(tmp_path, monkeypa
     assert seen == [(7, 0), (7, 1), (7, 2)]
     followers = [c for c in trainer.callback_handler.callbacks if isinstance(c, CollatorEpochCallback)]
     assert len(followers) == 1 and followers[0].collator is trainer.data_collator
+
+
+def test_persistent_data_workers_draw_new_mlm_masks_each_epoch(tmp_path) -> None:
+    """--dataloader_persistent_workers keeps each worker's copy of the collator across epochs: `set_epoch` in the
+    main process did not reach it, and every epoch drew the first epoch's masks again. With one persistent worker
+    the batches are those of no worker, epoch by epoch."""
+    from transformers import Trainer, TrainingArguments
+
+    from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining
+    from trainers.tasks import build_dataset
+    from trainers.training import train
+
+    from .data_utils import make_processor, write_image_text_json
+
+    config = EfficientVLMConfig.from_preset("tiny")
+    processor = make_processor(tmp_path, image_size=config.vision_config.image_size)
+    records, image_root = write_image_text_json(tmp_path, n=4, captions_per_image=1)
+    dataset = build_dataset("pretraining", records, image_root, processor)
+
+    def mlm_labels(**workers) -> list[torch.Tensor]:
+        seen = []
+
+        class Recording(Trainer):
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                seen.append(inputs["mlm_labels"].clone())
+                return super().training_step(model, inputs, num_items_in_batch)
+
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, num_train_epochs=3, seed=7,
+            save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, **workers,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        train("pretraining", EfficientVLMForPreTraining(config), processor, dataset, args, Recording)
+        return seen
+
+    inline = mlm_labels()
+    persistent = mlm_labels(dataloader_num_workers=1, dataloader_persistent_workers=True)
+    assert len(inline) == len(persistent) == 3
+    assert not torch.equal(inline[0], inline[1]) and not torch.equal(inline[1], inline[2])
+    for epoch, (a, b) in enumerate(zip(inline, persistent)):
+        assert torch.equal(a, b), f"epoch {epoch}"

@@ -118,7 +118,9 @@ class PretrainingCollator(ImageTextCollator):
         self.whole_word_mask = whole_word_mask
         self.generator = generator
         self.seed = 0 if seed is None else int(seed)
-        self.epoch = 0
+        # In shared memory: data workers hold their own copy of the collator (persistent ones for the whole run),
+        # and this one tensor is theirs too, so `set_epoch` here reaches them.
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
         tokenizer = _tokenizer_of(processor)
         self.mask_token_id = tokenizer.mask_token_id
         self.special_ids = set(tokenizer.all_special_ids)
@@ -165,9 +167,15 @@ class PretrainingCollator(ImageTextCollator):
         boxes = [item["bbox"] if box else (0.0, 0.0, 0.0, 0.0) for item, box in zip(items, has_box)]
         return torch.tensor(boxes, dtype=torch.float32), torch.tensor(has_box, dtype=torch.bool)
 
+    @property
+    def epoch(self) -> int:
+        """The epoch that seeds the per-sample masks (see the class docstring)."""
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Sets the epoch that seeds the per-sample masks (see the class docstring)."""
-        self.epoch = int(epoch)
+        """Sets the epoch that seeds the per-sample masks, in this collator and the copies of it that data workers
+        hold (those of `--dataloader_persistent_workers` too): call it before the epoch's data loader is iterated."""
+        self._epoch.fill_(int(epoch))
 
     def sample_generator(self, image_id: Any, text: Any) -> torch.Generator:
         """The generator of one sample's masks: seeded with a hash of (seed, epoch, image id, text)."""

@@ -11,8 +11,9 @@ from transformers import Trainer, TrainerCallback
 
 class CollatorEpochCallback(TrainerCallback):
     """Tells a collator with a `set_epoch(epoch)` method the epoch about to start, before the Trainer iterates its
-    data loader (so data workers see it too). On resume mid-epoch, `state.epoch` is that epoch plus a fraction:
-    its floor is the epoch."""
+    data loader (so data workers see it too: `PretrainingCollator` keeps its epoch in shared memory, which the
+    copies held by `--dataloader_persistent_workers` share). On resume mid-epoch, `state.epoch` is that epoch plus
+    a fraction: its floor is the epoch."""
 
     def __init__(self, collator: Any) -> None:
         self.collator = collator
