@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from modeling_efficientvlm import EfficientVLMConfig
 from trainers.pruning import PruningConfig, SparsityLagrangian, parse_sparsity_ladder
@@ -101,6 +103,60 @@ def test_resuming_keeps_the_rung_and_the_rungs_already_saved(tmp_path, caplog) -
         again = run(str(tmp_path / "checkpoint-30"))
     assert f"rung {before_checkpoint[0][0]} has no" in caplog.text and "the ladder's table will lack it" in caplog.text
     assert [rung.target for rung in again.ladder.rungs] == [target for target, _ in saved[1:]]
+
+
+def test_a_ladder_without_steps_for_every_rung_is_refused(tmp_path) -> None:
+    """3 rungs in 2 steps: two rungs shared step 1's budget and the last was never saved, silently (exit 0)."""
+    pruning = PruningConfig(sparsity_ladder=(0.1, 0.2, 0.3))
+    trainer = _trainer(
+        tmp_path, pruning=pruning, args=_args(tmp_path, max_steps=2), processing_class=make_processor(tmp_path)
+    )
+    message = (
+        "--sparsity_ladder 0.1,0.2,0.3 has 3 rungs, and 2 training steps (--max_steps, or the epochs' steps) leave "
+        "rung 0.2 0 step(s) of its own, fewer than the 1 step it needs at least to reach its target and be saved"
+    )
+    with pytest.raises(ValueError, match=re.escape(message) + r".*Give at least 3 steps"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not list(tmp_path.glob("rung_*"))
+    # A warm-up longer than a rung's share: the rung would be saved before it reached its target.
+    pruning = PruningConfig(sparsity_ladder=LADDER, sparsity_warmup_steps=5)
+    trainer = _trainer(
+        tmp_path, pruning=pruning, args=_args(tmp_path, max_steps=12), processing_class=make_processor(tmp_path)
+    )
+    message = "leave rung 0.2 4 step(s) of its own, fewer than the 5 steps of its warm-up to its target"
+    with pytest.raises(ValueError, match=re.escape(message) + r".*--sparsity_warmup_steps 5.*at least 15 steps"):
+        trainer.train()
+    # One step per rung is enough (the default warm-up is then 1 step).
+    trainer = _trainer(
+        tmp_path,
+        pruning=PruningConfig(sparsity_ladder=LADDER),
+        args=_args(tmp_path, max_steps=3),
+        processing_class=make_processor(tmp_path),
+    )
+    trainer.train()
+    assert [rung.target for rung in trainer.ladder.rungs] == list(LADDER) and trainer.ladder.finished
+
+
+def test_a_ladder_stopped_before_its_last_rung_says_which_rungs_are_missing(tmp_path, caplog) -> None:
+    class StopAfterTheFirstRung(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = bool(trainer.ladder.rungs)
+
+    pruning = PruningConfig(sparsity_ladder=LADDER)
+    args = _args(tmp_path, max_steps=6)
+    trainer = _trainer(
+        tmp_path,
+        pruning=pruning,
+        args=args,
+        processing_class=make_processor(tmp_path),
+        callbacks=[StopAfterTheFirstRung()],
+    )
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert [rung.target for rung in trainer.ladder.rungs] == [0.2] and not trainer.ladder.finished
+    step = trainer.state.global_step  # the step after the rung's: the ladder's callback runs after this one
+    assert 1 < step < 6
+    assert f"ended at step {step} of 6 before the last rung was saved: rung_0.35, rung_0.50 not saved" in caplog.text
 
 
 def test_the_count_of_settled_steps_is_saved_with_the_masks(tmp_path) -> None:
@@ -201,6 +257,10 @@ def test_prune_command_writes_a_folder_per_rung_and_the_table(tmp_path) -> None:
             == EfficientVLMConfig.from_preset("tiny-student").vision_config.hidden_size
         )
         assert "nlvr2_accuracy" in metrics
+    few_steps = {"--sparsity_ladder": "0.1,0.2,0.3", "--max_steps": "2"}  # what the audit ran: it exited 0
+    with pytest.raises(ValueError, match=r"--sparsity_ladder 0.1,0.2,0.3 has 3 rungs, and 2 training steps"):
+        cli.main([few_steps.get(previous, value) for previous, value in zip(["", *argv], argv)])
+    assert not (output_dir / "rung_0.10").exists()  # refused before the first step
     with pytest.raises(ValueError, match="--sparsity_ladder and --target_sparsity conflict"):
         cli.main([*common, "--sparsity_ladder", "0.2,0.5", "--target_sparsity", "0.3"])
     with pytest.raises(ValueError, match="--sparsity_ladder '0.5,0.2'.*strictly increasing"):

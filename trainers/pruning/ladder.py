@@ -132,6 +132,31 @@ class SparsityLadder(TrainerCallback):
         if config.sparsity_warmup_steps is None and config.sparsity_warmup_fraction is None:
             # One epoch per rung would leave no time to settle: each rung warms up over half its share of steps.
             self.trainer.lagrangian.warmup_steps = max(1, state.max_steps // (2 * len(self.ladder)))
+        self.check_step_budgets()
+
+    def check_step_budgets(self) -> None:
+        """Raises a ValueError when a rung's share of the steps (from the previous rung's step budget to its own)
+        is shorter than its target's warm-up, or empty: it could not reach its target before it is saved, and with
+        fewer steps than rungs two rungs would share a budget step, so that the last ones were never saved."""
+        warmup = self.trainer.lagrangian.warmup_steps
+        needed = max(1, warmup)  # a rung must reach its target (warm up) and be saved: at least one step of its own
+        budgets = [0, *(self.step_budget(rung) for rung in range(len(self.ladder)))]
+        for rung, target in enumerate(self.ladder):
+            share = budgets[rung + 1] - budgets[rung]
+            if share >= needed:
+                continue
+            ladder = ",".join(f"{value:g}" for value in self.ladder)
+            config = self.trainer.pruning_config
+            if config.sparsity_warmup_steps is not None and warmup > 1:
+                why = f"the {needed} steps of its warm-up to its target (--sparsity_warmup_steps {warmup})"
+            else:
+                why = "the 1 step it needs at least to reach its target and be saved"
+            raise ValueError(
+                f"--sparsity_ladder {ladder} has {len(self.ladder)} rungs, and {self._max_steps} training steps "
+                f"(--max_steps, or the epochs' steps) leave rung {target:g} {share} step(s) of its own, fewer than "
+                f"{why}: it would not be reached, or never saved. Give at least {needed * len(self.ladder)} steps, "
+                "fewer rungs or a shorter warm-up."
+            )
 
     def _restore_saved_rungs(self, output_dir: str, step: int) -> None:
         """On a resume (the Lagrangian is back on a later rung), lists the rungs already saved in `output_dir`."""
@@ -158,8 +183,19 @@ class SparsityLadder(TrainerCallback):
 
     @property
     def finished(self) -> bool:
-        """Whether every rung is saved (the run then stops before its last step, on purpose)."""
-        return len(self.rungs) == len(self.ladder)
+        """Whether the last rung is saved, and so every rung (the run then stops before its last step, on purpose;
+        a resume outside the run's output folder lists fewer rungs, saved in the other one)."""
+        return bool(self.rungs) and self.rungs[-1].rung == len(self.ladder) - 1
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.finished:
+            return
+        # The rungs below the current one were saved (by this run, or the one it resumed).
+        missing = ", ".join(rung_folder_name(target) for target in self.ladder[self.trainer.lagrangian.rung :])
+        logger.warning(
+            f"Sparsity ladder: training ended at step {state.global_step} of {state.max_steps} before the last rung "
+            f"was saved: {missing} not saved. Resume from the run's last checkpoint to save them."
+        )
 
     def step_budget(self, rung: int) -> int:
         """The step by which rung `rung` is saved even if it has not settled."""
