@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -681,9 +682,10 @@ def test_an_unreadable_training_image_is_named_before_training(tmp_path) -> None
     assert not (tmp_path / "out").exists()
 
 
-def test_training_that_stops_before_its_last_step_saves_no_final_model(tmp_path, monkeypatch, capsys) -> None:
+def test_training_that_stops_before_its_last_step_saves_no_final_model(tmp_path, monkeypatch, capsys, request) -> None:
     """A SIGTERM under --enable_jit_checkpoint ends training at a checkpoint "gracefully": the commands went on to
-    evaluate and save a half-trained model as final and exited 0 (a scheduler read the run as done)."""
+    evaluate and save a half-trained model as final and exited 0 (a scheduler read the run as done). The checkpoint
+    is that of the end of the step under way (transformers' own callback saved mid-step, labelled the step before)."""
     from transformers import TrainerCallback
     from transformers.testing_utils import CaptureLogger
 
@@ -693,18 +695,22 @@ def test_training_that_stops_before_its_last_step_saves_no_final_model(tmp_path,
 
     from .data_utils import write_image_text_json, write_vocab
 
-    class StopAtTheFirstCheckpoint(TrainerCallback):  # what the JIT checkpoint callback does on SIGTERM
-        def on_step_end(self, args, state, control, **kwargs):
-            control.should_save = control.should_training_stop = True
+    class SigtermDuringTheFirstStep(TrainerCallback):  # a scheduler ending the job
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     original = trainers.training.train
     monkeypatch.setattr(
-        trainers.training, "train", lambda *a, **k: original(*a, **k, callbacks=[StopAtTheFirstCheckpoint()])
+        trainers.training, "train", lambda *a, **k: original(*a, **k, callbacks=[SigtermDuringTheFirstStep()])
     )
+    handler = signal.getsignal(signal.SIGTERM)
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, handler))
     records, image_root = write_image_text_json(tmp_path, n=4)
     argv = ["finetune", "--task", "retrieval", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
     argv += ["--train_file", str(records), "--image_root", str(image_root), "--max_steps", "3", "--use_cpu"]
     argv += ["--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    argv += ["--enable_jit_checkpoint", "true"]
     # An earlier run's checkpoint in the folder: named at the start, and not offered as this run's (it was: the
     # highest-numbered folder, whose resume "finished" the other run's model).
     (tmp_path / "out" / "checkpoint-600").mkdir(parents=True)
@@ -714,6 +720,8 @@ def test_training_that_stops_before_its_last_step_saves_no_final_model(tmp_path,
         ):
             cli.main(argv)
     assert "holds 1 checkpoint folder(s) of an earlier run (... checkpoint-600)" in logged.out
+    assert sorted(os.listdir(tmp_path / "out" / "checkpoint-1")) and signal.getsignal(signal.SIGTERM) == handler
+    assert json.loads((tmp_path / "out" / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
     assert not (tmp_path / "out" / "model.safetensors").exists()
     # The console script prints it as one message and exits with 1.
     monkeypatch.setattr(sys, "argv", ["efficientvlm", *argv])

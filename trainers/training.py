@@ -23,6 +23,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from trainers.data.epochs import follow_collator_epochs
+from trainers.jit_checkpoint import use_step_boundary_jit_checkpoint
 from trainers.json_files import read_json_file
 from trainers.model_card import ModelCardInfo, local_name
 from trainers.saving import hub_target_from, publish_model_folder, save_model_folder
@@ -313,11 +314,12 @@ def train(
 
 def run_training(trainer: Trainer) -> Any:
     """`trainer.train()` (resuming `--resume_from_checkpoint`) with the checks every training command runs around it,
-    and its `TrainOutput`: new MLM masks each epoch, the engine (DeepSpeed / FSDP) checked and the model made
-    wrappable, the checkpoint to resume checked (or earlier runs' checkpoints in `--output_dir` named), and a run
-    that stopped early refused ([`check_training_finished`])."""
+    and its `TrainOutput`: new MLM masks each epoch, `--enable_jit_checkpoint` saved at a step boundary, the engine
+    (DeepSpeed / FSDP) checked and the model made wrappable, the checkpoint to resume checked (or earlier runs'
+    checkpoints in `--output_dir` named), and a run that stopped early refused ([`check_training_finished`])."""
     args = trainer.args
     follow_collator_epochs(trainer)
+    use_step_boundary_jit_checkpoint(trainer)  # --enable_jit_checkpoint: a checkpoint that resumes exactly
     check_engine(trainer)
     prepare_model_for_engine(trainer)
     if args.resume_from_checkpoint:
@@ -417,7 +419,8 @@ def check_training_finished(trainer: Trainer) -> None:
     as done."""
     state = trainer.state
     ladder = getattr(trainer, "ladder", None)
-    if state.global_step >= state.max_steps or (ladder is not None and ladder.finished):
+    # A ladder is done when its last rung is saved (its run may stop before max_steps), and only then.
+    if ladder.finished if ladder is not None else state.global_step >= state.max_steps:
         return
     # This run's newest checkpoint: the highest-numbered folder may be an earlier run's, past this run's last step.
     own = [path for path in _checkpoints(trainer.args.output_dir) if int(path.name[11:]) <= state.global_step]
@@ -425,7 +428,8 @@ def check_training_finished(trainer: Trainer) -> None:
     resume = f"resume with --resume_from_checkpoint {last}" if last else "no checkpoint was saved to resume from"
     raise TrainingStopped(
         f"Training stopped at step {state.global_step} of {state.max_steps} (a SIGTERM under --enable_jit_checkpoint, "
-        f"or a callback that stops training): no final model was saved; {resume}."
+        "a callback that stops training, or an iterable dataset that ran out first): no final model was saved; "
+        f"{resume}."
     )
 
 
