@@ -502,6 +502,10 @@ class ImageTextDataset(_RecordDataset):
         """The RGB image with id `image_id`."""
         return self._load_image(self._image_record[image_id])
 
+    def image_record(self, image_id: int) -> dict[str, Any]:
+        """The record that gave image `image_id` its id (the first of the records sharing it)."""
+        return self.records[self._image_record[image_id]]
+
     def image_view(self) -> Dataset:
         """A dataset over distinct images (for retrieval): items `{"image", "image_id"}`, ordered by id."""
         return _ListDataset(self.num_images, lambda i: {"image": self.get_image(i), "image_id": i})

@@ -216,8 +216,8 @@ def _image_names(dataset: Any) -> list[dict[str, Any]]:
     order they first appear in the records, a record's `image_id` shared): `image`, its path as the records give it
     (None for an image stored in a `datasets` column), and `image_id`, the record's own, when it gives one."""
     names = []
-    for index, record_index in enumerate(dataset._image_record):
-        record = dataset.records[record_index]
+    for index in range(dataset.num_images):
+        record = dataset.image_record(index)
         value = None if dataset.lazy_image_column else record.get(dataset.image_column)
         if isinstance(value, dict):  # a `datasets` Image value read undecoded: {"path": ..., "bytes": ...}
             value = value.get("path")
