@@ -627,6 +627,13 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         on_target = abs(last - target) <= tolerance
         if self.snap is not None:
             pass  # the saved masks were brought to the target: the report's `snap_to_target` says from where
+        elif not self.lagrangian.warmed_up(steps[-1]):
+            reached = self.lagrangian.target(steps[-1])
+            logger.warning(
+                f"The sparsity warm-up ({self.lagrangian.warmup_steps} steps) outlasted the run ({steps[-1]} steps): "
+                f"the target had grown to {reached:.4f} of {target} when training ended, so the masks never aimed at "
+                "it. Warm up over fewer steps (--sparsity_warmup_steps / --sparsity_warmup_fraction) or train longer."
+            )
         elif not settled:
             logger.warning(
                 f"The sparsity had not settled when training ended: over steps {steps[0]}-{steps[-1]} the masks' "
