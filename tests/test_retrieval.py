@@ -466,14 +466,15 @@ def _evaluation_setup(config: EfficientVLMConfig, tmp_path, n: int = 4, edit=Non
 def test_a_tied_gold_is_not_ranked_first_in_the_items_as_in_the_recalls() -> None:
     from types import SimpleNamespace
 
+    from trainers.data import ImageTextDataset
     from trainers.evaluation.metrics import retrieval_recall
     from trainers.evaluation.tasks import _retrieval_items
 
     # Text 0's gold image 0 ties with image 1; image 1's best gold text (1) ties with text 2 and trails text 0.
     scores_i2t = torch.tensor([[0.9, 0.1, 0.2, 0.0], [0.9, 0.5, 0.5, 0.3]])
-    dataset = SimpleNamespace(texts=["a", "b", "c", "d"], text_to_image=[0, 1, 0, 1], image_to_texts=[[0, 2], [1, 3]])
-    dataset.records, dataset._image_record = [{"image": "a.jpg"}, {"image": "b.jpg"}], [0, 1]
-    dataset.image_column, dataset.lazy_image_column = "image", False
+    records = [{"image": image, "caption": text} for image, text in zip("abab", "abcd")]
+    dataset = ImageTextDataset(records, check_files=False)
+    assert dataset.text_to_image == [0, 1, 0, 1] and dataset.image_to_texts == [[0, 2], [1, 3]]
     items = _retrieval_items(dataset, SimpleNamespace(scores_t2i=scores_i2t.T, scores_i2t=scores_i2t))
     ranks = {(item["query"], item.get("text_index", item.get("image_index"))): item["rank"] for item in items}
     assert ranks == {("text", 0): 2, ("text", 1): 1, ("text", 2): 2, ("text", 3): 1, ("image", 0): 1, ("image", 1): 3}
