@@ -586,7 +586,9 @@ class EfficientVLMMLP(PacksCPUWeights):
         index, values = _kept(mask, self.intermediate_size, "FFN neurons")
         if len(index) == 0:
             return EfficientVLMEmptyMLP(self.fc2.bias.detach().clone()).train(self.training)
-        width = padded_width(len(index), self.intermediate_size, pad_to_multiple_of)
+        # Capped by the unpruned width, not the current one: a pruned FFN whose padding was dropped (to prune it
+        # again) is padded anew.
+        width = padded_width(len(index), max(self.config.intermediate_size, self.intermediate_size), pad_to_multiple_of)
         if width > len(index):
             zero = torch.zeros(1, dtype=self.fc1.weight.dtype, device=self.fc1.weight.device)
             if self.activation_fn(zero).item() != 0.0:

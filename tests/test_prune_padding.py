@@ -169,3 +169,53 @@ def test_a_padded_pruned_model_equals_the_masked_model_reloads_and_reports_its_p
     assert trainer.masker.structure_sizes == exact.structure_sizes()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, exact(**inputs).logits, rtol=0, atol=1e-6)
+
+
+def test_a_pruned_ffn_pruned_again_is_padded_anew_up_to_its_unpruned_width() -> None:
+    """Pruning again first drops the padding; the width was then capped by that stripped width, so the second
+    pruning left widths off the multiple of 8 (3 of 64, where 8 fit), and only ever narrower."""
+    from trainers.pruning.padding import drop_silent_ffn_neurons
+
+    model = EfficientVLMForImageTextRetrieval(EfficientVLMConfig.from_preset("tiny"))
+    three = torch.zeros(64)
+    three[:3] = 1
+    model.prune({"fusion_ffn": [three, torch.ones(64)]}, pad_to_multiple_of=8)
+    assert model.structure_sizes()["fusion_ffn"] == [8, 64]
+    assert drop_silent_ffn_neurons(model) == 5 and model.structure_sizes()["fusion_ffn"] == [3, 64]
+    model.prune({"fusion_ffn": [torch.tensor([1.0, 1.0, 0.0]), torch.ones(64)]}, pad_to_multiple_of=8)
+    assert model.structure_sizes()["fusion_ffn"] == [8, 64]
+
+
+def test_ffn_neurons_of_a_zero_initialised_residual_branch_are_not_taken_for_padding() -> None:
+    """`zero_init_residual` starts every `fc2` at zero: the padding test (an all-zero `fc2` column) removed every
+    vision and fusion FFN neuron of such a model before its pruning began. Padding is zero in `fc1` too."""
+    from trainers.pruning.padding import drop_silent_ffn_neurons
+
+    config = EfficientVLMConfig.from_preset(
+        "tiny", vision_config={"zero_init_residual": True}, text_config={"fusion_zero_init_residual": True}
+    )
+    model = EfficientVLMForImageTextRetrieval(config)
+    assert not model.efficientvlm.vision_model.layers[0].mlp.fc2.weight.any()
+    sizes = model.structure_sizes()
+    assert drop_silent_ffn_neurons(model) == 0 and model.structure_sizes() == sizes
+
+
+def test_a_stack_or_the_cross_attention_emptied_by_pruning_is_named() -> None:
+    """A second pruning to a high target (counted on the pruned model) emptied vision, text and fusion and saved a
+    model that reads neither image nor text, without a word."""
+    from transformers.testing_utils import CaptureLogger
+
+    from trainers.pruning import padding
+
+    model = EfficientVLMForImageTextRetrieval(EfficientVLMConfig.from_preset("tiny"))
+    sizes = model.structure_sizes()
+    masks = {key: [torch.ones(n) for n in per_layer] for key, per_layer in sizes.items()}
+    masks["fusion_cross_heads"] = [torch.zeros(n) for n in sizes["fusion_cross_heads"]]
+    masks["text_heads"] = [torch.zeros(n) for n in sizes["text_heads"]]
+    masks["text_ffn"] = [torch.zeros(n) for n in sizes["text_ffn"]]
+    kept = StructureMasker.from_model(model).kept_structures(masks)
+    with CaptureLogger(padding.logger) as logged:
+        prune_structures(model, masks, kept)
+    assert "every head and FFN neuron of the text layers" in logged.out
+    assert "every cross-attention head of the fusion layers" in logged.out
+    assert "vision layers" not in logged.out and "of the fusion layers: they" not in logged.out
