@@ -349,7 +349,9 @@ def write_report(run: Any, plots: dict[str, Path]) -> Path:
         f"Teacher {s.teacher_layers[0]} vision / {s.teacher_layers[1]} text / {s.teacher_layers[2]} fusion layers "
         f"(width {s.hidden_size}); student {s.student_layers[0]}/{s.student_layers[1]}/{s.student_layers[2]}, "
         f"pruned to a global target sparsity of {s.target_sparsity}. Latency: median CPU time of the encoders "
-        f"(vision, text, fusion) on the same batch of {s.benchmark_batch_size}, measured side by side in this run.",
+        f"(vision, text, fusion) on the same batch of {s.benchmark_batch_size}, measured side by side in this run; "
+        "GFLOPs are the encoders' too, params the whole model's (task heads included). One run's medians: "
+        "`efficientvlm benchmark --models <folders> --rounds 6` re-measures them with their spread.",
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores available, {machine['torch_threads']} torch "
         f"thread(s){_pipelines_note(run.jobs, run.pipeline_priorities)}, torch {machine['torch']} with its "
