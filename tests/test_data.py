@@ -601,6 +601,10 @@ def test_empty_data_has_no_records(tmp_path) -> None:
     for task in ("vqa", "retrieval", "nlvr2", "captioning"):
         with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} has no records"):
             build_dataset(task, path, tmp_path)
+    # An empty file (a failed export, `touch`) said "Expecting value: line 1 column 1".
+    path.write_text("\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is empty: expected a JSON list of records\.$"):
+        VQADataset(path, tmp_path)
     empty_hf = datasets.Dataset.from_dict({"image": [], "caption": []})
     with pytest.raises(ValueError, match=r"^The `datasets.Dataset` has no records \(0 rows\)"):
         ImageTextDataset(empty_hf)

@@ -253,6 +253,8 @@ def _read_json_records(path: str | os.PathLike) -> list[Any]:
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text: {error}") from error
     except json.JSONDecodeError as error:
+        if not error.doc.strip():
+            raise ValueError(f"{path} is empty: expected a JSON list of records.") from error
         hint = ""
         if error.msg == "Extra data":
             hint = " (a JSON Lines file? The file must hold one JSON list of records.)"
