@@ -272,10 +272,11 @@ class SparsityLadder(TrainerCallback):
             if metrics and self.outputs.card is not None:
                 publish_model_folder(output_dir, pruned, self.outputs.card(metrics), pruning_report=report)
         report, metrics = broadcast_from_first_process((report, metrics))
-        logger.warning(
-            f"Sparsity ladder: rung {target} at step {step} ({settled_by}): sparsity {report['sparsity']:.4f}, "
-            f"{report['parameters_before']:,} -> {report['parameters_after']:,} parameters; saved to {output_dir}."
-        )
+        if trainer.args.should_save:  # the process that wrote it says so, once
+            logger.warning(
+                f"Sparsity ladder: rung {target} at step {step} ({settled_by}): sparsity {report['sparsity']:.4f}, "
+                f"{report['parameters_before']:,} -> {report['parameters_after']:,} parameters; saved to {output_dir}."
+            )
         saved = LadderRung(rung, target, step, settled_by, output_dir, report, metrics)
         self.rungs.append(saved)
         return saved
