@@ -43,6 +43,8 @@ from modeling_efficientvlm.image_processing_efficientvlm import pil_to_8_bits
 
 DataSource = str | os.PathLike | Sequence[dict[str, Any]] | datasets.Dataset
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a photo's stored pixels turn to be upright
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Reading records and images
@@ -77,8 +79,10 @@ def _open_image(value: Any, where: str, image_root: Path | None) -> PIL.Image.Im
     try:
         with PIL.Image.open(source) as image:
             # Upright as a viewer shows it (a phone photo's EXIF orientation), as `datasets` and transformers'
-            # `load_image` (the pipelines' reader) read files; converting loads the pixels, so the file can close.
-            return _to_rgb(PIL.ImageOps.exif_transpose(image), where, f" {shown}")
+            # `load_image` (the pipelines' reader) read files; `exif_transpose` copies, so only when it turns.
+            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                image = PIL.ImageOps.exif_transpose(image)
+            return _to_rgb(image, where, f" {shown}")  # converting loads the pixels, so the file can close
     except PIL.Image.DecompressionBombError as error:
         raise _bomb_error(error, where, f" {shown}") from error
     except (PIL.UnidentifiedImageError, OSError) as error:
