@@ -9,6 +9,9 @@ inference compiles as one graph (`torch.compile(..., fullgraph=True)`) and bad i
 from __future__ import annotations
 
 import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 def check_tensor(condition: torch.Tensor, message: str) -> None:
@@ -20,4 +23,22 @@ def check_tensor(condition: torch.Tensor, message: str) -> None:
         raise ValueError(message)
 
 
-__all__ = ["check_tensor"]
+def warn_if_dropout_is_on(model: torch.nn.Module, method: str) -> None:
+    """Warns (once per method) when an inference helper of `model` runs in training mode with dropout in its layers:
+    its answers then vary from call to call (right after `Trainer.train()` the model is still in training mode).
+    The mode is not switched here: the caller owns it (and compiled evaluation must not see it change)."""
+    if not model.training or torch.compiler.is_compiling():
+        return
+    # Dropout layers, and attention modules that drop probabilities by a rate of their own (`dropout`, a float).
+    rates = (
+        module.p if isinstance(module, torch.nn.Dropout) else getattr(module, "dropout", 0.0)
+        for module in model.modules()
+    )
+    if any(isinstance(rate, float) and rate > 0 for rate in rates):
+        logger.warning_once(
+            f"`{method}` runs in training mode with dropout on: its results vary from call to call. Call "
+            "`model.eval()` first."
+        )
+
+
+__all__ = ["check_tensor", "warn_if_dropout_is_on"]

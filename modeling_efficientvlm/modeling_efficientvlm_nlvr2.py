@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .checks_efficientvlm import warn_if_dropout_is_on
 from .configuration_efficientvlm import EfficientVLMConfig, TextStackLayout, has_twin_fusion_layers
 from .modeling_efficientvlm import (
     EfficientVLMAttention,
@@ -354,6 +355,7 @@ class EfficientVLMForVisualReasoning(EfficientVLMPreTrainedModel):
         sentences: one string or one per pair; processor: the checkpoint's processor (`AutoProcessor`).
         Returns one dict per pair: `{"label": True or False, "probabilities": {"False": p, "True": 1 - p}}`.
         """
+        warn_if_dropout_is_on(self, "predict")
         single = isinstance(sentences, str)
         sentences = [sentences] if single else list(sentences)
         lefts = left_images if isinstance(left_images, (list, tuple)) else [left_images]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks_efficientvlm import warn_if_dropout_is_on
 from .configuration_efficientvlm import EfficientVLMConfig
 from .loss_efficientvlm import ImageTextContrastiveLoss
 from .modeling_efficientvlm import (
@@ -324,6 +325,7 @@ class EfficientVLMForImageTextRetrieval(EfficientVLMPreTrainedModel):
         Returns:
             `(scores_i2t, scores_t2i)`: (num_images, num_texts) and (num_texts, num_images).
         """
+        warn_if_dropout_is_on(self, "itm_rerank_scores")
         num_images, num_texts = itc_scores.shape[0], text_states.shape[0]
         chunks = [(0, image_states)] if isinstance(image_states, torch.Tensor) else image_states
         if isinstance(image_states, torch.Tensor) and image_states.shape[0] != num_images:

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
-from .checks_efficientvlm import check_tensor
+from .checks_efficientvlm import check_tensor, warn_if_dropout_is_on
 from .configuration_efficientvlm import EfficientVLMConfig
 from .modeling_efficientvlm import (
     DECODER_MASK_KEYS,
@@ -407,6 +407,7 @@ class EfficientVLMForQuestionAnswering(EfficientVLMPreTrainedModel, EfficientVLM
         first token's log-probability once more (the official score counts it twice); the default is the
         plain likelihood. Call it in eval mode (dropout off), as X-VLM does.
         """
+        warn_if_dropout_is_on(self, "rank_answers")
         saved = answer_candidates_ids is None
         if saved:
             answer_candidates_ids, answer_candidates_mask = self.answer_candidate_tensors()

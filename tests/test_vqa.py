@@ -250,6 +250,25 @@ def test_trainer_loss_decreases_and_the_trained_answers_are_ranked_and_generated
     assert [row[:3] for row in sequences.tolist()] == [[CLS, 5, SEP], [CLS, 6, SEP], [CLS, 7, SEP]]
 
 
+def test_answer_ranking_in_training_mode_with_dropout_says_so() -> None:
+    """Right after `Trainer.train()` a model is in training mode: `rank_answers` then ran with dropout on, and its
+    answers varied from call to call without a word."""
+    from transformers.testing_utils import CaptureLogger
+
+    from modeling_efficientvlm import checks_efficientvlm
+
+    candidates, mask = _candidates()
+    quiet = EfficientVLMForQuestionAnswering(
+        _config(text_config={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+    )
+    noisy = EfficientVLMForQuestionAnswering(_config(text_config={"attention_probs_dropout_prob": 0.1}))
+    for model, training, warned in ((quiet, True, False), (noisy, False, False), (noisy, True, True)):
+        model.train(training)
+        with CaptureLogger(checks_efficientvlm.logger) as logged:
+            model.rank_answers(**_questions(), answer_candidates_ids=candidates, answer_candidates_mask=mask, k=2)
+        assert ("`rank_answers` runs in training mode with dropout on" in logged.out) == warned
+
+
 def test_ranking_matches_a_brute_force_likelihood() -> None:
     torch.manual_seed(3)
     model = EfficientVLMForQuestionAnswering(_config()).eval()
