@@ -400,6 +400,21 @@ def test_train_steps_keep_float32_weights_under_bfloat16_autocast() -> None:
         assert trainer.args.bf16 and any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
+def test_both_train_steps_of_a_pruned_copy_train_the_same_model_without_its_padding() -> None:
+    from trainers.benchmark.workloads import WorkloadShape, build_workloads
+
+    models, _ = benchmark_models(["tiny"], [0.5])  # FFN widths padded to multiples of 8 with all-zero neurons
+    steps = build_workloads(models[1], "train-step", WorkloadShape(batch_size=2, image_size=32, text_length=8))
+    distilled, masked = (steps[name].trainer for name in TRAIN_STEPS)
+    padded = models[1].build("retrieval").structure_sizes()
+    assert distilled.model.structure_sizes() == masked.model.structure_sizes() != padded
+    assert sum(p.numel() for p in distilled.model.parameters()) == sum(p.numel() for p in masked.model.parameters())
+    neurons = steps[TRAIN_STEPS[0]].silent_neurons_dropped
+    assert neurons > 0 and masked.silent_neurons_dropped is None  # nothing left for the trainer to remove (or warn)
+    report = run_benchmark(models, BenchmarkSettings(workloads=("train-step",), batch_sizes=(2,), **FAST))
+    assert f"tiny pruned 0.5: train-step students without its {neurons} padding FFN neurons" in report.notes[0]
+
+
 def test_train_steps_leave_no_folder_behind(tmp_path, monkeypatch) -> None:
     import gc
     import tempfile

@@ -310,6 +310,7 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
     previous_threads = torch.get_num_threads()
     results, peaks = [], {dtype: {} for dtype in settings.dtypes}
     unable: dict[str, list[str]] = {}  # workload -> the models that cannot run it (no row)
+    depadded: dict[str, int] = {}  # model -> padding neurons its train-step students were built without
     samples: dict[str, dict[int, list[float]]] = {dtype: {} for dtype in settings.dtypes}
 
     def measure_peaks(threads: int) -> None:
@@ -328,7 +329,9 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
             for image_size in settings.image_sizes:
                 for workload in settings.workloads:
                     for batch_size in settings.batch_sizes:
-                        results += _measure_setting(models, workload, settings, batch_size, image_size, threads, unable)
+                        results += _measure_setting(
+                            models, workload, settings, batch_size, image_size, threads, unable, depadded
+                        )
                         measure_peaks(threads)
     finally:
         torch.set_num_threads(previous_threads)
@@ -347,7 +350,7 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
         peak_samples=samples,
         models=[model_record(entry) for entry in models],
     )
-    report.notes = [*_unable_notes(unable), *target_notes(report)]
+    report.notes = [*_unable_notes(unable), *_depadded_notes(depadded), *target_notes(report)]
     return report
 
 
@@ -358,6 +361,16 @@ def _unable_notes(unable: dict[str, list[str]]) -> list[str]:
         f"No {workload} rows for {', '.join(names)}: no model of that kind (a peer without that head, or a saved "
         "folder of another task)."
         for workload, names in unable.items()
+    ]
+
+
+def _depadded_notes(depadded: dict[str, int]) -> list[str]:
+    """One line per model whose train-step students were built without an earlier pruning's padding."""
+    return [
+        f"{name}: train-step students without its {neurons} padding FFN neurons (all-zero, as pruning pads widths), "
+        "which mask learning removes before masking; the distillation student drops them too, so both steps train "
+        "the same model (the teacher keeps them; the outputs are the same)."
+        for name, neurons in depadded.items()
     ]
 
 
@@ -391,9 +404,11 @@ def _measure_setting(
     image_size: int | None,
     threads: int,
     unable: dict[str, list[str]] | None = None,
+    depadded: dict[str, int] | None = None,
 ) -> list[BenchmarkResult]:
     """Times every model on one workload at one setting; the models that cannot run it are added to
-    `unable[workload]`."""
+    `unable[workload]`, those whose train-step students were built without padding neurons to `depadded` (name ->
+    neurons)."""
     size = image_size or _reference_image_size(models, workload)
     shape = _shape(settings, batch_size, size)
     calls: dict[tuple[str, str], Any] = {}
@@ -410,6 +425,8 @@ def _measure_setting(
         if not workloads and unable is not None and entry.name not in unable.setdefault(workload, []):
             unable[workload].append(entry.name)
         for name, call in workloads.items():
+            if getattr(call, "silent_neurons_dropped", 0) and depadded is not None:
+                depadded[entry.name] = call.silent_neurons_dropped
             calls[(name, entry.name)] = call
             if compiling:
                 compiled_name = entry.name + COMPILED_SUFFIX

@@ -10,7 +10,9 @@
   learning with sampled hard-concrete masks + the sparsity Lagrangian (`train-step/mask-learning`), each with a
   frozen copy of the same model as the teacher, through the project's own trainers (batch sizes >= 2: ITM
   training needs a negative from another image of the batch). The students train float32 weights; a model
-  placed in bfloat16 / float16 trains them under the `Trainer`'s mixed precision of that dtype.
+  placed in bfloat16 / float16 trains them under the `Trainer`'s mixed precision of that dtype. Both students
+  are the model without an earlier pruning's padding (all-zero FFN neurons), which mask learning removes before
+  masking: the two steps train the same model.
 
 Inputs live where the model does, in its dtype; the retrieval workload's images stay on the CPU (a dataset) and
 go to the model's device batch by batch, as `efficientvlm evaluate` sends them.
@@ -185,11 +187,13 @@ def _retrieval(model: nn.Module, shape: WorkloadShape, interpolate: bool) -> dic
 def _train_steps(model: nn.Module, shape: WorkloadShape, interpolate: bool) -> dict[str, Callable]:
     """One full optimizer step (forward, KD terms against the teacher, backward, AdamW) through
     `DistillationTrainer` and `ModalAdaptivePruningTrainer`, on a paired batch; the two students are copies of
-    `model`, the teacher a frozen copy too (so both steps pay the same teacher)."""
+    `model` without its padding neurons (`drop_silent_ffn_neurons`, removed once: their count is each step's
+    `silent_neurons_dropped`), the teacher a frozen copy of `model` (so both steps pay the same teacher)."""
     from transformers import TrainingArguments
 
     from trainers.distillation.objective import DistillationConfig
     from trainers.distillation.trainer import DistillationTrainer
+    from trainers.pruning.padding import drop_silent_ffn_neurons
     from trainers.pruning.trainer import ModalAdaptivePruningTrainer, PruningConfig
 
     inputs = _images_and_texts(model, shape, shape.batch_size, shape.batch_size)
@@ -211,11 +215,14 @@ def _train_steps(model: nn.Module, shape: WorkloadShape, interpolate: bool) -> d
         **mixed,
     )
     common = dict(args=args, teacher_model=teacher, distillation_config=DistillationConfig())
+    pruning_config = PruningConfig(target_sparsity=0.5)
+    # Mask learning removes an earlier pruning's padding (all-zero FFN neurons) from its student before masking it;
+    # removed here once, both students train the same model (the step ratio compares one model's two steps).
+    student = copy.deepcopy(model).float()
+    silent = drop_silent_ffn_neurons(student, include_decoder=pruning_config.prune_decoder)
     trainers = {
-        TRAIN_STEPS[0]: DistillationTrainer(model=copy.deepcopy(model).float(), **common),
-        TRAIN_STEPS[1]: ModalAdaptivePruningTrainer(
-            model=copy.deepcopy(model).float(), pruning_config=PruningConfig(target_sparsity=0.5), **common
-        ),
+        TRAIN_STEPS[0]: DistillationTrainer(model=copy.deepcopy(student), **common),
+        TRAIN_STEPS[1]: ModalAdaptivePruningTrainer(model=student, pruning_config=pruning_config, **common),
     }
 
     def step(trainer: Any) -> Callable[[], Any]:
@@ -239,6 +246,7 @@ def _train_steps(model: nn.Module, shape: WorkloadShape, interpolate: bool) -> d
 
         train_step.trainer = trainer  # what the step trains, for a look inside
         train_step.workdir = workdir
+        train_step.silent_neurons_dropped = silent  # the padding neurons both students were built without
         return train_step
 
     return {name: step(trainer) for name, trainer in trainers.items()}
