@@ -415,6 +415,27 @@ def test_both_train_steps_of_a_pruned_copy_train_the_same_model_without_its_padd
     assert f"tiny pruned 0.5: train-step students without its {neurons} padding FFN neurons" in report.notes[0]
 
 
+def test_memory_is_measured_for_each_train_step_alone(monkeypatch) -> None:
+    from trainers.benchmark import BenchmarkResult, memory
+    from trainers.benchmark.suite import _add_memory
+    from trainers.benchmark.workloads import WorkloadShape, build_workloads
+
+    models, _ = benchmark_models(["tiny"])
+    shape = WorkloadShape(batch_size=2, image_size=32, text_length=8)
+    for step in TRAIN_STEPS:  # what the fresh process builds: that step's trainer, not the other's
+        assert list(build_workloads(models[0], step, shape)) == [step]
+    requests = []
+    peaks = {TRAIN_STEPS[0]: 300.0, TRAIN_STEPS[1]: 400.0}
+    monkeypatch.setattr(
+        memory,
+        "peak_memory",
+        lambda source, workload, *args: requests.append(workload) or {"peak_mb": peaks[workload], "loaded_mb": 100.0},
+    )
+    rows = [BenchmarkResult(step, "tiny", 2, 32, 1, 10, 8, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5) for step in peaks]
+    _add_memory(models, rows, BenchmarkSettings(workloads=("train-step",), batch_sizes=(2,), **FAST))
+    assert requests == list(TRAIN_STEPS) and [row.peak_rss_mb for row in rows] == [300.0, 400.0]
+
+
 def test_train_steps_leave_no_folder_behind(tmp_path, monkeypatch) -> None:
     import gc
     import tempfile

@@ -571,13 +571,14 @@ def _speed_verdict(model: BenchmarkModel, speedup: float, flops_cut: float) -> s
 
 
 def _add_memory(models: list[BenchmarkModel], rows: list[BenchmarkResult], settings: BenchmarkSettings) -> None:
-    """Peak RSS per model and workload at the largest batch and image size measured (in a fresh process)."""
+    """Peak RSS per model and workload at the largest batch and image size measured (in a fresh process; each train
+    step in its own, which builds that step's trainer alone)."""
     from .memory import peak_memory
 
     by_name = {entry.name: entry for entry in models}
-    for workload in settings.workloads:
+    for workload in dict.fromkeys(r.workload for r in rows):
         for name, entry in by_name.items():
-            mine = [r for r in rows if r.name == name and r.workload.split("/")[0] == workload]
+            mine = [r for r in rows if r.name == name and r.workload == workload]
             if not mine or entry.source is None:
                 continue
             largest = max(mine, key=lambda r: (r.batch_size, r.image_size, r.threads))

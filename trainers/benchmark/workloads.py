@@ -81,7 +81,10 @@ def _images_and_texts(
 
 
 def build_workloads(entry: BenchmarkModel, workload: str, shape: WorkloadShape) -> dict[str, Callable[[], Any]]:
-    """`{workload name: callable}` for one model (two names for `train-step`), or `{}` if it cannot run it."""
+    """`{workload name: callable}` for one model (two names for `train-step`; one of `TRAIN_STEPS` builds that
+    step alone), or `{}` if it cannot run it."""
+    steps = (workload,) if workload in TRAIN_STEPS else TRAIN_STEPS
+    workload = workload.split("/")[0] if workload in TRAIN_STEPS else workload
     if workload not in WORKLOADS:
         raise ValueError(f"Unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}.")
     model = entry.build(family_of(workload))
@@ -100,7 +103,7 @@ def build_workloads(entry: BenchmarkModel, workload: str, shape: WorkloadShape) 
     if workload == "retrieval":
         return _retrieval(model, shape, interpolate)
     # ITM training samples a hard negative from another image of the batch: no train step of a single pair.
-    return _train_steps(model, shape, interpolate) if shape.batch_size > 1 else {}
+    return _train_steps(model, shape, interpolate, steps) if shape.batch_size > 1 else {}
 
 
 def _encoders(kind: str, model: nn.Module, shape: WorkloadShape, interpolate: bool) -> dict[str, Callable]:
@@ -184,11 +187,14 @@ def _retrieval(model: nn.Module, shape: WorkloadShape, interpolate: bool) -> dic
     return {"retrieval": retrieval}
 
 
-def _train_steps(model: nn.Module, shape: WorkloadShape, interpolate: bool) -> dict[str, Callable]:
+def _train_steps(
+    model: nn.Module, shape: WorkloadShape, interpolate: bool, steps: tuple[str, ...] = TRAIN_STEPS
+) -> dict[str, Callable]:
     """One full optimizer step (forward, KD terms against the teacher, backward, AdamW) through
     `DistillationTrainer` and `ModalAdaptivePruningTrainer`, on a paired batch; the two students are copies of
     `model` without its padding neurons (`drop_silent_ffn_neurons`, removed once: their count is each step's
-    `silent_neurons_dropped`), the teacher a frozen copy of `model` (so both steps pay the same teacher)."""
+    `silent_neurons_dropped`), the teacher a frozen copy of `model` (so both steps pay the same teacher). Only the
+    trainers of `steps` are built (one step's memory is measured without the other's trainer)."""
     from transformers import TrainingArguments
 
     from trainers.distillation.objective import DistillationConfig
@@ -220,10 +226,12 @@ def _train_steps(model: nn.Module, shape: WorkloadShape, interpolate: bool) -> d
     # removed here once, both students train the same model (the step ratio compares one model's two steps).
     student = copy.deepcopy(model).float()
     silent = drop_silent_ffn_neurons(student, include_decoder=pruning_config.prune_decoder)
-    trainers = {
-        TRAIN_STEPS[0]: DistillationTrainer(model=copy.deepcopy(student), **common),
-        TRAIN_STEPS[1]: ModalAdaptivePruningTrainer(model=student, pruning_config=pruning_config, **common),
+    kinds = {
+        TRAIN_STEPS[0]: (DistillationTrainer, {}),
+        TRAIN_STEPS[1]: (ModalAdaptivePruningTrainer, {"pruning_config": pruning_config}),
     }
+    trainers = {name: kinds[name][0](model=copy.deepcopy(student), **kinds[name][1], **common) for name in steps}
+    del student  # one copy per trainer: no spare student held while the steps run
 
     def step(trainer: Any) -> Callable[[], Any]:
         trainer.model.train()
