@@ -327,6 +327,10 @@ def test_settings_are_validated_and_shared_with_the_demo() -> None:
         ({"vqa_candidates": 0, "vqa_k": 0}, "`vqa_candidates` must be at least 1"),
         ({"vqa_k": 64}, r"`vqa_k` \(64\) re-scores some of the `vqa_candidates` \(32\)"),
         ({"texts_per_image": 0}, "`texts_per_image` must be at least 1"),
+        (
+            {"workloads": ("itm", "train-step"), "batch_sizes": (1, 8)},
+            r"\(--batch_sizes / --batch_size\) \[1, 8\]: the train-step workload needs batches of at least 2",
+        ),
     ]:
         with pytest.raises(ValueError, match=message):
             BenchmarkSettings(**bad)

@@ -102,6 +102,11 @@ class BenchmarkSettings:
                 raise ValueError(f"`{name}` must be positive integers; got {values}.")
             if len(set(values)) < len(values):
                 raise ValueError(f"`{name}` repeat: {values} (each setting is timed once, in the same rounds).")
+        if "train-step" in self.workloads and min(self.batch_sizes) < 2:
+            raise ValueError(
+                f"`batch_sizes` (--batch_sizes / --batch_size) {list(self.batch_sizes)}: the train-step workload needs "
+                "batches of at least 2 (ITM training takes each pair's negative from another image of the batch)."
+            )
         for name in ("text_length", "vqa_candidates", "vqa_k", "texts_per_image"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1; got {getattr(self, name)}.")

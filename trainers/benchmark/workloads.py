@@ -102,8 +102,9 @@ def build_workloads(entry: BenchmarkModel, workload: str, shape: WorkloadShape) 
         return _vqa(model, shape, interpolate)
     if workload == "retrieval":
         return _retrieval(model, shape, interpolate)
-    # ITM training samples a hard negative from another image of the batch: no train step of a single pair.
-    return _train_steps(model, shape, interpolate, steps) if shape.batch_size > 1 else {}
+    if shape.batch_size < 2:  # ITM training samples a hard negative from another image of the batch
+        raise ValueError(f"The train-step workload needs batches of at least 2; got {shape.batch_size}.")
+    return _train_steps(model, shape, interpolate, steps)
 
 
 def _encoders(kind: str, model: nn.Module, shape: WorkloadShape, interpolate: bool) -> dict[str, Callable]:
