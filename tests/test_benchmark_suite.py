@@ -340,6 +340,19 @@ def test_settings_are_validated_and_shared_with_the_demo() -> None:
         run_benchmark(models, BenchmarkSettings(workloads=("itm",), batch_sizes=(1,), image_sizes=(32, 36), **FAST))
 
 
+def test_a_workload_no_model_can_run_is_refused_before_timing(monkeypatch, tiny_config) -> None:
+    from modeling_efficientvlm import EfficientVLMForQuestionAnswering, EfficientVLMForVisualReasoning
+    from trainers.benchmark import prebuilt_models, suite
+
+    monkeypatch.setattr(suite, "matmul_peak_gflops", lambda *args, **kwargs: pytest.fail("timed"))
+    nlvr2, vqa = EfficientVLMForVisualReasoning(tiny_config), EfficientVLMForQuestionAnswering(tiny_config)
+    # With an image size given, no reference model is looked up: the check must not rest on that.
+    for model, workloads in ((nlvr2, ("encoders", "itm")), (vqa, ("retrieval",)), (vqa, ("train-step",))):
+        settings = BenchmarkSettings(workloads=workloads, batch_sizes=(2,), image_sizes=(32,), **FAST)
+        with pytest.raises(ValueError, match=f"None of the models can run the '{workloads[-1]}' workload \\(m: "):
+            run_benchmark(prebuilt_models({"m": model}), settings)
+
+
 def test_the_benchmark_command_refuses_what_it_would_ignore_or_merge(tmp_path) -> None:
     from trainers.commands.benchmark import main
 

@@ -30,7 +30,7 @@ from trainers.evaluation.benchmarking import (
 from trainers.placement import DTYPES, dtype_name, resolve_placement
 
 from .models import PACKED_SUFFIX, BenchmarkModel
-from .workloads import WORKLOADS, WorkloadShape, build_workloads, family_of
+from .workloads import WORKLOADS, WorkloadShape, build_workloads, can_run, family_of
 
 # Issue 15's targets. A compressed model turns >= 90% of its FLOPs cut into speed; the forward workloads run at
 # >= 80% (retrieval, with its top-k and bookkeeping: >= 70%) of the matmul peak; a mask-learning step costs at
@@ -306,6 +306,7 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
     first, *others = settings.dtypes
     for entry in models:
         entry.place(settings.device, settings.torch_dtype)
+    _check_workloads(models, settings)
     _check_image_sizes(models, settings)
     # Each model followed by its copies in the other dtypes, all in the same interleaved rounds.
     models = [variant for entry in models for variant in (entry, *(entry.in_dtype(DTYPES[d]) for d in others))]
@@ -377,6 +378,17 @@ def _depadded_notes(depadded: dict[str, int]) -> list[str]:
         "the same model (the teacher keeps them; the outputs are the same)."
         for name, neurons in depadded.items()
     ]
+
+
+def _check_workloads(models: list[BenchmarkModel], settings: BenchmarkSettings) -> None:
+    """Raises before anything is timed for a workload that none of the models can run (it would have no rows in
+    any setting)."""
+    for workload in settings.workloads:
+        if not any(can_run(entry, workload) for entry in models):
+            raise ValueError(
+                f"None of the models can run the {workload!r} workload ({', '.join(e.name for e in models)}: peers "
+                "without that head, or saved folders of another task)."
+            )
 
 
 def _check_image_sizes(models: list[BenchmarkModel], settings: BenchmarkSettings) -> None:

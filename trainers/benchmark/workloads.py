@@ -80,6 +80,16 @@ def _images_and_texts(
     }
 
 
+def can_run(entry: BenchmarkModel, workload: str) -> bool:
+    """Whether a model has what `workload` runs (a head of its kind; peers: BLIP's ITM, nothing of CLIP's vision tower
+    but the encoders); builds the model of the workload's family, no inputs."""
+    if entry.build(family_of(workload.split("/")[0])) is None:
+        return False
+    if workload == "encoders" or entry.kind == "efficientvlm":
+        return True
+    return workload == "itm" and entry.kind == "blip"
+
+
 def build_workloads(entry: BenchmarkModel, workload: str, shape: WorkloadShape) -> dict[str, Callable[[], Any]]:
     """`{workload name: callable}` for one model (two names for `train-step`; one of `TRAIN_STEPS` builds that
     step alone), or `{}` if it cannot run it."""
@@ -87,15 +97,15 @@ def build_workloads(entry: BenchmarkModel, workload: str, shape: WorkloadShape) 
     workload = workload.split("/")[0] if workload in TRAIN_STEPS else workload
     if workload not in WORKLOADS:
         raise ValueError(f"Unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}.")
-    model = entry.build(family_of(workload))
-    if model is None:
+    if not can_run(entry, workload):
         return {}
+    model = entry.build(family_of(workload))
     _, own_size = _vocab_and_size(model)
     interpolate = shape.image_size != own_size
     if workload == "encoders":
         return _encoders(entry.kind, model, shape, interpolate)
     if entry.kind != "efficientvlm":
-        return _blip_itm(model, shape, interpolate) if workload == "itm" and entry.kind == "blip" else {}
+        return _blip_itm(model, shape, interpolate)
     if workload == "itm":
         return _itm(model, shape, interpolate)
     if workload == "vqa":
@@ -261,4 +271,4 @@ def _train_steps(
     return {name: step(trainer) for name, trainer in trainers.items()}
 
 
-__all__ = ["TRAIN_STEPS", "WORKLOADS", "WorkloadShape", "build_workloads", "family_of"]
+__all__ = ["TRAIN_STEPS", "WORKLOADS", "WorkloadShape", "build_workloads", "can_run", "family_of"]
