@@ -354,8 +354,12 @@ def test_a_workload_no_model_can_run_is_refused_before_timing(monkeypatch, tiny_
 
 
 def test_the_benchmark_command_refuses_what_it_would_ignore_or_merge(tmp_path) -> None:
+    from trainers.benchmark import BenchmarkResult
+    from trainers.benchmark.report import plot_path
     from trainers.commands.benchmark import main
 
+    taken = tmp_path / "a-file"  # a file where the outputs' folder would be
+    taken.write_text("")
     base = ["--workload", "itm", "--threads", "1", "--repeats", "1", "--rounds", "1", "--warmup", "0"]
     for argv, message in [
         (["--models", "tiny", "tiny"], "--models / --preset / --peer: tiny given more than once"),
@@ -365,9 +369,17 @@ def test_the_benchmark_command_refuses_what_it_would_ignore_or_merge(tmp_path) -
         (["--models", "tiny", "--batch_size", "0"], r"`batch_sizes` must be positive integers; got \(0,\)"),
         (["--models", "tiny", "--batch_size", "2", "--batch_sizes", "1,2"], "Give one of --batch_size .2. and"),
         (["--models", "tiny", "--output_json", str(tmp_path)], "--output_json .* is a folder; give the file"),
+        (["--models", "tiny", "--plot", str(tmp_path / "out.txt")], r"--plot .*out.txt': matplotlib writes no '.txt'"),
+        (["--models", "tiny", "--output_json", str(taken / "b.json")], "--output_json .*b.json': cannot write there"),
+        (["--models", "tiny", "--plot", str(taken / "sub" / "b.png")], "--plot .*b.png': cannot write there"),
     ]:
         with pytest.raises(ValueError, match=message):
             main([*base, *argv])
+    # A plot named without a suffix is written as matplotlib writes it, with .png added, and that file is named.
+    assert plot_path(tmp_path / "noext") == tmp_path / "noext.png"
+    row = BenchmarkResult("itm", "tiny", 2, 32, 1, 10, 8, 0.01, 1.0, 1.0, 1.0, 1.0, 1.0, 10.0, 0.5)
+    written = plot_report(BenchmarkReport(BenchmarkSettings(), [row], {1: 20.0}), tmp_path / "noext")
+    assert written == tmp_path / "noext.png" and written.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_packed_copies_sit_out_the_training_steps() -> None:

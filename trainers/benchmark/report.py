@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,43 @@ def _cpu_memory_line(machine: dict) -> str:
     return "CPU memory: the C library's default allocator (freed blocks not kept: see `trainers.cpu_memory`)."
 
 
+def check_output_path(path: str | Path, flag: str) -> Path:
+    """Raises, naming `flag`, unless `path` can be written: not a folder, its folder created (or there already) and
+    writable, the file itself writable if it exists. Called before anything is timed; returns `path`."""
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder; give the file to write.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{str(path)!r} is not writable")
+    except OSError as error:
+        raise ValueError(f"{flag} {str(path)!r}: cannot write there ({error}).") from error
+    return path
+
+
+def plot_path(path: str | Path) -> Path:
+    """The file `plot_report` writes for `path`: with matplotlib's default format's suffix (`.png`) added when it has
+    none, as `savefig` adds it; a suffix that is not one of matplotlib's formats raises, naming --plot."""
+    from matplotlib import rcParams
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if not path.suffix:
+        return path.with_name(f"{path.name}.{rcParams['savefig.format']}")
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(
+            f"--plot {str(path)!r}: matplotlib writes no {path.suffix!r} files; end the name in one of "
+            f"{', '.join('.' + name for name in formats)}."
+        )
+    return path
+
+
 def write_json(report: BenchmarkReport, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,10 +156,11 @@ def write_json(report: BenchmarkReport, path: str | Path) -> Path:
 
 def plot_report(report: BenchmarkReport, path: str | Path) -> Path:
     """Two panels: median latency vs batch size per model and workload (log-log), and every compressed row's
-    speedup vs its FLOPs reduction (against its base) with the y = x line (FLOPs cut fully turned into speed)."""
+    speedup vs its FLOPs reduction (against its base) with the y = x line (FLOPs cut fully turned into speed).
+    Returns the file written (`plot_path`: `.png` added to a name without a suffix)."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
+    path = plot_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure = report_figure(report)
     figure.savefig(path, dpi=120)
@@ -164,4 +203,4 @@ def report_figure(report: BenchmarkReport) -> Any:
     return figure
 
 
-__all__ = ["format_report", "plot_report", "report_figure", "write_json"]
+__all__ = ["check_output_path", "format_report", "plot_path", "plot_report", "report_figure", "write_json"]

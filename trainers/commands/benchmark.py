@@ -15,7 +15,6 @@ are Transformers' models built from their configs, without any download. Default
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from trainers.commands.common import check_folder_or_hub_id, parse_arguments
@@ -108,7 +107,11 @@ class BenchmarkArguments:
     )
     output_json: str | None = field(default=None, metadata={"help": "Write every result and setting to this JSON."})
     plot: str | None = field(
-        default=None, metadata={"help": "Write a PNG: latency vs batch size, speedup vs FLOPs reduction."}
+        default=None,
+        metadata={
+            "help": "Write a plot, latency vs batch size and speedup vs FLOPs reduction, in the format of its suffix "
+            "(.png, .svg, .pdf, ...; none: .png is added)."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the inputs, the presets' weights and the masks."})
 
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None):
         run_benchmark,
         write_json,
     )
+    from trainers.benchmark.report import check_output_path, plot_path
 
     (args,) = parse_arguments(
         "benchmark",
@@ -172,9 +176,9 @@ def main(argv: list[str] | None = None):
         if peer not in PEERS:
             raise ValueError(f"--peer {peer!r}: not a peer built here; choose from {sorted(PEERS)}.")
     _distinct(specs, "--models / --preset / --peer")
-    for flag, path in (("--output_json", args.output_json), ("--plot", args.plot)):
-        if path is not None and os.path.isdir(path):
-            raise ValueError(f"{flag} {path!r} is a folder; give the file to write.")
+    # Where the outputs go, checked before anything is timed: a bad path would fail only once the run is done.
+    json_path = check_output_path(args.output_json, "--output_json") if args.output_json else None
+    plot_file = check_output_path(plot_path(args.plot), "--plot") if args.plot else None
     if args.batch_size is not None and args.batch_sizes != BATCH_SIZES_DEFAULT:
         raise ValueError(f"Give one of --batch_size ({args.batch_size}) and --batch_sizes ({args.batch_sizes!r}).")
     random_prune = args.random_prune or (DEFAULT_RANDOM_PRUNE if args.preset else None)
@@ -212,10 +216,10 @@ def main(argv: list[str] | None = None):
     report = run_benchmark(models, settings)
     report.notes = notes + report.notes
     print(format_report(report))
-    if args.output_json:
-        print(f"Wrote {write_json(report, args.output_json)}")
-    if args.plot:
-        print(f"Wrote {plot_report(report, args.plot)}")
+    if json_path is not None:
+        print(f"Wrote {write_json(report, json_path)}")
+    if plot_file is not None:
+        print(f"Wrote {plot_report(report, plot_file)}")
     return report
 
 
