@@ -353,6 +353,25 @@ def test_a_workload_no_model_can_run_is_refused_before_timing(monkeypatch, tiny_
             run_benchmark(prebuilt_models({"m": model}), settings)
 
 
+def test_a_mistyped_preset_is_named_with_the_presets_before_timing(monkeypatch) -> None:
+    import transformers
+
+    from trainers.benchmark import suite
+
+    def offline(name, *args, **kwargs):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {name}.")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", offline)
+    monkeypatch.setattr(suite, "matmul_peak_gflops", lambda *args, **kwargs: pytest.fail("timed"))
+    models, _ = benchmark_models(["efficientvlm-smal"])
+    message = (
+        r"--models 'efficientvlm-smal': not a preset \(.*efficientvlm-small.*\), a peer \(blip-base, clip-b16\) or a "
+        r"folder, and not loadable as a Hub id: We couldn't connect"
+    )
+    with pytest.raises(ValueError, match=message):
+        run_benchmark(models, BenchmarkSettings(workloads=("itm",), batch_sizes=(2,), **FAST))
+
+
 def test_the_benchmark_command_refuses_what_it_would_ignore_or_merge(tmp_path) -> None:
     from trainers.benchmark import BenchmarkResult
     from trainers.benchmark.report import plot_path

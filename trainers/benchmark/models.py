@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -142,6 +143,14 @@ def build_model(source: ModelSource, family: str) -> nn.Module | None:
         logging.set_verbosity_error()  # AutoModel loads each folder's task model: no load report to read
         try:
             model = AutoModel.from_pretrained(source.spec)
+        except Exception as error:  # hub, network and format errors have many types; the message says which
+            if Path(source.spec).expanduser().exists():
+                raise
+            # Most often a mistyped preset, which Transformers reads as a Hub id: name what was tried.
+            raise ValueError(
+                f"--models {source.spec!r}: not a preset ({', '.join(sorted(PRESETS))}), a peer "
+                f"({', '.join(PEERS)}) or a folder, and not loadable as a Hub id: {error}"
+            ) from error
         finally:
             logging.set_verbosity(verbosity)
         if family != "encoders" and _family_of(model) != family:
