@@ -320,6 +320,8 @@ def test_settings_are_validated_and_shared_with_the_demo() -> None:
         BenchmarkSettings(batch_sizes=(0,))
     with pytest.raises(ValueError, match="--random_prune"):
         benchmark_models(["blip-base"], [0.5])
+    with pytest.raises(ValueError, match=r"--random_prune sparsities must be in \(0, 1\); got \[0.0\]"):
+        benchmark_models(["tiny"], [0.0])
     for bad, message in [
         ({"batch_sizes": (2, 2)}, r"`batch_sizes` repeat: \(2, 2\)"),
         ({"workloads": ("itm", "itm")}, "`workloads` repeat"),
@@ -383,6 +385,7 @@ def test_the_benchmark_command_refuses_what_it_would_ignore_or_merge(tmp_path) -
     for argv, message in [
         (["--models", "tiny", "tiny"], "--models / --preset / --peer: tiny given more than once"),
         (["--preset", "tiny", "--random_prune", "0.5,0.5"], "--random_prune: 0.5 given more than once"),
+        (["--preset", "tiny", "--random_prune", "0,0.5"], r"sparsities in \(0, 1\); got '0,0.5'"),
         (["--preset", "foo"], r"--preset 'foo': not a preset; choose one of"),
         (["--models", "tiny", "--peer", "nope"], r"--peer 'nope': not a peer built here; choose from \['blip-base'"),
         (["--models", "tiny", "--batch_size", "0"], r"`batch_sizes` must be positive integers; got \(0,\)"),

@@ -112,7 +112,7 @@ def test_benchmark_preset_against_randomly_pruned_copies(capsys, tmp_path) -> No
     assert len(json.loads((tmp_path / "b.json").read_text())["results"]) == 6 and (tmp_path / "b.png").is_file()
     for bad, message in [
         ([], "Give the models"),
-        (["--preset", "tiny", "--random_prune", "0.5,1.2"], r"\[0, 1\)"),
+        (["--preset", "tiny", "--random_prune", "0.5,1.2"], r"\(0, 1\)"),
         (["--models", "clip-b16", "--random_prune", "0.5"], "--random_prune prunes copies of presets"),
         (["--preset", "tiny", "--batch_sizes", "1,x"], "--batch_sizes"),
         (["--preset", "tiny", "--prune_pad_multiple", "8,0"], "--prune_pad_multiple must be integers >= 1"),

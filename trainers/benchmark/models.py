@@ -176,6 +176,8 @@ def benchmark_models(
     (default: `PAD_TO_MULTIPLE_OF` alone; with several, each copy's name ends in `pad N`: the same masks padded
     differently); plus one note per pruned copy (its sparsity per modality) and per peer."""
     multiples = list(pad_multiples or [PAD_TO_MULTIPLE_OF])
+    if not all(0.0 < sparsity < 1.0 for sparsity in random_prune or []):
+        raise ValueError(f"--random_prune sparsities must be in (0, 1); got {random_prune}.")
     from modeling_efficientvlm.configuration_efficientvlm import PRESETS
 
     models, notes = [], []

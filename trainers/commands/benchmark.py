@@ -130,8 +130,8 @@ def _numbers(value: str | None, flag: str, kind: type = int) -> tuple:
 
 def _sparsities(value: str) -> list[float]:
     sparsities = list(_numbers(value, "--random_prune", float))
-    if not all(0.0 <= s < 1.0 for s in sparsities):
-        raise ValueError(f"--random_prune must be comma-separated sparsities in [0, 1); got {value!r}.")
+    if not all(0.0 < s < 1.0 for s in sparsities):  # 0 would add an unpruned copy of the preset, named pruned
+        raise ValueError(f"--random_prune must be comma-separated sparsities in (0, 1); got {value!r}.")
     return _distinct(sparsities, "--random_prune")
 
 
