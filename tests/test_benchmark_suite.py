@@ -404,6 +404,19 @@ def test_the_benchmark_command_refuses_what_it_would_ignore_or_merge(tmp_path) -
     assert written == tmp_path / "noext.png" and written.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_table_gives_gflops_to_3_significant_digits() -> None:
+    from trainers.benchmark import BenchmarkResult
+
+    rows = [
+        BenchmarkResult("itm", f"m{i}", 2, 32, 1, 10, 8, gflops, 1.0, 1.0, 1.0, 1.0, 1.0, 10.0, 0.5)
+        for i, gflops in enumerate((0.010104, 0.5, 10.404, 99.96, 153.4, 1234.5))
+    ]
+    table = format_report(BenchmarkReport(BenchmarkSettings(), rows, {1: 20.0}))
+    # A tiny model's 0.0101 GFLOPs does not read 0.00; large counts stay whole numbers, not 1.23e+03.
+    cells = [line.split(" | ")[7] for line in table.splitlines() if line.startswith("| itm | m")]
+    assert cells == ["0.0101", "0.5", "10.4", "100", "153", "1234"]
+
+
 def test_packed_copies_sit_out_the_training_steps() -> None:
     models, _ = benchmark_models(["tiny"])
     settings = BenchmarkSettings(workloads=("train-step",), batch_sizes=(2,), pack_cpu_weights=True, **FAST)

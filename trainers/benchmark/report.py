@@ -16,6 +16,11 @@ def _target(value: str | None) -> str:
     return value or "—"
 
 
+def _significant(value: float) -> str:
+    """3 significant digits (0.0101, 10.4, 153), whole numbers from 100 on (1234, not 1.23e+03)."""
+    return f"{value:.0f}" if abs(value) >= 99.95 else f"{value:.3g}"
+
+
 def format_report(report: BenchmarkReport) -> str:
     """The Markdown table (one row per workload, setting and model) with the matmul peaks and notes under it."""
     peak_header = "≥ " + "/".join(f"{int(100 * v)}%" for v in sorted(set(PEAK_TARGETS.values()), reverse=True))
@@ -37,7 +42,8 @@ def format_report(report: BenchmarkReport) -> str:
             memory = f"{r.peak_device_mb:.0f} (+{r.device_workload_mb:.0f})"
         lines.append(
             f"| {r.workload} | {r.name} | {r.batch_size} | {r.image_size} | {r.threads} | {r.parameters / 1e6:.2f} "
-            f"| {r.encoder_parameters / 1e6:.2f} | {r.gflops:.2f} | {r.median_ms:.1f} [{r.q1_ms:.1f}–{r.q3_ms:.1f}] "
+            f"| {r.encoder_parameters / 1e6:.2f} | {_significant(r.gflops)} "
+            f"| {r.median_ms:.1f} [{r.q1_ms:.1f}–{r.q3_ms:.1f}] "
             f"| {r.speedup:.2f}x | {r.flops_reduction:.2f}x | {r.base} "
             f"| {r.speedup_vs_base:.2f}x / {r.flops_reduction_vs_base:.2f}x | {r.gflops_per_s:.1f} "
             f"| {100 * r.peak_fraction:.0f}% | {_target(r.speed_target)} | {_target(r.peak_target)} | {memory} |"
