@@ -390,6 +390,10 @@ def test_the_benchmark_command_refuses_what_it_would_ignore_or_merge(tmp_path) -
         (["--models", "tiny", "--peer", "nope"], r"--peer 'nope': not a peer built here; choose from \['blip-base'"),
         (["--models", "tiny", "--batch_size", "0"], r"`batch_sizes` must be positive integers; got \(0,\)"),
         (["--models", "tiny", "--batch_size", "2", "--batch_sizes", "1,2"], "Give one of --batch_size .2. and"),
+        (
+            ["--models", "tiny", "--batch_size", "8", "--batch_sizes", "32"],
+            r"--batch_size \(8\) and --batch_sizes \('32'\)",
+        ),
         (["--models", "tiny", "--output_json", str(tmp_path)], "--output_json .* is a folder; give the file"),
         (["--models", "tiny", "--plot", str(tmp_path / "out.txt")], r"--plot .*out.txt': matplotlib writes no '.txt'"),
         (["--models", "tiny", "--output_json", str(taken / "b.json")], "--output_json .*b.json': cannot write there"),

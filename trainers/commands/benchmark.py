@@ -54,8 +54,8 @@ class BenchmarkArguments:
         default="encoders",
         metadata={"help": "Comma-separated: encoders, itm, vqa, retrieval, train-step (default encoders)."},
     )
-    batch_sizes: str = field(
-        default=BATCH_SIZES_DEFAULT, metadata={"help": "Comma-separated batch sizes (default 32)."}
+    batch_sizes: str | None = field(
+        default=None, metadata={"help": f"Comma-separated batch sizes (default {BATCH_SIZES_DEFAULT})."}
     )
     batch_size: int | None = field(default=None, metadata={"help": "One batch size (same as --batch_sizes N)."})
     image_sizes: str | None = field(
@@ -179,12 +179,14 @@ def main(argv: list[str] | None = None):
     # Where the outputs go, checked before anything is timed: a bad path would fail only once the run is done.
     json_path = check_output_path(args.output_json, "--output_json") if args.output_json else None
     plot_file = check_output_path(plot_path(args.plot), "--plot") if args.plot else None
-    if args.batch_size is not None and args.batch_sizes != BATCH_SIZES_DEFAULT:
+    # Either flag, never both (even when they agree: one would silently win).
+    if args.batch_size is not None and args.batch_sizes is not None:
         raise ValueError(f"Give one of --batch_size ({args.batch_size}) and --batch_sizes ({args.batch_sizes!r}).")
+    batch_sizes = args.batch_sizes if args.batch_sizes is not None else BATCH_SIZES_DEFAULT
     random_prune = args.random_prune or (DEFAULT_RANDOM_PRUNE if args.preset else None)
     settings = BenchmarkSettings(
         workloads=tuple(w.strip() for w in args.workload.split(",") if w.strip()),
-        batch_sizes=(args.batch_size,) if args.batch_size is not None else _numbers(args.batch_sizes, "--batch_sizes"),
+        batch_sizes=(args.batch_size,) if args.batch_size is not None else _numbers(batch_sizes, "--batch_sizes"),
         image_sizes=_numbers(args.image_sizes, "--image_sizes"),
         threads=_numbers(args.threads, "--threads"),
         text_length=args.text_length,
