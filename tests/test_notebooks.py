@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -45,6 +46,24 @@ def _execute(name: str, workdir: Path, parameters: str) -> nbformat.NotebookNode
     )
     client.execute(env=_kernel_env())  # raises CellExecutionError (with the traceback) if a cell fails
     return notebook
+
+
+def _run_code_cells_here(name: str, count: int, parameters: str) -> dict:
+    """Runs the first `count` code cells of notebook `name` in this process, in the current directory (no kernel:
+    fast, for cells that only prepare), `parameters` appended to the parameter cell; returns their namespace."""
+    from transformers.utils import logging as hf_logging
+
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    cells = [cell.source for cell in notebook.cells if cell.cell_type == "code"][:count]
+    cells[0] += "\n" + parameters
+    namespace, progress_bar, rng = {}, hf_logging.is_progress_bar_enabled(), torch.get_rng_state()
+    try:
+        for source in cells:
+            exec(compile(source, f"{name} cell", "exec"), namespace)
+    finally:  # the cells seed torch and turn progress bars off: not for the rest of the session
+        torch.set_rng_state(rng)
+        (hf_logging.enable_progress_bar if progress_bar else hf_logging.disable_progress_bar)()
+    return namespace
 
 
 def _stdout(cell: nbformat.NotebookNode) -> str:
@@ -118,6 +137,18 @@ def test_quickstart_loads_saved_models_and_runs_every_task(tmp_path: Path) -> No
     assert summary["caption"].startswith("a picture of ")
     displayed = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert any("image/png" in output.get("data", {}) for output in displayed)  # the image is shown
+
+
+def test_quickstart_builds_tiny_stand_ins_only_under_its_work_folder(tmp_path: Path, monkeypatch) -> None:
+    """A VQA_DIR set to a folder that does not exist (here: the demo's, relative to another working folder) got a
+    random tiny model built into it, which every later run then loaded as the user's model."""
+    monkeypatch.chdir(tmp_path)
+    given = "efficientvlm_demo/models/pruned_vqa"
+    named = re.escape(f"VQA_DIR = '{given}' (relative paths start at {Path.cwd()})")
+    with pytest.raises(FileNotFoundError, match=named):
+        _run_code_cells_here("quickstart.ipynb", 3, f"VQA_DIR = {given!r}")
+    assert not (tmp_path / "efficientvlm_demo").exists()
+    assert not (tmp_path / "quickstart_work" / "models").exists()  # nothing built before the error either
 
 
 def test_compress_your_own_model_prunes_and_reloads_a_smaller_model(tmp_path: Path) -> None:
