@@ -88,10 +88,14 @@ def test_notebooks_are_committed_clean() -> None:
 
 
 def test_quickstart_loads_saved_models_and_runs_every_task(tmp_path: Path) -> None:
+    import numpy as np
+    import PIL.Image
+    import PIL.ImageOps
     from transformers import BertTokenizer
 
     from modeling_efficientvlm import (
         EfficientVLMConfig,
+        EfficientVLMForImageTextRetrieval,
         EfficientVLMForQuestionAnswering,
         EfficientVLMImageProcessor,
         EfficientVLMProcessor,
@@ -107,10 +111,21 @@ def test_quickstart_loads_saved_models_and_runs_every_task(tmp_path: Path) -> No
     own_vqa = EfficientVLMForQuestionAnswering(config)
     processor = EfficientVLMProcessor(EfficientVLMImageProcessor(size={"height": 48, "width": 48}), tokenizer)
     save_model_folder(own_vqa, processor, tmp_path / "my_vqa")
+    # "Your own" image: 16-bit grayscale, lying on its side with an EXIF orientation tag (6: turn it upright).
+    exif = PIL.Image.Exif()
+    exif[274] = 6
+    pixels = (np.arange(24 * 40).reshape(24, 40) * 60).astype(np.uint16)
+    PIL.Image.fromarray(pixels).save(tmp_path / "photo16.png", exif=exif)
 
-    notebook = _execute(
-        "quickstart.ipynb", tmp_path, f"VQA_DIR = {str(tmp_path / 'my_vqa')!r}\nNUM_THREADS = 1\nMAX_NEW_TOKENS = 4"
-    )
+    parameters = {
+        "VQA_DIR": str(tmp_path / "my_vqa"),
+        "IMAGE_PATH": str(tmp_path / "photo16.png"),
+        "CAPTIONS": ["a red circle", "a blue square in the bottom right", "two shapes"],
+        "QUESTION": "what color is the circle ?",
+        "NUM_THREADS": 1,
+        "MAX_NEW_TOKENS": 4,
+    }
+    notebook = _execute("quickstart.ipynb", tmp_path, "\n".join(f"{k} = {v!r}" for k, v in parameters.items()))
     summary = _summary(notebook)
     work = tmp_path / "quickstart_work"
 
@@ -127,6 +142,17 @@ def test_quickstart_loads_saved_models_and_runs_every_task(tmp_path: Path) -> No
     itc, itm = summary["retrieval_scores"]["itc"], summary["retrieval_scores"]["itm"]
     assert len(itc) == len(itm) == 3
     assert all(-1.0 <= s <= 1.0 for s in itc) and all(0.0 <= p <= 1.0 for p in itm)
+    # The model saw the image upright and in its own mode (16 bits scaled by the processor), not one converted to
+    # RGB first (every value above 255 clipped to white).
+    retrieval = EfficientVLMForImageTextRetrieval.from_pretrained(work / "models" / "retrieval").eval()
+    retrieval_processor = EfficientVLMProcessor.from_pretrained(work / "models" / "retrieval")
+    upright = PIL.ImageOps.exif_transpose(PIL.Image.open(tmp_path / "photo16.png"))
+    assert upright.mode == "I;16" and upright.size == (24, 40)
+    with torch.no_grad():
+        _, image_embeds = retrieval.embed_images(retrieval_processor(images=upright)["pixel_values"])
+        captions = retrieval_processor(text=parameters["CAPTIONS"])
+        _, text_embeds = retrieval.embed_texts(captions["input_ids"], captions["attention_mask"])
+    assert itc == pytest.approx(retrieval.itc_scores(image_embeds, text_embeds)[0].tolist(), abs=1e-5)
 
     # VQA: three distinct answers from the demo answer list, and a generated string.
     answer_list = json.loads((work / "data" / "answer_list.json").read_text())
