@@ -222,6 +222,9 @@ def test_compress_your_own_model_prunes_and_reloads_a_smaller_model(tmp_path: Pa
     # The saved config carries the uneven per-layer sizes that were kept, FFNs padded with zero neurons.
     config = EfficientVLMConfig.from_pretrained(pruned_dir)
     assert summary["structures_kept"] == report["structures_kept"]
+    # The VQA answer list is saved with the model (without it the folder decodes freely: empty answers in the app).
+    answer_list = json.loads((tmp_path / "compress_work" / "data" / "answer_list.json").read_text())
+    assert config.answer_candidates == answer_list
     kept = report["padding"]["structures_after"]
     text_ffn = kept["text_ffn"] + kept["fusion_ffn"]
     assert config.text_config.intermediate_size_per_layer == text_ffn
