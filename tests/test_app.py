@@ -215,6 +215,11 @@ def test_a_broken_model_shows_its_error_and_the_others_still_answer(app_models) 
     assert rows["broken"]["answer"].startswith("error: TypeError")
     assert rows["broken"]["latency (ms)"] == NOT_APPLICABLE
     assert all(rows[name]["answer"].split(" (")[0] in ANSWERS for name in VQA_FOLDERS)
+    # The status counts only real answers, and says how many failed.
+    _, status = run_request([broken, *app_models[:2]], "question", make_image(), "what color ?", repeats=1)
+    assert status == "2 of 3 models answered this input kind; 1 failed (its row says why)."
+    _, status = run_request([broken, broken, app_models[2]], "question", make_image(), "what color ?", repeats=1)
+    assert status == "0 of 3 models answered this input kind; 2 failed (their rows say why)."
 
 
 def test_models_come_from_the_env_variable_else_the_default(monkeypatch) -> None:

@@ -31,8 +31,14 @@ def run_request(
         rows = predict(models, kind, image, text, second_image, repeats=repeats)
     except AppInputError as error:
         return [], f"**Missing input:** {error}"
-    answered = sum(row[RESULT_COLUMNS.index("answer")] != NOT_APPLICABLE for row in rows)
-    return rows, f"{answered} of {len(rows)} models answered this input kind."
+    latency, answer = RESULT_COLUMNS.index("latency (ms)"), RESULT_COLUMNS.index("answer")
+    taking = [row for row in rows if row[answer] != NOT_APPLICABLE]  # the models that take this input kind
+    answered = sum(row[latency] != NOT_APPLICABLE for row in taking)  # a failed answer ("error: ...") has none
+    failed = len(taking) - answered
+    status = f"{answered} of {len(rows)} models answered this input kind"
+    if failed:
+        status += f"; {failed} failed ({'its row says' if failed == 1 else 'their rows say'} why)"
+    return rows, status + "."
 
 
 def build_app(models: Sequence[AppModel], title: str = TITLE, repeats: int = LATENCY_REPEATS) -> Any:
