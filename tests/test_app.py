@@ -152,6 +152,17 @@ def test_a_vqa_model_without_saved_answers_decodes_its_answer(app_models) -> Non
     assert row[RESULT_COLUMNS.index("answer")] == vqa.processor.tokenizer.decode(ids[1:], skip_special_tokens=True)
 
 
+def test_the_table_names_an_empty_answer(app_models, monkeypatch) -> None:
+    """A VQA folder without answer candidates can decode an empty answer: it was a blank cell."""
+    from trainers.app import inference
+    from trainers.app.ui import EMPTY_ANSWER
+
+    monkeypatch.setattr(inference, "answer_question", lambda *args: "")
+    rows, status = run_request(app_models[:1], "question", make_image(), "what color ?", repeats=1)
+    assert rows[0][RESULT_COLUMNS.index("answer")] == EMPTY_ANSWER == "(empty answer)"
+    assert status == "1 of 1 models answered this input kind."
+
+
 def test_the_processor_sees_the_image_as_given_16_bit_and_transparent_ones_included(app_models, monkeypatch) -> None:
     """The app converted every image to RGB before the processor: a 16-bit grayscale image lost its scaling (another
     answer than the same image in 8 bits) and a transparent one its compositing on white."""

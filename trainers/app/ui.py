@@ -16,6 +16,15 @@ INTRO = (
     "the input shows n/a."
 )
 
+# What the table shows for an answer that is empty.
+EMPTY_ANSWER = "(empty answer)"
+
+
+def _shown_answer(answer: str) -> str:
+    """An answer as the table shows it: an empty one (a VQA model decoding freely can stop at once) is named, not
+    a blank cell that looks like nothing happened."""
+    return answer if answer.strip() else EMPTY_ANSWER
+
 
 def run_request(
     models: Sequence[AppModel],
@@ -25,13 +34,16 @@ def run_request(
     second_image: Any = None,
     repeats: int = LATENCY_REPEATS,
 ) -> tuple[list[list[Any]], str]:
-    """What one click shows: `(rows, status)`; a missing input gives no rows and a status that says what is
-    missing, instead of an exception."""
+    """What one click shows: `(rows, status)`, the answers as the table shows them (an empty one as
+    `EMPTY_ANSWER`); a missing input gives no rows and a status that says what is missing, instead of an
+    exception."""
     try:
         rows = predict(models, kind, image, text, second_image, repeats=repeats)
     except AppInputError as error:
         return [], f"**Missing input:** {error}"
     latency, answer = RESULT_COLUMNS.index("latency (ms)"), RESULT_COLUMNS.index("answer")
+    for row in rows:
+        row[answer] = _shown_answer(row[answer])
     taking = [row for row in rows if row[answer] != NOT_APPLICABLE]  # the models that take this input kind
     answered = sum(row[latency] != NOT_APPLICABLE for row in taking)  # a failed answer ("error: ...") has none
     failed = len(taking) - answered
