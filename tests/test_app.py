@@ -45,6 +45,8 @@ ANSWERS = ["red", "blue", "green square", "yes"]
 # Model folder -> task; the pruned VQA model is smaller, so the sizes differ side by side.
 FOLDERS = ("vqa", "vqa_pruned", "retrieval", "nlvr2", "captioning")
 VQA_FOLDERS = ("vqa", "vqa_pruned")
+# Captions a person may type that Markdown, HTML or LaTeX would render otherwise than typed.
+TYPED_CAPTIONS = ("# heading", "a *blue* circle_a_", "<b>bold</b> & $$x^2$$", "1. [link](x) `code`")
 
 
 @pytest.fixture(scope="module")
@@ -374,6 +376,19 @@ def test_a_person_uploads_an_image_asks_a_question_and_sees_every_answer(model_f
                 assert float(row["latency (ms)"]) > 0, row
             else:
                 assert row["answer"] == row["latency (ms)"] == NOT_APPLICABLE, row
+
+        # Captions show as typed, not rendered as Markdown / HTML / LaTeX (the answer column is Markdown, for its
+        # line breaks).
+        next(
+            tab for tab in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if tab.text == "Rank captions"
+        ).click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#captions textarea").is_displayed())
+        driver.find_element(By.CSS_SELECTOR, "#captions textarea").send_keys("\n".join(TYPED_CAPTIONS))
+        driver.find_element(By.ID, "rank").click()
+        wait.until(lambda d: _status(d).startswith("1 of") and len(_table(d)) == len(FOLDERS))
+        shown = {row[0]: dict(zip(RESULT_COLUMNS, row)) for row in _table(driver)}["retrieval"]["answer"]
+        ranking = [re.fullmatch(r"\d\. (.+) \(ITC \d\.\d\d, ITM \d\.\d\d\)", line) for line in shown.splitlines()]
+        assert all(ranking) and sorted(m.group(1) for m in ranking) == sorted(TYPED_CAPTIONS), shown
 
         screenshot = tmp_path / "app.png"
         assert driver.save_screenshot(str(screenshot))

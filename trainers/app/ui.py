@@ -3,6 +3,7 @@ about two images, write a caption) and one table with every model's answer, task
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,10 +21,18 @@ INTRO = (
 EMPTY_ANSWER = "(empty answer)"
 
 
+def _escape_markdown(text: str) -> str:
+    """`text` for a Markdown field, shown as typed: every ASCII punctuation character backslash-escaped (CommonMark
+    allows it for each), so a caption such as "# heading", "a *blue* circle" or "<b>bold</b>" is not rendered as a
+    heading, emphasis or HTML, nor "$$x$$" as LaTeX."""
+    return "".join(f"\\{char}" if char in string.punctuation else char for char in text)
+
+
 def _shown_answer(answer: str) -> str:
-    """An answer as the table shows it: an empty one (a VQA model decoding freely can stop at once) is named, not
-    a blank cell that looks like nothing happened."""
-    return answer if answer.strip() else EMPTY_ANSWER
+    """An answer as the table's Markdown column shows it: as typed (escaped: captions and answers come from the
+    user and the models), and an empty one (a VQA model decoding freely can stop at once) named, not a blank cell
+    that looks like nothing happened."""
+    return _escape_markdown(answer) if answer.strip() else EMPTY_ANSWER
 
 
 def run_request(
@@ -42,15 +51,13 @@ def run_request(
     except AppInputError as error:
         return [], f"**Missing input:** {error}"
     latency, answer = RESULT_COLUMNS.index("latency (ms)"), RESULT_COLUMNS.index("answer")
-    for row in rows:
-        row[answer] = _shown_answer(row[answer])
     taking = [row for row in rows if row[answer] != NOT_APPLICABLE]  # the models that take this input kind
     answered = sum(row[latency] != NOT_APPLICABLE for row in taking)  # a failed answer ("error: ...") has none
     failed = len(taking) - answered
     status = f"{answered} of {len(rows)} models answered this input kind"
     if failed:
         status += f"; {failed} failed ({'its row says' if failed == 1 else 'their rows say'} why)"
-    return rows, status + "."
+    return [[*row[:answer], _shown_answer(row[answer]), *row[answer + 1 :]] for row in rows], status + "."
 
 
 def build_app(models: Sequence[AppModel], title: str = TITLE, repeats: int = LATENCY_REPEATS) -> Any:
@@ -99,7 +106,8 @@ def build_app(models: Sequence[AppModel], title: str = TITLE, repeats: int = LAT
         status = gr.Markdown("", elem_id="status")
         results = gr.Dataframe(
             headers=list(RESULT_COLUMNS),
-            # The answer as Markdown: a caption ranking keeps one caption per line.
+            # The answer as Markdown for its line breaks (a caption ranking: one caption per line); run_request
+            # escapes it, so it shows as typed.
             datatype=["str", "str", "str", "str", "markdown"],
             line_breaks=True,
             interactive=False,
