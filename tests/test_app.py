@@ -204,6 +204,52 @@ def test_the_page_uploads_images_in_their_own_mode(app_models) -> None:
     assert [image.image_mode for image in images] == [None, None]
 
 
+def test_an_unreadable_upload_is_a_message_naming_it_and_a_readable_one_comes_as_given(
+    app_models, tmp_path, monkeypatch
+) -> None:
+    """gradio.Image failed on a file PIL cannot read before the app was called: a bare "Error" on the page."""
+    import gradio as gr
+    import numpy as np
+    import PIL.Image
+
+    from trainers.app.ui import build_app, read_upload
+
+    left, right = [block for block in build_app(app_models).blocks.values() if isinstance(block, gr.Image)]
+
+    def upload(field, path: Path):  # what the page's handler reads from that upload
+        return read_upload(field, {"path": str(path), "orig_name": path.name, "meta": {"_type": "gradio.FileData"}})
+
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    whole = save_image(tmp_path / "whole.png", "red", 40).read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    save_image(tmp_path / "bomb.png", "red", 40)
+    problems = {
+        "notes.png": "it is not an image format PIL can read",
+        "photo.heic": "it is not an image format PIL can read (HEIC photos among them)",
+        "cut.png": "it could not be decoded (OSError: ",
+        "bomb.png": "it has too many pixels to open safely",
+    }
+    for name, problem in problems.items():
+        with monkeypatch.context() as patch:
+            if name == "bomb.png":  # 40 x 40 pixels: beyond twice this limit, where PIL refuses to open it
+                patch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)
+            uploads = [("question", upload(left, tmp_path / name), None)]
+            uploads.append(("pair", make_image(), upload(right, tmp_path / name)))
+        for kind, image, second_image in uploads:
+            rows, status = run_request(app_models, kind, image, "is it red ?", second_image)
+            shown = re.sub(r"\\(.)", r"\1", status)  # the status line is Markdown, escaped to show as typed
+            assert rows == [] and shown.startswith(f"**Unreadable image:** Could not read the upload '{name}': ")
+            assert problem in shown, shown
+
+    # A readable upload comes as before: upright (its EXIF orientation applied) and in its own mode.
+    exif = PIL.Image.Exif()
+    exif[274] = 6  # lying on its side
+    PIL.Image.fromarray(np.full((24, 40), 40_000, np.uint16)).save(tmp_path / "gray16.png", exif=exif)
+    image = upload(left, tmp_path / "gray16.png")
+    assert (image.mode, image.size) == ("I;16", (24, 40))
+
+
 @pytest.mark.parametrize(
     ("kind", "image", "text", "second_image", "message"),
     [
@@ -219,6 +265,7 @@ def test_a_missing_input_is_a_message_not_a_crash(app_models, kind, image, text,
     second_image = make_image() if second_image else None
     rows, status = run_request(app_models, kind, image, text, second_image)
     assert rows == []
+    status = re.sub(r"\\(.)", r"\1", status)  # the status line is Markdown, escaped to show as typed
     assert status.startswith("**Missing input:**") and message in status
 
 
@@ -357,9 +404,22 @@ def test_a_person_uploads_an_image_asks_a_question_and_sees_every_answer(model_f
         wait.until(lambda d: "Upload an image first." in _status(d))
         assert _table(driver) == []
 
-        image_path = save_image(tmp_path / "red.png", "red", 64)
-        driver.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(image_path))
+        # A file that is not an image: a message naming it, no answers.
+        (tmp_path / "notes.png").write_text("not an image")
+        driver.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(tmp_path / "notes.png"))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image img"))
+        driver.find_element(By.ID, "ask").click()
+        wait.until(lambda d: "Unreadable image" in _status(d))
+        assert _status(driver).startswith("Unreadable image: Could not read the upload 'notes.png': it is not an image")
+        assert _table(driver) == []
+
+        image_path = save_image(tmp_path / "red.png", "red", 64)  # replaces the upload
+        driver.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(image_path))
+        wait.until(
+            lambda d: any(
+                "red.png" in img.get_attribute("src") for img in d.find_elements(By.CSS_SELECTOR, "#image img")
+            )
+        )
         driver.find_element(By.ID, "ask").click()
         wait.until(lambda d: "models answered" in _status(d) and len(_table(d)) == len(FOLDERS))
 

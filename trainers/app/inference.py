@@ -59,6 +59,31 @@ class AppInputError(ValueError):
     """An input the app cannot answer (no image, an empty question, ...); its message is shown in the UI."""
 
 
+class UnreadableImageError(AppInputError):
+    """An uploaded file that is not an image the app can read; its message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class UnreadableImage:
+    """Stands in for an upload PIL cannot read (`name`: the file's name; `problem`: why), so the app answers it
+    with a message instead of failing before it is called (see `ui.py`)."""
+
+    name: str
+    problem: str
+
+    @classmethod
+    def from_error(cls, name: str, error: Exception) -> UnreadableImage:
+        import PIL.Image
+
+        if isinstance(error, PIL.UnidentifiedImageError):
+            problem = "it is not an image format PIL can read (HEIC photos among them); save it as PNG or JPEG"
+        elif isinstance(error, PIL.Image.DecompressionBombError):
+            problem = f"it has too many pixels to open safely ({str(error).rstrip('.')})"
+        else:
+            problem = f"it could not be decoded ({type(error).__name__}: {error})"
+        return cls(name, problem)
+
+
 @dataclass
 class AppModel:
     """A loaded model, its processor, and what the app shows about it."""
@@ -134,6 +159,8 @@ def _short_name(source: str) -> str:
 def _check_image(image: Any, what: str = "an image") -> None:
     if image is None:
         raise AppInputError(f"Upload {what} first.")
+    if isinstance(image, UnreadableImage):
+        raise UnreadableImageError(f"Could not read the upload {image.name!r}: {image.problem}.")
 
 
 def _check_text(text: str | None, what: str) -> str:

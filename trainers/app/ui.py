@@ -7,7 +7,17 @@ import string
 from collections.abc import Sequence
 from typing import Any
 
-from .inference import CAPTION_PROMPT, LATENCY_REPEATS, NOT_APPLICABLE, RESULT_COLUMNS, AppInputError, AppModel, predict
+from .inference import (
+    CAPTION_PROMPT,
+    LATENCY_REPEATS,
+    NOT_APPLICABLE,
+    RESULT_COLUMNS,
+    AppInputError,
+    AppModel,
+    UnreadableImage,
+    UnreadableImageError,
+    predict,
+)
 
 TITLE = "EfficientVLM: compare models on your image"
 INTRO = (
@@ -49,7 +59,8 @@ def run_request(
     try:
         rows = predict(models, kind, image, text, second_image, repeats=repeats)
     except AppInputError as error:
-        return [], f"**Missing input:** {error}"
+        heading = "Unreadable image" if isinstance(error, UnreadableImageError) else "Missing input"
+        return [], f"**{heading}:** {_escape_markdown(str(error))}"
     latency, answer = RESULT_COLUMNS.index("latency (ms)"), RESULT_COLUMNS.index("answer")
     taking = [row for row in rows if row[answer] != NOT_APPLICABLE]  # the models that take this input kind
     answered = sum(row[latency] != NOT_APPLICABLE for row in taking)  # a failed answer ("error: ...") has none
@@ -58,6 +69,25 @@ def run_request(
     if failed:
         status += f"; {failed} failed ({'its row says' if failed == 1 else 'their rows say'} why)"
     return [[*row[:answer], _shown_answer(row[answer]), *row[answer + 1 :]] for row in rows], status + "."
+
+
+def read_upload(field: Any, payload: Any) -> Any:
+    """What an image field's upload is for the models, from its unprocessed `payload` (as gradio sends it): the
+    field's own reading (gradio.Image's: upright by its EXIF orientation and, with `image_mode=None`, in its own
+    mode), or an `UnreadableImage` naming the file where PIL cannot read it (not an image, HEIC, a decompression
+    bomb, a truncated file). The page's handlers take their inputs unprocessed (`preprocess=False`) for this:
+    gradio's own processing failed before the handler ran, and the page showed a bare "Error"."""
+    import PIL.Image
+
+    if payload is None:
+        return None
+    data = field.data_model.model_validate(payload)
+    try:
+        image = field.preprocess(data)
+        image.load()  # decode now: a truncated file fails here, not inside every model
+        return image
+    except (OSError, PIL.Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+        return UnreadableImage.from_error(data.orig_name or "the uploaded file", error)
 
 
 def build_app(models: Sequence[AppModel], title: str = TITLE, repeats: int = LATENCY_REPEATS) -> Any:
@@ -69,9 +99,6 @@ def build_app(models: Sequence[AppModel], title: str = TITLE, repeats: int = LAT
         raise ValueError("The app needs at least one model.")
     models = list(models)
     size_lines = ", ".join(f"{m.name} ({m.task}, {m.parameters_m:.2f}M params)" for m in models)
-
-    def respond(kind: str):
-        return lambda image, text, second_image=None: run_request(models, kind, image, text, second_image, repeats)
 
     with gr.Blocks(title=title) as demo:
         timing = f"Latency: median of {repeats} runs of the whole answer (preprocessing included), on this machine."
@@ -117,11 +144,21 @@ def build_app(models: Sequence[AppModel], title: str = TITLE, repeats: int = LAT
             label="Answers, side by side",
         )
         outputs = [results, status]
+
+        def respond(kind: str):
+            def answer(image_payload: Any, text: Any, right_payload: Any = None) -> tuple[list[list[Any]], str]:
+                left, right = read_upload(image, image_payload), read_upload(right_image, right_payload)
+                return run_request(models, kind, left, text, right, repeats)
+
+            return answer
+
+        # preprocess=False: the images come unprocessed, for `read_upload` to read (texts arrive as typed).
+        listen = {"outputs": outputs, "preprocess": False}
         for trigger in (ask.click, question.submit):
-            trigger(respond("question"), inputs=[image, question], outputs=outputs)
-        rank.click(respond("captions"), inputs=[image, captions], outputs=outputs)
+            trigger(respond("question"), inputs=[image, question], **listen)
+        rank.click(respond("captions"), inputs=[image, captions], **listen)
         for trigger in (judge.click, statement.submit):
-            trigger(respond("pair"), inputs=[image, statement, right_image], outputs=outputs)
+            trigger(respond("pair"), inputs=[image, statement, right_image], **listen)
         for trigger in (write.click, prompt.submit):
-            trigger(respond("caption"), inputs=[image, prompt], outputs=outputs)
+            trigger(respond("caption"), inputs=[image, prompt], **listen)
     return demo
