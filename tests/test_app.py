@@ -291,8 +291,23 @@ def test_models_come_from_the_env_variable_else_the_default(monkeypatch) -> None
         predict([], "question", make_image(), "what color ?", repeats=0)
     with pytest.raises(ValueError, match="at least one model"):
         load_app_models([])
-    with pytest.raises(ValueError, match="Could not load an EfficientVLM model and processor from '.*nowhere'"):
-        load_app_models([str(REPO / "nowhere")])
+
+
+def test_a_model_source_that_cannot_load_says_why(model_folders, tmp_path, monkeypatch) -> None:
+    """A missing folder got from_pretrained's "Repo id must be in the form ...", a file given instead of the folder
+    a raw unpickling traceback."""
+    monkeypatch.chdir(tmp_path)
+    for missing in (str(tmp_path / "nowhere"), "./nowhere", "~/nowhere", "models/vqa/nowhere", "..\\nowhere"):
+        with pytest.raises(ValueError, match=re.escape(f"No such folder: {missing!r} (relative paths start at ")):
+            load_app_models([missing])
+    weights = str(Path(model_folders["vqa"]) / "model.safetensors")
+    for file in (weights, str(Path(model_folders["vqa"]) / "config.json")):
+        with pytest.raises(ValueError, match=re.escape(f"{file!r} is a file; give the model folder")):
+            load_app_models([file])
+    # Other failures keep from_pretrained's own message: here, a folder without a saved model.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="Could not load an EfficientVLM model and processor from 'empty': .*config"):
+        load_app_models(["empty"])
 
 
 def test_the_app_package_imports_nothing_else_from_this_repository() -> None:

@@ -129,12 +129,25 @@ def load_app_model(source: str, name: str | None = None) -> AppModel:
         pass
     if not source or not isinstance(source, str):
         raise ValueError(f"A model source must be a folder or a Hub id; got {source!r}.")
+    _check_source(source)
     try:
         model = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
         processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
     except (OSError, ValueError) as error:
         raise ValueError(f"Could not load an EfficientVLM model and processor from {source!r}: {error}") from error
     return AppModel(name=name or _short_name(source), model=model, processor=processor)
+
+
+def _check_source(source: str) -> None:
+    """Says up front what from_pretrained would answer confusingly: a file (it tries to unpickle it) and a missing
+    folder that cannot be a Hub id (it complains about the form of a repo id)."""
+    if os.path.isfile(source):
+        raise ValueError(f"{source!r} is a file; give the model folder (the one holding config.json) instead.")
+    # A Hub id is "name" or "namespace/name": never absolute, never starting with "." or "~", one "/" at most.
+    if not os.path.exists(source) and (
+        os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1 or "\\" in source
+    ):
+        raise ValueError(f"No such folder: {source!r} (relative paths start at {os.getcwd()}).")
 
 
 def load_app_models(sources: Iterable[str]) -> list[AppModel]:
