@@ -355,6 +355,28 @@ def test_the_app_command_has_help_and_needs_models(capsys) -> None:
         cli.main(["app"])
 
 
+def test_the_app_speaks_of_its_own_options_not_gradios(app_models, model_folders) -> None:
+    """A port in use was gradio's message (`server_port` in launch()), and one timed run "the median of 1 runs"."""
+    import gradio as gr
+
+    from trainers.app.ui import build_app
+
+    def intro(repeats: int) -> str:
+        page = build_app(app_models[:1], repeats=repeats)
+        return next(block.value for block in page.blocks.values() if isinstance(block, gr.Markdown))
+
+    assert "Latency: one run of the whole answer" in intro(1) and "median" not in intro(1)
+    assert "Latency: the median of 3 runs of the whole answer" in intro(3)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        message = f"Cannot find empty port in range: {port}-{port} on 127.0.0.1: give a free port with --port."
+        with pytest.raises(OSError, match=re.escape(message)):
+            app_command(["--models", model_folders["vqa"], "--port", str(port)], block=False)
+
+
 # -- in a real browser -------------------------------------------------------------------------------------------
 def _browser() -> tuple[str, str]:
     """(chromium, chromedriver), or a skip naming what is missing (.ci/run installs Debian's packages)."""
@@ -388,7 +410,9 @@ def _table(driver) -> list[list[str]]:
     return [row for row in cells if row and any(row)]
 
 
-def test_a_person_uploads_an_image_asks_a_question_and_sees_every_answer(model_folders, app_models, tmp_path) -> None:
+def test_a_person_uploads_an_image_asks_a_question_and_sees_every_answer(
+    model_folders, app_models, tmp_path, capsys
+) -> None:
     chromium, chromedriver = _browser()
     from selenium import webdriver
     from selenium.common.exceptions import StaleElementReferenceException
@@ -398,6 +422,9 @@ def test_a_person_uploads_an_image_asks_a_question_and_sees_every_answer(model_f
     port = _free_port()
     # Launched as a user launches it: the command, on localhost (it returns once the page serves).
     demo = app_command(["--models", *model_folders.values(), "--port", str(port)], block=False)
+    # What it prints names this command's options, not gradio's launch() arguments (`share=True`).
+    out = capsys.readouterr().out
+    assert f"Running on local URL:  http://127.0.0.1:{port}" in out and "--share yes" in out and "share=True" not in out
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):

@@ -101,7 +101,8 @@ def build_app(models: Sequence[AppModel], title: str = TITLE, repeats: int = LAT
     size_lines = ", ".join(f"{m.name} ({m.task}, {m.parameters_m:.2f}M params)" for m in models)
 
     with gr.Blocks(title=title) as demo:
-        timing = f"Latency: median of {repeats} runs of the whole answer (preprocessing included), on this machine."
+        runs = "one run" if repeats == 1 else f"the median of {repeats} runs"
+        timing = f"Latency: {runs} of the whole answer (preprocessing included), on this machine."
         gr.Markdown(f"# {title}\n{INTRO} {timing}\n\nModels: {size_lines}")
         with gr.Row():
             image = gr.Image(

@@ -46,7 +46,22 @@ def main(argv: list[str] | None = None, block: bool = True) -> Any:
     if args.latency_repeats < 1:
         raise ValueError(f"--latency_repeats must be at least 1; got {args.latency_repeats}.")
     demo = build_app(load_app_models(args.models), repeats=args.latency_repeats)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=not block)
+    try:
+        # quiet: gradio's own lines name its launch() arguments (`share=True`, ...), not this command's options.
+        demo.launch(
+            server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True, quiet=True
+        )
+    except OSError as error:
+        if "Cannot find empty port" not in str(error):
+            raise
+        # gradio's message goes on to name `server_port` in launch(); the first sentence holds the ports tried.
+        tried = str(error).split(". ")[0].rstrip(".")
+        raise OSError(f"{tried} on {args.host}: give a free port with --port.") from error
+    print(f"* Running on local URL:  {demo.local_url}")
+    if not args.share:
+        print("* A public gradio.live link as well: --share yes")
+    if block:
+        demo.block_thread()
     return demo
 
 
