@@ -322,6 +322,10 @@ def test_settings_are_validated_and_shared_with_the_demo() -> None:
         benchmark_models(["blip-base"], [0.5])
     with pytest.raises(ValueError, match=r"--random_prune sparsities must be in \(0, 1\); got \[0.0\]"):
         benchmark_models(["tiny"], [0.0])
+    # A pruned copy without the model it is measured against failed in the ratios, after all the timing.
+    pruned_alone = benchmark_models(["tiny"], [0.5])[0][1:]
+    with pytest.raises(ValueError, match=r"^tiny pruned 0.5 is measured against its base tiny, which is not among"):
+        run_benchmark(pruned_alone, BenchmarkSettings(workloads=("itm",)))
     for bad, message in [
         ({"batch_sizes": (2, 2)}, r"`batch_sizes` repeat: \(2, 2\)"),
         ({"workloads": ("itm", "itm")}, "`workloads` repeat"),

@@ -303,6 +303,13 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
     settings = settings or BenchmarkSettings()
     if not models:
         raise ValueError("Give at least one model to benchmark.")
+    names = {entry.name for entry in models}
+    for entry in models:
+        if entry.base is not None and entry.base not in names:
+            raise ValueError(
+                f"{entry.name} is measured against its base {entry.base}, which is not among the models; add it "
+                "(its speedup and FLOPs cut are relative to it)."
+            )
     first, *others = settings.dtypes
     for entry in models:
         entry.place(settings.device, settings.torch_dtype)
