@@ -136,6 +136,30 @@ def test_console_script_prints_an_input_error_as_one_message() -> None:
     assert traced.returncode == 1 and "Traceback (most recent call last)" in traced.stderr
 
 
+def test_a_checkpoint_write_that_fails_prints_as_one_message(monkeypatch, capsys) -> None:
+    """A full disk under a checkpoint's torch.save gave torch's raw traceback ("[enforce fail at inline_container.cc]
+    . unexpected pos ..."), with no word of what happened; other RuntimeErrors keep theirs."""
+    from trainers import commands
+
+    def save_to_a_full_disk() -> int:
+        torch.save({"state": torch.zeros(100_000)}, "/dev/full")  # every write fails: no space left
+        return 0
+
+    monkeypatch.setattr(commands, "main", save_to_a_full_disk)
+    monkeypatch.setattr(sys, "argv", ["efficientvlm", "finetune"])
+    assert commands.console() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("efficientvlm finetune: error: writing a file failed ([enforce fail at inline_container")
+    assert "the disk is full or the file cannot be written" in err and "Traceback" not in err
+
+    def fail_otherwise() -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(commands, "main", fail_otherwise)
+    with pytest.raises(RuntimeError, match="^a bug$"):
+        commands.console()
+
+
 def test_console_script_runs_the_benchmark_of_randomly_pruned_copies() -> None:
     fast = ["--batch_sizes", "1", "--text_length", "8", "--warmup", "0", "--repeats", "1", "--rounds", "1"]
     completed = _console_script(

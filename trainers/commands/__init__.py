@@ -55,6 +55,13 @@ def _close_process_group() -> None:
         distributed.destroy_process_group()
 
 
+def _is_torch_write_failure(error: RuntimeError) -> bool:
+    """Whether `error` is `torch.save` failing to write (a full disk reads "[enforce fail at inline_container.cc:...]
+    . unexpected pos ..."; no errno comes with it), not any other RuntimeError."""
+    message = str(error)
+    return "PytorchStreamWriter" in message or ("inline_container" in message and "unexpected pos" in message)
+
+
 # Set to 1 for the full traceback of an input error (a bad flag, file or record) instead of its message alone.
 TRACEBACK_VARIABLE = "EFFICIENTVLM_TRACEBACK"
 
@@ -62,14 +69,27 @@ TRACEBACK_VARIABLE = "EFFICIENTVLM_TRACEBACK"
 def console() -> int:
     """The `efficientvlm` script (and `python -m trainers.commands`): freed memory kept for reuse
     (`trainers.cpu_memory`), [`main`], then a clean end under torchrun. An input error (`ValueError`,
-    `OSError`: the checks name the flag, file or record; a file that cannot be read or written) prints as one
-    message and exits with 2, as argparse's own errors do; training that stopped before its last step
-    (`TrainingStopped`) prints as one message and exits with 1; anything else keeps its traceback."""
+    `OSError`: the checks name the flag, file or record; a file that cannot be read or written, torch's own write
+    failures included) prints as one message and exits with 2, as argparse's own errors do; training that stopped
+    before its last step (`TrainingStopped`) prints as one message and exits with 1; anything else keeps its
+    traceback."""
     from trainers.training import TrainingStopped
 
     keep_freed_memory()
     try:
         code = main()
+    except RuntimeError as error:
+        if not _is_torch_write_failure(error) or os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
+            raise
+        command = sys.argv[1] if len(sys.argv) > 1 else ""
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        print(
+            f"efficientvlm {command}: error: writing a file failed ({first_line}): torch's writer stops so when the "
+            "disk is full or the file cannot be written. Free space (or give another --output_dir) and resume from "
+            f"the last complete checkpoint.\n({TRACEBACK_VARIABLE}=1 shows where it was raised)",
+            file=sys.stderr,
+        )
+        return 2
     except (ValueError, OSError, TrainingStopped) as error:
         if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
             raise
