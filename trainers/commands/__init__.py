@@ -78,24 +78,20 @@ def console() -> int:
     keep_freed_memory()
     try:
         code = main()
-    except RuntimeError as error:
-        if not _is_torch_write_failure(error) or os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
+    except (ValueError, OSError, RuntimeError) as error:  # TrainingStopped is a RuntimeError
+        written = isinstance(error, (ValueError, OSError, TrainingStopped)) or _is_torch_write_failure(error)
+        if not written or os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
             raise
         command = sys.argv[1] if len(sys.argv) > 1 else ""
-        first_line = (str(error).strip().splitlines() or [""])[0]
+        message = str(error)
+        if _is_torch_write_failure(error):
+            message = (
+                f"writing a file failed ({message.strip().splitlines()[0]}): torch's writer stops so when the disk is "
+                "full or the file cannot be written. Free space (or give another --output_dir) and resume from the "
+                "last complete checkpoint."
+            )
         print(
-            f"efficientvlm {command}: error: writing a file failed ({first_line}): torch's writer stops so when the "
-            "disk is full or the file cannot be written. Free space (or give another --output_dir) and resume from "
-            f"the last complete checkpoint.\n({TRACEBACK_VARIABLE}=1 shows where it was raised)",
-            file=sys.stderr,
-        )
-        return 2
-    except (ValueError, OSError, TrainingStopped) as error:
-        if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
-            raise
-        command = sys.argv[1] if len(sys.argv) > 1 else ""
-        print(
-            f"efficientvlm {command}: error: {error}\n({TRACEBACK_VARIABLE}=1 shows where it was raised)",
+            f"efficientvlm {command}: error: {message}\n({TRACEBACK_VARIABLE}=1 shows where it was raised)",
             file=sys.stderr,
         )
         return 1 if isinstance(error, TrainingStopped) else 2
