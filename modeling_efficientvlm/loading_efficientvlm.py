@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,6 @@ def _first_line(error: Exception) -> str:
 def unreadable_weight_files(location: str | os.PathLike, subfolder: str = "") -> list[tuple[str, str]]:
     """(path, error) of every weights file (`*.safetensors`, `pytorch_model*.bin`) in the local folder `location`
     (/ `subfolder`) that cannot be read; [] for a folder that does not exist (a Hub id)."""
-    import torch
     from safetensors import safe_open
 
     folder = Path(location) / subfolder
@@ -145,10 +145,21 @@ def unreadable_weight_files(location: str | os.PathLike, subfolder: str = "") ->
                 handle.keys()
         except Exception as error:  # any failure to read is what we report
             unreadable.append((str(path), str(error)))
-    for path in sorted(folder.glob("pytorch_model*.bin")):  # not `training_args.bin` & co. of an output folder
-        try:  # a zip-format file memory-mapped: its tensors are not read into memory
-            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except Exception as error:
+    # Not `training_args.bin` & co. of an output folder.
+    return unreadable + unreadable_torch_files(sorted(folder.glob("pytorch_model*.bin")))
+
+
+def unreadable_torch_files(paths: Iterable[Path], weights_only: bool = True) -> list[tuple[str, str]]:
+    """(path, first line of the error) of every `torch.save` file of `paths` that `torch.load` cannot read; a
+    zip-format file is memory-mapped, so its tensors are not read into memory. `weights_only=False` for files that
+    hold more than tensors (the Trainer's RNG state)."""
+    import torch
+
+    unreadable = []
+    for path in paths:
+        try:
+            torch.load(path, map_location="cpu", weights_only=weights_only, mmap=zipfile.is_zipfile(path))
+        except Exception as error:  # any failure to read is what we report
             unreadable.append((str(path), _first_line(error)))
     return unreadable
 
@@ -174,5 +185,6 @@ __all__ = [
     "check_loaded_weights",
     "corrupt_checkpoint_error",
     "read_torch_weights",
+    "unreadable_torch_files",
     "unreadable_weight_files",
 ]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from trainers.data.epochs import follow_collator_epochs
@@ -196,16 +197,19 @@ def check_text_limit(
     fix: str | None = None,
     length: int | None = None,
     flag: str | None = "--max_text_length",
+    processor_folder: str | os.PathLike | None = None,
 ) -> None:
     """Raises a `ValueError` naming both numbers when texts may be longer (the processor's `max_length`, or
     `length`: the command's own limit, its option `flag`; None: it has none) than the model's position table
     (`positions`, `text_config.max_position_embeddings`) holds: the first batch with a text that long would stop
     training, possibly hours in. Every task's texts ([CLS], [SEP] and the captioning prompt included) are cut to
     that limit, so it may reach the table's size; `fix`: what the message tells the user to do instead of the
-    default advice."""
+    default advice (for a processor saved in `processor_folder`: to lower its `max_length` there)."""
     length = length or getattr(processor, "max_length", None)
     if length is None or length <= positions:
         return
+    if fix is None and processor_folder is not None:
+        fix = f"set max_length to at most {positions} in {processor_folder}'s processor_config.json"
     if fix is None:
         fix = f"give {flag or '--max_text_length'} <= {positions}"
         if from_preset:
@@ -331,12 +335,13 @@ def run_training(trainer: Trainer) -> Any:
     return result
 
 
-def _checkpoints(output_dir: str | os.PathLike | None) -> list[Path]:
-    """The Trainer's `checkpoint-<step>` folders in `output_dir`, by step."""
+def _checkpoints(output_dir: str | os.PathLike | None) -> list[tuple[int, Path]]:
+    """(step, folder) of the Trainer's `checkpoint-<step>` folders in `output_dir`, by step."""
     if not output_dir or not os.path.isdir(output_dir):
         return []
-    found = [path for path in Path(output_dir).glob("checkpoint-*") if path.is_dir() and path.name[11:].isdigit()]
-    return sorted(found, key=lambda path: int(path.name[11:]))
+    found = [path for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()]
+    steps = [path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-") for path in found]
+    return sorted((int(step), path) for step, path in zip(steps, found) if step.isdigit())
 
 
 def warn_on_earlier_checkpoints(output_dir: str | os.PathLike | None) -> None:
@@ -344,7 +349,7 @@ def warn_on_earlier_checkpoints(output_dir: str | os.PathLike | None) -> None:
     saved beside them, and the newest folder (what "resume from the last checkpoint" picks) may be the other run's."""
     earlier = _checkpoints(output_dir)
     if earlier:
-        names = ", ".join(path.name for path in earlier[-3:])
+        names = ", ".join(path.name for _, path in earlier[-3:])
         logger.warning(
             f"--output_dir {output_dir} holds {len(earlier)} checkpoint folder(s) of an earlier run (... {names}); "
             "this run saves its own beside them, and resuming from the newest may resume that run instead. Use a new "
@@ -362,22 +367,17 @@ def check_resumed_checkpoint(checkpoint: Any, model: Any = None) -> None:
     state: a save cut short) and a `ValueError` when it holds another model class than `model`'s (another task's
     run, which the Trainer would load half of, with warnings). A checkpoint without optimizer state (saved with
     `--save_only_model`) resumes with a fresh optimizer: said in a warning."""
-    import zipfile
-
-    import torch
-
-    from modeling_efficientvlm.loading_efficientvlm import CorruptCheckpointError, unreadable_weight_files
+    from modeling_efficientvlm.loading_efficientvlm import (
+        CorruptCheckpointError,
+        unreadable_torch_files,
+        unreadable_weight_files,
+    )
 
     if not isinstance(checkpoint, (str, os.PathLike)):
         return
     folder = Path(checkpoint)
-    files = unreadable_weight_files(folder)
-    for pattern in CHECKPOINT_STATE_FILES:
-        for path in sorted(folder.glob(pattern)):
-            try:  # a zip-format file memory-mapped: its tensors are not read into memory
-                torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
-            except Exception as error:  # any failure to read is what we report
-                files.append((str(path), (str(error).strip().splitlines() or [type(error).__name__])[0]))
+    states = [path for pattern in CHECKPOINT_STATE_FILES for path in sorted(folder.glob(pattern))]
+    files = unreadable_weight_files(folder) + unreadable_torch_files(states, weights_only=False)
     state = folder / "trainer_state.json"
     if folder.is_dir() and not state.is_file():
         files.append((str(state), "missing"))
@@ -423,7 +423,7 @@ def check_training_finished(trainer: Trainer) -> None:
     if ladder.finished if ladder is not None else state.global_step >= state.max_steps:
         return
     # This run's newest checkpoint: the highest-numbered folder may be an earlier run's, past this run's last step.
-    own = [path for path in _checkpoints(trainer.args.output_dir) if int(path.name[11:]) <= state.global_step]
+    own = [path for step, path in _checkpoints(trainer.args.output_dir) if step <= state.global_step]
     last = own[-1] if own else None
     resume = f"resume with --resume_from_checkpoint {last}" if last else "no checkpoint was saved to resume from"
     raise TrainingStopped(
@@ -449,15 +449,15 @@ def task_inputs(
     check_answer_list_task(answer_list, task)
     train_dataset = task_dataset(task, train_file, image_root, processor, dataset_path)
     check_training_images(train_dataset)
-    if task == "vqa" and len(train_dataset.unanswered) == len(train_dataset):
-        # A test split, or a misspelt key: said here, not by the collator at the first batch (naming no file).
-        raise ValueError(
-            f"{train_dataset.source or 'The training data'}: none of its {len(train_dataset)} questions has answers "
-            f"(the fields of record 0: {sorted(train_dataset.records[0])}); VQA trains on each question's `answer` "
-            "list (`answers` is read too)."
-        )
     answers = None
     if task == "vqa":
+        if len(train_dataset.unanswered) == len(train_dataset):
+            # A test split, or a misspelt key: said here, not by the collator at the first batch (naming no file).
+            raise ValueError(
+                f"{train_dataset.source or 'The training data'}: none of its {len(train_dataset)} questions has "
+                f"answers (the fields of record 0: {sorted(train_dataset.records[0])}); VQA trains on each question's "
+                "`answer` list (`answers` is read too)."
+            )
         auto = str(answer_list) == ANSWER_LIST_AUTO
         answers = training_answer_list(train_dataset) if auto else read_answer_list(answer_list)
         if answers:  # checked now: they are saved with the model after training

@@ -79,12 +79,13 @@ def console() -> int:
     try:
         code = main()
     except (ValueError, OSError, RuntimeError) as error:  # TrainingStopped is a RuntimeError
-        written = isinstance(error, (ValueError, OSError, TrainingStopped)) or _is_torch_write_failure(error)
+        write_failure = _is_torch_write_failure(error)
+        written = isinstance(error, (ValueError, OSError, TrainingStopped)) or write_failure
         if not written or os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
             raise
         command = sys.argv[1] if len(sys.argv) > 1 else ""
         message = str(error)
-        if _is_torch_write_failure(error):
+        if write_failure:
             message = (
                 f"writing a file failed ({message.strip().splitlines()[0]}): torch's writer stops so when the disk is "
                 "full or the file cannot be written. Free space (or give another --output_dir) and resume from the "

@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model.pack_cpu_weights()
     processor = EfficientVLMProcessor.from_pretrained(args.model_name_or_path)
     positions = model.config.text_config.max_position_embeddings
-    fix = f"set max_length to at most {positions} in {args.model_name_or_path}'s processor_config.json"
-    check_text_limit(processor, positions, fix=fix, flag=None)
+    check_text_limit(processor, positions, flag=None, processor_folder=args.model_name_or_path)
     dataset = build_dataset(args.task, args.eval_file, args.image_root, processor)
     answer_list = read_answer_list(args.answer_list)
     if args.task == "vqa" and (answer_list or model.config.answer_candidates):

@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(
                 f"--eval_file needs the model's processor, but {args.model_name_or_path} has none ({error})."
             ) from error
-    fix = f"set max_length to at most {positions} in {args.model_name_or_path}'s processor_config.json"
-    check_text_limit(processor, positions, fix=fix, flag=None)  # the graphs' inputs are prepared with it
+    # The graphs' inputs are prepared with it.
+    check_text_limit(processor, positions, flag=None, processor_folder=args.model_name_or_path)
     dataset = None
     if args.eval_file:
         if task_spec(task).evaluate is None:

@@ -295,7 +295,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
                 "'{\"use_reentrant\": false}', transformers' default) or train without --activation_checkpointing."
             )
         self.pruning_config = pruning_config
-        # The zero FFN neurons an earlier pruning padded with (all-zero output weights) are removed first: masks
+        # The zero FFN neurons an earlier pruning padded with (all-zero fc1 and fc2) are removed first: masks
         # over them would count their parameters as prunable and their removal as sparsity.
         self.silent_neurons_dropped: dict[str, int] | None = None
         if masker is None:
