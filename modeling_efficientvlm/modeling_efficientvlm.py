@@ -431,10 +431,22 @@ class EfficientVLMEmptyAttention(nn.Module):
         self.bias = nn.Parameter(bias)
 
     def forward(
-        self, hidden_states: torch.Tensor, *args, residual: torch.Tensor | None = None, **kwargs
-    ) -> tuple[torch.Tensor, None]:
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        residual: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As [`EfficientVLMAttention.forward`]; with `output_attentions`, weights of no head: (batch, 0, q_len,
+        k_len), so that a model's attentions stay one tensor per layer."""
         # A new tensor, not a view of the parameter: views of leaves trip autograd hooks (e.g. FLOP counting).
-        return (torch.zeros_like(hidden_states) if residual is None else residual) + self.bias, None
+        output = (torch.zeros_like(hidden_states) if residual is None else residual) + self.bias
+        if not output_attentions:
+            return output, None
+        k_len = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[1]
+        return output, hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], k_len)
 
     def prune(self, mask: torch.Tensor) -> nn.Module:
         _kept(mask, 0, "attention heads")  # nothing left to remove: only an empty mask fits
@@ -820,7 +832,7 @@ class EncoderOutput(ModelOutput):
         The input of the first layer and the output of each layer, each `(batch_size, sequence_length, hidden_size)`.
     attentions (`tuple(torch.FloatTensor)`, *optional*):
         Self-attention probabilities of each layer, each `(batch_size, num_heads, sequence_length, sequence_length)`
-        (`None` for a layer whose heads were all pruned).
+        with the layer's own head count (0 for a layer whose heads were all pruned).
     cross_attentions (`tuple(torch.FloatTensor)`, *optional*):
         Cross-attention probabilities of each fusion layer, each
         `(batch_size, num_heads, sequence_length, image_length)`.
@@ -828,8 +840,8 @@ class EncoderOutput(ModelOutput):
 
     last_hidden_state: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor | None, ...] | None = None
-    cross_attentions: tuple[torch.FloatTensor | None, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def _layer_mask(masks: list[torch.Tensor | None] | None, index: int, name: str, num_layers: int):

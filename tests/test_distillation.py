@@ -261,6 +261,12 @@ def test_attention_mse_matches_the_official_formula_and_masks_padding() -> None:
     torch.testing.assert_close(attention_mse(student, teacher), official)
     assert attention_mse((teacher[1], teacher[3]), teacher).item() == 0.0
     assert attention_mse((teacher[1], None), teacher, mapping=[1, 0]).item() == 0.0  # a pruned layer is skipped
+    emptied = teacher[0][:, :0]  # a pruned model's layer without heads: (batch, 0, q_len, k_len)
+    for mode in ("mean", "error"):
+        torch.testing.assert_close(
+            attention_mse((teacher[1], emptied), teacher, [1, 0], head_mismatch=mode), torch.tensor(0.0)
+        )
+    torch.testing.assert_close(attention_mse((emptied,), teacher, [0]), torch.tensor(0.0))
 
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     changed = teacher[1].clone()

@@ -127,6 +127,37 @@ def test_output_shapes(tiny_config, tiny_inputs) -> None:
     torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(batch))
 
 
+def test_a_pruned_model_gives_one_attention_tensor_per_layer_with_its_own_head_count(tiny_config, tiny_inputs) -> None:
+    """An emptied layer's weights are (batch, 0, q_len, k_len), not None: per-layer code (stacking a layer's maps,
+    reading `.shape`) works on every layer, and the kept heads' maps are the masked model's."""
+    model = EfficientVLMModel(tiny_config).eval()
+    masks = {key: [(mask != 0).float() for mask in value] for key, value in _random_masks(model).items()}
+    with torch.no_grad():
+        masked = model(**tiny_inputs, structure_masks=masks, output_attentions=True)
+    model.prune(masks)
+    with torch.no_grad():
+        pruned = model(**tiny_inputs, output_attentions=True)
+    batch, seq = tiny_inputs["input_ids"].shape
+    tokens = (tiny_config.vision_config.image_size // tiny_config.vision_config.patch_size) ** 2 + 1
+    maps = {
+        "vision_heads": (pruned.vision_output.attentions, masked.vision_output.attentions, tokens, tokens),
+        "text_heads": (pruned.text_output.attentions, masked.text_output.attentions, seq, seq),
+        "fusion_heads": (pruned.fusion_output.attentions, masked.fusion_output.attentions, seq, seq),
+        "fusion_cross_heads": (
+            pruned.fusion_output.cross_attentions,
+            masked.fusion_output.cross_attentions,
+            seq,
+            tokens,
+        ),
+    }
+    for key, (got, reference, q_len, k_len) in maps.items():
+        kept = [int(mask.sum()) for mask in masks[key]]
+        assert kept[0] == 0 and any(kept), key
+        assert [tuple(weights.shape) for weights in got] == [(batch, n, q_len, k_len) for n in kept], key
+        for weights, full, mask in zip(got, reference, masks[key]):
+            torch.testing.assert_close(weights, full[:, mask.bool()], atol=1e-5, rtol=0)
+
+
 def test_sdpa_matches_eager(tiny_config, tiny_inputs) -> None:
     torch.manual_seed(0)
     sdpa = EfficientVLMModel._from_config(tiny_config, attn_implementation="sdpa").eval()

@@ -120,8 +120,8 @@ def attention_mse(
     batch, heads and queries (the official `MSELoss()(s, t) * k_len`).
 
     Args:
-        student_attentions: one (batch, heads, q_len, k_len) map per student layer (`None` for a layer without
-            heads, which is skipped).
+        student_attentions: one (batch, heads, q_len, k_len) map per student layer (`None` or no heads for a
+            layer without heads, which is skipped).
         teacher_attentions: one map per teacher layer.
         mapping: teacher layer (0-based) for each student layer; default [`default_layer_mapping`].
         attention_mask: (batch, q_len) padding mask of the attending sequence (1 = token). For self-attention
@@ -141,7 +141,7 @@ def attention_mse(
     loss = None
     for j, t in enumerate(mapping):
         student, teacher = student_attentions[j], teacher_attentions[t]
-        if student is None or teacher is None:
+        if student is None or teacher is None or (student.dim() == 4 and student.shape[1] == 0):
             continue
         teacher = teacher.detach()
         if student.dim() != 4 or teacher.dim() != 4:
