@@ -165,6 +165,25 @@ def test_an_unknown_itm_score_is_refused_before_the_session_runs(tmp_path, monke
         model.itc_logit_scale()
 
 
+def test_onnx_nlvr2_predicts_from_images_and_sentences_as_pytorch_does(tmp_path) -> None:
+    processor = make_processor(tmp_path)
+    model = _pruned(EfficientVLMForVisualReasoning)
+    export_onnx(model, tmp_path / "nlvr2")
+    onnx_model = load_onnx_model(tmp_path / "nlvr2")
+    lefts, rights = [make_image("red"), make_image("blue")], [make_image("green"), make_image("red", size=40)]
+    sentences = ["both are red", "one circle"]
+    with torch.no_grad():
+        expected = model.predict(lefts, rights, sentences, processor)
+    got = onnx_model.predict(lefts, rights, sentences, processor)
+    assert [row["label"] for row in got] == [row["label"] for row in expected]
+    for row, reference in zip(got, expected):
+        assert row["probabilities"].keys() == reference["probabilities"].keys() == {"False", "True"}
+        for name, probability in reference["probabilities"].items():
+            assert row["probabilities"][name] == pytest.approx(probability, abs=1e-4)
+    with pytest.raises(ValueError, match="Got 2 left images, 1 right images and 2 sentences"):
+        onnx_model.predict(lefts, rights[:1], sentences, processor)
+
+
 def test_onnx_captioning_refuses_padded_prompts_as_pytorch_does(tmp_path) -> None:
     """onnxruntime captioning took a batch of prompts of different lengths and generated after their [SEP] / [PAD];
     it now checks the prompt with PyTorch's own function, so both raise the same error."""

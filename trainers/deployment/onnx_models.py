@@ -1,7 +1,7 @@
 """Task models that run an export folder's ONNX graphs with onnxruntime, with the inference methods of the PyTorch
-models (`embed_images` / `itm_rerank_scores`, `rank_answers`, `__call__(...).logits`, `generate`), so the task
-evaluation routines (`trainers.evaluation.tasks`) score them unchanged and a user has a reference of how the graphs
-chain. The ranking and re-ranking logic is the PyTorch model's own method, run on these graphs.
+models (`embed_images` / `itm_rerank_scores`, `rank_answers`, `__call__(...).logits` and `predict`, `generate`), so
+the task evaluation routines (`trainers.evaluation.tasks`) score them unchanged and a user has a reference of how the
+graphs chain. The ranking and re-ranking logic is the PyTorch model's own method, run on these graphs.
 
     model = load_onnx_model("onnx_out")              # or int8=True for the quantized graphs
     logits = model(pixel_values, input_ids, attention_mask).logits   # NLVR2
@@ -21,6 +21,7 @@ from modeling_efficientvlm import (
     EfficientVLMConfig,
     EfficientVLMForImageTextRetrieval,
     EfficientVLMForQuestionAnswering,
+    EfficientVLMForVisualReasoning,
 )
 from modeling_efficientvlm.modeling_efficientvlm import EncoderOutput, check_text_length
 from modeling_efficientvlm.modeling_efficientvlm_captioning import generation_prompt
@@ -166,7 +167,10 @@ class OnnxQuestionAnsweringModel(OnnxTaskModel):
 
 
 class OnnxVisualReasoningModel(OnnxTaskModel):
-    """NLVR2 on the `nlvr2` graph."""
+    """NLVR2 on the `nlvr2` graph; `predict` (images and sentences to answers) as in PyTorch."""
+
+    dtype = torch.float32  # the graphs take float32 images
+    predict = EfficientVLMForVisualReasoning.predict
 
     def forward(
         self,
