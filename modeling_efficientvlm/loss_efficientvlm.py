@@ -71,9 +71,10 @@ class ImageTextContrastiveLoss(nn.Module):
     between them, as in X-VLM's retrieval fine-tuning.
 
     In training mode under `torch.distributed` (DDP, `torchrun`), the embeddings and image ids of every
-    process are gathered first ([`gather_batch`], with gradients), as X-VLM does: the negatives are those of
-    the global batch, and every process computes the same loss over it (without image ids, the positives are
-    the global batch's diagonal). In eval mode, or in one process, only the local batch is used.
+    process are gathered first ([`gather_batch`], with gradients): the negatives are those of the global batch,
+    as X-VLM's, and every process computes the same loss over it (without image ids, the positives are the
+    global batch's diagonal), whose gradients are the global batch's (X-VLM's gather keeps each process's own
+    slice only: 1/N of them with N processes). In eval mode, or in one process, only the local batch is used.
     """
 
     def get_logits(
