@@ -132,6 +132,16 @@ class EfficientVLMImageProcessor(PilBackend):
             table = (table - mean[:, None]) / std[:, None]
         return table
 
+    def to_rgb_image(self, image: Any, input_data_format: str | ChannelDimension | None = None) -> PIL.Image.Image:
+        """One image (any input `__call__` takes) as the 8-bit RGB PIL image this processor reads: transparency
+        composited on white, 16-bit values scaled to 8 bits. Pipelines open every image with transformers'
+        `load_image`, whose plain `convert("RGB")` keeps what transparent pixels hold (often black) and clips
+        16-bit values to white before this processor sees them; pass them `to_rgb_image(image)` instead, and they
+        see what training saw."""
+        if isinstance(image, (list, tuple)):
+            raise ValueError("`to_rgb_image` takes one image; call it per image.")
+        return PIL.Image.fromarray(self._to_rgb_chw_uint8(image, 0, input_data_format).transpose(1, 2, 0))
+
     @staticmethod
     def _to_rgb_chw_uint8(image: Any, index: int, input_data_format: str | ChannelDimension | None) -> np.ndarray:
         """Converts one image to a (3, H, W) uint8 array; `index` is its position in the flattened batch."""

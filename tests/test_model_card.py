@@ -68,6 +68,8 @@ def test_every_tasks_card_has_the_hub_metadata_and_its_snippet(tmp_path, task: s
     # `image-feature-extraction` (the pre-training cards' tag before) raised a TypeError: forward needs texts.
     assert_complete_card(card, pipeline_tag=task not in ("nlvr2", "pretraining"))
     assert card.data.pipeline_tag == task_spec(task).pipeline_tag
+    # Cards whose snippets use a pipeline say how to give it what the processor reads (transparent, 16-bit images).
+    assert ("to_rgb_image(image)" in card.text) == (task_spec(task).pipeline_tag is not None)
     assert card.data.base_model == "someone/efficientvlm-teacher" and card.data.datasets == ["my_train.json"]
     [result] = card.data.eval_results
     assert (result.metric_type, result.metric_value, result.dataset_name) == (metric, 0.5, "my_test.json")

@@ -120,6 +120,29 @@ def test_16_bit_and_float_pil_images_are_scaled_to_8_bits_as_the_training_data_r
         image_processor([make_image(), PIL.Image.fromarray(np.array([[0, 2]] * 2, np.float32))])
 
 
+def test_to_rgb_image_gives_pipelines_what_the_processor_reads() -> None:
+    """Pipelines open images with transformers' `load_image` (a plain `convert("RGB")`): a transparent corner kept
+    its own colour (black) and 16-bit values clipped to white. `to_rgb_image` first gives the processor's values."""
+    from transformers.image_utils import load_image
+
+    image_processor = make_image_processor(image_size=8)
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[:4, :4, 3], rgba[4:, :, 3] = 200, 0, 255  # red, with a transparent top-left corner
+    sixteen = PIL.Image.fromarray(np.full((8, 8), 40_000, dtype=np.uint16))  # mode "I;16": 40000 >> 8 = 156
+    for image in (PIL.Image.fromarray(rgba), sixteen):
+        expected = image_processor(image, return_tensors="pt")["pixel_values"]
+        converted = image_processor.to_rgb_image(image)
+        assert converted.mode == "RGB" and converted.size == image.size
+        torch.testing.assert_close(
+            image_processor(load_image(converted), return_tensors="pt")["pixel_values"], expected
+        )
+        piped = image_processor(load_image(image), return_tensors="pt")["pixel_values"]
+        assert (piped - expected).abs().max() > 1.0  # what a pipeline fed the image itself sees
+    assert image_processor.to_rgb_image(torch.zeros(3, 8, 8)).getpixel((0, 0)) == (0, 0, 0)
+    with pytest.raises(ValueError, match="takes one image"):
+        image_processor.to_rgb_image([sixteen, sixteen])
+
+
 @pytest.mark.parametrize(
     "flags",
     [{}, {"do_rescale": False}, {"do_normalize": False}, {"do_rescale": False, "do_normalize": False}],

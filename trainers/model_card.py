@@ -141,6 +141,14 @@ def describe_hardware() -> str:
 
 
 # -- the snippets -----------------------------------------------------------------------------------------------
+# transformers' pipelines open images with `load_image`, a plain `convert("RGB")`; the processor does more.
+PIPELINE_IMAGES_NOTE = (
+    'Pipelines open images with a plain `convert("RGB")`: transparent pixels keep their own colour (often black) '
+    "and 16-bit values clip to white, where the processor (and training) composite on white and scale 16 bits. For "
+    "such images pass `processor.image_processor.to_rgb_image(image)` to the pipeline."
+)
+
+
 def usage_snippet(task: str, repo: str, answer_candidates: bool = True) -> str:
     """A runnable snippet for a `task` model saved at `repo` (Hub id or folder): the pipeline first. (The tests
     run every snippet against a saved folder of each task, with `photo.jpg`, `left.jpg` and `right.jpg`.)"""
@@ -389,6 +397,8 @@ def build_model_card(
         lines += ["", " ".join(origin) + "."]
     candidates = info.answer_candidates or getattr(getattr(model, "config", None), "answer_candidates", None)
     lines += ["", "## How to use", "", usage_snippet(info.task, repo, answer_candidates=bool(candidates))]
+    if info.task in ("retrieval", "vqa", "captioning"):
+        lines += ["", PIPELINE_IMAGES_NOTE]
     lines += ["", "## Training data", ""]
     if info.synthetic_data:
         lines.append(f"Trained on {DEMO_TRAINING_DATA}")
