@@ -363,3 +363,37 @@ def test_caption_predictions_name_each_image_by_its_path_and_its_records_image_i
         {"image_index": 2, "image": "img2.png"},
     ]
     assert items[1]["references"] == ["a picture of a green square", "a picture of a green circle"]
+
+
+def test_caption_evaluation_decodes_with_the_beams_and_lengths_asked(tmp_path) -> None:
+    """`evaluate --num_beams 3 --min_new_tokens 1 --max_new_tokens 16` is the official evaluation (greedy, at most 20
+    new tokens, was the only one); each option reaches `generate`, and bad values or another task are refused."""
+    from trainers.commands import evaluate as evaluate_command
+    from trainers.tasks import build_dataset, evaluate_task
+
+    from .data_utils import make_processor, write_image_text_json
+
+    processor = make_processor(tmp_path)
+    data, image_root = write_image_text_json(tmp_path, n=3)
+    dataset = build_dataset("captioning", data, image_root, processor)
+    torch.manual_seed(0)
+    model = EfficientVLMForConditionalGeneration(_config()).eval()
+    prompt = processor.tokenizer(["a picture of "] * 3, return_tensors="pt")["input_ids"][:, :-1]
+    pixel_values = processor.image_processor([dataset.get_image(i) for i in range(3)], return_tensors="pt")
+    beams = {"num_beams": 3, "min_new_tokens": 3, "max_new_tokens": 4}
+    for options, decoding in (({}, {"max_new_tokens": 20}), (beams, beams)):  # the default: greedy, 20 tokens
+        with torch.no_grad():
+            ids = model.generate(pixel_values=pixel_values["pixel_values"], input_ids=prompt, **decoding)
+        expected = processor.tokenizer.batch_decode(ids[:, prompt.shape[1] :], skip_special_tokens=True)
+        got = evaluate_task("captioning", model, dataset, processor, **options).predictions
+        assert got == [text.strip() for text in expected]
+    new_tokens = ids[:, prompt.shape[1] :]
+    assert new_tokens.shape[1] >= 3 and not (new_tokens[:, :3] == processor.tokenizer.sep_token_id).any()
+    for bad in ({"num_beams": 0}, {"min_new_tokens": 5, "max_new_tokens": 4}, {"max_new_tokens": 0}):
+        with pytest.raises(ValueError, match="Captions need num_beams >= 1 and 0 <= min_new_tokens <= max_new_tokens"):
+            evaluate_task("captioning", model, dataset, processor, **bad)
+    with pytest.raises(ValueError, match="--min_new_tokens and --num_beams decode captions; the vqa task generates"):
+        evaluate_command.main(
+            ["--task", "vqa", "--model_name_or_path", str(tmp_path), "--eval_file", str(data), "--num_beams", "3"]
+            + ["--min_new_tokens", "1"]
+        )

@@ -498,11 +498,14 @@ def evaluate_task(
     caption_level_recall: bool = False,
     itm_score: str = "logit",
     xvlm_scoring: bool = False,
+    num_beams: int = 1,
+    min_new_tokens: int = 0,
 ) -> EvaluationResult:
     """Runs `task`'s evaluation routine (see `trainers.evaluation.tasks`) and returns its metrics (and
     per-example predictions); retrieval with `caption_level_recall` also reports recall with identical captions
     counted as one (keys ending in `_caption`); `itm_score` is what ranks retrieval's re-ranked candidates;
-    `xvlm_scoring` scores VQA's answers as the official code does (see `rank_answers`)."""
+    `xvlm_scoring` scores VQA's answers as the official code does (see `rank_answers`); captions are decoded with
+    `num_beams` beams (1: greedy) into `min_new_tokens` to `max_new_tokens` tokens after the prompt."""
     spec = task_spec(task)
     if spec.evaluate is None:
         raise ValueError(f"The {task} task has no evaluation routine here; evaluate a downstream task instead.")
@@ -514,7 +517,21 @@ def evaluate_task(
     check_itm_score(itm_score, "`itm_score` (--itm_score)", rerank=True)
     if xvlm_scoring and task != "vqa":
         raise ValueError(f"--xvlm_scoring scores VQA answers; the {task} task ranks none.")
+    if num_beams < 1 or max_new_tokens < 1 or not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(
+            f"Captions need num_beams >= 1 and 0 <= min_new_tokens <= max_new_tokens, max_new_tokens >= 1; got "
+            f"num_beams={num_beams}, min_new_tokens={min_new_tokens}, max_new_tokens={max_new_tokens}."
+        )
     options = EvaluationOptions(
-        batch_size, answer_list, k, structure_masks, max_new_tokens, caption_level_recall, itm_score, xvlm_scoring
+        batch_size,
+        answer_list,
+        k,
+        structure_masks,
+        max_new_tokens,
+        caption_level_recall,
+        itm_score,
+        xvlm_scoring,
+        num_beams,
+        min_new_tokens,
     )
     return spec.evaluate(model, dataset, processor, options)

@@ -41,6 +41,22 @@ class EvaluateArguments:
             "r_mean_caption): a text query hits if any image with that caption is retrieved."
         },
     )
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Captioning: longest caption, in tokens after the prompt (default 20)."},
+    )
+    min_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Captioning: shortest caption, in tokens after the prompt (default 0)."},
+    )
+    num_beams: int | None = field(
+        default=None,
+        metadata={
+            "help": "Captioning: beam search with this many beams (default 1: greedy). The official evaluation: "
+            "--num_beams 3 --min_new_tokens 1 --max_new_tokens 16 (its max_length 20 and min_length 5 count the "
+            "4-token prompt '[CLS] a picture of')."
+        },
+    )
     device: str = field(
         default="auto", metadata={"help": "Where the model runs: auto (the GPU if torch sees one), cpu, cuda, cuda:N."}
     )
@@ -81,6 +97,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "would evaluate the whole split and write the same files: run it without torchrun / accelerate launch."
         )
     check_answer_list_task(args.answer_list, args.task)
+    decoding = {
+        "max_new_tokens": args.max_new_tokens,
+        "min_new_tokens": args.min_new_tokens,
+        "num_beams": args.num_beams,
+    }
+    given = [f"--{name}" for name, value in decoding.items() if value is not None]
+    if given and args.task != "captioning":
+        raise ValueError(f"{' and '.join(given)} decode captions; the {args.task} task generates none.")
     for output in (args.output_file, args.predictions_file):
         if output:  # made before the evaluation runs, not found missing after it
             Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         caption_level_recall=args.caption_level_recall,
         itm_score=args.itm_score,
         xvlm_scoring=args.xvlm_scoring,
+        **{name: value for name, value in decoding.items() if value is not None},
     )
     metrics = result.metrics
     print(json.dumps(metrics, indent=2))

@@ -38,7 +38,10 @@ class EvaluationOptions:
         answer_list: VQA's candidate answers.
         k: VQA answers re-ranked per question; retrieval candidates re-ranked by ITM per query.
         structure_masks: optional structure masks passed to every forward (a model being pruned).
-        max_new_tokens: longest generated caption.
+        max_new_tokens: captioning: longest generated caption, in tokens after the prompt.
+        num_beams: captioning: beam search with this many beams (1: greedy).
+        min_new_tokens: captioning: shortest generated caption, in tokens after the prompt ([SEP] held back until
+            then).
         caption_level_recall: retrieval: also report recall with identical captions counted as one
             (`txt_r1_caption`, ..., `r_mean_caption`; see `caption_level_recall`).
         itm_score: retrieval: what ranks the re-ranked candidates, `"logit"` (X-VLM's raw match logit),
@@ -55,6 +58,8 @@ class EvaluationOptions:
     caption_level_recall: bool = False
     itm_score: str = "logit"
     xvlm_scoring: bool = False
+    num_beams: int = 1
+    min_new_tokens: int = 0
 
     @property
     def mask_kwargs(self) -> dict[str, Any]:
@@ -265,7 +270,8 @@ def _retrieval_items(dataset: Any, result: Any, top: int = 5) -> list[dict[str, 
 
 
 def evaluate_captioning(model: Any, dataset: Any, processor: Any, options: EvaluationOptions) -> EvaluationResult:
-    """Greedy captions after the processor's caption prompt; BLEU-4 and CIDEr."""
+    """Captions after the processor's caption prompt (greedy, or beam search with `options.num_beams`); BLEU-4 and
+    CIDEr."""
     from trainers.evaluation import metrics
 
     batch_size, device = options.batch_size, _device_of(model)
@@ -281,6 +287,8 @@ def evaluate_captioning(model: Any, dataset: Any, processor: Any, options: Evalu
             pixel_values=pixel_values["pixel_values"].to(device),
             input_ids=prompt_ids.to(device),
             max_new_tokens=options.max_new_tokens,
+            min_new_tokens=options.min_new_tokens,
+            num_beams=options.num_beams,
             **options.mask_kwargs,
         )
         texts = processor.tokenizer.batch_decode(generated[:, prompt_ids.shape[1] :], skip_special_tokens=True)
