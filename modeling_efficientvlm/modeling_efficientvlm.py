@@ -1113,6 +1113,17 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
     # see `save_pretrained`). Fixed per class: `_auto_class` is whichever auto class last loaded it as remote code.
     auto_classes: tuple[str, ...] = ()
 
+    # A save leaves tied copies out (an LM head's decoder, NLVR2's shared cross-attention keys and values), and the
+    # Trainer's resume warns of missing keys unless they are exactly these: every tied key is one, whatever the
+    # class lists (pruning NLVR2 re-expands its ties, so they are read when asked for, not fixed here).
+    @property
+    def _keys_to_ignore_on_save(self) -> set[str]:
+        return getattr(self, "_listed_keys_to_ignore_on_save", set()) | set(getattr(self, "all_tied_weights_keys", {}))
+
+    @_keys_to_ignore_on_save.setter
+    def _keys_to_ignore_on_save(self, keys: set[str] | list[str] | None) -> None:
+        self._listed_keys_to_ignore_on_save = set(keys or [])
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, with two named errors where transformers would re-initialise layers

@@ -128,3 +128,41 @@ def test_a_model_saved_over_another_leaves_none_of_the_others_files(tmp_path, ca
     assert "pruning removed" not in card and "model_name: model\n" in card  # the folder's name, not the staging one
     reloaded = task_model_class("retrieval").from_pretrained(folder)
     assert type(reloaded).__name__ == "EfficientVLMForImageTextRetrieval"
+
+
+@pytest.mark.parametrize("task", ["pretraining", "vqa", "captioning", "nlvr2"])
+def test_a_checkpoint_resumes_without_a_missing_keys_warning_for_its_tied_weights(tmp_path, task: str) -> None:
+    """Every resume warned "There were missing keys in the checkpoint model loaded" for the tied copies a save leaves
+    out (an LM head's decoder, NLVR2's shared keys and values); a key really missing still warns."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = task_model_class(task)(EfficientVLMConfig.from_preset("tiny"))
+    tied = set(model.all_tied_weights_keys)
+    assert tied and model._keys_to_ignore_on_save == tied
+    model.save_pretrained(tmp_path / "checkpoint")
+    saved = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    assert set(saved) == set(model.state_dict()) - tied  # the files a save writes are unchanged
+    trainer = Trainer(model=model, args=TrainingArguments(tmp_path / "run", report_to=[], use_cpu=True))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.trainer")
+    logger.addHandler(handler)
+    try:
+        trainer._load_from_checkpoint(str(tmp_path / "checkpoint"))
+        assert not [record for record in records if "missing keys" in record.getMessage()]
+        for target, source in model.all_tied_weights_keys.items():  # still one tensor each
+            assert model.get_parameter(target) is model.get_parameter(source)
+        dropped = next(key for key in saved if key.endswith("layernorm.weight") or key.endswith("norm.weight"))
+        save_file(
+            {key: value for key, value in saved.items() if key != dropped},
+            tmp_path / "checkpoint" / "model.safetensors",
+        )
+        trainer._load_from_checkpoint(str(tmp_path / "checkpoint"))
+        assert [record for record in records if dropped in record.getMessage()]
+    finally:
+        logger.removeHandler(handler)
