@@ -846,12 +846,19 @@ def test_a_vqa_training_file_without_any_answers_is_refused_before_training(tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_evaluate_launched_as_several_processes_is_refused(monkeypatch) -> None:
-    """Each process evaluated the whole split and wrote the same output files at the same time."""
+@pytest.mark.parametrize("command", ["evaluate", "processor", "export", "convert", "benchmark", "demo", "app"])
+def test_a_single_process_command_launched_as_several_processes_is_refused(monkeypatch, tmp_path, command) -> None:
+    """Each process evaluated the whole split (processor, export: wrote the whole folder) and wrote the same output
+    files at the same time; only the training commands join a launcher's processes."""
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    argv = ["evaluate", "--task", "vqa", "--model_name_or_path", "m", "--eval_file", "x.json", "--output_file", "o"]
-    with pytest.raises(ValueError, match=r"evaluate runs in one process; it was launched as 2 \(WORLD_SIZE=2\)"):
-        cli.main(argv)
+    with pytest.raises(ValueError, match=rf"^{command} runs in one process; it was launched as 2 \(WORLD_SIZE=2\)"):
+        cli.main([command, "--output_dir", "out"])
+    assert not any(tmp_path.iterdir())
+    from trainers.commands import evaluate
+
+    with pytest.raises(ValueError, match=r"^evaluate runs in one process"):  # called from Python too
+        evaluate.main(["--task", "vqa", "--model_name_or_path", "m", "--eval_file", "x.json"])
 
 
 def test_eval_strategy_evaluates_the_eval_file_during_training(tmp_path) -> None:

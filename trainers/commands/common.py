@@ -205,6 +205,22 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+# The commands that join a launcher's processes (DDP through the Trainer); the others run in one.
+MULTI_PROCESS_COMMANDS = ("pretrain", "finetune", "distill", "prune")
+
+
+def check_single_process(command: str) -> None:
+    """Raises when a launcher (torchrun, accelerate launch) started several processes for a command that runs in
+    one: each would do the whole job and write the same files at the same time."""
+    launched = launched_processes()
+    if launched > 1 and command not in MULTI_PROCESS_COMMANDS:
+        raise ValueError(
+            f"{command} runs in one process; it was launched as {launched} (WORLD_SIZE={launched}), each of which "
+            "would do the whole job and write the same files: run it without torchrun / accelerate launch (only "
+            f"{', '.join(MULTI_PROCESS_COMMANDS)} run in several)."
+        )
+
+
 def check_launched_processes(training_args: TrainingArguments) -> None:
     """Raises when a launcher started several processes (`WORLD_SIZE` > 1: torchrun, accelerate launch) but the
     Trainer would run each alone: on CPUs without `--use_cpu`, Transformers sets up no process group, and every

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from trainers.commands.common import answer_list_field, itm_score_field, launched_processes, parse_arguments
+from trainers.commands.common import answer_list_field, check_single_process, itm_score_field, parse_arguments
 from trainers.placement import resolve_placement
 from trainers.tasks import TASKS, build_dataset, evaluate_task, task_model_class
 from trainers.training import check_answer_list_task, check_text_limit, read_answer_list, warn_on_answer_coverage
@@ -90,12 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMProcessor
 
     (args,) = parse_arguments("evaluate", (EvaluateArguments,), argv, "Evaluate a task model.")
-    launched = launched_processes()
-    if launched > 1:
-        raise ValueError(
-            f"evaluate runs in one process; it was launched as {launched} (WORLD_SIZE={launched}), each of which "
-            "would evaluate the whole split and write the same files: run it without torchrun / accelerate launch."
-        )
+    check_single_process("evaluate")
     check_answer_list_task(args.answer_list, args.task)
     decoding = {
         "max_new_tokens": args.max_new_tokens,
