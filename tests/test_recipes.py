@@ -150,7 +150,9 @@ def test_recipe_list_and_the_recipes_command_name_every_recipe(capsys) -> None:
     from trainers import commands as cli
 
     names = recipe_names()
-    assert {"paper-vqa", "paper-retrieval", "paper-nlvr2", "paper-distill", "small-cpu"} <= set(names)
+    assert {"paper-vqa", "paper-retrieval", "paper-nlvr2", "paper-captioning", "paper-distill", "small-cpu"} <= set(
+        names
+    )
     with pytest.raises(SystemExit) as exit_info:
         _parse("finetune", "--recipe", "list")
     assert exit_info.value.code == 0
@@ -273,7 +275,9 @@ def test_prune_runs_from_the_command_line_with_a_recipe_and_an_override(tmp_path
     assert json.loads((tmp_path / "out" / "pruning_report.json").read_text())["target_sparsity"] == 0.3
 
 
-def test_config_overrides_shape_a_preset_and_a_recipes_do_not_apply_to_a_saved_model() -> None:
+def test_config_overrides_shape_a_preset_and_of_a_recipes_only_how_it_trains_applies_to_a_saved_model() -> None:
+    """A recipe's preset shape is dropped on a saved model; its training fields (paper-captioning's label smoothing,
+    small-cpu's ITM negatives) were dropped with it."""
     from trainers.commands.common import model_options
 
     model_args, *_ = _parse("pretrain", "--recipe", "small-cpu")  # with --preset xvlm-base
@@ -284,7 +288,16 @@ def test_config_overrides_shape_a_preset_and_a_recipes_do_not_apply_to_a_saved_m
         ["--recipe", "small-cpu", "--model_name_or_path", "saved", "--output_dir", "unused"],
         "test",
     )
-    assert model_options(model_args)["config_overrides"] == {}
+    assert model_options(model_args)["config_overrides"] == {
+        "itm_random_negatives": 0.5,
+        "itm_exclude_identical_texts": True,
+    }
+    _, model_args, *_ = _parse("finetune", "--recipe", "paper-captioning")  # with --model_name_or_path
+    assert model_options(model_args)["config_overrides"] == {"label_smoothing": 0.1}
+    _, model_args, *_ = _parse(
+        "finetune", "--recipe", "paper-captioning", "--config_overrides", '{"label_smoothing": 0.2}'
+    )
+    assert model_options(model_args)["config_overrides"] == {"label_smoothing": 0.2}  # the flag wins
     model_args, *_ = parse_arguments(
         "pretrain",
         _dataclasses("pretrain"),

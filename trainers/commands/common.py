@@ -379,10 +379,12 @@ def parse_json_option(value: str | dict[str, Any] | None, name: str) -> dict[str
 def model_options(model_args: ModelArguments) -> dict[str, Any]:
     """`ModelArguments` as the keyword arguments of `trainers.training.build_task_model`. `--config_overrides`
     shapes a `--preset`; on a saved model it may set how the model trains (`TRAINING_CONFIG_FIELDS`, checked when
-    the model is built), and a recipe's overrides (a preset's shape) do not apply."""
+    the model is built), and of a recipe's overrides only those apply (not a preset's shape)."""
+    from trainers.training import TRAINING_CONFIG_FIELDS
+
     overrides = parse_json_option(model_args.config_overrides, "config_overrides")
     if overrides and model_args.model_name_or_path is not None and "config_overrides" in recipe_fields(model_args):
-        overrides = {}
+        overrides = {key: value for key, value in overrides.items() if key in TRAINING_CONFIG_FIELDS}
     return {
         "model_name_or_path": model_args.model_name_or_path,
         "preset": model_args.preset,
