@@ -76,6 +76,13 @@ def test_vqa_accuracy_official_leave_one_out(loaded) -> None:
     assert vqa_accuracy_per_question("a", ["a"] * 3 + ["b"] * 7) == pytest.approx(0.9)  # (3 * 2/3 + 7 * 1) / 10
     assert vqa_accuracy_per_question("a", ["a"] * 4 + ["b"] * 6) == pytest.approx(1.0)
     assert vqa_accuracy_per_question("yes", ["yes"]) == 1.0  # a single reference: exact match
+    # Fewer than 4 answers (own data): full credit when all the others agree; scores never fall as annotators agree
+    # (["red", "red"] scored 1/3, ["red", "red", "red"] 2/3, below ["red"]'s 1.0).
+    agreeing = [vqa_accuracy_per_question("red", ["red"] * n) for n in range(1, 11)]
+    assert agreeing == [1.0] * 10
+    assert vqa_accuracy_per_question("red", ["red", "blue"]) == pytest.approx(0.5)  # (0 + 1) / 2
+    assert vqa_accuracy_per_question("red", ["red", "red", "blue"]) == pytest.approx(2 / 3)  # (1/2 + 1/2 + 1) / 3
+    assert vqa_accuracy_per_question("red", ["red", "red", "red", "blue"]) == pytest.approx(0.75)  # official from 4
     result = loaded["vqa_accuracy"].compute(predictions=["Two", "3", "cat"], references=[ten, ten, ten])
     assert result == {"vqa_accuracy": pytest.approx((0.6 + 1.0 + 0.0) / 3)}
     with pytest.raises(ValueError, match="no reference answers"):

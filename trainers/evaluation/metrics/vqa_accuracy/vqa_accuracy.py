@@ -11,7 +11,10 @@ Official VQA accuracy: with the 10 annotator answers of a question, the score of
 over the 10 subsets of 9 annotators, of min(1, #annotators in the subset who gave the prediction / 3).
 A prediction given by 2 of 10 annotators scores 0.6 (8 subsets contain both: 2/3; 2 contain one: 1/3);
 3 or more matches score 1.0 after the averaging only if at least 4 annotators agree (3 of 10 gives 0.9).
-With a single reference answer, leave-one-out is undefined and the score is exact match (0 or 1).
+With a single reference answer, leave-one-out is undefined and the score is exact match (0 or 1). With 2 or 3
+answers (one's own data) no subset holds 3 other annotators, so full credit needs all the others there (the threshold
+is min(3, answers - 1)): the score never falls as annotators agree (["red", "red"] scored 1/3 with the fixed 3, below
+["red"]); from 4 answers on the formula is the official one.
 
 Answers and predictions are normalised as the official evaluation script does: newlines/tabs to spaces,
 punctuation removed or replaced by a space, periods not followed by a digit removed, lowercase, number
@@ -114,7 +117,8 @@ def normalize_answer(answer: str) -> str:
 
 
 def vqa_accuracy_per_question(prediction: str, answers: Sequence[str]) -> float:
-    """Official accuracy of one prediction against its annotator answers (leave-one-out average)."""
+    """Official accuracy of one prediction against its annotator answers (leave-one-out average; with 2 or 3 answers
+    full credit needs all the other annotators, see the module description)."""
     if len(answers) == 0:
         raise ValueError("A question has no reference answers.")
     prediction = normalize_answer(prediction)
@@ -122,8 +126,10 @@ def vqa_accuracy_per_question(prediction: str, answers: Sequence[str]) -> float:
     if len(matches) == 1:
         return float(matches[0])
     total = sum(matches)
-    # Leaving annotator j out leaves total - matches[j] matching annotators among the others.
-    return sum(min(1.0, (total - match) / 3.0) for match in matches) / len(matches)
+    # Leaving annotator j out leaves total - matches[j] matching annotators among the others; full credit takes 3
+    # of them, or all of them when there are fewer (see the module description).
+    needed = float(min(3, len(matches) - 1))
+    return sum(min(1.0, (total - match) / needed) for match in matches) / len(matches)
 
 
 def vqa_accuracy_score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
