@@ -384,7 +384,7 @@ def test_evaluate_runs_the_model_on_the_device_and_in_the_dtype_asked_for(tmp_pa
     assert not (tmp_path / "never").exists()
 
 
-def test_every_command_takes_num_threads_and_cpu_runs_do_not_pin_memory() -> None:
+def test_every_command_takes_num_threads_and_cpu_runs_do_not_pin_memory(tmp_path, monkeypatch) -> None:
     import torch
     from transformers import TrainingArguments
 
@@ -406,9 +406,16 @@ def test_every_command_takes_num_threads_and_cpu_runs_do_not_pin_memory() -> Non
         for flag, value in [("--model_name_or_path", "/no/such/folder"), ("--processor_name_or_path", "a/b/c")]:
             with pytest.raises(ValueError, match=f"{flag} '{value}': no such folder"):
                 parse_arguments("finetune", (ModelArguments,), [flag, value], "test")
-        for value in ("org/model", "model", os.getcwd()):
+        for value in ("org/model", os.getcwd()):
             (parsed,) = parse_arguments("finetune", (ModelArguments,), ["--model_name_or_path", value], "test")
             assert parsed.model_name_or_path == value
+        # A mistyped bare folder name (or one inside an existing folder) retried the Hub for 23 s offline, then
+        # said it could not connect: named as a folder, with the close names beside it.
+        os.makedirs(tmp_path / "runs" / "my_teacher")
+        monkeypatch.chdir(tmp_path)
+        for value, hint in [("my_pretrianed", "$"), ("runs/my_teachr", " Did you mean 'runs/my_teacher'\\?")]:
+            with pytest.raises(ValueError, match=f"--model_name_or_path '{value}': no such folder here .*'\\.{hint}"):
+                parse_arguments("finetune", (ModelArguments,), ["--model_name_or_path", value], "test")
     finally:
         torch.set_num_threads(threads)
 
@@ -858,7 +865,7 @@ def test_a_single_process_command_launched_as_several_processes_is_refused(monke
     from trainers.commands import evaluate
 
     with pytest.raises(ValueError, match=r"^evaluate runs in one process"):  # called from Python too
-        evaluate.main(["--task", "vqa", "--model_name_or_path", "m", "--eval_file", "x.json"])
+        evaluate.main(["--task", "vqa", "--model_name_or_path", "org/m", "--eval_file", "x.json"])
 
 
 def test_eval_strategy_evaluates_the_eval_file_during_training(tmp_path) -> None:
@@ -882,6 +889,9 @@ def test_eval_strategy_evaluates_the_eval_file_during_training(tmp_path) -> None
     # Trainer after, asking for an --eval_file the command does not take.
     flags = ["--eval_strategy", "steps", "--output_dir", str(tmp_path / "none")]
     data = ["--train_file", str(tmp_path / "missing.json")]  # never read: the flags are refused first
-    for command in (["pretrain", "--preset", "tiny", *data], ["distill", "--teacher_model_name_or_path", "t", *data]):
+    for command in (
+        ["pretrain", "--preset", "tiny", *data],
+        ["distill", "--teacher_model_name_or_path", "org/t", *data],
+    ):
         with pytest.raises(ValueError, match=rf"^--eval_strategy steps: {command[0]} has no eval split to evaluate"):
             cli.main([*command, *flags])

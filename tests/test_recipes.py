@@ -28,9 +28,9 @@ def _dataclasses(command: str) -> tuple:
 # The flags each command needs besides what a recipe gives.
 REQUIRED = {
     "pretrain": ["--preset", "xvlm-base", "--output_dir", "unused"],
-    "finetune": ["--model_name_or_path", "unused", "--output_dir", "unused"],
-    "distill": ["--teacher_model_name_or_path", "unused", "--output_dir", "unused"],
-    "prune": ["--model_name_or_path", "unused", "--output_dir", "unused"],
+    "finetune": ["--model_name_or_path", "hub-user/unused", "--output_dir", "unused"],
+    "distill": ["--teacher_model_name_or_path", "hub-user/unused", "--output_dir", "unused"],
+    "prune": ["--model_name_or_path", "hub-user/unused", "--output_dir", "unused"],
 }
 
 
@@ -120,7 +120,7 @@ def test_recipe_values_and_arguments_files_are_read_as_the_command_line_reads_fl
 
     # An arguments file: JSON objects for the JSON options, lists for comma-separated ones; errors name the file.
     options = {
-        "task": "vqa", "model_name_or_path": "unused", "output_dir": "unused", "sparsity_ladder": [0.2, 0.4],
+        "task": "vqa", "model_name_or_path": "hub-user/unused", "output_dir": "unused", "sparsity_ladder": [0.2, 0.4],
         "config_overrides": {"label_smoothing": 0.1}, "kd_term_weights": {"vision_hidden": 0.1}, "max_steps": 5,
     }  # fmt: skip
     arguments = tmp_path / "args.json"
@@ -285,7 +285,7 @@ def test_config_overrides_shape_a_preset_and_of_a_recipes_only_how_it_trains_app
     model_args, *_ = parse_arguments(
         "pretrain",
         _dataclasses("pretrain"),
-        ["--recipe", "small-cpu", "--model_name_or_path", "saved", "--output_dir", "unused"],
+        ["--recipe", "small-cpu", "--model_name_or_path", "hub-user/saved", "--output_dir", "unused"],
         "test",
     )
     assert model_options(model_args)["config_overrides"] == {
@@ -301,7 +301,7 @@ def test_config_overrides_shape_a_preset_and_of_a_recipes_only_how_it_trains_app
     model_args, *_ = parse_arguments(
         "pretrain",
         _dataclasses("pretrain"),
-        ["--model_name_or_path", "saved", "--config_overrides", '{"embed_dim": 64}', "--output_dir", "unused"],
+        ["--model_name_or_path", "hub-user/saved", "--config_overrides", '{"embed_dim": 64}', "--output_dir", "unused"],
         "test",
     )
     # The user's own overrides reach a saved model; building it checks that they only set how it trains.

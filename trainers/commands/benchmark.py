@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None):
     if not specs:
         raise ValueError("Give the models to benchmark: --models (folders, Hub ids or presets), --preset or --peer.")
     for spec in args.models or []:
-        check_folder_or_hub_id(spec, "--models")
+        if spec not in PRESETS and spec not in PEERS:  # a peer among --models is named below
+            check_folder_or_hub_id(spec, "--models")
     if args.preset is not None and args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset!r}: not a preset; choose one of {sorted(PRESETS)}.")
     for peer in args.peer or []:

@@ -3,6 +3,7 @@ them from the command line or a JSON file, and the JSON-option reader."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -281,12 +282,29 @@ def command_line_value(value: Any, action: Any) -> str | list[str]:
 
 
 def check_folder_or_hub_id(value: str, flag: str) -> None:
-    """Raises for a local path that does not exist, before Transformers reads it as a malformed Hub id (a Hub id is
-    'name' or 'namespace/name'; a path starts with '/', '.' or '~' or has more than one '/')."""
+    """Raises for a local path that does not exist, before Transformers reads it as a Hub id (and, offline, retries
+    the Hub for half a minute before saying it cannot connect). An EfficientVLM checkpoint on the Hub is
+    'namespace/name'; a path starts with '/', '.' or '~', has more than one '/', is a bare name, or starts with a
+    folder that exists here ('runs/teacher' with a 'runs' folder)."""
     if os.path.exists(os.path.expanduser(value)):
         return
-    if value.startswith(("/", ".", "~")) or value.count("/") > 1 or (os.sep != "/" and os.sep in value):
-        raise ValueError(f"{flag} {value!r}: no such folder (a Hub id is 'name' or 'namespace/name').")
+    parts = value.split("/")
+    local = (
+        value.startswith(("/", ".", "~"))
+        or len(parts) != 2
+        or (os.sep != "/" and os.sep in value)
+        or os.path.isdir(parts[0])
+    )
+    if not local:
+        return
+    parent = os.path.dirname(os.path.expanduser(value)) or "."
+    siblings = os.listdir(parent) if os.path.isdir(parent) else []
+    close = difflib.get_close_matches(os.path.basename(value.rstrip("/")), siblings, n=3)
+    names = ", ".join(repr(os.path.join(os.path.dirname(value), name)) for name in close)
+    hint = f" Did you mean {names}?" if close else ""
+    raise ValueError(
+        f"{flag} {value!r}: no such folder here ({os.getcwd()}), and a Hub id has the form 'namespace/name'.{hint}"
+    )
 
 
 def recipe_fields(arguments: Any) -> frozenset[str]:
