@@ -94,14 +94,16 @@ def _args(output_dir, **overrides) -> TrainingArguments:
     return TrainingArguments(**values)
 
 
-def _trainer(output_dir, modality="text", preset="tiny-student", pruning=None, args=None, seed=0, **kwargs):
+def _trainer(
+    output_dir, modality="text", preset="tiny-student", pruning=None, args=None, seed=0, train_dataset=None, **kwargs
+):
     torch.manual_seed(seed)
     model = TinyImageTextClassifier(EfficientVLMConfig.from_preset(preset))
     pruning = pruning or PruningConfig(target_sparsity=0.5, sparsity_warmup_steps=5, mask_learning_rate=0.3)
     return ModalAdaptivePruningTrainer(
         model=model,
         args=args or _args(output_dir),
-        train_dataset=ModalityTask(modality),
+        train_dataset=train_dataset if train_dataset is not None else ModalityTask(modality),
         pruning_config=pruning,
         **kwargs,
     )
@@ -331,6 +333,71 @@ def test_resuming_from_a_checkpoint_continues_exactly(tmp_path) -> None:
         _trainer(tmp_path, pruning=pruning, args=_args(tmp_path / "again", max_steps=8)).train(
             resume_from_checkpoint=str(checkpoint)
         )
+
+
+@pytest.mark.parametrize("batch_settings", [{"per_device_train_batch_size": 4}, {"gradient_accumulation_steps": 2}])
+def test_a_resume_with_other_batch_settings_keeps_the_sparsity_warmup(tmp_path, caplog, batch_settings) -> None:
+    """The default warm-up is one epoch's optimizer steps, which the processes, per-device batch and gradient
+    accumulation set: a resume recomputed it, so the target dropped back mid-run (0.3 -> 0.225 in an audit)."""
+    pruning = PruningConfig(target_sparsity=0.5, mask_learning_rate=0.1)
+    data = torch.utils.data.Subset(ModalityTask("text"), range(32))  # 4 batches of 8: a warm-up over 4 steps
+    args = _args(tmp_path / "run", max_steps=6, save_strategy="steps", save_steps=6)
+    _trainer(tmp_path, pruning=pruning, args=args, train_dataset=data).train()
+    assert torch.load(tmp_path / "run" / "checkpoint-6" / MASKER_STATE_NAME)["warmup_steps"] == 4
+
+    args = _args(tmp_path / "resumed", max_steps=8, **batch_settings)
+    resumed = _trainer(tmp_path, pruning=pruning, args=args, train_dataset=data)
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+    assert resumed.lagrangian.warmup_steps == 4 and resumed.lagrangian.target(7) == 0.5
+    recomputed = 8 if "per_device_train_batch_size" in batch_settings else 2
+    assert (
+        f"Resumed with the checkpoint's sparsity warm-up over 4 optimizer steps, the schedule it was on; this run's "
+        f"settings would make it {recomputed} (one epoch)" in caplog.text
+    )
+    # An explicit warm-up that differs from the checkpoint's is still refused.
+    other = PruningConfig(target_sparsity=0.5, sparsity_warmup_steps=8, mask_learning_rate=0.1)
+    with pytest.raises(ValueError, match="sparsity warm-up over 4 steps, this run 8: resume with the flags"):
+        _trainer(tmp_path, pruning=other, args=args, train_dataset=data).train(
+            resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6")
+        )
+
+
+def test_a_resume_with_other_batch_settings_keeps_the_fixed_mask_phase(tmp_path, caplog) -> None:
+    """--mask_freeze_fraction fixes the masks for the last share of the steps; under --num_train_epochs the steps
+    follow the batch settings, and a resume in the fixed-mask phase with a smaller batch moved its start past the
+    checkpoint: the masks learned again."""
+    pruning = PruningConfig(
+        target_sparsity=0.5, sparsity_warmup_steps=2, mask_learning_rate=0.3, mask_freeze_fraction=0.5
+    )
+    data = torch.utils.data.Subset(ModalityTask("text"), range(32))
+
+    def args(output_dir, **overrides):  # 2 epochs: 8 steps of 8 records, the masks fixed from step 4
+        return _args(output_dir, max_steps=-1, num_train_epochs=2, **overrides)
+
+    run_args = args(tmp_path / "run", save_strategy="steps", save_steps=5)
+    run = _trainer(tmp_path, pruning=pruning, args=run_args, train_dataset=data)
+    run.train()
+    assert run.mask_freeze_step == 4
+    checkpoint = tmp_path / "run" / "checkpoint-5"
+    saved = torch.load(checkpoint / MASKER_STATE_NAME)
+
+    small = args(tmp_path / "small", per_device_train_batch_size=4)
+    resumed = _trainer(tmp_path, pruning=pruning, args=small, train_dataset=data)
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 16 and resumed.mask_freeze_step == 4
+    for name, value in resumed.masker.state_dict().items():  # the masks stayed fixed
+        torch.testing.assert_close(value, saved["masker"][name], rtol=0, atol=0)
+    assert (
+        "Resumed on the checkpoint's pruning schedule, the masks fixed from step 4 (--mask_freeze_fraction 0.5) of "
+        "its 8 optimizer steps (--num_train_epochs 2); this run's batch settings make 16 steps" in caplog.text
+    )
+    # A batch that ends the run (4 steps) before the schedule it resumes cannot keep it.
+    large = args(tmp_path / "large", per_device_train_batch_size=16)
+    shorter = _trainer(tmp_path, pruning=pruning, args=large, train_dataset=data)
+    with pytest.raises(ValueError, match=r"make 4, so it would end before that schedule does.*--max_steps 8\."):
+        shorter.train(resume_from_checkpoint=str(checkpoint))
 
 
 def test_a_sigterm_checkpoint_resumes_exactly(tmp_path) -> None:

@@ -248,7 +248,11 @@ def test_sparsity_warmup_fraction_warms_the_target_up_over_that_share_of_the_ste
 
     config = PruningConfig(target_sparsity=0.5, sparsity_warmup_fraction=0.3)
     trainer = SimpleNamespace(
-        pruning_config=config, lagrangian=SimpleNamespace(warmup_steps=0), mask_freeze_step=None, snap=None
+        pruning_config=config,
+        lagrangian=SimpleNamespace(warmup_steps=0),
+        mask_freeze_step=None,
+        snap=None,
+        restored_schedule=None,
     )
     args = SimpleNamespace(gradient_accumulation_steps=1)
     _MaskOptimizationCallback(trainer).on_train_begin(args, SimpleNamespace(max_steps=250), None, train_dataloader=[])

@@ -282,3 +282,40 @@ def test_a_warmup_fraction_is_of_each_rungs_share_of_the_steps(tmp_path) -> None
     trainer.train()
     assert trainer.lagrangian.warmup_steps == 6  # 0.3 of the rung's 20 steps
     assert len(trainer.ladder.rungs) == 3
+
+
+def test_a_resume_with_other_batch_settings_keeps_the_rungs_warmup_and_step_budgets(tmp_path, caplog) -> None:
+    """Under --num_train_epochs the steps follow the batch settings: a resume with a smaller batch laid the rungs'
+    warm-up (--sparsity_warmup_fraction of a rung's share) and step budgets on twice the steps, mid-rung."""
+    pruning = PruningConfig(sparsity_ladder=LADDER, sparsity_warmup_fraction=0.3, mask_learning_rate=0.1)
+    data = torch.utils.data.Subset(ModalityTask("text"), range(32))  # 6 epochs of 4 batches: rungs of 8 steps
+
+    class StopAt(TrainerCallback):
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= self.step
+
+    def run(resume=None, stop=10, pruning=pruning, **batch_settings):
+        args = _args(tmp_path, max_steps=-1, num_train_epochs=6, save_strategy="steps", save_steps=10, **batch_settings)
+        trainer = _trainer(
+            tmp_path,
+            pruning=pruning,
+            args=args,
+            train_dataset=data,
+            processing_class=make_processor(tmp_path),
+            callbacks=[StopAt(stop)],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    first = run()
+    assert first.lagrangian.warmup_steps == 2 and first.ladder.step_budget(1) == 16  # int(0.3 * 8)
+    with caplog.at_level("WARNING"):
+        resumed = run(str(tmp_path / "checkpoint-10"), stop=11, per_device_train_batch_size=4)
+    assert resumed.lagrangian.warmup_steps == 2 and resumed.ladder.step_budget(1) == 16  # not 4 and 32 of 48 steps
+    assert "the rungs of --sparsity_ladder saved by steps 8, 16, 24 of its 24 optimizer steps" in caplog.text
+    other = PruningConfig(sparsity_ladder=LADDER, sparsity_warmup_fraction=0.5, mask_learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"sparsity warm-up fraction 0.3, this run 0.5: resume with the flags"):
+        run(str(tmp_path / "checkpoint-10"), pruning=other)

@@ -126,12 +126,10 @@ class SparsityLadder(TrainerCallback):
         return self.trainer.lagrangian.ladder
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._max_steps = state.max_steps
+        # The pruning trainer's own callback, before this one, has laid the schedule (a resume keeps the checkpoint's)
+        # and the rungs' warm-up.
+        self._max_steps = self.trainer.schedule_steps
         self._restore_saved_rungs(args.output_dir, state.global_step)
-        config = self.trainer.pruning_config
-        if config.sparsity_warmup_steps is None and config.sparsity_warmup_fraction is None:
-            # One epoch per rung would leave no time to settle: each rung warms up over half its share of steps.
-            self.trainer.lagrangian.warmup_steps = max(1, state.max_steps // (2 * len(self.ladder)))
         self.check_step_budgets()
 
     def check_step_budgets(self) -> None:

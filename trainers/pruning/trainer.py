@@ -58,6 +58,17 @@ _MASK_GROUP, _LAGRANGIAN_GROUP = "structure_masks", "lagrange_multipliers"
 SETTLING_WINDOW = 0.05
 
 
+def run_length(args: Any) -> str:
+    """The flag that sets how long `args` trains: `--max_steps N`, or `--num_train_epochs E`, whose optimizer steps
+    follow the batch settings (processes, per-device batch, gradient accumulation) and the data."""
+    return f"--max_steps {args.max_steps}" if args.max_steps > 0 else f"--num_train_epochs {args.num_train_epochs:g}"
+
+
+def fixed_mask_step(schedule_steps: int, mask_freeze_fraction: float) -> int:
+    """The first step of the fixed-mask phase: the last `mask_freeze_fraction` of `schedule_steps` fix the masks."""
+    return schedule_steps - int(round(mask_freeze_fraction * schedule_steps))
+
+
 @dataclass
 class PruningConfig:
     """Settings of modal-adaptive pruning.
@@ -181,23 +192,78 @@ class _MaskOptimizationCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        config = self.trainer.pruning_config
-        self.trainer.mask_freeze_step = state.max_steps - int(round(config.mask_freeze_fraction * state.max_steps))
-        snap = self.trainer.snap
-        if snap is not None and self.trainer.ladder is None and snap["step"] < self.trainer.mask_freeze_step:
+        # A resume keeps the schedule the checkpoint was on; only a run of another length (on purpose) moves it.
+        trainer, config = self.trainer, self.trainer.pruning_config
+        restored = trainer.restored_schedule or {}
+        trainer.schedule_steps = self.schedule_steps(args, state.max_steps, restored)
+        trainer.mask_freeze_step = fixed_mask_step(trainer.schedule_steps, config.mask_freeze_fraction)
+        snap = trainer.snap
+        if snap is not None and trainer.ladder is None and snap["step"] < trainer.mask_freeze_step:
             # Restored from a run with fewer steps: the masks learn on past it, and snap again when this run fixes them.
-            self.trainer.snap = None
+            trainer.snap = None
+        derived = self.derived_warmup_steps(args, state.max_steps, train_dataloader)
+        if derived is None:
+            return  # --sparsity_warmup_steps: set with the Lagrangian (a resume that gives another one is refused)
+        steps, how = derived
+        saved = restored.get("warmup_steps")
+        if saved is not None and saved != steps:
+            # One epoch's (or a fraction's) steps change with the processes, per-device batch and gradient
+            # accumulation: recomputed, the target would drop back mid-run.
+            logger.warning(
+                f"Resumed with the checkpoint's sparsity warm-up over {saved} optimizer steps, the schedule it was on; "
+                f"this run's settings would make it {steps} ({how})."
+            )
+        trainer.lagrangian.warmup_steps = steps if saved is None else saved
+
+    def schedule_steps(self, args, max_steps: int, restored: dict[str, Any]) -> int:
+        """The optimizer steps the fixed-mask phase and the ladder's step budgets are laid on: this run's `max_steps`,
+        or on a resume the checkpoint's, when only the batch settings (or the data) changed the number of steps of the
+        same `--num_train_epochs`. A resume that would end before that schedule does raises a ValueError."""
+        config = self.trainer.pruning_config
+        saved = restored.get("schedule_steps")
+        timed = config.mask_freeze_fraction > 0 or config.sparsity_ladder is not None
+        if not timed or saved is None or saved == max_steps or restored.get("run_length") != run_length(args):
+            return max_steps  # a new length (--max_steps, --num_train_epochs) lays the schedule on its steps
+        if config.sparsity_ladder is not None:
+            rungs = len(config.sparsity_ladder)
+            budgets = ", ".join(str(round(saved * (rung + 1) / rungs)) for rung in range(rungs))
+            schedule = f"the rungs of --sparsity_ladder saved by steps {budgets}"
+        else:
+            step = fixed_mask_step(saved, config.mask_freeze_fraction)
+            schedule = f"the masks fixed from step {step} (--mask_freeze_fraction {config.mask_freeze_fraction:g})"
+        if saved > max_steps:
+            raise ValueError(
+                f"The checkpoint being resumed was saved by a pruning run that lays {schedule} on its {saved} "
+                f"optimizer steps ({run_length(args)}); this run's batch settings (processes x "
+                f"--per_device_train_batch_size x --gradient_accumulation_steps) make {max_steps}, so it would end "
+                f"before that schedule does. Resume with the batch settings the run was started with, or give "
+                f"--max_steps {saved}."
+            )
+        logger.warning(
+            f"Resumed on the checkpoint's pruning schedule, {schedule} of its {saved} optimizer steps ("
+            f"{run_length(args)}); this run's batch settings make {max_steps} steps, which would have moved it."
+        )
+        return saved
+
+    def derived_warmup_steps(self, args, max_steps: int, train_dataloader: Any = None) -> tuple[int, str] | None:
+        """(steps, how they were found) of the target's warm-up this run would have, unless `sparsity_warmup_steps`
+        gives it (None)."""
+        config = self.trainer.pruning_config
+        schedule_steps = self.trainer.schedule_steps
         if config.sparsity_warmup_fraction is not None:
             # With a ladder every rung warms up, so the fraction is of a rung's share of the steps: of the whole run,
             # 0.3 would leave 3 rungs 10% of their share to settle (and 4 rungs none).
-            steps = state.max_steps / len(config.sparsity_ladder) if config.sparsity_ladder else state.max_steps
-            self.trainer.lagrangian.warmup_steps = int(config.sparsity_warmup_fraction * steps)
+            steps = schedule_steps / len(config.sparsity_ladder) if config.sparsity_ladder else schedule_steps
+            how = f"--sparsity_warmup_fraction {config.sparsity_warmup_fraction:g} of {steps:g} steps"
+            return int(config.sparsity_warmup_fraction * steps), how
+        if config.sparsity_warmup_steps is not None:
+            return None
+        if config.sparsity_ladder:
+            # One epoch per rung would leave no time to settle: each rung warms up over half its share of steps.
+            return max(1, schedule_steps // (2 * len(config.sparsity_ladder))), "half of each rung's share of the steps"
         # The paper warms the target up over one epoch.
-        elif config.sparsity_warmup_steps is None:
-            batches = len(train_dataloader) if hasattr(train_dataloader, "__len__") else None
-            self.trainer.lagrangian.warmup_steps = one_epoch_warmup_steps(
-                batches, args.gradient_accumulation_steps, state.max_steps
-            )
+        batches = len(train_dataloader) if hasattr(train_dataloader, "__len__") else None
+        return one_epoch_warmup_steps(batches, args.gradient_accumulation_steps, max_steps), "one epoch"
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.trainer.masks_frozen:
@@ -345,6 +411,10 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         self.pruned_model: nn.Module | None = None
         # First step of the fixed-mask phase (set when training starts; None: masks learn throughout).
         self.mask_freeze_step: int | None = None
+        # The optimizer steps the fixed-mask phase and the ladder's budgets are laid on (set when training starts).
+        self.schedule_steps: int | None = None
+        # On a resume, the schedule of the checkpoint (its warm-up, steps and length flag), which training keeps.
+        self.restored_schedule: dict[str, Any] | None = None
         # (step, sparsity of the deterministic masks) after each optimizer step of the last `SETTLING_WINDOW`.
         self.sparsity_trace: list[tuple[int, float]] = []
         # With `snap_to_target`, once the masks are fixed: the log-alpha offset and the sparsity before it.
@@ -455,6 +525,9 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             "structure_sizes": self.masker.structure_sizes,
             "targets": self.lagrangian.targets,
             "warmup_steps": self.lagrangian.warmup_steps,
+            "sparsity_warmup_fraction": self.pruning_config.sparsity_warmup_fraction,
+            "schedule_steps": self.schedule_steps,
+            "run_length": run_length(self.args),
             "rung": self.lagrangian.rung,
             "rung_start_step": self.lagrangian.rung_start_step,
             "steps_in_tolerance": self.lagrangian.steps_in_tolerance,
@@ -484,6 +557,12 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         self.lagrangian.load_state_dict(state["lagrangian"])
         if "warmup_steps" in state:
             self.lagrangian.warmup_steps = int(state["warmup_steps"])
+        # Kept when training starts: the batch settings of a resume must not move the schedule mid-run.
+        self.restored_schedule = {
+            "warmup_steps": int(state["warmup_steps"]) if "warmup_steps" in state else None,
+            "schedule_steps": state.get("schedule_steps"),
+            "run_length": state.get("run_length"),
+        }
         if self.lagrangian.ladder is not None:
             # The rung the checkpoint was on (the rungs below it were saved before it).
             for _ in range(int(state.get("rung", 0)) - self.lagrangian.rung):
@@ -497,8 +576,10 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
 
     def _check_resumed_settings(self, state: dict[str, Any]) -> None:
         """Raises when the run resuming `state` asks for other targets (a ladder, its rungs, the global or a
-        modality's target) or another explicit warm-up than the run that saved it: the masks, multipliers and
-        schedule in the checkpoint belong to those settings. (Checkpoints of older versions hold fewer of them.)"""
+        modality's target) or another explicit warm-up (`sparsity_warmup_steps`, `sparsity_warmup_fraction`) than the
+        run that saved it: the masks, multipliers and schedule in the checkpoint belong to those settings. A warm-up
+        the run derived (one epoch, a fraction of the steps) is kept when training starts. (Checkpoints of older
+        versions hold fewer of these.)"""
         saved_ladder, own_ladder = state.get("ladder", self.lagrangian.ladder), self.lagrangian.ladder
         mismatch = None
         if (saved_ladder is None) != (own_ladder is None) or (
@@ -509,8 +590,11 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             mismatch = f"targets {dict(state['targets'])}, this run {self.lagrangian.targets}"
         else:
             warmup = self.pruning_config.sparsity_warmup_steps
+            fraction = self.pruning_config.sparsity_warmup_fraction
             if warmup is not None and "warmup_steps" in state and int(state["warmup_steps"]) != warmup:
                 mismatch = f"sparsity warm-up over {int(state['warmup_steps'])} steps, this run {warmup}"
+            elif "sparsity_warmup_fraction" in state and state["sparsity_warmup_fraction"] != fraction:
+                mismatch = f"sparsity warm-up fraction {state['sparsity_warmup_fraction']}, this run {fraction}"
         if mismatch is not None:
             raise ValueError(
                 f"The checkpoint being resumed was saved by a pruning run with {mismatch}: resume with the flags it "
@@ -547,6 +631,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         if resume_from_checkpoint is True:
             # Resolved as `Trainer.train` does; without a checkpoint it raises its own error.
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        self.restored_schedule = None  # a new run lays its own schedule
         if isinstance(resume_from_checkpoint, (str, os.PathLike)) and os.path.isdir(resume_from_checkpoint):
             # Before the Trainer loads the rest: the optimizer state it restores refers to these same tensors.
             self.load_pruning_checkpoint(str(resume_from_checkpoint))
