@@ -434,6 +434,43 @@ def test_a_sigterm_checkpoint_resumes_exactly(tmp_path) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize(
+    ("when", "step"),
+    [("mid-epoch", 1), ("during the epoch's last step", 2), ("after the epoch's last step end", 2)],
+)
+def test_one_sigterm_saves_one_checkpoint(tmp_path, request, when: str, step: int) -> None:
+    """The request stayed set once answered at a step end, so the epoch's end asked for the same checkpoint folder
+    again: written twice in place (twice the time in the grace period; a kill in the second write damaged the only
+    new checkpoint). Epochs of 2 steps here; the last case signals after the step end that would have answered it."""
+
+    class Sigterm(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if when != "after the epoch's last step end" and state.global_step == step - 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if when == "after the epoch's last step end" and state.global_step == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    class CountSaves(TrainerCallback):
+        def __init__(self) -> None:
+            self.saves: list[int] = []
+
+        def on_save(self, args, state, control, **kwargs):
+            self.saves.append(state.global_step)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, handler))
+    args = _args(tmp_path, max_steps=6, per_device_train_batch_size=8, enable_jit_checkpoint=True)
+    data = torch.utils.data.Subset(ModalityTask("text"), range(16))
+    trainer = _trainer(tmp_path, args=args, train_dataset=data)
+    trainer.add_callback(Sigterm())  # after the SIGTERM callback: its step end runs after the one that answers
+    trainer.add_callback(counter := CountSaves())
+    trainer.train()
+    assert counter.saves == [step] and trainer.state.global_step == step
+    assert sorted(os.listdir(tmp_path)) == [f"checkpoint-{step}"]
+
+
 def test_last_and_best_checkpoints_restore_their_own_masks(tmp_path) -> None:
     """`resume_from_checkpoint=True` takes the last checkpoint's masks; `load_best_model_at_end` the best one's."""
     evaluations = []

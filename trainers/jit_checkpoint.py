@@ -63,7 +63,9 @@ class StepBoundaryJITCheckpoint(TrainerCallback):
 
     def _save_and_stop(self, args, state, control) -> None:
         if self._requested_anywhere(args):
-            self.requested = True
+            # Answered: left set, the epoch's end after this step end would save the same checkpoint folder again (in
+            # place, doubling the time in the grace period, and a kill then would damage the only new checkpoint).
+            self.requested = False
             logger.warning(f"SIGTERM received: saving a checkpoint at step {state.global_step} and stopping training.")
             control.should_save = True
             control.should_training_stop = True
