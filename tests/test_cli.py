@@ -713,6 +713,28 @@ def test_an_unreadable_training_image_is_named_before_training(tmp_path) -> None
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("length", [["--num_train_epochs", "1"], ["--max_steps", "2"]])
+def test_a_training_split_smaller_than_one_batch_with_drop_last_is_named_before_training(tmp_path, length) -> None:
+    """--dataloader_drop_last left no batch: transformers said "args.max_steps must be set to a positive value if
+    dataloader does not have a length, was -1" (with --max_steps it ran on nothing), naming neither the split nor
+    the batch."""
+    from .data_utils import write_vocab, write_vqa_json
+
+    records, image_root = write_vqa_json(tmp_path, n=3)
+    argv = ["finetune", "--task", "vqa", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+    argv += ["--train_file", str(records), "--image_root", str(image_root), "--answer_list", "auto", *length]
+    argv += ["--per_device_train_batch_size", "8", "--dataloader_drop_last", "true", "--use_cpu"]
+    argv += ["--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    message = (
+        r"The training split \(\S*vqa.json\) has 3 examples, fewer than one global batch of 8 "
+        r"\(--per_device_train_batch_size 8\), and --dataloader_drop_last drops the incomplete batch: no step would "
+        r"train\. Leave --dataloader_drop_last out, give --per_device_train_batch_size 3 or less"
+    )
+    with pytest.raises(ValueError, match=message):
+        cli.main(argv)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_training_that_stops_before_its_last_step_saves_no_final_model(tmp_path, monkeypatch, capsys, request) -> None:
     """A SIGTERM under --enable_jit_checkpoint ends training at a checkpoint "gracefully": the commands went on to
     evaluate and save a half-trained model as final and exited 0 (a scheduler read the run as done). The checkpoint

@@ -320,8 +320,10 @@ def run_training(trainer: Trainer) -> Any:
     """`trainer.train()` (resuming `--resume_from_checkpoint`) with the checks every training command runs around it,
     and its `TrainOutput`: new MLM masks each epoch, `--enable_jit_checkpoint` saved at a step boundary, the engine
     (DeepSpeed / FSDP) checked and the model made wrappable, the checkpoint to resume checked (or earlier runs'
-    checkpoints in `--output_dir` named), and a run that stopped early refused ([`check_training_finished`])."""
+    checkpoints in `--output_dir` named), a training split with no batch refused ([`check_training_batches`]) and a
+    run that stopped early refused ([`check_training_finished`])."""
     args = trainer.args
+    check_training_batches(trainer)
     follow_collator_epochs(trainer)
     use_step_boundary_jit_checkpoint(trainer)  # --enable_jit_checkpoint: a checkpoint that resumes exactly
     check_engine(trainer)
@@ -333,6 +335,33 @@ def run_training(trainer: Trainer) -> Any:
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     check_training_finished(trainer)
     return result
+
+
+def check_training_batches(trainer: Trainer) -> None:
+    """Raises a `ValueError` before training when `--dataloader_drop_last` leaves the training split no batch: it
+    holds fewer examples than one global batch (per-device batch x processes), and transformers then said only
+    "args.max_steps must be set to a positive value if dataloader does not have a length, was -1" (or, with
+    --max_steps, trained on nothing)."""
+    args, dataset = trainer.args, trainer.train_dataset
+    if not args.dataloader_drop_last or dataset is None or not hasattr(dataset, "__len__"):
+        return
+    size, processes = len(dataset), args.world_size
+    batch = args.train_batch_size * processes
+    if size >= batch:
+        return
+    source = getattr(dataset, "source", None)
+    split = "The training split" + (f" ({source})" if source else "")
+    across = f" x {processes} processes" if processes > 1 else ""
+    smaller = (
+        f"give --per_device_train_batch_size {size // processes} or less"
+        if size >= processes
+        else "train in fewer processes"
+    )
+    raise ValueError(
+        f"{split} has {size} examples, fewer than one global batch of {batch} (--per_device_train_batch_size "
+        f"{args.per_device_train_batch_size}{across}), and --dataloader_drop_last drops the incomplete batch: no "
+        f"step would train. Leave --dataloader_drop_last out, {smaller}, or train on more examples."
+    )
 
 
 def _checkpoints(output_dir: str | os.PathLike | None) -> list[tuple[int, Path]]:
