@@ -281,6 +281,9 @@ def test_caption_negatives_travel_from_records_to_the_batch(tmp_path, processor)
         ImageTextDataset([records[0], {"image": "b.png", "caption": "a"}], image_root=tmp_path)
     with pytest.raises(ValueError, match="list of 2 strings"):
         ImageTextDataset([{**records[0], "negative_caption": ["only one"]}], image_root=tmp_path)
+    # A string for a record of two captions: named as the string it is (it was reported as a list of one).
+    with pytest.raises(ValueError, match=r"a single string fits a record of one caption\); got str 'only one'\.$"):
+        ImageTextDataset([{**records[0], "negative_caption": "only one"}], image_root=tmp_path)
     # Pre-training data carries them the same way; with region texts, which have none, it is an error.
     pretraining = PretrainingDataset(records, image_root=tmp_path)
     assert pretraining.negative_texts == dataset.negative_texts and pretraining[0]["negative_text"] == "a blue square"

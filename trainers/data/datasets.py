@@ -431,12 +431,15 @@ class ImageTextDataset(_RecordDataset):
             )
         if value is None:
             return []
-        value = [value] if isinstance(value, str) else value
+        if isinstance(value, str) and count == 1:
+            value = [value]
         if not isinstance(value, (list, tuple)) or len(value) != count or not all(isinstance(v, str) for v in value):
-            raise ValueError(
-                f"{where}: `negative_caption` must be a string or a list of {count} strings (one per caption), got "
-                f"{_describe(value)}."
+            shape = (
+                "a string or a list of 1 string (the record has one caption)"
+                if count == 1
+                else f"a list of {count} strings, one per caption (a single string fits a record of one caption)"
             )
+            raise ValueError(f"{where}: `negative_caption` must be {shape}; got {_describe(value)}.")
         return [v.strip() for v in value]
 
     def _image_key(self, record: dict[str, Any], index: int) -> Any:
