@@ -345,13 +345,28 @@ def test_bad_regions_name_the_record_and_field(tmp_path, region, message) -> Non
         PretrainingDataset([{"image": "a.png", "caption": "c", "regions": region}], image_root=tmp_path)
 
 
-def test_region_box_past_its_image_is_an_error_when_read(tmp_path) -> None:
+def test_region_box_past_its_image_is_an_error_when_read_and_before_training(tmp_path) -> None:
+    """The header check before training (`check_image_headers`) names a box past its image too: it surfaced only when
+    a batch read the record, after training had started. The size is the upright image's (EXIF orientation 6:
+    stored 32 wide x 20 high, shown 20 x 32)."""
     save_image(tmp_path / "a.png", size=32)
-    dataset = PretrainingDataset(
-        [{"image": "a.png", "caption": "c", "regions": [{"caption": "x", "bbox": [20, 0, 20, 8]}]}], image_root=tmp_path
-    )
-    with pytest.raises(ValueError, match=r"Record 0: region box .* reaches past its image \(32 x 32 pixels, upright\)"):
+    region = {"caption": "x", "bbox": [20, 0, 20, 8]}
+    dataset = PretrainingDataset([{"image": "a.png", "caption": "c", "regions": [region]}], image_root=tmp_path)
+    message = r"Record 0: region box .* reaches past its image \(32 x 32 pixels, upright\)"
+    with pytest.raises(ValueError, match=message):
         dataset[1]
+    with pytest.raises(ValueError, match=message):
+        dataset.check_image_headers()
+    turned = PIL.Image.new("RGB", (32, 20), "red")
+    exif = turned.getexif()
+    exif[0x0112] = 6
+    turned.save(tmp_path / "turned.jpg", exif=exif)
+    fits = {"caption": "x", "bbox": [0, 0, 20, 32]}  # fits the upright 20 x 32 image, not the stored 32 x 20
+    records = [{"image": "turned.jpg", "caption": "c", "regions": [fits]}, {"image": "a.png", "caption": "d"}]
+    PretrainingDataset(records, image_root=tmp_path).check_image_headers()
+    records[0]["regions"] = [{"caption": "x", "bbox": [0, 0, 32, 20]}]
+    with pytest.raises(ValueError, match=r"Record 0: region box .* reaches past its image \(20 x 32 pixels, upright\)"):
+        PretrainingDataset(records, image_root=tmp_path).check_image_headers()
 
 
 def _text_items(texts: list[str]) -> list[dict]:

@@ -601,6 +601,35 @@ class PretrainingDataset(ImageTextDataset):
     def __len__(self) -> int:
         return len(self.texts) + len(self.region_texts)
 
+    def check_image_headers(self) -> None:
+        """As [`ImageTextDataset.check_image_headers`], and every region box against the size of its upright image
+        (read from the header too), so that a box past its image is named before training, not when a batch first
+        reads it."""
+        super().check_image_headers()
+        if self.lazy_image_column:
+            return
+        sizes: dict[int, tuple[int, int]] = {}
+        for record, _, box in self._regions:
+            value = self._image_values(record)[0]
+            if not isinstance(value, (str, os.PathLike)):
+                continue  # an image given as such is checked when read
+            if record not in sizes:
+                with PIL.Image.open(_resolve(value, self.image_root)) as image:
+                    width, height = image.size
+                    if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # turned by a quarter: upright
+                        width, height = height, width
+                sizes[record] = (width, height)
+            self._check_box(record, box, *sizes[record])
+
+    def _check_box(self, record: int, box: tuple[float, ...], image_width: int, image_height: int) -> None:
+        x, y, width, height = box
+        if x + width > image_width * (1 + 1e-3) or y + height > image_height * (1 + 1e-3):
+            raise ValueError(
+                f"{self._where(record)}: region box [x, y, width, height] = {[x, y, width, height]} reaches past "
+                f"its image ({image_width} x {image_height} pixels, upright); boxes are in pixels of the image as "
+                "displayed."
+            )
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index < len(self.texts):
             return super().__getitem__(index)
@@ -610,12 +639,7 @@ class PretrainingDataset(ImageTextDataset):
         record, image_id, (x, y, width, height) = self._regions[region]
         image = self._load_image(record)
         image_width, image_height = image.size
-        if x + width > image_width * (1 + 1e-3) or y + height > image_height * (1 + 1e-3):
-            raise ValueError(
-                f"{self._where(record)}: region box [x, y, width, height] = {[x, y, width, height]} reaches past "
-                f"its image ({image_width} x {image_height} pixels, upright); boxes are in pixels of the image as "
-                "displayed."
-            )
+        self._check_box(record, (x, y, width, height), image_width, image_height)
         box = (
             (x + width / 2) / image_width,
             (y + height / 2) / image_height,
