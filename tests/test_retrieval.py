@@ -727,3 +727,28 @@ def test_reranking_progress_counts_every_image_once(tiny_config, monkeypatch) ->
     assert bars[0].kwargs["disable"] is None  # tqdm's own rule: no bar when stderr is not a terminal
     retrieval_evaluate(*args, text_to_image=[i // 2 for i in range(10)], k=0)
     assert len(bars) == 1  # ITC alone: no re-ranking, no bar
+
+
+def test_caption_negatives_asked_of_records_without_them_are_named(tmp_path) -> None:
+    """`--config_overrides '{"itm_caption_negatives": 1.0}'` on records without `negative_caption` trained as with 0,
+    exit 0, without a word."""
+    from types import SimpleNamespace
+
+    from transformers.testing_utils import CaptureLogger
+
+    from trainers import training
+    from trainers.data.datasets import ImageTextDataset
+
+    from .data_utils import save_image
+
+    save_image(tmp_path / "a.png")
+    plain = ImageTextDataset([{"image": "a.png", "caption": "a red square"}], image_root=tmp_path)
+    negatives = ImageTextDataset(
+        [{"image": "a.png", "caption": "a red square", "negative_caption": "a blue square"}], image_root=tmp_path
+    )
+    for rate, dataset, warns in ((1.0, plain, True), (1.0, negatives, False), (0.0, plain, False)):
+        trainer = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(itm_caption_negatives=rate)))
+        trainer.train_dataset = dataset
+        with CaptureLogger(training.logger) as logged:
+            training.warn_on_unused_caption_negatives(trainer)
+        assert ("give no `negative_caption`" in logged.out) == warns, (rate, dataset.negative_texts)

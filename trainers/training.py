@@ -324,6 +324,7 @@ def run_training(trainer: Trainer) -> Any:
     run that stopped early refused ([`check_training_finished`])."""
     args = trainer.args
     check_training_batches(trainer)
+    warn_on_unused_caption_negatives(trainer)
     follow_collator_epochs(trainer)
     use_step_boundary_jit_checkpoint(trainer)  # --enable_jit_checkpoint: a checkpoint that resumes exactly
     check_engine(trainer)
@@ -335,6 +336,20 @@ def run_training(trainer: Trainer) -> Any:
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     check_training_finished(trainer)
     return result
+
+
+def warn_on_unused_caption_negatives(trainer: Trainer) -> None:
+    """Warns when the model is set to draw ITM negatives from caption negatives (`itm_caption_negatives` > 0) but
+    the training records give none (`negative_caption`): the setting then changes nothing."""
+    rate = getattr(getattr(trainer.model, "config", None), "itm_caption_negatives", 0.0) or 0.0
+    dataset = trainer.train_dataset
+    if rate > 0 and hasattr(dataset, "negative_texts") and dataset.negative_texts is None:
+        source = getattr(dataset, "source", None)
+        records = f"the records of {source}" if source else "the training records"
+        logger.warning(
+            f"itm_caption_negatives is {rate:g}, but {records} give no `negative_caption`: every ITM negative is "
+            "another image's text, as with 0. Give each record its caption negatives (see README, Your own data)."
+        )
 
 
 def check_training_batches(trainer: Trainer) -> None:
