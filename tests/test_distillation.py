@@ -781,6 +781,24 @@ def test_run_distill_end_to_end(tmp_path) -> None:
         main([*bad, *json_data, "--dataset_path", str(tmp_path / "hf")])
     with pytest.raises(ValueError, match="`kd_temperature` must be positive"):
         main([*bad, *json_data, "--kd_temperature", "0"])
+    # The default student (6,3,3) on a shallower teacher: the stack and the flags are named (was "A student with 6
+    # layers has no default mapping onto a teacher with 2 layers").
+    message = (
+        r"^The student's vision stack has 6 layers \(--student_layers 6,3,3; the default is 6,3,3\) but the teacher's"
+    )
+    with pytest.raises(ValueError, match=message + r".* has 2: give --student_layers with at most 2 vision layers"):
+        main([*bad, *json_data])
+    with pytest.raises(ValueError, match=r"^The student's fusion stack has 3 layers"):  # vision and text mapped
+        main(
+            [
+                *bad,
+                *json_data,
+                "--student_layers",
+                "3,3,3",
+                "--layer_mapping",
+                '{"vision": [0, 1, 1], "text": [0, 1, 1]}',
+            ]
+        )
     # A teacher without the pre-training heads (a retrieval checkpoint has no MLM head) would teach at random.
     from modeling_efficientvlm import EfficientVLMForImageTextRetrieval
 

@@ -96,6 +96,22 @@ def _parse_layers(args: DistillArguments) -> tuple[int, int, int]:
     return tuple(layers)
 
 
+def _check_student_depths(
+    layers: tuple[int, int, int], teacher_depths: dict[str, int], layer_mapping: dict, teacher: str
+) -> None:
+    """Raises, naming the stack and the flags, when the student is deeper than the teacher in a stack that has no
+    explicit mapping (a default one maps each student layer onto a different teacher layer)."""
+    for stack, depth in zip(("vision", "text", "fusion"), layers):
+        if depth > teacher_depths[stack] and stack not in layer_mapping:
+            raise ValueError(
+                f"The student's {stack} stack has {depth} layers (--student_layers {','.join(map(str, layers))}; the "
+                f"default is 6,3,3) but the teacher's ({teacher}) has {teacher_depths[stack]}: give --student_layers "
+                f"with at most {teacher_depths[stack]} {stack} layers (the teacher has "
+                f"{','.join(str(teacher_depths[s]) for s in ('vision', 'text', 'fusion'))}), or --layer_mapping "
+                f"'{{\"{stack}\": [...]}}' naming a teacher layer for each of its {depth}."
+            )
+
+
 def _check_data_source(args: DistillArguments) -> None:
     sources = [name for name in ("train_file", "dataset_path", "dataset_name") if getattr(args, name)]
     if len(sources) != 1:
@@ -132,6 +148,7 @@ def _train_dataset(args: DistillArguments, processor: Any) -> Any:
 def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     """Builds the student, trains it with [`DistillationTrainer`] and saves it with the processor and a model
     card (pushed with `--push_to_hub`)."""
+    from modeling_efficientvlm.configuration_efficientvlm import stack_depths
     from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMForPreTraining
     from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
     from trainers.model_card import ModelCardInfo, local_name
@@ -176,6 +193,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     check_text_limit(
         processor, teacher.config.text_config.max_position_embeddings, length=args.max_length, flag="--max_length"
     )
+    _check_student_depths(layers, stack_depths(teacher.config), layer_mapping, args.teacher_model_name_or_path)
     student = build_student(teacher, *layers, layer_mapping=layer_mapping or None)
     teacher_size = count_parameters(teacher)
     student_size = count_parameters(student)
