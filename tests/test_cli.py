@@ -917,3 +917,12 @@ def test_eval_strategy_evaluates_the_eval_file_during_training(tmp_path) -> None
     ):
         with pytest.raises(ValueError, match=rf"^--eval_strategy steps: {command[0]} has no eval split to evaluate"):
             cli.main([*command, *flags])
+
+
+def test_evaluate_names_the_tasks_it_scores_for_a_mistyped_task() -> None:
+    """The registry's error offered `pretraining`, which `evaluate` then refused as having no evaluation routine."""
+    argv = ["evaluate", "--task", "retreival", "--model_name_or_path", "org/m", "--eval_file", "x.json"]
+    with pytest.raises(
+        ValueError, match=r"^--task 'retreival': evaluate scores one of vqa, retrieval, nlvr2, captioning\.$"
+    ):
+        cli.main(argv)

@@ -543,7 +543,8 @@ def checked_eval_dataset(
         if not (answers or getattr(model.config, "answer_candidates", None)):
             raise ValueError(
                 f"--eval_file: VQA ranks candidate answers, and {model_name} has none saved "
-                "(`config.answer_candidates`); give --answer_list (a JSON list file of answers)."
+                "(`config.answer_candidates`); give --answer_list (a JSON list file of answers; finetune / prune: "
+                "or `auto`, the most frequent training answers)."
             )
         check_vqa_references(dataset, "--eval_file")  # the record names the file
         source = answers_source if answers else f"saved with {model_name}"

@@ -31,7 +31,10 @@ class ConvertArguments:
     vocab_file: str | None = field(default=None, metadata={"help": "Or a WordPiece vocab to build it from."})
     binary_masks: bool = field(
         default=True,
-        metadata={"help": "Pruning-stage: survivors at 1 as the official evaluation does (else scores folded in)."},
+        metadata={
+            "help": "Pruning-stage: survivors at 1 as the official evaluation does (--no_binary_masks / "
+            "--binary_masks false: their mask values folded into the weights instead)."
+        },
     )
     answer_list: str | None = field(
         default=None,

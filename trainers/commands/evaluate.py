@@ -25,7 +25,7 @@ class EvaluateArguments:
     k: int = field(
         default=128, metadata={"help": "VQA / retrieval: candidates re-ranked per query (retrieval: 0 = ITC alone)."}
     )
-    batch_size: int = field(default=32)
+    batch_size: int = field(default=32, metadata={"help": "Examples (retrieval, captioning: images) per forward."})
     itm_score: str = itm_score_field()
     xvlm_scoring: bool = field(
         default=False,
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     (args,) = parse_arguments("evaluate", (EvaluateArguments,), argv, "Evaluate a task model.")
     check_single_process("evaluate")
+    if args.task not in TASKS[1:]:  # the registry's own error offers pretraining, which has no evaluation
+        raise ValueError(f"--task {args.task!r}: evaluate scores one of {', '.join(TASKS[1:])}.")
     check_answer_list_task(args.answer_list, args.task)
     decoding = {
         "max_new_tokens": args.max_new_tokens,
