@@ -26,6 +26,12 @@ from torch import nn
 # At most this many parameter names per kind of problem in an error message.
 _SHOWN = 8
 
+# What `efficientvlm prune` saves beside the unpruned weights of each checkpoint while it learns its masks
+# (`trainers.pruning.trainer.MASKER_STATE_NAME`, repeated here: this file ships as remote code, without `trainers`).
+MASK_STATE_FILE = "masker.pt"
+# What a finished pruning run writes beside its pruned model (`trainers.saving.PRUNING_REPORT_FILE`).
+_PRUNING_REPORT_FILE = "pruning_report.json"
+
 
 class CheckpointMismatchError(ValueError):
     """The weights of a checkpoint do not fit the model its config describes (shapes or keys)."""
@@ -93,6 +99,28 @@ def check_loaded_weights(
         "widths); an unpruned one only with an unpruned config. Pass `ignore_mismatched_sizes=True` to re-initialise "
         "parameters of another shape on purpose."
     )
+
+
+def mask_learning_checkpoint_message(location: str | os.PathLike | None, subfolder: str = "") -> str | None:
+    """For a local folder that holds a pruning run's `masker.pt` and no `pruning_report.json` (a checkpoint of
+    `efficientvlm prune` taken while it learned its masks), what it is and what to do instead of loading it as a
+    model; None for any other folder or Hub id. Its weights are the unpruned student's: nothing applies the learned
+    masks when they load."""
+    if location is None:
+        return None
+    folder = Path(location) / subfolder
+    # A pruned model (saved with its report) is what it says, whatever masks an earlier save left beside it.
+    if not (folder / MASK_STATE_FILE).is_file() or (folder / _PRUNING_REPORT_FILE).is_file():
+        return None
+    message = (
+        f"{folder} is a checkpoint of `efficientvlm prune` taken while it learned its masks: its weights are the "
+        f"unpruned student's and its learned masks are in {MASK_STATE_FILE}, which loading does not apply, so it "
+        "loads as the unpruned model. To get the pruned model, finish the run: `efficientvlm prune` with the flags "
+        f"it started with and `--resume_from_checkpoint {folder}` saves the pruned model to its --output_dir."
+    )
+    if (folder.parent / _PRUNING_REPORT_FILE).is_file():  # the run finished: its pruned model is right there
+        message += f" The run has finished already: its pruned model is {folder.parent}."
+    return message
 
 
 def read_torch_weights(path: str | os.PathLike) -> Any:
@@ -184,6 +212,7 @@ __all__ = [
     "CorruptCheckpointError",
     "check_loaded_weights",
     "corrupt_checkpoint_error",
+    "mask_learning_checkpoint_message",
     "read_torch_weights",
     "unreadable_torch_files",
     "unreadable_weight_files",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,12 @@ from transformers.utils import ModelOutput
 from .checks_efficientvlm import check_tensor
 from .configuration_efficientvlm import EfficientVLMConfig, EfficientVLMTextConfig, EfficientVLMVisionConfig
 from .grouping_efficientvlm import EncoderGroups
-from .loading_efficientvlm import check_loaded_weights, corrupt_checkpoint_error, unreadable_weight_files
+from .loading_efficientvlm import (
+    check_loaded_weights,
+    corrupt_checkpoint_error,
+    mask_learning_checkpoint_message,
+    unreadable_weight_files,
+)
 from .loss_efficientvlm import (
     ImageTextContrastiveLoss,
     box_regression_loss,
@@ -1129,7 +1135,9 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.from_pretrained`, with two named errors where transformers would re-initialise layers
         and log a report: a [`CheckpointMismatchError`] when the weights do not fit the config (a pruned checkpoint
         with an unpruned config or the reverse, a missing layer; see `check_loaded_weights` for what may be
-        missing), and a [`CorruptCheckpointError`] naming an unreadable (truncated, garbled) weights file."""
+        missing), and a [`CorruptCheckpointError`] naming an unreadable (truncated, garbled) weights file. A
+        checkpoint of `efficientvlm prune` taken while it learned its masks (it holds `masker.pt`) loads with a
+        warning: it is the unpruned model, without those masks."""
         output_loading_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         try:
@@ -1159,6 +1167,9 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
             ignore_mismatched_sizes=ignore_mismatched_sizes,
             config_given=not isinstance(kwargs.get("config"), (type(None), str, os.PathLike)),
         )
+        mask_checkpoint = mask_learning_checkpoint_message(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        if mask_checkpoint is not None:
+            warnings.warn(mask_checkpoint, UserWarning, stacklevel=2)
         return (model, info) if output_loading_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:

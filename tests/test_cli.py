@@ -841,6 +841,61 @@ def test_a_damaged_checkpoint_is_named_when_resumed(tmp_path) -> None:
         cli.main([*captioning, "--resume_from_checkpoint", str(final)])
 
 
+def test_a_mask_learning_checkpoint_is_refused_as_a_model_and_warned_about_when_loaded(tmp_path) -> None:
+    """A pruning run's checkpoint holds the unpruned student and masker.pt: it loaded silently, and export (parity
+    OK), evaluate and benchmark took it as the model, without its masks. Now loading it warns, those commands refuse
+    it naming the folder and what to do, and resuming the run from it (the Trainer's path) neither warns nor fails."""
+    import warnings
+
+    from transformers import AutoModel
+
+    from modeling_efficientvlm.loading_efficientvlm import MASK_STATE_FILE
+    from trainers.pruning.trainer import MASKER_STATE_NAME
+
+    from .data_utils import write_image_text_json, write_vocab
+
+    assert MASK_STATE_FILE == MASKER_STATE_NAME  # repeated in the remote code, which cannot import trainers
+    records, image_root = write_image_text_json(tmp_path, n=4)
+    argv = ["prune", "--task", "retrieval", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+    argv += ["--train_file", str(records), "--image_root", str(image_root), "--max_steps", "2", "--use_cpu"]
+    argv += ["--per_device_train_batch_size", "4", "--report_to", "none", "--target_sparsity", "0.5"]
+    argv += ["--save_strategy", "steps", "--save_steps", "1"]
+    cli.main([*argv, "--output_dir", str(tmp_path / "out")])
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    assert (checkpoint / MASK_STATE_FILE).is_file()
+
+    folder, finished = re.escape(str(checkpoint)), re.escape(str(tmp_path / "out"))
+    advice = (
+        rf"{folder} is a checkpoint of `efficientvlm prune` taken while it learned its masks: .* loads as the unpruned "
+        rf"model\. To get the pruned model, finish the run: .*`--resume_from_checkpoint {folder}` saves the pruned "
+        rf"model to its --output_dir\. The run has finished already: its pruned model is {finished}\."
+    )
+    with pytest.warns(UserWarning, match=advice):
+        AutoModel.from_pretrained(checkpoint)
+    # The pruned model, even with masks an earlier save left beside it: nothing to say.
+    shutil.copy(checkpoint / MASK_STATE_FILE, tmp_path / "out")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        AutoModel.from_pretrained(tmp_path / "out")
+    given = ["--model_name_or_path", str(checkpoint)]
+    for flag, command in (
+        ("--model_name_or_path", ["export", *given, "--output_dir", str(tmp_path / "onnx")]),
+        ("--model_name_or_path", ["evaluate", "--task", "retrieval", *given, "--eval_file", str(records)]),
+        ("--models", ["benchmark", "--models", str(tmp_path / "out"), str(checkpoint)]),
+        ("--models", ["app", "--models", str(checkpoint)]),
+    ):
+        with pytest.raises(ValueError, match=rf"^{flag} {advice}$"):
+            cli.main(command)
+    assert not (tmp_path / "onnx").exists()
+
+    # Resuming the run from it is what the checkpoint is for.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.main([*argv, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", str(checkpoint)])
+    assert not [str(warning.message) for warning in caught if MASK_STATE_FILE in str(warning.message)]
+    assert (tmp_path / "resumed" / "pruning_report.json").is_file()
+
+
 def test_an_answer_list_whose_answers_tokenize_alike_is_refused_before_training(tmp_path) -> None:
     from .data_utils import write_vocab, write_vqa_json
 

@@ -307,6 +307,16 @@ def check_folder_or_hub_id(value: str, flag: str) -> None:
     )
 
 
+def check_not_mask_checkpoint(value: str, flag: str) -> None:
+    """Raises for a checkpoint of `efficientvlm prune` taken while it learned its masks (`masker.pt` beside the
+    unpruned weights), which the commands that score, export or serve a model would take as the unpruned model."""
+    from modeling_efficientvlm.loading_efficientvlm import mask_learning_checkpoint_message
+
+    message = mask_learning_checkpoint_message(os.path.expanduser(value))
+    if message is not None:
+        raise ValueError(f"{flag} {message}")
+
+
 def recipe_fields(arguments: Any) -> frozenset[str]:
     """The fields of a dataclass from [`parse_arguments`] whose value came from `--recipe` (not given as flags)."""
     return getattr(arguments, _RECIPE_FIELDS, frozenset())

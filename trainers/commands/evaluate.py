@@ -9,7 +9,13 @@ from pathlib import Path
 
 import torch
 
-from trainers.commands.common import answer_list_field, check_single_process, itm_score_field, parse_arguments
+from trainers.commands.common import (
+    answer_list_field,
+    check_not_mask_checkpoint,
+    check_single_process,
+    itm_score_field,
+    parse_arguments,
+)
 from trainers.placement import resolve_placement
 from trainers.tasks import TASKS, build_dataset, evaluate_task, task_model_class
 from trainers.training import check_answer_list_task, check_text_limit, read_answer_list, warn_on_answer_coverage
@@ -102,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     given = [f"--{name}" for name, value in decoding.items() if value is not None]
     if given and args.task != "captioning":
         raise ValueError(f"{' and '.join(given)} decode captions; the {args.task} task generates none.")
+    check_not_mask_checkpoint(args.model_name_or_path, "--model_name_or_path")
     for output in (args.output_file, args.predictions_file):
         if output:  # made before the evaluation runs, not found missing after it
             Path(output).parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainers.commands.common import answer_list_field, itm_score_field, parse_arguments
+from trainers.commands.common import answer_list_field, check_not_mask_checkpoint, itm_score_field, parse_arguments
 
 
 @dataclass
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "export", (ExportArguments,), argv, "Export a task model's inference graphs to ONNX (optionally int8)."
     )
     # Every option is checked before the first graph is exported (minutes for a large model), not after.
+    check_not_mask_checkpoint(args.model_name_or_path, "--model_name_or_path")
     check_itm_score(args.itm_score, "--itm_score", rerank=True)
     if args.benchmark_batch_size > 0:
         for flag in ("repeats", "rounds", "benchmark_text_length"):
