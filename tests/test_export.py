@@ -25,7 +25,7 @@ from trainers import commands as cli
 from trainers.deployment import OnnxParityError, export_onnx, load_onnx_model, read_manifest
 from trainers.deployment.comparison import format_accuracy
 from trainers.deployment.graphs import GraphSpec, TensorSpec, task_graphs
-from trainers.deployment.onnx_export import MANIFEST_NAME, OPSET, _export_graph, check_parity
+from trainers.deployment.onnx_export import MANIFEST_NAME, OPSET, _export_graph, check_export_folder, check_parity
 from trainers.tasks import build_dataset, evaluate_task
 
 from .data_utils import CLS_ID, PAD_ID, SEP_ID, make_image, make_processor, write_image_text_json, write_vqa_json
@@ -400,6 +400,32 @@ def test_export_refuses_what_it_cannot_do_before_exporting_anything(tmp_path, mo
     with pytest.raises(ValueError, match=r"^EfficientVLMModel has no inference graphs to export"):
         export_onnx(EfficientVLMModel(_config()), tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+def test_export_refuses_an_output_dir_that_holds_a_saved_model_not_an_earlier_export(tmp_path) -> None:
+    """`--output_dir` a model folder: the export wrote its config.json and processor over that model's, which no
+    longer loaded (another task's config over its weights). Now refused before anything is written; an earlier
+    export folder is still written over."""
+    torch.manual_seed(0)
+    _, folder = _saved_with_processor(EfficientVLMForVisualReasoning(_config()), tmp_path)
+    EfficientVLMForVisualReasoning(_config()).save_pretrained(tmp_path / "other")
+    saved = {path.name: path.read_bytes() for path in (tmp_path / "model").iterdir() if path.is_file()}
+    export = ["export", "--model_name_or_path", str(tmp_path / "other"), "--benchmark_batch_size", "0"]
+    message = (
+        rf"^--output_dir {re.escape(folder)} holds a saved model \(config\.json, model\.safetensors\): an export "
+        r"there would write its own config\.json and processor over that model's, and the model would no longer "
+        r"load\. Export to a folder of its own \(or to an earlier export folder, one with onnx_manifest\.json\)\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        cli.main([*export, "--output_dir", folder])
+    with pytest.raises(ValueError, match=rf"^{re.escape(folder)} holds a saved model"):
+        export_onnx(EfficientVLMForImageTextRetrieval(_config()), folder)
+    assert {path.name: path.read_bytes() for path in (tmp_path / "model").iterdir() if path.is_file()} == saved
+
+    # An export folder (config.json, processor, graphs) is no saved model: another export may replace it.
+    cli.main(["export", "--model_name_or_path", folder, "--output_dir", str(tmp_path / "onnx"), *export[3:]])
+    assert (tmp_path / "onnx" / "config.json").is_file() and (tmp_path / "onnx" / "tokenizer.json").is_file()
+    check_export_folder(tmp_path / "onnx", "--output_dir")
 
 
 def test_export_of_a_folder_without_a_processor_says_the_graphs_have_none(tmp_path, capsys) -> None:

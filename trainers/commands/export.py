@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from modeling_efficientvlm.modeling_efficientvlm_retrieval import check_itm_score
     from trainers.deployment.comparison import compare_accuracy, compare_latency, format_accuracy, format_latency
     from trainers.deployment.graphs import export_task
-    from trainers.deployment.onnx_export import export_onnx
+    from trainers.deployment.onnx_export import check_export_folder, export_onnx
     from trainers.deployment.onnx_models import load_onnx_model
     from trainers.deployment.torch_int8 import quantize_torch_int8
     from trainers.evaluation.retrieval import ITM_SCORE_WORDS
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     # Every option is checked before the first graph is exported (minutes for a large model), not after.
     check_not_mask_checkpoint(args.model_name_or_path, "--model_name_or_path")
+    check_export_folder(args.output_dir, "--output_dir")
     check_itm_score(args.itm_score, "--itm_score", rerank=True)
     if args.benchmark_batch_size > 0:
         for flag in ("repeats", "rounds", "benchmark_text_length"):

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from trainers.deployment.graphs import GraphSpec, task_graphs
-from trainers.deployment.torch_int8 import is_torch_int8
+from trainers.deployment.torch_int8 import INT8_WEIGHTS_NAME, is_torch_int8
 
 MANIFEST_NAME = "onnx_manifest.json"
 MANIFEST_FORMAT = "efficientvlm-onnx"
@@ -186,6 +187,27 @@ def quantize_int8(source: str | os.PathLike, target: str | os.PathLike) -> None:
         root.setLevel(level)
 
 
+# The weights files that, beside a config.json, make a folder a saved model (`save_pretrained`, `save_torch_int8`).
+_MODEL_WEIGHTS_NAMES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, INT8_WEIGHTS_NAME)
+
+
+def check_export_folder(output_dir: str | os.PathLike, flag: str | None = None) -> None:
+    """Raises when `output_dir` holds a saved model (a config.json and its weights) rather than an earlier export
+    (`onnx_manifest.json`, which an export may replace): the export writes its own config.json and processor
+    there, and the model would no longer load. `flag` names the option that gave the folder in the message."""
+    folder = Path(output_dir)
+    if (folder / MANIFEST_NAME).is_file() or not (folder / "config.json").is_file():
+        return
+    held = [name for name in _MODEL_WEIGHTS_NAMES if (folder / name).is_file()]
+    if held:
+        given = f"{flag} {output_dir}" if flag else str(output_dir)
+        raise ValueError(
+            f"{given} holds a saved model (config.json, {', '.join(held)}): an export there would write its own "
+            "config.json and processor over that model's, and the model would no longer load. Export to a folder "
+            f"of its own (or to an earlier export folder, one with {MANIFEST_NAME})."
+        )
+
+
 def export_onnx(
     model: nn.Module,
     output_dir: str | os.PathLike,
@@ -203,9 +225,11 @@ def export_onnx(
     Pruned models export as they are (uneven layers, layers with no head or no FFN neuron left). With `int8`, each
     graph is also written as `<graph>.int8.onnx` (onnxruntime dynamic quantization). Writes the model's
     `config.json` (the answer candidates of a VQA model, the special token ids), the processor when given, and
-    `onnx_manifest.json`. The model is put in eval mode (dropout off).
+    `onnx_manifest.json`. The model is put in eval mode (dropout off). A folder that holds a saved model is
+    refused ([`check_export_folder`]).
     """
     _require_onnxruntime()
+    check_export_folder(output_dir)
     if is_torch_int8(model):  # torch's quantized Linear layers have no ONNX export
         raise ValueError(
             "export_onnx takes the float32 model; this one is quantized by quantize_torch_int8, whose int8 Linear "
@@ -276,6 +300,7 @@ __all__ = [
     "MANIFEST_NAME",
     "ExportResult",
     "OnnxParityError",
+    "check_export_folder",
     "check_parity",
     "export_onnx",
     "ort_session",
