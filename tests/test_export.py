@@ -322,22 +322,41 @@ def test_export_ranks_retrieval_by_the_given_itm_score_as_evaluate_does_and_says
 
 def test_export_scores_vqa_on_the_given_answer_list(tmp_path) -> None:
     """A VQA model without saved candidates failed after exporting, asking for `--answer_list`, which export did not
-    accept; now it takes the flag (a JSON list file) and ranks those answers."""
+    accept; now it takes the flag (a JSON list file) and ranks those answers. The export has no candidates to rank
+    by default (it exported silently): a warning says so and how to add them, and its `rank_answers` without
+    candidates says what to do with an ONNX model (it advised the PyTorch model's `set_answer_candidates`)."""
     model = _pruned(EfficientVLMForQuestionAnswering)
     processor, folder = _saved_with_processor(model, tmp_path)
     eval_file, image_root = write_vqa_json(tmp_path, n=3)
     answers = ["red", "green", "blue", "yellow"]
     (tmp_path / "answers.json").write_text(json.dumps(answers))
-    cli.main(
-        ["export", "--model_name_or_path", folder, "--output_dir", str(tmp_path / "onnx"), "--eval_file",
-         str(eval_file), "--image_root", str(image_root), "--benchmark_batch_size", "0", "--answer_list",
-         str(tmp_path / "answers.json")]
-    )  # fmt: skip
+    no_candidates = (
+        r"This VQA model has no answer candidates \(`config\.answer_candidates`\), so its export has none either: .*"
+        r"set them on the PyTorch model \(`model\.set_answer_candidates\(answers, processor\)`.* and export again; "
+        r"`efficientvlm export --answer_list` only scores `--eval_file`\."
+    )
+    with pytest.warns(UserWarning, match=no_candidates):
+        cli.main(
+            ["export", "--model_name_or_path", folder, "--output_dir", str(tmp_path / "onnx"), "--eval_file",
+             str(eval_file), "--image_root", str(image_root), "--benchmark_batch_size", "0", "--answer_list",
+             str(tmp_path / "answers.json")]
+        )  # fmt: skip
     dataset = build_dataset("vqa", str(eval_file), image_root, processor)
     expected = evaluate_task("vqa", model, dataset, processor, answer_list=answers).metrics
     metrics = json.loads((tmp_path / "onnx" / "export_report.json").read_text())["metrics"]
     assert metrics == {"PyTorch": expected, "ONNX fp32": expected}
     assert "itm_score" not in json.loads((tmp_path / "onnx" / "export_report.json").read_text())
+
+    onnx_vqa = load_onnx_model(tmp_path / "onnx")
+    assert not hasattr(onnx_vqa, "generate")  # captioning's (the README lists it so)
+    inputs = _inputs(batch=1)
+    with pytest.raises(ValueError) as refused:
+        onnx_vqa.rank_answers(**inputs)
+    assert str(refused.value).startswith(f"{tmp_path / 'onnx'} holds no answer candidates (its model had none when ")
+    assert "pass `answer_candidates_ids` (and `answer_candidates_mask`) to `rank_answers`" in str(refused.value)
+    candidates = processor.tokenizer(answers, padding="longest", return_tensors="pt")
+    ranking = onnx_vqa.rank_answers(**inputs, answer_candidates_ids=candidates["input_ids"], k=2)
+    assert 0 <= int(ranking.topk_indices[0, 0]) < len(answers)
 
 
 def test_export_refuses_a_bad_itm_score_or_an_answer_list_outside_vqa_before_exporting(tmp_path) -> None:

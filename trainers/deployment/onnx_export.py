@@ -240,6 +240,17 @@ def export_onnx(
     if next(model.parameters()).dtype != torch.float32 or next(model.parameters()).device.type != "cpu":
         raise ValueError("Export a float32 model on the CPU (`model.float().cpu()`); the graphs take float32 inputs.")
     task, graphs = task_graphs(model)
+    if task == "vqa" and model.config.answer_candidates_ids is None:
+        # The graphs rank whatever ids they are given; only the config carries a list to rank by default.
+        warnings.warn(
+            "This VQA model has no answer candidates (`config.answer_candidates`), so its export has none either: "
+            "the ONNX model's `rank_answers` will rank only the `answer_candidates_ids` passed to it. To export "
+            "them with it, set them on the PyTorch model (`model.set_answer_candidates(answers, processor)`, then "
+            "`save_pretrained`; the training commands' `--answer_list` saves them too) and export again; "
+            "`efficientvlm export --answer_list` only scores `--eval_file`.",
+            UserWarning,
+            stacklevel=2,
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {

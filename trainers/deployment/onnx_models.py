@@ -126,7 +126,17 @@ class OnnxQuestionAnsweringModel(OnnxTaskModel):
     """VQA on `vqa_encoder` and `vqa_decoder`: `rank_answers` is X-VLM's k-test ranking, as in PyTorch."""
 
     rank_answers = EfficientVLMForQuestionAnswering.rank_answers
-    answer_candidate_tensors = EfficientVLMForQuestionAnswering.answer_candidate_tensors
+
+    def answer_candidate_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The candidates exported in `config.json`, as the PyTorch model's; an export without them says what to do
+        here (an ONNX model has no `set_answer_candidates`)."""
+        if self.config.answer_candidates_ids is None:
+            raise ValueError(
+                f"{self.folder} holds no answer candidates (its model had none when exported): pass "
+                "`answer_candidates_ids` (and `answer_candidates_mask`) to `rank_answers`, or export a model that "
+                "has them (`set_answer_candidates(answers, processor)` on the PyTorch model, then export it again)."
+            )
+        return EfficientVLMForQuestionAnswering.answer_candidate_tensors(self)
 
     def encode_question(
         self,
