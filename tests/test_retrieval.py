@@ -331,6 +331,32 @@ def test_retrieval_evaluate_returns_recalls_and_scores(tiny_config) -> None:
     torch.testing.assert_close(again.scores_t2i, result.scores_t2i)
 
 
+def test_a_k_below_the_largest_recall_k_warns_that_those_recalls_count_only_the_top_k(tiny_config) -> None:
+    """Candidates beyond the top k are never re-ranked (X-VLM's protocol), so the re-ranked recall@5 / @10 with k = 3
+    cannot pass ITC's recall@3 (txt_r10 0.333 against itc_txt_r10 0.75 in an audit) and nothing said so."""
+    import warnings
+
+    model = _model(tiny_config)
+    inputs = make_inputs(tiny_config, batch_size=12, seed=1)
+    args = (model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+    message = (
+        r"^Re-ranking only the top k=3 ITC candidates of each query \(X-VLM's protocol\): txt_r5, txt_r10, img_r5, "
+        r"img_r10 \(and the means with them\) count a hit only among those 3, so they are capped at ITC's recall@3\. "
+        r"For recall at those K read itc_txt_r5, itc_txt_r10, itc_img_r5, itc_img_r10 \(ITC alone; `itc_metrics`\), "
+        r"or re-rank at least 10 candidates \(`k`, `--k`\)\.$"
+    )
+    with pytest.warns(UserWarning, match=message):
+        capped = retrieval_evaluate(*args, text_to_image=list(range(12)), k=3)
+    assert capped.metrics["txt_r5"] == capped.metrics["txt_r10"] < capped.itc_metrics["txt_r10"]
+    # Only the direction with more candidates than k: 3 images, 6 texts, k = 4.
+    with pytest.warns(UserWarning, match=r"\): txt_r5, txt_r10 \(and .* read itc_txt_r5, itc_txt_r10 \(ITC"):
+        retrieval_evaluate(model, *(x[:n] for x, n in zip(args[1:], (3, 6, 6))), text_to_image=[0, 0, 1, 1, 2, 2], k=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in (0, 10):  # ITC alone, or every reported K re-ranked
+            retrieval_evaluate(*args, text_to_image=list(range(12)), k=k)
+
+
 def test_retrieval_evaluate_streams_image_states_one_chunk_at_a_time(tiny_config) -> None:
     model = _model(tiny_config)
     inputs = make_inputs(tiny_config, batch_size=10, seed=3)

@@ -11,6 +11,7 @@ re-ranked scores with the `retrieval_recall` metric. The scoring itself lives on
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ ITM_SCORE_WORDS = {
     "logit": "raw match logit alone (X-VLM's score)",
 }
 _SCORING_METHODS = ("embed_images", "embed_texts", "itc_scores", "itm_rerank_scores")
+# The K of the recalls reported (`txt_r1`, `txt_r5`, `txt_r10`, ...).
+RECALL_KS = (1, 5, 10)
 
 
 @dataclass
@@ -251,12 +254,13 @@ def retrieval_evaluate(
     groups = _image_to_texts(text_to_image, image_to_texts, itc_scores.shape[0])
     gold_images = None if text_to_image is None else [int(image) for image in text_to_image]
     itc = itc_scores.float().cpu().numpy()
-    itc_metrics = retrieval_recall(itc, groups, itc.T, gold_images)
+    itc_metrics = retrieval_recall(itc, groups, itc.T, gold_images, ks=RECALL_KS)
     metrics = (
         itc_metrics
         if k == 0
-        else retrieval_recall(scores_i2t.cpu().numpy(), groups, scores_t2i.cpu().numpy(), gold_images)
+        else retrieval_recall(scores_i2t.cpu().numpy(), groups, scores_t2i.cpu().numpy(), gold_images, ks=RECALL_KS)
     )
+    _warn_on_capped_recalls(k, *itc_scores.shape)
     itm_metrics = None
     if k > 0 and score == ITM_ITC_SCORE:  # the ITM head's part: the ITC logit taken back off the re-ranked pairs
         itc_logits = itc_scores.float().cpu() * model.itc_logit_scale()
@@ -273,9 +277,29 @@ def retrieval_evaluate(
     )
 
 
+def _warn_on_capped_recalls(k: int, num_images: int, num_texts: int) -> None:
+    """Warns when the re-ranked recall@K of a K above `k` counts only the top `k` candidates: those beyond them are
+    never re-ranked (X-VLM's protocol), so such a recall cannot pass ITC's recall@k, however good the ITM head."""
+    capped = [
+        f"{prefix}_r{recall_k}"
+        for prefix, candidates in (("txt", num_texts), ("img", num_images))
+        for recall_k in RECALL_KS
+        if 0 < k < recall_k and k < candidates
+    ]
+    if capped:
+        warnings.warn(
+            f"Re-ranking only the top k={k} ITC candidates of each query (X-VLM's protocol): {', '.join(capped)} (and "
+            f"the means with them) count a hit only among those {k}, so they are capped at ITC's recall@{k}. For "
+            f"recall at those K read {', '.join(f'itc_{name}' for name in capped)} (ITC alone; `itc_metrics`), or "
+            f"re-rank at least {max(RECALL_KS)} candidates (`k`, `--k`).",
+            UserWarning,
+            stacklevel=4,  # retrieval_evaluate's caller, past its no_grad wrapper
+        )
+
+
 def _without_itc(scores: torch.Tensor, itc_logits: torch.Tensor) -> torch.Tensor:
     """Re-ranked `"log_odds+itc"` scores with the ITC logits subtracted where a pair was re-ranked."""
     return torch.where(scores == NOT_RERANKED_SCORE, scores, scores - itc_logits)
 
 
-__all__ = ["ITM_SCORE_WORDS", "ImageBatches", "RetrievalEvaluation", "model_device", "retrieval_evaluate"]
+__all__ = ["ITM_SCORE_WORDS", "RECALL_KS", "ImageBatches", "RetrievalEvaluation", "model_device", "retrieval_evaluate"]
