@@ -397,3 +397,31 @@ def test_caption_evaluation_decodes_with_the_beams_and_lengths_asked(tmp_path) -
             ["--task", "vqa", "--model_name_or_path", str(tmp_path), "--eval_file", str(data), "--num_beams", "3"]
             + ["--min_new_tokens", "1"]
         )
+
+
+def test_the_pipeline_text_after_the_prompt_starts_with_a_space_only_when_a_new_word_does(tmp_path) -> None:
+    """The README said `return_full_text=False` output starts with a space; the pipeline cuts the decoded caption at
+    the prompt's length, so a first token that continues the prompt's last word ("##s") comes with none."""
+    import re
+    from pathlib import Path
+
+    from transformers import pipeline
+
+    from trainers.saving import save_model_folder
+
+    from .data_utils import VOCAB, make_image, make_processor
+
+    torch.manual_seed(0)
+    model = EfficientVLMForConditionalGeneration(_config())
+    with torch.no_grad():  # every new token "##s"
+        model.get_output_embeddings().bias[VOCAB.index("##s")] = 100.0
+    save_model_folder(model, make_processor(tmp_path), tmp_path / "captioning")
+    caption = pipeline("image-text-to-text", model=str(tmp_path / "captioning"))
+    [after] = caption(make_image(), text="a picture of", return_full_text=False, max_new_tokens=2)
+    [full] = caption(make_image(), text="a picture of", max_new_tokens=2)
+    assert (full["generated_text"], after["generated_text"]) == ("a picture ofss", "ss")
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    [said] = re.findall(r"return_full_text=False the text after the prompt(.*?)\n\n", readme, re.S)
+    said = " ".join(line.lstrip("# ") for line in said.splitlines())
+    assert "not when the first new token is a WordPiece continuation" in said, said
