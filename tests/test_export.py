@@ -141,6 +141,27 @@ def test_a_graph_that_differs_from_pytorch_raises_naming_it(tmp_path) -> None:
         check_parity(graph, tmp_path / "nlvr2.onnx")
 
 
+def test_an_export_over_an_earlier_one_leaves_none_of_its_graphs(tmp_path) -> None:
+    """Exporting again without --int8 (or another task) left the earlier `*.int8.onnx` graphs beside the new ones,
+    and `load_onnx_model(int8=True)` then said 'no int8 graphs' with the files in plain sight."""
+    from transformers.testing_utils import CaptureLogger
+
+    from trainers.deployment import onnx_export
+
+    export_onnx(_pruned(EfficientVLMForVisualReasoning), tmp_path, int8=True)
+    assert (tmp_path / "nlvr2.int8.onnx").is_file()
+    with CaptureLogger(onnx_export.logger) as logged:
+        export_onnx(_pruned(EfficientVLMForVisualReasoning, seed=1), tmp_path)
+    assert "Removed from" in logged.out and "nlvr2.int8.onnx" in logged.out
+    assert sorted(path.name for path in tmp_path.glob("*.onnx")) == ["nlvr2.onnx"]
+    export_onnx(_pruned(EfficientVLMForImageTextRetrieval), tmp_path)  # another task's graphs replace these
+    assert sorted(path.name for path in tmp_path.glob("*.onnx")) == [
+        "image_features.onnx",
+        "itm_scores.onnx",
+        "text_features.onnx",
+    ]
+
+
 def test_missing_export_files_are_named_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="no onnx_manifest.json"):
         load_onnx_model(tmp_path)

@@ -27,7 +27,9 @@ class ExportArguments:
         metadata={"help": "X-VLM JSON file: print the task metric of PyTorch, ONNX fp32 (and int8) on it."},
     )
     image_root: str | None = field(default=None, metadata={"help": "Folder the eval records' image paths start from."})
-    eval_batch_size: int = field(default=32)
+    eval_batch_size: int = field(
+        default=32, metadata={"help": "--eval_file: examples (retrieval, captioning: images) per forward."}
+    )
     k: int = field(default=128, metadata={"help": "VQA / retrieval: candidates re-ranked per query."})
     itm_score: str = itm_score_field()
     answer_list: str | None = answer_list_field()
@@ -136,9 +138,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             repeats=args.repeats,
             rounds=args.rounds,
         )
+        threads = torch.get_num_threads()
         print(
             f"\nLatency, batch {args.benchmark_batch_size}, text length {args.benchmark_text_length}, "
-            f"{torch.get_num_threads()} CPU threads, median of {args.rounds} x {args.repeats} runs per graph:"
+            f"{threads} CPU thread{'s' * (threads != 1)}, median of {args.rounds} x {args.repeats} runs per graph:"
         )
         print(format_latency(rows))
         report["latency"] = [row.__dict__ for row in rows]

@@ -22,10 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, logging
 
 from trainers.deployment.graphs import GraphSpec, task_graphs
 from trainers.deployment.torch_int8 import INT8_WEIGHTS_NAME, is_torch_int8
+
+logger = logging.get_logger(__name__)
 
 MANIFEST_NAME = "onnx_manifest.json"
 MANIFEST_FORMAT = "efficientvlm-onnx"
@@ -252,6 +254,7 @@ def export_onnx(
             stacklevel=2,
         )
     output_dir = Path(output_dir)
+    earlier = _graph_files(output_dir)  # an earlier export's graphs: those this one does not write go
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
@@ -293,7 +296,23 @@ def export_onnx(
     if processor is not None:
         processor.save_pretrained(output_dir)
     (output_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    stale = sorted(earlier - _graph_files(output_dir))
+    for name in stale:
+        (output_dir / name).unlink(missing_ok=True)
+    if stale:
+        logger.warning(
+            f"Removed from {output_dir} the graphs of the export there before that this one does not have: "
+            f"{', '.join(stale)}."
+        )
     return result
+
+
+def _graph_files(folder: Path) -> set[str]:
+    """The graph files (fp32 and int8) the manifest of an export folder lists; none without a manifest."""
+    if not (folder / MANIFEST_NAME).is_file():
+        return set()
+    graphs = read_manifest(folder)["graphs"].values()
+    return {entry[key] for entry in graphs for key in ("file", "int8_file") if key in entry}
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
