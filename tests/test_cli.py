@@ -981,3 +981,33 @@ def test_evaluate_names_the_tasks_it_scores_for_a_mistyped_task() -> None:
         ValueError, match=r"^--task 'retreival': evaluate scores one of vqa, retrieval, nlvr2, captioning\.$"
     ):
         cli.main(argv)
+
+
+def test_resuming_a_checkpoint_of_the_last_step_trains_no_more(tmp_path) -> None:
+    """Resuming `checkpoint-3` of a 3-step run (mid-epoch: 2 steps per epoch) trained a 4th step and saved
+    `checkpoint-4` (transformers 5 starts the epoch's remaining steps before checking max_steps); now the run ends
+    at once and saves the checkpoint's model as the final one."""
+    from safetensors.torch import load_file
+
+    from .data_utils import write_nlvr2_json, write_vocab
+
+    data, image_root = write_nlvr2_json(tmp_path, n=8)
+    argv = ["finetune", "--task", "nlvr2", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+    argv += ["--train_file", str(data), "--image_root", str(image_root), "--max_steps", "3", "--save_steps", "3"]
+    argv += [
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--per_device_train_batch_size",
+        "4",
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    cli.main(argv)
+    (tmp_path / "o" / "model.safetensors").unlink()  # as if the run was stopped after its last checkpoint
+    cli.main([*argv, "--resume_from_checkpoint", str(tmp_path / "o" / "checkpoint-3")])
+    assert sorted(path.name for path in (tmp_path / "o").glob("checkpoint-*")) == ["checkpoint-3"]
+    final, checkpoint = (
+        load_file(tmp_path / "o" / name) for name in ("model.safetensors", "checkpoint-3/model.safetensors")
+    )
+    assert final.keys() == checkpoint.keys() and all(torch.equal(final[key], checkpoint[key]) for key in final)

@@ -329,6 +329,7 @@ def run_training(trainer: Trainer) -> Any:
     use_step_boundary_jit_checkpoint(trainer)  # --enable_jit_checkpoint: a checkpoint that resumes exactly
     check_engine(trainer)
     prepare_model_for_engine(trainer)
+    stop_at_max_steps(trainer)
     if args.resume_from_checkpoint:
         check_resumed_checkpoint(args.resume_from_checkpoint, trainer.model)
     else:
@@ -336,6 +337,24 @@ def run_training(trainer: Trainer) -> Any:
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     check_training_finished(trainer)
     return result
+
+
+def stop_at_max_steps(trainer: Trainer) -> None:
+    """Makes a run resumed from a checkpoint of its last step end there. Transformers 5 starts the resumed epoch's
+    remaining update steps before it compares the step with `max_steps`, so resuming `checkpoint-3` of a 3-step run
+    (mid-epoch) trained a 4th step and saved `checkpoint-4`; an epoch now starts only below `max_steps`."""
+    run_epoch = getattr(trainer, "_run_epoch", None)
+    if run_epoch is None:  # another Trainer version: its own loop
+        return
+
+    def run_epoch_below_max_steps(*args: Any, **kwargs: Any) -> Any:
+        state = trainer.state
+        if 0 < state.max_steps <= state.global_step:
+            trainer.control.should_training_stop = True
+            return None
+        return run_epoch(*args, **kwargs)
+
+    trainer._run_epoch = run_epoch_below_max_steps
 
 
 def warn_on_unused_caption_negatives(trainer: Trainer) -> None:
