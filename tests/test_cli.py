@@ -106,7 +106,13 @@ def test_benchmark_preset_against_randomly_pruned_copies(capsys, tmp_path) -> No
     ]
     assert rows[0].parameters > rows[1].parameters > rows[2].parameters
     assert rows[0].gflops > rows[1].gflops > rows[2].gflops
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.out
+    # A line on stderr per setting as it starts (a long run printed nothing for minutes).
+    assert [line for line in printed.err.splitlines() if line.startswith("benchmark: ")] == [
+        f"benchmark: setting {i}/2: encoders, batch {i}, the models' image size, 1 thread(s), 3 model(s) x 1 round(s)"
+        for i in (1, 2)
+    ]
     assert "| encoders | tiny pruned 0.35 | 1 | 32 | 1 |" in out
     assert "tiny pruned 0.5: random masks, sparsity 0.5" in out
     assert len(json.loads((tmp_path / "b.json").read_text())["results"]) == 6 and (tmp_path / "b.png").is_file()

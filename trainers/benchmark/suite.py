@@ -11,6 +11,7 @@ randomly pruned copy came from, else the reference). Speed targets are pass/fail
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -68,7 +69,8 @@ class BenchmarkSettings:
     timed in the same rounds, whose base is the eager model (so `speedup_vs_base` is what compiling buys); its
     FLOPs are those of the eager call, and compiling happens before the warm-up calls. `pack_cpu_weights`: every
     EfficientVLM model also runs from oneDNN-packed weights (`EfficientVLMPreTrainedModel.pack_cpu_weights`), as
-    `<name> [packed]` timed in the same rounds, whose base is the model itself (CPU, float32)."""
+    `<name> [packed]` timed in the same rounds, whose base is the model itself (CPU, float32). `progress`: a line on
+    stderr as each setting (and each model's memory process) starts, with how many there are."""
 
     workloads: tuple[str, ...] = ("encoders",)
     batch_sizes: tuple[int, ...] = (32,)
@@ -89,6 +91,7 @@ class BenchmarkSettings:
     dtype: str = "float32"
     compile: str | None = None
     pack_cpu_weights: bool = False
+    progress: bool = False
 
     def __post_init__(self) -> None:
         unknown = [w for w in self.workloads if w not in WORKLOADS]
@@ -334,6 +337,8 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
             found[threads] = max(found.get(threads, 0.0), peak)
             samples[dtype].setdefault(threads, []).append(peak)
 
+    count = len(settings.threads) * len(settings.image_sizes) * len(settings.workloads) * len(settings.batch_sizes)
+    done = 0
     try:
         for threads in settings.threads:
             threads = threads or previous_threads
@@ -342,6 +347,13 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
             for image_size in settings.image_sizes:
                 for workload in settings.workloads:
                     for batch_size in settings.batch_sizes:
+                        done += 1
+                        if settings.progress:
+                            size = f"{image_size} px" if image_size else "the models' image size"
+                            _progress(
+                                f"setting {done}/{count}: {workload}, batch {batch_size}, {size}, {threads} "
+                                f"thread(s), {len(models)} model(s) x {settings.rounds} round(s)"
+                            )
                         results += _measure_setting(
                             models, workload, settings, batch_size, image_size, threads, unable, depadded
                         )
@@ -365,6 +377,10 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
     )
     report.notes = [*_unable_notes(unable), *_depadded_notes(depadded), *target_notes(report)]
     return report
+
+
+def _progress(message: str) -> None:
+    print(f"benchmark: {message}", file=sys.stderr, flush=True)
 
 
 def _unable_notes(unable: dict[str, list[str]]) -> list[str]:
@@ -605,6 +621,8 @@ def _add_memory(models: list[BenchmarkModel], rows: list[BenchmarkResult], setti
             mine = [r for r in rows if r.name == name and r.workload == workload]
             if not mine or entry.source is None:
                 continue
+            if settings.progress:
+                _progress(f"peak memory of {name} ({workload}) in a process of its own")
             largest = max(mine, key=lambda r: (r.batch_size, r.image_size, r.threads))
             shape = _shape(settings, largest.batch_size, largest.image_size)
             memory = peak_memory(entry.source, workload, shape, largest.threads, dtype_name(entry.dtype))

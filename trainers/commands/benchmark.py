@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None):
         dtype=args.dtype,
         compile=args.compile,
         pack_cpu_weights=args.pack_cpu_weights,
+        progress=True,
     )
     pad_multiples = None
     if args.prune_pad_multiple is not None:
