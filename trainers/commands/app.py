@@ -20,7 +20,8 @@ from trainers.commands.common import check_not_mask_checkpoint, parse_arguments
 @dataclass
 class AppArguments:
     models: list[str] = field(
-        default_factory=list, metadata={"help": "Saved model folders or Hub ids (any task), shown side by side."}
+        default_factory=list,
+        metadata={"help": "Required: saved model folders or Hub ids (any task), shown side by side."},
     )
     port: int | None = field(default=None, metadata={"help": "Port of the page (default: Gradio's, 7860 or next)."})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to serve on (0.0.0.0: every interface)."})
