@@ -74,7 +74,8 @@ class ImageTextContrastiveLoss(nn.Module):
     process are gathered first ([`gather_batch`], with gradients): the negatives are those of the global batch,
     as X-VLM's, and every process computes the same loss over it (without image ids, the positives are the
     global batch's diagonal), whose gradients are the global batch's (X-VLM's gather keeps each process's own
-    slice only: 1/N of them with N processes). In eval mode, or in one process, only the local batch is used.
+    slice only: the encoders get 1/N of them with N processes). In eval mode, or in one process, only the local
+    batch is used.
     """
 
     def get_logits(
