@@ -387,6 +387,10 @@ class EfficientVLMConfig(PreTrainedConfig):
         itm_negatives_per_pair: hard negatives drawn per image and per text for ITM (1: X-VLM's one negative text
             per image and one negative image per text; n > 1 gives the ITM head n times the negatives per step, at
             the cost of n times the negative pairs through the fusion layers).
+        itc_local_gradient: under DDP, the ITC loss's gather passes back to each process only its own slice of the
+            gradient, as X-VLM's `AllGather` does: the encoders then learn ITC at 1/N of the global batch's gradient
+            with N processes (False: the global batch's, the same for any number of processes). For reproducing the
+            official runs on N devices; no effect in one process.
         max_text_length: longest text (in tokens) the processor produces by default.
         num_answer_decoder_layers: layers of the VQA answer decoder (defaults to the number of fusion layers).
         answer_decoder_num_attention_heads_per_layer, answer_decoder_num_cross_attention_heads_per_layer,
@@ -421,6 +425,7 @@ class EfficientVLMConfig(PreTrainedConfig):
     itm_exclude_identical_texts: bool = False
     itm_caption_negatives: float = 0.0
     itm_negatives_per_pair: int = 1
+    itc_local_gradient: bool = False
     max_text_length: int = 40
     num_answer_decoder_layers: int | None = None
     answer_decoder_num_attention_heads_per_layer: list[int] | None = None

@@ -19,15 +19,16 @@ def distributed_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
+def gather_batch(tensor: torch.Tensor, local_gradient: bool = False) -> torch.Tensor:
     """Concatenates `tensor` (local_batch, ...) of every process along dim 0, in rank order: (global_batch, ...).
 
     Differentiable: the backward of `torch.distributed.nn.functional.all_gather` sums, across processes, the
     gradients every process's loss sends to each slice, so a loss computed identically on every process over
     the gathered batch, with DDP averaging the gradients, gives the gradients of one process on the global
-    batch. Works under gloo and NCCL; local batches may differ in size (padded for the collective, then cut).
-    Without an initialised process group, or with one process, returns `tensor` itself. Every process must
-    call it (it is a collective).
+    batch. With `local_gradient`, only this process's own slice carries a gradient, its own loss's (X-VLM's
+    `AllGather`): after DDP's average, 1/N of those with N processes. Works under gloo and NCCL; local batches
+    may differ in size (padded for the collective, then cut). Without an initialised process group, or with one
+    process, returns `tensor` itself. Every process must call it (it is a collective).
     """
     world_size = distributed_world_size()
     if world_size == 1:
@@ -40,7 +41,7 @@ def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
     if padded.shape[0] < max(sizes):
         padding = padded.new_zeros((max(sizes) - padded.shape[0], *padded.shape[1:]))
         padded = torch.cat([padded, padding])
-    if tensor.requires_grad:
+    if tensor.requires_grad and not local_gradient:
         from torch.distributed.nn.functional import all_gather
 
         with warnings.catch_warnings():
@@ -49,7 +50,9 @@ def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
             parts = all_gather(padded)
     else:
         parts = [torch.empty_like(padded) for _ in range(world_size)]
-        dist.all_gather(parts, padded)
+        dist.all_gather(parts, padded.detach())
+        if tensor.requires_grad:  # local_gradient: this process's own slice is its tensor, the others constants
+            parts[dist.get_rank()] = padded
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
@@ -74,8 +77,8 @@ class ImageTextContrastiveLoss(nn.Module):
     process are gathered first ([`gather_batch`], with gradients): the negatives are those of the global batch,
     as X-VLM's, and every process computes the same loss over it (without image ids, the positives are the
     global batch's diagonal), whose gradients are the global batch's (X-VLM's gather keeps each process's own
-    slice only: the encoders get 1/N of them with N processes). In eval mode, or in one process, only the local
-    batch is used.
+    slice only: the encoders get 1/N of them with N processes; `local_gradient` does the same). In eval mode, or
+    in one process, only the local batch is used.
     """
 
     def get_logits(
@@ -95,9 +98,12 @@ class ImageTextContrastiveLoss(nn.Module):
         text_embeds: torch.Tensor,
         itc_temperature: torch.Tensor,
         image_ids: torch.Tensor | None = None,
+        local_gradient: bool = False,
     ) -> torch.Tensor:
+        """`local_gradient`: X-VLM's gather, each process's own slice's gradient only (see [`gather_batch`])."""
         if self.training:
-            image_embeds, text_embeds = gather_batch(image_embeds), gather_batch(text_embeds)
+            image_embeds = gather_batch(image_embeds, local_gradient)
+            text_embeds = gather_batch(text_embeds, local_gradient)
             image_ids = None if image_ids is None else gather_batch(image_ids)
         logits_per_image, logits_per_text = self.get_logits(image_embeds, text_embeds, itc_temperature)
         targets = self.get_ground_truth(image_ids, image_embeds.shape[0], image_embeds.device)

@@ -2078,7 +2078,8 @@ def image_text_contrastive_matching(
     text_embeds = itc_embedding(backbone.text_proj, text_states)
     itc_temperature = backbone.itc_temperature
     logits_per_image = image_embeds @ text_embeds.t() / itc_temperature
-    loss_itc = itc_loss(image_embeds, text_embeds, itc_temperature, image_ids) if compute_loss else None
+    local = getattr(backbone.config, "itc_local_gradient", False)
+    loss_itc = itc_loss(image_embeds, text_embeds, itc_temperature, image_ids, local) if compute_loss else None
 
     # ITM: positives, then each image with a hard negative text, then each text with a hard negative image.
     # Hard negatives are sampled per process, from the local batch (the fusion pass needs their states here).

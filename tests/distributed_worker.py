@@ -85,13 +85,22 @@ def itc_gradients() -> None:
     batch = itc_batch(model.config, GLOBAL_BATCH)
     local = GLOBAL_BATCH // WORLD
     inputs = {key: value[RANK * local : (RANK + 1) * local] for key, value in batch.items()}
-    loss = model(**inputs).loss_itc
-    loss.backward()
-    grads = {}
-    for name, parameter in model.named_parameters():
-        if parameter.grad is not None:
-            dist.all_reduce(parameter.grad)  # what DDP does: the mean over processes
-            grads[name] = parameter.grad / WORLD
+
+    def averaged_gradients() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = model(**inputs).loss_itc
+        loss.backward()
+        grads = {}
+        for name, parameter in model.named_parameters():
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad)  # what DDP does: the mean over processes
+                grads[name] = parameter.grad / WORLD
+        model.zero_grad(set_to_none=True)
+        return loss, grads
+
+    loss, grads = averaged_gradients()
+    model.config.itc_local_gradient = True  # X-VLM's gather: each process's own slice of the gradient
+    _, local_grads = averaged_gradients()
+    model.config.itc_local_gradient = False
     # Uneven local batches (3 and 5 rows): gathered in rank order; the backward sums every process's gradient.
     from modeling_efficientvlm.loss_efficientvlm import gather_batch
 
@@ -99,7 +108,7 @@ def itc_gradients() -> None:
     gathered = gather_batch(local)
     (gathered * torch.arange(gathered.numel()).view_as(gathered)).sum().backward()
     uneven = {"gathered": gathered.detach(), "grad": local.grad}
-    _dump("grad", {"loss_itc": loss.detach(), "grads": grads, "uneven": uneven})
+    _dump("grad", {"loss_itc": loss.detach(), "grads": grads, "local_grads": local_grads, "uneven": uneven})
 
 
 def install_trainer_probes() -> None:

@@ -68,6 +68,10 @@ def test_gathered_itc_loss_and_gradients_equal_one_process_on_the_global_batch(w
             assert result["grads"].keys() == grads.keys()
             for name, grad in grads.items():
                 torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+                # `itc_local_gradient` (X-VLM's gather): the encoders get 1/world of it, the temperature (outside
+                # the gather) all of it.
+                scale = 1.0 if name == "efficientvlm.temp" else 1.0 / world
+                torch.testing.assert_close(result["local_grads"][name], grad * scale, rtol=1e-4, atol=1e-6, msg=name)
     # Uneven local batches: rank order kept, padding cut off, each process gets the sum of all gradients.
     first, second = (_result(workdir, 2, "grad", rank)["uneven"] for rank in (0, 1))
     expected = torch.cat([torch.arange(6.0).view(3, 2), torch.arange(10.0).view(5, 2) + 100])

@@ -40,6 +40,7 @@ TRAINING_CONFIG_FIELDS = (
     "itm_exclude_identical_texts",
     "itm_caption_negatives",
     "itm_negatives_per_pair",
+    "itc_local_gradient",
     "label_smoothing",
 )
 

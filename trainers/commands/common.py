@@ -29,7 +29,7 @@ class ModelArguments:
         metadata={
             "help": 'JSON of config fields for --preset, e.g. \'{"vision_config": {"image_size": 64}}\'; on a saved '
             "model only how it trains: the ITM negatives (itm_random_negatives, itm_exclude_identical_texts, "
-            "itm_caption_negatives, itm_negatives_per_pair) and label_smoothing, e.g. "
+            "itm_caption_negatives, itm_negatives_per_pair), itc_local_gradient and label_smoothing, e.g. "
             "'{\"itm_negatives_per_pair\": 2}'."
         },
     )
