@@ -749,9 +749,13 @@ def test_run_distill_end_to_end(tmp_path) -> None:
 
     output_dir = tmp_path / "student"
     layers = ["--student_layers", "2,1,1", "--num_vision_layers", "1", "--layer_mapping", '{"text": [0]}']
-    main([*base, *json_data, *layers, "--max_steps", "2", "--output_dir", str(output_dir)])
+    # How the student trains (paper-distill: X-VLM's ITC gather), set on its config: distill had no way to.
+    overrides = ["--config_overrides", '{"itc_local_gradient": true, "itm_negatives_per_pair": 2}']
+    main([*base, *json_data, *layers, *overrides, "--max_steps", "2", "--output_dir", str(output_dir)])
 
     student = EfficientVLMForPreTraining.from_pretrained(output_dir)
+    assert student.config.itc_local_gradient and student.config.itm_negatives_per_pair == 2
+    assert not teacher.config.itc_local_gradient
     sizes = student.structure_sizes()
     assert [len(sizes[k]) for k in ("vision_heads", "text_heads", "fusion_heads")] == [1, 1, 1]
     assert EfficientVLMProcessor.from_pretrained(output_dir).tokenizer.mask_token_id == 4
@@ -781,6 +785,8 @@ def test_run_distill_end_to_end(tmp_path) -> None:
         main([*bad, *json_data, "--dataset_path", str(tmp_path / "hf")])
     with pytest.raises(ValueError, match="`kd_temperature` must be positive"):
         main([*bad, *json_data, "--kd_temperature", "0"])
+    with pytest.raises(ValueError, match=r"--config_overrides \['embed_dim'\] would change .* The student's shape is the teacher's"):
+        main([*bad, *json_data, "--student_layers", "1,1,1", "--config_overrides", '{"embed_dim": 8}'])
     # The default student (6,3,3) on a shallower teacher: the stack and the flags are named (was "A student with 6
     # layers has no default mapping onto a teacher with 2 layers").
     message = (

@@ -45,17 +45,18 @@ TRAINING_CONFIG_FIELDS = (
 )
 
 
-def check_training_overrides(overrides: dict[str, Any], source: str) -> None:
+def check_training_overrides(
+    overrides: dict[str, Any], source: str, fix: str = "Start from --preset to change the rest."
+) -> None:
     """Raises a `ValueError` unless every key of `overrides` is a [`TRAINING_CONFIG_FIELDS`] field with a valid
-    value: a saved model (`source`) keeps every field that shapes its weights."""
+    value: a saved model (`source`) keeps every field that shapes its weights (`fix`: how to change those)."""
     from modeling_efficientvlm import EfficientVLMConfig
 
     shaping = sorted(set(overrides) - set(TRAINING_CONFIG_FIELDS))
     if shaping:
         raise ValueError(
             f"--config_overrides {shaping} would change the config a saved model ({source}) was built with; on a "
-            f"saved model it may set only how it trains: {', '.join(TRAINING_CONFIG_FIELDS)}. Start from --preset "
-            "to change the rest."
+            f"saved model it may set only how it trains: {', '.join(TRAINING_CONFIG_FIELDS)}. {fix}"
         )
     EfficientVLMConfig.from_preset("tiny", **overrides)  # the config's own checks of each value
 

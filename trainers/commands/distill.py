@@ -77,6 +77,14 @@ class DistillArguments(KDArguments):
     )
     mlm_probability: float = field(default=0.25, metadata={"help": "Fraction of tokens masked for MLM."})
     max_masks: int = field(default=8, metadata={"help": "At most this many masked tokens per text."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON of how the student trains (its config; the teacher's otherwise): the ITM negatives "
+            "(itm_random_negatives, itm_exclude_identical_texts, itm_caption_negatives, itm_negatives_per_pair), "
+            "itc_local_gradient and label_smoothing, e.g. '{\"itc_local_gradient\": true}'."
+        },
+    )
 
 
 def _parse_layers(args: DistillArguments) -> tuple[int, int, int]:
@@ -154,7 +162,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     from trainers.model_card import ModelCardInfo, local_name
     from trainers.saving import hub_target_from, save_model_folder
     from trainers.sharding import whole_model, whole_weights_on_load
-    from trainers.training import check_image_size, check_text_limit, run_training
+    from trainers.training import check_image_size, check_text_limit, check_training_overrides, run_training
 
     from ..data import PretrainingCollator
     from ..distillation.objective import DistillationConfig
@@ -166,6 +174,12 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     check_no_eval_split("distill", training_args)
     layers = _parse_layers(args)
     layer_mapping = parse_json_option(args.layer_mapping, "layer_mapping")
+    overrides = parse_json_option(args.config_overrides, "config_overrides")
+    check_training_overrides(
+        overrides,
+        "the student, built from --teacher_model_name_or_path",
+        "The student's shape is the teacher's with --student_layers' depths.",
+    )
     distillation_config = DistillationConfig.from_dict(
         args.distillation_config_values(
             **{f"{stack}_layer_mapping": mapping for stack, mapping in layer_mapping.items()}
@@ -195,6 +209,8 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     )
     _check_student_depths(layers, stack_depths(teacher.config), layer_mapping, args.teacher_model_name_or_path)
     student = build_student(teacher, *layers, layer_mapping=layer_mapping or None)
+    for name, value in overrides.items():  # how it trains, checked above
+        setattr(student.config, name, value)
     teacher_size = count_parameters(teacher)
     student_size = count_parameters(student)
     logger.warning(
