@@ -785,7 +785,8 @@ def test_run_distill_end_to_end(tmp_path) -> None:
         main([*bad, *json_data, "--dataset_path", str(tmp_path / "hf")])
     with pytest.raises(ValueError, match="`kd_temperature` must be positive"):
         main([*bad, *json_data, "--kd_temperature", "0"])
-    with pytest.raises(ValueError, match=r"--config_overrides \['embed_dim'\] would change .* The student's shape is the teacher's"):
+    shape = r"--config_overrides \['embed_dim'\] would change .* The student's shape is the teacher's"
+    with pytest.raises(ValueError, match=shape):
         main([*bad, *json_data, "--student_layers", "1,1,1", "--config_overrides", '{"embed_dim": 8}'])
     # The default student (6,3,3) on a shallower teacher: the stack and the flags are named (was "A student with 6
     # layers has no default mapping onto a teacher with 2 layers").
