@@ -205,6 +205,21 @@ def test_onnx_nlvr2_predicts_from_images_and_sentences_as_pytorch_does(tmp_path)
         onnx_model.predict(lefts, rights[:1], sentences, processor)
 
 
+def test_onnx_captioning_scores_its_eval_split_as_pytorch_does(tmp_path) -> None:
+    """`export --eval_file` scores captioning through `evaluate_task`, which passes the decoding options at their
+    greedy defaults (num_beams 1, min_new_tokens 0): the ONNX model takes those, and the same captions come out."""
+    processor = make_processor(tmp_path)
+    model = _pruned(EfficientVLMForConditionalGeneration)
+    export_onnx(model, tmp_path / "onnx")
+    data, image_root = write_image_text_json(tmp_path, n=3)
+    dataset = build_dataset("captioning", str(data), image_root, processor)
+    expected = evaluate_task("captioning", model, dataset, processor, max_new_tokens=4).predictions
+    got = evaluate_task("captioning", load_onnx_model(tmp_path / "onnx"), dataset, processor, max_new_tokens=4)
+    assert got.predictions == expected
+    with pytest.raises(ValueError, match=r"cannot honour \['min_new_tokens'\]"):
+        evaluate_task("captioning", load_onnx_model(tmp_path / "onnx"), dataset, processor, min_new_tokens=2)
+
+
 def test_onnx_captioning_refuses_padded_prompts_as_pytorch_does(tmp_path) -> None:
     """onnxruntime captioning took a batch of prompts of different lengths and generated after their [SEP] / [PAD];
     it now checks the prompt with PyTorch's own function, so both raise the same error."""

@@ -216,11 +216,13 @@ class OnnxCaptioningModel(OnnxTaskModel):
         `generation_prompt`); finished captions are padded with [PAD]. Greedy only: another decoding option
         (`num_beams`, `do_sample`, `min_new_tokens`, ...) is refused rather than ignored."""
         self._no_masks(structure_masks)
-        ignored = {key: value for key, value in kwargs.items() if value is not None}
-        if ignored.get("num_beams", 1) == 1 and not ignored.get("do_sample", False):
-            ignored.pop("num_beams", None)
-            ignored.pop("do_sample", None)
-        ignored.pop("use_cache", None)  # no cache either way: every step runs the whole prefix
+        # An option at its greedy value changes nothing (evaluation passes them so); no cache either way.
+        greedy = {"num_beams": 1, "do_sample": False, "min_new_tokens": 0}
+        ignored = {
+            key: value
+            for key, value in kwargs.items()
+            if value is not None and key != "use_cache" and not (key in greedy and value == greedy[key])
+        }
         if ignored:
             raise ValueError(
                 f"The ONNX captioning model decodes greedily and takes `max_new_tokens` or `max_length`; it cannot "
