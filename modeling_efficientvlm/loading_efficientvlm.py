@@ -26,11 +26,10 @@ from torch import nn
 # At most this many parameter names per kind of problem in an error message.
 _SHOWN = 8
 
-# What `efficientvlm prune` saves beside the unpruned weights of each checkpoint while it learns its masks
-# (`trainers.pruning.trainer.MASKER_STATE_NAME`, repeated here: this file ships as remote code, without `trainers`).
+# What `efficientvlm prune` saves beside the unpruned weights of each checkpoint while it learns its masks, and
+# beside its pruned model once it is done. Named here, as this file ships as remote code; `trainers` imports them.
 MASK_STATE_FILE = "masker.pt"
-# What a finished pruning run writes beside its pruned model (`trainers.saving.PRUNING_REPORT_FILE`).
-_PRUNING_REPORT_FILE = "pruning_report.json"
+PRUNING_REPORT_FILE = "pruning_report.json"
 
 
 class CheckpointMismatchError(ValueError):
@@ -110,7 +109,7 @@ def mask_learning_checkpoint_message(location: str | os.PathLike | None, subfold
         return None
     folder = Path(location) / subfolder
     # A pruned model (saved with its report) is what it says, whatever masks an earlier save left beside it.
-    if not (folder / MASK_STATE_FILE).is_file() or (folder / _PRUNING_REPORT_FILE).is_file():
+    if not (folder / MASK_STATE_FILE).is_file() or (folder / PRUNING_REPORT_FILE).is_file():
         return None
     message = (
         f"{folder} is a checkpoint of `efficientvlm prune` taken while it learned its masks: its weights are the "
@@ -118,7 +117,7 @@ def mask_learning_checkpoint_message(location: str | os.PathLike | None, subfold
         "loads as the unpruned model. To get the pruned model, finish the run: `efficientvlm prune` with the flags "
         f"it started with and `--resume_from_checkpoint {folder}` saves the pruned model to its --output_dir."
     )
-    if (folder.parent / _PRUNING_REPORT_FILE).is_file():  # the run finished: its pruned model is right there
+    if (folder.parent / PRUNING_REPORT_FILE).is_file():  # the run finished: its pruned model is right there
         message += f" The run has finished already: its pruned model is {folder.parent}."
     return message
 
@@ -209,6 +208,8 @@ def corrupt_checkpoint_error(
 
 __all__ = [
     "CheckpointMismatchError",
+    "MASK_STATE_FILE",
+    "PRUNING_REPORT_FILE",
     "CorruptCheckpointError",
     "check_loaded_weights",
     "corrupt_checkpoint_error",

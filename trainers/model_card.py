@@ -19,6 +19,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from modeling_efficientvlm.loading_efficientvlm import PRUNING_REPORT_FILE
 from trainers.evaluation.benchmarking import count_parameters
 from trainers.tasks import task_spec
 
@@ -441,7 +442,7 @@ def write_model_card(
         info,
         repo=repo_id or folder.absolute().name,
         model=model,
-        pruning_report=_read_json(folder / "pruning_report.json"),
+        pruning_report=_read_json(folder / PRUNING_REPORT_FILE),
     )
     card.save(folder / "README.md")
     return card

@@ -27,11 +27,11 @@ from typing import Any
 
 from transformers.utils import logging
 
+from modeling_efficientvlm.loading_efficientvlm import PRUNING_REPORT_FILE
 from trainers.model_card import ModelCardInfo, write_model_card
 
 logger = logging.get_logger(__name__)
 
-PRUNING_REPORT_FILE = "pruning_report.json"
 EVAL_RESULTS_FILE = "eval_results.json"
 
 # The top-level files a saved model folder consists of. Anything else in an output folder (TensorBoard `runs/`,

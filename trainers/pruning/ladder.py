@@ -34,6 +34,8 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from modeling_efficientvlm.loading_efficientvlm import PRUNING_REPORT_FILE
+
 if TYPE_CHECKING:
     from .trainer import ModalAdaptivePruningTrainer
 
@@ -161,7 +163,7 @@ class SparsityLadder(TrainerCallback):
         current = self.trainer.lagrangian.rung
         for index in range(len(self.rungs), len(self.ladder)):
             folder = os.path.join(output_dir, rung_folder_name(self.ladder[index]))
-            report_path = Path(folder, "pruning_report.json")
+            report_path = Path(folder, PRUNING_REPORT_FILE)
             if not report_path.is_file():
                 if index < current:  # saved by the run being resumed, but not in this output folder
                     logger.warning(

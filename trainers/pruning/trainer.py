@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from modeling_efficientvlm.loading_efficientvlm import read_torch_weights
+from modeling_efficientvlm.loading_efficientvlm import MASK_STATE_FILE, PRUNING_REPORT_FILE, read_torch_weights
 from modeling_efficientvlm.modeling_efficientvlm import StructureMasks, check_pad_multiple
 
 from ..distillation import DistillationConfig, DistillationTrainer
@@ -49,8 +49,8 @@ from .padding import PAD_TO_MULTIPLE_OF, drop_silent_ffn_neurons, prune_structur
 
 logger = logging.get_logger(__name__)
 
-MASKER_STATE_NAME = "masker.pt"
-PRUNING_REPORT_NAME = "pruning_report.json"
+MASKER_STATE_NAME = MASK_STATE_FILE
+PRUNING_REPORT_NAME = PRUNING_REPORT_FILE
 _MASK_GROUP, _LAGRANGIAN_GROUP = "structure_masks", "lagrange_multipliers"
 
 
