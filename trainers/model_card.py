@@ -398,7 +398,7 @@ def build_model_card(
         lines += ["", " ".join(origin) + "."]
     candidates = info.answer_candidates or getattr(getattr(model, "config", None), "answer_candidates", None)
     lines += ["", "## How to use", "", usage_snippet(info.task, repo, answer_candidates=bool(candidates))]
-    if info.task in ("retrieval", "vqa", "captioning"):
+    if task_spec(info.task).pipeline_tag is not None:  # the snippet's pipeline reads the images
         lines += ["", PIPELINE_IMAGES_NOTE]
     lines += ["", "## Training data", ""]
     if info.synthetic_data:
