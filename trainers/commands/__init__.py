@@ -41,10 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"efficientvlm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from trainers.commands.common import check_single_process
-
-    if not any(flag in rest for flag in ("-h", "--help")):
-        check_single_process(command)
     importlib.import_module(f"{__name__}.{command}").main(rest)
     return 0
 

@@ -7,6 +7,7 @@ import difflib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,8 @@ def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None
     parser of `efficientvlm <command>` (so its usage line names the subcommand).
 
     Every command also takes `--num_threads` (applied here), and on a machine without CUDA the DataLoader does
-    not pin memory (which only warns there). The training commands take `--recipe`: its options become the
+    not pin memory (which only warns there). A command that runs in one process refuses a launch of several
+    ([`check_single_process`]). The training commands take `--recipe`: its options become the
     parser's defaults, so a flag given on the command line overrides them; the names of the options a parsed
     dataclass took from the recipe are in [`recipe_fields`]."""
     import torch
@@ -160,6 +162,7 @@ def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None
     if takes_recipe:
         extra = (*extra, RecipeArguments)
     argv = sys.argv[1:] if argv is None else list(argv)
+    check_single_process(command, argv)  # before any other error: the launch itself is wrong
 
     def build_parser() -> HfArgumentParser:
         return HfArgumentParser((*dataclass_types, *extra), prog=f"efficientvlm {command}", description=description)
@@ -210,11 +213,11 @@ def launched_processes() -> int:
 MULTI_PROCESS_COMMANDS = ("pretrain", "finetune", "distill", "prune")
 
 
-def check_single_process(command: str) -> None:
+def check_single_process(command: str, argv: Sequence[str] = ()) -> None:
     """Raises when a launcher (torchrun, accelerate launch) started several processes for a command that runs in
-    one: each would do the whole job and write the same files at the same time."""
+    one: each would do the whole job and write the same files at the same time. `argv` asking for `--help` passes."""
     launched = launched_processes()
-    if launched > 1 and command not in MULTI_PROCESS_COMMANDS:
+    if launched > 1 and command not in MULTI_PROCESS_COMMANDS and not {"-h", "--help"} & set(argv):
         raise ValueError(
             f"{command} runs in one process; it was launched as {launched} (WORLD_SIZE={launched}), each of which "
             "would do the whole job and write the same files: run it without torchrun / accelerate launch (only "

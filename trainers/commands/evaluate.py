@@ -12,7 +12,6 @@ import torch
 from trainers.commands.common import (
     answer_list_field,
     check_not_mask_checkpoint,
-    check_single_process,
     itm_score_field,
     parse_arguments,
 )
@@ -96,7 +95,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMProcessor
 
     (args,) = parse_arguments("evaluate", (EvaluateArguments,), argv, "Evaluate a task model.")
-    check_single_process("evaluate")
     if args.task not in TASKS[1:]:  # the registry's own error offers pretraining, which has no evaluation
         raise ValueError(f"--task {args.task!r}: evaluate scores one of {', '.join(TASKS[1:])}.")
     check_answer_list_task(args.answer_list, args.task)

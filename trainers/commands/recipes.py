@@ -4,12 +4,15 @@ commands fills their options; `trainers/recipes/<name>.json` holds each, with th
 from __future__ import annotations
 
 import argparse
+import sys
 
+from trainers.commands.common import check_single_process
 from trainers.recipes import RECIPE_DIR, describe_recipes, load_recipe
 
 
 def main(argv: list[str] | None = None) -> None:
     """Prints the recipes, or with a name the recipe file's contents."""
+    check_single_process("recipes", sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="efficientvlm recipes",
         description="List the recipes of `--recipe`, or print one (its options, and the source of each number).",
