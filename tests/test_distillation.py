@@ -478,9 +478,11 @@ def test_kd_terms_of_task_models(task: str, tmp_path) -> None:
         with torch.no_grad():
             outputs = student(**inputs, output_attentions=True, output_hidden_states=True)
             terms = trainer.compute_distillation_terms(outputs, trainer.teacher_forward(inputs, outputs), inputs)
-        expected = {"kd_vision_attn", "kd_vision_hidden", "kd_text_attn", "kd_text_hidden"}
-        if task != "captioning":  # captioning runs the whole text stack causally as its `text_output`
-            expected |= {"kd_fusion_attn", "kd_fusion_hidden", "kd_fusion_cross_attn"}
+        # Captioning runs the whole text stack causally as its `text_output`: its fusion layers' cross-attention
+        # maps are the cross term.
+        expected = {"kd_vision_attn", "kd_vision_hidden", "kd_text_attn", "kd_text_hidden", "kd_fusion_cross_attn"}
+        if task != "captioning":
+            expected |= {"kd_fusion_attn", "kd_fusion_hidden"}
         # Retrieval's `logits` are its ITM logits: distilled once, as `kd_itm_logit`.
         expected |= {"kd_itm_logit"} if task == "retrieval" else {"kd_task_logit"}
         assert set(terms) == expected
@@ -492,6 +494,54 @@ def test_kd_terms_of_task_models(task: str, tmp_path) -> None:
         assert trainer.distillation_loss.layer_mappings["fusion"] == [2, 3]
     if task == "captioning":  # the whole-stack pass: text layer 1, then fusion layer 1 (stack index 3)
         assert trainer.distillation_loss.layer_mappings["multimodal"] == [1, 3]
+
+
+def test_captioning_decoder_kd_matches_the_official_terms(tmp_path) -> None:
+    """The official captioning stage matches the decoder's (the whole stack's) cross-attention maps over the fusion
+    layer mapping and leaves the student's last layer out of its hidden-state term (`text_skip_last_hidden`)."""
+    config = _config()
+    model_class, inputs = _task_case("captioning", config)
+    torch.manual_seed(0)
+    teacher = model_class(config).eval()
+    student = build_student(teacher, 1, 1, 1).eval()
+
+    def terms_of(distillation_config, perturb_last=False):
+        trainer = DistillationTrainer(
+            model=student, args=_args(tmp_path), teacher_model=teacher, distillation_config=distillation_config
+        )
+        with torch.no_grad():
+            outputs = student(**inputs, output_attentions=True, output_hidden_states=True)
+            teacher_outputs = trainer.teacher_forward(inputs, outputs)
+            if perturb_last:
+                states = outputs.text_output.hidden_states
+                outputs.text_output.hidden_states = (*states[:-1], states[-1] + 1.0)
+            return trainer.compute_distillation_terms(outputs, teacher_outputs, inputs), outputs, teacher_outputs
+
+    terms, outputs, teacher_outputs = terms_of(DistillationConfig(fusion_cross_attn=1.0))
+    # One map per fusion layer (the student's 1, the teacher's 2): the fusion mapping, its last layer.
+    assert len(outputs.text_output.cross_attentions) == 1 and len(teacher_outputs.text_output.cross_attentions) == 2
+    expected = attention_mse(
+        outputs.text_output.cross_attentions,
+        teacher_outputs.text_output.cross_attentions,
+        [1],
+        inputs["attention_mask"],
+        is_cross_attention=True,
+    )
+    assert expected.item() > 0
+    torch.testing.assert_close(terms["kd_fusion_cross_attn"], expected)
+
+    kept = terms_of(DistillationConfig(), perturb_last=False)[0]["kd_text_hidden"]
+    moved = terms_of(DistillationConfig(), perturb_last=True)[0]["kd_text_hidden"]
+    skipped = terms_of(DistillationConfig(text_skip_last_hidden=True), perturb_last=False)[0]["kd_text_hidden"]
+    skipped_moved = terms_of(DistillationConfig(text_skip_last_hidden=True), perturb_last=True)[0]["kd_text_hidden"]
+    assert moved.item() > kept.item() + 0.5
+    assert skipped.item() < kept.item()
+    torch.testing.assert_close(skipped_moved, skipped)
+
+
+def test_distillation_switches_must_be_booleans() -> None:
+    with pytest.raises(ValueError, match="`text_skip_last_hidden` must be true or false; got 'true'"):
+        DistillationConfig.from_dict({"text_skip_last_hidden": "true"})
 
 
 def _student_trainer(config: EfficientVLMConfig, model_class: type, depth: tuple, tmp_path) -> DistillationTrainer:

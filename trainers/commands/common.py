@@ -107,7 +107,9 @@ class KDArguments:
         metadata={
             "help": "JSON (or a JSON file) overriding DistillationConfig fields, e.g. '{\"vision_hidden\": 0.1}' "
             "(terms: itm_logit, mlm_logit, task_logit, itc, text_attn, text_hidden, vision_attn, vision_hidden, "
-            "fusion_attn, fusion_hidden, fusion_cross_attn; attention terms force the slower eager attention)."
+            "fusion_attn, fusion_hidden, fusion_cross_attn; attention terms force the slower eager attention; "
+            "other fields: vision_skip_last_hidden, text_skip_last_hidden, hidden_include_input, exclude_padding, "
+            "mlm_logit_slots, head_mismatch, the layer mappings)."
         },
     )
 

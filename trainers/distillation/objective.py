@@ -18,8 +18,11 @@ The official general-distillation objective is
 `KD = ITM-logit + MLM-logit + text (attn + hidden) + vision (attn + 0.1 * hidden) + fusion (attn + hidden)`, the
 fusion terms summed over the ITM positive pass, the ITM negative pass and the MLM pass; [`DistillationConfig`]'s
 defaults and the pre-training spec reproduce it. The official vision hidden term leaves out the student's last
-layer (`vision_skip_last_hidden`). (The MLM pass's text layers are logged here under the text terms; the
-official code counts them with the fusion terms. With both weights at 1 the total is the same.)
+layer (`vision_skip_last_hidden`); the official captioning stage leaves out the student decoder's (the whole stack
+run causally) last layer too (`text_skip_last_hidden`) and matches its cross-attention maps (`fusion_cross_attn`,
+which covers the fusion layers' cross-attention in any pass). (The MLM pass's text layers are logged here under
+the text terms; the official code counts them with the fusion terms. With both weights at 1 the total is the
+same.)
 """
 
 from __future__ import annotations
@@ -84,9 +87,12 @@ class DistillationConfig:
         itm_logit, mlm_logit, task_logit, itc, text_attn, text_hidden, vision_attn, vision_hidden, fusion_attn,
             fusion_hidden, fusion_cross_attn: per-term weights (a term with weight 0 is not computed).
             `task_logit` distils a task model's `logits`; `fusion_cross_attn` the fusion layers'
-            cross-attention maps (used by the official task-specific stage, not by general distillation).
+            cross-attention maps, in a fusion pass or a whole-stack pass (captioning's decoder), over the fusion
+            layer mapping (used by the official task-specific stage, not by general distillation).
         hidden_include_input: also match the inputs of the stacks (official: yes).
         vision_skip_last_hidden: leave the student's last vision layer out of the hidden-state term (official).
+        text_skip_last_hidden: leave the last layer of the student's text passes out of the hidden-state term: of a
+            whole-stack pass, its last fusion layer (the official captioning stage does; its other stages do not).
         exclude_padding: leave padding tokens out of the hidden-state and attention terms.
         mlm_logit_slots: 0 averages the MLM-logit KD over the masked tokens; N > 0 averages it as the official code
             does over N slots per text (its `max_masks`, 8), the empty ones at [CLS]
@@ -113,6 +119,7 @@ class DistillationConfig:
     fusion_cross_attn: float = 0.0
     hidden_include_input: bool = True
     vision_skip_last_hidden: bool = True
+    text_skip_last_hidden: bool = False
     exclude_padding: bool = True
     mlm_logit_slots: int = 0
     head_mismatch: str = "mean"
@@ -123,6 +130,9 @@ class DistillationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"The weight `{name}` must be a non-negative number; got {value!r}.")
+        for name in ("hidden_include_input", "vision_skip_last_hidden", "text_skip_last_hidden", "exclude_padding"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be true or false; got {getattr(self, name)!r}.")
         slots = self.mlm_logit_slots
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
             raise ValueError(f"`mlm_logit_slots` must be a non-negative integer; got {slots!r}.")
@@ -258,8 +268,8 @@ class DistillationLoss(nn.Module):
         return total if total is not None else torch.zeros(())
 
     # -- per-field terms --------------------------------------------------------------------------------------
-    def _mapping(self, stack: str, student: Any, teacher: Any) -> list[int] | None:
-        num_student, num_teacher = _num_layers(student), _num_layers(teacher)
+    def _mapping(self, stack: str, num_student: int | None, num_teacher: int | None) -> list[int] | None:
+        """Teacher layer of each of the `num_student` layers of a student pass through `stack`."""
         if num_student is None or num_teacher is None:
             return None
         if self.layer_mappings is None:
@@ -306,7 +316,7 @@ class DistillationLoss(nn.Module):
     ) -> None:
         """Adds the hidden/attention terms of one encoder pass to `terms[kd_<group>_*]`."""
         config, group = self.config, kd.group
-        mapping = self._mapping(kd.stack, student, teacher)
+        mapping = self._mapping(kd.stack, _num_layers(student), _num_layers(teacher))
         if mapping is None:
             return
         mask = attention_mask if config.exclude_padding else None
@@ -317,7 +327,7 @@ class DistillationLoss(nn.Module):
             return tuple(s if (s is None or rows is None) else s[rows] for s in states)
 
         include_input = config.hidden_include_input and kd.match_input
-        skip_last = group == "vision" and config.vision_skip_last_hidden
+        skip_last = getattr(config, f"{group}_skip_last_hidden", False)
         if (
             getattr(config, f"{group}_hidden") > 0
             and student.hidden_states is not None
@@ -330,14 +340,12 @@ class DistillationLoss(nn.Module):
         if getattr(config, f"{group}_attn") > 0 and student.attentions is not None and teacher.attentions is not None:
             value = self.attention_loss(pick(student.attentions), pick(teacher.attentions), mapping, mask)
             _add(terms, f"kd_{group}_attn", value)
-        if (
-            group == "fusion"
-            and config.fusion_cross_attn > 0
-            and getattr(student, "cross_attentions", None) is not None
-            and getattr(teacher, "cross_attentions", None) is not None
-        ):
+        student_cross, teacher_cross = (getattr(o, "cross_attentions", None) for o in (student, teacher))
+        if config.fusion_cross_attn > 0 and student_cross is not None and teacher_cross is not None:
+            # One map per fusion layer, in a fusion pass or a whole-stack one: the fusion mapping.
+            cross_mapping = self._mapping("fusion", len(student_cross), len(teacher_cross))
             value = self.attention_loss(
-                pick(student.cross_attentions), pick(teacher.cross_attentions), mapping, mask, is_cross_attention=True
+                pick(student_cross), pick(teacher_cross), cross_mapping, mask, is_cross_attention=True
             )
             _add(terms, "kd_fusion_cross_attn", value)
 
