@@ -30,6 +30,7 @@ setup(
         "numpy>=1.26",
         "matplotlib>=3.8",
         "tqdm>=4.66",
+        "ninja>=1.11",  # attn_implementation="efficientvlm_cpu" builds its CPU kernel on first use
     ],
     extras_require={
         # `efficientvlm export`: ONNX graphs (torch's TorchScript exporter, so no onnxscript), onnxruntime for the

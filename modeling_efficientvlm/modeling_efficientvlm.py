@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput
 
 from .checks_efficientvlm import check_tensor
 from .configuration_efficientvlm import EfficientVLMConfig, EfficientVLMTextConfig, EfficientVLMVisionConfig
+from .cpu_attention_efficientvlm import register as register_cpu_attention
 from .grouping_efficientvlm import EncoderGroups
 from .loading_efficientvlm import (
     check_loaded_weights,
@@ -57,6 +58,8 @@ from .packing_efficientvlm import (
     packed_weight,
     runs_packed,
 )
+
+register_cpu_attention()  # attn_implementation="efficientvlm_cpu": built on first use
 
 # Keys of a structure-mask dict: one list per key with one tensor per layer, shaped (heads,) or (neurons,).
 # `text_*` index the text layers, `fusion_*` the fusion layers of the BERT stack, `decoder_*` the layers of a

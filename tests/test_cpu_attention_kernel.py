@@ -1,0 +1,118 @@
+"""The opt-in CPU attention kernel (`attn_implementation="efficientvlm_cpu"`): SDPA's results, on the calls it
+covers, and SDPA itself on the others or when it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import modeling_efficientvlm.cpu_attention_efficientvlm as cpu_attention
+from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMModel
+
+from .conftest import make_inputs
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    built = cpu_attention.load_kernel()
+    assert built is not None, cpu_attention._state.get("error")
+    return built
+
+
+@pytest.mark.parametrize(
+    "batch, heads, q_len, k_len, head_dim",
+    [(1, 3, 577, 577, 64), (2, 4, 37, 45, 32), (1, 6, 1, 17, 48), (3, 2, 197, 197, 64), (1, 5, 40, 577, 64)],
+)
+def test_kernel_matches_sdpa(kernel, batch: int, heads: int, q_len: int, k_len: int, head_dim: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    # Queries as a stacked projection gives them: a strided view of (batch, q_len, 3, heads, head_dim).
+    query = torch.randn(batch, q_len, 3, heads, head_dim, generator=generator).permute(2, 0, 3, 1, 4)[0]
+    key = torch.randn(batch, heads, k_len, head_dim, generator=generator)
+    value = torch.randn(batch, k_len, heads, head_dim, generator=generator).transpose(1, 2)
+    context = kernel.attention_forward(query, key, value, head_dim**-0.5, cpu_attention.QUERY_BLOCK)
+    expected = F.scaled_dot_product_attention(query, key, value).transpose(1, 2)
+    assert context.shape == (batch, q_len, heads, head_dim) and context.is_contiguous()
+    torch.testing.assert_close(context, expected, atol=2e-6, rtol=1e-5)
+
+
+class _CountingKernel:
+    def __init__(self, kernel) -> None:
+        self.kernel, self.calls = kernel, []
+
+    def attention_forward(self, query, *args):
+        self.calls.append(tuple(query.shape))
+        return self.kernel.attention_forward(query, *args)
+
+
+def _model_and_inputs():
+    config = EfficientVLMConfig.from_preset("tiny")
+    torch.manual_seed(0)
+    return EfficientVLMModel(config).eval(), make_inputs(config)
+
+
+def _hidden(model, inputs) -> torch.Tensor:
+    return model(**inputs).last_hidden_state
+
+
+def test_model_on_the_kernel_gives_sdpa_outputs(kernel, monkeypatch) -> None:
+    model, inputs = _model_and_inputs()
+    with torch.no_grad():
+        expected = _hidden(model, inputs)
+        counting = _CountingKernel(kernel)
+        monkeypatch.setitem(cpu_attention._state, "module", counting)
+        model.set_attn_implementation(cpu_attention.ATTN_IMPLEMENTATION)
+        assert model.config.vision_config._attn_implementation == cpu_attention.ATTN_IMPLEMENTATION
+        got = _hidden(model, inputs)
+        # The vision self-attention and the fusion cross-attention (no masks) ran on it; the masked text did not.
+        vision_layers = model.config.vision_config.num_hidden_layers
+        assert len(counting.calls) >= vision_layers
+        assert all(shape[0] == inputs["pixel_values"].shape[0] for shape in counting.calls)
+        packed_calls = len(counting.calls)
+        model.pack_cpu_weights()
+        packed = _hidden(model, inputs)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=1e-5)
+    assert len(counting.calls) == 2 * packed_calls
+
+
+def test_calls_the_kernel_does_not_cover_run_on_sdpa(kernel, monkeypatch) -> None:
+    counting = _CountingKernel(kernel)
+    monkeypatch.setitem(cpu_attention._state, "module", counting)
+    query, key, value = (torch.randn(2, 3, 9, 16) for _ in range(3))
+    module = torch.nn.Module()
+    module.is_causal = False
+    forward = cpu_attention.cpu_kernel_attention_forward
+    mask = torch.zeros(2, 1, 9, 9)
+    mask[..., -2:] = float("-inf")
+    masked, _ = forward(module, query, key, value, mask)
+    torch.testing.assert_close(masked, F.scaled_dot_product_attention(query, key, value, mask).transpose(1, 2))
+    module.is_causal = True
+    causal, _ = forward(module, query, key, value, None)
+    expected = F.scaled_dot_product_attention(query, key, value, is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(causal, expected)
+    module.is_causal = False
+    trained = query.clone().requires_grad_()
+    context, _ = forward(module, trained, key, value, None)
+    context.sum().backward()  # gradients: SDPA's backward
+    assert trained.grad is not None
+    forward(module, query.double(), key.double(), value.double(), None)
+    assert counting.calls == []
+    forward(module, query, key, value, None)
+    assert counting.calls == [(2, 3, 9, 16)]
+
+
+def test_a_kernel_that_cannot_be_built_warns_once_and_sdpa_serves(monkeypatch) -> None:
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_attention, "_state", {})
+    monkeypatch.setattr(cpu_attention, "_build", no_compiler)
+    model, inputs = _model_and_inputs()
+    with torch.no_grad():
+        expected = _hidden(model, inputs)
+        model.set_attn_implementation(cpu_attention.ATTN_IMPLEMENTATION)
+        with pytest.warns(UserWarning, match="could not be built .*Ninja is required.*runs on SDPA") as caught:
+            got = _hidden(model, inputs)
+    assert sum("could not be built" in str(w.message) for w in caught) == 1
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
