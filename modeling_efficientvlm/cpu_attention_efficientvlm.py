@@ -11,8 +11,9 @@ It writes the context straight in the (batch, q_len, heads, head_dim) layout the
 
 It is C++ built on first use with `torch.utils.cpp_extension.load_inline` (a C++ compiler and `ninja`; about 30 s,
 then cached under `~/.cache/torch_extensions`) and checked against `scaled_dot_product_attention` once. Calls it
-does not cover fall back to SDPA: a mask, dropout, gradients, causal attention, tracing or compiling, another
-device or dtype; so does everything when the build or the check fails (one warning says why).
+does not cover fall back to SDPA: a mask, dropout, gradients, causal attention, tracing, compiling or a dispatch
+mode (FLOP counting), another device or dtype; so does everything when the build or the check fails (one warning
+says why).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 ATTN_IMPLEMENTATION = "efficientvlm_cpu"
 MAX_KEYS = 16384  # one block's scores (64 rows x keys) stay in a thread's buffer
@@ -221,6 +223,8 @@ def kernel_covers(module: Any, query: torch.Tensor, key: torch.Tensor, value: to
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
         and not torch.onnx.is_in_onnx_export()
+        # A dispatch mode (FLOP counting, fake or meta tensors) sees SDPA's op; the kernel would be opaque to it.
+        and _get_current_dispatch_mode() is None
     )
 
 

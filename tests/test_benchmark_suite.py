@@ -683,3 +683,23 @@ def test_packed_rows_are_timed_beside_their_models_with_the_same_flops_and_outpu
     assert "(1024 x 1024 torch.mm, best of 10" in format_report(BenchmarkReport.from_dict(data))
     with pytest.raises(ValueError, match="`pack_cpu_weights` packs float32 weights for the CPU"):
         BenchmarkSettings(pack_cpu_weights=True, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_kernel_rows_follow_their_models_with_the_same_flops(packed: bool) -> None:
+    models, _ = benchmark_models(["tiny"], [0.5])
+    settings = BenchmarkSettings(
+        workloads=("itm",), batch_sizes=(2,), pack_cpu_weights=packed, cpu_attention_kernel=True, **FAST
+    )
+    report = run_benchmark(models, settings)
+    rows = {r.name: r for r in report.results}
+    suffix = " [packed]" if packed else ""
+    for name in ("tiny", "tiny pruned 0.5"):
+        kernel = rows[f"{name}{suffix} [kernel]"]
+        assert kernel.base == f"{name}{suffix}" and kernel.gflops == rows[name].gflops  # counted as SDPA's
+    assert len(rows) == (6 if packed else 4)
+    assert "[kernel]: the same model with its attention on the CPU kernel" in format_report(report)
+    built = models[0].with_attention_kernel().build("retrieval")
+    assert built.config.vision_config._attn_implementation == "efficientvlm_cpu"
+    with pytest.raises(ValueError, match="`cpu_attention_kernel` is a float32 CPU kernel"):
+        BenchmarkSettings(cpu_attention_kernel=True, dtype="bfloat16")

@@ -333,11 +333,12 @@ def test_evaluate_runs_the_model_on_the_device_and_in_the_dtype_asked_for(tmp_pa
         + ["--output_dir", str(folder), "--max_steps", "1", "--per_device_train_batch_size", "2"]
         + ["--report_to", "none", "--use_cpu", "--save_strategy", "no"]
     )
-    seen, packs = [], []
+    seen, packs, kernels = [], [], []
 
     def spy(task, model, *args, **kwargs):
         seen.append((next(model.parameters()).dtype, next(model.parameters()).device.type))
         packs.append(any(getattr(module, "cpu_packs", None) is not None for module in model.modules()))
+        kernels.append(model.config.vision_config._attn_implementation == "efficientvlm_cpu")
         return evaluate_task(task, model, *args, **kwargs)
 
     evaluate_task = evaluate_command.evaluate_task
@@ -351,8 +352,12 @@ def test_evaluate_runs_the_model_on_the_device_and_in_the_dtype_asked_for(tmp_pa
     assert 0 <= bfloat16["vqa_accuracy"] <= 1 and set(bfloat16) == set(float32)
     assert evaluate_command.main([*base, "--pack_cpu_weights", "true"]) == float32
     assert packs == [False, False, True]
-    with pytest.raises(ValueError, match="--pack_cpu_weights packs float32 weights for the CPU; got --device 'cpu'"):
+    with pytest.raises(ValueError, match="--pack_cpu_weights is for float32 on the CPU; got --device 'cpu'"):
         evaluate_command.main([*base, "--pack_cpu_weights", "true", "--dtype", "bfloat16", "--device", "cpu"])
+    assert evaluate_command.main([*base, "--cpu_attention_kernel", "true"]) == float32
+    assert kernels == [False, False, False, True]
+    with pytest.raises(ValueError, match="--cpu_attention_kernel is for float32 on the CPU"):
+        evaluate_command.main([*base, "--cpu_attention_kernel", "true", "--dtype", "bfloat16", "--device", "cpu"])
     with pytest.raises(ValueError, match="--dtype float16 runs on CUDA only"):
         evaluate_command.main([*base, "--dtype", "float16"])
     with pytest.raises(ValueError, match="--device 'cuda': torch .* sees no CUDA device"):

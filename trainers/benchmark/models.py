@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modeling_efficientvlm.cpu_attention_efficientvlm import ATTN_IMPLEMENTATION
 from trainers.placement import dtype_name
 from trainers.pruning.padding import PAD_TO_MULTIPLE_OF
 
@@ -27,6 +28,7 @@ PEERS = {
 }
 KINDS = ("efficientvlm", "blip", "clip-vision")
 PACKED_SUFFIX = " [packed]"
+KERNEL_SUFFIX = " [kernel]"
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,15 @@ class ModelSource:
     preset with random structure masks (seeded by `seed`) to that fraction of its prunable parameters, its FFN
     widths padded with zero neurons to multiples of `pad_to_multiple_of` (`trainers/pruning/padding.py`);
     `pack_cpu_weights`: an EfficientVLM model then runs from oneDNN-packed weights on the CPU
-    (`EfficientVLMPreTrainedModel.pack_cpu_weights`)."""
+    (`EfficientVLMPreTrainedModel.pack_cpu_weights`); `cpu_attention_kernel`: its attention runs on the CPU
+    kernel (`attn_implementation="efficientvlm_cpu"`, `modeling_efficientvlm/cpu_attention_efficientvlm.py`)."""
 
     spec: str
     sparsity: float = 0.0
     seed: int = 0
     pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF
     pack_cpu_weights: bool = False
+    cpu_attention_kernel: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +86,17 @@ class BenchmarkModel:
             prebuilt.pack_cpu_weights()
         source = replace(self.source, pack_cpu_weights=True) if self.source is not None else None
         variant = BenchmarkModel(f"{self.name}{PACKED_SUFFIX}", self.kind, source, self.name, prebuilt)
+        variant.place(self.device, self.dtype)
+        return variant
+
+    def with_attention_kernel(self) -> BenchmarkModel:
+        """A copy of this EfficientVLM model whose attention runs on the CPU kernel (`attn_implementation=
+        "efficientvlm_cpu"`): `<name> [kernel]`, its base this model, built from the same source."""
+        prebuilt = copy.deepcopy(self.prebuilt) if self.prebuilt is not None else None
+        if prebuilt is not None:
+            prebuilt.set_attn_implementation(ATTN_IMPLEMENTATION)
+        source = replace(self.source, cpu_attention_kernel=True) if self.source is not None else None
+        variant = BenchmarkModel(f"{self.name}{KERNEL_SUFFIX}", self.kind, source, self.name, prebuilt)
         variant.place(self.device, self.dtype)
         return variant
 
@@ -162,6 +177,8 @@ def build_model(source: ModelSource, family: str) -> nn.Module | None:
         model.prune(masks, pad_to_multiple_of=source.pad_to_multiple_of)
     if source.pack_cpu_weights:
         model.pack_cpu_weights()
+    if source.cpu_attention_kernel:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
 
 

@@ -91,6 +91,15 @@ def format_report(report: BenchmarkReport) -> str:
             if settings.pack_cpu_weights
             else []
         ),
+        *(
+            [
+                "[kernel]: the same model with its attention on the CPU kernel (`attn_implementation="
+                '"efficientvlm_cpu"`: whole-row softmax, oneDNN block products; masked attention stays on SDPA); its '
+                "base is the model before it (so its speedup vs base is what the kernel buys)."
+            ]
+            if settings.cpu_attention_kernel
+            else []
+        ),
         f"Timing: median of {report.settings.rounds} interleaved rounds x {report.settings.repeats} calls per "
         f"model (after {report.settings.warmup} warm-up calls each round); [IQR] = first–third quartile. "
         "Speedup and FLOPs reduction against the first model; peak RSS: high-water resident memory of a fresh "

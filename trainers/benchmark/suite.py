@@ -30,7 +30,7 @@ from trainers.evaluation.benchmarking import (
 )
 from trainers.placement import DTYPES, dtype_name, resolve_placement
 
-from .models import PACKED_SUFFIX, BenchmarkModel
+from .models import KERNEL_SUFFIX, PACKED_SUFFIX, BenchmarkModel
 from .workloads import WORKLOADS, WorkloadShape, build_workloads, can_run, family_of
 
 # Issue 15's targets. A compressed model turns >= 90% of its FLOPs cut into speed; the forward workloads run at
@@ -91,6 +91,7 @@ class BenchmarkSettings:
     dtype: str = "float32"
     compile: str | None = None
     pack_cpu_weights: bool = False
+    cpu_attention_kernel: bool = False
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -136,6 +137,11 @@ class BenchmarkSettings:
         if self.pack_cpu_weights and (kind != "cpu" or self.dtypes[0] != "float32"):
             raise ValueError(
                 "`pack_cpu_weights` packs float32 weights for the CPU; got device "
+                f"{self.device!r} and dtype {self.dtypes[0]!r}."
+            )
+        if self.cpu_attention_kernel and (kind != "cpu" or self.dtypes[0] != "float32"):
+            raise ValueError(
+                "`cpu_attention_kernel` is a float32 CPU kernel; got device "
                 f"{self.device!r} and dtype {self.dtypes[0]!r}."
             )
         if self.compile is not None:
@@ -323,6 +329,14 @@ def run_benchmark(models: list[BenchmarkModel], settings: BenchmarkSettings | No
     if settings.pack_cpu_weights:  # each float32 EfficientVLM model followed by its packed copy
         packs = [entry.kind == "efficientvlm" and entry.dtype == torch.float32 for entry in models]
         models = [v for entry, pack in zip(models, packs) for v in (entry, *([entry.packed()] if pack else []))]
+    if settings.cpu_attention_kernel:  # each float32 EfficientVLM model (its packed copy, if any) + the kernel
+        kernel = [
+            entry.kind == "efficientvlm"
+            and entry.dtype == torch.float32
+            and entry.name.endswith(PACKED_SUFFIX) == settings.pack_cpu_weights
+            for entry in models
+        ]
+        models = [v for entry, k in zip(models, kernel) for v in (entry, *[entry.with_attention_kernel()] * k)]
     previous_threads = torch.get_num_threads()
     results, peaks = [], {dtype: {} for dtype in settings.dtypes}
     unable: dict[str, list[str]] = {}  # workload -> the models that cannot run it (no row)
@@ -459,8 +473,8 @@ def _measure_setting(
         # setting's graph to a workload of the same shapes: every setting compiles afresh.
         torch._dynamo.reset()
     for entry in models:
-        if workload == "train-step" and entry.name.endswith(PACKED_SUFFIX):
-            continue  # packs apply without autograd only: a training step would time the unpacked model again
+        if workload == "train-step" and entry.name.endswith((PACKED_SUFFIX, KERNEL_SUFFIX)):
+            continue  # packs and the kernel apply without autograd only: a training step would time the model again
         workloads = build_workloads(entry, workload, shape)
         if not workloads and unable is not None and entry.name not in unable.setdefault(workload, []):
             unable[workload].append(entry.name)

@@ -105,6 +105,14 @@ class BenchmarkArguments:
             "the weights in memory), `<model> [packed]`, timed in the same rounds, whose base is the model itself."
         },
     )
+    cpu_attention_kernel: bool = field(
+        default=False,
+        metadata={
+            "help": "Add a row of every EfficientVLM model (its packed copy with --pack_cpu_weights) whose attention "
+            'runs on the CPU kernel (`attn_implementation="efficientvlm_cpu"`, float32; built on first use, which '
+            "needs a C++ compiler), `<model> [kernel]`, timed in the same rounds, whose base is that model."
+        },
+    )
     output_json: str | None = field(default=None, metadata={"help": "Write every result and setting to this JSON."})
     plot: str | None = field(
         default=None,
@@ -206,6 +214,7 @@ def main(argv: list[str] | None = None):
         dtype=args.dtype,
         compile=args.compile,
         pack_cpu_weights=args.pack_cpu_weights,
+        cpu_attention_kernel=args.cpu_attention_kernel,
         progress=True,
     )
     pad_multiples = None

@@ -80,6 +80,14 @@ class EvaluateArguments:
             "rounding)."
         },
     )
+    cpu_attention_kernel: bool = field(
+        default=False,
+        metadata={
+            "help": "On the CPU in float32: run unmasked attention (the image's) on the CPU attention kernel "
+            '(`attn_implementation="efficientvlm_cpu"`; built on first use, which needs a C++ compiler; SDPA '
+            "if it cannot be built; the same scores to float32 rounding)."
+        },
+    )
     output_file: str | None = field(default=None, metadata={"help": "Write the metrics here as JSON."})
     predictions_file: str | None = field(
         default=None,
@@ -93,6 +101,7 @@ class EvaluateArguments:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Evaluates a saved task model on a JSON split and prints its metrics."""
     from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMProcessor
+    from modeling_efficientvlm.cpu_attention_efficientvlm import ATTN_IMPLEMENTATION
 
     (args,) = parse_arguments("evaluate", (EvaluateArguments,), argv, "Evaluate a task model.")
     if args.task not in TASKS[1:]:  # the registry's own error offers pretraining, which has no evaluation
@@ -111,11 +120,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if output:  # made before the evaluation runs, not found missing after it
             Path(output).parent.mkdir(parents=True, exist_ok=True)
     device, dtype = resolve_placement(args.device, args.dtype)
-    if args.pack_cpu_weights and (device.type != "cpu" or dtype != torch.float32):
-        raise ValueError(
-            f"--pack_cpu_weights packs float32 weights for the CPU; got --device {args.device!r} ({device.type}) and "
-            f"--dtype {args.dtype!r}."
-        )
+    for flag in ("pack_cpu_weights", "cpu_attention_kernel"):
+        if getattr(args, flag) and (device.type != "cpu" or dtype != torch.float32):
+            raise ValueError(
+                f"--{flag} is for float32 on the CPU; got --device {args.device!r} ({device.type}) and "
+                f"--dtype {args.dtype!r}."
+            )
     model, loading = task_model_class(args.task).from_pretrained(
         args.model_name_or_path, dtype=dtype, output_loading_info=True
     )
@@ -132,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = model.to(device)
     if args.pack_cpu_weights:
         model.pack_cpu_weights()
+    if args.cpu_attention_kernel:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
     processor = EfficientVLMProcessor.from_pretrained(args.model_name_or_path)
     positions = model.config.text_config.max_position_embeddings
     check_text_limit(processor, positions, flag=None, processor_folder=args.model_name_or_path)
