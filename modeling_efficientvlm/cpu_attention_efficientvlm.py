@@ -113,19 +113,16 @@ torch::Tensor attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor 
   const float* K = k.data_ptr<float>();
   const float* V = v.data_ptr<float>();
   float* O = out.data_ptr<float>();
-  const int threads = at::get_num_threads();
-  std::vector<float> scores((size_t)threads * block * ld_s), keys_t((size_t)threads * D * ld_s);
   const float fscale = (float)scale;
 
   // One block of n query rows of head (b, h) from row q0: scores, softmax numerators, context, then 1/sum.
-  auto run_block = [&](int64_t bh, int64_t q0, int64_t n, int tid, int64_t& packed_bh) {
+  // `s` and `kt` are the calling thread's buffers (scores, and K^T of head `packed_bh`).
+  auto run_block = [&](int64_t bh, int64_t q0, int64_t n, float* s, float* kt, int64_t& packed_bh) {
     const int64_t b = bh / H, h = bh % H;
     const float* q_rows = Q + b * q.stride(0) + h * q.stride(1) + q0 * q.stride(2);
     const float* k_rows = K + b * k.stride(0) + h * k.stride(1);
     const float* v_rows = V + b * v.stride(0) + h * v.stride(1);
     float* o_rows = O + (b * Lq + q0) * ld_o + h * D;
-    float* s = scores.data() + (size_t)tid * block * ld_s;
-    float* kt = keys_t.data() + (size_t)tid * D * ld_s;
     if (packed_bh != bh) {  // K^T (D x Lk) once per head and thread
       for (int64_t j = 0; j < Lk; ++j) {
         const float* row = k_rows + j * k.stride(2);
@@ -145,14 +142,17 @@ torch::Tensor attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor 
 
   // Each thread takes an equal share of the B * H * Lq rows, cut per head into near-equal blocks of <= `block`.
   at::parallel_for(0, B * H * Lq, 1, [&](int64_t begin, int64_t end) {
-    const int tid = at::get_thread_num();
+    // Per thread, kept between calls: no allocation per call, and safe however the threads are numbered.
+    thread_local std::vector<float> scores, keys_t;
+    scores.resize(std::max(scores.size(), (size_t)(block * ld_s)));
+    keys_t.resize(std::max(keys_t.size(), (size_t)(D * ld_s)));
     int64_t packed_bh = -1;
     for (int64_t r = begin; r < end;) {
       const int64_t bh = r / Lq, q0 = r % Lq, rows = std::min(Lq - q0, end - r);
       const int64_t blocks = (rows + block - 1) / block, base = rows / blocks, extra = rows % blocks;
       for (int64_t i = 0, start = q0; i < blocks; ++i) {
         const int64_t n = base + (i < extra ? 1 : 0);
-        run_block(bh, start, n, tid, packed_bh);
+        run_block(bh, start, n, scores.data(), keys_t.data(), packed_bh);
         start += n;
       }
       r += rows;
