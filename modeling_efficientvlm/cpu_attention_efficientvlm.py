@@ -19,6 +19,7 @@ says why).
 from __future__ import annotations
 
 import hashlib
+import platform
 import warnings
 from typing import Any
 
@@ -168,11 +169,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("attention_forward", &attention
 _state: dict[str, Any] = {}  # "module": the built extension, or "error": why it is not used
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
 def _build() -> Any:
     from torch.utils.cpp_extension import load_inline
 
     flags = ["-O3", "-march=native", "-fopenmp"]
-    digest = hashlib.sha1(f"{_SOURCE}{flags}{torch.__version__}".encode()).hexdigest()[:12]
+    # `-march=native` builds for this CPU: a cache shared with other machines must not hand them this build.
+    cpu = f"{platform.machine()}{_cpu_name()}{torch.backends.cpu.get_cpu_capability()}"
+    digest = hashlib.sha1(f"{_SOURCE}{flags}{torch.__version__}{cpu}".encode()).hexdigest()[:12]
     module = load_inline(
         name=f"efficientvlm_cpu_attention_{digest}",
         cpp_sources=_SOURCE,
@@ -218,6 +229,7 @@ def kernel_covers(module: Any, query: torch.Tensor, key: torch.Tensor, value: to
         and all(t.stride(-1) == 1 for t in tensors)
         and query.shape[-1] == key.shape[-1] == value.shape[-1]
         and key.shape[:2] == query.shape[:2]
+        and value.shape == key.shape
         and 0 < key.shape[2] <= MAX_KEYS
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and not torch.jit.is_tracing()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from modeling_efficientvlm import EfficientVLMForPreTraining, EfficientVLMModel
@@ -31,7 +33,34 @@ def test_shipped_files_define_classes_only(tiny_config, tmp_path) -> None:
     assert {path.name for path in shipped} >= {"processing_efficientvlm.py", "modeling_efficientvlm_vqa.py"}
     for path in shipped:
         text = path.read_text()
-        assert ".register(" not in text and "register_for_auto_class(" not in text, path.name
+        assert re.search(r"Auto\w*\.register\(", text) is None and "register_for_auto_class(" not in text, path.name
+
+
+def test_a_remote_code_folder_runs_on_the_cpu_attention_kernel(tiny_config, tmp_path) -> None:
+    """The shipped code registers `attn_implementation="efficientvlm_cpu"` itself: a process without this repository
+    loads a folder with it, runs on the kernel and gets the outputs of SDPA."""
+    torch.manual_seed(0)
+    inputs = make_inputs(tiny_config)
+    model = EfficientVLMModel(tiny_config).eval()
+    model.save_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        expected = model(**inputs).last_hidden_state
+    code = """
+    import sys, transformers
+    model = transformers.AutoModel.from_pretrained(
+        payload["folder"], trust_remote_code=True, attn_implementation="efficientvlm_cpu"
+    ).eval()
+    kernel_module = next(m for name, m in sys.modules.items() if name.endswith(".cpu_attention_efficientvlm"))
+    with torch.no_grad():
+        result["hidden"] = model(**payload["inputs"]).last_hidden_state
+    result["implementation"] = model.config.vision_config._attn_implementation
+    result["module"] = kernel_module.__name__
+    result["built"] = kernel_module._state.get("module") is not None
+    """
+    result = run_in_clean_subprocess(code, tmp_path / "work", {"folder": str(tmp_path / "model"), "inputs": inputs})
+    assert result["implementation"] == "efficientvlm_cpu" and result["built"]
+    assert result["module"].startswith("transformers_modules.")
+    torch.testing.assert_close(result["hidden"], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_trust_remote_code_load_gives_identical_outputs(tiny_config, tmp_path) -> None:
