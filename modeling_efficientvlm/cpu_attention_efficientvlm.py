@@ -19,7 +19,9 @@ says why).
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
+import shutil
 import warnings
 from typing import Any
 
@@ -177,8 +179,20 @@ def _cpu_name() -> str:
         return platform.processor()
 
 
+def _ninja_on_path() -> None:
+    """Puts the `ninja` of the pip package on PATH when none is (a virtual environment run without activating it)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build() -> Any:
     from torch.utils.cpp_extension import load_inline
+
+    _ninja_on_path()
 
     flags = ["-O3", "-march=native", "-fopenmp"]
     # `-march=native` builds for this CPU: a cache shared with other machines must not hand them this build.

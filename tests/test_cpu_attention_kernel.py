@@ -3,6 +3,8 @@ covers, and SDPA itself on the others or when it cannot be built."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,3 +123,12 @@ def test_a_kernel_that_cannot_be_built_warns_once_and_sdpa_serves(monkeypatch) -
             got = _hidden(model, inputs)
     assert sum("could not be built" in str(w.message) for w in caught) == 1
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_the_pip_ninja_is_found_without_an_activated_environment(monkeypatch) -> None:
+    import ninja
+
+    monkeypatch.setenv("PATH", "/nowhere")
+    monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
+    cpu_attention._ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
