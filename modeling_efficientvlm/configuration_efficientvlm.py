@@ -397,6 +397,10 @@ class EfficientVLMConfig(PreTrainedConfig):
         answer_decoder_intermediate_size_per_layer: the VQA answer decoder's self-attention heads, cross-attention
             heads and FFN neurons per layer after structured pruning (`prune_decoder`); `None`: every layer full.
         label_smoothing: label smoothing of the captioning loss (X-VLM fine-tunes with 0.1).
+        head_learning_rate_multiplier: training: the learning rate of the task's freshly initialised head (NLVR2's
+            classifier; pre-training's ITC projections and temperature, ITM and box heads) times this, as X-VLM's
+            `lr_mult` multiplies its models' `init_params` (the official NLVR2 and pre-training configs: 2). The
+            other task models have no such head (officially none either).
         twin_fusion_layers: NLVR2 layout: fusion layers come in pairs, the first attending to the left image,
             the second to the right (set by [`EfficientVLMForVisualReasoning`]).
         answer_candidates: VQA: the answer list the model ranks (X-VLM's k-test), saved with the checkpoint so
@@ -432,6 +436,7 @@ class EfficientVLMConfig(PreTrainedConfig):
     answer_decoder_num_cross_attention_heads_per_layer: list[int] | None = None
     answer_decoder_intermediate_size_per_layer: list[int] | None = None
     label_smoothing: float = 0.0
+    head_learning_rate_multiplier: float = 1.0
     twin_fusion_layers: bool = False
     answer_candidates: list[str] | None = None
     answer_candidates_ids: list[list[int]] | None = None
@@ -456,6 +461,9 @@ class EfficientVLMConfig(PreTrainedConfig):
             isinstance(self.itm_negatives_per_pair, int) and self.itm_negatives_per_pair >= 1
         ):
             raise ValueError(f"`itm_negatives_per_pair` must be an integer >= 1, got {self.itm_negatives_per_pair!r}.")
+        multiplier = self.head_learning_rate_multiplier
+        if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not multiplier > 0:
+            raise ValueError(f"`head_learning_rate_multiplier` must be a positive number, got {multiplier!r}.")
         TextStackLayout.of(self)  # raises for twin fusion layers of an odd number
         self._check_answer_candidates()
         self._check_answer_decoder_sizes()

@@ -780,7 +780,7 @@ def test_distillation_closes_the_gap_to_the_teacher_more_than_the_task_loss(tmp_
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_run_distill_end_to_end(tmp_path) -> None:
+def test_run_distill_end_to_end(tmp_path, monkeypatch) -> None:
     import datasets
 
     from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
@@ -800,8 +800,21 @@ def test_run_distill_end_to_end(tmp_path) -> None:
     output_dir = tmp_path / "student"
     layers = ["--student_layers", "2,1,1", "--num_vision_layers", "1", "--layer_mapping", '{"text": [0]}']
     # How the student trains (paper-distill: X-VLM's ITC gather), set on its config: distill had no way to.
-    overrides = ["--config_overrides", '{"itc_local_gradient": true, "itm_negatives_per_pair": 2}']
+    overrides = ["--config_overrides", '{"itc_local_gradient": true, "itm_negatives_per_pair": 2, ']
+    overrides[1] += '"head_learning_rate_multiplier": 2}'
+    rates = {}
+    create_optimizer = DistillationTrainer.create_optimizer
+
+    def record_rates(self, *args, **kwargs):
+        optimizer = create_optimizer(self, *args, **kwargs)
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        rates.update({names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]})
+        return optimizer
+
+    monkeypatch.setattr(DistillationTrainer, "create_optimizer", record_rates)
     main([*base, *json_data, *layers, *overrides, "--max_steps", "2", "--output_dir", str(output_dir)])
+    # The pre-training heads (X-VLM's init_params) at twice the rate.
+    assert rates["itm_head.0.weight"] == rates["efficientvlm.temp"] == 2 * rates["mlm_head.dense.weight"] > 0
 
     student = EfficientVLMForPreTraining.from_pretrained(output_dir)
     assert student.config.itc_local_gradient and student.config.itm_negatives_per_pair == 2

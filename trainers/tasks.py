@@ -146,6 +146,9 @@ class TaskSpec:
         prunable: whether `efficientvlm prune` accepts it.
         demo: its demo defaults, or None when the demo does not run it.
         kd: what distillation does with each field of its model's outputs ([`KDSpec`]).
+        fresh_head: name prefixes of the parameters X-VLM initialises afresh for this task and trains at `lr_mult`
+            times the learning rate (its models' `init_params`): what `config.head_learning_rate_multiplier`
+            multiplies. Empty where the official model lists none (retrieval, VQA at base size, captioning).
     """
 
     name: str
@@ -161,6 +164,7 @@ class TaskSpec:
     prunable: bool
     kd: KDSpec
     demo: DemoDefaults | None = None
+    fresh_head: tuple[str, ...] = ()
 
     @property
     def model_class(self) -> type:
@@ -263,6 +267,14 @@ TASK_SPECS: dict[str, TaskSpec] = {
             "language modelling (MLM)",
             prunable=False,
             kd=PRETRAINING_KD,
+            # X-VLM's pre-training model: the ITC projections and temperature, the ITM and box heads.
+            fresh_head=(
+                "efficientvlm.vision_proj.",
+                "efficientvlm.text_proj.",
+                "efficientvlm.temp",
+                "itm_head.",
+                "bbox_head.",
+            ),
         ),
         TaskSpec(
             name="vqa",
@@ -348,6 +360,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
             card_description="visual reasoning (NLVR2): whether a sentence is true of a pair of images",
             prunable=True,
             kd=NLVR2_KD,
+            fresh_head=("cls_head.",),  # EffXVLMForNLVR.init_params
             # On the demo corpus's "both images contain a <colour> shape" statements (trainers/demo/corpus.py). The
             # teacher 700 steps at 4e-4 (one default run's pre-trained teacher; teacher / student / pruned): 400 at
             # 2e-4 0.943 / 0.955 / 0.942, 700 at 2e-4 0.988 / 0.990 / 0.997, 700 at 4e-4 1.000 / 0.995 / 0.993; 400

@@ -27,6 +27,7 @@ from trainers.data.epochs import follow_collator_epochs
 from trainers.jit_checkpoint import use_step_boundary_jit_checkpoint
 from trainers.json_files import read_json_file
 from trainers.model_card import ModelCardInfo, local_name
+from trainers.optimization import head_learning_rate_optimizer
 from trainers.saving import hub_target_from, publish_model_folder, save_model_folder
 from trainers.sharding import check_engine, prepare_model_for_engine, whole_model, whole_weights_on_load
 from trainers.tasks import build_collator, build_dataset, evaluate_task, load_task_teacher, task_model_from
@@ -42,6 +43,7 @@ TRAINING_CONFIG_FIELDS = (
     "itm_negatives_per_pair",
     "itc_local_gradient",
     "label_smoothing",
+    "head_learning_rate_multiplier",
 )
 
 
@@ -306,6 +308,9 @@ def train(
     if evaluating and eval_dataset is None:
         strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
         raise ValueError(f"--eval_strategy {strategy} evaluates during training: give --eval_file.")
+    head_optimizer = head_learning_rate_optimizer(training_args, model, task)
+    if head_optimizer is not None:
+        trainer_kwargs.setdefault("optimizer_cls_and_kwargs", head_optimizer)
     trainer = trainer_class(
         model=model,
         args=training_args,

@@ -30,8 +30,8 @@ class ModelArguments:
         metadata={
             "help": 'JSON of config fields for --preset, e.g. \'{"vision_config": {"image_size": 64}}\'; on a saved '
             "model only how it trains: the ITM negatives (itm_random_negatives, itm_exclude_identical_texts, "
-            "itm_caption_negatives, itm_negatives_per_pair), itc_local_gradient and label_smoothing, e.g. "
-            "'{\"itm_negatives_per_pair\": 2}'."
+            "itm_caption_negatives, itm_negatives_per_pair), itc_local_gradient, label_smoothing and "
+            "head_learning_rate_multiplier (X-VLM's lr_mult), e.g. '{\"itm_negatives_per_pair\": 2}'."
         },
     )
     processor_name_or_path: str | None = field(

@@ -82,7 +82,8 @@ class DistillArguments(KDArguments):
         metadata={
             "help": "JSON of how the student trains (its config; the teacher's otherwise): the ITM negatives "
             "(itm_random_negatives, itm_exclude_identical_texts, itm_caption_negatives, itm_negatives_per_pair), "
-            "itc_local_gradient and label_smoothing, e.g. '{\"itc_local_gradient\": true}'."
+            "itc_local_gradient, label_smoothing and head_learning_rate_multiplier, e.g. "
+            "'{\"itc_local_gradient\": true}'."
         },
     )
 
@@ -160,6 +161,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMForPreTraining
     from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
     from trainers.model_card import ModelCardInfo, local_name
+    from trainers.optimization import head_learning_rate_optimizer
     from trainers.saving import hub_target_from, save_model_folder
     from trainers.sharding import whole_model, whole_weights_on_load
     from trainers.training import check_image_size, check_text_limit, check_training_overrides, run_training
@@ -226,6 +228,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
         max_length=args.max_length,
         seed=training_args.seed,
     )
+    head_optimizer = head_learning_rate_optimizer(training_args, student, "pretraining")
     trainer = DistillationTrainer(
         model=student,
         args=training_args,
@@ -234,6 +237,7 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
         processing_class=processor,
         teacher_model=teacher,
         distillation_config=distillation_config,
+        **({"optimizer_cls_and_kwargs": head_optimizer} if head_optimizer is not None else {}),
     )
     result = run_training(trainer)
     # Every process: under FSDP / ZeRO-3 this gathers the weights into process 0 (None in the others).
