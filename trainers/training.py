@@ -302,7 +302,9 @@ def train(
     are never dropped. Under DeepSpeed or FSDP the model is made wrappable first (`trainers.sharding`); under
     sharded weights (FSDP, ZeRO-3) the caller gets the whole trained model with `trainers.sharding.whole_model`.
     `eval_dataset` (the `--eval_file` split) is the Trainer's during training when `--eval_strategy` asks for
-    evaluations: its loss is logged as `eval_loss` (what `--load_best_model_at_end` compares by default)."""
+    evaluations: its loss is logged as `eval_loss` (what `--load_best_model_at_end` compares by default). A model
+    whose config sets `head_learning_rate_multiplier` trains its task's fresh head at that multiple of the rate
+    (`trainers.optimization`)."""
     training_args.remove_unused_columns = False
     evaluating = training_args.eval_strategy != "no"
     if evaluating and eval_dataset is None:
