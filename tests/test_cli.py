@@ -861,11 +861,9 @@ def test_a_mask_learning_checkpoint_is_refused_as_a_model_and_warned_about_when_
     from transformers import AutoModel
 
     from modeling_efficientvlm.loading_efficientvlm import MASK_STATE_FILE
-    from trainers.pruning.trainer import MASKER_STATE_NAME
 
     from .data_utils import write_image_text_json, write_vocab
 
-    assert MASK_STATE_FILE == MASKER_STATE_NAME  # repeated in the remote code, which cannot import trainers
     records, image_root = write_image_text_json(tmp_path, n=4)
     argv = ["prune", "--task", "retrieval", "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
     argv += ["--train_file", str(records), "--image_root", str(image_root), "--max_steps", "2", "--use_cpu"]

@@ -17,13 +17,14 @@ from modeling_efficientvlm import (
     EfficientVLMForQuestionAnswering,
     EfficientVLMModel,
 )
+from modeling_efficientvlm.loading_efficientvlm import PRUNING_REPORT_FILE
 from modeling_efficientvlm.modeling_efficientvlm import (
     DECODER_MASK_KEYS,
     attention_head_parameters,
     ffn_neuron_parameters,
 )
 from trainers.pruning.hard_concrete import StructureMasker
-from trainers.pruning.trainer import PRUNING_REPORT_NAME, ModalAdaptivePruningTrainer, PruningConfig
+from trainers.pruning.trainer import ModalAdaptivePruningTrainer, PruningConfig
 
 from .test_vqa import _batch, _candidates, _config, _questions
 
@@ -182,7 +183,7 @@ def test_prune_command_with_prune_decoder_prunes_and_reports_the_decoder(tmp_pat
     argv += ["--per_device_train_batch_size", "3", "--report_to", "none", "--use_cpu", "--save_strategy", "no"]
     assert cli.main(argv) == 0
 
-    report = json.loads((output / PRUNING_REPORT_NAME).read_text())
+    report = json.loads((output / PRUNING_REPORT_FILE).read_text())
     assert report["pruning_config"]["prune_decoder"] is True
     assert set(report["sparsity_per_modality"]) == {"vision", "text", "fusion", "decoder"}
     assert set(report["kept_per_modality"]["decoder"]) == set(DECODER_MASK_KEYS)

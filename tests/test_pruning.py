@@ -17,9 +17,10 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForPreTraining, EfficientVLMModel
+from modeling_efficientvlm.loading_efficientvlm import MASK_STATE_FILE, PRUNING_REPORT_FILE
 from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMPreTrainedModel
 from trainers.pruning.hard_concrete import StructureMasker
-from trainers.pruning.trainer import MASKER_STATE_NAME, PRUNING_REPORT_NAME, ModalAdaptivePruningTrainer, PruningConfig
+from trainers.pruning.trainer import ModalAdaptivePruningTrainer, PruningConfig
 
 from .conftest import make_inputs
 from .data_utils import make_processor
@@ -312,7 +313,7 @@ def test_resuming_from_a_checkpoint_continues_exactly(tmp_path) -> None:
     )
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-4"
-    assert (checkpoint / MASKER_STATE_NAME).is_file()
+    assert (checkpoint / MASK_STATE_FILE).is_file()
     saved = load_file(checkpoint / "model.safetensors")
     assert not [name for name in saved if "log_alpha" in name or "lambda" in name]
 
@@ -328,7 +329,7 @@ def test_resuming_from_a_checkpoint_continues_exactly(tmp_path) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
     # A checkpoint without the mask state cannot resume a pruning run.
-    os.remove(checkpoint / MASKER_STATE_NAME)
+    os.remove(checkpoint / MASK_STATE_FILE)
     with pytest.raises(ValueError, match="masker.pt"):
         _trainer(tmp_path, pruning=pruning, args=_args(tmp_path / "again", max_steps=8)).train(
             resume_from_checkpoint=str(checkpoint)
@@ -343,7 +344,7 @@ def test_a_resume_with_other_batch_settings_keeps_the_sparsity_warmup(tmp_path, 
     data = torch.utils.data.Subset(ModalityTask("text"), range(32))  # 4 batches of 8: a warm-up over 4 steps
     args = _args(tmp_path / "run", max_steps=6, save_strategy="steps", save_steps=6)
     _trainer(tmp_path, pruning=pruning, args=args, train_dataset=data).train()
-    assert torch.load(tmp_path / "run" / "checkpoint-6" / MASKER_STATE_NAME)["warmup_steps"] == 4
+    assert torch.load(tmp_path / "run" / "checkpoint-6" / MASK_STATE_FILE)["warmup_steps"] == 4
 
     args = _args(tmp_path / "resumed", max_steps=8, **batch_settings)
     resumed = _trainer(tmp_path, pruning=pruning, args=args, train_dataset=data)
@@ -380,7 +381,7 @@ def test_a_resume_with_other_batch_settings_keeps_the_fixed_mask_phase(tmp_path,
     run.train()
     assert run.mask_freeze_step == 4
     checkpoint = tmp_path / "run" / "checkpoint-5"
-    saved = torch.load(checkpoint / MASKER_STATE_NAME)
+    saved = torch.load(checkpoint / MASK_STATE_FILE)
 
     small = args(tmp_path / "small", per_device_train_batch_size=4)
     resumed = _trainer(tmp_path, pruning=pruning, args=small, train_dataset=data)
@@ -497,7 +498,7 @@ def test_last_and_best_checkpoints_restore_their_own_masks(tmp_path) -> None:
         compute_metrics=first_evaluation_is_best,
     )
     trainer.train()
-    best, last = (torch.load(tmp_path / "run" / f"checkpoint-{step}" / MASKER_STATE_NAME) for step in (4, 8))
+    best, last = (torch.load(tmp_path / "run" / f"checkpoint-{step}" / MASK_STATE_FILE) for step in (4, 8))
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
     assert not torch.equal(best["masker"]["log_alpha.vision_ffn.0"], last["masker"]["log_alpha.vision_ffn.0"])
     for name, value in trainer.masker.state_dict().items():
@@ -515,7 +516,7 @@ def test_last_and_best_checkpoints_restore_their_own_masks(tmp_path) -> None:
 
     # `save_model` keeps the masks next to the unpruned weights; the pruned model has none to keep.
     resumed.save_model(tmp_path / "unpruned")
-    assert (tmp_path / "unpruned" / MASKER_STATE_NAME).is_file()
+    assert (tmp_path / "unpruned" / MASK_STATE_FILE).is_file()
 
 
 def test_pruning_state_that_does_not_fit_raises(tmp_path) -> None:
@@ -580,8 +581,8 @@ def test_prune_and_save_writes_the_smaller_model_and_its_report(tmp_path) -> Non
         "vision_heads": report["structures_kept"]["vision_heads"],
         "vision_ffn": report["structures_kept"]["vision_ffn"],
     }
-    assert json.loads((tmp_path / "pruned" / PRUNING_REPORT_NAME).read_text()) == json.loads(json.dumps(report))
-    assert not (tmp_path / "pruned" / MASKER_STATE_NAME).exists()
+    assert json.loads((tmp_path / "pruned" / PRUNING_REPORT_FILE).read_text()) == json.loads(json.dumps(report))
+    assert not (tmp_path / "pruned" / MASK_STATE_FILE).exists()
 
     reloaded = TinyImageTextClassifier.from_pretrained(tmp_path / "pruned").eval()
     assert reloaded.structure_sizes() == report["padding"]["structures_after"]
@@ -759,7 +760,7 @@ def test_prune_command_distils_prunes_and_saves(tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     metrics = json.loads((output_dir / "eval_results.json").read_text())
     assert set(metrics) == {"nlvr2_accuracy"} and printed.endswith(json.dumps(metrics, indent=2) + "\n")
-    report = json.loads((output_dir / PRUNING_REPORT_NAME).read_text())
+    report = json.loads((output_dir / PRUNING_REPORT_FILE).read_text())
     assert 0 < report["sparsity"] < 1 and report["parameters_after"] < report["parameters_before"]
     assert report["pruning_config"]["mask_freeze_fraction"] == 0.25
     assert (output_dir / "vocab.txt").is_file() or (output_dir / "tokenizer.json").is_file()  # the processor

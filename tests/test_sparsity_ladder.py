@@ -11,9 +11,9 @@ import torch
 from transformers import TrainerCallback
 
 from modeling_efficientvlm import EfficientVLMConfig
+from modeling_efficientvlm.loading_efficientvlm import PRUNING_REPORT_FILE
 from trainers.pruning import PruningConfig, SparsityLagrangian, parse_sparsity_ladder
 from trainers.pruning.ladder import ladder_table, rung_folder_name, write_ladder_table
-from trainers.pruning.trainer import PRUNING_REPORT_NAME
 
 from .data_utils import make_processor
 from .test_pruning import ModalityTask, TinyImageTextClassifier, _args, _trainer
@@ -44,7 +44,7 @@ def test_one_run_saves_every_rung_at_its_own_sparsity(tmp_path) -> None:
     sizes = []
     for rung in rungs:
         folder = tmp_path / rung_folder_name(rung.target)
-        report = json.loads((folder / PRUNING_REPORT_NAME).read_text())
+        report = json.loads((folder / PRUNING_REPORT_FILE).read_text())
         assert report["target_sparsity"] == rung.target
         assert report["ladder"]["rung"] == rung.rung and report["ladder"]["settled_by"] == "tolerance"
         assert abs(report["sparsity"] - rung.target) <= 0.015  # the settle tolerance is on the saved sparsity
@@ -246,7 +246,7 @@ def test_prune_command_writes_a_folder_per_rung_and_the_table(tmp_path) -> None:
     assert (output_dir / "ladder.md").is_file() and (output_dir / "ladder.png").is_file()
     for target in LADDER:
         folder = output_dir / rung_folder_name(target)
-        report = json.loads((folder / PRUNING_REPORT_NAME).read_text())
+        report = json.loads((folder / PRUNING_REPORT_FILE).read_text())
         metrics = json.loads((folder / "eval_results.json").read_text())
         assert (folder / "README.md").is_file()
         model = EfficientVLMForVisualReasoning.from_pretrained(folder)

@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from modeling_efficientvlm.loading_efficientvlm import MASK_STATE_FILE, PRUNING_REPORT_FILE, read_torch_weights
+from modeling_efficientvlm.loading_efficientvlm import MASK_STATE_FILE, read_torch_weights
 from modeling_efficientvlm.modeling_efficientvlm import StructureMasks, check_pad_multiple
 
 from ..distillation import DistillationConfig, DistillationTrainer
@@ -49,8 +49,6 @@ from .padding import PAD_TO_MULTIPLE_OF, drop_silent_ffn_neurons, prune_structur
 
 logger = logging.get_logger(__name__)
 
-MASKER_STATE_NAME = MASK_STATE_FILE
-PRUNING_REPORT_NAME = PRUNING_REPORT_FILE
 _MASK_GROUP, _LAGRANGIAN_GROUP = "structure_masks", "lagrange_multipliers"
 
 
@@ -604,7 +602,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
     def load_pruning_checkpoint(self, checkpoint: str, required: bool = True) -> None:
         """Restores the masks and multipliers saved in `checkpoint`; a missing `masker.pt` raises a ValueError
         unless `required=False`."""
-        path = os.path.join(checkpoint, MASKER_STATE_NAME)
+        path = os.path.join(checkpoint, MASK_STATE_FILE)
         if os.path.isfile(path):
             # Read onto the CPU and copied into the parameters: under torchrun `args.device` can read `cpu:0`, which
             # torch.load cannot restore storages to. A damaged file raises a CorruptCheckpointError naming it.
@@ -612,7 +610,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             self.load_pruning_state_dict(state)
         elif required:
             raise ValueError(
-                f"{checkpoint} has no {MASKER_STATE_NAME}: it is not a checkpoint of a pruning run, "
+                f"{checkpoint} has no {MASK_STATE_FILE}: it is not a checkpoint of a pruning run, "
                 "so the masks and multipliers cannot be resumed."
             )
 
@@ -623,7 +621,7 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
             # Written first, so that a save pushed to the Hub includes it.
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
-            torch.save(self.pruning_state_dict(), os.path.join(output_dir, MASKER_STATE_NAME))
+            torch.save(self.pruning_state_dict(), os.path.join(output_dir, MASK_STATE_FILE))
         super().save_model(output_dir, _internal_call=_internal_call)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
@@ -783,4 +781,4 @@ class ModalAdaptivePruningTrainer(DistillationTrainer):
         return report
 
 
-__all__ = ["MASKER_STATE_NAME", "PRUNING_REPORT_NAME", "ModalAdaptivePruningTrainer", "PruningConfig"]
+__all__ = ["ModalAdaptivePruningTrainer", "PruningConfig"]
