@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTN_IMPLEMENTATION = "efficientvlm_cpu"
 MAX_KEYS = 16384  # one block's scores (64 rows x keys) stay in a thread's buffer
@@ -266,8 +267,6 @@ def cpu_kernel_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """An `AttentionInterface` function: (batch, heads, len, head_dim) queries, keys and values in, the context as
     (batch, q_len, heads, head_dim) out (no weights), from the kernel when it covers the call, else from SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     covered = kernel_covers(module, query, key, value, attention_mask=attention_mask, dropout=dropout, **kwargs)
     kernel = load_kernel() if covered else None
     if kernel is None:

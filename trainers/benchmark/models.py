@@ -73,31 +73,27 @@ class BenchmarkModel:
     def in_dtype(self, dtype: torch.dtype) -> BenchmarkModel:
         """A copy of this model that runs with weights of `dtype`: `<name> [bfloat16]`, its base this model, built
         from the same source (a prebuilt model is copied)."""
-        prebuilt = copy.deepcopy(self.prebuilt) if self.prebuilt is not None else None
-        variant = BenchmarkModel(f"{self.name} [{dtype_name(dtype)}]", self.kind, self.source, self.name, prebuilt)
-        variant.place(self.device, dtype)
-        return variant
+        return self._variant(f" [{dtype_name(dtype)}]", dtype)
 
     def packed(self) -> BenchmarkModel:
         """A copy of this EfficientVLM model that runs from oneDNN-packed weights on the CPU: `<name> [packed]`, its
         base this model, built from the same source (a prebuilt model is copied)."""
-        prebuilt = copy.deepcopy(self.prebuilt) if self.prebuilt is not None else None
-        if prebuilt is not None:
-            prebuilt.pack_cpu_weights()
-        source = replace(self.source, pack_cpu_weights=True) if self.source is not None else None
-        variant = BenchmarkModel(f"{self.name}{PACKED_SUFFIX}", self.kind, source, self.name, prebuilt)
-        variant.place(self.device, self.dtype)
-        return variant
+        return self._variant(PACKED_SUFFIX, pack_cpu_weights=True)
 
     def with_attention_kernel(self) -> BenchmarkModel:
         """A copy of this EfficientVLM model whose attention runs on the CPU kernel (`attn_implementation=
         "efficientvlm_cpu"`): `<name> [kernel]`, its base this model, built from the same source."""
+        return self._variant(KERNEL_SUFFIX, cpu_attention_kernel=True)
+
+    def _variant(self, suffix: str, dtype: torch.dtype | None = None, **options: bool) -> BenchmarkModel:
+        """`<name><suffix>`, its base this model: its source with the runtime `options` (`ModelSource` fields) set,
+        or a copy of its prebuilt model with them applied, placed in `dtype` (default: this model's)."""
         prebuilt = copy.deepcopy(self.prebuilt) if self.prebuilt is not None else None
         if prebuilt is not None:
-            prebuilt.set_attn_implementation(ATTN_IMPLEMENTATION)
-        source = replace(self.source, cpu_attention_kernel=True) if self.source is not None else None
-        variant = BenchmarkModel(f"{self.name}{KERNEL_SUFFIX}", self.kind, source, self.name, prebuilt)
-        variant.place(self.device, self.dtype)
+            apply_runtime_options(prebuilt, **options)
+        source = replace(self.source, **options) if self.source is not None else None
+        variant = BenchmarkModel(f"{self.name}{suffix}", self.kind, source, self.name, prebuilt)
+        variant.place(self.device, dtype or self.dtype)
         return variant
 
     def build(self, family: str) -> nn.Module | None:
@@ -175,11 +171,16 @@ def build_model(source: ModelSource, family: str) -> nn.Module | None:
 
         masks = random_structure_masks(model, source.sparsity, torch.Generator().manual_seed(source.seed))
         model.prune(masks, pad_to_multiple_of=source.pad_to_multiple_of)
-    if source.pack_cpu_weights:
-        model.pack_cpu_weights()
-    if source.cpu_attention_kernel:
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    apply_runtime_options(model, source.pack_cpu_weights, source.cpu_attention_kernel)
     return model
+
+
+def apply_runtime_options(model: nn.Module, pack_cpu_weights: bool = False, cpu_attention_kernel: bool = False) -> None:
+    """What a source's runtime options do to a built model: oneDNN-packed weights, the CPU attention kernel."""
+    if pack_cpu_weights:
+        model.pack_cpu_weights()
+    if cpu_attention_kernel:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
 def benchmark_models(
