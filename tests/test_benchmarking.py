@@ -67,3 +67,35 @@ def test_inference_forms_count_the_flops_of_the_written_ones(tiny_config, tiny_i
             model.efficientvlm(**inputs)
 
     assert count_flops(forward) == count_flops(recorded_forward) > 0
+
+
+def test_the_fastest_matmul_is_found_and_repeated_back_to_back(monkeypatch) -> None:
+    import time
+
+    from trainers.evaluation import benchmarking
+
+    calls = {"slow": 0, "fast": 0}
+
+    def product(name: str, seconds: float):
+        def run() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+
+        return run
+
+    products = {"slow": product("slow", 0.03), "fast": product("fast", 0.01)}
+    monkeypatch.setattr(benchmarking, "matmul_products", lambda size, device, dtype: products)
+    fastest, flops, seconds = benchmarking.fastest_matmul()
+    assert fastest is products["fast"] and flops == 2 * 1024**3 and 0.01 <= seconds < 0.03
+    calls.update(slow=0, fast=0)
+    benchmarking.back_to_back(fastest, 7)()
+    assert calls == {"slow": 0, "fast": 7}
+
+
+def test_the_peak_products_multiply_alike() -> None:
+    from trainers.evaluation.benchmarking import matmul_products
+
+    results = {name: product() for name, product in matmul_products(size=64).items()}
+    assert "torch.mm" in results
+    for result in results.values():  # oneDNN's packed product computes the same matrix as torch.mm
+        torch.testing.assert_close(result, results["torch.mm"], rtol=1e-4, atol=1e-4)

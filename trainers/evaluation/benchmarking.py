@@ -11,13 +11,15 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from modeling_efficientvlm.packing_efficientvlm import cpu_packing_available
+
+Key = TypeVar("Key")  # a workload's name in `interleaved_timings`
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -99,13 +101,13 @@ def measure_latency(
 
 
 def interleaved_timings(
-    workloads: dict[str, Callable[[], Any]], warmup: int = 3, repeats: int = 10, rounds: int = 2
-) -> dict[str, list[float]]:
+    workloads: dict[Key, Callable[[], Any]], warmup: int = 3, repeats: int = 10, rounds: int = 2
+) -> dict[Key, list[float]]:
     """Seconds per call of each zero-argument workload, measured in interleaved rounds (A, B, C, A, B, C, ...)
     so slow drifts of the machine (other jobs, frequency) affect every workload alike."""
     if rounds < 1:
         raise ValueError(f"`rounds` must be at least 1, got {rounds}.")
-    timings: dict[str, list[float]] = {name: [] for name in workloads}
+    timings: dict[Key, list[float]] = {name: [] for name in workloads}
     for _ in range(rounds):
         for name, workload in workloads.items():
             timings[name] += measure_latency(workload, warmup=warmup, repeats=repeats)
@@ -137,6 +139,24 @@ def matmul_peak_size(device: torch.device | str = "cpu") -> int:
     return 1024 if torch.device(device).type == "cpu" else 8192
 
 
+def matmul_products(
+    size: int | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, Callable[[], Any]]:
+    """Products of two `size` x `size` matrices (default [`matmul_peak_size`]) of `dtype` on `device`, each
+    `2 * size^3` FLOPs, by name: `"torch.mm"` and, on a CPU in float32 with oneDNN, `"onednn"` (the product with a
+    pre-packed weight that `pack_cpu_weights` and `torch.compile`'s freezing run; on AMD CPUs about 10% faster than
+    MKL's). On an accelerator each returns once the device has finished."""
+    size = size or matmul_peak_size(device)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    products = {"torch.mm": synchronized(lambda: torch.mm(a, b), device)}
+    if torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_packing_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous())
+        products["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    return products
+
+
 def matmul_peak_gflops(
     num_threads: int | None = None,
     size: int | None = None,
@@ -144,32 +164,45 @@ def matmul_peak_gflops(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> float:
-    """The matmul rate of this machine now: the best of `repeats` timed products of two `size` x `size` matrices
-    (default [`matmul_peak_size`]) of `dtype` on `device`, at `num_threads` (default: the current setting), in
-    GFLOP/s (2 * size^3 per product). On a CPU in float32 the faster of the two libraries PyTorch multiplies with:
-    `torch.mm` (MKL) and oneDNN's product with a pre-packed weight (what `pack_cpu_weights` and `torch.compile`'s
-    freezing run; on AMD CPUs about 10% faster than MKL). Measured in the same run as the models, it is the ceiling
-    their achieved GFLOP/s is compared with. On an accelerator every product is synchronised before its time is
-    read."""
+    """The matmul rate of this machine now: the best of `repeats` timed products of each of
+    [`matmul_products`] (the faster library wins), at `num_threads` (default: the current setting), in GFLOP/s.
+    Measured in the same run as the models, it is the ceiling their achieved GFLOP/s is compared with."""
     previous = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
     size = size or matmul_peak_size(device)
     try:
-        generator = torch.Generator().manual_seed(0)
-        a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-        b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-        products = [synchronized(lambda: torch.mm(a, b), device)]
-        if torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_packing_available():
-            packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous())
-            products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
         best = float("inf")
-        for product in products:
+        for product in matmul_products(size, device, dtype).values():
             product()
             best = min(best, *measure_latency(product, warmup=1, repeats=repeats))
     finally:
         torch.set_num_threads(previous)
     return 2 * size**3 / best / 1e9
+
+
+def fastest_matmul(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[Callable[[], Any], int, float]:
+    """The fastest of [`matmul_products`] at the current thread count (best of 3 each): the product, its FLOPs and
+    its best time in seconds."""
+    size = matmul_peak_size(device)
+    timed = []
+    for product in matmul_products(size, device, dtype).values():
+        product()
+        timed.append((min(measure_latency(product, warmup=0, repeats=3)), product))
+    seconds, product = min(timed, key=lambda pair: pair[0])
+    return product, 2 * size**3, seconds
+
+
+def back_to_back(product: Callable[[], Any], count: int) -> Callable[[], None]:
+    """A zero-argument workload that calls `product` `count` times."""
+
+    def products() -> None:
+        for _ in range(count):
+            product()
+
+    return products
 
 
 def synchronized(call: Callable[[], Any], device: torch.device | str) -> Callable[[], Any]:
