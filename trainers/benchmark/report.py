@@ -71,9 +71,10 @@ def format_report(report: BenchmarkReport) -> str:
             f"{_peak_product(dtype, on_cuda, report.machine)}, best of 10 before and after every setting): {peaks}."
         )
     peak_lines.append(
-        f"% of matmul peak: of that best, and of the peak timed beside the row (the same product, back to back for "
-        f"about {PEAK_BESIDE_SECONDS:g} s, after each of the row's calls in every round: its median, as the row's); "
-        "the peak target is judged on the second, a row and its ceiling timed alike in the same moments."
+        "% of matmul peak: of that best, and of the peak timed beside the row (the faster product back to back, as "
+        f"many FLOPs as the row's call up to about {PEAK_BESIDE_SECONDS:g} s, timed after each of the row's calls in "
+        "every round: the median, as the row's); the peak target is judged on the second, a row and its ceiling "
+        "timed alike in the same moments."
     )
     mixed = " (the train steps: float32 weights under mixed precision)" if first != "float32" else ""
     lines += [
