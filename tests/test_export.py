@@ -259,6 +259,13 @@ def test_onnx_captioning_defaults_and_lengths_are_pytorchs_and_other_options_are
         with pytest.raises(ValueError, match=r"decodes greedily .* cannot honour \['\w+'\]: use the PyTorch"):
             onnx_model.generate(pixel_values=pixel_values, **prompt, **option)
     onnx_model.generate(pixel_values=pixel_values, num_beams=1, do_sample=False, max_new_tokens=1)  # greedy: fine
+    # The images may come first unnamed, as PyTorch's `generate(inputs)` takes them; nothing else by position (the
+    # PyTorch model's second one is a generation config: a prompt there was read as something else).
+    with torch.no_grad():
+        want = model.generate(pixel_values, max_new_tokens=2)
+    torch.testing.assert_close(onnx_model.generate(pixel_values, max_new_tokens=2), want)
+    with pytest.raises(TypeError, match="positional"):
+        onnx_model.generate(pixel_values, prompt["input_ids"])
 
 
 def test_onnx_models_refuse_text_past_the_position_table_before_running_as_pytorch_does(tmp_path) -> None:

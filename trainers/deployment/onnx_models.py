@@ -203,6 +203,7 @@ class OnnxCaptioningModel(OnnxTaskModel):
     def generate(
         self,
         pixel_values: torch.Tensor,
+        *,
         input_ids: torch.Tensor | None = None,
         max_new_tokens: int | None = None,
         structure_masks: Any = None,
@@ -214,7 +215,9 @@ class OnnxCaptioningModel(OnnxTaskModel):
         default `config.max_text_length`, as the PyTorch model's `generate`) after `input_ids` (default: the start
         token; a trailing [SEP] from the processor is dropped and a padded prompt refused, as in PyTorch:
         `generation_prompt`); finished captions are padded with [PAD]. Greedy only: another decoding option
-        (`num_beams`, `do_sample`, `min_new_tokens`, ...) is refused rather than ignored."""
+        (`num_beams`, `do_sample`, `min_new_tokens`, ...) is refused rather than ignored. As in PyTorch, the images
+        may come first without their name; everything else by name (PyTorch's second positional argument is a
+        generation config, which this model has no use for)."""
         self._no_masks(structure_masks)
         # An option at its greedy value changes nothing (evaluation passes them so); no cache either way.
         greedy = {"num_beams": 1, "do_sample": False, "min_new_tokens": 0}
