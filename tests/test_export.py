@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoProcessor
 
 from modeling_efficientvlm import (
     EfficientVLMConfig,
@@ -329,6 +330,16 @@ def test_export_command_compares_latency_and_accuracy_of_pytorch_onnx_and_int8(t
     assert "vqa_accuracy" in out and "(change +0.0000)" in out
     # The folder is self-contained: the processor travels with the graphs.
     assert (tmp_path / "onnx" / "tokenizer_config.json").is_file() or (tmp_path / "onnx" / "vocab.txt").is_file()
+    # Its config and processor name only code the folder holds (no PyTorch model class: it has graphs, not weights),
+    # so both load as remote code from it alone.
+    for name in ("config.json", "processor_config.json"):
+        auto_map = json.loads((tmp_path / "onnx" / name).read_text())["auto_map"]
+        assert not [key for key in auto_map if key.startswith("AutoModel")]
+        assert all((tmp_path / "onnx" / f"{entry.split('.')[0]}.py").is_file() for entry in auto_map.values())
+    config = AutoConfig.from_pretrained(tmp_path / "onnx", trust_remote_code=True)
+    assert config.answer_candidates == ["red", "green", "blue", "yellow"]
+    processor = AutoProcessor.from_pretrained(tmp_path / "onnx", trust_remote_code=True)
+    assert type(processor).__name__ == "EfficientVLMProcessor"
 
 
 def _saved_with_processor(model, tmp_path) -> tuple:

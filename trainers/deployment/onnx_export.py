@@ -12,6 +12,7 @@ processor when one is given.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -292,7 +293,7 @@ def export_onnx(
             entry["int8_file"] = int8_path.name
         manifest["graphs"][graph.name] = entry
         manifest["parity"]["max_abs_error"][graph.name] = result.max_errors[graph.name]
-    model.config.save_pretrained(output_dir)
+    _save_config_without_model_classes(model.config, output_dir)
     if processor is not None:
         processor.save_pretrained(output_dir)
     (output_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -305,6 +306,18 @@ def export_onnx(
             f"{', '.join(stale)}."
         )
     return result
+
+
+def _save_config_without_model_classes(config: Any, output_dir: Path) -> None:
+    """Saves `config` (its code too, as remote code) with the `AutoModel*` entries of its `auto_map` left out: the
+    folder holds graphs, not a PyTorch model, and would not hold the modeling files those entries name."""
+    config = copy.deepcopy(config)
+    auto_map = {k: v for k, v in (getattr(config, "auto_map", None) or {}).items() if not k.startswith("AutoModel")}
+    if auto_map:
+        config.auto_map = auto_map
+    elif hasattr(config, "auto_map"):
+        del config.auto_map
+    config.save_pretrained(output_dir)
 
 
 def _graph_files(folder: Path) -> set[str]:
