@@ -1020,3 +1020,54 @@ def test_resuming_a_checkpoint_of_the_last_step_trains_no_more(tmp_path) -> None
         load_file(tmp_path / "o" / name) for name in ("model.safetensors", "checkpoint-3/model.safetensors")
     )
     assert final.keys() == checkpoint.keys() and all(torch.equal(final[key], checkpoint[key]) for key in final)
+
+
+def test_a_whole_task_model_load_replaces_transformers_report_with_its_error_and_keeps_it_otherwise(
+    tmp_path, monkeypatch
+) -> None:
+    """`evaluate` / a task teacher of another task printed transformers' table of every missing key before the error
+    that says what is wrong; the table (and its "checkpoint seem corrupted" line) now goes when the error replaces
+    it, and what transformers logs stays when the model loads whole."""
+    import logging
+
+    from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMForImageTextRetrieval
+    from trainers.tasks import load_whole_task_model
+
+    class Collect(logging.Handler):  # transformers' loggers do not propagate to the root (nor to caplog)
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    collect = Collect()
+    logging.getLogger("transformers").addHandler(collect)
+    try:
+        EfficientVLMForImageTextRetrieval(EfficientVLMConfig.from_preset("tiny")).save_pretrained(tmp_path / "r")
+        message = r"^--flag \S+ is a checkpoint of EfficientVLMForImageTextRetrieval, without the vqa weights \(\d+ "
+        with pytest.raises(ValueError, match=message + r"missing, e\.g\. answer_decoder\.[^)]+\), refused\.$"):
+            load_whole_task_model("vqa", tmp_path / "r", "--flag", "refused.")
+        assert collect.messages == []
+        # Without the hold, the same load logs its report and the tied-weights line.
+        from modeling_efficientvlm import EfficientVLMForQuestionAnswering
+
+        EfficientVLMForQuestionAnswering.from_pretrained(tmp_path / "r")
+        assert any("LOAD REPORT" in m for m in collect.messages) and any("corrupted" in m for m in collect.messages)
+        collect.messages.clear()
+        # A whole model: what transformers logged while loading it is logged as usual, once.
+        from transformers.utils.logging import get_logger
+
+        import trainers.tasks
+
+        class Loaded:
+            @staticmethod
+            def from_pretrained(name_or_path, output_loading_info, **kwargs):
+                get_logger("transformers.modeling_utils").warning("a note from the load")
+                return "model", {"missing_keys": [], "unexpected_keys": ["unused.weight"]}
+
+        monkeypatch.setattr(trainers.tasks, "task_model_class", lambda task: Loaded)
+        assert load_whole_task_model("retrieval", tmp_path / "r", "--flag", "refused.") == "model"
+        assert collect.messages == ["a note from the load"]
+    finally:
+        logging.getLogger("transformers").removeHandler(collect)

@@ -469,18 +469,52 @@ def task_model_from(task: str, source: Any) -> Any:
 def load_task_teacher(task: str, name_or_path: str | os.PathLike) -> Any:
     """The `task` teacher saved at `name_or_path`, which must hold every weight of a `task` model: a teacher of
     another task (a retrieval folder for VQA) would distil its freshly initialised task head into the student."""
-    model, loading = task_model_class(task).from_pretrained(name_or_path, output_loading_info=True)
+    return load_whole_task_model(
+        task,
+        name_or_path,
+        "--teacher_model_name_or_path",
+        f"which would teach freshly initialised: give a teacher fine-tuned for {task}.",
+    )
+
+
+def load_whole_task_model(task: str, name_or_path: str | os.PathLike, flag: str, refusal: str, **kwargs: Any) -> Any:
+    """The `task` model saved at `name_or_path` (`from_pretrained` with `kwargs`), which must hold every one of its
+    weights; otherwise a ValueError naming `flag`, the folder's own class and the missing weights, ending in
+    `refusal` (what the fresh weights would do, what to give instead). What transformers logs while loading (its
+    load report, a table of every missing key; a "checkpoint seem corrupted" line about the missing tied weights) is
+    held back: dropped when this error replaces it, logged as usual otherwise."""
+    from transformers.utils import logging
+
+    held = _HeldRecords()
+    logger = logging.get_logger("transformers.modeling_utils")
+    logger.addFilter(held)
+    try:
+        model, loading = task_model_class(task).from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    finally:
+        logger.removeFilter(held)
     if loading["missing_keys"]:
         from modeling_efficientvlm import EfficientVLMConfig
 
         saved_as = EfficientVLMConfig.from_pretrained(name_or_path).architectures or ["another model"]
         missing = sorted(loading["missing_keys"])
         raise ValueError(
-            f"--teacher_model_name_or_path {name_or_path} is a checkpoint of {', '.join(saved_as)}, without the "
-            f"{task} weights ({len(missing)} missing, e.g. {', '.join(missing[:3])}), which would teach freshly "
-            f"initialised: give a teacher fine-tuned for {task}."
+            f"{flag} {name_or_path} is a checkpoint of {', '.join(saved_as)}, without the {task} weights "
+            f"({len(missing)} missing, e.g. {', '.join(missing[:3])}), {refusal}"
         )
+    for record in held.records:  # a complete model: what transformers said stands
+        logger.handle(record)
     return model
+
+
+class _HeldRecords:
+    """A logging filter that keeps every record back, in `records`."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def filter(self, record: Any) -> bool:
+        self.records.append(record)
+        return False
 
 
 def build_dataset(task: str, data: Any, image_root: str | os.PathLike | None, processor: Any = None):

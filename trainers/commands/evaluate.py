@@ -16,7 +16,7 @@ from trainers.commands.common import (
     parse_arguments,
 )
 from trainers.placement import resolve_placement
-from trainers.tasks import TASKS, build_dataset, evaluate_task, task_model_class
+from trainers.tasks import TASKS, build_dataset, evaluate_task, load_whole_task_model
 from trainers.training import check_answer_list_task, check_text_limit, read_answer_list, warn_on_answer_coverage
 
 
@@ -100,7 +100,7 @@ class EvaluateArguments:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Evaluates a saved task model on a JSON split and prints its metrics."""
-    from modeling_efficientvlm import EfficientVLMConfig, EfficientVLMProcessor
+    from modeling_efficientvlm import EfficientVLMProcessor
     from modeling_efficientvlm.cpu_attention_efficientvlm import ATTN_IMPLEMENTATION
 
     (args,) = parse_arguments("evaluate", (EvaluateArguments,), argv, "Evaluate a task model.")
@@ -126,19 +126,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 f"--{flag} is for float32 on the CPU; got --device {args.device!r} ({device.type}) and "
                 f"--dtype {args.dtype!r}."
             )
-    model, loading = task_model_class(args.task).from_pretrained(
-        args.model_name_or_path, dtype=dtype, output_loading_info=True
+    # Another task's checkpoint (pre-training into VQA, VQA into NLVR2) leaves the task head new: fine to
+    # fine-tune, meaningless to score.
+    model = load_whole_task_model(
+        args.task,
+        args.model_name_or_path,
+        f"--task {args.task}: --model_name_or_path",
+        f"which would be scored freshly initialised. Evaluate it with the task it was trained for, or fine-tune it "
+        f"for {args.task} first.",
+        dtype=dtype,
     )
-    if loading["missing_keys"]:
-        # Loading another task's checkpoint (pre-training into VQA, VQA into NLVR2) leaves the task head new:
-        # fine to fine-tune, meaningless to score.
-        saved_as = EfficientVLMConfig.from_pretrained(args.model_name_or_path).architectures or ["another model"]
-        missing = sorted(loading["missing_keys"])
-        raise ValueError(
-            f"--task {args.task}: {args.model_name_or_path} is a checkpoint of {', '.join(saved_as)}, without the "
-            f"{args.task} weights ({len(missing)} missing, e.g. {', '.join(missing[:3])}), which would be scored "
-            f"freshly initialised. Evaluate it with the task it was trained for, or fine-tune it for {args.task} first."
-        )
     model = model.to(device)
     if args.pack_cpu_weights:
         model.pack_cpu_weights()
