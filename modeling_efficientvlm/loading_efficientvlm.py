@@ -218,3 +218,25 @@ __all__ = [
     "unreadable_torch_files",
     "unreadable_weight_files",
 ]
+
+
+class OrdinaryFileModes:
+    """Gives the weights files a save writes the mode any other file of the folder gets. safetensors >= 0.8 writes
+    through a temporary file created 0600, whatever the umask (safetensors issue #782): a folder saved for a
+    serving container or a shared directory had weights that no other user could read. A file the save replaced
+    keeps its former mode; a new one gets `0o666 & ~umask`. POSIX only (elsewhere nothing is changed)."""
+
+    def __init__(self, folder: str | os.PathLike, pattern: str = "*.safetensors") -> None:
+        self.folder, self.pattern = Path(folder), pattern
+
+    def __enter__(self) -> OrdinaryFileModes:
+        self.before = {path.name: path.stat().st_mode & 0o777 for path in self.folder.glob(self.pattern)}
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if os.name != "posix" or exc_info[0] is not None:
+            return
+        umask = os.umask(0o022)  # read it (the only way), then put it back
+        os.umask(umask)
+        for path in self.folder.glob(self.pattern):
+            os.chmod(path, self.before.get(path.name, 0o666 & ~umask))

@@ -31,6 +31,7 @@ from .configuration_efficientvlm import EfficientVLMConfig, EfficientVLMTextConf
 from .cpu_attention_efficientvlm import register as register_cpu_attention
 from .grouping_efficientvlm import EncoderGroups
 from .loading_efficientvlm import (
+    OrdinaryFileModes,
     check_loaded_weights,
     corrupt_checkpoint_error,
     mask_learning_checkpoint_message,
@@ -1218,7 +1219,8 @@ class EfficientVLMPreTrainedModel(PreTrainedModel):
                 if not key.startswith("AutoModel")
             }
             self.config.auto_map = {**kept, **dict.fromkeys(("AutoModel", *self.auto_classes), name)}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        with OrdinaryFileModes(save_directory):
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """(batch, channels, height, width) -> L2-normalised ITC image embeddings (batch, embed_dim), as CLIP's

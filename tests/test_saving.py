@@ -166,3 +166,22 @@ def test_a_checkpoint_resumes_without_a_missing_keys_warning_for_its_tied_weight
         assert [record for record in records if dropped in record.getMessage()]
     finally:
         logger.removeHandler(handler)
+
+
+def test_saved_weights_get_the_mode_of_any_other_file_of_the_folder(tmp_path) -> None:
+    """safetensors >= 0.8 writes weights 0600 whatever the umask: a folder saved for a serving container or a shared
+    directory held weights no other user could read, beside a readable config.json."""
+    import os
+
+    model = task_model_class("retrieval")(EfficientVLMConfig.from_preset("tiny"))
+    previous = os.umask(0o027)
+    try:
+        model.save_pretrained(tmp_path / "shared")
+    finally:
+        os.umask(previous)
+    mode = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "shared").iterdir()}
+    assert mode["model.safetensors"] == mode["config.json"] == 0o640
+    # A save over an earlier one keeps the mode its owner gave the weights.
+    os.chmod(tmp_path / "shared" / "model.safetensors", 0o600)
+    model.save_pretrained(tmp_path / "shared")
+    assert (tmp_path / "shared" / "model.safetensors").stat().st_mode & 0o777 == 0o600
