@@ -206,20 +206,6 @@ def corrupt_checkpoint_error(
     )
 
 
-__all__ = [
-    "CheckpointMismatchError",
-    "MASK_STATE_FILE",
-    "PRUNING_REPORT_FILE",
-    "CorruptCheckpointError",
-    "check_loaded_weights",
-    "corrupt_checkpoint_error",
-    "mask_learning_checkpoint_message",
-    "read_torch_weights",
-    "unreadable_torch_files",
-    "unreadable_weight_files",
-]
-
-
 class OrdinaryFileModes:
     """Gives the weights files a save writes the mode any other file of the folder gets. safetensors >= 0.8 writes
     through a temporary file created 0600, whatever the umask (safetensors issue #782): a folder saved for a
@@ -240,3 +226,18 @@ class OrdinaryFileModes:
         os.umask(umask)
         for path in self.folder.glob(self.pattern):
             os.chmod(path, self.before.get(path.name, 0o666 & ~umask))
+
+
+__all__ = [
+    "CheckpointMismatchError",
+    "MASK_STATE_FILE",
+    "PRUNING_REPORT_FILE",
+    "CorruptCheckpointError",
+    "OrdinaryFileModes",
+    "check_loaded_weights",
+    "corrupt_checkpoint_error",
+    "mask_learning_checkpoint_message",
+    "read_torch_weights",
+    "unreadable_torch_files",
+    "unreadable_weight_files",
+]

@@ -508,17 +508,9 @@ def _measure_setting(
     flops.update({(name, model): flops[(name, eager_of[model])] for name, model in calls if model in eager_of})
     by_name = {entry.name: entry for entry in models}
     dtype_of = {model: by_name[eager_of.get(model, model)].dtype for _, model in calls}
-    fastest = {dtype: fastest_matmul(settings.device, dtype) for dtype in set(dtype_of.values())}
-    timed: dict[tuple, Any] = {}
-    peak_flops = {}
-    for key, call in calls.items():  # each workload followed by the peak in its dtype: A, P, B, P, ...
-        product, product_flops, seconds = fastest[dtype_of[key[1]]]
-        # As many FLOPs as the row's call, within PEAK_BESIDE_SECONDS (a tiny model's row: one product).
-        count = max(1, min(round(PEAK_BESIDE_SECONDS / seconds), math.ceil(flops[key] / product_flops)))
-        timed[key], timed[(PEAK_BESIDE, *key)] = call, back_to_back(product, count)
-        peak_flops[key] = count * product_flops
+    timed, peak_flops = _with_peaks_beside(calls, flops, dtype_of, settings.device)
     timings = interleaved_timings(timed, warmup=settings.warmup, repeats=settings.repeats, rounds=settings.rounds)
-    del timed, fastest, product  # the peak's matrices (512 MB on a GPU) are in no row's memory
+    del timed  # the peak's matrices (512 MB on a GPU) are in no row's memory
     device_memory = _device_memory(calls, settings.device)
     rows = []
     for name, model_name in calls:
@@ -554,6 +546,26 @@ def _measure_setting(
         )
     _add_ratios(rows, {**by_name, **{compiled: by_name[eager] for compiled, eager in eager_of.items()}})
     return rows
+
+
+def _with_peaks_beside(
+    calls: dict[tuple[str, str], Any],
+    flops: dict[tuple[str, str], int],
+    dtype_of: dict[str, torch.dtype],
+    device: str,
+) -> tuple[dict[tuple, Any], dict[tuple[str, str], int]]:
+    """The workloads to time, each followed by the matmul peak in its model's dtype (A, P, B, P, ...; the peak's
+    key is `(PEAK_BESIDE, workload, model)`), and the FLOPs of each row's peak call: as many as the row's call,
+    within `PEAK_BESIDE_SECONDS` (a tiny model's row: one product)."""
+    fastest = {dtype: fastest_matmul(device, dtype) for dtype in set(dtype_of.values())}
+    timed: dict[tuple, Any] = {}
+    peak_flops = {}
+    for key, call in calls.items():
+        product, product_flops, seconds = fastest[dtype_of[key[1]]]
+        count = max(1, min(round(PEAK_BESIDE_SECONDS / seconds), math.ceil(flops[key] / product_flops)))
+        timed[key], timed[(PEAK_BESIDE, *key)] = call, back_to_back(product, count)
+        peak_flops[key] = count * product_flops
+    return timed, peak_flops
 
 
 def _compile_arguments(mode: str) -> dict[str, Any]:
