@@ -56,3 +56,31 @@ def test_a_multiplier_of_one_changes_nothing_and_a_task_without_a_fresh_head_ref
     for bad in (0, -1.0, "2", True):
         with pytest.raises(ValueError, match="`head_learning_rate_multiplier` must be a positive number"):
             EfficientVLMConfig(head_learning_rate_multiplier=bad)
+
+
+def test_a_resume_under_another_multiplier_is_refused_naming_both(tmp_path) -> None:
+    """The checkpoint's optimizer state holds the head's rate in groups of its own layout: resumed under another
+    multiplier it failed on torch's group count (1 -> 2) or silently kept the old rate (2 -> 3)."""
+    processor = make_processor(tmp_path, image_size=EfficientVLMConfig.from_preset("tiny").vision_config.image_size)
+    records, image_root = write_nlvr2_json(tmp_path)
+    dataset = build_dataset("nlvr2", str(records), str(image_root), processor)
+
+    def run(multiplier: float, name: str, resume: str | None = None, steps: int = 1) -> TrainingArguments:
+        torch.manual_seed(0)
+        model = EfficientVLMForVisualReasoning(
+            EfficientVLMConfig.from_preset("tiny", head_learning_rate_multiplier=multiplier)
+        )
+        args = _args(tmp_path / name, max_steps=steps, per_device_train_batch_size=2, save_steps=1)
+        args.resume_from_checkpoint = resume
+        return train("nlvr2", model, processor, dataset, args)
+
+    for saved, resumed in ((1.0, 2.0), (2.0, 3.0)):
+        run(saved, f"at{saved:g}")
+        checkpoint = str(tmp_path / f"at{saved:g}" / "out" / "checkpoint-1")
+        with pytest.raises(
+            ValueError, match=f"trained with head_learning_rate_multiplier {saved:g}, but this run sets {resumed:g}"
+        ):
+            run(resumed, f"resumed{resumed:g}", resume=checkpoint, steps=2)
+    trainer = run(2.0, "same", resume=checkpoint, steps=2)  # the multiplier it was trained with: resumes
+    assert trainer.state.global_step == 2
+    assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {1e-3, 2e-3}

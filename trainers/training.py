@@ -348,6 +348,24 @@ def run_training(trainer: Trainer) -> Any:
     return result
 
 
+def check_resumed_head_rate(checkpoint: Any, saved_config: dict[str, Any], model: Any) -> None:
+    """Refuses to resume an optimizer state saved under another `head_learning_rate_multiplier` than `model`'s: the
+    state holds the head's rate in parameter groups of its own layout, which the Trainer would load silently (the old
+    rate kept by the optimizer and the schedule) or fail on (`loaded state dict has a different number of parameter
+    groups`)."""
+    current = getattr(getattr(model, "config", None), "head_learning_rate_multiplier", None)
+    if current is None:
+        return
+    saved = saved_config.get("head_learning_rate_multiplier", 1.0)
+    if float(saved) != float(current):
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} was trained with head_learning_rate_multiplier {saved:g}, but "
+            f"this run sets {current:g}: the checkpoint's optimizer and schedule keep the rates of {saved:g}. Resume "
+            f"with head_learning_rate_multiplier {saved:g}, or start a new run from the checkpoint's weights "
+            f"(--model_name_or_path {checkpoint})."
+        )
+
+
 def stop_at_max_steps(trainer: Trainer) -> None:
     """Makes a run resumed from a checkpoint of its last step end there. Transformers 5 starts the resumed epoch's
     remaining update steps before it compares the step with `max_steps`, so resuming `checkpoint-3` of a 3-step run
@@ -473,7 +491,10 @@ def check_resumed_checkpoint(checkpoint: Any, model: Any = None) -> None:
                 f"{type(model).__name__}: resume from a checkpoint of this run (of the same task and command)."
             )
     optimizer_state = ("optimizer.pt", "optimizer.bin", "optimizer_0", "global_step*")
-    if folder.is_dir() and not any(any(folder.glob(name)) for name in optimizer_state):
+    has_optimizer_state = any(any(folder.glob(name)) for name in optimizer_state)
+    if has_optimizer_state and model is not None and config.is_file():
+        check_resumed_head_rate(checkpoint, json.loads(config.read_text(encoding="utf-8")), model)
+    if folder.is_dir() and not has_optimizer_state:
         logger.warning(
             f"--resume_from_checkpoint {checkpoint} holds no optimizer state (saved with --save_only_model?): the "
             "run resumes the weights with a fresh optimizer and learning-rate schedule state, not where it stopped."
