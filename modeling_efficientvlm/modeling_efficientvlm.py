@@ -990,12 +990,23 @@ class EfficientVLMTextLayer(GradientCheckpointingLayer):
         return hidden_states, self_weights, cross_weights
 
 
+def _keeps_every_position(attention_mask: torch.Tensor) -> bool:
+    """Whether a (batch, k_len) 1/0 mask is all ones; never decided while tracing, compiling or exporting (the
+    graph must serve padded inputs too) nor on an accelerator (the check would wait for the device)."""
+    if attention_mask.device.type != "cpu" or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    return bool(attention_mask.all())
+
+
 def extended_attention_mask(
     attention_mask: torch.Tensor | None, dtype: torch.dtype, causal: bool = False, query_length: int | None = None
 ) -> torch.Tensor | None:
     """(batch, k_len) 1/0 padding mask -> additive (batch, 1, q_len | 1, k_len) mask; `causal` adds a
-    lower-triangular constraint (q_len == k_len)."""
-    if attention_mask is None and not causal:
+    lower-triangular constraint (q_len == k_len). A CPU mask that keeps every position gives None: adding zeros
+    changes no score, and without a mask SDPA and the CPU attention kernel take their fast paths."""
+    if not causal and (attention_mask is None or _keeps_every_position(attention_mask)):
         return None
     min_value = torch.finfo(dtype).min
     if attention_mask is None:

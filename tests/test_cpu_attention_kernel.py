@@ -83,6 +83,23 @@ def test_model_on_the_kernel_gives_sdpa_outputs(kernel, monkeypatch) -> None:
     assert flops == count_flops(model, inputs) and len(counting.calls) == 2 * packed_calls
 
 
+def test_texts_without_padding_run_their_attention_on_the_kernel_too(kernel, monkeypatch) -> None:
+    model, inputs = _model_and_inputs()
+    unpadded = {**inputs, "attention_mask": torch.ones_like(inputs["attention_mask"])}
+    text_length = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        expected = _hidden(model, unpadded)
+        counting = _CountingKernel(kernel)
+        monkeypatch.setitem(cpu_attention._state, "module", counting)
+        model.set_attn_implementation(cpu_attention.ATTN_IMPLEMENTATION)
+        got = _hidden(model, unpadded)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # Text queries: every text and fusion layer's self-attention now, beside the fusion cross-attention as before.
+    text_config = model.config.text_config
+    text_calls = [shape for shape in counting.calls if shape[2] == text_length]
+    assert len(text_calls) == text_config.num_hidden_layers + 2 * text_config.num_fusion_layers
+
+
 def test_calls_the_kernel_does_not_cover_run_on_sdpa(kernel, monkeypatch) -> None:
     counting = _CountingKernel(kernel)
     monkeypatch.setitem(cpu_attention._state, "module", counting)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import pickle
 import re
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import modeling_efficientvlm.modeling_efficientvlm as modeling_module
 from modeling_efficientvlm import (
     MASK_KEYS,
     EfficientVLMConfig,
@@ -167,6 +169,48 @@ def test_sdpa_matches_eager(tiny_config, tiny_inputs) -> None:
     assert eager.config.text_config._attn_implementation == "eager"
     with torch.no_grad():
         _assert_close(_fused(sdpa, tiny_inputs), _fused(eager, tiny_inputs))
+
+
+def test_texts_without_padding_attend_without_a_mask_and_a_trace_keeps_masking(
+    tiny_config, tiny_inputs, monkeypatch
+) -> None:
+    """An all-ones padding mask is dropped (adding zeros changes no score, and SDPA and the CPU kernel take their
+    fast paths without one); a traced graph keeps it, for the padded texts it will meet."""
+    torch.manual_seed(0)
+    model = EfficientVLMModel(tiny_config).eval()
+    unpadded = {**tiny_inputs, "attention_mask": torch.ones_like(tiny_inputs["attention_mask"])}
+    masks_seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, attn_mask=None, **kwargs):
+        masks_seen.append(attn_mask is not None)
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    with torch.no_grad():
+        fast = _fused(model, unpadded)
+        assert masks_seen and not any(masks_seen)
+        padded = _fused(model, tiny_inputs)
+        assert any(masks_seen)  # the padded texts' attention is masked
+        with monkeypatch.context() as keep:  # the mask of zeros added, as before
+            keep.setattr(modeling_module, "_keeps_every_position", lambda attention_mask: False)
+            _assert_close(fast, _fused(model, unpadded))
+
+        class Hidden(nn.Module):  # a module, so the tracer takes the weights as parameters
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, pixel_values, input_ids, attention_mask) -> torch.Tensor:
+                out = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+                return out.last_hidden_state
+
+        names = ("pixel_values", "input_ids", "attention_mask")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python values it records
+            traced = torch.jit.trace(Hidden(), tuple(unpadded[name] for name in names), check_trace=False)
+        traced_padded = traced(*(tiny_inputs[name] for name in names))
+        torch.testing.assert_close(traced_padded, padded["fused"], atol=1e-5, rtol=0)
 
 
 def test_masks_of_ones_change_nothing(tiny_config, tiny_inputs) -> None:
