@@ -166,7 +166,19 @@ torch::Tensor attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor 
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("attention_forward", &attention_forward); }
+// Whether this build's softmax runs on AVX-512 (else the portable loop).
+bool avx512_softmax() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attention_forward", &attention_forward);
+  m.def("avx512_softmax", &avx512_softmax);
+}
 """
 
 _state: dict[str, Any] = {}  # "module": the built extension, or "error": why it is not used
@@ -190,12 +202,14 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def _build() -> Any:
+def _build(extra_flags: tuple[str, ...] = ()) -> Any:
+    """Builds and checks the kernel; `extra_flags` go to the compiler after ours (`-mno-avx512f` builds the portable
+    softmax that CPUs without AVX-512 run)."""
     from torch.utils.cpp_extension import load_inline
 
     _ninja_on_path()
 
-    flags = ["-O3", "-march=native", "-fopenmp"]
+    flags = ["-O3", "-march=native", "-fopenmp", *extra_flags]
     # `-march=native` builds for this CPU: a cache shared with other machines must not hand them this build.
     cpu = f"{platform.machine()}{_cpu_name()}{torch.backends.cpu.get_cpu_capability()}"
     digest = hashlib.sha1(f"{_SOURCE}{flags}{torch.__version__}{cpu}".encode()).hexdigest()[:12]

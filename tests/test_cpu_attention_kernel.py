@@ -58,6 +58,23 @@ def _hidden(model, inputs) -> torch.Tensor:
     return model(**inputs).last_hidden_state
 
 
+def test_the_portable_softmax_of_cpus_without_avx512_gives_sdpa_results(kernel) -> None:
+    """Built here without AVX-512 (the loop CPUs without it run, e.g. Zen 3 and most laptops), checked as every
+    build is, then on the shapes above."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        assert kernel.avx512_softmax() == (" avx512f" in cpuinfo.read())  # -march=native: what this CPU has
+    portable = cpu_attention._build(extra_flags=("-mno-avx512f",))
+    assert not portable.avx512_softmax()
+    generator = torch.Generator().manual_seed(1)
+    for shape in [(1, 3, 197, 197, 64), (2, 4, 37, 45, 32), (1, 6, 1, 17, 48), (1, 5, 40, 577, 64)]:
+        batch, heads, q_len, k_len, head_dim = shape
+        query = torch.randn(batch, heads, q_len, head_dim, generator=generator)
+        key, value = (torch.randn(batch, heads, k_len, head_dim, generator=generator) for _ in range(2))
+        got = portable.attention_forward(query, key, value, head_dim**-0.5, cpu_attention.QUERY_BLOCK)
+        expected = F.scaled_dot_product_attention(query, key, value).transpose(1, 2)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=lambda m, s=shape: f"{s}: {m}")
+
+
 def test_model_on_the_kernel_gives_sdpa_outputs(kernel, monkeypatch) -> None:
     model, inputs = _model_and_inputs()
     with torch.no_grad():
