@@ -448,6 +448,36 @@ def test_finetune_from_a_preset_is_reproducible_and_kd_flags_need_a_teacher(tmp_
         cli.main([*argv, "--output_dir", str(tmp_path / "c"), "--kd_weight", "0.9", "--kd_term_weights", "{}"])
 
 
+def test_a_checkpoint_folder_is_a_model_folder_evaluated_or_trained_under_another_head_rate(tmp_path) -> None:
+    """Every checkpoint holds the processor beside the weights: `evaluate` reads it as it reads the final folder, and
+    a new run starts from its weights with another `head_learning_rate_multiplier`, which a resume refuses."""
+    from .data_utils import write_nlvr2_json, write_vocab
+
+    data, image_root = write_nlvr2_json(tmp_path, n=4)
+    common = ["--task", "nlvr2", "--train_file", str(data), "--image_root", str(image_root), "--max_steps", "2"]
+    common += ["--report_to", "none", "--use_cpu", "--per_device_train_batch_size", "2", "--save_steps", "1"]
+    first = ["finetune", *common, "--preset", "tiny", "--vocab_file", str(write_vocab(tmp_path))]
+    cli.main([*first, "--output_dir", str(tmp_path / "a")])
+    checkpoint = tmp_path / "a" / "checkpoint-1"
+    evaluate = ["evaluate", "--task", "nlvr2", "--eval_file", str(data), "--image_root", str(image_root)]
+    cli.main([*evaluate, "--model_name_or_path", str(checkpoint), "--output_file", str(tmp_path / "at1.json")])
+    assert 0 <= json.loads((tmp_path / "at1.json").read_text())["nlvr2_accuracy"] <= 1
+    faster = ["--config_overrides", '{"head_learning_rate_multiplier": 2}']
+    with pytest.raises(ValueError, match="trained with head_learning_rate_multiplier 1, but this run sets 2"):
+        cli.main([*first, *faster, "--output_dir", str(tmp_path / "a"), "--resume_from_checkpoint", str(checkpoint)])
+    cli.main(
+        ["finetune", *common, *faster, "--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "b")]
+    )
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["head_learning_rate_multiplier"] == 2
+    # A checkpoint of an earlier version (weights only): named, not transformers' "Can't load image processor".
+    old = tmp_path / "a" / "checkpoint-2"
+    (old / "processor_config.json").unlink()
+    with pytest.raises(ValueError, match=r"--model_name_or_path \S*checkpoint-2 holds no processor"):
+        cli.main([*evaluate, "--model_name_or_path", str(old)])
+    with pytest.raises(ValueError, match=r"--model_name_or_path \S*checkpoint-2 holds no processor"):
+        cli.main(["finetune", *common, "--model_name_or_path", str(old), "--output_dir", str(tmp_path / "c")])
+
+
 def test_batches_of_one_image_train_without_itm_negatives(tmp_path) -> None:
     """Several captions of one image (region captions, multi-caption records) fill whole batches, and an epoch may
     end on one pair: no ITM negative exists there, and training goes on (it raised at the end of the epoch)."""

@@ -164,7 +164,11 @@ def build_model_and_processor(
     else:
         config = EfficientVLMConfig.from_pretrained(model_name_or_path)
     processor = load_processor(
-        config, processor_name_or_path or model_name_or_path, vocab_file, max_text_length=max_text_length
+        config,
+        processor_name_or_path or model_name_or_path,
+        vocab_file,
+        max_text_length=max_text_length,
+        flag="--processor_name_or_path" if processor_name_or_path else "--model_name_or_path",
     )
     check_image_size(processor, config.vision_config.image_size, preset is not None)
     check_text_limit(processor, config.text_config.max_position_embeddings, preset is not None)
@@ -228,14 +232,34 @@ def check_text_limit(
     )
 
 
+# What a processor's `save_pretrained` writes beside its tokenizer files (the second: an image processor's alone).
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def saved_processor(path: str | os.PathLike, flag: str) -> Any:
+    """The processor saved at `path` (a folder or a Hub id); a local folder without one (weights only, or a Trainer
+    checkpoint of a run from before checkpoints held it) is a `ValueError` naming `flag` and the files it lacks."""
+    from modeling_efficientvlm import EfficientVLMProcessor
+
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        raise ValueError(
+            f"{flag} {path} holds no processor ({' or '.join(PROCESSOR_FILES)} and the tokenizer files a processor's "
+            "save_pretrained writes): a folder of weights only, or a checkpoint of a run from before checkpoints "
+            "held it. Copy those files from the run's output folder (or from the folder it started from) into it."
+        )
+    return EfficientVLMProcessor.from_pretrained(path)
+
+
 def load_processor(
     config: Any,
     processor_name_or_path: str | os.PathLike | None = None,
     vocab_file: str | os.PathLike | None = None,
     max_text_length: int | None = None,
+    flag: str = "--processor_name_or_path",
 ) -> Any:
-    """The processor saved at `processor_name_or_path`, or one built from a WordPiece `vocab_file` for the image
-    size of `config`."""
+    """The processor saved at `processor_name_or_path` (named `flag` in errors), or one built from a WordPiece
+    `vocab_file` for the image size of `config`."""
     from transformers import BertTokenizer
 
     from modeling_efficientvlm import EfficientVLMImageProcessor, EfficientVLMProcessor
@@ -243,7 +267,7 @@ def load_processor(
     if vocab_file is None:
         if processor_name_or_path is None:
             raise ValueError("No processor: give --processor_name_or_path or --vocab_file.")
-        processor = EfficientVLMProcessor.from_pretrained(processor_name_or_path)
+        processor = saved_processor(processor_name_or_path, flag)
     else:
         if not Path(vocab_file).is_file():
             raise FileNotFoundError(
@@ -313,6 +337,7 @@ def train(
     head_optimizer = head_learning_rate_optimizer(training_args, model, task)
     if head_optimizer is not None:
         trainer_kwargs.setdefault("optimizer_cls_and_kwargs", head_optimizer)
+    trainer_kwargs.setdefault("processing_class", processor)  # saved in every checkpoint: each one loads as a model
     trainer = trainer_class(
         model=model,
         args=training_args,

@@ -159,12 +159,17 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
     card (pushed with `--push_to_hub`)."""
     from modeling_efficientvlm.configuration_efficientvlm import stack_depths
     from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMForPreTraining
-    from modeling_efficientvlm.processing_efficientvlm import EfficientVLMProcessor
     from trainers.model_card import ModelCardInfo, local_name
     from trainers.optimization import head_learning_rate_optimizer
     from trainers.saving import hub_target_from, save_model_folder
     from trainers.sharding import whole_model, whole_weights_on_load
-    from trainers.training import check_image_size, check_text_limit, check_training_overrides, run_training
+    from trainers.training import (
+        check_image_size,
+        check_text_limit,
+        check_training_overrides,
+        run_training,
+        saved_processor,
+    )
 
     from ..data import PretrainingCollator
     from ..distillation.objective import DistillationConfig
@@ -203,7 +208,8 @@ def run(args: DistillArguments, training_args: TrainingArguments) -> None:
             f"pre-training model (e.g. {', '.join(missing[:3])}), which would teach freshly initialised: give a "
             "pre-training checkpoint (`efficientvlm pretrain`'s output, or a converted X-VLM one)."
         )
-    processor = EfficientVLMProcessor.from_pretrained(args.processor_name_or_path or args.teacher_model_name_or_path)
+    flag = "--processor_name_or_path" if args.processor_name_or_path else "--teacher_model_name_or_path"
+    processor = saved_processor(args.processor_name_or_path or args.teacher_model_name_or_path, flag)
     check_image_size(processor, teacher.config.vision_config.image_size)
     # The student keeps the teacher's position table.
     check_text_limit(

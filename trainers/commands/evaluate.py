@@ -17,7 +17,13 @@ from trainers.commands.common import (
 )
 from trainers.placement import resolve_placement
 from trainers.tasks import TASKS, build_dataset, evaluate_task, load_whole_task_model
-from trainers.training import check_answer_list_task, check_text_limit, read_answer_list, warn_on_answer_coverage
+from trainers.training import (
+    check_answer_list_task,
+    check_text_limit,
+    read_answer_list,
+    saved_processor,
+    warn_on_answer_coverage,
+)
 
 
 @dataclass
@@ -100,7 +106,6 @@ class EvaluateArguments:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Evaluates a saved task model on a JSON split and prints its metrics."""
-    from modeling_efficientvlm import EfficientVLMProcessor
     from modeling_efficientvlm.cpu_attention_efficientvlm import ATTN_IMPLEMENTATION
 
     (args,) = parse_arguments("evaluate", (EvaluateArguments,), argv, "Evaluate a task model.")
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model.pack_cpu_weights()
     if args.cpu_attention_kernel:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    processor = EfficientVLMProcessor.from_pretrained(args.model_name_or_path)
+    processor = saved_processor(args.model_name_or_path, "--model_name_or_path")
     positions = model.config.text_config.max_position_embeddings
     check_text_limit(processor, positions, flag=None, processor_folder=args.model_name_or_path)
     dataset = build_dataset(args.task, args.eval_file, args.image_root, processor)
