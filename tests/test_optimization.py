@@ -84,3 +84,16 @@ def test_a_resume_under_another_multiplier_is_refused_naming_both(tmp_path) -> N
     trainer = run(2.0, "same", resume=checkpoint, steps=2)  # the multiplier it was trained with: resumes
     assert trainer.state.global_step == 2
     assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {1e-3, 2e-3}
+
+
+def test_a_pruning_checkpoint_under_another_multiplier_is_only_told_to_resume_alike(tmp_path) -> None:
+    """A pruning checkpoint is no model folder (its masks are not applied when loaded): no advice to start from it."""
+    from trainers.training import check_resumed_head_rate
+
+    model = EfficientVLMForVisualReasoning(EfficientVLMConfig.from_preset("tiny", head_learning_rate_multiplier=2))
+    with pytest.raises(ValueError, match=r"Resume with head_learning_rate_multiplier 1, or start a new run from"):
+        check_resumed_head_rate(tmp_path, {}, model)
+    (tmp_path / "masker.pt").touch()
+    with pytest.raises(ValueError, match=r"Resume with head_learning_rate_multiplier 1\.$"):
+        check_resumed_head_rate(tmp_path, {}, model)
+    check_resumed_head_rate(tmp_path, {"head_learning_rate_multiplier": 2.0}, model)  # the same rate: resumes

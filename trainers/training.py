@@ -383,11 +383,16 @@ def check_resumed_head_rate(checkpoint: Any, saved_config: dict[str, Any], model
         return
     saved = saved_config.get("head_learning_rate_multiplier", 1.0)
     if float(saved) != float(current):
+        # A pruning checkpoint is no model folder (its masks are not applied): it only resumes.
+        weights = (
+            ""
+            if (Path(checkpoint) / "masker.pt").exists()
+            else (f", or start a new run from the checkpoint's weights (--model_name_or_path {checkpoint})")
+        )
         raise ValueError(
             f"--resume_from_checkpoint {checkpoint} was trained with head_learning_rate_multiplier {saved:g}, but "
             f"this run sets {current:g}: the checkpoint's optimizer and schedule keep the rates of {saved:g}. Resume "
-            f"with head_learning_rate_multiplier {saved:g}, or start a new run from the checkpoint's weights "
-            f"(--model_name_or_path {checkpoint})."
+            f"with head_learning_rate_multiplier {saved:g}{weights}."
         )
 
 
@@ -507,9 +512,12 @@ def check_resumed_checkpoint(checkpoint: Any, model: Any = None) -> None:
             f"--resume_from_checkpoint {checkpoint}: cannot read {named}; the checkpoint was cut short or damaged. "
             "Resume from an earlier checkpoint."
         )
-    config = folder / "config.json"
-    if model is not None and config.is_file():
-        saved = (json.loads(config.read_text(encoding="utf-8")).get("architectures") or [None])[0]
+    config_file = folder / "config.json"
+    saved_config = None
+    if model is not None and config_file.is_file():
+        saved_config = json.loads(config_file.read_text(encoding="utf-8"))
+    if saved_config is not None:
+        saved = (saved_config.get("architectures") or [None])[0]
         if saved is not None and saved != type(model).__name__:
             raise ValueError(
                 f"--resume_from_checkpoint {checkpoint} is a checkpoint of {saved}, but this run trains "
@@ -517,8 +525,8 @@ def check_resumed_checkpoint(checkpoint: Any, model: Any = None) -> None:
             )
     optimizer_state = ("optimizer.pt", "optimizer.bin", "optimizer_0", "global_step*")
     has_optimizer_state = any(any(folder.glob(name)) for name in optimizer_state)
-    if has_optimizer_state and model is not None and config.is_file():
-        check_resumed_head_rate(checkpoint, json.loads(config.read_text(encoding="utf-8")), model)
+    if has_optimizer_state and saved_config is not None:
+        check_resumed_head_rate(checkpoint, saved_config, model)
     if folder.is_dir() and not has_optimizer_state:
         logger.warning(
             f"--resume_from_checkpoint {checkpoint} holds no optimizer state (saved with --save_only_model?): the "
