@@ -23,11 +23,28 @@ def kernel():
     return built
 
 
+@pytest.fixture(scope="module")
+def portable_kernel():
+    """Built without AVX-512: the softmax loop CPUs without it run (e.g. Zen 3 and most laptops), checked against
+    SDPA as every build is."""
+    return cpu_attention._build(extra_flags=("-mno-avx512f",))
+
+
+def test_each_build_says_which_softmax_it_runs(kernel, portable_kernel) -> None:
+    with open("/proc/cpuinfo") as cpuinfo:
+        assert kernel.avx512_softmax() == (" avx512f" in cpuinfo.read())  # -march=native: what this CPU has
+    assert not portable_kernel.avx512_softmax()
+
+
+@pytest.mark.parametrize("build", ["kernel", "portable_kernel"])
 @pytest.mark.parametrize(
     "batch, heads, q_len, k_len, head_dim",
     [(1, 3, 577, 577, 64), (2, 4, 37, 45, 32), (1, 6, 1, 17, 48), (3, 2, 197, 197, 64), (1, 5, 40, 577, 64)],
 )
-def test_kernel_matches_sdpa(kernel, batch: int, heads: int, q_len: int, k_len: int, head_dim: int) -> None:
+def test_kernel_matches_sdpa(
+    request, build: str, batch: int, heads: int, q_len: int, k_len: int, head_dim: int
+) -> None:
+    kernel = request.getfixturevalue(build)
     generator = torch.Generator().manual_seed(0)
     # Queries as a stacked projection gives them: a strided view of (batch, q_len, 3, heads, head_dim).
     query = torch.randn(batch, q_len, 3, heads, head_dim, generator=generator).permute(2, 0, 3, 1, 4)[0]
@@ -56,23 +73,6 @@ def _model_and_inputs():
 
 def _hidden(model, inputs) -> torch.Tensor:
     return model(**inputs).last_hidden_state
-
-
-def test_the_portable_softmax_of_cpus_without_avx512_gives_sdpa_results(kernel) -> None:
-    """Built here without AVX-512 (the loop CPUs without it run, e.g. Zen 3 and most laptops), checked as every
-    build is, then on the shapes above."""
-    with open("/proc/cpuinfo") as cpuinfo:
-        assert kernel.avx512_softmax() == (" avx512f" in cpuinfo.read())  # -march=native: what this CPU has
-    portable = cpu_attention._build(extra_flags=("-mno-avx512f",))
-    assert not portable.avx512_softmax()
-    generator = torch.Generator().manual_seed(1)
-    for shape in [(1, 3, 197, 197, 64), (2, 4, 37, 45, 32), (1, 6, 1, 17, 48), (1, 5, 40, 577, 64)]:
-        batch, heads, q_len, k_len, head_dim = shape
-        query = torch.randn(batch, heads, q_len, head_dim, generator=generator)
-        key, value = (torch.randn(batch, heads, k_len, head_dim, generator=generator) for _ in range(2))
-        got = portable.attention_forward(query, key, value, head_dim**-0.5, cpu_attention.QUERY_BLOCK)
-        expected = F.scaled_dot_product_attention(query, key, value).transpose(1, 2)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=lambda m, s=shape: f"{s}: {m}")
 
 
 def test_model_on_the_kernel_gives_sdpa_outputs(kernel, monkeypatch) -> None:

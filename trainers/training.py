@@ -23,6 +23,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from modeling_efficientvlm.loading_efficientvlm import MASK_STATE_FILE
 from trainers.data.epochs import follow_collator_epochs
 from trainers.jit_checkpoint import use_step_boundary_jit_checkpoint
 from trainers.json_files import read_json_file
@@ -386,7 +387,7 @@ def check_resumed_head_rate(checkpoint: Any, saved_config: dict[str, Any], model
         # A pruning checkpoint is no model folder (its masks are not applied): it only resumes.
         weights = (
             ""
-            if (Path(checkpoint) / "masker.pt").exists()
+            if (Path(checkpoint) / MASK_STATE_FILE).exists()
             else (f", or start a new run from the checkpoint's weights (--model_name_or_path {checkpoint})")
         )
         raise ValueError(
