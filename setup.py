@@ -41,6 +41,7 @@ setup(
             "onnxruntime>=1.17",
             "pytest>=8.0",
             "pytest-timeout>=2.3",
+            "pytest-xdist>=3.5",  # setup.cfg runs the tests in parallel
             "ruff>=0.6",
             "nbclient>=0.10",
             "nbformat>=5.10",
