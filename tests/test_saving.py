@@ -185,3 +185,25 @@ def test_saved_weights_get_the_mode_of_any_other_file_of_the_folder(tmp_path) ->
     os.chmod(tmp_path / "shared" / "model.safetensors", 0o600)
     model.save_pretrained(tmp_path / "shared")
     assert (tmp_path / "shared" / "model.safetensors").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_model_folder_saved_again_keeps_the_modes_of_the_files_it_replaces(tmp_path) -> None:
+    """The commands save through a staging folder moved into place: a file made group-writable in a shared folder
+    (or private) came back with the umask's mode after the next save over it."""
+    import os
+
+    config = EfficientVLMConfig.from_preset("tiny")
+    processor = make_processor(tmp_path, image_size=config.vision_config.image_size)
+    folder = tmp_path / "model"
+    previous = os.umask(0o022)
+    try:
+        save_model_folder(task_model_class("retrieval")(config), processor, folder)
+        os.chmod(folder / "config.json", 0o664)
+        os.chmod(folder / "model.safetensors", 0o600)
+        (folder / "README.md").unlink()  # written anew by the next save
+        save_model_folder(task_model_class("retrieval")(config), processor, folder)
+    finally:
+        os.umask(previous)
+    mode = {path.name: path.stat().st_mode & 0o777 for path in folder.iterdir()}
+    assert mode["config.json"] == 0o664 and mode["model.safetensors"] == 0o600
+    assert mode["README.md"] == mode["processor_config.json"] == 0o644

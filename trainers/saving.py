@@ -260,7 +260,8 @@ def _saved_module_names() -> set[str]:
 def _replace_saved_files(staging: Path, output_dir: Path) -> None:
     """Moves the files of a save from `staging` into `output_dir`, after removing (with a warning) the files of a
     model saved there before that this save does not write (its `eval_results.json` too: the commands evaluate after
-    saving). Only files a save writes are candidates: never training outputs or a Python file of the user's own."""
+    saving). Only files a save writes are candidates: never training outputs or a Python file of the user's own. A file
+    replaced keeps its mode; a new one gets the umask's."""
     written = {path.name for path in staging.iterdir()}
     ours = _saved_module_names()
     stale = [
@@ -276,7 +277,10 @@ def _replace_saved_files(staging: Path, output_dir: Path) -> None:
             f"{', '.join(stale)}."
         )
     for name in sorted(written):
-        os.replace(staging / name, output_dir / name)
+        target = output_dir / name
+        if target.is_file():  # a replaced file keeps the mode its owner gave it (group-writable in a shared folder)
+            shutil.copymode(target, staging / name)
+        os.replace(staging / name, target)
 
 
 def default_card(model: Any, stage: str) -> ModelCardInfo | None:
