@@ -33,6 +33,9 @@ from trainers.model_card import ModelCardInfo, write_model_card
 logger = logging.get_logger(__name__)
 
 EVAL_RESULTS_FILE = "eval_results.json"
+# A processor's own file (`ProcessorMixin` writes the first; an image processor saved alone, the second): a model
+# folder without either holds no processor.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 # The top-level files a saved model folder consists of. Anything else in an output folder (TensorBoard `runs/`,
 # `checkpoint-*`, `training_args.bin`, `trainer_state.json`, `*_results.json` of the Trainer, logs, masks) is
@@ -44,8 +47,7 @@ MODEL_FOLDER_PATTERNS = (
     "model-*-of-*.safetensors",
     "model.safetensors.index.json",
     "*.py",
-    "processor_config.json",
-    "preprocessor_config.json",
+    *PROCESSOR_FILES,
     "image_processor_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -317,6 +319,7 @@ __all__ = [
     "HubTarget",
     "default_card",
     "MODEL_FOLDER_PATTERNS",
+    "PROCESSOR_FILES",
     "hub_target_from",
     "model_folder_files",
     "processor_for_saving",

@@ -29,7 +29,7 @@ from trainers.jit_checkpoint import use_step_boundary_jit_checkpoint
 from trainers.json_files import read_json_file
 from trainers.model_card import ModelCardInfo, local_name
 from trainers.optimization import head_learning_rate_optimizer
-from trainers.saving import hub_target_from, publish_model_folder, save_model_folder
+from trainers.saving import PROCESSOR_FILES, hub_target_from, publish_model_folder, save_model_folder
 from trainers.sharding import check_engine, prepare_model_for_engine, whole_model, whole_weights_on_load
 from trainers.tasks import build_collator, build_dataset, evaluate_task, load_task_teacher, task_model_from
 
@@ -234,9 +234,6 @@ def check_text_limit(
 
 
 # What a processor's `save_pretrained` writes beside its tokenizer files (the second: an image processor's alone).
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-
-
 def saved_processor(path: str | os.PathLike, flag: str) -> Any:
     """The processor saved at `path` (a folder or a Hub id); a local folder without one (weights only, or a Trainer
     checkpoint of a run from before checkpoints held it) is a `ValueError` naming `flag` and the files it lacks."""
