@@ -392,6 +392,7 @@ def test_caption_evaluation_decodes_with_the_beams_and_lengths_asked(tmp_path) -
     for bad in ({"num_beams": 0}, {"min_new_tokens": 5, "max_new_tokens": 4}, {"max_new_tokens": 0}):
         with pytest.raises(ValueError, match="Captions need num_beams >= 1 and 0 <= min_new_tokens <= max_new_tokens"):
             evaluate_task("captioning", model, dataset, processor, **bad)
+    model.config.save_pretrained(tmp_path)  # a model folder as far as the flags' checks go
     with pytest.raises(ValueError, match="--min_new_tokens and --num_beams decode captions; the vqa task generates"):
         evaluate_command.main(
             ["--task", "vqa", "--model_name_or_path", str(tmp_path), "--eval_file", str(data), "--num_beams", "3"]

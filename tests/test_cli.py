@@ -413,13 +413,18 @@ def test_every_command_takes_num_threads_and_cpu_runs_do_not_pin_memory(tmp_path
         assert training_args.dataloader_pin_memory is torch.cuda.is_available()
         with pytest.raises(ValueError, match="--num_threads"):
             parse_arguments("finetune", (ModelArguments,), ["--num_threads", "0"], "test")
-        # A mistyped folder is named as one, not passed on as a malformed Hub id; Hub ids and folders pass.
+        # A mistyped folder is named as one, not passed on as a malformed Hub id; Hub ids and model folders pass, and
+        # a processor folder (no config.json) as the processor.
         for flag, value in [("--model_name_or_path", "/no/such/folder"), ("--processor_name_or_path", "a/b/c")]:
             with pytest.raises(ValueError, match=f"{flag} '{value}': no such folder"):
                 parse_arguments("finetune", (ModelArguments,), [flag, value], "test")
-        for value in ("org/model", os.getcwd()):
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "config.json").write_text("{}")
+        for value in ("org/model", str(tmp_path / "model")):
             (parsed,) = parse_arguments("finetune", (ModelArguments,), ["--model_name_or_path", value], "test")
             assert parsed.model_name_or_path == value
+        (parsed,) = parse_arguments("finetune", (ModelArguments,), ["--processor_name_or_path", os.getcwd()], "test")
+        assert parsed.processor_name_or_path == os.getcwd()
         # A mistyped bare folder name (or one inside an existing folder) retried the Hub for 23 s offline, then
         # said it could not connect: named as a folder, with the close names beside it.
         os.makedirs(tmp_path / "runs" / "my_teacher")
@@ -1101,3 +1106,39 @@ def test_a_whole_task_model_load_replaces_transformers_report_with_its_error_and
         assert collect.messages == ["a note from the load"]
     finally:
         logging.getLogger("transformers").removeHandler(collect)
+
+
+@pytest.mark.parametrize(
+    "command, flag",
+    [
+        ("evaluate", "--model_name_or_path"),
+        ("export", "--model_name_or_path"),
+        ("finetune", "--model_name_or_path"),
+        ("prune", "--model_name_or_path"),
+        ("distill", "--teacher_model_name_or_path"),
+        ("benchmark", "--models"),
+        ("app", "--models"),
+    ],
+)
+def test_a_model_flag_naming_a_folder_without_config_is_refused_by_name(tmp_path, command: str, flag: str) -> None:
+    """A folder that exists but holds no model (an empty or mistaken output folder, a folder of images) was reported
+    by the first file Transformers missed: "Unrecognized model ... Should have a `model_type` key", "no file named
+    model.safetensors", or, for the training commands, a missing processor."""
+    import importlib
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "cat.png").write_bytes(b"")
+    argv = {
+        "evaluate": ["--task", "vqa", "--eval_file", "x.json"],
+        "export": ["--output_dir", str(tmp_path / "out")],
+        "finetune": ["--task", "vqa", "--train_file", "x.json", "--output_dir", str(tmp_path / "out")],
+        "prune": ["--task", "vqa", "--train_file", "x.json", "--output_dir", str(tmp_path / "out")],
+        "distill": ["--train_file", "x.json", "--output_dir", str(tmp_path / "out")],
+        "benchmark": [],
+        "app": [],
+    }[command]
+    main = importlib.import_module(f"trainers.commands.{command}").main
+    with pytest.raises(ValueError, match=rf"^{flag} '{re.escape(str(folder))}' holds no config.json, so it is not"):
+        main([flag, str(folder), *argv])
+    assert not (tmp_path / "out").exists()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainers.app.inference import LATENCY_REPEATS
-from trainers.commands.common import check_not_mask_checkpoint, parse_arguments
+from trainers.commands.common import check_model_folder, check_not_mask_checkpoint, parse_arguments
 
 
 @dataclass
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None, block: bool = True) -> Any:
     if not args.models:
         raise ValueError("Give --models: one or more saved model folders or Hub ids.")
     for model in args.models:
+        check_model_folder(model, "--models")
         check_not_mask_checkpoint(model, "--models")
     try:
         import gradio  # noqa: F401

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trainers.commands.common import check_folder_or_hub_id, check_not_mask_checkpoint, parse_arguments
+from trainers.commands.common import (
+    check_folder_or_hub_id,
+    check_model_folder,
+    check_not_mask_checkpoint,
+    parse_arguments,
+)
 
 DEFAULT_RANDOM_PRUNE = "0.35,0.5"
 BATCH_SIZES_DEFAULT = "32"
@@ -179,6 +184,7 @@ def main(argv: list[str] | None = None):
     for spec in args.models or []:
         if spec not in PRESETS and spec not in PEERS:  # a peer among --models is named below
             check_folder_or_hub_id(spec, "--models")
+            check_model_folder(spec, "--models")
             check_not_mask_checkpoint(spec, "--models")
     if args.preset is not None and args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset!r}: not a preset; choose one of {sorted(PRESETS)}.")

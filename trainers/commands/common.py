@@ -198,6 +198,8 @@ def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None
             value = getattr(arguments, name)
             if isinstance(value, str):
                 check_folder_or_hub_id(value, f"--{name}")
+                if name.endswith("model_name_or_path"):  # not --processor_name_or_path: a processor has no config
+                    check_model_folder(value, f"--{name}")
     for arguments in parsed:
         if isinstance(arguments, TrainingArguments):
             check_launched_processes(arguments)
@@ -310,6 +312,17 @@ def check_folder_or_hub_id(value: str, flag: str) -> None:
     raise ValueError(
         f"{flag} {value!r}: no such folder here ({os.getcwd()}), and a Hub id has the form 'namespace/name'.{hint}"
     )
+
+
+def check_model_folder(value: str, flag: str) -> None:
+    """Raises for a local folder that holds no `config.json` (an empty or mistaken output folder, a folder of images
+    or of weights alone), which Transformers reports by the first file it misses (a model type, the weights)."""
+    path = os.path.expanduser(value)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(
+            f"{flag} {value!r} holds no config.json, so it is not a saved model folder (what `save_pretrained` and "
+            "the commands' --output_dir write: config.json, the weights and the processor's files)."
+        )
 
 
 def check_not_mask_checkpoint(value: str, flag: str) -> None:
