@@ -233,7 +233,6 @@ def check_text_limit(
     )
 
 
-# What a processor's `save_pretrained` writes beside its tokenizer files (the second: an image processor's alone).
 def saved_processor(path: str | os.PathLike, flag: str) -> Any:
     """The processor saved at `path` (a folder or a Hub id); a local folder without one (weights only, or a Trainer
     checkpoint of a run from before checkpoints held it) is a `ValueError` naming `flag` and the files it lacks."""
