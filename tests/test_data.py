@@ -628,6 +628,16 @@ def test_empty_data_has_no_records(tmp_path) -> None:
         ImageTextDataset(empty_hf)
 
 
+def test_a_records_path_that_is_missing_or_a_folder_is_named_as_such(tmp_path, monkeypatch) -> None:
+    """`--eval_file` given a folder said only "[Errno 21] Is a directory", and a mistyped file "[Errno 2] No such
+    file or directory", after the model had loaded."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(IsADirectoryError, match=r"^\. is a folder: give the JSON file of records \(a `datasets` fold"):
+        build_dataset("retrieval", ".", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^nope\.json: no such file \(a JSON list of records\) here \("):
+        build_dataset("vqa", "nope.json", tmp_path)
+
+
 def test_16_bit_images_keep_their_gradient(tmp_path) -> None:
     gradient = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (8, 1))  # (8, 64), left dark
     PIL.Image.fromarray(gradient).save(tmp_path / "deep.png")

@@ -251,6 +251,13 @@ class _RecordDataset(Dataset, abc.ABC):
 
 def _read_json_records(path: str | os.PathLike) -> list[Any]:
     """The list of records in an X-VLM JSON file (UTF-8, a leading byte-order mark allowed)."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(
+            f"{path} is a folder: give the JSON file of records (a `datasets` folder saved with save_to_disk: "
+            "`datasets.load_from_disk`, or the training commands' --dataset_path)."
+        )
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file (a JSON list of records) here ({os.getcwd()}).")
     try:
         with open(path, encoding="utf-8-sig") as f:
             records = json.load(f)
