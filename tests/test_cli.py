@@ -1142,3 +1142,33 @@ def test_a_model_flag_naming_a_folder_without_config_is_refused_by_name(tmp_path
     with pytest.raises(ValueError, match=rf"^{flag} '{re.escape(str(folder))}' holds no config.json, so it is not"):
         main([flag, str(folder), *argv])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["finetune", "prune", "distill", "export", "processor", "convert", "demo"])
+def test_an_output_dir_that_is_a_file_is_refused_by_name(tmp_path, capsys, command: str) -> None:
+    """An --output_dir naming an existing file said only "[Errno 17] File exists" (or "[Errno 20] Not a directory"
+    for the demo), after the flags' checks and, for some commands, the model's load."""
+    import importlib
+
+    output = tmp_path / "results.txt"
+    output.write_text("keep me")
+    argv = ["--output_dir", str(output)]
+    argv += {
+        "finetune": ["--task", "vqa", "--preset", "tiny", "--train_file", "x.json"],
+        "prune": ["--task", "vqa", "--preset", "tiny", "--train_file", "x.json"],
+        "distill": ["--teacher_model_name_or_path", "org/t", "--train_file", "x.json"],
+        "export": ["--model_name_or_path", "org/m"],
+        "processor": ["--tokenizer", "vocab.txt"],
+        "convert": ["--checkpoint", "model.pth", "--task", "vqa"],
+        "demo": ["--quick"],
+    }[command]
+    message = f"--output_dir {str(output)!r} is a file; give a folder (created when missing)"
+    main = importlib.import_module(f"trainers.commands.{command}").main
+    if command == "demo":  # its own argparse parser: a usage error
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+    else:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            main(argv)
+    assert output.read_text() == "keep me"

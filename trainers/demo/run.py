@@ -1107,6 +1107,8 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"--num_threads must be at least 1, got {args.num_threads}")
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output_dir {args.output_dir!r} is a file; give a folder (created when missing)")
     threads = args.num_threads or default_num_threads()
     torch.set_num_threads(threads)
     tasks = tuple(args.tasks.split(","))
