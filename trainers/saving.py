@@ -227,6 +227,13 @@ def save_model_folder(
     return output_dir
 
 
+def check_output_folder(path: str | os.PathLike, flag: str = "--output_dir") -> None:
+    """Raises for an output folder that names an existing file (saving into it would fail on errno's "File exists",
+    for some commands only after the model had loaded)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {str(path)!r} is a file; give a folder (created when missing).")
+
+
 def publish_model_folder(
     output_dir: str | os.PathLike,
     model: Any,
@@ -317,6 +324,7 @@ def push_model_folder(
 
 __all__ = [
     "HubTarget",
+    "check_output_folder",
     "default_card",
     "MODEL_FOLDER_PATTERNS",
     "PROCESSOR_FILES",

@@ -158,6 +158,8 @@ def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None
     dataclass took from the recipe are in [`recipe_fields`]."""
     import torch
 
+    from trainers.saving import check_output_folder
+
     own_threads = any("num_threads" in {f.name for f in fields(kind)} for kind in dataclass_types)
     extra = () if own_threads else (RuntimeArguments,)
     takes_recipe = command in _recipe_commands()
@@ -201,9 +203,8 @@ def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None
                 if name.endswith("model_name_or_path"):  # not --processor_name_or_path: a processor has no config
                     check_model_folder(value, f"--{name}")
     for arguments in parsed:
-        output_dir = getattr(arguments, "output_dir", None)
-        if isinstance(output_dir, str) and os.path.exists(output_dir) and not os.path.isdir(output_dir):
-            raise ValueError(f"--output_dir {output_dir!r} is a file; give a folder (created when missing).")
+        if isinstance(getattr(arguments, "output_dir", None), str):
+            check_output_folder(arguments.output_dir)
         if isinstance(arguments, TrainingArguments):
             check_launched_processes(arguments)
             if not torch.cuda.is_available():

@@ -36,6 +36,7 @@ from trainers.distillation import DistillationConfig, DistillationTrainer
 from trainers.pruning.hard_concrete import random_structure_masks
 from trainers.pruning.padding import PAD_TO_MULTIPLE_OF
 from trainers.recipes import load_recipe
+from trainers.saving import check_output_folder
 from trainers.tasks import (
     DEFAULT_DEMO_TASKS,
     DEMO_TASKS,
@@ -1107,8 +1108,10 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"--num_threads must be at least 1, got {args.num_threads}")
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        parser.error(f"--output_dir {args.output_dir!r} is a file; give a folder (created when missing)")
+    try:
+        check_output_folder(args.output_dir)
+    except ValueError as error:
+        parser.error(str(error))
     threads = args.num_threads or default_num_threads()
     torch.set_num_threads(threads)
     tasks = tuple(args.tasks.split(","))
