@@ -384,7 +384,7 @@ def check_resumed_head_rate(checkpoint: Any, saved_config: dict[str, Any], model
         weights = (
             ""
             if (Path(checkpoint) / MASK_STATE_FILE).exists()
-            else (f", or start a new run from the checkpoint's weights (--model_name_or_path {checkpoint})")
+            else f", or start a new run from the checkpoint's weights (--model_name_or_path {checkpoint})"
         )
         raise ValueError(
             f"--resume_from_checkpoint {checkpoint} was trained with head_learning_rate_multiplier {saved:g}, but "
@@ -513,7 +513,6 @@ def check_resumed_checkpoint(checkpoint: Any, model: Any = None) -> None:
     saved_config = None
     if model is not None and config_file.is_file():
         saved_config = json.loads(config_file.read_text(encoding="utf-8"))
-    if saved_config is not None:
         saved = (saved_config.get("architectures") or [None])[0]
         if saved is not None and saved != type(model).__name__:
             raise ValueError(
