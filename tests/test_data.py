@@ -632,7 +632,8 @@ def test_a_records_path_that_is_missing_or_a_folder_is_named_as_such(tmp_path, m
     """`--eval_file` given a folder said only "[Errno 21] Is a directory", and a mistyped file "[Errno 2] No such
     file or directory", after the model had loaded."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(IsADirectoryError, match=r"^\. is a folder: give the JSON file of records \(a `datasets` fold"):
+    folder = r"^\. is a folder: give the file \(a JSON list of records\); a `datasets` folder"
+    with pytest.raises(IsADirectoryError, match=folder):
         build_dataset("retrieval", ".", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"^nope\.json: no such file \(a JSON list of records\) here \("):
         build_dataset("vqa", "nope.json", tmp_path)

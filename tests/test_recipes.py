@@ -146,6 +146,30 @@ def test_recipe_values_and_arguments_files_are_read_as_the_command_line_reads_fl
     assert "argument --max_steps/--max-steps: invalid int value: '3.7'" in capsys.readouterr().err
 
 
+def test_every_json_file_a_command_reads_says_what_is_wrong_with_it(tmp_path) -> None:
+    """Arguments files, recipes and answer lists had only "no such file" for a folder, json's "Expecting value: line 1
+    column 1 (char 0)" for an empty file and a bare UnicodeDecodeError for a Latin-1 one; the records' reader said
+    each by name. One reader serves them all now."""
+    from trainers.training import read_answer_list
+
+    (tmp_path / "empty.json").write_text(" \n")
+    (tmp_path / "latin1.json").write_bytes('{"task": "vqa", "output_dir": "caf\u00e9"}'.encode("latin-1"))
+    (tmp_path / "lines.json").write_text('"yes"\n"no"\n')
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"^--answer_list \S+folder\.json is a folder: give the file \(a JSON"):
+        read_answer_list(tmp_path / "folder.json")
+    with pytest.raises(ValueError, match=r"^--answer_list \S+empty\.json is empty: expected a JSON list of candidate"):
+        read_answer_list(tmp_path / "empty.json")
+    with pytest.raises(
+        ValueError, match=r"lines\.json is not valid JSON: Extra data at line 2, column 1 \(a JSON Lines"
+    ):
+        read_answer_list(tmp_path / "lines.json")
+    with pytest.raises(ValueError, match=r"^Recipe file \S+empty\.json is empty: expected a recipe"):
+        load_recipe(tmp_path / "empty.json")
+    with pytest.raises(ValueError, match=r"^\S+latin1\.json is not UTF-8 text"):
+        parse_arguments("prune", _dataclasses("prune"), [str(tmp_path / "latin1.json")], "t")
+
+
 def test_recipe_list_and_the_recipes_command_name_every_recipe(capsys) -> None:
     from trainers import commands as cli
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import abc
 import io
-import json
 import math
 import os
 import warnings
@@ -40,6 +39,7 @@ import PIL.ImageOps
 from torch.utils.data import Dataset
 
 from modeling_efficientvlm.image_processing_efficientvlm import pil_to_8_bits
+from trainers.json_files import read_json_file
 
 DataSource = str | os.PathLike | Sequence[dict[str, Any]] | datasets.Dataset
 
@@ -251,27 +251,13 @@ class _RecordDataset(Dataset, abc.ABC):
 
 def _read_json_records(path: str | os.PathLike) -> list[Any]:
     """The list of records in an X-VLM JSON file (UTF-8, a leading byte-order mark allowed)."""
-    if Path(path).is_dir():
-        raise IsADirectoryError(
-            f"{path} is a folder: give the JSON file of records (a `datasets` folder saved with save_to_disk: "
-            "`datasets.load_from_disk`, or the training commands' --dataset_path)."
-        )
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file (a JSON list of records) here ({os.getcwd()}).")
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            records = json.load(f)
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text: {error}") from error
-    except json.JSONDecodeError as error:
-        if not error.doc.strip():
-            raise ValueError(f"{path} is empty: expected a JSON list of records.") from error
-        hint = ""
-        if error.msg == "Extra data":
-            hint = " (a JSON Lines file? The file must hold one JSON list of records.)"
-        raise ValueError(
-            f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}{hint}."
-        ) from error
+    records = read_json_file(
+        path,
+        str(path),
+        "a JSON list of records",
+        folder_hint="; a `datasets` folder saved with save_to_disk loads with `datasets.load_from_disk`, or the "
+        "training commands' --dataset_path",
+    )
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}.")
     return records
