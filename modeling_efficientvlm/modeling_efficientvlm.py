@@ -54,6 +54,8 @@ from .packing_efficientvlm import (
     TensorStamp,
     cpu_packing_available,
     inference_tensor_error,
+    onednn_linear,
+    onednn_products,
     packed_linear,
     packed_stack,
     packed_weight,
@@ -263,8 +265,10 @@ def plain_linears(*linears: nn.Module) -> bool:
     return True
 
 
-def _times_weight(states: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """`states @ linear.weight.T` without the bias: (..., in) -> (..., out)."""
+def _times_weight(states: torch.Tensor, linear: nn.Linear, onednn: bool = False) -> torch.Tensor:
+    """`states @ linear.weight.T` without the bias: (..., in) -> (..., out); on oneDNN with `onednn`."""
+    if onednn:
+        return onednn_linear(states, linear.weight)
     flat = torch.mm(states.reshape(-1, states.shape[-1]), linear.weight.t())
     return flat.view(*states.shape[:-1], flat.shape[-1])
 
@@ -337,6 +341,17 @@ class EfficientVLMAttention(PacksCPUWeights):
             else runs_packed(self, "k_proj", kv_states, stacked=2) or runs_packed(self, "q_proj", hidden_states)
         )
         packed_qkv = packed and self_attention
+        # Unpacked, the inference form's products run on oneDNN where MKL is slow (`cpu_products_library`).
+        onednn = (
+            fused
+            and not packed
+            and (
+                onednn_products(hidden_states, self.q_proj.out_features, stacked=3)
+                if self_attention
+                else onednn_products(kv_states, self.k_proj.out_features, stacked=2)
+                or onednn_products(hidden_states, self.q_proj.out_features)
+            )
+        )
         grouped = encoder_groups is not None and encoder_groups.blocked and not output_attentions
         if packed_qkv:
             qkv = packed_stack(self, "qkv", ("q_proj", "k_proj", "v_proj"), bias_scales=(1.0, None, 1.0))
@@ -352,8 +367,12 @@ class EfficientVLMAttention(PacksCPUWeights):
                 # Softmax is blind to the key bias (it adds q . b_k to all of a query's scores) and its rows sum to
                 # 1, so the value bias adds b_v to every context row: added there, in place, instead of broadcast
                 # into every key and value row (the keys' and values' GEMMs then start from nothing).
-                query = self.q_proj(hidden_states)
-                key, value = _times_weight(kv_states, self.k_proj), _times_weight(kv_states, self.v_proj)
+                if onednn:
+                    query = onednn_linear(hidden_states, self.q_proj.weight, self.q_proj.bias)
+                else:
+                    query = self.q_proj(hidden_states)
+                key = _times_weight(kv_states, self.k_proj, onednn)
+                value = _times_weight(kv_states, self.v_proj, onednn)
             else:
                 query = self.q_proj(hidden_states)
                 key, value = self.k_proj(kv_states), self.v_proj(kv_states)
@@ -390,6 +409,8 @@ class EfficientVLMAttention(PacksCPUWeights):
             context = context.add_(self.v_proj.bias)  # the value bias, folded out of the values (see above)
         if packed:  # the output's bias and the residual added inside the product
             return packed_linear(context, packed_weight(self, "out_proj"), residual=residual), None
+        if onednn:
+            return onednn_linear(context, self.out_proj.weight, self.out_proj.bias, residual=residual), None
         if fused:  # the output starts as residual + bias and the output GEMM accumulates into it
             context = context.reshape(-1, context.shape[-1])
             bias = self.out_proj.bias
@@ -541,6 +562,9 @@ class EfficientVLMMLP(PacksCPUWeights):
             return output if residual is None else residual + output
         if runs_packed(self, "fc1", hidden_states):
             return self._packed_forward(flat, blocks, ffn_mask, residual).view(*hidden_states.shape[:-1], -1)
+        if onednn_products(hidden_states, self.fc1.out_features):  # where MKL is slow (`cpu_products_library`)
+            output = self._packed_forward(flat, blocks, ffn_mask, residual, plain=True)
+            return output.view(*hidden_states.shape[:-1], -1)
         output = flat.new_empty((rows, out_features))  # contiguous, whatever the residual
         if residual is None:
             output.copy_(self.fc2.bias)
@@ -556,25 +580,41 @@ class EfficientVLMMLP(PacksCPUWeights):
         return output.view(*hidden_states.shape[:-1], out_features)
 
     def _packed_forward(
-        self, flat: torch.Tensor, blocks: int, ffn_mask: torch.Tensor | None, residual: torch.Tensor | None
+        self,
+        flat: torch.Tensor,
+        blocks: int,
+        ffn_mask: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        plain: bool = False,
     ) -> torch.Tensor:
-        """`_inference_forward` from oneDNN-packed weights: fc1's bias and activation, fc2's bias and the residual
-        run inside the products. (rows, hidden) -> (rows, hidden)."""
+        """`_inference_forward` on oneDNN, from packed weights or (`plain`) from the layers' own: fc1's bias and
+        activation, fc2's bias and the residual run inside the products. (rows, hidden) -> (rows, hidden)."""
         hidden_act = self.config.hidden_act
         activation = FUSED_ACTIVATIONS.get(hidden_act)
         scale = QUICK_GELU_SCALE if hidden_act == "quick_gelu" else 1.0  # see `_activated`
-        fc1 = packed_weight(self, "fc1", weight_scale=scale, bias_scale=scale)
-        fc2 = packed_weight(self, "fc2", weight_scale=1 / scale)
+        if plain:  # no scaled copy of the weights: the inputs are scaled, and the output back (see block_output)
+            fc1 = (self.fc1.weight, self.fc1.bias * scale if scale != 1 else self.fc1.bias)
+            fc2 = (self.fc2.weight, self.fc2.bias * scale if scale != 1 else self.fc2.bias)
+        else:
+            fc1_pack = packed_weight(self, "fc1", weight_scale=scale, bias_scale=scale)
+            fc2_pack = packed_weight(self, "fc2", weight_scale=1 / scale)
+            fc1, fc2 = (fc1_pack.weight, fc1_pack.bias), (fc2_pack.weight, fc2_pack.bias)
+        rescale = plain and scale != 1
         if residual is not None:
             residual = residual.reshape(len(flat), -1)
 
         def block_output(block: torch.Tensor, block_residual: torch.Tensor | None) -> torch.Tensor:
-            activated = packed_linear(block, fc1, activation or NO_ACTIVATION)
+            # Plain quick-GELU: fc1 of (scale x block) is scale x fc1(block), whose SiLU is scale x quick_gelu; fc2
+            # of that, with its bias and the residual scaled alike, is scale x the output.
+            activated = onednn_linear(block * scale if rescale else block, *fc1, activation or NO_ACTIVATION)
             if activation is None:
                 activated = self.activation_fn(activated)
             if ffn_mask is not None:
                 activated.mul_(ffn_mask.to(activated.dtype))
-            return packed_linear(activated, fc2, residual=block_residual)
+            if rescale:
+                scaled_residual = None if block_residual is None else block_residual * scale
+                return onednn_linear(activated, *fc2, residual=scaled_residual).mul_(1 / scale)
+            return onednn_linear(activated, *fc2, residual=block_residual)
 
         if blocks == 1:
             return block_output(flat, residual)

@@ -13,10 +13,16 @@ made at first use and made again whenever a weight changes as torch counts chang
 one): one more copy of those weights in memory. The blocks use them on a CPU, in float32, where their inference
 forms run (no autograd, tracing, autocast or active dropout) when their largest product (stacked layers counted as
 one) has at least `min_flops` FLOPs; everywhere else they run as before.
+
+Unpacked, the same inference forms run their products on oneDNN too, from the layers' own weights (no copy), where
+MKL is slow: MKL's fp32 GEMMs take their AVX2 paths on CPUs that are not Intel's, which on an AMD EPYC (Zen 5, 2
+threads) reach 185-237 GFLOP/s against oneDNN's 375-513 on the same weights (see [`cpu_products_library`]).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +54,56 @@ MIN_PACKED_FLOPS = 1 << 23
 def cpu_packing_available() -> bool:
     """Whether this PyTorch build has oneDNN (`torch.backends.mkldnn`) and its packed linear ops."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+# Which library runs the unpacked inference forms' products on a CPU: "auto", "onednn" or "mkl" (torch's own).
+CPU_PRODUCTS_ENV = "EFFICIENTVLM_CPU_PRODUCTS"
+CPU_PRODUCTS_CHOICES = ("auto", "onednn", "mkl")
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+@functools.cache
+def cpu_products_library() -> str:
+    """ "onednn" or "mkl": the library of the float32 products the inference forms of unpacked attention and FFN
+    blocks run on a CPU, from `EFFICIENTVLM_CPU_PRODUCTS` (read once per process; `auto` when unset). `auto` takes
+    oneDNN on x86 CPUs not made by Intel, where torch's matmul is MKL's and MKL runs its AVX2 kernels: on an AMD EPYC
+    (Zen 5, 2 threads) 40 to 4616 rows x 768 -> 768 / 3072 products ran at 185-237 GFLOP/s on MKL and at 375-513 on
+    oneDNN from the same (unpacked) weights (1.7x at 577 rows, 2.0-2.3x elsewhere; on a Zen 4 1.1-1.5x, but for
+    0.9x at exactly 577 rows); and MKL elsewhere (Intel CPUs, other architectures, builds without MKL or oneDNN).
+    Either runs the same function; the results differ in float32 rounding. Training (autograd) always runs torch's
+    own products."""
+    choice = os.environ.get(CPU_PRODUCTS_ENV, "auto").strip().lower() or "auto"
+    if choice not in CPU_PRODUCTS_CHOICES:
+        raise ValueError(
+            f"{CPU_PRODUCTS_ENV}={os.environ[CPU_PRODUCTS_ENV]!r}: choose one of {', '.join(CPU_PRODUCTS_CHOICES)}."
+        )
+    if choice == "onednn" and not cpu_packing_available():
+        raise ValueError(f"{CPU_PRODUCTS_ENV}=onednn: this PyTorch build has no oneDNN (torch.backends.mkldnn).")
+    if choice != "auto":
+        return choice
+    slow_mkl = torch.backends.mkl.is_available() and _cpu_vendor() not in ("", "GenuineIntel")
+    return "onednn" if slow_mkl and cpu_packing_available() else "mkl"
+
+
+def onednn_products(inputs: torch.Tensor, out_features: int, stacked: int = 1) -> bool:
+    """Whether an unpacked inference form runs its products on oneDNN from the layers' own weights (see
+    `cpu_products_library`), decided by its largest product, `inputs` (..., in) times a weight of `out_features`
+    rows (`stacked` such products counted as one, as `runs_packed` counts them): float32 on the CPU and at least
+    `MIN_PACKED_FLOPS` FLOPs (below, oneDNN's fixed cost per call outweighs the gain)."""
+    return (
+        inputs.dtype == torch.float32
+        and inputs.device.type == "cpu"
+        and 2 * inputs.numel() * out_features * stacked >= MIN_PACKED_FLOPS
+        and cpu_products_library() == "onednn"
+    )
 
 
 def inference_tensor_error(what: str) -> ValueError:
@@ -261,7 +317,19 @@ def packed_linear(
 ) -> torch.Tensor:
     """`activation(inputs @ weight.T + bias)`, or `inputs @ weight.T + bias + residual` (no activation then):
     (..., in) -> (..., out), one oneDNN call."""
+    return onednn_linear(inputs, pack.weight, pack.bias, activation, residual)
+
+
+def onednn_linear(
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: tuple[str, str] = NO_ACTIVATION,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`activation(inputs @ weight.T + bias)`, or `inputs @ weight.T + bias + residual` (no activation then), in one
+    oneDNN call: (..., in) -> (..., out). `weight` (out, in) packed (`mkldnn._reorder_linear_weight`) or plain."""
     if residual is not None:
-        residual = residual.reshape(*inputs.shape[:-1], pack.weight.shape[0]).contiguous()
-        return torch.ops.mkldnn._linear_pointwise.binary(inputs, residual, pack.weight, pack.bias, "add")
-    return torch.ops.mkldnn._linear_pointwise(inputs, pack.weight, pack.bias, activation[0], [], activation[1])
+        residual = residual.reshape(*inputs.shape[:-1], weight.shape[0]).contiguous()
+        return torch.ops.mkldnn._linear_pointwise.binary(inputs, residual, weight, bias, "add")
+    return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, activation[0], [], activation[1])

@@ -106,6 +106,18 @@ def test_table_json_and_plot(report, tmp_path) -> None:
     assert BenchmarkReport.from_dict(data).peak_samples == {"float32": {1: samples}}
     # How the process allocated is part of the machine: the test process keeps glibc's defaults.
     assert data["machine"]["freed_memory_kept"] is False and "the C library's default allocator" in table
+    # And which library the unpacked models' inference products ran on (this process's choice).
+    from modeling_efficientvlm.packing_efficientvlm import cpu_products_library
+
+    library = {"onednn": "oneDNN, from the layers' own weights", "mkl": "torch's own (MKL)"}
+    assert data["machine"]["cpu_products"] == cpu_products_library()
+    assert f"CPU products of the unpacked models' inference forms: {library[cpu_products_library()]}" in table
+    for chosen, words in library.items():
+        data["machine"]["cpu_products"] = chosen
+        text = format_report(BenchmarkReport.from_dict(data))
+        assert f"inference forms: {words} (`EFFICIENTVLM_CPU_PRODUCTS`" in text
+    del data["machine"]["cpu_products"]  # a report from before the choice: no line
+    assert "CPU products" not in format_report(BenchmarkReport.from_dict(data))
     assert {"median_ms", "q1_ms", "peak_fraction", "peak_beside_fraction"} <= set(data["results"][0])
     assert data["results"][0]["name"] == "tiny"
     png = plot_report(report, tmp_path / "bench.png")

@@ -119,7 +119,7 @@ def format_report(report: BenchmarkReport) -> str:
         "process running the workload at this setting (interpreter, libraries and model included), in brackets "
         "its rise while the workload runs (over the model and inputs built); peak GPU MB: the CUDA allocator's "
         "high-water mark during one call, in brackets what the call allocated over the model and inputs.",
-        *([] if on_cuda else [_cpu_memory_line(report.machine)]),
+        *([] if on_cuda else [_cpu_memory_line(report.machine), *_cpu_products_line(report.machine)]),
         *report.notes,
     ]
     return "\n".join(lines)
@@ -141,6 +141,17 @@ def _cpu_memory_line(machine: dict) -> str:
     if machine.get("freed_memory_kept"):
         return "CPU memory: freed blocks kept for the next tensors (`trainers.cpu_memory`, as the commands run)."
     return "CPU memory: the C library's default allocator (freed blocks not kept: see `trainers.cpu_memory`)."
+
+
+def _cpu_products_line(machine: dict) -> list[str]:
+    library = machine.get("cpu_products")
+    if library is None:  # a report from before the choice existed
+        return []
+    names = {"onednn": "oneDNN, from the layers' own weights", "mkl": "torch's own (MKL)"}
+    return [
+        f"CPU products of the unpacked models' inference forms: {names[library]} (`EFFICIENTVLM_CPU_PRODUCTS`: auto "
+        "takes oneDNN on x86 CPUs not made by Intel, where MKL runs its AVX2 kernels; training runs torch's own)."
+    ]
 
 
 def check_output_path(path: str | Path, flag: str) -> Path:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modeling_efficientvlm.packing_efficientvlm import cpu_packing_available
+from modeling_efficientvlm.packing_efficientvlm import cpu_packing_available, cpu_products_library
 from trainers.cpu_memory import freed_memory_kept
 from trainers.evaluation.benchmarking import (
     Spread,
@@ -316,6 +316,8 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "freed_memory_kept": freed_memory_kept(),  # `trainers.cpu_memory`: the `efficientvlm` commands keep it
         # The CPU float32 peak is also timed through oneDNN (`matmul_peak_gflops`) where this build has it.
         "onednn_peak": cpu_packing_available(),
+        # Which library the unpacked models' inference products ran on (`EFFICIENTVLM_CPU_PRODUCTS`, the CPU vendor).
+        "cpu_products": cpu_products_library(),
     }
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
