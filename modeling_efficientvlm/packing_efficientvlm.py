@@ -56,9 +56,10 @@ def cpu_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-# Which library runs the unpacked inference forms' products on a CPU: "auto", "onednn" or "mkl" (torch's own).
+# Which library runs the unpacked inference forms' products on a CPU: "auto", "onednn" or "torch" (torch's own
+# matmul: MKL in x86 builds).
 CPU_PRODUCTS_ENV = "EFFICIENTVLM_CPU_PRODUCTS"
-CPU_PRODUCTS_CHOICES = ("auto", "onednn", "mkl")
+CPU_PRODUCTS_CHOICES = ("auto", "onednn", "torch")
 
 
 @functools.cache
@@ -72,14 +73,14 @@ def _cpu_vendor() -> str:
 
 @functools.cache
 def cpu_products_library() -> str:
-    """ "onednn" or "mkl": the library of the float32 products the inference forms of unpacked attention and FFN
-    blocks run on a CPU, from `EFFICIENTVLM_CPU_PRODUCTS` (read once per process; `auto` when unset). `auto` takes
-    oneDNN on x86 CPUs not made by Intel, where torch's matmul is MKL's and MKL runs its AVX2 kernels: on an AMD EPYC
-    (Zen 5, 2 threads) 40 to 4616 rows x 768 -> 768 / 3072 products ran at 185-237 GFLOP/s on MKL and at 375-513 on
-    oneDNN from the same (unpacked) weights (1.7x at 577 rows, 2.0-2.3x elsewhere; on a Zen 4 1.1-1.5x, but for
-    0.9x at exactly 577 rows); and MKL elsewhere (Intel CPUs, other architectures, builds without MKL or oneDNN).
-    Either runs the same function; the results differ in float32 rounding. Training (autograd) always runs torch's
-    own products."""
+    """The library of the float32 products the inference forms of unpacked attention and FFN blocks run on a CPU,
+    "onednn" or "torch" (torch's own matmul), from `EFFICIENTVLM_CPU_PRODUCTS` (read once per process; `auto` when
+    unset). `auto` takes oneDNN on x86 CPUs not made by Intel, where torch's matmul is MKL's and MKL runs its AVX2
+    kernels: on an AMD EPYC (Zen 5, 2 threads) 40 to 4616 rows x 768 -> 768 / 3072 products ran at 185-237 GFLOP/s on
+    MKL and at 375-513 on oneDNN from the same (unpacked) weights (1.7x at 577 rows, 2.0-2.3x elsewhere; on a Zen 4
+    1.1-1.5x, but for 0.9x at exactly 577 rows); and torch's own elsewhere (Intel CPUs, other architectures, builds
+    without MKL or oneDNN). Either runs the same function; the results differ in float32 rounding. Training
+    (autograd) always runs torch's own products."""
     choice = os.environ.get(CPU_PRODUCTS_ENV, "auto").strip().lower() or "auto"
     if choice not in CPU_PRODUCTS_CHOICES:
         raise ValueError(
@@ -90,7 +91,7 @@ def cpu_products_library() -> str:
     if choice != "auto":
         return choice
     slow_mkl = torch.backends.mkl.is_available() and _cpu_vendor() not in ("", "GenuineIntel")
-    return "onednn" if slow_mkl and cpu_packing_available() else "mkl"
+    return "onednn" if slow_mkl and cpu_packing_available() else "torch"
 
 
 def onednn_products(inputs: torch.Tensor, out_features: int, stacked: int = 1) -> bool:

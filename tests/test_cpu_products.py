@@ -38,14 +38,14 @@ def _scores(model: torch.nn.Module) -> tuple[tuple[torch.Tensor, ...], list[str]
 
 def test_the_library_follows_the_variable_and_the_cpu_vendor(products, monkeypatch) -> None:
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
-    for value, library in (("mkl", "mkl"), (" OneDNN ", "onednn")):
+    for value, library in (("torch", "torch"), (" OneDNN ", "onednn")):
         products(value)
         assert packing.cpu_products_library() == library
     for vendor, library in (
         ("AuthenticAMD", "onednn"),
         ("HygonGenuine", "onednn"),
-        ("GenuineIntel", "mkl"),
-        ("", "mkl"),
+        ("GenuineIntel", "torch"),
+        ("", "torch"),
     ):
         monkeypatch.setattr(packing, "_cpu_vendor", lambda vendor=vendor: vendor)
         for value in ("auto", ""):
@@ -55,9 +55,9 @@ def test_the_library_follows_the_variable_and_the_cpu_vendor(products, monkeypat
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
     monkeypatch.setattr(packing, "_cpu_vendor", lambda: "AuthenticAMD")
     products("auto")
-    assert packing.cpu_products_library() == "mkl"
+    assert packing.cpu_products_library() == "torch"
     products("blas")
-    with pytest.raises(ValueError, match=r"^EFFICIENTVLM_CPU_PRODUCTS='blas': choose one of auto, onednn, mkl\.$"):
+    with pytest.raises(ValueError, match=r"^EFFICIENTVLM_CPU_PRODUCTS='blas': choose one of auto, onednn, torch\.$"):
         packing.cpu_products_library()
 
 
@@ -65,7 +65,7 @@ def test_unpacked_models_score_alike_on_either_library_and_copy_no_weight(produc
     """A pruned model with emptied layers: every block's products on oneDNN from the layers' own weights, no packed
     copy made, the same scores; the FLOP count does not change."""
     model = prune_unevenly(tiny_retrieval_model())
-    products("mkl")
+    products("torch")
     expected, mkl_ops = _scores(model)
     mkl_flops = count_flops(lambda: shared_image_scores(model))
     assert "mkldnn._linear_pointwise" not in mkl_ops
@@ -115,7 +115,7 @@ def test_ffn_on_onednn_with_each_activation_masks_blocks_and_residual(products, 
             for rows in (1024, 5):  # one block; blocks of 5 rows
                 monkeypatch.setattr(EfficientVLMMLP, "inference_chunk_rows", rows)
                 for kwargs in ({}, {"residual": residual}):
-                    products("mkl")
+                    products("torch")
                     expected = ffn(hidden, ffn_mask, **kwargs)
                     products("onednn")
                     recorder = _OpRecorder()
@@ -140,7 +140,7 @@ def test_attention_on_onednn_with_biases_and_a_non_contiguous_residual(products,
     residual = torch.randn(6, 3, config.hidden_size).transpose(0, 1)
     with torch.no_grad():
         for kwargs in ({}, {"residual": residual}):
-            products("mkl")
+            products("torch")
             expected = attention(hidden, encoder_hidden_states=image, **kwargs)[0]
             products("onednn")
             recorder = _OpRecorder()
