@@ -59,6 +59,11 @@ def test_the_library_follows_the_variable_and_the_cpu_vendor(products, monkeypat
     products("blas")
     with pytest.raises(ValueError, match=r"^EFFICIENTVLM_CPU_PRODUCTS='blas': choose one of auto, onednn, torch\.$"):
         packing.cpu_products_library()
+    # The commands say so before anything runs (here: before the command's own flags are read).
+    from trainers.commands import main
+
+    with pytest.raises(ValueError, match=r"^EFFICIENTVLM_CPU_PRODUCTS='blas'"):
+        main(["evaluate", "--no_such_flag"])
 
 
 def test_unpacked_models_score_alike_on_either_library_and_copy_no_weight(products) -> None:
