@@ -192,18 +192,27 @@ def test_packs_are_dropped_copied_empty_and_never_saved(tmp_path) -> None:
     assert all(block.cpu_packs is None for block in _blocks(packed))
 
 
+def ffn_case(hidden_act: str) -> tuple[EfficientVLMMLP, torch.Tensor, torch.Tensor]:
+    """A tiny vision FFN of 24 neurons with `hidden_act` and non-zero biases, its hidden states (2, 7, hidden) and a
+    non-contiguous residual."""
+    config = EfficientVLMConfig.from_preset("tiny").vision_config
+    config.hidden_act = hidden_act
+    torch.manual_seed(0)
+    ffn = EfficientVLMMLP(config, 24).eval()
+    with torch.no_grad():
+        ffn.fc1.bias.normal_()
+        ffn.fc2.bias.normal_()
+    hidden = torch.randn(2, 7, config.hidden_size)
+    return ffn, hidden, torch.randn(7, 2, config.hidden_size).transpose(0, 1)
+
+
 @pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "relu", "silu", "gelu_new", "mish"])
 def test_packed_ffn_fuses_each_activation_with_masks_blocks_and_residual(hidden_act: str, monkeypatch) -> None:
     """Every activation the product runs itself, and one it does not (mish: applied after), with a neuron mask,
     in row blocks, with a non-contiguous residual."""
-    config = EfficientVLMConfig.from_preset("tiny").vision_config
-    config.hidden_act = hidden_act
-    torch.manual_seed(0)
-    plain = EfficientVLMMLP(config, 24).eval()
+    plain, hidden, residual = ffn_case(hidden_act)
     packed = copy.deepcopy(plain)
     packed.cpu_packs = CPUWeightPacks(min_flops=0)
-    hidden = torch.randn(2, 7, config.hidden_size)
-    residual = torch.randn(7, 2, config.hidden_size).transpose(0, 1)
     with torch.no_grad():
         for ffn_mask in (None, torch.rand(24).round()):
             for rows in (1024, 5):  # one block; blocks of 5 rows
@@ -214,22 +223,28 @@ def test_packed_ffn_fuses_each_activation_with_masks_blocks_and_residual(hidden_
     assert len(packed.cpu_packs) == 2
 
 
+def attention_case(cross: bool) -> tuple[EfficientVLMAttention, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """A tiny text attention block (4 heads, biases everywhere, dropout set but in eval mode), its hidden states
+    (3, 6, hidden), the image states of a cross-attention (else None) and a non-contiguous residual."""
+    config = EfficientVLMConfig.from_preset("tiny").text_config
+    torch.manual_seed(0)
+    kv_size = config.encoder_hidden_size if cross else config.hidden_size
+    attention = EfficientVLMAttention(config, 4, kv_size, dropout=0.1).eval()
+    with torch.no_grad():
+        for linear in (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj):
+            linear.bias.normal_()
+    hidden = torch.randn(3, 6, config.hidden_size)
+    image = torch.randn(3, 9, config.encoder_hidden_size) if cross else None
+    return attention, hidden, image, torch.randn(6, 3, config.hidden_size).transpose(0, 1)
+
+
 @pytest.mark.parametrize("cross", [False, True])
 def test_packed_attention_stacks_its_projections_and_takes_a_non_contiguous_residual(cross: bool) -> None:
     """Self-attention runs its queries, keys and values as one product (value bias inside), cross-attention its
     keys and values (from the other modality's states); with biases everywhere, with and without a residual."""
-    config = EfficientVLMConfig.from_preset("tiny").text_config
-    torch.manual_seed(0)
-    kv_size = config.encoder_hidden_size if cross else config.hidden_size
-    plain = EfficientVLMAttention(config, 4, kv_size, dropout=0.1).eval()
-    with torch.no_grad():
-        for linear in (plain.q_proj, plain.k_proj, plain.v_proj, plain.out_proj):
-            linear.bias.normal_()
+    plain, hidden, image, residual = attention_case(cross)
     packed = copy.deepcopy(plain)
     packed.cpu_packs = CPUWeightPacks(min_flops=0)
-    hidden = torch.randn(3, 6, config.hidden_size)
-    image = torch.randn(3, 9, config.encoder_hidden_size) if cross else None
-    residual = torch.randn(6, 3, config.hidden_size).transpose(0, 1)
     recorder = _OpRecorder()
     with torch.no_grad():
         for kwargs in ({}, {"residual": residual}):

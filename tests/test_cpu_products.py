@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modeling_efficientvlm import EfficientVLMConfig
 from modeling_efficientvlm import packing_efficientvlm as packing
-from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMAttention, EfficientVLMMLP
+from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMMLP
 from tests.model_utils import prune_unevenly, shared_image_scores, tiny_retrieval_model
-from tests.test_cpu_packing import _assert_same, _blocks, _linears_of_blocks, _OpRecorder
+from tests.test_cpu_packing import _assert_same, _blocks, _linears_of_blocks, _OpRecorder, attention_case, ffn_case
 from trainers.evaluation.benchmarking import count_flops
 
 GEMMS = ("aten.addmm", "aten.addmm_", "aten.mm")  # the linear layers' (attention's own products are bmm)
@@ -106,15 +105,7 @@ def test_products_under_the_floor_and_under_autograd_stay_on_torch(products, mon
 def test_ffn_on_onednn_with_each_activation_masks_blocks_and_residual(products, hidden_act, monkeypatch) -> None:
     """Quick-GELU without a scaled copy of the weights (its scale on the inputs, then off the output), activations
     inside the product or after it (mish), a neuron mask, row blocks and a non-contiguous residual."""
-    config = EfficientVLMConfig.from_preset("tiny").vision_config
-    config.hidden_act = hidden_act
-    torch.manual_seed(0)
-    ffn = EfficientVLMMLP(config, 24).eval()
-    with torch.no_grad():
-        ffn.fc1.bias.normal_()
-        ffn.fc2.bias.normal_()
-    hidden = torch.randn(2, 7, config.hidden_size)
-    residual = torch.randn(7, 2, config.hidden_size).transpose(0, 1)
+    ffn, hidden, residual = ffn_case(hidden_act)
     with torch.no_grad():
         for ffn_mask in (None, torch.rand(24).round()):
             for rows in (1024, 5):  # one block; blocks of 5 rows
@@ -133,16 +124,7 @@ def test_ffn_on_onednn_with_each_activation_masks_blocks_and_residual(products, 
 
 @pytest.mark.parametrize("cross", [False, True])
 def test_attention_on_onednn_with_biases_and_a_non_contiguous_residual(products, cross: bool) -> None:
-    config = EfficientVLMConfig.from_preset("tiny").text_config
-    torch.manual_seed(0)
-    kv_size = config.encoder_hidden_size if cross else config.hidden_size
-    attention = EfficientVLMAttention(config, 4, kv_size, dropout=0.1).eval()
-    with torch.no_grad():
-        for linear in (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj):
-            linear.bias.normal_()
-    hidden = torch.randn(3, 6, config.hidden_size)
-    image = torch.randn(3, 9, config.encoder_hidden_size) if cross else None
-    residual = torch.randn(6, 3, config.hidden_size).transpose(0, 1)
+    attention, hidden, image, residual = attention_case(cross)
     with torch.no_grad():
         for kwargs in ({}, {"residual": residual}):
             products("torch")
