@@ -1172,3 +1172,25 @@ def test_an_output_dir_that_is_a_file_is_refused_by_name(tmp_path, capsys, comma
         with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
             main(argv)
     assert output.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "prune", "distill"])
+@pytest.mark.parametrize(
+    "flag", ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"]
+)
+def test_batch_sizes_and_accumulation_below_one_are_refused_by_name(tmp_path, command: str, flag: str) -> None:
+    """0 reached torch's DataLoader ("batch_size should be a positive integer value") or, for the accumulation
+    steps, a ZeroDivisionError traceback, after the model had loaded."""
+    import importlib
+
+    argv = ["--output_dir", str(tmp_path / "out"), f"--{flag}", "0"]
+    argv += {
+        "pretrain": ["--preset", "tiny", "--vocab_file", "vocab.txt", "--train_file", "x.json"],
+        "finetune": ["--task", "vqa", "--preset", "tiny", "--train_file", "x.json"],
+        "prune": ["--task", "vqa", "--preset", "tiny", "--train_file", "x.json", "--target_sparsity", "0.5"],
+        "distill": ["--teacher_model_name_or_path", "org/t", "--train_file", "x.json"],
+    }[command]
+    main = importlib.import_module(f"trainers.commands.{command}").main
+    with pytest.raises(ValueError, match=rf"^--{flag} must be at least 1; got 0\.$"):
+        main(argv)
+    assert not (tmp_path / "out").exists()

@@ -449,7 +449,7 @@ def test_export_refuses_what_it_cannot_do_before_exporting_anything(tmp_path, mo
         ("vqa", ["--eval_file", str(retrieval_file), "--image_root", str(retrieval_images)],
          r"Record 0 in .*image_text\.json has none of the fields \['question', 'text'\]"),
         ("vqa", ["--eval_file", str(vqa_file)],
-         r"Record 0 in .*vqa\.json: image file q0\.png not found \(image_root=None\)"),
+         r"Record 0 in .*vqa\.json: image file q0\.png not found \(no image root: the path is read from the working "),
         ("vqa", ["--eval_file", str(vqa_file), "--image_root", str(vqa_images)],
          r"^--eval_file: VQA ranks candidate answers, and .*vqa has none saved \(`config\.answer_candidates`\); give "
          r"--answer_list"),

@@ -206,6 +206,10 @@ def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None
         if isinstance(getattr(arguments, "output_dir", None), str):
             check_output_folder(arguments.output_dir)
         if isinstance(arguments, TrainingArguments):
+            # 0 reached torch's DataLoader ("batch_size should be a positive integer") or divided by zero.
+            for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+                if getattr(arguments, name) < 1:
+                    raise ValueError(f"--{name} must be at least 1; got {getattr(arguments, name)}.")
             check_launched_processes(arguments)
             if not torch.cuda.is_available():
                 arguments.dataloader_pin_memory = False

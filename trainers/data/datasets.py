@@ -204,9 +204,14 @@ class _RecordDataset(Dataset, abc.ABC):
                 if value is None:
                     raise ValueError(f"{self._where(index)}: the image is missing (null).")
                 if isinstance(value, (str, os.PathLike)) and not _resolve(value, self.image_root).is_file():
+                    where = (
+                        f"image_root={self.image_root}"
+                        if self.image_root is not None
+                        else f"no image root: the path is read from the working directory, {os.getcwd()}; give "
+                        "--image_root the folder the records' image paths start from"
+                    )
                     raise FileNotFoundError(
-                        f"{self._where(index)}: image file {_resolve(value, self.image_root)} not found "
-                        f"(image_root={self.image_root})."
+                        f"{self._where(index)}: image file {_resolve(value, self.image_root)} not found ({where})."
                     )
 
     def check_image_headers(self) -> None:
