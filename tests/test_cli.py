@@ -1194,3 +1194,37 @@ def test_batch_sizes_and_accumulation_below_one_are_refused_by_name(tmp_path, co
     with pytest.raises(ValueError, match=rf"^--{flag} must be at least 1; got 0\.$"):
         main(argv)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "prune", "distill"])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max_steps", "0"], r"^--max_steps 0 trains no step: give a positive number of optimizer steps"),
+        (["--num_train_epochs", "0"], r"^--num_train_epochs 0 trains no step: give a positive number of epochs"),
+        (["--num_train_epochs", "-1.5"], r"^--num_train_epochs -1\.5 trains no step"),
+    ],
+)
+def test_a_run_that_would_train_no_step_is_refused_by_name(tmp_path, command: str, flags, message) -> None:
+    """--num_train_epochs 0 saved the model untrained as the command's result; --max_steps 0 (read as unset by
+    Transformers) trained one stray step."""
+    import importlib
+
+    argv = ["--output_dir", str(tmp_path / "out"), *flags]
+    argv += {
+        "pretrain": ["--preset", "tiny", "--vocab_file", "vocab.txt", "--train_file", "x.json"],
+        "finetune": ["--task", "vqa", "--preset", "tiny", "--train_file", "x.json"],
+        "prune": ["--task", "vqa", "--preset", "tiny", "--train_file", "x.json", "--target_sparsity", "0.5"],
+        "distill": ["--teacher_model_name_or_path", "org/t", "--train_file", "x.json"],
+    }[command]
+    main = importlib.import_module(f"trainers.commands.{command}").main
+    with pytest.raises(ValueError, match=message):
+        main(argv)
+    assert not (tmp_path / "out").exists()
+    # Either is fine with the other set: a fraction of an epoch, or steps over a zero epoch count.
+    from transformers import TrainingArguments
+
+    from trainers.commands.common import check_training_length
+
+    for fine in ({"num_train_epochs": 0.5}, {"num_train_epochs": 0, "max_steps": 3}):
+        check_training_length(TrainingArguments(output_dir=str(tmp_path / "out"), **fine))

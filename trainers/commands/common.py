@@ -210,10 +210,27 @@ def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None
             for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
                 if getattr(arguments, name) < 1:
                     raise ValueError(f"--{name} must be at least 1; got {getattr(arguments, name)}.")
+            check_training_length(arguments)
             check_launched_processes(arguments)
             if not torch.cuda.is_available():
                 arguments.dataloader_pin_memory = False
     return tuple(parsed)
+
+
+def check_training_length(arguments: TrainingArguments) -> None:
+    """Raises, naming the flag, when the run would train no step: `--max_steps 0` (Transformers reads it as unset and
+    trained a stray step), or `--num_train_epochs` 0 or less without `--max_steps` (it saved the model untrained, as
+    if trained)."""
+    if arguments.max_steps == 0:
+        raise ValueError(
+            "--max_steps 0 trains no step: give a positive number of optimizer steps (or leave it unset, -1, to "
+            "train --num_train_epochs)."
+        )
+    if arguments.max_steps < 0 and arguments.num_train_epochs <= 0:
+        raise ValueError(
+            f"--num_train_epochs {arguments.num_train_epochs:g} trains no step: give a positive number of epochs "
+            "(fractions train part of one), or --max_steps."
+        )
 
 
 def launched_processes() -> int:
