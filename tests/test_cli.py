@@ -1224,7 +1224,7 @@ def test_a_run_that_would_train_no_step_is_refused_by_name(tmp_path, command: st
     # Either is fine with the other set: a fraction of an epoch, or steps over a zero epoch count.
     from transformers import TrainingArguments
 
-    from trainers.commands.common import check_training_length
+    from trainers.commands.common import check_training_sizes
 
     for fine in ({"num_train_epochs": 0.5}, {"num_train_epochs": 0, "max_steps": 3}):
-        check_training_length(TrainingArguments(output_dir=str(tmp_path / "out"), **fine))
+        check_training_sizes(TrainingArguments(output_dir=str(tmp_path / "out"), **fine))

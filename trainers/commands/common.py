@@ -206,21 +206,21 @@ def parse_arguments(command: str, dataclass_types: tuple, argv: list[str] | None
         if isinstance(getattr(arguments, "output_dir", None), str):
             check_output_folder(arguments.output_dir)
         if isinstance(arguments, TrainingArguments):
-            # 0 reached torch's DataLoader ("batch_size should be a positive integer") or divided by zero.
-            for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-                if getattr(arguments, name) < 1:
-                    raise ValueError(f"--{name} must be at least 1; got {getattr(arguments, name)}.")
-            check_training_length(arguments)
+            check_training_sizes(arguments)
             check_launched_processes(arguments)
             if not torch.cuda.is_available():
                 arguments.dataloader_pin_memory = False
     return tuple(parsed)
 
 
-def check_training_length(arguments: TrainingArguments) -> None:
-    """Raises, naming the flag, when the run would train no step: `--max_steps 0` (Transformers reads it as unset and
-    trained a stray step), or `--num_train_epochs` 0 or less without `--max_steps` (it saved the model untrained, as
-    if trained)."""
+def check_training_sizes(arguments: TrainingArguments) -> None:
+    """Raises, naming the flag, for batch sizes or accumulation steps below 1 (0 reached torch's DataLoader, "batch_size
+    should be a positive integer", or divided by zero) and when the run would train no step: `--max_steps 0`
+    (Transformers reads it as unset and trained a stray step), or `--num_train_epochs` 0 or less without
+    `--max_steps` (it saved the model untrained, as if trained)."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(arguments, name) < 1:
+            raise ValueError(f"--{name} must be at least 1; got {getattr(arguments, name)}.")
     if arguments.max_steps == 0:
         raise ValueError(
             "--max_steps 0 trains no step: give a positive number of optimizer steps (or leave it unset, -1, to "
