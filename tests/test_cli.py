@@ -1174,7 +1174,16 @@ def test_an_output_dir_that_is_a_file_is_refused_by_name(tmp_path, capsys, comma
     assert output.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("command", ["pretrain", "finetune", "prune", "distill"])
+# Flags the training commands need beside the ones under test (never read: the flags under test are refused first).
+TRAINING_COMMAND_FLAGS = {
+    "pretrain": ["--preset", "tiny", "--vocab_file", "vocab.txt", "--train_file", "x.json"],
+    "finetune": ["--task", "vqa", "--preset", "tiny", "--train_file", "x.json"],
+    "prune": ["--task", "vqa", "--preset", "tiny", "--train_file", "x.json", "--target_sparsity", "0.5"],
+    "distill": ["--teacher_model_name_or_path", "org/t", "--train_file", "x.json"],
+}
+
+
+@pytest.mark.parametrize("command", list(TRAINING_COMMAND_FLAGS))
 @pytest.mark.parametrize(
     "flag", ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"]
 )
@@ -1184,19 +1193,14 @@ def test_batch_sizes_and_accumulation_below_one_are_refused_by_name(tmp_path, co
     import importlib
 
     argv = ["--output_dir", str(tmp_path / "out"), f"--{flag}", "0"]
-    argv += {
-        "pretrain": ["--preset", "tiny", "--vocab_file", "vocab.txt", "--train_file", "x.json"],
-        "finetune": ["--task", "vqa", "--preset", "tiny", "--train_file", "x.json"],
-        "prune": ["--task", "vqa", "--preset", "tiny", "--train_file", "x.json", "--target_sparsity", "0.5"],
-        "distill": ["--teacher_model_name_or_path", "org/t", "--train_file", "x.json"],
-    }[command]
+    argv += TRAINING_COMMAND_FLAGS[command]
     main = importlib.import_module(f"trainers.commands.{command}").main
     with pytest.raises(ValueError, match=rf"^--{flag} must be at least 1; got 0\.$"):
         main(argv)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("command", ["pretrain", "finetune", "prune", "distill"])
+@pytest.mark.parametrize("command", list(TRAINING_COMMAND_FLAGS))
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -1211,12 +1215,7 @@ def test_a_run_that_would_train_no_step_is_refused_by_name(tmp_path, command: st
     import importlib
 
     argv = ["--output_dir", str(tmp_path / "out"), *flags]
-    argv += {
-        "pretrain": ["--preset", "tiny", "--vocab_file", "vocab.txt", "--train_file", "x.json"],
-        "finetune": ["--task", "vqa", "--preset", "tiny", "--train_file", "x.json"],
-        "prune": ["--task", "vqa", "--preset", "tiny", "--train_file", "x.json", "--target_sparsity", "0.5"],
-        "distill": ["--teacher_model_name_or_path", "org/t", "--train_file", "x.json"],
-    }[command]
+    argv += TRAINING_COMMAND_FLAGS[command]
     main = importlib.import_module(f"trainers.commands.{command}").main
     with pytest.raises(ValueError, match=message):
         main(argv)
