@@ -109,7 +109,10 @@ def test_table_json_and_plot(report, tmp_path) -> None:
     # And which library the unpacked models' inference products ran on (this process's choice).
     from modeling_efficientvlm.packing_efficientvlm import cpu_products_library
 
-    library = {"onednn": "oneDNN, from the layers' own weights", "torch": "torch's own (MKL in x86 builds)"}
+    library = {
+        "onednn": "oneDNN from the layers' own weights (products of 2^23 FLOPs or more)",
+        "torch": "torch's own (MKL in x86 builds)",
+    }
     assert data["machine"]["cpu_products"] == cpu_products_library()
     assert f"CPU products of the unpacked models' inference forms: {library[cpu_products_library()]}" in table
     for chosen, words in library.items():

@@ -147,7 +147,10 @@ def _cpu_products_line(machine: dict) -> list[str]:
     library = machine.get("cpu_products")
     if library is None:  # a report from before the choice existed
         return []
-    names = {"onednn": "oneDNN, from the layers' own weights", "torch": "torch's own (MKL in x86 builds)"}
+    names = {
+        "onednn": "oneDNN from the layers' own weights (products of 2^23 FLOPs or more)",
+        "torch": "torch's own (MKL in x86 builds)",
+    }
     return [
         f"CPU products of the unpacked models' inference forms: {names[library]} (`EFFICIENTVLM_CPU_PRODUCTS`: auto "
         "takes oneDNN on x86 CPUs not made by Intel, where MKL runs its AVX2 kernels; training runs torch's own)."
