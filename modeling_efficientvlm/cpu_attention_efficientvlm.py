@@ -184,12 +184,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 _state: dict[str, Any] = {}  # "module": the built extension, or "error": why it is not used
 
 
-def _cpu_name() -> str:
+def cpuinfo_field(key: str) -> str | None:
+    """The value of the first `key` line of /proc/cpuinfo ("" without one); None where the file cannot be read (not
+    Linux)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith(key)), "")
     except OSError:
-        return platform.processor()
+        return None
+
+
+def _cpu_name() -> str:
+    name = cpuinfo_field("model name")
+    return platform.processor() if name is None else name
 
 
 def _ninja_on_path() -> None:

@@ -335,22 +335,11 @@ class EfficientVLMAttention(PacksCPUWeights):
         # Whether a block packs is decided by its largest product (a narrow layer's three products stacked, or
         # cross-attention's keys and values over the image).
         self_attention = encoder_hidden_states is None and encoder_groups is None
-        packed = fused and (
-            runs_packed(self, "q_proj", hidden_states, stacked=3)
-            if self_attention
-            else runs_packed(self, "k_proj", kv_states, stacked=2) or runs_packed(self, "q_proj", hidden_states)
-        )
+        packed = fused and self._largest_product(runs_packed, hidden_states, kv_states, self_attention)
         packed_qkv = packed and self_attention
         # Unpacked, the inference form's products run on oneDNN where MKL is slow (`cpu_products_library`).
         onednn = (
-            fused
-            and not packed
-            and (
-                onednn_products(hidden_states, self.q_proj.out_features, stacked=3)
-                if self_attention
-                else onednn_products(kv_states, self.k_proj.out_features, stacked=2)
-                or onednn_products(hidden_states, self.q_proj.out_features)
-            )
+            fused and not packed and self._largest_product(onednn_products, hidden_states, kv_states, self_attention)
         )
         grouped = encoder_groups is not None and encoder_groups.blocked and not output_attentions
         if packed_qkv:
@@ -425,6 +414,20 @@ class EfficientVLMAttention(PacksCPUWeights):
         if residual is not None:
             output = residual + output
         return output, (attn_weights if output_attentions else None)
+
+    def _largest_product(
+        self,
+        test: Callable[..., bool],
+        hidden_states: torch.Tensor,
+        kv_states: torch.Tensor,
+        self_attention: bool,
+    ) -> bool:
+        """`test` (`runs_packed`, `onednn_products`) of the block's largest product: a self-attention's queries, keys
+        and values as the one product they stack into; a cross-attention's keys and values over the other modality's
+        states, or else its queries."""
+        if self_attention:
+            return test(self, "q_proj", hidden_states, stacked=3)
+        return test(self, "k_proj", kv_states, stacked=2) or test(self, "q_proj", hidden_states)
 
     def _fuses(self, *inputs: torch.Tensor | None) -> bool:
         """Whether the forward may fold the key and value biases away (see `forward`): no autograd, tracing or
@@ -562,7 +565,7 @@ class EfficientVLMMLP(PacksCPUWeights):
             return output if residual is None else residual + output
         if runs_packed(self, "fc1", hidden_states):
             return self._packed_forward(flat, blocks, ffn_mask, residual).view(*hidden_states.shape[:-1], -1)
-        if onednn_products(hidden_states, self.fc1.out_features):  # where MKL is slow (`cpu_products_library`)
+        if onednn_products(self, "fc1", hidden_states):  # where MKL is slow (`cpu_products_library`)
             output = self._packed_forward(flat, blocks, ffn_mask, residual, plain=True)
             return output.view(*hidden_states.shape[:-1], -1)
         output = flat.new_empty((rows, out_features))  # contiguous, whatever the residual

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cpu_attention_efficientvlm import cpuinfo_field
+
 # `config.hidden_act` -> (oneDNN post-op, its algorithm): the activation run inside fc1's product. Quick-GELU
 # (x * sigmoid(1.702 x)) is SiLU of fc1 scaled by 1.702 (see `EfficientVLMMLP._activated`); other activations run
 # after the product.
@@ -64,11 +66,7 @@ CPU_PRODUCTS_CHOICES = ("auto", "onednn", "torch")
 
 @functools.cache
 def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
+    return cpuinfo_field("vendor_id") or ""
 
 
 @functools.cache
@@ -94,15 +92,15 @@ def cpu_products_library() -> str:
     return "onednn" if slow_mkl and cpu_packing_available() else "torch"
 
 
-def onednn_products(inputs: torch.Tensor, out_features: int, stacked: int = 1) -> bool:
+def onednn_products(module: nn.Module, name: str, inputs: torch.Tensor, stacked: int = 1) -> bool:
     """Whether an unpacked inference form runs its products on oneDNN from the layers' own weights (see
-    `cpu_products_library`), decided by its largest product, `inputs` (..., in) times a weight of `out_features`
-    rows (`stacked` such products counted as one, as `runs_packed` counts them): float32 on the CPU and at least
-    `MIN_PACKED_FLOPS` FLOPs (below, oneDNN's fixed cost per call outweighs the gain)."""
+    `cpu_products_library`), decided as `runs_packed` decides, by its largest product: `module.<name>` on `inputs`
+    (..., in), `stacked` such products counted as one; float32 on the CPU and at least `MIN_PACKED_FLOPS` FLOPs
+    (below, oneDNN's fixed cost per call outweighs the gain)."""
     return (
         inputs.dtype == torch.float32
         and inputs.device.type == "cpu"
-        and 2 * inputs.numel() * out_features * stacked >= MIN_PACKED_FLOPS
+        and 2 * inputs.numel() * getattr(module, name).out_features * stacked >= MIN_PACKED_FLOPS
         and cpu_products_library() == "onednn"
     )
 
