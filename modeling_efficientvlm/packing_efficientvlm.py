@@ -73,12 +73,14 @@ def _cpu_vendor() -> str:
 def cpu_products_library() -> str:
     """The library of the float32 products the inference forms of unpacked attention and FFN blocks run on a CPU,
     "onednn" or "torch" (torch's own matmul), from `EFFICIENTVLM_CPU_PRODUCTS` (read once per process; `auto` when
-    unset). `auto` takes oneDNN on x86 CPUs not made by Intel, where torch's matmul is MKL's and MKL runs its AVX2
-    kernels: on an AMD EPYC (Zen 5, 2 threads) 40 to 4616 rows x 768 -> 768 / 3072 products ran at 185-237 GFLOP/s on
-    MKL and at 375-513 on oneDNN from the same (unpacked) weights (1.7x at 577 rows, 2.0-2.3x elsewhere; on a Zen 4
-    1.1-1.5x, but for 0.9x at exactly 577 rows); and torch's own elsewhere (Intel CPUs, other architectures, builds
-    without MKL or oneDNN). Either runs the same function; the results differ in float32 rounding. Training
-    (autograd) always runs torch's own products."""
+    unset). `auto` takes oneDNN on x86 CPUs with AVX-512 not made by Intel, where torch's matmul is MKL's and MKL
+    keeps its AVX-512 kernels for Intel's CPUs and runs its AVX2 ones: on an AMD EPYC (Zen 5, 2 threads) 40 to 4616
+    rows x 768 -> 768 / 3072 products ran at 185-237 GFLOP/s on MKL and at 375-513 on oneDNN from the same
+    (unpacked) weights (1.7x at 577 rows, 2.0-2.3x elsewhere; on a Zen 4 1.1-1.5x, but for 0.9x at exactly 577
+    rows). Where both run AVX2 (an AVX2-only EPYC, Zen 1) they were level (0.95-1.1x), but for oneDNN's 0.8x at 577
+    rows, so torch's own stays there, as on Intel CPUs, other architectures and builds without MKL or oneDNN.
+    Either runs the same function; the results differ in float32 rounding. Training (autograd) always runs torch's
+    own products."""
     choice = os.environ.get(CPU_PRODUCTS_ENV, "auto").strip().lower() or "auto"
     if choice not in CPU_PRODUCTS_CHOICES:
         raise ValueError(
@@ -88,7 +90,11 @@ def cpu_products_library() -> str:
         raise ValueError(f"{CPU_PRODUCTS_ENV}=onednn: this PyTorch build has no oneDNN (torch.backends.mkldnn).")
     if choice != "auto":
         return choice
-    slow_mkl = torch.backends.mkl.is_available() and _cpu_vendor() not in ("", "GenuineIntel")
+    slow_mkl = (
+        torch.backends.mkl.is_available()
+        and _cpu_vendor() not in ("", "GenuineIntel")
+        and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    )
     return "onednn" if slow_mkl and cpu_packing_available() else "torch"
 
 

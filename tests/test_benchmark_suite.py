@@ -28,6 +28,17 @@ from trainers.benchmark.workloads import TRAIN_STEPS
 FAST = dict(text_length=8, warmup=0, repeats=1, rounds=2, vqa_candidates=6, vqa_k=3, retrieval_k=4, threads=(1,))
 
 
+@pytest.fixture
+def small_matmul_peak(monkeypatch):
+    """Times the matmul peak on 256 x 256 products: where bfloat16 has no native support (an AVX2 CPU) torch's
+    1024 x 1024 bfloat16 product takes seconds, and the peak's size is not in question in these tests."""
+    from trainers.benchmark import report
+    from trainers.evaluation import benchmarking
+
+    for module in (benchmarking, report):
+        monkeypatch.setattr(module, "matmul_peak_size", lambda device="cpu": 256)
+
+
 @pytest.fixture(scope="module")
 def report():
     models, notes = benchmark_models(["tiny"], [0.5])
@@ -156,7 +167,7 @@ def test_batch_and_image_size_sweep_and_memory(tmp_path) -> None:
     assert measured[0].peak_rss_mb >= measured[0].loaded_rss_mb > 50
 
 
-def test_several_dtypes_time_each_model_beside_its_copy_in_the_others(tmp_path, monkeypatch) -> None:
+def test_several_dtypes_time_each_model_beside_its_copy_in_the_others(tmp_path, monkeypatch, small_matmul_peak) -> None:
     from trainers.benchmark import memory
 
     requests = []
@@ -536,7 +547,9 @@ def test_packed_copies_sit_out_the_training_steps() -> None:
     assert names == {"tiny"}
 
 
-def test_bfloat16_runs_every_workload_in_that_dtype_with_a_peak_of_the_same_dtype(monkeypatch) -> None:
+def test_bfloat16_runs_every_workload_in_that_dtype_with_a_peak_of_the_same_dtype(
+    monkeypatch, small_matmul_peak
+) -> None:
     from trainers.evaluation import retrieval
 
     seen = {}

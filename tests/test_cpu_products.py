@@ -35,21 +35,25 @@ def _scores(model: torch.nn.Module) -> tuple[tuple[torch.Tensor, ...], list[str]
     return scores, recorder.ops
 
 
-def test_the_library_follows_the_variable_and_the_cpu_vendor(products, monkeypatch) -> None:
+def test_the_library_follows_the_variable_the_cpu_vendor_and_its_vector_width(products, monkeypatch) -> None:
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     for value, library in (("torch", "torch"), (" OneDNN ", "onednn")):
         products(value)
         assert packing.cpu_products_library() == library
-    for vendor, library in (
-        ("AuthenticAMD", "onednn"),
-        ("HygonGenuine", "onednn"),
-        ("GenuineIntel", "torch"),
-        ("", "torch"),
+    # oneDNN only where MKL would leave the CPU's AVX-512 unused: not Intel's, and AVX-512 there.
+    for vendor, capability, library in (
+        ("AuthenticAMD", "AVX512", "onednn"),
+        ("HygonGenuine", "AVX512", "onednn"),
+        ("AuthenticAMD", "AVX2", "torch"),
+        ("GenuineIntel", "AVX512", "torch"),
+        ("", "AVX512", "torch"),
     ):
         monkeypatch.setattr(packing, "_cpu_vendor", lambda vendor=vendor: vendor)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda capability=capability: capability)
         for value in ("auto", ""):
             products(value)
-            assert packing.cpu_products_library() == library, (vendor, value)
+            assert packing.cpu_products_library() == library, (vendor, capability, value)
     # MKL's own kernels are not in question where torch's matmul is not MKL's.
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
     monkeypatch.setattr(packing, "_cpu_vendor", lambda: "AuthenticAMD")

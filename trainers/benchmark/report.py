@@ -153,7 +153,8 @@ def _cpu_products_line(machine: dict) -> list[str]:
     }
     return [
         f"CPU products of the unpacked models' inference forms: {names[library]} (`EFFICIENTVLM_CPU_PRODUCTS`: auto "
-        "takes oneDNN on x86 CPUs not made by Intel, where MKL runs its AVX2 kernels; training runs torch's own)."
+        "takes oneDNN on AVX-512 x86 CPUs not made by Intel, where MKL runs its AVX2 kernels; training runs torch's "
+        "own)."
     ]
 
 
