@@ -15,8 +15,9 @@ forms run (no autograd, tracing, autocast or active dropout) when their largest 
 one) has at least `min_flops` FLOPs; everywhere else they run as before.
 
 Unpacked, the same inference forms run their products on oneDNN too, from the layers' own weights (no copy), where
-MKL is slow: MKL's fp32 GEMMs take their AVX2 paths on CPUs that are not Intel's, which on an AMD EPYC (Zen 5, 2
-threads) reach 185-237 GFLOP/s against oneDNN's 375-513 on the same weights (see [`cpu_products_library`]).
+MKL is slow: MKL's fp32 GEMMs take their AVX2 paths on CPUs that are not Intel's, which on an AMD EPYC with AVX-512
+(Zen 5, 2 threads) reach 185-237 GFLOP/s against oneDNN's 375-513 on the same weights (see
+[`cpu_products_library`]).
 """
 
 from __future__ import annotations

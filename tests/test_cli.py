@@ -71,6 +71,20 @@ def test_console_script_is_installed() -> None:
     assert completed.returncode == 0 and "usage: efficientvlm" in completed.stdout
 
 
+def test_commands_drop_deepspeeds_cpu_notice_where_torch_sees_no_accelerator() -> None:
+    """Transformers' Trainer imports DeepSpeed, which warned "Setting accelerator to CPU. If you have GPU or other
+    accelerator, we were unable to detect it." on every CPU-only training run; the commands drop that one line."""
+    notice = "Setting accelerator to CPU"
+    script = "import deepspeed, logging; logging.getLogger('DeepSpeed').warning('kept: other warnings')"
+    for before, expected in (("", 1), ("from trainers.commands import main; main(['recipes']); ", 0)):
+        done = subprocess.run(
+            [sys.executable, "-c", before + script], capture_output=True, text=True, timeout=120, env=_script_env()
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        printed = done.stdout + done.stderr
+        assert printed.count(notice) == expected and "kept: other warnings" in printed, (before, printed[-2000:])
+
+
 def test_the_console_entry_point_ends_a_torchrun_process_group_cleanly(tmp_path) -> None:
     """Under torchrun the script tears the process group down itself (after a barrier) once the command is done:
     left to interpreter shutdown, a gloo group can abort a process (SIGABRT) whose peer is still saving."""

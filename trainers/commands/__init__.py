@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -45,8 +46,27 @@ def main(argv: list[str] | None = None) -> int:
         from modeling_efficientvlm.packing_efficientvlm import cpu_products_library
 
         cpu_products_library()
+    _drop_deepspeed_cpu_notice()
     importlib.import_module(f"{__name__}.{command}").main(rest)
     return 0
+
+
+class _DeepSpeedCPUNotice:
+    """Drops DeepSpeed's "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect
+    it." warning, which Transformers' Trainer brings up on every CPU-only run, where torch sees no accelerator either
+    (so it would only mislead: the commands print where they run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU.")
+
+
+def _drop_deepspeed_cpu_notice() -> None:
+    import torch
+
+    if not torch.accelerator.is_available():
+        logger = logging.getLogger("DeepSpeed")  # the logger DeepSpeed makes for itself, by name
+        if not any(isinstance(f, _DeepSpeedCPUNotice) for f in logger.filters):
+            logger.addFilter(_DeepSpeedCPUNotice())
 
 
 def _close_process_group() -> None:
