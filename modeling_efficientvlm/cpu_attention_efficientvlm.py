@@ -4,9 +4,10 @@ An opt-in CPU attention kernel for inference: `attn_implementation="efficientvlm
 PyTorch's CPU flash attention cuts the queries into blocks of 64 rows below 768 tokens and runs its block products
 through MKL; at a 384-px image's 577 tokens it reaches about 60% of the float32 matmul peak, the one part of a
 pruned model's call far below it. This kernel gives each thread an equal share of the (batch, head, query) rows,
-takes each block's softmax over all its keys at once (no running rescale) and runs both block products through
-oneDNN's batch-reduce GEMM (`at::native::cpublas::brgemm`): 1.3-1.45x the rate of PyTorch's kernel at 577
-tokens with 2 threads, 1.25x with 1 (AMD Zen 4; the benchmark's `--cpu_attention_kernel` measures it on yours).
+takes each block's softmax over all its keys at once (no running rescale; a vectorised exp on AVX-512 or AVX2) and
+runs both block products through oneDNN's batch-reduce GEMM (`at::native::cpublas::brgemm`): 1.3-1.45x the rate of
+PyTorch's kernel at 577 tokens with 2 threads, 1.25x with 1 (AMD Zen 4; 1.03-1.19x on an AVX2-only Zen 1; the
+benchmark's `--cpu_attention_kernel` measures it on yours).
 It writes the context straight in the (batch, q_len, heads, head_dim) layout the output projection reads.
 
 It is C++ built on first use with `torch.utils.cpp_extension.load_inline` (a C++ compiler and `ninja`; about 30 s,
@@ -40,8 +41,9 @@ _SOURCE = r"""
 #include <ATen/native/CPUBlas.h>
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -63,6 +65,36 @@ inline __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// The same exp on 8 lanes; 2^n built in the exponent bits (n >= -126 after the clamp: a normal float).
+inline __m256 exp_ps(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+inline float reduce_max(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline float reduce_add(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
 }
 #endif
 
@@ -88,6 +120,33 @@ inline float softmax_numerators(float* s, int64_t n, float scale) {
     vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
   }
   return _mm512_reduce_add_ps(vsum);
+#elif defined(__AVX2__) && defined(__FMA__)
+  const int64_t full = n / 8 * 8;
+  // Lanes past the row's end: loaded as 0, then set to -inf for the maximum and to 0 for the sum.
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - full)), lanes);
+  const __m256 tail_ps = _mm256_castsi256_ps(tail);
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < full; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
+  if (n > full) {
+    const __m256 last = _mm256_maskload_ps(s + full, tail);
+    vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), last, tail_ps));
+  }
+  const float row_max = reduce_max(vmax);
+  const __m256 vscale = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(-row_max * scale);
+  __m256 vsum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < full; j += 8) {
+    const __m256 e = exp_ps(_mm256_fmadd_ps(_mm256_loadu_ps(s + j), vscale, vshift));
+    _mm256_storeu_ps(s + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  if (n > full) {
+    const __m256 last = _mm256_maskload_ps(s + full, tail);
+    const __m256 e = _mm256_and_ps(exp_ps(_mm256_fmadd_ps(last, vscale, vshift)), tail_ps);
+    _mm256_maskstore_ps(s + full, tail, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  return reduce_add(vsum);
 #else
   float row_max = -INFINITY;
   for (int64_t j = 0; j < n; ++j) row_max = std::max(row_max, s[j]);
@@ -166,18 +225,20 @@ torch::Tensor attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor 
   return out;
 }
 
-// Whether this build's softmax runs on AVX-512 (else the portable loop).
-bool avx512_softmax() {
+// The vector instructions this build's softmax runs on: "avx512", "avx2" (with FMA) or "portable" (a plain loop).
+std::string softmax_isa() {
 #if defined(__AVX512F__)
-  return true;
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
 #else
-  return false;
+  return "portable";
 #endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &attention_forward);
-  m.def("avx512_softmax", &avx512_softmax);
+  m.def("softmax_isa", &softmax_isa);
 }
 """
 
@@ -210,8 +271,8 @@ def _ninja_on_path() -> None:
 
 
 def _build(extra_flags: tuple[str, ...] = ()) -> Any:
-    """Builds and checks the kernel; `extra_flags` go to the compiler after ours (`-mno-avx512f` builds the portable
-    softmax that CPUs without AVX-512 run)."""
+    """Builds and checks the kernel; `extra_flags` go to the compiler after ours (`-mno-avx512f` builds the AVX2
+    softmax that CPUs without AVX-512 run, `-mno-avx512f -mno-avx2` the portable loop)."""
     from torch.utils.cpp_extension import load_inline
 
     _ninja_on_path()
