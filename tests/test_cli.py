@@ -85,6 +85,26 @@ def test_commands_drop_deepspeeds_cpu_notice_where_torch_sees_no_accelerator() -
         assert printed.count(notice) == expected and "kept: other warnings" in printed, (before, printed[-2000:])
 
 
+def test_the_deepspeed_notice_is_judged_by_cuda_on_a_torch_without_torch_accelerator(monkeypatch) -> None:
+    """torch < 2.6 has no `torch.accelerator` (setup.py allows torch >= 2.4): CUDA alone decides there."""
+    import logging
+
+    import torch
+
+    from trainers import commands
+
+    logger = logging.getLogger("DeepSpeed")
+    monkeypatch.setattr(logger, "filters", [])
+    monkeypatch.delattr(torch, "accelerator")
+    for cuda, dropped in ((True, False), (False, True)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        commands._drop_deepspeed_cpu_notice()
+        record = logging.LogRecord(
+            "DeepSpeed", logging.WARNING, __file__, 1, "Setting accelerator to CPU. ...", (), None
+        )
+        assert logger.filter(record) is not dropped
+
+
 def test_the_console_entry_point_ends_a_torchrun_process_group_cleanly(tmp_path) -> None:
     """Under torchrun the script tears the process group down itself (after a barrier) once the command is done:
     left to interpreter shutdown, a gloo group can abort a process (SIGABRT) whose peer is still saving."""

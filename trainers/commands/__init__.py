@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
 class _DeepSpeedCPUNotice:
     """Drops DeepSpeed's "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect
-    it." warning, which Transformers' Trainer brings up on every CPU-only run, where torch sees no accelerator either
-    (so it would only mislead: the commands print where they run)."""
+    it." warning, which Transformers' Trainer brings up on every CPU-only run: where torch sees no accelerator either,
+    it only misleads."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Setting accelerator to CPU.")
@@ -63,7 +63,8 @@ class _DeepSpeedCPUNotice:
 def _drop_deepspeed_cpu_notice() -> None:
     import torch
 
-    if not torch.accelerator.is_available():
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; CUDA alone before
+    if not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available()):
         logger = logging.getLogger("DeepSpeed")  # the logger DeepSpeed makes for itself, by name
         if not any(isinstance(f, _DeepSpeedCPUNotice) for f in logger.filters):
             logger.addFilter(_DeepSpeedCPUNotice())
