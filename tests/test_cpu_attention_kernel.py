@@ -23,11 +23,6 @@ def kernel():
     return built
 
 
-def _cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as cpuinfo:
-        return set(next(line for line in cpuinfo if line.startswith("flags")).split(":", 1)[1].split())
-
-
 @pytest.fixture(scope="module")
 def avx2_kernel(kernel):
     """Built without AVX-512: the AVX2 softmax CPUs without AVX-512 run (Zen 1-3, most laptops); on such a CPU the
@@ -42,7 +37,7 @@ def portable_kernel():
 
 
 def test_each_build_says_which_softmax_it_runs(kernel, avx2_kernel, portable_kernel) -> None:
-    flags = _cpu_flags()
+    flags = set(cpu_attention.cpuinfo_field("flags").split())
     native = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "portable"
     assert kernel.softmax_isa() == native  # -march=native: what this CPU has
     assert avx2_kernel.softmax_isa() == ("avx2" if {"avx2", "fma"} <= flags else "portable")
