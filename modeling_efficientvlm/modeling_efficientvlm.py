@@ -53,6 +53,7 @@ from .packing_efficientvlm import (
     PacksCPUWeights,
     TensorStamp,
     cpu_packing_available,
+    fuses_activations,
     inference_tensor_error,
     onednn_linear,
     onednn_products,
@@ -590,10 +591,11 @@ class EfficientVLMMLP(PacksCPUWeights):
         residual: torch.Tensor | None,
         plain: bool = False,
     ) -> torch.Tensor:
-        """`_inference_forward` on oneDNN, from packed weights or (`plain`) from the layers' own: fc1's bias and
-        activation, fc2's bias and the residual run inside the products. (rows, hidden) -> (rows, hidden)."""
+        """`_inference_forward` on oneDNN, from packed weights or (`plain`) from the layers' own: fc1's bias, fc2's
+        bias and the residual run inside the products, and fc1's activation too where `fuses_activations`.
+        (rows, hidden) -> (rows, hidden)."""
         hidden_act = self.config.hidden_act
-        activation = FUSED_ACTIVATIONS.get(hidden_act)
+        activation = FUSED_ACTIVATIONS.get(hidden_act) if fuses_activations() else None
         scale = QUICK_GELU_SCALE if hidden_act == "quick_gelu" else 1.0  # see `_activated`
         if plain:  # no scaled copy of the weights: the inputs are scaled, and the output back (see block_output)
             fc1 = (self.fc1.weight, self.fc1.bias * scale if scale != 1 else self.fc1.bias)
@@ -611,7 +613,7 @@ class EfficientVLMMLP(PacksCPUWeights):
             # of that, with its bias and the residual scaled alike, is scale x the output.
             activated = onednn_linear(block * scale if rescale else block, *fc1, activation or NO_ACTIVATION)
             if activation is None:
-                activated = self.activation_fn(activated)
+                activated = self._activate_in_place(activated)
             if ffn_mask is not None:
                 activated.mul_(ffn_mask.to(activated.dtype))
             if rescale:
@@ -629,17 +631,22 @@ class EfficientVLMMLP(PacksCPUWeights):
         quick_gelu(h) = h * sigmoid(a h) = silu(a h) / a with a = 1.702, so `fc1`'s GEMM scales its output by a
         (free inside the GEMM) and one in-place SiLU follows, where `x * sigmoid(1.702 x)` takes three passes (a
         scaling, a sigmoid and a product, each into a new tensor); `fc2`'s GEMM divides by a."""
-        if quick_gelu:
-            scale = QUICK_GELU_SCALE
-            activated = torch.addmm(self.fc1.bias, block, self.fc1.weight.t(), beta=scale, alpha=scale)
-            F.silu(activated, inplace=True)
-        else:
-            activated = torch.addmm(self.fc1.bias, block, self.fc1.weight.t())
-            in_place = _IN_PLACE_ACTIVATIONS.get(self.config.hidden_act)
-            activated = in_place(activated) if in_place is not None else self.activation_fn(activated)
+        scale = QUICK_GELU_SCALE if quick_gelu else 1
+        activated = self._activate_in_place(
+            torch.addmm(self.fc1.bias, block, self.fc1.weight.t(), beta=scale, alpha=scale)
+        )
         if ffn_mask is not None:
             activated.mul_(ffn_mask.to(activated.dtype))
         return activated
+
+    def _activate_in_place(self, fc1_output: torch.Tensor) -> torch.Tensor:
+        """The activation of `fc1_output` of an inference form, in place where torch has an in-place form.
+        Quick-GELU's fc1 output comes scaled by QUICK_GELU_SCALE (see `_activated`): its SiLU is the scaled
+        quick-GELU."""
+        if self.config.hidden_act == "quick_gelu":
+            return F.silu(fc1_output, inplace=True)
+        in_place = _IN_PLACE_ACTIVATIONS.get(self.config.hidden_act)
+        return in_place(fc1_output) if in_place is not None else self.activation_fn(fc1_output)
 
     def prune(self, mask: torch.Tensor, pad_to_multiple_of: int = 1) -> nn.Module:
         """Keeps neurons with a non-zero mask, folding the mask values into `fc2`.

@@ -4,15 +4,15 @@
 every call. For the 40 rows of a batch-1 text that copy costs as much as the product (those GEMMs ran at 55-64% of
 the matmul peak, 577-row ones at 93-98%), and on AMD CPUs MKL's fp32 kernels reach about 90% of oneDNN's. oneDNN
 multiplies with a weight reordered once into its blocked layout (`mkldnn._reorder_linear_weight`, the op
-`torch.compile`'s freezing packs weights with) and runs the bias, the activation and a residual add inside the
-product. [`EfficientVLMPreTrainedModel.pack_cpu_weights`] gives every attention / FFN block and the vision
-embeddings a [`CPUWeightPacks`]: packed copies of their linear weights (layers that read the same input stacked into
-one product: a self-attention's queries, keys and values; the patch convolution as a linear layer over patches),
-made at first use and made again whenever a weight changes as torch counts changes (an optimizer step,
-`load_state_dict`, a move; not a write through `parameter.data`, which torch leaves uncounted: pack again after
-one): one more copy of those weights in memory. The blocks use them on a CPU, in float32, where their inference
-forms run (no autograd, tracing, autocast or active dropout) when their largest product (stacked layers counted as
-one) has at least `min_flops` FLOPs; everywhere else they run as before.
+`torch.compile`'s freezing packs weights with) and runs the bias, the activation (on CPUs with AVX-512, see
+`fuses_activations`) and a residual add inside the product. [`EfficientVLMPreTrainedModel.pack_cpu_weights`] gives
+every attention / FFN block and the vision embeddings a [`CPUWeightPacks`]: packed copies of their linear weights
+(layers that read the same input stacked into one product: a self-attention's queries, keys and values; the patch
+convolution as a linear layer over patches), made at first use and made again whenever a weight changes as torch
+counts changes (an optimizer step, `load_state_dict`, a move; not a write through `parameter.data`, which torch
+leaves uncounted: pack again after one): one more copy of those weights in memory. The blocks use them on a CPU, in
+float32, where their inference forms run (no autograd, tracing, autocast or active dropout) when their largest
+product (stacked layers counted as one) has at least `min_flops` FLOPs; everywhere else they run as before.
 
 Unpacked, the same inference forms run their products on oneDNN too, from the layers' own weights (no copy), where
 MKL is slow: MKL's fp32 GEMMs take their AVX2 paths on CPUs that are not Intel's, which on an AMD EPYC with AVX-512
@@ -34,9 +34,9 @@ from torch import nn
 
 from .cpu_attention_efficientvlm import cpuinfo_field
 
-# `config.hidden_act` -> (oneDNN post-op, its algorithm): the activation run inside fc1's product. Quick-GELU
-# (x * sigmoid(1.702 x)) is SiLU of fc1 scaled by 1.702 (see `EfficientVLMMLP._activated`); other activations run
-# after the product.
+# `config.hidden_act` -> (oneDNN post-op, its algorithm): the activation run inside fc1's product where
+# `fuses_activations`. Quick-GELU (x * sigmoid(1.702 x)) is SiLU of fc1 scaled by 1.702 (see
+# `EfficientVLMMLP._activated`); other activations run after the product.
 FUSED_ACTIVATIONS: dict[str, tuple[str, str]] = {
     "gelu": ("gelu", "none"),  # erf
     "gelu_new": ("gelu", "tanh"),
@@ -47,6 +47,18 @@ FUSED_ACTIVATIONS: dict[str, tuple[str, str]] = {
     "quick_gelu": ("swish", ""),
 }
 NO_ACTIVATION = ("none", "")
+
+
+@functools.cache
+def fuses_activations() -> bool:
+    """Whether oneDNN products run fc1's activation inside themselves (`FUSED_ACTIVATIONS`), or leave it to one
+    in-place pass of torch's after the product: inside on CPUs with AVX-512, after on the others. With AVX2 alone
+    oneDNN's GELU and SiLU post-ops cost more than torch's separate pass (an AVX2-only AMD EPYC, Zen 1, packed
+    768 -> 1536 / 3072 products, interleaved: 1.03-1.05x the time at 577 rows, 1.09x at 4616 with 2 threads, up
+    to 1.2x with 1); the AVX-512 CPUs packing was first measured on ran them inside."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 # A block whose largest product has fewer FLOPs (2 x rows x in x out; stacked layers count as one product) runs
 # unpacked: below this oneDNN's fixed cost per call (about 17 us against MKL's 5 on a 2-core AMD EPYC) outweighs
 # what packing saves (measured with 2 threads, packed / MKL time: a 64 -> 256 layer on 128 rows 1.11, on 577 rows

@@ -41,3 +41,13 @@ def make_inputs(config: EfficientVLMConfig, batch_size: int = 4, seq_len: int = 
 @pytest.fixture
 def tiny_inputs(tiny_config: EfficientVLMConfig) -> dict:
     return make_inputs(tiny_config)
+
+
+@pytest.fixture(params=[True, False], ids=["activation inside", "activation after"])
+def activation_inside(request, monkeypatch) -> bool:
+    """Runs a test with an FFN's fc1 activation inside oneDNN's products and again after them
+    (`fuses_activations`, which the CPU decides)."""
+    from modeling_efficientvlm import modeling_efficientvlm as modeling
+
+    monkeypatch.setattr(modeling, "fuses_activations", lambda: request.param)
+    return request.param

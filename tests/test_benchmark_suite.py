@@ -130,8 +130,18 @@ def test_table_json_and_plot(report, tmp_path) -> None:
         data["machine"]["cpu_products"] = chosen
         text = format_report(BenchmarkReport.from_dict(data))
         assert f"inference forms: {words} (`EFFICIENTVLM_CPU_PRODUCTS`" in text
-    del data["machine"]["cpu_products"]  # a report from before the choice: no line
-    assert "CPU products" not in format_report(BenchmarkReport.from_dict(data))
+    # And where those products ran the FFN activations.
+    from modeling_efficientvlm.packing_efficientvlm import fuses_activations
+
+    assert data["machine"]["cpu_activations"] == ("inside" if fuses_activations() else "after")
+    for where, words in (("inside", "inside them (a post-op)"), ("after", "after them (torch's own pass, in place)")):
+        data["machine"]["cpu_activations"] = where
+        assert f"FFN activations of the oneDNN products (packed rows, unpacked ones on oneDNN): {words};" in (
+            format_report(BenchmarkReport.from_dict(data))
+        )
+    del data["machine"]["cpu_products"], data["machine"]["cpu_activations"]  # a report from before either: no line
+    text = format_report(BenchmarkReport.from_dict(data))
+    assert "CPU products" not in text and "FFN activations" not in text
     assert {"median_ms", "q1_ms", "peak_fraction", "peak_beside_fraction"} <= set(data["results"][0])
     assert data["results"][0]["name"] == "tiny"
     png = plot_report(report, tmp_path / "bench.png")

@@ -17,21 +17,41 @@ from modeling_efficientvlm.modeling_efficientvlm import (
     EfficientVLMMLP,
     EfficientVLMVisionEmbeddings,
 )
-from modeling_efficientvlm.packing_efficientvlm import CPUWeightPacks, PacksCPUWeights
+from modeling_efficientvlm.packing_efficientvlm import (
+    FUSED_ACTIVATIONS,
+    NO_ACTIVATION,
+    CPUWeightPacks,
+    PacksCPUWeights,
+)
 from tests.model_utils import prune_unevenly, shared_image_scores, tiny_retrieval_model
 from trainers.evaluation.benchmarking import count_flops
 
 
 class _OpRecorder(TorchDispatchMode):
-    """Names of the ops a call runs."""
+    """Names of the ops a call runs, and (input width, post-op) of each oneDNN linear product without a binary
+    post-op."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
+        self.post_ops: list[tuple[int, str]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func.overloadpacket))
+        if func is torch.ops.mkldnn._linear_pointwise.default:
+            self.post_ops.append((args[0].shape[-1], args[3]))
         return func(*args, **(kwargs or {}))
+
+
+def _assert_fc1_post_ops(recorder: _OpRecorder, ffn: EfficientVLMMLP, activation_inside: bool) -> None:
+    """The recorded products of `ffn`'s fc1 ran its activation inside (`activation_inside`, where oneDNN has it),
+    or none; fc2's ran none."""
+    hidden_act = ffn.config.hidden_act
+    fused = activation_inside and hidden_act in FUSED_ACTIVATIONS
+    fc1 = {op for width, op in recorder.post_ops if width == ffn.fc1.in_features}
+    fc2 = {op for width, op in recorder.post_ops if width == ffn.fc2.in_features}
+    assert fc1 == {FUSED_ACTIVATIONS[hidden_act][0] if fused else NO_ACTIVATION[0]}, recorder.post_ops
+    assert fc2 <= {NO_ACTIVATION[0]}, recorder.post_ops
 
 
 def _assert_same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> None:
@@ -207,20 +227,27 @@ def ffn_case(hidden_act: str) -> tuple[EfficientVLMMLP, torch.Tensor, torch.Tens
 
 
 @pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "relu", "silu", "gelu_new", "mish"])
-def test_packed_ffn_fuses_each_activation_with_masks_blocks_and_residual(hidden_act: str, monkeypatch) -> None:
-    """Every activation the product runs itself, and one it does not (mish: applied after), with a neuron mask,
-    in row blocks, with a non-contiguous residual."""
+def test_packed_ffn_runs_each_activation_with_masks_blocks_and_residual(
+    hidden_act: str, activation_inside: bool, monkeypatch
+) -> None:
+    """Every activation the product can run itself, inside it or after it (`fuses_activations`), and one it cannot
+    (mish: after), with a neuron mask, in row blocks, with a non-contiguous residual."""
     plain, hidden, residual = ffn_case(hidden_act)
     packed = copy.deepcopy(plain)
     packed.cpu_packs = CPUWeightPacks(min_flops=0)
+    recorder = _OpRecorder()
     with torch.no_grad():
         for ffn_mask in (None, torch.rand(24).round()):
             for rows in (1024, 5):  # one block; blocks of 5 rows
                 monkeypatch.setattr(EfficientVLMMLP, "inference_chunk_rows", rows)
-                torch.testing.assert_close(packed(hidden, ffn_mask), plain(hidden, ffn_mask), atol=1e-5, rtol=1e-5)
-                got = packed(hidden, ffn_mask, residual=residual)
+                with recorder:
+                    got = packed(hidden, ffn_mask)
+                torch.testing.assert_close(got, plain(hidden, ffn_mask), atol=1e-5, rtol=1e-5)
+                with recorder:
+                    got = packed(hidden, ffn_mask, residual=residual)
                 torch.testing.assert_close(got, plain(hidden, ffn_mask, residual=residual), atol=1e-5, rtol=1e-5)
     assert len(packed.cpu_packs) == 2
+    _assert_fc1_post_ops(recorder, packed, activation_inside)
 
 
 def attention_case(cross: bool) -> tuple[EfficientVLMAttention, torch.Tensor, torch.Tensor | None, torch.Tensor]:

@@ -9,7 +9,15 @@ import torch
 from modeling_efficientvlm import packing_efficientvlm as packing
 from modeling_efficientvlm.modeling_efficientvlm import EfficientVLMMLP
 from tests.model_utils import prune_unevenly, shared_image_scores, tiny_retrieval_model
-from tests.test_cpu_packing import _assert_same, _blocks, _linears_of_blocks, _OpRecorder, attention_case, ffn_case
+from tests.test_cpu_packing import (
+    _assert_fc1_post_ops,
+    _assert_same,
+    _blocks,
+    _linears_of_blocks,
+    _OpRecorder,
+    attention_case,
+    ffn_case,
+)
 from trainers.evaluation.benchmarking import count_flops
 
 GEMMS = ("aten.addmm", "aten.addmm_", "aten.mm")  # the linear layers' (attention's own products are bmm)
@@ -69,6 +77,15 @@ def test_the_library_follows_the_variable_the_cpu_vendor_and_its_vector_width(pr
         main(["evaluate", "--no_such_flag"])
 
 
+def test_activations_run_inside_onednn_products_only_where_the_cpu_has_avx512(monkeypatch) -> None:
+    """With AVX2 alone oneDNN's GELU / SiLU post-ops cost more than torch's own pass after the product."""
+    for capability, inside in (("AVX512", True), ("AVX512_BF16", True), ("AVX2", False), ("DEFAULT", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda capability=capability: capability)
+        packing.fuses_activations.cache_clear()
+        assert packing.fuses_activations() is inside, capability
+    packing.fuses_activations.cache_clear()  # read this CPU's again
+
+
 def test_unpacked_models_score_alike_on_either_library_and_copy_no_weight(products) -> None:
     """A pruned model with emptied layers: every block's products on oneDNN from the layers' own weights, no packed
     copy made, the same scores; the FLOP count does not change."""
@@ -106,9 +123,12 @@ def test_products_under_the_floor_and_under_autograd_stay_on_torch(products, mon
 
 
 @pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "relu", "gelu_new", "mish"])
-def test_ffn_on_onednn_with_each_activation_masks_blocks_and_residual(products, hidden_act, monkeypatch) -> None:
+def test_ffn_on_onednn_with_each_activation_masks_blocks_and_residual(
+    products, hidden_act, activation_inside, monkeypatch
+) -> None:
     """Quick-GELU without a scaled copy of the weights (its scale on the inputs, then off the output), activations
-    inside the product or after it (mish), a neuron mask, row blocks and a non-contiguous residual."""
+    inside the product or after it (`fuses_activations`; mish always after), a neuron mask, row blocks and a
+    non-contiguous residual."""
     ffn, hidden, residual = ffn_case(hidden_act)
     with torch.no_grad():
         for ffn_mask in (None, torch.rand(24).round()):
@@ -123,6 +143,7 @@ def test_ffn_on_onednn_with_each_activation_masks_blocks_and_residual(products, 
                         got = ffn(hidden, ffn_mask, **kwargs)
                     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
                     assert recorder.ops.count("mkldnn._linear_pointwise") == 2 * -(-14 // rows)  # two per block
+                    _assert_fc1_post_ops(recorder, ffn, activation_inside)
     assert ffn.cpu_packs is None
 
 

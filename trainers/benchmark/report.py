@@ -119,7 +119,7 @@ def format_report(report: BenchmarkReport) -> str:
         "process running the workload at this setting (interpreter, libraries and model included), in brackets "
         "its rise while the workload runs (over the model and inputs built); peak GPU MB: the CUDA allocator's "
         "high-water mark during one call, in brackets what the call allocated over the model and inputs.",
-        *([] if on_cuda else [_cpu_memory_line(report.machine), *_cpu_products_line(report.machine)]),
+        *([] if on_cuda else [_cpu_memory_line(report.machine), *_cpu_products_lines(report.machine)]),
         *report.notes,
     ]
     return "\n".join(lines)
@@ -143,7 +143,7 @@ def _cpu_memory_line(machine: dict) -> str:
     return "CPU memory: the C library's default allocator (freed blocks not kept: see `trainers.cpu_memory`)."
 
 
-def _cpu_products_line(machine: dict) -> list[str]:
+def _cpu_products_lines(machine: dict) -> list[str]:
     library = machine.get("cpu_products")
     if library is None:  # a report from before the choice existed
         return []
@@ -151,11 +151,19 @@ def _cpu_products_line(machine: dict) -> list[str]:
         "onednn": "oneDNN from the layers' own weights (products of 2^23 FLOPs or more)",
         "torch": "torch's own (MKL in x86 builds)",
     }
-    return [
+    lines = [
         f"CPU products of the unpacked models' inference forms: {names[library]} (`EFFICIENTVLM_CPU_PRODUCTS`: auto "
         "takes oneDNN on AVX-512 x86 CPUs not made by Intel, where MKL runs its AVX2 kernels; training runs torch's "
         "own)."
     ]
+    activations = machine.get("cpu_activations")
+    if activations is not None:  # absent from reports of before the choice
+        where = "inside them (a post-op)" if activations == "inside" else "after them (torch's own pass, in place)"
+        lines.append(
+            f"FFN activations of the oneDNN products (packed rows, unpacked ones on oneDNN): {where}; inside on CPUs "
+            "with AVX-512, after on the others, where oneDNN's post-ops cost more."
+        )
+    return lines
 
 
 def check_output_path(path: str | Path, flag: str) -> Path:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modeling_efficientvlm.packing_efficientvlm import cpu_packing_available, cpu_products_library
+from modeling_efficientvlm.packing_efficientvlm import cpu_packing_available, cpu_products_library, fuses_activations
 from trainers.cpu_memory import freed_memory_kept
 from trainers.evaluation.benchmarking import (
     Spread,
@@ -318,6 +318,8 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "onednn_peak": cpu_packing_available(),
         # Which library the unpacked models' inference products ran on (`EFFICIENTVLM_CPU_PRODUCTS`, the CPU vendor).
         "cpu_products": cpu_products_library(),
+        # Where oneDNN products ran the FFN activation: "inside" (a post-op) or "after" (torch's in-place pass).
+        "cpu_activations": "inside" if fuses_activations() else "after",
     }
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
