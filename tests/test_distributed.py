@@ -18,6 +18,7 @@ for 2 steps. What is checked, and why the tolerances:
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -424,6 +425,9 @@ def test_persistent_data_workers_draw_new_mlm_masks_each_epoch(tmp_path) -> None
         )  # fmt: skip
         torch.manual_seed(0)
         train("pretraining", EfficientVLMForPreTraining(config), processor, dataset, args, Recording)
+        # The trainer sits in reference cycles: collect it now, so that its persistent worker shuts down inside this
+        # test and not in whatever the process does when the collector next runs (at exit: a KeyboardInterrupt).
+        gc.collect()
         return seen
 
     inline = mlm_labels()

@@ -784,7 +784,7 @@ def test_prune_command_distils_prunes_and_saves(tmp_path, capsys) -> None:
         cli.main(["prune", "--task", "vqa", "--preset", "tiny", "--target_sparsity", "1.5", "--output_dir", out])
 
 
-def test_gradient_checkpointing_trains_the_masks_and_its_reentrant_form_is_refused(tmp_path) -> None:
+def test_activation_checkpointing_trains_the_masks_and_its_reentrant_form_is_refused(tmp_path) -> None:
     """Non-reentrant checkpointing (transformers' default) trains the masks of a task model; the reentrant form
     failed in the first backward with "Trying to backward through the graph a second time"."""
     from trainers.tasks import build_dataset, task_model_class
@@ -796,7 +796,7 @@ def test_gradient_checkpointing_trains_the_masks_and_its_reentrant_form_is_refus
     processor = make_processor(tmp_path, image_size=config.vision_config.image_size)
     records, image_root = write_vqa_json(tmp_path, n=4)
     dataset = build_dataset("vqa", records, image_root, processor)
-    args = _args(tmp_path / "run", max_steps=2, per_device_train_batch_size=2, gradient_checkpointing=True)
+    args = _args(tmp_path / "run", max_steps=2, per_device_train_batch_size=2, activation_checkpointing=True)
     trainer = train(
         "vqa", task_model_class("vqa")(config), processor, dataset, args, ModalAdaptivePruningTrainer,
         pruning_config=PruningConfig(target_sparsity=0.3),
