@@ -98,8 +98,9 @@ def format_report(report: BenchmarkReport) -> str:
         *(
             [
                 "[packed]: the same model running its attention and FFN products from oneDNN-packed weights "
-                "(`model.pack_cpu_weights()`: bias, activation and residual add inside each product; one more copy of "
-                "the weights in memory); its base is the model itself (so its speedup vs base is what packing buys)."
+                "(`model.pack_cpu_weights()`: bias and residual add inside each product, the FFN activation as the "
+                "'FFN activations' line says; one more copy of the weights in memory); its base is the model "
+                "itself (so its speedup vs base is what packing buys)."
             ]
             if settings.pack_cpu_weights
             else []

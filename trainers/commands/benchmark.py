@@ -106,8 +106,9 @@ class BenchmarkArguments:
         default=False,
         metadata={
             "help": "Add a row of every EfficientVLM model running from oneDNN-packed weights (CPU, float32; "
-            "`model.pack_cpu_weights()`: bias, activation and residual add inside each product; one more copy of "
-            "the weights in memory), `<model> [packed]`, timed in the same rounds, whose base is the model itself."
+            "`model.pack_cpu_weights()`: bias and residual add inside each product, the FFN activation too on "
+            "CPUs with AVX-512; one more copy of the weights in memory), `<model> [packed]`, timed in the same "
+            "rounds, whose base is the model itself."
         },
     )
     cpu_attention_kernel: bool = field(
