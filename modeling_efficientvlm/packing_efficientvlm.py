@@ -49,13 +49,28 @@ FUSED_ACTIVATIONS: dict[str, tuple[str, str]] = {
 NO_ACTIVATION = ("none", "")
 
 
+# Where oneDNN products run fc1's activation: "auto", "inside" (a post-op) or "after" (torch's own pass).
+CPU_ACTIVATIONS_ENV = "EFFICIENTVLM_CPU_ACTIVATIONS"
+CPU_ACTIVATIONS_CHOICES = ("auto", "inside", "after")
+
+
 @functools.cache
 def fuses_activations() -> bool:
     """Whether oneDNN products run fc1's activation inside themselves (`FUSED_ACTIVATIONS`), or leave it to one
-    in-place pass of torch's after the product: inside on CPUs with AVX-512, after on the others. With AVX2 alone
-    oneDNN's GELU and SiLU post-ops cost more than torch's separate pass (an AVX2-only AMD EPYC, Zen 1, packed
+    in-place pass of torch's after the product, from `EFFICIENTVLM_CPU_ACTIVATIONS` ("inside" / "after"; read once
+    per process; `auto` when unset): `auto` runs it inside on CPUs with AVX-512, after on the others. With AVX2
+    alone oneDNN's GELU and SiLU post-ops cost more than torch's separate pass (an AVX2-only AMD EPYC, Zen 1, packed
     768 -> 1536 / 3072 products, interleaved: 1.03-1.05x the time at 577 rows, 1.09x at 4616 with 2 threads, up
-    to 1.2x with 1); the AVX-512 CPUs packing was first measured on ran them inside."""
+    to 1.2x with 1); the AVX-512 CPUs packing was first measured on ran them inside. Either computes the same
+    function; the results differ in float32 rounding."""
+    choice = os.environ.get(CPU_ACTIVATIONS_ENV, "auto").strip().lower() or "auto"
+    if choice not in CPU_ACTIVATIONS_CHOICES:
+        raise ValueError(
+            f"{CPU_ACTIVATIONS_ENV}={os.environ[CPU_ACTIVATIONS_ENV]!r}: choose one of "
+            f"{', '.join(CPU_ACTIVATIONS_CHOICES)}."
+        )
+    if choice != "auto":
+        return choice == "inside"
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 

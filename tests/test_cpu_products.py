@@ -77,13 +77,33 @@ def test_the_library_follows_the_variable_the_cpu_vendor_and_its_vector_width(pr
         main(["evaluate", "--no_such_flag"])
 
 
-def test_activations_run_inside_onednn_products_only_where_the_cpu_has_avx512(monkeypatch) -> None:
-    """With AVX2 alone oneDNN's GELU / SiLU post-ops cost more than torch's own pass after the product."""
-    for capability, inside in (("AVX512", True), ("AVX512_BF16", True), ("AVX2", False), ("DEFAULT", False)):
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda capability=capability: capability)
+def test_activations_run_inside_onednn_products_where_the_variable_or_the_cpus_avx512_says(monkeypatch) -> None:
+    """`auto`: inside only on CPUs with AVX-512 (with AVX2 alone oneDNN's GELU / SiLU post-ops cost more than torch's
+    own pass after the product); the variable chooses either on any CPU."""
+
+    def inside(value: str, capability: str) -> bool:
+        monkeypatch.setenv(packing.CPU_ACTIVATIONS_ENV, value)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
         packing.fuses_activations.cache_clear()
-        assert packing.fuses_activations() is inside, capability
-    packing.fuses_activations.cache_clear()  # read this CPU's again
+        return packing.fuses_activations()
+
+    try:
+        for capability, expected in (("AVX512", True), ("AVX512_BF16", True), ("AVX2", False), ("DEFAULT", False)):
+            for value in ("auto", ""):
+                assert inside(value, capability) is expected, (value, capability)
+            assert inside(" Inside ", capability) is True and inside("after", capability) is False
+        with pytest.raises(
+            ValueError, match=r"^EFFICIENTVLM_CPU_ACTIVATIONS='fused': choose one of auto, inside, after\.$"
+        ):
+            inside("fused", "AVX2")
+        # The commands say so before anything runs (here: before the command's own flags are read).
+        from trainers.commands import main
+
+        packing.fuses_activations.cache_clear()
+        with pytest.raises(ValueError, match=r"^EFFICIENTVLM_CPU_ACTIVATIONS='fused'"):
+            main(["evaluate", "--no_such_flag"])
+    finally:
+        packing.fuses_activations.cache_clear()  # the variable is restored after this: read it afresh
 
 
 def test_unpacked_models_score_alike_on_either_library_and_copy_no_weight(products) -> None:

@@ -161,8 +161,9 @@ def _cpu_products_lines(machine: dict) -> list[str]:
     if activations is not None:  # absent from reports of before the choice
         where = "inside them (a post-op)" if activations == "inside" else "after them (torch's own pass, in place)"
         lines.append(
-            f"FFN activations of the oneDNN products (packed rows, unpacked ones on oneDNN): {where}; inside on CPUs "
-            "with AVX-512, after on the others, where oneDNN's post-ops cost more."
+            f"FFN activations of the oneDNN products (packed rows, unpacked ones on oneDNN): {where} "
+            "(`EFFICIENTVLM_CPU_ACTIVATIONS`: auto runs them inside on CPUs with AVX-512, after on the others, where "
+            "oneDNN's post-ops cost more)."
         )
     return lines
 

@@ -42,10 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"efficientvlm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    if os.environ.get("EFFICIENTVLM_CPU_PRODUCTS"):  # a mistyped value is said before anything runs
-        from modeling_efficientvlm.packing_efficientvlm import cpu_products_library
+    # A mistyped value is said before anything runs.
+    if os.environ.get("EFFICIENTVLM_CPU_PRODUCTS") or os.environ.get("EFFICIENTVLM_CPU_ACTIVATIONS"):
+        from modeling_efficientvlm.packing_efficientvlm import cpu_products_library, fuses_activations
 
         cpu_products_library()
+        fuses_activations()
     _drop_deepspeed_cpu_notice()
     importlib.import_module(f"{__name__}.{command}").main(rest)
     return 0
