@@ -49,6 +49,15 @@ FUSED_ACTIVATIONS: dict[str, tuple[str, str]] = {
 NO_ACTIVATION = ("none", "")
 
 
+def _environment_choice(variable: str, choices: tuple[str, ...]) -> str:
+    """The value of the environment `variable` among `choices`, case and surrounding spaces aside; "auto" when unset
+    or empty. Raises a ValueError naming the variable and its choices for any other value."""
+    choice = os.environ.get(variable, "auto").strip().lower() or "auto"
+    if choice not in choices:
+        raise ValueError(f"{variable}={os.environ[variable]!r}: choose one of {', '.join(choices)}.")
+    return choice
+
+
 # Where oneDNN products run fc1's activation: "auto", "inside" (a post-op) or "after" (torch's own pass).
 CPU_ACTIVATIONS_ENV = "EFFICIENTVLM_CPU_ACTIVATIONS"
 CPU_ACTIVATIONS_CHOICES = ("auto", "inside", "after")
@@ -63,12 +72,7 @@ def fuses_activations() -> bool:
     768 -> 1536 / 3072 products, interleaved: 1.03-1.05x the time at 577 rows, 1.09x at 4616 with 2 threads, up
     to 1.2x with 1); the AVX-512 CPUs packing was first measured on ran them inside. Either computes the same
     function; the results differ in float32 rounding."""
-    choice = os.environ.get(CPU_ACTIVATIONS_ENV, "auto").strip().lower() or "auto"
-    if choice not in CPU_ACTIVATIONS_CHOICES:
-        raise ValueError(
-            f"{CPU_ACTIVATIONS_ENV}={os.environ[CPU_ACTIVATIONS_ENV]!r}: choose one of "
-            f"{', '.join(CPU_ACTIVATIONS_CHOICES)}."
-        )
+    choice = _environment_choice(CPU_ACTIVATIONS_ENV, CPU_ACTIVATIONS_CHOICES)
     if choice != "auto":
         return choice == "inside"
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
@@ -109,11 +113,7 @@ def cpu_products_library() -> str:
     rows, so torch's own stays there, as on Intel CPUs, other architectures and builds without MKL or oneDNN.
     Either runs the same function; the results differ in float32 rounding. Training (autograd) always runs torch's
     own products."""
-    choice = os.environ.get(CPU_PRODUCTS_ENV, "auto").strip().lower() or "auto"
-    if choice not in CPU_PRODUCTS_CHOICES:
-        raise ValueError(
-            f"{CPU_PRODUCTS_ENV}={os.environ[CPU_PRODUCTS_ENV]!r}: choose one of {', '.join(CPU_PRODUCTS_CHOICES)}."
-        )
+    choice = _environment_choice(CPU_PRODUCTS_ENV, CPU_PRODUCTS_CHOICES)
     if choice == "onednn" and not cpu_packing_available():
         raise ValueError(f"{CPU_PRODUCTS_ENV}=onednn: this PyTorch build has no oneDNN (torch.backends.mkldnn).")
     if choice != "auto":
