@@ -574,11 +574,10 @@ class EfficientVLMMLP(PacksCPUWeights):
             output.copy_(self.fc2.bias)
         else:
             torch.add(residual.reshape(rows, out_features), self.fc2.bias, out=output)
-        quick_gelu = self.config.hidden_act == "quick_gelu"
-        alpha = 1 / QUICK_GELU_SCALE if quick_gelu else 1  # quick-GELU's activations come out scaled (`_activated`)
+        alpha = 1 / self._fc1_scale  # quick-GELU's activations come out scaled (`_activated`)
         start = 0
         for block in flat.tensor_split(blocks):
-            activated = self._activated(block, ffn_mask, quick_gelu)
+            activated = self._activated(block, ffn_mask)
             output[start : start + len(block)].addmm_(activated, self.fc2.weight.t(), alpha=alpha)
             start += len(block)
         return output.view(*hidden_states.shape[:-1], out_features)
@@ -594,9 +593,8 @@ class EfficientVLMMLP(PacksCPUWeights):
         """`_inference_forward` on oneDNN, from packed weights or (`plain`) from the layers' own: fc1's bias, fc2's
         bias and the residual run inside the products, and fc1's activation too where `fuses_activations`.
         (rows, hidden) -> (rows, hidden)."""
-        hidden_act = self.config.hidden_act
-        activation = FUSED_ACTIVATIONS.get(hidden_act) if fuses_activations() else None
-        scale = QUICK_GELU_SCALE if hidden_act == "quick_gelu" else 1.0  # see `_activated`
+        activation = FUSED_ACTIVATIONS.get(self.config.hidden_act) if fuses_activations() else None
+        scale = self._fc1_scale
         if plain:  # no scaled copy of the weights: the inputs are scaled, and the output back (see block_output)
             fc1 = (self.fc1.weight, self.fc1.bias * scale if scale != 1 else self.fc1.bias)
             fc2 = (self.fc2.weight, self.fc2.bias * scale if scale != 1 else self.fc2.bias)
@@ -626,12 +624,18 @@ class EfficientVLMMLP(PacksCPUWeights):
         residuals = [None] * blocks if residual is None else residual.tensor_split(blocks)
         return torch.cat([block_output(*pair) for pair in zip(flat.tensor_split(blocks), residuals)])
 
-    def _activated(self, block: torch.Tensor, ffn_mask: torch.Tensor | None, quick_gelu: bool) -> torch.Tensor:
+    @property
+    def _fc1_scale(self) -> float:
+        """What the inference forms scale fc1's output by: QUICK_GELU_SCALE for quick-GELU (see `_activated`), else
+        1."""
+        return QUICK_GELU_SCALE if self.config.hidden_act == "quick_gelu" else 1.0
+
+    def _activated(self, block: torch.Tensor, ffn_mask: torch.Tensor | None) -> torch.Tensor:
         """`activation(fc1(block)) * mask`, the activation in place. Quick-GELU comes out times QUICK_GELU_SCALE:
         quick_gelu(h) = h * sigmoid(a h) = silu(a h) / a with a = 1.702, so `fc1`'s GEMM scales its output by a
         (free inside the GEMM) and one in-place SiLU follows, where `x * sigmoid(1.702 x)` takes three passes (a
         scaling, a sigmoid and a product, each into a new tensor); `fc2`'s GEMM divides by a."""
-        scale = QUICK_GELU_SCALE if quick_gelu else 1
+        scale = self._fc1_scale
         activated = self._activate_in_place(
             torch.addmm(self.fc1.bias, block, self.fc1.weight.t(), beta=scale, alpha=scale)
         )

@@ -49,6 +49,11 @@ FUSED_ACTIVATIONS: dict[str, tuple[str, str]] = {
 NO_ACTIVATION = ("none", "")
 
 
+def _cpu_has_avx512() -> bool:
+    """Whether torch's CPU kernels run at an AVX-512 level here (`torch.backends.cpu.get_cpu_capability()`)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def _environment_choice(variable: str, choices: tuple[str, ...]) -> str:
     """The value of the environment `variable` among `choices`, case and surrounding spaces aside; "auto" when unset
     or empty. Raises a ValueError naming the variable and its choices for any other value."""
@@ -75,7 +80,7 @@ def fuses_activations() -> bool:
     choice = _environment_choice(CPU_ACTIVATIONS_ENV, CPU_ACTIVATIONS_CHOICES)
     if choice != "auto":
         return choice == "inside"
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return _cpu_has_avx512()
 
 
 # A block whose largest product has fewer FLOPs (2 x rows x in x out; stacked layers count as one product) runs
@@ -118,11 +123,7 @@ def cpu_products_library() -> str:
         raise ValueError(f"{CPU_PRODUCTS_ENV}=onednn: this PyTorch build has no oneDNN (torch.backends.mkldnn).")
     if choice != "auto":
         return choice
-    slow_mkl = (
-        torch.backends.mkl.is_available()
-        and _cpu_vendor() not in ("", "GenuineIntel")
-        and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    )
+    slow_mkl = torch.backends.mkl.is_available() and _cpu_vendor() not in ("", "GenuineIntel") and _cpu_has_avx512()
     return "onednn" if slow_mkl and cpu_packing_available() else "torch"
 
 
