@@ -4,10 +4,11 @@ An opt-in CPU attention kernel for inference: `attn_implementation="efficientvlm
 PyTorch's CPU flash attention cuts the queries into blocks of 64 rows below 768 tokens and runs its block products
 through MKL; at a 384-px image's 577 tokens it reaches about 60% of the float32 matmul peak, the one part of a
 pruned model's call far below it. This kernel gives each thread an equal share of the (batch, head, query) rows,
-takes each block's softmax over all its keys at once (no running rescale; a vectorised exp on AVX-512 or AVX2) and
-runs both block products through oneDNN's batch-reduce GEMM (`at::native::cpublas::brgemm`): 1.3-1.45x the rate of
-PyTorch's kernel at 577 tokens with 2 threads, 1.25x with 1 (AMD Zen 4; 1.03-1.19x on an AVX2-only Zen 1; the
-benchmark's `--cpu_attention_kernel` measures it on yours).
+copies each head's K (transposed) and V rows together once per thread, takes each block's softmax over all its keys
+at once (no running rescale; a vectorised 2^x on AVX-512 or AVX2) and runs both block products through oneDNN's
+batch-reduce GEMM (`at::native::cpublas::brgemm`): 1.3-1.45x the rate of PyTorch's kernel at 577 tokens with 2
+threads, 1.25x with 1 (AMD Zen 4, before V was copied); 1.17-1.20x with 1 or 2 threads on an AVX2-only Zen 1, 85% of
+its matmul peak (the benchmark's `--cpu_attention_kernel` measures it on yours).
 It writes the context straight in the (batch, q_len, heads, head_dim) layout the output projection reads.
 
 It is C++ built on first use with `torch.utils.cpp_extension.load_inline` (a C++ compiler and `ninja`; about 30 s,
@@ -50,37 +51,36 @@ _SOURCE = r"""
 namespace {
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-// exp(x) for x <= 0 (scores minus their row maximum), one polynomial for both vector widths: Cody-Waite reduction
-// x = n ln2 + r (ln 2 in a high and a low part), then exp(r) = 1 + r + r^2 P(r), P of degree 5 (these coefficients).
-constexpr float kExpClamp = -87.0f, kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-constexpr float kExpPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+// 2^x for x <= 0 (a score minus its row's maximum, in base 2), one polynomial for both vector widths: 2^x = 2^n 2^f
+// with n = round(x) and f = x - n in [-0.5, 0.5] (exact), 2^f of degree 5 (these minimax coefficients: relative
+// error 7.5e-8). x is clamped at -126, so 2^n stays a normal float; the clamp's `max` returns its second operand
+// when one is NaN, so a NaN score (or +inf, through inf - inf) reaches the sum and the row, as in SDPA.
+constexpr float kExp2Clamp = -126.0f, kLog2e = 1.44269504088896341f;
+constexpr float kExp2Poly[] = {1.327647245e-3f, 9.675540961e-3f, 5.550713092e-2f,
+                               2.402212024e-1f, 6.931469440e-1f, 1.000000119f};
 #endif
 
 #if defined(__AVX512F__)
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(kExpClamp));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kExpPoly[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+inline __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(kExp2Clamp), x);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
   return _mm512_scalef_ps(p, n);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-// On 8 lanes, 2^n built in the exponent bits (n >= -126 after the clamp: a normal float).
-inline __m256 exp_ps(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(kExpClamp));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(kExpPoly[0]);
-  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+// On 8 lanes, round(x) by adding 1.5 * 2^23: the sum's low mantissa bits then hold n, which shifted into the
+// exponent field (plus the bias) are 2^n.
+inline __m256 exp2_ps(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(kExp2Clamp), x);
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);
+  const __m256 shifted = _mm256_add_ps(x, shifter);
+  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(shifted, shifter));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
+  const __m256i bits = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(shifted), 23),
+                                        _mm256_set1_epi32(127 << 23));
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
@@ -97,8 +97,12 @@ inline float reduce_add(__m256 v) {
 }
 #endif
 
-// s[j] <- exp(scale * (s[j] - max)) over one row of n scores; returns their sum.
+// s[j] <- exp(scale * (s[j] - max)) over one row of n scores; returns their sum. The vector forms take it as
+// 2^(scale log2(e) (s[j] - max)).
 inline float softmax_numerators(float* s, int64_t n, float scale) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  const float scale2 = scale * kLog2e;
+#endif
 #if defined(__AVX512F__)
   const int64_t full = n / 16 * 16;
   const __mmask16 tail = (__mmask16)((1u << (n - full)) - 1u);
@@ -106,15 +110,15 @@ inline float softmax_numerators(float* s, int64_t n, float scale) {
   for (int64_t j = 0; j < full; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
   if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, s + full));
   const float row_max = _mm512_reduce_max_ps(vmax);
-  const __m512 vscale = _mm512_set1_ps(scale), vshift = _mm512_set1_ps(-row_max * scale);
+  const __m512 vscale = _mm512_set1_ps(scale2), vshift = _mm512_set1_ps(-row_max * scale2);
   __m512 vsum = _mm512_setzero_ps();
   for (int64_t j = 0; j < full; j += 16) {
-    const __m512 e = exp_ps(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), vscale, vshift));
+    const __m512 e = exp2_ps(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), vscale, vshift));
     _mm512_storeu_ps(s + j, e);
     vsum = _mm512_add_ps(vsum, e);
   }
   if (tail) {
-    const __m512 e = exp_ps(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, s + full), vscale, vshift));
+    const __m512 e = exp2_ps(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, s + full), vscale, vshift));
     _mm512_mask_storeu_ps(s + full, tail, e);
     vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
   }
@@ -132,16 +136,16 @@ inline float softmax_numerators(float* s, int64_t n, float scale) {
     vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), last, tail_ps));
   }
   const float row_max = reduce_max(vmax);
-  const __m256 vscale = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(-row_max * scale);
+  const __m256 vscale = _mm256_set1_ps(scale2), vshift = _mm256_set1_ps(-row_max * scale2);
   __m256 vsum = _mm256_setzero_ps();
   for (int64_t j = 0; j < full; j += 8) {
-    const __m256 e = exp_ps(_mm256_fmadd_ps(_mm256_loadu_ps(s + j), vscale, vshift));
+    const __m256 e = exp2_ps(_mm256_fmadd_ps(_mm256_loadu_ps(s + j), vscale, vshift));
     _mm256_storeu_ps(s + j, e);
     vsum = _mm256_add_ps(vsum, e);
   }
   if (n > full) {
     const __m256 last = _mm256_maskload_ps(s + full, tail);
-    const __m256 e = _mm256_and_ps(exp_ps(_mm256_fmadd_ps(last, vscale, vshift)), tail_ps);
+    const __m256 e = _mm256_and_ps(exp2_ps(_mm256_fmadd_ps(last, vscale, vshift)), tail_ps);
     _mm256_maskstore_ps(s + full, tail, e);
     vsum = _mm256_add_ps(vsum, e);
   }
@@ -177,25 +181,33 @@ torch::Tensor attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor 
   float* O = out.data_ptr<float>();
   const float fscale = (float)scale;
 
+  // V's rows are copied D apart unless they already are: a view of a projection's output (rows H * D apart, 3 * H * D
+  // with the stacked q/k/v product) read in place held the context product at ~75% of the score product's rate.
+  const bool pack_v = v.stride(2) != D;
+
   // One block of n query rows of head (b, h) from row q0: scores, softmax numerators, context, then 1/sum.
-  // `s` and `kt` are the calling thread's buffers (scores, and K^T of head `packed_bh`).
-  auto run_block = [&](int64_t bh, int64_t q0, int64_t n, float* s, float* kt, int64_t& packed_bh) {
+  // `s`, `kt` and `vp` are the calling thread's buffers (scores, and K^T and V of head `packed_bh`).
+  auto run_block = [&](int64_t bh, int64_t q0, int64_t n, float* s, float* kt, float* vp, int64_t& packed_bh) {
     const int64_t b = bh / H, h = bh % H;
     const float* q_rows = Q + b * q.stride(0) + h * q.stride(1) + q0 * q.stride(2);
     const float* k_rows = K + b * k.stride(0) + h * k.stride(1);
-    const float* v_rows = V + b * v.stride(0) + h * v.stride(1);
+    const float* v_head = V + b * v.stride(0) + h * v.stride(1);
     float* o_rows = O + (b * Lq + q0) * ld_o + h * D;
-    if (packed_bh != bh) {  // K^T (D x Lk) once per head and thread
+    if (packed_bh != bh) {  // K^T (D x Lk), and V (Lk x D), once per head and thread
       for (int64_t j = 0; j < Lk; ++j) {
         const float* row = k_rows + j * k.stride(2);
         for (int64_t d = 0; d < D; ++d) kt[d * ld_s + j] = row[d];
       }
+      if (pack_v)
+        for (int64_t j = 0; j < Lk; ++j) std::copy_n(v_head + j * v.stride(2), D, vp + j * D);
       packed_bh = bh;
     }
+    const float* v_rows = pack_v ? vp : v_head;
+    const int64_t ld_v = pack_v ? D : v.stride(2);
     at::native::cpublas::brgemm(n, Lk, D, q.stride(2), ld_s, ld_s, false, q_rows, kt, s, false);
     float inverse[256];
     for (int64_t i = 0; i < n; ++i) inverse[i] = 1.0f / softmax_numerators(s + i * ld_s, Lk, fscale);
-    at::native::cpublas::brgemm(n, D, Lk, ld_s, v.stride(2), ld_o, false, s, v_rows, o_rows, false);
+    at::native::cpublas::brgemm(n, D, Lk, ld_s, ld_v, ld_o, false, s, v_rows, o_rows, false);
     for (int64_t i = 0; i < n; ++i) {
       float* row = o_rows + i * ld_o;
       for (int64_t d = 0; d < D; ++d) row[d] *= inverse[i];
@@ -205,16 +217,17 @@ torch::Tensor attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor 
   // Each thread takes an equal share of the B * H * Lq rows, cut per head into near-equal blocks of <= `block`.
   at::parallel_for(0, B * H * Lq, 1, [&](int64_t begin, int64_t end) {
     // Per thread, kept between calls: no allocation per call, and safe however the threads are numbered.
-    thread_local std::vector<float> scores, keys_t;
+    thread_local std::vector<float> scores, keys_t, values;
     scores.resize(std::max(scores.size(), (size_t)(block * ld_s)));
     keys_t.resize(std::max(keys_t.size(), (size_t)(D * ld_s)));
+    if (pack_v) values.resize(std::max(values.size(), (size_t)(Lk * D)));
     int64_t packed_bh = -1;
     for (int64_t r = begin; r < end;) {
       const int64_t bh = r / Lq, q0 = r % Lq, rows = std::min(Lq - q0, end - r);
       const int64_t blocks = (rows + block - 1) / block, base = rows / blocks, extra = rows % blocks;
       for (int64_t i = 0, start = q0; i < blocks; ++i) {
         const int64_t n = base + (i < extra ? 1 : 0);
-        run_block(bh, start, n, scores.data(), keys_t.data(), packed_bh);
+        run_block(bh, start, n, scores.data(), keys_t.data(), values.data(), packed_bh);
         start += n;
       }
       r += rows;

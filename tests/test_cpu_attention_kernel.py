@@ -44,31 +44,65 @@ def test_each_build_says_which_softmax_it_runs(kernel, avx2_kernel, portable_ker
     assert portable_kernel.softmax_isa() == "portable"
 
 
-@pytest.mark.parametrize("build", ["kernel", "avx2_kernel", "portable_kernel"])
+BUILDS = ["kernel", "avx2_kernel", "portable_kernel"]
+
+
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize(
-    "batch, heads, q_len, k_len, head_dim",
+    "batch, heads, q_len, k_len, head_dim, value_layout",
     [
-        (1, 3, 577, 577, 64),
-        (2, 4, 37, 45, 32),
-        (1, 6, 1, 17, 48),
-        (3, 2, 197, 197, 64),
-        (1, 5, 40, 577, 64),
-        (2, 2, 9, 8, 16),
+        (1, 3, 577, 577, 64, "strided"),
+        (2, 4, 37, 45, 32, "strided"),
+        (2, 4, 37, 45, 32, "contiguous"),
+        (1, 6, 1, 17, 48, "strided"),
+        (3, 2, 197, 197, 64, "strided"),
+        (1, 5, 40, 577, 64, "strided"),
+        (1, 5, 40, 577, 64, "contiguous"),
+        (2, 2, 9, 8, 16, "strided"),
     ],
 )
 def test_kernel_matches_sdpa(
-    request, build: str, batch: int, heads: int, q_len: int, k_len: int, head_dim: int
+    request, build: str, batch: int, heads: int, q_len: int, k_len: int, head_dim: int, value_layout: str
 ) -> None:
     kernel = request.getfixturevalue(build)
     generator = torch.Generator().manual_seed(0)
     # Queries as a stacked projection gives them: a strided view of (batch, q_len, 3, heads, head_dim).
     query = torch.randn(batch, q_len, 3, heads, head_dim, generator=generator).permute(2, 0, 3, 1, 4)[0]
     key = torch.randn(batch, heads, k_len, head_dim, generator=generator)
+    # Values as a projection's (batch, k_len, heads, head_dim) view (the kernel copies each head's rows together)
+    # or with each head's rows already together (read in place).
     value = torch.randn(batch, k_len, heads, head_dim, generator=generator).transpose(1, 2)
+    if value_layout == "contiguous":
+        value = value.contiguous()
     context = kernel.attention_forward(query, key, value, head_dim**-0.5, cpu_attention.QUERY_BLOCK)
     expected = F.scaled_dot_product_attention(query, key, value).transpose(1, 2)
     assert context.shape == (batch, q_len, heads, head_dim) and context.is_contiguous()
     torch.testing.assert_close(context, expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("where", ["query", "key", "value"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_nan_or_inf_input_reaches_the_rows_it_reaches_in_sdpa(request, build: str, where: str, bad: float) -> None:
+    """A NaN score, or +inf (through inf - inf), makes its row NaN as in SDPA, not a finite context: the vector
+    softmax's clamp of very negative exponents must not swallow it. (Such inputs come from a model that overflowed;
+    hiding it would give finite, wrong scores.)"""
+    kernel = request.getfixturevalue(build)
+    generator = torch.Generator().manual_seed(0)
+    # 21 keys: two full AVX2 vectors and a partial one; the bad entry lands in the full ones and in the tail.
+    tensors = {
+        "query": torch.randn(2, 3, 19, 16, generator=generator),
+        "key": torch.randn(2, 3, 21, 16, generator=generator),
+        "value": torch.randn(2, 3, 21, 16, generator=generator),
+    }
+    tensors[where][0, 1, 5, 2] = bad
+    tensors[where][1, 2, -1, 7] = bad
+    query, key, value = tensors.values()
+    context = kernel.attention_forward(query, key, value, 0.25, cpu_attention.QUERY_BLOCK).transpose(1, 2)
+    expected = F.scaled_dot_product_attention(query, key, value, scale=0.25)
+    assert not expected.isfinite().all()  # each case makes some row NaN (or, through the values, inf) in SDPA
+    assert torch.equal(context.isnan(), expected.isnan()) and torch.equal(context.isinf(), expected.isinf())
+    torch.testing.assert_close(context, expected, atol=2e-6, rtol=1e-5, equal_nan=True)
 
 
 class _CountingKernel:
