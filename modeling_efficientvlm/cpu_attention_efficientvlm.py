@@ -45,12 +45,13 @@ _SOURCE = r"""
 #include <string>
 #include <vector>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define VECTOR_SOFTMAX 1  // the softmax's exp on AVX-512, or on AVX2 with FMA
 #include <immintrin.h>
 #endif
 
 namespace {
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#ifdef VECTOR_SOFTMAX
 // 2^x for x <= 0 (a score minus its row's maximum, in base 2), one polynomial for both vector widths: 2^x = 2^n 2^f
 // with n = round(x) and f = x - n in [-0.5, 0.5] (exact), 2^f of degree 5 (these minimax coefficients: relative
 // error 7.5e-8). x is clamped at -126, so 2^n stays a normal float; the clamp's `max` returns its second operand
@@ -100,7 +101,7 @@ inline float reduce_add(__m256 v) {
 // s[j] <- exp(scale * (s[j] - max)) over one row of n scores; returns their sum. The vector forms take it as
 // 2^(scale log2(e) (s[j] - max)).
 inline float softmax_numerators(float* s, int64_t n, float scale) {
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#ifdef VECTOR_SOFTMAX
   const float scale2 = scale * kLog2e;
 #endif
 #if defined(__AVX512F__)
